@@ -1,0 +1,11 @@
+"""Kill-switch control plane: pause capture across a fleet and prove that it stopped.
+
+Public face: the exception hierarchy, and the server configuration used by the
+``killswitch serve`` command. Everything else lives in small private modules.
+"""
+
+from control.errors import Conflict, InvalidInput, KillswitchError, NotFound, StoreError
+
+__version__ = "0.1.0"
+
+__all__ = ["Conflict", "InvalidInput", "KillswitchError", "NotFound", "StoreError", "__version__"]

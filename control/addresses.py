@@ -1,0 +1,35 @@
+"""Parsing and vetting of HOST:PORT listen addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from control.errors import InvalidInput
+
+
+def split_host_port(address: str, *, what: str) -> tuple[str, int]:
+    host, sep, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise InvalidInput(f"bad {what} address {address!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_loopback(address: str, *, what: str) -> tuple[str, int]:
+    """Without mTLS (a later release) the API is unauthenticated, so it stays on this host."""
+    host, port = split_host_port(address, what=what)
+    if not is_loopback(host):
+        raise InvalidInput(
+            f"refusing to listen on {address} for {what}: this build has no mTLS yet, so the"
+            " unauthenticated API may only listen on loopback (127.0.0.1, ::1, localhost)"
+        )
+    return host, port

@@ -1,0 +1,90 @@
+"""Holds: durable reasons why capture must be paused on some scope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from control.domain.scope import Scope
+from control.errors import InvalidInput
+
+MAX_REASON_CHARS = 500
+MAX_TICKET_CHARS = 100
+
+
+class HoldKind(StrEnum):
+    INCIDENT = "incident"
+    OPT_OUT = "opt_out"
+    ROLLOUT = "rollout"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldDraft:
+    """A validated request for a new hold; the store gives it an epoch."""
+
+    id: str
+    kind: HoldKind
+    scope: Scope
+    reason: str
+    ticket: str
+    created_by: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: str
+    kind: HoldKind
+    scope: Scope
+    reason: str
+    ticket: str
+    created_by: str
+    created_at: float
+    created_epoch: int
+    lifted_at: float | None = None
+    lifted_by: str = ""
+    lifted_epoch: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.lifted_at is None
+
+
+def validate_reason(reason: str) -> str:
+    """A pause without a reason cannot be explained to employees or a regulator later."""
+    cleaned = " ".join(reason.split())
+    if not cleaned:
+        raise InvalidInput("a reason is required and cannot be empty")
+    if len(cleaned) > MAX_REASON_CHARS:
+        raise InvalidInput(f"reason is too long ({len(cleaned)} chars); at most {MAX_REASON_CHARS}")
+    return cleaned
+
+
+def validate_ticket(ticket: str) -> str:
+    cleaned = ticket.strip()
+    if len(cleaned) > MAX_TICKET_CHARS or any(c.isspace() for c in cleaned):
+        raise InvalidInput(
+            f"invalid ticket {ticket!r}: no spaces, at most {MAX_TICKET_CHARS} chars"
+        )
+    return cleaned
+
+
+def draft_hold(
+    *,
+    hold_id: str,
+    kind: HoldKind,
+    scope: Scope,
+    reason: str,
+    ticket: str,
+    created_by: str,
+    created_at: float,
+) -> HoldDraft:
+    return HoldDraft(
+        id=hold_id,
+        kind=kind,
+        scope=scope,
+        reason=validate_reason(reason),
+        ticket=validate_ticket(ticket),
+        created_by=created_by,
+        created_at=created_at,
+    )

@@ -1,0 +1,415 @@
+"""The control plane's application service: the in-memory desired/observed state.
+
+It owns the authoritative snapshot (epoch + holds), each agent's desired state
+and observations, and the batch writer to the store. Transports plug in through
+``Subscriber``: a stream session is told *that* its agent's desired state moved
+and pulls the current directive itself, so bursts of changes coalesce and a slow
+stream never delays the others (the go-control-plane split of cache and session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from control.domain import (
+    AgentStatus,
+    Compliance,
+    ComplianceState,
+    Desired,
+    Hold,
+    HoldKind,
+    Mode,
+    Scope,
+    draft_hold,
+    evaluate,
+    fleet_compliant,
+    is_settled,
+    reconcile_desired,
+    validate_agent_id,
+    validate_labels,
+)
+from control.errors import InvalidInput, NotFound
+from control.store import Store, StoredAgent
+
+log = structlog.get_logger("killswitch.plane")
+
+# Most urgent first: what an SRE must look at during an incident.
+SEVERITY = [
+    ComplianceState.VIOLATION,
+    ComplianceState.FAILED,
+    ComplianceState.OVERDUE,
+    ComplianceState.OFFLINE_AT_RISK,
+    ComplianceState.NEVER_SEEN,
+    ComplianceState.PENDING,
+    ComplianceState.RESUME_PENDING,
+    ComplianceState.STOP_REPORTED,
+    ComplianceState.OFFLINE,
+    ComplianceState.CAPTURING,
+]
+_SEVERITY_RANK = {state: rank for rank, state in enumerate(SEVERITY)}
+
+
+class Subscriber(Protocol):
+    """A live stream to one agent, as the plane sees it."""
+
+    def notify(self) -> None:
+        """The agent's desired state changed: send the current directive."""
+
+    def close(self, reason: str) -> None:
+        """End the stream (a newer stream for the same agent took over)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectiveSpec:
+    epoch: int
+    desired: Desired
+    heartbeat_interval: float
+
+
+@dataclass(slots=True)
+class AgentEntry:
+    agent_id: str
+    labels: dict[str, str]
+    desired: Desired
+    status: AgentStatus
+    subscriber: Subscriber | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    agent_id: str
+    labels: Mapping[str, str]
+    desired: Desired
+    status: AgentStatus
+    compliance: Compliance
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFilter:
+    state: ComplianceState | None = None
+    match_labels: Mapping[str, str] = field(default_factory=dict)
+    hold_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSummary:
+    epoch: int
+    holds: list[Hold]
+    total: int
+    by_state: dict[ComplianceState, int]
+    compliant: bool
+    settled: int
+    unsettled: list[AgentView]
+
+
+def new_hold_id() -> str:
+    return f"hold-{secrets.token_hex(6)}"
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float],
+        ack_deadline: float = 30.0,
+        heartbeat_interval: float = 10.0,
+        flush_interval: float = 0.25,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.ack_deadline = ack_deadline
+        self.heartbeat_interval = heartbeat_interval
+        self._flush_interval = flush_interval
+        self._epoch = 0
+        self._holds: dict[str, Hold] = {}
+        self._agents: dict[str, AgentEntry] = {}
+        self._dirty: set[str] = set()
+        self._holds_lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        state = await self._store.load()
+        self._epoch = state.epoch
+        self._holds = {h.id: h for h in state.holds}
+        now = self._clock()
+        for stored in state.agents:
+            status = stored.status
+            if status.disconnected_at is None and status.first_seen is not None:
+                status.disconnected_at = status.last_seen
+            self._agents[stored.agent_id] = AgentEntry(
+                stored.agent_id, stored.labels, stored.desired, status
+            )
+        self._reconcile_all(now)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
+        log.info(
+            "plane_started",
+            epoch=self._epoch,
+            agents=len(self._agents),
+            active_holds=len(self.active_holds()),
+        )
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("agent_flush_failed", pending=len(self._dirty))
+
+    async def flush(self) -> None:
+        """Write every changed agent in one transaction; on failure keep them dirty."""
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, set()
+        rows = [
+            StoredAgent(
+                e.agent_id,
+                e.labels,
+                e.desired,
+                dataclasses.replace(e.status, channels=dict(e.status.channels)),
+            )
+            for e in (self._agents[a] for a in batch)
+        ]
+        try:
+            await self._store.save_agents(rows)
+        except BaseException:
+            self._dirty |= batch
+            raise
+
+    # ------------------------------------------------------------ holds
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def active_holds(self) -> list[Hold]:
+        return sorted((h for h in self._holds.values() if h.active), key=lambda h: h.created_epoch)
+
+    def hold(self, hold_id: str) -> Hold:
+        try:
+            return self._holds[hold_id]
+        except KeyError:
+            raise NotFound(f"unknown hold {hold_id!r}") from None
+
+    async def create_hold(
+        self,
+        scope: Scope,
+        reason: str,
+        ticket: str,
+        created_by: str,
+        kind: HoldKind = HoldKind.INCIDENT,
+    ) -> tuple[Hold, int]:
+        draft = draft_hold(
+            hold_id=new_hold_id(),
+            kind=kind,
+            scope=scope,
+            reason=reason,
+            ticket=ticket,
+            created_by=created_by,
+            created_at=self._clock(),
+        )
+        async with self._holds_lock:
+            hold = await self._store.create_hold(draft)
+            self._holds[hold.id] = hold
+            self._apply_epoch(hold.created_epoch)
+        covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
+        log.info(
+            "hold_created",
+            hold_id=hold.id,
+            operator=created_by,
+            scope=scope.describe(),
+            reason=hold.reason,
+            ticket=hold.ticket,
+            epoch=hold.created_epoch,
+            covered=covered,
+        )
+        return hold, covered
+
+    async def lift_hold(self, hold_id: str, lifted_by: str) -> Hold:
+        async with self._holds_lock:
+            hold = await self._store.lift_hold(hold_id, lifted_by, self._clock())
+            self._holds[hold.id] = hold
+            self._apply_epoch(hold.lifted_epoch)
+        still_paused = sum(
+            1
+            for e in self._agents.values()
+            if e.desired.mode is Mode.PAUSED and hold.scope.covers(e.agent_id, e.labels)
+        )
+        log.info(
+            "hold_lifted",
+            hold_id=hold.id,
+            operator=lifted_by,
+            epoch=hold.lifted_epoch,
+            still_paused_by_other_holds=still_paused,
+        )
+        return hold
+
+    def _apply_epoch(self, epoch: int) -> None:
+        self._epoch = max(self._epoch, epoch)
+        self._reconcile_all(self._clock())
+
+    def _reconcile_all(self, now: float) -> None:
+        active = self.active_holds()
+        for entry in self._agents.values():
+            self._reconcile(entry, active, now)
+
+    def _reconcile(self, entry: AgentEntry, active: Sequence[Hold], now: float) -> None:
+        desired = reconcile_desired(
+            entry.desired, entry.agent_id, entry.labels, active, epoch=self._epoch, now=now
+        )
+        if desired is not entry.desired:
+            entry.desired = desired
+            self._dirty.add(entry.agent_id)
+            if entry.subscriber is not None:
+                entry.subscriber.notify()
+
+    # ------------------------------------------------------------ inventory
+
+    async def expect_agents(
+        self, agents: Iterable[tuple[str, Mapping[str, str]]]
+    ) -> tuple[int, int]:
+        """Register agents from the inventory so a laptop that never connects is visible."""
+        checked = [(validate_agent_id(a), validate_labels(labels)) for a, labels in agents]
+        added = 0
+        now = self._clock()
+        for agent_id, labels in checked:
+            if agent_id in self._agents:
+                continue
+            self._agents[agent_id] = entry = self._new_entry(agent_id, labels, now)
+            entry.status.expected_since = now
+            self._dirty.add(agent_id)
+            added += 1
+        await self.flush()
+        log.info("agents_expected", added=added, already_known=len(checked) - added)
+        return added, len(checked) - added
+
+    def _new_entry(self, agent_id: str, labels: dict[str, str], now: float) -> AgentEntry:
+        desired = reconcile_desired(
+            None, agent_id, labels, self.active_holds(), epoch=self._epoch, now=now
+        )
+        return AgentEntry(agent_id, labels, desired, AgentStatus())
+
+    # ------------------------------------------------------------ agent sessions
+
+    def connect(self, agent_id: str, labels: Mapping[str, str], subscriber: Subscriber) -> None:
+        now = self._clock()
+        checked = validate_labels(labels)
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            entry = self._agents[agent_id] = self._new_entry(agent_id, checked, now)
+            reconnect = False
+        else:
+            reconnect = entry.status.first_seen is not None
+            if entry.subscriber is not None:
+                entry.subscriber.close("replaced by a newer stream from the same agent")
+            entry.labels = checked
+            self._reconcile(entry, self.active_holds(), now)
+        status = entry.status
+        status.connected, status.connected_at, status.last_seen = True, now, now
+        status.first_seen = status.first_seen or now
+        entry.subscriber = subscriber
+        self._dirty.add(agent_id)
+        log.debug("agent_connected", agent_id=agent_id, reconnect=reconnect)
+        subscriber.notify()
+
+    def disconnect(self, agent_id: str, subscriber: Subscriber) -> None:
+        entry = self._agents.get(agent_id)
+        if entry is None or entry.subscriber is not subscriber:
+            return  # an older stream, already replaced
+        entry.subscriber = None
+        entry.status.connected = False
+        entry.status.disconnected_at = self._clock()
+        self._dirty.add(agent_id)
+        log.debug("agent_disconnected", agent_id=agent_id)
+
+    def directive_for(self, agent_id: str) -> DirectiveSpec:
+        return DirectiveSpec(self._epoch, self._agents[agent_id].desired, self.heartbeat_interval)
+
+    def directive_sent(self, agent_id: str, epoch: int) -> None:
+        status = self._agents[agent_id].status
+        status.directive_sent_at, status.directive_sent_epoch = self._clock(), epoch
+        self._dirty.add(agent_id)
+
+    def ack(self, agent_id: str, epoch: int, mode: Mode, channels: Mapping[str, bool]) -> None:
+        entry = self._agents[agent_id]
+        if epoch > self._epoch:
+            raise InvalidInput(f"ack names epoch {epoch}, newer than the server's {self._epoch}")
+        if not entry.status.record_ack(epoch, mode, channels, self._clock()):
+            log.info(
+                "stale_ack_ignored",
+                agent_id=agent_id,
+                epoch=epoch,
+                acked_epoch=entry.status.acked_epoch,
+            )
+        self._dirty.add(agent_id)
+
+    def nack(self, agent_id: str, epoch: int, reason: str) -> None:
+        entry = self._agents[agent_id]
+        if entry.status.record_nack(epoch, reason, self._clock()):
+            log.warning("agent_nacked", agent_id=agent_id, epoch=epoch, reason=reason)
+        self._dirty.add(agent_id)
+
+    def heartbeat(self, agent_id: str, channels: Mapping[str, bool]) -> None:
+        self._agents[agent_id].status.record_heartbeat(channels, self._clock())
+        self._dirty.add(agent_id)
+
+    # ------------------------------------------------------------ queries
+
+    def _view(self, entry: AgentEntry, now: float) -> AgentView:
+        verdict = evaluate(entry.desired, entry.status, now=now, ack_deadline=self.ack_deadline)
+        return AgentView(entry.agent_id, entry.labels, entry.desired, entry.status, verdict)
+
+    def views(self, agent_filter: AgentFilter = AgentFilter()) -> list[AgentView]:
+        """Agents matching the filter, most urgent first, then by id."""
+        now = self._clock()
+        scope = self.hold(agent_filter.hold_id).scope if agent_filter.hold_id else None
+        wanted = agent_filter.match_labels
+        views = []
+        for entry in self._agents.values():
+            if scope is not None and not scope.covers(entry.agent_id, entry.labels):
+                continue
+            if wanted and any(entry.labels.get(k) != v for k, v in wanted.items()):
+                continue
+            view = self._view(entry, now)
+            if agent_filter.state is None or view.compliance.state is agent_filter.state:
+                views.append(view)
+        views.sort(key=lambda v: (_SEVERITY_RANK[v.compliance.state], v.agent_id))
+        return views
+
+    def status(
+        self, agent_filter: AgentFilter = AgentFilter(), unsettled_limit: int = 0
+    ) -> StatusSummary:
+        views = self.views(agent_filter)
+        by_state: dict[ComplianceState, int] = {}
+        unsettled = []
+        for view in views:
+            state = view.compliance.state
+            by_state[state] = by_state.get(state, 0) + 1
+            if not is_settled(view.desired.mode, state):
+                unsettled.append(view)
+        return StatusSummary(
+            epoch=self._epoch,
+            holds=self.active_holds(),
+            total=len(views),
+            by_state=by_state,
+            compliant=fleet_compliant((v.desired.mode, v.compliance.state) for v in views),
+            settled=len(views) - len(unsettled),
+            unsettled=unsettled[:unsettled_limit],
+        )

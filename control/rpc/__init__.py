@@ -1,0 +1,1 @@
+"""gRPC adapters: translate between the wire protocol and the control plane."""

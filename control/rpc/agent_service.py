@@ -1,0 +1,128 @@
+"""AgentControl: one long-lived bidirectional stream per capture agent."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+import grpc
+import structlog
+from killswitch.v1 import killswitch_pb2 as pb
+from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+
+from control.errors import KillswitchError
+from control.plane import ControlPlane
+from control.rpc.convert import channels_from_pb, directive_to_pb, mode_from_pb
+
+log = structlog.get_logger("killswitch.rpc.agent")
+
+AgentContext = grpc.aio.ServicerContext[pb.AgentMessage, pb.ServerMessage]
+
+
+class AgentSession:
+    """Pushes the current directive whenever the plane says the agent's state moved.
+
+    At most one write is in flight per stream; notifications that arrive during a
+    write collapse into one more write of whatever is current then, so a burst of
+    hold changes never queues stale directives.
+    """
+
+    # Strong references, so in-flight writes are not garbage-collected mid-send.
+    _pending_writes: ClassVar[set[asyncio.Task[None]]] = set()
+
+    def __init__(self, agent_id: str, context: AgentContext, plane: ControlPlane) -> None:
+        self.agent_id = agent_id
+        self._context = context
+        self._plane = plane
+        self._handler = asyncio.current_task()
+        self._writing = False
+        self._changed = False
+        self._closed = False
+        self._last_sent: tuple[object, ...] | None = None
+
+    def notify(self) -> None:
+        if self._closed:
+            return
+        if self._writing:
+            self._changed = True
+            return
+        self._writing = True
+        task = asyncio.get_running_loop().create_task(self._write_current())
+        self._pending_writes.add(task)
+        task.add_done_callback(self._pending_writes.discard)
+
+    async def _write_current(self) -> None:
+        try:
+            while not self._closed:
+                self._changed = False
+                spec = self._plane.directive_for(self.agent_id)
+                key = (spec.desired.epoch, spec.desired.mode, spec.desired.hold_ids)
+                if key != self._last_sent:
+                    await self._context.write(directive_to_pb(spec))
+                    self._last_sent = key
+                    self._plane.directive_sent(self.agent_id, spec.epoch)
+                if not self._changed:
+                    return
+        except Exception as exc:  # the stream died under us; the reader sees it too
+            log.debug("directive_write_failed", agent_id=self.agent_id, error=repr(exc))
+        finally:
+            self._writing = False
+
+    def close(self, reason: str) -> None:
+        self._closed = True
+        log.info("agent_stream_closed", agent_id=self.agent_id, reason=reason)
+        if self._handler is not None:
+            self._handler.cancel()
+
+
+class AgentControlService(pb_grpc.AgentControlServicer):
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    # The handler writes through ``context`` (so sessions can push from other tasks)
+    # instead of returning an iterator, which the generated signature assumes.
+    async def Connect(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, request_iterator: Any, context: AgentContext
+    ) -> None:
+        # Sending headers now keeps them out of the first (time-critical) directive.
+        await context.send_initial_metadata(())
+        first = await context.read()
+        if not isinstance(first, pb.AgentMessage):  # EOF before Hello
+            return
+        if first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message must be Hello")
+        hello = first.hello
+        session = AgentSession(hello.agent_id, context, self._plane)
+        try:
+            self._plane.connect(hello.agent_id, dict(hello.labels), session)
+        except KillswitchError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            await self._read_loop(session, context)
+        finally:
+            self._plane.disconnect(hello.agent_id, session)
+
+    async def _read_loop(self, session: AgentSession, context: AgentContext) -> None:
+        plane, agent_id = self._plane, session.agent_id
+        while True:
+            message = await context.read()
+            if not isinstance(message, pb.AgentMessage):  # EOF: the agent closed
+                return
+            body = message.WhichOneof("body")
+            try:
+                if body == "ack":
+                    ack = message.ack
+                    plane.ack(
+                        agent_id, ack.epoch, mode_from_pb(ack.mode), channels_from_pb(ack.channels)
+                    )
+                elif body == "heartbeat":
+                    plane.heartbeat(agent_id, channels_from_pb(message.heartbeat.channels))
+                elif body == "nack":
+                    plane.nack(
+                        agent_id, message.nack.epoch, message.nack.reason or "no reason given"
+                    )
+                else:
+                    raise KillswitchError(f"unexpected {body or 'empty'} message after Hello")
+            except KillswitchError as exc:
+                log.warning("agent_protocol_error", agent_id=agent_id, error=str(exc))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

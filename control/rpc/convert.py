@@ -1,0 +1,132 @@
+"""Conversions between domain objects and ``killswitch.v1`` messages, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from killswitch.v1 import killswitch_pb2 as pb
+
+from control.domain import (
+    ComplianceState,
+    Hold,
+    HoldKind,
+    Mode,
+    Scope,
+    ScopeKind,
+    validate_labels,
+)
+from control.errors import InvalidInput
+from control.plane import AgentFilter, AgentView, DirectiveSpec
+
+MODE_TO_PB = {Mode.PAUSED: pb.MODE_PAUSED, Mode.ALLOWED: pb.MODE_ALLOWED}
+MODE_FROM_PB = {v: k for k, v in MODE_TO_PB.items()}
+HOLD_KIND_TO_PB = {
+    HoldKind.INCIDENT: pb.HOLD_KIND_INCIDENT,
+    HoldKind.OPT_OUT: pb.HOLD_KIND_OPT_OUT,
+    HoldKind.ROLLOUT: pb.HOLD_KIND_ROLLOUT,
+}
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def seconds(ts: Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def mode_from_pb(value: int) -> Mode:
+    try:
+        return MODE_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidInput(f"unknown mode {value}") from None
+
+
+def channels_from_pb(channels: Iterable[pb.Channel]) -> dict[str, bool]:
+    return {c.name: c.state == pb.CHANNEL_STATE_ACTIVE for c in channels}
+
+
+def scope_to_pb(scope: Scope) -> pb.Scope:
+    if scope.kind is ScopeKind.SELECTOR:
+        return pb.Scope(selector=pb.Selector(match_labels=dict(scope.match_labels)))
+    if scope.kind is ScopeKind.AGENTS:
+        return pb.Scope(agents=pb.AgentIds(ids=sorted(scope.agent_ids)))
+    return pb.Scope(all=True)
+
+
+def scope_from_pb(scope: pb.Scope) -> Scope:
+    target = scope.WhichOneof("target")
+    if target == "all" and scope.all:
+        return Scope.fleet()
+    if target == "selector":
+        return Scope.selector(dict(scope.selector.match_labels))
+    if target == "agents":
+        return Scope.agents(scope.agents.ids)
+    raise InvalidInput("a scope is required: all, a selector, or agent ids")
+
+
+def hold_to_pb(hold: Hold) -> pb.Hold:
+    return pb.Hold(
+        id=hold.id,
+        kind=HOLD_KIND_TO_PB[hold.kind],
+        scope=scope_to_pb(hold.scope),
+        reason=hold.reason,
+        ticket=hold.ticket,
+        created_by=hold.created_by,
+        created_at=timestamp(hold.created_at),
+        created_epoch=hold.created_epoch,
+        lifted_at=timestamp(hold.lifted_at),
+        lifted_by=hold.lifted_by,
+        lifted_epoch=hold.lifted_epoch,
+    )
+
+
+def directive_to_pb(spec: DirectiveSpec) -> pb.ServerMessage:
+    return pb.ServerMessage(
+        directive=pb.Directive(
+            epoch=spec.epoch,
+            mode=MODE_TO_PB[spec.desired.mode],
+            reason=spec.desired.reason,
+            hold_ids=spec.desired.hold_ids,
+            heartbeat_interval_seconds=spec.heartbeat_interval,
+        )
+    )
+
+
+def agent_to_pb(view: AgentView) -> pb.AgentRecord:
+    status = view.status
+    return pb.AgentRecord(
+        agent_id=view.agent_id,
+        labels=dict(view.labels),
+        mode=MODE_TO_PB[view.desired.mode],
+        state=view.compliance.state.value,
+        reason=view.compliance.reason,
+        since=timestamp(view.compliance.since),
+        connected=status.connected,
+        last_seen=timestamp(status.last_seen),
+        applied_epoch=status.acked_epoch,
+        desired_epoch=view.desired.epoch,
+        hold_ids=view.desired.hold_ids,
+        directive_sent_at=timestamp(status.directive_sent_at),
+        acked_at=timestamp(status.acked_at),
+    )
+
+
+def filter_from_pb(message: pb.AgentFilter) -> AgentFilter:
+    state = None
+    if message.state:
+        try:
+            state = ComplianceState(message.state.upper())
+        except ValueError:
+            known = ", ".join(s.value for s in ComplianceState)
+            raise InvalidInput(f"unknown state {message.state!r}; one of: {known}") from None
+    return AgentFilter(
+        state=state,
+        match_labels=validate_labels(dict(message.match_labels)),
+        hold_id=message.hold_id,
+    )
