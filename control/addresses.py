@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
-from control.errors import InvalidInput
+from control.errors import InvalidInput, KillswitchError
 
 
 def split_host_port(address: str, *, what: str) -> tuple[str, int]:
@@ -33,3 +34,18 @@ def require_loopback(address: str, *, what: str) -> tuple[str, int]:
             " unauthenticated API may only listen on loopback (127.0.0.1, ::1, localhost)"
         )
     return host, port
+
+
+def ensure_can_listen(host: str, port: int, *, what: str) -> None:
+    """Fail with one clear line before gRPC's own bind logs a C-level error."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise KillswitchError(
+                f"cannot listen on {host}:{port} for {what}: {exc.strerror}"
+            ) from None

@@ -12,7 +12,7 @@ import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.addresses import require_loopback
+from control.addresses import ensure_can_listen, require_loopback
 from control.errors import KillswitchError
 from control.http_health import HealthServer
 from control.plane import ControlPlane
@@ -30,6 +30,8 @@ GRPC_SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # Without this a second server on the same port silently shares the fleet.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -46,6 +48,8 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM; flush agent state before exiting."""
     grpc_host, grpc_port = require_loopback(config.grpc_address, what="gRPC")
     http_host, http_port = require_loopback(config.http_address, what="HTTP")
+    ensure_can_listen(grpc_host, grpc_port, what="gRPC")
+    ensure_can_listen(http_host, http_port, what="HTTP")
     store = await SqliteStore.open(config.data_dir)
     plane = ControlPlane(
         store,
@@ -57,11 +61,13 @@ async def serve(config: ServerConfig) -> None:
     health: HealthServer | None = None
     ready = False
     try:
-        await plane.start()
         server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane), server)
         pb_grpc.add_OperatorServicer_to_server(OperatorService(plane), server)
-        bound = server.add_insecure_port(f"{grpc_host}:{grpc_port}")
+        try:
+            bound = server.add_insecure_port(f"{grpc_host}:{grpc_port}")
+        except RuntimeError:
+            bound = 0
         if bound == 0:
             raise KillswitchError(f"cannot listen on {config.grpc_address} (address in use?)")
         try:
@@ -70,6 +76,8 @@ async def serve(config: ServerConfig) -> None:
             raise KillswitchError(
                 f"cannot listen on {config.http_address}: {exc.strerror}"
             ) from None
+        # Ports are bound but nothing is served until the state is loaded.
+        await plane.start()
         await server.start()
         health.start()
         ready = True

@@ -1,0 +1,216 @@
+"""Fixtures that run the real thing: server and simulator subprocesses, CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class ServerProcess:
+    """`killswitch serve` in a subprocess, on free loopback ports and a temp data dir."""
+
+    def __init__(self, data_dir: Path, extra_args: list[str]) -> None:
+        self.data_dir = data_dir
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self.extra_args = extra_args
+        self.log_path = data_dir.parent / f"server-{self.grpc_port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "killswitch"),
+                    "serve",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--grpc",
+                    self.address,
+                    "--http",
+                    f"127.0.0.1:{self.http_port}",
+                    "--log-format",
+                    "json",
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(self.ready, STARTUP_TIMEOUT, "server readiness")
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}/readyz", timeout=1
+            ) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+class Cli:
+    """Runs `killswitch` exactly as an operator would, against one server."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+
+    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KILLSWITCH_SERVER": self.server.address}
+        return subprocess.run(
+            [str(BIN / "killswitch"), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, timeout: float = 60.0) -> str:
+        result = self.run(*args, timeout=timeout)
+        assert result.returncode == 0, (
+            f"{args} exited {result.returncode}: {result.stderr}{result.stdout}"
+        )
+        return result.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def agents(self, *args: str) -> dict[str, dict[str, Any]]:
+        return {a["agent_id"]: a for a in self.json("agents", *args)}
+
+    def pause(self, *args: str) -> str:
+        """Pause and return the new hold id."""
+        out = self.ok("pause", *args)
+        return out.split()[1]
+
+
+class Simulator:
+    """`killswitch-agent simulate` in a subprocess."""
+
+    def __init__(self, server: ServerProcess, agents: int, extra: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "killswitch-agent"),
+                "simulate",
+                "--server",
+                server.address,
+                "--agents",
+                str(agents),
+                "--connections",
+                "4",
+                "--report-every",
+                "3600",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    servers: list[ServerProcess] = []
+
+    def start(*extra_args: str) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"data-{len(servers)}", list(extra_args))
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_server()
+
+
+@pytest.fixture
+def cli(server: ServerProcess) -> Cli:
+    return Cli(server)
+
+
+@pytest.fixture
+def simulate() -> Iterator[Callable[..., Simulator]]:
+    sims: list[Simulator] = []
+
+    def start(server: ServerProcess, agents: int, *extra: str) -> Simulator:
+        sim = Simulator(server, agents, list(extra))
+        sims.append(sim)
+        return sim
+
+    yield start
+    for sim in sims:
+        sim.stop()
+
+
+def wait_capturing(cli: Cli, count: int, timeout: float = 30.0) -> None:
+    """Wait until `count` agents are connected and acked the initial ALLOWED directive."""
+
+    def capturing() -> bool:
+        return int(cli.json("status")["agents"]["by_state"].get("CAPTURING", 0)) >= count
+
+    wait_for(capturing, timeout, f"{count} capturing agents")

@@ -1,0 +1,99 @@
+"""Every user error is one line on stderr with a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, Cli, ServerProcess, free_port
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "killswitch"), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert text in lines[0], lines[0]
+
+
+def test_unreachable_server() -> None:
+    result = run("status", "--server", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(result, 4, "cannot reach the control server")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["resume", "--hold", "hold-doesnotexist"], 1, "unknown hold 'hold-doesnotexist'"),
+        (["pause", "--selector", "region", "--reason", "x"], 2, "bad selector"),
+        (["pause", "--selector", "region=eu,region=us", "--reason", "x"], 2, "given twice"),
+        (["pause", "--selector", "re gion=eu", "--reason", "x"], 2, "invalid label key"),
+        (["pause", "--all", "--reason", "   "], 2, "reason is required"),
+        (["pause", "--agent", "bad id!", "--reason", "x"], 2, "invalid agent id"),
+        (["agents", "--state", "SLEEPING"], 2, "unknown state 'SLEEPING'"),
+        (["inventory", "import", "/nonexistent.csv"], 2, "cannot read /nonexistent.csv"),
+    ],
+)
+def test_bad_input_against_a_live_server(cli: Cli, args: list[str], code: int, text: str) -> None:
+    assert_one_line_error(cli.run(*args), code, text)
+
+
+def test_server_rejects_what_the_cli_would_have_caught(server: ServerProcess) -> None:
+    """The server validates too: other clients are not trusted to have checked."""
+    import grpc
+    from killswitch.v1 import killswitch_pb2 as pb
+    from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.OperatorStub(channel)
+        for request, text in [
+            (pb.CreateHoldRequest(scope=pb.Scope(all=True), reason=""), "reason is required"),
+            (pb.CreateHoldRequest(reason="x"), "a scope is required"),
+            (
+                pb.CreateHoldRequest(scope=pb.Scope(selector=pb.Selector()), reason="x"),
+                "at least one k=v",
+            ),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CreateHold(request, timeout=10)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert text in (info.value.details() or "")
+
+
+def test_lifting_a_hold_twice_is_refused(cli: Cli) -> None:
+    hold_id = cli.pause("--all", "--reason", "x")
+    cli.ok("resume", "--hold", hold_id)
+    assert_one_line_error(cli.run("resume", "--hold", hold_id), 1, "already lifted")
+
+
+def test_bad_inventory_line_names_file_and_line(cli: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "inv.csv"
+    bad.write_text("agent_id,region\nok-1,eu\nbad id,eu\n")
+    assert_one_line_error(cli.run("inventory", "import", str(bad)), 2, f"{bad}:3: invalid agent id")
+    assert cli.json("status")["agents"]["total"] == 0
+
+
+def test_serve_refuses_non_loopback_without_mtls(tmp_path: Path) -> None:
+    result = run("serve", "--data-dir", str(tmp_path), "--grpc", "0.0.0.0:50051")
+    assert_one_line_error(result, 2, "may only listen on loopback")
+
+
+def test_serve_reports_a_port_in_use(server: ServerProcess, tmp_path: Path) -> None:
+    result = run(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "other"),
+        "--grpc",
+        server.address,
+        "--http",
+        f"127.0.0.1:{free_port()}",
+    )
+    assert_one_line_error(result, 1, f"cannot listen on {server.address} for gRPC")

@@ -1,0 +1,185 @@
+"""End to end: a real server subprocess, simulated agents over gRPC, the CLI as users run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+
+FLEET = 200
+
+
+def test_fleet_pause_converges_and_resume_reenables(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]
+) -> None:
+    simulate(server, FLEET)
+    wait_capturing(cli, FLEET)
+
+    result = cli.run(
+        "pause", "--all", "--reason", "data leak", "--ticket", "INC-7", "--wait", "--timeout", "60"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"all {FLEET} agents in scope stopped" in result.stdout
+    status = cli.json("status")
+    assert status["compliant"] is True
+    assert status["agents"] == {
+        "total": FLEET,
+        "by_state": {"STOP_REPORTED": FLEET},
+        "settled": FLEET,
+    }
+    (hold,) = status["holds"]
+    assert hold["reason"] == "data leak" and hold["ticket"] == "INC-7"
+    assert hold["scope"] == {"all": True}
+    agents = cli.agents()
+    assert {a["mode"] for a in agents.values()} == {"PAUSED"}
+    assert {a["applied_epoch"] for a in agents.values()} == {status["epoch"]}
+
+    result = cli.run("resume", "--hold", hold["id"], "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = cli.json("status")
+    assert status["holds"] == []
+    assert status["agents"]["by_state"] == {"CAPTURING": FLEET}
+
+
+def test_selector_pause_touches_only_matching_agents(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]
+) -> None:
+    simulate(server, FLEET)
+    wait_capturing(cli, FLEET)
+    before = cli.agents()
+    eu = {a for a, row in before.items() if row["labels"]["region"] == "eu-west"}
+    assert 0 < len(eu) < FLEET
+
+    cli.ok(
+        "pause",
+        "--selector",
+        "region=eu-west",
+        "--reason",
+        "eu regulator request",
+        "--wait",
+        "--timeout",
+        "60",
+    )
+    after = cli.agents()
+    paused = {a for a, row in after.items() if row["mode"] == "PAUSED"}
+    assert paused == eu
+    assert {after[a]["state"] for a in eu} == {"STOP_REPORTED"}
+    assert {after[a]["state"] for a in set(after) - eu} == {"CAPTURING"}
+    assert set(cli.agents("--selector", "region=eu-west")) == eu
+    assert set(cli.agents("--state", "STOP_REPORTED")) == eu
+
+
+def test_lifting_one_of_two_overlapping_holds_keeps_agents_paused(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]
+) -> None:
+    simulate(server, FLEET)
+    wait_capturing(cli, FLEET)
+    fleet_hold = cli.pause("--all", "--reason", "fleet-wide incident")
+    org_hold = cli.pause("--selector", "org=infra", "--reason", "infra audit", "--wait")
+    infra = {a for a, row in cli.agents().items() if row["labels"]["org"] == "infra"}
+    assert infra
+
+    cli.ok("resume", "--hold", fleet_hold, "--wait", "--timeout", "60")
+    agents = cli.agents()
+    for agent_id, row in agents.items():
+        if agent_id in infra:
+            assert (row["mode"], row["state"], row["hold_ids"]) == (
+                "PAUSED",
+                "STOP_REPORTED",
+                [org_hold],
+            )
+        else:
+            assert (row["mode"], row["state"]) == ("ALLOWED", "CAPTURING")
+    assert [h["id"] for h in cli.json("holds")["holds"]] == [org_hold]
+
+
+def test_hold_survives_kill_9_and_agents_are_paused_again_after_reconnect(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]
+) -> None:
+    simulate(server, FLEET)
+    wait_capturing(cli, FLEET)
+    hold_id = cli.pause("--all", "--reason", "leak", "--wait", "--timeout", "60")
+    epoch = cli.json("status")["epoch"]
+
+    server.kill9()
+    server.start()
+    status = cli.json("status")
+    assert [h["id"] for h in status["holds"]] == [hold_id]
+    assert status["epoch"] == epoch
+    # Right after restart nobody has proven anything to this process yet.
+    assert status["compliant"] is False
+
+    def repaused() -> bool:
+        s = cli.json("status")
+        return bool(s["agents"]["by_state"] == {"STOP_REPORTED": FLEET})
+
+    wait_for(repaused, 60, "every agent to reconnect and re-ack the pause")
+    agents = cli.agents()
+    assert all(a["connected"] and a["mode"] == "PAUSED" for a in agents.values())
+
+
+def test_agent_connecting_after_the_pause_is_paused_immediately(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]
+) -> None:
+    cli.pause("--all", "--reason", "pause before anyone connects")
+    simulate(server, 20, "--id-prefix", "late")
+
+    def all_stopped() -> bool:
+        s = cli.json("status")
+        return bool(s["agents"]["by_state"] == {"STOP_REPORTED": 20})
+
+    wait_for(all_stopped, 30, "late agents to ack the pause")
+    assert all(a["mode"] == "PAUSED" for a in cli.agents().values())
+
+
+def test_faulty_agents_are_failed_and_overdue_and_wait_times_out_listing_them(
+    start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
+) -> None:
+    server = start_server("--ack-deadline", "1")
+    cli = Cli(server)
+    simulate(server, 30, "--fault", "nack=2", "--fault", "silent=1")
+    wait_for(lambda: cli.json("status")["agents"]["total"] == 30, 30, "30 agents")
+
+    result = cli.run("pause", "--all", "--reason", "incident", "--wait", "--timeout", "3")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "3 of 30 agents not stopped" in result.stdout
+    failed = cli.agents("--state", "FAILED")
+    overdue = cli.agents("--state", "OVERDUE")
+    assert len(failed) == 2 and len(overdue) == 1
+    assert all("did not stop" in a["reason"] for a in failed.values())
+    for agent_id in [*failed, *overdue]:
+        assert agent_id in result.stdout
+    status = cli.json("status")
+    assert status["compliant"] is False
+    assert status["agents"]["by_state"] == {"STOP_REPORTED": 27, "FAILED": 2, "OVERDUE": 1}
+
+
+def test_inventory_agents_that_never_connect_are_never_seen(
+    server: ServerProcess, cli: Cli
+) -> None:
+    inventory = server.data_dir.parent / "inventory.csv"
+    inventory.write_text("agent_id,region,owner\nlaptop-a,eu-west,emp-1\nlaptop-b,us-east,emp-2\n")
+    assert "2 agents added" in cli.ok("inventory", "import", str(inventory))
+    assert "0 agents added to the inventory, 2 already known" in cli.ok(
+        "inventory", "import", str(inventory)
+    )
+    agents = cli.agents()
+    assert {a["state"] for a in agents.values()} == {"NEVER_SEEN"}
+    assert agents["laptop-a"]["labels"] == {"region": "eu-west", "owner": "emp-1"}
+
+    result = cli.run("pause", "--all", "--reason", "incident", "--wait", "--timeout", "1")
+    assert result.returncode == 3
+    assert cli.json("status")["compliant"] is False
+
+
+def test_disconnected_agent_is_offline_with_last_seen(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]
+) -> None:
+    sim = simulate(server, 5)
+    wait_capturing(cli, 5)
+    cli.pause("--all", "--reason", "incident", "--wait")
+    sim.stop()
+    wait_for(lambda: len(cli.agents("--state", "OFFLINE_AT_RISK")) == 5, 30, "agents offline")
+    for row in cli.agents().values():
+        assert row["connected"] is False and row["last_seen"] is not None
+    assert cli.json("status")["compliant"] is False
