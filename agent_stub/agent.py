@@ -102,7 +102,7 @@ class Agent:
             finally:
                 self.connected = False
             delay = self._backoff.next_delay()
-            log.debug("agent_reconnecting", agent_id=self.agent_id, reason=reason, delay=delay)
+            log.info("agent_reconnecting", agent_id=self.agent_id, reason=reason, delay=delay)
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:

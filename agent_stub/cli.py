@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+import structlog
 
 from agent_stub.agent import Agent, AgentConfig, Behaviour, open_channel
 from agent_stub.simulate import Fleet, fleet_configs
@@ -111,14 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def usage_error(message: str) -> NoReturn:
+    sys.stderr.write(f"killswitch-agent: error: {message}\n")
+    sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "simulate" and args.agents > MAX_SIMULATED_AGENTS:
-        sys.exit(f"killswitch-agent: error: at most {MAX_SIMULATED_AGENTS} agents per process")
+        usage_error(f"at most {MAX_SIMULATED_AGENTS} agents per process")
+    # One agent logs its reconnects; a simulated fleet only what needs attention.
+    level = logging.INFO if args.command == "run" else logging.WARNING
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
     try:
         asyncio.run(args.func(args))
     except UsageError as exc:
-        sys.exit(f"killswitch-agent: error: {exc}")
+        usage_error(str(exc))
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             sys.stderr.write("killswitch-agent: stopped\n")

@@ -35,7 +35,7 @@ from control.domain import (
     validate_agent_id,
     validate_labels,
 )
-from control.errors import InvalidInput, NotFound
+from control.errors import NotFound
 from control.store import Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
@@ -350,7 +350,12 @@ class ControlPlane:
     def ack(self, agent_id: str, epoch: int, mode: Mode, channels: Mapping[str, bool]) -> None:
         entry = self._agents[agent_id]
         if epoch > self._epoch:
-            raise InvalidInput(f"ack names epoch {epoch}, newer than the server's {self._epoch}")
+            # Epochs never go down, so this is a confused or lying agent; dropping the
+            # stream would only start a reconnect loop.
+            log.warning(
+                "future_epoch_ack_ignored", agent_id=agent_id, epoch=epoch, server_epoch=self._epoch
+            )
+            return
         if not entry.status.record_ack(epoch, mode, channels, self._clock()):
             log.info(
                 "stale_ack_ignored",

@@ -14,6 +14,7 @@ cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
   echo "demo stopped; state kept in $DATA/ (delete it to start fresh)"
+  exit 0
 }
 trap cleanup EXIT INT TERM
 

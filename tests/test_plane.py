@@ -1,0 +1,152 @@
+"""ControlPlane with an in-memory store: batching, no lost observations, stale acks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+
+import pytest
+
+from control.domain import ComplianceState, Hold, HoldDraft, Mode, Scope
+from control.errors import Conflict, NotFound, StoreError
+from control.plane import AgentFilter, ControlPlane
+from control.store import LoadedState, StoredAgent
+
+STOPPED = {"keyboard": False, "mouse": False, "screen": False}
+
+
+class MemoryStore:
+    """The Store contract in memory, counting batch writes and able to fail them."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.holds: dict[str, Hold] = {}
+        self.agents: dict[str, StoredAgent] = {}
+        self.batches: list[int] = []
+        self.fail_writes = False
+
+    async def load(self) -> LoadedState:
+        return LoadedState(self.epoch, list(self.holds.values()), list(self.agents.values()))
+
+    async def create_hold(self, draft: HoldDraft) -> Hold:
+        self.epoch += 1
+        hold = Hold(
+            **{f.name: getattr(draft, f.name) for f in dataclasses.fields(draft)},
+            created_epoch=self.epoch,
+        )
+        self.holds[hold.id] = hold
+        return hold
+
+    async def lift_hold(self, hold_id: str, lifted_by: str, lifted_at: float) -> Hold:
+        if hold_id not in self.holds:
+            raise NotFound(hold_id)
+        if not self.holds[hold_id].active:
+            raise Conflict(hold_id)
+        self.epoch += 1
+        hold = dataclasses.replace(
+            self.holds[hold_id], lifted_at=lifted_at, lifted_by=lifted_by, lifted_epoch=self.epoch
+        )
+        self.holds[hold_id] = hold
+        return hold
+
+    async def save_agents(self, agents: Sequence[StoredAgent]) -> None:
+        if self.fail_writes:
+            raise StoreError("disk full")
+        self.batches.append(len(agents))
+        self.agents.update({a.agent_id: a for a in agents})
+
+    async def close(self) -> None:
+        pass
+
+
+class Session:
+    def __init__(self) -> None:
+        self.notified = 0
+        self.closed = ""
+
+    def notify(self) -> None:
+        self.notified += 1
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+async def started(store: MemoryStore) -> ControlPlane:
+    plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600)
+    await plane.start()
+    return plane
+
+
+def test_a_thousand_acks_are_written_in_one_batch() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        plane = await started(store)
+        for i in range(1000):
+            plane.connect(f"a{i}", {"region": "eu"}, Session())
+        await plane.flush()
+        hold, covered = await plane.create_hold(Scope.fleet(), "leak", "INC-1", "ic")
+        assert covered == 1000
+        for i in range(1000):
+            plane.ack(f"a{i}", hold.created_epoch, Mode.PAUSED, STOPPED)
+        await plane.flush()
+        assert store.batches == [1000, 1000]
+        assert all(a.status.acked_epoch == hold.created_epoch for a in store.agents.values())
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_write_keeps_the_observations_for_the_next_flush() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        plane = await started(store)
+        plane.connect("a", {}, Session())
+        store.fail_writes = True
+        with pytest.raises(StoreError):
+            await plane.flush()
+        store.fail_writes = False
+        await plane.flush()
+        assert store.agents["a"].status.first_seen == 1000.0
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count() -> None:
+    async def scenario() -> None:
+        plane = await started(MemoryStore())
+        eu, us = Session(), Session()
+        plane.connect("eu-1", {"region": "eu"}, eu)
+        plane.connect("us-1", {"region": "us"}, us)
+        assert (eu.notified, us.notified) == (1, 1)
+        first, _ = await plane.create_hold(Scope.selector({"region": "eu"}), "x", "", "ic")
+        assert (eu.notified, us.notified) == (2, 1)
+        plane.ack("eu-1", first.created_epoch, Mode.PAUSED, STOPPED)
+        await plane.lift_hold(first.id, "ic")
+        await plane.create_hold(Scope.selector({"region": "eu"}), "again", "", "ic")
+        # The ack of the first pause is older than the second one: still pending.
+        (view,) = plane.views(AgentFilter(match_labels={"region": "eu"}))
+        assert view.compliance.state is ComplianceState.PENDING
+        # An ack naming an epoch the server never issued is ignored.
+        plane.ack("eu-1", 99, Mode.PAUSED, STOPPED)
+        (view,) = plane.views(AgentFilter(match_labels={"region": "eu"}))
+        assert view.compliance.state is ComplianceState.PENDING
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_second_stream_for_the_same_agent_replaces_the_first() -> None:
+    async def scenario() -> None:
+        plane = await started(MemoryStore())
+        old, new = Session(), Session()
+        plane.connect("a", {}, old)
+        plane.connect("a", {}, new)
+        assert "replaced" in old.closed
+        plane.disconnect("a", old)  # the old stream's late goodbye changes nothing
+        (view,) = plane.views()
+        assert view.status.connected
+        await plane.stop()
+
+    asyncio.run(scenario())
