@@ -421,6 +421,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=f"wait {until}")
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=300.0,
+        help="seconds to wait with --wait, then exit 3 (default 300)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="killswitch", description="Pause capture across the fleet and prove it stopped."
@@ -466,18 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--agent", action="append", metavar="ID", help="an agent id (repeatable)")
     pause.add_argument("--reason", required=True, help="why; shown to operators and employees")
     pause.add_argument("--ticket", default="", help="incident ticket reference")
-    pause.add_argument("--wait", action="store_true", help="wait until every covered agent stopped")
-    pause.add_argument(
-        "--timeout",
-        type=positive_seconds,
-        default=300.0,
-        help="seconds to wait with --wait (default 300)",
-    )
+    add_wait_options(pause, "until every covered agent stopped")
 
     resume = operator_command("resume", "lift one hold", cmd_resume)
     resume.add_argument("--hold", required=True, metavar="HOLD_ID")
-    resume.add_argument("--wait", action="store_true", help="wait until the affected agents settle")
-    resume.add_argument("--timeout", type=positive_seconds, default=300.0)
+    add_wait_options(resume, "until every agent in the hold's scope settled")
 
     holds = operator_command("holds", "list the active holds", cmd_holds)
     holds.add_argument("--json", action="store_true")

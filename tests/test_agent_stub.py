@@ -12,7 +12,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub import Agent, AgentConfig, Backoff, Behaviour
 from agent_stub.simulate import fleet_configs
-from tests.conftest import BIN, Cli, ServerProcess, wait_for
+from tests.conftest import BIN, Cli, ServerProcess, terminate, wait_for
 
 
 def test_backoff_grows_with_jitter_caps_and_resets() -> None:
@@ -93,8 +93,7 @@ def one_agent(server: ServerProcess) -> Iterator[subprocess.Popen[bytes]]:
         stderr=subprocess.DEVNULL,
     )
     yield proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    terminate(proc)
 
 
 def test_one_reference_agent_paused_by_id(cli: Cli, one_agent: subprocess.Popen[bytes]) -> None:

@@ -31,10 +31,7 @@ class MemoryStore:
 
     async def create_hold(self, draft: HoldDraft) -> Hold:
         self.epoch += 1
-        hold = Hold(
-            **{f.name: getattr(draft, f.name) for f in dataclasses.fields(draft)},
-            created_epoch=self.epoch,
-        )
+        hold = Hold.committed(draft, self.epoch)
         self.holds[hold.id] = hold
         return hold
 

@@ -32,18 +32,26 @@ class HoldDraft:
 
 
 @dataclass(frozen=True, slots=True)
-class Hold:
-    id: str
-    kind: HoldKind
-    scope: Scope
-    reason: str
-    ticket: str
-    created_by: str
-    created_at: float
+class Hold(HoldDraft):
+    """A committed hold: the store allocated ``created_epoch`` (and ``lifted_epoch``)."""
+
     created_epoch: int
     lifted_at: float | None = None
     lifted_by: str = ""
     lifted_epoch: int = 0
+
+    @classmethod
+    def committed(cls, draft: HoldDraft, epoch: int) -> Hold:
+        return cls(
+            id=draft.id,
+            kind=draft.kind,
+            scope=draft.scope,
+            reason=draft.reason,
+            ticket=draft.ticket,
+            created_by=draft.created_by,
+            created_at=draft.created_at,
+            created_epoch=epoch,
+        )
 
     @property
     def active(self) -> bool:

@@ -261,16 +261,7 @@ class SqliteStore:
     async def create_hold(self, draft: HoldDraft) -> Hold:
         def insert(db: sqlite3.Connection) -> Hold:
             epoch = self._next_epoch(db)
-            hold = Hold(
-                id=draft.id,
-                kind=draft.kind,
-                scope=draft.scope,
-                reason=draft.reason,
-                ticket=draft.ticket,
-                created_by=draft.created_by,
-                created_at=draft.created_at,
-                created_epoch=epoch,
-            )
+            hold = Hold.committed(draft, epoch)
             db.execute(
                 f"INSERT INTO holds ({_HOLD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
