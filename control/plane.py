@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,6 +81,8 @@ class AgentEntry:
     desired: Desired
     status: AgentStatus
     subscriber: Subscriber | None = None
+    # last_seen as of the newest row handed to the store.
+    last_seen_saved: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,18 +125,25 @@ class ControlPlane:
         ack_deadline: float = 30.0,
         heartbeat_interval: float = 10.0,
         flush_interval: float = 0.25,
+        last_seen_save_interval: float = 60.0,
+        before_fanout: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._clock = clock
         self.ack_deadline = ack_deadline
         self.heartbeat_interval = heartbeat_interval
         self._flush_interval = flush_interval
+        # 10,000 agents heartbeating every 10 s would otherwise rewrite 1,000 rows a second
+        # only to move last_seen; memory stays exact, the stored copy may lag this much.
+        self.last_seen_save_interval = last_seen_save_interval
         self._epoch = 0
         self._holds: dict[str, Hold] = {}
         self._agents: dict[str, AgentEntry] = {}
         self._dirty: set[str] = set()
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
+        # Runs before a change is pushed to the whole fleet (the server tunes the GC).
+        self._before_fanout = before_fanout
 
     # ------------------------------------------------------------ lifecycle
 
@@ -178,15 +188,14 @@ class ControlPlane:
         if not self._dirty:
             return
         batch, self._dirty = self._dirty, set()
-        rows = [
-            StoredAgent(
-                e.agent_id,
-                e.labels,
-                e.desired,
-                dataclasses.replace(e.status, channels=dict(e.status.channels)),
-            )
-            for e in (self._agents[a] for a in batch)
-        ]
+        rows = []
+        for agent_id in batch:
+            entry = self._agents[agent_id]
+            entry.last_seen_saved = entry.status.last_seen or 0.0
+            # A copy: the store may read it on another thread while the loop moves on.
+            # Shallow is enough: record_* replace `channels`, never mutate it.
+            status = dataclasses.replace(entry.status)
+            rows.append(StoredAgent(agent_id, entry.labels, entry.desired, status))
         try:
             await self._store.save_agents(rows)
         except BaseException:
@@ -263,6 +272,7 @@ class ControlPlane:
 
     def _apply_epoch(self, epoch: int) -> None:
         self._epoch = max(self._epoch, epoch)
+        self._before_fanout()
         self._reconcile_all(self._clock())
 
     def _reconcile_all(self, now: float) -> None:
@@ -321,9 +331,7 @@ class ControlPlane:
                 entry.subscriber.close("replaced by a newer stream from the same agent")
             entry.labels = checked
             self._reconcile(entry, self.active_holds(), now)
-        status = entry.status
-        status.connected, status.connected_at, status.last_seen = True, now, now
-        status.first_seen = status.first_seen or now
+        entry.status.record_connect(now)
         entry.subscriber = subscriber
         self._dirty.add(agent_id)
         log.debug("agent_connected", agent_id=agent_id, reconnect=reconnect)
@@ -334,8 +342,7 @@ class ControlPlane:
         if entry is None or entry.subscriber is not subscriber:
             return  # an older stream, already replaced
         entry.subscriber = None
-        entry.status.connected = False
-        entry.status.disconnected_at = self._clock()
+        entry.status.record_disconnect(self._clock())
         self._dirty.add(agent_id)
         log.debug("agent_disconnected", agent_id=agent_id)
 
@@ -372,49 +379,62 @@ class ControlPlane:
         self._dirty.add(agent_id)
 
     def heartbeat(self, agent_id: str, channels: Mapping[str, bool]) -> None:
-        self._agents[agent_id].status.record_heartbeat(channels, self._clock())
-        self._dirty.add(agent_id)
+        """Channel changes are written at the next flush; bare liveness only now and then."""
+        entry = self._agents[agent_id]
+        now = self._clock()
+        if entry.status.record_heartbeat(channels, now) or (
+            now - entry.last_seen_saved >= self.last_seen_save_interval
+        ):
+            self._dirty.add(agent_id)
 
     # ------------------------------------------------------------ queries
 
-    def _view(self, entry: AgentEntry, now: float) -> AgentView:
-        verdict = evaluate(entry.desired, entry.status, now=now, ack_deadline=self.ack_deadline)
-        return AgentView(entry.agent_id, entry.labels, entry.desired, entry.status, verdict)
-
-    def views(self, agent_filter: AgentFilter = AgentFilter()) -> list[AgentView]:
-        """Agents matching the filter, most urgent first, then by id."""
+    def _matching(self, agent_filter: AgentFilter) -> Iterator[tuple[AgentEntry, Compliance]]:
         now = self._clock()
         scope = self.hold(agent_filter.hold_id).scope if agent_filter.hold_id else None
         wanted = agent_filter.match_labels
-        views = []
+        deadline = self.ack_deadline
         for entry in self._agents.values():
             if scope is not None and not scope.covers(entry.agent_id, entry.labels):
                 continue
             if wanted and any(entry.labels.get(k) != v for k, v in wanted.items()):
                 continue
-            view = self._view(entry, now)
-            if agent_filter.state is None or view.compliance.state is agent_filter.state:
-                views.append(view)
-        views.sort(key=lambda v: (_SEVERITY_RANK[v.compliance.state], v.agent_id))
-        return views
+            verdict = evaluate(entry.desired, entry.status, now=now, ack_deadline=deadline)
+            if agent_filter.state is None or verdict.state is agent_filter.state:
+                yield entry, verdict
+
+    @staticmethod
+    def _urgency(match: tuple[AgentEntry, Compliance]) -> tuple[int, str]:
+        return _SEVERITY_RANK[match[1].state], match[0].agent_id
+
+    def views(self, agent_filter: AgentFilter = AgentFilter()) -> list[AgentView]:
+        """Agents matching the filter, most urgent first, then by id."""
+        matches = sorted(self._matching(agent_filter), key=self._urgency)
+        return [AgentView(e.agent_id, e.labels, e.desired, e.status, c) for e, c in matches]
 
     def status(
         self, agent_filter: AgentFilter = AgentFilter(), unsettled_limit: int = 0
     ) -> StatusSummary:
-        views = self.views(agent_filter)
+        """Counts for every matching agent; full rows only for the most urgent unsettled ones.
+
+        Operators poll this during an incident, so it must stay cheap at fleet scale.
+        """
         by_state: dict[ComplianceState, int] = {}
-        unsettled = []
-        for view in views:
-            state = view.compliance.state
-            by_state[state] = by_state.get(state, 0) + 1
-            if not is_settled(view.desired.mode, state):
-                unsettled.append(view)
+        unsettled: list[tuple[AgentEntry, Compliance]] = []
+        total = 0
+        for entry, verdict in self._matching(agent_filter):
+            total += 1
+            by_state[verdict.state] = by_state.get(verdict.state, 0) + 1
+            if not is_settled(entry.desired.mode, verdict.state):
+                unsettled.append((entry, verdict))
+        shown = heapq.nsmallest(unsettled_limit, unsettled, key=self._urgency)
         return StatusSummary(
             epoch=self._epoch,
             holds=self.active_holds(),
-            total=len(views),
+            total=total,
             by_state=by_state,
-            compliant=fleet_compliant((v.desired.mode, v.compliance.state) for v in views),
-            settled=len(views) - len(unsettled),
-            unsettled=unsettled[:unsettled_limit],
+            # Settled agents are compliant by definition: only the rest can spoil it.
+            compliant=fleet_compliant((e.desired.mode, c.state) for e, c in unsettled),
+            settled=total - len(unsettled),
+            unsettled=[AgentView(e.agent_id, e.labels, e.desired, e.status, c) for e, c in shown],
         )

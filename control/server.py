@@ -14,6 +14,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.addresses import ensure_can_listen, require_loopback
 from control.errors import KillswitchError
+from control.gc_policy import freeze_before_fanout, run_gc_policy
 from control.http_health import HealthServer
 from control.plane import ControlPlane
 from control.rpc.agent_service import AgentControlService
@@ -56,6 +57,7 @@ async def serve(config: ServerConfig) -> None:
         clock=time.time,
         ack_deadline=config.ack_deadline,
         heartbeat_interval=config.heartbeat_interval,
+        before_fanout=freeze_before_fanout,
     )
     server: grpc.aio.Server | None = None
     health: HealthServer | None = None
@@ -88,7 +90,9 @@ async def serve(config: ServerConfig) -> None:
             data_dir=str(config.data_dir),
             epoch=plane.epoch,
         )
+        gc_policy = asyncio.create_task(run_gc_policy(), name="gc-policy")
         await _wait_for_shutdown_signal()
+        gc_policy.cancel()
         log.info("server_stopping")
     finally:
         ready = False

@@ -102,7 +102,8 @@ def paused(epoch: int = 5, since: float = 100.0) -> Desired:
 
 
 def connected(**kw: object) -> AgentStatus:
-    status = AgentStatus(first_seen=1.0, last_seen=1.0, connected=True, connected_at=1.0)
+    status = AgentStatus()
+    status.record_connect(1.0)
     for key, value in kw.items():
         setattr(status, key, value)
     return status
@@ -199,3 +200,18 @@ def test_fleet_compliance() -> None:
     assert not fleet_compliant([(Mode.ALLOWED, s.VIOLATION)])
     assert not fleet_compliant([(Mode.PAUSED, s.OFFLINE_AT_RISK)])
     assert fleet_compliant([])
+
+
+def test_acks_from_before_a_reconnect_prove_nothing_until_the_agent_acks_again() -> None:
+    status = connected()
+    status.record_ack(5, Mode.PAUSED, STOPPED, at=105.0)
+    status.record_disconnect(106.0)
+    assert state(paused(), status) is ComplianceState.OFFLINE_AT_RISK
+    status.record_connect(107.0)
+    assert state(paused(), status) is ComplianceState.PENDING
+    status.record_ack(5, Mode.PAUSED, STOPPED, at=108.0)
+    assert state(paused(), status) is ComplianceState.STOP_REPORTED
+
+    status.record_nack(6, "stuck", at=109.0)
+    status.record_connect(110.0)
+    assert state(paused(epoch=6), status) is ComplianceState.PENDING

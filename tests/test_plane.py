@@ -147,3 +147,51 @@ def test_a_second_stream_for_the_same_agent_replaces_the_first() -> None:
         await plane.stop()
 
     asyncio.run(scenario())
+
+
+def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        now = [1000.0]
+        plane = ControlPlane(
+            store, clock=lambda: now[0], flush_interval=3600, last_seen_save_interval=60
+        )
+        await plane.start()
+        plane.connect("a", {}, Session())
+        plane.ack("a", 0, Mode.ALLOWED, STOPPED)
+        await plane.flush()
+        assert store.batches == [1]
+        now[0] += 10
+        plane.heartbeat("a", STOPPED)
+        await plane.flush()
+        assert store.batches == [1], "an unchanged heartbeat within a minute writes nothing"
+        plane.heartbeat("a", {**STOPPED, "screen": True})
+        await plane.flush()
+        assert store.batches == [1, 1] and store.agents["a"].status.channels["screen"] is True
+        now[0] += 61
+        plane.heartbeat("a", {**STOPPED, "screen": True})
+        await plane.flush()
+        assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == now[0]
+        (view,) = plane.views()
+        assert view.status.last_seen == now[0]
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_fanout_hook_runs_before_every_hold_change() -> None:
+    async def scenario() -> None:
+        calls: list[int] = []
+        plane = ControlPlane(
+            MemoryStore(),
+            clock=lambda: 1000.0,
+            flush_interval=3600,
+            before_fanout=lambda: calls.append(plane.epoch),
+        )
+        await plane.start()
+        hold, _ = await plane.create_hold(Scope.fleet(), "x", "", "ic")
+        await plane.lift_hold(hold.id, "ic")
+        assert calls == [1, 2]
+        await plane.stop()
+
+    asyncio.run(scenario())

@@ -66,6 +66,18 @@ class AgentStatus:
     nack_at: float | None = None
     # Channel name -> active?, from the newest ack or heartbeat.
     channels: dict[str, bool] = field(default_factory=dict)
+    # Only what the agent said on its current stream proves its current state: after a
+    # reconnect (a restarted agent, a restarted server) older acks are history.
+    acked_since_connect: bool = False
+    nacked_since_connect: bool = False
+
+    def record_connect(self, at: float) -> None:
+        self.connected, self.connected_at, self.last_seen = True, at, at
+        self.first_seen = self.first_seen or at
+        self.acked_since_connect = self.nacked_since_connect = False
+
+    def record_disconnect(self, at: float) -> None:
+        self.connected, self.disconnected_at = False, at
 
     def record_ack(self, epoch: int, mode: Mode, channels: Mapping[str, bool], at: float) -> bool:
         """Record an ack unless it is older than one already recorded (a replay)."""
@@ -74,6 +86,7 @@ class AgentStatus:
             return False
         self.acked_epoch, self.acked_mode, self.acked_at = epoch, mode, at
         self.channels = dict(channels)
+        self.acked_since_connect = True
         return True
 
     def record_nack(self, epoch: int, reason: str, at: float) -> bool:
@@ -81,11 +94,16 @@ class AgentStatus:
         if epoch < self.nack_epoch:
             return False
         self.nack_epoch, self.nack_reason, self.nack_at = epoch, reason, at
+        self.nacked_since_connect = True
         return True
 
-    def record_heartbeat(self, channels: Mapping[str, bool], at: float) -> None:
+    def record_heartbeat(self, channels: Mapping[str, bool], at: float) -> bool:
+        """Record liveness; return whether any channel changed state."""
         self.last_seen = at
+        if channels == self.channels:
+            return False
         self.channels = dict(channels)
+        return True
 
 
 def _active_channels(status: AgentStatus) -> list[str]:
@@ -112,7 +130,11 @@ def evaluate(
                 status.disconnected_at,
             )
         return Compliance(ComplianceState.OFFLINE, "disconnected", status.disconnected_at)
-    in_sync = status.acked_mode is not None and status.acked_epoch >= desired.epoch
+    in_sync = (
+        status.acked_since_connect
+        and status.acked_mode is not None
+        and status.acked_epoch >= desired.epoch
+    )
     if paused:
         active = _active_channels(status)
         if in_sync and status.acked_mode is Mode.ALLOWED:
@@ -138,7 +160,7 @@ def evaluate(
         return Compliance(
             ComplianceState.CAPTURING, f"acked epoch {status.acked_epoch}", status.acked_at
         )
-    if status.nack_at is not None and status.nack_epoch >= desired.epoch:
+    if status.nacked_since_connect and status.nack_epoch >= desired.epoch:
         return Compliance(
             ComplianceState.FAILED,
             f"nacked epoch {status.nack_epoch}: {status.nack_reason}",
