@@ -1,0 +1,228 @@
+"""A bare grpc.aio push server: the floor the product is measured against.
+
+It speaks the product's wire protocol (``AgentControl.Connect`` with the
+killswitch.v1 messages, and the Operator calls the benchmark drives), so one
+harness measures both and serialisation costs the same. Everything else is
+stripped: no store, no domain rules, no logging, just a dict of streams, an
+epoch and an ack counter. Like the product, it pushes the current directive on
+connect and on every change, with one write task per stream.
+
+Run: ``python -m bench.bare_server --port P [--epoch E --paused] [--gc-freeze]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from killswitch.v1 import killswitch_pb2 as pb
+
+StreamContext = grpc.aio.ServicerContext[pb.AgentMessage, pb.ServerMessage]
+UnaryContext = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(slots=True)
+class Stream:
+    agent_id: str
+    context: StreamContext
+    acked_epoch: int = -1
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class BareFleet:
+    """The only state a push needs; ``settled`` is kept incrementally so polls are O(1)."""
+
+    def __init__(self, epoch: int, paused: bool, gc_freeze: bool) -> None:
+        self.epoch = epoch
+        self.paused = paused
+        self._gc_freeze = gc_freeze
+        self.streams: dict[str, Stream] = {}
+        self.acked_at: dict[str, float] = {}
+        self.settled = 0
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def _directive(self) -> pb.ServerMessage:
+        mode = pb.MODE_PAUSED if self.paused else pb.MODE_ALLOWED
+        return pb.ServerMessage(directive=pb.Directive(epoch=self.epoch, mode=mode))
+
+    def _send(self, stream: Stream, message: pb.ServerMessage) -> None:
+        task = asyncio.get_running_loop().create_task(stream.context.write(message))
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled():
+            task.exception()  # a dead stream; its reader notices and detaches it
+
+    def attach(self, stream: Stream) -> None:
+        old = self.streams.get(stream.agent_id)
+        if old is not None:
+            self.detach(old)
+        self.streams[stream.agent_id] = stream
+        self._send(stream, self._directive())
+
+    def detach(self, stream: Stream) -> None:
+        if self.streams.get(stream.agent_id) is not stream:
+            return
+        del self.streams[stream.agent_id]
+        if stream.acked_epoch == self.epoch:
+            self.settled -= 1
+
+    def ack(self, stream: Stream, epoch: int) -> None:
+        if epoch == self.epoch and stream.acked_epoch != epoch:
+            self.settled += 1
+        stream.acked_epoch = max(stream.acked_epoch, epoch)
+        self.acked_at[stream.agent_id] = time.time()
+
+    def push(self, paused: bool) -> int:
+        """Move to a new epoch and write it to every stream; returns the epoch."""
+        self.epoch += 1
+        self.paused = paused
+        self.settled = 0
+        if self._gc_freeze:
+            gc.freeze()  # the fleet is connected: stop scanning its long-lived objects
+        message = self._directive()
+        for stream in self.streams.values():
+            self._send(stream, message)
+        return self.epoch
+
+
+class BareService:
+    def __init__(self, fleet: BareFleet) -> None:
+        self._fleet = fleet
+
+    async def connect(self, request_iterator: Any, context: StreamContext) -> None:
+        await context.send_initial_metadata(())
+        first = await context.read()
+        if not isinstance(first, pb.AgentMessage):
+            return
+        stream = Stream(first.hello.agent_id, context)
+        self._fleet.attach(stream)
+        try:
+            while True:
+                message = await context.read()
+                if not isinstance(message, pb.AgentMessage):
+                    return
+                if message.WhichOneof("body") == "ack":
+                    self._fleet.ack(stream, message.ack.epoch)
+        finally:
+            self._fleet.detach(stream)
+
+    async def create_hold(
+        self, request: pb.CreateHoldRequest, context: UnaryContext
+    ) -> pb.CreateHoldResponse:
+        epoch = self._fleet.push(paused=True)
+        hold = pb.Hold(id=f"bare-{epoch}", created_epoch=epoch)
+        return pb.CreateHoldResponse(
+            hold=hold, epoch=epoch, covered_agents=len(self._fleet.streams)
+        )
+
+    async def lift_hold(
+        self, request: pb.LiftHoldRequest, context: UnaryContext
+    ) -> pb.LiftHoldResponse:
+        epoch = self._fleet.push(paused=False)
+        return pb.LiftHoldResponse(hold=pb.Hold(id=request.hold_id), epoch=epoch)
+
+    async def get_status(
+        self, request: pb.GetStatusRequest, context: UnaryContext
+    ) -> pb.GetStatusResponse:
+        fleet = self._fleet
+        total = len(fleet.streams)
+        done, waiting = ("STOP_REPORTED", "PENDING") if fleet.paused else ("CAPTURING", "RESUME")
+        counts = {done: fleet.settled, waiting: total - fleet.settled}
+        return pb.GetStatusResponse(
+            epoch=fleet.epoch,
+            holds=[pb.Hold(id=f"bare-{fleet.epoch}")] if fleet.paused else [],
+            total=total,
+            settled=fleet.settled,
+            by_state=[pb.StateCount(state=s, count=n) for s, n in counts.items() if n],
+        )
+
+    async def list_agents(
+        self, request: pb.ListAgentsRequest, context: UnaryContext
+    ) -> AsyncIterator[pb.AgentRecord]:
+        fleet = self._fleet
+        for agent_id, stream in list(fleet.streams.items()):
+            acked_at = fleet.acked_at.get(agent_id)
+            yield pb.AgentRecord(
+                agent_id=agent_id,
+                connected=True,
+                applied_epoch=max(stream.acked_epoch, 0),
+                acked_at=_timestamp(acked_at) if acked_at is not None else None,
+            )
+
+
+def handlers(service: BareService) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """Generic handlers on the product's method names, so the product's stubs work."""
+    agent = grpc.method_handlers_generic_handler(
+        "killswitch.v1.AgentControl",
+        {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                service.connect,
+                request_deserializer=pb.AgentMessage.FromString,
+                response_serializer=pb.ServerMessage.SerializeToString,
+            )
+        },
+    )
+    operator = grpc.method_handlers_generic_handler(
+        "killswitch.v1.Operator",
+        {
+            "CreateHold": grpc.unary_unary_rpc_method_handler(
+                service.create_hold,
+                request_deserializer=pb.CreateHoldRequest.FromString,
+                response_serializer=pb.CreateHoldResponse.SerializeToString,
+            ),
+            "LiftHold": grpc.unary_unary_rpc_method_handler(
+                service.lift_hold,
+                request_deserializer=pb.LiftHoldRequest.FromString,
+                response_serializer=pb.LiftHoldResponse.SerializeToString,
+            ),
+            "GetStatus": grpc.unary_unary_rpc_method_handler(
+                service.get_status,
+                request_deserializer=pb.GetStatusRequest.FromString,
+                response_serializer=pb.GetStatusResponse.SerializeToString,
+            ),
+            "ListAgents": grpc.unary_stream_rpc_method_handler(
+                service.list_agents,
+                request_deserializer=pb.ListAgentsRequest.FromString,
+                response_serializer=pb.AgentRecord.SerializeToString,
+            ),
+        },
+    )
+    return [agent, operator]
+
+
+async def serve(port: int, fleet: BareFleet) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(handlers(BareService(fleet)))
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise SystemExit(f"bare_server: cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bare_server", description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--epoch", type=int, default=0, help="start at this epoch (a restart)")
+    parser.add_argument("--paused", action="store_true", help="start paused (a restart)")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before each push")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, BareFleet(args.epoch, args.paused, args.gc_freeze)))
+
+
+if __name__ == "__main__":
+    main()
