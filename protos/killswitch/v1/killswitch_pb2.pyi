@@ -115,11 +115,43 @@ class Channel(_message.Message):
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 @_typing.final
-class Hello(_message.Message):
+class CaptureReport(_message.Message):
     """------------------------------------------------------- agent stream
 
-    First message on every stream: who the agent is and what it last applied.
+    What the capture engine has done: the evidence the server verifies a stop with.
     """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_CAPTURED_TOTAL_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    SPOOL_EVENTS_FIELD_NUMBER: _builtins.int
+    events_captured_total: _builtins.int
+    """Events captured since the agent was installed; never decreases."""
+    spool_events: _builtins.int
+    """Captured events waiting in the local spool for upload."""
+    @_builtins.property
+    def last_event_at(self) -> _timestamp_pb2.Timestamp:
+        """Wall-clock time of the newest captured event (unset if none)."""
+
+    def __init__(
+        self,
+        *,
+        events_captured_total: _builtins.int = ...,
+        last_event_at: _timestamp_pb2.Timestamp | None = ...,
+        spool_events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_event_at", b"last_event_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_captured_total", b"events_captured_total", "last_event_at", b"last_event_at", "spool_events", b"spool_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureReport: _TypeAlias = CaptureReport  # noqa: Y015
+
+@_typing.final
+class Hello(_message.Message):
+    """First message on every stream: who the agent is and what it last applied."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -148,6 +180,7 @@ class Hello(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     LAST_APPLIED_EPOCH_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     agent_version: _builtins.str
     last_applied_epoch: _builtins.int
@@ -156,6 +189,8 @@ class Hello(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Channel]: ...
+    @_builtins.property
+    def report(self) -> Global___CaptureReport: ...
     def __init__(
         self,
         *,
@@ -164,10 +199,11 @@ class Hello(_message.Message):
         agent_version: _builtins.str = ...,
         last_applied_epoch: _builtins.int = ...,
         channels: _abc.Iterable[Global___Channel] | None = ...,
+        report: Global___CaptureReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "channels", b"channels", "labels", b"labels", "last_applied_epoch", b"last_applied_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "channels", b"channels", "labels", b"labels", "last_applied_epoch", b"last_applied_epoch", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,20 +218,31 @@ class Ack(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    PURGED_EVENTS_FIELD_NUMBER: _builtins.int
+    QUARANTINED_EVENTS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     mode: Global___Mode.ValueType
+    purged_events: _builtins.int
+    """On a pause: unsent spool events deleted, or kept aside never to be uploaded."""
+    quarantined_events: _builtins.int
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Channel]: ...
+    @_builtins.property
+    def report(self) -> Global___CaptureReport: ...
     def __init__(
         self,
         *,
         epoch: _builtins.int = ...,
         mode: Global___Mode.ValueType = ...,
         channels: _abc.Iterable[Global___Channel] | None = ...,
+        report: Global___CaptureReport | None = ...,
+        purged_events: _builtins.int = ...,
+        quarantined_events: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "epoch", b"epoch", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "epoch", b"epoch", "mode", b"mode", "purged_events", b"purged_events", "quarantined_events", b"quarantined_events", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -233,22 +280,49 @@ class Heartbeat(_message.Message):
 
     APPLIED_EPOCH_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
     applied_epoch: _builtins.int
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Channel]: ...
+    @_builtins.property
+    def report(self) -> Global___CaptureReport: ...
     def __init__(
         self,
         *,
         applied_epoch: _builtins.int = ...,
         channels: _abc.Iterable[Global___Channel] | None = ...,
+        report: Global___CaptureReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_epoch", b"applied_epoch", "channels", b"channels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_epoch", b"applied_epoch", "channels", b"channels", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class LeaseRequest(_message.Message):
+    """Asks for a capture lease (or its renewal). The agent starts its lease clock
+    when it *sends* this, so its expiry is never later than the server's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRequest: _TypeAlias = LeaseRequest  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):
@@ -258,6 +332,7 @@ class AgentMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     NACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    LEASE_REQUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -266,6 +341,8 @@ class AgentMessage(_message.Message):
     def nack(self) -> Global___Nack: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def lease_request(self) -> Global___LeaseRequest: ...
     def __init__(
         self,
         *,
@@ -273,12 +350,13 @@ class AgentMessage(_message.Message):
         ack: Global___Ack | None = ...,
         nack: Global___Nack | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        lease_request: Global___LeaseRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "nack", b"nack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "lease_request", b"lease_request", "nack", b"nack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "nack", b"nack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "lease_request", b"lease_request", "nack", b"nack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "ack", "nack", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "ack", "nack", "heartbeat", "lease_request"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -297,11 +375,17 @@ class Directive(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     HOLD_IDS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    PURGE_SPOOL_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     mode: Global___Mode.ValueType
     reason: _builtins.str
     heartbeat_interval_seconds: _builtins.float
     """How often the agent should send a Heartbeat."""
+    lease_ttl_seconds: _builtins.float
+    """Lease length; the agent renews at about a third of it while allowed."""
+    purge_spool: _builtins.bool
+    """On a pause: delete unsent spool data (true) or quarantine it (false)."""
     @_builtins.property
     def hold_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the holds that pause this agent (empty when allowed)."""
@@ -314,32 +398,69 @@ class Directive(_message.Message):
         reason: _builtins.str = ...,
         hold_ids: _abc.Iterable[_builtins.str] | None = ...,
         heartbeat_interval_seconds: _builtins.float = ...,
+        lease_ttl_seconds: _builtins.float = ...,
+        purge_spool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "hold_ids", b"hold_ids", "mode", b"mode", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "hold_ids", b"hold_ids", "lease_ttl_seconds", b"lease_ttl_seconds", "mode", b"mode", "purge_spool", b"purge_spool", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Directive: _TypeAlias = Directive  # noqa: Y015
 
 @_typing.final
+class LeaseGrant(_message.Message):
+    """Answer to a LeaseRequest. Granted only while the agent is ALLOWED."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    granted: _builtins.bool
+    ttl_seconds: _builtins.float
+    """Valid for this long from when the agent sent the request."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        granted: _builtins.bool = ...,
+        ttl_seconds: _builtins.float = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "reason", b"reason", "request_id", b"request_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseGrant: _TypeAlias = LeaseGrant  # noqa: Y015
+
+@_typing.final
 class ServerMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DIRECTIVE_FIELD_NUMBER: _builtins.int
+    LEASE_GRANT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def directive(self) -> Global___Directive: ...
+    @_builtins.property
+    def lease_grant(self) -> Global___LeaseGrant: ...
     def __init__(
         self,
         *,
         directive: Global___Directive | None = ...,
+        lease_grant: Global___LeaseGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "directive", b"directive"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "directive", b"directive", "lease_grant", b"lease_grant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "directive", b"directive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "directive", b"directive", "lease_grant", b"lease_grant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["directive"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["directive", "lease_grant"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -821,6 +942,11 @@ class AgentRecord(_message.Message):
     HOLD_IDS_FIELD_NUMBER: _builtins.int
     DIRECTIVE_SENT_AT_FIELD_NUMBER: _builtins.int
     ACKED_AT_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EVENTS_CAPTURED_TOTAL_FIELD_NUMBER: _builtins.int
+    SPOOL_EVENTS_FIELD_NUMBER: _builtins.int
+    VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    UPLOADS_REFUSED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     mode: Global___Mode.ValueType
     state: _builtins.str
@@ -828,6 +954,9 @@ class AgentRecord(_message.Message):
     connected: _builtins.bool
     applied_epoch: _builtins.int
     desired_epoch: _builtins.int
+    events_captured_total: _builtins.int
+    spool_events: _builtins.int
+    uploads_refused: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -840,6 +969,12 @@ class AgentRecord(_message.Message):
     def directive_sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def acked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Server-side upper bound of the agent's capture lease (unset: never had one)."""
+
+    @_builtins.property
+    def verified_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -856,14 +991,61 @@ class AgentRecord(_message.Message):
         hold_ids: _abc.Iterable[_builtins.str] | None = ...,
         directive_sent_at: _timestamp_pb2.Timestamp | None = ...,
         acked_at: _timestamp_pb2.Timestamp | None = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        events_captured_total: _builtins.int = ...,
+        spool_events: _builtins.int = ...,
+        verified_at: _timestamp_pb2.Timestamp | None = ...,
+        uploads_refused: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_seen", b"last_seen", "since", b"since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "since", b"since", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "hold_ids", b"hold_ids", "labels", b"labels", "last_seen", b"last_seen", "mode", b"mode", "reason", b"reason", "since", b"since", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentRecord: _TypeAlias = AgentRecord  # noqa: Y015
+
+@_typing.final
+class AcknowledgeViolationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeViolationRequest: _TypeAlias = AcknowledgeViolationRequest  # noqa: Y015
+
+@_typing.final
+class AcknowledgeViolationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIOLATION_FIELD_NUMBER: _builtins.int
+    violation: _builtins.str
+    """The evidence that was acknowledged."""
+    def __init__(
+        self,
+        *,
+        violation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["violation", b"violation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeViolationResponse: _TypeAlias = AcknowledgeViolationResponse  # noqa: Y015
 
 @_typing.final
 class ExpectAgentsRequest(_message.Message):
@@ -949,3 +1131,60 @@ class ExpectAgentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExpectAgentsResponse: _TypeAlias = ExpectAgentsResponse  # noqa: Y015
+
+@_typing.final
+class AuthorizeUploadRequest(_message.Message):
+    """------------------------------------------------------------- ingest
+
+    Asked by the ingest service before it accepts a batch of captured events.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    FIRST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    event_count: _builtins.int
+    @_builtins.property
+    def first_event_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_event_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        first_event_at: _timestamp_pb2.Timestamp | None = ...,
+        last_event_at: _timestamp_pb2.Timestamp | None = ...,
+        event_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_event_at", b"first_event_at", "last_event_at", b"last_event_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "event_count", b"event_count", "first_event_at", b"first_event_at", "last_event_at", b"last_event_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeUploadRequest: _TypeAlias = AuthorizeUploadRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizeUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeUploadResponse: _TypeAlias = AuthorizeUploadResponse  # noqa: Y015

@@ -136,6 +136,11 @@ class OperatorStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ExpectAgentsRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ExpectAgentsResponse.FromString,
                 _registered_method=True)
+        self.AcknowledgeViolation = channel.unary_unary(
+                '/killswitch.v1.Operator/AcknowledgeViolation',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -179,6 +184,13 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcknowledgeViolation(self, request, context):
+        """A VIOLATION never clears by itself: an operator acknowledges it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +223,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.ExpectAgents,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ExpectAgentsRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ExpectAgentsResponse.SerializeToString,
+            ),
+            'AcknowledgeViolation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeViolation,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -375,6 +392,105 @@ class Operator:
             '/killswitch.v1.Operator/ExpectAgents',
             killswitch_dot_v1_dot_killswitch__pb2.ExpectAgentsRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.ExpectAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeViolation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/AcknowledgeViolation',
+            killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class IngestStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AuthorizeUpload = channel.unary_unary(
+                '/killswitch.v1.Ingest/AuthorizeUpload',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadResponse.FromString,
+                _registered_method=True)
+
+
+class IngestServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def AuthorizeUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IngestServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AuthorizeUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeUpload,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.Ingest', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.Ingest', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Ingest:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def AuthorizeUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Ingest/AuthorizeUpload',
+            killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,8 @@ class OperatorStub:
     """Registers agents from the fleet inventory so that laptops that never
     connect show up as NEVER_SEEN instead of being invisible.
     """
+    AcknowledgeViolation: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AcknowledgeViolationRequest, _killswitch_pb2.AcknowledgeViolationResponse]
+    """A VIOLATION never clears by itself: an operator acknowledges it."""
 
 @_typing.type_check_only
 class OperatorAsyncStub(OperatorStub):
@@ -86,6 +88,8 @@ class OperatorAsyncStub(OperatorStub):
     """Registers agents from the fleet inventory so that laptops that never
     connect show up as NEVER_SEEN instead of being invisible.
     """
+    AcknowledgeViolation: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AcknowledgeViolationRequest, _killswitch_pb2.AcknowledgeViolationResponse]  # type: ignore[assignment]
+    """A VIOLATION never clears by itself: an operator acknowledges it."""
 
 class OperatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -133,4 +137,34 @@ class OperatorServicer(metaclass=_abc_1.ABCMeta):
         connect show up as NEVER_SEEN instead of being invisible.
         """
 
+    @_abc_1.abstractmethod
+    def AcknowledgeViolation(
+        self,
+        request: _killswitch_pb2.AcknowledgeViolationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.AcknowledgeViolationResponse, _abc.Awaitable[_killswitch_pb2.AcknowledgeViolationResponse]]:
+        """A VIOLATION never clears by itself: an operator acknowledges it."""
+
 def add_OperatorServicer_to_server(servicer: OperatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class IngestStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> IngestAsyncStub: ...
+    AuthorizeUpload: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeUploadRequest, _killswitch_pb2.AuthorizeUploadResponse]
+
+@_typing.type_check_only
+class IngestAsyncStub(IngestStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    AuthorizeUpload: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeUploadRequest, _killswitch_pb2.AuthorizeUploadResponse]  # type: ignore[assignment]
+
+class IngestServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def AuthorizeUpload(
+        self,
+        request: _killswitch_pb2.AuthorizeUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.AuthorizeUploadResponse, _abc.Awaitable[_killswitch_pb2.AuthorizeUploadResponse]]: ...
+
+def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
