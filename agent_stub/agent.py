@@ -1,11 +1,11 @@
-"""One capture agent's control loop: connect, obey directives, ack, heartbeat, reconnect."""
+"""One capture agent: control stream, directives, leases, heartbeats, capture and upload."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -13,12 +13,20 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub.backoff import Backoff
-from agent_stub.capture import CaptureEngine, ChannelStuck
+from agent_stub.capture import CHANNELS, CaptureEngine
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig, Fault
+from agent_stub.lease import Clock, Lease, boottime
+from agent_stub.periodic import every
+from agent_stub.stream import ControlStream, Outbox
+from agent_stub.truth import GroundTruth
+from agent_stub.upload import Uploader
+from agent_stub.wire import capture_report, channel_states
 
 log = structlog.get_logger("killswitch.agent")
 
-AGENT_VERSION = "agent-stub/0.1.0"
+AGENT_VERSION = "agent-stub/0.2.0"
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+ALL_STOPPED = dict.fromkeys(CHANNELS, False)
 
 # Keepalive finds a dead server or a silently dropped connection within ~30 s.
 CHANNEL_OPTIONS = [
@@ -29,23 +37,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class Behaviour(StrEnum):
-    """How a simulated agent (mis)behaves; real agents are always OBEDIENT."""
-
-    OBEDIENT = "obedient"
-    # A capture channel is stuck on: every pause is nacked.
-    NACK = "nack"
-    # Connected but frozen: reads directives, never acks or heartbeats.
-    SILENT = "silent"
-
-
-@dataclass(slots=True)
-class AgentConfig:
-    agent_id: str
-    labels: dict[str, str] = field(default_factory=dict)
-    behaviour: Behaviour = Behaviour.OBEDIENT
-
-
 def open_channel(target: str, *, own_connection: bool = True) -> grpc.aio.Channel:
     """A channel to the control server; ``own_connection`` stops gRPC sharing one TCP link."""
     options = list(CHANNEL_OPTIONS)
@@ -54,7 +45,16 @@ def open_channel(target: str, *, own_connection: bool = True) -> grpc.aio.Channe
     return grpc.aio.insecure_channel(target, options=options)
 
 
+def nack(epoch: int, reason: str) -> pb.AgentMessage:
+    return pb.AgentMessage(nack=pb.Nack(epoch=epoch, reason=reason))
+
+
 class Agent:
+    """Captures only under an unexpired lease, and answers every directive it acts on.
+
+    ``trigger_fault`` turns a simulated agent into its configured ``Fault``.
+    """
+
     def __init__(
         self,
         config: AgentConfig,
@@ -62,39 +62,97 @@ class Agent:
         *,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        clock: Clock = boottime,
     ) -> None:
         self.config = config
-        self._stub = pb_grpc.AgentControlStub(channel)
+        self._control = pb_grpc.AgentControlStub(channel)
         self._rng = rng or random.Random()
         self._backoff = backoff or Backoff(rng=self._rng)
-        stuck = frozenset({"screen"}) if config.behaviour is Behaviour.NACK else frozenset()
-        self.engine = CaptureEngine(stuck_channels=stuck)
-        if stuck:
-            self.engine.active["screen"] = True
+        self.lease = Lease(clock)
+        self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
+        self.engine = CaptureEngine(self.lease, self.truth)
+        self.uploader = Uploader(config.agent_id, self.engine, channel)
+        # Cleared while the whole process is suspended (the sleep fault).
+        self.awake = asyncio.Event()
+        self.awake.set()
+        self.fault_active = False
+        # The directive the agent last acted on (acked or nacked).
+        self.directive: pb.Directive | None = None
         self.applied_epoch = 0
-        self.applied_mode: int = pb.MODE_UNSPECIFIED
+        self.applied_mode: pb.Mode.ValueType = pb.MODE_UNSPECIFIED
         self.connected = False
         self._heartbeat_interval = DEFAULT_HEARTBEAT_SECONDS
+        self._lease_ttl = DEFAULT_LEASE_TTL_SECONDS
+        self._stream: ControlStream | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._renewals: asyncio.Task[None] | None = None
+        self._offline_until = 0.0
+        # Directives are numbered as received so a delayed one never undoes a newer one.
+        self._received = 0
+        self._applied = 0
 
     @property
     def agent_id(self) -> str:
         return self.config.agent_id
 
+    # ------------------------------------------------------------ reports
+
+    def _faulty(self, fault: Fault) -> bool:
+        return self.fault_active and self.config.fault is fault
+
+    def _allowed(self) -> bool:
+        return self.directive is not None and self.directive.mode == pb.MODE_ALLOWED
+
     def _channels(self) -> list[pb.Channel]:
-        return [
-            pb.Channel(
-                name=name,
-                state=pb.CHANNEL_STATE_ACTIVE if on else pb.CHANNEL_STATE_STOPPED,
-            )
-            for name, on in self.engine.active.items()
-        ]
+        lying = self._faulty(Fault.LIE) and not self._allowed()
+        return channel_states(ALL_STOPPED if lying else self.engine.active)
+
+    def _hello(self) -> pb.Hello:
+        return pb.Hello(
+            agent_id=self.agent_id,
+            labels=self.config.labels,
+            agent_version=AGENT_VERSION,
+            last_applied_epoch=self.applied_epoch,
+            channels=self._channels(),
+            report=capture_report(self.engine),
+        )
+
+    # ------------------------------------------------------------ lifetime
 
     async def run(self) -> None:
-        """Keep a control stream open forever, reconnecting with jittered backoff."""
+        """Capture, upload and keep a control stream open, until cancelled."""
+        tuning = self.config.tuning
+        background = [
+            self._jittered(tuning.capture_tick, self._capture_round),
+            self._jittered(tuning.upload_every, self._upload_round),
+        ]
+        try:
+            await self._stay_connected()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+    def _jittered(self, period: float, action: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """``action`` every ``period`` from a random start, so a fleet spreads the load."""
+        first_delay = self._rng.uniform(0, period)
+        return asyncio.create_task(
+            every(lambda: period, action, first_delay=first_delay, awake=self.awake)
+        )
+
+    async def _capture_round(self) -> None:
+        self.engine.tick()
+
+    async def _upload_round(self) -> None:
+        if not self._offline_remaining():
+            await self.uploader.upload()
+
+    async def _stay_connected(self) -> None:
+        """Reconnect forever with jittered backoff; an offline agent first waits it out."""
         while True:
+            await asyncio.sleep(self._offline_remaining())
             try:
-                await self._session()
-                reason = "server closed the stream"
+                reason = await self._session()
             except grpc.aio.AioRpcError as exc:
                 # During a server restart INTERNAL and CANCELLED show up as well as
                 # UNAVAILABLE: any status means "try again later".
@@ -105,77 +163,178 @@ class Agent:
             log.info("agent_reconnecting", agent_id=self.agent_id, reason=reason, delay=delay)
             await asyncio.sleep(delay)
 
-    async def _session(self) -> None:
+    async def _session(self) -> str:
+        """One stream, until it ends; returns why it ended."""
         # aio streams are written to explicitly; the stubs only know the iterator form.
-        call = self._stub.Connect()  # type: ignore[call-arg]
-        write_lock = asyncio.Lock()
-        hello = pb.Hello(
-            agent_id=self.agent_id,
-            labels=self.config.labels,
-            agent_version=AGENT_VERSION,
-            last_applied_epoch=self.applied_epoch,
-            channels=self._channels(),
-        )
-        await call.write(pb.AgentMessage(hello=hello))
-        heartbeats: asyncio.Task[None] | None = None
+        stream = ControlStream(self._control.Connect())  # type: ignore[call-arg]
+        self._stream = stream
         try:
-            while True:
-                message = await call.read()
-                if not isinstance(message, pb.ServerMessage):  # EOF: the server ended it
-                    return
-                if not message.HasField("directive"):
-                    continue
-                self.connected = True
-                self._backoff.reset()
-                reply = self.apply(message.directive)
-                if reply is None:
-                    continue
-                async with write_lock:
-                    await call.write(reply)
-                if heartbeats is None:
-                    heartbeats = asyncio.create_task(self._heartbeat_loop(call, write_lock))
+            await stream.send(pb.AgentMessage(hello=self._hello()))
+            while (message := await stream.read()) is not None:
+                await self.awake.wait()
+                await self.handle(message, stream)
+            return "server closed the stream"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if stream.dropped and task is not None and not task.cancelling():
+                return "dropped the stream (offline fault)"
+            raise
         finally:
-            if heartbeats is not None:
-                heartbeats.cancel()
-            call.cancel()
+            self._stream = self._heartbeats = self._renewals = None
+            await stream.close()
 
-    def apply(self, directive: pb.Directive) -> pb.AgentMessage | None:
-        """Apply a directive and return the ack or nack to send (None: stay silent)."""
+    # ------------------------------------------------------------ server messages
+
+    async def handle(self, message: pb.ServerMessage, stream: Outbox) -> None:
+        """React to one message from the server, answering on ``stream``."""
+        kind = message.WhichOneof("body")
+        if kind == "directive":
+            self.connected = True
+            self._backoff.reset()
+            await self._on_directive(message.directive, stream)
+        elif kind == "lease_grant":
+            self._on_lease_answer(message.lease_grant)
+
+    async def _on_directive(self, directive: pb.Directive, stream: Outbox) -> None:
         if directive.heartbeat_interval_seconds > 0:
             self._heartbeat_interval = directive.heartbeat_interval_seconds
-        if self.config.behaviour is Behaviour.SILENT:
-            return None
-        if directive.mode == pb.MODE_PAUSED:
-            try:
-                self.engine.stop_all()
-            except ChannelStuck as exc:
-                return pb.AgentMessage(nack=pb.Nack(epoch=directive.epoch, reason=str(exc)))
-        elif directive.mode == pb.MODE_ALLOWED:
+        if directive.lease_ttl_seconds > 0:
+            self._lease_ttl = directive.lease_ttl_seconds
+        if self._heartbeats is None:
+            self._heartbeats = stream.spawn(
+                every(
+                    lambda: self._heartbeat_interval,
+                    functools.partial(self._heartbeat, stream),
+                    # Spreads a fleet's heartbeats evenly over the interval.
+                    first_delay=self._rng.uniform(0, self._heartbeat_interval),
+                    awake=self.awake,
+                )
+            )
+        if self._faulty(Fault.IGNORE):
+            return
+        self._received += 1
+        if self._faulty(Fault.SLOW):
+            delay = self._rng.uniform(0, self.config.tuning.slow_max)
+            stream.spawn(self._apply_and_reply(directive, stream, self._received, delay))
+        else:
+            await self._apply_and_reply(directive, stream, self._received)
+
+    async def _apply_and_reply(
+        self, directive: pb.Directive, stream: Outbox, number: int, delay: float = 0.0
+    ) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if number < self._applied:
+            return  # a newer directive was applied meanwhile
+        self._applied = number
+        reply = self.apply(directive)
+        self._keep_renewing(stream)
+        await stream.send(reply)
+
+    def apply(self, directive: pb.Directive) -> pb.AgentMessage:
+        """Act on a directive; returns the ack or nack to send."""
+        self.directive = directive
+        if directive.mode == pb.MODE_ALLOWED:
+            return self._ack(directive)  # capture starts once a lease is granted
+        # Anything else means off, and a pause ends the lease at once.
+        now = self.lease.clock()
+        self.lease.revoke()
+        self.truth.lease_revoked(now)
+        if self._faulty(Fault.LIE):
+            return self._ack(directive)
+        refused = self.engine.stop_all()
+        if directive.mode != pb.MODE_PAUSED:
+            return nack(directive.epoch, f"unknown mode {directive.mode}")
+        discarded = self.engine.discard_spool(purge=directive.purge_spool)
+        if refused:
+            return nack(directive.epoch, f"channel(s) {','.join(refused)} did not stop")
+        if directive.purge_spool:
+            return self._ack(directive, purged=discarded)
+        return self._ack(directive, quarantined=discarded)
+
+    def _ack(
+        self, directive: pb.Directive, *, purged: int = 0, quarantined: int = 0
+    ) -> pb.AgentMessage:
+        self.applied_epoch, self.applied_mode = directive.epoch, directive.mode
+        ack = pb.Ack(
+            epoch=directive.epoch,
+            mode=directive.mode,
+            channels=self._channels(),
+            report=capture_report(self.engine),
+            purged_events=purged,
+            quarantined_events=quarantined,
+        )
+        return pb.AgentMessage(ack=ack)
+
+    # ------------------------------------------------------------ leases
+
+    def _keep_renewing(self, stream: Outbox) -> None:
+        """Request a lease now and every third of its TTL while allowed; stop otherwise."""
+        if self._allowed() and self._renewals is None:
+            self._renewals = stream.spawn(
+                every(
+                    lambda: self._lease_ttl / 3,
+                    functools.partial(self._request_lease, stream),
+                    first_delay=0.0,
+                    awake=self.awake,
+                )
+            )
+        elif not self._allowed() and self._renewals is not None:
+            self._renewals.cancel()
+            self._renewals = None
+
+    async def _request_lease(self, stream: Outbox) -> None:
+        request_id, sent_at = self.lease.request()
+        self.truth.lease_requested(request_id, sent_at)
+        await stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=request_id)))
+
+    def _on_lease_answer(self, grant: pb.LeaseGrant) -> None:
+        self.truth.lease_answered(grant.request_id, grant.granted, grant.ttl_seconds)
+        if not self.lease.answer(grant.request_id, grant.granted, grant.ttl_seconds):
+            return
+        if self._allowed() and self.lease.holds(self.lease.clock()):
             self.engine.start_all()
         else:
-            # Unknown means off.
-            self.engine.stop_all()
-            return pb.AgentMessage(
-                nack=pb.Nack(epoch=directive.epoch, reason=f"unknown mode {directive.mode}")
-            )
-        self.applied_epoch, self.applied_mode = directive.epoch, directive.mode
-        return pb.AgentMessage(
-            ack=pb.Ack(epoch=directive.epoch, mode=directive.mode, channels=self._channels())
-        )
+            self.engine.enforce_lease()
+        self.engine.watch_lease()
 
-    async def _heartbeat_loop(
-        self,
-        call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.ServerMessage],
-        write_lock: asyncio.Lock,
-    ) -> None:
-        # A random first offset spreads a fleet's heartbeats evenly over the interval.
-        await asyncio.sleep(self._rng.uniform(0, self._heartbeat_interval))
-        while True:
-            beat = pb.Heartbeat(applied_epoch=self.applied_epoch, channels=self._channels())
-            try:
-                async with write_lock:
-                    await call.write(pb.AgentMessage(heartbeat=beat))
-            except Exception as exc:  # the stream ended; the reader reconnects
-                log.debug("heartbeat_failed", agent_id=self.agent_id, error=repr(exc))
-                return
-            await asyncio.sleep(self._heartbeat_interval)
+    async def _heartbeat(self, stream: Outbox) -> None:
+        beat = pb.Heartbeat(
+            applied_epoch=self.applied_epoch,
+            channels=self._channels(),
+            report=capture_report(self.engine),
+        )
+        await stream.send(pb.AgentMessage(heartbeat=beat))
+
+    # ------------------------------------------------------------ faults
+
+    def trigger_fault(self) -> None:
+        """From now on, misbehave as configured (honest agents carry on unchanged)."""
+        fault = self.config.fault
+        if fault is Fault.NONE or self.fault_active:
+            return
+        self.fault_active = True
+        tuning = self.config.tuning
+        if fault is Fault.STUBBORN:
+            self.engine.stuck_channels = frozenset({"screen"})
+        elif fault is Fault.LIE:
+            self.engine.ignore_lease = True
+        elif fault is Fault.OFFLINE:
+            self._go_offline(tuning.offline_seconds(self._lease_ttl))
+        elif fault is Fault.SLEEP:
+            self._suspend(tuning.sleep_seconds(self._lease_ttl))
+
+    def _go_offline(self, seconds: float) -> None:
+        self._offline_until = asyncio.get_running_loop().time() + seconds
+        if self._stream is not None:
+            self._stream.drop()
+
+    def _offline_remaining(self) -> float:
+        if not self._offline_until:
+            return 0.0
+        return max(0.0, self._offline_until - asyncio.get_running_loop().time())
+
+    def _suspend(self, seconds: float) -> None:
+        """Nothing of this agent runs for ``seconds``; its boottime clock keeps counting."""
+        self.awake.clear()
+        asyncio.get_running_loop().call_later(seconds, self.awake.set)

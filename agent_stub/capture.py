@@ -1,36 +1,144 @@
-"""A stand-in for the real capture channels (keyboard, mouse, screen)."""
+"""The capture engine: keyboard, mouse and screen workers feeding a local spool.
+
+Events are counted, never materialised, so 10,000 simulated agents fit in one
+process. Every capture asks the lease first, at that moment, on the boottime
+clock: a channel left running by mistake still captures nothing once the lease
+is gone, and an expired lease stops the channels by itself (no message needed).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent_stub.lease import Clock, Lease
 
 CHANNELS = ("keyboard", "mouse", "screen")
+# Events each active channel produces per capture tick.
+EVENTS_PER_TICK = {"keyboard": 4, "mouse": 8, "screen": 1}
 
 
-class ChannelStuck(Exception):
-    """A channel refused to stop (simulated driver failure)."""
+class CaptureRecorder(Protocol):
+    def captured(self, at: float, count: int, wall: float) -> None:
+        """``count`` events were produced at boottime ``at`` (wall-clock ``wall``)."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The spool as offered for upload: a count and the wall-clock range it spans."""
+
+    first_event_at: float
+    last_event_at: float
+    count: int
+    spool_generation: int
+
+
 class CaptureEngine:
-    """Per-channel on/off switches. Starts with everything stopped: unknown means off."""
+    """Per-channel on/off state, capture counters and the spool of unsent events.
 
-    stuck_channels: frozenset[str] = frozenset()
-    active: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(CHANNELS, False))
+    Starts with every channel stopped and nothing spooled: unknown means off.
+    """
+
+    def __init__(
+        self, lease: Lease, recorder: CaptureRecorder, *, wall_clock: Clock = time.time
+    ) -> None:
+        self.lease = lease
+        self._recorder = recorder
+        self._wall_clock = wall_clock
+        self.active = dict.fromkeys(CHANNELS, False)
+        # Workers that refuse to stop (the stubborn fault).
+        self.stuck_channels: frozenset[str] = frozenset()
+        # A modified agent that captures whatever its lease says (the lie fault).
+        self.ignore_lease = False
+        self.events_captured_total = 0
+        self.last_event_at: float | None = None
+        self.spool_events = 0
+        self._spool_first_at: float | None = None
+        # Bumped when the spool is emptied other than by an upload, so an upload
+        # authorized just before a purge never ships what the purge took away.
+        self._spool_generation = 0
+        self.quarantined_events = 0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def capturing(self) -> bool:
+        return any(self.active.values())
 
     def start_all(self) -> None:
         for name in self.active:
             self.active[name] = True
 
-    def stop_all(self) -> None:
-        """Stop every channel; raise ``ChannelStuck`` naming any that would not stop."""
-        for name in self.active:
-            if name not in self.stuck_channels:
-                self.active[name] = False
-        stuck = sorted(n for n, on in self.active.items() if on)
-        if stuck:
-            raise ChannelStuck(f"channel(s) {','.join(stuck)} did not stop")
+    def stop_all(self) -> list[str]:
+        """Stop every channel worker; returns the names of those that refused."""
+        for name, on in self.active.items():
+            self.active[name] = on and name in self.stuck_channels
+        return [name for name, on in self.active.items() if on]
 
-    @property
-    def capturing(self) -> bool:
-        return any(self.active.values())
+    def _may_capture(self, now: float) -> bool:
+        return self.ignore_lease or self.lease.holds(now)
+
+    def tick(self) -> None:
+        """One capture round: each active channel captures only if the lease holds now."""
+        now = self.lease.clock()
+        count = 0
+        for name, on in self.active.items():
+            if not on:
+                continue
+            if self._may_capture(now):
+                count += EVENTS_PER_TICK[name]
+            else:
+                self.active[name] = name in self.stuck_channels
+        if count:
+            self._spool(count, now)
+
+    def _spool(self, count: int, now: float) -> None:
+        wall = self._wall_clock()
+        self.events_captured_total += count
+        self.last_event_at = wall
+        if not self.spool_events:
+            self._spool_first_at = wall
+        self.spool_events += count
+        self._recorder.captured(now, count, wall)
+
+    def enforce_lease(self) -> None:
+        """The watchdog: without a lease, stop every channel."""
+        if not self._may_capture(self.lease.clock()):
+            self.stop_all()
+
+    def watch_lease(self) -> None:
+        """Arm the watchdog for the current expiry, so channels stop between ticks too.
+
+        The timer runs on the event loop's clock, which may stop during sleep; the
+        check at every capture covers that.
+        """
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.lease.remaining(), self.enforce_lease)
+
+    def discard_spool(self, *, purge: bool) -> int:
+        """Take every unsent event out of the upload path: deleted, or set aside for good."""
+        discarded = self.spool_events
+        if not purge:
+            self.quarantined_events += discarded
+        self.spool_events, self._spool_first_at = 0, None
+        self._spool_generation += 1
+        return discarded
+
+    def pending_batch(self) -> Batch | None:
+        if not self.spool_events or self._spool_first_at is None or self.last_event_at is None:
+            return None
+        return Batch(
+            self._spool_first_at, self.last_event_at, self.spool_events, self._spool_generation
+        )
+
+    def shipped(self, batch: Batch) -> bool:
+        """Remove an uploaded batch from the spool, unless the spool was discarded meanwhile."""
+        if batch.spool_generation != self._spool_generation:
+            return False
+        self.spool_events -= batch.count
+        # Counted events keep no timestamps: date what came later from the batch's end.
+        self._spool_first_at = batch.last_event_at if self.spool_events else None
+        return True

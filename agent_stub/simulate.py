@@ -1,22 +1,52 @@
-"""A fleet of simulated agents in one process, sharing K gRPC connections."""
+"""A fleet of simulated agents in one process, sharing K gRPC connections.
+
+Faulty agents behave honestly until the fault trigger; the ground truth of what
+every agent captured can be written to a JSON file for the drills to check.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import os
 import random
+import signal
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import Agent, AgentConfig, Behaviour, open_channel
+from agent_stub.agent import Agent, open_channel
+from agent_stub.config import AgentConfig, Fault, Tuning
+from control.gc_policy import run_gc_policy
 
 REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "ap-south")
 ORGS = ("eng", "infra", "sales", "research", "support", "finance")
 OSES = ("macos", "windows", "linux")
 OS_WEIGHTS = (6, 3, 1)
+TRUTH_EVERY_SECONDS = 1.0
+
+
+def fault_counts(fractions: Mapping[Fault, float], agents: int) -> dict[Fault, int]:
+    """Whole agents per fault (fractions of ``agents``, summing to at most 1).
+
+    Largest remainders, so rounding never gives more faulty agents than the
+    fractions add up to.
+    """
+    exact = {fault: fraction * agents for fault, fraction in fractions.items()}
+    counts = {fault: math.floor(share) for fault, share in exact.items()}
+    missing = math.floor(sum(exact.values()) + 0.5) - sum(counts.values())
+    order = list(Fault)
+    by_remainder = sorted(exact, key=lambda f: (counts[f] - exact[f], order.index(f)))
+    for fault in by_remainder[:missing]:
+        counts[fault] += 1
+    return counts
 
 
 def fleet_configs(
@@ -24,10 +54,12 @@ def fleet_configs(
     *,
     seed: int,
     id_prefix: str = "laptop",
-    faults: Mapping[Behaviour, int] | None = None,
+    faults: Mapping[Fault, int] | None = None,
+    tuning: Tuning | None = None,
 ) -> list[AgentConfig]:
     """Deterministic agents with realistic labels; the same seed gives the same fleet."""
     rng = random.Random(seed)
+    shared = tuning or Tuning()
     configs = [
         AgentConfig(
             agent_id=f"{id_prefix}-{i:05d}",
@@ -37,15 +69,24 @@ def fleet_configs(
                 "os": rng.choices(OSES, OS_WEIGHTS)[0],
                 "owner": f"emp-{rng.randrange(100_000):05d}",
             },
+            tuning=shared,
         )
         for i in range(count)
     ]
-    faulty = rng.sample(range(count), k=min(count, sum((faults or {}).values())))
-    for behaviour, n in (faults or {}).items():
+    wanted = sorted((faults or {}).items(), key=lambda item: list(Fault).index(item[0]))
+    faulty = rng.sample(range(count), k=min(count, sum(n for _, n in wanted)))
+    for fault, n in wanted:
         for index in faulty[:n]:
-            configs[index].behaviour = behaviour
+            configs[index].fault = fault
         faulty = faulty[n:]
     return configs
+
+
+def write_json_atomically(path: Path, data: object) -> None:
+    """Readers never see half a file: write beside it, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -56,7 +97,11 @@ class Fleet:
     configs: list[AgentConfig]
     connections: int
     seed: int = 0
+    # Seconds after start when faulty agents start misbehaving (SIGUSR1: at once).
+    fault_after: float = 15.0
+    truth_path: Path | None = None
     agents: list[Agent] = field(default_factory=list)
+    trigger_at: float | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     async def run(self) -> None:
@@ -67,10 +112,49 @@ class Fleet:
             Agent(cfg, self._channels[i % k], rng=random.Random(rng.random()))
             for i, cfg in enumerate(self.configs)
         ]
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, self.trigger_faults)
+        trigger = loop.call_later(self.fault_after, self.trigger_faults)
+        tasks = [asyncio.create_task(agent.run()) for agent in self.agents]
+        # 10,000 agents are millions of long-lived objects: the server's remedy halves
+        # the simulator's CPU too (full collections otherwise take a third of it).
+        tasks.append(asyncio.create_task(run_gc_policy()))
+        if self.truth_path is not None:
+            tasks.append(asyncio.create_task(self._keep_writing_truth(self.truth_path)))
         try:
-            await asyncio.gather(*(agent.run() for agent in self.agents))
+            await asyncio.gather(*tasks)
         finally:
+            trigger.cancel()
+            loop.remove_signal_handler(signal.SIGUSR1)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.truth_path is not None:
+                write_json_atomically(self.truth_path, self.truth())
             await asyncio.gather(*(c.close(grace=None) for c in self._channels))
+
+    def trigger_faults(self) -> None:
+        """Faulty agents start misbehaving (once; later calls do nothing)."""
+        if self.trigger_at is not None:
+            return
+        self.trigger_at = time.time()
+        for agent in self.agents:
+            agent.trigger_fault()
+
+    async def _keep_writing_truth(self, path: Path) -> None:
+        while True:
+            write_json_atomically(path, self.truth())
+            await asyncio.sleep(TRUTH_EVERY_SECONDS)
+
+    def truth(self) -> dict[str, Any]:
+        """What every agent really captured, for the ``--truth`` file."""
+        return {
+            "trigger_at": self.trigger_at,
+            "agents": [
+                agent.truth.row(agent.agent_id, agent.config.fault.value, agent.lease.clock())
+                for agent in self.agents
+            ],
+        }
 
     def summary(self) -> str:
         modes: Counter[str] = Counter()
@@ -78,8 +162,12 @@ class Fleet:
             if agent.applied_mode == pb.MODE_UNSPECIFIED:
                 modes["no directive yet"] += 1
             else:
-                modes[pb.Mode.Name(agent.applied_mode).removeprefix("MODE_").lower()] += 1  # type: ignore[arg-type]
+                modes[pb.Mode.Name(agent.applied_mode).removeprefix("MODE_").lower()] += 1
         connected = sum(a.connected for a in self.agents)
-        capturing = sum(a.engine.capturing for a in self.agents)
+        capturing = sum(a.truth.capturing(a.lease.clock()) for a in self.agents)
         shown = ", ".join(f"{k} {v}" for k, v in sorted(modes.items()))
-        return f"{connected}/{len(self.agents)} connected, {capturing} capturing; applied: {shown}"
+        faults = "; faults triggered" if self.trigger_at is not None else ""
+        return (
+            f"{connected}/{len(self.agents)} connected, {capturing} capturing;"
+            f" applied: {shown}{faults}"
+        )

@@ -43,7 +43,9 @@ HARNESS_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 250),
 ]
-OFFLINE_STATES = frozenset({"OFFLINE_AT_RISK", "OFFLINE", "NEVER_SEEN"})
+OFFLINE_STATES = frozenset({"OFFLINE_AT_RISK", "OFFLINE_LEASE_EXPIRED", "OFFLINE", "NEVER_SEEN"})
+# An agent that acked its stop; the product then verifies it a heartbeat later.
+STOPPED_STATES = frozenset({"STOP_REPORTED", "VERIFIED_STOPPED"})
 TARGET_RATIO = 1.5
 # How a table row compares product with baseline: not at all, a ratio, a ratio with a target.
 Compare = Literal["", "ratio", "target"]
@@ -199,6 +201,16 @@ def all_in(state: str, agents: int) -> Callable[[pb.GetStatusResponse], bool]:
 
     def check(s: pb.GetStatusResponse) -> bool:
         return s.total == agents and s.settled == agents and by_state(s) == {state: agents}
+
+    return check
+
+
+def all_stopped(agents: int) -> Callable[[pb.GetStatusResponse], bool]:
+    """Every one of ``agents`` agents acked the pause (reported, or already verified)."""
+
+    def check(s: pb.GetStatusResponse) -> bool:
+        counts = by_state(s)
+        return s.total == agents and sum(counts.get(k, 0) for k in STOPPED_STATES) == agents
 
     return check
 
@@ -362,7 +374,7 @@ class Bench:
         t0 = time.time()
         response = op.create_hold()
         rpc = time.time() - t0
-        paused = all_in("STOP_REPORTED", self.agents)
+        paused = all_stopped(self.agents)
         polled = poll(
             op, "100% STOP_REPORTED", lambda s: s.epoch >= response.epoch and paused(s),
             since=t0, timeout=self.timeout, interval=self.poll_interval,
@@ -391,9 +403,8 @@ class Bench:
         listening = time.time() - t_kill
         every = {"since": t_kill, "timeout": self.timeout, "interval": self.poll_interval}
         connected = poll(op, "every agent to reconnect", all_connected(self.agents), **every)
-        settled = poll(op, "100% STOP_REPORTED", all_in("STOP_REPORTED", self.agents), **every)
-        # The product counts an agent's pre-crash ack of the same epoch as proof, so
-        # "settled" can precede the fleet's re-ack; wait for every agent's new ack too.
+        settled = poll(op, "100% STOP_REPORTED", all_stopped(self.agents), **every)
+        # Every agent's new ack, from the server's own ack times.
         deadline = time.monotonic() + self.timeout
         while True:
             acks = [at for at, _ in op.acks()]

@@ -98,6 +98,7 @@ def hold_json(hold: pb.Hold) -> dict[str, Any]:
         "created_by": hold.created_by,
         "created_at": iso(hold.created_at),
         "created_epoch": hold.created_epoch,
+        "keep_spool": hold.keep_spool,
     }
 
 
@@ -118,6 +119,11 @@ def agent_json(agent: pb.AgentRecord) -> dict[str, Any]:
         "applied_epoch": agent.applied_epoch,
         "desired_epoch": agent.desired_epoch,
         "hold_ids": list(agent.hold_ids),
+        "lease_expires_at": iso(agent.lease_expires_at),
+        "verified_at": iso(agent.verified_at),
+        "events_captured_total": agent.events_captured_total,
+        "spool_events": agent.spool_events,
+        "uploads_refused": agent.uploads_refused,
     }
 
 
@@ -225,7 +231,10 @@ def cmd_pause(args: argparse.Namespace, client: OperatorClient) -> int:
     scope = _scope_from_args(args)
     reason = validate_reason(args.reason)
     response = client.call(
-        "CreateHold", pb.CreateHoldRequest(scope=scope, reason=reason, ticket=args.ticket)
+        "CreateHold",
+        pb.CreateHoldRequest(
+            scope=scope, reason=reason, ticket=args.ticket, keep_spool=args.keep_spool
+        ),
     )
     hold = response.hold
     print(
@@ -363,6 +372,13 @@ def _parse_state(text: str) -> str:
         raise InvalidInput(f"unknown state {text!r}; one of: {known}") from None
 
 
+def cmd_ack_violation(args: argparse.Namespace, client: OperatorClient) -> int:
+    request = pb.AcknowledgeViolationRequest(agent_id=args.agent_id, note=args.note)
+    response = client.call("AcknowledgeViolation", request)
+    print(f"violation on {args.agent_id} acknowledged: {response.violation}")
+    return 0
+
+
 def read_inventory(path: Path) -> list[pb.ExpectedAgent]:
     """CSV with an ``agent_id`` column; every other column becomes a label."""
     try:
@@ -403,6 +419,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_address=args.http,
         ack_deadline=args.ack_deadline,
         heartbeat_interval=args.heartbeat,
+        lease_ttl=args.lease_ttl,
     )
     asyncio.run(serve(config))
     return 0
@@ -465,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="heartbeat interval the server asks agents for (default 10)",
     )
+    serve.add_argument(
+        "--lease-ttl",
+        type=positive_seconds,
+        default=60.0,
+        help="capture lease length; agents renew at a third of it (default 60)",
+    )
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=None)
@@ -476,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--agent", action="append", metavar="ID", help="an agent id (repeatable)")
     pause.add_argument("--reason", required=True, help="why; shown to operators and employees")
     pause.add_argument("--ticket", default="", help="incident ticket reference")
+    pause.add_argument(
+        "--keep-spool",
+        action="store_true",
+        help="quarantine unsent capture data on the laptops instead of deleting it",
+    )
     add_wait_options(pause, "until every covered agent stopped")
 
     resume = operator_command("resume", "lift one hold", cmd_resume)
@@ -493,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     agents.add_argument("--selector", help="only agents whose labels match k=v[,k=v...]")
     agents.add_argument("--hold", metavar="HOLD_ID", help="only agents in this hold's scope")
     agents.add_argument("--json", action="store_true")
+
+    ack = operator_command(
+        "ack-violation",
+        "acknowledge an agent's VIOLATION after investigating it",
+        cmd_ack_violation,
+    )
+    ack.add_argument("agent_id", metavar="AGENT_ID")
+    ack.add_argument("--note", required=True, help="what was found and what was done")
 
     inventory = sub.add_parser("inventory", help="the expected fleet")
     inventory_sub = inventory.add_subparsers(dest="inventory_command", required=True)

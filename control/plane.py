@@ -21,13 +21,16 @@ import structlog
 
 from control.domain import (
     AgentStatus,
+    CaptureReport,
     Compliance,
+    CompliancePolicy,
     ComplianceState,
     Desired,
     Hold,
     HoldKind,
     Mode,
     Scope,
+    UploadDecision,
     draft_hold,
     evaluate,
     fleet_compliant,
@@ -36,7 +39,7 @@ from control.domain import (
     validate_agent_id,
     validate_labels,
 )
-from control.errors import NotFound
+from control.errors import Conflict, NotFound
 from control.store import Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
@@ -51,9 +54,12 @@ SEVERITY = [
     ComplianceState.PENDING,
     ComplianceState.RESUME_PENDING,
     ComplianceState.STOP_REPORTED,
+    ComplianceState.VERIFIED_STOPPED,
+    ComplianceState.OFFLINE_LEASE_EXPIRED,
     ComplianceState.OFFLINE,
     ComplianceState.CAPTURING,
 ]
+assert set(SEVERITY) == set(ComplianceState), "every state needs a place in the order"
 _SEVERITY_RANK = {state: rank for rank, state in enumerate(SEVERITY)}
 
 
@@ -72,6 +78,14 @@ class DirectiveSpec:
     epoch: int
     desired: Desired
     heartbeat_interval: float
+    lease_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDecision:
+    granted: bool
+    ttl: float
+    reason: str
 
 
 @dataclass(slots=True)
@@ -122,16 +136,16 @@ class ControlPlane:
         store: Store,
         *,
         clock: Callable[[], float],
-        ack_deadline: float = 30.0,
-        heartbeat_interval: float = 10.0,
+        policy: CompliancePolicy | None = None,
+        lease_ttl: float = 60.0,
         flush_interval: float = 0.25,
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._clock = clock
-        self.ack_deadline = ack_deadline
-        self.heartbeat_interval = heartbeat_interval
+        self.policy = policy or CompliancePolicy()
+        self.lease_ttl = lease_ttl
         self._flush_interval = flush_interval
         # 10,000 agents heartbeating every 10 s would otherwise rewrite 1,000 rows a second
         # only to move last_seen; memory stays exact, the stored copy may lag this much.
@@ -224,6 +238,8 @@ class ControlPlane:
         ticket: str,
         created_by: str,
         kind: HoldKind = HoldKind.INCIDENT,
+        *,
+        keep_spool: bool = False,
     ) -> tuple[Hold, int]:
         draft = draft_hold(
             hold_id=new_hold_id(),
@@ -233,6 +249,7 @@ class ControlPlane:
             ticket=ticket,
             created_by=created_by,
             created_at=self._clock(),
+            keep_spool=keep_spool,
         )
         async with self._holds_lock:
             hold = await self._store.create_hold(draft)
@@ -347,14 +364,29 @@ class ControlPlane:
         log.debug("agent_disconnected", agent_id=agent_id)
 
     def directive_for(self, agent_id: str) -> DirectiveSpec:
-        return DirectiveSpec(self._epoch, self._agents[agent_id].desired, self.heartbeat_interval)
+        return DirectiveSpec(
+            self._epoch,
+            self._agents[agent_id].desired,
+            self.policy.heartbeat_interval,
+            self.lease_ttl,
+        )
 
     def directive_sent(self, agent_id: str, epoch: int) -> None:
         status = self._agents[agent_id].status
         status.directive_sent_at, status.directive_sent_epoch = self._clock(), epoch
         self._dirty.add(agent_id)
 
-    def ack(self, agent_id: str, epoch: int, mode: Mode, channels: Mapping[str, bool]) -> None:
+    def ack(
+        self,
+        agent_id: str,
+        epoch: int,
+        mode: Mode,
+        channels: Mapping[str, bool],
+        report: CaptureReport,
+        *,
+        purged: int = 0,
+        quarantined: int = 0,
+    ) -> None:
         entry = self._agents[agent_id]
         if epoch > self._epoch:
             # Epochs never go down, so this is a confused or lying agent; dropping the
@@ -363,13 +395,23 @@ class ControlPlane:
                 "future_epoch_ack_ignored", agent_id=agent_id, epoch=epoch, server_epoch=self._epoch
             )
             return
-        if not entry.status.record_ack(epoch, mode, channels, self._clock()):
+        status = entry.status
+        had_violation = bool(status.violation)
+        recorded = status.record_ack(
+            epoch,
+            mode,
+            channels,
+            report,
+            self._clock(),
+            desired=entry.desired,
+            purged=purged,
+            quarantined=quarantined,
+        )
+        if not recorded:
             log.info(
-                "stale_ack_ignored",
-                agent_id=agent_id,
-                epoch=epoch,
-                acked_epoch=entry.status.acked_epoch,
+                "stale_ack_ignored", agent_id=agent_id, epoch=epoch, acked_epoch=status.acked_epoch
             )
+        self._note_violation(entry, had_violation)
         self._dirty.add(agent_id)
 
     def nack(self, agent_id: str, epoch: int, reason: str) -> None:
@@ -378,14 +420,73 @@ class ControlPlane:
             log.warning("agent_nacked", agent_id=agent_id, epoch=epoch, reason=reason)
         self._dirty.add(agent_id)
 
-    def heartbeat(self, agent_id: str, channels: Mapping[str, bool]) -> None:
-        """Channel changes are written at the next flush; bare liveness only now and then."""
+    def heartbeat(self, agent_id: str, channels: Mapping[str, bool], report: CaptureReport) -> None:
+        """Changes are written at the next flush; bare liveness only now and then."""
         entry = self._agents[agent_id]
         now = self._clock()
-        if entry.status.record_heartbeat(channels, now) or (
-            now - entry.last_seen_saved >= self.last_seen_save_interval
-        ):
+        had_violation = bool(entry.status.violation)
+        changed = entry.status.record_heartbeat(
+            channels,
+            report,
+            now,
+            desired=entry.desired,
+            heartbeat_interval=self.policy.heartbeat_interval,
+        )
+        self._note_violation(entry, had_violation)
+        if changed or now - entry.last_seen_saved >= self.last_seen_save_interval:
             self._dirty.add(agent_id)
+
+    def _note_violation(self, entry: AgentEntry, had_violation: bool) -> None:
+        if entry.status.violation and not had_violation:
+            log.error(
+                "violation_detected",
+                agent_id=entry.agent_id,
+                evidence=entry.status.violation,
+                epoch=entry.desired.epoch,
+            )
+
+    def grant_lease(self, agent_id: str) -> LeaseDecision:
+        """Leases go only to agents whose effective state is ALLOWED, and only while connected."""
+        entry = self._agents[agent_id]
+        if entry.desired.mode is not Mode.ALLOWED:
+            return LeaseDecision(False, 0.0, f"paused: {entry.desired.reason}")
+        entry.status.record_lease(self._clock() + self.lease_ttl)
+        self._dirty.add(agent_id)
+        return LeaseDecision(True, self.lease_ttl, "ok")
+
+    def authorize_upload(
+        self, agent_id: str, first_event_at: float, last_event_at: float, count: int
+    ) -> UploadDecision:
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            return UploadDecision(False, f"unknown agent {agent_id!r}")
+        had_violation = bool(entry.status.violation)
+        decision = entry.status.decide_upload(
+            first_event_at, last_event_at, count, self._clock(), desired=entry.desired
+        )
+        self._note_violation(entry, had_violation)
+        self._dirty.add(agent_id)
+        if not decision.allowed:
+            log.info("upload_refused", agent_id=agent_id, events=count, reason=decision.reason)
+        return decision
+
+    async def acknowledge_violation(self, agent_id: str, operator: str, note: str) -> str:
+        entry = self._agents.get(validate_agent_id(agent_id))
+        if entry is None:
+            raise NotFound(f"unknown agent {agent_id!r}")
+        evidence = entry.status.acknowledge_violation()
+        if not evidence:
+            raise Conflict(f"agent {agent_id!r} has no violation to acknowledge")
+        self._dirty.add(agent_id)
+        await self.flush()
+        log.warning(
+            "violation_acknowledged",
+            agent_id=agent_id,
+            operator=operator,
+            note=note,
+            evidence=evidence,
+        )
+        return evidence
 
     # ------------------------------------------------------------ queries
 
@@ -393,13 +494,13 @@ class ControlPlane:
         now = self._clock()
         scope = self.hold(agent_filter.hold_id).scope if agent_filter.hold_id else None
         wanted = agent_filter.match_labels
-        deadline = self.ack_deadline
+        policy = self.policy
         for entry in self._agents.values():
             if scope is not None and not scope.covers(entry.agent_id, entry.labels):
                 continue
             if wanted and any(entry.labels.get(k) != v for k, v in wanted.items()):
                 continue
-            verdict = evaluate(entry.desired, entry.status, now=now, ack_deadline=deadline)
+            verdict = evaluate(entry.desired, entry.status, now=now, policy=policy)
             if agent_filter.state is None or verdict.state is agent_filter.state:
                 yield entry, verdict
 

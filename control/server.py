@@ -13,12 +13,13 @@ import structlog
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.addresses import ensure_can_listen, require_loopback
+from control.domain import CompliancePolicy
 from control.errors import KillswitchError
 from control.gc_policy import freeze_before_fanout, run_gc_policy
 from control.http_health import HealthServer
 from control.plane import ControlPlane
 from control.rpc.agent_service import AgentControlService
-from control.rpc.operator_service import OperatorService
+from control.rpc.operator_service import IngestService, OperatorService
 from control.store.sqlite import SqliteStore
 
 log = structlog.get_logger("killswitch.server")
@@ -43,6 +44,7 @@ class ServerConfig:
     http_address: str = "127.0.0.1:8080"
     ack_deadline: float = 30.0
     heartbeat_interval: float = 10.0
+    lease_ttl: float = 60.0
 
 
 async def serve(config: ServerConfig) -> None:
@@ -55,8 +57,8 @@ async def serve(config: ServerConfig) -> None:
     plane = ControlPlane(
         store,
         clock=time.time,
-        ack_deadline=config.ack_deadline,
-        heartbeat_interval=config.heartbeat_interval,
+        policy=CompliancePolicy(config.ack_deadline, config.heartbeat_interval),
+        lease_ttl=config.lease_ttl,
         before_fanout=freeze_before_fanout,
     )
     server: grpc.aio.Server | None = None
@@ -66,6 +68,7 @@ async def serve(config: ServerConfig) -> None:
         server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane), server)
         pb_grpc.add_OperatorServicer_to_server(OperatorService(plane), server)
+        pb_grpc.add_IngestServicer_to_server(IngestService(plane), server)
         try:
             bound = server.add_insecure_port(f"{grpc_host}:{grpc_port}")
         except RuntimeError:

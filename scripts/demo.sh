@@ -41,7 +41,7 @@ cat <<EOT
     export KILLSWITCH_SERVER=$GRPC
     .venv/bin/killswitch pause --all --reason "data leak" --ticket INC-1 --wait
     .venv/bin/killswitch status
-    .venv/bin/killswitch agents --state STOP_REPORTED --selector region=eu-west
+    .venv/bin/killswitch agents --state VERIFIED_STOPPED --selector region=eu-west
     .venv/bin/killswitch holds
     .venv/bin/killswitch resume --hold HOLD_ID --wait
 

@@ -18,6 +18,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 20.0
+# Short intervals keep the tests fast; verification needs one heartbeat after the ack.
+FAST_TIMINGS = ["--heartbeat", "0.5", "--lease-ttl", "5"]
 
 
 def free_port() -> int:
@@ -74,6 +76,7 @@ class ServerProcess:
                     f"127.0.0.1:{self.http_port}",
                     "--log-format",
                     "json",
+                    *FAST_TIMINGS,
                     *self.extra_args,
                 ],
                 stdout=log,

@@ -1,18 +1,19 @@
-"""The reference agent: backoff, directive handling, and one real agent process."""
+"""The reference agent process, the simulator process, and their command line."""
 
 from __future__ import annotations
 
+import json
 import random
+import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
-from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub import Agent, AgentConfig, Backoff, Behaviour
-from agent_stub.simulate import fleet_configs
-from tests.conftest import BIN, Cli, ServerProcess, terminate, wait_for
+from agent_stub import Backoff
+from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
 
 
 def test_backoff_grows_with_jitter_caps_and_resets() -> None:
@@ -26,52 +27,6 @@ def test_backoff_grows_with_jitter_caps_and_resets() -> None:
     # Jitter: a fleet does not retry in lock-step.
     first = {round(Backoff(rng=random.Random(s)).next_delay(), 6) for s in range(50)}
     assert len(first) == 50
-
-
-def directive(mode: pb.Mode.ValueType, epoch: int = 4) -> pb.Directive:
-    return pb.Directive(epoch=epoch, mode=mode, reason="r", heartbeat_interval_seconds=5)
-
-
-def make_agent(behaviour: Behaviour = Behaviour.OBEDIENT) -> Agent:
-    channel = grpc.aio.insecure_channel("127.0.0.1:1")
-    return Agent(AgentConfig("a", behaviour=behaviour), channel)
-
-
-def test_agent_starts_with_capture_off_and_obeys_directives() -> None:
-    agent = make_agent()
-    assert not agent.engine.capturing, "unknown state means off"
-    reply = agent.apply(directive(pb.MODE_ALLOWED, 3))
-    assert reply is not None and reply.ack.epoch == 3 and agent.engine.capturing
-    reply = agent.apply(directive(pb.MODE_PAUSED, 4))
-    assert reply is not None and reply.ack.mode == pb.MODE_PAUSED
-    assert {c.state for c in reply.ack.channels} == {pb.CHANNEL_STATE_STOPPED}
-    assert not agent.engine.capturing and agent.applied_epoch == 4
-
-
-def test_unknown_mode_stops_capture_and_nacks() -> None:
-    agent = make_agent()
-    agent.apply(directive(pb.MODE_ALLOWED, 3))
-    reply = agent.apply(directive(pb.MODE_UNSPECIFIED, 5))
-    assert reply is not None and reply.WhichOneof("body") == "nack"
-    assert not agent.engine.capturing
-
-
-def test_faulty_behaviours() -> None:
-    stuck = make_agent(Behaviour.NACK)
-    reply = stuck.apply(directive(pb.MODE_PAUSED))
-    assert reply is not None and "screen" in reply.nack.reason
-    assert make_agent(Behaviour.SILENT).apply(directive(pb.MODE_PAUSED)) is None
-
-
-def test_simulated_fleet_is_deterministic_per_seed() -> None:
-    a = fleet_configs(50, seed=7, faults={Behaviour.NACK: 2, Behaviour.SILENT: 3})
-    b = fleet_configs(50, seed=7, faults={Behaviour.NACK: 2, Behaviour.SILENT: 3})
-    assert [(c.agent_id, c.labels, c.behaviour) for c in a] == [
-        (c.agent_id, c.labels, c.behaviour) for c in b
-    ]
-    assert sum(c.behaviour is Behaviour.NACK for c in a) == 2
-    assert sum(c.behaviour is Behaviour.SILENT for c in a) == 3
-    assert {"region", "org", "os", "owner"} == set(a[0].labels)
 
 
 @pytest.fixture
@@ -105,22 +60,103 @@ def test_one_reference_agent_paused_by_id(cli: Cli, one_agent: subprocess.Popen[
     assert cli.agents()["alice-mbp"]["labels"] == {"owner": "alice", "region": "eu-west"}
     out = cli.ok("pause", "--agent", "alice-mbp", "--reason", "employee request", "--wait")
     assert "all 1 agents in scope stopped" in out
-    assert cli.agents()["alice-mbp"]["state"] == "STOP_REPORTED"
+    assert cli.agents()["alice-mbp"]["state"] == "VERIFIED_STOPPED"
 
 
-def test_agent_cli_rejects_bad_input() -> None:
-    for args, text in [
-        (["simulate", "--server", "x:1", "--agents", "0"], "positive whole number"),
-        (["simulate", "--server", "x:1", "--agents", "3", "--fault", "melt=1"], "bad fault"),
-        (["simulate", "--server", "x:1", "--agents", "3", "--fault", "nack=5"], "more faulty"),
-        (["run", "--server", "x:1", "--agent-id", "a", "--label", "novalue"], "bad label"),
-    ]:
-        result = subprocess.run(
-            [str(BIN / "killswitch-agent"), *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["--agents", "0"], "positive whole number"),
+        (["--agents", "3", "--fault", "melt=0.1"], "bad fault 'melt=0.1'"),
+        (["--agents", "3", "--fault", "lie"], "bad fault 'lie'"),
+        (["--agents", "3", "--fault", "lie=1.5"], "FRACTION in 0..1"),
+        (["--agents", "3", "--fault", "lie=x"], "bad fault 'lie=x'"),
+        (["--agents", "3", "--fault", "none=0.1"], "KIND one of ignore, lie, stubborn"),
+        (["--agents", "3", "--fault", "lie=0.6,slow=0.3", "--fault", "sleep=0.2"], "add up to 1.1"),
+        (["--agents", "3", "--capture-tick", "0"], "more than zero"),
+        (["--agents", "3", "--fault-after", "-1"], "zero or more"),
+        (["--agents", "60000"], "at most 50000 agents"),
+    ],
+)
+def test_simulator_rejects_bad_input(args: list[str], text: str) -> None:
+    result = agent_cli("simulate", "--server", "x:1", *args)
+    assert result.returncode == 2, result
+    assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_simulator_fault_errors_are_one_line() -> None:
+    result = agent_cli("simulate", "--server", "x:1", "--agents", "3", "--fault", "lie=0.9,lie=0.2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "killswitch-agent: error: fault fractions add up to 1.1; at most 1 (the whole fleet)"
+    ]
+
+
+def test_run_rejects_a_bad_label() -> None:
+    result = agent_cli("run", "--server", "x:1", "--agent-id", "a", "--label", "novalue")
+    assert result.returncode == 2 and "bad label" in result.stderr
+
+
+def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "killswitch-agent"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def read_truth(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_simulator_writes_the_truth_file_and_triggers_faults_on_sigusr1(tmp_path: Path) -> None:
+    truth = tmp_path / "truth.json"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "killswitch-agent"),
+            "simulate",
+            "--server",
+            f"127.0.0.1:{free_port()}",  # nobody there: the agents never get a lease
+            "--agents",
+            "20",
+            "--fault",
+            "lie=0.1,sleep=0.25",
+            "--fault-after",
+            "3600",
+            "--truth",
+            str(truth),
+            "--capture-tick",
+            "0.05",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        first = wait_for(lambda: read_truth(truth), 20, "the truth file")
+        assert first["trigger_at"] is None
+        rows = first["agents"]
+        assert [r["agent_id"] for r in rows] == [f"laptop-{i:05d}" for i in range(20)]
+        faults = [r["fault"] for r in rows]
+        assert (faults.count("lie"), faults.count("sleep"), faults.count("none")) == (2, 5, 13)
+        assert rows[0].keys() == {
+            "agent_id",
+            "fault",
+            "events_captured_total",
+            "last_event_at",
+            "events_without_lease",
+            "capturing",
+        }
+        assert all(r["events_captured_total"] == 0 and not r["capturing"] for r in rows)
+
+        proc.send_signal(signal.SIGUSR1)
+        triggered = wait_for(
+            lambda: (read_truth(truth) or {}).get("trigger_at"), 10, "the fault trigger"
         )
-        assert result.returncode == 2, result
-        assert text in result.stderr and "Traceback" not in result.stderr
+        assert isinstance(triggered, float)
+    finally:
+        truth.unlink()
+        terminate(proc)
+    assert proc.returncode == 0
+    assert read_truth(truth)["trigger_at"] == triggered, "written again at exit"

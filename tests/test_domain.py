@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from control.domain import (
     AgentStatus,
+    CaptureReport,
+    CompliancePolicy,
     ComplianceState,
     Desired,
     Hold,
@@ -21,7 +25,7 @@ from control.domain import (
 from control.errors import InvalidInput
 
 LABELS = {"region": "eu-west", "org": "infra", "os": "macos"}
-DEADLINE = 30.0
+POLICY = CompliancePolicy(ack_deadline=30.0, heartbeat_interval=10.0)
 
 
 def hold(hold_id: str, scope: Scope, epoch: int, *, lifted_epoch: int = 0) -> Hold:
@@ -96,122 +100,202 @@ def test_unrelated_changes_keep_the_desired_epoch() -> None:
 
 # ------------------------------------------------------------------ compliance
 
+STOPPED = {"keyboard": False, "mouse": False, "screen": False}
+NOW = 110.0
+
 
 def paused(epoch: int = 5, since: float = 100.0) -> Desired:
     return Desired(Mode.PAUSED, ("h",), "r", epoch, since)
 
 
-def connected(**kw: object) -> AgentStatus:
+def allowed(epoch: int = 5, since: float = 100.0) -> Desired:
+    return Desired(Mode.ALLOWED, (), "no active hold", epoch, since)
+
+
+def connected(at: float = 99.0) -> AgentStatus:
     status = AgentStatus()
-    status.record_connect(1.0)
-    for key, value in kw.items():
-        setattr(status, key, value)
+    status.record_connect(at)
     return status
 
 
-STOPPED = {"keyboard": False, "mouse": False, "screen": False}
+def report(events: int, spool: int = 0, last: float | None = 100.0) -> CaptureReport:
+    return CaptureReport(events_total=events, last_event_at=last, spool_events=spool)
 
 
-def state(desired: Desired, status: AgentStatus, now: float = 110.0) -> ComplianceState:
-    return evaluate(desired, status, now=now, ack_deadline=DEADLINE).state
+def ack_pause(status: AgentStatus, desired: Desired, at: float = 105.0, events: int = 40) -> None:
+    status.record_ack(desired.epoch, Mode.PAUSED, STOPPED, report(events), at, desired=desired)
+
+
+def beat(
+    status: AgentStatus, desired: Desired, at: float, events: int = 40, **channels: bool
+) -> None:
+    status.record_heartbeat(
+        {**STOPPED, **channels}, report(events), at, desired=desired, heartbeat_interval=10.0
+    )
+
+
+def verdict(desired: Desired, status: AgentStatus, now: float = NOW) -> tuple[ComplianceState, str]:
+    result = evaluate(desired, status, now=now, policy=POLICY)
+    return result.state, result.reason
+
+
+def state(desired: Desired, status: AgentStatus, now: float = NOW) -> ComplianceState:
+    return verdict(desired, status, now)[0]
 
 
 def test_pending_then_overdue_without_an_ack() -> None:
-    assert state(paused(), connected()) is ComplianceState.PENDING
-    verdict = evaluate(paused(), connected(), now=131.0, ack_deadline=DEADLINE)
-    assert verdict.state is ComplianceState.OVERDUE
-    assert verdict.since == 130.0
+    status = connected()
+    assert state(paused(), status) is ComplianceState.PENDING
+    status.last_seen = 130.0
+    result = evaluate(paused(), status, now=131.0, policy=POLICY)
+    assert (result.state, result.since) == (ComplianceState.OVERDUE, 130.0)
 
 
 def test_deadline_counts_from_connect_for_late_joiners() -> None:
-    late = connected(connected_at=200.0)
-    assert state(paused(since=100.0), late, now=220.0) is ComplianceState.PENDING
+    assert state(paused(since=100.0), connected(at=200.0), now=220.0) is ComplianceState.PENDING
 
 
-def test_stop_reported_only_for_an_ack_of_the_current_epoch_or_newer() -> None:
-    status = connected()
-    status.record_ack(5, Mode.PAUSED, STOPPED, at=105.0)
-    verdict = evaluate(paused(), status, now=110.0, ack_deadline=DEADLINE)
-    assert (verdict.state, verdict.since) == (ComplianceState.STOP_REPORTED, 105.0)
-    assert state(paused(epoch=6), status) is ComplianceState.PENDING
+def test_stop_is_reported_then_verified_by_a_frozen_heartbeat_an_interval_later() -> None:
+    desired, status = paused(), connected()
+    ack_pause(status, desired, at=105.0)
+    assert state(desired, status) is ComplianceState.STOP_REPORTED
+    beat(status, desired, at=110.0)  # too soon after the ack to prove anything
+    assert state(desired, status, now=111.0) is ComplianceState.STOP_REPORTED
+    beat(status, desired, at=115.5)
+    assert state(desired, status, now=116.0) is ComplianceState.VERIFIED_STOPPED
+    assert state(paused(epoch=6), status, now=116.0) is ComplianceState.PENDING
+
+
+def test_evidence_after_a_stop_ack_is_a_sticky_violation() -> None:
+    for events, screen in [(41, False), (40, True)]:
+        desired, status = paused(), connected()
+        ack_pause(status, desired)
+        beat(status, desired, at=116.0, events=events, screen=screen)
+        found, reason = verdict(desired, status, now=117.0)
+        assert found is ComplianceState.VIOLATION, (events, screen)
+        beat(status, desired, at=127.0, events=events)
+        assert state(desired, status, now=128.0) is ComplianceState.VIOLATION, "never self-clears"
+        assert state(allowed(epoch=7), status, now=128.0) is ComplianceState.VIOLATION
+        assert status.acknowledge_violation() == reason
+        assert state(desired, status, now=128.0) is not ComplianceState.VIOLATION
+
+
+def test_spool_growth_and_allowed_ack_while_paused_are_violations() -> None:
+    desired, status = paused(), connected()
+    ack_pause(status, desired)
+    status.record_heartbeat(
+        STOPPED, report(40, spool=3), 116.0, desired=desired, heartbeat_interval=10.0
+    )
+    assert "spool grew" in verdict(desired, status)[1]
+
+    liar = connected()
+    liar.record_ack(5, Mode.ALLOWED, {"keyboard": True}, report(1), 105.0, desired=paused())
+    assert state(paused(), liar) is ComplianceState.VIOLATION
+
+
+def test_activity_before_the_ack_is_not_a_violation() -> None:
+    desired, status = paused(), connected()
+    beat(status, desired, at=104.0, events=99, screen=True)
+    assert state(desired, status) is ComplianceState.PENDING
 
 
 def test_a_replayed_old_ack_never_counts_for_a_newer_epoch() -> None:
     status = connected()
-    status.record_ack(7, Mode.ALLOWED, {"keyboard": True}, at=105.0)
-    assert not status.record_ack(5, Mode.PAUSED, STOPPED, at=106.0)
+    status.record_ack(7, Mode.ALLOWED, {"keyboard": True}, report(1), 105.0, desired=allowed(7))
+    assert not status.record_ack(5, Mode.PAUSED, STOPPED, report(1), 106.0, desired=paused(8))
     assert state(paused(epoch=8), status) is ComplianceState.PENDING
     assert status.acked_epoch == 7
 
 
-def test_nack_is_failed_with_its_reason() -> None:
-    status = connected()
+def test_nack_is_failed_with_its_reason_and_ack_after_nack_wins() -> None:
+    desired, status = paused(), connected()
     status.record_nack(5, "screen driver stuck", at=103.0)
-    verdict = evaluate(paused(), status, now=110.0, ack_deadline=DEADLINE)
-    assert verdict.state is ComplianceState.FAILED
-    assert "screen driver stuck" in verdict.reason
-    # An older nack does not fail a newer epoch.
+    state_, reason = verdict(desired, status)
+    assert state_ is ComplianceState.FAILED and "screen driver stuck" in reason
     assert state(paused(epoch=6), status) is ComplianceState.PENDING
+    ack_pause(status, desired, at=104.0)
+    assert state(desired, status) is ComplianceState.STOP_REPORTED
 
 
-def test_ack_after_nack_of_same_epoch_wins() -> None:
+def test_acks_from_before_a_reconnect_prove_nothing_until_the_agent_acks_again() -> None:
+    desired, status = paused(), connected()
+    ack_pause(status, desired)
+    status.record_disconnect(106.0)
+    status.record_connect(107.0)
+    assert state(desired, status) is ComplianceState.PENDING
+    ack_pause(status, desired, at=108.0)
+    assert state(desired, status) is ComplianceState.STOP_REPORTED
+
+
+def test_offline_paused_agent_is_at_risk_until_its_lease_expires() -> None:
     status = connected()
-    status.record_nack(5, "retrying", at=101.0)
-    status.record_ack(5, Mode.PAUSED, STOPPED, at=102.0)
-    assert state(paused(), status) is ComplianceState.STOP_REPORTED
+    status.record_lease(expires_at=130.0)
+    status.record_disconnect(106.0)
+    assert state(paused(), status, now=120.0) is ComplianceState.OFFLINE_AT_RISK
+    result = evaluate(paused(), status, now=131.0, policy=POLICY)
+    assert (result.state, result.since) == (ComplianceState.OFFLINE_LEASE_EXPIRED, 130.0)
+    assert state(allowed(), status, now=120.0) is ComplianceState.OFFLINE
 
 
-def test_active_channel_or_allowed_ack_while_paused_is_a_violation() -> None:
-    status = connected()
-    status.record_ack(5, Mode.PAUSED, {**STOPPED, "screen": True}, at=105.0)
-    verdict = evaluate(paused(), status, now=110.0, ack_deadline=DEADLINE)
-    assert verdict.state is ComplianceState.VIOLATION and "screen" in verdict.reason
-
-    liar = connected()
-    liar.record_ack(5, Mode.ALLOWED, {"keyboard": True}, at=105.0)
-    assert state(paused(), liar) is ComplianceState.VIOLATION
-
-    status.record_ack(5, Mode.PAUSED, STOPPED, at=106.0)
-    status.record_heartbeat({**STOPPED, "keyboard": True}, at=107.0)
-    assert state(paused(), status) is ComplianceState.VIOLATION
+def test_a_silent_stream_is_not_shown_as_connected_and_healthy() -> None:
+    desired, status = paused(), connected()
+    ack_pause(status, desired)
+    beat(status, desired, at=116.0)
+    assert state(desired, status, now=140.0) is ComplianceState.VERIFIED_STOPPED
+    state_, reason = verdict(desired, status, now=150.0)
+    assert state_ is ComplianceState.OFFLINE_LEASE_EXPIRED and "silent" in reason
 
 
-def test_offline_and_never_seen() -> None:
-    gone = AgentStatus(first_seen=1.0, last_seen=50.0, connected=False, disconnected_at=50.0)
-    verdict = evaluate(paused(), gone, now=110.0, ack_deadline=DEADLINE)
-    assert (verdict.state, verdict.since) == (ComplianceState.OFFLINE_AT_RISK, 50.0)
-    allowed = Desired(Mode.ALLOWED, (), "", 5, 0.0)
-    assert state(allowed, gone) is ComplianceState.OFFLINE
+def test_never_seen() -> None:
     assert state(paused(), AgentStatus(expected_since=3.0)) is ComplianceState.NEVER_SEEN
 
 
 def test_allowed_direction_states() -> None:
-    allowed = Desired(Mode.ALLOWED, (), "", 5, 100.0)
     status = connected()
-    assert state(allowed, status) is ComplianceState.RESUME_PENDING
-    status.record_ack(5, Mode.ALLOWED, {"keyboard": True}, at=101.0)
-    assert state(allowed, status) is ComplianceState.CAPTURING
+    assert state(allowed(), status) is ComplianceState.RESUME_PENDING
+    status.record_ack(5, Mode.ALLOWED, {"keyboard": True}, report(1), 101.0, desired=allowed())
+    assert state(allowed(), status) is ComplianceState.CAPTURING
+
+
+def test_uploads_are_authorized_only_with_a_lease_and_never_while_paused() -> None:
+    status = connected()
+    assert not status.decide_upload(100.0, 101.0, 5, 102.0, desired=allowed()).allowed
+    status.record_lease(expires_at=160.0)
+    assert status.decide_upload(100.0, 101.0, 5, 102.0, desired=allowed()).allowed
+    assert not status.decide_upload(100.0, 160.5, 5, 161.0, desired=allowed()).allowed
+    decision = status.decide_upload(100.0, 101.0, 5, 103.0, desired=paused())
+    assert not decision.allowed and "paused" in decision.reason
+    assert status.uploads_refused == 3
+    assert not status.violation, "refusing an unacked agent's upload is not a violation"
+
+
+def test_an_upload_dated_after_the_stop_ack_is_a_violation() -> None:
+    desired, status = paused(), connected()
+    ack_pause(status, desired, at=105.0)
+    status.decide_upload(90.0, 106.0, 5, 110.0, desired=desired)  # within clock skew
+    assert not status.violation
+    status.decide_upload(90.0, 109.0, 5, 110.0, desired=desired)
+    assert state(desired, status) is ComplianceState.VIOLATION
+    assert "upload of 5 events" in status.violation
 
 
 def test_fleet_compliance() -> None:
     s = ComplianceState
-    assert fleet_compliant([(Mode.PAUSED, s.STOP_REPORTED), (Mode.ALLOWED, s.RESUME_PENDING)])
-    assert not fleet_compliant([(Mode.PAUSED, s.STOP_REPORTED), (Mode.PAUSED, s.OVERDUE)])
-    assert not fleet_compliant([(Mode.ALLOWED, s.VIOLATION)])
+    assert fleet_compliant(
+        [
+            (Mode.PAUSED, s.VERIFIED_STOPPED),
+            (Mode.PAUSED, s.OFFLINE_LEASE_EXPIRED),
+            (Mode.ALLOWED, s.RESUME_PENDING),
+        ]
+    )
+    assert not fleet_compliant([(Mode.PAUSED, s.STOP_REPORTED)])
     assert not fleet_compliant([(Mode.PAUSED, s.OFFLINE_AT_RISK)])
+    assert not fleet_compliant([(Mode.ALLOWED, s.VIOLATION)])
     assert fleet_compliant([])
 
 
-def test_acks_from_before_a_reconnect_prove_nothing_until_the_agent_acks_again() -> None:
-    status = connected()
-    status.record_ack(5, Mode.PAUSED, STOPPED, at=105.0)
-    status.record_disconnect(106.0)
-    assert state(paused(), status) is ComplianceState.OFFLINE_AT_RISK
-    status.record_connect(107.0)
-    assert state(paused(), status) is ComplianceState.PENDING
-    status.record_ack(5, Mode.PAUSED, STOPPED, at=108.0)
-    assert state(paused(), status) is ComplianceState.STOP_REPORTED
-
-    status.record_nack(6, "stuck", at=109.0)
-    status.record_connect(110.0)
-    assert state(paused(epoch=6), status) is ComplianceState.PENDING
+def test_spool_is_purged_unless_every_covering_hold_keeps_it() -> None:
+    keep = dataclasses.replace(hold("k", Scope.fleet(), 1), keep_spool=True)
+    purge = hold("p", Scope.selector({"org": "infra"}), 2)
+    assert not reconcile_desired(None, "a", LABELS, [keep], epoch=1, now=0).purge_spool
+    assert reconcile_desired(None, "a", LABELS, [keep, purge], epoch=2, now=0).purge_spool

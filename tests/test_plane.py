@@ -8,12 +8,13 @@ from collections.abc import Sequence
 
 import pytest
 
-from control.domain import ComplianceState, Hold, HoldDraft, Mode, Scope
+from control.domain import CaptureReport, ComplianceState, Hold, HoldDraft, Mode, Scope
 from control.errors import Conflict, NotFound, StoreError
 from control.plane import AgentFilter, ControlPlane
 from control.store import LoadedState, StoredAgent
 
 STOPPED = {"keyboard": False, "mouse": False, "screen": False}
+REPORT = CaptureReport(events_total=10)
 
 
 class MemoryStore:
@@ -85,7 +86,7 @@ def test_a_thousand_acks_are_written_in_one_batch() -> None:
         hold, covered = await plane.create_hold(Scope.fleet(), "leak", "INC-1", "ic")
         assert covered == 1000
         for i in range(1000):
-            plane.ack(f"a{i}", hold.created_epoch, Mode.PAUSED, STOPPED)
+            plane.ack(f"a{i}", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1000, 1000]
         assert all(a.status.acked_epoch == hold.created_epoch for a in store.agents.values())
@@ -119,14 +120,14 @@ def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count() -> No
         assert (eu.notified, us.notified) == (1, 1)
         first, _ = await plane.create_hold(Scope.selector({"region": "eu"}), "x", "", "ic")
         assert (eu.notified, us.notified) == (2, 1)
-        plane.ack("eu-1", first.created_epoch, Mode.PAUSED, STOPPED)
+        plane.ack("eu-1", first.created_epoch, Mode.PAUSED, STOPPED, REPORT)
         await plane.lift_hold(first.id, "ic")
         await plane.create_hold(Scope.selector({"region": "eu"}), "again", "", "ic")
         # The ack of the first pause is older than the second one: still pending.
         (view,) = plane.views(AgentFilter(match_labels={"region": "eu"}))
         assert view.compliance.state is ComplianceState.PENDING
         # An ack naming an epoch the server never issued is ignored.
-        plane.ack("eu-1", 99, Mode.PAUSED, STOPPED)
+        plane.ack("eu-1", 99, Mode.PAUSED, STOPPED, REPORT)
         (view,) = plane.views(AgentFilter(match_labels={"region": "eu"}))
         assert view.compliance.state is ComplianceState.PENDING
         await plane.stop()
@@ -158,18 +159,18 @@ def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then
         )
         await plane.start()
         plane.connect("a", {}, Session())
-        plane.ack("a", 0, Mode.ALLOWED, STOPPED)
+        plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1]
         now[0] += 10
-        plane.heartbeat("a", STOPPED)
+        plane.heartbeat("a", STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1], "an unchanged heartbeat within a minute writes nothing"
-        plane.heartbeat("a", {**STOPPED, "screen": True})
+        plane.heartbeat("a", {**STOPPED, "screen": True}, REPORT)
         await plane.flush()
         assert store.batches == [1, 1] and store.agents["a"].status.channels["screen"] is True
         now[0] += 61
-        plane.heartbeat("a", {**STOPPED, "screen": True})
+        plane.heartbeat("a", {**STOPPED, "screen": True}, REPORT)
         await plane.flush()
         assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == now[0]
         (view,) = plane.views()
@@ -192,6 +193,35 @@ def test_the_fanout_hook_runs_before_every_hold_change() -> None:
         hold, _ = await plane.create_hold(Scope.fleet(), "x", "", "ic")
         await plane.lift_hold(hold.id, "ic")
         assert calls == [1, 2]
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_leases_only_while_allowed_and_violations_need_an_operator() -> None:
+    async def scenario() -> None:
+        now = [1000.0]
+        plane = ControlPlane(MemoryStore(), clock=lambda: now[0], flush_interval=3600, lease_ttl=30)
+        await plane.start()
+        plane.connect("a", {}, Session())
+        decision = plane.grant_lease("a")
+        assert decision.granted and decision.ttl == 30
+        assert plane.authorize_upload("a", 990.0, 999.0, 5).allowed
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", "ic")
+        denied = plane.grant_lease("a")
+        assert not denied.granted and "leak" in denied.reason
+        plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
+        now[0] += 5
+        plane.heartbeat("a", STOPPED, CaptureReport(events_total=11))
+        (view,) = plane.views()
+        assert view.compliance.state is ComplianceState.VIOLATION
+        with pytest.raises(NotFound):
+            await plane.acknowledge_violation("nobody", "sre", "checked")
+        evidence = await plane.acknowledge_violation("a", "sre", "reimaged the laptop")
+        assert "events_captured_total rose from 10 to 11" in evidence
+        with pytest.raises(Conflict):
+            await plane.acknowledge_violation("a", "sre", "again")
+        assert plane.authorize_upload("ghost", 1.0, 2.0, 1).reason == "unknown agent 'ghost'"
         await plane.stop()
 
     asyncio.run(scenario())

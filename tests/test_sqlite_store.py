@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from control.domain import AgentStatus, Desired, HoldDraft, HoldKind, Mode, Scope, draft_hold
+from control.domain import (
+    AgentStatus,
+    CaptureReport,
+    Desired,
+    HoldDraft,
+    HoldKind,
+    Mode,
+    Scope,
+    draft_hold,
+)
 from control.errors import Conflict, NotFound, StoreError
 from control.store import StoredAgent
 from control.store.sqlite import SqliteStore
@@ -44,6 +54,14 @@ async def _lifecycle(data_dir: Path) -> None:
         acked_mode=Mode.PAUSED,
         acked_at=2.0,
         channels={"screen": False},
+        report=CaptureReport(events_total=50, last_event_at=1.9, spool_events=0),
+        ack_report=CaptureReport(events_total=48, last_event_at=1.8, spool_events=2),
+        purged_events=7,
+        verified_at=2.5,
+        lease_expires_at=61.0,
+        uploads_refused=3,
+        violation="events_captured_total rose from 48 to 50",
+        violation_at=2.6,
     )
     agent = StoredAgent(
         "a", {"region": "eu"}, Desired(Mode.PAUSED, ("h2",), "leak", 2, 1.5), status
@@ -62,6 +80,9 @@ async def _lifecycle(data_dir: Path) -> None:
     assert loaded.desired == agent.desired
     assert loaded.status.acked_epoch == 2 and loaded.status.channels == {"screen": False}
     assert loaded.status.connected is False, "nobody is connected to a process that just started"
+    # Evidence survives a restart: a violation never clears by itself.
+    expected = dataclasses.replace(status, connected=False, disconnected_at=None)
+    assert loaded.status == expected
     # Epochs keep going up across restarts.
     h3 = await reopened.create_hold(draft("h3"))
     assert h3.created_epoch == 4

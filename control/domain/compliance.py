@@ -1,26 +1,37 @@
 """Compliance: how far each agent's observed state is from its desired state.
 
-The ``status`` half of the spec/status pair. Everything here is a pure function
-of recorded facts and the current time, so any replica (or a test) evaluating
-the same facts reaches the same verdict.
+The ``status`` half of the spec/status pair. Evidence is recorded as it arrives
+(acks, heartbeats, upload requests); verdicts are a pure function of recorded
+facts and the current time, so any replica (or a test) evaluating the same facts
+reaches the same verdict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from control.domain.desired import Desired, Mode
+
+# Agent and server wall clocks disagree a little; an upload dated this much after
+# the stop is still given the benefit of the doubt.
+CLOCK_SKEW_ALLOWANCE = 2.0
+# A connected stream that has said nothing for this many heartbeat intervals is
+# treated as gone: "connected" must never hide a frozen agent.
+SILENT_HEARTBEATS = 3
 
 
 class ComplianceState(StrEnum):
     # While the agent is meant to be paused.
     PENDING = "PENDING"
     STOP_REPORTED = "STOP_REPORTED"
+    VERIFIED_STOPPED = "VERIFIED_STOPPED"
     OVERDUE = "OVERDUE"
     FAILED = "FAILED"
     OFFLINE_AT_RISK = "OFFLINE_AT_RISK"
+    OFFLINE_LEASE_EXPIRED = "OFFLINE_LEASE_EXPIRED"
     VIOLATION = "VIOLATION"
     NEVER_SEEN = "NEVER_SEEN"
     # While the agent is allowed to capture.
@@ -30,9 +41,10 @@ class ComplianceState(StrEnum):
 
 
 # States in which an agent has reached what its current epoch asks of it.
-# Until independent verification exists, a reported stop is the strongest proof.
 SETTLED = {
-    Mode.PAUSED: frozenset({ComplianceState.STOP_REPORTED}),
+    Mode.PAUSED: frozenset(
+        {ComplianceState.VERIFIED_STOPPED, ComplianceState.OFFLINE_LEASE_EXPIRED}
+    ),
     Mode.ALLOWED: frozenset(
         {ComplianceState.CAPTURING, ComplianceState.OFFLINE, ComplianceState.NEVER_SEEN}
     ),
@@ -44,6 +56,35 @@ class Compliance:
     state: ComplianceState
     reason: str
     since: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompliancePolicy:
+    ack_deadline: float = 30.0
+    heartbeat_interval: float = 10.0
+
+    @property
+    def silence_timeout(self) -> float:
+        return SILENT_HEARTBEATS * self.heartbeat_interval + 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureReport:
+    """The capture engine's own figures: the evidence a stop is verified with."""
+
+    events_total: int = 0
+    last_event_at: float | None = None
+    spool_events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UploadDecision:
+    allowed: bool
+    reason: str
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(slots=True)
@@ -64,12 +105,29 @@ class AgentStatus:
     nack_epoch: int = 0
     nack_reason: str = ""
     nack_at: float | None = None
-    # Channel name -> active?, from the newest ack or heartbeat.
+    # Channel name -> active?, from the newest ack or heartbeat. Replaced, never mutated.
     channels: dict[str, bool] = field(default_factory=dict)
     # Only what the agent said on its current stream proves its current state: after a
     # reconnect (a restarted agent, a restarted server) older acks are history.
     acked_since_connect: bool = False
     nacked_since_connect: bool = False
+    report: CaptureReport = CaptureReport()
+    # The figures the agent reported with its newest ack: what "frozen" is compared to.
+    ack_report: CaptureReport = CaptureReport()
+    purged_events: int = 0
+    quarantined_events: int = 0
+    # When a later heartbeat confirmed the counters and spool frozen after a pause ack.
+    verified_at: float | None = None
+    # Upper bound of the newest lease granted (kept after revocation: an offline agent
+    # may capture until then).
+    lease_expires_at: float | None = None
+    uploads_refused: int = 0
+    # Evidence that capture continued after a stop was claimed. Sticky: only an
+    # operator clears it.
+    violation: str = ""
+    violation_at: float | None = None
+
+    # ------------------------------------------------------------ connection
 
     def record_connect(self, at: float) -> None:
         self.connected, self.connected_at, self.last_seen = True, at, at
@@ -79,14 +137,53 @@ class AgentStatus:
     def record_disconnect(self, at: float) -> None:
         self.connected, self.disconnected_at = False, at
 
-    def record_ack(self, epoch: int, mode: Mode, channels: Mapping[str, bool], at: float) -> bool:
+    # ------------------------------------------------------------ evidence
+
+    def claims_stopped(self, desired: Desired) -> bool:
+        """Has the agent, on this stream, acked the current pause (or a newer epoch)?"""
+        return (
+            desired.mode is Mode.PAUSED
+            and self.acked_since_connect
+            and self.acked_mode is Mode.PAUSED
+            and self.acked_epoch >= desired.epoch
+        )
+
+    def flag_violation(self, evidence: str, at: float) -> None:
+        if not self.violation:
+            self.violation, self.violation_at = evidence, at
+
+    def acknowledge_violation(self) -> str:
+        evidence, self.violation, self.violation_at = self.violation, "", None
+        return evidence
+
+    def record_ack(
+        self,
+        epoch: int,
+        mode: Mode,
+        channels: Mapping[str, bool],
+        report: CaptureReport,
+        at: float,
+        *,
+        desired: Desired,
+        purged: int = 0,
+        quarantined: int = 0,
+    ) -> bool:
         """Record an ack unless it is older than one already recorded (a replay)."""
         self.last_seen = at
         if epoch < self.acked_epoch:
             return False
         self.acked_epoch, self.acked_mode, self.acked_at = epoch, mode, at
-        self.channels = dict(channels)
+        self.channels, self.report, self.ack_report = dict(channels), report, report
+        self.purged_events, self.quarantined_events = purged, quarantined
         self.acked_since_connect = True
+        self.verified_at = None
+        in_scope = desired.mode is Mode.PAUSED and epoch >= desired.epoch
+        if in_scope and mode is Mode.ALLOWED:
+            self.flag_violation(
+                f"acked epoch {epoch} as ALLOWED while paused since epoch {desired.epoch}", at
+            )
+        elif self.claims_stopped(desired):
+            self._check_stopped(desired, at)
         return True
 
     def record_nack(self, epoch: int, reason: str, at: float) -> bool:
@@ -97,23 +194,113 @@ class AgentStatus:
         self.nacked_since_connect = True
         return True
 
-    def record_heartbeat(self, channels: Mapping[str, bool], at: float) -> bool:
-        """Record liveness; return whether any channel changed state."""
+    def record_heartbeat(
+        self,
+        channels: Mapping[str, bool],
+        report: CaptureReport,
+        at: float,
+        *,
+        desired: Desired,
+        heartbeat_interval: float,
+    ) -> bool:
+        """Record liveness and figures; return whether anything worth storing changed."""
         self.last_seen = at
-        if channels == self.channels:
-            return False
-        self.channels = dict(channels)
-        return True
+        changed = channels != self.channels or report != self.report
+        self.channels, self.report = dict(channels), report
+        if self.claims_stopped(desired):
+            was = (self.verified_at, self.violation)
+            self._check_stopped(desired, at)
+            if self.acked_at is not None and at - self.acked_at >= heartbeat_interval:
+                self._verify(at)
+            changed = changed or was != (self.verified_at, self.violation)
+        return changed
+
+    def _check_stopped(self, desired: Desired, at: float) -> None:
+        """After a pause ack, any activity is evidence that capture continued."""
+        now, then = self.report, self.ack_report
+        active = sorted(name for name, on in self.channels.items() if on)
+        if active:
+            self.flag_violation(
+                f"channel(s) {','.join(active)} active after acking pause epoch {self.acked_epoch}",
+                at,
+            )
+        elif now.events_total > then.events_total:
+            self.flag_violation(
+                f"events_captured_total rose from {then.events_total} to {now.events_total}"
+                f" after acking pause epoch {self.acked_epoch}",
+                at,
+            )
+        elif now.spool_events > then.spool_events:
+            self.flag_violation(
+                f"spool grew from {then.spool_events} to {now.spool_events} events after"
+                f" acking pause epoch {self.acked_epoch}",
+                at,
+            )
+
+    def _verify(self, at: float) -> None:
+        if self.verified_at is None and not self.violation:
+            self.verified_at = at
+
+    def record_lease(self, expires_at: float) -> None:
+        self.lease_expires_at = expires_at
+
+    def decide_upload(
+        self,
+        first_event_at: float,
+        last_event_at: float,
+        count: int,
+        at: float,
+        *,
+        desired: Desired,
+    ) -> UploadDecision:
+        """Should ingest accept this batch? Also the third, independent stop check."""
+        if (
+            self.claims_stopped(desired)
+            and self.acked_at is not None
+            and (last_event_at > self.acked_at + CLOCK_SKEW_ALLOWANCE)
+        ):
+            self.flag_violation(
+                f"upload of {count} events dated up to {iso(last_event_at)}, after its pause"
+                f" took effect at {iso(self.acked_at)}",
+                at,
+            )
+        if desired.mode is Mode.PAUSED:
+            decision = UploadDecision(False, f"agent is paused: {desired.reason}")
+        elif self.lease_expires_at is None or at >= self.lease_expires_at:
+            decision = UploadDecision(False, "agent holds no valid capture lease")
+        else:
+            decision = UploadDecision(True, "ok")
+        if not decision.allowed:
+            self.uploads_refused += 1
+        return decision
 
 
-def _active_channels(status: AgentStatus) -> list[str]:
-    return sorted(name for name, active in status.channels.items() if active)
+def _offline(
+    desired: Desired, status: AgentStatus, now: float, why: str, since: float | None
+) -> Compliance:
+    if desired.mode is Mode.ALLOWED:
+        return Compliance(ComplianceState.OFFLINE, why, since)
+    lease = status.lease_expires_at
+    if lease is not None and now < lease:
+        return Compliance(
+            ComplianceState.OFFLINE_AT_RISK,
+            f"{why}; its lease lets it capture until {iso(lease)}",
+            since,
+        )
+    expired = f"lease expired at {iso(lease)}" if lease is not None else "never held a lease"
+    return Compliance(
+        ComplianceState.OFFLINE_LEASE_EXPIRED,
+        f"{why}; {expired}: stopped by itself (presumed) until it reconnects",
+        max(lease or 0.0, since or 0.0) or since,
+    )
 
 
 def evaluate(
-    desired: Desired, status: AgentStatus, *, now: float, ack_deadline: float
+    desired: Desired, status: AgentStatus, *, now: float, policy: CompliancePolicy
 ) -> Compliance:
     """Classify one agent. Stale acks (older than ``desired.epoch``) never count."""
+    if status.violation:
+        return Compliance(ComplianceState.VIOLATION, status.violation, status.violation_at)
     paused = desired.mode is Mode.PAUSED
     if status.first_seen is None:
         return Compliance(
@@ -122,41 +309,38 @@ def evaluate(
             status.expected_since,
         )
     if not status.connected:
-        if paused:
-            return Compliance(
-                ComplianceState.OFFLINE_AT_RISK,
-                f"disconnected; last acked epoch {status.acked_epoch}"
-                f" ({status.acked_mode or 'none'}), may still capture until it reconnects",
-                status.disconnected_at,
-            )
-        return Compliance(ComplianceState.OFFLINE, "disconnected", status.disconnected_at)
+        return _offline(desired, status, now, "disconnected", status.disconnected_at)
+    silent_for = now - (status.last_seen or now)
+    if silent_for > policy.silence_timeout:
+        return _offline(
+            desired, status, now, f"connected but silent for {silent_for:.0f}s", status.last_seen
+        )
     in_sync = (
         status.acked_since_connect
-        and status.acked_mode is not None
+        and status.acked_mode is desired.mode
         and status.acked_epoch >= desired.epoch
     )
-    if paused:
-        active = _active_channels(status)
-        if in_sync and status.acked_mode is Mode.ALLOWED:
-            return Compliance(
-                ComplianceState.VIOLATION,
-                f"acked epoch {status.acked_epoch} as ALLOWED while paused since"
-                f" epoch {desired.epoch}",
-                status.acked_at,
+    if in_sync and paused:
+        purge = ""
+        if status.purged_events or status.quarantined_events:
+            purge = (
+                f", purged {status.purged_events} and quarantined"
+                f" {status.quarantined_events} spool events"
             )
-        if in_sync and active:
+        if status.verified_at is not None:
             return Compliance(
-                ComplianceState.VIOLATION,
-                f"channels {','.join(active)} active after acking pause epoch {status.acked_epoch}",
-                status.last_seen,
+                ComplianceState.VERIFIED_STOPPED,
+                f"acked epoch {status.acked_epoch}; counters and spool frozen since"
+                f" (events_captured_total {status.ack_report.events_total}){purge}",
+                status.verified_at,
             )
-        if in_sync:
-            return Compliance(
-                ComplianceState.STOP_REPORTED,
-                f"acked epoch {status.acked_epoch}, every channel stopped",
-                status.acked_at,
-            )
-    elif in_sync and status.acked_mode is Mode.ALLOWED:
+        return Compliance(
+            ComplianceState.STOP_REPORTED,
+            f"acked epoch {status.acked_epoch}, every channel stopped; awaiting a later"
+            f" heartbeat to verify{purge}",
+            status.acked_at,
+        )
+    if in_sync:
         return Compliance(
             ComplianceState.CAPTURING, f"acked epoch {status.acked_epoch}", status.acked_at
         )
@@ -167,14 +351,15 @@ def evaluate(
             status.nack_at,
         )
     waiting_since = max(desired.since, status.connected_at or desired.since)
-    if now - waiting_since > ack_deadline:
+    refused = f"; {status.uploads_refused} uploads refused" if status.uploads_refused else ""
+    if now - waiting_since > policy.ack_deadline:
         return Compliance(
             ComplianceState.OVERDUE,
-            f"no ack for epoch {desired.epoch} within {ack_deadline:g}s",
-            waiting_since + ack_deadline,
+            f"no ack for epoch {desired.epoch} within {policy.ack_deadline:g}s{refused}",
+            waiting_since + policy.ack_deadline,
         )
     waiting = ComplianceState.PENDING if paused else ComplianceState.RESUME_PENDING
-    return Compliance(waiting, f"awaiting ack for epoch {desired.epoch}", waiting_since)
+    return Compliance(waiting, f"awaiting ack for epoch {desired.epoch}{refused}", waiting_since)
 
 
 def is_settled(mode: Mode, state: ComplianceState) -> bool:
@@ -182,7 +367,7 @@ def is_settled(mode: Mode, state: ComplianceState) -> bool:
 
 
 def fleet_compliant(verdicts: Iterable[tuple[Mode, ComplianceState]]) -> bool:
-    """Every paused agent settled, and no violation anywhere."""
+    """Every paused agent verified stopped or lease-expired offline, and no violation."""
     return all(
         state is not ComplianceState.VIOLATION and (mode is Mode.ALLOWED or is_settled(mode, state))
         for mode, state in verdicts

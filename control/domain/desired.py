@@ -28,6 +28,8 @@ class Desired:
     epoch: int
     # When (server time) it last changed; the ack deadline counts from here.
     since: float
+    # On pause, delete unsent spool data unless every covering hold asks to keep it.
+    purge_spool: bool = True
 
 
 def covering_holds(agent_id: str, labels: Mapping[str, str], holds: Iterable[Hold]) -> list[Hold]:
@@ -61,4 +63,7 @@ def reconcile_desired(
     if previous is not None and previous.mode is mode and previous.hold_ids == hold_ids:
         return previous
     reason = _pause_reason(covering) if covering else "no active hold"
-    return Desired(mode=mode, hold_ids=hold_ids, reason=reason, epoch=epoch, since=now)
+    purge = not covering or not all(h.keep_spool for h in covering)
+    return Desired(
+        mode=mode, hold_ids=hold_ids, reason=reason, epoch=epoch, since=now, purge_spool=purge
+    )

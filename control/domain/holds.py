@@ -29,13 +29,15 @@ class HoldDraft:
     ticket: str
     created_by: str
     created_at: float
+    # Quarantine unsent spool data on pause instead of deleting it.
+    keep_spool: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Hold(HoldDraft):
     """A committed hold: the store allocated ``created_epoch`` (and ``lifted_epoch``)."""
 
-    created_epoch: int
+    created_epoch: int = 0
     lifted_at: float | None = None
     lifted_by: str = ""
     lifted_epoch: int = 0
@@ -50,6 +52,7 @@ class Hold(HoldDraft):
             ticket=draft.ticket,
             created_by=draft.created_by,
             created_at=draft.created_at,
+            keep_spool=draft.keep_spool,
             created_epoch=epoch,
         )
 
@@ -86,6 +89,7 @@ def draft_hold(
     ticket: str,
     created_by: str,
     created_at: float,
+    keep_spool: bool = False,
 ) -> HoldDraft:
     return HoldDraft(
         id=hold_id,
@@ -95,4 +99,5 @@ def draft_hold(
         ticket=validate_ticket(ticket),
         created_by=created_by,
         created_at=created_at,
+        keep_spool=keep_spool,
     )

@@ -12,7 +12,12 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import KillswitchError
 from control.plane import ControlPlane
-from control.rpc.convert import channels_from_pb, directive_to_pb, mode_from_pb
+from control.rpc.convert import (
+    channels_from_pb,
+    directive_to_pb,
+    mode_from_pb,
+    report_from_pb,
+)
 
 log = structlog.get_logger("killswitch.rpc.agent")
 
@@ -20,11 +25,12 @@ AgentContext = grpc.aio.ServicerContext[pb.AgentMessage, pb.ServerMessage]
 
 
 class AgentSession:
-    """Pushes the current directive whenever the plane says the agent's state moved.
+    """The one writer of a stream: lease answers, then the current directive.
 
     At most one write is in flight per stream; notifications that arrive during a
     write collapse into one more write of whatever is current then, so a burst of
-    hold changes never queues stale directives.
+    hold changes never queues stale directives. Lease requests are decided when
+    their answer is written, so a grant never overtakes the pause that revokes it.
     """
 
     # Strong references, so in-flight writes are not garbage-collected mid-send.
@@ -39,6 +45,12 @@ class AgentSession:
         self._changed = False
         self._closed = False
         self._last_sent: tuple[object, ...] | None = None
+        # Only the newest request matters: the agent ignores answers to older ones.
+        self._lease_request: int | None = None
+
+    def request_lease(self, request_id: int) -> None:
+        self._lease_request = request_id
+        self.notify()
 
     def notify(self) -> None:
         if self._closed:
@@ -55,6 +67,9 @@ class AgentSession:
         try:
             while not self._closed:
                 self._changed = False
+                if self._lease_request is not None:
+                    request_id, self._lease_request = self._lease_request, None
+                    await self._context.write(self._lease_answer(request_id))
                 spec = self._plane.directive_for(self.agent_id)
                 key = (spec.desired.epoch, spec.desired.mode, spec.desired.hold_ids)
                 if key != self._last_sent:
@@ -67,6 +82,17 @@ class AgentSession:
             log.debug("directive_write_failed", agent_id=self.agent_id, error=repr(exc))
         finally:
             self._writing = False
+
+    def _lease_answer(self, request_id: int) -> pb.ServerMessage:
+        decision = self._plane.grant_lease(self.agent_id)
+        return pb.ServerMessage(
+            lease_grant=pb.LeaseGrant(
+                request_id=request_id,
+                granted=decision.granted,
+                ttl_seconds=decision.ttl,
+                reason=decision.reason,
+            )
+        )
 
     def close(self, reason: str) -> None:
         self._closed = True
@@ -113,10 +139,21 @@ class AgentControlService(pb_grpc.AgentControlServicer):
                 if body == "ack":
                     ack = message.ack
                     plane.ack(
-                        agent_id, ack.epoch, mode_from_pb(ack.mode), channels_from_pb(ack.channels)
+                        agent_id,
+                        ack.epoch,
+                        mode_from_pb(ack.mode),
+                        channels_from_pb(ack.channels),
+                        report_from_pb(ack.report),
+                        purged=ack.purged_events,
+                        quarantined=ack.quarantined_events,
                     )
                 elif body == "heartbeat":
-                    plane.heartbeat(agent_id, channels_from_pb(message.heartbeat.channels))
+                    beat = message.heartbeat
+                    plane.heartbeat(
+                        agent_id, channels_from_pb(beat.channels), report_from_pb(beat.report)
+                    )
+                elif body == "lease_request":
+                    session.request_lease(message.lease_request.request_id)
                 elif body == "nack":
                     plane.nack(
                         agent_id, message.nack.epoch, message.nack.reason or "no reason given"

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain import (
+    CaptureReport,
     ComplianceState,
     Hold,
     HoldKind,
@@ -51,6 +52,14 @@ def channels_from_pb(channels: Iterable[pb.Channel]) -> dict[str, bool]:
     return {c.name: c.state == pb.CHANNEL_STATE_ACTIVE for c in channels}
 
 
+def report_from_pb(report: pb.CaptureReport) -> CaptureReport:
+    return CaptureReport(
+        events_total=report.events_captured_total,
+        last_event_at=seconds(report.last_event_at) if report.HasField("last_event_at") else None,
+        spool_events=report.spool_events,
+    )
+
+
 def scope_to_pb(scope: Scope) -> pb.Scope:
     if scope.kind is ScopeKind.SELECTOR:
         return pb.Scope(selector=pb.Selector(match_labels=dict(scope.match_labels)))
@@ -83,6 +92,7 @@ def hold_to_pb(hold: Hold) -> pb.Hold:
         lifted_at=timestamp(hold.lifted_at),
         lifted_by=hold.lifted_by,
         lifted_epoch=hold.lifted_epoch,
+        keep_spool=hold.keep_spool,
     )
 
 
@@ -94,6 +104,8 @@ def directive_to_pb(spec: DirectiveSpec) -> pb.ServerMessage:
             reason=spec.desired.reason,
             hold_ids=spec.desired.hold_ids,
             heartbeat_interval_seconds=spec.heartbeat_interval,
+            lease_ttl_seconds=spec.lease_ttl,
+            purge_spool=spec.desired.purge_spool,
         )
     )
 
@@ -114,6 +126,11 @@ def agent_to_pb(view: AgentView) -> pb.AgentRecord:
         hold_ids=view.desired.hold_ids,
         directive_sent_at=timestamp(status.directive_sent_at),
         acked_at=timestamp(status.acked_at),
+        lease_expires_at=timestamp(status.lease_expires_at),
+        events_captured_total=status.report.events_total,
+        spool_events=status.report.spool_events,
+        verified_at=timestamp(status.verified_at),
+        uploads_refused=status.uploads_refused,
     )
 
 

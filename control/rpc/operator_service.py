@@ -11,7 +11,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import Conflict, InvalidInput, KillswitchError, NotFound
 from control.plane import ControlPlane
-from control.rpc.convert import agent_to_pb, filter_from_pb, hold_to_pb, scope_from_pb
+from control.rpc.convert import agent_to_pb, filter_from_pb, hold_to_pb, scope_from_pb, seconds
 
 OPERATOR_METADATA_KEY = "x-killswitch-operator"
 
@@ -62,7 +62,11 @@ class OperatorService(pb_grpc.OperatorServicer):
         self, request: pb.CreateHoldRequest, context: Context
     ) -> pb.CreateHoldResponse:
         hold, covered = await self._plane.create_hold(
-            scope_from_pb(request.scope), request.reason, request.ticket, operator_name(context)
+            scope_from_pb(request.scope),
+            request.reason,
+            request.ticket,
+            operator_name(context),
+            keep_spool=request.keep_spool,
         )
         return pb.CreateHoldResponse(
             hold=hold_to_pb(hold), epoch=hold.created_epoch, covered_agents=covered
@@ -118,3 +122,32 @@ class OperatorService(pb_grpc.OperatorServicer):
             (a.agent_id, dict(a.labels)) for a in request.agents
         )
         return pb.ExpectAgentsResponse(added=added, already_known=known)
+
+    @translate_errors
+    async def AcknowledgeViolation(  # noqa: N802
+        self, request: pb.AcknowledgeViolationRequest, context: Context
+    ) -> pb.AcknowledgeViolationResponse:
+        if not request.note.strip():
+            raise InvalidInput("a note is required: what was found and done about it")
+        evidence = await self._plane.acknowledge_violation(
+            request.agent_id, operator_name(context), request.note.strip()
+        )
+        return pb.AcknowledgeViolationResponse(violation=evidence)
+
+
+class IngestService(pb_grpc.IngestServicer):
+    """Asked by the ingest service before it accepts a batch of captured events."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    async def AuthorizeUpload(  # noqa: N802
+        self, request: pb.AuthorizeUploadRequest, context: Context
+    ) -> pb.AuthorizeUploadResponse:
+        decision = self._plane.authorize_upload(
+            request.agent_id,
+            seconds(request.first_event_at),
+            seconds(request.last_event_at),
+            request.event_count,
+        )
+        return pb.AuthorizeUploadResponse(allowed=decision.allowed, reason=decision.reason)

@@ -14,7 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from control.domain import AgentStatus, Desired, Hold, HoldDraft, HoldKind, Mode, Scope, ScopeKind
+from control.domain import (
+    AgentStatus,
+    CaptureReport,
+    Desired,
+    Hold,
+    HoldDraft,
+    HoldKind,
+    Mode,
+    Scope,
+    ScopeKind,
+)
 from control.errors import Conflict, NotFound, StoreError
 from control.store import LoadedState, StoredAgent
 
@@ -36,7 +46,8 @@ MIGRATIONS: list[str] = [
         created_epoch INTEGER NOT NULL,
         lifted_at REAL,
         lifted_by TEXT NOT NULL DEFAULT '',
-        lifted_epoch INTEGER NOT NULL DEFAULT 0
+        lifted_epoch INTEGER NOT NULL DEFAULT 0,
+        keep_spool INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE agents (
         agent_id TEXT PRIMARY KEY,
@@ -46,6 +57,7 @@ MIGRATIONS: list[str] = [
         desired_reason TEXT NOT NULL,
         desired_epoch INTEGER NOT NULL,
         desired_since REAL NOT NULL,
+        desired_purge_spool INTEGER NOT NULL,
         expected_since REAL,
         first_seen REAL,
         last_seen REAL,
@@ -59,20 +71,31 @@ MIGRATIONS: list[str] = [
         nack_epoch INTEGER NOT NULL,
         nack_reason TEXT NOT NULL,
         nack_at REAL,
-        channels TEXT NOT NULL
+        channels TEXT NOT NULL,
+        report TEXT NOT NULL,
+        ack_report TEXT NOT NULL,
+        purged_events INTEGER NOT NULL,
+        quarantined_events INTEGER NOT NULL,
+        verified_at REAL,
+        lease_expires_at REAL,
+        uploads_refused INTEGER NOT NULL,
+        violation TEXT NOT NULL,
+        violation_at REAL
     );
     """,
 ]
 
 _AGENT_COLUMNS = (
     "agent_id, labels, desired_mode, desired_hold_ids, desired_reason, desired_epoch,"
-    " desired_since, expected_since, first_seen, last_seen, connected_at, disconnected_at,"
+    " desired_since, desired_purge_spool, expected_since, first_seen, last_seen, connected_at,"
+    " disconnected_at,"
     " directive_sent_at, directive_sent_epoch, acked_epoch, acked_mode, acked_at, nack_epoch,"
-    " nack_reason, nack_at, channels"
+    " nack_reason, nack_at, channels, report, ack_report, purged_events, quarantined_events,"
+    " verified_at, lease_expires_at, uploads_refused, violation, violation_at"
 )
 _HOLD_COLUMNS = (
     "id, kind, scope, reason, ticket, created_by, created_at, created_epoch, lifted_at,"
-    " lifted_by, lifted_epoch"
+    " lifted_by, lifted_epoch, keep_spool"
 )
 
 
@@ -93,6 +116,15 @@ def scope_from_json(text: str) -> Scope:
     return Scope.fleet()
 
 
+def report_to_json(report: CaptureReport) -> str:
+    return json.dumps([report.events_total, report.last_event_at, report.spool_events])
+
+
+def report_from_json(text: str) -> CaptureReport:
+    events_total, last_event_at, spool_events = json.loads(text)
+    return CaptureReport(events_total, last_event_at, spool_events)
+
+
 def _hold_from_row(row: sqlite3.Row) -> Hold:
     return Hold(
         id=row["id"],
@@ -106,6 +138,7 @@ def _hold_from_row(row: sqlite3.Row) -> Hold:
         lifted_at=row["lifted_at"],
         lifted_by=row["lifted_by"],
         lifted_epoch=row["lifted_epoch"],
+        keep_spool=bool(row["keep_spool"]),
     )
 
 
@@ -119,6 +152,7 @@ def _agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
         d.reason,
         d.epoch,
         d.since,
+        d.purge_spool,
         s.expected_since,
         s.first_seen,
         s.last_seen,
@@ -133,6 +167,15 @@ def _agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
         s.nack_reason,
         s.nack_at,
         json.dumps(s.channels, sort_keys=True),
+        report_to_json(s.report),
+        report_to_json(s.ack_report),
+        s.purged_events,
+        s.quarantined_events,
+        s.verified_at,
+        s.lease_expires_at,
+        s.uploads_refused,
+        s.violation,
+        s.violation_at,
     )
 
 
@@ -143,6 +186,7 @@ def _agent_from_row(row: sqlite3.Row) -> StoredAgent:
         reason=row["desired_reason"],
         epoch=row["desired_epoch"],
         since=row["desired_since"],
+        purge_spool=bool(row["desired_purge_spool"]),
     )
     status = AgentStatus(
         expected_since=row["expected_since"],
@@ -160,6 +204,15 @@ def _agent_from_row(row: sqlite3.Row) -> StoredAgent:
         nack_reason=row["nack_reason"],
         nack_at=row["nack_at"],
         channels=json.loads(row["channels"]),
+        report=report_from_json(row["report"]),
+        ack_report=report_from_json(row["ack_report"]),
+        purged_events=row["purged_events"],
+        quarantined_events=row["quarantined_events"],
+        verified_at=row["verified_at"],
+        lease_expires_at=row["lease_expires_at"],
+        uploads_refused=row["uploads_refused"],
+        violation=row["violation"],
+        violation_at=row["violation_at"],
     )
     return StoredAgent(row["agent_id"], json.loads(row["labels"]), desired, status)
 
@@ -263,7 +316,7 @@ class SqliteStore:
             epoch = self._next_epoch(db)
             hold = Hold.committed(draft, epoch)
             db.execute(
-                f"INSERT INTO holds ({_HOLD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO holds ({_HOLD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     hold.id,
                     hold.kind.value,
@@ -276,6 +329,7 @@ class SqliteStore:
                     None,
                     "",
                     0,
+                    hold.keep_spool,
                 ),
             )
             return hold

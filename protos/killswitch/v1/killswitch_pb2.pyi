@@ -575,6 +575,7 @@ class Hold(_message.Message):
     LIFTED_AT_FIELD_NUMBER: _builtins.int
     LIFTED_BY_FIELD_NUMBER: _builtins.int
     LIFTED_EPOCH_FIELD_NUMBER: _builtins.int
+    KEEP_SPOOL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: Global___HoldKind.ValueType
     reason: _builtins.str
@@ -583,6 +584,7 @@ class Hold(_message.Message):
     created_epoch: _builtins.int
     lifted_by: _builtins.str
     lifted_epoch: _builtins.int
+    keep_spool: _builtins.bool
     @_builtins.property
     def scope(self) -> Global___Scope: ...
     @_builtins.property
@@ -605,10 +607,11 @@ class Hold(_message.Message):
         lifted_at: _timestamp_pb2.Timestamp | None = ...,
         lifted_by: _builtins.str = ...,
         lifted_epoch: _builtins.int = ...,
+        keep_spool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "lifted_at", b"lifted_at", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "created_epoch", b"created_epoch", "id", b"id", "kind", b"kind", "lifted_at", b"lifted_at", "lifted_by", b"lifted_by", "lifted_epoch", b"lifted_epoch", "reason", b"reason", "scope", b"scope", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "created_epoch", b"created_epoch", "id", b"id", "keep_spool", b"keep_spool", "kind", b"kind", "lifted_at", b"lifted_at", "lifted_by", b"lifted_by", "lifted_epoch", b"lifted_epoch", "reason", b"reason", "scope", b"scope", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -621,8 +624,11 @@ class CreateHoldRequest(_message.Message):
     SCOPE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TICKET_FIELD_NUMBER: _builtins.int
+    KEEP_SPOOL_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     ticket: _builtins.str
+    keep_spool: _builtins.bool
+    """Quarantine unsent spool data instead of deleting it (e.g. for forensics)."""
     @_builtins.property
     def scope(self) -> Global___Scope: ...
     def __init__(
@@ -631,10 +637,11 @@ class CreateHoldRequest(_message.Message):
         scope: Global___Scope | None = ...,
         reason: _builtins.str = ...,
         ticket: _builtins.str = ...,
+        keep_spool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "scope", b"scope", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_spool", b"keep_spool", "reason", b"reason", "scope", b"scope", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

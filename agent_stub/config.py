@@ -1,0 +1,56 @@
+"""What an agent is (id, labels), how it is paced, and how a simulated one misbehaves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+DEFAULT_LEASE_TTL_SECONDS = 60.0
+
+
+class Fault(StrEnum):
+    """How a simulated agent misbehaves once the fault is triggered; real agents are NONE."""
+
+    NONE = "none"
+    # Reads directives and never acts on them or acks them; heartbeats and lease
+    # renewals carry on, so its capture ends when the server stops renewing.
+    IGNORE = "ignore"
+    # A modified agent: acks a pause with every channel "stopped" and captures on
+    # regardless of its lease, with its real counters in heartbeats and uploads.
+    LIE = "lie"
+    # The screen worker will not stop: the pause is nacked naming it (capture still
+    # asks the lease, so it ends at expiry).
+    STUBBORN = "stubborn"
+    # Drops its stream, stays away for ``offline_for``, then reconnects normally.
+    OFFLINE = "offline"
+    # Applies and acks each directive after a random delay of up to ``slow_max``.
+    SLOW = "slow"
+    # The whole process is suspended for ``sleep_for`` while the boottime clock runs.
+    SLEEP = "sleep"
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Capture and upload pacing, and fault durations (None: derived from the lease TTL)."""
+
+    capture_tick: float = 1.0
+    upload_every: float = 30.0
+    slow_max: float = 20.0
+    # Default: twice the lease TTL last seen.
+    offline_for: float | None = None
+    # Default: the lease TTL last seen plus 5 s.
+    sleep_for: float | None = None
+
+    def offline_seconds(self, lease_ttl: float) -> float:
+        return self.offline_for if self.offline_for is not None else 2 * lease_ttl
+
+    def sleep_seconds(self, lease_ttl: float) -> float:
+        return self.sleep_for if self.sleep_for is not None else lease_ttl + 5.0
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    agent_id: str
+    labels: dict[str, str] = field(default_factory=dict)
+    fault: Fault = Fault.NONE
+    tuning: Tuning = field(default_factory=Tuning)

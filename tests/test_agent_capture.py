@@ -1,0 +1,220 @@
+"""The capture engine: lease gating at the capture point, watchdog, spool, uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+from killswitch.v1 import killswitch_pb2 as pb
+from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+
+from agent_stub import CaptureEngine, GroundTruth, Lease, boottime
+from agent_stub.capture import EVENTS_PER_TICK
+from agent_stub.upload import Uploader
+from tests.test_agent_lease import FakeClock
+
+PER_TICK = sum(EVENTS_PER_TICK.values())
+
+
+class Rig:
+    """An engine with its lease and an independent truth recorder, on one clock."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.wall = itertools.count(1_700_000_000.0)
+        self.lease = Lease(clock)
+        self.truth = GroundTruth(capture_tick=1.0)
+        self.engine = CaptureEngine(self.lease, self.truth, wall_clock=lambda: next(self.wall))
+
+    def grant(self, ttl: float) -> None:
+        request_id, sent_at = self.lease.request()
+        self.truth.lease_requested(request_id, sent_at)
+        self.lease.answer(request_id, granted=True, ttl=ttl)
+        self.truth.lease_answered(request_id, granted=True, ttl=ttl)
+
+
+def test_nothing_is_captured_without_a_lease() -> None:
+    rig = Rig(FakeClock())
+    rig.engine.start_all()
+    rig.engine.tick()
+    assert rig.engine.events_captured_total == 0 and rig.engine.spool_events == 0
+    assert not rig.engine.capturing, "the watchdog stopped the channels"
+
+
+def test_capture_runs_under_the_lease_and_stops_by_itself_at_expiry() -> None:
+    clock = FakeClock()
+    rig = Rig(clock)
+    rig.grant(ttl=10)
+    rig.engine.start_all()
+    rig.engine.tick()
+    assert rig.engine.events_captured_total == PER_TICK == rig.engine.spool_events
+    clock.advance(9)
+    rig.engine.tick()
+    assert rig.engine.events_captured_total == 2 * PER_TICK
+    clock.advance(1)  # exactly at expiry: no longer held
+    rig.engine.tick()
+    assert rig.engine.events_captured_total == 2 * PER_TICK
+    assert rig.engine.active == {"keyboard": False, "mouse": False, "screen": False}
+    assert rig.truth.events_captured_total == 2 * PER_TICK
+    assert rig.truth.events_without_lease == 0
+
+
+def sleep_past_expiry(rig: Rig, clock: FakeClock) -> None:
+    """Capture under a lease, then a laptop sleep longer than the lease, then a tick."""
+    rig.grant(ttl=30)
+    rig.engine.start_all()
+    rig.engine.tick()
+    clock.advance(35)
+    rig.engine.tick()
+    rig.engine.tick()
+
+
+def test_truth_exposes_a_missing_lease_check_at_the_capture_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    honest_clock = FakeClock()
+    honest = Rig(honest_clock)
+    sleep_past_expiry(honest, honest_clock)
+    assert honest.truth.events_without_lease == 0
+    assert honest.engine.events_captured_total == PER_TICK
+
+    # Someone deletes the check: the truth recorder, which keeps its own idea of the
+    # lease, sees every event captured after the expiry.
+    monkeypatch.setattr(CaptureEngine, "_may_capture", lambda self, now: True)
+    broken_clock = FakeClock()
+    broken = Rig(broken_clock)
+    sleep_past_expiry(broken, broken_clock)
+    assert broken.truth.events_without_lease == 2 * PER_TICK
+
+
+def test_a_stuck_channel_stays_on_but_captures_nothing_without_a_lease() -> None:
+    clock = FakeClock()
+    rig = Rig(clock)
+    rig.grant(ttl=10)
+    rig.engine.start_all()
+    rig.engine.stuck_channels = frozenset({"screen"})
+    rig.lease.revoke()
+    assert rig.engine.stop_all() == ["screen"]
+    rig.engine.tick()
+    assert rig.engine.active == {"keyboard": False, "mouse": False, "screen": True}
+    assert rig.engine.events_captured_total == 0
+
+
+def test_ignoring_the_lease_keeps_capturing() -> None:
+    clock = FakeClock()
+    rig = Rig(clock)
+    rig.grant(ttl=10)
+    rig.engine.start_all()
+    rig.engine.ignore_lease = True
+    clock.advance(20)
+    rig.engine.enforce_lease()
+    rig.engine.tick()
+    assert rig.engine.events_captured_total == PER_TICK
+    assert rig.truth.events_without_lease == PER_TICK
+
+
+def test_watchdog_timer_stops_the_channels_between_ticks() -> None:
+    async def scenario() -> None:
+        rig = Rig(boottime)
+        rig.grant(ttl=0.05)
+        rig.engine.start_all()
+        rig.engine.watch_lease()
+        await asyncio.sleep(0.02)
+        assert rig.engine.capturing
+        await asyncio.sleep(0.1)
+        assert not rig.engine.capturing, "stopped at expiry with no tick and no message"
+
+    asyncio.run(scenario())
+
+
+def test_purge_deletes_and_quarantine_sets_aside_the_unsent_spool() -> None:
+    rig = Rig(FakeClock())
+    rig.grant(ttl=60)
+    rig.engine.start_all()
+    rig.engine.tick()
+    assert rig.engine.discard_spool(purge=True) == PER_TICK
+    assert rig.engine.spool_events == 0 and rig.engine.quarantined_events == 0
+    rig.engine.tick()
+    rig.engine.tick()
+    assert rig.engine.discard_spool(purge=False) == 2 * PER_TICK
+    assert rig.engine.spool_events == 0 and rig.engine.quarantined_events == 2 * PER_TICK
+    assert rig.engine.pending_batch() is None, "set aside, never uploaded"
+    assert rig.engine.events_captured_total == 3 * PER_TICK, "the counter never goes down"
+
+
+def test_batches_are_dated_and_a_discard_voids_an_upload_in_flight() -> None:
+    rig = Rig(FakeClock())
+    rig.grant(ttl=60)
+    rig.engine.start_all()
+    rig.engine.tick()
+    rig.engine.tick()
+    batch = rig.engine.pending_batch()
+    assert batch is not None
+    assert (batch.first_event_at, batch.last_event_at, batch.count) == (
+        1_700_000_000.0,
+        1_700_000_001.0,
+        2 * PER_TICK,
+    )
+    rig.engine.tick()  # captured while the upload was being authorized
+    assert rig.engine.shipped(batch)
+    assert rig.engine.spool_events == PER_TICK
+    later = rig.engine.pending_batch()
+    assert later is not None and later.count == PER_TICK
+    rig.engine.discard_spool(purge=True)  # a pause lands while it is in flight
+    assert not rig.engine.shipped(later)
+    assert rig.engine.spool_events == 0
+
+
+class FakeIngest(pb_grpc.IngestServicer):
+    def __init__(self) -> None:
+        self.allowed = True
+        self.requests: list[pb.AuthorizeUploadRequest] = []
+
+    async def AuthorizeUpload(  # noqa: N802 - gRPC method name
+        self, request: pb.AuthorizeUploadRequest, context: object
+    ) -> pb.AuthorizeUploadResponse:
+        self.requests.append(request)
+        return pb.AuthorizeUploadResponse(allowed=self.allowed, reason="test")
+
+
+@asynccontextmanager
+async def ingest_server() -> AsyncIterator[tuple[FakeIngest, grpc.aio.Channel]]:
+    ingest = FakeIngest()
+    server = grpc.aio.server()
+    pb_grpc.add_IngestServicer_to_server(ingest, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield ingest, channel
+    finally:
+        await channel.close(grace=None)
+        await server.stop(grace=None)
+
+
+def test_uploads_ship_what_ingest_allows_and_keep_what_it_refuses() -> None:
+    async def scenario() -> None:
+        async with ingest_server() as (ingest, channel):
+            rig = Rig(FakeClock())
+            uploader = Uploader("laptop-1", rig.engine, channel)
+            await uploader.upload()
+            assert ingest.requests == [], "nothing spooled, nothing asked"
+
+            rig.grant(ttl=60)
+            rig.engine.start_all()
+            rig.engine.tick()
+            ingest.allowed = False
+            await uploader.upload()
+            assert uploader.uploads_refused == 1 and rig.engine.spool_events == PER_TICK
+
+            ingest.allowed = True
+            await uploader.upload()
+            assert rig.engine.spool_events == 0 and uploader.events_uploaded == PER_TICK
+            request = ingest.requests[-1]
+            assert request.agent_id == "laptop-1" and request.event_count == PER_TICK
+            assert request.last_event_at.seconds == 1_700_000_000
+
+    asyncio.run(scenario())

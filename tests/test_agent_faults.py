@@ -1,0 +1,387 @@
+"""How an agent handles directives and lease grants, honestly and under each fault."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import grpc
+import pytest
+from killswitch.v1 import killswitch_pb2 as pb
+
+from agent_stub import Agent, AgentConfig, Fault, Tuning
+from agent_stub.capture import EVENTS_PER_TICK
+from agent_stub.simulate import fault_counts, fleet_configs
+from tests.test_agent_lease import FakeClock
+
+PER_TICK = sum(EVENTS_PER_TICK.values())
+STOPPED = {"keyboard": False, "mouse": False, "screen": False}
+
+
+class Outbox:
+    """Records what the agent sends instead of writing to a stream."""
+
+    def __init__(self) -> None:
+        self.sent: list[pb.AgentMessage] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def send(self, message: pb.AgentMessage) -> None:
+        self.sent.append(message)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        return task
+
+    def bodies(self, kind: str) -> list[Any]:
+        return [getattr(m, kind) for m in self.sent if m.WhichOneof("body") == kind]
+
+    def lease_requests(self) -> list[int]:
+        return [r.request_id for r in self.bodies("lease_request")]
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def directive(
+    mode: pb.Mode.ValueType,
+    epoch: int = 4,
+    *,
+    purge: bool = False,
+    ttl: float = 30.0,
+    heartbeat: float = 3600.0,
+) -> pb.ServerMessage:
+    return pb.ServerMessage(
+        directive=pb.Directive(
+            epoch=epoch,
+            mode=mode,
+            reason="r",
+            heartbeat_interval_seconds=heartbeat,
+            lease_ttl_seconds=ttl,
+            purge_spool=purge,
+        )
+    )
+
+
+def grant(request_id: int, granted: bool = True, ttl: float = 30.0) -> pb.ServerMessage:
+    return pb.ServerMessage(
+        lease_grant=pb.LeaseGrant(request_id=request_id, granted=granted, ttl_seconds=ttl)
+    )
+
+
+def channels(message: pb.Ack | pb.Heartbeat) -> dict[str, bool]:
+    return {c.name: c.state == pb.CHANNEL_STATE_ACTIVE for c in message.channels}
+
+
+async def wait_until(predicate: Callable[[], object]) -> None:
+    """Poll for up to 5 s: the agent is watched from outside, as the server would."""
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def settle() -> None:
+    """Let spawned tasks (lease requests) run."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+Scenario = Callable[[Agent, Outbox, FakeClock], Awaitable[None]]
+
+
+def run_agent(scenario: Scenario, fault: Fault = Fault.NONE, tuning: Tuning | None = None) -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        channel = grpc.aio.insecure_channel("127.0.0.1:1")
+        agent = Agent(
+            AgentConfig("a", fault=fault, tuning=tuning or Tuning()),
+            channel,
+            rng=random.Random(1),
+            clock=clock,
+        )
+        outbox = Outbox()
+        try:
+            await scenario(agent, outbox, clock)
+        finally:
+            await outbox.close()
+            await channel.close(grace=None)
+
+    asyncio.run(main())
+
+
+async def capture_under_lease(
+    agent: Agent, outbox: Outbox, *, ttl: float = 30.0, heartbeat: float = 3600.0
+) -> None:
+    """ALLOWED, the lease request it sends, the grant, one capture tick."""
+    await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=ttl, heartbeat=heartbeat), outbox)
+    await settle()
+    await agent.handle(grant(outbox.lease_requests()[-1], ttl=ttl), outbox)
+    agent.engine.tick()
+
+
+# ---------------------------------------------------------------- honest agent
+
+
+def test_allowed_is_acked_and_capture_waits_for_the_lease_grant() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        assert not agent.engine.capturing, "unknown state means off"
+        await agent.handle(directive(pb.MODE_ALLOWED, 3), outbox)
+        await settle()
+        ack, request = outbox.sent
+        assert ack.ack.epoch == 3 and ack.ack.mode == pb.MODE_ALLOWED
+        assert channels(ack.ack) == STOPPED and ack.ack.report.events_captured_total == 0
+        assert request.lease_request.request_id == 1
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == 0, "no capture before the grant"
+        await agent.handle(grant(1), outbox)
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == PER_TICK
+        clock.advance(30)  # no renewal was granted: the lease runs out
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == PER_TICK and not agent.engine.capturing
+        assert agent.truth.events_without_lease == 0
+
+    run_agent(scenario)
+
+
+def test_leases_are_renewed_every_third_of_the_ttl_while_allowed() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=0.3), outbox)
+        started = asyncio.get_running_loop().time()
+        await wait_until(lambda: len(outbox.lease_requests()) == 3)
+        assert outbox.lease_requests() == [1, 2, 3]
+        assert asyncio.get_running_loop().time() - started >= 0.2, "one every 0.1 s"
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await asyncio.sleep(0.25)
+        assert outbox.lease_requests() == [1, 2, 3], "no renewals while paused"
+
+    run_agent(scenario)
+
+
+@pytest.mark.parametrize("purge", [True, False])
+def test_pause_stops_revokes_and_purges_or_quarantines_then_acks_the_evidence(
+    purge: bool,
+) -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        agent.engine.tick()
+        await agent.handle(directive(pb.MODE_PAUSED, 4, purge=purge), outbox)
+        ack = outbox.sent[-1].ack
+        assert ack.epoch == 4 and ack.mode == pb.MODE_PAUSED and channels(ack) == STOPPED
+        assert ack.report.events_captured_total == 2 * PER_TICK
+        assert ack.report.spool_events == 0 and ack.report.HasField("last_event_at")
+        assert (ack.purged_events, ack.quarantined_events) == (
+            (2 * PER_TICK, 0) if purge else (0, 2 * PER_TICK)
+        )
+        assert agent.engine.quarantined_events == ack.quarantined_events, "kept aside or gone"
+        assert not agent.lease.holds(clock()), "a pause ends the lease at once"
+        agent.engine.start_all()  # even a channel started by mistake captures nothing
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == 2 * PER_TICK
+        assert agent.applied_epoch == 4
+
+    run_agent(scenario)
+
+
+def test_a_grant_sent_before_the_pause_does_not_restart_capture() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await agent.handle(directive(pb.MODE_ALLOWED, 3), outbox)
+        await settle()
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await agent.handle(grant(1), outbox)
+        agent.engine.tick()
+        assert not agent.engine.capturing and agent.engine.events_captured_total == 0
+
+    run_agent(scenario)
+
+
+def test_refused_renewal_stops_capture_at_once() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        request_id, _ = agent.lease.request()
+        await agent.handle(grant(request_id, granted=False), outbox)
+        assert not agent.engine.capturing
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == PER_TICK
+
+    run_agent(scenario)
+
+
+def test_unknown_mode_stops_capture_and_nacks() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        await agent.handle(directive(pb.MODE_UNSPECIFIED, 5), outbox)
+        assert outbox.sent[-1].WhichOneof("body") == "nack"
+        assert not agent.engine.capturing and not agent.lease.holds(clock())
+
+    run_agent(scenario)
+
+
+def test_heartbeats_carry_channels_and_counters_also_while_paused() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox, heartbeat=0.02)
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await asyncio.sleep(0.1)
+        beats = outbox.bodies("heartbeat")
+        assert beats, "heartbeats continue while paused"
+        assert beats[-1].applied_epoch == 4 and channels(beats[-1]) == STOPPED
+        assert beats[-1].report.events_captured_total == PER_TICK
+
+    run_agent(scenario)
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_faults_wait_for_the_trigger() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        assert outbox.sent[-1].ack.epoch == 4 and not agent.engine.capturing
+
+    run_agent(scenario, Fault.IGNORE)
+
+
+def test_ignore_never_acts_on_directives_but_keeps_its_lease_machinery() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox, heartbeat=0.02)
+        agent.trigger_fault()
+        sent = len(outbox.sent)
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await asyncio.sleep(0.1)
+        assert not outbox.bodies("nack") and len(outbox.bodies("ack")) == 1
+        assert len(outbox.bodies("heartbeat")) > 0 and len(outbox.sent) > sent
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == 2 * PER_TICK, "still under its lease"
+        request_id, _ = agent.lease.request()  # the renewal the server refuses
+        await agent.handle(grant(request_id, granted=False), outbox)
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == 2 * PER_TICK
+        assert agent.truth.events_without_lease == 0
+
+    run_agent(scenario, Fault.IGNORE)
+
+
+def test_lie_acks_every_channel_stopped_and_captures_on_without_a_lease() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox, heartbeat=0.02)
+        agent.trigger_fault()
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        ack = outbox.sent[-1].ack
+        assert ack.mode == pb.MODE_PAUSED and channels(ack) == STOPPED
+        clock.advance(60)
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == 2 * PER_TICK
+        assert agent.engine.spool_events == 2 * PER_TICK, "nothing purged"
+        assert agent.truth.events_without_lease == PER_TICK
+        await asyncio.sleep(0.1)
+        beat = outbox.bodies("heartbeat")[-1]
+        assert channels(beat) == STOPPED
+        assert beat.report.events_captured_total == 2 * PER_TICK, "real counters"
+
+    run_agent(scenario, Fault.LIE)
+
+
+def test_stubborn_nacks_naming_the_screen_but_captures_nothing_without_a_lease() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        agent.trigger_fault()
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        nack = outbox.sent[-1].nack
+        assert nack.epoch == 4 and "screen" in nack.reason and "did not stop" in nack.reason
+        assert agent.engine.active == {"keyboard": False, "mouse": False, "screen": True}
+        agent.engine.tick()
+        assert agent.engine.events_captured_total == PER_TICK
+        assert agent.applied_epoch == 3, "a nack applies nothing"
+
+    run_agent(scenario, Fault.STUBBORN)
+
+
+def test_slow_applies_and_acks_each_directive_late_newest_wins() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        agent.trigger_fault()
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await agent.handle(directive(pb.MODE_ALLOWED, 5), outbox)
+        assert len(outbox.bodies("ack")) == 1 and agent.engine.capturing, "not yet"
+        await asyncio.sleep(0.3)
+        epochs = [a.epoch for a in outbox.bodies("ack")]
+        assert epochs[-1] == 5 and epochs == sorted(epochs)
+        assert agent.directive is not None and agent.directive.epoch == 5
+
+    run_agent(scenario, Fault.SLOW, Tuning(slow_max=0.2))
+
+
+def test_offline_stays_away_for_twice_the_lease_ttl_and_does_not_upload() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=40), outbox)
+        agent.trigger_fault()
+        assert agent._offline_remaining() == pytest.approx(80, abs=1)
+
+    run_agent(scenario, Fault.OFFLINE)
+
+
+def test_sleep_suspends_every_task_and_needs_a_fresh_lease_after() -> None:
+    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+        runner = asyncio.create_task(agent.run())  # capture ticks every 10 ms
+        try:
+            # A 1 s lease on the fake boottime clock, renewed every 1/3 s of real time.
+            await capture_under_lease(agent, outbox, ttl=1.0)
+            await wait_until(lambda: len(outbox.lease_requests()) == 2)
+            assert agent.engine.events_captured_total > PER_TICK
+            stale = 2  # a renewal, not answered before sleeping
+            agent.trigger_fault()
+            before, sent = agent.engine.events_captured_total, len(outbox.sent)
+            clock.advance(5)  # boottime counts through the sleep, past the lease
+            await asyncio.sleep(0.4)
+            assert agent.engine.events_captured_total == before, "suspended: no ticks"
+            assert len(outbox.sent) == sent, "suspended: no lease requests"
+            await asyncio.sleep(0.2)
+            assert agent.awake.is_set() and not agent.engine.capturing
+            # What arrived while it slept: the answer to a request sent before.
+            await agent.handle(grant(stale, ttl=1.0), outbox)
+            await asyncio.sleep(0.05)
+            assert agent.engine.events_captured_total == before, "no capture on a stale lease"
+            fresh = outbox.lease_requests()[-1]
+            assert fresh > stale, "renewed at once on waking"
+            await agent.handle(grant(fresh, ttl=1.0), outbox)
+            await asyncio.sleep(0.05)
+            assert agent.engine.events_captured_total > before
+            assert agent.truth.events_without_lease == 0
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    run_agent(scenario, Fault.SLEEP, Tuning(capture_tick=0.01, sleep_for=0.5))
+
+
+# ---------------------------------------------------------------- fleet
+
+
+def test_fault_fractions_round_to_whole_agents_never_exceeding_the_total() -> None:
+    assert fault_counts({Fault.LIE: 0.1, Fault.IGNORE: 0.1}, 50) == {
+        Fault.LIE: 5,
+        Fault.IGNORE: 5,
+    }
+    assert fault_counts({Fault.LIE: 0.5, Fault.SLOW: 0.5}, 3) == {Fault.LIE: 2, Fault.SLOW: 1}
+    assert sum(fault_counts(dict.fromkeys(list(Fault)[1:], 1 / 6), 7).values()) == 7
+    assert fault_counts({Fault.SLEEP: 0.01}, 10) == {Fault.SLEEP: 0}
+
+
+def test_fault_assignment_is_deterministic_per_seed() -> None:
+    faults = {Fault.LIE: 2, Fault.STUBBORN: 3}
+    a = fleet_configs(50, seed=7, faults=faults)
+    b = fleet_configs(50, seed=7, faults=dict(reversed(faults.items())))
+    assert [(c.agent_id, c.labels, c.fault) for c in a] == [
+        (c.agent_id, c.labels, c.fault) for c in b
+    ]
+    assert sum(c.fault is Fault.LIE for c in a) == 2
+    assert sum(c.fault is Fault.STUBBORN for c in a) == 3
+    other = fleet_configs(50, seed=8, faults=faults)
+    assert [c.fault for c in other] != [c.fault for c in a]

@@ -1,0 +1,134 @@
+"""Lease arithmetic and the ground-truth recorder, on an injected clock."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agent_stub import GroundTruth, Lease, boottime
+
+
+class FakeClock:
+    """A boottime clock the test moves by hand (sleep is just a big step)."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_boottime_is_the_sleep_inclusive_clock_on_linux() -> None:
+    if not hasattr(time, "CLOCK_BOOTTIME"):
+        pytest.skip("no CLOCK_BOOTTIME on this platform")
+    assert abs(boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
+    assert boottime() != pytest.approx(time.time(), abs=3600), "never the wall clock"
+
+
+def test_no_lease_until_the_first_grant() -> None:
+    clock = FakeClock()
+    lease = Lease(clock)
+    assert not lease.holds(clock()) and lease.remaining() == 0
+    lease.request()
+    assert not lease.holds(clock()), "asking is not holding"
+
+
+def test_expiry_counts_from_when_the_request_was_sent() -> None:
+    clock = FakeClock()
+    lease = Lease(clock)
+    request_id, sent_at = lease.request()
+    assert sent_at == 1_000.0
+    clock.advance(2.5)  # the grant takes a while to arrive
+    assert lease.answer(request_id, granted=True, ttl=30)
+    # The server counts from its grant (>= 1002.5); the agent from its send: never later.
+    assert lease.expires_at == 1_030.0
+    assert lease.remaining() == pytest.approx(27.5)
+    assert lease.holds(1_029.999) and not lease.holds(1_030.0)
+
+
+def test_renewal_moves_the_expiry_and_expiry_ends_capture() -> None:
+    clock = FakeClock()
+    lease = Lease(clock)
+    first, _ = lease.request()
+    lease.answer(first, granted=True, ttl=30)
+    clock.advance(10)
+    second, _ = lease.request()
+    lease.answer(second, granted=True, ttl=30)
+    assert lease.expires_at == 1_040.0
+    clock.advance(30)  # no renewal arrives: the lease runs out by itself
+    assert not lease.holds(clock())
+
+
+def test_unknown_and_superseded_grants_are_ignored() -> None:
+    clock = FakeClock()
+    lease = Lease(clock)
+    assert not lease.answer(99, granted=True, ttl=30), "never requested"
+    old, _ = lease.request()
+    clock.advance(5)
+    new, _ = lease.request()
+    assert lease.answer(new, granted=True, ttl=30)
+    assert not lease.answer(old, granted=True, ttl=30), "older than the grant applied"
+    assert not lease.answer(new, granted=True, ttl=30), "answered already"
+    assert lease.expires_at == 1_035.0
+
+
+def test_refusal_and_revocation_end_the_lease_at_once() -> None:
+    clock = FakeClock()
+    lease = Lease(clock)
+    first, _ = lease.request()
+    lease.answer(first, granted=True, ttl=30)
+    renewal, _ = lease.request()
+    assert lease.answer(renewal, granted=False, ttl=0)
+    assert not lease.holds(clock())
+
+    again, _ = lease.request()
+    lease.answer(again, granted=True, ttl=30)
+    in_flight, _ = lease.request()
+    lease.revoke()  # a pause
+    assert not lease.holds(clock())
+    assert not lease.answer(in_flight, granted=True, ttl=30), "sent before the pause"
+    assert not lease.holds(clock())
+
+
+def test_truth_counts_only_events_past_the_lease_it_knows() -> None:
+    truth = GroundTruth(capture_tick=1.0)
+    truth.captured(at=5.0, count=3, wall=1.0)
+    assert truth.events_without_lease == 3, "before any grant there is no lease"
+    truth.lease_requested(1, at=10.0)
+    truth.lease_answered(1, granted=True, ttl=30)
+    truth.captured(at=39.9, count=4, wall=2.0)
+    assert truth.events_without_lease == 3
+    truth.captured(at=40.1, count=5, wall=3.0)
+    assert truth.events_without_lease == 8
+    assert truth.events_captured_total == 12 and truth.last_event_at == 3.0
+
+
+def test_truth_ends_the_lease_at_an_obeyed_pause_and_ignores_grants_in_flight() -> None:
+    truth = GroundTruth(capture_tick=1.0)
+    truth.lease_requested(1, at=0.0)
+    truth.lease_answered(1, granted=True, ttl=60)
+    truth.lease_requested(2, at=10.0)
+    truth.lease_revoked(at=12.0)
+    truth.lease_answered(2, granted=True, ttl=60)
+    truth.captured(at=11.0, count=1, wall=1.0)
+    truth.captured(at=13.0, count=2, wall=2.0)
+    assert truth.events_without_lease == 2
+
+
+def test_truth_row_and_capturing_now() -> None:
+    truth = GroundTruth(capture_tick=1.0)
+    assert truth.row("a", "none", now=0.0) == {
+        "agent_id": "a",
+        "fault": "none",
+        "events_captured_total": 0,
+        "last_event_at": None,
+        "events_without_lease": 0,
+        "capturing": False,
+    }
+    truth.captured(at=100.0, count=2, wall=1_700_000_000.0)
+    assert truth.capturing(100.5)
+    assert not truth.capturing(102.0), "no events at the latest tick"
