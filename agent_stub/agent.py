@@ -157,6 +157,10 @@ class Agent:
                 # During a server restart INTERNAL and CANCELLED show up as well as
                 # UNAVAILABLE: any status means "try again later".
                 reason = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:
+                # An agent that gives up is an agent nobody can pause: always retry.
+                log.warning("agent_stream_error", agent_id=self.agent_id, error=repr(exc))
+                reason = repr(exc)
             finally:
                 self.connected = False
             delay = self._backoff.next_delay()

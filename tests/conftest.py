@@ -149,23 +149,28 @@ class Simulator:
     """`killswitch-agent simulate` in a subprocess."""
 
     def __init__(self, server: ServerProcess, agents: int, extra: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [
-                str(BIN / "killswitch-agent"),
-                "simulate",
-                "--server",
-                server.address,
-                "--agents",
-                str(agents),
-                "--connections",
-                "4",
-                "--report-every",
-                "3600",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.log_path = server.data_dir.parent / f"simulator-{server.grpc_port}-{agents}.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "killswitch-agent"),
+                    "simulate",
+                    "--server",
+                    server.address,
+                    "--agents",
+                    str(agents),
+                    "--connections",
+                    "4",
+                    "--report-every",
+                    "3600",
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
         terminate(self.proc)

@@ -160,3 +160,37 @@ def test_simulator_writes_the_truth_file_and_triggers_faults_on_sigusr1(tmp_path
         terminate(proc)
     assert proc.returncode == 0
     assert read_truth(truth)["trigger_at"] == triggered, "written again at exit"
+
+
+def test_an_agent_keeps_retrying_whatever_broke_its_stream() -> None:
+    """An agent that gives up on an unexpected error is an agent nobody can pause."""
+    import asyncio
+
+    import grpc
+
+    from agent_stub import Agent, AgentConfig
+
+    async def scenario() -> int:
+        channel = grpc.aio.insecure_channel("127.0.0.1:1")
+        agent = Agent(
+            AgentConfig("a"),
+            channel,
+            backoff=Backoff(initial=0.01, maximum=0.01, rng=random.Random(1)),
+        )
+        attempts = 0
+
+        async def broken_session() -> str:
+            nonlocal attempts
+            attempts += 1
+            raise RuntimeError("stream broke in an unexpected way")
+
+        agent._session = broken_session  # type: ignore[method-assign]
+        runner = asyncio.create_task(agent.run())
+        await asyncio.sleep(0.2)
+        assert not runner.done(), "the agent gave up"
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await channel.close(grace=None)
+        return attempts
+
+    assert asyncio.run(scenario()) >= 3

@@ -94,6 +94,7 @@ def test_drill_verdicts_match_ground_truth(
         final = {a: r["state"] for a, r in cli.agents().items()}
         print("\nconfusion table (rows: injected fault, columns: server verdict)")
         print(confusion(truth, final))
+        print("simulator exit code:", sim.proc.poll(), "log tail:\n", sim.log())
     flagged = {a for a, state in verdicts.items() if state == "VIOLATION"}
     assert flagged == {a for a, row in truth.items() if row["fault"] == "lie"}
     assert not any(truth[a]["fault"] in HONEST for a in flagged), "an honest agent was flagged"
