@@ -97,6 +97,10 @@ class AgentEntry:
     subscriber: Subscriber | None = None
     # last_seen as of the newest row handed to the store.
     last_seen_saved: float = 0.0
+    # The lease expiry the store holds: written one TTL ahead of the real expiry, so
+    # renewals need a write only every few rounds and a restarted server never thinks
+    # a lease ended before it really did.
+    lease_bound_saved: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +175,11 @@ class ControlPlane:
             if status.disconnected_at is None and status.first_seen is not None:
                 status.disconnected_at = status.last_seen
             self._agents[stored.agent_id] = AgentEntry(
-                stored.agent_id, stored.labels, stored.desired, status
+                stored.agent_id,
+                stored.labels,
+                stored.desired,
+                status,
+                lease_bound_saved=status.lease_expires_at or 0.0,
             )
         self._reconcile_all(now)
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
@@ -208,7 +216,11 @@ class ControlPlane:
             entry.last_seen_saved = entry.status.last_seen or 0.0
             # A copy: the store may read it on another thread while the loop moves on.
             # Shallow is enough: record_* replace `channels`, never mutate it.
-            status = dataclasses.replace(entry.status)
+            lease = entry.status.lease_expires_at
+            status = dataclasses.replace(
+                entry.status,
+                lease_expires_at=None if lease is None else max(lease, entry.lease_bound_saved),
+            )
             rows.append(StoredAgent(agent_id, entry.labels, entry.desired, status))
         try:
             await self._store.save_agents(rows)
@@ -450,8 +462,11 @@ class ControlPlane:
         entry = self._agents[agent_id]
         if entry.desired.mode is not Mode.ALLOWED:
             return LeaseDecision(False, 0.0, f"paused: {entry.desired.reason}")
-        entry.status.record_lease(self._clock() + self.lease_ttl)
-        self._dirty.add(agent_id)
+        expires_at = self._clock() + self.lease_ttl
+        entry.status.record_lease(expires_at)
+        if expires_at > entry.lease_bound_saved:
+            entry.lease_bound_saved = expires_at + self.lease_ttl
+            self._dirty.add(agent_id)
         return LeaseDecision(True, self.lease_ttl, "ok")
 
     def authorize_upload(

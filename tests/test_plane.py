@@ -225,3 +225,36 @@ def test_leases_only_while_allowed_and_violations_need_an_operator() -> None:
         await plane.stop()
 
     asyncio.run(scenario())
+
+
+def test_lease_renewals_are_written_a_ttl_ahead_and_rarely() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        now = [1000.0]
+        plane = ControlPlane(
+            store,
+            clock=lambda: now[0],
+            flush_interval=3600,
+            lease_ttl=30,
+            last_seen_save_interval=3600,
+        )
+        await plane.start()
+        plane.connect("a", {}, Session())
+        plane.heartbeat("a", STOPPED, REPORT)
+        await plane.flush()
+        writes = len(store.batches)
+        for _ in range(6):  # a renewal every third of the TTL, for one minute
+            assert plane.grant_lease("a").granted
+            await plane.flush()
+            stored = store.agents["a"].status.lease_expires_at
+            real = plane.views()[0].status.lease_expires_at
+            assert stored is not None and real is not None and stored >= real
+            now[0] += 10
+        assert len(store.batches) - writes == 2, "one write per TTL, not per renewal"
+        # While allowed, moving counters alone wait for the periodic save.
+        plane.heartbeat("a", STOPPED, CaptureReport(events_total=99))
+        await plane.flush()
+        assert len(store.batches) - writes == 2
+        await plane.stop()
+
+    asyncio.run(scenario())

@@ -203,9 +203,13 @@ class AgentStatus:
         desired: Desired,
         heartbeat_interval: float,
     ) -> bool:
-        """Record liveness and figures; return whether anything worth storing changed."""
+        """Record liveness and figures; return whether anything worth storing at once changed.
+
+        Counters of an agent that is allowed to capture move with every heartbeat; they
+        are evidence only after a stop is claimed, so alone they need no prompt write.
+        """
         self.last_seen = at
-        changed = channels != self.channels or report != self.report
+        changed = channels != self.channels
         self.channels, self.report = dict(channels), report
         if self.claims_stopped(desired):
             was = (self.verified_at, self.violation)
