@@ -14,6 +14,7 @@ import dataclasses
 import heapq
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -408,22 +409,21 @@ class ControlPlane:
             )
             return
         status = entry.status
-        had_violation = bool(status.violation)
-        recorded = status.record_ack(
-            epoch,
-            mode,
-            channels,
-            report,
-            self._clock(),
-            desired=entry.desired,
-            purged=purged,
-            quarantined=quarantined,
-        )
+        with self._watching_for_violation(entry):
+            recorded = status.record_ack(
+                epoch,
+                mode,
+                channels,
+                report,
+                self._clock(),
+                desired=entry.desired,
+                purged=purged,
+                quarantined=quarantined,
+            )
         if not recorded:
             log.info(
                 "stale_ack_ignored", agent_id=agent_id, epoch=epoch, acked_epoch=status.acked_epoch
             )
-        self._note_violation(entry, had_violation)
         self._dirty.add(agent_id)
 
     def nack(self, agent_id: str, epoch: int, reason: str) -> None:
@@ -436,20 +436,24 @@ class ControlPlane:
         """Changes are written at the next flush; bare liveness only now and then."""
         entry = self._agents[agent_id]
         now = self._clock()
-        had_violation = bool(entry.status.violation)
-        changed = entry.status.record_heartbeat(
-            channels,
-            report,
-            now,
-            desired=entry.desired,
-            heartbeat_interval=self.policy.heartbeat_interval,
-        )
-        self._note_violation(entry, had_violation)
+        with self._watching_for_violation(entry):
+            changed = entry.status.record_heartbeat(
+                channels,
+                report,
+                now,
+                desired=entry.desired,
+                heartbeat_interval=self.policy.heartbeat_interval,
+            )
         if changed or now - entry.last_seen_saved >= self.last_seen_save_interval:
             self._dirty.add(agent_id)
 
-    def _note_violation(self, entry: AgentEntry, had_violation: bool) -> None:
+    @contextmanager
+    def _watching_for_violation(self, entry: AgentEntry) -> Iterator[None]:
+        """Evidence may arrive with any report: log it, and store it at the next flush."""
+        had_violation = bool(entry.status.violation)
+        yield
         if entry.status.violation and not had_violation:
+            self._dirty.add(entry.agent_id)
             log.error(
                 "violation_detected",
                 agent_id=entry.agent_id,
@@ -458,7 +462,7 @@ class ControlPlane:
             )
 
     def grant_lease(self, agent_id: str) -> LeaseDecision:
-        """Leases go only to agents whose effective state is ALLOWED, and only while connected."""
+        """Leases go only to agents whose effective state is ALLOWED (asked on their stream)."""
         entry = self._agents[agent_id]
         if entry.desired.mode is not Mode.ALLOWED:
             return LeaseDecision(False, 0.0, f"paused: {entry.desired.reason}")
@@ -475,13 +479,12 @@ class ControlPlane:
         entry = self._agents.get(agent_id)
         if entry is None:
             return UploadDecision(False, f"unknown agent {agent_id!r}")
-        had_violation = bool(entry.status.violation)
-        decision = entry.status.decide_upload(
-            first_event_at, last_event_at, count, self._clock(), desired=entry.desired
-        )
-        self._note_violation(entry, had_violation)
-        self._dirty.add(agent_id)
-        if not decision.allowed:
+        with self._watching_for_violation(entry):
+            decision = entry.status.decide_upload(
+                first_event_at, last_event_at, count, self._clock(), desired=entry.desired
+            )
+        if not decision.allowed:  # the refusal count changed; an allowed batch changes nothing
+            self._dirty.add(agent_id)
             log.info("upload_refused", agent_id=agent_id, events=count, reason=decision.reason)
         return decision
 
