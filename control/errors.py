@@ -25,3 +25,7 @@ class Conflict(KillswitchError):
 
 class StoreError(KillswitchError):
     """The durable store failed or holds data this version cannot read."""
+
+
+class PermissionDenied(KillswitchError):
+    """The caller's role or identity does not allow this action."""

@@ -1,18 +1,27 @@
 """The storage port: what the control plane needs from a durable store.
 
 Implementations (``control.store.sqlite`` now, PostgreSQL later) must honour one
-contract: holds and epochs are durable before a call returns, epochs are
-allocated by the store and only ever go up, and agent rows are written in
-batches.
+contract:
+
+* holds and epochs are durable before a call returns; epochs are allocated by
+  the store and only ever go up;
+* agent rows are written in batches;
+* every state change is committed in the same transaction as the audit entries
+  that describe it, and the audit log is append-only: the store chains each new
+  entry to the previous one (``control.domain.audit.chain``) and moves the
+  recorded head in that same transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from control.domain import AgentStatus, Desired, Hold, HoldDraft
+from control.domain.approvals import ResumeRequest
+from control.domain.audit import AuditEntry, AuditRecord, ChainHead
+from control.domain.identity import CertificateRecord, EnrollToken
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,22 +37,66 @@ class LoadedState:
     epoch: int
     holds: list[Hold]
     agents: list[StoredAgent]
+    resume_requests: list[ResumeRequest] = field(default_factory=list)
+    # Serials of revoked certificates: refused at every call and stream.
+    revoked_serials: set[str] = field(default_factory=set)
 
 
 class Store(Protocol):
     async def load(self) -> LoadedState:
         """Everything needed to rebuild the in-memory state after a restart."""
 
-    async def create_hold(self, draft: HoldDraft) -> Hold:
+    async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         """Commit the hold durably with a freshly allocated epoch."""
 
-    async def lift_hold(self, hold_id: str, lifted_by: str, lifted_at: float) -> Hold:
+    async def lift_hold(
+        self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
+    ) -> Hold:
         """Commit the lift durably with a freshly allocated epoch.
 
         Raises ``NotFound`` for an unknown hold and ``Conflict`` if already lifted.
         """
 
-    async def save_agents(self, agents: Sequence[StoredAgent]) -> None:
-        """Upsert a batch of agent rows in one transaction."""
+    async def save_agents(
+        self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
+    ) -> None:
+        """Upsert a batch of agent rows (and the audit entries they carry) in one transaction."""
+
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Actions that change no other state: denials, reads worth recording."""
+
+    async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
+        """Entries with ``seq > after_seq`` in order, at most ``limit``, and the recorded head."""
+
+    async def save_resume_request(self, request: ResumeRequest, audit: AuditRecord) -> None:
+        """Insert or replace the request (by id)."""
+
+    async def execute_resume(
+        self, request: ResumeRequest, lifted_at: float, audit: AuditRecord
+    ) -> Hold:
+        """Lift ``request.hold_id`` with a fresh epoch and store ``request`` as EXECUTED
+        with that ``lifted_epoch``, in one transaction. Errors as ``lift_hold``."""
+
+    async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None: ...
+
+    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> None:
+        """Take one use of the token atomically.
+
+        Raises ``PermissionDenied`` with ``check_enroll_token``'s reason when it cannot enrol.
+        """
+
+    async def record_certificate(
+        self, certificate: CertificateRecord, audit: AuditRecord | None
+    ) -> None: ...
+
+    async def revoke_certificates(
+        self, subject_or_serial: str, revoked_at: float, audit: AuditRecord
+    ) -> list[CertificateRecord]:
+        """Revoke every unrevoked certificate with that subject, or the one with that serial.
+
+        Raises ``NotFound`` when nothing matches.
+        """
+
+    async def list_certificates(self) -> list[CertificateRecord]: ...
 
     async def close(self) -> None: ...

@@ -1,0 +1,174 @@
+"""Two-person resume: an incident commander asks, a *different* approver decides.
+
+Pausing is the safe direction and needs one person; resuming re-enables capture
+of keystrokes and screens, so it needs two. A request is tied to one hold and
+one revision: editing it drops every approval given so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+from control.domain.holds import Hold, HoldKind, validate_reason, validate_ticket
+from control.domain.identity import Principal, Role
+from control.errors import Conflict, InvalidInput, PermissionDenied
+
+DEFAULT_REQUEST_TTL_SECONDS = 3600.0
+MAX_REQUEST_TTL_SECONDS = 7 * 24 * 3600.0
+
+
+class ResumeState(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    EXECUTED = "executed"
+
+
+OPEN_STATES = frozenset({ResumeState.PENDING, ResumeState.APPROVED})
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    approver: str
+    at: float
+    revision: int
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    id: str
+    hold_id: str
+    requested_by: str
+    reason: str
+    ticket: str
+    created_at: float
+    expires_at: float
+    for_runbook: bool = False
+    state: ResumeState = ResumeState.PENDING
+    revision: int = 1
+    approvals: tuple[Approval, ...] = ()
+    decided_by: str = ""
+    decided_at: float | None = None
+    decision_note: str = ""
+    lifted_epoch: int = 0
+
+    def current_state(self, now: float) -> ResumeState:
+        """Expiry is a function of time, so it is read here rather than stored by a timer."""
+        if self.state in OPEN_STATES and now >= self.expires_at:
+            return ResumeState.EXPIRED
+        return self.state
+
+
+def new_request_id() -> str:
+    return f"resume-{secrets.token_hex(5)}"
+
+
+def open_request(
+    *,
+    hold: Hold,
+    requester: Principal,
+    reason: str,
+    ticket: str,
+    now: float,
+    expires_in: float = 0.0,
+    for_runbook: bool = False,
+) -> ResumeRequest:
+    if not hold.active:
+        raise Conflict(f"hold {hold.id!r} was already lifted at epoch {hold.lifted_epoch}")
+    if hold.kind is HoldKind.OPT_OUT:
+        raise PermissionDenied(
+            f"hold {hold.id!r} is an employee opt-out: only the laptop's owner can lift it"
+        )
+    ttl = expires_in or DEFAULT_REQUEST_TTL_SECONDS
+    if not 0 < ttl <= MAX_REQUEST_TTL_SECONDS:
+        raise InvalidInput(
+            f"expiry must be more than 0 and at most {MAX_REQUEST_TTL_SECONDS:.0f} seconds"
+        )
+    return ResumeRequest(
+        id=new_request_id(),
+        hold_id=hold.id,
+        requested_by=requester.name,
+        reason=validate_reason(reason),
+        ticket=validate_ticket(ticket),
+        created_at=now,
+        expires_at=now + ttl,
+        for_runbook=for_runbook,
+    )
+
+
+def _require_open(request: ResumeRequest, now: float) -> None:
+    state = request.current_state(now)
+    if state not in OPEN_STATES:
+        raise Conflict(f"resume request {request.id!r} is {state.value}; open a new one")
+
+
+def edit_request(
+    request: ResumeRequest, editor: Principal, *, reason: str, ticket: str, now: float
+) -> ResumeRequest:
+    """Only the requester edits; whatever was approved before is no longer what is asked."""
+    _require_open(request, now)
+    if editor.name != request.requested_by:
+        raise PermissionDenied(f"only {request.requested_by} can edit resume request {request.id}")
+    return dataclasses.replace(
+        request,
+        reason=validate_reason(reason) if reason else request.reason,
+        ticket=validate_ticket(ticket) if ticket else request.ticket,
+        revision=request.revision + 1,
+        approvals=(),
+        state=ResumeState.PENDING,
+    )
+
+
+def _check_decider(request: ResumeRequest, decider: Principal, revision: int, now: float) -> None:
+    _require_open(request, now)
+    if decider.role is not Role.APPROVER:
+        raise PermissionDenied("only an approver can decide a resume request")
+    if decider.name == request.requested_by:
+        raise PermissionDenied(
+            f"{decider.name} asked for this resume and cannot decide it: a different person must"
+        )
+    if request.state is not ResumeState.PENDING:
+        raise Conflict(f"resume request {request.id!r} is already approved")
+    if revision and revision != request.revision:
+        raise Conflict(
+            f"resume request {request.id!r} changed since you reviewed it"
+            f" (revision {revision}, now {request.revision}); review it again"
+        )
+
+
+def approve(
+    request: ResumeRequest, approver: Principal, *, revision: int, note: str, now: float
+) -> ResumeRequest:
+    """A direct resume is EXECUTED by the caller in the same transaction as the lift."""
+    _check_decider(request, approver, revision, now)
+    approval = Approval(approver.name, now, request.revision, note.strip())
+    return dataclasses.replace(
+        request,
+        approvals=(*request.approvals, approval),
+        state=ResumeState.APPROVED,
+        decided_by=approver.name,
+        decided_at=now,
+        decision_note=note.strip(),
+    )
+
+
+def deny(
+    request: ResumeRequest, approver: Principal, *, revision: int, note: str, now: float
+) -> ResumeRequest:
+    _check_decider(request, approver, revision, now)
+    return dataclasses.replace(
+        request,
+        state=ResumeState.DENIED,
+        decided_by=approver.name,
+        decided_at=now,
+        decision_note=note.strip(),
+    )
+
+
+def executed(request: ResumeRequest, lifted_epoch: int) -> ResumeRequest:
+    return dataclasses.replace(request, state=ResumeState.EXECUTED, lifted_epoch=lifted_epoch)
