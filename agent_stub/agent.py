@@ -15,6 +15,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from agent_stub.backoff import Backoff
 from agent_stub.capture import CHANNELS, CaptureEngine
 from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig, Fault
+from agent_stub.identity import Metadata
 from agent_stub.lease import Clock, Lease, boottime
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox
@@ -37,12 +38,22 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(target: str, *, own_connection: bool = True) -> grpc.aio.Channel:
-    """A channel to the control server; ``own_connection`` stops gRPC sharing one TCP link."""
+def open_channel(
+    target: str,
+    *,
+    own_connection: bool = True,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.aio.Channel:
+    """A channel to the control server: mTLS with ``credentials``, else plaintext.
+
+    ``own_connection`` stops gRPC sharing one TCP link between channels.
+    """
     options = list(CHANNEL_OPTIONS)
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
-    return grpc.aio.insecure_channel(target, options=options)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def nack(epoch: int, reason: str) -> pb.AgentMessage:
@@ -53,6 +64,8 @@ class Agent:
     """Captures only under an unexpired lease, and answers every directive it acts on.
 
     ``trigger_fault`` turns a simulated agent into its configured ``Fault``.
+    ``call_metadata`` goes with every call: an insecure server reads the caller's
+    identity from it (``identity.insecure_metadata``); over mTLS it stays empty.
     """
 
     def __init__(
@@ -60,18 +73,20 @@ class Agent:
         config: AgentConfig,
         channel: grpc.aio.Channel,
         *,
+        call_metadata: Metadata = (),
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         clock: Clock = boottime,
     ) -> None:
         self.config = config
         self._control = pb_grpc.AgentControlStub(channel)
+        self._call_metadata = call_metadata
         self._rng = rng or random.Random()
         self._backoff = backoff or Backoff(rng=self._rng)
         self.lease = Lease(clock)
         self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
         self.engine = CaptureEngine(self.lease, self.truth)
-        self.uploader = Uploader(config.agent_id, self.engine, channel)
+        self.uploader = Uploader(config.agent_id, self.engine, channel, call_metadata)
         # Cleared while the whole process is suspended (the sleep fault).
         self.awake = asyncio.Event()
         self.awake.set()
@@ -170,7 +185,8 @@ class Agent:
     async def _session(self) -> str:
         """One stream, until it ends; returns why it ended."""
         # aio streams are written to explicitly; the stubs only know the iterator form.
-        stream = ControlStream(self._control.Connect())  # type: ignore[call-arg]
+        call = self._control.Connect(metadata=self._call_metadata)  # type: ignore[call-arg]
+        stream = ControlStream(call)
         self._stream = stream
         try:
             await stream.send(pb.AgentMessage(hello=self._hello()))

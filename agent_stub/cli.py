@@ -1,4 +1,10 @@
-"""``killswitch-agent``: one reference agent, or a simulated fleet."""
+"""``killswitch-agent``: one reference agent, or a simulated fleet.
+
+Agents talk mTLS to the control server with a certificate they get by enrolling
+(``--state-dir``, ``--enroll-token``); ``--insecure`` is for a loopback
+development server. Exit codes: 2 bad input or enrolment refused, 4 the
+enrolment server could not be reached, 1 any other enrolment failure.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,20 @@ import structlog
 
 from agent_stub.agent import Agent, open_channel
 from agent_stub.config import AgentConfig, Fault, Tuning
+from agent_stub.identity import (
+    CA_FILE,
+    EXIT_BAD_INPUT,
+    EnrolmentError,
+    default_enroll_target,
+    enrol,
+    enrol_fleet,
+    insecure_metadata,
+    read_ca,
+)
 from agent_stub.simulate import Fleet, fault_counts, fleet_configs
 
 MAX_SIMULATED_AGENTS = 50_000
+DEFAULT_CONNECTIONS = 8
 FAULT_KINDS = ", ".join(f.value for f in Fault if f is not Fault.NONE)
 
 
@@ -58,11 +75,29 @@ def parse_faults(items: Sequence[str]) -> dict[Fault, float]:
     return fractions
 
 
+def enroll_target(args: argparse.Namespace) -> str:
+    return str(args.enroll_server or default_enroll_target(args.server))
+
+
+def trusted_ca(args: argparse.Namespace) -> bytes:
+    return read_ca(args.ca or args.state_dir / CA_FILE)
+
+
 async def run_one(args: argparse.Namespace) -> None:
     config = AgentConfig(agent_id=args.agent_id, labels=parse_labels(args.label or []))
-    channel = open_channel(args.server)
+    if args.insecure:
+        channel, metadata = open_channel(args.server), insecure_metadata(config.agent_id)
+    else:
+        identity = await enrol(
+            enroll_target(args),
+            args.enroll_token,
+            config.agent_id,
+            args.state_dir,
+            trusted_ca(args),
+        )
+        channel, metadata = open_channel(args.server, credentials=identity.credentials()), ()
     try:
-        await Agent(config, channel).run()
+        await Agent(config, channel, call_metadata=metadata).run()
     finally:
         await channel.close(grace=None)
 
@@ -78,19 +113,33 @@ async def simulate(args: argparse.Namespace) -> None:
         faults=fault_counts(args.faults, args.agents),
         tuning=tuning,
     )
+    connections = args.connections or DEFAULT_CONNECTIONS
+    if args.insecure:
+        identities = None
+        transport = f"{min(connections, args.agents)} plaintext connections"
+    else:
+        identities, enrolled_now = await enrol_fleet(
+            enroll_target(args),
+            args.enroll_token,
+            [c.agent_id for c in configs],
+            args.state_dir,
+            trusted_ca(args),
+        )
+        print(
+            f"enrolled {enrolled_now} agents, {args.agents - enrolled_now} already were",
+            flush=True,
+        )
+        transport = f"{args.agents} mTLS connections (one per agent)"
     fleet = Fleet(
         args.server,
         configs,
-        connections=args.connections,
+        connections=connections,
+        identities=identities,
         seed=args.seed,
         fault_after=args.fault_after,
         truth_path=args.truth,
     )
-    print(
-        f"simulating {args.agents} agents against {args.server} over"
-        f" {min(args.connections, args.agents)} connections",
-        flush=True,
-    )
+    print(f"simulating {args.agents} agents against {args.server} over {transport}", flush=True)
     runner = asyncio.create_task(fleet.run())
     # SIGTERM stops the fleet the way Ctrl-C does, so the truth file is written once more.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, runner.cancel)
@@ -125,6 +174,49 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def add_identity_options(parser: argparse.ArgumentParser, state_dir_help: str) -> None:
+    parser.add_argument("--state-dir", type=Path, metavar="DIR", help=state_dir_help)
+    parser.add_argument(
+        "--enroll-token",
+        default="",
+        metavar="TOKEN",
+        help="join token (`killswitch enroll-token create`), needed until enrolled",
+    )
+    parser.add_argument(
+        "--enroll-server",
+        metavar="HOST:PORT",
+        help="the enrolment port (default: the --server host, port + 1)",
+    )
+    parser.add_argument(
+        "--ca", type=Path, metavar="FILE", help="CA certificate to trust (default: DIR/ca.pem)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext to a loopback development server (`killswitch serve --insecure`)",
+    )
+
+
+def check_identity_options(args: argparse.Namespace) -> None:
+    if args.insecure:
+        mtls_only = {
+            "--state-dir": args.state_dir,
+            "--enroll-token": args.enroll_token,
+            "--enroll-server": args.enroll_server,
+            "--ca": args.ca,
+        }
+        given = [flag for flag, value in mtls_only.items() if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} cannot be combined with --insecure")
+        return
+    if args.state_dir is None:
+        raise UsageError("--state-dir DIR is required (or --insecure for a development server)")
+    if getattr(args, "connections", None) is not None:
+        raise UsageError(
+            "--connections applies only with --insecure: over mTLS each agent has its own"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="killswitch-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server", required=True, help="control server HOST:PORT")
     run.add_argument("--agent-id", required=True)
     run.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
+    add_identity_options(run, "where the agent keeps its key and certificate")
     run.set_defaults(func=run_one)
 
     sim = sub.add_parser("simulate", help="run N simulated agents in this process")
@@ -141,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--connections",
         type=positive_int,
-        default=8,
-        help="gRPC connections shared by the agents; N gives one per agent",
+        help=(
+            f"with --insecure: gRPC connections shared by the agents (default"
+            f" {DEFAULT_CONNECTIONS}); N gives one per agent"
+        ),
     )
     sim.add_argument("--id-prefix", default="laptop", help="agent ids are PREFIX-00000 ...")
     sim.add_argument(
@@ -175,13 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--capture-tick", type=positive_seconds, default=1.0, metavar="SECONDS")
     sim.add_argument("--upload-every", type=positive_seconds, default=30.0, metavar="SECONDS")
     sim.add_argument("--report-every", type=positive_seconds, default=10.0, metavar="SECONDS")
+    add_identity_options(sim, "one subdirectory per agent for its key and certificate")
     sim.set_defaults(func=simulate)
     return parser
 
 
-def usage_error(message: str) -> NoReturn:
+def fail(message: str, exit_code: int) -> NoReturn:
     sys.stderr.write(f"killswitch-agent: error: {message}\n")
-    sys.exit(2)
+    sys.exit(exit_code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -191,12 +287,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.agents > MAX_SIMULATED_AGENTS:
                 raise UsageError(f"at most {MAX_SIMULATED_AGENTS} agents per process")
             args.faults = parse_faults(args.fault)
+        check_identity_options(args)
         # One agent logs its reconnects; a simulated fleet only what needs attention.
         level = logging.INFO if args.command == "run" else logging.WARNING
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
         asyncio.run(args.func(args))
     except UsageError as exc:
-        usage_error(str(exc))
+        fail(str(exc), EXIT_BAD_INPUT)
+    except EnrolmentError as exc:
+        fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             sys.stderr.write("killswitch-agent: stopped\n")

@@ -1,4 +1,7 @@
-"""A fleet of simulated agents in one process, sharing K gRPC connections.
+"""A fleet of simulated agents in one process.
+
+Over mTLS every agent has its own connection (a certificate names one agent);
+insecure, they share K connections and say who they are in call metadata.
 
 Faulty agents behave honestly until the fault trigger; the ground truth of what
 every agent captured can be written to a JSON file for the drills to check.
@@ -24,6 +27,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.agent import Agent, open_channel
 from agent_stub.config import AgentConfig, Fault, Tuning
+from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
 from control.gc_policy import run_gc_policy
 
 REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "ap-south")
@@ -67,7 +71,9 @@ def fleet_configs(
                 "region": rng.choice(REGIONS),
                 "org": rng.choice(ORGS),
                 "os": rng.choices(OSES, OS_WEIGHTS)[0],
-                "owner": f"emp-{rng.randrange(100_000):05d}",
+                # The first laptop belongs to `employee-1`, the identity `killswitch init`
+                # creates, so the demo's employee has a laptop to look at.
+                "owner": "employee-1" if i == 0 else f"employee-{rng.randrange(2, 100_000)}",
             },
             tuning=shared,
         )
@@ -91,11 +97,16 @@ def write_json_atomically(path: Path, data: object) -> None:
 
 @dataclass
 class Fleet:
-    """Runs the agents; ``summary`` is what the simulator prints periodically."""
+    """Runs the agents; ``summary`` is what the simulator prints periodically.
+
+    With ``identities`` (agent id -> its certificate) each agent connects over
+    mTLS on its own channel; without, over ``connections`` shared plaintext ones.
+    """
 
     target: str
     configs: list[AgentConfig]
     connections: int
+    identities: Mapping[str, AgentIdentity] | None = None
     seed: int = 0
     # Seconds after start when faulty agents start misbehaving (SIGUSR1: at once).
     fault_after: float = 15.0
@@ -105,12 +116,10 @@ class Fleet:
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     async def run(self) -> None:
-        k = max(1, min(self.connections, len(self.configs)))
-        self._channels = [open_channel(self.target, own_connection=True) for _ in range(k)]
         rng = random.Random(self.seed)
         self.agents = [
-            Agent(cfg, self._channels[i % k], rng=random.Random(rng.random()))
-            for i, cfg in enumerate(self.configs)
+            Agent(cfg, channel, call_metadata=metadata, rng=random.Random(rng.random()))
+            for cfg, channel, metadata in self._transports()
         ]
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, self.trigger_faults)
@@ -132,6 +141,22 @@ class Fleet:
             if self.truth_path is not None:
                 write_json_atomically(self.truth_path, self.truth())
             await asyncio.gather(*(c.close(grace=None) for c in self._channels))
+
+    def _transports(self) -> list[tuple[AgentConfig, grpc.aio.Channel, Metadata]]:
+        """Each agent's channel and call metadata (the channels also kept for closing)."""
+        if self.identities is not None:
+            identities = self.identities
+            self._channels = [
+                open_channel(self.target, credentials=identities[cfg.agent_id].credentials())
+                for cfg in self.configs
+            ]
+            return [(cfg, ch, ()) for cfg, ch in zip(self.configs, self._channels, strict=True)]
+        k = max(1, min(self.connections, len(self.configs)))
+        self._channels = [open_channel(self.target) for _ in range(k)]
+        return [
+            (cfg, self._channels[i % k], insecure_metadata(cfg.agent_id))
+            for i, cfg in enumerate(self.configs)
+        ]
 
     def trigger_faults(self) -> None:
         """Faulty agents start misbehaving (once; later calls do nothing)."""

@@ -8,6 +8,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub.capture import CaptureEngine
+from agent_stub.identity import Metadata
 from agent_stub.wire import timestamp
 
 log = structlog.get_logger("killswitch.agent.upload")
@@ -18,8 +19,15 @@ UPLOAD_TIMEOUT_SECONDS = 10.0
 class Uploader:
     """Offers the spool to ``Ingest.AuthorizeUpload``; a refused batch stays spooled."""
 
-    def __init__(self, agent_id: str, engine: CaptureEngine, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        engine: CaptureEngine,
+        channel: grpc.aio.Channel,
+        call_metadata: Metadata = (),
+    ) -> None:
         self._agent_id = agent_id
+        self._call_metadata = call_metadata
         self._engine = engine
         self._ingest = pb_grpc.IngestStub(channel)
         self.events_uploaded = 0
@@ -36,7 +44,9 @@ class Uploader:
             event_count=batch.count,
         )
         try:
-            answer = await self._ingest.AuthorizeUpload(request, timeout=UPLOAD_TIMEOUT_SECONDS)
+            answer = await self._ingest.AuthorizeUpload(
+                request, timeout=UPLOAD_TIMEOUT_SECONDS, metadata=self._call_metadata
+            )
         except grpc.aio.AioRpcError as exc:  # kept for the next round
             log.debug("upload_failed", agent_id=self._agent_id, error=exc.code().name)
             return

@@ -26,12 +26,13 @@ def is_loopback(host: str) -> bool:
 
 
 def require_loopback(address: str, *, what: str) -> tuple[str, int]:
-    """Without mTLS (a later release) the API is unauthenticated, so it stays on this host."""
+    """An insecure (no mTLS) API is unauthenticated, so it stays on this host."""
     host, port = split_host_port(address, what=what)
     if not is_loopback(host):
         raise InvalidInput(
-            f"refusing to listen on {address} for {what}: this build has no mTLS yet, so the"
-            " unauthenticated API may only listen on loopback (127.0.0.1, ::1, localhost)"
+            f"refusing to listen on {address} for {what} with --insecure: without mTLS the"
+            " API is unauthenticated, so it may only listen on loopback (127.0.0.1, ::1,"
+            " localhost)"
         )
     return host, port
 

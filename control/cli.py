@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import getpass
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -32,12 +31,22 @@ from control.domain import (
     validate_agent_id,
     validate_reason,
 )
+from control.domain.audit import (
+    GENESIS_HASH,
+    AuditEntry,
+    AuditRecord,
+    ChainHead,
+    verify_anchor,
+    verify_chain,
+)
 from control.errors import InvalidInput, KillswitchError
-from control.rpc.operator_service import OPERATOR_METADATA_KEY
+from control.pki import load_identity
+from control.rpc.authz import INSECURE_IDENTITY_METADATA
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4
 RPC_TIMEOUT_SECONDS = 15.0
+INVENTORY_BATCH = 500
 UNSETTLED_SHOWN = 50
 
 
@@ -175,16 +184,63 @@ def print_json(data: Any) -> None:
 # ------------------------------------------------------------------ gRPC client
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How the CLI proves who it is: an identity directory, or an insecure claim."""
+
+    identity_dir: Path | None = None
+    insecure_claim: str = ""
+
+
+def credentials_from_args(args: argparse.Namespace) -> Credentials:
+    if args.insecure:
+        if not args.as_identity:
+            raise CliError(
+                "--insecure needs --as NAME:ROLE (or KILLSWITCH_AS): who you claim to be",
+                EXIT_BAD_INPUT,
+            )
+        return Credentials(insecure_claim=args.as_identity)
+    if not args.identity:
+        raise CliError(
+            "no identity: pass --identity DIR or set KILLSWITCH_IDENTITY"
+            " (`killswitch init` creates them under DATA_DIR/identities/)",
+            EXIT_BAD_INPUT,
+        )
+    return Credentials(identity_dir=Path(args.identity))
+
+
 class OperatorClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address)
-        self._stub = pb_grpc.OperatorStub(self._channel)
-        self._metadata = ((OPERATOR_METADATA_KEY, f"{getpass.getuser()}@{socket.gethostname()}"),)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if credentials.identity_dir is None:
+            self._channel = grpc.insecure_channel(address)
+            self._metadata = ((INSECURE_IDENTITY_METADATA, credentials.insecure_claim),)
+        else:
+            try:
+                identity = load_identity(credentials.identity_dir)
+            except KillswitchError as exc:
+                raise CliError(f"bad --identity: {exc}", EXIT_BAD_INPUT) from None
+            self._channel = grpc.secure_channel(
+                address,
+                grpc.ssl_channel_credentials(
+                    root_certificates=identity.ca_pem,
+                    private_key=identity.key_pem,
+                    certificate_chain=identity.cert_pem,
+                ),
+            )
+        self._stubs: dict[str, Any] = {
+            "Operator": pb_grpc.OperatorStub(self._channel),
+            "SelfService": pb_grpc.SelfServiceStub(self._channel),
+        }
+
+    def _method(self, method: str) -> Any:
+        service, _, name = method.rpartition(".")
+        return getattr(self._stubs[service or "Operator"], name)
 
     def call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self._stub, method)(
+            return self._method(method)(
                 request, timeout=RPC_TIMEOUT_SECONDS, metadata=self._metadata
             )
         except grpc.RpcError as exc:
@@ -192,7 +248,7 @@ class OperatorClient:
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
         try:
-            yield from getattr(self._stub, method)(
+            yield from self._method(method)(
                 request, timeout=RPC_TIMEOUT_SECONDS * 4, metadata=self._metadata
             )
         except grpc.RpcError as exc:
@@ -202,9 +258,16 @@ class OperatorClient:
         code: grpc.StatusCode = exc.code()
         details: str = exc.details() or code.name.lower()
         if code is grpc.StatusCode.UNAVAILABLE:
+            hint = (
+                " (TLS handshake failed: is the identity from this server's CA, unexpired and"
+                " not revoked?)"
+                if "handshake" in details.lower() or "ssl" in details.lower()
+                else ""
+            )
             return CliError(
-                f"cannot reach the control server at {self.address} ({details.splitlines()[0]});"
-                " is `killswitch serve` running? Set --server or KILLSWITCH_SERVER",
+                f"cannot reach the control server at {self.address}"
+                f" ({details.splitlines()[0]}){hint}; is `killswitch serve` running?"
+                " Set --server or KILLSWITCH_SERVER",
                 EXIT_UNREACHABLE,
             )
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -213,6 +276,8 @@ class OperatorClient:
             )
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return CliError(details, EXIT_BAD_INPUT)
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return CliError(f"permission denied: {details}")
         return CliError(details)
 
 
@@ -247,14 +312,154 @@ def cmd_pause(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_resume(args: argparse.Namespace, client: OperatorClient) -> int:
-    response = client.call("LiftHold", pb.LiftHoldRequest(hold_id=args.hold))
+    """Resuming needs a second person: this opens a request an approver decides."""
+    response = client.call(
+        "RequestResume",
+        pb.RequestResumeRequest(
+            hold_id=args.hold,
+            reason=validate_reason(args.reason),
+            ticket=args.ticket,
+            expires_in_seconds=args.expires_in or 0.0,
+            for_runbook=args.for_runbook,
+        ),
+    )
+    request = response.request
     print(
-        f"hold {response.hold.id} lifted at epoch {response.epoch};"
-        " agents still covered by other holds stay paused"
+        f"resume request {request.id} opened for hold {request.hold_id}"
+        f" (expires {iso(request.expires_at)});"
+        f" a different approver must run: killswitch approve {request.id}"
     )
     if not args.wait:
         return 0
-    return wait_until_settled(client, response.hold.id, args.timeout, verb="settled")
+    outcome = wait_for_decision(client, request.id, args.timeout)
+    if outcome is None:
+        return EXIT_TIMEOUT
+    if outcome.state != pb.RESUME_STATE_EXECUTED:
+        print(f"resume request {outcome.id} was {resume_state_name(outcome.state)}")
+        return EXIT_FAILED
+    return wait_until_settled(client, request.hold_id, args.timeout, verb="settled")
+
+
+def resume_state_name(state: int) -> str:
+    return pb.ResumeState.Name(state).removeprefix("RESUME_STATE_").lower()  # type: ignore[arg-type]
+
+
+def wait_for_decision(
+    client: OperatorClient, request_id: str, timeout: float
+) -> pb.ResumeRequest | None:
+    deadline = time.monotonic() + timeout
+    sys.stderr.write(f"waiting for an approver to decide {request_id} ...\n")
+    while True:
+        (request,) = client.call(
+            "ListResumeRequests", pb.ListResumeRequestsRequest(request_id=request_id)
+        ).requests
+        if request.state != pb.RESUME_STATE_PENDING:
+            decided: pb.ResumeRequest = request
+            return decided
+        if time.monotonic() >= deadline:
+            print(f"timed out after {timeout:g}s: {request_id} is still pending")
+            return None
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def request_json(request: pb.ResumeRequest) -> dict[str, Any]:
+    return {
+        "id": request.id,
+        "hold_id": request.hold_id,
+        "state": resume_state_name(request.state),
+        "requested_by": request.requested_by,
+        "reason": request.reason,
+        "ticket": request.ticket,
+        "for_runbook": request.for_runbook,
+        "revision": request.revision,
+        "created_at": iso(request.created_at),
+        "expires_at": iso(request.expires_at),
+        "approvals": [
+            {"approver": a.approver, "at": iso(a.at), "revision": a.revision, "note": a.note}
+            for a in request.approvals
+        ],
+        "decided_by": request.decided_by,
+        "decision_note": request.decision_note,
+        "lifted_epoch": request.lifted_epoch,
+    }
+
+
+def cmd_requests_list(args: argparse.Namespace, client: OperatorClient) -> int:
+    requests = client.call(
+        "ListResumeRequests", pb.ListResumeRequestsRequest(include_closed=args.all)
+    ).requests
+    if args.json:
+        print_json([request_json(r) for r in requests])
+        return 0
+    if not requests:
+        print("no open resume requests" + ("" if args.all else " (--all shows closed ones)"))
+        return 0
+    rows = [["REQUEST", "HOLD", "STATE", "BY", "REV", "REASON", "EXPIRES"]]
+    for r in requests:
+        rows.append(
+            [
+                r.id,
+                r.hold_id,
+                resume_state_name(r.state),
+                r.requested_by,
+                str(r.revision),
+                r.reason,
+                iso(r.expires_at) or "-",
+            ]
+        )
+    print_table(rows)
+    return 0
+
+
+def cmd_requests_edit(args: argparse.Namespace, client: OperatorClient) -> int:
+    response = client.call(
+        "EditResumeRequest",
+        pb.EditResumeRequestRequest(
+            request_id=args.request_id, reason=args.reason or "", ticket=args.ticket or ""
+        ),
+    )
+    request = response.request
+    print(
+        f"resume request {request.id} is now revision {request.revision};"
+        " any approvals were dropped and it needs a fresh approval"
+    )
+    return 0
+
+
+def _decide(args: argparse.Namespace, client: OperatorClient, method: str) -> pb.ResumeRequest:
+    """Show what is being decided, and pin the revision so a later edit is not approved blind."""
+    (request,) = client.call(
+        "ListResumeRequests", pb.ListResumeRequestsRequest(request_id=args.request_id)
+    ).requests
+    print(
+        f"{request.id}: resume hold {request.hold_id}, asked by {request.requested_by}:"
+        f" {request.reason} (revision {request.revision})"
+    )
+    response = client.call(
+        method,
+        pb.DecideResumeRequest(
+            request_id=request.id, revision=request.revision, note=args.note or ""
+        ),
+    )
+    decided: pb.ResumeRequest = response.request
+    return decided
+
+
+def cmd_approve(args: argparse.Namespace, client: OperatorClient) -> int:
+    request = _decide(args, client, "ApproveResume")
+    if request.for_runbook:
+        print(f"approved {request.id}: a runbook may now re-enable hold {request.hold_id}")
+    else:
+        print(
+            f"approved {request.id}: hold {request.hold_id} lifted at epoch {request.lifted_epoch}"
+        )
+    return 0
+
+
+def cmd_deny(args: argparse.Namespace, client: OperatorClient) -> int:
+    request = _decide(args, client, "DenyResume")
+    print(f"denied {request.id}: hold {request.hold_id} stays in force")
+    return 0
 
 
 def wait_until_settled(client: OperatorClient, hold_id: str, timeout: float, *, verb: str) -> int:
@@ -403,8 +608,276 @@ def read_inventory(path: Path) -> list[pb.ExpectedAgent]:
 
 def cmd_inventory_import(args: argparse.Namespace, client: OperatorClient) -> int:
     agents = read_inventory(Path(args.file))
-    response = client.call("ExpectAgents", pb.ExpectAgentsRequest(agents=agents))
-    print(f"{response.added} agents added to the inventory, {response.already_known} already known")
+    added = known = 0
+    # Batches keep every message well under the server's size cap.
+    for start in range(0, len(agents), INVENTORY_BATCH):
+        batch = agents[start : start + INVENTORY_BATCH]
+        response = client.call("ExpectAgents", pb.ExpectAgentsRequest(agents=batch))
+        added, known = added + response.added, known + response.already_known
+    print(f"{added} agents added to the inventory, {known} already known")
+    return 0
+
+
+# ------------------------------------------------------------------ audit
+
+
+def audit_entry_from_pb(entry: pb.AuditEntry) -> AuditEntry:
+    record = AuditRecord(
+        at=entry.at.ToNanoseconds() / 1e9,
+        actor=entry.actor,
+        role=entry.role,
+        action=entry.action,
+        target=entry.target,
+        reason=entry.reason,
+        ticket=entry.ticket,
+        result=entry.result,
+        detail=entry.detail,
+    )
+    return AuditEntry(entry.seq, record, entry.prev_hash, entry.hash)
+
+
+def audit_from_server(client: OperatorClient) -> tuple[list[AuditEntry], ChainHead]:
+    entries: list[AuditEntry] = []
+    head = ChainHead(0, GENESIS_HASH)
+    while True:
+        after = entries[-1].seq if entries else 0
+        page = client.call("ListAudit", pb.ListAuditRequest(after_seq=after))
+        head = ChainHead(page.head_seq, page.head_hash)
+        entries.extend(audit_entry_from_pb(e) for e in page.entries)
+        if not page.entries:
+            return entries, head
+
+
+def audit_from_file(data_dir: Path) -> tuple[list[AuditEntry], ChainHead]:
+    """Read the database directly: verification must not depend on the server's honesty."""
+    from control.store.sqlite import SqliteStore
+
+    async def read() -> tuple[list[AuditEntry], ChainHead]:
+        if not (data_dir / "killswitch.db").exists():
+            raise InvalidInput(f"no database in {data_dir}")
+        store = await SqliteStore.open(data_dir)
+        try:
+            entries: list[AuditEntry] = []
+            while True:
+                page, head = await store.read_audit(entries[-1].seq if entries else 0, 1000)
+                if not page:
+                    return entries, head
+                entries.extend(page)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def parse_anchor(text: str) -> ChainHead:
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64:
+        raise InvalidInput(
+            f"bad --anchor {text!r}: expected SEQ:SHA256HEX, as `audit verify` prints"
+        )
+    return ChainHead(int(seq), digest.lower())
+
+
+def audit_json(entry: AuditEntry) -> dict[str, Any]:
+    r = entry.record
+    return {
+        "seq": entry.seq,
+        "at": datetime.fromtimestamp(r.at, UTC).isoformat(timespec="milliseconds"),
+        "actor": r.actor,
+        "role": r.role,
+        "action": r.action,
+        "target": r.target,
+        "reason": r.reason,
+        "ticket": r.ticket,
+        "result": r.result,
+        "detail": r.detail,
+        "prev_hash": entry.prev_hash,
+        "hash": entry.hash,
+    }
+
+
+def cmd_audit(args: argparse.Namespace, client: OperatorClient) -> int:
+    entries, _ = audit_from_server(client)
+    if args.json:
+        print_json([audit_json(e) for e in entries])
+        return 0
+    rows = [["SEQ", "AT", "ACTOR", "ROLE", "ACTION", "TARGET", "RESULT", "REASON"]]
+    for e in entries:
+        r = e.record
+        at = datetime.fromtimestamp(r.at, UTC).isoformat(timespec="seconds")
+        rows.append([str(e.seq), at, r.actor, r.role, r.action, r.target, r.result, r.reason])
+    print_table(rows)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    if args.data_dir:
+        entries, head = audit_from_file(Path(args.data_dir))
+    else:
+        entries, head = audit_from_server(OperatorClient(args.server, credentials_from_args(args)))
+    problem = verify_chain(entries, head)
+    if problem is None and args.anchor:
+        problem = verify_anchor(entries, parse_anchor(args.anchor))
+    if problem is not None:
+        print(f"TAMPERED: {problem}")
+        return EXIT_FAILED
+    last = entries[-1] if entries else None
+    print(
+        f"audit log intact: {len(entries)} entries"
+        + (
+            f"; head {last.seq}:{last.hash} (keep it to check against later with --anchor)"
+            if last
+            else ""
+        )
+    )
+    return 0
+
+
+# ------------------------------------------------------------------ enrolment and certificates
+
+
+def cmd_enroll_token_create(args: argparse.Namespace, client: OperatorClient) -> int:
+    response = client.call(
+        "CreateEnrollToken", pb.CreateEnrollTokenRequest(uses=args.uses, ttl_seconds=args.ttl)
+    )
+    sys.stderr.write(
+        f"token {response.token_id}: {response.uses} uses, expires {iso(response.expires_at)};"
+        " it is shown once\n"
+    )
+    print(response.token)
+    return 0
+
+
+def cert_json(cert: pb.Certificate) -> dict[str, Any]:
+    return {
+        "serial": cert.serial,
+        "subject": cert.subject,
+        "role": cert.role,
+        "issued_at": iso(cert.issued_at),
+        "not_after": iso(cert.not_after),
+        "revoked_at": iso(cert.revoked_at),
+    }
+
+
+def cmd_certs_list(args: argparse.Namespace, client: OperatorClient) -> int:
+    certs = client.call("ListCertificates", pb.ListCertificatesRequest()).certificates
+    if args.json:
+        print_json([cert_json(c) for c in certs])
+        return 0
+    rows = [["SERIAL", "SUBJECT", "ROLE", "EXPIRES", "REVOKED"]]
+    for c in certs:
+        rows.append(
+            [c.serial, c.subject, c.role, iso(c.not_after) or "-", iso(c.revoked_at) or "-"]
+        )
+    print_table(rows)
+    return 0
+
+
+def cmd_certs_revoke(args: argparse.Namespace, client: OperatorClient) -> int:
+    response = client.call(
+        "RevokeCertificates",
+        pb.RevokeCertificatesRequest(subject_or_serial=args.id, reason=args.reason or ""),
+    )
+    for cert in response.revoked:
+        print(f"revoked {cert.serial} ({cert.subject}, {cert.role})")
+    closed = response.streams_closed
+    print(f"{len(response.revoked)} certificates revoked, {closed} live streams closed")
+    return 0
+
+
+# ------------------------------------------------------------------ employee self service
+
+
+def cmd_me(args: argparse.Namespace, client: OperatorClient) -> int:
+    laptops = client.call("SelfService.ListMyLaptops", pb.ListMyLaptopsRequest()).laptops
+    if args.json:
+        print_json(
+            [
+                {
+                    "agent_id": laptop.agent_id,
+                    "mode": mode_name(laptop.mode),
+                    "state": laptop.state,
+                    "connected": laptop.connected,
+                    "last_seen": iso(laptop.last_seen),
+                    "opted_out": laptop.opted_out,
+                    "holds": [
+                        {
+                            "kind": pb.HoldKind.Name(h.kind).removeprefix("HOLD_KIND_").lower(),
+                            "reason": h.reason,
+                        }
+                        for h in laptop.holds
+                    ],
+                }
+                for laptop in laptops
+            ]
+        )
+        return 0
+    if not laptops:
+        print("no laptop is registered to you (label owner=<your name>)")
+        return 0
+    for laptop in laptops:
+        capture = "OFF" if laptop.mode == pb.MODE_PAUSED else "allowed"
+        print(
+            f"{laptop.agent_id}: capture {capture} ({laptop.state})"
+            + (", opted out" if laptop.opted_out else "")
+        )
+        for hold in laptop.holds:
+            print(f"  paused because: {hold.reason}")
+    return 0
+
+
+def cmd_opt_out(args: argparse.Namespace, client: OperatorClient) -> int:
+    response = client.call(
+        "SelfService.OptOut", pb.OptOutRequest(agent_id=args.agent_id, reason=args.reason or "")
+    )
+    print(
+        f"{args.agent_id} opted out (hold {response.hold.id}, epoch {response.epoch});"
+        " only you can opt back in"
+    )
+    return 0
+
+
+def cmd_opt_in(args: argparse.Namespace, client: OperatorClient) -> int:
+    response = client.call("SelfService.OptIn", pb.OptInRequest(agent_id=args.agent_id))
+    print(
+        f"{args.agent_id} opted back in (hold {response.hold.id} lifted at epoch {response.epoch});"
+        " other holds may still pause it"
+    )
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the CA, the server certificate and one identity per role."""
+    from control.pki import initialise
+    from control.store.sqlite import SqliteStore
+
+    os.umask(0o077)
+    data_dir = Path(args.data_dir)
+    records = initialise(data_dir, server_names=args.san or (), now=time.time())
+
+    async def record_all() -> None:
+        store = await SqliteStore.open(data_dir)
+        try:
+            for cert in records:
+                await store.record_certificate(
+                    cert,
+                    AuditRecord(
+                        time.time(),
+                        "killswitch init",
+                        "system",
+                        "certs.issue",
+                        target=cert.subject,
+                        detail=f"{cert.role.value}, serial {cert.serial}",
+                    ),
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(record_all())
+    print(f"created a CA and server certificate in {data_dir / 'pki'}")
+    for cert in records:
+        print(f"  identity {data_dir / 'identities' / cert.subject}  ({cert.role.value})")
+    print(f"next: killswitch serve --data-dir {data_dir}")
     return 0
 
 
@@ -412,11 +885,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from control.logs import configure_logging
     from control.server import ServerConfig, serve
 
+    # Everything the server writes (database, WAL, logs it creates) is owner-only.
+    os.umask(0o077)
     configure_logging(args.log_format, args.log_level)
     config = ServerConfig(
         data_dir=Path(args.data_dir),
         grpc_address=args.grpc,
         http_address=args.http,
+        enroll_address=args.enroll or "",
+        insecure=args.insecure,
         ack_deadline=args.ack_deadline,
         heartbeat_interval=args.heartbeat,
         lease_ttl=args.lease_ttl,
@@ -448,28 +925,86 @@ def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
     )
 
 
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--server",
+        default=env("KILLSWITCH_SERVER", DEFAULT_SERVER),
+        help="control server HOST:PORT (env KILLSWITCH_SERVER; default %(default)s)",
+    )
+    parser.add_argument(
+        "--identity",
+        default=env("KILLSWITCH_IDENTITY", ""),
+        metavar="DIR",
+        help="your identity directory: cert.pem, key.pem, ca.pem (env KILLSWITCH_IDENTITY)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="talk to a `serve --insecure` development server, without TLS",
+    )
+    parser.add_argument(
+        "--as",
+        dest="as_identity",
+        default=env("KILLSWITCH_AS", ""),
+        metavar="NAME:ROLE",
+        help="with --insecure only: the identity you claim (env KILLSWITCH_AS)",
+    )
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other error (``--help`` has the rest)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see `{self.prog} --help`)", EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="killswitch", description="Pause capture across the fleet and prove it stopped."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def operator_command(
-        name: str, help_text: str, handler: Callable[..., int]
+    def command(
+        parent: Any, name: str, help_text: str, handler: Callable[..., int]
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "--server",
-            default=os.environ.get("KILLSWITCH_SERVER", DEFAULT_SERVER),
-            help="control server HOST:PORT (env KILLSWITCH_SERVER; default %(default)s)",
-        )
-        p.set_defaults(handler=handler)
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        add_client_options(p)
+        p.set_defaults(handler=handler, local=False)
         return p
 
+    def group(name: str, help_text: str) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create the CA, server certificate and identities")
+    init.add_argument("--data-dir", required=True, help="the server's data directory")
+    init.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME",
+        help="another DNS name or IP the server is reached at (repeatable)",
+    )
+    init.set_defaults(handler=cmd_init, local=True)
+
     serve = sub.add_parser("serve", help="run the control server")
-    serve.add_argument("--data-dir", required=True, help="directory for the SQLite state")
-    serve.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC listen address")
+    serve.add_argument("--data-dir", required=True, help="directory for the SQLite state and CA")
+    serve.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC listen address (mTLS)")
     serve.add_argument("--http", default="127.0.0.1:8080", help="HTTP listen address (probes)")
+    serve.add_argument(
+        "--enroll", help="agent enrolment listen address (TLS; default: the gRPC port + 1)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and claimed identities: development only, loopback only",
+    )
     serve.add_argument(
         "--ack-deadline",
         type=positive_seconds,
@@ -490,9 +1025,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    serve.set_defaults(handler=None)
+    serve.set_defaults(handler=cmd_serve, local=True)
 
-    pause = operator_command("pause", "pause capture on a scope (adds a hold)", cmd_pause)
+    pause = command(sub, "pause", "pause capture on a scope (adds a hold)", cmd_pause)
     target = pause.add_mutually_exclusive_group(required=True)
     target.add_argument("--all", action="store_true", help="the whole fleet")
     target.add_argument("--selector", help="agents whose labels match k=v[,k=v...]")
@@ -506,23 +1041,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_wait_options(pause, "until every covered agent stopped")
 
-    resume = operator_command("resume", "lift one hold", cmd_resume)
+    resume = command(sub, "resume", "ask to lift a hold; a different approver decides", cmd_resume)
     resume.add_argument("--hold", required=True, metavar="HOLD_ID")
-    add_wait_options(resume, "until every agent in the hold's scope settled")
+    resume.add_argument("--reason", required=True, help="why capture may come back")
+    resume.add_argument("--ticket", default="", help="incident ticket reference")
+    resume.add_argument(
+        "--expires-in", type=positive_seconds, metavar="SECONDS", help="default 3600"
+    )
+    resume.add_argument(
+        "--for-runbook",
+        action="store_true",
+        help="the approval lets a runbook re-enable the hold in waves instead of at once",
+    )
+    add_wait_options(resume, "for the decision, then until every agent in scope settled")
 
-    holds = operator_command("holds", "list the active holds", cmd_holds)
+    for name, verb, handler in (
+        ("approve", "approve", cmd_approve),
+        ("deny", "deny", cmd_deny),
+    ):
+        decide = command(sub, name, f"{verb} a resume request (approvers only)", handler)
+        decide.add_argument("request_id", metavar="REQUEST_ID")
+        decide.add_argument("--note", required=name == "deny", help="why")
+
+    requests = group("requests", "resume requests")
+    listing = command(requests, "list", "open resume requests", cmd_requests_list)
+    listing.add_argument("--all", action="store_true", help="closed ones too")
+    listing.add_argument("--json", action="store_true")
+    edit = command(
+        requests,
+        "edit",
+        "change your request; approvals given so far are dropped",
+        cmd_requests_edit,
+    )
+    edit.add_argument("request_id", metavar="REQUEST_ID")
+    edit.add_argument("--reason")
+    edit.add_argument("--ticket")
+
+    holds = command(sub, "holds", "list the active holds", cmd_holds)
     holds.add_argument("--json", action="store_true")
 
-    status = operator_command("status", "fleet compliance summary", cmd_status)
+    status = command(sub, "status", "fleet compliance summary", cmd_status)
     status.add_argument("--json", action="store_true")
 
-    agents = operator_command("agents", "one row per agent", cmd_agents)
+    agents = command(sub, "agents", "one row per agent", cmd_agents)
     agents.add_argument("--state", help="only agents in this compliance state")
     agents.add_argument("--selector", help="only agents whose labels match k=v[,k=v...]")
     agents.add_argument("--hold", metavar="HOLD_ID", help="only agents in this hold's scope")
     agents.add_argument("--json", action="store_true")
 
-    ack = operator_command(
+    ack = command(
+        sub,
         "ack-violation",
         "acknowledge an agent's VIOLATION after investigating it",
         cmd_ack_violation,
@@ -530,12 +1098,48 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("agent_id", metavar="AGENT_ID")
     ack.add_argument("--note", required=True, help="what was found and what was done")
 
-    inventory = sub.add_parser("inventory", help="the expected fleet")
-    inventory_sub = inventory.add_subparsers(dest="inventory_command", required=True)
-    imp = inventory_sub.add_parser("import", help="register expected agents from a CSV file")
+    inventory = group("inventory", "the expected fleet")
+    imp = command(
+        inventory, "import", "register expected agents from a CSV file", cmd_inventory_import
+    )
     imp.add_argument("file", help="CSV with an agent_id column; other columns become labels")
-    imp.add_argument("--server", default=os.environ.get("KILLSWITCH_SERVER", DEFAULT_SERVER))
-    imp.set_defaults(handler=cmd_inventory_import)
+
+    audit = command(sub, "audit", "the tamper-evident audit log", cmd_audit)
+    audit.add_argument("--json", action="store_true")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
+    verify = audit_sub.add_parser("verify", help="check the hash chain; names the first bad entry")
+    add_client_options(verify)
+    verify.add_argument(
+        "--data-dir", help="read the database file directly instead of asking the server"
+    )
+    verify.add_argument(
+        "--anchor", metavar="SEQ:HASH", help="a head recorded earlier (catches a cut-off log)"
+    )
+    verify.set_defaults(handler=cmd_audit_verify, local=True)
+
+    tokens = group("enroll-token", "agent enrolment tokens")
+    create = command(tokens, "create", "print a new join token", cmd_enroll_token_create)
+    create.add_argument("--uses", type=positive_int, default=1, help="agents it may enrol")
+    create.add_argument(
+        "--ttl", type=positive_seconds, default=3600.0, help="seconds it is valid (default 3600)"
+    )
+
+    certs = group("certs", "issued certificates")
+    certs_list = command(certs, "list", "every certificate the CA issued", cmd_certs_list)
+    certs_list.add_argument("--json", action="store_true")
+    revoke = command(
+        certs, "revoke", "revoke by subject (agent id, operator) or serial", cmd_certs_revoke
+    )
+    revoke.add_argument("id", metavar="ID")
+    revoke.add_argument("--reason")
+
+    me = command(sub, "me", "your own laptops: is capture off?", cmd_me)
+    me.add_argument("--json", action="store_true")
+    opt_out = command(sub, "opt-out", "stop capture on your laptop until you opt in", cmd_opt_out)
+    opt_out.add_argument("agent_id", metavar="LAPTOP_ID")
+    opt_out.add_argument("--reason")
+    opt_in = command(sub, "opt-in", "lift your own opt-out", cmd_opt_in)
+    opt_in.add_argument("agent_id", metavar="LAPTOP_ID")
     return parser
 
 
@@ -547,9 +1151,9 @@ def fail(message: str, exit_code: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.handler is None:
-            sys.exit(cmd_serve(args))
-        sys.exit(args.handler(args, OperatorClient(args.server)))
+        if args.local:
+            sys.exit(args.handler(args))
+        sys.exit(args.handler(args, OperatorClient(args.server, credentials_from_args(args))))
     except CliError as exc:
         fail(str(exc), exc.exit_code)
     except InvalidInput as exc:

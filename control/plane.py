@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import heapq
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,8 +40,10 @@ from control.domain import (
     validate_agent_id,
     validate_labels,
 )
-from control.errors import Conflict, NotFound
-from control.store import Store, StoredAgent
+from control.domain.audit import AuditRecord
+from control.domain.identity import Principal
+from control.errors import Conflict, NotFound, PermissionDenied
+from control.store import LoadedState, Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -131,6 +133,11 @@ class StatusSummary:
     unsettled: list[AgentView]
 
 
+# Who the audit log names for what the server itself observed.
+SYSTEM_ACTOR = "control-plane"
+OPT_OUT_DEFAULT_REASON = "the laptop's owner opted out of capture"
+
+
 def new_hold_id() -> str:
     return f"hold-{secrets.token_hex(6)}"
 
@@ -159,14 +166,20 @@ class ControlPlane:
         self._holds: dict[str, Hold] = {}
         self._agents: dict[str, AgentEntry] = {}
         self._dirty: set[str] = set()
+        # Audit entries about agent rows (violations) ride in the next flush's transaction.
+        self._pending_audit: list[AuditRecord] = []
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
 
+    def now(self) -> float:
+        return self._clock()
+
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self) -> LoadedState:
+        """Rebuild memory from the store; the rest of the state is for the other services."""
         state = await self._store.load()
         self._epoch = state.epoch
         self._holds = {h.id: h for h in state.holds}
@@ -190,6 +203,7 @@ class ControlPlane:
             agents=len(self._agents),
             active_holds=len(self.active_holds()),
         )
+        return state
 
     async def stop(self) -> None:
         if self._flusher is not None:
@@ -207,10 +221,11 @@ class ControlPlane:
                 log.exception("agent_flush_failed", pending=len(self._dirty))
 
     async def flush(self) -> None:
-        """Write every changed agent in one transaction; on failure keep them dirty."""
-        if not self._dirty:
+        """Write changed agents and pending audit in one transaction; on failure keep both."""
+        if not self._dirty and not self._pending_audit:
             return
         batch, self._dirty = self._dirty, set()
+        audit, self._pending_audit = self._pending_audit, []
         rows = []
         for agent_id in batch:
             entry = self._agents[agent_id]
@@ -224,10 +239,33 @@ class ControlPlane:
             )
             rows.append(StoredAgent(agent_id, entry.labels, entry.desired, status))
         try:
-            await self._store.save_agents(rows)
+            await self._store.save_agents(rows, audit)
         except BaseException:
             self._dirty |= batch
+            self._pending_audit[:0] = audit
             raise
+
+    # ------------------------------------------------------------ audit
+
+    def audit_record(
+        self,
+        by: Principal,
+        action: str,
+        *,
+        target: str = "",
+        reason: str = "",
+        ticket: str = "",
+        result: str = "ok",
+        detail: str = "",
+    ) -> AuditRecord:
+        actor = by.name if by.authenticated else f"unverified:{by.name}"
+        return AuditRecord(
+            self._clock(), actor, by.role.value, action, target, reason, ticket, result, detail
+        )
+
+    async def audit(self, record: AuditRecord) -> None:
+        """An action that changed nothing else (a denial, a failure)."""
+        await self._store.append_audit([record])
 
     # ------------------------------------------------------------ holds
 
@@ -249,11 +287,12 @@ class ControlPlane:
         scope: Scope,
         reason: str,
         ticket: str,
-        created_by: str,
+        by: Principal,
         kind: HoldKind = HoldKind.INCIDENT,
         *,
         keep_spool: bool = False,
     ) -> tuple[Hold, int]:
+        created_by = by.name
         draft = draft_hold(
             hold_id=new_hold_id(),
             kind=kind,
@@ -264,8 +303,16 @@ class ControlPlane:
             created_at=self._clock(),
             keep_spool=keep_spool,
         )
+        record = self.audit_record(
+            by,
+            "hold.create",
+            target=f"{draft.id} {kind.value} {scope.describe()}",
+            reason=draft.reason,
+            ticket=draft.ticket,
+            detail="keep_spool" if keep_spool else "",
+        )
         async with self._holds_lock:
-            hold = await self._store.create_hold(draft)
+            hold = await self._store.create_hold(draft, record)
             self._holds[hold.id] = hold
             self._apply_epoch(hold.created_epoch)
         covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
@@ -281,9 +328,20 @@ class ControlPlane:
         )
         return hold, covered
 
-    async def lift_hold(self, hold_id: str, lifted_by: str) -> Hold:
+    async def lift_hold(self, hold_id: str, by: Principal, *, detail: str = "") -> Hold:
+        """Callers check who may lift what (an approved request, the laptop's owner)."""
+        hold = self.hold(hold_id)
+        record = self.audit_record(
+            by, "hold.lift", target=f"{hold_id} {hold.kind.value}", detail=detail
+        )
+        return await self.commit_lift(
+            lambda at: self._store.lift_hold(hold_id, by.name, at, record), by.name
+        )
+
+    async def commit_lift(self, commit: Callable[[float], Awaitable[Hold]], lifted_by: str) -> Hold:
+        """Run the store's lift transaction under the holds lock, then push the new epoch."""
         async with self._holds_lock:
-            hold = await self._store.lift_hold(hold_id, lifted_by, self._clock())
+            hold = await commit(self._clock())
             self._holds[hold.id] = hold
             self._apply_epoch(hold.lifted_epoch)
         still_paused = sum(
@@ -323,7 +381,7 @@ class ControlPlane:
     # ------------------------------------------------------------ inventory
 
     async def expect_agents(
-        self, agents: Iterable[tuple[str, Mapping[str, str]]]
+        self, agents: Iterable[tuple[str, Mapping[str, str]]], by: Principal
     ) -> tuple[int, int]:
         """Register agents from the inventory so a laptop that never connects is visible."""
         checked = [(validate_agent_id(a), validate_labels(labels)) for a, labels in agents]
@@ -336,6 +394,11 @@ class ControlPlane:
             entry.status.expected_since = now
             self._dirty.add(agent_id)
             added += 1
+        self._pending_audit.append(
+            self.audit_record(
+                by, "inventory.import", detail=f"{added} added, {len(checked) - added} known"
+            )
+        )
         await self.flush()
         log.info("agents_expected", added=added, already_known=len(checked) - added)
         return added, len(checked) - added
@@ -375,6 +438,14 @@ class ControlPlane:
         entry.status.record_disconnect(self._clock())
         self._dirty.add(agent_id)
         log.debug("agent_disconnected", agent_id=agent_id)
+
+    def close_stream(self, agent_id: str, reason: str) -> bool:
+        """End the agent's live stream, if it has one (its certificate was revoked)."""
+        entry = self._agents.get(agent_id)
+        if entry is None or entry.subscriber is None:
+            return False
+        entry.subscriber.close(reason)
+        return True
 
     def directive_for(self, agent_id: str) -> DirectiveSpec:
         return DirectiveSpec(
@@ -454,6 +525,17 @@ class ControlPlane:
         yield
         if entry.status.violation and not had_violation:
             self._dirty.add(entry.agent_id)
+            self._pending_audit.append(
+                AuditRecord(
+                    self._clock(),
+                    SYSTEM_ACTOR,
+                    "system",
+                    "agent.violation",
+                    target=entry.agent_id,
+                    result="violation",
+                    detail=entry.status.violation,
+                )
+            )
             log.error(
                 "violation_detected",
                 agent_id=entry.agent_id,
@@ -488,7 +570,7 @@ class ControlPlane:
             log.info("upload_refused", agent_id=agent_id, events=count, reason=decision.reason)
         return decision
 
-    async def acknowledge_violation(self, agent_id: str, operator: str, note: str) -> str:
+    async def acknowledge_violation(self, agent_id: str, by: Principal, note: str) -> str:
         entry = self._agents.get(validate_agent_id(agent_id))
         if entry is None:
             raise NotFound(f"unknown agent {agent_id!r}")
@@ -496,15 +578,60 @@ class ControlPlane:
         if not evidence:
             raise Conflict(f"agent {agent_id!r} has no violation to acknowledge")
         self._dirty.add(agent_id)
+        self._pending_audit.append(
+            self.audit_record(
+                by, "agent.acknowledge_violation", target=agent_id, reason=note, detail=evidence
+            )
+        )
         await self.flush()
         log.warning(
             "violation_acknowledged",
             agent_id=agent_id,
-            operator=operator,
+            operator=by.name,
             note=note,
             evidence=evidence,
         )
         return evidence
+
+    # ------------------------------------------------------------ self service
+
+    def owned_by(self, owner: Principal) -> list[AgentView]:
+        """Laptops labelled ``owner=<name>``: all an employee may ever see."""
+        return [v for v in self.views() if v.labels.get("owner") == owner.name]
+
+    def _owned_entry(self, agent_id: str, owner: Principal) -> AgentEntry:
+        entry = self._agents.get(agent_id)
+        if entry is None or entry.labels.get("owner") != owner.name:
+            # The same answer for "no such laptop": employees learn nothing about others.
+            raise PermissionDenied(f"{owner.name} does not own a laptop {agent_id!r}")
+        return entry
+
+    def _opt_outs(self, agent_id: str) -> list[Hold]:
+        return [
+            h
+            for h in self.active_holds()
+            if h.kind is HoldKind.OPT_OUT and h.scope.agent_ids == frozenset({agent_id})
+        ]
+
+    async def opt_out(self, agent_id: str, owner: Principal, reason: str) -> tuple[Hold, int]:
+        self._owned_entry(agent_id, owner)
+        if existing := self._opt_outs(agent_id):
+            raise Conflict(f"{agent_id} is already opted out (hold {existing[0].id})")
+        return await self.create_hold(
+            Scope.agents([agent_id]),
+            reason.strip() or OPT_OUT_DEFAULT_REASON,
+            "",
+            owner,
+            HoldKind.OPT_OUT,
+        )
+
+    async def opt_in(self, agent_id: str, owner: Principal) -> Hold:
+        """Only the owner lifts an opt-out; no resume request or runbook reaches it."""
+        self._owned_entry(agent_id, owner)
+        holds = self._opt_outs(agent_id)
+        if not holds:
+            raise NotFound(f"{agent_id} has no opt-out to lift")
+        return await self.lift_hold(holds[0].id, owner, detail="owner opted back in")
 
     # ------------------------------------------------------------ queries
 

@@ -1,4 +1,4 @@
-"""Composition root: wires store, control plane, gRPC and HTTP adapters together."""
+"""Composition root: wires store, control plane, governance, gRPC and HTTP adapters together."""
 
 from __future__ import annotations
 
@@ -7,31 +7,45 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.addresses import ensure_can_listen, require_loopback
+from control.addresses import ensure_can_listen, require_loopback, split_host_port
 from control.domain import CompliancePolicy
 from control.errors import KillswitchError
 from control.gc_policy import freeze_before_fanout, run_gc_policy
+from control.governance import Governance
 from control.http_health import HealthServer
+from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
 from control.rpc.agent_service import AgentControlService
-from control.rpc.operator_service import IngestService, OperatorService
+from control.rpc.authz import Authenticator, AuthorizationInterceptor
+from control.rpc.operator_service import (
+    EnrollmentService,
+    IngestService,
+    OperatorService,
+    SelfService,
+)
 from control.store.sqlite import SqliteStore
 
 log = structlog.get_logger("killswitch.server")
 
+# Every legitimate message is a few hundred bytes; a cap keeps floods cheap to refuse.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 8 * 1024
+
 # Agents ping every 20 s; allow that, and find dead peers within ~40 s.
-GRPC_SERVER_OPTIONS = [
+GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
     # Without this a second server on the same port silently shares the fleet.
     ("grpc.so_reuseport", 0),
 ]
@@ -42,17 +56,35 @@ class ServerConfig:
     data_dir: Path
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:8080"
+    # Empty: the gRPC port + 1. Not served with --insecure (there is no CA).
+    enroll_address: str = ""
     ack_deadline: float = 30.0
     heartbeat_interval: float = 10.0
     lease_ttl: float = 60.0
+    insecure: bool = False
+    max_calls_per_identity: int = 16
+
+
+def enroll_address_for(grpc_address: str) -> str:
+    host, port = split_host_port(grpc_address, what="gRPC")
+    return f"{host}:{port + 1}"
 
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM; flush agent state before exiting."""
-    grpc_host, grpc_port = require_loopback(config.grpc_address, what="gRPC")
-    http_host, http_port = require_loopback(config.http_address, what="HTTP")
+    if config.insecure:
+        grpc_host, grpc_port = require_loopback(config.grpc_address, what="gRPC")
+        http_host, http_port = require_loopback(config.http_address, what="HTTP")
+        authority = None
+    else:
+        grpc_host, grpc_port = split_host_port(config.grpc_address, what="gRPC")
+        http_host, http_port = split_host_port(config.http_address, what="HTTP")
+        authority = Authority.load(config.data_dir)
     ensure_can_listen(grpc_host, grpc_port, what="gRPC")
     ensure_can_listen(http_host, http_port, what="HTTP")
+    enroll_address = config.enroll_address or enroll_address_for(config.grpc_address)
+    if authority is not None:
+        ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
     store = await SqliteStore.open(config.data_dir)
     plane = ControlPlane(
         store,
@@ -61,20 +93,43 @@ async def serve(config: ServerConfig) -> None:
         lease_ttl=config.lease_ttl,
         before_fanout=freeze_before_fanout,
     )
-    server: grpc.aio.Server | None = None
+    governance = Governance(plane, store, clock=time.time, authority=authority)
+    servers: list[grpc.aio.Server] = []
     health: HealthServer | None = None
     ready = False
     try:
-        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
-        pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane), server)
-        pb_grpc.add_OperatorServicer_to_server(OperatorService(plane), server)
-        pb_grpc.add_IngestServicer_to_server(IngestService(plane), server)
-        try:
-            bound = server.add_insecure_port(f"{grpc_host}:{grpc_port}")
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise KillswitchError(f"cannot listen on {config.grpc_address} (address in use?)")
+        interceptor = AuthorizationInterceptor(
+            Authenticator(
+                insecure=authority is None,
+                principal_from_pem=principal_from_pem,
+                is_revoked=governance.is_revoked,
+            ),
+            governance.record_denial,
+            max_calls_per_identity=config.max_calls_per_identity,
+        )
+        server = grpc.aio.server(interceptors=[interceptor], options=GRPC_SERVER_OPTIONS)
+        servers.append(server)
+        pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane, governance), server)
+        pb_grpc.add_OperatorServicer_to_server(OperatorService(plane, governance), server)
+        pb_grpc.add_SelfServiceServicer_to_server(SelfService(plane, governance), server)
+        pb_grpc.add_IngestServicer_to_server(IngestService(plane, governance), server)
+        address = f"{grpc_host}:{grpc_port}"
+        if authority is None:
+            bound = _bind(lambda: server.add_insecure_port(address), config.grpc_address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(authority.server_key_pem, authority.server_cert_pem)],
+                root_certificates=authority.ca_pem,
+                require_client_auth=True,
+            )
+            bound = _bind(lambda: server.add_secure_port(address, credentials), address)
+            enroll = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+            servers.append(enroll)
+            pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(governance), enroll)
+            server_only = grpc.ssl_server_credentials(
+                [(authority.server_key_pem, authority.server_cert_pem)]
+            )
+            _bind(lambda: enroll.add_secure_port(enroll_address, server_only), enroll_address)
         try:
             health = HealthServer(http_host, http_port, lambda: ready)
         except OSError as exc:
@@ -82,17 +137,22 @@ async def serve(config: ServerConfig) -> None:
                 f"cannot listen on {config.http_address}: {exc.strerror}"
             ) from None
         # Ports are bound but nothing is served until the state is loaded.
-        await plane.start()
-        await server.start()
+        await governance.start(await plane.start())
+        for each in servers:
+            await each.start()
         health.start()
         ready = True
         log.info(
             "server_listening",
             grpc=f"{grpc_host}:{bound}",
             http=f"{http_host}:{health.port}",
+            enroll=None if authority is None else enroll_address,
+            mtls=authority is not None,
             data_dir=str(config.data_dir),
             epoch=plane.epoch,
         )
+        if authority is None:
+            log.warning("insecure_mode", detail="no mTLS: identities are claimed, not proven")
         gc_policy = asyncio.create_task(run_gc_policy(), name="gc-policy")
         await _wait_for_shutdown_signal()
         gc_policy.cancel()
@@ -101,10 +161,20 @@ async def serve(config: ServerConfig) -> None:
         ready = False
         if health is not None:
             health.stop()
-        if server is not None:
-            await server.stop(grace=2)
+        for each in servers:
+            await each.stop(grace=2)
         await plane.stop()
         await store.close()
+
+
+def _bind(add_port: Any, address: str) -> int:
+    try:
+        bound = int(add_port())
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise KillswitchError(f"cannot listen on {address} (address in use?)")
+    return bound
 
 
 async def _wait_for_shutdown_signal() -> None:

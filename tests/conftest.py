@@ -51,18 +51,38 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
 
 
 class ServerProcess:
-    """`killswitch serve` in a subprocess, on free loopback ports and a temp data dir."""
+    """`killswitch serve` in a subprocess, on free loopback ports and a temp data dir.
+
+    Secure (mTLS) unless ``--insecure`` is among the extra arguments, exactly as shipped:
+    the first start runs `killswitch init`, which creates the CA and the identities.
+    """
 
     def __init__(self, data_dir: Path, extra_args: list[str]) -> None:
         self.data_dir = data_dir
         self.grpc_port = free_port()
         self.http_port = free_port()
+        self.enroll_port = free_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
+        self.enroll_address = f"127.0.0.1:{self.enroll_port}"
         self.extra_args = extra_args
+        self.secure = "--insecure" not in extra_args
         self.log_path = data_dir.parent / f"server-{self.grpc_port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def ca_path(self) -> Path:
+        return self.data_dir / "pki" / "ca.pem"
+
+    def identity(self, name: str) -> Path:
+        return self.data_dir / "identities" / name
+
     def start(self) -> None:
+        if self.secure and not self.ca_path.exists():
+            subprocess.run(
+                [str(BIN / "killswitch"), "init", "--data-dir", str(self.data_dir)],
+                check=True,
+                capture_output=True,
+            )
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -74,6 +94,8 @@ class ServerProcess:
                     self.address,
                     "--http",
                     f"127.0.0.1:{self.http_port}",
+                    "--enroll",
+                    self.enroll_address,
                     "--log-format",
                     "json",
                     *FAST_TIMINGS,
@@ -110,13 +132,22 @@ class ServerProcess:
 
 
 class Cli:
-    """Runs `killswitch` exactly as an operator would, against one server."""
+    """Runs `killswitch` exactly as an operator would, against one server, as one identity."""
 
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: ServerProcess, identity: str = "ic-1") -> None:
         self.server = server
+        self.identity = identity
+
+    def as_(self, identity: str) -> Cli:
+        """The same server, another person (an identity `killswitch init` created)."""
+        return Cli(self.server, identity)
 
     def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "KILLSWITCH_SERVER": self.server.address}
+        env = {
+            **os.environ,
+            "KILLSWITCH_SERVER": self.server.address,
+            "KILLSWITCH_IDENTITY": str(self.server.identity(self.identity)),
+        }
         return subprocess.run(
             [str(BIN / "killswitch"), *args],
             capture_output=True,
@@ -144,12 +175,38 @@ class Cli:
         out = self.ok("pause", *args)
         return out.split()[1]
 
+    def resume(self, hold_id: str, *args: str, approver: str = "approver-1") -> str:
+        """Two people: this identity asks, ``approver`` approves. Returns the request id."""
+        out = self.ok("resume", "--hold", hold_id, "--reason", "all clear", *args)
+        request_id = out.split()[2]
+        self.as_(approver).ok("approve", request_id)
+        return request_id
+
+    def enroll_token(self, uses: int) -> str:
+        return self.ok("enroll-token", "create", "--uses", str(uses), "--ttl", "600").strip()
+
 
 class Simulator:
     """`killswitch-agent simulate` in a subprocess."""
 
     def __init__(self, server: ServerProcess, agents: int, extra: list[str]) -> None:
         self.log_path = server.data_dir.parent / f"simulator-{server.grpc_port}-{agents}.log"
+        # Each agent enrols once with a join token, then connects with its own certificate.
+        # The state dir belongs to the server's data dir, so a restarted simulator reuses it.
+        security = (
+            [
+                "--enroll-token",
+                Cli(server).enroll_token(agents),
+                "--enroll-server",
+                server.enroll_address,
+                "--ca",
+                str(server.ca_path),
+                "--state-dir",
+                str(server.data_dir.parent / f"agents-of-{server.data_dir.name}"),
+            ]
+            if server.secure
+            else ["--insecure", "--connections", "4"]
+        )
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -159,10 +216,9 @@ class Simulator:
                     server.address,
                     "--agents",
                     str(agents),
-                    "--connections",
-                    "4",
                     "--report-every",
                     "3600",
+                    *security,
                     *extra,
                 ],
                 stdout=log,

@@ -14,6 +14,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import CaptureEngine, GroundTruth, Lease, boottime
 from agent_stub.capture import EVENTS_PER_TICK
+from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
 from agent_stub.upload import Uploader
 from tests.test_agent_lease import FakeClock
 
@@ -172,11 +173,15 @@ class FakeIngest(pb_grpc.IngestServicer):
     def __init__(self) -> None:
         self.allowed = True
         self.requests: list[pb.AuthorizeUploadRequest] = []
+        self.callers: list[str | bytes] = []
 
     async def AuthorizeUpload(  # noqa: N802 - gRPC method name
-        self, request: pb.AuthorizeUploadRequest, context: object
+        self,
+        request: pb.AuthorizeUploadRequest,
+        context: grpc.aio.ServicerContext[pb.AuthorizeUploadRequest, pb.AuthorizeUploadResponse],
     ) -> pb.AuthorizeUploadResponse:
         self.requests.append(request)
+        self.callers.append(dict(context.invocation_metadata() or ()).get(IDENTITY_HEADER, ""))
         return pb.AuthorizeUploadResponse(allowed=self.allowed, reason="test")
 
 
@@ -199,7 +204,7 @@ def test_uploads_ship_what_ingest_allows_and_keep_what_it_refuses() -> None:
     async def scenario() -> None:
         async with ingest_server() as (ingest, channel):
             rig = Rig(FakeClock())
-            uploader = Uploader("laptop-1", rig.engine, channel)
+            uploader = Uploader("laptop-1", rig.engine, channel, insecure_metadata("laptop-1"))
             await uploader.upload()
             assert ingest.requests == [], "nothing spooled, nothing asked"
 
@@ -216,5 +221,6 @@ def test_uploads_ship_what_ingest_allows_and_keep_what_it_refuses() -> None:
             request = ingest.requests[-1]
             assert request.agent_id == "laptop-1" and request.event_count == PER_TICK
             assert request.last_event_at.seconds == 1_700_000_000
+            assert ingest.callers == ["laptop-1:agent"] * len(ingest.requests), "who asks"
 
     asyncio.run(scenario())

@@ -13,6 +13,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import Agent, AgentConfig, Backoff, Fault, Tuning
 from agent_stub.agent import open_channel
+from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
 from tests.test_agent_faults import wait_until
 
 LEASE_TTL = 0.6
@@ -23,6 +24,7 @@ class ScriptedControl(pb_grpc.AgentControlServicer):
 
     def __init__(self) -> None:
         self.streams: list[list[pb.AgentMessage]] = []
+        self.callers: list[str] = []
         self.ended_at: list[float] = []
 
     async def Connect(  # type: ignore[override]  # noqa: N802 - gRPC method name
@@ -30,6 +32,7 @@ class ScriptedControl(pb_grpc.AgentControlServicer):
     ) -> None:
         received: list[pb.AgentMessage] = []
         self.streams.append(received)
+        self.callers.append(dict(context.invocation_metadata()).get(IDENTITY_HEADER, ""))
         try:
             received.append(await context.read())
             allowed = pb.Directive(
@@ -68,6 +71,7 @@ def test_offline_agent_drops_its_stream_stops_at_expiry_and_comes_back() -> None
         agent = Agent(
             AgentConfig("laptop-1", fault=Fault.OFFLINE, tuning=tuning),
             channel,
+            call_metadata=insecure_metadata("laptop-1"),
             backoff=Backoff(initial=0.05, maximum=0.1, rng=random.Random(1)),
             rng=random.Random(1),
         )
@@ -94,6 +98,7 @@ def test_offline_agent_drops_its_stream_stops_at_expiry_and_comes_back() -> None
             assert kinds(again)[:2] == ["hello", "ack"]
             await wait_until(lambda: "heartbeat" in kinds(again))
             assert agent.truth.events_without_lease == 0
+            assert control.callers == ["laptop-1:agent"] * 2, "every stream says who it is"
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)

@@ -30,7 +30,8 @@ def test_backoff_grows_with_jitter_caps_and_resets() -> None:
 
 
 @pytest.fixture
-def one_agent(server: ServerProcess) -> Iterator[subprocess.Popen[bytes]]:
+def one_agent(server: ServerProcess, cli: Cli, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The reference agent as shipped: it enrols with a join token, then connects over mTLS."""
     proc = subprocess.Popen(
         [
             str(BIN / "killswitch-agent"),
@@ -43,6 +44,14 @@ def one_agent(server: ServerProcess) -> Iterator[subprocess.Popen[bytes]]:
             "owner=alice",
             "--label",
             "region=eu-west",
+            "--state-dir",
+            str(tmp_path / "alice-mbp"),
+            "--enroll-token",
+            cli.enroll_token(1),
+            "--enroll-server",
+            server.enroll_address,
+            "--ca",
+            str(server.ca_path),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -93,7 +102,9 @@ def test_simulator_fault_errors_are_one_line() -> None:
 
 
 def test_run_rejects_a_bad_label() -> None:
-    result = agent_cli("run", "--server", "x:1", "--agent-id", "a", "--label", "novalue")
+    result = agent_cli(
+        "run", "--server", "x:1", "--agent-id", "a", "--label", "novalue", "--insecure"
+    )
     assert result.returncode == 2 and "bad label" in result.stderr
 
 
@@ -129,6 +140,7 @@ def test_simulator_writes_the_truth_file_and_triggers_faults_on_sigusr1(tmp_path
             str(truth),
             "--capture-tick",
             "0.05",
+            "--insecure",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from control.pki import load_identity
 from tests.conftest import BIN, Cli, ServerProcess, free_port
 
 
@@ -24,15 +26,27 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, t
     assert text in lines[0], lines[0]
 
 
-def test_unreachable_server() -> None:
-    result = run("status", "--server", f"127.0.0.1:{free_port()}")
+def test_unreachable_server(tmp_path: Path) -> None:
+    from control.pki import initialise
+
+    initialise(tmp_path, now=time.time())
+    identity = str(tmp_path / "identities" / "sre-1")
+    result = run("status", "--server", f"127.0.0.1:{free_port()}", "--identity", identity)
     assert_one_line_error(result, 4, "cannot reach the control server")
 
 
 @pytest.mark.parametrize(
     ("args", "code", "text"),
     [
-        (["resume", "--hold", "hold-doesnotexist"], 1, "unknown hold 'hold-doesnotexist'"),
+        (
+            ["resume", "--hold", "hold-doesnotexist", "--reason", "x"],
+            1,
+            "unknown hold 'hold-doesnotexist'",
+        ),
+        (["approve", "resume-nope"], 1, "unknown resume request 'resume-nope'"),
+        (["enroll-token", "create", "--uses", "0"], 2, "must be a whole number"),
+        (["certs", "revoke", "nobody"], 1, "no certificate with subject or serial"),
+        (["audit", "verify", "--anchor", "12"], 2, "bad --anchor"),
         (["pause", "--selector", "region", "--reason", "x"], 2, "bad selector"),
         (["pause", "--selector", "region=eu,region=us", "--reason", "x"], 2, "given twice"),
         (["pause", "--selector", "re gion=eu", "--reason", "x"], 2, "invalid label key"),
@@ -52,7 +66,9 @@ def test_server_rejects_what_the_cli_would_have_caught(server: ServerProcess) ->
     from killswitch.v1 import killswitch_pb2 as pb
     from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(server.address) as channel:
+    identity = load_identity(server.identity("ic-1"))
+    credentials = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
+    with grpc.secure_channel(server.address, credentials) as channel:
         stub = pb_grpc.OperatorStub(channel)
         for request, text in [
             (pb.CreateHoldRequest(scope=pb.Scope(all=True), reason=""), "reason is required"),
@@ -70,8 +86,17 @@ def test_server_rejects_what_the_cli_would_have_caught(server: ServerProcess) ->
 
 def test_lifting_a_hold_twice_is_refused(cli: Cli) -> None:
     hold_id = cli.pause("--all", "--reason", "x")
-    cli.ok("resume", "--hold", hold_id)
-    assert_one_line_error(cli.run("resume", "--hold", hold_id), 1, "already lifted")
+    cli.resume(hold_id)
+    assert_one_line_error(
+        cli.run("resume", "--hold", hold_id, "--reason", "x"), 1, "already lifted"
+    )
+
+
+def test_no_identity_is_a_one_line_error(server: ServerProcess) -> None:
+    result = run("status", "--server", server.address, "--identity", "")
+    assert_one_line_error(result, 2, "no identity")
+    result = run("status", "--server", server.address, "--identity", "/nonexistent")
+    assert_one_line_error(result, 2, "/nonexistent")
 
 
 def test_bad_inventory_line_names_file_and_line(cli: Cli, tmp_path: Path) -> None:
@@ -82,13 +107,19 @@ def test_bad_inventory_line_names_file_and_line(cli: Cli, tmp_path: Path) -> Non
 
 
 def test_serve_refuses_non_loopback_without_mtls(tmp_path: Path) -> None:
-    result = run("serve", "--data-dir", str(tmp_path), "--grpc", "0.0.0.0:50051")
+    result = run("serve", "--insecure", "--data-dir", str(tmp_path), "--grpc", "0.0.0.0:50051")
     assert_one_line_error(result, 2, "may only listen on loopback")
+
+
+def test_serve_without_a_ca_says_to_run_init(tmp_path: Path) -> None:
+    result = run("serve", "--data-dir", str(tmp_path), "--grpc", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(result, 1, "killswitch init")
 
 
 def test_serve_reports_a_port_in_use(server: ServerProcess, tmp_path: Path) -> None:
     result = run(
         "serve",
+        "--insecure",
         "--data-dir",
         str(tmp_path / "other"),
         "--grpc",

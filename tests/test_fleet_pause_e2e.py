@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing, wait_for
 
 FLEET = 200
 
@@ -35,8 +36,25 @@ def test_fleet_pause_converges_and_resume_reenables(
     assert {a["mode"] for a in agents.values()} == {"PAUSED"}
     assert {a["applied_epoch"] for a in agents.values()} == {status["epoch"]}
 
-    result = cli.run("resume", "--hold", hold["id"], "--wait", "--timeout", "60")
-    assert result.returncode == 0, result.stdout + result.stderr
+    # Resuming takes two people: the commander asks and waits, an approver decides.
+    waiting = subprocess.Popen(
+        [
+            str(BIN / "killswitch"),
+            *("resume", "--hold", hold["id"], "--reason", "leak contained"),
+            *("--wait", "--timeout", "60", "--identity", str(server.identity("ic-1"))),
+            *("--server", server.address),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    (request,) = wait_for(lambda: cli.json("requests", "list"), 20, "the resume request")
+    assert request["hold_id"] == hold["id"] and request["state"] == "pending"
+    assert cli.json("status")["holds"], "nothing is lifted before the approval"
+    cli.as_("approver-1").ok("approve", request["id"])
+    out, err = waiting.communicate(timeout=90)
+    assert waiting.returncode == 0, out + err
+    assert f"all {FLEET} agents in scope settled" in out
     status = cli.json("status")
     assert status["holds"] == []
     assert status["agents"]["by_state"] == {"CAPTURING": FLEET}
@@ -80,7 +98,15 @@ def test_lifting_one_of_two_overlapping_holds_keeps_agents_paused(
     infra = {a for a, row in cli.agents().items() if row["labels"]["org"] == "infra"}
     assert infra
 
-    cli.ok("resume", "--hold", fleet_hold, "--wait", "--timeout", "60")
+    cli.resume(fleet_hold)
+    # The infra agents' directive changed too (one hold fewer), so they re-ack and are
+    # verified again while the rest of the fleet goes back to capturing.
+    settled = {"CAPTURING": FLEET - len(infra), "VERIFIED_STOPPED": len(infra)}
+    wait_for(
+        lambda: cli.json("status")["agents"]["by_state"] == settled,
+        60,
+        "the rest of the fleet capturing again, infra verified stopped",
+    )
     agents = cli.agents()
     for agent_id, row in agents.items():
         if agent_id in infra:

@@ -3,59 +3,44 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
-from control.domain import CaptureReport, ComplianceState, Hold, HoldDraft, Mode, Scope
+from control.domain import CaptureReport, ComplianceState, Mode, Scope
+from control.domain.audit import AuditRecord
+from control.domain.identity import Principal, Role
 from control.errors import Conflict, NotFound, StoreError
 from control.plane import AgentFilter, ControlPlane
-from control.store import LoadedState, StoredAgent
+from control.store import StoredAgent
+from control.store.sqlite import SqliteStore
+
+IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")
+SRE = Principal("sre-1", Role.SRE, serial="02")
 
 STOPPED = {"keyboard": False, "mouse": False, "screen": False}
 REPORT = CaptureReport(events_total=10)
 
 
-class MemoryStore:
-    """The Store contract in memory, counting batch writes and able to fail them."""
+class RecordingStore(SqliteStore):
+    """The real SQLite store, counting batch writes and able to fail them."""
 
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.holds: dict[str, Hold] = {}
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
         self.agents: dict[str, StoredAgent] = {}
         self.batches: list[int] = []
         self.fail_writes = False
 
-    async def load(self) -> LoadedState:
-        return LoadedState(self.epoch, list(self.holds.values()), list(self.agents.values()))
-
-    async def create_hold(self, draft: HoldDraft) -> Hold:
-        self.epoch += 1
-        hold = Hold.committed(draft, self.epoch)
-        self.holds[hold.id] = hold
-        return hold
-
-    async def lift_hold(self, hold_id: str, lifted_by: str, lifted_at: float) -> Hold:
-        if hold_id not in self.holds:
-            raise NotFound(hold_id)
-        if not self.holds[hold_id].active:
-            raise Conflict(hold_id)
-        self.epoch += 1
-        hold = dataclasses.replace(
-            self.holds[hold_id], lifted_at=lifted_at, lifted_by=lifted_by, lifted_epoch=self.epoch
-        )
-        self.holds[hold_id] = hold
-        return hold
-
-    async def save_agents(self, agents: Sequence[StoredAgent]) -> None:
+    async def save_agents(
+        self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
+    ) -> None:
         if self.fail_writes:
             raise StoreError("disk full")
-        self.batches.append(len(agents))
+        await super().save_agents(agents, audit)
+        if agents:
+            self.batches.append(len(agents))
         self.agents.update({a.agent_id: a for a in agents})
-
-    async def close(self) -> None:
-        pass
 
 
 class Session:
@@ -70,20 +55,20 @@ class Session:
         self.closed = reason
 
 
-async def started(store: MemoryStore) -> ControlPlane:
+async def started(store: RecordingStore) -> ControlPlane:
     plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600)
     await plane.start()
     return plane
 
 
-def test_a_thousand_acks_are_written_in_one_batch() -> None:
+def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = MemoryStore()
+        store = await RecordingStore.open(tmp_path)
         plane = await started(store)
         for i in range(1000):
             plane.connect(f"a{i}", {"region": "eu"}, Session())
         await plane.flush()
-        hold, covered = await plane.create_hold(Scope.fleet(), "leak", "INC-1", "ic")
+        hold, covered = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
         assert covered == 1000
         for i in range(1000):
             plane.ack(f"a{i}", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
@@ -95,9 +80,9 @@ def test_a_thousand_acks_are_written_in_one_batch() -> None:
     asyncio.run(scenario())
 
 
-def test_a_failed_write_keeps_the_observations_for_the_next_flush() -> None:
+def test_a_failed_write_keeps_the_observations_for_the_next_flush(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = MemoryStore()
+        store = await RecordingStore.open(tmp_path)
         plane = await started(store)
         plane.connect("a", {}, Session())
         store.fail_writes = True
@@ -111,18 +96,18 @@ def test_a_failed_write_keeps_the_observations_for_the_next_flush() -> None:
     asyncio.run(scenario())
 
 
-def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count() -> None:
+def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count(tmp_path: Path) -> None:
     async def scenario() -> None:
-        plane = await started(MemoryStore())
+        plane = await started(await RecordingStore.open(tmp_path))
         eu, us = Session(), Session()
         plane.connect("eu-1", {"region": "eu"}, eu)
         plane.connect("us-1", {"region": "us"}, us)
         assert (eu.notified, us.notified) == (1, 1)
-        first, _ = await plane.create_hold(Scope.selector({"region": "eu"}), "x", "", "ic")
+        first, _ = await plane.create_hold(Scope.selector({"region": "eu"}), "x", "", IC)
         assert (eu.notified, us.notified) == (2, 1)
         plane.ack("eu-1", first.created_epoch, Mode.PAUSED, STOPPED, REPORT)
-        await plane.lift_hold(first.id, "ic")
-        await plane.create_hold(Scope.selector({"region": "eu"}), "again", "", "ic")
+        await plane.lift_hold(first.id, IC)
+        await plane.create_hold(Scope.selector({"region": "eu"}), "again", "", IC)
         # The ack of the first pause is older than the second one: still pending.
         (view,) = plane.views(AgentFilter(match_labels={"region": "eu"}))
         assert view.compliance.state is ComplianceState.PENDING
@@ -135,9 +120,9 @@ def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count() -> No
     asyncio.run(scenario())
 
 
-def test_a_second_stream_for_the_same_agent_replaces_the_first() -> None:
+def test_a_second_stream_for_the_same_agent_replaces_the_first(tmp_path: Path) -> None:
     async def scenario() -> None:
-        plane = await started(MemoryStore())
+        plane = await started(await RecordingStore.open(tmp_path))
         old, new = Session(), Session()
         plane.connect("a", {}, old)
         plane.connect("a", {}, new)
@@ -150,9 +135,11 @@ def test_a_second_stream_for_the_same_agent_replaces_the_first() -> None:
     asyncio.run(scenario())
 
 
-def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then() -> None:
+def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then(
+    tmp_path: Path,
+) -> None:
     async def scenario() -> None:
-        store = MemoryStore()
+        store = await RecordingStore.open(tmp_path)
         now = [1000.0]
         plane = ControlPlane(
             store, clock=lambda: now[0], flush_interval=3600, last_seen_save_interval=60
@@ -180,34 +167,39 @@ def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then
     asyncio.run(scenario())
 
 
-def test_the_fanout_hook_runs_before_every_hold_change() -> None:
+def test_the_fanout_hook_runs_before_every_hold_change(tmp_path: Path) -> None:
     async def scenario() -> None:
         calls: list[int] = []
         plane = ControlPlane(
-            MemoryStore(),
+            await RecordingStore.open(tmp_path),
             clock=lambda: 1000.0,
             flush_interval=3600,
             before_fanout=lambda: calls.append(plane.epoch),
         )
         await plane.start()
-        hold, _ = await plane.create_hold(Scope.fleet(), "x", "", "ic")
-        await plane.lift_hold(hold.id, "ic")
+        hold, _ = await plane.create_hold(Scope.fleet(), "x", "", IC)
+        await plane.lift_hold(hold.id, IC)
         assert calls == [1, 2]
         await plane.stop()
 
     asyncio.run(scenario())
 
 
-def test_leases_only_while_allowed_and_violations_need_an_operator() -> None:
+def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Path) -> None:
     async def scenario() -> None:
         now = [1000.0]
-        plane = ControlPlane(MemoryStore(), clock=lambda: now[0], flush_interval=3600, lease_ttl=30)
+        plane = ControlPlane(
+            await RecordingStore.open(tmp_path),
+            clock=lambda: now[0],
+            flush_interval=3600,
+            lease_ttl=30,
+        )
         await plane.start()
         plane.connect("a", {}, Session())
         decision = plane.grant_lease("a")
         assert decision.granted and decision.ttl == 30
         assert plane.authorize_upload("a", 990.0, 999.0, 5).allowed
-        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", "ic")
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
         denied = plane.grant_lease("a")
         assert not denied.granted and "leak" in denied.reason
         plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
@@ -216,20 +208,20 @@ def test_leases_only_while_allowed_and_violations_need_an_operator() -> None:
         (view,) = plane.views()
         assert view.compliance.state is ComplianceState.VIOLATION
         with pytest.raises(NotFound):
-            await plane.acknowledge_violation("nobody", "sre", "checked")
-        evidence = await plane.acknowledge_violation("a", "sre", "reimaged the laptop")
+            await plane.acknowledge_violation("nobody", SRE, "checked")
+        evidence = await plane.acknowledge_violation("a", SRE, "reimaged the laptop")
         assert "events_captured_total rose from 10 to 11" in evidence
         with pytest.raises(Conflict):
-            await plane.acknowledge_violation("a", "sre", "again")
+            await plane.acknowledge_violation("a", SRE, "again")
         assert plane.authorize_upload("ghost", 1.0, 2.0, 1).reason == "unknown agent 'ghost'"
         await plane.stop()
 
     asyncio.run(scenario())
 
 
-def test_lease_renewals_are_written_a_ttl_ahead_and_rarely() -> None:
+def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = MemoryStore()
+        store = await RecordingStore.open(tmp_path)
         now = [1000.0]
         plane = ControlPlane(
             store,

@@ -11,7 +11,9 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import KillswitchError
+from control.governance import Governance
 from control.plane import ControlPlane
+from control.rpc.authz import current_principal
 from control.rpc.convert import (
     channels_from_pb,
     directive_to_pb,
@@ -102,8 +104,9 @@ class AgentSession:
 
 
 class AgentControlService(pb_grpc.AgentControlServicer):
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, governance: Governance) -> None:
         self._plane = plane
+        self._governance = governance
 
     # The handler writes through ``context`` (so sessions can push from other tasks)
     # instead of returning an iterator, which the generated signature assumes.
@@ -118,6 +121,15 @@ class AgentControlService(pb_grpc.AgentControlServicer):
         if first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message must be Hello")
         hello = first.hello
+        caller = current_principal()
+        if hello.agent_id != caller.name:
+            # A certificate speaks for one agent only; claiming another is worth an audit entry.
+            why = f"agent {caller.name} claimed to be {hello.agent_id[:100]!r}"
+            log.warning(
+                "agent_identity_mismatch", agent_id=caller.name, claimed=hello.agent_id[:100]
+            )
+            await self._governance.record_denial(caller, "AgentControl.Connect", why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         session = AgentSession(hello.agent_id, context, self._plane)
         try:
             self._plane.connect(hello.agent_id, dict(hello.labels), session)

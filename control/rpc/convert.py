@@ -17,6 +17,9 @@ from control.domain import (
     ScopeKind,
     validate_labels,
 )
+from control.domain.approvals import ResumeRequest, ResumeState
+from control.domain.audit import AuditEntry
+from control.domain.identity import CertificateRecord
 from control.errors import InvalidInput
 from control.plane import AgentFilter, AgentView, DirectiveSpec
 
@@ -146,4 +149,79 @@ def filter_from_pb(message: pb.AgentFilter) -> AgentFilter:
         state=state,
         match_labels=validate_labels(dict(message.match_labels)),
         hold_id=message.hold_id,
+    )
+
+
+RESUME_STATE_TO_PB = {
+    ResumeState.PENDING: pb.RESUME_STATE_PENDING,
+    ResumeState.APPROVED: pb.RESUME_STATE_APPROVED,
+    ResumeState.DENIED: pb.RESUME_STATE_DENIED,
+    ResumeState.EXPIRED: pb.RESUME_STATE_EXPIRED,
+    ResumeState.EXECUTED: pb.RESUME_STATE_EXECUTED,
+}
+
+
+def resume_request_to_pb(request: ResumeRequest, now: float) -> pb.ResumeRequest:
+    return pb.ResumeRequest(
+        id=request.id,
+        hold_id=request.hold_id,
+        requested_by=request.requested_by,
+        reason=request.reason,
+        ticket=request.ticket,
+        created_at=timestamp(request.created_at),
+        expires_at=timestamp(request.expires_at),
+        state=RESUME_STATE_TO_PB[request.current_state(now)],
+        revision=request.revision,
+        approvals=[
+            pb.Approval(approver=a.approver, at=timestamp(a.at), revision=a.revision, note=a.note)
+            for a in request.approvals
+        ],
+        for_runbook=request.for_runbook,
+        decided_by=request.decided_by,
+        decided_at=timestamp(request.decided_at),
+        decision_note=request.decision_note,
+        lifted_epoch=request.lifted_epoch,
+    )
+
+
+def audit_entry_to_pb(entry: AuditEntry) -> pb.AuditEntry:
+    r = entry.record
+    return pb.AuditEntry(
+        seq=entry.seq,
+        at=timestamp(r.at),
+        actor=r.actor,
+        role=r.role,
+        action=r.action,
+        target=r.target,
+        reason=r.reason,
+        ticket=r.ticket,
+        result=r.result,
+        detail=r.detail,
+        prev_hash=entry.prev_hash,
+        hash=entry.hash,
+    )
+
+
+def certificate_to_pb(cert: CertificateRecord) -> pb.Certificate:
+    return pb.Certificate(
+        serial=cert.serial,
+        subject=cert.subject,
+        role=cert.role.value,
+        not_after=timestamp(cert.not_after),
+        issued_at=timestamp(cert.issued_at),
+        revoked_at=timestamp(cert.revoked_at),
+    )
+
+
+def laptop_to_pb(view: AgentView, holds: Iterable[Hold]) -> pb.Laptop:
+    """The employee's view: states and hold reasons, never who paused it or other laptops."""
+    covering = [h for h in holds if h.id in view.desired.hold_ids]
+    return pb.Laptop(
+        agent_id=view.agent_id,
+        mode=MODE_TO_PB[view.desired.mode],
+        state=view.compliance.state.value,
+        connected=view.status.connected,
+        last_seen=timestamp(view.status.last_seen),
+        holds=[pb.HoldReason(kind=HOLD_KIND_TO_PB[h.kind], reason=h.reason) for h in covering],
+        opted_out=any(h.kind is HoldKind.OPT_OUT for h in covering),
     )

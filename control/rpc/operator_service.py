@@ -1,19 +1,34 @@
-"""Operator: the API behind the ``killswitch`` CLI."""
+"""Operator and SelfService: the APIs behind the ``killswitch`` CLI.
+
+Who is calling comes from ``current_principal()`` (set by the authorisation
+interceptor from the caller's certificate); no request field names the caller.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.errors import Conflict, InvalidInput, KillswitchError, NotFound
+from control.errors import Conflict, InvalidInput, KillswitchError, NotFound, PermissionDenied
+from control.governance import Governance
 from control.plane import ControlPlane
-from control.rpc.convert import agent_to_pb, filter_from_pb, hold_to_pb, scope_from_pb, seconds
-
-OPERATOR_METADATA_KEY = "x-killswitch-operator"
+from control.rpc.authz import current_action, current_call_mutates, current_principal
+from control.rpc.convert import (
+    agent_to_pb,
+    audit_entry_to_pb,
+    certificate_to_pb,
+    filter_from_pb,
+    hold_to_pb,
+    laptop_to_pb,
+    resume_request_to_pb,
+    scope_from_pb,
+    seconds,
+    timestamp,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -23,6 +38,7 @@ _STATUS_FOR_ERROR: list[tuple[type[KillswitchError], grpc.StatusCode]] = [
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (KillswitchError, grpc.StatusCode.INTERNAL),
 ]
 
@@ -31,31 +47,43 @@ def status_for(error: KillswitchError) -> grpc.StatusCode:
     return next(code for kind, code in _STATUS_FOR_ERROR if isinstance(error, kind))
 
 
-def translate_errors(
-    method: Callable[[OperatorService, Req, Context], Awaitable[Resp]],
-) -> Callable[[OperatorService, Req, Context], Awaitable[Resp]]:
-    """Turn domain errors into gRPC status codes with a one-line message."""
+class _Audited(Protocol):
+    _governance: Governance
 
-    async def wrapper(self: OperatorService, request: Req, context: Context, /) -> Resp:
+
+S = TypeVar("S", bound=_Audited)
+
+
+def translate_errors(
+    method: Callable[[S, Req, Context], Awaitable[Resp]],
+) -> Callable[[S, Req, Context], Awaitable[Resp]]:
+    """Turn domain errors into gRPC status codes with a one-line message.
+
+    A refused change is audited like an accepted one; so is any permission denial.
+    """
+
+    async def wrapper(self: S, request: Req, context: Context, /) -> Resp:
         try:
             return await method(self, request, context)
         except KillswitchError as exc:
+            if isinstance(exc, PermissionDenied) or current_call_mutates():
+                await self._governance.record_failure(current_principal(), current_action(), exc)
             await context.abort(status_for(exc), str(exc))
             raise AssertionError("unreachable: abort raises") from exc
 
     return wrapper
 
 
-def operator_name(context: Context) -> str:
-    """Who is asking. Until mTLS identities land this is the client's own claim."""
-    claimed = dict(context.invocation_metadata() or ()).get(OPERATOR_METADATA_KEY, "")
-    name = str(claimed).strip()[:100] or "anonymous"
-    return f"unauthenticated:{name}"
+def required(value: str, what: str) -> str:
+    if not value.strip():
+        raise InvalidInput(f"{what} is required")
+    return value.strip()
 
 
 class OperatorService(pb_grpc.OperatorServicer):
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, governance: Governance) -> None:
         self._plane = plane
+        self._governance = governance
 
     @translate_errors
     async def CreateHold(  # noqa: N802
@@ -65,21 +93,12 @@ class OperatorService(pb_grpc.OperatorServicer):
             scope_from_pb(request.scope),
             request.reason,
             request.ticket,
-            operator_name(context),
+            current_principal(),
             keep_spool=request.keep_spool,
         )
         return pb.CreateHoldResponse(
             hold=hold_to_pb(hold), epoch=hold.created_epoch, covered_agents=covered
         )
-
-    @translate_errors
-    async def LiftHold(  # noqa: N802
-        self, request: pb.LiftHoldRequest, context: Context
-    ) -> pb.LiftHoldResponse:
-        if not request.hold_id:
-            raise InvalidInput("a hold id is required")
-        hold = await self._plane.lift_hold(request.hold_id, operator_name(context))
-        return pb.LiftHoldResponse(hold=hold_to_pb(hold), epoch=hold.lifted_epoch)
 
     @translate_errors
     async def ListHolds(  # noqa: N802
@@ -119,7 +138,7 @@ class OperatorService(pb_grpc.OperatorServicer):
         self, request: pb.ExpectAgentsRequest, context: Context
     ) -> pb.ExpectAgentsResponse:
         added, known = await self._plane.expect_agents(
-            (a.agent_id, dict(a.labels)) for a in request.agents
+            ((a.agent_id, dict(a.labels)) for a in request.agents), current_principal()
         )
         return pb.ExpectAgentsResponse(added=added, already_known=known)
 
@@ -127,23 +146,181 @@ class OperatorService(pb_grpc.OperatorServicer):
     async def AcknowledgeViolation(  # noqa: N802
         self, request: pb.AcknowledgeViolationRequest, context: Context
     ) -> pb.AcknowledgeViolationResponse:
-        if not request.note.strip():
-            raise InvalidInput("a note is required: what was found and done about it")
+        note = required(request.note, "a note (what was found and done about it)")
         evidence = await self._plane.acknowledge_violation(
-            request.agent_id, operator_name(context), request.note.strip()
+            request.agent_id, current_principal(), note
         )
         return pb.AcknowledgeViolationResponse(violation=evidence)
 
+    # -------------------------------------------------------- two-person resume
+
+    def _resume_response(self, request: Any) -> pb.ResumeRequestResponse:
+        return pb.ResumeRequestResponse(request=resume_request_to_pb(request, self._now()))
+
+    def _now(self) -> float:
+        return self._plane.now()
+
+    @translate_errors
+    async def RequestResume(  # noqa: N802
+        self, request: pb.RequestResumeRequest, context: Context
+    ) -> pb.ResumeRequestResponse:
+        opened = await self._governance.request_resume(
+            current_principal(),
+            required(request.hold_id, "a hold id"),
+            request.reason,
+            request.ticket,
+            expires_in=request.expires_in_seconds,
+            for_runbook=request.for_runbook,
+        )
+        return self._resume_response(opened)
+
+    @translate_errors
+    async def EditResumeRequest(  # noqa: N802
+        self, request: pb.EditResumeRequestRequest, context: Context
+    ) -> pb.ResumeRequestResponse:
+        if not (request.reason.strip() or request.ticket.strip()):
+            raise InvalidInput("nothing to change: give a new reason or ticket")
+        edited = await self._governance.edit_request(
+            current_principal(),
+            required(request.request_id, "a request id"),
+            request.reason,
+            request.ticket,
+        )
+        return self._resume_response(edited)
+
+    @translate_errors
+    async def ApproveResume(  # noqa: N802
+        self, request: pb.DecideResumeRequest, context: Context
+    ) -> pb.DecideResumeResponse:
+        approved = await self._governance.approve(
+            current_principal(),
+            required(request.request_id, "a request id"),
+            request.revision,
+            request.note,
+        )
+        return pb.DecideResumeResponse(
+            request=resume_request_to_pb(approved, self._now()), epoch=approved.lifted_epoch
+        )
+
+    @translate_errors
+    async def DenyResume(  # noqa: N802
+        self, request: pb.DecideResumeRequest, context: Context
+    ) -> pb.DecideResumeResponse:
+        denied = await self._governance.deny(
+            current_principal(),
+            required(request.request_id, "a request id"),
+            request.revision,
+            required(request.note, "a note (why the resume is denied)"),
+        )
+        return pb.DecideResumeResponse(request=resume_request_to_pb(denied, self._now()))
+
+    @translate_errors
+    async def ListResumeRequests(  # noqa: N802
+        self, request: pb.ListResumeRequestsRequest, context: Context
+    ) -> pb.ListResumeRequestsResponse:
+        found = self._governance.requests(
+            request.request_id.strip(), include_closed=request.include_closed
+        )
+        now = self._now()
+        return pb.ListResumeRequestsResponse(requests=[resume_request_to_pb(r, now) for r in found])
+
+    # -------------------------------------------------------- audit, enrolment, certs
+
+    @translate_errors
+    async def ListAudit(  # noqa: N802
+        self, request: pb.ListAuditRequest, context: Context
+    ) -> pb.ListAuditResponse:
+        entries, head = await self._governance.read_audit(request.after_seq, request.limit)
+        return pb.ListAuditResponse(
+            entries=[audit_entry_to_pb(e) for e in entries], head_seq=head.seq, head_hash=head.hash
+        )
+
+    @translate_errors
+    async def CreateEnrollToken(  # noqa: N802
+        self, request: pb.CreateEnrollTokenRequest, context: Context
+    ) -> pb.CreateEnrollTokenResponse:
+        issued = await self._governance.create_enroll_token(
+            current_principal(), uses=request.uses or 1, ttl=request.ttl_seconds or 3600.0
+        )
+        return pb.CreateEnrollTokenResponse(
+            token=issued.text,
+            token_id=issued.token.id,
+            expires_at=timestamp(issued.token.expires_at),
+            uses=issued.token.uses_left,
+        )
+
+    @translate_errors
+    async def RevokeCertificates(  # noqa: N802
+        self, request: pb.RevokeCertificatesRequest, context: Context
+    ) -> pb.RevokeCertificatesResponse:
+        revoked, closed = await self._governance.revoke(
+            current_principal(),
+            required(request.subject_or_serial, "a certificate subject or serial"),
+            request.reason.strip(),
+        )
+        return pb.RevokeCertificatesResponse(
+            revoked=[certificate_to_pb(c) for c in revoked], streams_closed=closed
+        )
+
+    @translate_errors
+    async def ListCertificates(  # noqa: N802
+        self, request: pb.ListCertificatesRequest, context: Context
+    ) -> pb.ListCertificatesResponse:
+        certs = await self._governance.certificates()
+        return pb.ListCertificatesResponse(certificates=[certificate_to_pb(c) for c in certs])
+
+
+class SelfService(pb_grpc.SelfServiceServicer):
+    """An employee's own laptops, found by the ``owner`` label matching their certificate."""
+
+    def __init__(self, plane: ControlPlane, governance: Governance) -> None:
+        self._plane = plane
+        self._governance = governance
+
+    @translate_errors
+    async def ListMyLaptops(  # noqa: N802
+        self, request: pb.ListMyLaptopsRequest, context: Context
+    ) -> pb.ListMyLaptopsResponse:
+        holds = self._plane.active_holds()
+        return pb.ListMyLaptopsResponse(
+            laptops=[laptop_to_pb(v, holds) for v in self._plane.owned_by(current_principal())]
+        )
+
+    @translate_errors
+    async def OptOut(  # noqa: N802
+        self, request: pb.OptOutRequest, context: Context
+    ) -> pb.OptOutResponse:
+        hold, _ = await self._plane.opt_out(
+            required(request.agent_id, "a laptop id"), current_principal(), request.reason
+        )
+        return pb.OptOutResponse(hold=hold_to_pb(hold), epoch=hold.created_epoch)
+
+    @translate_errors
+    async def OptIn(  # noqa: N802
+        self, request: pb.OptInRequest, context: Context
+    ) -> pb.OptInResponse:
+        hold = await self._plane.opt_in(
+            required(request.agent_id, "a laptop id"), current_principal()
+        )
+        return pb.OptInResponse(hold=hold_to_pb(hold), epoch=hold.lifted_epoch)
+
 
 class IngestService(pb_grpc.IngestServicer):
-    """Asked by the ingest service before it accepts a batch of captured events."""
+    """Asked before a batch of captured events is accepted; an agent asks only for itself."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, governance: Governance) -> None:
         self._plane = plane
+        self._governance = governance
 
+    @translate_errors
     async def AuthorizeUpload(  # noqa: N802
         self, request: pb.AuthorizeUploadRequest, context: Context
     ) -> pb.AuthorizeUploadResponse:
+        caller = current_principal()
+        if request.agent_id != caller.name:
+            raise PermissionDenied(
+                f"agent {caller.name} cannot ask on behalf of {request.agent_id[:100]!r}"
+            )
         decision = self._plane.authorize_upload(
             request.agent_id,
             seconds(request.first_event_at),
@@ -151,3 +328,22 @@ class IngestService(pb_grpc.IngestServicer):
             request.event_count,
         )
         return pb.AuthorizeUploadResponse(allowed=decision.allowed, reason=decision.reason)
+
+
+class EnrollmentService(pb_grpc.EnrollmentServicer):
+    """On its own server-auth TLS port: the token, not a certificate, is the credential."""
+
+    def __init__(self, governance: Governance) -> None:
+        self._governance = governance
+
+    async def Enroll(  # noqa: N802
+        self, request: pb.EnrollRequest, context: Context
+    ) -> pb.EnrollResponse:
+        try:
+            cert_pem, ca_pem = await self._governance.enroll(
+                request.token, request.agent_id, request.csr_pem
+            )
+        except KillswitchError as exc:
+            await context.abort(status_for(exc), str(exc))
+            raise AssertionError("unreachable: abort raises") from exc
+        return pb.EnrollResponse(certificate_pem=cert_pem.decode(), ca_pem=ca_pem.decode())

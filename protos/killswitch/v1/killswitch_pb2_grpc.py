@@ -111,11 +111,6 @@ class OperatorStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.CreateHoldRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.CreateHoldResponse.FromString,
                 _registered_method=True)
-        self.LiftHold = channel.unary_unary(
-                '/killswitch.v1.Operator/LiftHold',
-                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.LiftHoldRequest.SerializeToString,
-                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.LiftHoldResponse.FromString,
-                _registered_method=True)
         self.ListHolds = channel.unary_unary(
                 '/killswitch.v1.Operator/ListHolds',
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListHoldsRequest.SerializeToString,
@@ -141,18 +136,57 @@ class OperatorStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationResponse.FromString,
                 _registered_method=True)
+        self.RequestResume = channel.unary_unary(
+                '/killswitch.v1.Operator/RequestResume',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.RequestResumeRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.FromString,
+                _registered_method=True)
+        self.EditResumeRequest = channel.unary_unary(
+                '/killswitch.v1.Operator/EditResumeRequest',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.EditResumeRequestRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.FromString,
+                _registered_method=True)
+        self.ApproveResume = channel.unary_unary(
+                '/killswitch.v1.Operator/ApproveResume',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeResponse.FromString,
+                _registered_method=True)
+        self.DenyResume = channel.unary_unary(
+                '/killswitch.v1.Operator/DenyResume',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeResponse.FromString,
+                _registered_method=True)
+        self.ListResumeRequests = channel.unary_unary(
+                '/killswitch.v1.Operator/ListResumeRequests',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListResumeRequestsRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListResumeRequestsResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/killswitch.v1.Operator/ListAudit',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.CreateEnrollToken = channel.unary_unary(
+                '/killswitch.v1.Operator/CreateEnrollToken',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.CreateEnrollTokenRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.CreateEnrollTokenResponse.FromString,
+                _registered_method=True)
+        self.RevokeCertificates = channel.unary_unary(
+                '/killswitch.v1.Operator/RevokeCertificates',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.RevokeCertificatesRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RevokeCertificatesResponse.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/killswitch.v1.Operator/ListCertificates',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateHold(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def LiftHold(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +225,64 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestResume(self, request, context):
+        """Resuming needs two people: an incident commander asks, a different approver decides.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditResumeRequest(self, request, context):
+        """The requester changes the reason or ticket; any approvals given so far are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveResume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenyResume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListResumeRequests(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The tamper-evident audit log, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateEnrollToken(self, request, context):
+        """Agent enrolment and certificates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,11 +290,6 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.CreateHold,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.CreateHoldRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.CreateHoldResponse.SerializeToString,
-            ),
-            'LiftHold': grpc.unary_unary_rpc_method_handler(
-                    servicer.LiftHold,
-                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.LiftHoldRequest.FromString,
-                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.LiftHoldResponse.SerializeToString,
             ),
             'ListHolds': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHolds,
@@ -228,6 +315,51 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.AcknowledgeViolation,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationResponse.SerializeToString,
+            ),
+            'RequestResume': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestResume,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RequestResumeRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.SerializeToString,
+            ),
+            'EditResumeRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditResumeRequest,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.EditResumeRequestRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.SerializeToString,
+            ),
+            'ApproveResume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveResume,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeResponse.SerializeToString,
+            ),
+            'DenyResume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenyResume,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.DecideResumeResponse.SerializeToString,
+            ),
+            'ListResumeRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListResumeRequests,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListResumeRequestsRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListResumeRequestsResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListAuditRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'CreateEnrollToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollToken,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.CreateEnrollTokenRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.CreateEnrollTokenResponse.SerializeToString,
+            ),
+            'RevokeCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificates,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RevokeCertificatesRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RevokeCertificatesResponse.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -257,33 +389,6 @@ class Operator:
             '/killswitch.v1.Operator/CreateHold',
             killswitch_dot_v1_dot_killswitch__pb2.CreateHoldRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.CreateHoldResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def LiftHold(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/killswitch.v1.Operator/LiftHold',
-            killswitch_dot_v1_dot_killswitch__pb2.LiftHoldRequest.SerializeToString,
-            killswitch_dot_v1_dot_killswitch__pb2.LiftHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -419,6 +524,489 @@ class Operator:
             '/killswitch.v1.Operator/AcknowledgeViolation',
             killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.AcknowledgeViolationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestResume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/RequestResume',
+            killswitch_dot_v1_dot_killswitch__pb2.RequestResumeRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditResumeRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/EditResumeRequest',
+            killswitch_dot_v1_dot_killswitch__pb2.EditResumeRequestRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveResume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/ApproveResume',
+            killswitch_dot_v1_dot_killswitch__pb2.DecideResumeRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.DecideResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenyResume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/DenyResume',
+            killswitch_dot_v1_dot_killswitch__pb2.DecideResumeRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.DecideResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListResumeRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/ListResumeRequests',
+            killswitch_dot_v1_dot_killswitch__pb2.ListResumeRequestsRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ListResumeRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/ListAudit',
+            killswitch_dot_v1_dot_killswitch__pb2.ListAuditRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/CreateEnrollToken',
+            killswitch_dot_v1_dot_killswitch__pb2.CreateEnrollTokenRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.CreateEnrollTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/RevokeCertificates',
+            killswitch_dot_v1_dot_killswitch__pb2.RevokeCertificatesRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.RevokeCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/ListCertificates',
+            killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SelfServiceStub:
+    """Employees, authenticated as a laptop's owner. Nothing here reaches other laptops.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListMyLaptops = channel.unary_unary(
+                '/killswitch.v1.SelfService/ListMyLaptops',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListMyLaptopsRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListMyLaptopsResponse.FromString,
+                _registered_method=True)
+        self.OptOut = channel.unary_unary(
+                '/killswitch.v1.SelfService/OptOut',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.OptOutRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.OptOutResponse.FromString,
+                _registered_method=True)
+        self.OptIn = channel.unary_unary(
+                '/killswitch.v1.SelfService/OptIn',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.OptInRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.OptInResponse.FromString,
+                _registered_method=True)
+
+
+class SelfServiceServicer:
+    """Employees, authenticated as a laptop's owner. Nothing here reaches other laptops.
+    """
+
+    def ListMyLaptops(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptOut(self, request, context):
+        """An opt-out hold is lifted only by the laptop's owner, never by a resume or a runbook.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptIn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SelfServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListMyLaptops': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMyLaptops,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListMyLaptopsRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListMyLaptopsResponse.SerializeToString,
+            ),
+            'OptOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptOut,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.OptOutRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.OptOutResponse.SerializeToString,
+            ),
+            'OptIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptIn,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.OptInRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.OptInResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.SelfService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.SelfService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SelfService:
+    """Employees, authenticated as a laptop's owner. Nothing here reaches other laptops.
+    """
+
+    @staticmethod
+    def ListMyLaptops(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.SelfService/ListMyLaptops',
+            killswitch_dot_v1_dot_killswitch__pb2.ListMyLaptopsRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ListMyLaptopsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.SelfService/OptOut',
+            killswitch_dot_v1_dot_killswitch__pb2.OptOutRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.OptOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.SelfService/OptIn',
+            killswitch_dot_v1_dot_killswitch__pb2.OptInRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.OptInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EnrollmentStub:
+    """Served on its own TLS port (server authentication only): an agent has no
+    client certificate until it enrols.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/killswitch.v1.Enrollment/Enroll',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServicer:
+    """Served on its own TLS port (server authentication only): an agent has no
+    client certificate until it enrols.
+    """
+
+    def Enroll(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.EnrollRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.EnrollResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.Enrollment', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.Enrollment', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Enrollment:
+    """Served on its own TLS port (server authentication only): an agent has no
+    client certificate until it enrols.
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Enrollment/Enroll',
+            killswitch_dot_v1_dot_killswitch__pb2.EnrollRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,7 +65,6 @@ class OperatorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OperatorAsyncStub: ...
     CreateHold: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.CreateHoldRequest, _killswitch_pb2.CreateHoldResponse]
-    LiftHold: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.LiftHoldRequest, _killswitch_pb2.LiftHoldResponse]
     ListHolds: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListHoldsRequest, _killswitch_pb2.ListHoldsResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.GetStatusRequest, _killswitch_pb2.GetStatusResponse]
     ListAgents: _grpc.UnaryStreamMultiCallable[_killswitch_pb2.ListAgentsRequest, _killswitch_pb2.AgentRecord]
@@ -75,12 +74,24 @@ class OperatorStub:
     """
     AcknowledgeViolation: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AcknowledgeViolationRequest, _killswitch_pb2.AcknowledgeViolationResponse]
     """A VIOLATION never clears by itself: an operator acknowledges it."""
+    RequestResume: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RequestResumeRequest, _killswitch_pb2.ResumeRequestResponse]
+    """Resuming needs two people: an incident commander asks, a different approver decides."""
+    EditResumeRequest: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.EditResumeRequestRequest, _killswitch_pb2.ResumeRequestResponse]
+    """The requester changes the reason or ticket; any approvals given so far are dropped."""
+    ApproveResume: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.DecideResumeRequest, _killswitch_pb2.DecideResumeResponse]
+    DenyResume: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.DecideResumeRequest, _killswitch_pb2.DecideResumeResponse]
+    ListResumeRequests: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListResumeRequestsRequest, _killswitch_pb2.ListResumeRequestsResponse]
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListAuditRequest, _killswitch_pb2.ListAuditResponse]
+    """The tamper-evident audit log, oldest first, a page at a time."""
+    CreateEnrollToken: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.CreateEnrollTokenRequest, _killswitch_pb2.CreateEnrollTokenResponse]
+    """Agent enrolment and certificates."""
+    RevokeCertificates: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RevokeCertificatesRequest, _killswitch_pb2.RevokeCertificatesResponse]
+    ListCertificates: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListCertificatesRequest, _killswitch_pb2.ListCertificatesResponse]
 
 @_typing.type_check_only
 class OperatorAsyncStub(OperatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateHold: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.CreateHoldRequest, _killswitch_pb2.CreateHoldResponse]  # type: ignore[assignment]
-    LiftHold: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.LiftHoldRequest, _killswitch_pb2.LiftHoldResponse]  # type: ignore[assignment]
     ListHolds: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListHoldsRequest, _killswitch_pb2.ListHoldsResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.GetStatusRequest, _killswitch_pb2.GetStatusResponse]  # type: ignore[assignment]
     ListAgents: _aio.UnaryStreamMultiCallable[_killswitch_pb2.ListAgentsRequest, _killswitch_pb2.AgentRecord]  # type: ignore[assignment]
@@ -90,6 +101,19 @@ class OperatorAsyncStub(OperatorStub):
     """
     AcknowledgeViolation: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AcknowledgeViolationRequest, _killswitch_pb2.AcknowledgeViolationResponse]  # type: ignore[assignment]
     """A VIOLATION never clears by itself: an operator acknowledges it."""
+    RequestResume: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RequestResumeRequest, _killswitch_pb2.ResumeRequestResponse]  # type: ignore[assignment]
+    """Resuming needs two people: an incident commander asks, a different approver decides."""
+    EditResumeRequest: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.EditResumeRequestRequest, _killswitch_pb2.ResumeRequestResponse]  # type: ignore[assignment]
+    """The requester changes the reason or ticket; any approvals given so far are dropped."""
+    ApproveResume: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.DecideResumeRequest, _killswitch_pb2.DecideResumeResponse]  # type: ignore[assignment]
+    DenyResume: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.DecideResumeRequest, _killswitch_pb2.DecideResumeResponse]  # type: ignore[assignment]
+    ListResumeRequests: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListResumeRequestsRequest, _killswitch_pb2.ListResumeRequestsResponse]  # type: ignore[assignment]
+    ListAudit: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListAuditRequest, _killswitch_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """The tamper-evident audit log, oldest first, a page at a time."""
+    CreateEnrollToken: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.CreateEnrollTokenRequest, _killswitch_pb2.CreateEnrollTokenResponse]  # type: ignore[assignment]
+    """Agent enrolment and certificates."""
+    RevokeCertificates: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RevokeCertificatesRequest, _killswitch_pb2.RevokeCertificatesResponse]  # type: ignore[assignment]
+    ListCertificates: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListCertificatesRequest, _killswitch_pb2.ListCertificatesResponse]  # type: ignore[assignment]
 
 class OperatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -98,13 +122,6 @@ class OperatorServicer(metaclass=_abc_1.ABCMeta):
         request: _killswitch_pb2.CreateHoldRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_killswitch_pb2.CreateHoldResponse, _abc.Awaitable[_killswitch_pb2.CreateHoldResponse]]: ...
-
-    @_abc_1.abstractmethod
-    def LiftHold(
-        self,
-        request: _killswitch_pb2.LiftHoldRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_killswitch_pb2.LiftHoldResponse, _abc.Awaitable[_killswitch_pb2.LiftHoldResponse]]: ...
 
     @_abc_1.abstractmethod
     def ListHolds(
@@ -145,7 +162,157 @@ class OperatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_killswitch_pb2.AcknowledgeViolationResponse, _abc.Awaitable[_killswitch_pb2.AcknowledgeViolationResponse]]:
         """A VIOLATION never clears by itself: an operator acknowledges it."""
 
+    @_abc_1.abstractmethod
+    def RequestResume(
+        self,
+        request: _killswitch_pb2.RequestResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ResumeRequestResponse, _abc.Awaitable[_killswitch_pb2.ResumeRequestResponse]]:
+        """Resuming needs two people: an incident commander asks, a different approver decides."""
+
+    @_abc_1.abstractmethod
+    def EditResumeRequest(
+        self,
+        request: _killswitch_pb2.EditResumeRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ResumeRequestResponse, _abc.Awaitable[_killswitch_pb2.ResumeRequestResponse]]:
+        """The requester changes the reason or ticket; any approvals given so far are dropped."""
+
+    @_abc_1.abstractmethod
+    def ApproveResume(
+        self,
+        request: _killswitch_pb2.DecideResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.DecideResumeResponse, _abc.Awaitable[_killswitch_pb2.DecideResumeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DenyResume(
+        self,
+        request: _killswitch_pb2.DecideResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.DecideResumeResponse, _abc.Awaitable[_killswitch_pb2.DecideResumeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListResumeRequests(
+        self,
+        request: _killswitch_pb2.ListResumeRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ListResumeRequestsResponse, _abc.Awaitable[_killswitch_pb2.ListResumeRequestsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _killswitch_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ListAuditResponse, _abc.Awaitable[_killswitch_pb2.ListAuditResponse]]:
+        """The tamper-evident audit log, oldest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def CreateEnrollToken(
+        self,
+        request: _killswitch_pb2.CreateEnrollTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.CreateEnrollTokenResponse, _abc.Awaitable[_killswitch_pb2.CreateEnrollTokenResponse]]:
+        """Agent enrolment and certificates."""
+
+    @_abc_1.abstractmethod
+    def RevokeCertificates(
+        self,
+        request: _killswitch_pb2.RevokeCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.RevokeCertificatesResponse, _abc.Awaitable[_killswitch_pb2.RevokeCertificatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCertificates(
+        self,
+        request: _killswitch_pb2.ListCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ListCertificatesResponse, _abc.Awaitable[_killswitch_pb2.ListCertificatesResponse]]: ...
+
 def add_OperatorServicer_to_server(servicer: OperatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SelfServiceStub:
+    """Employees, authenticated as a laptop's owner. Nothing here reaches other laptops."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SelfServiceAsyncStub: ...
+    ListMyLaptops: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListMyLaptopsRequest, _killswitch_pb2.ListMyLaptopsResponse]
+    OptOut: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.OptOutRequest, _killswitch_pb2.OptOutResponse]
+    """An opt-out hold is lifted only by the laptop's owner, never by a resume or a runbook."""
+    OptIn: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.OptInRequest, _killswitch_pb2.OptInResponse]
+
+@_typing.type_check_only
+class SelfServiceAsyncStub(SelfServiceStub):
+    """Employees, authenticated as a laptop's owner. Nothing here reaches other laptops."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListMyLaptops: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListMyLaptopsRequest, _killswitch_pb2.ListMyLaptopsResponse]  # type: ignore[assignment]
+    OptOut: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.OptOutRequest, _killswitch_pb2.OptOutResponse]  # type: ignore[assignment]
+    """An opt-out hold is lifted only by the laptop's owner, never by a resume or a runbook."""
+    OptIn: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.OptInRequest, _killswitch_pb2.OptInResponse]  # type: ignore[assignment]
+
+class SelfServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Employees, authenticated as a laptop's owner. Nothing here reaches other laptops."""
+
+    @_abc_1.abstractmethod
+    def ListMyLaptops(
+        self,
+        request: _killswitch_pb2.ListMyLaptopsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ListMyLaptopsResponse, _abc.Awaitable[_killswitch_pb2.ListMyLaptopsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def OptOut(
+        self,
+        request: _killswitch_pb2.OptOutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.OptOutResponse, _abc.Awaitable[_killswitch_pb2.OptOutResponse]]:
+        """An opt-out hold is lifted only by the laptop's owner, never by a resume or a runbook."""
+
+    @_abc_1.abstractmethod
+    def OptIn(
+        self,
+        request: _killswitch_pb2.OptInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.OptInResponse, _abc.Awaitable[_killswitch_pb2.OptInResponse]]: ...
+
+def add_SelfServiceServicer_to_server(servicer: SelfServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class EnrollmentStub:
+    """Served on its own TLS port (server authentication only): an agent has no
+    client certificate until it enrols.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> EnrollmentAsyncStub: ...
+    Enroll: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.EnrollRequest, _killswitch_pb2.EnrollResponse]
+
+@_typing.type_check_only
+class EnrollmentAsyncStub(EnrollmentStub):
+    """Served on its own TLS port (server authentication only): an agent has no
+    client certificate until it enrols.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Enroll: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.EnrollRequest, _killswitch_pb2.EnrollResponse]  # type: ignore[assignment]
+
+class EnrollmentServicer(metaclass=_abc_1.ABCMeta):
+    """Served on its own TLS port (server authentication only): an agent has no
+    client certificate until it enrols.
+    """
+
+    @_abc_1.abstractmethod
+    def Enroll(
+        self,
+        request: _killswitch_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.EnrollResponse, _abc.Awaitable[_killswitch_pb2.EnrollResponse]]: ...
+
+def add_EnrollmentServicer_to_server(servicer: EnrollmentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class IngestStub:
     @_typing.overload

@@ -1,0 +1,270 @@
+"""Who may do what, and the record of it: resume approvals, enrolment, certificates, audit.
+
+The plane owns the fleet's state; this service owns the rules around changing it
+that need two people or a certificate authority. Every decision goes to the
+store together with its audit entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from control.domain import validate_agent_id
+from control.domain.approvals import (
+    OPEN_STATES,
+    ResumeRequest,
+    approve,
+    deny,
+    edit_request,
+    executed,
+    open_request,
+)
+from control.domain.audit import AuditEntry, AuditRecord, ChainHead
+from control.domain.identity import (
+    CertificateRecord,
+    IssuedToken,
+    Principal,
+    Role,
+    issue_enroll_token,
+    split_enroll_token,
+)
+from control.errors import Conflict, KillswitchError, NotFound, PermissionDenied
+from control.pki import Authority
+from control.plane import ControlPlane
+from control.store import LoadedState, Store
+
+log = structlog.get_logger("killswitch.governance")
+
+MAX_AUDIT_PAGE = 1000
+
+
+class Governance:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        store: Store,
+        *,
+        clock: Callable[[], float],
+        authority: Authority | None,
+    ) -> None:
+        self._plane = plane
+        self._store = store
+        self._clock = clock
+        self._authority = authority
+        self._requests: dict[str, ResumeRequest] = {}
+        self._revoked: set[str] = set()
+        # Unrevoked certificates by subject: an agent id holds at most one at a time.
+        self._live_certs: dict[str, list[CertificateRecord]] = {}
+
+    async def start(self, state: LoadedState) -> None:
+        self._requests = {r.id: r for r in state.resume_requests}
+        self._revoked = set(state.revoked_serials)
+        for cert in await self._store.list_certificates():
+            if not cert.revoked:
+                self._live_certs.setdefault(cert.subject, []).append(cert)
+
+    # ------------------------------------------------------------ audit
+
+    async def record_denial(self, by: Principal | None, action: str, why: str) -> None:
+        """Denied and failed calls are recorded too: probing is worth knowing about."""
+        if by is None:
+            record = AuditRecord(
+                self._clock(), "unauthenticated", "", action, result=f"denied: {why}"
+            )
+        else:
+            record = self._plane.audit_record(by, action, result=f"denied: {why}")
+        await self._plane.audit(record)
+
+    async def record_failure(self, by: Principal, action: str, error: KillswitchError) -> None:
+        verdict = "denied" if isinstance(error, PermissionDenied) else "failed"
+        await self._plane.audit(self._plane.audit_record(by, action, result=f"{verdict}: {error}"))
+
+    async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
+        return await self._store.read_audit(after_seq, min(limit or MAX_AUDIT_PAGE, MAX_AUDIT_PAGE))
+
+    # ------------------------------------------------------------ resume requests
+
+    def requests(
+        self, request_id: str = "", *, include_closed: bool = False
+    ) -> list[ResumeRequest]:
+        if request_id:
+            return [self._request(request_id)]
+        now = self._clock()
+        return sorted(
+            (
+                r
+                for r in self._requests.values()
+                if include_closed or r.current_state(now) in OPEN_STATES
+            ),
+            key=lambda r: r.created_at,
+        )
+
+    def _request(self, request_id: str) -> ResumeRequest:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise NotFound(f"unknown resume request {request_id!r}") from None
+
+    async def request_resume(
+        self,
+        by: Principal,
+        hold_id: str,
+        reason: str,
+        ticket: str,
+        *,
+        expires_in: float = 0.0,
+        for_runbook: bool = False,
+    ) -> ResumeRequest:
+        hold = self._plane.hold(hold_id)
+        now = self._clock()
+        for other in self._requests.values():
+            if other.hold_id == hold_id and other.current_state(now) in OPEN_STATES:
+                raise Conflict(
+                    f"resume request {other.id} for hold {hold_id} is already open;"
+                    " edit it or let it expire"
+                )
+        request = open_request(
+            hold=hold,
+            requester=by,
+            reason=reason,
+            ticket=ticket,
+            now=now,
+            expires_in=expires_in,
+            for_runbook=for_runbook,
+        )
+        await self._save(request, by, "resume.request", "runbook" if for_runbook else "direct")
+        return request
+
+    async def edit_request(
+        self, by: Principal, request_id: str, reason: str, ticket: str
+    ) -> ResumeRequest:
+        request = self._request(request_id)
+        edited = edit_request(request, by, reason=reason, ticket=ticket, now=self._clock())
+        dropped = len(request.approvals)
+        await self._save(
+            edited, by, "resume.edit", f"revision {edited.revision}; {dropped} approvals dropped"
+        )
+        return edited
+
+    async def approve(
+        self, by: Principal, request_id: str, revision: int, note: str
+    ) -> ResumeRequest:
+        """A direct request lifts its hold in the same transaction as the approval."""
+        approved = approve(
+            self._request(request_id), by, revision=revision, note=note, now=self._clock()
+        )
+        if approved.for_runbook:
+            await self._save(approved, by, "resume.approve", "for a runbook")
+            return approved
+        record = self._audit(by, approved, "resume.approve", "hold lifted")
+        hold = await self._plane.commit_lift(
+            lambda at: self._store.execute_resume(approved, at, record), by.name
+        )
+        done = executed(approved, hold.lifted_epoch)
+        self._requests[done.id] = done
+        return done
+
+    async def deny(self, by: Principal, request_id: str, revision: int, note: str) -> ResumeRequest:
+        denied = deny(
+            self._request(request_id), by, revision=revision, note=note, now=self._clock()
+        )
+        await self._save(denied, by, "resume.deny", "")
+        return denied
+
+    def _audit(
+        self, by: Principal, request: ResumeRequest, action: str, detail: str
+    ) -> AuditRecord:
+        return self._plane.audit_record(
+            by,
+            action,
+            target=f"{request.id} hold {request.hold_id}",
+            reason=request.reason,
+            ticket=request.ticket,
+            detail=detail,
+        )
+
+    async def _save(self, request: ResumeRequest, by: Principal, action: str, detail: str) -> None:
+        await self._store.save_resume_request(request, self._audit(by, request, action, detail))
+        self._requests[request.id] = request
+        log.info(
+            action.replace(".", "_"),
+            request_id=request.id,
+            hold_id=request.hold_id,
+            operator=by.name,
+        )
+
+    # ------------------------------------------------------------ enrolment
+
+    async def create_enroll_token(self, by: Principal, *, uses: int, ttl: float) -> IssuedToken:
+        issued = issue_enroll_token(uses=uses, ttl=ttl, created_by=by.name, now=self._clock())
+        record = self._plane.audit_record(
+            by, "enroll_token.create", target=issued.token.id, detail=f"{uses} uses, {ttl:g}s"
+        )
+        await self._store.create_enroll_token(issued.token, record)
+        return issued
+
+    async def enroll(self, token: str, agent_id: str, csr_pem: str) -> tuple[bytes, bytes]:
+        """Trade a join token and a CSR for an agent certificate signed by the CA."""
+        authority = self._require_authority()
+        claimant = Principal(validate_agent_id(agent_id), Role.AGENT)
+        try:
+            token_id, secret = split_enroll_token(token)
+            if live := self._live_certs.get(agent_id):
+                raise PermissionDenied(
+                    f"agent {agent_id} already has a valid certificate (serial {live[0].serial});"
+                    f" revoke it first: killswitch certs revoke {agent_id}"
+                )
+            await self._store.consume_enroll_token(token_id, secret, self._clock())
+            cert_pem, cert = authority.sign_agent_csr(csr_pem, agent_id, now=self._clock())
+        except KillswitchError as exc:
+            await self.record_failure(claimant, "Enrollment.Enroll", exc)
+            raise
+        record = self._plane.audit_record(
+            claimant,
+            "agent.enroll",
+            target=agent_id,
+            detail=f"token {token_id}, serial {cert.serial}",
+        )
+        await self._store.record_certificate(cert, record)
+        self._live_certs.setdefault(agent_id, []).append(cert)
+        return cert_pem, authority.ca_pem
+
+    def _require_authority(self) -> Authority:
+        if self._authority is None:
+            raise Conflict("this server runs without a CA (--insecure): it cannot enrol agents")
+        return self._authority
+
+    # ------------------------------------------------------------ certificates
+
+    def is_revoked(self, serial: str) -> bool:
+        return serial in self._revoked
+
+    async def revoke(
+        self, by: Principal, subject_or_serial: str, reason: str
+    ) -> tuple[list[CertificateRecord], int]:
+        record = self._plane.audit_record(
+            by, "certs.revoke", target=subject_or_serial, reason=reason
+        )
+        revoked = await self._store.revoke_certificates(subject_or_serial, self._clock(), record)
+        closed = 0
+        for cert in revoked:
+            self._revoked.add(cert.serial)
+            live = self._live_certs.get(cert.subject, [])
+            live[:] = [c for c in live if c.serial != cert.serial]
+            if cert.role is Role.AGENT and self._plane.close_stream(
+                cert.subject, "certificate revoked"
+            ):
+                closed += 1
+        log.warning(
+            "certificates_revoked",
+            target=subject_or_serial,
+            count=len(revoked),
+            streams_closed=closed,
+            operator=by.name,
+        )
+        return revoked, closed
+
+    async def certificates(self) -> list[CertificateRecord]:
+        return await self._store.list_certificates()

@@ -1,0 +1,239 @@
+"""Authentication and authorisation for every RPC, in one place.
+
+The interceptor resolves the caller's ``Principal`` from its mTLS certificate
+(or, on an insecure loopback-only development server, from the metadata claim
+``x-killswitch-as: NAME:ROLE``), refuses revoked certificates, bounds the calls
+one identity may have in flight, and checks the role against ``POLICY``.
+A method missing from ``POLICY`` is denied to everyone: deny by default.
+Finer checks (own laptop, own agent id, not one's own request) are made by the
+plane, which sees the principal through ``current_principal()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+import structlog
+
+from control.domain.identity import Principal, Role, parse_role
+from control.errors import KillswitchError, PermissionDenied
+
+log = structlog.get_logger("killswitch.rpc.authz")
+
+INSECURE_IDENTITY_METADATA = "x-killswitch-as"
+DEFAULT_MAX_CALLS_PER_IDENTITY = 16
+
+IC, APPROVER, SRE = Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE
+AGENT, EMPLOYEE = Role.AGENT, Role.EMPLOYEE
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    roles: frozenset[Role]
+    # Mutating calls are audited when they fail as well as when they succeed.
+    mutates: bool
+
+
+def _rule(*roles: Role, mutates: bool) -> Rule:
+    return Rule(frozenset(roles), mutates)
+
+
+_OPERATOR = "/killswitch.v1.Operator/"
+_READ = _rule(IC, APPROVER, SRE, mutates=False)
+
+# The role x operation matrix. The README's table is checked against this one.
+POLICY: Mapping[str, Rule] = {
+    "/killswitch.v1.AgentControl/Connect": _rule(AGENT, mutates=True),
+    "/killswitch.v1.Ingest/AuthorizeUpload": _rule(AGENT, mutates=False),
+    _OPERATOR + "CreateHold": _rule(IC, mutates=True),
+    _OPERATOR + "RequestResume": _rule(IC, mutates=True),
+    _OPERATOR + "EditResumeRequest": _rule(IC, mutates=True),
+    _OPERATOR + "ApproveResume": _rule(APPROVER, mutates=True),
+    _OPERATOR + "DenyResume": _rule(APPROVER, mutates=True),
+    _OPERATOR + "ListResumeRequests": _READ,
+    _OPERATOR + "ListHolds": _READ,
+    _OPERATOR + "GetStatus": _READ,
+    _OPERATOR + "ListAgents": _READ,
+    _OPERATOR + "ListAudit": _rule(IC, SRE, mutates=False),
+    _OPERATOR + "ExpectAgents": _rule(IC, mutates=True),
+    _OPERATOR + "AcknowledgeViolation": _rule(IC, mutates=True),
+    _OPERATOR + "CreateEnrollToken": _rule(IC, mutates=True),
+    _OPERATOR + "RevokeCertificates": _rule(IC, mutates=True),
+    _OPERATOR + "ListCertificates": _rule(IC, SRE, mutates=False),
+    "/killswitch.v1.SelfService/ListMyLaptops": _rule(EMPLOYEE, mutates=False),
+    "/killswitch.v1.SelfService/OptOut": _rule(EMPLOYEE, mutates=True),
+    "/killswitch.v1.SelfService/OptIn": _rule(EMPLOYEE, mutates=True),
+}
+
+_current_principal: ContextVar[Principal] = ContextVar("killswitch_principal")
+_current_method: ContextVar[str] = ContextVar("killswitch_method")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled; only ever set by the interceptor."""
+    return _current_principal.get()
+
+
+def current_action() -> str:
+    """The RPC being handled, as ``Service.Method``: what the audit log calls the action."""
+    return action_name(_current_method.get())
+
+
+def current_call_mutates() -> bool:
+    rule = POLICY.get(_current_method.get())
+    return rule is not None and rule.mutates
+
+
+def action_name(method: str) -> str:
+    return method.removeprefix("/killswitch.v1.").replace("/", ".")
+
+
+def principal_from_metadata(metadata: Mapping[str, str]) -> Principal:
+    """Development only: an insecure server takes the caller's word for who it is."""
+    claim = metadata.get(INSECURE_IDENTITY_METADATA, "")
+    name, colon, role = claim.partition(":")
+    if not (colon and name.strip()):
+        raise PermissionDenied(
+            f"insecure server: send metadata {INSECURE_IDENTITY_METADATA}: NAME:ROLE"
+        )
+    return Principal(name.strip()[:100], parse_role(role.strip()))
+
+
+class Authenticator:
+    """Turns a call's transport credentials into a principal."""
+
+    def __init__(
+        self,
+        *,
+        insecure: bool,
+        principal_from_pem: Callable[[bytes], Principal],
+        is_revoked: Callable[[str], bool],
+    ) -> None:
+        self._insecure = insecure
+        self._from_pem = principal_from_pem
+        self._is_revoked = is_revoked
+
+    def principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        if self._insecure:
+            metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
+            return principal_from_metadata(metadata)
+        certs = list(context.auth_context().get("x509_pem_cert") or [])
+        if not certs:  # TLS already demanded one; this is defence in depth
+            raise PermissionDenied("no client certificate")
+        principal = self._from_pem(certs[0])
+        if self._is_revoked(principal.serial):
+            raise PermissionDenied(f"certificate {principal.serial} has been revoked")
+        return principal
+
+
+DenialRecorder = Callable[[Principal | None, str, str], Awaitable[None]]
+
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        record_denial: DenialRecorder,
+        *,
+        policy: Mapping[str, Rule] = POLICY,
+        max_calls_per_identity: int = DEFAULT_MAX_CALLS_PER_IDENTITY,
+        unchecked: frozenset[str] = frozenset(),
+    ) -> None:
+        self._authenticator = authenticator
+        self._record_denial = record_denial
+        self._policy = policy
+        self._max_calls = max_calls_per_identity
+        self._unchecked = unchecked
+        self._in_flight: dict[str, int] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method in self._unchecked:
+            return handler
+        return _wrap(handler, lambda behaviour: self._guarded(method, behaviour))
+
+    def _guarded(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+                key = await self._admit(method, context)
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    self._release(key)
+
+            return streaming
+
+        async def unary(request: Any, context: Any) -> Any:
+            key = await self._admit(method, context)
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._release(key)
+
+        return unary
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Authenticate, authorise and count the call, or abort it."""
+        try:
+            principal = self._authenticator.principal(context)
+        except KillswitchError as exc:
+            await self._record_denial(None, action_name(method), str(exc))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise AssertionError("unreachable: abort raises") from exc
+        rule = self._policy.get(method)
+        if rule is None or principal.role not in rule.roles:
+            why = f"role {principal.role.value} may not call {action_name(method)}"
+            log.warning("rpc_denied", method=method, principal=principal.describe())
+            await self._record_denial(principal, action_name(method), why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        key = principal.serial or f"{principal.role.value}:{principal.name}"
+        if self._in_flight.get(key, 0) >= self._max_calls:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{principal.describe()} already has {self._max_calls} calls in flight",
+            )
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        _current_principal.set(principal)
+        _current_method.set(method)
+        return key
+
+    def _release(self, key: str) -> None:
+        left = self._in_flight[key] - 1
+        if left:
+            self._in_flight[key] = left
+        else:
+            del self._in_flight[key]
+
+
+def _wrap(handler: Handler, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Handler:
+    """The same handler with its behaviour run behind ``guard``."""
+    make: Callable[..., Handler]
+    behaviour: Any
+    if handler.unary_unary:
+        make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    return make(
+        guard(behaviour),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,355 @@
+"""The CA with real certificates, checked by real TLS: who gets in, and as whom."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import re
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from control.domain.identity import Principal, Role
+from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied
+from control.pki import (
+    DEFAULT_OPERATORS,
+    MAX_CSR_BYTES,
+    Authority,
+    Identity,
+    initialise,
+    load_identity,
+    principal_from_pem,
+)
+
+NOW = time.time()
+DAY = 86_400.0
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("pki") / "data"
+    initialise(data, server_names=["killswitch.example", "10.0.0.5"], now=NOW)
+    return data
+
+
+@pytest.fixture(scope="module")
+def authority(data_dir: Path) -> Authority:
+    return Authority.load(data_dir)
+
+
+def csr(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    *,
+    subject: x509.Name | None = None,
+    extensions: list[x509.ExtensionType] | None = None,
+) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject or x509.Name([]))
+    for extension in extensions or []:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def p256() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def test_initialise_writes_everything_owner_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    records = initialise(data, now=NOW)
+    assert [(r.subject, r.role) for r in records] == list(DEFAULT_OPERATORS)
+    files = [p for p in data.rglob("*") if p.is_file()]
+    dirs = [p for p in data.rglob("*") if p.is_dir()]
+    assert {p.relative_to(data).as_posix() for p in files} == {
+        "pki/ca.pem",
+        "pki/ca-key.pem",
+        "pki/server.pem",
+        "pki/server-key.pem",
+    } | {
+        f"identities/{n}/{f}"
+        for n, _ in DEFAULT_OPERATORS
+        for f in ("cert.pem", "key.pem", "ca.pem")
+    }
+    assert all(mode(p) == 0o600 for p in files), {str(p): oct(mode(p)) for p in files}
+    assert all(mode(p) == 0o700 for p in [data, *dirs]), {str(p): oct(mode(p)) for p in dirs}
+
+
+def test_initialise_refuses_to_run_twice(data_dir: Path) -> None:
+    with pytest.raises(Conflict, match=r"already initialised: .*pki/ca\.pem exists"):
+        initialise(data_dir, now=NOW)
+
+
+def test_initialise_leaves_an_existing_data_dir_mode_alone(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    initialise(tmp_path, now=NOW)
+    assert mode(tmp_path) == 0o755 and mode(tmp_path / "pki") == 0o700
+
+
+def test_bad_server_name_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="bad server name 'not a host'"):
+        initialise(tmp_path / "data", server_names=["not a host"], now=NOW)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("a file, not a directory")
+    with pytest.raises(KillswitchError) as caught:
+        initialise(tmp_path / "data", now=NOW)
+    assert str(caught.value) == f"cannot create directory {tmp_path}/data: File exists"
+
+
+def test_load_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(KillswitchError) as caught:
+        Authority.load(tmp_path)
+    assert str(caught.value) == (
+        f"no CA in {tmp_path}/pki: run `killswitch init --data-dir {tmp_path}` first"
+    )
+
+
+def test_load_identity_names_the_missing_file(data_dir: Path, tmp_path: Path) -> None:
+    identity = load_identity(data_dir / "identities" / "sre-1")
+    (tmp_path / "cert.pem").write_bytes(identity.cert_pem)
+    with pytest.raises(KillswitchError, match=f"missing {tmp_path}/key.pem"):
+        load_identity(tmp_path)
+
+
+def test_certificates_have_the_agreed_shape(data_dir: Path, authority: Authority) -> None:
+    ca = x509.load_pem_x509_certificate(authority.ca_pem)
+    constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert constraints.ca and constraints.path_length == 0
+    usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    assert ca.signature_hash_algorithm is not None
+    assert ca.signature_hash_algorithm.name == "sha256"
+    assert ca.not_valid_after_utc - ca.not_valid_before_utc > datetime.timedelta(days=3650)
+
+    server = x509.load_pem_x509_certificate(authority.server_cert_pem)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "killswitch.example"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1",
+        "::1",
+        "10.0.0.5",
+    ]
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+    operator = x509.load_pem_x509_certificate(load_identity(data_dir / "identities/ic-1").cert_pem)
+    eku = operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert operator.not_valid_before_utc.timestamp() == pytest.approx(NOW - 60, abs=1)
+    assert operator.not_valid_after_utc.timestamp() == pytest.approx(NOW + 365 * DAY, abs=1)
+
+
+@pytest.mark.parametrize(("name", "role"), DEFAULT_OPERATORS)
+def test_each_default_identity_names_its_principal(data_dir: Path, name: str, role: Role) -> None:
+    identity = load_identity(data_dir / "identities" / name)
+    principal = principal_from_pem(identity.cert_pem)
+    serial = format(x509.load_pem_x509_certificate(identity.cert_pem).serial_number, "x")
+    assert principal == Principal(name=name, role=role, serial=serial)
+    assert principal.authenticated
+    assert identity.ca_pem == (data_dir / "pki" / "ca.pem").read_bytes()
+
+
+def self_signed(subject: x509.Name) -> bytes:
+    key = p256()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime.now(datetime.UTC))
+        .not_valid_after(datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def name(**attributes: str) -> x509.Name:
+    oids = {"cn": NameOID.COMMON_NAME, "ou": NameOID.ORGANIZATIONAL_UNIT_NAME}
+    return x509.Name([x509.NameAttribute(oids[k], v) for k, v in attributes.items()])
+
+
+@pytest.mark.parametrize(
+    ("subject", "message"),
+    [
+        (name(ou="sre"), "certificate has no name (CN)"),
+        (name(cn="mallory"), "certificate has no role (OU)"),
+        (name(cn="mallory", ou="root"), "certificate role 'root' is not a known role"),
+    ],
+)
+def test_a_certificate_without_name_or_role_is_no_principal(
+    subject: x509.Name, message: str
+) -> None:
+    with pytest.raises(PermissionDenied, match=re.escape(message)):
+        principal_from_pem(self_signed(subject))
+
+
+# ---------------------------------------------------------------- agent CSRs
+
+
+def test_agent_csr_is_signed_for_the_agent_id(authority: Authority) -> None:
+    key = p256()
+    cert_pem, record = authority.sign_agent_csr(csr(key).decode(), "laptop-00042", now=NOW)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    assert cert.public_key() == key.public_key()
+    assert principal_from_pem(cert_pem) == Principal("laptop-00042", Role.AGENT, record.serial)
+    assert (record.subject, record.role, record.issued_at) == ("laptop-00042", Role.AGENT, NOW)
+    assert record.not_after == pytest.approx(NOW + 90 * DAY, abs=1)
+    ca = x509.load_pem_x509_certificate(authority.ca_pem)
+    cert.verify_directly_issued_by(ca)
+
+
+def test_an_rsa_2048_csr_is_accepted(authority: Authority) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert_pem, _ = authority.sign_agent_csr(csr(key), "laptop-rsa", now=NOW)
+    assert x509.load_pem_x509_certificate(cert_pem).public_key() == key.public_key()
+
+
+def test_a_csr_asking_for_more_gets_only_the_agent_identity(authority: Authority) -> None:
+    greedy = csr(
+        p256(),
+        subject=name(cn="ic-1", ou="incident-commander"),
+        extensions=[
+            x509.BasicConstraints(ca=True, path_length=None),
+            x509.SubjectAlternativeName([x509.DNSName("control.example")]),
+        ],
+    )
+    cert_pem, _ = authority.sign_agent_csr(greedy, "laptop-7", now=NOW)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    assert cert.subject == name(cn="laptop-7", ou="agent")
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def tampered(pem: bytes) -> bytes:
+    """The same request with its signature's last byte flipped: parses, does not verify."""
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("make_csr", "agent_id", "message"),
+    [
+        (lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n", "a", "malformed CSR"),
+        (lambda: "not pem at all", "a", "malformed CSR"),
+        (lambda: b"x" * (MAX_CSR_BYTES + 1), "a", "CSR too large"),
+        (lambda: tampered(csr(p256())), "a", "CSR signature does not verify"),
+        (lambda: csr(ec.generate_private_key(ec.SECP384R1())), "a", "CSR key refused"),
+        (
+            lambda: csr(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+            "a",
+            "CSR key refused",
+        ),
+        (lambda: csr(p256()), "bad id!", "invalid agent id"),
+        (lambda: csr(p256()), "a" * 65, "too long for a certificate"),
+    ],
+)
+def test_bad_csrs_are_refused_with_one_line(
+    authority: Authority, make_csr: object, agent_id: str, message: str
+) -> None:
+    assert callable(make_csr)
+    with pytest.raises(InvalidInput, match=message) as caught:
+        authority.sign_agent_csr(make_csr(), agent_id, now=NOW)
+    assert "\n" not in str(caught.value)
+
+
+def test_operator_names_must_be_safe_directory_names(authority: Authority) -> None:
+    with pytest.raises(InvalidInput, match=r"invalid identity name '\.\./etc'"):
+        authority.issue_identity("../etc", Role.SRE, now=NOW)
+
+
+# ---------------------------------------------------------------- real TLS
+
+PROBE = "/killswitch.test.Probe/WhoAmI"
+
+
+@asynccontextmanager
+async def mtls_server(authority: Authority) -> AsyncIterator[tuple[str, list[Principal]]]:
+    """A server that requires client certificates and records who each caller was."""
+    seen: list[Principal] = []
+
+    async def who_am_i(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        principal = principal_from_pem(next(iter(context.auth_context()["x509_pem_cert"])))
+        seen.append(principal)
+        return principal.describe().encode()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "killswitch.test.Probe", {"WhoAmI": grpc.unary_unary_rpc_method_handler(who_am_i)}
+            )
+        ]
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(authority.server_key_pem, authority.server_cert_pem)],
+        root_certificates=authority.ca_pem,
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", seen
+    finally:
+        await server.stop(grace=None)
+
+
+async def call(target: str, credentials: grpc.ChannelCredentials) -> bytes:
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        probe = channel.unary_unary(PROBE, request_serializer=None, response_deserializer=None)
+        answer: bytes = await probe(b"", timeout=5)
+        return answer
+
+
+def client(identity: Identity, ca_pem: bytes) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=identity.key_pem, certificate_chain=identity.cert_pem
+    )
+
+
+def test_mtls_admits_only_current_certificates_of_this_ca(
+    data_dir: Path, authority: Authority, tmp_path: Path
+) -> None:
+    ic = load_identity(data_dir / "identities" / "ic-1")
+    initialise(tmp_path / "other", now=NOW)
+    stranger = load_identity(tmp_path / "other" / "identities" / "ic-1")
+    cert, key, _ = authority.issue_identity("sre-old", Role.SRE, now=NOW - 3 * DAY, days=1)
+    expired = Identity(cert, key, authority.ca_pem)
+    ca = authority.ca_pem
+
+    async def scenario() -> None:
+        async with mtls_server(authority) as (target, seen):
+            assert await call(target, client(ic, ca)) == b"ic-1 (incident-commander)"
+            assert [p.name for p in seen] == ["ic-1"]
+            refused = {
+                "a certificate from another CA": client(stranger, ca),
+                "no certificate": grpc.ssl_channel_credentials(root_certificates=ca),
+                "an expired certificate": client(expired, ca),
+            }
+            for what, credentials in refused.items():
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(target, credentials)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, what
+            assert [p.name for p in seen] == ["ic-1"], "no refused caller reached the handler"
+
+    asyncio.run(scenario())
