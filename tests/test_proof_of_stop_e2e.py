@@ -120,6 +120,13 @@ def test_drill_verdicts_match_ground_truth(
     honest = next(a for a, row in truth.items() if row["fault"] == "none")
     refused = cli.run("ack-violation", honest, "--note", "nothing to see")
     assert refused.returncode == 1 and "no violation" in refused.stderr
+    # Every violation, and its acknowledgement, is in the tamper-evident audit log.
+    audit = cli.as_("sre-1").json("audit")
+    violations = [e for e in audit if e["action"] == "agent.violation"]
+    assert {e["target"] for e in violations} == flagged
+    assert all(e["result"] == "violation" and e["detail"] for e in violations)
+    (acked,) = [e for e in audit if e["action"] == "agent.acknowledge_violation"]
+    assert (acked["actor"], acked["target"], acked["reason"]) == ("ic-1", liar, "drill: known liar")
 
 
 def test_no_agent_captures_after_its_lease_expires_while_the_server_is_down(

@@ -291,8 +291,8 @@ def test_spent_and_expired_tokens_are_refused(server: ServerProcess, cli: Cli) -
     base = [str(BIN / "killswitch-agent"), "run", "--server", server.address]
     base += ["--enroll-server", server.enroll_address, "--ca", str(server.ca_path)]
 
-    def enrol(agent_id: str, token: str) -> subprocess.CompletedProcess[str]:
-        state = server.data_dir.parent / "states" / agent_id
+    def enrol(agent_id: str, token: str, machine: str = "") -> subprocess.CompletedProcess[str]:
+        state = server.data_dir.parent / "states" / (machine or agent_id)
         cmd = [*base, "--agent-id", agent_id, "--state-dir", str(state), "--enroll-token", token]
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=False)
@@ -305,6 +305,14 @@ def test_spent_and_expired_tokens_are_refused(server: ServerProcess, cli: Cli) -
     assert "Traceback" not in spent.stderr
     forged = enrol("laptop-c", token[:-4] + "AAAA")
     assert forged.returncode != 0 and "unknown enrolment token" in forged.stderr
+    short_lived = cli.ok("enroll-token", "create", "--ttl", "1").strip()
+    time.sleep(1.5)
+    expired = enrol("laptop-d", short_lived)
+    assert expired.returncode != 0 and "enrolment token expired" in expired.stderr
+    # laptop-a has a certificate: a fresh token on another machine cannot take its identity.
+    fresh = cli.enroll_token(1)
+    stolen = enrol("laptop-a", fresh, machine="attacker")
+    assert stolen.returncode != 0 and "already has a valid certificate" in stolen.stderr
 
 
 def test_audit_verify_names_the_first_tampered_entry(server: ServerProcess, cli: Cli) -> None:
