@@ -29,3 +29,19 @@ class StoreError(KillswitchError):
 
 class PermissionDenied(KillswitchError):
     """The caller's role or identity does not allow this action."""
+
+
+MAX_SHOWN_CHARS = 60
+MAX_MESSAGE_CHARS = 500
+
+
+def shown(value: object) -> str:
+    """A caller's value quoted in an error, clipped: a message must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[: MAX_SHOWN_CHARS - 5]}...{text[-1]}"
+
+
+def one_line(error: Exception) -> str:
+    """The message a client sees: one line, bounded, whatever went into it."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."

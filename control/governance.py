@@ -30,7 +30,14 @@ from control.domain.identity import (
     issue_enroll_token,
     split_enroll_token,
 )
-from control.errors import Conflict, KillswitchError, NotFound, PermissionDenied
+from control.errors import (
+    Conflict,
+    InvalidInput,
+    KillswitchError,
+    NotFound,
+    PermissionDenied,
+    shown,
+)
 from control.pki import Authority
 from control.plane import ControlPlane
 from control.store import LoadedState, Store
@@ -38,6 +45,7 @@ from control.store import LoadedState, Store
 log = structlog.get_logger("killswitch.governance")
 
 MAX_AUDIT_PAGE = 1000
+MAX_AUDIT_SEQ = 2**63 - 1
 
 
 class Governance:
@@ -82,6 +90,8 @@ class Governance:
         await self._plane.audit(self._plane.audit_record(by, action, result=f"{verdict}: {error}"))
 
     async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
+        if after_seq > MAX_AUDIT_SEQ:
+            raise InvalidInput(f"after_seq out of range: {after_seq}")
         return await self._store.read_audit(after_seq, min(limit or MAX_AUDIT_PAGE, MAX_AUDIT_PAGE))
 
     # ------------------------------------------------------------ resume requests
@@ -105,7 +115,7 @@ class Governance:
         try:
             return self._requests[request_id]
         except KeyError:
-            raise NotFound(f"unknown resume request {request_id!r}") from None
+            raise NotFound(f"unknown resume request {shown(request_id)}") from None
 
     async def request_resume(
         self,

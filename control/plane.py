@@ -42,7 +42,7 @@ from control.domain import (
 )
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
-from control.errors import Conflict, NotFound, PermissionDenied
+from control.errors import Conflict, NotFound, PermissionDenied, shown
 from control.store import LoadedState, Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
@@ -280,7 +280,7 @@ class ControlPlane:
         try:
             return self._holds[hold_id]
         except KeyError:
-            raise NotFound(f"unknown hold {hold_id!r}") from None
+            raise NotFound(f"unknown hold {shown(hold_id)}") from None
 
     async def create_hold(
         self,
@@ -499,6 +499,14 @@ class ControlPlane:
 
     def nack(self, agent_id: str, epoch: int, reason: str) -> None:
         entry = self._agents[agent_id]
+        if epoch > self._epoch:
+            log.warning(
+                "future_epoch_nack_ignored",
+                agent_id=agent_id,
+                epoch=epoch,
+                server_epoch=self._epoch,
+            )
+            return
         if entry.status.record_nack(epoch, reason, self._clock()):
             log.warning("agent_nacked", agent_id=agent_id, epoch=epoch, reason=reason)
         self._dirty.add(agent_id)
@@ -560,7 +568,7 @@ class ControlPlane:
     ) -> UploadDecision:
         entry = self._agents.get(agent_id)
         if entry is None:
-            return UploadDecision(False, f"unknown agent {agent_id!r}")
+            return UploadDecision(False, f"unknown agent {shown(agent_id)}")
         with self._watching_for_violation(entry):
             decision = entry.status.decide_upload(
                 first_event_at, last_event_at, count, self._clock(), desired=entry.desired
@@ -573,7 +581,7 @@ class ControlPlane:
     async def acknowledge_violation(self, agent_id: str, by: Principal, note: str) -> str:
         entry = self._agents.get(validate_agent_id(agent_id))
         if entry is None:
-            raise NotFound(f"unknown agent {agent_id!r}")
+            raise NotFound(f"unknown agent {shown(agent_id)}")
         evidence = entry.status.acknowledge_violation()
         if not evidence:
             raise Conflict(f"agent {agent_id!r} has no violation to acknowledge")
@@ -603,7 +611,7 @@ class ControlPlane:
         entry = self._agents.get(agent_id)
         if entry is None or entry.labels.get("owner") != owner.name:
             # The same answer for "no such laptop": employees learn nothing about others.
-            raise PermissionDenied(f"{owner.name} does not own a laptop {agent_id!r}")
+            raise PermissionDenied(f"{owner.name} does not own a laptop {shown(agent_id)}")
         return entry
 
     def _opt_outs(self, agent_id: str) -> list[Hold]:

@@ -46,6 +46,8 @@ GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    # The soft limit above refuses only some requests over it; this one refuses all.
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     # Without this a second server on the same port silently shares the fleet.
     ("grpc.so_reuseport", 0),
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 
 from control.domain.scope import Scope
-from control.errors import InvalidInput
+from control.errors import InvalidInput, shown
 
 MAX_REASON_CHARS = 500
 MAX_TICKET_CHARS = 100
@@ -61,9 +62,16 @@ class Hold(HoldDraft):
         return self.lifted_at is None
 
 
+def reject_control_characters(text: str, what: str) -> None:
+    """Terminal escapes in a stored reason would rewrite an operator's screen later."""
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise InvalidInput(f"{what} contains control characters")
+
+
 def validate_reason(reason: str) -> str:
     """A pause without a reason cannot be explained to employees or a regulator later."""
     cleaned = " ".join(reason.split())
+    reject_control_characters(cleaned, "reason")
     if not cleaned:
         raise InvalidInput("a reason is required and cannot be empty")
     if len(cleaned) > MAX_REASON_CHARS:
@@ -73,9 +81,10 @@ def validate_reason(reason: str) -> str:
 
 def validate_ticket(ticket: str) -> str:
     cleaned = ticket.strip()
+    reject_control_characters(cleaned, "ticket")
     if len(cleaned) > MAX_TICKET_CHARS or any(c.isspace() for c in cleaned):
         raise InvalidInput(
-            f"invalid ticket {ticket!r}: no spaces, at most {MAX_TICKET_CHARS} chars"
+            f"invalid ticket {shown(ticket)}: no spaces, at most {MAX_TICKET_CHARS} chars"
         )
     return cleaned
 

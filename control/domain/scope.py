@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from control.errors import InvalidInput
+from control.errors import InvalidInput, shown
 
 # Kubernetes-style label syntax: short, printable, no separators that would make
 # `k=v,k=v` ambiguous.
@@ -20,7 +20,7 @@ MAX_LABELS = 32
 def validate_agent_id(agent_id: str) -> str:
     if not _AGENT_ID.match(agent_id):
         raise InvalidInput(
-            f"invalid agent id {agent_id!r}: use 1-128 letters, digits or . _ : @ -"
+            f"invalid agent id {shown(agent_id)}: use 1-128 letters, digits or . _ : @ -"
             " starting with a letter or digit"
         )
     return agent_id
@@ -31,9 +31,9 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
         raise InvalidInput(f"too many labels ({len(labels)}); at most {MAX_LABELS}")
     for key, value in labels.items():
         if not _LABEL_KEY.match(key):
-            raise InvalidInput(f"invalid label key {key!r}: use letters, digits and . _ / -")
+            raise InvalidInput(f"invalid label key {shown(key)}: use letters, digits and . _ / -")
         if not _LABEL_VALUE.match(value):
-            raise InvalidInput(f"invalid value {value!r} for label {key!r}")
+            raise InvalidInput(f"invalid value {shown(value)} for label {shown(key)}")
     return dict(labels)
 
 

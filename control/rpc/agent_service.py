@@ -10,11 +10,12 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.errors import KillswitchError
+from control.errors import KillswitchError, one_line
 from control.governance import Governance
 from control.plane import ControlPlane
 from control.rpc.authz import current_principal
 from control.rpc.convert import (
+    bounded,
     channels_from_pb,
     directive_to_pb,
     mode_from_pb,
@@ -24,6 +25,8 @@ from control.rpc.convert import (
 log = structlog.get_logger("killswitch.rpc.agent")
 
 AgentContext = grpc.aio.ServicerContext[pb.AgentMessage, pb.ServerMessage]
+MALFORMED = "malformed message: it does not parse as an AgentMessage"
+END_OF_STREAM: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 
 class AgentSession:
@@ -116,8 +119,10 @@ class AgentControlService(pb_grpc.AgentControlServicer):
         # Sending headers now keeps them out of the first (time-critical) directive.
         await context.send_initial_metadata(())
         first = await context.read()
-        if not isinstance(first, pb.AgentMessage):  # EOF before Hello
+        if first is END_OF_STREAM:  # gone before Hello
             return
+        if not isinstance(first, pb.AgentMessage):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
         if first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message must be Hello")
         hello = first.hello
@@ -134,7 +139,7 @@ class AgentControlService(pb_grpc.AgentControlServicer):
         try:
             self._plane.connect(hello.agent_id, dict(hello.labels), session)
         except KillswitchError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
         try:
             await self._read_loop(session, context)
         finally:
@@ -144,8 +149,10 @@ class AgentControlService(pb_grpc.AgentControlServicer):
         plane, agent_id = self._plane, session.agent_id
         while True:
             message = await context.read()
-            if not isinstance(message, pb.AgentMessage):  # EOF: the agent closed
+            if message is END_OF_STREAM:  # the agent closed
                 return
+            if not isinstance(message, pb.AgentMessage):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
             body = message.WhichOneof("body")
             try:
                 if body == "ack":
@@ -156,8 +163,8 @@ class AgentControlService(pb_grpc.AgentControlServicer):
                         mode_from_pb(ack.mode),
                         channels_from_pb(ack.channels),
                         report_from_pb(ack.report),
-                        purged=ack.purged_events,
-                        quarantined=ack.quarantined_events,
+                        purged=bounded(ack.purged_events, "purged_events"),
+                        quarantined=bounded(ack.quarantined_events, "quarantined_events"),
                     )
                 elif body == "heartbeat":
                     beat = message.heartbeat
@@ -168,10 +175,12 @@ class AgentControlService(pb_grpc.AgentControlServicer):
                     session.request_lease(message.lease_request.request_id)
                 elif body == "nack":
                     plane.nack(
-                        agent_id, message.nack.epoch, message.nack.reason or "no reason given"
+                        agent_id,
+                        bounded(message.nack.epoch, "epoch"),
+                        message.nack.reason[:500] or "no reason given",
                     )
                 else:
                     raise KillswitchError(f"unexpected {body or 'empty'} message after Hello")
             except KillswitchError as exc:
-                log.warning("agent_protocol_error", agent_id=agent_id, error=str(exc))
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                log.warning("agent_protocol_error", agent_id=agent_id, error=one_line(exc))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))

@@ -21,7 +21,7 @@ import grpc
 import structlog
 
 from control.domain.identity import Principal, Role, parse_role
-from control.errors import KillswitchError, PermissionDenied
+from control.errors import KillswitchError, PermissionDenied, one_line
 
 log = structlog.get_logger("killswitch.rpc.authz")
 
@@ -171,6 +171,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
                 key = await self._admit(method, context)
                 try:
+                    await self._refuse_if_undecodable(method, request, context)
                     async for response in behaviour(request, context):
                         yield response
                 finally:
@@ -181,19 +182,27 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         async def unary(request: Any, context: Any) -> Any:
             key = await self._admit(method, context)
             try:
+                await self._refuse_if_undecodable(method, request, context)
                 return await behaviour(request, context)
             finally:
                 self._release(key)
 
         return unary
 
+    async def _refuse_if_undecodable(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if isinstance(request, Undecodable):
+            await self._record_denial(current_principal(), action_name(method), request.error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Authenticate, authorise and count the call, or abort it."""
         try:
             principal = self._authenticator.principal(context)
         except KillswitchError as exc:
-            await self._record_denial(None, action_name(method), str(exc))
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await self._record_denial(None, action_name(method), one_line(exc))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, one_line(exc))
             raise AssertionError("unreachable: abort raises") from exc
         rule = self._policy.get(method)
         if rule is None or principal.role not in rule.roles:
@@ -220,6 +229,26 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             del self._in_flight[key]
 
 
+class Undecodable:
+    """A request that does not parse: refused with INVALID_ARGUMENT, not gRPC's UNKNOWN."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = f"malformed request: the message does not parse ({type(error).__name__})"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # any parse failure is the caller's, never ours
+            return Undecodable(exc)
+
+    return parse
+
+
 def _wrap(handler: Handler, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Handler:
     """The same handler with its behaviour run behind ``guard``."""
     make: Callable[..., Handler]
@@ -234,6 +263,6 @@ def _wrap(handler: Handler, guard: Callable[[Callable[..., Any]], Callable[..., 
         make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     return make(
         guard(behaviour),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )

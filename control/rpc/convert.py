@@ -20,7 +20,7 @@ from control.domain import (
 from control.domain.approvals import ResumeRequest, ResumeState
 from control.domain.audit import AuditEntry
 from control.domain.identity import CertificateRecord
-from control.errors import InvalidInput
+from control.errors import InvalidInput, shown
 from control.plane import AgentFilter, AgentView, DirectiveSpec
 
 MODE_TO_PB = {Mode.PAUSED: pb.MODE_PAUSED, Mode.ALLOWED: pb.MODE_ALLOWED}
@@ -40,8 +40,23 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     return ts
 
 
+MAX_INT64 = 2**63 - 1
+
+
 def seconds(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
+    try:
+        return ts.ToNanoseconds() / 1e9
+    except (ValueError, OverflowError):
+        raise InvalidInput(
+            f"timestamp out of range ({ts.seconds} s, {ts.nanos} ns): years 1-9999 only"
+        ) from None
+
+
+def bounded(value: int, what: str) -> int:
+    """uint64 on the wire, int64 in the store: a larger value is a confused or hostile sender."""
+    if value > MAX_INT64:
+        raise InvalidInput(f"{what} out of range: {value}")
+    return value
 
 
 def mode_from_pb(value: int) -> Mode:
@@ -144,7 +159,7 @@ def filter_from_pb(message: pb.AgentFilter) -> AgentFilter:
             state = ComplianceState(message.state.upper())
         except ValueError:
             known = ", ".join(s.value for s in ComplianceState)
-            raise InvalidInput(f"unknown state {message.state!r}; one of: {known}") from None
+            raise InvalidInput(f"unknown state {shown(message.state)}; one of: {known}") from None
     return AgentFilter(
         state=state,
         match_labels=validate_labels(dict(message.match_labels)),

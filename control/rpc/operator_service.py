@@ -13,7 +13,14 @@ import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.errors import Conflict, InvalidInput, KillswitchError, NotFound, PermissionDenied
+from control.errors import (
+    Conflict,
+    InvalidInput,
+    KillswitchError,
+    NotFound,
+    PermissionDenied,
+    one_line,
+)
 from control.governance import Governance
 from control.plane import ControlPlane
 from control.rpc.authz import current_action, current_call_mutates, current_principal
@@ -68,7 +75,7 @@ def translate_errors(
         except KillswitchError as exc:
             if isinstance(exc, PermissionDenied) or current_call_mutates():
                 await self._governance.record_failure(current_principal(), current_action(), exc)
-            await context.abort(status_for(exc), str(exc))
+            await context.abort(status_for(exc), one_line(exc))
             raise AssertionError("unreachable: abort raises") from exc
 
     return wrapper
@@ -129,7 +136,7 @@ class OperatorService(pb_grpc.OperatorServicer):
         try:
             views = self._plane.views(filter_from_pb(request.filter))
         except KillswitchError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await context.abort(status_for(exc), one_line(exc))
         for view in views:
             yield agent_to_pb(view)
 
@@ -344,6 +351,6 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
                 request.token, request.agent_id, request.csr_pem
             )
         except KillswitchError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await context.abort(status_for(exc), one_line(exc))
             raise AssertionError("unreachable: abort raises") from exc
         return pb.EnrollResponse(certificate_pem=cert_pem.decode(), ca_pem=ca_pem.decode())

@@ -34,7 +34,7 @@ from control.domain import (
 from control.domain.approvals import Approval, ResumeRequest, ResumeState, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead, chain
 from control.domain.identity import CertificateRecord, EnrollToken, Role, check_enroll_token
-from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
+from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError, shown
 from control.store import LoadedState, StoredAgent
 
 T = TypeVar("T")
@@ -768,7 +768,7 @@ class SqliteStore:
                 ).fetchall()
             )
             if not rows:
-                raise NotFound(f"no certificate with subject or serial {subject_or_serial!r}")
+                raise NotFound(f"no certificate with subject or serial {shown(subject_or_serial)}")
             unrevoked = [c for c in map(_certificate_from_row, rows) if not c.revoked]
             if not unrevoked:
                 raise Conflict(
