@@ -3,9 +3,12 @@
 It speaks the product's wire protocol (``AgentControl.Connect`` with the
 killswitch.v1 messages, and the Operator calls the benchmark drives), so one
 harness measures both and serialisation costs the same. Everything else is
-stripped: no store, no domain rules, no logging, just a dict of streams, an
+stripped: no store, no domain rules, no logging, no authentication (it ignores
+the ``x-killswitch-as`` claim the harness sends), just a dict of streams, an
 epoch and an ack counter. Like the product, it pushes the current directive on
-connect and on every change, with one write task per stream.
+connect and on every change, with one write task per stream. A resume is
+RequestResume then ApproveResume, as in the product, but nobody is checked:
+the approval lifts the pause at once.
 
 Run: ``python -m bench.bare_server --port P [--epoch E --paused] [--gc-freeze]``.
 """
@@ -103,6 +106,7 @@ class BareFleet:
 class BareService:
     def __init__(self, fleet: BareFleet) -> None:
         self._fleet = fleet
+        self._requests = 0
 
     async def connect(self, request_iterator: Any, context: StreamContext) -> None:
         await context.send_initial_metadata(())
@@ -130,11 +134,28 @@ class BareService:
             hold=hold, epoch=epoch, covered_agents=len(self._fleet.streams)
         )
 
-    async def lift_hold(
-        self, request: pb.LiftHoldRequest, context: UnaryContext
-    ) -> pb.LiftHoldResponse:
+    async def request_resume(
+        self, request: pb.RequestResumeRequest, context: UnaryContext
+    ) -> pb.ResumeRequestResponse:
+        """Only hands out a request id: the bare server has no approvals to keep."""
+        self._requests += 1
+        resume = pb.ResumeRequest(
+            id=f"bare-resume-{self._requests}",
+            hold_id=request.hold_id,
+            state=pb.RESUME_STATE_PENDING,
+            revision=1,
+        )
+        return pb.ResumeRequestResponse(request=resume)
+
+    async def approve_resume(
+        self, request: pb.DecideResumeRequest, context: UnaryContext
+    ) -> pb.DecideResumeResponse:
+        """Lifts at once, as the product does when a direct resume is approved."""
         epoch = self._fleet.push(paused=False)
-        return pb.LiftHoldResponse(hold=pb.Hold(id=request.hold_id), epoch=epoch)
+        resume = pb.ResumeRequest(
+            id=request.request_id, state=pb.RESUME_STATE_EXECUTED, lifted_epoch=epoch
+        )
+        return pb.DecideResumeResponse(request=resume, epoch=epoch)
 
     async def get_status(
         self, request: pb.GetStatusRequest, context: UnaryContext
@@ -185,10 +206,15 @@ def handlers(service: BareService) -> list[grpc.GenericRpcHandler[Any, Any]]:
                 request_deserializer=pb.CreateHoldRequest.FromString,
                 response_serializer=pb.CreateHoldResponse.SerializeToString,
             ),
-            "LiftHold": grpc.unary_unary_rpc_method_handler(
-                service.lift_hold,
-                request_deserializer=pb.LiftHoldRequest.FromString,
-                response_serializer=pb.LiftHoldResponse.SerializeToString,
+            "RequestResume": grpc.unary_unary_rpc_method_handler(
+                service.request_resume,
+                request_deserializer=pb.RequestResumeRequest.FromString,
+                response_serializer=pb.ResumeRequestResponse.SerializeToString,
+            ),
+            "ApproveResume": grpc.unary_unary_rpc_method_handler(
+                service.approve_resume,
+                request_deserializer=pb.DecideResumeRequest.FromString,
+                response_serializer=pb.DecideResumeResponse.SerializeToString,
             ),
             "GetStatus": grpc.unary_unary_rpc_method_handler(
                 service.get_status,

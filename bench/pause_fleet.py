@@ -5,10 +5,20 @@ processes, and, in the same run and topology, a bare grpc.aio push
 (``bench.bare_server`` + ``bench.bare_fleet``) with no product logic. One
 harness drives both through the Operator API, so the ratios product/baseline
 show what the product adds on top of what gRPC itself costs on this machine.
+Those two comparisons (``per-agent``, ``mux``) run the product with
+``serve --insecure`` and ``simulate --insecure`` (plaintext, identities claimed
+in metadata), as plaintext as the baseline.
+
+The third comparison (``mtls``) runs the product as shipped: ``killswitch init``,
+mTLS, every agent enrolled with a join token (before anything is timed; the
+enrolment is timed on its own) and on its own TLS connection, against the
+product ``--insecure`` with one connection per agent: the ratio is what mTLS costs.
+
+Resuming takes two people, as in the product: ``ic-1`` requests, ``approver-1`` approves.
 
 It prints figures, it asserts nothing. Run from the repository root::
 
-    .venv/bin/python -m bench.pause_fleet --agents 10000 --topology both --repeat 3
+    .venv/bin/python -m bench.pause_fleet --agents 10000 --topology all --repeat 3
 """
 
 from __future__ import annotations
@@ -18,10 +28,11 @@ import math
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +46,12 @@ from bench.procs import Child, free_port, install_cleanup, stop_all
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-OPERATOR_METADATA = (("x-killswitch-operator", "bench"),)
+# Who the harness is: on a plaintext server it claims these names in this header (the
+# bare server ignores it); over mTLS it presents the certificates `killswitch init` made.
+CLAIM_HEADER = "x-killswitch-as"
+INCIDENT_COMMANDER = ("ic-1", "incident-commander")
+APPROVER = ("approver-1", "approver")
+TOKEN_TTL_SECONDS = 3600
 # The harness's own channel must notice a restarted server at once, not after
 # gRPC's default 1 s+ reconnect backoff, or it would add that to the figures.
 HARNESS_CHANNEL_OPTIONS = [
@@ -46,6 +62,7 @@ HARNESS_CHANNEL_OPTIONS = [
 OFFLINE_STATES = frozenset({"OFFLINE_AT_RISK", "OFFLINE_LEASE_EXPIRED", "OFFLINE", "NEVER_SEEN"})
 # An agent that acked its stop; the product then verifies it a heartbeat later.
 STOPPED_STATES = frozenset({"STOP_REPORTED", "VERIFIED_STOPPED"})
+VERIFIED = "VERIFIED_STOPPED"
 TARGET_RATIO = 1.5
 # How a table row compares product with baseline: not at all, a ratio, a ratio with a target.
 Compare = Literal["", "ratio", "target"]
@@ -63,18 +80,35 @@ class Topology:
 
 
 @dataclass(frozen=True, slots=True)
+class Enrolling:
+    """What an mTLS fleet needs to enrol: a join token and where to use it."""
+
+    token: str
+    enroll_target: str
+    ca: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
 class System:
-    """One side of the comparison: how to start its server and its fleet."""
+    """One side of the comparison: how to start its server and its fleet.
+
+    A product system is plaintext (``--insecure``) unless ``mtls``.
+    """
 
     name: str
     product: bool
     gc_freeze: bool = False
+    mtls: bool = False
 
-    def server_argv(self, port: int, data_dir: Path, paused_epoch: int | None) -> list[str]:
+    def server_argv(
+        self, port: int, enroll_port: int, data_dir: Path, paused_epoch: int | None
+    ) -> list[str]:
         if self.product:  # a restart finds its state in data_dir
+            security = ["--enroll", f"127.0.0.1:{enroll_port}"] if self.mtls else ["--insecure"]
             return [
                 str(BIN / "killswitch"), "serve", "--data-dir", str(data_dir),
-                "--grpc", f"127.0.0.1:{port}", "--http", "127.0.0.1:0",
+                "--grpc", f"127.0.0.1:{port}", "--http", "127.0.0.1:0", *security,
                 "--log-format", "json", "--log-level", "warning",
             ]  # fmt: skip
         argv = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
@@ -82,12 +116,20 @@ class System:
             argv += ["--epoch", str(paused_epoch), "--paused"]
         return [*argv, "--gc-freeze"] if self.gc_freeze else argv
 
-    def fleet_argv(self, target: str, agents: int, connections: int) -> list[str]:
+    def fleet_argv(
+        self, target: str, agents: int, connections: int, enrolling: Enrolling | None
+    ) -> list[str]:
         if self.product:
+            if enrolling is not None:  # mTLS: each agent its own certificate and connection
+                security = [
+                    "--enroll-token", enrolling.token, "--enroll-server", enrolling.enroll_target,
+                    "--ca", str(enrolling.ca), "--state-dir", str(enrolling.state_dir),
+                ]  # fmt: skip
+            else:
+                security = ["--insecure", "--connections", str(connections)]
             return [
                 str(BIN / "killswitch-agent"), "simulate", "--server", target,
-                "--agents", str(agents), "--connections", str(connections),
-                "--report-every", "3600",
+                "--agents", str(agents), *security, "--report-every", "3600",
             ]  # fmt: skip
         return [
             sys.executable, "-m", "bench.bare_fleet", "--server", target,
@@ -98,6 +140,25 @@ class System:
 BASELINE = System("baseline", product=False)
 TUNED_BASELINE = System("baseline+gc.freeze", product=False, gc_freeze=True)
 PRODUCT = System("product", product=True)
+PRODUCT_MTLS = System("product mTLS", product=True, mtls=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One table: ``subject`` against each of ``references``, same topology, same N."""
+
+    name: str
+    topology: Topology
+    agents: int
+    repeat: int
+    subject: System
+    references: tuple[System, ...]
+    # The 1.5x target of the product over the bare baseline applies.
+    target: bool
+
+    @property
+    def systems(self) -> tuple[System, ...]:
+        return (*self.references, self.subject)
 
 
 # ------------------------------------------------------------------ results
@@ -105,13 +166,17 @@ PRODUCT = System("product", product=True)
 
 @dataclass(frozen=True, slots=True)
 class Push:
-    """One CreateHold(all): t0 is taken just before the call; acks are server receive times."""
+    """One CreateHold(all): t0 is taken just before the call; acks are server receive times.
+
+    ``verified``: the last agent's server verification time - t0 (NaN: not measured).
+    """
 
     rpc: float
     polled: float
     p50: float
     p99: float
     p100: float
+    verified: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,28 +189,53 @@ class Reconnect:
     reacked: float
 
 
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """An mTLS fleet's enrolment, before anything else is measured.
+
+    ``wall``: simulator start to the last agent certificate the server issued;
+    ``span``: the server's first to last agent certificate; ``rss_kib``: the
+    server's RSS once the simulator said every agent was enrolled.
+    """
+
+    agents: int
+    wall: float
+    span: float
+    rss_kib: int
+
+    @property
+    def rate(self) -> float:
+        """Agents enrolled per second, first to last certificate."""
+        return (self.agents - 1) / self.span if self.span > 0 else math.nan
+
+
 @dataclass(slots=True)
 class Run:
     system: System
     topology: Topology
+    agents: int
+    repeat: int
     command: str = ""
     connect: float = 0.0
     rss_fresh_kib: int = 0
     rss_connected_kib: int = 0
+    fleet_rss_kib: int = 0
     idle_cpu: float = 0.0
     status_ms: float = 0.0
+    enrolment: Enrolment | None = None
     pushes: list[Push] = field(default_factory=list)
     reconnects: list[Reconnect] = field(default_factory=list)
 
-    def kib_per_agent(self, agents: int) -> float:
-        return (self.rss_connected_kib - self.rss_fresh_kib) / agents
+    def kib_per_agent(self) -> float:
+        return (self.rss_connected_kib - self.rss_fresh_kib) / self.agents
 
     def samples(self, name: str) -> list[float]:
         """One field of every ``Push`` or every ``Reconnect`` (empty: not measured)."""
         rounds: Sequence[Push | Reconnect] = (
             self.pushes if name in Push.__dataclass_fields__ else self.reconnects
         )
-        return [float(getattr(r, name)) for r in rounds]
+        values = [float(getattr(r, name)) for r in rounds]
+        return [v for v in values if not math.isnan(v)]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -155,23 +245,50 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 # ------------------------------------------------------------------ the Operator API
 
+Metadata = tuple[tuple[str, str], ...]
+
+
+class Caller:
+    """One person on one channel: a certificate (mTLS) or a claimed name (plaintext)."""
+
+    def __init__(self, target: str, name: str, role: str, identities: Path | None) -> None:
+        self.metadata: Metadata = ()
+        if identities is None:
+            self.channel = grpc.insecure_channel(target, options=HARNESS_CHANNEL_OPTIONS)
+            self.metadata = ((CLAIM_HEADER, f"{name}:{role}"),)
+        else:
+            folder = identities / name
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=(folder / "ca.pem").read_bytes(),
+                private_key=(folder / "key.pem").read_bytes(),
+                certificate_chain=(folder / "cert.pem").read_bytes(),
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=HARNESS_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.OperatorStub(self.channel)
+
 
 class Operator:
-    """The harness's view of a server: the same calls for the product and the baseline."""
+    """The harness's view of a server: the same calls for the product and the baseline.
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.insecure_channel(target, options=HARNESS_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.OperatorStub(self._channel)
+    ``identities``: the data dir's ``identities`` folder of an mTLS server, else None.
+    """
+
+    def __init__(self, target: str, identities: Path | None) -> None:
+        self._ic = Caller(target, *INCIDENT_COMMANDER, identities)
+        self._approver = Caller(target, *APPROVER, identities)
 
     def close(self) -> None:
-        self._channel.close()
+        self._ic.channel.close()
+        self._approver.channel.close()
 
     def status(self) -> pb.GetStatusResponse:
-        return self._stub.GetStatus(pb.GetStatusRequest(), timeout=30)
+        return self._ic.stub.GetStatus(
+            pb.GetStatusRequest(), timeout=30, metadata=self._ic.metadata
+        )
 
     def answers(self) -> bool:
         try:
-            self._stub.GetStatus(pb.GetStatusRequest(), timeout=1)
+            self._ic.stub.GetStatus(pb.GetStatusRequest(), timeout=1, metadata=self._ic.metadata)
         except grpc.RpcError:
             return False
         return True
@@ -180,16 +297,41 @@ class Operator:
         request = pb.CreateHoldRequest(
             scope=pb.Scope(all=True), reason="pause_fleet benchmark", ticket="BENCH-1"
         )
-        return self._stub.CreateHold(request, timeout=30, metadata=OPERATOR_METADATA)
+        return self._ic.stub.CreateHold(request, timeout=30, metadata=self._ic.metadata)
 
-    def lift_hold(self, hold_id: str) -> None:
-        request = pb.LiftHoldRequest(hold_id=hold_id)
-        self._stub.LiftHold(request, timeout=30, metadata=OPERATOR_METADATA)
+    def resume(self, hold_id: str) -> int:
+        """Two people: the incident commander asks, the approver approves; the new epoch."""
+        asked = self._ic.stub.RequestResume(
+            pb.RequestResumeRequest(
+                hold_id=hold_id, reason="pause_fleet benchmark: next round", ticket="BENCH-1"
+            ),
+            timeout=30,
+            metadata=self._ic.metadata,
+        )
+        approved = self._approver.stub.ApproveResume(
+            pb.DecideResumeRequest(request_id=asked.request.id, revision=asked.request.revision),
+            timeout=30,
+            metadata=self._approver.metadata,
+        )
+        return int(approved.epoch)
+
+    def agents(self) -> list[pb.AgentRecord]:
+        return list(
+            self._ic.stub.ListAgents(pb.ListAgentsRequest(), timeout=60, metadata=self._ic.metadata)
+        )
 
     def acks(self) -> list[tuple[float, int]]:
         """(acked_at, applied epoch) per agent; acked_at 0.0 if it never acked."""
-        records = self._stub.ListAgents(pb.ListAgentsRequest(), timeout=60)
-        return [(r.acked_at.ToNanoseconds() / 1e9, r.applied_epoch) for r in records]
+        return [(r.acked_at.ToNanoseconds() / 1e9, r.applied_epoch) for r in self.agents()]
+
+    def agent_certificates_issued(self) -> list[float]:
+        """When each agent certificate was issued (server clock), oldest first."""
+        response = self._ic.stub.ListCertificates(
+            pb.ListCertificatesRequest(), timeout=60, metadata=self._ic.metadata
+        )
+        return sorted(
+            c.issued_at.ToNanoseconds() / 1e9 for c in response.certificates if c.role == "agent"
+        )
 
 
 def by_state(status: pb.GetStatusResponse) -> dict[str, int]:
@@ -211,6 +353,15 @@ def all_stopped(agents: int) -> Callable[[pb.GetStatusResponse], bool]:
     def check(s: pb.GetStatusResponse) -> bool:
         counts = by_state(s)
         return s.total == agents and sum(counts.get(k, 0) for k in STOPPED_STATES) == agents
+
+    return check
+
+
+def all_verified(agents: int) -> Callable[[pb.GetStatusResponse], bool]:
+    """Every one of ``agents`` agents verified stopped by the product."""
+
+    def check(s: pb.GetStatusResponse) -> bool:
+        return s.total == agents and by_state(s) == {VERIFIED: agents}
 
     return check
 
@@ -267,72 +418,117 @@ def wait_answering(op: Operator, server: Child, timeout: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """Where one system runs: its port and files, and how to (re)start its server."""
+    """Where one system runs: its ports and files, and how to (re)start its server."""
 
     system: System
     slug: str
     port: int
+    enroll_port: int
     workdir: Path
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / f"{self.slug}-data"
+
+    @property
+    def identities(self) -> Path | None:
+        """Where `killswitch init` put the operators' certificates (mTLS only)."""
+        return self.data_dir / "identities" if self.system.mtls else None
+
     def start_server(self, paused_epoch: int | None) -> Child:
-        data_dir = self.workdir / f"{self.slug}-data"
-        argv = self.system.server_argv(self.port, data_dir, paused_epoch)
+        argv = self.system.server_argv(self.port, self.enroll_port, self.data_dir, paused_epoch)
         return Child(f"{self.slug} server", argv, self.workdir / f"{self.slug}-server.log", REPO)
+
+
+def run_cli(argv: list[str]) -> str:
+    """A `killswitch` command as an operator runs it; its stdout."""
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
 
 
 @dataclass(slots=True)
 class Bench:
     """Measures one system on one topology from a fresh server and data dir."""
 
-    agents: int
-    repeat: int
     poll_interval: float
     timeout: float
+    enrol_timeout: float
     settle: float
     restart: bool
     workdir: Path
 
-    def run(self, system: System, topology: Topology) -> Run:
+    def run(self, system: System, topology: Topology, agents: int, repeat: int) -> Run:
         slug = f"{system.name}-{topology.name}".replace("+", "-").replace(".", "-")
-        site = Site(system, slug, free_port(), self.workdir)
-        result = Run(system, topology)
+        slug = slug.replace(" ", "-").lower()
+        site = Site(system, slug, free_port(), free_port(), self.workdir)
+        result = Run(system, topology, agents, repeat)
+        commands: list[str] = []
+        if system.mtls:  # as shipped: a CA and the operators' identities first
+            init = [str(BIN / "killswitch"), "init", "--data-dir", str(site.data_dir)]
+            run_cli(init)
+            commands.append(shlex.join(init))
         server = site.start_server(None)
+        commands.append(shlex.join(server.argv))
         fleet: Child | None = None
-        op = Operator(site.target)
+        op = Operator(site.target, site.identities)
         try:
             wait_answering(op, server, self.timeout)
             time.sleep(1.0)
             result.rss_fresh_kib = server.rss_kib()
-            argv = system.fleet_argv(site.target, self.agents, topology.connections)
-            result.command = f"{shlex.join(server.argv)}\n{shlex.join(argv)}"
+            enrolling = self._enrolling(site, agents, commands)
+            argv = system.fleet_argv(site.target, agents, topology.connections, enrolling)
+            shown = shlex.join(argv)
+            if enrolling is not None:
+                shown = shown.replace(enrolling.token, '"$TOKEN"')
+            commands.append(shown)
+            result.command = "\n".join(commands)
             log(f"{slug}: server up ({result.rss_fresh_kib / 1024:.1f} MiB); starting the fleet")
             fleet = Child(f"{slug} fleet", argv, self.workdir / f"{slug}-fleet.log", REPO)
+            started, enrolled_rss = time.time(), 0
+            if enrolling is not None:
+                self._wait_enrolled(fleet, server, agents)
+                enrolled_rss = server.rss_kib()
             result.connect = poll(
-                op, "the fleet to connect and ack", all_in("CAPTURING", self.agents),
-                since=time.time(), timeout=self.timeout, interval=max(0.5, self.poll_interval),
+                op, "the fleet to connect and ack", all_in("CAPTURING", agents),
+                since=started, timeout=self.timeout + (self.enrol_timeout if enrolling else 0),
+                interval=max(0.5, self.poll_interval),
             )  # fmt: skip
-            self._measure_idle(result, server, op)
+            self._measure_idle(result, server, fleet, op)
+            if enrolling is not None:
+                issued = op.agent_certificates_issued()
+                if len(issued) != agents:
+                    raise RuntimeError(f"{len(issued)} agent certificates for {agents} agents")
+                result.enrolment = Enrolment(
+                    agents, issued[-1] - started, issued[-1] - issued[0], enrolled_rss
+                )
+                log(
+                    f"{slug}: enrolled {agents} agents in {result.enrolment.wall:.1f}s"
+                    f" ({result.enrolment.rate:.0f}/s first to last certificate)"
+                )
             log(
-                f"{slug}: {self.agents} agents connected in {result.connect:.1f}s,"
-                f" {result.kib_per_agent(self.agents):.1f} KiB/agent,"
+                f"{slug}: {agents} agents connected in {result.connect:.1f}s,"
+                f" {result.kib_per_agent():.1f} KiB/agent,"
                 f" idle CPU {result.idle_cpu:.0%}, GetStatus {result.status_ms:.1f} ms"
             )
-            for i in range(self.repeat):
-                push = self._push(op)
+            for i in range(repeat):
+                push = self._push(op, agents, verify=system.product)
                 result.pushes.append(push)
                 log(
-                    f"{slug}: push {i + 1}/{self.repeat}: p50 {push.p50:.3f}s p99 {push.p99:.3f}s"
+                    f"{slug}: push {i + 1}/{repeat}: p50 {push.p50:.3f}s p99 {push.p99:.3f}s"
                     f" p100 {push.p100:.3f}s polled {push.polled:.3f}s"
+                    f" verified {push.verified:.2f}s"
                 )
-            for i in range(self.repeat if self.restart else 0):
-                server, again = self._reconnect(site, server, op)
+            for i in range(repeat if self.restart else 0):
+                server, again = self._reconnect(site, server, op, agents)
                 result.reconnects.append(again)
                 log(
-                    f"{slug}: restart {i + 1}/{self.repeat}: listening {again.listening:.2f}s,"
+                    f"{slug}: restart {i + 1}/{repeat}: listening {again.listening:.2f}s,"
                     f" connected {again.connected:.2f}s, settled {again.settled:.2f}s,"
                     f" re-acked {again.reacked:.2f}s"
                 )
@@ -348,10 +544,44 @@ class Bench:
                 fleet.stop()
             server.stop()
 
-    def _measure_idle(self, result: Run, server: Child, op: Operator) -> None:
+    def _enrolling(self, site: Site, agents: int, commands: list[str]) -> Enrolling | None:
+        """mTLS: a join token for the whole fleet, made as an operator makes one."""
+        identities = site.identities
+        if identities is None:
+            return None
+        create = [
+            str(BIN / "killswitch"), "enroll-token", "create", "--uses", str(agents),
+            "--ttl", str(TOKEN_TTL_SECONDS), "--identity", str(identities / INCIDENT_COMMANDER[0]),
+            "--server", site.target,
+        ]  # fmt: skip
+        token = run_cli(create).strip()
+        commands.append(f"TOKEN=$({shlex.join(create)})")
+        return Enrolling(
+            token=token,
+            enroll_target=f"127.0.0.1:{site.enroll_port}",
+            ca=site.data_dir / "pki" / "ca.pem",
+            state_dir=self.workdir / f"{site.slug}-agents",
+        )
+
+    def _wait_enrolled(self, fleet: Child, server: Child, agents: int) -> None:
+        """Until the simulator says every agent has its certificate (it connects right after)."""
+        deadline = time.monotonic() + self.enrol_timeout
+        while True:
+            text = fleet.log_path.read_text(errors="replace")
+            if any(line.startswith("enrolled ") for line in text.splitlines()):
+                return
+            for child in (fleet, server):
+                if not child.alive():
+                    raise RuntimeError(f"{child.name} exited while enrolling {agents} agents")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{agents} agents not enrolled in {self.enrol_timeout:g}s")
+            time.sleep(0.05)
+
+    def _measure_idle(self, result: Run, server: Child, fleet: Child, op: Operator) -> None:
         """Memory once the fleet is settled, then idle CPU and what one GetStatus costs."""
         time.sleep(self.settle)
         result.rss_connected_kib = server.rss_kib()
+        result.fleet_rss_kib = fleet.rss_kib()
         cpu, start = server.cpu_seconds(), time.monotonic()
         time.sleep(self.settle)
         result.idle_cpu = (server.cpu_seconds() - cpu) / (time.monotonic() - start)
@@ -362,37 +592,52 @@ class Bench:
             latencies.append(time.perf_counter() - t)
         result.status_ms = statistics.median(latencies) * 1000
 
-    def _push(self, op: Operator) -> Push:
-        """Pause everyone and time it; lift first if the fleet is paused from the last round."""
+    def _push(self, op: Operator, agents: int, *, verify: bool) -> Push:
+        """Pause everyone and time it; resume first if the fleet is paused from the last round.
+
+        ``verify``: then also wait until the server has verified every agent stopped
+        (a heartbeat at least one interval after its ack) and time the last one.
+        """
         held = op.status().holds
         if held:
             for hold in held:
-                op.lift_hold(hold.id)
-            poll(op, "the fleet to resume", all_in("CAPTURING", self.agents), since=time.time(),
+                op.resume(hold.id)
+            poll(op, "the fleet to resume", all_in("CAPTURING", agents), since=time.time(),
                  timeout=self.timeout, interval=self.poll_interval)  # fmt: skip
             time.sleep(self.settle)
         t0 = time.time()
         response = op.create_hold()
         rpc = time.time() - t0
-        paused = all_stopped(self.agents)
+        paused = all_stopped(agents)
         polled = poll(
             op, "100% STOP_REPORTED", lambda s: s.epoch >= response.epoch and paused(s),
             since=t0, timeout=self.timeout, interval=self.poll_interval,
         )  # fmt: skip
         acks = op.acks()
         stale = sum(1 for _, epoch in acks if epoch < response.epoch)
-        if len(acks) != self.agents or stale:
+        if len(acks) != agents or stale:
             raise RuntimeError(f"{len(acks)} agents listed, {stale} without an ack of the pause")
         latencies = sorted(at - t0 for at, _ in acks)
+        verified = math.nan
+        if verify:  # seconds, not milliseconds, apart: poll gently
+            poll(op, f"100% {VERIFIED}", all_verified(agents), since=t0, timeout=self.timeout,
+                 interval=max(0.5, self.poll_interval))  # fmt: skip
+            times = [r.verified_at.ToNanoseconds() / 1e9 for r in op.agents()]
+            if len(times) != agents or min(times) < t0:
+                raise RuntimeError(f"{len(times)} agents listed, not all verified since t0")
+            verified = max(times) - t0
         return Push(
             rpc=rpc,
             polled=polled,
             p50=percentile(latencies, 0.50),
             p99=percentile(latencies, 0.99),
             p100=percentile(latencies, 1.0),
+            verified=verified,
         )
 
-    def _reconnect(self, site: Site, server: Child, op: Operator) -> tuple[Child, Reconnect]:
+    def _reconnect(
+        self, site: Site, server: Child, op: Operator, agents: int
+    ) -> tuple[Child, Reconnect]:
         """kill -9 the paused server, restart it on the same port and data; time the return."""
         epoch = op.status().epoch
         time.sleep(self.settle)  # let the product flush its last acks before the crash
@@ -402,13 +647,13 @@ class Bench:
         wait_answering(op, server, self.timeout)
         listening = time.time() - t_kill
         every = {"since": t_kill, "timeout": self.timeout, "interval": self.poll_interval}
-        connected = poll(op, "every agent to reconnect", all_connected(self.agents), **every)
-        settled = poll(op, "100% STOP_REPORTED", all_stopped(self.agents), **every)
+        connected = poll(op, "every agent to reconnect", all_connected(agents), **every)
+        settled = poll(op, "100% STOP_REPORTED", all_stopped(agents), **every)
         # Every agent's new ack, from the server's own ack times.
         deadline = time.monotonic() + self.timeout
         while True:
             acks = [at for at, _ in op.acks()]
-            if len(acks) == self.agents and min(acks) > t_kill:
+            if len(acks) == agents and min(acks) > t_kill:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("timed out waiting for every agent to ack after the restart")
@@ -433,69 +678,136 @@ def cell(values: Sequence[float], fmt: str) -> str:
     return text
 
 
-def ratio(product: Sequence[float], baseline: Sequence[float], target: bool) -> str:
-    if not product or not baseline:
+def ratio(subject: Sequence[float], reference: Sequence[float], kind: str) -> str:
+    """``kind``: "ratio", "bold" (a headline without a target), "target" (with the target)."""
+    if not subject or not reference:
         return ""
-    value = statistics.median(product) / statistics.median(baseline)
-    if not target:
+    value = statistics.median(subject) / statistics.median(reference)
+    if kind == "ratio":
         return f"{value:.2f}x"
+    if kind == "bold":
+        return f"**{value:.2f}x**"
     return f"**{value:.2f}x** ({'met' if value <= TARGET_RATIO else 'MISSED'})"
 
 
-def topology_table(here: Sequence[Run], agents: int, repeat: int) -> list[str]:
-    """One markdown table: a column per system, then product/baseline ratios."""
-    topology = here[0].topology
-    product = next(r for r in here if r.system.product)
-    bases = [r for r in here if not r.system.product]
-    header = [r.system.name for r in here] + [f"product / {b.system.name}" for b in bases]
+def heading(comparison: Comparison, here: Sequence[Run]) -> str:
+    repeats = "/".join(dict.fromkeys(str(r.repeat) for r in here))
+    rounds = f"median of {repeats}, range in brackets"
+    topology = comparison.topology
+    if comparison.subject.mtls:
+        return (
+            f"### {comparison.name}: {comparison.agents} agents, each on its own mTLS"
+            f" connection, against the product --insecure over {topology.connections}"
+            f" connections ({rounds})"
+        )
+    return (
+        f"### {comparison.name}: {comparison.agents} agents over {topology.connections}"
+        f" connections ({rounds})"
+    )
+
+
+def comparison_table(comparison: Comparison, here: Sequence[Run]) -> list[str]:
+    """One markdown table: a column per system, then subject/reference ratios."""
+    subject = here[-1]
+    references = here[:-1]
+    header = [r.system.name for r in here] + [
+        f"{subject.system.name} / {r.system.name}" for r in references
+    ]
     lines = [
-        f"### {topology.name}: {agents} agents over {topology.connections} connections"
-        f" (median of {repeat}, range in brackets)",
+        heading(comparison, here),
         "",
         "| figure | " + " | ".join(header) + " |",
         "|---" * (1 + len(header)) + "|",
     ]
+    headline = "target" if comparison.target else "bold"
 
     def row(label: str, figure: Callable[[Run], list[float]], fmt: str, compare: Compare) -> None:
         cells = [cell(figure(r), fmt) for r in here]
-        for base in bases:
-            cells.append(
-                ratio(figure(product), figure(base), compare == "target") if compare else ""
-            )
+        if all(c == "-" for c in cells):
+            return  # measured by nobody here
+        kind = headline if compare == "target" else compare
+        for reference in references:
+            cells.append(ratio(figure(subject), figure(reference), kind) if kind else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     def rounds(name: str) -> Callable[[Run], list[float]]:
         return lambda r: r.samples(name)
 
+    def enrolment(figure: Callable[[Enrolment], float]) -> Callable[[Run], list[float]]:
+        return lambda r: [figure(r.enrolment)] if r.enrolment is not None else []
+
     row("**time to 100% STOP_REPORTED** (last ack - t0), s", rounds("p100"), ".3f", "target")
     row("ack latency p50, s", rounds("p50"), ".3f", "ratio")
     row("ack latency p99, s", rounds("p99"), ".3f", "ratio")
     row("100% seen by polling GetStatus, s", rounds("polled"), ".3f", "")
+    row("time to 100% VERIFIED_STOPPED (last verification - t0), s", rounds("verified"),
+        ".2f", "ratio")  # fmt: skip
     row("CreateHold round trip, s", rounds("rpc"), ".3f", "")
-    row("**server RSS per agent**, KiB", lambda r: [r.kib_per_agent(agents)], ".1f", "target")
+    row("**server RSS per agent**, KiB", lambda r: [r.kib_per_agent()], ".1f", "target")
     row("server RSS fresh, MiB", lambda r: [r.rss_fresh_kib / 1024], ".1f", "")
+    row("server RSS enrolled, before connecting, MiB", enrolment(lambda e: e.rss_kib / 1024),
+        ".1f", "")  # fmt: skip
     row("server RSS connected, MiB", lambda r: [r.rss_connected_kib / 1024], ".1f", "")
-    row("fleet connect + first ack, s", lambda r: [r.connect], ".1f", "")
+    row("agents' process RSS connected, MiB", lambda r: [r.fleet_rss_kib / 1024], ".0f", "ratio")
+    row("enrolment: simulator start to last certificate, s", enrolment(lambda e: e.wall),
+        ".1f", "")  # fmt: skip
+    row("enrolment rate, first to last certificate, agents/s", enrolment(lambda e: e.rate),
+        ".0f", "")  # fmt: skip
+    row("fleet connect + first ack (from simulator start), s", lambda r: [r.connect], ".1f", "")
+    row("fleet connect + first ack after enrolment, s",
+        lambda r: [r.connect - r.enrolment.wall] if r.enrolment is not None else [],
+        ".1f", "")  # fmt: skip
     row("idle server CPU, % of a core", lambda r: [r.idle_cpu * 100], ".0f", "")
     row("GetStatus latency (idle), ms", lambda r: [r.status_ms], ".1f", "")
     row("restart: listening again, s", rounds("listening"), ".2f", "")
     row("restart: all connected, s", rounds("connected"), ".2f", "ratio")
     row("restart: 100% STOP_REPORTED, s", rounds("settled"), ".2f", "ratio")
     row("restart: every agent re-acked, s", rounds("reacked"), ".2f", "ratio")
-    return [*lines, ""]
+    lines.append("")
+    if comparison.subject.mtls and references:
+        lines += [*mtls_cost(subject, references[0]), ""]
+    return lines
 
 
-def report(runs: Sequence[Run], agents: int, repeat: int) -> str:
+def mtls_cost(mtls: Run, plain: Run) -> list[str]:
+    """What mTLS adds per agent, from the medians of the table."""
+
+    def per_agent_us(name: str) -> str:
+        a, b = mtls.samples(name), plain.samples(name)
+        if not a or not b:
+            return "-"
+        return f"{(statistics.median(a) - statistics.median(b)) / mtls.agents * 1e6:+.0f} µs"
+
+    lines = [
+        f"Per agent, mTLS changes the time to 100% STOP_REPORTED by {per_agent_us('p100')}"
+        f" (p50 {per_agent_us('p50')}), server memory by"
+        f" {mtls.kib_per_agent() - plain.kib_per_agent():+.1f} KiB and the agents' process"
+        f" memory by {(mtls.fleet_rss_kib - plain.fleet_rss_kib) / mtls.agents:+.1f} KiB.",
+    ]
+    if mtls.enrolment is not None:
+        e = mtls.enrolment
+        lines.append(
+            f"Enrolment: {e.agents} agents in {e.wall:.1f} s from the simulator's start"
+            f" ({e.agents / e.wall:.0f} agents/s), {e.rate:.0f} agents/s first to last"
+            f" certificate; server memory {(e.rss_kib - mtls.rss_fresh_kib) / e.agents:+.1f}"
+            " KiB per enrolled agent before it connects."
+        )
+    return lines
+
+
+def report(comparisons: Sequence[Comparison], runs: Mapping[RunKey, Run]) -> str:
     lines: list[str] = []
-    for topology in dict.fromkeys(r.topology for r in runs):
-        lines += topology_table([r for r in runs if r.topology == topology], agents, repeat)
-    commands = sorted({r.command for r in runs})
+    for comparison in comparisons:
+        here = [runs[run_key(s, comparison)] for s in comparison.systems]
+        lines += comparison_table(comparison, here)
+    shown = [runs[run_key(s, c)] for c in comparisons for s in c.systems]
+    commands = list(dict.fromkeys(r.command for r in shown))
     lines += [
-        "t0 is taken just before CreateHold; ack times are the server's receive times.",
+        "t0 is taken just before CreateHold; ack and verification times are the server's.",
         "Restarts reuse the port; the bare server, having no store, restarts with"
         " `--epoch E --paused`.",
         "",
-        "Processes started (ports vary per run):",
+        "Processes started (ports and temporary paths vary per run):",
         "",
         "```",
         *commands,
@@ -505,6 +817,13 @@ def report(runs: Sequence[Run], agents: int, repeat: int) -> str:
 
 
 # ------------------------------------------------------------------ command line
+
+RunKey = tuple[str, Topology, int]
+
+
+def run_key(system: System, comparison: Comparison) -> RunKey:
+    """A run serves every comparison of the same system, topology and N."""
+    return (system.name, comparison.topology, comparison.agents)
 
 
 def this_command() -> str:
@@ -521,12 +840,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agents", type=int, default=10_000, help="N (default %(default)s)")
     parser.add_argument(
         "--topology",
-        choices=["mux", "per-agent", "both"],
+        choices=["per-agent", "mux", "mtls", "both", "all"],
         default="both",
-        help="mux: the simulator's 8 shared connections; per-agent: one connection per agent",
+        help=(
+            "per-agent: one plaintext connection per agent; mux: the simulator's 8 shared"
+            " connections (both against the bare baseline); mtls: the product over mTLS"
+            " against the product --insecure per-agent; both: per-agent and mux; all: the three"
+        ),
     )
     parser.add_argument("--connections", type=int, default=8, help="K for mux (default 8)")
     parser.add_argument("--repeat", type=int, default=1, help="pushes/restarts per run; medians")
+    parser.add_argument(
+        "--mtls-agents", type=int, help="N for the mtls comparison (default: --agents)"
+    )
+    parser.add_argument(
+        "--mtls-repeat", type=int, help="--repeat for the mTLS run (default: --repeat)"
+    )
     parser.add_argument("--skip-restart", action="store_true", help="no kill -9 / reconnect")
     parser.add_argument(
         "--tuned-baseline",
@@ -535,42 +864,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--poll", type=float, default=0.05, help="GetStatus poll interval, s")
     parser.add_argument("--timeout", type=float, default=180.0, help="bound on every wait, s")
+    parser.add_argument(
+        "--enrol-timeout", type=float, default=1800.0, help="bound on an mTLS fleet's enrolment, s"
+    )
     parser.add_argument("--settle", type=float, default=3.0, help="quiet time between phases, s")
     return parser
+
+
+def comparisons_for(args: argparse.Namespace) -> list[Comparison]:
+    n, repeat = args.agents, args.repeat
+    baselines = (BASELINE, *((TUNED_BASELINE,) if args.tuned_baseline else ()))
+    per_agent = Comparison(
+        "per-agent", Topology("per-agent", n), n, repeat, PRODUCT, baselines, target=True
+    )
+    mux = Comparison(
+        "mux", Topology("mux", args.connections), n, repeat, PRODUCT, baselines, target=True
+    )
+    m = args.mtls_agents or n
+    mtls = Comparison(
+        "mtls", Topology("per-agent", m), m, args.mtls_repeat or repeat, PRODUCT_MTLS,
+        (PRODUCT,), target=False,
+    )  # fmt: skip
+    return {
+        "per-agent": [per_agent],
+        "mux": [mux],
+        "mtls": [mtls],
+        "both": [per_agent, mux],
+        "all": [per_agent, mtls, mux],
+    }[args.topology]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     install_cleanup()
-    topologies = {
-        "mux": [Topology("mux", args.connections)],
-        "per-agent": [Topology("per-agent", args.agents)],
-        "both": [Topology("per-agent", args.agents), Topology("mux", args.connections)],
-    }[args.topology]
-    systems = [BASELINE, *([TUNED_BASELINE] if args.tuned_baseline else []), PRODUCT]
+    comparisons = comparisons_for(args)
     started = datetime.now(UTC)
-    runs = []
+    runs: dict[RunKey, Run] = {}
+    failed: dict[RunKey, str] = {}
     with tempfile.TemporaryDirectory(prefix="pause-fleet-") as tmp:
         bench = Bench(
-            agents=args.agents,
-            repeat=args.repeat,
             poll_interval=args.poll,
             timeout=args.timeout,
+            enrol_timeout=args.enrol_timeout,
             settle=args.settle,
             restart=not args.skip_restart,
             workdir=Path(tmp),
         )
         try:
-            for topology in topologies:
-                for system in systems:
-                    runs.append(bench.run(system, topology))
+            for comparison in comparisons:
+                for system in comparison.systems:
+                    key = run_key(system, comparison)
+                    if key in runs or key in failed:
+                        continue  # the same run serves both comparisons
+                    # The subject's own repeat count (mtls may run fewer rounds).
+                    repeat = comparison.repeat if system == comparison.subject else args.repeat
+                    try:
+                        runs[key] = bench.run(
+                            system, comparison.topology, comparison.agents, repeat
+                        )
+                    except Exception as exc:  # report what did finish
+                        log(f"{system.name} on {comparison.name} failed: {exc}")
+                        failed[key] = f"{type(exc).__name__}: {exc}"
         finally:
             stop_all()
+    complete = [c for c in comparisons if all(run_key(s, c) in runs for s in c.systems)]
     print(f"command: {this_command()}")
     print(f"machine: {os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}")
     print(f"date: {started:%Y-%m-%d %H:%M} UTC, grpcio {grpc.__version__}")
     print()
-    print(report(runs, args.agents, args.repeat))
+    print(report(complete, runs))
+    for (name, topology, agents), why in failed.items():
+        print(f"\nFAILED: {name}, {topology.name}, {agents} agents: {why}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
