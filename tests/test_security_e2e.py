@@ -273,7 +273,7 @@ def test_enrolment_revocation_and_the_live_stream(
     out = cli.ok("certs", "revoke", "enrolled-00001", "--reason", "stolen laptop")
     assert "1 live streams closed" in out
     wait_for(lambda: not cli.agents()["enrolled-00001"]["connected"], 5, "the stream closed")
-    assert time.monotonic() - revoked_at < 2.5
+    assert time.monotonic() - revoked_at < 2.0, "a revoked stream closes within 2 s"
     time.sleep(3)  # the agent retries with its revoked certificate and is refused
     assert not cli.agents()["enrolled-00001"]["connected"]
     assert cli.agents()["enrolled-00000"]["connected"]
