@@ -43,6 +43,7 @@ from control.domain import (
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
 from control.errors import Conflict, NotFound, PermissionDenied, shown
+from control.events import PlaneObserver
 from control.store import LoadedState, Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
@@ -138,6 +139,15 @@ SYSTEM_ACTOR = "control-plane"
 OPT_OUT_DEFAULT_REASON = "the laptop's owner opted out of capture"
 
 
+@dataclass(frozen=True, slots=True)
+class Census:
+    epoch: int
+    by_state: dict[ComplianceState, int]
+    by_mode: dict[Mode, int]
+    connected_streams: int
+    active_holds: int
+
+
 def new_hold_id() -> str:
     return f"hold-{secrets.token_hex(6)}"
 
@@ -153,6 +163,7 @@ class ControlPlane:
         flush_interval: float = 0.25,
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
+        observer: PlaneObserver | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -172,6 +183,7 @@ class ControlPlane:
         self._flusher: asyncio.Task[None] | None = None
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
+        self.observer = observer or PlaneObserver()
 
     def now(self) -> float:
         return self._clock()
@@ -315,6 +327,7 @@ class ControlPlane:
             hold = await self._store.create_hold(draft, record)
             self._holds[hold.id] = hold
             self._apply_epoch(hold.created_epoch)
+        self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
         covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
         log.info(
             "hold_created",
@@ -344,6 +357,7 @@ class ControlPlane:
             hold = await commit(self._clock())
             self._holds[hold.id] = hold
             self._apply_epoch(hold.lifted_epoch)
+        self.observer.hold_changed(hold, epoch=hold.lifted_epoch, at=self._clock())
         still_paused = sum(
             1
             for e in self._agents.values()
@@ -428,6 +442,7 @@ class ControlPlane:
         entry.subscriber = subscriber
         self._dirty.add(agent_id)
         log.debug("agent_connected", agent_id=agent_id, reconnect=reconnect)
+        self.observer.connected(agent_id, reconnect=reconnect, at=now)
         subscriber.notify()
 
     def disconnect(self, agent_id: str, subscriber: Subscriber) -> None:
@@ -435,9 +450,11 @@ class ControlPlane:
         if entry is None or entry.subscriber is not subscriber:
             return  # an older stream, already replaced
         entry.subscriber = None
-        entry.status.record_disconnect(self._clock())
+        now = self._clock()
+        entry.status.record_disconnect(now)
         self._dirty.add(agent_id)
         log.debug("agent_disconnected", agent_id=agent_id)
+        self.observer.disconnected(agent_id, at=now)
 
     def close_stream(self, agent_id: str, reason: str) -> bool:
         """End the agent's live stream, if it has one (its certificate was revoked)."""
@@ -456,9 +473,11 @@ class ControlPlane:
         )
 
     def directive_sent(self, agent_id: str, epoch: int) -> None:
-        status = self._agents[agent_id].status
-        status.directive_sent_at, status.directive_sent_epoch = self._clock(), epoch
+        entry = self._agents[agent_id]
+        now = self._clock()
+        entry.status.directive_sent_at, entry.status.directive_sent_epoch = now, epoch
         self._dirty.add(agent_id)
+        self.observer.directive_sent(agent_id, epoch=epoch, mode=entry.desired.mode, at=now)
 
     def ack(
         self,
@@ -480,13 +499,14 @@ class ControlPlane:
             )
             return
         status = entry.status
+        now = self._clock()
         with self._watching_for_violation(entry):
             recorded = status.record_ack(
                 epoch,
                 mode,
                 channels,
                 report,
-                self._clock(),
+                now,
                 desired=entry.desired,
                 purged=purged,
                 quarantined=quarantined,
@@ -495,6 +515,10 @@ class ControlPlane:
             log.info(
                 "stale_ack_ignored", agent_id=agent_id, epoch=epoch, acked_epoch=status.acked_epoch
             )
+        else:
+            current = epoch >= entry.desired.epoch and mode is entry.desired.mode
+            latency = now - entry.desired.since if current else None
+            self.observer.acked(agent_id, epoch=epoch, mode=mode, latency=latency, at=now)
         self._dirty.add(agent_id)
 
     def nack(self, agent_id: str, epoch: int, reason: str) -> None:
@@ -507,14 +531,17 @@ class ControlPlane:
                 server_epoch=self._epoch,
             )
             return
-        if entry.status.record_nack(epoch, reason, self._clock()):
+        now = self._clock()
+        if entry.status.record_nack(epoch, reason, now):
             log.warning("agent_nacked", agent_id=agent_id, epoch=epoch, reason=reason)
+            self.observer.nacked(agent_id, epoch=epoch, reason=reason, at=now)
         self._dirty.add(agent_id)
 
     def heartbeat(self, agent_id: str, channels: Mapping[str, bool], report: CaptureReport) -> None:
         """Changes are written at the next flush; bare liveness only now and then."""
         entry = self._agents[agent_id]
         now = self._clock()
+        was_verified = entry.status.verified_at is not None
         with self._watching_for_violation(entry):
             changed = entry.status.record_heartbeat(
                 channels,
@@ -525,6 +552,14 @@ class ControlPlane:
             )
         if changed or now - entry.last_seen_saved >= self.last_seen_save_interval:
             self._dirty.add(agent_id)
+        self.observer.heartbeat(agent_id, at=now)
+        if not was_verified and entry.status.verified_at is not None:
+            self.observer.verified(
+                agent_id,
+                epoch=entry.desired.epoch,
+                latency=entry.status.verified_at - entry.desired.since,
+                at=now,
+            )
 
     @contextmanager
     def _watching_for_violation(self, entry: AgentEntry) -> Iterator[None]:
@@ -549,6 +584,9 @@ class ControlPlane:
                 agent_id=entry.agent_id,
                 evidence=entry.status.violation,
                 epoch=entry.desired.epoch,
+            )
+            self.observer.violation(
+                entry.agent_id, evidence=entry.status.violation, at=self._clock()
             )
 
     def grant_lease(self, agent_id: str) -> LeaseDecision:
@@ -576,6 +614,7 @@ class ControlPlane:
         if not decision.allowed:  # the refusal count changed; an allowed batch changes nothing
             self._dirty.add(agent_id)
             log.info("upload_refused", agent_id=agent_id, events=count, reason=decision.reason)
+            self.observer.upload_refused(agent_id, reason=decision.reason, at=self._clock())
         return decision
 
     async def acknowledge_violation(self, agent_id: str, by: Principal, note: str) -> str:
@@ -660,6 +699,17 @@ class ControlPlane:
     @staticmethod
     def _urgency(match: tuple[AgentEntry, Compliance]) -> tuple[int, str]:
         return _SEVERITY_RANK[match[1].state], match[0].agent_id
+
+    def census(self) -> Census:
+        """Fleet-wide counts in one pass: what a Prometheus scrape reads."""
+        by_state: dict[ComplianceState, int] = dict.fromkeys(ComplianceState, 0)
+        by_mode: dict[Mode, int] = dict.fromkeys(Mode, 0)
+        connected = 0
+        for entry, verdict in self._matching(AgentFilter()):
+            by_state[verdict.state] += 1
+            by_mode[entry.desired.mode] += 1
+            connected += entry.subscriber is not None
+        return Census(self._epoch, by_state, by_mode, connected, len(self.active_holds()))
 
     def views(self, agent_filter: AgentFilter = AgentFilter()) -> list[AgentView]:
         """Agents matching the filter, most urgent first, then by id."""

@@ -11,25 +11,34 @@ from typing import Any
 
 import grpc
 import structlog
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.addresses import ensure_can_listen, require_loopback, split_host_port
 from control.domain import CompliancePolicy
 from control.errors import KillswitchError
+from control.events import Observers
 from control.gc_policy import freeze_before_fanout, run_gc_policy
 from control.governance import Governance
-from control.http_health import HealthServer
+from control.metrics import Metrics
 from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
 from control.rpc.operator_service import (
+    DashboardService,
     EnrollmentService,
     IngestService,
     OperatorService,
     SelfService,
 )
 from control.store.sqlite import SqliteStore
+from control.web import WebServer
+from control.web.dashboard import Dashboard
+from control.web.sessions import DashboardSessions
 
 log = structlog.get_logger("killswitch.server")
 
@@ -51,6 +60,14 @@ GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Without this a second server on the same port silently shares the fleet.
     ("grpc.so_reuseport", 0),
 ]
+
+
+# What reflection lists: every service on the main port, standard ones included.
+SERVICE_NAMES = (
+    *(service.full_name for service in pb.DESCRIPTOR.services_by_name.values()),
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +100,6 @@ async def serve(config: ServerConfig) -> None:
         http_host, http_port = split_host_port(config.http_address, what="HTTP")
         authority = Authority.load(config.data_dir)
     ensure_can_listen(grpc_host, grpc_port, what="gRPC")
-    ensure_can_listen(http_host, http_port, what="HTTP")
     enroll_address = config.enroll_address or enroll_address_for(config.grpc_address)
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
@@ -96,10 +112,20 @@ async def serve(config: ServerConfig) -> None:
         before_fanout=freeze_before_fanout,
     )
     governance = Governance(plane, store, clock=time.time, authority=authority)
+    sessions = DashboardSessions(time.time)
+    metrics = Metrics()
+    dashboard = Dashboard(plane, sessions)
+    plane.observer = Observers([metrics, dashboard.timeline])
+    metrics.watch(plane)
     servers: list[grpc.aio.Server] = []
-    health: HealthServer | None = None
     ready = False
+    web_server = WebServer(
+        http_host, http_port, ready=lambda: ready, routes=[*metrics.routes(), *dashboard.routes()]
+    )
+    # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.
+    health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
     try:
+        await web_server.start()
         interceptor = AuthorizationInterceptor(
             Authenticator(
                 insecure=authority is None,
@@ -109,12 +135,19 @@ async def serve(config: ServerConfig) -> None:
             governance.record_denial,
             max_calls_per_identity=config.max_calls_per_identity,
         )
-        server = grpc.aio.server(interceptors=[interceptor], options=GRPC_SERVER_OPTIONS)
+        server = grpc.aio.server(
+            interceptors=[metrics.interceptor(), interceptor], options=GRPC_SERVER_OPTIONS
+        )
         servers.append(server)
         pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane, governance), server)
         pb_grpc.add_OperatorServicer_to_server(OperatorService(plane, governance), server)
         pb_grpc.add_SelfServiceServicer_to_server(SelfService(plane, governance), server)
         pb_grpc.add_IngestServicer_to_server(IngestService(plane, governance), server)
+        pb_grpc.add_DashboardServicer_to_server(
+            DashboardService(sessions, dashboard_url(http_host, web_server.port)), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
         address = f"{grpc_host}:{grpc_port}"
         if authority is None:
             bound = _bind(lambda: server.add_insecure_port(address), config.grpc_address)
@@ -132,22 +165,16 @@ async def serve(config: ServerConfig) -> None:
                 [(authority.server_key_pem, authority.server_cert_pem)]
             )
             _bind(lambda: enroll.add_secure_port(enroll_address, server_only), enroll_address)
-        try:
-            health = HealthServer(http_host, http_port, lambda: ready)
-        except OSError as exc:
-            raise KillswitchError(
-                f"cannot listen on {config.http_address}: {exc.strerror}"
-            ) from None
         # Ports are bound but nothing is served until the state is loaded.
         await governance.start(await plane.start())
         for each in servers:
             await each.start()
-        health.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
         ready = True
         log.info(
             "server_listening",
             grpc=f"{grpc_host}:{bound}",
-            http=f"{http_host}:{health.port}",
+            http=f"{http_host}:{web_server.port}",
             enroll=None if authority is None else enroll_address,
             mtls=authority is not None,
             data_dir=str(config.data_dir),
@@ -161,12 +188,17 @@ async def serve(config: ServerConfig) -> None:
         log.info("server_stopping")
     finally:
         ready = False
-        if health is not None:
-            health.stop()
+        await health.enter_graceful_shutdown()
+        await web_server.stop()
         for each in servers:
             await each.stop(grace=2)
         await plane.stop()
         await store.close()
+
+
+def dashboard_url(host: str, port: int) -> str:
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{shown_host}]:{port}" if ":" in shown_host else f"http://{shown_host}:{port}"
 
 
 def _bind(add_port: Any, address: str) -> int:

@@ -68,6 +68,13 @@ POLICY: Mapping[str, Rule] = {
     "/killswitch.v1.SelfService/ListMyLaptops": _rule(EMPLOYEE, mutates=False),
     "/killswitch.v1.SelfService/OptOut": _rule(EMPLOYEE, mutates=True),
     "/killswitch.v1.SelfService/OptIn": _rule(EMPLOYEE, mutates=True),
+    "/killswitch.v1.Dashboard/CreateSession": _rule(IC, APPROVER, SRE, EMPLOYEE, mutates=False),
+    # Standard services, so that grpc-health-probe and grpcurl work (with a certificate).
+    "/grpc.health.v1.Health/Check": _rule(*Role, mutates=False),
+    "/grpc.health.v1.Health/Watch": _rule(*Role, mutates=False),
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _rule(
+        IC, APPROVER, SRE, mutates=False
+    ),
 }
 
 _current_principal: ContextVar[Principal] = ContextVar("killswitch_principal")
@@ -90,7 +97,7 @@ def current_call_mutates() -> bool:
 
 
 def action_name(method: str) -> str:
-    return method.removeprefix("/killswitch.v1.").replace("/", ".")
+    return method.removeprefix("/").removeprefix("killswitch.v1.").replace("/", ".")
 
 
 def principal_from_metadata(metadata: Mapping[str, str]) -> Principal:

@@ -36,6 +36,7 @@ from control.rpc.convert import (
     seconds,
     timestamp,
 )
+from control.web.sessions import DashboardSessions
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -310,6 +311,23 @@ class SelfService(pb_grpc.SelfServiceServicer):
             required(request.agent_id, "a laptop id"), current_principal()
         )
         return pb.OptInResponse(hold=hold_to_pb(hold), epoch=hold.lifted_epoch)
+
+
+class DashboardService(pb_grpc.DashboardServicer):
+    """One-time login links for the web dashboard, in the caller's own name and role."""
+
+    def __init__(self, sessions: DashboardSessions, dashboard_url: str) -> None:
+        self._sessions = sessions
+        self._dashboard_url = dashboard_url
+
+    async def CreateSession(  # noqa: N802
+        self, request: pb.CreateDashboardSessionRequest, context: Context
+    ) -> pb.CreateDashboardSessionResponse:
+        token, expires_at = self._sessions.issue_login(current_principal())
+        return pb.CreateDashboardSessionResponse(
+            login_url=f"{self._dashboard_url}/login?token={token}",
+            expires_at=timestamp(expires_at),
+        )
 
 
 class IngestService(pb_grpc.IngestServicer):

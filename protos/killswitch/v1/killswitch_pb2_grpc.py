@@ -1088,3 +1088,81 @@ class Ingest:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class DashboardStub:
+    """The web dashboard has no client certificates: a CLI user with an identity asks for
+    a one-time login link, and the browser session gets that identity's role.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateSession = channel.unary_unary(
+                '/killswitch.v1.Dashboard/CreateSession',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.CreateDashboardSessionRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.CreateDashboardSessionResponse.FromString,
+                _registered_method=True)
+
+
+class DashboardServicer:
+    """The web dashboard has no client certificates: a CLI user with an identity asks for
+    a one-time login link, and the browser session gets that identity's role.
+    """
+
+    def CreateSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DashboardServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.CreateDashboardSessionRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.CreateDashboardSessionResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.Dashboard', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.Dashboard', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Dashboard:
+    """The web dashboard has no client certificates: a CLI user with an identity asks for
+    a one-time login link, and the browser session gets that identity's role.
+    """
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Dashboard/CreateSession',
+            killswitch_dot_v1_dot_killswitch__pb2.CreateDashboardSessionRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.CreateDashboardSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

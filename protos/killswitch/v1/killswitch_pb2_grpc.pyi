@@ -335,3 +335,37 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_killswitch_pb2.AuthorizeUploadResponse, _abc.Awaitable[_killswitch_pb2.AuthorizeUploadResponse]]: ...
 
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class DashboardStub:
+    """The web dashboard has no client certificates: a CLI user with an identity asks for
+    a one-time login link, and the browser session gets that identity's role.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DashboardAsyncStub: ...
+    CreateSession: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.CreateDashboardSessionRequest, _killswitch_pb2.CreateDashboardSessionResponse]
+
+@_typing.type_check_only
+class DashboardAsyncStub(DashboardStub):
+    """The web dashboard has no client certificates: a CLI user with an identity asks for
+    a one-time login link, and the browser session gets that identity's role.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateSession: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.CreateDashboardSessionRequest, _killswitch_pb2.CreateDashboardSessionResponse]  # type: ignore[assignment]
+
+class DashboardServicer(metaclass=_abc_1.ABCMeta):
+    """The web dashboard has no client certificates: a CLI user with an identity asks for
+    a one-time login link, and the browser session gets that identity's role.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateSession(
+        self,
+        request: _killswitch_pb2.CreateDashboardSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.CreateDashboardSessionResponse, _abc.Awaitable[_killswitch_pb2.CreateDashboardSessionResponse]]: ...
+
+def add_DashboardServicer_to_server(servicer: DashboardServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
