@@ -461,6 +461,7 @@ class Bench:
     enrol_timeout: float
     settle: float
     restart: bool
+    verify: bool
     workdir: Path
 
     def run(self, system: System, topology: Topology, agents: int, repeat: int) -> Run:
@@ -517,7 +518,7 @@ class Bench:
                 f" idle CPU {result.idle_cpu:.0%}, GetStatus {result.status_ms:.1f} ms"
             )
             for i in range(repeat):
-                push = self._push(op, agents, verify=system.product)
+                push = self._push(op, agents, verify=system.product and self.verify)
                 result.pushes.append(push)
                 log(
                     f"{slug}: push {i + 1}/{repeat}: p50 {push.p50:.3f}s p99 {push.p99:.3f}s"
@@ -858,6 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-restart", action="store_true", help="no kill -9 / reconnect")
     parser.add_argument(
+        "--skip-verify",
+        action="store_true",
+        help="do not wait for the product to verify every agent stopped after each push",
+    )
+    parser.add_argument(
         "--tuned-baseline",
         action="store_true",
         help="also run the baseline with gc.freeze() before each push (the notes' tuned floor)",
@@ -908,6 +914,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             enrol_timeout=args.enrol_timeout,
             settle=args.settle,
             restart=not args.skip_restart,
+            verify=not args.skip_verify,
             workdir=Path(tmp),
         )
         try:
