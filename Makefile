@@ -25,6 +25,7 @@ demo: $(VENV)/.installed-run
 
 ## test: lint, type-check and the whole test suite
 test: $(VENV)/.installed-dev
+	bash scripts/test-tools.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -174,6 +174,7 @@ class Governance:
         )
         done = executed(approved, hold.lifted_epoch)
         self._requests[done.id] = done
+        log.info("resume_approve", request_id=done.id, hold_id=done.hold_id, operator=by.name)
         return done
 
     async def deny(self, by: Principal, request_id: str, revision: int, note: str) -> ResumeRequest:
@@ -239,6 +240,7 @@ class Governance:
         )
         await self._store.record_certificate(cert, record)
         self._live_certs.setdefault(agent_id, []).append(cert)
+        log.info("agent_enrolled", agent_id=agent_id, serial=cert.serial, token_id=token_id)
         return cert_pem, authority.ca_pem
 
     def _require_authority(self) -> Authority:

@@ -72,6 +72,7 @@ POLICY: Mapping[str, Rule] = {
     # Standard services, so that grpc-health-probe and grpcurl work (with a certificate).
     "/grpc.health.v1.Health/Check": _rule(*Role, mutates=False),
     "/grpc.health.v1.Health/Watch": _rule(*Role, mutates=False),
+    "/grpc.health.v1.Health/List": _rule(*Role, mutates=False),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _rule(
         IC, APPROVER, SRE, mutates=False
     ),
