@@ -232,6 +232,7 @@ class OperatorClient:
         self._stubs: dict[str, Any] = {
             "Operator": pb_grpc.OperatorStub(self._channel),
             "SelfService": pb_grpc.SelfServiceStub(self._channel),
+            "Dashboard": pb_grpc.DashboardStub(self._channel),
         }
 
     def _method(self, method: str) -> Any:
@@ -846,6 +847,17 @@ def cmd_opt_in(args: argparse.Namespace, client: OperatorClient) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace, client: OperatorClient) -> int:
+    """A one-time login link for the web dashboard, in this identity's name and role."""
+    response = client.call("Dashboard.CreateSession", pb.CreateDashboardSessionRequest())
+    print(response.login_url)
+    sys.stderr.write(
+        f"open this link in a browser before {iso(response.expires_at)}; it works once."
+        " Your session lasts 12 hours or until you log out.\n"
+    )
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the CA, the server certificate and one identity per role."""
     from control.pki import initialise
@@ -1140,6 +1152,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt_out.add_argument("--reason")
     opt_in = command(sub, "opt-in", "lift your own opt-out", cmd_opt_in)
     opt_in.add_argument("agent_id", metavar="LAPTOP_ID")
+    command(sub, "dashboard", "print a one-time login link for the web dashboard", cmd_dashboard)
     return parser
 
 

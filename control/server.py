@@ -189,6 +189,7 @@ async def serve(config: ServerConfig) -> None:
     finally:
         ready = False
         await health.enter_graceful_shutdown()
+        await dashboard.close()  # live update streams end now, not at their next tick
         await web_server.stop()
         for each in servers:
             await each.stop(grace=2)

@@ -59,6 +59,8 @@ cat <<EOT
     .venv/bin/killswitch approve REQUEST_ID --identity $IDS/approver-1     # a second person
     .venv/bin/killswitch audit verify --identity $IDS/sre-1
     .venv/bin/killswitch me --identity $IDS/employee-1                    # an employee's view
+    .venv/bin/killswitch dashboard --identity $IDS/sre-1                  # web dashboard link
+    curl -s http://$HTTP/metrics | grep '^killswitch_agents'              # Prometheus
 
   Ctrl-C stops everything.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing, wait_for
 
@@ -129,17 +130,23 @@ def test_hold_survives_kill_9_and_agents_are_paused_again_after_reconnect(
     epoch = cli.json("status")["epoch"]
 
     server.kill9()
+    restarted_at = datetime.now(UTC)
     server.start()
     status = cli.json("status")
     assert [h["id"] for h in status["holds"]] == [hold_id]
     assert status["epoch"] == epoch
-    # Pre-crash acks prove nothing to the new process: until an agent acks again on its
-    # new stream it is at most presumed stopped by its expired lease.
-    assert set(status["agents"]["by_state"]) <= {
-        "OFFLINE_AT_RISK",
-        "OFFLINE_LEASE_EXPIRED",
-        "PENDING",
-    }
+    # Pre-crash acks prove nothing to the new process: an agent is stopped again only by
+    # an ack on its new stream, verified only by evidence gathered after the restart.
+    for agent_id, row in cli.agents().items():
+        assert row["state"] in {
+            "OFFLINE_AT_RISK",
+            "OFFLINE_LEASE_EXPIRED",
+            "PENDING",
+            "STOP_REPORTED",
+            "VERIFIED_STOPPED",
+        }, (agent_id, row)
+        if row["state"] == "VERIFIED_STOPPED":
+            assert datetime.fromisoformat(row["verified_at"]) >= restarted_at, (agent_id, row)
 
     def repaused() -> bool:
         s = cli.json("status")

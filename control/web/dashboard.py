@@ -1,19 +1,449 @@
-"""The compliance dashboard: placeholder wiring, filled in by the dashboard work."""
+"""The compliance dashboard: a read-only web view of the fleet, for people.
+
+Routes (all on the server's ``--http`` address):
+
+- ``GET /login?token=T``: trades a one-time link from ``killswitch dashboard`` for a
+  session cookie (HttpOnly, SameSite=Strict), then redirects to ``/``.
+  ``GET|POST /logout`` ends the session.
+- ``GET /``: overview (epoch, holds, agents by state, time since the pause, time to
+  verified stop) and the laptop table (filter, sort, pages; works without JS).
+- ``GET /agents/{id}``: one laptop: its state, the facts behind it, violation
+  evidence, and its timeline.
+- ``GET /api/summary``, ``/api/agents?...``, ``/api/agents/{id}``: the same as JSON.
+- ``GET /api/events``: Server-Sent Events, one message a second: the overview and
+  which agents changed (by version), so a page re-reads only its own rows.
+- ``GET /export/agents.csv?...`` and ``/export/agents.json?...``: every row of the
+  filtered view, streamed.
+- ``GET /static/{name}``: the page's CSS and scripts (public, no data in them).
+
+Every page and API needs a session. Incident commanders, approvers and SREs see
+everything; employees see only laptops labelled ``owner=<their name>`` (anyone
+else's laptop is "not found", like one that does not exist); automation and agent
+identities are refused. Nothing here changes state.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
 from aiohttp import web
 
-from control.events import PlaneObserver
-from control.plane import ControlPlane
-from control.web.sessions import DashboardSessions
+from control.domain.identity import Principal, Role
+from control.errors import InvalidInput
+from control.plane import AgentView, ControlPlane
+from control.web import api, pages
+from control.web.sessions import SESSION_SECONDS, DashboardSessions
+from control.web.timeline import ALL_AGENTS, Timeline
+
+SESSION_COOKIE = "killswitch_session"
+# Live views: one message a second; a capped number of streams, a few per session.
+TICK_SECONDS = 1.0
+MAX_EVENT_STREAMS = 32
+MAX_STREAMS_PER_SESSION = 4
+# More changed agents than this in one tick: "re-read your page" instead of a list.
+MAX_CHANGED_SENT = 200
+# The overview is computed at most this often per audience, however many viewers.
+SUMMARY_TTL = 0.5
+EXPORT_CHUNK = 500
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self';"
+        " object-src 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+Handler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
+
+
+def harden(response: web.StreamResponse, *, cache: bool = False) -> web.StreamResponse:
+    """Security headers on every response of the dashboard (before it is sent)."""
+    if not response.prepared:
+        response.headers.update(SECURITY_HEADERS)
+        if not cache:
+            response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    files: dict[str, tuple[bytes, str]] = {}
+    if STATIC_DIR.is_dir():
+        for path in STATIC_DIR.iterdir():
+            if path.is_file() and path.suffix in STATIC_TYPES:
+                files[path.name] = (path.read_bytes(), STATIC_TYPES[path.suffix])
+    return files
+
+
+def _viewer(principal: Principal) -> dict[str, str]:
+    return {"name": principal.name, "role": principal.role.value}
 
 
 class Dashboard:
     def __init__(self, plane: ControlPlane, sessions: DashboardSessions) -> None:
         self._plane = plane
         self._sessions = sessions
-        self.timeline = PlaneObserver()
+        self.timeline = Timeline()
+        self._static = _load_static()
+        self._streams = 0
+        self._streams_by_session: Counter[str] = Counter()
+        # audience -> (computed at, monotonic; the overview; the same as JSON)
+        self._summaries: dict[str, tuple[float, dict[str, Any], str]] = {}
+        self._closing = asyncio.Event()
 
     def routes(self) -> list[web.RouteDef]:
-        return []
+        return [
+            web.get("/login", self._login),
+            web.get("/logout", self._logout),
+            web.post("/logout", self._logout),
+            web.get("/static/{name}", self._static_file),
+            web.get("/", self._guard(self._home)),
+            web.get("/agents/{agent_id}", self._guard(self._agent_page)),
+            web.get("/api/summary", self._guard(self._api_summary, as_json=True)),
+            web.get("/api/agents", self._guard(self._api_agents, as_json=True)),
+            web.get("/api/agents/{agent_id}", self._guard(self._api_agent, as_json=True)),
+            web.get("/api/events", self._guard(self._api_events, as_json=True)),
+            web.get("/export/agents.csv", self._guard(self._export_csv, as_json=True)),
+            web.get("/export/agents.json", self._guard(self._export_json, as_json=True)),
+        ]
+
+    async def close(self) -> None:
+        """End live streams now (the server is stopping) instead of at the HTTP grace period."""
+        self._closing.set()
+
+    # ------------------------------------------------------------ access
+
+    def _principal(self, request: web.Request) -> Principal | None:
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        if not session_id or len(session_id) > 100:
+            return None
+        return self._sessions.principal(session_id)
+
+    @staticmethod
+    def _may_view(principal: Principal) -> bool:
+        return principal.role in api.VIEWER_ROLES or principal.role is Role.EMPLOYEE
+
+    def _guard(self, handler: Handler, *, as_json: bool = False) -> Callable[..., Any]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            principal = self._principal(request)
+            response: web.StreamResponse
+            if principal is None:
+                response = self._refusal(401, as_json)
+            elif not self._may_view(principal):
+                response = self._refusal(403, as_json)
+            else:
+                try:
+                    response = await handler(request, principal)
+                except InvalidInput as exc:
+                    response = self._error(400, str(exc), as_json, principal)
+            return harden(response)
+
+        return guarded
+
+    def _refusal(self, status: int, as_json: bool) -> web.Response:
+        if status == 401:
+            text = "not logged in, or the session expired: run `killswitch dashboard`"
+            page = pages.message_page(
+                "Log in to the dashboard",
+                "<p>You are not logged in, or your session has expired.</p>" + pages.LOGIN_HELP,
+            )
+        else:
+            text = "the dashboard is for people: automation and agent identities cannot use it"
+            page = pages.message_page(
+                "Not for this identity",
+                "<p>The dashboard is for incident commanders, approvers, SREs and employees."
+                " Automation and agent identities cannot use it.</p>",
+            )
+        if as_json:
+            return web.json_response({"error": text}, status=status)
+        return web.Response(status=status, text=page, content_type="text/html")
+
+    def _error(self, status: int, text: str, as_json: bool, principal: Principal) -> web.Response:
+        if as_json:
+            return web.json_response({"error": text}, status=status)
+        page = pages.message_page(
+            "Bad request",
+            f'<p class="error">{pages.e(text)}</p><p><a href="/">Back to the fleet</a></p>',
+            viewer=_viewer(principal),
+        )
+        return web.Response(status=status, text=page, content_type="text/html")
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        token = request.query.get("token", "")
+        redeemed = self._sessions.redeem(token) if 0 < len(token) <= 100 else None
+        if redeemed is None:
+            page = pages.message_page(
+                "Login link not valid",
+                "<p>This login link is unknown, expired or already used.</p>" + pages.LOGIN_HELP,
+            )
+            return harden(web.Response(status=401, text=page, content_type="text/html"))
+        session_id, session = redeemed
+        if old := request.cookies.get(SESSION_COOKIE, ""):
+            self._sessions.end(old)  # a new login replaces the session this browser had
+        if not self._may_view(session.principal):
+            self._sessions.end(session_id)
+            return harden(self._refusal(403, as_json=False))
+        response = web.Response(status=303, headers={"Location": "/"})
+        response.set_cookie(
+            SESSION_COOKIE,
+            session_id,
+            max_age=int(SESSION_SECONDS),
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+        return harden(response)
+
+    async def _logout(self, request: web.Request) -> web.StreamResponse:
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        if session_id:
+            self._sessions.end(session_id)
+        page = pages.message_page(
+            "Logged out", "<p>Your dashboard session has ended.</p>" + pages.LOGIN_HELP
+        )
+        response = web.Response(text=page, content_type="text/html")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return harden(response)
+
+    async def _static_file(self, request: web.Request) -> web.StreamResponse:
+        found = self._static.get(request.match_info["name"])
+        if found is None:
+            return harden(web.Response(status=404, text="not found\n"))
+        body, content_type = found
+        response = web.Response(body=body, headers={"Content-Type": content_type})
+        response.headers["Cache-Control"] = "no-cache"
+        return harden(response, cache=True)
+
+    # ------------------------------------------------------------ data
+
+    def summary(self, principal: Principal) -> tuple[dict[str, Any], str]:
+        """The overview for this person's audience (everyone, or one employee), cached briefly."""
+        audience = f"employee:{principal.name}" if api.is_employee(principal) else ""
+        now = time.monotonic()
+        cached = self._summaries.get(audience)
+        if cached is not None and now - cached[0] < SUMMARY_TTL:
+            data, text = cached[1], cached[2]
+        else:
+            data = api.summary(self._plane, principal)
+            text = json.dumps(data)
+            if len(self._summaries) > 256:
+                self._summaries.clear()
+            self._summaries[audience] = (now, data, text)
+        return data, text
+
+    def _visible_changes(self, principal: Principal, since: int) -> tuple[int, list[str] | None]:
+        changes = self.timeline.changes_since(since)
+        ids = changes.agent_ids
+        if ids is None or len(ids) > MAX_CHANGED_SENT:
+            return changes.version, None
+        if api.is_employee(principal):
+            # Never name someone else's laptop; a hold change may touch theirs too.
+            ids = frozenset(
+                a
+                for a in ids
+                if a == ALL_AGENTS or api.visible_agent(self._plane, a, principal) is not None
+            )
+        return changes.version, sorted(ids)
+
+    # ------------------------------------------------------------ pages
+
+    async def _home(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        query = api.parse_query(request.query)
+        version = self.timeline.version
+        data, _ = self.summary(principal)
+        page = api.paginate(api.select(self._plane, query, principal), query)
+        rows = [api.row(v) for v in page.views]
+        text = pages.home(
+            data, viewer=_viewer(principal), rows=rows, page=page, query=query, version=version
+        )
+        return web.Response(text=text, content_type="text/html")
+
+    async def _agent_page(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        version = self.timeline.version
+        view = api.visible_agent(self._plane, request.match_info["agent_id"], principal)
+        if view is None:
+            page = pages.not_found_page(_viewer(principal))
+            return web.Response(status=404, text=page, content_type="text/html")
+        events = pages.timeline_data(
+            self.timeline.events(view.agent_id, view.labels), api.is_employee(principal)
+        )
+        text = pages.agent_detail(api.detail(view), events, _viewer(principal), version)
+        return web.Response(text=text, content_type="text/html")
+
+    # ------------------------------------------------------------ JSON API
+
+    async def _api_summary(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        version = self.timeline.version
+        _, text = self.summary(principal)
+        body = f'{{"version": {version}, "summary": {text}}}'
+        return web.Response(text=body, content_type="application/json")
+
+    async def _api_agents(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        query = api.parse_query(request.query)
+        version = self.timeline.version
+        page = api.paginate(api.select(self._plane, query, principal), query)
+        return web.json_response(
+            {
+                "version": version,
+                "now": self._plane.now(),
+                "total": page.total,
+                "page": page.page,
+                "pages": page.pages,
+                "per_page": page.per_page,
+                "sort": query.sort,
+                "order": "desc" if query.descending else "asc",
+                "rows": [api.row(v) for v in page.views],
+            }
+        )
+
+    async def _api_agent(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        version = self.timeline.version
+        view = api.visible_agent(self._plane, request.match_info["agent_id"], principal)
+        if view is None:
+            return web.json_response({"error": "no such laptop"}, status=404)
+        events = self.timeline.events(view.agent_id, view.labels)
+        return web.json_response(
+            {
+                "version": version,
+                "now": self._plane.now(),
+                "agent": api.detail(view),
+                "timeline": pages.timeline_data(events, api.is_employee(principal)),
+            }
+        )
+
+    # ------------------------------------------------------------ live updates
+
+    async def _api_events(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        if (
+            self._streams >= MAX_EVENT_STREAMS
+            or self._streams_by_session[session_id] >= MAX_STREAMS_PER_SESSION
+        ):
+            response = web.json_response(
+                {"error": "too many live views open; this page will poll instead"}, status=503
+            )
+            response.headers["Retry-After"] = "10"
+            return response
+        since = self.timeline.version
+        text = request.headers.get("Last-Event-ID") or request.query.get("since", "")
+        if text.isdigit() and len(text) < 19:
+            since = min(int(text), since)
+        self._streams += 1
+        self._streams_by_session[session_id] += 1
+        try:
+            return await self._stream_events(request, principal, session_id, since)
+        finally:
+            self._streams -= 1
+            self._streams_by_session[session_id] -= 1
+            if self._streams_by_session[session_id] <= 0:
+                del self._streams_by_session[session_id]
+
+    async def _stream_events(
+        self, request: web.Request, principal: Principal, session_id: str, since: int
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+        )
+        harden(response)
+        await response.prepare(request)
+        try:
+            await response.write(b"retry: 3000\n\n")
+            while not self._closing.is_set() and not _client_gone(request):
+                if self._sessions.principal(session_id) is None:
+                    await response.write(b"event: logout\ndata: {}\n\n")
+                    break
+                version, changed = self._visible_changes(principal, since)
+                since = version
+                _, summary = self.summary(principal)
+                message = (
+                    f'{{"version": {version}, "changed": {json.dumps(changed)},'
+                    f' "summary": {summary}}}'
+                )
+                await response.write(f"id: {version}\ndata: {message}\n\n".encode())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), TICK_SECONDS)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the browser went away
+        return response
+
+    # ------------------------------------------------------------ exports
+
+    def _export_rows(self, request: web.Request, principal: Principal) -> tuple[list[Any], str]:
+        query = api.parse_query(request.query)
+        views = api.select(self._plane, query, principal)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        return views, f"agents-{stamp}"
+
+    async def _export_csv(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        views, name = self._export_rows(request, principal)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/csv; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="{name}.csv"',
+            }
+        )
+        harden(response)
+        await response.prepare(request)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(api.CSV_COLUMNS)
+        for start in range(0, len(views), EXPORT_CHUNK):
+            for view in views[start : start + EXPORT_CHUNK]:
+                writer.writerow(api.csv_cells(api.row(AgentView(*view))))
+            await response.write(buffer.getvalue().encode())
+            buffer.seek(0)
+            buffer.truncate()
+        if buffer.getvalue():
+            await response.write(buffer.getvalue().encode())
+        await response.write_eof()
+        return response
+
+    async def _export_json(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        views, name = self._export_rows(request, principal)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/json",
+                "Content-Disposition": f'attachment; filename="{name}.json"',
+            }
+        )
+        harden(response)
+        await response.prepare(request)
+        await response.write(b"[")
+        for start in range(0, len(views), EXPORT_CHUNK):
+            chunk = ",\n".join(
+                json.dumps(api.row(AgentView(*v))) for v in views[start : start + EXPORT_CHUNK]
+            )
+            await response.write(((",\n" if start else "\n") + chunk).encode())
+        await response.write(b"\n]\n")
+        await response.write_eof()
+        return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The browser left, or the server is shutting down (aiohttp closes every connection,
+    then waits for handlers: a live stream must notice and end)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    protocol = request.protocol
+    return bool(protocol._close or protocol._force_close)

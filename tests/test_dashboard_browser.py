@@ -1,0 +1,192 @@
+"""The dashboard in a real headless Chromium, against a real server and a faulty fleet.
+
+Needs Debian's ``/usr/bin/chromium`` (``apt-get install chromium``; the CI set-up
+installs it). Without it the test is skipped, except under ``CI=true`` where a
+missing browser is a failure, so CI can never pass by skipping it. The screenshot is
+kept in ``test-artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+AGENTS = 30
+
+
+def require_browser() -> Any:
+    """The Playwright sync API, or skip (fail under CI) with the reason."""
+    missing = ""
+    if not CHROMIUM.exists():
+        missing = f"{CHROMIUM} is missing (apt-get install -y --no-install-recommends chromium)"
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing = missing or "the playwright package is missing (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and the browser test cannot run: {missing}")
+        pytest.skip(f"browser test skipped: {missing}")
+    return sync_api
+
+
+def rows_shown(page: Any) -> list[str]:
+    return list(
+        page.eval_on_selector_all(
+            "#agents-table tbody tr", "rows => rows.map(r => r.dataset.agentId)"
+        )
+    )
+
+
+def test_dashboard_in_headless_chromium(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    sync_api = require_browser()
+    server = start_server("--ack-deadline", "3")
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    sim = simulate(server, AGENTS, "--fault", "ignore=0.2", "--fault-after", "3600",
+                   "--truth", str(truth_path), "--seed", "5")  # fmt: skip
+    wait_for(
+        lambda: cli.json("status")["agents"]["by_state"].get("CAPTURING") == AGENTS,
+        60,
+        "the fleet capturing",
+    )
+    sim.proc.send_signal(signal.SIGUSR1)  # the faults strike
+    wait_for(
+        lambda: truth_path.exists() and json.loads(truth_path.read_text())["trigger_at"],
+        10,
+        "the faults to strike",
+    )
+    truth = json.loads(truth_path.read_text())["agents"]
+    ignoring = {row["agent_id"] for row in truth if row["fault"] == "ignore"}
+    assert len(ignoring) == AGENTS // 5
+    cli.pause("--all", "--reason", "browser drill", "--ticket", "INC-42")
+
+    def played_out() -> bool:
+        by_state: dict[str, int] = cli.json("status")["agents"]["by_state"]
+        return by_state == {"OVERDUE": len(ignoring), "VERIFIED_STOPPED": AGENTS - len(ignoring)}
+
+    wait_for(played_out, 30, "stragglers OVERDUE, everyone else verified stopped")
+    overdue = set(cli.agents("--state", "OVERDUE"))
+    assert overdue == ignoring
+    base = f"http://127.0.0.1:{server.http_port}"
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1440, "height": 1100})
+            page = context.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on(
+                "console",
+                lambda msg: (
+                    problems.append(f"console: {msg.text}") if msg.type == "error" else None
+                ),
+            )
+            page.goto(cli.ok("dashboard").strip())
+            page.wait_for_url(f"{base}/")
+            page.wait_for_selector("#live-status.on", timeout=10_000)
+            assert page.text_content("#count-OVERDUE") == str(len(overdue))
+            assert page.text_content("#compliant") == "NO"
+            assert "INC-42" in (page.text_content("#holds") or "")
+            page.evaluate("window.__loadedOnce = true")
+
+            # Filter to OVERDUE: exactly the agents the CLI reports, and nothing else.
+            page.select_option("#filter-state", "OVERDUE")
+            page.wait_for_function(
+                """n => {
+                  const rows = [...document.querySelectorAll('#agents-table tbody tr')];
+                  return rows.length === n
+                    && rows.every(r => r.querySelector('.badge').textContent === 'OVERDUE');
+                }""",
+                arg=len(overdue),
+                timeout=10_000,
+            )
+            assert set(rows_shown(page)) == overdue
+            assert "state=OVERDUE" in page.url
+            assert page.text_content("#table-info") == f"{len(overdue)} matching"
+
+            # A live update arrives without a reload: a second pause moves the epoch.
+            epoch = int(page.text_content("#epoch") or "0")
+            straggler = sorted(overdue)[0]
+            cli.pause("--agent", straggler, "--reason", "second hold")
+            page.wait_for_function(
+                "e => document.getElementById('epoch').textContent === e",
+                arg=str(epoch + 1),
+                timeout=10_000,
+            )
+            page.wait_for_function(
+                "() => document.querySelectorAll('#holds-table tbody tr').length === 2",
+                timeout=10_000,
+            )
+            assert page.evaluate("window.__loadedOnce") is True, "the page was reloaded"
+            assert set(rows_shown(page)) == set(cli.agents("--state", "OVERDUE"))
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+            # The laptop page: what it was sent, and that it never answered.
+            page.click(f'#agents-table tbody tr[data-agent-id="{straggler}"] a')
+            page.wait_for_url(f"{base}/agents/{straggler}")
+            assert page.text_content("#agent-state") == "OVERDUE"
+            timeline = page.text_content("#timeline") or ""
+            assert "sent PAUSED" in timeline and "hold_created" in timeline
+            assert "STOP_REPORTED" not in timeline
+            page.screenshot(path=str(ARTIFACTS / "dashboard-laptop.png"), full_page=True)
+            assert problems == [], problems  # no script errors, no CSP violations
+
+            # An employee sees their own laptop and nothing else.
+            employee = browser.new_context().new_page()
+            employee.goto(cli.as_("employee-1").ok("dashboard").strip())
+            employee.wait_for_url(f"{base}/")
+            owned = set(cli.agents("--selector", "owner=employee-1"))
+            assert owned == {"laptop-00000"}
+            assert set(rows_shown(employee)) == owned
+            assert employee.text_content("#total") == "1"
+            employee.goto(f"{base}/agents/laptop-00001")
+            assert "No such laptop" in (employee.text_content("h1") or "")
+
+            # Typing a prefix and clicking column headers re-read the page in place.
+            page.goto(f"{base}/")
+            page.wait_for_selector("#live-status.on", timeout=10_000)
+            page.fill("#filter-prefix", "laptop-0000")
+            page.wait_for_function(
+                "() => document.getElementById('table-info').textContent === '10 matching'",
+                timeout=10_000,
+            )
+            page.click('#agents-table th[data-sort="agent_id"] a')
+            page.wait_for_function(
+                "() => document.querySelector('#agents-table tbody tr').dataset.agentId"
+                " === 'laptop-00000'",
+                timeout=10_000,
+            )
+            page.click('#agents-table th[data-sort="agent_id"] a')
+            page.wait_for_function(
+                "() => document.querySelector('#agents-table tbody tr').dataset.agentId"
+                " === 'laptop-00009'",
+                timeout=10_000,
+            )
+            assert rows_shown(page) == [f"laptop-0000{i}" for i in range(9, -1, -1)]
+            assert "prefix=laptop-0000" in page.url and "order=desc" in page.url
+            assert problems == [], problems
+            # Logging out ends the session.
+            page.click("form.logout button")
+            page.wait_for_url(f"{base}/logout")
+            page.goto(f"{base}/")
+            assert "Log in to the dashboard" in (page.text_content("h1") or "")
+        finally:
+            browser.close()
