@@ -112,7 +112,7 @@ async def serve(config: ServerConfig) -> None:
         before_fanout=freeze_before_fanout,
     )
     governance = Governance(plane, store, clock=time.time, authority=authority)
-    sessions = DashboardSessions(time.time)
+    sessions = DashboardSessions(time.time, governance.is_revoked)
     metrics = Metrics()
     dashboard = Dashboard(plane, sessions)
     plane.observer = Observers([metrics, dashboard.timeline])

@@ -25,8 +25,12 @@ class Session:
 
 
 class DashboardSessions:
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, clock: Callable[[], float], is_revoked: Callable[[str], bool] = lambda _: False
+    ) -> None:
         self._clock = clock
+        # A revoked certificate ends the browser sessions it opened, not just its gRPC calls.
+        self._is_revoked = is_revoked
         self._login_tokens: dict[str, Session] = {}
         self._sessions: dict[str, Session] = {}
 
@@ -41,7 +45,7 @@ class DashboardSessions:
     def redeem(self, token: str) -> tuple[str, Session] | None:
         """Trade a login token for a session id (the cookie); ``None`` if unknown or stale."""
         login = self._login_tokens.pop(token, None)
-        if login is None or login.expires_at <= self._clock():
+        if login is None or not self._valid(login):
             return None
         session_id = secrets.token_urlsafe(32)
         session = Session(login.principal, self._clock() + SESSION_SECONDS)
@@ -50,10 +54,14 @@ class DashboardSessions:
 
     def principal(self, session_id: str) -> Principal | None:
         session = self._sessions.get(session_id)
-        if session is None or session.expires_at <= self._clock():
+        if session is None or not self._valid(session):
             self._sessions.pop(session_id, None)
             return None
         return session.principal
+
+    def _valid(self, session: Session) -> bool:
+        serial = session.principal.serial
+        return session.expires_at > self._clock() and not (serial and self._is_revoked(serial))
 
     def end(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
