@@ -4,7 +4,6 @@ and written against metric names the server really exposes."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -12,11 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
-
 from control.metrics import Metrics
 from control.plane import ControlPlane
 from control.store import Store
+from tests.conftest import missing_tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -36,14 +34,10 @@ ALERTS = {
 
 
 def promtool() -> str:
-    """promtool, or skip (fail under CI=true, where `make test` must have installed it)."""
     path = shutil.which("promtool")
-    if path:
-        return path
-    why = "promtool is not installed: run scripts/test-tools.sh (`make test` does)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why}; CI=true, so this is an error, not a skip")
-    pytest.skip(why)
+    if path is None:
+        missing_tool("promtool is not installed: run scripts/test-tools.sh (`make test` does)")
+    return path
 
 
 def run_promtool(*args: str) -> str:

@@ -9,15 +9,12 @@ kept in ``test-artifacts/dashboard.png``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -34,9 +31,7 @@ def require_browser() -> Any:
     except ImportError:
         missing = missing or "the playwright package is missing (pip install -e '.[dev]')"
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and the browser test cannot run: {missing}")
-        pytest.skip(f"browser test skipped: {missing}")
+        missing_tool(f"the browser test cannot run: {missing}")
     return sync_api
 
 

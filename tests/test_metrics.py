@@ -4,7 +4,6 @@ interceptor and plane observer on their own."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import time
@@ -22,7 +21,14 @@ from control.domain import ComplianceState, Mode
 from control.metrics import Metrics
 from control.plane import ControlPlane
 from control.store import Store
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import (
+    Cli,
+    ServerProcess,
+    Simulator,
+    missing_tool,
+    wait_capturing,
+    wait_for,
+)
 
 FLEET = 20
 OPERATOR = "killswitch.v1.Operator"
@@ -31,14 +37,10 @@ Samples = list[tuple[str, dict[str, str], float]]
 
 
 def promtool() -> str:
-    """promtool, or skip (fail under CI=true, where `make test` must have installed it)."""
     path = shutil.which("promtool")
-    if path:
-        return path
-    why = "promtool is not installed: run scripts/test-tools.sh (`make test` does)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why}; CI=true, so this is an error, not a skip")
-    pytest.skip(why)
+    if path is None:
+        missing_tool("promtool is not installed: run scripts/test-tools.sh (`make test` does)")
+    return path
 
 
 def scrape(server: ServerProcess) -> str:

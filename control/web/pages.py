@@ -79,7 +79,12 @@ def layout(title: str, body: str, *, viewer: Mapping[str, str] | None, script: s
             '<form method="post" action="/logout" class="logout">'
             '<button type="submit">Log out</button></form>'
         )
-    scripts = f'<script src="/static/{e(script)}" defer></script>' if script else ""
+    scripts = (
+        '<script src="/static/common.js" defer></script>'
+        f'<script src="/static/{e(script)}" defer></script>'
+        if script
+        else ""
+    )
     return (
         "<!doctype html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

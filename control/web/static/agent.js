@@ -11,15 +11,7 @@
   let lastRead = Date.now();
   let fetching = false;
 
-  function node(tag, text, cls) {
-    const el = document.createElement(tag);
-    if (text !== undefined && text !== null) el.textContent = String(text);
-    if (cls) el.className = cls;
-    return el;
-  }
-  function badge(state) {
-    return node("span", state, "badge st-" + state);
-  }
+  const { node, badge } = window.Killswitch;
   function clock(seconds) {
     return new Date(seconds * 1000).toISOString().slice(11, 23);
   }

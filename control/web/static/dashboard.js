@@ -35,15 +35,7 @@
   const nowS = () => Date.now() / 1000 + serverSkew;
   const ago = (iso) => (iso ? duration(nowS() - Date.parse(iso) / 1000) + " ago" : "-");
 
-  function node(tag, text, cls) {
-    const el = document.createElement(tag);
-    if (text !== undefined && text !== null) el.textContent = String(text);
-    if (cls) el.className = cls;
-    return el;
-  }
-  function badge(state) {
-    return node("span", state, "badge st-" + state);
-  }
+  const { node, badge } = window.Killswitch;
   function ttcFigure(f) {
     if (!f) return "-";
     return f.verified ? duration(f.seconds) : "\u2265 " + duration(f.seconds) + " not yet";

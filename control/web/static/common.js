@@ -1,0 +1,16 @@
+// killswitch dashboard: helpers shared by every page. Text only ever goes in through
+// textContent, so nothing a laptop reports can become markup.
+"use strict";
+
+window.Killswitch = (() => {
+  function node(tag, text, cls) {
+    const el = document.createElement(tag);
+    if (text !== undefined && text !== null) el.textContent = String(text);
+    if (cls) el.className = cls;
+    return el;
+  }
+  function badge(state) {
+    return node("span", state, "badge st-" + state);
+  }
+  return { node, badge };
+})();
