@@ -63,7 +63,7 @@ class Governance:
         self._authority = authority
         self._requests: dict[str, ResumeRequest] = {}
         self._revoked: set[str] = set()
-        # Unrevoked certificates by subject: an agent id holds at most one at a time.
+        # Unrevoked certificates by subject: an agent id holds at most one unexpired one.
         self._live_certs: dict[str, list[CertificateRecord]] = {}
 
     async def start(self, state: LoadedState) -> None:
@@ -222,7 +222,8 @@ class Governance:
         claimant = Principal(validate_agent_id(agent_id), Role.AGENT)
         try:
             token_id, secret = split_enroll_token(token)
-            if live := self._live_certs.get(agent_id):
+            now = self._clock()
+            if live := [c for c in self._live_certs.get(agent_id, []) if c.not_after > now]:
                 raise PermissionDenied(
                     f"agent {agent_id} already has a valid certificate (serial {live[0].serial});"
                     f" revoke it first: killswitch certs revoke {agent_id}"

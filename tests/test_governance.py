@@ -1,0 +1,51 @@
+"""Governance with a real store and a real CA: enrolment rules that depend on time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agent_stub.identity import new_key_and_csr
+from control.domain.audit import AuditRecord
+from control.domain.identity import issue_enroll_token
+from control.errors import PermissionDenied
+from control.governance import Governance
+from control.pki import AGENT_DAYS, Authority, initialise
+from control.plane import ControlPlane
+from control.store.sqlite import SqliteStore
+
+DAY = 24 * 3600.0
+
+
+def test_an_expired_agent_certificate_does_not_block_re_enrolment(tmp_path: Path) -> None:
+    """A laptop whose 90-day certificate ran out enrols again; a live one may not be taken."""
+
+    async def scenario() -> None:
+        now = [1_800_000_000.0]
+        initialise(tmp_path, now=now[0])
+        store = await SqliteStore.open(tmp_path)
+        plane = ControlPlane(store, clock=lambda: now[0], flush_interval=3600)
+        governance = Governance(
+            plane, store, clock=lambda: now[0], authority=Authority.load(tmp_path)
+        )
+        await governance.start(await plane.start())
+
+        async def token() -> str:
+            issued = issue_enroll_token(uses=2, ttl=DAY, created_by="ic-1", now=now[0])
+            record = AuditRecord(now[0], "test", "system", "enroll_token.create")
+            await store.create_enroll_token(issued.token, record)
+            return issued.text
+
+        _, csr = new_key_and_csr()
+        first = await token()
+        await governance.enroll(first, "laptop-1", csr.decode())
+        with pytest.raises(PermissionDenied, match="already has a valid certificate"):
+            await governance.enroll(first, "laptop-1", csr.decode())
+        now[0] += AGENT_DAYS * DAY + 1
+        await governance.enroll(await token(), "laptop-1", csr.decode())
+        await plane.stop()
+        await store.close()
+
+    asyncio.run(scenario())
