@@ -341,6 +341,14 @@ def cmd_resume(args: argparse.Namespace, client: OperatorClient) -> int:
     return wait_until_settled(client, request.hold_id, args.timeout, verb="settled")
 
 
+def fetch_request(client: OperatorClient, request_id: str) -> pb.ResumeRequest:
+    (request,) = client.call(
+        "ListResumeRequests", pb.ListResumeRequestsRequest(request_id=request_id)
+    ).requests
+    found: pb.ResumeRequest = request
+    return found
+
+
 def resume_state_name(state: int) -> str:
     return pb.ResumeState.Name(state).removeprefix("RESUME_STATE_").lower()  # type: ignore[arg-type]
 
@@ -351,12 +359,9 @@ def wait_for_decision(
     deadline = time.monotonic() + timeout
     sys.stderr.write(f"waiting for an approver to decide {request_id} ...\n")
     while True:
-        (request,) = client.call(
-            "ListResumeRequests", pb.ListResumeRequestsRequest(request_id=request_id)
-        ).requests
+        request = fetch_request(client, request_id)
         if request.state != pb.RESUME_STATE_PENDING:
-            decided: pb.ResumeRequest = request
-            return decided
+            return request
         if time.monotonic() >= deadline:
             print(f"timed out after {timeout:g}s: {request_id} is still pending")
             return None
@@ -429,9 +434,7 @@ def cmd_requests_edit(args: argparse.Namespace, client: OperatorClient) -> int:
 
 def _decide(args: argparse.Namespace, client: OperatorClient, method: str) -> pb.ResumeRequest:
     """Show what is being decided, and pin the revision so a later edit is not approved blind."""
-    (request,) = client.call(
-        "ListResumeRequests", pb.ListResumeRequestsRequest(request_id=args.request_id)
-    ).requests
+    request = fetch_request(client, args.request_id)
     print(
         f"{request.id}: resume hold {request.hold_id}, asked by {request.requested_by}:"
         f" {request.reason} (revision {request.revision})"

@@ -388,22 +388,26 @@ class Dashboard:
 
     # ------------------------------------------------------------ exports
 
-    def _export_rows(self, request: web.Request, principal: Principal) -> tuple[list[Any], str]:
-        query = api.parse_query(request.query)
-        views = api.select(self._plane, query, principal)
+    async def _start_export(
+        self, request: web.Request, principal: Principal, extension: str, content_type: str
+    ) -> tuple[list[Any], web.StreamResponse]:
+        """The rows of the filtered view, and a download response ready to stream them."""
+        views = api.select(self._plane, api.parse_query(request.query), principal)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        return views, f"agents-{stamp}"
-
-    async def _export_csv(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        views, name = self._export_rows(request, principal)
         response = web.StreamResponse(
             headers={
-                "Content-Type": "text/csv; charset=utf-8",
-                "Content-Disposition": f'attachment; filename="{name}.csv"',
+                "Content-Type": content_type,
+                "Content-Disposition": f'attachment; filename="agents-{stamp}.{extension}"',
             }
         )
         harden(response)
         await response.prepare(request)
+        return views, response
+
+    async def _export_csv(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        views, response = await self._start_export(
+            request, principal, "csv", "text/csv; charset=utf-8"
+        )
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(api.CSV_COLUMNS)
@@ -419,15 +423,7 @@ class Dashboard:
         return response
 
     async def _export_json(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        views, name = self._export_rows(request, principal)
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "application/json",
-                "Content-Disposition": f'attachment; filename="{name}.json"',
-            }
-        )
-        harden(response)
-        await response.prepare(request)
+        views, response = await self._start_export(request, principal, "json", "application/json")
         await response.write(b"[")
         for start in range(0, len(views), EXPORT_CHUNK):
             chunk = ",\n".join(
