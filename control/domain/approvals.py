@@ -172,3 +172,21 @@ def deny(
 
 def executed(request: ResumeRequest, lifted_epoch: int) -> ResumeRequest:
     return dataclasses.replace(request, state=ResumeState.EXECUTED, lifted_epoch=lifted_epoch)
+
+
+def check_runbook_approval(request: ResumeRequest, *, hold_id: str, now: float) -> None:
+    """A runbook re-enables only with an approval given *for a runbook*, on that hold."""
+    if not request.for_runbook:
+        raise PermissionDenied(
+            f"resume request {request.id} is a direct resume, not one for a runbook;"
+            " open one with `killswitch resume --for-runbook`"
+        )
+    state = request.current_state(now)
+    if state is not ResumeState.APPROVED:
+        raise Conflict(
+            f"resume request {request.id} is {state.value}; a runbook needs an approved one"
+        )
+    if hold_id and request.hold_id != hold_id:
+        raise Conflict(
+            f"resume request {request.id} approves hold {request.hold_id}, not {hold_id}"
+        )

@@ -33,7 +33,7 @@ class Desired:
 
 
 def covering_holds(agent_id: str, labels: Mapping[str, str], holds: Iterable[Hold]) -> list[Hold]:
-    return [h for h in holds if h.active and h.scope.covers(agent_id, labels)]
+    return [h for h in holds if h.active and h.covers(agent_id, labels)]
 
 
 def _pause_reason(holds: list[Hold]) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from control.domain.release import Release
 from control.domain.scope import Scope
 from control.errors import InvalidInput, shown
 
@@ -32,6 +34,14 @@ class HoldDraft:
     created_at: float
     # Quarantine unsent spool data on pause instead of deleting it.
     keep_spool: bool = False
+    # Rollout holds only: the waves a runbook has re-enabled so far.
+    release: Release | None = None
+
+    def covers(self, agent_id: str, labels: Mapping[str, str]) -> bool:
+        """In scope and not yet released by a runbook wave."""
+        if not self.scope.covers(agent_id, labels):
+            return False
+        return self.release is None or not self.release.releases(agent_id, labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +64,7 @@ class Hold(HoldDraft):
             created_by=draft.created_by,
             created_at=draft.created_at,
             keep_spool=draft.keep_spool,
+            release=draft.release,
             created_epoch=epoch,
         )
 
