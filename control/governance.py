@@ -16,6 +16,7 @@ from control.domain.approvals import (
     OPEN_STATES,
     ResumeRequest,
     approve,
+    check_runbook_approval,
     deny,
     edit_request,
     executed,
@@ -110,6 +111,16 @@ class Governance:
             ),
             key=lambda r: r.created_at,
         )
+
+    def runbook_approval(self, request_id: str, *, hold_id: str = "") -> ResumeRequest:
+        """The approved for-runbook request a run may consume (checked, not yet consumed)."""
+        request = self._request(request_id)
+        check_runbook_approval(request, hold_id=hold_id, now=self._clock())
+        return request
+
+    def consumed(self, request: ResumeRequest, epoch: int) -> None:
+        """A run consumed the request in its own transaction; keep memory in step."""
+        self._requests[request.id] = executed(request, epoch)
 
     def _request(self, request_id: str) -> ResumeRequest:
         try:

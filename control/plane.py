@@ -44,7 +44,7 @@ from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
 from control.errors import Conflict, NotFound, PermissionDenied, shown
 from control.events import PlaneObserver
-from control.store import LoadedState, Store, StoredAgent
+from control.store import LoadedState, RunChange, RunCommit, Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -361,7 +361,7 @@ class ControlPlane:
         still_paused = sum(
             1
             for e in self._agents.values()
-            if e.desired.mode is Mode.PAUSED and hold.scope.covers(e.agent_id, e.labels)
+            if e.desired.mode is Mode.PAUSED and hold.covers(e.agent_id, e.labels)
         )
         log.info(
             "hold_lifted",
@@ -371,6 +371,25 @@ class ControlPlane:
             still_paused_by_other_holds=still_paused,
         )
         return hold
+
+    async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
+        """A runbook step and its hold changes in one transaction, then the fan-out."""
+        async with self._holds_lock:
+            commit = await self._store.commit_run(change, audit)
+            for hold in commit.holds:
+                self._holds[hold.id] = hold
+            if commit.epoch:
+                self._apply_epoch(commit.epoch)
+        for hold in commit.holds:
+            self.observer.hold_changed(hold, epoch=commit.epoch, at=self._clock())
+        if commit.holds:
+            log.info(
+                "run_holds_changed",
+                run_id=change.run.id,
+                epoch=commit.epoch,
+                holds=[h.id for h in commit.holds],
+            )
+        return commit
 
     def _apply_epoch(self, epoch: int) -> None:
         self._epoch = max(self._epoch, epoch)

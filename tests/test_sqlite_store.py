@@ -25,8 +25,10 @@ from control.domain import (
 from control.domain.approvals import Approval, ResumeRequest, ResumeState
 from control.domain.audit import GENESIS_HASH, AuditRecord, ChainHead, verify_chain
 from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_secret
+from control.domain.release import FULL_SHARE
+from control.domain.rollout import Runbook, Wave, new_run, start_wave
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
-from control.store import StoredAgent
+from control.store import RunChange, StoredAgent
 from control.store.sqlite import MIGRATIONS, SqliteStore
 
 
@@ -190,7 +192,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
 
     run_with_store(tmp_path, body)
     conn = sqlite3.connect(tmp_path / "killswitch.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     conn.close()
 
 
@@ -475,3 +477,53 @@ def test_loose_existing_permissions_are_tightened_with_a_warning(tmp_path: Path)
         run_with_store(data_dir, body)
     warnings = [(line["path"], line["was"]) for line in logs if line["log_level"] == "warning"]
     assert warnings == [(str(data_dir), "755"), (str(db_file), "644")]
+
+
+def test_a_run_step_commits_its_hold_changes_under_one_epoch(tmp_path: Path) -> None:
+    """Take-over: lift the approved hold, create the rollout hold, consume the request."""
+    book = Runbook("staged", "seed", (Wave("1%", share=100), Wave("all", share=FULL_SHARE)))
+    run = new_run(
+        book, file_name="f.yaml", source="name: staged", started_by="ic-1", now=1.0, epoch=1
+    )
+    rollout = dataclasses.replace(
+        draft("h-rollout"), kind=HoldKind.ROLLOUT, release=book.release_through(0)
+    )
+
+    async def body(store: SqliteStore) -> None:
+        await store.create_hold(draft("h1"), record("pause"))
+        request = resume_request("h1")
+        started = start_wave(run, 0, now=2.0)
+        change = RunChange(
+            started,
+            "automation-1",
+            2.0,
+            create=rollout,
+            lift_hold_id="h1",
+            executed_request=request,
+        )
+        commit = await store.commit_run(change, [record("runbook.start")])
+        assert commit.epoch == 2
+        assert [(h.id, h.active) for h in commit.holds] == [("h1", False), ("h-rollout", True)]
+        # A refused step changes nothing: the hold it would lift is gone.
+        before = await store.read_audit(0, 100)
+        with pytest.raises(Conflict, match="already lifted"):
+            await store.commit_run(change, [record("runbook.start")])
+        assert await store.read_audit(0, 100) == before
+        # Widening the release is a step of its own, with its own epoch.
+        widened = await store.commit_run(
+            RunChange(
+                started, "control-plane", 3.0, release=("h-rollout", book.release_through(1))
+            ),
+            [],
+        )
+        assert widened.epoch == 3
+        state = await store.load()
+        assert state.runs == [started]
+        holds = {h.id: h for h in state.holds}
+        assert holds["h-rollout"].release == book.release_through(1)
+        assert holds["h1"].lifted_by == "automation-1"
+        (stored_request,) = state.resume_requests
+        assert (stored_request.state, stored_request.lifted_epoch) == (ResumeState.EXECUTED, 2)
+        assert await audit_actions(store) == ["pause", "runbook.start"]
+
+    run_with_store(tmp_path, body)

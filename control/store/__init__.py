@@ -22,6 +22,8 @@ from control.domain import AgentStatus, Desired, Hold, HoldDraft
 from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken
+from control.domain.release import Release
+from control.domain.rollout import Run
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,33 @@ class LoadedState:
     resume_requests: list[ResumeRequest] = field(default_factory=list)
     # Serials of revoked certificates: refused at every call and stream.
     revoked_serials: set[str] = field(default_factory=set)
+    runs: list[Run] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RunChange:
+    """One step of a runbook run and the hold changes it makes, committed together.
+
+    So a restarted server never finds a wave enabled that the run does not know
+    about, or a run that believes in a wave the holds do not show.
+    """
+
+    run: Run
+    by: str
+    at: float
+    create: HoldDraft | None = None
+    lift_hold_id: str = ""
+    # Set this active hold's release (the waves re-enabled so far).
+    release: tuple[str, Release] | None = None
+    # A resume request the run consumes: stored EXECUTED at this change's epoch.
+    executed_request: ResumeRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunCommit:
+    holds: list[Hold]
+    # The epoch allocated for the hold changes; 0 when there were none.
+    epoch: int
 
 
 class Store(Protocol):
@@ -76,6 +105,11 @@ class Store(Protocol):
     ) -> Hold:
         """Lift ``request.hold_id`` with a fresh epoch and store ``request`` as EXECUTED
         with that ``lifted_epoch``, in one transaction. Errors as ``lift_hold``."""
+
+    async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
+        """Apply the change's hold edits under one new epoch (lift, then create, then
+        release), store a consumed request as EXECUTED and upsert the run, in one
+        transaction with ``audit``. Errors as ``lift_hold``."""
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None: ...
 

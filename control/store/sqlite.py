@@ -35,7 +35,8 @@ from control.domain.approvals import Approval, ResumeRequest, ResumeState, execu
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead, chain
 from control.domain.identity import CertificateRecord, EnrollToken, Role, check_enroll_token
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError, shown
-from control.store import LoadedState, StoredAgent
+from control.store import LoadedState, RunChange, RunCommit, StoredAgent
+from control.store.codec import release_from_json, release_to_json, run_from_json, run_to_json
 
 T = TypeVar("T")
 
@@ -167,6 +168,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX certificates_by_subject ON certificates (subject);
     """,
+    """
+    ALTER TABLE holds ADD COLUMN release TEXT;
+    CREATE TABLE runbook_runs (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        run TEXT NOT NULL
+    );
+    """,
 ]
 
 _AGENT_COLUMNS = (
@@ -215,6 +225,7 @@ _HOLD_COLUMNS = (
     "lifted_by",
     "lifted_epoch",
     "keep_spool",
+    "release",
 )
 _AUDIT_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
 _AUDIT_COLUMNS = ("seq", *_AUDIT_RECORD_FIELDS, "prev_hash", "hash")
@@ -307,6 +318,7 @@ def _hold_from_row(row: sqlite3.Row) -> Hold:
         lifted_by=row["lifted_by"],
         lifted_epoch=row["lifted_epoch"],
         keep_spool=bool(row["keep_spool"]),
+        release=release_from_json(row["release"]),
     )
 
 
@@ -399,6 +411,7 @@ def _hold_to_row(hold: Hold) -> tuple[Any, ...]:
         hold.lifted_by,
         hold.lifted_epoch,
         hold.keep_spool,
+        release_to_json(hold.release),
     )
 
 
@@ -487,13 +500,24 @@ def _get_hold(db: sqlite3.Connection, hold_id: str) -> Hold | None:
     return None if row is None else _hold_from_row(row)
 
 
-def _lift(db: sqlite3.Connection, hold_id: str, lifted_by: str, lifted_at: float) -> Hold:
+def _active_hold(db: sqlite3.Connection, hold_id: str) -> Hold:
     hold = _get_hold(db, hold_id)
     if hold is None:
         raise NotFound(f"unknown hold {hold_id!r}")
     if not hold.active:
         raise Conflict(f"hold {hold_id!r} was already lifted at epoch {hold.lifted_epoch}")
-    epoch = _next_epoch(db)
+    return hold
+
+
+def _lift(
+    db: sqlite3.Connection,
+    hold_id: str,
+    lifted_by: str,
+    lifted_at: float,
+    epoch: int | None = None,
+) -> Hold:
+    hold = _active_hold(db, hold_id)
+    epoch = epoch or _next_epoch(db)
     db.execute(
         "UPDATE holds SET lifted_at = ?, lifted_by = ?, lifted_epoch = ? WHERE id = ?",
         (lifted_at, lifted_by, epoch, hold_id),
@@ -668,7 +692,11 @@ class SqliteStore:
                     "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL"
                 )
             }
-            return LoadedState(epoch, holds, agents, requests, revoked)
+            runs = [
+                run_from_json(row[0])
+                for row in db.execute("SELECT run FROM runbook_runs ORDER BY started_at, id")
+            ]
+            return LoadedState(epoch, holds, agents, requests, revoked, runs)
 
         return await self._run(read)
 
@@ -724,6 +752,38 @@ class SqliteStore:
             return hold
 
         return await self._write([audit], lift_and_record)
+
+    async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
+        def apply(db: sqlite3.Connection) -> RunCommit:
+            touches_holds = change.create or change.lift_hold_id or change.release
+            epoch = _next_epoch(db) if touches_holds else 0
+            holds: list[Hold] = []
+            if change.lift_hold_id:
+                holds.append(_lift(db, change.lift_hold_id, change.by, change.at, epoch))
+            if change.create is not None:
+                hold = Hold.committed(change.create, epoch)
+                _insert_new(db, _INSERT_HOLD, _hold_to_row(hold), f"hold {hold.id!r}")
+                holds.append(hold)
+            if change.release is not None:
+                hold_id, release = change.release
+                hold = dataclasses.replace(_active_hold(db, hold_id), release=release)
+                db.execute(
+                    "UPDATE holds SET release = ? WHERE id = ?",
+                    (release_to_json(release), hold_id),
+                )
+                holds.append(hold)
+            if change.executed_request is not None:
+                done = executed(change.executed_request, epoch)
+                db.execute(_UPSERT_RESUME, _resume_to_row(done))
+            run = change.run
+            db.execute(
+                "INSERT OR REPLACE INTO runbook_runs (id, state, started_at, run)"
+                " VALUES (?, ?, ?, ?)",
+                (run.id, run.state.value, run.started_at, run_to_json(run)),
+            )
+            return RunCommit(holds, epoch)
+
+        return await self._write(audit, apply)
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None:
         row = _attribute_row(token, _TOKEN_COLUMNS)
