@@ -338,7 +338,9 @@ class Agent:
         if fault is Fault.STUBBORN:
             self.engine.stuck_channels = frozenset({"screen"})
         elif fault is Fault.LIE:
+            # Captures whatever it was told, and a paused liar secretly starts again.
             self.engine.ignore_lease = True
+            self.engine.start_all()
         elif fault is Fault.OFFLINE:
             self._go_offline(tuning.offline_seconds(self._lease_ttl))
         elif fault is Fault.SLEEP:

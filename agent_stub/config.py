@@ -16,7 +16,8 @@ class Fault(StrEnum):
     # renewals carry on, so its capture ends when the server stops renewing.
     IGNORE = "ignore"
     # A modified agent: acks a pause with every channel "stopped" and captures on
-    # regardless of its lease, with its real counters in heartbeats and uploads.
+    # regardless of its lease (if already paused, it secretly starts again), with its
+    # real counters in heartbeats and uploads.
     LIE = "lie"
     # The screen worker will not stop: the pause is nacked naming it (capture still
     # asks the lease, so it ends at expiry).

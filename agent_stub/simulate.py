@@ -53,6 +53,9 @@ def fault_counts(fractions: Mapping[Fault, float], agents: int) -> dict[Fault, i
     return counts
 
 
+CANARY_EVERY = 20
+
+
 def fleet_configs(
     count: int,
     *,
@@ -71,6 +74,8 @@ def fleet_configs(
                 "region": rng.choice(REGIONS),
                 "org": rng.choice(ORGS),
                 "os": rng.choices(OSES, OS_WEIGHTS)[0],
+                # Every 20th laptop is in the canary ring that drills pause first.
+                "ring": "canary" if i % CANARY_EVERY == 0 else "general",
                 # The first laptop belongs to `employee-1`, the identity `killswitch init`
                 # creates, so the demo's employee has a laptop to look at.
                 "owner": "employee-1" if i == 0 else f"employee-{rng.randrange(2, 100_000)}",

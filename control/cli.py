@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -233,6 +234,7 @@ class OperatorClient:
             "Operator": pb_grpc.OperatorStub(self._channel),
             "SelfService": pb_grpc.SelfServiceStub(self._channel),
             "Dashboard": pb_grpc.DashboardStub(self._channel),
+            "Runbooks": pb_grpc.RunbooksStub(self._channel),
         }
 
     def _method(self, method: str) -> Any:
@@ -303,13 +305,17 @@ def cmd_pause(args: argparse.Namespace, client: OperatorClient) -> int:
         ),
     )
     hold = response.hold
-    print(
-        f"hold {hold.id} created at epoch {response.epoch}: pauses {scope_text(hold.scope)}"
-        f" ({response.covered_agents} known agents)"
-    )
+    if args.quiet:
+        print(hold.id)
+    else:
+        print(
+            f"hold {hold.id} created at epoch {response.epoch}: pauses {scope_text(hold.scope)}"
+            f" ({response.covered_agents} known agents)"
+        )
     if not args.wait:
         return 0
-    return wait_until_settled(client, hold.id, args.timeout, verb="stopped")
+    with contextlib.redirect_stdout(sys.stderr if args.quiet else sys.stdout):
+        return wait_until_settled(client, hold.id, args.timeout, verb="stopped")
 
 
 def cmd_resume(args: argparse.Namespace, client: OperatorClient) -> int:
@@ -325,20 +331,24 @@ def cmd_resume(args: argparse.Namespace, client: OperatorClient) -> int:
         ),
     )
     request = response.request
-    print(
-        f"resume request {request.id} opened for hold {request.hold_id}"
-        f" (expires {iso(request.expires_at)});"
-        f" a different approver must run: killswitch approve {request.id}"
-    )
+    if args.quiet:
+        print(request.id)
+    else:
+        print(
+            f"resume request {request.id} opened for hold {request.hold_id}"
+            f" (expires {iso(request.expires_at)});"
+            f" a different approver must run: killswitch approve {request.id}"
+        )
     if not args.wait:
         return 0
-    outcome = wait_for_decision(client, request.id, args.timeout)
-    if outcome is None:
-        return EXIT_TIMEOUT
-    if outcome.state != pb.RESUME_STATE_EXECUTED:
-        print(f"resume request {outcome.id} was {resume_state_name(outcome.state)}")
-        return EXIT_FAILED
-    return wait_until_settled(client, request.hold_id, args.timeout, verb="settled")
+    with contextlib.redirect_stdout(sys.stderr if args.quiet else sys.stdout):
+        outcome = wait_for_decision(client, request.id, args.timeout)
+        if outcome is None:
+            return EXIT_TIMEOUT
+        if outcome.state != pb.RESUME_STATE_EXECUTED:
+            print(f"resume request {outcome.id} was {resume_state_name(outcome.state)}")
+            return EXIT_FAILED
+        return wait_until_settled(client, request.hold_id, args.timeout, verb="settled")
 
 
 def fetch_request(client: OperatorClient, request_id: str) -> pb.ResumeRequest:
@@ -566,6 +576,9 @@ def cmd_agents(args: argparse.Namespace, client: OperatorClient) -> int:
     agents = list(client.stream("ListAgents", pb.ListAgentsRequest(filter=agent_filter)))
     if args.json:
         print_json([agent_json(a) for a in agents])
+    elif args.quiet:
+        for agent in agents:
+            print(agent.agent_id)
     elif agents:
         print_table(agent_rows(agents))
     else:
@@ -912,6 +925,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ack_deadline=args.ack_deadline,
         heartbeat_interval=args.heartbeat,
         lease_ttl=args.lease_ttl,
+        prometheus_url=args.prometheus_url,
+        runbook_tick=args.runbook_tick,
     )
     asyncio.run(serve(config))
     return 0
@@ -937,6 +952,13 @@ def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
         type=positive_seconds,
         default=300.0,
         help="seconds to wait with --wait, then exit 3 (default 300)",
+    )
+
+
+def add_quiet_option(parser: argparse.ArgumentParser, prints: str) -> None:
+    """For scripts and runbooks: ``HOLD=$(killswitch pause ... -q)``."""
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help=f"print only {prints} (reports go to stderr)"
     )
 
 
@@ -1038,6 +1060,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="capture lease length; agents renew at a third of it (default 60)",
     )
+    serve.add_argument(
+        "--prometheus-url",
+        default="",
+        metavar="URL",
+        help="Prometheus for runbook gates whose runbook names no URL",
+    )
+    serve.add_argument(
+        "--runbook-tick",
+        type=positive_seconds,
+        default=1.0,
+        help="how often active runbook runs evaluate their gates (default 1)",
+    )
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=cmd_serve, local=True)
@@ -1055,6 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="quarantine unsent capture data on the laptops instead of deleting it",
     )
     add_wait_options(pause, "until every covered agent stopped")
+    add_quiet_option(pause, "the new hold's id")
 
     resume = command(sub, "resume", "ask to lift a hold; a different approver decides", cmd_resume)
     resume.add_argument("--hold", required=True, metavar="HOLD_ID")
@@ -1069,6 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the approval lets a runbook re-enable the hold in waves instead of at once",
     )
     add_wait_options(resume, "for the decision, then until every agent in scope settled")
+    add_quiet_option(resume, "the new request's id")
 
     for name, verb, handler in (
         ("approve", "approve", cmd_approve),
@@ -1092,6 +1128,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--reason")
     edit.add_argument("--ticket")
 
+    from control import cli_runbook
+
+    cli_runbook.add_commands(
+        group("runbook", "gradual, gated re-enable of capture in waves"), command
+    )
+
     holds = command(sub, "holds", "list the active holds", cmd_holds)
     holds.add_argument("--json", action="store_true")
 
@@ -1103,6 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     agents.add_argument("--selector", help="only agents whose labels match k=v[,k=v...]")
     agents.add_argument("--hold", metavar="HOLD_ID", help="only agents in this hold's scope")
     agents.add_argument("--json", action="store_true")
+    add_quiet_option(agents, "agent ids, one per line")
 
     ack = command(
         sub,

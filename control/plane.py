@@ -28,6 +28,7 @@ from control.domain import (
     ComplianceState,
     Desired,
     Hold,
+    HoldDraft,
     HoldKind,
     Mode,
     Scope,
@@ -275,6 +276,18 @@ class ControlPlane:
             self._clock(), actor, by.role.value, action, target, reason, ticket, result, detail
         )
 
+    def hold_created_record(
+        self, by: Principal, draft: HoldDraft, *, detail: str = ""
+    ) -> AuditRecord:
+        return self.audit_record(
+            by,
+            "hold.create",
+            target=f"{draft.id} {draft.kind.value} {draft.scope.describe()}",
+            reason=draft.reason,
+            ticket=draft.ticket,
+            detail=detail,
+        )
+
     async def audit(self, record: AuditRecord) -> None:
         """An action that changed nothing else (a denial, a failure)."""
         await self._store.append_audit([record])
@@ -315,14 +328,7 @@ class ControlPlane:
             created_at=self._clock(),
             keep_spool=keep_spool,
         )
-        record = self.audit_record(
-            by,
-            "hold.create",
-            target=f"{draft.id} {kind.value} {scope.describe()}",
-            reason=draft.reason,
-            ticket=draft.ticket,
-            detail="keep_spool" if keep_spool else "",
-        )
+        record = self.hold_created_record(by, draft, detail="keep_spool" if keep_spool else "")
         async with self._holds_lock:
             hold = await self._store.create_hold(draft, record)
             self._holds[hold.id] = hold

@@ -35,6 +35,8 @@ from control.rpc.operator_service import (
     OperatorService,
     SelfService,
 )
+from control.rpc.runbook_service import RunbookService
+from control.runbooks import RunbookRunner
 from control.store.sqlite import SqliteStore
 from control.web import WebServer
 from control.web.dashboard import Dashboard
@@ -82,6 +84,9 @@ class ServerConfig:
     lease_ttl: float = 60.0
     insecure: bool = False
     max_calls_per_identity: int = 16
+    # Where runbook Prometheus gates query when the runbook names no URL.
+    prometheus_url: str = ""
+    runbook_tick: float = 1.0
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -114,8 +119,15 @@ async def serve(config: ServerConfig) -> None:
     governance = Governance(plane, store, clock=time.time, authority=authority)
     sessions = DashboardSessions(time.time, governance.is_revoked)
     metrics = Metrics()
-    dashboard = Dashboard(plane, sessions)
-    plane.observer = Observers([metrics, dashboard.timeline])
+    runner = RunbookRunner(
+        plane,
+        governance,
+        clock=time.time,
+        tick_seconds=config.runbook_tick,
+        prometheus_url=config.prometheus_url,
+    )
+    dashboard = Dashboard(plane, sessions, runner)
+    plane.observer = Observers([metrics, dashboard.timeline, runner])
     metrics.watch(plane)
     servers: list[grpc.aio.Server] = []
     ready = False
@@ -146,6 +158,7 @@ async def serve(config: ServerConfig) -> None:
         pb_grpc.add_DashboardServicer_to_server(
             DashboardService(sessions, dashboard_url(http_host, web_server.port)), server
         )
+        pb_grpc.add_RunbooksServicer_to_server(RunbookService(runner, governance), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)
         address = f"{grpc_host}:{grpc_port}"
@@ -166,7 +179,9 @@ async def serve(config: ServerConfig) -> None:
             )
             _bind(lambda: enroll.add_secure_port(enroll_address, server_only), enroll_address)
         # Ports are bound but nothing is served until the state is loaded.
-        await governance.start(await plane.start())
+        state = await plane.start()
+        await governance.start(state)
+        await runner.start(state.runs)
         for each in servers:
             await each.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -188,6 +203,7 @@ async def serve(config: ServerConfig) -> None:
         log.info("server_stopping")
     finally:
         ready = False
+        await runner.stop()
         await health.enter_graceful_shutdown()
         await dashboard.close()  # live update streams end now, not at their next tick
         await web_server.stop()

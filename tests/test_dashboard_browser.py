@@ -17,6 +17,19 @@ from typing import Any
 from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
+
+
+def collect_problems(page: Any) -> list[str]:
+    """Script errors and console errors (CSP violations among them) the page reports."""
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on(
+        "console",
+        lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
+    )
+    return problems
+
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 AGENTS = 30
 
@@ -84,14 +97,7 @@ def test_dashboard_in_headless_chromium(
         try:
             context = browser.new_context(viewport={"width": 1440, "height": 1100})
             page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on(
-                "console",
-                lambda msg: (
-                    problems.append(f"console: {msg.text}") if msg.type == "error" else None
-                ),
-            )
+            problems = collect_problems(page)
             page.goto(cli.ok("dashboard").strip())
             page.wait_for_url(f"{base}/")
             page.wait_for_selector("#live-status.on", timeout=10_000)

@@ -78,9 +78,11 @@ class AgentSession:
                 spec = self._plane.directive_for(self.agent_id)
                 key = (spec.desired.epoch, spec.desired.mode, spec.desired.hold_ids)
                 if key != self._last_sent:
+                    # Recorded before the write: a fast agent's ack can arrive before
+                    # the write returns, and must never appear to precede its directive.
+                    self._plane.directive_sent(self.agent_id, spec.epoch)
                     await self._context.write(directive_to_pb(spec))
                     self._last_sent = key
-                    self._plane.directive_sent(self.agent_id, spec.epoch)
                 if not self._changed:
                     return
         except Exception as exc:  # the stream died under us; the reader sees it too

@@ -29,7 +29,7 @@ INSECURE_IDENTITY_METADATA = "x-killswitch-as"
 DEFAULT_MAX_CALLS_PER_IDENTITY = 16
 
 IC, APPROVER, SRE = Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE
-AGENT, EMPLOYEE = Role.AGENT, Role.EMPLOYEE
+AGENT, EMPLOYEE, AUTOMATION = Role.AGENT, Role.EMPLOYEE, Role.AUTOMATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,7 @@ def _rule(*roles: Role, mutates: bool) -> Rule:
 
 
 _OPERATOR = "/killswitch.v1.Operator/"
+_RUNBOOKS = "/killswitch.v1.Runbooks/"
 _READ = _rule(IC, APPROVER, SRE, mutates=False)
 
 # The role x operation matrix. The README's table is checked against this one.
@@ -65,6 +66,14 @@ POLICY: Mapping[str, Rule] = {
     _OPERATOR + "CreateEnrollToken": _rule(IC, mutates=True),
     _OPERATOR + "RevokeCertificates": _rule(IC, mutates=True),
     _OPERATOR + "ListCertificates": _rule(IC, SRE, mutates=False),
+    # Automation runs approved runbooks and nothing else; a wave that asks for a human
+    # is confirmed by an incident commander.
+    _RUNBOOKS + "PlanRunbook": _rule(IC, APPROVER, SRE, AUTOMATION, mutates=False),
+    _RUNBOOKS + "StartRunbook": _rule(IC, AUTOMATION, mutates=True),
+    _RUNBOOKS + "GetRunbookRun": _rule(IC, APPROVER, SRE, AUTOMATION, mutates=False),
+    _RUNBOOKS + "ListRunbookRuns": _rule(IC, APPROVER, SRE, AUTOMATION, mutates=False),
+    _RUNBOOKS + "AdvanceRunbook": _rule(IC, mutates=True),
+    _RUNBOOKS + "AbortRunbook": _rule(IC, AUTOMATION, mutates=True),
     "/killswitch.v1.SelfService/ListMyLaptops": _rule(EMPLOYEE, mutates=False),
     "/killswitch.v1.SelfService/OptOut": _rule(EMPLOYEE, mutates=True),
     "/killswitch.v1.SelfService/OptIn": _rule(EMPLOYEE, mutates=True),

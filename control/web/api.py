@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from control.domain import (
     AgentStatus,
@@ -28,8 +28,10 @@ from control.domain import (
     parse_selector,
 )
 from control.domain.identity import Principal, Role
+from control.domain.rollout import Run, Runbook
 from control.errors import InvalidInput, NotFound, shown
 from control.plane import SEVERITY, AgentFilter, AgentView, ControlPlane
+from control.runbooks import next_step
 
 VIEWER_ROLES = frozenset({Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE})
 PER_PAGE_DEFAULT = 50
@@ -445,4 +447,60 @@ def summary(plane: ControlPlane, principal: Principal) -> dict[str, Any]:
         if pause is None
         else {"hold_id": pause.id, "since": iso(pause.created_at), "since_s": pause.created_at},
         "time_to_compliance": time_to_compliance(views, now),
+    }
+
+
+# ------------------------------------------------------------------ runbook runs
+
+
+class RunSource(Protocol):
+    """What the dashboard reads of the runbook runner: its runs, oldest first, and their books."""
+
+    def runs(self) -> list[Run]: ...
+
+    def book(self, run_id: str) -> Runbook: ...
+
+
+def _elapsed(start: float | None, end: float | None) -> float | None:
+    return end - start if start is not None and end is not None else None
+
+
+def run_data(run: Run, book: Runbook) -> dict[str, Any]:
+    """One run, field for field as ``killswitch runbook status --json`` prints it."""
+    waves = [
+        {
+            "index": index,
+            "name": wave.name,
+            "target": wave.describe(),
+            "state": progress.state.value,
+            "agents": progress.agents,
+            "capturing": progress.capturing,
+            "started_at": iso(progress.started_at),
+            "passed_at": iso(progress.passed_at),
+            "time_to_compliance_seconds": _elapsed(progress.started_at, progress.converged_at),
+            "soak_seconds": wave.soak,
+            "confirm": wave.confirm,
+            "gates": [
+                {"name": g.name, "passed": g.passed, "observed": g.observed, "limit": g.limit}
+                for g in progress.gates
+            ],
+        }
+        for index, (wave, progress) in enumerate(zip(book.waves, run.waves, strict=True))
+    ]
+    return {
+        "id": run.id,
+        "runbook": run.runbook,
+        "file_name": run.file_name,
+        "state": run.state.value,
+        "hold_id": run.hold_id,
+        "lifted_hold_id": run.lifted_hold_id,
+        "approval_id": run.approval_id,
+        "started_by": run.started_by,
+        "started_at": iso(run.started_at),
+        "ended_at": iso(run.ended_at),
+        "current_wave": run.current_wave,
+        "pause_time_to_compliance_seconds": _elapsed(run.pause_started_at, run.pause_verified_at),
+        "halt_reason": run.halt_reason,
+        "next_step": next_step(run),
+        "waves": waves,
     }

@@ -10,6 +10,8 @@ Routes (all on the server's ``--http`` address):
 - ``GET /agents/{id}``: one laptop: its state, the facts behind it, violation
   evidence, and its timeline.
 - ``GET /api/summary``, ``/api/agents?...``, ``/api/agents/{id}``: the same as JSON.
+- ``GET /api/runs`` (newest first) and ``/api/runs/{id}``: runbook runs, each as
+  ``killswitch runbook status --json`` prints it; the overview shows the newest.
 - ``GET /api/events``: Server-Sent Events, one message a second: the overview and
   which agents changed (by version), so a page re-reads only its own rows.
 - ``GET /export/agents.csv?...`` and ``/export/agents.json?...``: every row of the
@@ -18,8 +20,8 @@ Routes (all on the server's ``--http`` address):
 
 Every page and API needs a session. Incident commanders, approvers and SREs see
 everything; employees see only laptops labelled ``owner=<their name>`` (anyone
-else's laptop is "not found", like one that does not exist); automation and agent
-identities are refused. Nothing here changes state.
+else's laptop is "not found", like one that does not exist) and no runbook runs;
+automation and agent identities are refused. Nothing here changes state.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ MAX_STREAMS_PER_SESSION = 4
 MAX_CHANGED_SENT = 200
 # The overview is computed at most this often per audience, however many viewers.
 SUMMARY_TTL = 0.5
+OPERATORS_ONLY = "runbook runs are for incident commanders, approvers and SREs"
 EXPORT_CHUNK = 500
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {
@@ -99,9 +102,15 @@ def _viewer(principal: Principal) -> dict[str, str]:
 
 
 class Dashboard:
-    def __init__(self, plane: ControlPlane, sessions: DashboardSessions) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        sessions: DashboardSessions,
+        runbooks: api.RunSource | None = None,
+    ) -> None:
         self._plane = plane
         self._sessions = sessions
+        self._runbooks = runbooks
         self.timeline = Timeline()
         self._static = _load_static()
         self._streams = 0
@@ -121,6 +130,8 @@ class Dashboard:
             web.get("/api/summary", self._guard(self._api_summary, as_json=True)),
             web.get("/api/agents", self._guard(self._api_agents, as_json=True)),
             web.get("/api/agents/{agent_id}", self._guard(self._api_agent, as_json=True)),
+            web.get("/api/runs", self._guard(self._api_runs, as_json=True, operators=True)),
+            web.get("/api/runs/{run_id}", self._guard(self._api_run, as_json=True, operators=True)),
             web.get("/api/events", self._guard(self._api_events, as_json=True)),
             web.get("/export/agents.csv", self._guard(self._export_csv, as_json=True)),
             web.get("/export/agents.json", self._guard(self._export_json, as_json=True)),
@@ -142,7 +153,9 @@ class Dashboard:
     def _may_view(principal: Principal) -> bool:
         return principal.role in api.VIEWER_ROLES or principal.role is Role.EMPLOYEE
 
-    def _guard(self, handler: Handler, *, as_json: bool = False) -> Callable[..., Any]:
+    def _guard(
+        self, handler: Handler, *, as_json: bool = False, operators: bool = False
+    ) -> Callable[..., Any]:
         async def guarded(request: web.Request) -> web.StreamResponse:
             principal = self._principal(request)
             response: web.StreamResponse
@@ -150,6 +163,8 @@ class Dashboard:
                 response = self._refusal(401, as_json)
             elif not self._may_view(principal):
                 response = self._refusal(403, as_json)
+            elif operators and api.is_employee(principal):
+                response = self._error(403, OPERATORS_ONLY, as_json, principal)
             else:
                 try:
                     response = await handler(request, principal)
@@ -245,11 +260,21 @@ class Dashboard:
             data, text = cached[1], cached[2]
         else:
             data = api.summary(self._plane, principal)
+            if not api.is_employee(principal):
+                newest = self.runs(limit=1)
+                data["runbook"] = newest[0] if newest else None
             text = json.dumps(data)
             if len(self._summaries) > 256:
                 self._summaries.clear()
             self._summaries[audience] = (now, data, text)
         return data, text
+
+    def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Runbook runs, newest first (only one is ever active, so it is the newest)."""
+        if self._runbooks is None:
+            return []
+        newest = self._runbooks.runs()[::-1][:limit]
+        return [api.run_data(run, self._runbooks.book(run.id)) for run in newest]
 
     def _visible_changes(self, principal: Principal, since: int) -> tuple[int, list[str] | None]:
         changes = self.timeline.changes_since(since)
@@ -330,6 +355,16 @@ class Dashboard:
                 "timeline": pages.timeline_data(events, api.is_employee(principal)),
             }
         )
+
+    async def _api_runs(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        return web.json_response({"now": self._plane.now(), "runs": self.runs()})
+
+    async def _api_run(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        run_id = request.match_info["run_id"]
+        found = [run for run in self.runs() if run["id"] == run_id]
+        if not found:
+            return web.json_response({"error": "no such run"}, status=404)
+        return web.json_response({"now": self._plane.now(), "run": found[0]})
 
     # ------------------------------------------------------------ live updates
 

@@ -184,6 +184,57 @@ def _holds_table(holds: Sequence[Mapping[str, Any]], now: float, employee: bool)
     return f'<table id="holds-table"><thead>{head}</thead><tbody>{body}</tbody></table>'
 
 
+def _wave_cell(wave: Mapping[str, Any], current: bool) -> str:
+    status = wave["state"]
+    if status != "pending":
+        status += f" \u00b7 {wave['capturing']}/{wave['agents']} capturing"
+    return (
+        f'<li class="ws-{e(wave["state"])}{" current" if current else ""}"'
+        f' data-state="{e(wave["state"])}"><b>{wave["index"] + 1}. {e(wave["name"])}</b>'
+        f"<small>{e(wave['target'])}</small><small>{e(status)}</small></li>"
+    )
+
+
+def _gates_table(wave: Mapping[str, Any]) -> str:
+    if not wave["gates"]:
+        return ""
+    rows = "".join(
+        f'<tr class="{"pass" if g["passed"] else "fail"}"><td>{e(g["name"])}</td>'
+        f"<td>{'pass' if g['passed'] else 'FAIL'}</td><td>{e(g['observed'])}</td>"
+        f"<td>{e(g['limit'])}</td></tr>"
+        for g in wave["gates"]
+    )
+    return (
+        f'<table id="run-gates" class="gates"><caption>Gates of wave {wave["index"] + 1}</caption>'
+        "<thead><tr><th>Gate</th><th>Result</th><th>Observed</th><th>Limit</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def runbook_panel(run: Mapping[str, Any] | None) -> str:
+    """The newest runbook run: its state, a cell per wave, the current wave's gates, what next."""
+    if run is None:
+        return (
+            '<section id="runbook"><h2>Runbook</h2>'
+            '<p id="run-empty">No runbook has run yet.</p></section>'
+        )
+    index = run["current_wave"]
+    info = f"{run['id']} \u00b7 started {run['started_at']} by {run['started_by']}"
+    if run["ended_at"]:
+        info += f" \u00b7 ended {run['ended_at']}"
+    cells = "".join(_wave_cell(w, w["index"] == index) for w in run["waves"])
+    gates = _gates_table(run["waves"][index]) if index >= 0 else ""
+    reason, step = run["halt_reason"], run["next_step"]
+    halt = f'<p id="run-halt" class="error">{e(reason)}</p>' if reason else ""
+    then = f'<p id="run-next">Next step: <code>{e(step)}</code></p>' if step else ""
+    return (
+        f'<section id="runbook"><h2>Runbook <span id="run-name">'
+        f'{e(run["runbook"])}</span> <span id="run-state" class="badge rs-{e(run["state"])}">'
+        f'{e(run["state"])}</span> <small id="run-info">{e(info)}</small></h2>'
+        f'<ol id="run-waves" class="waves">{cells}</ol>{gates}{halt}{then}</section>'
+    )
+
+
 def overview(data: Mapping[str, Any], viewer: Mapping[str, str], query: Query) -> str:
     now = data["now"]
     employee = bool(data["employee_view"])
@@ -229,6 +280,7 @@ def overview(data: Mapping[str, Any], viewer: Mapping[str, str], query: Query) -
         f' \u00b7 <span id="ttc-counts">{e(ttc["verified"])} of {e(ttc["paused"])}'
         " paused verified</span>"
         f"<details><summary>how this is measured</summary><p>{e(TTC_HELP)}</p></details></div>"
+        f"{'' if employee else runbook_panel(data['runbook'])}"
         f'<h2>Active holds</h2><div id="holds">{_holds_table(data["holds"], now, employee)}</div>'
         "</section>"
     )

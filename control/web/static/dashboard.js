@@ -13,6 +13,7 @@
 
   let version = boot.version;
   let lastByState = null;
+  let lastRun; // the runbook run last drawn, as JSON
   let lastRowsAt = Date.now();
   let serverSkew = 0; // server clock minus this browser's clock, seconds
   let fetching = false;
@@ -247,7 +248,60 @@
     else slow.removeAttribute("href");
     $("ttc-counts").textContent = t.verified + " of " + t.paused + " paused verified";
     renderHolds(s.holds, s.employee_view);
+    renderRunbook(s.runbook);
     tickClock();
+  }
+
+  function renderRunbook(run) {
+    const box = $("runbook"); // employees see no runs
+    const json = JSON.stringify(run);
+    if (!box || json === lastRun) return; // unchanged: a selected command stays selected
+    lastRun = json;
+    const title = node("h2", "Runbook ");
+    if (!run) {
+      const empty = node("p", "No runbook has run yet.");
+      empty.id = "run-empty";
+      box.replaceChildren(title, empty);
+      return;
+    }
+    const withId = (el, id) => Object.assign(el, { id });
+    let info = run.id + " \u00b7 started " + run.started_at + " by " + run.started_by;
+    if (run.ended_at) info += " \u00b7 ended " + run.ended_at;
+    title.append(
+      withId(node("span", run.runbook), "run-name"), " ",
+      withId(node("span", run.state, "badge rs-" + run.state), "run-state"), " ",
+      withId(node("small", info), "run-info"),
+    );
+    const waves = withId(node("ol", null, "waves"), "run-waves");
+    for (const w of run.waves) {
+      const li = node("li", null, "ws-" + w.state + (w.index === run.current_wave ? " current" : ""));
+      li.dataset.state = w.state;
+      const status = w.state === "pending" ? w.state : w.state + " \u00b7 " + w.capturing + "/" + w.agents + " capturing";
+      li.append(node("b", w.index + 1 + ". " + w.name), node("small", w.target), node("small", status));
+      waves.append(li);
+    }
+    const parts = [title, waves];
+    const current = run.waves[run.current_wave]; // none before the first wave starts
+    if (current && current.gates.length) {
+      const table = withId(node("table", null, "gates"), "run-gates");
+      table.createCaption().textContent = "Gates of wave " + (current.index + 1);
+      const head = table.createTHead().insertRow();
+      for (const h of ["Gate", "Result", "Observed", "Limit"]) head.append(node("th", h));
+      const body = table.createTBody();
+      for (const g of current.gates) {
+        const tr = node("tr", null, g.passed ? "pass" : "fail");
+        tr.append(node("td", g.name), node("td", g.passed ? "pass" : "FAIL"), node("td", g.observed), node("td", g.limit));
+        body.append(tr);
+      }
+      parts.push(table);
+    }
+    if (run.halt_reason) parts.push(withId(node("p", run.halt_reason, "error"), "run-halt"));
+    if (run.next_step) {
+      const next = withId(node("p", "Next step: "), "run-next");
+      next.append(node("code", run.next_step));
+      parts.push(next);
+    }
+    box.replaceChildren(...parts);
   }
 
   function renderHolds(holds, employee) {

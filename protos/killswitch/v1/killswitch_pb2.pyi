@@ -2011,3 +2011,442 @@ class CreateDashboardSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateDashboardSessionResponse: _TypeAlias = CreateDashboardSessionResponse  # noqa: Y015
+
+@_typing.final
+class RunbookSource(_message.Message):
+    """----------------------------------------------------------- runbooks
+
+    The runbook as written: the server parses and validates it itself and keeps the
+    text with the run, so editing the file later never changes a run in progress.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunbookSource: _TypeAlias = RunbookSource  # noqa: Y015
+
+@_typing.final
+class PlanRunbookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNBOOK_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    hold_id: _builtins.str
+    """The hold the waves split (for `hold: from-approval`): given directly, or through
+    the resume request that names it. Neither: the whole fleet.
+    """
+    approval_id: _builtins.str
+    @_builtins.property
+    def runbook(self) -> Global___RunbookSource: ...
+    def __init__(
+        self,
+        *,
+        runbook: Global___RunbookSource | None = ...,
+        hold_id: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["runbook", b"runbook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "hold_id", b"hold_id", "runbook", b"runbook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRunbookRequest: _TypeAlias = PlanRunbookRequest  # noqa: Y015
+
+@_typing.final
+class WavePlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    SAMPLE_AGENT_IDS_FIELD_NUMBER: _builtins.int
+    HELD_BACK_FIELD_NUMBER: _builtins.int
+    SOAK_SECONDS_FIELD_NUMBER: _builtins.int
+    STARTS_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    CONFIRM_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    name: _builtins.str
+    target: _builtins.str
+    """"1% of agents" or "selector ring=canary"."""
+    agents: _builtins.int
+    held_back: _builtins.int
+    """Agents of this wave another hold keeps paused whatever the run does."""
+    soak_seconds: _builtins.float
+    starts_after_seconds: _builtins.float
+    """Earliest start, counted from the run's start (soaks only; gates may take longer)."""
+    confirm: _builtins.bool
+    @_builtins.property
+    def sample_agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The first agents of the wave, sorted by id (at most 20)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        target: _builtins.str = ...,
+        agents: _builtins.int = ...,
+        sample_agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        held_back: _builtins.int = ...,
+        soak_seconds: _builtins.float = ...,
+        starts_after_seconds: _builtins.float = ...,
+        confirm: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "confirm", b"confirm", "held_back", b"held_back", "index", b"index", "name", b"name", "sample_agent_ids", b"sample_agent_ids", "soak_seconds", b"soak_seconds", "starts_after_seconds", b"starts_after_seconds", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WavePlan: _TypeAlias = WavePlan  # noqa: Y015
+
+@_typing.final
+class PlanRunbookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNBOOK_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    WAVES_FIELD_NUMBER: _builtins.int
+    MIN_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    PAUSE_SCOPE_FIELD_NUMBER: _builtins.int
+    runbook: _builtins.str
+    hold_id: _builtins.str
+    scope: _builtins.str
+    min_duration_seconds: _builtins.float
+    pause_scope: _builtins.str
+    """Set for drills: the run pauses this scope itself before any wave."""
+    @_builtins.property
+    def waves(self) -> _containers.RepeatedCompositeFieldContainer[Global___WavePlan]: ...
+    def __init__(
+        self,
+        *,
+        runbook: _builtins.str = ...,
+        hold_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        waves: _abc.Iterable[Global___WavePlan] | None = ...,
+        min_duration_seconds: _builtins.float = ...,
+        pause_scope: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_id", b"hold_id", "min_duration_seconds", b"min_duration_seconds", "pause_scope", b"pause_scope", "runbook", b"runbook", "scope", b"scope", "waves", b"waves"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRunbookResponse: _TypeAlias = PlanRunbookResponse  # noqa: Y015
+
+@_typing.final
+class StartRunbookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNBOOK_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """An approved `resume --for-runbook` request; not needed by a runbook that pauses first."""
+    @_builtins.property
+    def runbook(self) -> Global___RunbookSource: ...
+    def __init__(
+        self,
+        *,
+        runbook: Global___RunbookSource | None = ...,
+        approval_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["runbook", b"runbook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "runbook", b"runbook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRunbookRequest: _TypeAlias = StartRunbookRequest  # noqa: Y015
+
+@_typing.final
+class GateResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    passed: _builtins.bool
+    observed: _builtins.str
+    limit: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        observed: _builtins.str = ...,
+        limit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "name", b"name", "observed", b"observed", "passed", b"passed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateResult: _TypeAlias = GateResult  # noqa: Y015
+
+@_typing.final
+class WaveProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    CAPTURING_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    PASSED_AT_FIELD_NUMBER: _builtins.int
+    TIME_TO_COMPLIANCE_SECONDS_FIELD_NUMBER: _builtins.int
+    GATES_FIELD_NUMBER: _builtins.int
+    SOAK_SECONDS_FIELD_NUMBER: _builtins.int
+    CONFIRM_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    name: _builtins.str
+    target: _builtins.str
+    state: _builtins.str
+    """pending, soaking, passed, failed or repaused."""
+    agents: _builtins.int
+    capturing: _builtins.int
+    time_to_compliance_seconds: _builtins.float
+    """From the wave's start until its capturing gate first held; 0 if it never did."""
+    soak_seconds: _builtins.float
+    confirm: _builtins.bool
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def passed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def gates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        target: _builtins.str = ...,
+        state: _builtins.str = ...,
+        agents: _builtins.int = ...,
+        capturing: _builtins.int = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        passed_at: _timestamp_pb2.Timestamp | None = ...,
+        time_to_compliance_seconds: _builtins.float = ...,
+        gates: _abc.Iterable[Global___GateResult] | None = ...,
+        soak_seconds: _builtins.float = ...,
+        confirm: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["passed_at", b"passed_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "capturing", b"capturing", "confirm", b"confirm", "gates", b"gates", "index", b"index", "name", b"name", "passed_at", b"passed_at", "soak_seconds", b"soak_seconds", "started_at", b"started_at", "state", b"state", "target", b"target", "time_to_compliance_seconds", b"time_to_compliance_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaveProgress: _TypeAlias = WaveProgress  # noqa: Y015
+
+@_typing.final
+class RunbookRun(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RUNBOOK_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    LIFTED_HOLD_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    STARTED_BY_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    CURRENT_WAVE_FIELD_NUMBER: _builtins.int
+    WAVES_FIELD_NUMBER: _builtins.int
+    HALT_REASON_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    PAUSE_TIME_TO_COMPLIANCE_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_STEP_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    runbook: _builtins.str
+    file_name: _builtins.str
+    state: _builtins.str
+    """pausing, awaiting-approval, running, awaiting-confirmation, completed, halted, aborted."""
+    hold_id: _builtins.str
+    lifted_hold_id: _builtins.str
+    approval_id: _builtins.str
+    started_by: _builtins.str
+    current_wave: _builtins.int
+    """0-based; -1 before the first wave."""
+    halt_reason: _builtins.str
+    pause_time_to_compliance_seconds: _builtins.float
+    """Drills: from the pause until every paused agent was verified stopped."""
+    next_step: _builtins.str
+    """What a human can do next, as a command line; empty when nothing is needed."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def waves(self) -> _containers.RepeatedCompositeFieldContainer[Global___WaveProgress]: ...
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        runbook: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        hold_id: _builtins.str = ...,
+        lifted_hold_id: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+        started_by: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        current_wave: _builtins.int = ...,
+        waves: _abc.Iterable[Global___WaveProgress] | None = ...,
+        halt_reason: _builtins.str = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        pause_time_to_compliance_seconds: _builtins.float = ...,
+        next_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "current_wave", b"current_wave", "ended_at", b"ended_at", "file_name", b"file_name", "halt_reason", b"halt_reason", "hold_id", b"hold_id", "id", b"id", "lifted_hold_id", b"lifted_hold_id", "next_step", b"next_step", "pause_time_to_compliance_seconds", b"pause_time_to_compliance_seconds", "runbook", b"runbook", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "waves", b"waves"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunbookRun: _TypeAlias = RunbookRun  # noqa: Y015
+
+@_typing.final
+class RunbookRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___RunbookRun: ...
+    def __init__(
+        self,
+        *,
+        run: Global___RunbookRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunbookRunResponse: _TypeAlias = RunbookRunResponse  # noqa: Y015
+
+@_typing.final
+class GetRunbookRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Empty: the newest run."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunbookRunRequest: _TypeAlias = GetRunbookRunRequest  # noqa: Y015
+
+@_typing.final
+class ListRunbookRunsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunbookRunsRequest: _TypeAlias = ListRunbookRunsRequest  # noqa: Y015
+
+@_typing.final
+class ListRunbookRunsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunbookRun]: ...
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[Global___RunbookRun] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunbookRunsResponse: _TypeAlias = ListRunbookRunsResponse  # noqa: Y015
+
+@_typing.final
+class AdvanceRunbookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    approval_id: _builtins.str
+    """Drills waiting for approval: the approved `resume --for-runbook` request."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvanceRunbookRequest: _TypeAlias = AdvanceRunbookRequest  # noqa: Y015
+
+@_typing.final
+class AbortRunbookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRunbookRequest: _TypeAlias = AbortRunbookRequest  # noqa: Y015

@@ -1166,3 +1166,296 @@ class Dashboard:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RunbooksStub:
+    """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
+    request made for a runbook; every step is audited.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PlanRunbook = channel.unary_unary(
+                '/killswitch.v1.Runbooks/PlanRunbook',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.PlanRunbookRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.PlanRunbookResponse.FromString,
+                _registered_method=True)
+        self.StartRunbook = channel.unary_unary(
+                '/killswitch.v1.Runbooks/StartRunbook',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.StartRunbookRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+                _registered_method=True)
+        self.GetRunbookRun = channel.unary_unary(
+                '/killswitch.v1.Runbooks/GetRunbookRun',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.GetRunbookRunRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+                _registered_method=True)
+        self.ListRunbookRuns = channel.unary_unary(
+                '/killswitch.v1.Runbooks/ListRunbookRuns',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListRunbookRunsRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListRunbookRunsResponse.FromString,
+                _registered_method=True)
+        self.AdvanceRunbook = channel.unary_unary(
+                '/killswitch.v1.Runbooks/AdvanceRunbook',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AdvanceRunbookRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+                _registered_method=True)
+        self.AbortRunbook = channel.unary_unary(
+                '/killswitch.v1.Runbooks/AbortRunbook',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AbortRunbookRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+                _registered_method=True)
+
+
+class RunbooksServicer:
+    """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
+    request made for a runbook; every step is audited.
+    """
+
+    def PlanRunbook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRunbook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunbookRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRunbookRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvanceRunbook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRunbook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RunbooksServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PlanRunbook': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRunbook,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.PlanRunbookRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.PlanRunbookResponse.SerializeToString,
+            ),
+            'StartRunbook': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRunbook,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.StartRunbookRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.SerializeToString,
+            ),
+            'GetRunbookRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunbookRun,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.GetRunbookRunRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.SerializeToString,
+            ),
+            'ListRunbookRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRunbookRuns,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListRunbookRunsRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListRunbookRunsResponse.SerializeToString,
+            ),
+            'AdvanceRunbook': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceRunbook,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AdvanceRunbookRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.SerializeToString,
+            ),
+            'AbortRunbook': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRunbook,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AbortRunbookRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.Runbooks', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.Runbooks', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Runbooks:
+    """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
+    request made for a runbook; every step is audited.
+    """
+
+    @staticmethod
+    def PlanRunbook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/PlanRunbook',
+            killswitch_dot_v1_dot_killswitch__pb2.PlanRunbookRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.PlanRunbookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRunbook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/StartRunbook',
+            killswitch_dot_v1_dot_killswitch__pb2.StartRunbookRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunbookRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/GetRunbookRun',
+            killswitch_dot_v1_dot_killswitch__pb2.GetRunbookRunRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRunbookRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/ListRunbookRuns',
+            killswitch_dot_v1_dot_killswitch__pb2.ListRunbookRunsRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ListRunbookRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceRunbook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/AdvanceRunbook',
+            killswitch_dot_v1_dot_killswitch__pb2.AdvanceRunbookRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRunbook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/AbortRunbook',
+            killswitch_dot_v1_dot_killswitch__pb2.AbortRunbookRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -369,3 +369,82 @@ class DashboardServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_killswitch_pb2.CreateDashboardSessionResponse, _abc.Awaitable[_killswitch_pb2.CreateDashboardSessionResponse]]: ...
 
 def add_DashboardServicer_to_server(servicer: DashboardServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class RunbooksStub:
+    """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
+    request made for a runbook; every step is audited.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> RunbooksAsyncStub: ...
+    PlanRunbook: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.PlanRunbookRequest, _killswitch_pb2.PlanRunbookResponse]
+    StartRunbook: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.StartRunbookRequest, _killswitch_pb2.RunbookRunResponse]
+    GetRunbookRun: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.GetRunbookRunRequest, _killswitch_pb2.RunbookRunResponse]
+    ListRunbookRuns: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListRunbookRunsRequest, _killswitch_pb2.ListRunbookRunsResponse]
+    AdvanceRunbook: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AdvanceRunbookRequest, _killswitch_pb2.RunbookRunResponse]
+    AbortRunbook: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AbortRunbookRequest, _killswitch_pb2.RunbookRunResponse]
+
+@_typing.type_check_only
+class RunbooksAsyncStub(RunbooksStub):
+    """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
+    request made for a runbook; every step is audited.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    PlanRunbook: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.PlanRunbookRequest, _killswitch_pb2.PlanRunbookResponse]  # type: ignore[assignment]
+    StartRunbook: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.StartRunbookRequest, _killswitch_pb2.RunbookRunResponse]  # type: ignore[assignment]
+    GetRunbookRun: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.GetRunbookRunRequest, _killswitch_pb2.RunbookRunResponse]  # type: ignore[assignment]
+    ListRunbookRuns: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListRunbookRunsRequest, _killswitch_pb2.ListRunbookRunsResponse]  # type: ignore[assignment]
+    AdvanceRunbook: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AdvanceRunbookRequest, _killswitch_pb2.RunbookRunResponse]  # type: ignore[assignment]
+    AbortRunbook: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AbortRunbookRequest, _killswitch_pb2.RunbookRunResponse]  # type: ignore[assignment]
+
+class RunbooksServicer(metaclass=_abc_1.ABCMeta):
+    """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
+    request made for a runbook; every step is audited.
+    """
+
+    @_abc_1.abstractmethod
+    def PlanRunbook(
+        self,
+        request: _killswitch_pb2.PlanRunbookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.PlanRunbookResponse, _abc.Awaitable[_killswitch_pb2.PlanRunbookResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StartRunbook(
+        self,
+        request: _killswitch_pb2.StartRunbookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.RunbookRunResponse, _abc.Awaitable[_killswitch_pb2.RunbookRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRunbookRun(
+        self,
+        request: _killswitch_pb2.GetRunbookRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.RunbookRunResponse, _abc.Awaitable[_killswitch_pb2.RunbookRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRunbookRuns(
+        self,
+        request: _killswitch_pb2.ListRunbookRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ListRunbookRunsResponse, _abc.Awaitable[_killswitch_pb2.ListRunbookRunsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AdvanceRunbook(
+        self,
+        request: _killswitch_pb2.AdvanceRunbookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.RunbookRunResponse, _abc.Awaitable[_killswitch_pb2.RunbookRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortRunbook(
+        self,
+        request: _killswitch_pb2.AbortRunbookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.RunbookRunResponse, _abc.Awaitable[_killswitch_pb2.RunbookRunResponse]]: ...
+
+def add_RunbooksServicer_to_server(servicer: RunbooksServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
