@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the external tools the test suite needs, and only those that are missing:
-#   promtool  (Debian package `prometheus`): checks the metrics and the alerting rules
+#   promtool, prometheus (Debian package `prometheus`): check the metrics and the alerting
+#             rules; a real Prometheus answers runbook gates' queries
 #   chromium  (Debian package `chromium`):   drives the dashboard's browser test
+#   curl, jq  (Debian packages `curl`, `jq`): the human runbooks use them, and a test runs them
 # Idempotent: when both are on PATH it changes nothing. Installs with apt-get, as root
 # or through sudo; exits non-zero with one clear line when it cannot.
 set -euo pipefail
@@ -10,10 +12,10 @@ say() { printf 'test-tools: %s\n' "$*"; }
 die() { printf 'test-tools: error: %s\n' "$*" >&2; exit 1; }
 
 # tool -> the Debian package that provides it
-declare -A PACKAGE=([promtool]=prometheus [chromium]=chromium)
+declare -A PACKAGE=([promtool]=prometheus [prometheus]=prometheus [chromium]=chromium [curl]=curl [jq]=jq)
 
 missing=()
-for tool in promtool chromium; do
+for tool in "${!PACKAGE[@]}"; do
     if command -v "$tool" >/dev/null 2>&1; then
         say "$tool found at $(command -v "$tool")"
     else
@@ -28,6 +30,7 @@ packages=()
 for tool in "${missing[@]}"; do
     packages+=("${PACKAGE[$tool]}")
 done
+mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
 wanted="${missing[*]} (Debian packages: ${packages[*]})"
 
 if ! command -v apt-get >/dev/null 2>&1; then
