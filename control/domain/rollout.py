@@ -19,7 +19,7 @@ from enum import StrEnum
 from control.domain.compliance import ComplianceState
 from control.domain.desired import Mode
 from control.domain.holds import Hold, HoldKind
-from control.domain.release import FULL_SHARE, Release, format_share
+from control.domain.release import FULL_SHARE, Release, bucket, format_share
 from control.domain.scope import Scope, format_labels
 from control.errors import InvalidInput
 
@@ -121,9 +121,20 @@ class Runbook:
         return Release(self.seed, share, selectors)
 
     def wave_of(self, agent_id: str, labels: Mapping[str, str]) -> int:
-        """The first wave that re-enables this agent (every agent has one: the last is 100%)."""
-        for index in range(len(self.waves)):
-            if self.release_through(index).releases(agent_id, labels):
+        """The first wave that re-enables this agent (every agent has one: the last is 100%).
+
+        The same answer as the first ``release_through(i)`` that releases it, with one
+        hash at most: runs ask this for every agent on every tick.
+        """
+        place: int | None = None
+        for index, wave in enumerate(self.waves):
+            if wave.selector is not None:
+                if all(labels.get(k) == v for k, v in wave.selector.items()):
+                    return index
+                continue
+            if place is None:
+                place = bucket(self.seed, agent_id)
+            if place < (wave.share or 0):
                 return index
         return len(self.waves) - 1
 
