@@ -470,8 +470,11 @@ class RunbookRunner(PlaneObserver):
                 decision.run, "runbook.complete", detail=self._wave_summary(decision.run, index)
             )
             done = end_run(decision.run, RunState.COMPLETED, now=now, repaused=False)
-            lift = self._system_record(
-                done, "hold.lift", detail=f"{hold.id} {hold.kind.value}: every wave re-enabled"
+            lift = dataclasses.replace(
+                self._system_record(
+                    done, "hold.lift", detail=f"run {run.id} re-enabled every wave"
+                ),
+                target=f"{hold.id} {hold.kind.value}",
             )
             await self._commit(
                 RunChange(done, SYSTEM_ACTOR, now, lift_hold_id=hold.id), [record, lift]

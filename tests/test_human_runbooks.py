@@ -515,7 +515,7 @@ def test_staged_reenable_runbook(
     # The run swapped the incident hold for its own rollout hold, gone after the last wave.
     assert run["hold_id"] != hold_id and cli.json("holds")["holds"] == []
     lifted = [e["target"].split()[0] for e in audit(cli) if e["action"] == "hold.lift"]
-    assert lifted == [hold_id], lifted
+    assert lifted == [hold_id, run["hold_id"]], lifted
     wait_for(
         lambda: cli.json("status")["agents"]["by_state"] == {"CAPTURING": fleet},
         60,
