@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
+import json
 import random
 from collections.abc import Awaitable, Callable
 
@@ -38,6 +40,48 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Each channel tries the server addresses in its own random order (gRPC's pick_first
+# with shuffleAddressList), so a fleet spreads over the replicas, and the agents of a
+# replica that dies spread over the survivors instead of stampeding onto one.
+SHUFFLED_PICK_FIRST = json.dumps(
+    {"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]}
+)
+
+
+class ServerAddressError(ValueError):
+    """``--server`` is not a usable list of control server addresses."""
+
+
+def server_target(servers: str) -> str:
+    """``HOST:PORT`` or ``IP:PORT,IP:PORT,...`` as one gRPC target.
+
+    One DNS name that resolves to every replica works as it is; several addresses are
+    given to gRPC's own ``ipv4:``/``ipv6:`` resolver, which fails over between them.
+    """
+    addresses = [a.strip() for a in servers.split(",") if a.strip()]
+    if not addresses:
+        raise ServerAddressError("no control server address given")
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ServerAddressError(f"bad server address {address!r}: expected HOST:PORT")
+    if len(addresses) == 1:
+        return addresses[0]
+    families = set()
+    for address in addresses:
+        host = address.rpartition(":")[0].strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ServerAddressError(
+                f"{address!r}: several addresses must be IP addresses; for names,"
+                " use one DNS name that resolves to every replica"
+            ) from None
+    if len(families) > 1:
+        raise ServerAddressError("several addresses must all be IPv4 or all IPv6")
+    return f"ipv{families.pop()}:{','.join(addresses)}"
+
+
 def open_channel(
     target: str,
     *,
@@ -46,9 +90,15 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """A channel to the control server: mTLS with ``credentials``, else plaintext.
 
-    ``own_connection`` stops gRPC sharing one TCP link between channels.
+    ``target`` is what ``server_target`` returns. ``own_connection`` stops gRPC sharing
+    one TCP link between channels.
     """
-    options = list(CHANNEL_OPTIONS)
+    options = [*CHANNEL_OPTIONS, ("grpc.service_config", SHUFFLED_PICK_FIRST)]
+    if target.startswith(("ipv4:", "ipv6:")):
+        # TLS checks every replica's certificate against one name: the first address's
+        # host (replicas share a certificate whose SANs include it).
+        first = target.partition(":")[2].split(",")[0]
+        options.append(("grpc.default_authority", first.rpartition(":")[0]))
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
     if credentials is None:

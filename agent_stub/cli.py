@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import structlog
 
-from agent_stub.agent import Agent, open_channel
+from agent_stub.agent import Agent, ServerAddressError, open_channel, server_target
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.identity import (
     CA_FILE,
@@ -76,7 +76,17 @@ def parse_faults(items: Sequence[str]) -> dict[Fault, float]:
 
 
 def enroll_target(args: argparse.Namespace) -> str:
-    return str(args.enroll_server or default_enroll_target(args.server))
+    """Explicit, or the first control server's port + 1."""
+    return str(args.enroll_server or default_enroll_target(args.server.split(",")[0].strip()))
+
+
+def server_list(text: str) -> str:
+    """Validate ``--server`` now, so a typo is a usage error rather than endless retries."""
+    try:
+        server_target(text)
+    except ServerAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def trusted_ca(args: argparse.Namespace) -> bytes:
@@ -86,7 +96,8 @@ def trusted_ca(args: argparse.Namespace) -> bytes:
 async def run_one(args: argparse.Namespace) -> None:
     config = AgentConfig(agent_id=args.agent_id, labels=parse_labels(args.label or []))
     if args.insecure:
-        channel, metadata = open_channel(args.server), insecure_metadata(config.agent_id)
+        channel = open_channel(server_target(args.server))
+        metadata = insecure_metadata(config.agent_id)
     else:
         identity = await enrol(
             enroll_target(args),
@@ -95,7 +106,8 @@ async def run_one(args: argparse.Namespace) -> None:
             args.state_dir,
             trusted_ca(args),
         )
-        channel, metadata = open_channel(args.server, credentials=identity.credentials()), ()
+        channel = open_channel(server_target(args.server), credentials=identity.credentials())
+        metadata = ()
     try:
         await Agent(config, channel, call_metadata=metadata).run()
     finally:
@@ -131,7 +143,7 @@ async def simulate(args: argparse.Namespace) -> None:
         )
         transport = f"{args.agents} mTLS connections (one per agent)"
     fleet = Fleet(
-        args.server,
+        server_target(args.server),
         configs,
         connections=connections,
         identities=identities,
@@ -221,14 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="killswitch-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one reference agent")
-    run.add_argument("--server", required=True, help="control server HOST:PORT")
+    run.add_argument(
+        "--server",
+        required=True,
+        type=server_list,
+        help="control server HOST:PORT; replicas: IP:PORT,IP:PORT,... or one DNS name for all",
+    )
     run.add_argument("--agent-id", required=True)
     run.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
     add_identity_options(run, "where the agent keeps its key and certificate")
     run.set_defaults(func=run_one)
 
     sim = sub.add_parser("simulate", help="run N simulated agents in this process")
-    sim.add_argument("--server", required=True, help="control server HOST:PORT")
+    sim.add_argument(
+        "--server",
+        required=True,
+        type=server_list,
+        help="control server HOST:PORT; replicas: IP:PORT,IP:PORT,... or one DNS name for all",
+    )
     sim.add_argument("--agents", type=positive_int, required=True)
     sim.add_argument("--seed", type=int, default=1, help="labels and faults are derived from it")
     sim.add_argument(

@@ -1,0 +1,96 @@
+"""Agents given several control servers spread over them and fail over without a herd.
+
+Three real mTLS servers that share one CA (as replicas do), enrolled simulated agents
+given all three addresses, and `kill -9` of one server.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent_stub.agent import ServerAddressError, server_target
+from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+
+AGENTS = 60
+
+
+def connected(server: ServerProcess) -> set[str]:
+    return {a for a, row in Cli(server).agents().items() if row["connected"]}
+
+
+def sharing_ca(first: ServerProcess, tmp_path: Path, name: str) -> ServerProcess:
+    """Another replica: the same CA and server certificate, its own data."""
+    replica = ServerProcess(tmp_path / name, [])
+    for part in ("pki", "identities"):
+        shutil.copytree(first.data_dir / part, replica.data_dir / part)
+    return replica
+
+
+def test_agents_spread_over_replicas_and_the_dead_ones_agents_spread_over_the_rest(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    first = start_server()
+    others = [sharing_ca(first, tmp_path, name) for name in ("replica-b", "replica-c")]
+    try:
+        for replica in others:
+            replica.start()
+        servers = [first, *others]
+        addresses = ",".join(s.address for s in servers)
+        simulate(first, AGENTS, "--server", addresses)
+
+        def spread() -> list[set[str]] | None:
+            sets = [connected(s) for s in servers]
+            return sets if sum(map(len, sets)) == AGENTS and all(sets) else None
+
+        before = wait_for(spread, 60, "every agent connected, each server with some")
+        assert set().union(*before) == {f"laptop-{i:05d}" for i in range(AGENTS)}
+
+        victim = servers[1]
+        victim.kill9()
+        survivors = [servers[0], servers[2]]
+
+        def failed_over() -> list[set[str]] | None:
+            sets = [connected(s) for s in survivors]
+            return sets if sum(map(len, sets)) == AGENTS else None
+
+        after = wait_for(failed_over, 60, "the dead server's agents on the survivors")
+        moved = before[1]
+        # Each survivor took some of them: a spread, not a stampede onto one.
+        assert all(moved & survivor for survivor in after), (len(moved), [len(a) for a in after])
+    finally:
+        for replica in others:
+            replica.stop()
+
+
+@pytest.mark.parametrize(
+    ("servers", "target"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051"),
+        ("control.example:50051", "control.example:50051"),
+        ("10.0.0.1:1,10.0.0.2:1", "ipv4:10.0.0.1:1,10.0.0.2:1"),
+        ("[::1]:1, [::2]:2", "ipv6:[::1]:1,[::2]:2"),
+    ],
+)
+def test_server_lists_become_one_grpc_target(servers: str, target: str) -> None:
+    assert server_target(servers) == target
+
+
+@pytest.mark.parametrize(
+    ("servers", "problem"),
+    [
+        ("", "no control server"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("127.0.0.1:0", "expected HOST:PORT"),
+        ("a.example:1,b.example:1", "one DNS name"),
+        ("10.0.0.1:1,[::1]:1", "all be IPv4 or all IPv6"),
+    ],
+)
+def test_bad_server_lists_are_refused(servers: str, problem: str) -> None:
+    with pytest.raises(ServerAddressError, match=problem):
+        server_target(servers)
