@@ -244,6 +244,9 @@ class Run:
     halt_reason: str = ""
     ended_at: float | None = None
     updated_at: float = 0.0
+    # Bumped by every stored step: a step based on an older version is refused, so two
+    # replicas (or a tick and an abort) never both move the run.
+    version: int = 0
 
     @property
     def active(self) -> bool:

@@ -14,8 +14,9 @@ contract:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from control.domain import AgentStatus, Desired, Hold, HoldDraft
@@ -24,6 +25,7 @@ from control.domain.audit import AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken
 from control.domain.release import Release
 from control.domain.rollout import Run
+from control.errors import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,17 @@ class LoadedState:
     # Serials of revoked certificates: refused at every call and stream.
     revoked_serials: set[str] = field(default_factory=set)
     runs: list[Run] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """What every replica must agree on: re-read whenever another replica changes it."""
+
+    epoch: int
+    holds: list[Hold]
+    resume_requests: list[ResumeRequest]
+    revoked_serials: set[str]
+    runs: list[Run]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +120,9 @@ class Store(Protocol):
         with that ``lifted_epoch``, in one transaction. Errors as ``lift_hold``."""
 
     async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
-        """Apply the change's hold edits under one new epoch (lift, then create, then
+        """Refuse with ``Conflict`` unless the stored run's version is ``change.run.version
+        - 1`` (no stored run for version 1): two writers never both move one run. Then
+        apply the change's hold edits under one new epoch (lift, then create, then
         release), store a consumed request as EXECUTED and upsert the run, in one
         transaction with ``audit``. Errors as ``lift_hold``."""
 
@@ -133,4 +148,51 @@ class Store(Protocol):
 
     async def list_certificates(self) -> list[CertificateRecord]: ...
 
+    async def load_agent(self, agent_id: str) -> StoredAgent | None:
+        """One agent's stored row, for a replica it fails over to."""
+
+    async def load_shared(self) -> SharedState:
+        """Everything but the agent rows, read in one consistent snapshot."""
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` whenever another writer commits shared state; runs until
+        cancelled and survives lost connections. A single-server store returns at once."""
+
+    async def try_lead(self) -> bool:
+        """Whether this process is (or has just become) the one that drives runbook runs.
+
+        At most one process holds the lead at a time; it is given up when the process
+        or its database connection dies. A single-server store always leads."""
+
+    async def ping(self) -> None:
+        """Raise ``StoreError`` unless the database answers now: readiness and leases
+        depend on it."""
+
     async def close(self) -> None: ...
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def describe_database(database: str, data_dir: Path) -> str:
+    """For logs and errors: never the password a DSN may carry."""
+    if database.startswith(POSTGRES_SCHEMES):
+        scheme, _, rest = database.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+    return str(data_dir / "killswitch.db")
+
+
+async def open_store(data_dir: Path, database: str = "") -> Store:
+    """SQLite in ``data_dir`` by default; PostgreSQL for a ``postgresql://`` URL."""
+    if database.startswith(POSTGRES_SCHEMES):
+        from control.store.postgres import PostgresStore
+
+        return await PostgresStore.open(database)
+    if database and database != "sqlite":
+        raise InvalidInput(
+            f"unsupported --database {database.split(':', 1)[0]!r}: use a postgresql:// URL,"
+            " or leave it out for SQLite in the data dir"
+        )
+    from control.store.sqlite import SqliteStore
+
+    return await SqliteStore.open(data_dir)

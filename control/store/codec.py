@@ -1,4 +1,10 @@
-"""JSON shapes of runbook runs and releases, shared by every store.
+"""What every store shares: the row and JSON shapes of stored objects, the checks a
+write makes inside its transaction, and the log line that anchors each audit entry.
+
+A row is a tuple in the order of its table's column list here; a store reads rows
+back by column name (``sqlite3.Row`` and psycopg's ``dict_row`` both allow that).
+JSON documents are text written by this module, so every store returns exactly
+what it was given, floats included.
 
 A run is stored as one document: it is read and written whole, by one runner, and
 its shape grows with the runbook features rather than with queries.
@@ -6,11 +12,152 @@ its shape grows with the runbook features rather than with queries.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+import structlog
+
+from control.domain import (
+    AgentStatus,
+    CaptureReport,
+    Desired,
+    Hold,
+    HoldKind,
+    Mode,
+    Scope,
+    ScopeKind,
+)
+from control.domain.approvals import OPEN_STATES, Approval, ResumeRequest, ResumeState
+from control.domain.audit import AuditEntry, AuditRecord, ChainHead, chain
+from control.domain.identity import CertificateRecord, EnrollToken, Role
 from control.domain.release import Release
 from control.domain.rollout import GateResult, Run, RunState, WaveProgress, WaveState
+from control.errors import Conflict, NotFound, shown
+from control.store import StoredAgent
+
+log = structlog.get_logger("killswitch.store")
+
+
+class Row(Protocol):
+    """A fetched row, read by column name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+_DESIRED_COLUMNS = (
+    "desired_mode",
+    "desired_hold_ids",
+    "desired_reason",
+    "desired_epoch",
+    "desired_since",
+    "desired_purge_spool",
+)
+# Named as the AgentStatus fields they store.
+_STATUS_COLUMNS = (
+    "expected_since",
+    "first_seen",
+    "last_seen",
+    "connected_at",
+    "disconnected_at",
+    "directive_sent_at",
+    "directive_sent_epoch",
+    "acked_epoch",
+    "acked_mode",
+    "acked_at",
+    "nack_epoch",
+    "nack_reason",
+    "nack_at",
+    "channels",
+    "report",
+    "ack_report",
+    "purged_events",
+    "quarantined_events",
+    "verified_at",
+    "lease_expires_at",
+    "uploads_refused",
+    "violation",
+    "violation_at",
+)
+AGENT_COLUMNS = ("agent_id", "labels", *_DESIRED_COLUMNS, *_STATUS_COLUMNS)
+HOLD_COLUMNS = (
+    "id",
+    "kind",
+    "scope",
+    "reason",
+    "ticket",
+    "created_by",
+    "created_at",
+    "created_epoch",
+    "lifted_at",
+    "lifted_by",
+    "lifted_epoch",
+    "keep_spool",
+    "release",
+)
+AUDIT_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
+AUDIT_COLUMNS = ("seq", *AUDIT_RECORD_FIELDS, "prev_hash", "hash")
+RESUME_COLUMNS = (
+    "id",
+    "hold_id",
+    "requested_by",
+    "reason",
+    "ticket",
+    "created_at",
+    "expires_at",
+    "for_runbook",
+    "state",
+    "revision",
+    "approvals",
+    "decided_by",
+    "decided_at",
+    "decision_note",
+    "lifted_epoch",
+)
+TOKEN_COLUMNS = ("id", "secret_sha256", "uses_left", "expires_at", "created_by", "created_at")
+CERTIFICATE_COLUMNS = ("serial", "subject", "role", "not_after", "issued_at", "revoked_at")
+RUN_COLUMNS = ("id", "state", "started_at", "run")
+
+
+def select_sql(table: str, columns: Sequence[str]) -> str:
+    return f"SELECT {', '.join(columns)} FROM {table}"
+
+
+def fields_of(obj: object, columns: Sequence[str], **encoded: Any) -> tuple[Any, ...]:
+    """A row of ``obj``'s fields named like ``columns``, as they are but for ``encoded``."""
+    return tuple(encoded[c] if c in encoded else getattr(obj, c) for c in columns)
+
+
+def fields_from(row: Row, columns: Sequence[str], **decoded: Any) -> dict[str, Any]:
+    """The fields named like ``columns`` to rebuild an object: as stored but for ``decoded``."""
+    return {c: decoded[c] if c in decoded else row[c] for c in columns}
+
+
+def scope_to_json(scope: Scope) -> str:
+    if scope.kind is ScopeKind.SELECTOR:
+        return json.dumps({"selector": dict(sorted(scope.match_labels.items()))})
+    if scope.kind is ScopeKind.AGENTS:
+        return json.dumps({"agents": sorted(scope.agent_ids)})
+    return json.dumps({"all": True})
+
+
+def scope_from_json(text: str) -> Scope:
+    data = json.loads(text)
+    if "selector" in data:
+        return Scope.selector(data["selector"])
+    if "agents" in data:
+        return Scope.agents(data["agents"])
+    return Scope.fleet()
+
+
+def report_to_json(report: CaptureReport) -> str:
+    return json.dumps([report.events_total, report.last_event_at, report.spool_events])
+
+
+def report_from_json(text: str) -> CaptureReport:
+    events_total, last_event_at, spool_events = json.loads(text)
+    return CaptureReport(events_total, last_event_at, spool_events)
 
 
 def release_to_json(release: Release | None) -> str | None:
@@ -81,6 +228,7 @@ def run_to_json(run: Run) -> str:
     data: dict[str, Any] = {name: getattr(run, name) for name in _RUN_SCALARS}
     data["state"] = run.state.value
     data["waves"] = [_wave_to_dict(w) for w in run.waves]
+    data["version"] = run.version
     return json.dumps(data)
 
 
@@ -89,5 +237,220 @@ def run_from_json(text: str) -> Run:
     return Run(
         state=RunState(data["state"]),
         waves=tuple(_wave_from_dict(w) for w in data["waves"]),
+        # Runs stored before versions existed are version 0: their next step is 1.
+        version=data.get("version", 0),
         **{name: data[name] for name in _RUN_SCALARS},
     )
+
+
+def run_to_row(run: Run) -> tuple[Any, ...]:
+    return (run.id, run.state.value, run.started_at, run_to_json(run))
+
+
+def hold_to_row(hold: Hold) -> tuple[Any, ...]:
+    return fields_of(
+        hold,
+        HOLD_COLUMNS,
+        kind=hold.kind.value,
+        scope=scope_to_json(hold.scope),
+        release=release_to_json(hold.release),
+    )
+
+
+def hold_from_row(row: Row) -> Hold:
+    return Hold(
+        **fields_from(
+            row,
+            HOLD_COLUMNS,
+            kind=HoldKind(row["kind"]),
+            scope=scope_from_json(row["scope"]),
+            keep_spool=bool(row["keep_spool"]),
+            release=release_from_json(row["release"]),
+        )
+    )
+
+
+def agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
+    d, s = agent.desired, agent.status
+    status = fields_of(
+        s,
+        _STATUS_COLUMNS,
+        acked_mode=s.acked_mode.value if s.acked_mode else None,
+        channels=json.dumps(s.channels, sort_keys=True),
+        report=report_to_json(s.report),
+        ack_report=report_to_json(s.ack_report),
+    )
+    hold_ids = json.dumps(list(d.hold_ids))
+    desired = (d.mode.value, hold_ids, d.reason, d.epoch, d.since, d.purge_spool)
+    return (agent.agent_id, json.dumps(agent.labels, sort_keys=True), *desired, *status)
+
+
+def agent_from_row(row: Row) -> StoredAgent:
+    desired = Desired(
+        mode=Mode(row["desired_mode"]),
+        hold_ids=tuple(json.loads(row["desired_hold_ids"])),
+        reason=row["desired_reason"],
+        epoch=row["desired_epoch"],
+        since=row["desired_since"],
+        purge_spool=bool(row["desired_purge_spool"]),
+    )
+    # Not connected: nobody is, to a process that has just started.
+    status = AgentStatus(
+        **fields_from(
+            row,
+            _STATUS_COLUMNS,
+            acked_mode=Mode(row["acked_mode"]) if row["acked_mode"] else None,
+            channels=json.loads(row["channels"]),
+            report=report_from_json(row["report"]),
+            ack_report=report_from_json(row["ack_report"]),
+        )
+    )
+    # Sorted as written: a store may hand JSON objects back in an order of its own.
+    labels = dict(sorted(json.loads(row["labels"]).items()))
+    return StoredAgent(row["agent_id"], labels, desired, status)
+
+
+def audit_to_row(entry: AuditEntry) -> tuple[Any, ...]:
+    record = fields_of(entry.record, AUDIT_RECORD_FIELDS)
+    return (entry.seq, *record, entry.prev_hash, entry.hash)
+
+
+def audit_from_row(row: Row) -> AuditEntry:
+    record = AuditRecord(**fields_from(row, AUDIT_RECORD_FIELDS))
+    return AuditEntry(row["seq"], record, row["prev_hash"], row["hash"])
+
+
+def resume_to_row(request: ResumeRequest) -> tuple[Any, ...]:
+    return fields_of(
+        request,
+        RESUME_COLUMNS,
+        state=request.state.value,
+        approvals=json.dumps([dataclasses.asdict(a) for a in request.approvals]),
+    )
+
+
+def resume_from_row(row: Row) -> ResumeRequest:
+    return ResumeRequest(
+        **fields_from(
+            row,
+            RESUME_COLUMNS,
+            for_runbook=bool(row["for_runbook"]),
+            state=ResumeState(row["state"]),
+            approvals=tuple(Approval(**a) for a in json.loads(row["approvals"])),
+        )
+    )
+
+
+def token_from_row(row: Row) -> EnrollToken:
+    return EnrollToken(**fields_from(row, TOKEN_COLUMNS))
+
+
+def certificate_from_row(row: Row) -> CertificateRecord:
+    return CertificateRecord(**fields_from(row, CERTIFICATE_COLUMNS, role=Role(row["role"])))
+
+
+# The checks a write makes inside its transaction, on rows it has just read.
+
+
+def already_exists(what: str) -> Conflict:
+    """A reused key is the caller's conflict, not a crash."""
+    return Conflict(f"{what} already exists")
+
+
+def active_hold(row: Row | None, hold_id: str) -> Hold:
+    """The hold a lift or release applies to: it must exist and still be active."""
+    if row is None:
+        raise NotFound(f"unknown hold {hold_id!r}")
+    hold = hold_from_row(row)
+    if not hold.active:
+        raise Conflict(f"hold {hold_id!r} was already lifted at epoch {hold.lifted_epoch}")
+    return hold
+
+
+def lifted(hold: Hold, lifted_by: str, lifted_at: float, epoch: int) -> Hold:
+    return dataclasses.replace(hold, lifted_at=lifted_at, lifted_by=lifted_by, lifted_epoch=epoch)
+
+
+def to_revoke(subject_or_serial: str, rows: Sequence[Row]) -> list[CertificateRecord]:
+    """The unrevoked certificates among those matching, or why there is nothing to revoke."""
+    if not rows:
+        raise NotFound(f"no certificate with subject or serial {shown(subject_or_serial)}")
+    unrevoked = [c for c in map(certificate_from_row, rows) if not c.revoked]
+    if not unrevoked:
+        raise Conflict(f"every certificate matching {subject_or_serial!r} is already revoked")
+    return unrevoked
+
+
+def check_run_version(stored: str | None, run: Run) -> None:
+    """The compare-and-set of a run step: ``run`` must be the next version of the stored
+    run (its JSON; ``None`` when there is none, which counts as version 0)."""
+    stored_version = 0 if stored is None else run_from_json(stored).version
+    if stored_version != run.version - 1:
+        raise Conflict(
+            f"run {run.id} was changed by another writer: stored version {stored_version},"
+            f" this step expects {run.version - 1}"
+        )
+
+
+def check_request_write(stored: Row | None, request: ResumeRequest) -> None:
+    """The compare-and-set of a resume request write, so that two replicas deciding at
+    once cannot both win.
+
+    Allowed over a stored request that is still open: an edit (the next revision) or a
+    decision on a PENDING one (the same revision, no longer PENDING). A new request
+    has nothing stored.
+    """
+    if stored is None:
+        return
+    current = resume_from_row(stored)
+    if current.state not in OPEN_STATES:
+        raise Conflict(f"resume request {current.id!r} is {current.state.value}")
+    edit = request.revision == current.revision + 1
+    decision = (
+        request.revision == current.revision
+        and current.state is ResumeState.PENDING
+        and request.state is not ResumeState.PENDING
+    )
+    if not (edit or decision):
+        raise Conflict(
+            f"resume request {current.id!r} changed meanwhile (now revision"
+            f" {current.revision}, {current.state.value}); review it again"
+        )
+
+
+def check_request_executable(stored: Row | None, request: ResumeRequest) -> None:
+    """A request executed (a direct resume, or consumed by a run) must still be open and
+    at the revision that was approved."""
+    if stored is None:
+        return
+    current = resume_from_row(stored)
+    if current.state not in OPEN_STATES:
+        raise Conflict(f"resume request {current.id!r} is {current.state.value}")
+    if current.revision != request.revision:
+        raise Conflict(
+            f"resume request {current.id!r} changed since it was approved (revision"
+            f" {request.revision}, now {current.revision}); review it again"
+        )
+
+
+def chain_after(head: ChainHead, records: Sequence[AuditRecord]) -> list[AuditEntry]:
+    """``records`` chained after the stored head, in order."""
+    previous: AuditEntry | ChainHead = head
+    entries: list[AuditEntry] = []
+    for record in records:
+        previous = chain(previous, record)
+        entries.append(previous)
+    return entries
+
+
+def log_appended(entries: Sequence[AuditEntry]) -> None:
+    """After commit only: each entry's hash, off the database, is an anchor that a
+    consistently cut log and head cannot match."""
+    for entry in entries:
+        log.info(
+            "audit_appended",
+            seq=entry.seq,
+            hash=entry.hash,
+            action=entry.record.action,
+            actor=entry.record.actor,
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import sqlite3
 import stat
@@ -20,23 +19,12 @@ from typing import Any, Self, TypeVar
 
 import structlog
 
-from control.domain import (
-    AgentStatus,
-    CaptureReport,
-    Desired,
-    Hold,
-    HoldDraft,
-    HoldKind,
-    Mode,
-    Scope,
-    ScopeKind,
-)
-from control.domain.approvals import Approval, ResumeRequest, ResumeState, executed
-from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead, chain
-from control.domain.identity import CertificateRecord, EnrollToken, Role, check_enroll_token
-from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError, shown
-from control.store import LoadedState, RunChange, RunCommit, StoredAgent
-from control.store.codec import release_from_json, release_to_json, run_from_json, run_to_json
+from control.domain import Hold, HoldDraft
+from control.domain.approvals import ResumeRequest, executed
+from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
+from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
+from control.errors import InvalidInput, PermissionDenied, StoreError
+from control.store import LoadedState, RunChange, RunCommit, SharedState, StoredAgent, codec
 
 T = TypeVar("T")
 
@@ -179,305 +167,48 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_AGENT_COLUMNS = (
-    "agent_id",
-    "labels",
-    "desired_mode",
-    "desired_hold_ids",
-    "desired_reason",
-    "desired_epoch",
-    "desired_since",
-    "desired_purge_spool",
-    "expected_since",
-    "first_seen",
-    "last_seen",
-    "connected_at",
-    "disconnected_at",
-    "directive_sent_at",
-    "directive_sent_epoch",
-    "acked_epoch",
-    "acked_mode",
-    "acked_at",
-    "nack_epoch",
-    "nack_reason",
-    "nack_at",
-    "channels",
-    "report",
-    "ack_report",
-    "purged_events",
-    "quarantined_events",
-    "verified_at",
-    "lease_expires_at",
-    "uploads_refused",
-    "violation",
-    "violation_at",
-)
-_HOLD_COLUMNS = (
-    "id",
-    "kind",
-    "scope",
-    "reason",
-    "ticket",
-    "created_by",
-    "created_at",
-    "created_epoch",
-    "lifted_at",
-    "lifted_by",
-    "lifted_epoch",
-    "keep_spool",
-    "release",
-)
-_AUDIT_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
-_AUDIT_COLUMNS = ("seq", *_AUDIT_RECORD_FIELDS, "prev_hash", "hash")
-_RESUME_COLUMNS = (
-    "id",
-    "hold_id",
-    "requested_by",
-    "reason",
-    "ticket",
-    "created_at",
-    "expires_at",
-    "for_runbook",
-    "state",
-    "revision",
-    "approvals",
-    "decided_by",
-    "decided_at",
-    "decision_note",
-    "lifted_epoch",
-)
-_TOKEN_COLUMNS = ("id", "secret_sha256", "uses_left", "expires_at", "created_by", "created_at")
-_CERTIFICATE_COLUMNS = ("serial", "subject", "role", "not_after", "issued_at", "revoked_at")
-
-
-def _select(table: str, columns: Sequence[str]) -> str:
-    return f"SELECT {', '.join(columns)} FROM {table}"
-
 
 def _insert(table: str, columns: Sequence[str], *, replace: bool = False) -> str:
     verb = "INSERT OR REPLACE" if replace else "INSERT"
     return f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-def _attribute_row(obj: object, columns: Sequence[str]) -> tuple[Any, ...]:
-    """For dataclasses whose fields are their columns one to one."""
-    return tuple(getattr(obj, column) for column in columns)
+_SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
+_INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
+_SELECT_AGENTS = codec.select_sql("agents", codec.AGENT_COLUMNS)
+_UPSERT_AGENT = _insert("agents", codec.AGENT_COLUMNS, replace=True)
+_SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
+_INSERT_AUDIT = _insert("audit_log", codec.AUDIT_COLUMNS)
+_SELECT_RESUMES = codec.select_sql("resume_requests", codec.RESUME_COLUMNS)
+_UPSERT_RESUME = _insert("resume_requests", codec.RESUME_COLUMNS, replace=True)
+_SELECT_TOKENS = codec.select_sql("enroll_tokens", codec.TOKEN_COLUMNS)
+_INSERT_TOKEN = _insert("enroll_tokens", codec.TOKEN_COLUMNS)
+_SELECT_CERTIFICATES = codec.select_sql("certificates", codec.CERTIFICATE_COLUMNS)
+_INSERT_CERTIFICATE = _insert("certificates", codec.CERTIFICATE_COLUMNS)
+_UPSERT_RUN = _insert("runbook_runs", codec.RUN_COLUMNS, replace=True)
 
 
-_SELECT_HOLDS = _select("holds", _HOLD_COLUMNS)
-_INSERT_HOLD = _insert("holds", _HOLD_COLUMNS)
-_SELECT_AGENTS = _select("agents", _AGENT_COLUMNS)
-_UPSERT_AGENT = _insert("agents", _AGENT_COLUMNS, replace=True)
-_SELECT_AUDIT = _select("audit_log", _AUDIT_COLUMNS)
-_INSERT_AUDIT = _insert("audit_log", _AUDIT_COLUMNS)
-_SELECT_RESUMES = _select("resume_requests", _RESUME_COLUMNS)
-_UPSERT_RESUME = _insert("resume_requests", _RESUME_COLUMNS, replace=True)
-_SELECT_TOKENS = _select("enroll_tokens", _TOKEN_COLUMNS)
-_INSERT_TOKEN = _insert("enroll_tokens", _TOKEN_COLUMNS)
-_SELECT_CERTIFICATES = _select("certificates", _CERTIFICATE_COLUMNS)
-_INSERT_CERTIFICATE = _insert("certificates", _CERTIFICATE_COLUMNS)
+def _read_shared(db: sqlite3.Connection) -> SharedState:
+    epoch = db.execute("SELECT epoch FROM epoch_counter").fetchone()[0]
+    holds = [codec.hold_from_row(r) for r in db.execute(f"{_SELECT_HOLDS} ORDER BY created_epoch")]
+    requests = [
+        codec.resume_from_row(r) for r in db.execute(f"{_SELECT_RESUMES} ORDER BY created_at, id")
+    ]
+    revoked = {
+        row[0] for row in db.execute("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL")
+    }
+    runs = [
+        codec.run_from_json(row[0])
+        for row in db.execute("SELECT run FROM runbook_runs ORDER BY started_at, id")
+    ]
+    return SharedState(epoch, holds, requests, revoked, runs)
 
 
-def scope_to_json(scope: Scope) -> str:
-    if scope.kind is ScopeKind.SELECTOR:
-        return json.dumps({"selector": dict(sorted(scope.match_labels.items()))})
-    if scope.kind is ScopeKind.AGENTS:
-        return json.dumps({"agents": sorted(scope.agent_ids)})
-    return json.dumps({"all": True})
-
-
-def scope_from_json(text: str) -> Scope:
-    data = json.loads(text)
-    if "selector" in data:
-        return Scope.selector(data["selector"])
-    if "agents" in data:
-        return Scope.agents(data["agents"])
-    return Scope.fleet()
-
-
-def report_to_json(report: CaptureReport) -> str:
-    return json.dumps([report.events_total, report.last_event_at, report.spool_events])
-
-
-def report_from_json(text: str) -> CaptureReport:
-    events_total, last_event_at, spool_events = json.loads(text)
-    return CaptureReport(events_total, last_event_at, spool_events)
-
-
-def _hold_from_row(row: sqlite3.Row) -> Hold:
-    return Hold(
-        id=row["id"],
-        kind=HoldKind(row["kind"]),
-        scope=scope_from_json(row["scope"]),
-        reason=row["reason"],
-        ticket=row["ticket"],
-        created_by=row["created_by"],
-        created_at=row["created_at"],
-        created_epoch=row["created_epoch"],
-        lifted_at=row["lifted_at"],
-        lifted_by=row["lifted_by"],
-        lifted_epoch=row["lifted_epoch"],
-        keep_spool=bool(row["keep_spool"]),
-        release=release_from_json(row["release"]),
-    )
-
-
-def _agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
-    d, s = agent.desired, agent.status
-    return (
-        agent.agent_id,
-        json.dumps(agent.labels, sort_keys=True),
-        d.mode.value,
-        json.dumps(list(d.hold_ids)),
-        d.reason,
-        d.epoch,
-        d.since,
-        d.purge_spool,
-        s.expected_since,
-        s.first_seen,
-        s.last_seen,
-        s.connected_at,
-        s.disconnected_at,
-        s.directive_sent_at,
-        s.directive_sent_epoch,
-        s.acked_epoch,
-        s.acked_mode.value if s.acked_mode else None,
-        s.acked_at,
-        s.nack_epoch,
-        s.nack_reason,
-        s.nack_at,
-        json.dumps(s.channels, sort_keys=True),
-        report_to_json(s.report),
-        report_to_json(s.ack_report),
-        s.purged_events,
-        s.quarantined_events,
-        s.verified_at,
-        s.lease_expires_at,
-        s.uploads_refused,
-        s.violation,
-        s.violation_at,
-    )
-
-
-def _agent_from_row(row: sqlite3.Row) -> StoredAgent:
-    desired = Desired(
-        mode=Mode(row["desired_mode"]),
-        hold_ids=tuple(json.loads(row["desired_hold_ids"])),
-        reason=row["desired_reason"],
-        epoch=row["desired_epoch"],
-        since=row["desired_since"],
-        purge_spool=bool(row["desired_purge_spool"]),
-    )
-    status = AgentStatus(
-        expected_since=row["expected_since"],
-        first_seen=row["first_seen"],
-        last_seen=row["last_seen"],
-        connected=False,
-        connected_at=row["connected_at"],
-        disconnected_at=row["disconnected_at"],
-        directive_sent_at=row["directive_sent_at"],
-        directive_sent_epoch=row["directive_sent_epoch"],
-        acked_epoch=row["acked_epoch"],
-        acked_mode=Mode(row["acked_mode"]) if row["acked_mode"] else None,
-        acked_at=row["acked_at"],
-        nack_epoch=row["nack_epoch"],
-        nack_reason=row["nack_reason"],
-        nack_at=row["nack_at"],
-        channels=json.loads(row["channels"]),
-        report=report_from_json(row["report"]),
-        ack_report=report_from_json(row["ack_report"]),
-        purged_events=row["purged_events"],
-        quarantined_events=row["quarantined_events"],
-        verified_at=row["verified_at"],
-        lease_expires_at=row["lease_expires_at"],
-        uploads_refused=row["uploads_refused"],
-        violation=row["violation"],
-        violation_at=row["violation_at"],
-    )
-    return StoredAgent(row["agent_id"], json.loads(row["labels"]), desired, status)
-
-
-def _hold_to_row(hold: Hold) -> tuple[Any, ...]:
-    return (
-        hold.id,
-        hold.kind.value,
-        scope_to_json(hold.scope),
-        hold.reason,
-        hold.ticket,
-        hold.created_by,
-        hold.created_at,
-        hold.created_epoch,
-        hold.lifted_at,
-        hold.lifted_by,
-        hold.lifted_epoch,
-        hold.keep_spool,
-        release_to_json(hold.release),
-    )
-
-
-def _audit_to_row(entry: AuditEntry) -> tuple[Any, ...]:
-    return (
-        entry.seq,
-        *_attribute_row(entry.record, _AUDIT_RECORD_FIELDS),
-        entry.prev_hash,
-        entry.hash,
-    )
-
-
-def _audit_from_row(row: sqlite3.Row) -> AuditEntry:
-    record = AuditRecord(**{name: row[name] for name in _AUDIT_RECORD_FIELDS})
-    return AuditEntry(row["seq"], record, row["prev_hash"], row["hash"])
-
-
-def _resume_to_row(request: ResumeRequest) -> tuple[Any, ...]:
-    return (
-        request.id,
-        request.hold_id,
-        request.requested_by,
-        request.reason,
-        request.ticket,
-        request.created_at,
-        request.expires_at,
-        request.for_runbook,
-        request.state.value,
-        request.revision,
-        json.dumps([dataclasses.asdict(a) for a in request.approvals]),
-        request.decided_by,
-        request.decided_at,
-        request.decision_note,
-        request.lifted_epoch,
-    )
-
-
-def _resume_from_row(row: sqlite3.Row) -> ResumeRequest:
-    return ResumeRequest(
-        id=row["id"],
-        hold_id=row["hold_id"],
-        requested_by=row["requested_by"],
-        reason=row["reason"],
-        ticket=row["ticket"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        for_runbook=bool(row["for_runbook"]),
-        state=ResumeState(row["state"]),
-        revision=row["revision"],
-        approvals=tuple(Approval(**a) for a in json.loads(row["approvals"])),
-        decided_by=row["decided_by"],
-        decided_at=row["decided_at"],
-        decision_note=row["decision_note"],
-        lifted_epoch=row["lifted_epoch"],
-    )
-
-
-def _certificate_from_row(row: sqlite3.Row) -> CertificateRecord:
-    return CertificateRecord(
-        serial=row["serial"],
-        subject=row["subject"],
-        role=Role(row["role"]),
-        not_after=row["not_after"],
-        issued_at=row["issued_at"],
-        revoked_at=row["revoked_at"],
-    )
+def _stored_request(db: sqlite3.Connection, request_id: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(
+        f"{_SELECT_RESUMES} WHERE id = ?", (request_id,)
+    ).fetchone()
+    return row
 
 
 def _next_epoch(db: sqlite3.Connection) -> int:
@@ -486,27 +217,19 @@ def _next_epoch(db: sqlite3.Connection) -> int:
 
 
 def _insert_new(db: sqlite3.Connection, sql: str, row: tuple[Any, ...], what: str) -> None:
-    """Insert a row whose key must be new; a reused key is the caller's conflict, not a crash."""
+    """Insert a row whose key must be new."""
     try:
         db.execute(sql, row)
     except sqlite3.IntegrityError as exc:
         if exc.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
-            raise Conflict(f"{what} already exists") from None
+            raise codec.already_exists(what) from None
         raise
 
 
-def _get_hold(db: sqlite3.Connection, hold_id: str) -> Hold | None:
-    row = db.execute(f"{_SELECT_HOLDS} WHERE id = ?", (hold_id,)).fetchone()
-    return None if row is None else _hold_from_row(row)
-
-
 def _active_hold(db: sqlite3.Connection, hold_id: str) -> Hold:
-    hold = _get_hold(db, hold_id)
-    if hold is None:
-        raise NotFound(f"unknown hold {hold_id!r}")
-    if not hold.active:
-        raise Conflict(f"hold {hold_id!r} was already lifted at epoch {hold.lifted_epoch}")
-    return hold
+    return codec.active_hold(
+        db.execute(f"{_SELECT_HOLDS} WHERE id = ?", (hold_id,)).fetchone(), hold_id
+    )
 
 
 def _lift(
@@ -522,7 +245,7 @@ def _lift(
         "UPDATE holds SET lifted_at = ?, lifted_by = ?, lifted_epoch = ? WHERE id = ?",
         (lifted_at, lifted_by, epoch, hold_id),
     )
-    return dataclasses.replace(hold, lifted_at=lifted_at, lifted_by=lifted_by, lifted_epoch=epoch)
+    return codec.lifted(hold, lifted_by, lifted_at, epoch)
 
 
 def _read_head(db: sqlite3.Connection) -> ChainHead:
@@ -532,15 +255,12 @@ def _read_head(db: sqlite3.Connection) -> ChainHead:
 
 def _append_audit(db: sqlite3.Connection, records: Sequence[AuditRecord]) -> list[AuditEntry]:
     """Chain ``records`` after the stored head and move the head, in the caller's transaction."""
-    previous: AuditEntry | ChainHead = _read_head(db)
-    entries: list[AuditEntry] = []
-    for record in records:
-        previous = chain(previous, record)
-        db.execute(_INSERT_AUDIT, _audit_to_row(previous))
-        entries.append(previous)
+    entries = codec.chain_after(_read_head(db), records)
+    db.executemany(_INSERT_AUDIT, map(codec.audit_to_row, entries))
     if entries:
         db.execute(
-            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (previous.seq, previous.hash)
+            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+            (entries[-1].seq, entries[-1].hash),
         )
     return entries
 
@@ -664,46 +384,48 @@ class SqliteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        for entry in entries:
-            log.info(
-                "audit_appended",
-                seq=entry.seq,
-                hash=entry.hash,
-                action=entry.record.action,
-                actor=entry.record.actor,
-            )
+        codec.log_appended(entries)
         return result
 
+    def _snapshot(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Several reads in one read transaction: another process writing the file (the
+        CLI's ``init``) is seen entirely or not at all."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            return read(db)
+        finally:
+            db.execute("COMMIT")
+
     async def load(self) -> LoadedState:
-        def read() -> LoadedState:
-            db = self._db
-            epoch = db.execute("SELECT epoch FROM epoch_counter").fetchone()[0]
-            holds = [
-                _hold_from_row(r) for r in db.execute(f"{_SELECT_HOLDS} ORDER BY created_epoch")
-            ]
-            agents = [_agent_from_row(r) for r in db.execute(_SELECT_AGENTS)]
-            requests = [
-                _resume_from_row(r)
-                for r in db.execute(f"{_SELECT_RESUMES} ORDER BY created_at, id")
-            ]
-            revoked = {
-                row[0]
-                for row in db.execute(
-                    "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL"
-                )
-            }
-            runs = [
-                run_from_json(row[0])
-                for row in db.execute("SELECT run FROM runbook_runs ORDER BY started_at, id")
-            ]
-            return LoadedState(epoch, holds, agents, requests, revoked, runs)
+        def read(db: sqlite3.Connection) -> LoadedState:
+            shared = _read_shared(db)
+            agents = [codec.agent_from_row(r) for r in db.execute(_SELECT_AGENTS)]
+            return LoadedState(
+                shared.epoch,
+                shared.holds,
+                agents,
+                shared.resume_requests,
+                shared.revoked_serials,
+                shared.runs,
+            )
+
+        return await self._run(lambda: self._snapshot(read))
+
+    async def load_shared(self) -> SharedState:
+        return await self._run(lambda: self._snapshot(_read_shared))
+
+    async def load_agent(self, agent_id: str) -> StoredAgent | None:
+        def read() -> StoredAgent | None:
+            row = self._db.execute(f"{_SELECT_AGENTS} WHERE agent_id = ?", (agent_id,)).fetchone()
+            return None if row is None else codec.agent_from_row(row)
 
         return await self._run(read)
 
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         def insert(db: sqlite3.Connection) -> Hold:
             hold = Hold.committed(draft, _next_epoch(db))
-            _insert_new(db, _INSERT_HOLD, _hold_to_row(hold), f"hold {hold.id!r}")
+            _insert_new(db, _INSERT_HOLD, codec.hold_to_row(hold), f"hold {hold.id!r}")
             return hold
 
         return await self._write([audit], insert)
@@ -716,7 +438,7 @@ class SqliteStore:
     async def save_agents(
         self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
     ) -> None:
-        rows = [_agent_to_row(a) for a in agents]
+        rows = [codec.agent_to_row(a) for a in agents]
         if rows or audit:
             await self._write(audit, lambda db: db.executemany(_UPSERT_AGENT, rows))
 
@@ -734,12 +456,19 @@ class SqliteStore:
             rows = db.execute(
                 f"{_SELECT_AUDIT} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
             )
-            return [_audit_from_row(r) for r in rows], _read_head(db)
+            return [codec.audit_from_row(r) for r in rows], _read_head(db)
 
         return await self._run(read)
 
     async def save_resume_request(self, request: ResumeRequest, audit: AuditRecord) -> None:
-        await self._write([audit], lambda db: db.execute(_UPSERT_RESUME, _resume_to_row(request)))
+        """Refused with ``Conflict`` unless it is a new request, an edit of an open one, or
+        a decision on a pending one: see ``codec.check_request_write``."""
+
+        def upsert(db: sqlite3.Connection) -> None:
+            codec.check_request_write(_stored_request(db, request.id), request)
+            db.execute(_UPSERT_RESUME, codec.resume_to_row(request))
+
+        await self._write([audit], upsert)
 
     async def execute_resume(
         self, request: ResumeRequest, lifted_at: float, audit: AuditRecord
@@ -748,13 +477,18 @@ class SqliteStore:
 
         def lift_and_record(db: sqlite3.Connection) -> Hold:
             hold = _lift(db, request.hold_id, audit.actor, lifted_at)
-            db.execute(_UPSERT_RESUME, _resume_to_row(executed(request, hold.lifted_epoch)))
+            codec.check_request_executable(_stored_request(db, request.id), request)
+            db.execute(_UPSERT_RESUME, codec.resume_to_row(executed(request, hold.lifted_epoch)))
             return hold
 
         return await self._write([audit], lift_and_record)
 
     async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
         def apply(db: sqlite3.Connection) -> RunCommit:
+            stored = db.execute(
+                "SELECT run FROM runbook_runs WHERE id = ?", (change.run.id,)
+            ).fetchone()
+            codec.check_run_version(None if stored is None else stored[0], change.run)
             touches_holds = change.create or change.lift_hold_id or change.release
             epoch = _next_epoch(db) if touches_holds else 0
             holds: list[Hold] = []
@@ -762,31 +496,27 @@ class SqliteStore:
                 holds.append(_lift(db, change.lift_hold_id, change.by, change.at, epoch))
             if change.create is not None:
                 hold = Hold.committed(change.create, epoch)
-                _insert_new(db, _INSERT_HOLD, _hold_to_row(hold), f"hold {hold.id!r}")
+                _insert_new(db, _INSERT_HOLD, codec.hold_to_row(hold), f"hold {hold.id!r}")
                 holds.append(hold)
             if change.release is not None:
                 hold_id, release = change.release
                 hold = dataclasses.replace(_active_hold(db, hold_id), release=release)
                 db.execute(
                     "UPDATE holds SET release = ? WHERE id = ?",
-                    (release_to_json(release), hold_id),
+                    (codec.release_to_json(release), hold_id),
                 )
                 holds.append(hold)
             if change.executed_request is not None:
-                done = executed(change.executed_request, epoch)
-                db.execute(_UPSERT_RESUME, _resume_to_row(done))
-            run = change.run
-            db.execute(
-                "INSERT OR REPLACE INTO runbook_runs (id, state, started_at, run)"
-                " VALUES (?, ?, ?, ?)",
-                (run.id, run.state.value, run.started_at, run_to_json(run)),
-            )
+                request = change.executed_request
+                codec.check_request_executable(_stored_request(db, request.id), request)
+                db.execute(_UPSERT_RESUME, codec.resume_to_row(executed(request, epoch)))
+            db.execute(_UPSERT_RUN, codec.run_to_row(change.run))
             return RunCommit(holds, epoch)
 
         return await self._write(audit, apply)
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None:
-        row = _attribute_row(token, _TOKEN_COLUMNS)
+        row = codec.fields_of(token, codec.TOKEN_COLUMNS)
         await self._write(
             [audit], lambda db: _insert_new(db, _INSERT_TOKEN, row, f"enrolment token {token.id!r}")
         )
@@ -794,7 +524,7 @@ class SqliteStore:
     async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> None:
         def take_one_use(db: sqlite3.Connection) -> None:
             row = db.execute(f"{_SELECT_TOKENS} WHERE id = ?", (token_id,)).fetchone()
-            token = None if row is None else EnrollToken(*row)
+            token = None if row is None else codec.token_from_row(row)
             reason = check_enroll_token(token, secret, now)
             if reason:
                 raise PermissionDenied(reason)
@@ -807,7 +537,7 @@ class SqliteStore:
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None
     ) -> None:
-        row = _attribute_row(certificate, _CERTIFICATE_COLUMNS)
+        row = codec.fields_of(certificate, codec.CERTIFICATE_COLUMNS)
         what = f"certificate with serial {certificate.serial}"
         await self._write(
             [] if audit is None else [audit],
@@ -827,13 +557,7 @@ class SqliteStore:
                     (subject_or_serial,),
                 ).fetchall()
             )
-            if not rows:
-                raise NotFound(f"no certificate with subject or serial {shown(subject_or_serial)}")
-            unrevoked = [c for c in map(_certificate_from_row, rows) if not c.revoked]
-            if not unrevoked:
-                raise Conflict(
-                    f"every certificate matching {subject_or_serial!r} is already revoked"
-                )
+            unrevoked = codec.to_revoke(subject_or_serial, rows)
             db.executemany(
                 "UPDATE certificates SET revoked_at = ? WHERE serial = ?",
                 [(revoked_at, c.serial) for c in unrevoked],
@@ -845,9 +569,19 @@ class SqliteStore:
     async def list_certificates(self) -> list[CertificateRecord]:
         def read() -> list[CertificateRecord]:
             rows = self._db.execute(f"{_SELECT_CERTIFICATES} ORDER BY issued_at, serial")
-            return [_certificate_from_row(r) for r in rows]
+            return [codec.certificate_from_row(r) for r in rows]
 
         return await self._run(read)
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Nobody else writes this file while the server runs: nothing to watch."""
+
+    async def try_lead(self) -> bool:
+        """One server per file: it always leads."""
+        return True
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
         def close() -> None:
