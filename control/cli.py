@@ -665,14 +665,14 @@ def audit_from_server(client: OperatorClient) -> tuple[list[AuditEntry], ChainHe
             return entries, head
 
 
-def audit_from_file(data_dir: Path) -> tuple[list[AuditEntry], ChainHead]:
+def audit_from_file(data_dir: Path, database: str) -> tuple[list[AuditEntry], ChainHead]:
     """Read the database directly: verification must not depend on the server's honesty."""
-    from control.store.sqlite import SqliteStore
+    from control.store import open_store
 
     async def read() -> tuple[list[AuditEntry], ChainHead]:
-        if not (data_dir / "killswitch.db").exists():
+        if not database and not (data_dir / "killswitch.db").exists():
             raise InvalidInput(f"no database in {data_dir}")
-        store = await SqliteStore.open(data_dir)
+        store = await open_store(data_dir, database)
         try:
             entries: list[AuditEntry] = []
             while True:
@@ -728,8 +728,8 @@ def cmd_audit(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    if args.data_dir:
-        entries, head = audit_from_file(Path(args.data_dir))
+    if args.data_dir or args.database:
+        entries, head = audit_from_file(Path(args.data_dir or "."), args.database)
     else:
         entries, head = audit_from_server(OperatorClient(args.server, credentials_from_args(args)))
     problem = verify_chain(entries, head)
@@ -877,14 +877,14 @@ def cmd_dashboard(args: argparse.Namespace, client: OperatorClient) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the CA, the server certificate and one identity per role."""
     from control.pki import initialise
-    from control.store.sqlite import SqliteStore
+    from control.store import open_store
 
     os.umask(0o077)
     data_dir = Path(args.data_dir)
     records = initialise(data_dir, server_names=args.san or (), now=time.time())
 
     async def record_all() -> None:
-        store = await SqliteStore.open(data_dir)
+        store = await open_store(data_dir, args.database)
         try:
             for cert in records:
                 await store.record_certificate(
@@ -927,6 +927,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         prometheus_url=args.prometheus_url,
         runbook_tick=args.runbook_tick,
+        database=args.database,
     )
     asyncio.run(serve(config))
     return 0
@@ -952,6 +953,16 @@ def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
         type=positive_seconds,
         default=300.0,
         help="seconds to wait with --wait, then exit 3 (default 300)",
+    )
+
+
+def add_database_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--database",
+        default=os.environ.get("KILLSWITCH_DATABASE", ""),
+        metavar="URL",
+        help=f"postgresql://USER@HOST:PORT/DB: {what} (env KILLSWITCH_DATABASE;"
+        " default SQLite in the data dir)",
     )
 
 
@@ -1022,6 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="create the CA, server certificate and identities")
     init.add_argument("--data-dir", required=True, help="the server's data directory")
+    add_database_option(init, "where the issued certificates are recorded")
     init.add_argument(
         "--san",
         action="append",
@@ -1032,6 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the control server")
     serve.add_argument("--data-dir", required=True, help="directory for the SQLite state and CA")
+    add_database_option(serve, "the state; every replica of one fleet names the same one")
     serve.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC listen address (mTLS)")
     serve.add_argument("--http", default="127.0.0.1:8080", help="HTTP listen address (probes)")
     serve.add_argument(
@@ -1170,6 +1183,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--data-dir", help="read the database file directly instead of asking the server"
     )
+    add_database_option(verify, "or read this PostgreSQL database directly")
     verify.add_argument(
         "--anchor", metavar="SEQ:HASH", help="a head recorded earlier (catches a cut-off log)"
     )

@@ -7,7 +7,7 @@ store together with its audit entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -73,6 +73,15 @@ class Governance:
         for cert in await self._store.list_certificates():
             if not cert.revoked:
                 self._live_certs.setdefault(cert.subject, []).append(cert)
+
+    def adopt(self, requests: Sequence[ResumeRequest], revoked_serials: set[str]) -> None:
+        """What other replicas decided: requests opened or approved there, revocations."""
+        for request in requests:
+            self._requests[request.id] = request
+        newly_revoked = revoked_serials - self._revoked
+        self._revoked |= revoked_serials
+        for serial in newly_revoked:
+            log.info("revocation_adopted", serial=serial)
 
     # ------------------------------------------------------------ audit
 

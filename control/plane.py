@@ -165,6 +165,7 @@ class ControlPlane:
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
         observer: PlaneObserver | None = None,
+        store_probe_interval: float = 2.0,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -182,6 +183,11 @@ class ControlPlane:
         self._pending_audit: list[AuditRecord] = []
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        # False once the database stops answering: no lease is granted or renewed until
+        # it is back, so every agent fails closed within one lease TTL.
+        self.store_healthy = True
+        self._store_probe_interval = store_probe_interval
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
         self.observer = observer or PlaneObserver()
@@ -198,18 +204,10 @@ class ControlPlane:
         self._holds = {h.id: h for h in state.holds}
         now = self._clock()
         for stored in state.agents:
-            status = stored.status
-            if status.disconnected_at is None and status.first_seen is not None:
-                status.disconnected_at = status.last_seen
-            self._agents[stored.agent_id] = AgentEntry(
-                stored.agent_id,
-                stored.labels,
-                stored.desired,
-                status,
-                lease_bound_saved=status.lease_expires_at or 0.0,
-            )
+            self._remember(stored)
         self._reconcile_all(now)
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
+        self._prober = asyncio.create_task(self._probe_loop(), name="store-probe")
         log.info(
             "plane_started",
             epoch=self._epoch,
@@ -218,11 +216,37 @@ class ControlPlane:
         )
         return state
 
+    def _remember(self, stored: StoredAgent) -> AgentEntry:
+        status = stored.status
+        if status.disconnected_at is None and status.first_seen is not None:
+            status.disconnected_at = status.last_seen
+        entry = self._agents[stored.agent_id] = AgentEntry(
+            stored.agent_id,
+            stored.labels,
+            stored.desired,
+            status,
+            lease_bound_saved=status.lease_expires_at or 0.0,
+        )
+        return entry
+
+    async def recall(self, agent_id: str) -> None:
+        """Before an agent new to this replica connects, fetch what another replica knew.
+
+        Its history (and above all a sticky VIOLATION) must follow it when it fails over.
+        """
+        if agent_id in self._agents:
+            return
+        stored = await self._store.load_agent(agent_id)
+        if stored is not None and agent_id not in self._agents:
+            self._reconcile(self._remember(stored), self.active_holds(), self._clock())
+            log.info("agent_recalled", agent_id=agent_id, violation=bool(stored.status.violation))
+
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        for task in (self._flusher, self._prober):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._flusher = self._prober = None
         await self.flush()
 
     async def _flush_loop(self) -> None:
@@ -230,8 +254,31 @@ class ControlPlane:
             await asyncio.sleep(self._flush_interval)
             try:
                 await self.flush()
-            except Exception:
+            except Exception as exc:
+                self._store_answered(False, repr(exc))
                 log.exception("agent_flush_failed", pending=len(self._dirty))
+
+    async def _probe_loop(self) -> None:
+        """Ask the database every interval; a store that hangs counts as lost."""
+        while True:
+            await asyncio.sleep(self._store_probe_interval)
+            try:
+                await asyncio.wait_for(self._store.ping(), self._store_probe_interval)
+            except Exception as exc:
+                self._store_answered(False, repr(exc) if str(exc) else type(exc).__name__)
+            else:
+                self._store_answered(True)
+
+    def _store_answered(self, ok: bool, why: str = "") -> None:
+        if ok is self.store_healthy:
+            return
+        self.store_healthy = ok
+        if ok:
+            log.warning("store_recovered", detail="granting and renewing leases again")
+        else:
+            log.error(
+                "store_lost", error=why, detail="no leases until it is back: agents fail closed"
+            )
 
     async def flush(self) -> None:
         """Write changed agents and pending audit in one transaction; on failure keep both."""
@@ -397,6 +444,25 @@ class ControlPlane:
             )
         return commit
 
+    async def adopt(self, epoch: int, holds: Sequence[Hold]) -> list[Hold]:
+        """Take the holds and epoch another replica committed; returns the changed holds.
+
+        Level-triggered: whatever the notification said, the database's current holds
+        are the truth, so a missed or repeated notification does no harm.
+        """
+        async with self._holds_lock:
+            changed = [h for h in holds if self._holds.get(h.id) != h]
+            if not changed and epoch <= self._epoch:
+                return []
+            for hold in changed:
+                self._holds[hold.id] = hold
+            self._apply_epoch(epoch)
+        now = self._clock()
+        for hold in changed:
+            self.observer.hold_changed(hold, epoch=epoch, at=now)
+            log.info("hold_adopted", hold_id=hold.id, active=hold.active, epoch=epoch)
+        return changed
+
     def _apply_epoch(self, epoch: int) -> None:
         self._epoch = max(self._epoch, epoch)
         self._before_fanout()
@@ -543,6 +609,8 @@ class ControlPlane:
                 "stale_ack_ignored", agent_id=agent_id, epoch=epoch, acked_epoch=status.acked_epoch
             )
         else:
+            # For history checks (tests run with --log-level debug): what was acked, when.
+            log.debug("agent_acked", agent_id=agent_id, epoch=epoch, mode=mode.value)
             current = epoch >= entry.desired.epoch and mode is entry.desired.mode
             latency = now - entry.desired.since if current else None
             self.observer.acked(agent_id, epoch=epoch, mode=mode, latency=latency, at=now)
@@ -621,6 +689,10 @@ class ControlPlane:
         entry = self._agents[agent_id]
         if entry.desired.mode is not Mode.ALLOWED:
             return LeaseDecision(False, 0.0, f"paused: {entry.desired.reason}")
+        if not self.store_healthy:
+            # A lease nobody can write down would outlive what a restart or another
+            # replica knows: refuse, and let capture stop when the current one ends.
+            return LeaseDecision(False, 0.0, "the control plane lost its database")
         expires_at = self._clock() + self.lease_ttl
         entry.status.record_lease(expires_at)
         if expires_at > entry.lease_bound_saved:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -145,6 +145,7 @@ class RunbookRunner(PlaneObserver):
         clock: Callable[[], float],
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         prometheus_url: str = "",
+        leads: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._plane = plane
         self._governance = governance
@@ -156,6 +157,9 @@ class RunbookRunner(PlaneObserver):
         # One step at a time across every run: a tick never interleaves with an abort.
         self._lock = asyncio.Lock()
         self._scheduler = AsyncIOScheduler(timezone="UTC")
+        # With several replicas only the leader ticks; the others serve reads and
+        # commands, and adopt the leader's steps.
+        self._leads = leads or _always
 
     # ------------------------------------------------------------ lifecycle
 
@@ -184,6 +188,18 @@ class RunbookRunner(PlaneObserver):
             coalesce=True,
             replace_existing=True,
         )
+
+    def adopt(self, runs: Sequence[Run]) -> None:
+        """Steps stored by another replica (or this one): keep the newest version of each."""
+        for run in runs:
+            known = self._runs.get(run.id)
+            if known is not None and known.version >= run.version:
+                continue
+            self._runs[run.id] = run
+            if run.active:
+                self._schedule(run.id)
+            else:
+                self._unschedule(run.id)
 
     def hold_changed(self, hold: Hold, *, epoch: int, at: float) -> None:
         """A new incident hold halts active runs: tick them now rather than in a second."""
@@ -392,7 +408,8 @@ class RunbookRunner(PlaneObserver):
                 if run is None or not run.active:
                     self._unschedule(run_id)
                     return
-                await self._step(run, self.book(run_id))
+                if await self._leads():
+                    await self._step(run, self.book(run_id))
         except Exception:
             # The next tick tries again from the stored step; nothing was half-applied.
             log.exception("runbook_tick_failed", run_id=run_id)
@@ -543,6 +560,9 @@ class RunbookRunner(PlaneObserver):
         self._unschedule(run.id)
 
     async def _commit(self, change: RunChange, audit: list[AuditRecord]) -> int:
+        known = self._runs.get(change.run.id)
+        version = (known.version if known is not None else 0) + 1
+        change = dataclasses.replace(change, run=dataclasses.replace(change.run, version=version))
         commit = await self._plane.commit_run(change, audit)
         previous = self._runs.get(change.run.id)
         self._runs[change.run.id] = change.run
@@ -606,6 +626,10 @@ def _gates_changed(before: Run, after: Run, index: int) -> bool:
     return [g.passed for g in old.gates] != [g.passed for g in new.gates] or (
         old.converged_at != new.converged_at
     )
+
+
+async def _always() -> bool:
+    return True
 
 
 def _utcnow() -> datetime:

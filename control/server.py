@@ -26,6 +26,7 @@ from control.governance import Governance
 from control.metrics import Metrics
 from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
+from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
 from control.rpc.operator_service import (
@@ -37,7 +38,7 @@ from control.rpc.operator_service import (
 )
 from control.rpc.runbook_service import RunbookService
 from control.runbooks import RunbookRunner
-from control.store.sqlite import SqliteStore
+from control.store import describe_database, open_store
 from control.web import WebServer
 from control.web.dashboard import Dashboard
 from control.web.sessions import DashboardSessions
@@ -83,6 +84,10 @@ class ServerConfig:
     heartbeat_interval: float = 10.0
     lease_ttl: float = 60.0
     insecure: bool = False
+    # Empty: SQLite in data_dir. A postgresql:// URL: PostgreSQL (several replicas).
+    database: str = ""
+    # Replicas re-read shared state this often even without a notification.
+    resync_interval: float = 5.0
     max_calls_per_identity: int = 16
     # Where runbook Prometheus gates query when the runbook names no URL.
     prometheus_url: str = ""
@@ -108,7 +113,7 @@ async def serve(config: ServerConfig) -> None:
     enroll_address = config.enroll_address or enroll_address_for(config.grpc_address)
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
-    store = await SqliteStore.open(config.data_dir)
+    store = await open_store(config.data_dir, config.database)
     plane = ControlPlane(
         store,
         clock=time.time,
@@ -125,6 +130,10 @@ async def serve(config: ServerConfig) -> None:
         clock=time.time,
         tick_seconds=config.runbook_tick,
         prometheus_url=config.prometheus_url,
+        leads=store.try_lead,
+    )
+    replication = Replication(
+        store, plane, governance, runner, resync_seconds=config.resync_interval
     )
     dashboard = Dashboard(plane, sessions, runner)
     plane.observer = Observers([metrics, dashboard.timeline, runner])
@@ -132,7 +141,10 @@ async def serve(config: ServerConfig) -> None:
     servers: list[grpc.aio.Server] = []
     ready = False
     web_server = WebServer(
-        http_host, http_port, ready=lambda: ready, routes=[*metrics.routes(), *dashboard.routes()]
+        http_host,
+        http_port,
+        ready=lambda: ready and plane.store_healthy,
+        routes=[*metrics.routes(), *dashboard.routes()],
     )
     # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.
     health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -182,6 +194,7 @@ async def serve(config: ServerConfig) -> None:
         state = await plane.start()
         await governance.start(state)
         await runner.start(state.runs)
+        await replication.start()
         for each in servers:
             await each.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -193,6 +206,7 @@ async def serve(config: ServerConfig) -> None:
             enroll=None if authority is None else enroll_address,
             mtls=authority is not None,
             data_dir=str(config.data_dir),
+            database=describe_database(config.database, config.data_dir),
             epoch=plane.epoch,
         )
         if authority is None:
@@ -203,6 +217,7 @@ async def serve(config: ServerConfig) -> None:
         log.info("server_stopping")
     finally:
         ready = False
+        await replication.stop()
         await runner.stop()
         await health.enter_graceful_shutdown()
         await dashboard.close()  # live update streams end now, not at their next tick

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,10 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+import psycopg
 import pytest
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 20.0
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Short intervals keep the tests fast; verification needs one heartbeat after the ack.
 FAST_TIMINGS = ["--heartbeat", "0.5", "--lease-ttl", "5"]
 
@@ -86,8 +89,13 @@ class ServerProcess:
 
     def start(self) -> None:
         if self.secure and not self.ca_path.exists():
+            # The certificates go to the database the server will use.
+            database = []
+            if "--database" in self.extra_args:
+                at = self.extra_args.index("--database")
+                database = self.extra_args[at : at + 2]
             subprocess.run(
-                [str(BIN / "killswitch"), "init", "--data-dir", str(self.data_dir)],
+                [str(BIN / "killswitch"), "init", "--data-dir", str(self.data_dir), *database],
                 check=True,
                 capture_output=True,
             )
@@ -277,6 +285,22 @@ def simulate() -> Iterator[Callable[..., Simulator]]:
     yield start
     for sim in sims:
         sim.stop()
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    """A fresh, empty database, dropped afterwards."""
+    name = f"killswitch_test_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        missing_tool(f"PostgreSQL on 127.0.0.1:5432 is unreachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wait_capturing(cli: Cli, count: int, timeout: float = 30.0) -> None:

@@ -10,7 +10,7 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.errors import KillswitchError, one_line
+from control.errors import KillswitchError, StoreError, one_line
 from control.governance import Governance
 from control.plane import ControlPlane
 from control.rpc.authz import current_principal
@@ -137,6 +137,11 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             )
             await self._governance.record_denial(caller, "AgentControl.Connect", why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        try:
+            await self._plane.recall(hello.agent_id)
+        except StoreError as exc:
+            # Serving it without its stored history could later overwrite a VIOLATION.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, one_line(exc))
         session = AgentSession(hello.agent_id, context, self._plane)
         try:
             self._plane.connect(hello.agent_id, dict(hello.labels), session)

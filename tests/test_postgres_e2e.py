@@ -1,0 +1,151 @@
+"""The control server on PostgreSQL: one real replica, a real database, real agents.
+
+Each test gets its own database on the machine's PostgreSQL (127.0.0.1:5432). When it
+is unreachable the tests skip, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+
+PG_ADDRESS = ("127.0.0.1", 5432)
+
+
+def close_quietly(sock: socket.socket, *, shutdown_only: bool) -> None:
+    """Wake whatever reads ``sock`` (shutdown), then maybe close it; it may be gone."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    if not shutdown_only:
+        sock.close()
+
+
+class TcpProxy:
+    """A loopback TCP relay to PostgreSQL that a test can cut and restore."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                close_quietly(s, shutdown_only=True)
+
+    def cut(self) -> None:
+        """The database is gone: no new connections, and every open one dies."""
+        if self._listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone does not.
+            close_quietly(self._listener, shutdown_only=False)
+            self._listener = None
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            close_quietly(s, shutdown_only=False)
+
+
+def ready(server: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def capturing(truth_path: Path) -> int:
+    if not truth_path.exists():
+        return -1
+    rows: list[dict[str, Any]] = json.loads(truth_path.read_text())["agents"]
+    return sum(bool(row["capturing"]) for row in rows)
+
+
+def test_a_server_on_postgresql_pauses_survives_kill_9_and_verifies_its_audit(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    pg_dsn: str,
+) -> None:
+    server = start_server("--database", pg_dsn)
+    cli = Cli(server)
+    simulate(server, 40)
+    wait_capturing(cli, 40)
+    hold = cli.pause("--all", "--reason", "leak", "--ticket", "INC-9", "--wait")
+    server.kill9()
+    server.start()
+    assert [h["id"] for h in cli.json("holds")["holds"]] == [hold]
+    wait_for(
+        lambda: cli.json("status")["agents"]["by_state"].get("VERIFIED_STOPPED") == 40,
+        60,
+        "every agent verified stopped again after the restart",
+    )
+    # The audit chain lives in PostgreSQL and verifies from there, without the server.
+    verified = cli.run("audit", "verify", "--database", pg_dsn)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    actions = [e["action"] for e in cli.json("audit")]
+    assert "certs.issue" in actions and "hold.create" in actions
+
+
+def test_losing_the_database_makes_the_replica_unready_and_agents_fail_closed(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    pg_dsn: str,
+    tmp_path: Path,
+) -> None:
+    proxy = TcpProxy(PG_ADDRESS)
+    proxy.start()
+    try:
+        through_proxy = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        server = start_server("--database", through_proxy)
+        cli = Cli(server)
+        truth = tmp_path / "truth.json"
+        simulate(server, 20, "--truth", str(truth), "--fault-after", "3600")
+        wait_capturing(cli, 20)
+        wait_for(lambda: capturing(truth) == 20, 30, "every agent capturing")
+
+        proxy.cut()
+        # Leases are not renewed: every agent stops within one lease TTL (5 s here), plus
+        # the store probe's interval (2 s) and the truth file's own lag.
+        wait_for(lambda: capturing(truth) == 0, 5 + 2 + 5, "every agent stopped capturing")
+        assert ready(server) == 503
+
+        proxy.start()
+        wait_for(lambda: ready(server) == 200, 30, "/readyz ready again")
+        wait_for(lambda: capturing(truth) == 20, 30, "capture back once leases are granted")
+    finally:
+        proxy.cut()

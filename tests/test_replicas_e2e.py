@@ -1,0 +1,172 @@
+"""Three control-server replicas on one PostgreSQL, one fleet spread over them.
+
+Real subprocesses on loopback ports sharing one CA and one database, enrolled agents
+given every replica's address, `kill -9` of a replica mid-pause, concurrent pause and
+resume on two replicas, and a history check over every ack the replicas logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+
+AGENTS = 60
+
+
+@dataclass
+class Cluster:
+    replicas: list[ServerProcess]
+    dsn: str
+
+    def cli(self, index: int, identity: str = "ic-1") -> Cli:
+        return Cli(self.replicas[index], identity)
+
+    def live(self) -> list[ServerProcess]:
+        return [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+
+    def states(self) -> dict[str, str]:
+        """Every connected agent's state, as the replica it is connected to sees it."""
+        seen: dict[str, str] = {}
+        for replica in self.live():
+            for agent_id, row in Cli(replica).agents().items():
+                if row["connected"]:
+                    seen[agent_id] = row["state"]
+        return seen
+
+    def all_in(self, state: str) -> bool:
+        states = self.states()
+        return len(states) == AGENTS and set(states.values()) == {state}
+
+
+@pytest.fixture
+def cluster(
+    start_server: Callable[..., ServerProcess], pg_dsn: str, tmp_path: Path
+) -> Iterator[Cluster]:
+    # Debug logs carry every ack, for the history check.
+    extra = ["--database", pg_dsn, "--log-level", "debug"]
+    first = start_server(*extra)
+    replicas = [first]
+    for name in ("replica-b", "replica-c"):
+        replica = ServerProcess(tmp_path / name, extra)
+        for part in ("pki", "identities"):
+            shutil.copytree(first.data_dir / part, replica.data_dir / part)
+        replica.start()
+        replicas.append(replica)
+    try:
+        yield Cluster(replicas, pg_dsn)
+    finally:
+        for replica in replicas[1:]:
+            replica.stop()
+
+
+@pytest.fixture
+def fleet(cluster: Cluster, simulate: Callable[..., Simulator]) -> Simulator:
+    addresses = ",".join(r.address for r in cluster.replicas)
+    sim = simulate(cluster.replicas[0], AGENTS, "--server", addresses)
+    wait_for(lambda: cluster.all_in("CAPTURING"), 60, "every agent capturing")
+    return sim
+
+
+def db_holds(dsn: str) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT id, created_epoch, lifted_epoch, lifted_at IS NULL FROM holds"
+        ).fetchall()
+    return [{"id": r[0], "created": r[1], "lifted": r[2] if not r[3] else None} for r in rows]
+
+
+def test_a_pause_on_one_replica_reaches_every_replica_and_survives_losing_one(
+    cluster: Cluster, fleet: Simulator
+) -> None:
+    spread = {
+        r.address: len([a for a, row in Cli(r).agents().items() if row["connected"]])
+        for r in cluster.replicas
+    }
+    assert all(spread.values()), spread
+
+    hold = cluster.cli(0).pause("--all", "--reason", "leak", "--ticket", "INC-1")
+    cluster.replicas[1].kill9()  # mid-pause: its agents fail over to the others
+    wait_for(lambda: cluster.all_in("VERIFIED_STOPPED"), 60, "every agent verified stopped")
+
+    cluster.replicas[1].start()
+    restarted = cluster.cli(1)
+    assert [h["id"] for h in restarted.json("holds")["holds"]] == [hold]
+    epochs = {Cli(r).json("status")["epoch"] for r in cluster.replicas}
+    assert len(epochs) == 1, epochs
+    verified = restarted.run("audit", "verify", "--database", cluster.dsn)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_concurrent_pause_and_resume_on_two_replicas_always_end_paused(
+    cluster: Cluster, fleet: Simulator
+) -> None:
+    """A resume lifts an older hold; a pause racing it adds a newer one, which must win."""
+    ic_a, ic_b = cluster.cli(0), cluster.cli(1)
+    approver_b = cluster.cli(1, "approver-1")
+    older = ic_a.pause("--all", "--reason", "round 0")
+    for round_number in range(1, 9):
+        request = ic_b.ok("resume", "--hold", older, "--reason", "clear", "-q").strip()
+        reason = f"round {round_number}"
+        newer = race(
+            functools.partial(ic_a.pause, "--all", "--reason", reason),
+            functools.partial(approver_b.ok, "approve", request),
+        )
+        for replica in cluster.replicas:
+            wait_for(
+                functools.partial(only_hold, replica, newer),
+                15,
+                f"{reason}: only the newer hold on {replica.address}",
+            )
+        older = newer
+    holds = db_holds(cluster.dsn)
+    epochs = sorted([h["created"] for h in holds] + [h["lifted"] for h in holds if h["lifted"]])
+    assert len(epochs) == len(set(epochs)), "every hold change has its own epoch"
+    wait_for(lambda: cluster.all_in("VERIFIED_STOPPED"), 60, "every agent paused at the end")
+    check_history(cluster)
+
+
+def only_hold(replica: ServerProcess, hold_id: str) -> bool:
+    return [h["id"] for h in Cli(replica).json("holds")["holds"]] == [hold_id]
+
+
+def race(first: Callable[[], str], second: Callable[[], str]) -> str:
+    """Run both at once (two operators, two replicas); return what ``first`` returned."""
+    results: list[str] = []
+    thread = threading.Thread(target=lambda: results.append(second()))
+    thread.start()
+    answer = first()
+    thread.join()
+    assert results, "the second operator's command failed"
+    return answer
+
+
+def check_history(cluster: Cluster) -> None:
+    """No agent ever acked an epoch in a mode the holds at that epoch contradict."""
+    holds = db_holds(cluster.dsn)
+
+    def paused_at(epoch: int) -> bool:  # every hold here covers the whole fleet
+        return any(
+            h["created"] <= epoch and (h["lifted"] is None or epoch < h["lifted"]) for h in holds
+        )
+
+    acks = 0
+    for replica in cluster.replicas:
+        for line in replica.log_path.read_text().splitlines():
+            if '"agent_acked"' not in line:
+                continue
+            event = json.loads(line)
+            expected = "PAUSED" if paused_at(event["epoch"]) else "ALLOWED"
+            assert event["mode"] == expected, (replica.address, event, holds)
+            acks += 1
+    assert acks >= AGENTS * 2
