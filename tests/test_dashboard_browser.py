@@ -19,6 +19,18 @@ from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, wait_for
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+def click_until_navigated(page: Any, selector: str, url: str, attempts: int = 3) -> None:
+    """Click, and click again if a live redraw or a late navigation swallowed the click."""
+    for attempt in range(attempts):
+        page.click(selector)
+        try:
+            page.wait_for_url(url, timeout=5_000)
+            return
+        except Exception as exc:  # playwright's TimeoutError; the module loads lazily
+            if attempt == attempts - 1 or "Timeout" not in type(exc).__name__:
+                raise
+
+
 def collect_problems(page: Any) -> list[str]:
     """Script errors and console errors (CSP violations among them) the page reports."""
     problems: list[str] = []
@@ -185,8 +197,7 @@ def test_dashboard_in_headless_chromium(
             assert "prefix=laptop-0000" in page.url and "order=desc" in page.url
             assert problems == [], problems
             # Logging out ends the session.
-            page.click("form.logout button")
-            page.wait_for_url(f"{base}/logout")
+            click_until_navigated(page, "form.logout button", f"{base}/logout")
             page.goto(f"{base}/")
             assert "Log in to the dashboard" in (page.text_content("h1") or "")
         finally:
