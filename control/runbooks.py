@@ -24,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from control.domain import Hold, HoldKind, draft_hold
 from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditRecord
+from control.domain.holds import MAX_REASON_CHARS
 from control.domain.identity import Principal
 from control.domain.release import Release
 from control.domain.rollout import (
@@ -63,8 +64,6 @@ log = structlog.get_logger("killswitch.runbooks")
 
 DEFAULT_TICK_SECONDS = 1.0
 PROMETHEUS_TIMEOUT_SECONDS = 5.0
-MAX_SOURCE_BYTES = 256 * 1024
-MAX_REASON_CHARS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,8 +260,6 @@ class RunbookRunner(PlaneObserver):
     async def start_run(
         self, book: Runbook, *, source: str, file_name: str, approval_id: str, by: Principal
     ) -> Run:
-        if len(source.encode()) > MAX_SOURCE_BYTES:
-            raise InvalidInput(f"runbook is larger than {MAX_SOURCE_BYTES // 1024} KiB")
         async with self._lock:
             self._check_none_active()
             now = self._clock()
