@@ -7,7 +7,7 @@ store together with its audit entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
@@ -68,20 +68,25 @@ class Governance:
         self._live_certs: dict[str, list[CertificateRecord]] = {}
 
     async def start(self, state: LoadedState) -> None:
-        self._requests = {r.id: r for r in state.resume_requests}
-        self._revoked = set(state.revoked_serials)
+        self._requests = {r.id: r for r in state.shared.resume_requests}
+        self._revoked = set(state.shared.revoked)
         for cert in await self._store.list_certificates():
             if not cert.revoked:
                 self._live_certs.setdefault(cert.subject, []).append(cert)
 
-    def adopt(self, requests: Sequence[ResumeRequest], revoked_serials: set[str]) -> None:
-        """What other replicas decided: requests opened or approved there, revocations."""
+    def adopt(self, requests: Sequence[ResumeRequest], revoked: Mapping[str, str]) -> None:
+        """What other replicas decided: requests opened or approved there, revocations
+        (``revoked``: serial -> subject), whose agents' live streams here end now."""
         for request in requests:
             self._requests[request.id] = request
-        newly_revoked = revoked_serials - self._revoked
-        self._revoked |= revoked_serials
-        for serial in newly_revoked:
-            log.info("revocation_adopted", serial=serial)
+        for serial, subject in revoked.items():
+            if serial in self._revoked:
+                continue
+            self._revoked.add(serial)
+            live = self._live_certs.get(subject, [])
+            live[:] = [c for c in live if c.serial != serial]
+            closed = self._plane.close_stream(subject, "certificate revoked")
+            log.info("revocation_adopted", serial=serial, subject=subject, stream_closed=closed)
 
     # ------------------------------------------------------------ audit
 

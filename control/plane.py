@@ -1,10 +1,14 @@
 """The control plane's application service: the in-memory desired/observed state.
 
 It owns the authoritative snapshot (epoch + holds), each agent's desired state
-and observations, and the batch writer to the store. Transports plug in through
-``Subscriber``: a stream session is told *that* its agent's desired state moved
-and pulls the current directive itself, so bursts of changes coalesce and a slow
-stream never delays the others (the go-control-plane split of cache and session).
+and observations, and the batch writer to the store. With several replicas on one
+database, it also shows the agents another replica serves, from the rows that
+replica writes (``absorb``): any replica gives the same per-laptop answer.
+
+Transports plug in through ``Subscriber``: a stream session is told *that* its
+agent's desired state moved and pulls the current directive itself, so bursts of
+changes coalesce and a slow stream never delays the others (the go-control-plane
+split of cache and session).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
+import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+import socket
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -43,9 +49,9 @@ from control.domain import (
 )
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
-from control.errors import Conflict, NotFound, PermissionDenied, shown
+from control.errors import Conflict, NotFound, PermissionDenied, StoreError, shown
 from control.events import PlaneObserver
-from control.store import LoadedState, RunChange, RunCommit, Store, StoredAgent
+from control.store import AgentChanges, LoadedState, RunChange, RunCommit, Store, StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -106,6 +112,12 @@ class AgentEntry:
     # renewals need a write only every few rounds and a restarted server never thinks
     # a lease ended before it really did.
     lease_bound_saved: float = 0.0
+    # Whether the newest row handed to the store shows a silent stream: the next word
+    # from the agent must be written at once, or other replicas would keep it silent.
+    silent_saved: bool = False
+    # Set while another replica's row is the truth about this agent: ``status`` is
+    # derived from it. This replica never writes such an entry.
+    remote: StoredAgent | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +165,16 @@ def new_hold_id() -> str:
     return f"hold-{secrets.token_hex(6)}"
 
 
+def new_replica_id() -> str:
+    """Unique per process: a restarted replica's old rows read as another, dead, one."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# A replica that has not beaten for this many probe intervals is gone: the agents
+# its rows show connected are shown disconnected (since its last beat).
+REPLICA_SILENT_BEATS = 5
+
+
 class ControlPlane:
     def __init__(
         self,
@@ -166,6 +188,7 @@ class ControlPlane:
         before_fanout: Callable[[], None] = lambda: None,
         observer: PlaneObserver | None = None,
         store_probe_interval: float = 2.0,
+        replica_id: str = "",
     ) -> None:
         self._store = store
         self._clock = clock
@@ -188,6 +211,12 @@ class ControlPlane:
         # it is back, so every agent fails closed within one lease TTL.
         self.store_healthy = True
         self._store_probe_interval = store_probe_interval
+        # How this process signs its agent rows and its beats.
+        self.replica_id = replica_id or new_replica_id()
+        # Agents another replica serves (their entries have ``remote`` set).
+        self._remote: set[str] = set()
+        # Agent id -> the newest violation_at an operator acknowledged, on any replica.
+        self._violation_acks: dict[str, float] = {}
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
         self.observer = observer or PlaneObserver()
@@ -200,11 +229,12 @@ class ControlPlane:
     async def start(self) -> LoadedState:
         """Rebuild memory from the store; the rest of the state is for the other services."""
         state = await self._store.load()
-        self._epoch = state.epoch
-        self._holds = {h.id: h for h in state.holds}
+        self._epoch = state.shared.epoch
+        self._holds = {h.id: h for h in state.shared.holds}
         now = self._clock()
         for stored in state.agents:
             self._remember(stored)
+        self.adopt_violation_acks(state.shared.violation_acks)
         self._reconcile_all(now)
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
         self._prober = asyncio.create_task(self._probe_loop(), name="store-probe")
@@ -217,9 +247,14 @@ class ControlPlane:
         return state
 
     def _remember(self, stored: StoredAgent) -> AgentEntry:
-        status = stored.status
-        if status.disconnected_at is None and status.first_seen is not None:
+        """A stored row as this replica's own: not connected, to a process that has
+        just started or has just been chosen by the agent."""
+        status = dataclasses.replace(stored.status, connected=False)
+        if status.first_seen is not None and (
+            stored.status.connected or status.disconnected_at is None
+        ):
             status.disconnected_at = status.last_seen
+        self._remote.discard(stored.agent_id)
         entry = self._agents[stored.agent_id] = AgentEntry(
             stored.agent_id,
             stored.labels,
@@ -234,10 +269,12 @@ class ControlPlane:
 
         Its history (and above all a sticky VIOLATION) must follow it when it fails over.
         """
-        if agent_id in self._agents:
+        entry = self._agents.get(agent_id)
+        if entry is not None and entry.remote is None:
             return
         stored = await self._store.load_agent(agent_id)
-        if stored is not None and agent_id not in self._agents:
+        entry = self._agents.get(agent_id)
+        if stored is not None and (entry is None or entry.remote is not None):
             self._reconcile(self._remember(stored), self.active_holds(), self._clock())
             log.info("agent_recalled", agent_id=agent_id, violation=bool(stored.status.violation))
 
@@ -259,15 +296,32 @@ class ControlPlane:
                 log.exception("agent_flush_failed", pending=len(self._dirty))
 
     async def _probe_loop(self) -> None:
-        """Ask the database every interval; a store that hangs counts as lost."""
+        """Beat every interval (the database answering is what the probe wants to know;
+        a store that hangs counts as lost), and write what has gone silent."""
         while True:
             await asyncio.sleep(self._store_probe_interval)
+            self._mark_newly_silent()
             try:
-                await asyncio.wait_for(self._store.ping(), self._store_probe_interval)
+                beat = self._store.beat(self.replica_id)
+                await asyncio.wait_for(beat, self._store_probe_interval)
             except Exception as exc:
                 self._store_answered(False, repr(exc) if str(exc) else type(exc).__name__)
             else:
                 self._store_answered(True)
+
+    def _mark_newly_silent(self) -> None:
+        """Other replicas take a connected row of a beating replica as a live agent,
+        unless the row itself shows the stream silent: write those rows once."""
+        stale = self._clock() - self.policy.silence_timeout
+        for entry in self._agents.values():
+            last_seen = entry.status.last_seen
+            if (
+                entry.subscriber is not None
+                and not entry.silent_saved
+                and last_seen is not None
+                and last_seen < stale
+            ):
+                self._dirty.add(entry.agent_id)
 
     def _store_answered(self, ok: bool, why: str = "") -> None:
         if ok is self.store_healthy:
@@ -287,9 +341,13 @@ class ControlPlane:
         batch, self._dirty = self._dirty, set()
         audit, self._pending_audit = self._pending_audit, []
         rows = []
+        now = self._clock()
         for agent_id in batch:
             entry = self._agents[agent_id]
+            if entry.remote is not None:
+                continue  # the replica serving it writes it
             entry.last_seen_saved = entry.status.last_seen or 0.0
+            entry.silent_saved = now - entry.last_seen_saved > self.policy.silence_timeout
             # A copy: the store may read it on another thread while the loop moves on.
             # Shallow is enough: record_* replace `channels`, never mutate it.
             lease = entry.status.lease_expires_at
@@ -297,7 +355,9 @@ class ControlPlane:
                 entry.status,
                 lease_expires_at=None if lease is None else max(lease, entry.lease_bound_saved),
             )
-            rows.append(StoredAgent(agent_id, entry.labels, entry.desired, status))
+            rows.append(
+                StoredAgent(agent_id, entry.labels, entry.desired, status, self.replica_id, now)
+            )
         try:
             await self._store.save_agents(rows, audit)
         except BaseException:
@@ -378,8 +438,10 @@ class ControlPlane:
         record = self.hold_created_record(by, draft, detail="keep_spool" if keep_spool else "")
         async with self._holds_lock:
             hold = await self._store.create_hold(draft, record)
+            caught_up = await self._catch_up(hold.created_epoch, {hold.id})
             self._holds[hold.id] = hold
             self._apply_epoch(hold.created_epoch)
+        self._announce_adopted(*caught_up)
         self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
         covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
         log.info(
@@ -408,8 +470,10 @@ class ControlPlane:
         """Run the store's lift transaction under the holds lock, then push the new epoch."""
         async with self._holds_lock:
             hold = await commit(self._clock())
+            caught_up = await self._catch_up(hold.lifted_epoch, {hold.id})
             self._holds[hold.id] = hold
             self._apply_epoch(hold.lifted_epoch)
+        self._announce_adopted(*caught_up)
         self.observer.hold_changed(hold, epoch=hold.lifted_epoch, at=self._clock())
         still_paused = sum(
             1
@@ -429,10 +493,12 @@ class ControlPlane:
         """A runbook step and its hold changes in one transaction, then the fan-out."""
         async with self._holds_lock:
             commit = await self._store.commit_run(change, audit)
+            caught_up = await self._catch_up(commit.epoch, {h.id for h in commit.holds})
             for hold in commit.holds:
                 self._holds[hold.id] = hold
             if commit.epoch:
                 self._apply_epoch(commit.epoch)
+        self._announce_adopted(*caught_up)
         for hold in commit.holds:
             self.observer.hold_changed(hold, epoch=commit.epoch, at=self._clock())
         if commit.holds:
@@ -451,17 +517,43 @@ class ControlPlane:
         are the truth, so a missed or repeated notification does no harm.
         """
         async with self._holds_lock:
-            changed = [h for h in holds if self._holds.get(h.id) != h]
+            changed = self._merge_holds(holds)
             if not changed and epoch <= self._epoch:
                 return []
-            for hold in changed:
-                self._holds[hold.id] = hold
             self._apply_epoch(epoch)
+        self._announce_adopted(changed, epoch)
+        return changed
+
+    async def _catch_up(self, epoch: int, own: Collection[str]) -> tuple[list[Hold], int]:
+        """Before taking a hold change this replica committed at ``epoch``, take every
+        change other replicas committed at the epochs before it (epochs are dense, so
+        a gap says there are some). Otherwise this replica would tell its agents the
+        state at ``epoch`` without those holds: ALLOWED at an epoch when an older,
+        unseen, pause is in force. Called under the holds lock; ``own``: the holds
+        the caller committed, which it takes itself."""
+        if epoch <= self._epoch + 1:
+            return [], epoch
+        try:
+            shared = await self._store.load_shared()
+        except StoreError as exc:
+            # The periodic resync takes them within seconds; the change itself is stored.
+            log.warning("catch_up_failed", epoch=epoch, known_epoch=self._epoch, error=str(exc))
+            return [], epoch
+        changed = self._merge_holds([h for h in shared.holds if h.id not in own])
+        self._epoch = max(self._epoch, shared.epoch)
+        return changed, shared.epoch
+
+    def _merge_holds(self, holds: Sequence[Hold]) -> list[Hold]:
+        changed = [h for h in holds if self._holds.get(h.id) != h]
+        for hold in changed:
+            self._holds[hold.id] = hold
+        return changed
+
+    def _announce_adopted(self, changed: Sequence[Hold], epoch: int) -> None:
         now = self._clock()
         for hold in changed:
             self.observer.hold_changed(hold, epoch=epoch, at=now)
             log.info("hold_adopted", hold_id=hold.id, active=hold.active, epoch=epoch)
-        return changed
 
     def _apply_epoch(self, epoch: int) -> None:
         self._epoch = max(self._epoch, epoch)
@@ -479,7 +571,8 @@ class ControlPlane:
         )
         if desired is not entry.desired:
             entry.desired = desired
-            self._dirty.add(entry.agent_id)
+            if entry.remote is None:
+                self._dirty.add(entry.agent_id)
             if entry.subscriber is not None:
                 entry.subscriber.notify()
 
@@ -527,6 +620,9 @@ class ControlPlane:
             reconnect = False
         else:
             reconnect = entry.status.first_seen is not None
+            if entry.remote is not None:  # recall found no row: it serves it alone now
+                entry.remote = None
+                self._remote.discard(agent_id)
             if entry.subscriber is not None:
                 entry.subscriber.close("replaced by a newer stream from the same agent")
             entry.labels = checked
@@ -645,7 +741,11 @@ class ControlPlane:
                 desired=entry.desired,
                 heartbeat_interval=self.policy.heartbeat_interval,
             )
-        if changed or now - entry.last_seen_saved >= self.last_seen_save_interval:
+        if (
+            changed
+            or entry.silent_saved
+            or now - entry.last_seen_saved >= self.last_seen_save_interval
+        ):
             self._dirty.add(agent_id)
         self.observer.heartbeat(agent_id, at=now)
         if not was_verified and entry.status.verified_at is not None:
@@ -720,16 +820,18 @@ class ControlPlane:
         entry = self._agents.get(validate_agent_id(agent_id))
         if entry is None:
             raise NotFound(f"unknown agent {shown(agent_id)}")
-        evidence = entry.status.acknowledge_violation()
-        if not evidence:
+        evidence, flagged_at = entry.status.violation, entry.status.violation_at
+        if not evidence or flagged_at is None:
             raise Conflict(f"agent {agent_id!r} has no violation to acknowledge")
-        self._dirty.add(agent_id)
-        self._pending_audit.append(
+        # Stored for every replica: the one serving the agent clears it there too.
+        await self._store.acknowledge_violation(
+            agent_id,
+            flagged_at,
             self.audit_record(
                 by, "agent.acknowledge_violation", target=agent_id, reason=note, detail=evidence
-            )
+            ),
         )
-        await self.flush()
+        self.adopt_violation_acks({agent_id: flagged_at})
         log.warning(
             "violation_acknowledged",
             agent_id=agent_id,
@@ -738,6 +840,77 @@ class ControlPlane:
             evidence=evidence,
         )
         return evidence
+
+    def adopt_violation_acks(self, acks: Mapping[str, float]) -> None:
+        """Clear each violation an operator acknowledged (on any replica) up to its time;
+        evidence that arrives later is a new violation."""
+        for agent_id, flagged_at in acks.items():
+            if self._violation_acks.get(agent_id, -1.0) >= flagged_at:
+                continue
+            self._violation_acks[agent_id] = flagged_at
+            entry = self._agents.get(agent_id)
+            if entry is None or not entry.status.violation:
+                continue
+            if (entry.status.violation_at or 0.0) <= flagged_at:
+                entry.status.acknowledge_violation()
+                self._dirty.add(agent_id)
+                log.info("violation_cleared", agent_id=agent_id, acknowledged_at=flagged_at)
+
+    # ------------------------------------------------------------ other replicas
+
+    def absorb(self, changes: AgentChanges) -> None:
+        """Show the agents other replicas serve, from the rows they wrote.
+
+        A row replaces this replica's entry unless this replica serves the agent or
+        knows a newer stream of it. Each call also re-derives every remote agent's
+        status from its row and the beats: a replica that stopped beating has lost
+        its streams, and one that beats vouches for the agents it wrote as live.
+        """
+        for row in changes.rows:
+            entry = self._agents.get(row.agent_id)
+            if entry is not None and entry.remote is None:
+                newer = (row.status.connected_at or 0.0) >= (entry.status.connected_at or 0.0)
+                if entry.subscriber is not None or not newer:
+                    continue
+            if entry is None:
+                entry = self._agents[row.agent_id] = AgentEntry(
+                    row.agent_id, row.labels, row.desired, row.status
+                )
+            entry.remote, entry.labels, entry.desired = row, row.labels, row.desired
+            self._remote.add(row.agent_id)
+            self._dirty.discard(row.agent_id)
+        now = self._clock()
+        active = self.active_holds()
+        lost_after = REPLICA_SILENT_BEATS * self._store_probe_interval
+        for agent_id in self._remote:
+            entry = self._agents[agent_id]
+            assert entry.remote is not None
+            entry.status = self._remote_status(entry.remote, changes.beat_ages, now, lost_after)
+            self._reconcile(entry, active, now)
+
+    def _remote_status(
+        self, row: StoredAgent, beat_ages: Mapping[str, float], now: float, lost_after: float
+    ) -> AgentStatus:
+        status = dataclasses.replace(row.status)
+        acked = self._violation_acks.get(row.agent_id)
+        if status.violation and acked is not None and (status.violation_at or 0.0) <= acked:
+            status.acknowledge_violation()
+        if not status.connected:
+            return status
+        age = beat_ages.get(row.written_by)
+        if age is None or age > lost_after:
+            status.connected = False
+            status.disconnected_at = now - age if age is not None else row.written_at
+            return status
+        last_seen = status.last_seen or 0.0
+        if (row.written_at or 0.0) - last_seen <= self.policy.silence_timeout:
+            status.last_seen = max(last_seen, now - age)
+        return status
+
+    def serving(self, agent_id: str) -> bool:
+        """Whether this replica holds the agent's live stream."""
+        entry = self._agents.get(agent_id)
+        return entry is not None and entry.subscriber is not None
 
     # ------------------------------------------------------------ self service
 

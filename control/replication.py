@@ -1,10 +1,14 @@
 """Several replicas, one fleet: keep this replica's shared state in step with the database.
 
 Each replica serves its own agents from memory. What every replica must agree on
-(holds and the epoch, resume requests, revocations, runbook runs) lives in the
-database; a change committed anywhere is announced (PostgreSQL ``NOTIFY``) and every
-replica re-reads it. The re-read is level-triggered and also runs on a timer, so a
-missed notification costs at most one interval, never a pause.
+(holds and the epoch, resume requests, revocations, runbook runs, acknowledged
+violations) lives in the database; a change committed anywhere is announced
+(PostgreSQL ``NOTIFY``) and every replica re-reads it. The re-read is level-triggered
+and also runs on a timer, so a missed notification costs at most one interval, never
+a pause.
+
+The agents other replicas serve are read back every ``mirror_seconds``: the rows
+written since the last read, so that every replica answers for the whole fleet.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from control.store import Store
 log = structlog.get_logger("killswitch.replication")
 
 DEFAULT_RESYNC_SECONDS = 5.0
+# A verified stop on one replica shows on the others within this (plus one flush).
+DEFAULT_MIRROR_SECONDS = 1.0
 
 
 class Replication:
@@ -33,12 +39,15 @@ class Replication:
         runner: RunbookRunner,
         *,
         resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+        mirror_seconds: float = DEFAULT_MIRROR_SECONDS,
     ) -> None:
         self._store = store
         self._plane = plane
         self._governance = governance
         self._runner = runner
         self._resync_seconds = resync_seconds
+        self._mirror_seconds = mirror_seconds
+        self._cursor = ""
         self._poked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -46,6 +55,7 @@ class Replication:
         self._tasks = [
             asyncio.create_task(self._store.watch(self._poked.set), name="store-watch"),
             asyncio.create_task(self._loop(), name="replica-resync"),
+            asyncio.create_task(self._mirror_loop(), name="replica-mirror"),
         ]
 
     async def stop(self) -> None:
@@ -68,5 +78,20 @@ class Replication:
     async def resync(self) -> None:
         shared = await self._store.load_shared()
         await self._plane.adopt(shared.epoch, shared.holds)
-        self._governance.adopt(shared.resume_requests, shared.revoked_serials)
+        self._governance.adopt(shared.resume_requests, shared.revoked)
+        self._plane.adopt_violation_acks(shared.violation_acks)
         self._runner.adopt(shared.runs)
+
+    async def _mirror_loop(self) -> None:
+        while True:
+            try:
+                await self.mirror()
+            except Exception as exc:
+                log.warning("mirror_failed", error=repr(exc))
+            await asyncio.sleep(self._mirror_seconds)
+
+    async def mirror(self) -> None:
+        """Read what other replicas wrote about their agents since the last read."""
+        changes = await self._store.agents_written_since(self._cursor, self._plane.replica_id)
+        self._plane.absorb(changes)
+        self._cursor = changes.cursor

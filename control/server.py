@@ -193,7 +193,7 @@ async def serve(config: ServerConfig) -> None:
         # Ports are bound but nothing is served until the state is loaded.
         state = await plane.start()
         await governance.start(state)
-        await runner.start(state.runs)
+        await runner.start(state.shared.runs)
         await replication.start()
         for each in servers:
             await each.start()
@@ -207,6 +207,7 @@ async def serve(config: ServerConfig) -> None:
             mtls=authority is not None,
             data_dir=str(config.data_dir),
             database=describe_database(config.database, config.data_dir),
+            replica=plane.replica_id,
             epoch=plane.epoch,
         )
         if authority is None:

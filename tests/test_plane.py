@@ -236,6 +236,7 @@ def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> No
         await plane.flush()
         writes = len(store.batches)
         for _ in range(6):  # a renewal every third of the TTL, for one minute
+            plane.heartbeat("a", STOPPED, REPORT)
             assert plane.grant_lease("a").granted
             await plane.flush()
             stored = store.agents["a"].status.lease_expires_at

@@ -20,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 from control.domain.audit import verify_chain
 from control.errors import Conflict, StoreError
-from control.store import RunChange, Store, postgres
+from control.store import RunChange, Store, StoredAgent, postgres
 from control.store.postgres import MIGRATIONS, PostgresStore
 from tests.test_store_contract import (
     PostgresBackend,
@@ -47,14 +47,15 @@ def test_replicas_starting_together_migrate_once(pg: PostgresBackend) -> None:
         stores = await asyncio.gather(*(pg.open() for _ in range(3)))
         try:
             hold = await stores[0].create_hold(draft("h1"), record("pause"))
-            assert [h.id for h in (await stores[2].load()).holds] == [hold.id]
+            assert [h.id for h in (await stores[2].load()).shared.holds] == [hold.id]
         finally:
             await asyncio.gather(*(store.close() for store in stores))
 
+    every_version = [(version,) for version in range(1, len(MIGRATIONS) + 1)]
     asyncio.run(main())
-    assert pg.sql("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert pg.sql("SELECT version FROM schema_version ORDER BY version") == every_version
     run_with_store(pg, nothing)
-    assert pg.sql("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert pg.sql("SELECT version FROM schema_version ORDER BY version") == every_version
 
 
 def test_concurrent_writers_get_unique_epochs_in_commit_order(pg: PostgresBackend) -> None:
@@ -81,12 +82,12 @@ def test_concurrent_writers_get_unique_epochs_in_commit_order(pg: PostgresBacken
             epochs = sorted(epoch for pair in pairs for epoch in pair)
             assert epochs == list(range(1, 4 * per_store + 1))
             state = await stores[1].load()
-            assert state.epoch == 4 * per_store
+            assert state.shared.epoch == 4 * per_store
             # Each audit entry was appended in its epoch's transaction, after the epoch
             # lock: the chain lists the changes in epoch order.
             entries, head = await stores[0].read_audit(0, 1000)
             assert verify_chain(entries, head) is None
-            created = {h.id: h.created_epoch for h in state.holds}
+            created = {h.id: h.created_epoch for h in state.shared.holds}
             pauses = [created[e.record.target] for e in entries if e.record.action == "pause"]
             assert pauses == sorted(pauses)
             assert len(entries) == 4 * per_store
@@ -119,7 +120,7 @@ def test_database_failures_are_one_line_store_errors(pg: PostgresBackend) -> Non
         store = await pg.open()
         await store.close()
         with pytest.raises(StoreError, match="store is closed"):
-            await store.ping()
+            await store.beat("replica-1")
 
     run_with_store(pg, body)
     asyncio.run(closed())
@@ -455,7 +456,7 @@ def test_two_replicas_moving_one_run_at_once_exactly_one_wins(pg: PostgresBacken
                 assert len(conflicts) == 1, results
                 assert "was changed by another writer" in str(conflicts[0])
             state = await stores[1].load()
-            assert [r.version for r in state.runs] == [3]
+            assert [r.version for r in state.shared.runs] == [3]
             entries, head = await stores[1].read_audit(0, 100)
             assert verify_chain(entries, head) is None
             assert len(entries) == 1 + 2, "the pause and the two winning steps"
@@ -463,3 +464,59 @@ def test_two_replicas_moving_one_run_at_once_exactly_one_wins(pg: PostgresBacken
             await asyncio.gather(*(store.close() for store in stores))
 
     asyncio.run(main())
+
+
+def written(agent_id: str, by: str, *, connected_at: float, connected: bool = True) -> StoredAgent:
+    row = agent(agent_id)
+    status = dataclasses.replace(row.status, connected=connected, connected_at=connected_at)
+    return dataclasses.replace(row, status=status, written_by=by, written_at=connected_at + 1)
+
+
+def test_rows_other_replicas_wrote_are_read_once_past_the_cursor(pg: PostgresBackend) -> None:
+    async def body(store: Store) -> None:
+        await store.save_agents(
+            [written("a", "r1", connected_at=10), written("b", "r2", connected_at=10)]
+        )
+        await store.beat("r1")
+        first = await store.agents_written_since("", "r2")
+        assert [(r.agent_id, r.written_by) for r in first.rows] == [("a", "r1")]
+        assert first.rows[0] == written("a", "r1", connected_at=10)
+        assert set(first.beat_ages) == {"r1"} and 0 <= first.beat_ages["r1"] < 5
+        # Nothing new: an empty read (a row may come again, never be skipped).
+        again = await store.agents_written_since(first.cursor, "r2")
+        assert [r.agent_id for r in again.rows] in ([], ["a"])
+        await store.save_agents([written("c", "r1", connected_at=11)])
+        later = await store.agents_written_since(again.cursor, "r2")
+        assert "c" in [r.agent_id for r in later.rows]
+
+    run_with_store(pg, body)
+
+
+def test_a_replica_cannot_overwrite_the_row_of_a_newer_stream(pg: PostgresBackend) -> None:
+    """The agent moved from r1 to r2: r1's late disconnect must not erase r2's stream."""
+
+    async def body(store: Store) -> None:
+        await store.save_agents([written("a", "r1", connected_at=10)])
+        await store.save_agents([written("a", "r2", connected_at=20)])
+        await store.save_agents([written("a", "r1", connected_at=10, connected=False)])
+        assert await store.load_agent("a") == written("a", "r2", connected_at=20)
+        # Another replica cannot speak for r2's live stream either...
+        await store.save_agents([written("a", "r3", connected_at=20)])
+        assert (await store.load_agent("a")) == written("a", "r2", connected_at=20)
+        # ...but r2 can, and once the stream is closed anyone may update the row.
+        await store.save_agents([written("a", "r2", connected_at=20, connected=False)])
+        await store.save_agents([written("a", "r3", connected_at=20, connected=False)])
+        stored = await store.load_agent("a")
+        assert stored is not None and stored.written_by == "r3"
+
+    run_with_store(pg, body)
+
+
+def test_beats_are_dated_by_the_database(pg: PostgresBackend) -> None:
+    async def body(store: Store) -> None:
+        await store.beat("r1")
+        await asyncio.sleep(0.3)
+        ages = (await store.agents_written_since("", "r2")).beat_ages
+        assert 0.3 <= ages["r1"] < 5
+
+    run_with_store(pg, body)

@@ -51,7 +51,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     conn.close()
 
     async def body(store: Store) -> None:
-        assert (await store.load()).epoch == 7
+        assert (await store.load()).shared.epoch == 7
         assert await store.read_audit(0, 10) == ([], ChainHead(0, GENESIS_HASH))
         hold = await store.create_hold(draft("h1"), record("pause"))
         assert hold.created_epoch == 8
@@ -59,7 +59,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     backend = SqliteBackend(tmp_path)
     run_with_store(backend, body)
     assert backend.sql("PRAGMA user_version") == [(len(MIGRATIONS),)]
-    assert len(MIGRATIONS) == 3
+    assert len(MIGRATIONS) == 4
 
 
 def test_insert_or_replace_cannot_overwrite_an_audit_entry(tmp_path: Path) -> None:

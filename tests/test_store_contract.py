@@ -38,7 +38,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_s
 from control.domain.release import FULL_SHARE
 from control.domain.rollout import Run, Runbook, Wave, new_run, start_wave
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
-from control.store import RunChange, SharedState, Store, StoredAgent
+from control.store import RunChange, Store, StoredAgent
 from control.store.postgres import PostgresStore
 from control.store.sqlite import DB_FILENAME, SqliteStore
 from tests.conftest import missing_tool
@@ -239,7 +239,7 @@ def agent(agent_id: str, nack_reason: str = "", **labels: str) -> StoredAgent:
         violation_at=2.6,
     )
     desired = Desired(Mode.PAUSED, ("h2",), "leak", 2, 1.5)
-    return StoredAgent(agent_id, labels or {"region": "eu"}, desired, status)
+    return StoredAgent(agent_id, labels or {"region": "eu"}, desired, status, "replica-a", 2.7)
 
 
 def test_holds_epochs_and_agents_survive_reopen(backend: Backend) -> None:
@@ -254,18 +254,16 @@ def test_holds_epochs_and_agents_survive_reopen(backend: Backend) -> None:
 
     async def reopened(store: Store) -> None:
         state = await store.load()
-        assert state.epoch == 3
-        assert [(h.id, h.active) for h in state.holds] == [("h1", False), ("h2", True)]
-        assert state.holds[0].scope == Scope.selector({"region": "eu"})
-        assert state.holds[0].lifted_by == "ic-2"
-        assert state.holds[1].scope.agent_ids == frozenset({"a", "b"})
+        assert state.shared.epoch == 3
+        assert [(h.id, h.active) for h in state.shared.holds] == [("h1", False), ("h2", True)]
+        assert state.shared.holds[0].scope == Scope.selector({"region": "eu"})
+        assert state.shared.holds[0].lifted_by == "ic-2"
+        assert state.shared.holds[1].scope.agent_ids == frozenset({"a", "b"})
         (loaded,) = state.agents
-        assert loaded.desired == saved.desired
-        assert loaded.status.connected is False, "nobody is connected to a process just started"
-        # Evidence survives a restart: a violation never clears by itself.
-        assert loaded == dataclasses.replace(
-            saved, status=dataclasses.replace(saved.status, connected=False)
-        )
+        # Exactly as written, the stream as its replica saw it included (the plane
+        # decides what a row means to it). Evidence survives: a violation never clears
+        # by itself.
+        assert loaded == saved
         # Epochs keep going up across restarts, and so does the audit chain.
         h3 = await store.create_hold(draft("h3"), record("pause"))
         assert h3.created_epoch == 4
@@ -330,7 +328,7 @@ def test_timestamps_come_back_exact_and_hash_the_same(backend: Backend) -> None:
         entries, head = await store.read_audit(0, 100)
         assert verify_chain(entries, head) is None
         assert [e.record.at for e in entries[:-1]] == [float(at) for at in awkward]
-        assert (await store.load()).holds[0].created_at == 0.1 + 0.2
+        assert (await store.load()).shared.holds[0].created_at == 0.1 + 0.2
 
     run_with_store(backend, body)
 
@@ -360,7 +358,7 @@ def test_refused_lift_changes_nothing_and_appends_no_audit_entry(backend: Backen
         with pytest.raises(Conflict, match="hold 'h1' already exists"):
             await store.create_hold(draft("h1"), record("pause"))
         assert await store.read_audit(0, 100) == before
-        assert (await store.load()).epoch == 2, "refused writes allocate no epoch"
+        assert (await store.load()).shared.epoch == 2, "refused writes allocate no epoch"
 
     run_with_store(backend, body)
 
@@ -375,8 +373,8 @@ def test_a_failed_audit_append_rolls_back_the_state_change(backend: Backend) -> 
         with pytest.raises(StoreError, match="disk on fire"):
             await store.lift_hold("h1", "ic-1", 2000.0, record("resume"))
         state = await store.load()
-        assert [(h.id, h.active) for h in state.holds] == [("h1", True)]
-        assert state.epoch == 1
+        assert [(h.id, h.active) for h in state.shared.holds] == [("h1", True)]
+        assert state.shared.epoch == 1
         assert (await store.read_audit(0, 100))[1].seq == 1
 
     run_with_store(backend, body)
@@ -394,7 +392,7 @@ def test_execute_resume_lifts_and_records_the_request_in_one_step(backend: Backe
             "approver-1",
             2,
         )
-        (stored,) = (await store.load()).resume_requests
+        (stored,) = (await store.load()).shared.resume_requests
         assert stored == dataclasses.replace(request, state=ResumeState.EXECUTED, lifted_epoch=2)
 
         before = await store.read_audit(0, 100)
@@ -404,7 +402,7 @@ def test_execute_resume_lifts_and_records_the_request_in_one_step(backend: Backe
         with pytest.raises(NotFound, match="unknown hold 'nope'"):
             await store.execute_resume(other, 2001.0, record("resume"))
         assert await store.read_audit(0, 100) == before
-        assert [r.id for r in (await store.load()).resume_requests] == ["resume-1"]
+        assert [r.id for r in (await store.load()).shared.resume_requests] == ["resume-1"]
 
     run_with_store(backend, body)
 
@@ -422,8 +420,8 @@ def test_requests_and_revocations_survive_reopen(backend: Backend) -> None:
 
     async def read(store: Store) -> None:
         state = await store.load()
-        assert state.resume_requests == [edited]
-        assert state.revoked_serials == {"02"}
+        assert state.shared.resume_requests == [edited]
+        assert state.shared.revoked == {"02": "sre-2"}
         assert [c.revoked_at for c in await store.list_certificates()] == [None, 1500.0]
 
     run_with_store(backend, write)
@@ -433,7 +431,7 @@ def test_requests_and_revocations_survive_reopen(backend: Backend) -> None:
 def test_approvals_round_trip(backend: Backend) -> None:
     async def body(store: Store) -> None:
         await store.save_resume_request(resume_request("h1"), record("resume_requested"))
-        (loaded,) = (await store.load()).resume_requests
+        (loaded,) = (await store.load()).shared.resume_requests
         assert loaded == resume_request("h1")
 
     run_with_store(backend, body)
@@ -492,7 +490,7 @@ def test_revocation_by_serial_and_by_subject(backend: Backend) -> None:
 
         revoked_at = {c.serial: c.revoked_at for c in await store.list_certificates()}
         assert revoked_at == {"01": 1600.0, "02": 1500.0, "03": 1600.0, "04": None}
-        assert (await store.load()).revoked_serials == {"01", "02", "03"}
+        assert set((await store.load()).shared.revoked) == {"01", "02", "03"}
         assert await audit_actions(store) == ["cert_revoked", "cert_revoked"]
 
     run_with_store(backend, body)
@@ -582,11 +580,11 @@ def test_a_run_step_commits_its_hold_changes_under_one_epoch(backend: Backend) -
         last = version(started, 3)
         assert (await store.commit_run(RunChange(last, "control-plane", 4.0), [])).epoch == 0
         state = await store.load()
-        assert (state.epoch, state.runs) == (3, [last])
-        holds = {h.id: h for h in state.holds}
+        assert (state.shared.epoch, state.shared.runs) == (3, [last])
+        holds = {h.id: h for h in state.shared.holds}
         assert holds["h-rollout"].release == book.release_through(1)
         assert holds["h1"].lifted_by == "automation-1"
-        (stored_request,) = state.resume_requests
+        (stored_request,) = state.shared.resume_requests
         assert (stored_request.state, stored_request.lifted_epoch) == (ResumeState.EXECUTED, 2)
         assert await audit_actions(store) == ["pause", "runbook.start"]
 
@@ -630,7 +628,7 @@ def test_a_run_step_based_on_a_stale_version_is_refused(backend: Backend) -> Non
                 await store.commit_run(change, [record("runbook.abort", "ic-2")])
         assert await store.load() == state, "no hold, epoch or run changed"
         assert await store.read_audit(0, 100) == audit, "and no audit entry"
-        assert [r.version for r in state.runs] == [2]
+        assert [r.version for r in state.shared.runs] == [2]
 
     run_with_store(backend, body)
 
@@ -642,7 +640,7 @@ def test_a_run_stored_without_a_version_is_version_0(backend: Backend) -> None:
     async def body(store: Store) -> None:
         await store.commit_run(RunChange(version(run, 1), "ic-1", 1.0), [])
         backend.strip_run_versions()
-        (old,) = (await store.load()).runs
+        (old,) = (await store.load()).shared.runs
         assert old == version(run, 0)
         await store.commit_run(RunChange(version(run, 1), "ic-1", 2.0), [])
         assert [r.version for r in (await store.load_shared()).runs] == [1]
@@ -663,15 +661,9 @@ def test_load_shared_is_load_without_the_agents(backend: Backend) -> None:
         await store.commit_run(RunChange(version(staged_run(), 1), "ic-1", 1.0), [])
 
         loaded, shared = await store.load(), await store.load_shared()
-        assert shared == SharedState(
-            epoch=loaded.epoch,
-            holds=loaded.holds,
-            resume_requests=loaded.resume_requests,
-            revoked_serials=loaded.revoked_serials,
-            runs=loaded.runs,
-        )
+        assert shared == loaded.shared
         assert (shared.epoch, [h.id for h in shared.holds]) == (3, ["h1", "h2"])
-        assert (len(shared.resume_requests), shared.revoked_serials) == (1, {"02"})
+        assert (len(shared.resume_requests), shared.revoked) == (1, {"02": "sre-2"})
         assert [r.id for r in shared.runs] == ["run-1"]
         assert await store.load_agent("a") == loaded.agents[0]
         assert await store.load_agent("nobody") is None
@@ -735,7 +727,7 @@ def test_two_deciders_at_once_cannot_both_win(backend: Backend) -> None:
             await store.save_resume_request(stale, record("resume.approve"))
         with pytest.raises(Conflict, match="changed since it was approved"):
             await store.execute_resume(stale, 2000.0, record("resume"))
-        assert (await store.load()).holds[0].active, "the hold stays"
+        assert (await store.load()).shared.holds[0].active, "the hold stays"
 
         # Revision 2, approved and executed: then nothing more is written over it, and
         # no run can consume it.
@@ -750,7 +742,7 @@ def test_two_deciders_at_once_cannot_both_win(backend: Backend) -> None:
         with pytest.raises(Conflict, match="resume-1' is executed"):
             await store.commit_run(consume, [record("runbook.start")])
         state = await store.load()
-        ((stored,), runs) = state.resume_requests, state.runs
+        ((stored,), runs) = state.shared.resume_requests, state.shared.runs
         assert (stored.state, stored.revision, runs) == (ResumeState.EXECUTED, 2, [])
 
     run_with_store(backend, body)
@@ -765,3 +757,27 @@ def test_newer_schema_is_refused_with_a_clear_error(backend: Backend) -> None:
     backend.set_schema_version(99)
     with pytest.raises(StoreError, match=r"schema version 99, newer than .* upgrade the server"):
         run_with_store(backend, nothing)
+
+
+def test_an_acknowledged_violation_is_shared_state_with_its_audit_entry(backend: Backend) -> None:
+    async def body(store: Store) -> None:
+        await store.acknowledge_violation("a", 2.6, record("agent.acknowledge_violation"))
+        await store.acknowledge_violation("b", 5.0, record("agent.acknowledge_violation"))
+        await store.acknowledge_violation("a", 9.5, record("agent.acknowledge_violation"))
+        assert (await store.load_shared()).violation_acks == {"a": 9.5, "b": 5.0}
+        assert (await store.load()).shared.violation_acks == {"a": 9.5, "b": 5.0}
+        assert await audit_actions(store) == ["agent.acknowledge_violation"] * 3
+
+    run_with_store(backend, body)
+
+
+def test_a_replica_never_reads_back_its_own_rows(backend: Backend) -> None:
+    """SQLite has one writer, which knows its rows; PostgreSQL leaves out the reader's."""
+
+    async def body(store: Store) -> None:
+        await store.save_agents([agent("a")])  # written by replica-a
+        await store.beat("replica-a")
+        changes = await store.agents_written_since("", "replica-a")
+        assert changes.rows == []
+
+    run_with_store(backend, body)

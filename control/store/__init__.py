@@ -1,11 +1,12 @@
 """The storage port: what the control plane needs from a durable store.
 
-Implementations (``control.store.sqlite`` now, PostgreSQL later) must honour one
+Implementations (``control.store.sqlite``, ``control.store.postgres``) must honour one
 contract:
 
 * holds and epochs are durable before a call returns; epochs are allocated by
   the store and only ever go up;
-* agent rows are written in batches;
+* agent rows are written in batches, and a row never goes back to an older stream:
+  a replica that lost an agent to another cannot overwrite the newer replica's row;
 * every state change is committed in the same transaction as the audit entries
   that describe it, and the audit log is append-only: the store chains each new
   entry to the previous one (``control.domain.audit.chain``) and moves the
@@ -34,17 +35,21 @@ class StoredAgent:
     labels: dict[str, str]
     desired: Desired
     status: AgentStatus
+    # Which replica wrote the row, and when (by its clock): another replica reads
+    # ``status.connected`` as "connected to that replica", true while it is alive.
+    written_by: str = ""
+    written_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class LoadedState:
-    epoch: int
-    holds: list[Hold]
-    agents: list[StoredAgent]
-    resume_requests: list[ResumeRequest] = field(default_factory=list)
-    # Serials of revoked certificates: refused at every call and stream.
-    revoked_serials: set[str] = field(default_factory=set)
-    runs: list[Run] = field(default_factory=list)
+class AgentChanges:
+    """Agent rows other replicas wrote since a cursor, and which replicas are alive."""
+
+    rows: list[StoredAgent]
+    # Replica id -> seconds since its last beat, by the database's clock (no skew).
+    beat_ages: dict[str, float]
+    # Pass back to read what was written after this read.
+    cursor: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +58,20 @@ class SharedState:
 
     epoch: int
     holds: list[Hold]
-    resume_requests: list[ResumeRequest]
-    revoked_serials: set[str]
-    runs: list[Run]
+    resume_requests: list[ResumeRequest] = field(default_factory=list)
+    # Revoked certificates, serial -> subject: refused at every call and stream.
+    revoked: dict[str, str] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    # Agent id -> the newest violation an operator acknowledged (its ``violation_at``).
+    violation_acks: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """Everything a starting server reads: the shared state and every agent row."""
+
+    shared: SharedState
+    agents: list[StoredAgent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +167,18 @@ class Store(Protocol):
     async def load_agent(self, agent_id: str) -> StoredAgent | None:
         """One agent's stored row, for a replica it fails over to."""
 
+    async def agents_written_since(self, cursor: str, replica_id: str) -> AgentChanges:
+        """Rows written by other replicas since ``cursor`` ("" for all), and their beats.
+
+        A row may come again in a later read; none written after a read's cursor is
+        ever skipped. A single-server store has no other writers: nothing, ever."""
+
+    async def acknowledge_violation(
+        self, agent_id: str, violation_at: float, audit: AuditRecord
+    ) -> None:
+        """Record that the violation flagged at ``violation_at`` was acknowledged, with
+        its audit entry: the replica serving the agent clears it when it next re-reads."""
+
     async def load_shared(self) -> SharedState:
         """Everything but the agent rows, read in one consistent snapshot."""
 
@@ -164,9 +192,9 @@ class Store(Protocol):
         At most one process holds the lead at a time; it is given up when the process
         or its database connection dies. A single-server store always leads."""
 
-    async def ping(self) -> None:
-        """Raise ``StoreError`` unless the database answers now: readiness and leases
-        depend on it."""
+    async def beat(self, replica_id: str) -> None:
+        """Record that this replica is alive; raise ``StoreError`` unless the database
+        answers now: readiness and leases depend on it."""
 
     async def close(self) -> None: ...
 

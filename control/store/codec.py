@@ -79,8 +79,23 @@ _STATUS_COLUMNS = (
     "uploads_refused",
     "violation",
     "violation_at",
+    # The stream as its replica saw it when writing: what other replicas show.
+    "connected",
+    "acked_since_connect",
+    "nacked_since_connect",
 )
-AGENT_COLUMNS = ("agent_id", "labels", *_DESIRED_COLUMNS, *_STATUS_COLUMNS)
+_STREAM_FLAGS = ("connected", "acked_since_connect", "nacked_since_connect")
+AGENT_COLUMNS = (
+    "agent_id",
+    "labels",
+    *_DESIRED_COLUMNS,
+    *_STATUS_COLUMNS,
+    "written_by",
+    "written_at",
+)
+VIOLATION_ACK_COLUMNS = ("agent_id", "violation_at")
+SELECT_VIOLATION_ACKS = "SELECT agent_id, violation_at FROM violation_acks"
+SELECT_REVOKED = "SELECT serial, subject FROM certificates WHERE revoked_at IS NOT NULL"
 HOLD_COLUMNS = (
     "id",
     "kind",
@@ -282,7 +297,8 @@ def agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
     )
     hold_ids = json.dumps(list(d.hold_ids))
     desired = (d.mode.value, hold_ids, d.reason, d.epoch, d.since, d.purge_spool)
-    return (agent.agent_id, json.dumps(agent.labels, sort_keys=True), *desired, *status)
+    labels = json.dumps(agent.labels, sort_keys=True)
+    return (agent.agent_id, labels, *desired, *status, agent.written_by, agent.written_at)
 
 
 def agent_from_row(row: Row) -> StoredAgent:
@@ -294,7 +310,6 @@ def agent_from_row(row: Row) -> StoredAgent:
         since=row["desired_since"],
         purge_spool=bool(row["desired_purge_spool"]),
     )
-    # Not connected: nobody is, to a process that has just started.
     status = AgentStatus(
         **fields_from(
             row,
@@ -303,11 +318,14 @@ def agent_from_row(row: Row) -> StoredAgent:
             channels=json.loads(row["channels"]),
             report=report_from_json(row["report"]),
             ack_report=report_from_json(row["ack_report"]),
+            **{flag: bool(row[flag]) for flag in _STREAM_FLAGS},
         )
     )
     # Sorted as written: a store may hand JSON objects back in an order of its own.
     labels = dict(sorted(json.loads(row["labels"]).items()))
-    return StoredAgent(row["agent_id"], labels, desired, status)
+    return StoredAgent(
+        row["agent_id"], labels, desired, status, row["written_by"], row["written_at"]
+    )
 
 
 def audit_to_row(entry: AuditEntry) -> tuple[Any, ...]:

@@ -15,10 +15,15 @@ TEXT and DOUBLE PRECISION, which give back exactly the strings and floats they w
 given.
 
 Replicas learn of each other's changes by ``NOTIFY``: every transaction that changes
-shared state (holds, the epoch, resume requests, certificates, runbook runs) calls
-``pg_notify`` before it commits, and ``watch`` listens on a connection of its own. One
+shared state (holds, the epoch, resume requests, certificates, runbook runs,
+acknowledged violations) calls ``pg_notify`` before it commits, and ``watch``
+listens on a connection of its own. One
 replica drives runbook runs: the one holding a session advisory lock (``try_lead``)
 on another connection of its own, which dies with it.
+
+Agent rows change too often to announce: each replica polls for the rows the others
+wrote (``agents_written_since``, by the writing transaction's id) and for which
+replicas still beat (``beat``, by the database's clock), and shows their agents.
 """
 
 from __future__ import annotations
@@ -46,7 +51,15 @@ from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
 from control.errors import InvalidInput, PermissionDenied, StoreError, one_line
-from control.store import LoadedState, RunChange, RunCommit, SharedState, StoredAgent, codec
+from control.store import (
+    AgentChanges,
+    LoadedState,
+    RunChange,
+    RunCommit,
+    SharedState,
+    StoredAgent,
+    codec,
+)
 
 T = TypeVar("T")
 Connection = AsyncConnection[DictRow]
@@ -239,6 +252,27 @@ MIGRATIONS: list[str] = [
         run TEXT NOT NULL
     );
     """,
+    # Version 2: what another replica needs to show an agent it does not serve.
+    """
+    ALTER TABLE agents
+        ADD COLUMN connected BOOLEAN NOT NULL DEFAULT FALSE,
+        ADD COLUMN acked_since_connect BOOLEAN NOT NULL DEFAULT FALSE,
+        ADD COLUMN nacked_since_connect BOOLEAN NOT NULL DEFAULT FALSE,
+        ADD COLUMN written_by TEXT NOT NULL DEFAULT '',
+        ADD COLUMN written_at DOUBLE PRECISION,
+        -- The writing transaction: readers ask for rows newer than a snapshot horizon.
+        ADD COLUMN written_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+    CREATE INDEX agents_by_written_xid ON agents (written_xid);
+    CREATE TABLE replicas (
+        replica_id TEXT PRIMARY KEY,
+        started_at DOUBLE PRECISION NOT NULL,
+        beat_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE violation_acks (
+        agent_id TEXT PRIMARY KEY,
+        violation_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 
@@ -274,13 +308,37 @@ _TRY_LEAD = "SELECT pg_try_advisory_lock(%s::integer, hashtext(current_schema())
 # save_agents for the measurement behind it. The table is created once per session and
 # emptied by every commit: the plane flushes four times a second, and a table created
 # and dropped per batch would churn the system catalogs as often.
-_CREATE_AGENT_BATCH = "CREATE TEMP TABLE agent_batch (LIKE agents) ON COMMIT DELETE ROWS"
+# Its defaults fill written_xid with the writing transaction's id.
+_CREATE_AGENT_BATCH = (
+    "CREATE TEMP TABLE agent_batch (LIKE agents INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
 _AGENT_LIST = ", ".join(codec.AGENT_COLUMNS)
 _COPY_AGENT_BATCH = f"COPY agent_batch ({_AGENT_LIST}) FROM STDIN"
+# A row never goes back to an older stream: once an agent has connected to another
+# replica (a later connected_at), the replica it left cannot overwrite that row with
+# its disconnect. A disconnected row may be updated by any replica (desired state).
 _UPSERT_AGENT_BATCH = (
-    f"INSERT INTO agents ({_AGENT_LIST}) SELECT {_AGENT_LIST} FROM agent_batch"
-    f" {_replace_on_conflict(codec.AGENT_COLUMNS)}"
+    f"INSERT INTO agents ({_AGENT_LIST}, written_xid)"
+    f" SELECT {_AGENT_LIST}, written_xid FROM agent_batch"
+    f" {_replace_on_conflict((*codec.AGENT_COLUMNS, 'written_xid'))}"
+    " WHERE agents.connected_at IS NULL"
+    " OR EXCLUDED.connected_at > agents.connected_at"
+    " OR (EXCLUDED.connected_at = agents.connected_at"
+    "     AND (EXCLUDED.written_by = agents.written_by OR NOT agents.connected))"
 )
+# Every transaction older than the horizon has ended: rows written later have a
+# written_xid at or above it, whatever order the writers commit in.
+_SNAPSHOT_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon"
+_DB_NOW = "extract(epoch FROM clock_timestamp())"
+_BEAT = (
+    "INSERT INTO replicas (replica_id, started_at, beat_at)"
+    f" VALUES (%(replica)s, {_DB_NOW}, {_DB_NOW})"
+    " ON CONFLICT (replica_id) DO UPDATE SET beat_at = EXCLUDED.beat_at"
+)
+# Replicas gone for a day are forgotten; their agents' rows read as disconnected.
+_FORGET_REPLICAS = f"DELETE FROM replicas WHERE beat_at < {_DB_NOW} - 86400"
+_BEAT_AGES = f"SELECT replica_id, {_DB_NOW} - beat_at AS age FROM replicas"
+_UPSERT_VIOLATION_ACK = _upsert("violation_acks", codec.VIOLATION_ACK_COLUMNS)
 
 
 def _where(dsn: str) -> str:
@@ -328,14 +386,16 @@ async def _read_shared(conn: Connection) -> SharedState:
     epoch_row = await _fetch_one(conn, "SELECT epoch FROM epoch_counter")
     holds = await _fetch_all(conn, f"{_SELECT_HOLDS} ORDER BY created_epoch, id")
     requests = await _fetch_all(conn, f"{_SELECT_RESUMES} ORDER BY created_at, id")
-    revoked = await _fetch_all(conn, "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL")
+    revoked = await _fetch_all(conn, codec.SELECT_REVOKED)
     runs = await _fetch_all(conn, "SELECT run FROM runbook_runs ORDER BY started_at, id")
+    acks = await _fetch_all(conn, codec.SELECT_VIOLATION_ACKS)
     return SharedState(
         epoch=0 if epoch_row is None else int(epoch_row["epoch"]),
         holds=[codec.hold_from_row(r) for r in holds],
         resume_requests=[codec.resume_from_row(r) for r in requests],
-        revoked_serials={r["serial"] for r in revoked},
+        revoked={r["serial"]: r["subject"] for r in revoked},
         runs=[codec.run_from_json(r["run"]) for r in runs],
+        violation_acks={r["agent_id"]: r["violation_at"] for r in acks},
     )
 
 
@@ -599,14 +659,7 @@ class PostgresStore:
         async with self._snapshot() as conn:
             shared = await _read_shared(conn)
             agents = await _fetch_all(conn, f"{_SELECT_AGENTS} ORDER BY agent_id")
-        return LoadedState(
-            epoch=shared.epoch,
-            holds=shared.holds,
-            agents=[codec.agent_from_row(r) for r in agents],
-            resume_requests=shared.resume_requests,
-            revoked_serials=shared.revoked_serials,
-            runs=shared.runs,
-        )
+        return LoadedState(shared, [codec.agent_from_row(r) for r in agents])
 
     async def load_shared(self) -> SharedState:
         async with self._snapshot() as conn:
@@ -616,6 +669,32 @@ class PostgresStore:
         async with self._connection() as conn:
             row = await _fetch_one(conn, f"{_SELECT_AGENTS} WHERE agent_id = %s", (agent_id,))
         return None if row is None else codec.agent_from_row(row)
+
+    async def agents_written_since(self, cursor: str, replica_id: str) -> AgentChanges:
+        """One snapshot: its horizon first, then the rows at or above the last one."""
+        async with self._snapshot() as conn:
+            horizon = await _fetch_one(conn, _SNAPSHOT_HORIZON)
+            rows = await _fetch_all(
+                conn,
+                f"{_SELECT_AGENTS} WHERE written_xid >= %s::xid8 AND written_by <> %s",
+                (cursor or "0", replica_id),
+            )
+            beats = await _fetch_all(conn, _BEAT_AGES)
+        assert horizon is not None
+        return AgentChanges(
+            [codec.agent_from_row(r) for r in rows],
+            {r["replica_id"]: float(r["age"]) for r in beats},
+            horizon["horizon"],
+        )
+
+    async def acknowledge_violation(
+        self, agent_id: str, violation_at: float, audit: AuditRecord
+    ) -> None:
+        async def record(conn: Connection) -> None:
+            await conn.execute(_UPSERT_VIOLATION_ACK, (agent_id, violation_at))
+            await _announce(conn)
+
+        await self._write([audit], record)
 
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         async def insert(conn: Connection) -> Hold:
@@ -892,9 +971,10 @@ class PostgresStore:
         if conn is not None:
             await _close_quietly(conn)
 
-    async def ping(self) -> None:
+    async def beat(self, replica_id: str) -> None:
         async with self._connection() as conn:
-            await conn.execute("SELECT 1")
+            await conn.execute(_BEAT, {"replica": replica_id})
+            await conn.execute(_FORGET_REPLICAS)
 
     async def close(self) -> None:
         self._closed = True

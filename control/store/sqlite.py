@@ -24,7 +24,15 @@ from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
 from control.errors import InvalidInput, PermissionDenied, StoreError
-from control.store import LoadedState, RunChange, RunCommit, SharedState, StoredAgent, codec
+from control.store import (
+    AgentChanges,
+    LoadedState,
+    RunChange,
+    RunCommit,
+    SharedState,
+    StoredAgent,
+    codec,
+)
 
 T = TypeVar("T")
 
@@ -165,6 +173,17 @@ MIGRATIONS: list[str] = [
         run TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE agents ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN acked_since_connect INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN nacked_since_connect INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN written_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE agents ADD COLUMN written_at REAL;
+    CREATE TABLE violation_acks (
+        agent_id TEXT PRIMARY KEY,
+        violation_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -186,6 +205,7 @@ _INSERT_TOKEN = _insert("enroll_tokens", codec.TOKEN_COLUMNS)
 _SELECT_CERTIFICATES = codec.select_sql("certificates", codec.CERTIFICATE_COLUMNS)
 _INSERT_CERTIFICATE = _insert("certificates", codec.CERTIFICATE_COLUMNS)
 _UPSERT_RUN = _insert("runbook_runs", codec.RUN_COLUMNS, replace=True)
+_UPSERT_VIOLATION_ACK = _insert("violation_acks", codec.VIOLATION_ACK_COLUMNS, replace=True)
 
 
 def _read_shared(db: sqlite3.Connection) -> SharedState:
@@ -194,14 +214,13 @@ def _read_shared(db: sqlite3.Connection) -> SharedState:
     requests = [
         codec.resume_from_row(r) for r in db.execute(f"{_SELECT_RESUMES} ORDER BY created_at, id")
     ]
-    revoked = {
-        row[0] for row in db.execute("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL")
-    }
+    revoked = dict(db.execute(codec.SELECT_REVOKED).fetchall())
     runs = [
         codec.run_from_json(row[0])
         for row in db.execute("SELECT run FROM runbook_runs ORDER BY started_at, id")
     ]
-    return SharedState(epoch, holds, requests, revoked, runs)
+    acks = dict(db.execute(codec.SELECT_VIOLATION_ACKS).fetchall())
+    return SharedState(epoch, holds, requests, revoked, runs, acks)
 
 
 def _stored_request(db: sqlite3.Connection, request_id: str) -> sqlite3.Row | None:
@@ -399,16 +418,8 @@ class SqliteStore:
 
     async def load(self) -> LoadedState:
         def read(db: sqlite3.Connection) -> LoadedState:
-            shared = _read_shared(db)
             agents = [codec.agent_from_row(r) for r in db.execute(_SELECT_AGENTS)]
-            return LoadedState(
-                shared.epoch,
-                shared.holds,
-                agents,
-                shared.resume_requests,
-                shared.revoked_serials,
-                shared.runs,
-            )
+            return LoadedState(_read_shared(db), agents)
 
         return await self._run(lambda: self._snapshot(read))
 
@@ -421,6 +432,17 @@ class SqliteStore:
             return None if row is None else codec.agent_from_row(row)
 
         return await self._run(read)
+
+    async def agents_written_since(self, cursor: str, replica_id: str) -> AgentChanges:
+        """Only this server writes the file."""
+        return AgentChanges([], {}, cursor)
+
+    async def acknowledge_violation(
+        self, agent_id: str, violation_at: float, audit: AuditRecord
+    ) -> None:
+        await self._write(
+            [audit], lambda db: db.execute(_UPSERT_VIOLATION_ACK, (agent_id, violation_at))
+        )
 
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         def insert(db: sqlite3.Connection) -> Hold:
@@ -580,7 +602,8 @@ class SqliteStore:
         """One server per file: it always leads."""
         return True
 
-    async def ping(self) -> None:
+    async def beat(self, replica_id: str) -> None:
+        """Only a ping: no other replica asks who is alive."""
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:

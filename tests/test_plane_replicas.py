@@ -1,0 +1,281 @@
+"""ControlPlane showing agents another replica serves, from the rows it writes.
+
+The rows and beats come in as ``AgentChanges`` (what the PostgreSQL store reads back);
+the plane under test runs on a real SQLite store, which records what it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from control.domain import AgentStatus, ComplianceState, Desired, Mode, Scope
+from control.plane import REPLICA_SILENT_BEATS, ControlPlane
+from control.store import AgentChanges, StoredAgent
+from control.store.postgres import PostgresStore
+from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
+
+PROBE = 2.0
+SILENCE = 31.0  # CompliancePolicy's default: 3 heartbeats of 10 s, plus 1 s
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def remote_row(
+    agent_id: str,
+    by: str,
+    at: float,
+    *,
+    connected: bool = True,
+    last_seen: float | None = None,
+    violation: str = "",
+    mode: Mode = Mode.ALLOWED,
+) -> StoredAgent:
+    """A row as the serving replica writes it at ``at``: streaming, capturing."""
+    status = AgentStatus(
+        first_seen=at - 100,
+        last_seen=at if last_seen is None else last_seen,
+        connected=connected,
+        connected_at=at - 100,
+        disconnected_at=None if connected else at,
+        acked_epoch=0,
+        acked_mode=mode,
+        acked_at=at - 99,
+        acked_since_connect=True,
+        channels={"screen": mode is Mode.ALLOWED},
+        lease_expires_at=at + 60,
+        violation=violation,
+        violation_at=at - 1 if violation else None,
+    )
+    return StoredAgent(
+        agent_id, {"owner": "erin"}, Desired(Mode.ALLOWED, (), "", 0, at - 100), status, by, at
+    )
+
+
+def run(
+    tmp_path: Path, body: Callable[[ControlPlane, RecordingStore, Clock], Awaitable[None]]
+) -> None:
+    async def main() -> None:
+        store = await RecordingStore.open(tmp_path)
+        clock = Clock()
+        plane = ControlPlane(
+            store,
+            clock=clock,
+            flush_interval=3600,
+            store_probe_interval=PROBE,
+            replica_id="me",
+        )
+        await plane.start()
+        try:
+            await body(plane, store, clock)
+        finally:
+            await plane.stop()
+
+    asyncio.run(main())
+
+
+def state_of(plane: ControlPlane, agent_id: str) -> ComplianceState:
+    view = plane.agent_view(agent_id)
+    assert view is not None
+    return view.compliance.state
+
+
+def test_an_agent_served_elsewhere_is_live_while_its_replica_beats(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
+        assert state_of(plane, "a") is ComplianceState.CAPTURING
+        # A minute on, its row unchanged (liveness is written rarely): r2's beat vouches.
+        clock.now += 60
+        plane.absorb(AgentChanges([], {"r2": 1.0}, "2"))
+        assert state_of(plane, "a") is ComplianceState.CAPTURING
+        view = plane.agent_view("a")
+        assert view is not None and view.status.last_seen == clock.now - 1.0
+        # r2 stops beating: its streams are gone, as of its last beat.
+        clock.now += 20
+        plane.absorb(AgentChanges([], {"r2": 21.0}, "3"))
+        view = plane.agent_view("a")
+        assert view is not None and view.compliance.state is ComplianceState.OFFLINE
+        assert view.status.disconnected_at == clock.now - 21.0
+        assert REPLICA_SILENT_BEATS * PROBE < 21.0
+        assert store.batches == [], "nothing of another replica's agent is written here"
+
+    run(tmp_path, body)
+
+
+def test_a_row_that_shows_a_silent_stream_stays_silent(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        row = remote_row("a", "r2", clock.now, last_seen=clock.now - SILENCE - 5)
+        plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
+        view = plane.agent_view("a")
+        assert view is not None and view.compliance.state is ComplianceState.OFFLINE
+        assert "silent" in view.compliance.reason
+
+    run(tmp_path, body)
+
+
+def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
+    tmp_path: Path,
+) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        plane.connect("local", {}, Session())
+        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
+        await plane.create_hold(Scope.fleet(), "leak", "", IC)
+        await plane.flush()
+        assert set(store.agents) == {"local"}
+        assert state_of(plane, "a") is ComplianceState.PENDING, "told to pause, not acked yet"
+        # r2 writes the ack and the verified stop; this replica shows them.
+        hold_epoch = plane.epoch
+        acked = remote_row("a", "r2", clock.now + 1, mode=Mode.PAUSED)
+        status = dataclasses.replace(
+            acked.status, acked_epoch=hold_epoch, verified_at=clock.now + 1, channels={}
+        )
+        desired = dataclasses.replace(acked.desired, mode=Mode.PAUSED, epoch=hold_epoch)
+        row = dataclasses.replace(acked, status=status, desired=desired)
+        clock.now += 1
+        plane.absorb(AgentChanges([row], {"r2": 0.2}, "2"))
+        assert state_of(plane, "a") is ComplianceState.VERIFIED_STOPPED
+
+    run(tmp_path, body)
+
+
+def test_rows_never_override_a_stream_served_here_or_a_newer_one(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        session = Session()
+        plane.connect("a", {}, session)
+        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now + 5)], {"r2": 0.5}, "1"))
+        view = plane.agent_view("a")
+        assert view is not None and view.status.connected_at == clock.now, "served here"
+        # Once the stream here has ended, a newer stream elsewhere is the truth...
+        plane.disconnect("a", session)
+        clock.now += 200
+        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "2"))
+        assert state_of(plane, "a") is ComplianceState.CAPTURING
+        # ...and an older row of a stream that has since moved here again is not.
+        plane.connect("a", {}, Session())
+        stale = remote_row("a", "r3", clock.now - 50)
+        plane.absorb(AgentChanges([stale], {"r2": 0.5, "r3": 0.5}, "3"))
+        view = plane.agent_view("a")
+        assert view is not None and view.status.connected_at == clock.now
+
+    run(tmp_path, body)
+
+
+def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        row = remote_row("a", "r2", clock.now, violation="screen active after pause")
+        await store.save_agents([row])
+        plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
+        await plane.recall("a")
+        plane.connect("a", {}, Session())
+        view = plane.agent_view("a")
+        assert view is not None and view.compliance.state is ComplianceState.VIOLATION
+        assert view.status.connected_at == clock.now
+        await plane.flush()
+        assert store.agents["a"].written_by == "me"
+
+    run(tmp_path, body)
+
+
+def test_acknowledging_a_remote_violation_clears_it_everywhere(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        row = remote_row("a", "r2", clock.now, violation="screen active after pause")
+        plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
+        assert state_of(plane, "a") is ComplianceState.VIOLATION
+        await plane.acknowledge_violation("a", IC, "false alarm, checked the laptop")
+        assert state_of(plane, "a") is ComplianceState.CAPTURING
+        # r2 has not re-read yet: its row still has the evidence, which stays cleared here.
+        plane.absorb(AgentChanges([row], {"r2": 0.5}, "2"))
+        assert state_of(plane, "a") is ComplianceState.CAPTURING
+        assert (await store.load_shared()).violation_acks == {"a": row.status.violation_at}
+        # Evidence flagged after the acknowledgment is a new violation.
+        newer = remote_row("a", "r2", clock.now + 10, violation="spool grew")
+        plane.absorb(AgentChanges([newer], {"r2": 0.5}, "3"))
+        assert state_of(plane, "a") is ComplianceState.VIOLATION
+
+    run(tmp_path, body)
+
+
+def test_the_serving_replica_clears_a_violation_acknowledged_elsewhere(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        plane.connect("a", {}, Session())
+        plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
+        await plane.create_hold(Scope.fleet(), "leak", "", IC)
+        plane.ack("a", plane.epoch, Mode.PAUSED, {"screen": True}, REPORT)
+        view = plane.agent_view("a")
+        assert view is not None and view.compliance.state is ComplianceState.VIOLATION
+        flagged_at = view.status.violation_at
+        assert flagged_at is not None
+        plane.adopt_violation_acks({"a": flagged_at})
+        assert state_of(plane, "a") is not ComplianceState.VIOLATION
+        await plane.flush()
+        assert store.agents["a"].status.violation == ""
+
+    run(tmp_path, body)
+
+
+def test_a_stream_that_goes_silent_is_written_once_and_its_next_word_at_once(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        store = await RecordingStore.open(tmp_path)
+        clock = Clock()
+        plane = ControlPlane(
+            store, clock=clock, flush_interval=3600, store_probe_interval=0.02, replica_id="me"
+        )
+        await plane.start()
+        plane.connect("a", {}, Session())
+        await plane.flush()
+        clock.now += SILENCE + 1
+        await asyncio.sleep(0.1)  # a few probe rounds
+        await plane.flush()
+        assert store.batches == [1, 1], "the silence is written, once"
+        row = store.agents["a"]
+        assert row.written_at is not None and row.status.last_seen is not None
+        assert row.written_at - row.status.last_seen > SILENCE
+        clock.now += 1
+        plane.heartbeat("a", STOPPED, REPORT)
+        await plane.flush()
+        assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == clock.now
+        await plane.stop()
+
+    asyncio.run(main())
+
+
+def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str) -> None:
+    """The race behind a false VIOLATION: B lifts an old hold at epoch 3 while A's new
+    pause (epoch 2) has not reached B yet. B must not announce epoch 3 as ALLOWED."""
+
+    async def main() -> None:
+        store_a, store_b = await PostgresStore.open(pg_dsn), await PostgresStore.open(pg_dsn)
+        plane_a = ControlPlane(store_a, clock=Clock(), flush_interval=3600, replica_id="a")
+        plane_b = ControlPlane(store_b, clock=Clock(), flush_interval=3600, replica_id="b")
+        try:
+            await plane_a.start()
+            await plane_b.start()
+            session = Session()
+            plane_b.connect("laptop", {}, session)
+            old, _ = await plane_b.create_hold(Scope.fleet(), "old", "", IC)
+            shared = await store_a.load_shared()
+            await plane_a.adopt(shared.epoch, shared.holds)
+            newer, _ = await plane_a.create_hold(Scope.fleet(), "newer", "", IC)
+            lifted = await plane_b.lift_hold(old.id, IC)  # B has not heard of `newer`
+            assert (old.created_epoch, newer.created_epoch, lifted.lifted_epoch) == (1, 2, 3)
+            assert plane_b.epoch == 3
+            directive = plane_b.directive_for("laptop")
+            assert (directive.epoch, directive.desired.mode) == (3, Mode.PAUSED)
+            assert directive.desired.hold_ids == (newer.id,)
+            assert [h.id for h in plane_b.active_holds()] == [newer.id]
+        finally:
+            for plane, store in ((plane_a, store_a), (plane_b, store_b)):
+                await plane.stop()
+                await store.close()
+
+    asyncio.run(main())
