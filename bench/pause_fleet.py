@@ -16,29 +16,46 @@ product ``--insecure`` with one connection per agent: the ratio is what mTLS cos
 
 Resuming takes two people, as in the product: ``ic-1`` requests, ``approver-1`` approves.
 
+The product keeps its state in SQLite in a fresh data dir unless ``--database`` names a
+PostgreSQL server: then every product run gets a fresh scratch database there, created
+before and dropped after the run. ``--replicas N`` (N > 1 needs ``--database``) runs N
+product servers on that one database, sharing one CA (mTLS) as replicas do; the fleet
+is given every replica's address and each agent picks one. The pause is issued on
+replica 0, and every replica's GetStatus is polled to see when it shows the whole fleet
+paused, then verified. The baseline stays one bare server: the floor gRPC sets here.
+
 It prints figures, it asserts nothing. Run from the repository root::
 
     .venv/bin/python -m bench.pause_fleet --agents 10000 --topology all --repeat 3
+    .venv/bin/python -m bench.pause_fleet --agents 5000 --topology per-agent \\
+        --database postgresql://postgres@127.0.0.1:5432/postgres --replicas 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import secrets
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
+import psycopg
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
@@ -80,6 +97,33 @@ class Topology:
 
 
 @dataclass(frozen=True, slots=True)
+class Ports:
+    """Where one server listens, and the database it keeps its state in ("": SQLite)."""
+
+    grpc: int
+    enroll: int
+    http: int
+    database: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """What the product runs on: SQLite, or ``replicas`` servers on one PostgreSQL.
+
+    ``admin_url``: the PostgreSQL server the scratch databases are created on ("": SQLite).
+    """
+
+    admin_url: str = ""
+    replicas: int = 1
+
+    def describe(self) -> str:
+        if not self.admin_url:
+            return "SQLite"
+        servers = f"{self.replicas} replicas" if self.replicas > 1 else "1 server"
+        return f"PostgreSQL, {servers}"
+
+
+@dataclass(frozen=True, slots=True)
 class Enrolling:
     """What an mTLS fleet needs to enrol: a join token and where to use it."""
 
@@ -101,17 +145,16 @@ class System:
     gc_freeze: bool = False
     mtls: bool = False
 
-    def server_argv(
-        self, port: int, enroll_port: int, data_dir: Path, paused_epoch: int | None
-    ) -> list[str]:
-        if self.product:  # a restart finds its state in data_dir
-            security = ["--enroll", f"127.0.0.1:{enroll_port}"] if self.mtls else ["--insecure"]
+    def server_argv(self, ports: Ports, data_dir: Path, paused_epoch: int | None) -> list[str]:
+        if self.product:  # a restart finds its state in data_dir, or in the database
+            security = ["--enroll", f"127.0.0.1:{ports.enroll}"] if self.mtls else ["--insecure"]
+            database = ["--database", ports.database] if ports.database else []
             return [
-                str(BIN / "killswitch"), "serve", "--data-dir", str(data_dir),
-                "--grpc", f"127.0.0.1:{port}", "--http", "127.0.0.1:0", *security,
-                "--log-format", "json", "--log-level", "warning",
+                str(BIN / "killswitch"), "serve", "--data-dir", str(data_dir), *database,
+                "--grpc", f"127.0.0.1:{ports.grpc}", "--http", f"127.0.0.1:{ports.http}",
+                *security, "--log-format", "json", "--log-level", "warning",
             ]  # fmt: skip
-        argv = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
+        argv = [sys.executable, "-m", "bench.bare_server", "--port", str(ports.grpc)]
         if paused_epoch is not None:  # the bare server has no store: say where it was
             argv += ["--epoch", str(paused_epoch), "--paused"]
         return [*argv, "--gc-freeze"] if self.gc_freeze else argv
@@ -169,6 +212,8 @@ class Push:
     """One CreateHold(all): t0 is taken just before the call; acks are server receive times.
 
     ``verified``: the last agent's server verification time - t0 (NaN: not measured).
+    With several replicas, the pause goes to replica 0 and ``polled``, the acks and
+    ``verified`` are replica 0's view, which includes the agents of the other replicas.
     """
 
     rpc: float
@@ -177,6 +222,11 @@ class Push:
     p99: float
     p100: float
     verified: float = math.nan
+    # Seconds from t0 until polling GetStatus showed 100% VERIFIED_STOPPED on replica 0,
+    # and until the last of the other replicas showed 100% paused / verified.
+    verified_polled: float = math.nan
+    polled_others: float = math.nan
+    verified_polled_others: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,20 +261,40 @@ class Enrolment:
 
 @dataclass(slots=True)
 class Run:
+    """One system's run; server figures are summed over the replicas, also kept apiece."""
+
     system: System
     topology: Topology
     agents: int
     repeat: int
     command: str = ""
     connect: float = 0.0
-    rss_fresh_kib: int = 0
-    rss_connected_kib: int = 0
     fleet_rss_kib: int = 0
-    idle_cpu: float = 0.0
     status_ms: float = 0.0
     enrolment: Enrolment | None = None
     pushes: list[Push] = field(default_factory=list)
     reconnects: list[Reconnect] = field(default_factory=list)
+    replica_rss_fresh_kib: list[int] = field(default_factory=list)
+    replica_rss_connected_kib: list[int] = field(default_factory=list)
+    replica_idle_cpu: list[float] = field(default_factory=list)
+    # Agent streams each replica serves, from its /metrics (product only).
+    replica_streams: list[int] = field(default_factory=list)
+
+    @property
+    def replicas(self) -> int:
+        return len(self.replica_rss_fresh_kib)
+
+    @property
+    def rss_fresh_kib(self) -> int:
+        return sum(self.replica_rss_fresh_kib)
+
+    @property
+    def rss_connected_kib(self) -> int:
+        return sum(self.replica_rss_connected_kib)
+
+    @property
+    def idle_cpu(self) -> float:
+        return sum(self.replica_idle_cpu)
 
     def kib_per_agent(self) -> float:
         return (self.rss_connected_kib - self.rss_fresh_kib) / self.agents
@@ -403,6 +473,32 @@ def poll(
         time.sleep(interval)
 
 
+def poll_replicas(
+    ops: Sequence[Operator],
+    what: str,
+    check: Callable[[pb.GetStatusResponse], bool],
+    *,
+    since: float,
+    timeout: float,
+    interval: float,
+) -> list[float]:
+    """``poll`` every replica at once, each on its own thread; seconds per replica."""
+    if len(ops) == 1:
+        return [poll(ops[0], what, check, since=since, timeout=timeout, interval=interval)]
+    with ThreadPoolExecutor(len(ops)) as pool:
+        futures = [
+            pool.submit(poll, op, f"{what} on replica {i}", check, since=since,
+                        timeout=timeout, interval=interval)
+            for i, op in enumerate(ops)
+        ]  # fmt: skip
+        return [f.result() for f in futures]
+
+
+def others(values: Sequence[float]) -> float:
+    """The last of the replicas other than replica 0 (NaN: there is only replica 0)."""
+    return max(values[1:]) if len(values) > 1 else math.nan
+
+
 def wait_answering(op: Operator, server: Child, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not op.answers():
@@ -418,30 +514,48 @@ def wait_answering(op: Operator, server: Child, timeout: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """Where one system runs: its ports and files, and how to (re)start its server."""
+    """Where one system runs: its servers' ports and files, and how to (re)start them.
+
+    Replica 0 (the only one unless the product runs on several) is the one the pause
+    goes to; every replica has its own data dir (for the CA files) and ports.
+    """
 
     system: System
     slug: str
-    port: int
-    enroll_port: int
+    ports: tuple[Ports, ...]
     workdir: Path
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def target(self, replica: int = 0) -> str:
+        return f"127.0.0.1:{self.ports[replica].grpc}"
 
     @property
-    def data_dir(self) -> Path:
-        return self.workdir / f"{self.slug}-data"
+    def targets(self) -> str:
+        """Every replica, as the agents are given them."""
+        return ",".join(self.target(i) for i in range(len(self.ports)))
+
+    def data_dir(self, replica: int = 0) -> Path:
+        return self.workdir / (f"{self.slug}-data" + (f"-{replica}" if replica else ""))
 
     @property
     def identities(self) -> Path | None:
         """Where `killswitch init` put the operators' certificates (mTLS only)."""
-        return self.data_dir / "identities" if self.system.mtls else None
+        return self.data_dir() / "identities" if self.system.mtls else None
 
-    def start_server(self, paused_epoch: int | None) -> Child:
-        argv = self.system.server_argv(self.port, self.enroll_port, self.data_dir, paused_epoch)
-        return Child(f"{self.slug} server", argv, self.workdir / f"{self.slug}-server.log", REPO)
+    def start_server(self, paused_epoch: int | None, replica: int = 0) -> Child:
+        argv = self.system.server_argv(self.ports[replica], self.data_dir(replica), paused_epoch)
+        name = f"{self.slug} server" + (f" {replica}" if len(self.ports) > 1 else "")
+        log_name = f"{self.slug}-server" + (f"-{replica}" if replica else "") + ".log"
+        return Child(name, argv, self.workdir / log_name, REPO)
+
+    def streams(self, replica: int) -> int:
+        """Agent streams the product server ``replica`` serves, from its /metrics."""
+        url = f"http://127.0.0.1:{self.ports[replica].http}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith("killswitch_connected_streams "):
+                return int(float(line.split()[1]))
+        raise RuntimeError(f"no killswitch_connected_streams in {url}")
 
 
 def run_cli(argv: list[str]) -> str:
@@ -452,57 +566,140 @@ def run_cli(argv: list[str]) -> str:
     return done.stdout
 
 
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead of the one it names."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def masked(url: str) -> str:
+    """``url`` with its password, if any, hidden (it is printed with the commands)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def check_admin_url(url: str) -> str | None:
+    """Why ``--database`` is unusable, in one line; None if it is usable."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        return f"--database {masked(url)!r}: expected postgresql://[USER@]HOST[:PORT][/DB]"
+    try:
+        with psycopg.connect(admin_dsn(url), connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except (psycopg.Error, ValueError) as exc:
+        return f"--database {masked(url)}: cannot connect: {one_line(exc)}"
+    return None
+
+
+def admin_dsn(url: str) -> str:
+    """``url``, naming the ``postgres`` database if it names none."""
+    return url if urlsplit(url).path.strip("/") else with_database(url, "postgres")
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str, slug: str) -> Iterator[str]:
+    """A fresh, empty database on ``admin_url``'s server for one run; dropped afterwards."""
+    name = f"pause_fleet_{slug.replace('-', '_')}_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_dsn(admin_url), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield with_database(admin_url, name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @dataclass(slots=True)
 class Bench:
-    """Measures one system on one topology from a fresh server and data dir."""
+    """Measures one system on one topology from fresh servers, data dirs and database."""
 
     poll_interval: float
+    verify_poll: float
     timeout: float
     enrol_timeout: float
     settle: float
     restart: bool
     verify: bool
     workdir: Path
+    storage: Storage = field(default_factory=Storage)
 
     def run(self, system: System, topology: Topology, agents: int, repeat: int) -> Run:
         slug = f"{system.name}-{topology.name}".replace("+", "-").replace(".", "-")
         slug = slug.replace(" ", "-").lower()
-        site = Site(system, slug, free_port(), free_port(), self.workdir)
+        if not (system.product and self.storage.admin_url):
+            return self._run(system, topology, agents, repeat, slug=slug, database="")
+        with scratch_database(self.storage.admin_url, slug) as database:
+            log(f"{slug}: scratch database {masked(database)}")
+            return self._run(system, topology, agents, repeat, slug=slug, database=database)
+
+    def _run(
+        self, system: System, topology: Topology, agents: int, repeat: int, *, slug: str,
+        database: str,
+    ) -> Run:  # fmt: skip
+        replicas = self.storage.replicas if system.product else 1
+        site = Site(
+            system, slug,
+            tuple(Ports(free_port(), free_port(), free_port(), database)
+                  for _ in range(replicas)),
+            self.workdir,
+        )  # fmt: skip
         result = Run(system, topology, agents, repeat)
         commands: list[str] = []
         if system.mtls:  # as shipped: a CA and the operators' identities first
-            init = [str(BIN / "killswitch"), "init", "--data-dir", str(site.data_dir)]
+            init = [str(BIN / "killswitch"), "init", "--data-dir", str(site.data_dir())]
+            init += ["--database", database] if database else []
             run_cli(init)
             commands.append(shlex.join(init))
-        server = site.start_server(None)
-        commands.append(shlex.join(server.argv))
+            for replica in range(1, replicas):  # the replicas share the CA, as deployed
+                for part in ("pki", "identities"):
+                    shutil.copytree(site.data_dir() / part, site.data_dir(replica) / part)
+                commands.append(
+                    f"cp -r {site.data_dir()}/{{pki,identities}} {site.data_dir(replica)}/"
+                )
+        servers: list[Child] = []
         fleet: Child | None = None
-        op = Operator(site.target, site.identities)
+        ops: list[Operator] = []
         try:
-            wait_answering(op, server, self.timeout)
+            for replica in range(replicas):
+                servers.append(site.start_server(None, replica))
+                commands.append(shlex.join(servers[-1].argv))
+                ops.append(Operator(site.target(replica), site.identities))
+            for op, server in zip(ops, servers, strict=True):
+                wait_answering(op, server, self.timeout)
             time.sleep(1.0)
-            result.rss_fresh_kib = server.rss_kib()
+            result.replica_rss_fresh_kib = [server.rss_kib() for server in servers]
             enrolling = self._enrolling(site, agents, commands)
-            argv = system.fleet_argv(site.target, agents, topology.connections, enrolling)
+            argv = system.fleet_argv(site.targets, agents, topology.connections, enrolling)
             shown = shlex.join(argv)
             if enrolling is not None:
                 shown = shown.replace(enrolling.token, '"$TOKEN"')
             commands.append(shown)
             result.command = "\n".join(commands)
-            log(f"{slug}: server up ({result.rss_fresh_kib / 1024:.1f} MiB); starting the fleet")
+            if database:
+                result.command = result.command.replace(database, masked(database))
+            log(f"{slug}: {replicas} server(s) up ({result.rss_fresh_kib / 1024:.1f} MiB);"
+                " starting the fleet")  # fmt: skip
             fleet = Child(f"{slug} fleet", argv, self.workdir / f"{slug}-fleet.log", REPO)
             started, enrolled_rss = time.time(), 0
             if enrolling is not None:
-                self._wait_enrolled(fleet, server, agents)
-                enrolled_rss = server.rss_kib()
-            result.connect = poll(
-                op, "the fleet to connect and ack", all_in("CAPTURING", agents),
+                self._wait_enrolled(fleet, servers, agents)
+                enrolled_rss = sum(server.rss_kib() for server in servers)
+            connected = poll_replicas(
+                ops, "the fleet to connect and ack", all_in("CAPTURING", agents),
                 since=started, timeout=self.timeout + (self.enrol_timeout if enrolling else 0),
                 interval=max(0.5, self.poll_interval),
             )  # fmt: skip
-            self._measure_idle(result, server, fleet, op)
+            result.connect = connected[0]
+            self._measure_idle(result, servers, fleet, ops[0])
+            if system.product:
+                result.replica_streams = [site.streams(i) for i in range(replicas)]
             if enrolling is not None:
-                issued = op.agent_certificates_issued()
+                issued = ops[0].agent_certificates_issued()
                 if len(issued) != agents:
                     raise RuntimeError(f"{len(issued)} agent certificates for {agents} agents")
                 result.enrolment = Enrolment(
@@ -512,21 +709,26 @@ class Bench:
                     f"{slug}: enrolled {agents} agents in {result.enrolment.wall:.1f}s"
                     f" ({result.enrolment.rate:.0f}/s first to last certificate)"
                 )
+            spread = f", streams per replica {result.replica_streams}" if replicas > 1 else ""
             log(
                 f"{slug}: {agents} agents connected in {result.connect:.1f}s,"
                 f" {result.kib_per_agent():.1f} KiB/agent,"
-                f" idle CPU {result.idle_cpu:.0%}, GetStatus {result.status_ms:.1f} ms"
+                f" idle CPU {result.idle_cpu:.0%}, GetStatus {result.status_ms:.1f} ms{spread}"
             )
             for i in range(repeat):
-                push = self._push(op, agents, verify=system.product and self.verify)
+                push = self._push(ops, agents, verify=system.product and self.verify)
                 result.pushes.append(push)
+                elsewhere = (
+                    f" (others: paused {push.polled_others:.3f}s,"
+                    f" verified {push.verified_polled_others:.2f}s)" if replicas > 1 else ""
+                )  # fmt: skip
                 log(
                     f"{slug}: push {i + 1}/{repeat}: p50 {push.p50:.3f}s p99 {push.p99:.3f}s"
                     f" p100 {push.p100:.3f}s polled {push.polled:.3f}s"
-                    f" verified {push.verified:.2f}s"
+                    f" verified {push.verified:.2f}s{elsewhere}"
                 )
-            for i in range(repeat if self.restart else 0):
-                server, again = self._reconnect(site, server, op, agents)
+            for i in range(repeat if self.restart and replicas == 1 else 0):
+                servers[0], again = self._reconnect(site, servers[0], ops[0], agents)
                 result.reconnects.append(again)
                 log(
                     f"{slug}: restart {i + 1}/{repeat}: listening {again.listening:.2f}s,"
@@ -535,15 +737,17 @@ class Bench:
                 )
             return result
         except BaseException:
-            for child in (server, fleet):
+            for child in (*servers, fleet):
                 if child is not None:
                     log(f"--- last lines of {child.name} ({child.log_path}):\n{child.log_tail()}")
             raise
         finally:
-            op.close()
+            for op in ops:
+                op.close()
             if fleet is not None:
                 fleet.stop()
-            server.stop()
+            for server in servers:
+                server.stop()
 
     def _enrolling(self, site: Site, agents: int, commands: list[str]) -> Enrolling | None:
         """mTLS: a join token for the whole fleet, made as an operator makes one."""
@@ -553,39 +757,45 @@ class Bench:
         create = [
             str(BIN / "killswitch"), "enroll-token", "create", "--uses", str(agents),
             "--ttl", str(TOKEN_TTL_SECONDS), "--identity", str(identities / INCIDENT_COMMANDER[0]),
-            "--server", site.target,
+            "--server", site.target(),
         ]  # fmt: skip
         token = run_cli(create).strip()
         commands.append(f"TOKEN=$({shlex.join(create)})")
         return Enrolling(
             token=token,
-            enroll_target=f"127.0.0.1:{site.enroll_port}",
-            ca=site.data_dir / "pki" / "ca.pem",
+            enroll_target=f"127.0.0.1:{site.ports[0].enroll}",
+            ca=site.data_dir() / "pki" / "ca.pem",
             state_dir=self.workdir / f"{site.slug}-agents",
         )
 
-    def _wait_enrolled(self, fleet: Child, server: Child, agents: int) -> None:
+    def _wait_enrolled(self, fleet: Child, servers: Sequence[Child], agents: int) -> None:
         """Until the simulator says every agent has its certificate (it connects right after)."""
         deadline = time.monotonic() + self.enrol_timeout
         while True:
             text = fleet.log_path.read_text(errors="replace")
             if any(line.startswith("enrolled ") for line in text.splitlines()):
                 return
-            for child in (fleet, server):
+            for child in (fleet, *servers):
                 if not child.alive():
                     raise RuntimeError(f"{child.name} exited while enrolling {agents} agents")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{agents} agents not enrolled in {self.enrol_timeout:g}s")
             time.sleep(0.05)
 
-    def _measure_idle(self, result: Run, server: Child, fleet: Child, op: Operator) -> None:
+    def _measure_idle(
+        self, result: Run, servers: Sequence[Child], fleet: Child, op: Operator
+    ) -> None:
         """Memory once the fleet is settled, then idle CPU and what one GetStatus costs."""
         time.sleep(self.settle)
-        result.rss_connected_kib = server.rss_kib()
+        result.replica_rss_connected_kib = [server.rss_kib() for server in servers]
         result.fleet_rss_kib = fleet.rss_kib()
-        cpu, start = server.cpu_seconds(), time.monotonic()
+        cpu, start = [server.cpu_seconds() for server in servers], time.monotonic()
         time.sleep(self.settle)
-        result.idle_cpu = (server.cpu_seconds() - cpu) / (time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        result.replica_idle_cpu = [
+            (server.cpu_seconds() - before) / elapsed
+            for server, before in zip(servers, cpu, strict=True)
+        ]
         latencies = []
         for _ in range(5):
             t = time.perf_counter()
@@ -593,25 +803,29 @@ class Bench:
             latencies.append(time.perf_counter() - t)
         result.status_ms = statistics.median(latencies) * 1000
 
-    def _push(self, op: Operator, agents: int, *, verify: bool) -> Push:
+    def _push(self, ops: Sequence[Operator], agents: int, *, verify: bool) -> Push:
         """Pause everyone and time it; resume first if the fleet is paused from the last round.
 
         ``verify``: then also wait until the server has verified every agent stopped
         (a heartbeat at least one interval after its ack) and time the last one.
+        The pause and resume go to replica 0; every replica is polled, each on its own
+        thread, until it shows the whole fleet paused (then verified).
         """
+        op = ops[0]
         held = op.status().holds
         if held:
             for hold in held:
                 op.resume(hold.id)
-            poll(op, "the fleet to resume", all_in("CAPTURING", agents), since=time.time(),
-                 timeout=self.timeout, interval=self.poll_interval)  # fmt: skip
+            poll_replicas(ops, "the fleet to resume", all_in("CAPTURING", agents),
+                          since=time.time(), timeout=self.timeout,
+                          interval=self.poll_interval)  # fmt: skip
             time.sleep(self.settle)
         t0 = time.time()
         response = op.create_hold()
         rpc = time.time() - t0
         paused = all_stopped(agents)
-        polled = poll(
-            op, "100% STOP_REPORTED", lambda s: s.epoch >= response.epoch and paused(s),
+        polled = poll_replicas(
+            ops, "100% STOP_REPORTED", lambda s: s.epoch >= response.epoch and paused(s),
             since=t0, timeout=self.timeout, interval=self.poll_interval,
         )  # fmt: skip
         acks = op.acks()
@@ -620,20 +834,26 @@ class Bench:
             raise RuntimeError(f"{len(acks)} agents listed, {stale} without an ack of the pause")
         latencies = sorted(at - t0 for at, _ in acks)
         verified = math.nan
+        verified_polled = [math.nan]
         if verify:  # seconds, not milliseconds, apart: poll gently
-            poll(op, f"100% {VERIFIED}", all_verified(agents), since=t0, timeout=self.timeout,
-                 interval=max(0.5, self.poll_interval))  # fmt: skip
+            verified_polled = poll_replicas(
+                ops, f"100% {VERIFIED}", all_verified(agents), since=t0, timeout=self.timeout,
+                interval=self.verify_poll,
+            )  # fmt: skip
             times = [r.verified_at.ToNanoseconds() / 1e9 for r in op.agents()]
             if len(times) != agents or min(times) < t0:
                 raise RuntimeError(f"{len(times)} agents listed, not all verified since t0")
             verified = max(times) - t0
         return Push(
             rpc=rpc,
-            polled=polled,
+            polled=polled[0],
             p50=percentile(latencies, 0.50),
             p99=percentile(latencies, 0.99),
             p100=percentile(latencies, 1.0),
             verified=verified,
+            verified_polled=verified_polled[0],
+            polled_others=others(polled),
+            verified_polled_others=others(verified_polled),
         )
 
     def _reconnect(
@@ -691,23 +911,24 @@ def ratio(subject: Sequence[float], reference: Sequence[float], kind: str) -> st
     return f"**{value:.2f}x** ({'met' if value <= TARGET_RATIO else 'MISSED'})"
 
 
-def heading(comparison: Comparison, here: Sequence[Run]) -> str:
+def heading(comparison: Comparison, here: Sequence[Run], storage: Storage) -> str:
     repeats = "/".join(dict.fromkeys(str(r.repeat) for r in here))
     rounds = f"median of {repeats}, range in brackets"
     topology = comparison.topology
+    product = f"product on {storage.describe()}"
     if comparison.subject.mtls:
         return (
             f"### {comparison.name}: {comparison.agents} agents, each on its own mTLS"
             f" connection, against the product --insecure over {topology.connections}"
-            f" connections ({rounds})"
+            f" connections; {product} ({rounds})"
         )
     return (
         f"### {comparison.name}: {comparison.agents} agents over {topology.connections}"
-        f" connections ({rounds})"
+        f" connections; {product} ({rounds})"
     )
 
 
-def comparison_table(comparison: Comparison, here: Sequence[Run]) -> list[str]:
+def comparison_table(comparison: Comparison, here: Sequence[Run], storage: Storage) -> list[str]:
     """One markdown table: a column per system, then subject/reference ratios."""
     subject = here[-1]
     references = here[:-1]
@@ -715,7 +936,7 @@ def comparison_table(comparison: Comparison, here: Sequence[Run]) -> list[str]:
         f"{subject.system.name} / {r.system.name}" for r in references
     ]
     lines = [
-        heading(comparison, here),
+        heading(comparison, here, storage),
         "",
         "| figure | " + " | ".join(header) + " |",
         "|---" * (1 + len(header)) + "|",
@@ -741,14 +962,28 @@ def comparison_table(comparison: Comparison, here: Sequence[Run]) -> list[str]:
     row("ack latency p50, s", rounds("p50"), ".3f", "ratio")
     row("ack latency p99, s", rounds("p99"), ".3f", "ratio")
     row("100% seen by polling GetStatus, s", rounds("polled"), ".3f", "")
+    row("100% seen by polling GetStatus on the other replicas (the last of them), s",
+        rounds("polled_others"), ".3f", "")  # fmt: skip
     row("time to 100% VERIFIED_STOPPED (last verification - t0), s", rounds("verified"),
         ".2f", "ratio")  # fmt: skip
+    row("100% VERIFIED_STOPPED seen by polling GetStatus (replica 0), s",
+        rounds("verified_polled"), ".2f", "ratio")  # fmt: skip
+    row("100% VERIFIED_STOPPED seen on the other replicas (the last of them), s",
+        rounds("verified_polled_others"), ".2f", "")  # fmt: skip
     row("CreateHold round trip, s", rounds("rpc"), ".3f", "")
     row("**server RSS per agent**, KiB", lambda r: [r.kib_per_agent()], ".1f", "target")
     row("server RSS fresh, MiB", lambda r: [r.rss_fresh_kib / 1024], ".1f", "")
     row("server RSS enrolled, before connecting, MiB", enrolment(lambda e: e.rss_kib / 1024),
         ".1f", "")  # fmt: skip
     row("server RSS connected, MiB", lambda r: [r.rss_connected_kib / 1024], ".1f", "")
+    for i in range(max(r.replicas for r in here) if storage.replicas > 1 else 0):
+        row(f"replica {i}: agent streams", apiece("replica_streams", i), ".0f", "")
+        row(f"replica {i}: RSS fresh, MiB", apiece("replica_rss_fresh_kib", i, 1 / 1024),
+            ".1f", "")  # fmt: skip
+        row(f"replica {i}: RSS connected, MiB",
+            apiece("replica_rss_connected_kib", i, 1 / 1024), ".1f", "")  # fmt: skip
+        row(f"replica {i}: idle CPU, % of a core", apiece("replica_idle_cpu", i, 100),
+            ".0f", "")  # fmt: skip
     row("agents' process RSS connected, MiB", lambda r: [r.fleet_rss_kib / 1024], ".0f", "ratio")
     row("enrolment: simulator start to last certificate, s", enrolment(lambda e: e.wall),
         ".1f", "")  # fmt: skip
@@ -758,8 +993,8 @@ def comparison_table(comparison: Comparison, here: Sequence[Run]) -> list[str]:
     row("fleet connect + first ack after enrolment, s",
         lambda r: [r.connect - r.enrolment.wall] if r.enrolment is not None else [],
         ".1f", "")  # fmt: skip
-    row("idle server CPU, % of a core", lambda r: [r.idle_cpu * 100], ".0f", "")
-    row("GetStatus latency (idle), ms", lambda r: [r.status_ms], ".1f", "")
+    row("idle server CPU (all replicas), % of a core", lambda r: [r.idle_cpu * 100], ".0f", "")
+    row("GetStatus latency (idle, replica 0), ms", lambda r: [r.status_ms], ".1f", "")
     row("restart: listening again, s", rounds("listening"), ".2f", "")
     row("restart: all connected, s", rounds("connected"), ".2f", "ratio")
     row("restart: 100% STOP_REPORTED, s", rounds("settled"), ".2f", "ratio")
@@ -768,6 +1003,16 @@ def comparison_table(comparison: Comparison, here: Sequence[Run]) -> list[str]:
     if comparison.subject.mtls and references:
         lines += [*mtls_cost(subject, references[0]), ""]
     return lines
+
+
+def apiece(name: str, replica: int, scale: float = 1.0) -> Callable[[Run], list[float]]:
+    """One replica's value of the per-replica list ``name`` of a run (none: no such replica)."""
+
+    def figure(run: Run) -> list[float]:
+        values: Sequence[float] = getattr(run, name)
+        return [values[replica] * scale] if replica < len(values) else []
+
+    return figure
 
 
 def mtls_cost(mtls: Run, plain: Run) -> list[str]:
@@ -796,17 +1041,18 @@ def mtls_cost(mtls: Run, plain: Run) -> list[str]:
     return lines
 
 
-def report(comparisons: Sequence[Comparison], runs: Mapping[RunKey, Run]) -> str:
+def report(comparisons: Sequence[Comparison], runs: Mapping[RunKey, Run], storage: Storage) -> str:
     lines: list[str] = []
     for comparison in comparisons:
         here = [runs[run_key(s, comparison)] for s in comparison.systems]
-        lines += comparison_table(comparison, here)
+        lines += comparison_table(comparison, here, storage)
     shown = [runs[run_key(s, c)] for c in comparisons for s in c.systems]
     commands = list(dict.fromkeys(r.command for r in shown))
     lines += [
         "t0 is taken just before CreateHold; ack and verification times are the server's.",
         "Restarts reuse the port; the bare server, having no store, restarts with"
         " `--epoch E --paused`.",
+        *storage_notes(storage),
         "",
         "Processes started (ports and temporary paths vary per run):",
         "",
@@ -815,6 +1061,24 @@ def report(comparisons: Sequence[Comparison], runs: Mapping[RunKey, Run]) -> str
         "```",
     ]
     return "\n".join(lines)
+
+
+def storage_notes(storage: Storage) -> list[str]:
+    if not storage.admin_url:
+        return []
+    notes = [
+        f"The product ran on PostgreSQL ({masked(storage.admin_url)}): a fresh scratch"
+        " database per product run, dropped after it. The baseline has no store.",
+    ]
+    if storage.replicas > 1:
+        notes.append(
+            f"{storage.replicas} product replicas shared it; the fleet was given every"
+            " replica's address. The pause went to replica 0; its figures are replica 0's"
+            " view of the whole fleet. Server memory and idle CPU are summed over the"
+            " replicas (also shown apiece); the baseline is one bare server. No restart"
+            " phase with several replicas."
+        )
+    return notes
 
 
 # ------------------------------------------------------------------ command line
@@ -868,7 +1132,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the baseline with gc.freeze() before each push (the notes' tuned floor)",
     )
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        default="",
+        help=(
+            "run the product on PostgreSQL instead of SQLite: URL of a PostgreSQL server,"
+            " postgresql://[USER[:PASSWORD]@]HOST[:PORT][/DB], e.g."
+            " postgresql://postgres@127.0.0.1:5432/postgres. The role must be allowed to"
+            " CREATE DATABASE: every product run gets a fresh scratch database"
+            " (pause_fleet_*) on that server, passed to `killswitch init`/`serve"
+            " --database`, and dropped after the run. DB (default postgres) is only used"
+            " to create and drop them; nothing is written to it"
+        ),
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "product servers sharing the --database (required for N > 1), the CA copied"
+            " from the first; the fleet gets every address, each agent picks one; the"
+            " pause goes to replica 0 and every replica is polled. N > 1 skips the"
+            " restart phase (default 1)"
+        ),
+    )
     parser.add_argument("--poll", type=float, default=0.05, help="GetStatus poll interval, s")
+    parser.add_argument(
+        "--verify-poll",
+        type=float,
+        default=0.25,
+        help="GetStatus poll interval while waiting for VERIFIED_STOPPED, s (default 0.25)",
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="bound on every wait, s")
     parser.add_argument(
         "--enrol-timeout", type=float, default=1800.0, help="bound on an mTLS fleet's enrolment, s"
@@ -901,7 +1197,19 @@ def comparisons_for(args: argparse.Namespace) -> list[Comparison]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if args.replicas > 1 and not args.database:
+        parser.error(
+            "--replicas > 1 needs --database postgresql://...: replicas share one PostgreSQL"
+        )
+    if args.database and (why := check_admin_url(args.database)):
+        parser.error(why)
+    storage = Storage(args.database, args.replicas)
+    # The product reads its database from the environment too: not here, unless asked.
+    os.environ.pop("KILLSWITCH_DATABASE", None)
     install_cleanup()
     comparisons = comparisons_for(args)
     started = datetime.now(UTC)
@@ -910,12 +1218,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="pause-fleet-") as tmp:
         bench = Bench(
             poll_interval=args.poll,
+            verify_poll=args.verify_poll,
             timeout=args.timeout,
             enrol_timeout=args.enrol_timeout,
             settle=args.settle,
             restart=not args.skip_restart,
             verify=not args.skip_verify,
             workdir=Path(tmp),
+            storage=storage,
         )
         try:
             for comparison in comparisons:
@@ -938,8 +1248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"command: {this_command()}")
     print(f"machine: {os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}")
     print(f"date: {started:%Y-%m-%d %H:%M} UTC, grpcio {grpc.__version__}")
+    print(f"product store: {storage.describe()}")
     print()
-    print(report(complete, runs))
+    print(report(complete, runs, storage))
     for (name, topology, agents), why in failed.items():
         print(f"\nFAILED: {name}, {topology.name}, {agents} agents: {why}")
     if failed:

@@ -19,7 +19,7 @@ import heapq
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -438,9 +438,7 @@ class ControlPlane:
         record = self.hold_created_record(by, draft, detail="keep_spool" if keep_spool else "")
         async with self._holds_lock:
             hold = await self._store.create_hold(draft, record)
-            caught_up = await self._catch_up(hold.created_epoch, {hold.id})
-            self._holds[hold.id] = hold
-            self._apply_epoch(hold.created_epoch)
+            caught_up = await self._apply_commit([hold], hold.created_epoch)
         self._announce_adopted(*caught_up)
         self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
         covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
@@ -470,9 +468,7 @@ class ControlPlane:
         """Run the store's lift transaction under the holds lock, then push the new epoch."""
         async with self._holds_lock:
             hold = await commit(self._clock())
-            caught_up = await self._catch_up(hold.lifted_epoch, {hold.id})
-            self._holds[hold.id] = hold
-            self._apply_epoch(hold.lifted_epoch)
+            caught_up = await self._apply_commit([hold], hold.lifted_epoch)
         self._announce_adopted(*caught_up)
         self.observer.hold_changed(hold, epoch=hold.lifted_epoch, at=self._clock())
         still_paused = sum(
@@ -493,11 +489,7 @@ class ControlPlane:
         """A runbook step and its hold changes in one transaction, then the fan-out."""
         async with self._holds_lock:
             commit = await self._store.commit_run(change, audit)
-            caught_up = await self._catch_up(commit.epoch, {h.id for h in commit.holds})
-            for hold in commit.holds:
-                self._holds[hold.id] = hold
-            if commit.epoch:
-                self._apply_epoch(commit.epoch)
+            caught_up = await self._apply_commit(commit.holds, commit.epoch)
         self._announce_adopted(*caught_up)
         for hold in commit.holds:
             self.observer.hold_changed(hold, epoch=commit.epoch, at=self._clock())
@@ -517,6 +509,10 @@ class ControlPlane:
         are the truth, so a missed or repeated notification does no harm.
         """
         async with self._holds_lock:
+            if epoch < self._epoch:
+                # Read before a commit of this replica's took the lock: memory is the
+                # state at a later epoch already, and this would bring lifted holds back.
+                return []
             changed = self._merge_holds(holds)
             if not changed and epoch <= self._epoch:
                 return []
@@ -524,23 +520,34 @@ class ControlPlane:
         self._announce_adopted(changed, epoch)
         return changed
 
-    async def _catch_up(self, epoch: int, own: Collection[str]) -> tuple[list[Hold], int]:
-        """Before taking a hold change this replica committed at ``epoch``, take every
-        change other replicas committed at the epochs before it (epochs are dense, so
-        a gap says there are some). Otherwise this replica would tell its agents the
-        state at ``epoch`` without those holds: ALLOWED at an epoch when an older,
-        unseen, pause is in force. Called under the holds lock; ``own``: the holds
-        the caller committed, which it takes itself."""
+    async def _apply_commit(self, holds: Sequence[Hold], epoch: int) -> tuple[list[Hold], int]:
+        """Take the holds this replica just committed at ``epoch`` and fan out; returns
+        what other replicas had changed meanwhile, with the epoch it was read at.
+
+        Memory is the state at ``self._epoch``. If other replicas committed the epochs
+        in between (epochs are dense, so a gap says so), their changes may not have
+        reached this replica yet: fanning out memory plus this change would tell
+        agents ALLOWED at ``epoch`` while an older, unseen, pause is in force. So read
+        them first, and if that read fails fan out nothing: the resync adopts the
+        commit, this one included, once the store answers. Under the holds lock.
+        """
+        if not epoch:  # a run step that changed no hold
+            self._merge_holds(holds)
+            return [], epoch
         if epoch <= self._epoch + 1:
+            self._merge_holds(holds)
+            self._apply_epoch(epoch)
             return [], epoch
         try:
             shared = await self._store.load_shared()
         except StoreError as exc:
-            # The periodic resync takes them within seconds; the change itself is stored.
             log.warning("catch_up_failed", epoch=epoch, known_epoch=self._epoch, error=str(exc))
             return [], epoch
-        changed = self._merge_holds([h for h in shared.holds if h.id not in own])
-        self._epoch = max(self._epoch, shared.epoch)
+        # The snapshot has this commit too, and anything done to its holds since.
+        own = {h.id for h in holds}
+        changed = [h for h in self._merge_holds(shared.holds) if h.id not in own]
+        self._apply_epoch(max(epoch, shared.epoch))
+        log.info("commit_caught_up", epoch=epoch, read_epoch=shared.epoch, adopted=len(changed))
         return changed, shared.epoch
 
     def _merge_holds(self, holds: Sequence[Hold]) -> list[Hold]:

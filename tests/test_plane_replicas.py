@@ -279,3 +279,24 @@ def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str)
                 await store.close()
 
     asyncio.run(main())
+
+
+def test_a_snapshot_read_before_a_commit_here_is_not_adopted_after_it(pg_dsn: str) -> None:
+    """A resync that read the holds just before this replica lifted one, and took the
+    lock just after, must not bring the lifted hold back."""
+
+    async def main() -> None:
+        store = await PostgresStore.open(pg_dsn)
+        plane = ControlPlane(store, clock=Clock(), flush_interval=3600, replica_id="a")
+        try:
+            await plane.start()
+            hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
+            stale = await store.load_shared()
+            await plane.lift_hold(hold.id, IC)
+            assert await plane.adopt(stale.epoch, stale.holds) == []
+            assert plane.active_holds() == [] and plane.epoch == 2
+        finally:
+            await plane.stop()
+            await store.close()
+
+    asyncio.run(main())
