@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from control.domain import AgentStatus, ComplianceState, Desired, Mode, Scope
+from control.governance import Governance
 from control.plane import REPLICA_SILENT_BEATS, ControlPlane
 from control.store import AgentChanges, StoredAgent
 from control.store.postgres import PostgresStore
@@ -300,3 +301,20 @@ def test_a_snapshot_read_before_a_commit_here_is_not_adopted_after_it(pg_dsn: st
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_revocation_made_on_another_replica_closes_the_stream_here(tmp_path: Path) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        governance = Governance(plane, store, clock=clock, authority=None)
+        await governance.start(await store.load())
+        laptop, bystander = Session(), Session()
+        plane.connect("laptop-1", {}, laptop)
+        plane.connect("laptop-2", {}, bystander)
+        governance.adopt([], {"0a": "laptop-1"})
+        assert laptop.closed == "certificate revoked" and not bystander.closed
+        assert governance.is_revoked("0a") and not governance.is_revoked("0b")
+        laptop.closed = ""
+        governance.adopt([], {"0a": "laptop-1"})  # level-triggered: read again, no effect
+        assert laptop.closed == ""
+
+    run(tmp_path, body)
