@@ -52,6 +52,10 @@ class ServerAddressError(ValueError):
     """``--server`` is not a usable list of control server addresses."""
 
 
+# Opens a fresh channel of an agent's own to the control server.
+Reopen = Callable[[], grpc.aio.Channel]
+
+
 def server_target(servers: str) -> str:
     """``HOST:PORT`` or ``IP:PORT,IP:PORT,...`` as one gRPC target.
 
@@ -116,6 +120,11 @@ class Agent:
     ``trigger_fault`` turns a simulated agent into its configured ``Fault``.
     ``call_metadata`` goes with every call: an insecure server reads the caller's
     identity from it (``identity.insecure_metadata``); over mTLS it stays empty.
+
+    ``reopen`` opens a fresh channel of the agent's own. Given, the agent reopens its
+    channel after every stream that ended: a replica that is up but cannot serve (it
+    lost its database) keeps the TCP connection, which pick_first would reuse forever;
+    a fresh channel shuffles the addresses again and moves the agent on.
     """
 
     def __init__(
@@ -127,8 +136,11 @@ class Agent:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         clock: Clock = boottime,
+        reopen: Reopen | None = None,
     ) -> None:
         self.config = config
+        self._channel = channel
+        self._reopen = reopen
         self._control = pb_grpc.AgentControlStub(channel)
         self._call_metadata = call_metadata
         self._rng = rng or random.Random()
@@ -191,12 +203,15 @@ class Agent:
             self._jittered(tuning.capture_tick, self._capture_round),
             self._jittered(tuning.upload_every, self._upload_round),
         ]
+        first_channel = self._channel
         try:
             await self._stay_connected()
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self._channel is not first_channel:  # one of ours; the caller closes its own
+                await self._channel.close(grace=None)
 
     def _jittered(self, period: float, action: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """``action`` every ``period`` from a random start, so a fleet spreads the load."""
@@ -231,6 +246,15 @@ class Agent:
             delay = self._backoff.next_delay()
             log.info("agent_reconnecting", agent_id=self.agent_id, reason=reason, delay=delay)
             await asyncio.sleep(delay)
+            await self._reopen_channel()
+
+    async def _reopen_channel(self) -> None:
+        if self._reopen is None:
+            return
+        old, self._channel = self._channel, self._reopen()
+        self._control = pb_grpc.AgentControlStub(self._channel)
+        self.uploader.use(self._channel)
+        await old.close(grace=None)
 
     async def _session(self) -> str:
         """One stream, until it ends; returns why it ended."""

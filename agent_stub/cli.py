@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -95,8 +96,9 @@ def trusted_ca(args: argparse.Namespace) -> bytes:
 
 async def run_one(args: argparse.Namespace) -> None:
     config = AgentConfig(agent_id=args.agent_id, labels=parse_labels(args.label or []))
+    target = server_target(args.server)
     if args.insecure:
-        channel = open_channel(server_target(args.server))
+        reopen = functools.partial(open_channel, target)
         metadata = insecure_metadata(config.agent_id)
     else:
         identity = await enrol(
@@ -106,10 +108,11 @@ async def run_one(args: argparse.Namespace) -> None:
             args.state_dir,
             trusted_ca(args),
         )
-        channel = open_channel(server_target(args.server), credentials=identity.credentials())
+        reopen = functools.partial(open_channel, target, credentials=identity.credentials())
         metadata = ()
+    channel = reopen()
     try:
-        await Agent(config, channel, call_metadata=metadata).run()
+        await Agent(config, channel, call_metadata=metadata, reopen=reopen).run()
     finally:
         await channel.close(grace=None)
 

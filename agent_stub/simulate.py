@@ -10,6 +10,7 @@ every agent captured can be written to a JSON file for the drills to check.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import Agent, open_channel
+from agent_stub.agent import Agent, Reopen, open_channel
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
 from control.gc_policy import run_gc_policy
@@ -35,6 +36,8 @@ ORGS = ("eng", "infra", "sales", "research", "support", "finance")
 OSES = ("macos", "windows", "linux")
 OS_WEIGHTS = (6, 3, 1)
 TRUTH_EVERY_SECONDS = 1.0
+# An agent's channel, call metadata, and how to reopen the channel (if it owns it).
+Transport = tuple[AgentConfig, grpc.aio.Channel, Metadata, Reopen | None]
 
 
 def fault_counts(fractions: Mapping[Fault, float], agents: int) -> dict[Fault, int]:
@@ -123,8 +126,14 @@ class Fleet:
     async def run(self) -> None:
         rng = random.Random(self.seed)
         self.agents = [
-            Agent(cfg, channel, call_metadata=metadata, rng=random.Random(rng.random()))
-            for cfg, channel, metadata in self._transports()
+            Agent(
+                cfg,
+                channel,
+                call_metadata=metadata,
+                rng=random.Random(rng.random()),
+                reopen=reopen,
+            )
+            for cfg, channel, metadata, reopen in self._transports()
         ]
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, self.trigger_faults)
@@ -147,19 +156,22 @@ class Fleet:
                 write_json_atomically(self.truth_path, self.truth())
             await asyncio.gather(*(c.close(grace=None) for c in self._channels))
 
-    def _transports(self) -> list[tuple[AgentConfig, grpc.aio.Channel, Metadata]]:
-        """Each agent's channel and call metadata (the channels also kept for closing)."""
+    def _transports(self) -> list[Transport]:
+        """Each agent's channel, call metadata and how to reopen it (the first channels
+        are kept for closing). Agents with a connection of their own (mTLS, as laptops)
+        reopen it to move off a replica that cannot serve them; shared ones cannot."""
         if self.identities is not None:
-            identities = self.identities
-            self._channels = [
-                open_channel(self.target, credentials=identities[cfg.agent_id].credentials())
-                for cfg in self.configs
-            ]
-            return [(cfg, ch, ()) for cfg, ch in zip(self.configs, self._channels, strict=True)]
+            transports: list[Transport] = []
+            for cfg in self.configs:
+                credentials = self.identities[cfg.agent_id].credentials()
+                reopen = functools.partial(open_channel, self.target, credentials=credentials)
+                transports.append((cfg, reopen(), (), reopen))
+            self._channels = [channel for _, channel, _, _ in transports]
+            return transports
         k = max(1, min(self.connections, len(self.configs)))
         self._channels = [open_channel(self.target) for _ in range(k)]
         return [
-            (cfg, self._channels[i % k], insecure_metadata(cfg.agent_id))
+            (cfg, self._channels[i % k], insecure_metadata(cfg.agent_id), None)
             for i, cfg in enumerate(self.configs)
         ]
 

@@ -33,6 +33,10 @@ class Uploader:
         self.events_uploaded = 0
         self.uploads_refused = 0
 
+    def use(self, channel: grpc.aio.Channel) -> None:
+        """Upload through another channel from now on (the agent reopened its own)."""
+        self._ingest = pb_grpc.IngestStub(channel)
+
     async def upload(self) -> None:
         batch = self._engine.pending_batch()
         if batch is None:

@@ -19,6 +19,7 @@ import heapq
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -171,8 +172,13 @@ def new_replica_id() -> str:
 
 
 # A replica that has not beaten for this many probe intervals is gone: the agents
-# its rows show connected are shown disconnected (since its last beat).
+# its rows show connected are shown disconnected (since its last beat). A replica
+# without its database for as long sheds its streams.
 REPLICA_SILENT_BEATS = 5
+# The database is lost to a replica once no beat has succeeded for this many probe
+# intervals: one late or failed beat (a busy event loop, a dropped connection) is not.
+STORE_ANSWER_WINDOW_BEATS = 2.5
+STORE_LOST = "this replica lost its database: connect to another"
 
 
 class ControlPlane:
@@ -207,9 +213,13 @@ class ControlPlane:
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
-        # False once the database stops answering: no lease is granted or renewed until
-        # it is back, so every agent fails closed within one lease TTL.
-        self.store_healthy = True
+        # When (monotonic time) a beat last succeeded: see ``store_healthy``.
+        self._last_answer = time.monotonic()
+        self._reported_healthy = True
+        self._streams_shed = False
+        # Whether another replica was beating at the last read: somewhere to send
+        # agents when this one loses its database.
+        self._others_alive = False
         self._store_probe_interval = store_probe_interval
         # How this process signs its agent rows and its beats.
         self.replica_id = replica_id or new_replica_id()
@@ -236,6 +246,7 @@ class ControlPlane:
             self._remember(stored)
         self.adopt_violation_acks(state.shared.violation_acks)
         self._reconcile_all(now)
+        self._last_answer = time.monotonic()
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
         self._prober = asyncio.create_task(self._probe_loop(), name="store-probe")
         log.info(
@@ -291,8 +302,8 @@ class ControlPlane:
             await asyncio.sleep(self._flush_interval)
             try:
                 await self.flush()
-            except Exception as exc:
-                self._store_answered(False, repr(exc))
+            except Exception:
+                # Kept for the next flush; whether the database is lost is the probe's call.
                 log.exception("agent_flush_failed", pending=len(self._dirty))
 
     async def _probe_loop(self) -> None:
@@ -301,13 +312,16 @@ class ControlPlane:
         while True:
             await asyncio.sleep(self._store_probe_interval)
             self._mark_newly_silent()
+            why = ""
             try:
                 beat = self._store.beat(self.replica_id)
                 await asyncio.wait_for(beat, self._store_probe_interval)
             except Exception as exc:
-                self._store_answered(False, repr(exc) if str(exc) else type(exc).__name__)
+                why = repr(exc) if str(exc) else type(exc).__name__
             else:
-                self._store_answered(True)
+                self._last_answer = time.monotonic()
+            self._report_store_health(why)
+            self._shed_streams_if_lost()
 
     def _mark_newly_silent(self) -> None:
         """Other replicas take a connected row of a beating replica as a live agent,
@@ -323,16 +337,48 @@ class ControlPlane:
             ):
                 self._dirty.add(entry.agent_id)
 
-    def _store_answered(self, ok: bool, why: str = "") -> None:
-        if ok is self.store_healthy:
+    @property
+    def store_healthy(self) -> bool:
+        """Whether the database answered a beat recently. Not, and no lease is granted
+        or renewed until it does: every agent fails closed within one lease TTL."""
+        return self._store_silent_for() <= STORE_ANSWER_WINDOW_BEATS * self._store_probe_interval
+
+    def _store_silent_for(self) -> float:
+        return time.monotonic() - self._last_answer
+
+    def _report_store_health(self, why: str) -> None:
+        ok = self.store_healthy
+        if ok is self._reported_healthy:
             return
-        self.store_healthy = ok
+        self._reported_healthy = ok
+        self._streams_shed = False
         if ok:
             log.warning("store_recovered", detail="granting and renewing leases again")
         else:
             log.error(
                 "store_lost", error=why, detail="no leases until it is back: agents fail closed"
             )
+
+    def _shed_streams_if_lost(self) -> None:
+        """Once the other replicas take this one for dead (no beats), end its streams:
+        its agents fail closed either way, but on a replica that still has the database
+        they get their leases back, and their state is seen again. The agents service
+        refuses new streams meanwhile, so they do not come straight back."""
+        if not self.hands_off_agents() or self._streams_shed:
+            return
+        if self._store_silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval:
+            return
+        self._streams_shed = True
+        live = [e.subscriber for e in self._agents.values() if e.subscriber is not None]
+        for subscriber in live:
+            subscriber.close(STORE_LOST)
+        log.warning("streams_shed", streams=len(live), detail="agents move to other replicas")
+
+    def hands_off_agents(self) -> bool:
+        """Without its database, and with another replica to go to, this replica sends
+        agents away. Alone, it keeps them: their leases end either way, and they are
+        back at once when the database is (a refused agent backs off for minutes)."""
+        return not self.store_healthy and self._others_alive
 
     async def flush(self) -> None:
         """Write changed agents and pending audit in one transaction; on failure keep both."""
@@ -799,7 +845,7 @@ class ControlPlane:
         if not self.store_healthy:
             # A lease nobody can write down would outlive what a restart or another
             # replica knows: refuse, and let capture stop when the current one ends.
-            return LeaseDecision(False, 0.0, "the control plane lost its database")
+            return LeaseDecision(False, 0.0, STORE_LOST)
         expires_at = self._clock() + self.lease_ttl
         entry.status.record_lease(expires_at)
         if expires_at > entry.lease_bound_saved:
@@ -889,6 +935,11 @@ class ControlPlane:
         now = self._clock()
         active = self.active_holds()
         lost_after = REPLICA_SILENT_BEATS * self._store_probe_interval
+        self._others_alive = any(
+            age <= lost_after
+            for replica, age in changes.beat_ages.items()
+            if replica != self.replica_id
+        )
         for agent_id in self._remote:
             entry = self._agents[agent_id]
             assert entry.remote is not None

@@ -303,6 +303,15 @@ def pg_dsn() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def connected_streams(server: ServerProcess) -> int:
+    """Live agent streams on this server (only its own, with several replicas)."""
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("killswitch_connected_streams ")]
+    return int(float(line.split()[1]))
+
+
 def wait_capturing(cli: Cli, count: int, timeout: float = 30.0) -> None:
     """Wait until `count` agents are connected and acked the initial ALLOWED directive."""
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from control.domain import AgentStatus, ComplianceState, Desired, Mode, Scope
+from control.errors import StoreError
 from control.governance import Governance
 from control.plane import REPLICA_SILENT_BEATS, ControlPlane
 from control.store import AgentChanges, StoredAgent
@@ -318,3 +319,60 @@ def test_a_revocation_made_on_another_replica_closes_the_stream_here(tmp_path: P
         assert laptop.closed == ""
 
     run(tmp_path, body)
+
+
+class FlakyBeats(RecordingStore):
+    """Beats fail while ``down``; ``failed`` counts the failed ones."""
+
+    down = False
+    failed = 0
+
+    async def beat(self, replica_id: str) -> None:
+        if self.down:
+            self.failed += 1
+            raise StoreError("connection refused")
+        await super().beat(replica_id)
+
+
+def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_with_somewhere_to_go(
+    tmp_path: Path,
+) -> None:
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition never met")
+
+    async def main() -> None:
+        store = await FlakyBeats.open(tmp_path)
+        probe = 0.1
+        plane = ControlPlane(
+            store, clock=Clock(), flush_interval=3600, store_probe_interval=probe, replica_id="me"
+        )
+        await plane.start()
+        alone, elsewhere = Session(), Session()
+        plane.connect("alone", {}, alone)
+        try:
+            store.down = True
+            await until(lambda: store.failed == 1)
+            assert plane.store_healthy, "one failed beat is not a lost database"
+            await until(lambda: not plane.store_healthy)
+            assert not plane.grant_lease("alone").granted
+            await until(lambda: store.failed >= REPLICA_SILENT_BEATS + 2)
+            assert alone.closed == "" and not plane.hands_off_agents(), "nowhere to go"
+
+            store.down = False
+            await until(lambda: plane.store_healthy)
+            plane.absorb(AgentChanges([], {"other": 0.01}, "1"))  # another replica beats
+            plane.connect("elsewhere", {}, elsewhere)
+            store.down = True
+            await until(lambda: not plane.store_healthy)
+            assert plane.hands_off_agents() and elsewhere.closed == ""
+            await until(lambda: elsewhere.closed != "")  # once the others take it for dead
+            assert "lost its database" in elsewhere.closed
+        finally:
+            store.down = False
+            await plane.stop()
+
+    asyncio.run(main())

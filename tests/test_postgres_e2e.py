@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import threading
 import urllib.error
@@ -16,7 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import (
+    Cli,
+    ServerProcess,
+    Simulator,
+    connected_streams,
+    wait_capturing,
+    wait_for,
+)
 
 PG_ADDRESS = ("127.0.0.1", 5432)
 
@@ -149,3 +157,43 @@ def test_losing_the_database_makes_the_replica_unready_and_agents_fail_closed(
         wait_for(lambda: capturing(truth) == 20, 30, "capture back once leases are granted")
     finally:
         proxy.cut()
+
+
+def test_a_replica_that_alone_loses_the_database_hands_its_agents_to_another(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    pg_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """B's database link is cut, A's is not: B's agents must end up on A, capturing
+    under A's leases, instead of sitting on B stopped until B's link comes back."""
+    proxy = TcpProxy(PG_ADDRESS)
+    proxy.start()
+    replica_b: ServerProcess | None = None
+    try:
+        replica_a = start_server("--database", pg_dsn)
+        through_proxy = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        replica_b = ServerProcess(tmp_path / "replica-b", ["--database", through_proxy])
+        for part in ("pki", "identities"):
+            shutil.copytree(replica_a.data_dir / part, replica_b.data_dir / part)
+        replica_b.start()
+        truth = tmp_path / "truth.json"
+        addresses = f"{replica_a.address},{replica_b.address}"
+        simulate(replica_a, 20, "--server", addresses, "--truth", str(truth))
+        wait_capturing(Cli(replica_a), 20)
+        wait_for(lambda: connected_streams(replica_b) > 0, 30, "some agents on B")
+        wait_for(lambda: capturing(truth) == 20, 30, "every agent capturing")
+
+        proxy.cut()
+        wait_for(lambda: ready(replica_b) == 503, 15, "B not ready")
+        # B sheds its streams once A takes it for dead (5 missed beats of 2 s), and
+        # refuses them back; the agents reopen their channels until they land on A.
+        wait_for(lambda: connected_streams(replica_a) == 20, 90, "every agent on A")
+        assert connected_streams(replica_b) == 0
+        wait_capturing(Cli(replica_a), 20, timeout=30)
+        wait_for(lambda: capturing(truth) == 20, 30, "every agent capturing again")
+        assert ready(replica_a) == 200
+    finally:
+        proxy.cut()
+        if replica_b is not None:
+            replica_b.stop()

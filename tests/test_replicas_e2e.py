@@ -12,7 +12,6 @@ import functools
 import json
 import shutil
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, connected_streams, wait_for
 
 AGENTS = 60
 
@@ -50,14 +49,6 @@ class Cluster:
     def streams(self) -> dict[str, int]:
         """Live agent streams per live replica, from its /metrics."""
         return {replica.address: connected_streams(replica) for replica in self.live()}
-
-
-def connected_streams(replica: ServerProcess) -> int:
-    url = f"http://127.0.0.1:{replica.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    (line,) = [x for x in text.splitlines() if x.startswith("killswitch_connected_streams ")]
-    return int(float(line.split()[1]))
 
 
 @pytest.fixture

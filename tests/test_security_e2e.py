@@ -9,6 +9,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -286,12 +287,21 @@ def test_enrolment_revocation_and_the_live_stream(
     assert "1 live streams closed" in out
     wait_for(lambda: not cli.agents()["enrolled-00001"]["connected"], 5, "the stream closed")
     assert time.monotonic() - revoked_at < 2.0, "a revoked stream closes within 2 s"
-    time.sleep(3)  # the agent retries with its revoked certificate and is refused
+    # The agent sees its stream end (not a silent dead call), retries with its revoked
+    # certificate and is refused.
+    serial = certs["enrolled-00001"]["serial"]
+    wait_for(lambda: refused_calls(cli, serial), 15, "the revoked agent refused")
     assert not cli.agents()["enrolled-00001"]["connected"]
     assert cli.agents()["enrolled-00000"]["connected"]
     audit = cli.as_("sre-1").json("audit")
     assert any(e["action"] == "certs.revoke" for e in audit)
     assert sum(e["action"] == "agent.enroll" for e in audit) == 3
+
+
+def refused_calls(cli: Cli, serial: str) -> list[dict[str, Any]]:
+    audit: list[dict[str, Any]] = cli.as_("sre-1").json("audit")
+    refusal = f"denied: certificate {serial} has been revoked"
+    return [e for e in audit if e["result"] == refusal]
 
 
 def test_spent_and_expired_tokens_are_refused(server: ServerProcess, cli: Cli) -> None:

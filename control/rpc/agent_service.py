@@ -12,7 +12,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import KillswitchError, StoreError, one_line
 from control.governance import Governance
-from control.plane import ControlPlane
+from control.plane import STORE_LOST, ControlPlane
 from control.rpc.authz import current_principal
 from control.rpc.convert import (
     bounded,
@@ -49,6 +49,8 @@ class AgentSession:
         self._writing = False
         self._changed = False
         self._closed = False
+        # Why the server ended the stream (``close``); None while it is open.
+        self.closed_because: str | None = None
         self._last_sent: tuple[object, ...] | None = None
         # Only the newest request matters: the agent ignores answers to older ones.
         self._lease_request: int | None = None
@@ -102,7 +104,10 @@ class AgentSession:
         )
 
     def close(self, reason: str) -> None:
+        """End the stream from another task: the handler, cancelled, ends the call with
+        a status (a cancelled handler alone leaves the agent waiting on a dead call)."""
         self._closed = True
+        self.closed_because = reason
         log.info("agent_stream_closed", agent_id=self.agent_id, reason=reason)
         if self._handler is not None:
             self._handler.cancel()
@@ -137,6 +142,9 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             )
             await self._governance.record_denial(caller, "AgentControl.Connect", why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        if self._plane.hands_off_agents():
+            # Not here, where it could get no lease: to a replica that has the database.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_LOST)
         try:
             await self._plane.recall(hello.agent_id)
         except StoreError as exc:
@@ -149,6 +157,10 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
         try:
             await self._read_loop(session, context)
+        except asyncio.CancelledError:
+            if session.closed_because is None:
+                raise  # the agent went away, or the server is stopping
+            await context.abort(grpc.StatusCode.UNAVAILABLE, session.closed_because)
         finally:
             self._plane.disconnect(hello.agent_id, session)
 
