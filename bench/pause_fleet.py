@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -566,6 +568,24 @@ def run_cli(argv: list[str]) -> str:
     return done.stdout
 
 
+def log_summary(path: Path) -> str:
+    """What a product server logged (at --log-level warning): count per level and event."""
+    counts: Counter[str] = Counter()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "unreadable"
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            counts["(not JSON)"] += 1
+            continue
+        if isinstance(entry, dict):
+            counts[f"{entry.get('level', '?')} {entry.get('event', '?')}"] += 1
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common()) or "empty"
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -748,6 +768,8 @@ class Bench:
                 fleet.stop()
             for server in servers:
                 server.stop()
+                if system.product:
+                    log(f"{server.name}: log {log_summary(server.log_path)}")
 
     def _enrolling(self, site: Site, agents: int, commands: list[str]) -> Enrolling | None:
         """mTLS: a join token for the whole fleet, made as an operator makes one."""
@@ -1199,14 +1221,16 @@ def comparisons_for(args: argparse.Namespace) -> list[Comparison]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    why = ""
     if args.replicas < 1:
-        parser.error("--replicas must be at least 1")
-    if args.replicas > 1 and not args.database:
-        parser.error(
-            "--replicas > 1 needs --database postgresql://...: replicas share one PostgreSQL"
-        )
-    if args.database and (why := check_admin_url(args.database)):
-        parser.error(why)
+        why = "--replicas must be at least 1"
+    elif args.replicas > 1 and not args.database:
+        why = "--replicas > 1 needs --database postgresql://...: replicas share one PostgreSQL"
+    elif args.database:
+        why = check_admin_url(args.database) or ""
+    if why:  # one line, no usage block: the mistake is in a value, not in the syntax
+        print(f"{parser.prog}: error: {why}", file=sys.stderr)
+        sys.exit(2)
     storage = Storage(args.database, args.replicas)
     # The product reads its database from the environment too: not here, unless asked.
     os.environ.pop("KILLSWITCH_DATABASE", None)
