@@ -680,7 +680,9 @@ class ControlPlane:
                 entry.subscriber.close("replaced by a newer stream from the same agent")
             entry.labels = checked
             self._reconcile(entry, self.active_holds(), now)
-        entry.status.record_connect(now)
+        # A stream newer than any stored one even if this replica's clock is behind the
+        # last replica's: the store refuses rows of an older stream.
+        entry.status.record_connect(max(now, (entry.status.connected_at or 0.0) + 0.001))
         entry.subscriber = subscriber
         self._dirty.add(agent_id)
         log.debug("agent_connected", agent_id=agent_id, reconnect=reconnect)

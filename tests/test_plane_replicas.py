@@ -376,3 +376,20 @@ def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_wit
             await plane.stop()
 
     asyncio.run(main())
+
+
+def test_a_stream_here_is_newer_than_the_stored_one_even_with_a_slow_clock(
+    tmp_path: Path,
+) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        # The agent's last stream, on a replica whose clock runs 5 s ahead of this one.
+        ahead = remote_row("a", "r2", clock.now + 105)
+        await store.save_agents([ahead])
+        await plane.recall("a")
+        plane.connect("a", {}, Session())
+        view = plane.agent_view("a")
+        assert ahead.status.connected_at is not None and view is not None
+        assert view.status.connected_at is not None
+        assert view.status.connected_at > ahead.status.connected_at
+
+    run(tmp_path, body)
