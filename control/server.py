@@ -122,7 +122,7 @@ async def serve(config: ServerConfig) -> None:
         before_fanout=freeze_before_fanout,
     )
     governance = Governance(plane, store, clock=time.time, authority=authority)
-    sessions = DashboardSessions(time.time, governance.is_revoked)
+    sessions = DashboardSessions(store, time.time, governance.is_revoked)
     metrics = Metrics()
     runner = RunbookRunner(
         plane,

@@ -515,7 +515,7 @@ def in_process(tmp_path: Path, scenario: Callable[..., Any]) -> None:
         store = await SqliteStore.open(tmp_path)
         plane = ControlPlane(store, clock=clock, flush_interval=3600)
         await plane.start()
-        sessions = DashboardSessions(clock)
+        sessions = DashboardSessions(store, clock)
         dashboard = Dashboard(plane, sessions)
         app = web.Application()
         app.add_routes(dashboard.routes())
@@ -537,27 +537,31 @@ def test_login_links_expire_and_only_people_get_in(tmp_path: Path) -> None:
         client: TestClient[Any, Any], sessions: DashboardSessions, clock: FakeClock, plane: Any
     ) -> None:
         sre = Principal("sre-1", Role.SRE, serial="01")
-        token, _ = sessions.issue_login(sre)
+        token, _ = await sessions.issue_login(sre)
         clock.now += LOGIN_TOKEN_SECONDS + 1
         late = await client.get(f"/login?token={token}", allow_redirects=False)
         assert late.status == 401
-        token, _ = sessions.issue_login(sre)
+        token, _ = await sessions.issue_login(sre)
         clock.now += LOGIN_TOKEN_SECONDS - 1
         ok = await client.get(f"/login?token={token}", allow_redirects=False)
         assert ok.status == 303
         client.session.cookie_jar.clear()  # from here on, only the cookies given
         for role in (Role.AUTOMATION, Role.AGENT):
-            token, _ = sessions.issue_login(Principal("robot", role, serial="02"))
+            token, _ = await sessions.issue_login(Principal("robot", role, serial="02"))
             refused = await client.get(f"/login?token={token}", allow_redirects=False)
             assert refused.status == 403 and SESSION_COOKIE not in refused.cookies
             # Even a session made some other way gets nowhere.
-            redeemed = sessions.redeem(sessions.issue_login(Principal("robot", role))[0])
+            redeemed = await sessions.redeem(
+                (await sessions.issue_login(Principal("robot", role)))[0]
+            )
             assert redeemed is not None
             cookie = {"Cookie": f"{SESSION_COOKIE}={redeemed[0]}"}
             for path in ("/", "/api/agents", "/api/events", "/export/agents.csv"):
                 assert (await client.get(path, headers=cookie)).status == 403, path
         # An employee with no laptop sees an empty fleet, not an error.
-        employee = sessions.redeem(sessions.issue_login(Principal("employee-9", Role.EMPLOYEE))[0])
+        employee = await sessions.redeem(
+            (await sessions.issue_login(Principal("employee-9", Role.EMPLOYEE)))[0]
+        )
         assert employee is not None
         cookie = {"Cookie": f"{SESSION_COOKIE}={employee[0]}"}
         data = await (await client.get("/api/summary", headers=cookie)).json()

@@ -1,42 +1,127 @@
-"""Dashboard sessions: single-use links, expiry, and revocation reaching the browser."""
+"""Dashboard sessions: single-use links, expiry, revocation reaching the browser, and
+sessions any replica can check (they live in the store)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
 from control.domain.identity import Principal, Role
+from control.store import Store
 from control.web.sessions import LOGIN_TOKEN_SECONDS, SESSION_SECONDS, DashboardSessions
+from tests.test_plane_replicas import Clock
+from tests.test_store_contract import Backend, each_backend, run_with_store
 
 SRE = Principal("sre-1", Role.SRE, serial="5e")
 
 
-def test_a_login_link_works_once_and_a_session_ends_on_time() -> None:
-    now = [1000.0]
-    sessions = DashboardSessions(lambda: now[0])
-    token, expires_at = sessions.issue_login(SRE)
-    assert expires_at == 1000.0 + LOGIN_TOKEN_SECONDS
-    redeemed = sessions.redeem(token)
-    assert redeemed is not None
-    session_id, session = redeemed
-    assert session.principal == SRE and sessions.principal(session_id) == SRE
-    assert sessions.redeem(token) is None, "single use"
-    now[0] += SESSION_SECONDS
-    assert sessions.principal(session_id) is None
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield from each_backend(request, tmp_path)
 
 
-def test_a_stale_link_is_refused() -> None:
-    now = [1000.0]
-    sessions = DashboardSessions(lambda: now[0])
-    token, _ = sessions.issue_login(SRE)
-    now[0] += LOGIN_TOKEN_SECONDS
-    assert sessions.redeem(token) is None
+def with_sessions(
+    backend: Backend,
+    body: Callable[[DashboardSessions, Clock, set[str]], Awaitable[None]],
+) -> None:
+    async def main(store: Store) -> None:
+        clock, revoked = Clock(), set[str]()
+        await body(DashboardSessions(store, clock, revoked.__contains__), clock, revoked)
+
+    run_with_store(backend, main)
 
 
-def test_revoking_the_certificate_ends_its_browser_sessions() -> None:
-    revoked: set[str] = set()
-    sessions = DashboardSessions(lambda: 1000.0, revoked.__contains__)
-    pending, _ = sessions.issue_login(SRE)
-    token, _ = sessions.issue_login(SRE)
-    redeemed = sessions.redeem(token)
-    assert redeemed is not None
-    revoked.add(SRE.serial)
-    assert sessions.principal(redeemed[0]) is None
-    assert sessions.redeem(pending) is None
+def test_a_login_link_works_once_and_a_session_ends_on_time(backend: Backend) -> None:
+    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+        token, expires_at = await sessions.issue_login(SRE)
+        assert expires_at == 1000.0 + LOGIN_TOKEN_SECONDS
+        redeemed = await sessions.redeem(token)
+        assert redeemed is not None
+        session_id, session = redeemed
+        assert session.principal == SRE and await sessions.principal(session_id) == SRE
+        assert await sessions.redeem(token) is None, "single use"
+        clock.now += SESSION_SECONDS
+        assert await sessions.principal(session_id) is None
+
+    with_sessions(backend, body)
+
+
+def test_a_stale_link_is_refused(backend: Backend) -> None:
+    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+        token, _ = await sessions.issue_login(SRE)
+        clock.now += LOGIN_TOKEN_SECONDS
+        assert await sessions.redeem(token) is None
+
+    with_sessions(backend, body)
+
+
+def test_revoking_the_certificate_ends_its_browser_sessions(backend: Backend) -> None:
+    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+        pending, _ = await sessions.issue_login(SRE)
+        token, _ = await sessions.issue_login(SRE)
+        redeemed = await sessions.redeem(token)
+        assert redeemed is not None
+        revoked.add(SRE.serial)
+        assert await sessions.principal(redeemed[0]) is None
+        assert await sessions.redeem(pending) is None
+
+    with_sessions(backend, body)
+
+
+def test_logout_ends_the_session_and_the_store_keeps_only_hashes(backend: Backend) -> None:
+    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+        token, _ = await sessions.issue_login(SRE)
+        redeemed = await sessions.redeem(token)
+        assert redeemed is not None
+        session_id = redeemed[0]
+        await sessions.end(session_id)
+        assert await sessions.principal(session_id) is None
+
+        # The login link is used up, the session ended: nothing is left to steal.
+        assert backend.sql("SELECT key FROM dashboard_sessions") == []
+        live, _ = await sessions.issue_login(SRE)
+        ((key,),) = backend.sql("SELECT key FROM dashboard_sessions")
+        assert key == hashlib.sha256(live.encode()).hexdigest() and live not in key
+
+    with_sessions(backend, body)
+
+
+def test_a_session_made_on_one_replica_works_on_another(backend: Backend) -> None:
+    """Two stores on one database (two replicas): a link issued by one is redeemed on
+    the other, the session works on both, and a logout on either ends it."""
+
+    async def main(first: Store) -> None:
+        second = await backend.open()
+        try:
+            clock = Clock()
+            one, two = DashboardSessions(first, clock), DashboardSessions(second, clock)
+            token, _ = await one.issue_login(SRE)
+            redeemed = await two.redeem(token)
+            assert redeemed is not None
+            assert await one.principal(redeemed[0]) == SRE
+            assert await one.redeem(token) is None, "used up on the other replica"
+            await two.end(redeemed[0])
+            assert await one.principal(redeemed[0]) is None
+        finally:
+            await second.close()
+
+    run_with_store(backend, main)
+
+
+def test_two_replicas_redeeming_one_link_at_once_log_in_once(backend: Backend) -> None:
+    async def main(first: Store) -> None:
+        second = await backend.open()
+        try:
+            clock = Clock()
+            one, two = DashboardSessions(first, clock), DashboardSessions(second, clock)
+            token, _ = await one.issue_login(SRE)
+            results = await asyncio.gather(one.redeem(token), two.redeem(token))
+            assert sum(result is not None for result in results) == 1
+        finally:
+            await second.close()
+
+    run_with_store(backend, main)

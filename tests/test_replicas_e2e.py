@@ -12,10 +12,13 @@ import functools
 import json
 import shutil
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -109,6 +112,26 @@ def test_a_pause_on_one_replica_reaches_every_replica_and_survives_losing_one(
     assert len(epochs) == 1, epochs
     verified = restarted.run("audit", "verify", "--database", cluster.dsn)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    dashboard_on_any_replica(cluster)
+
+
+def dashboard_on_any_replica(cluster: Cluster) -> None:
+    """Behind a load balancer each request may reach another replica: a link issued by
+    A logs in on B, and the session shows the whole fleet on C."""
+    link = urlsplit(cluster.cli(0, "sre-1").ok("dashboard").strip())
+    b, c = (f"http://127.0.0.1:{r.http_port}" for r in cluster.replicas[1:])
+    with pytest.raises(urllib.error.HTTPError) as redirected:  # not followed: a 303
+        urllib.request.build_opener(NoRedirects).open(f"{b}{link.path}?{link.query}", timeout=10)
+    assert redirected.value.code == 303, redirected.value
+    cookie = redirected.value.headers["Set-Cookie"].split(";")[0]
+    request = urllib.request.Request(f"{c}/api/summary", headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=10) as summary:
+        assert json.load(summary)["summary"]["total"] == AGENTS
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def test_concurrent_pause_and_resume_on_two_replicas_always_end_paused(

@@ -153,12 +153,17 @@ def postgres_backend() -> Iterator[PostgresBackend]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+def each_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """For a fixture parametrised ``["sqlite", "postgres"]``: that store's database."""
     if request.param == "sqlite":
         yield SqliteBackend(tmp_path)
     else:
         yield from postgres_backend()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield from each_backend(request, tmp_path)
 
 
 def draft(hold_id: str, scope: Scope | None = None) -> HoldDraft:

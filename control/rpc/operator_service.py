@@ -323,7 +323,7 @@ class DashboardService(pb_grpc.DashboardServicer):
     async def CreateSession(  # noqa: N802
         self, request: pb.CreateDashboardSessionRequest, context: Context
     ) -> pb.CreateDashboardSessionResponse:
-        token, expires_at = self._sessions.issue_login(current_principal())
+        token, expires_at = await self._sessions.issue_login(current_principal())
         return pb.CreateDashboardSessionResponse(
             login_url=f"{self._dashboard_url}/login?token={token}",
             expires_at=timestamp(expires_at),

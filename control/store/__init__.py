@@ -23,7 +23,7 @@ from typing import Protocol
 from control.domain import AgentStatus, Desired, Hold, HoldDraft
 from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditEntry, AuditRecord, ChainHead
-from control.domain.identity import CertificateRecord, EnrollToken
+from control.domain.identity import CertificateRecord, EnrollToken, Principal
 from control.domain.release import Release
 from control.domain.rollout import Run
 from control.errors import InvalidInput
@@ -50,6 +50,18 @@ class AgentChanges:
     beat_ages: dict[str, float]
     # Pass back to read what was written after this read.
     cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSession:
+    """A dashboard login link or browser session, kept where every replica finds it.
+
+    ``key`` is a SHA-256 of the secret the browser holds, never the secret itself."""
+
+    key: str
+    kind: str  # "login" (single use, in a URL) or "session" (the cookie)
+    principal: Principal
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +203,15 @@ class Store(Protocol):
 
         At most one process holds the lead at a time; it is given up when the process
         or its database connection dies. A single-server store always leads."""
+
+    async def save_dashboard_session(self, session: DashboardSession, now: float) -> None:
+        """Store it, and forget every session that expired before ``now``."""
+
+    async def dashboard_session(self, key: str, kind: str) -> DashboardSession | None: ...
+
+    async def delete_dashboard_session(self, key: str, kind: str) -> DashboardSession | None:
+        """Remove it and return what it was: of two replicas redeeming one login link at
+        once, only one gets it."""
 
     async def beat(self, replica_id: str) -> None:
         """Record that this replica is alive; raise ``StoreError`` unless the database

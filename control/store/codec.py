@@ -31,11 +31,11 @@ from control.domain import (
 )
 from control.domain.approvals import OPEN_STATES, Approval, ResumeRequest, ResumeState
 from control.domain.audit import AuditEntry, AuditRecord, ChainHead, chain
-from control.domain.identity import CertificateRecord, EnrollToken, Role
+from control.domain.identity import CertificateRecord, EnrollToken, Principal, Role
 from control.domain.release import Release
 from control.domain.rollout import GateResult, Run, RunState, WaveProgress, WaveState
 from control.errors import Conflict, NotFound, shown
-from control.store import StoredAgent
+from control.store import DashboardSession, StoredAgent
 
 log = structlog.get_logger("killswitch.store")
 
@@ -94,6 +94,7 @@ AGENT_COLUMNS = (
     "written_at",
 )
 VIOLATION_ACK_COLUMNS = ("agent_id", "violation_at")
+DASHBOARD_SESSION_COLUMNS = ("key", "kind", "name", "role", "serial", "expires_at")
 SELECT_VIOLATION_ACKS = "SELECT agent_id, violation_at FROM violation_acks"
 SELECT_REVOKED = "SELECT serial, subject FROM certificates WHERE revoked_at IS NOT NULL"
 HOLD_COLUMNS = (
@@ -472,3 +473,13 @@ def log_appended(entries: Sequence[AuditEntry]) -> None:
             action=entry.record.action,
             actor=entry.record.actor,
         )
+
+
+def dashboard_session_to_row(session: DashboardSession) -> tuple[Any, ...]:
+    p = session.principal
+    return (session.key, session.kind, p.name, p.role.value, p.serial, session.expires_at)
+
+
+def dashboard_session_from_row(row: Row) -> DashboardSession:
+    principal = Principal(row["name"], Role(row["role"]), serial=row["serial"])
+    return DashboardSession(row["key"], row["kind"], principal, row["expires_at"])

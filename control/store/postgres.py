@@ -53,6 +53,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, check_enroll
 from control.errors import InvalidInput, PermissionDenied, StoreError, one_line
 from control.store import (
     AgentChanges,
+    DashboardSession,
     LoadedState,
     RunChange,
     RunCommit,
@@ -273,6 +274,18 @@ MIGRATIONS: list[str] = [
         violation_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # Version 3: dashboard sessions any replica can check.
+    """
+    CREATE TABLE dashboard_sessions (
+        key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key, kind)
+    );
+    """,
 ]
 
 
@@ -339,6 +352,8 @@ _BEAT = (
 _FORGET_REPLICAS = f"DELETE FROM replicas WHERE beat_at < {_DB_NOW} - 86400"
 _BEAT_AGES = f"SELECT replica_id, {_DB_NOW} - beat_at AS age FROM replicas"
 _UPSERT_VIOLATION_ACK = _upsert("violation_acks", codec.VIOLATION_ACK_COLUMNS)
+_INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSION_COLUMNS)
+_DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
 
 
 def _where(dsn: str) -> str:
@@ -970,6 +985,35 @@ class PostgresStore:
         self._leading = False
         if conn is not None:
             await _close_quietly(conn)
+
+    async def save_dashboard_session(self, session: DashboardSession, now: float) -> None:
+        async def save(conn: Connection) -> None:
+            await conn.execute("DELETE FROM dashboard_sessions WHERE expires_at <= %s", (now,))
+            await conn.execute(_INSERT_DASHBOARD_SESSION, codec.dashboard_session_to_row(session))
+
+        await self._write([], save)
+
+    async def dashboard_session(self, key: str, kind: str) -> DashboardSession | None:
+        async with self._connection() as conn:
+            row = await _fetch_one(
+                conn,
+                f"SELECT {_DASHBOARD_SESSION_LIST} FROM dashboard_sessions"
+                " WHERE key = %s AND kind = %s",
+                (key, kind),
+            )
+        return None if row is None else codec.dashboard_session_from_row(row)
+
+    async def delete_dashboard_session(self, key: str, kind: str) -> DashboardSession | None:
+        async def delete(conn: Connection) -> DictRow | None:
+            return await _fetch_one(
+                conn,
+                "DELETE FROM dashboard_sessions WHERE key = %s AND kind = %s"
+                f" RETURNING {_DASHBOARD_SESSION_LIST}",
+                (key, kind),
+            )
+
+        row = await self._write([], delete)
+        return None if row is None else codec.dashboard_session_from_row(row)
 
     async def beat(self, replica_id: str) -> None:
         async with self._connection() as conn:

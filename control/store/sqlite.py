@@ -26,6 +26,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, check_enroll
 from control.errors import InvalidInput, PermissionDenied, StoreError
 from control.store import (
     AgentChanges,
+    DashboardSession,
     LoadedState,
     RunChange,
     RunCommit,
@@ -184,6 +185,17 @@ MIGRATIONS: list[str] = [
         violation_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE dashboard_sessions (
+        key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (key, kind)
+    );
+    """,
 ]
 
 
@@ -206,6 +218,8 @@ _SELECT_CERTIFICATES = codec.select_sql("certificates", codec.CERTIFICATE_COLUMN
 _INSERT_CERTIFICATE = _insert("certificates", codec.CERTIFICATE_COLUMNS)
 _UPSERT_RUN = _insert("runbook_runs", codec.RUN_COLUMNS, replace=True)
 _UPSERT_VIOLATION_ACK = _insert("violation_acks", codec.VIOLATION_ACK_COLUMNS, replace=True)
+_INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSION_COLUMNS)
+_DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
 
 
 def _read_shared(db: sqlite3.Connection) -> SharedState:
@@ -601,6 +615,35 @@ class SqliteStore:
     async def try_lead(self) -> bool:
         """One server per file: it always leads."""
         return True
+
+    async def save_dashboard_session(self, session: DashboardSession, now: float) -> None:
+        def save(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM dashboard_sessions WHERE expires_at <= ?", (now,))
+            db.execute(_INSERT_DASHBOARD_SESSION, codec.dashboard_session_to_row(session))
+
+        await self._write([], save)
+
+    async def dashboard_session(self, key: str, kind: str) -> DashboardSession | None:
+        def read() -> DashboardSession | None:
+            row = self._db.execute(
+                f"SELECT {_DASHBOARD_SESSION_LIST} FROM dashboard_sessions"
+                " WHERE key = ? AND kind = ?",
+                (key, kind),
+            ).fetchone()
+            return None if row is None else codec.dashboard_session_from_row(row)
+
+        return await self._run(read)
+
+    async def delete_dashboard_session(self, key: str, kind: str) -> DashboardSession | None:
+        def delete(db: sqlite3.Connection) -> DashboardSession | None:
+            row = db.execute(
+                "DELETE FROM dashboard_sessions WHERE key = ? AND kind = ?"
+                f" RETURNING {_DASHBOARD_SESSION_LIST}",
+                (key, kind),
+            ).fetchone()
+            return None if row is None else codec.dashboard_session_from_row(row)
+
+        return await self._write([], delete)
 
     async def beat(self, replica_id: str) -> None:
         """Only a ping: no other replica asks who is alive."""

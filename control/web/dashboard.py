@@ -41,7 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from control.domain.identity import Principal, Role
-from control.errors import InvalidInput
+from control.errors import InvalidInput, StoreError
 from control.plane import AgentView, ControlPlane
 from control.web import api, pages
 from control.web.sessions import SESSION_SECONDS, DashboardSessions
@@ -143,11 +143,11 @@ class Dashboard:
 
     # ------------------------------------------------------------ access
 
-    def _principal(self, request: web.Request) -> Principal | None:
+    async def _principal(self, request: web.Request) -> Principal | None:
         session_id = request.cookies.get(SESSION_COOKIE, "")
         if not session_id or len(session_id) > 100:
             return None
-        return self._sessions.principal(session_id)
+        return await self._sessions.principal(session_id)
 
     @staticmethod
     def _may_view(principal: Principal) -> bool:
@@ -157,8 +157,11 @@ class Dashboard:
         self, handler: Handler, *, as_json: bool = False, operators: bool = False
     ) -> Callable[..., Any]:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            principal = self._principal(request)
             response: web.StreamResponse
+            try:
+                principal = await self._principal(request)
+            except StoreError:
+                return harden(self._unavailable(as_json))
             if principal is None:
                 response = self._refusal(401, as_json)
             elif not self._may_view(principal):
@@ -173,6 +176,14 @@ class Dashboard:
             return harden(response)
 
         return guarded
+
+    @staticmethod
+    def _unavailable(as_json: bool) -> web.Response:
+        text = "the control plane's database is not answering: try again in a moment"
+        if as_json:
+            return web.json_response({"error": text}, status=503)
+        page = pages.message_page("Try again", f"<p>{pages.e(text)}.</p>")
+        return web.Response(status=503, text=page, content_type="text/html")
 
     def _refusal(self, status: int, as_json: bool) -> web.Response:
         if status == 401:
@@ -204,7 +215,12 @@ class Dashboard:
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         token = request.query.get("token", "")
-        redeemed = self._sessions.redeem(token) if 0 < len(token) <= 100 else None
+        try:
+            redeemed = await self._sessions.redeem(token) if 0 < len(token) <= 100 else None
+            if redeemed is not None and (old := request.cookies.get(SESSION_COOKIE, "")):
+                await self._sessions.end(old)  # a new login replaces this browser's session
+        except StoreError:
+            return harden(self._unavailable(as_json=False))
         if redeemed is None:
             page = pages.message_page(
                 "Login link not valid",
@@ -212,10 +228,9 @@ class Dashboard:
             )
             return harden(web.Response(status=401, text=page, content_type="text/html"))
         session_id, session = redeemed
-        if old := request.cookies.get(SESSION_COOKIE, ""):
-            self._sessions.end(old)  # a new login replaces the session this browser had
         if not self._may_view(session.principal):
-            self._sessions.end(session_id)
+            with contextlib.suppress(StoreError):  # it expires by itself anyway
+                await self._sessions.end(session_id)
             return harden(self._refusal(403, as_json=False))
         response = web.Response(status=303, headers={"Location": "/"})
         response.set_cookie(
@@ -232,7 +247,11 @@ class Dashboard:
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         session_id = request.cookies.get(SESSION_COOKIE, "")
         if session_id:
-            self._sessions.end(session_id)
+            try:
+                await self._sessions.end(session_id)
+            except StoreError:
+                # The cookie stays, and so would the session: say so rather than pretend.
+                return harden(self._unavailable(as_json=False))
         page = pages.message_page(
             "Logged out", "<p>Your dashboard session has ended.</p>" + pages.LOGIN_HELP
         )
@@ -404,7 +423,7 @@ class Dashboard:
         try:
             await response.write(b"retry: 3000\n\n")
             while not self._closing.is_set() and not _client_gone(request):
-                if self._sessions.principal(session_id) is None:
+                if await self._sessions.principal(session_id) is None:
                     await response.write(b"event: logout\ndata: {}\n\n")
                     break
                 version, changed = self._visible_changes(principal, since)

@@ -2,72 +2,72 @@
 
 Browsers have no client certificate, so an operator (or employee) with an identity
 asks the API for a one-time login link; redeeming it sets a session cookie that
-carries that identity's name and role. Both live in memory only: a restarted
-server asks everyone to log in again, which is the safe failure.
+carries that identity's name and role. Both are kept in the store, so that every
+replica behind a load balancer knows them; the store keeps a SHA-256 of each secret,
+never the secret, so reading the database does not log anyone in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from control.domain.identity import Principal
+from control.store import DashboardSession, Store
 
 LOGIN_TOKEN_SECONDS = 120.0
 SESSION_SECONDS = 12 * 3600.0
+LOGIN, SESSION = "login", "session"
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
-    principal: Principal
-    expires_at: float
+def _key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class DashboardSessions:
     def __init__(
-        self, clock: Callable[[], float], is_revoked: Callable[[str], bool] = lambda _: False
+        self,
+        store: Store,
+        clock: Callable[[], float],
+        is_revoked: Callable[[str], bool] = lambda _: False,
     ) -> None:
+        self._store = store
         self._clock = clock
         # A revoked certificate ends the browser sessions it opened, not just its gRPC calls.
         self._is_revoked = is_revoked
-        self._login_tokens: dict[str, Session] = {}
-        self._sessions: dict[str, Session] = {}
 
-    def issue_login(self, principal: Principal) -> tuple[str, float]:
+    async def _issue(self, kind: str, principal: Principal, lifetime: float) -> tuple[str, float]:
+        secret = secrets.token_urlsafe(32 if kind == SESSION else 24)
+        now = self._clock()
+        session = DashboardSession(_key(secret), kind, principal, now + lifetime)
+        await self._store.save_dashboard_session(session, now)
+        return secret, session.expires_at
+
+    async def issue_login(self, principal: Principal) -> tuple[str, float]:
         """A single-use token, short-lived because it travels in a URL."""
-        self._forget_expired()
-        token = secrets.token_urlsafe(24)
-        expires_at = self._clock() + LOGIN_TOKEN_SECONDS
-        self._login_tokens[token] = Session(principal, expires_at)
-        return token, expires_at
+        return await self._issue(LOGIN, principal, LOGIN_TOKEN_SECONDS)
 
-    def redeem(self, token: str) -> tuple[str, Session] | None:
+    async def redeem(self, token: str) -> tuple[str, DashboardSession] | None:
         """Trade a login token for a session id (the cookie); ``None`` if unknown or stale."""
-        login = self._login_tokens.pop(token, None)
+        login = await self._store.delete_dashboard_session(_key(token), LOGIN)
         if login is None or not self._valid(login):
             return None
-        session_id = secrets.token_urlsafe(32)
-        session = Session(login.principal, self._clock() + SESSION_SECONDS)
-        self._sessions[session_id] = session
-        return session_id, session
+        session_id, expires_at = await self._issue(SESSION, login.principal, SESSION_SECONDS)
+        return session_id, DashboardSession(_key(session_id), SESSION, login.principal, expires_at)
 
-    def principal(self, session_id: str) -> Principal | None:
-        session = self._sessions.get(session_id)
-        if session is None or not self._valid(session):
-            self._sessions.pop(session_id, None)
+    async def principal(self, session_id: str) -> Principal | None:
+        session = await self._store.dashboard_session(_key(session_id), SESSION)
+        if session is None:
+            return None
+        if not self._valid(session):
+            await self.end(session_id)
             return None
         return session.principal
 
-    def _valid(self, session: Session) -> bool:
+    def _valid(self, session: DashboardSession) -> bool:
         serial = session.principal.serial
         return session.expires_at > self._clock() and not (serial and self._is_revoked(serial))
 
-    def end(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
-
-    def _forget_expired(self) -> None:
-        now = self._clock()
-        for table in (self._login_tokens, self._sessions):
-            for key in [k for k, s in table.items() if s.expires_at <= now]:
-                del table[key]
+    async def end(self, session_id: str) -> None:
+        await self._store.delete_dashboard_session(_key(session_id), SESSION)
