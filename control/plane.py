@@ -917,60 +917,65 @@ class ControlPlane:
         """Show the agents other replicas serve, from the rows they wrote.
 
         A row replaces this replica's entry unless this replica serves the agent or
-        knows a newer stream of it. Each call also re-derives every remote agent's
-        status from its row and the beats: a replica that stopped beating has lost
-        its streams, and one that beats vouches for the agents it wrote as live.
+        knows a newer stream of it. Each call also brings every remote agent's liveness
+        up to date with the beats: a replica that stopped beating has lost its streams,
+        and one that beats vouches for the agents it wrote as live.
         """
+        now = self._clock()
+        active = self.active_holds()
+        beats = changes.beat_ages
+        lost_after = REPLICA_SILENT_BEATS * self._store_probe_interval
+        self._others_alive = any(
+            age <= lost_after for replica, age in beats.items() if replica != self.replica_id
+        )
         for row in changes.rows:
             entry = self._agents.get(row.agent_id)
             if entry is not None and entry.remote is None:
                 newer = (row.status.connected_at or 0.0) >= (entry.status.connected_at or 0.0)
                 if entry.subscriber is not None or not newer:
                     continue
+            status = dataclasses.replace(row.status)
+            acked = self._violation_acks.get(row.agent_id)
+            if status.violation and acked is not None and (status.violation_at or 0.0) <= acked:
+                status.acknowledge_violation()
             if entry is None:
                 entry = self._agents[row.agent_id] = AgentEntry(
-                    row.agent_id, row.labels, row.desired, row.status
+                    row.agent_id, row.labels, row.desired, status
                 )
-            entry.remote, entry.labels, entry.desired = row, row.labels, row.desired
+            entry.remote, entry.labels, entry.desired, entry.status = (
+                row,
+                row.labels,
+                row.desired,
+                status,
+            )
             self._remote.add(row.agent_id)
             self._dirty.discard(row.agent_id)
-        now = self._clock()
-        active = self.active_holds()
-        lost_after = REPLICA_SILENT_BEATS * self._store_probe_interval
-        self._others_alive = any(
-            age <= lost_after
-            for replica, age in changes.beat_ages.items()
-            if replica != self.replica_id
-        )
+            self._reconcile(entry, active, now)
+        # Every second for every remote agent: assignments only, no copies.
         for agent_id in self._remote:
             entry = self._agents[agent_id]
             assert entry.remote is not None
-            entry.status = self._remote_status(entry.remote, changes.beat_ages, now, lost_after)
-            self._reconcile(entry, active, now)
+            self._apply_liveness(entry.status, entry.remote, beats, now, lost_after)
 
-    def _remote_status(
-        self, row: StoredAgent, beat_ages: Mapping[str, float], now: float, lost_after: float
-    ) -> AgentStatus:
-        status = dataclasses.replace(row.status)
-        acked = self._violation_acks.get(row.agent_id)
-        if status.violation and acked is not None and (status.violation_at or 0.0) <= acked:
-            status.acknowledge_violation()
+    def _apply_liveness(
+        self,
+        status: AgentStatus,
+        row: StoredAgent,
+        beat_ages: Mapping[str, float],
+        now: float,
+        lost_after: float,
+    ) -> None:
+        status.connected, status.disconnected_at = row.status.connected, row.status.disconnected_at
         if not status.connected:
-            return status
+            return
         age = beat_ages.get(row.written_by)
         if age is None or age > lost_after:
             status.connected = False
             status.disconnected_at = now - age if age is not None else row.written_at
-            return status
-        last_seen = status.last_seen or 0.0
+            return
+        last_seen = row.status.last_seen or 0.0
         if (row.written_at or 0.0) - last_seen <= self.policy.silence_timeout:
             status.last_seen = max(last_seen, now - age)
-        return status
-
-    def serving(self, agent_id: str) -> bool:
-        """Whether this replica holds the agent's live stream."""
-        entry = self._agents.get(agent_id)
-        return entry is not None and entry.subscriber is not None
 
     # ------------------------------------------------------------ self service
 
