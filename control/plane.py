@@ -314,8 +314,10 @@ class ControlPlane:
             self._mark_newly_silent()
             why = ""
             try:
-                beat = self._store.beat(self.replica_id)
-                await asyncio.wait_for(beat, self._store_probe_interval)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
+                # cancellation that stop() sends, and stop() would then wait for ever.
+                async with asyncio.timeout(self._store_probe_interval):
+                    await self._store.beat(self.replica_id)
             except Exception as exc:
                 why = repr(exc) if str(exc) else type(exc).__name__
             else:

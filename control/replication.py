@@ -67,7 +67,10 @@ class Replication:
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poked.wait(), self._resync_seconds)
+                async with asyncio.timeout(
+                    self._resync_seconds
+                ):  # cancellable, unlike 3.11's wait_for
+                    await self._poked.wait()
             self._poked.clear()
             try:
                 await self.resync()

@@ -20,7 +20,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def click_until_navigated(page: Any, selector: str, url: str, attempts: int = 3) -> None:
-    """Click, and click again if a live redraw or a late navigation swallowed the click."""
+    """Click, and click again if a live redraw or a late navigation swallowed the click;
+    once the page has left (the click went through), just wait for it to arrive."""
     for attempt in range(attempts):
         page.click(selector)
         try:
@@ -29,6 +30,13 @@ def click_until_navigated(page: Any, selector: str, url: str, attempts: int = 3)
         except Exception as exc:  # playwright's TimeoutError; the module loads lazily
             if attempt == attempts - 1 or "Timeout" not in type(exc).__name__:
                 raise
+        try:
+            still_there = page.query_selector(selector) is not None
+        except Exception:  # the page is being replaced: the click went through
+            still_there = False
+        if not still_there:
+            page.wait_for_url(url, timeout=30_000)
+            return
 
 
 def collect_problems(page: Any) -> list[str]:

@@ -435,7 +435,8 @@ class Dashboard:
                 )
                 await response.write(f"id: {version}\ndata: {message}\n\n".encode())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), TICK_SECONDS)
+                    async with asyncio.timeout(TICK_SECONDS):  # cancellable, unlike 3.11's wait_for
+                        await self._closing.wait()
         except (ConnectionResetError, ConnectionError):
             pass  # the browser went away
         return response
