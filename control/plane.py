@@ -906,12 +906,17 @@ class ControlPlane:
                 continue
             self._violation_acks[agent_id] = flagged_at
             entry = self._agents.get(agent_id)
-            if entry is None or not entry.status.violation:
-                continue
-            if (entry.status.violation_at or 0.0) <= flagged_at:
-                entry.status.acknowledge_violation()
+            if entry is not None and self._clear_acknowledged(agent_id, entry.status):
                 self._dirty.add(agent_id)
                 log.info("violation_cleared", agent_id=agent_id, acknowledged_at=flagged_at)
+
+    def _clear_acknowledged(self, agent_id: str, status: AgentStatus) -> bool:
+        """Clear ``status``'s violation if an operator acknowledged it (or a later one)."""
+        acked = self._violation_acks.get(agent_id)
+        if not status.violation or acked is None or (status.violation_at or 0.0) > acked:
+            return False
+        status.acknowledge_violation()
+        return True
 
     # ------------------------------------------------------------ other replicas
 
@@ -937,9 +942,7 @@ class ControlPlane:
                 if entry.subscriber is not None or not newer:
                     continue
             status = dataclasses.replace(row.status)
-            acked = self._violation_acks.get(row.agent_id)
-            if status.violation and acked is not None and (status.violation_at or 0.0) <= acked:
-                status.acknowledge_violation()
+            self._clear_acknowledged(row.agent_id, status)
             if entry is None:
                 entry = self._agents[row.agent_id] = AgentEntry(
                     row.agent_id, row.labels, row.desired, status

@@ -90,38 +90,42 @@ def test_logout_ends_the_session_and_the_store_keeps_only_hashes(backend: Backen
     with_sessions(backend, body)
 
 
-def test_a_session_made_on_one_replica_works_on_another(backend: Backend) -> None:
-    """Two stores on one database (two replicas): a link issued by one is redeemed on
-    the other, the session works on both, and a logout on either ends it."""
+def with_two_replicas(
+    backend: Backend, body: Callable[[DashboardSessions, DashboardSessions], Awaitable[None]]
+) -> None:
+    """Two stores on one database: what two replicas see."""
 
     async def main(first: Store) -> None:
         second = await backend.open()
         try:
             clock = Clock()
-            one, two = DashboardSessions(first, clock), DashboardSessions(second, clock)
-            token, _ = await one.issue_login(SRE)
-            redeemed = await two.redeem(token)
-            assert redeemed is not None
-            assert await one.principal(redeemed[0]) == SRE
-            assert await one.redeem(token) is None, "used up on the other replica"
-            await two.end(redeemed[0])
-            assert await one.principal(redeemed[0]) is None
+            await body(DashboardSessions(first, clock), DashboardSessions(second, clock))
         finally:
             await second.close()
 
     run_with_store(backend, main)
+
+
+def test_a_session_made_on_one_replica_works_on_another(backend: Backend) -> None:
+    """A link issued by one replica is redeemed on the other, the session works on
+    both, and a logout on either ends it."""
+
+    async def body(one: DashboardSessions, two: DashboardSessions) -> None:
+        token, _ = await one.issue_login(SRE)
+        redeemed = await two.redeem(token)
+        assert redeemed is not None
+        assert await one.principal(redeemed[0]) == SRE
+        assert await one.redeem(token) is None, "used up on the other replica"
+        await two.end(redeemed[0])
+        assert await one.principal(redeemed[0]) is None
+
+    with_two_replicas(backend, body)
 
 
 def test_two_replicas_redeeming_one_link_at_once_log_in_once(backend: Backend) -> None:
-    async def main(first: Store) -> None:
-        second = await backend.open()
-        try:
-            clock = Clock()
-            one, two = DashboardSessions(first, clock), DashboardSessions(second, clock)
-            token, _ = await one.issue_login(SRE)
-            results = await asyncio.gather(one.redeem(token), two.redeem(token))
-            assert sum(result is not None for result in results) == 1
-        finally:
-            await second.close()
+    async def body(one: DashboardSessions, two: DashboardSessions) -> None:
+        token, _ = await one.issue_login(SRE)
+        results = await asyncio.gather(one.redeem(token), two.redeem(token))
+        assert sum(result is not None for result in results) == 1
 
-    run_with_store(backend, main)
+    with_two_replicas(backend, body)

@@ -37,24 +37,26 @@ class DashboardSessions:
         # A revoked certificate ends the browser sessions it opened, not just its gRPC calls.
         self._is_revoked = is_revoked
 
-    async def _issue(self, kind: str, principal: Principal, lifetime: float) -> tuple[str, float]:
+    async def _issue(
+        self, kind: str, principal: Principal, lifetime: float
+    ) -> tuple[str, DashboardSession]:
         secret = secrets.token_urlsafe(32 if kind == SESSION else 24)
         now = self._clock()
         session = DashboardSession(_key(secret), kind, principal, now + lifetime)
         await self._store.save_dashboard_session(session, now)
-        return secret, session.expires_at
+        return secret, session
 
     async def issue_login(self, principal: Principal) -> tuple[str, float]:
         """A single-use token, short-lived because it travels in a URL."""
-        return await self._issue(LOGIN, principal, LOGIN_TOKEN_SECONDS)
+        token, login = await self._issue(LOGIN, principal, LOGIN_TOKEN_SECONDS)
+        return token, login.expires_at
 
     async def redeem(self, token: str) -> tuple[str, DashboardSession] | None:
         """Trade a login token for a session id (the cookie); ``None`` if unknown or stale."""
         login = await self._store.delete_dashboard_session(_key(token), LOGIN)
         if login is None or not self._valid(login):
             return None
-        session_id, expires_at = await self._issue(SESSION, login.principal, SESSION_SECONDS)
-        return session_id, DashboardSession(_key(session_id), SESSION, login.principal, expires_at)
+        return await self._issue(SESSION, login.principal, SESSION_SECONDS)
 
     async def principal(self, session_id: str) -> Principal | None:
         session = await self._store.dashboard_session(_key(session_id), SESSION)
