@@ -219,12 +219,30 @@ class CensusCollector:
         self.plane: ControlPlane | None = None
 
     def describe(self) -> Iterable[Metric]:
-        return self._families(None)
+        return [*self._families(None), *self._leasing(None)]
 
     def collect(self) -> Iterable[Metric]:
         if self.plane is None:
             return []
-        return self._families(self.plane.census())
+        return [*self._families(self.plane.census()), *self._leasing(self.plane)]
+
+    @staticmethod
+    def _leasing(plane: ControlPlane | None) -> list[Metric]:
+        view_age = GaugeMetricFamily(
+            "killswitch_view_age_seconds",
+            "Age of this replica's view of the holds; leases are cut by it, and none are"
+            " granted past a quarter of the lease TTL. 0 on a sole-writer (SQLite) store.",
+        )
+        leasing = GaugeMetricFamily(
+            "killswitch_leasing",
+            "1 while this replica may grant leases (its store takes writes and its view of"
+            " the holds is recent), else 0: its agents stop within one lease TTL.",
+        )
+        if plane is not None:
+            age = plane.view.age()
+            view_age.add_metric([], age if age != float("inf") else -1.0)
+            leasing.add_metric([], 1.0 if plane.leasing else 0.0)
+        return [view_age, leasing]
 
     @staticmethod
     def _families(census: Census | None) -> list[Metric]:

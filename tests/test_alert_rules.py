@@ -7,14 +7,12 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from control.metrics import Metrics
-from control.plane import ControlPlane
-from control.store import Store
 from tests.conftest import missing_tool
+from tests.test_metrics import idle_plane
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -29,6 +27,7 @@ ALERTS = {
     "KillswitchFleetNotCompliant": "critical",
     "KillswitchControlPlaneDown": "critical",
     "KillswitchControlPlaneAbsent": "critical",
+    "KillswitchReplicaNotLeasing": "critical",
     "KillswitchAgentsDisconnected": "warning",
 }
 
@@ -113,8 +112,7 @@ def test_metric_names_are_found_in_promql() -> None:
 def exposed_names() -> set[str]:
     """Every series name the server's /metrics can show, from its registry's families."""
     metrics = Metrics()
-    # A plane that was never started: its census is all zeros, and no store is needed.
-    metrics.watch(ControlPlane(cast(Store, None), clock=time.time))
+    metrics.watch(idle_plane())  # its census is all zeros
     suffixes = {
         "counter": ["_total", "_created"],
         "histogram": ["_bucket", "_count", "_sum", "_created"],
@@ -135,6 +133,8 @@ def test_exposed_names_follow_conventions() -> None:
         "killswitch_connected_streams",
         "killswitch_epoch",
         "killswitch_active_holds",
+        "killswitch_leasing",
+        "killswitch_view_age_seconds",
         "killswitch_pause_to_ack_seconds_bucket",
         "killswitch_pause_to_verified_seconds_bucket",
         "killswitch_directives_sent_total",

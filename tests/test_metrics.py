@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -97,6 +98,8 @@ def test_fleet_pause_shows_in_real_metrics(
     assert value(found, "killswitch_connected_streams") == FLEET
     assert value(found, "killswitch_epoch") == epoch
     assert value(found, "killswitch_active_holds") == 1
+    assert value(found, "killswitch_leasing") == 1
+    assert value(found, "killswitch_view_age_seconds") == 0, "SQLite: a sole writer"
     assert value(found, "killswitch_acks_total", mode="PAUSED") >= FLEET
     assert value(found, "killswitch_acks_total", mode="ALLOWED") >= FLEET
     assert value(found, "killswitch_directives_sent_total", mode="PAUSED") >= FLEET
@@ -175,8 +178,9 @@ def test_openmetrics_on_request(server: ServerProcess) -> None:
 
 
 def idle_plane() -> ControlPlane:
-    """A plane that was never started: census() works on its empty memory, no store needed."""
-    return ControlPlane(cast(Store, None), clock=time.time)
+    """A plane that was never started: census() works on its empty memory; the store is
+    never called (a sole writer, so its view counts as current)."""
+    return ControlPlane(cast(Store, SimpleNamespace(sole_writer=True)), clock=time.time)
 
 
 def test_observer_never_raises_and_counts() -> None:

@@ -6,11 +6,8 @@ is unreachable the tests skip, except under CI=true, where they fail.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import socket
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,68 +22,7 @@ from tests.conftest import (
     wait_capturing,
     wait_for,
 )
-
-PG_ADDRESS = ("127.0.0.1", 5432)
-
-
-def close_quietly(sock: socket.socket, *, shutdown_only: bool) -> None:
-    """Wake whatever reads ``sock`` (shutdown), then maybe close it; it may be gone."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    if not shutdown_only:
-        sock.close()
-
-
-class TcpProxy:
-    """A loopback TCP relay to PostgreSQL that a test can cut and restore."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                return
-            with self._lock:
-                self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                close_quietly(s, shutdown_only=True)
-
-    def cut(self) -> None:
-        """The database is gone: no new connections, and every open one dies."""
-        if self._listener is not None:
-            # shutdown() wakes the thread blocked in accept(); close() alone does not.
-            close_quietly(self._listener, shutdown_only=False)
-            self._listener = None
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for s in sockets:
-            close_quietly(s, shutdown_only=False)
+from tests.faults.relay import PG_ADDRESS, TcpProxy
 
 
 def ready(server: ServerProcess) -> int:
@@ -138,7 +74,7 @@ def test_losing_the_database_makes_the_replica_unready_and_agents_fail_closed(
     proxy = TcpProxy(PG_ADDRESS)
     proxy.start()
     try:
-        through_proxy = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        through_proxy = proxy.dsn(pg_dsn)
         server = start_server("--database", through_proxy)
         cli = Cli(server)
         truth = tmp_path / "truth.json"
@@ -172,7 +108,7 @@ def test_a_replica_that_alone_loses_the_database_hands_its_agents_to_another(
     replica_b: ServerProcess | None = None
     try:
         replica_a = start_server("--database", pg_dsn)
-        through_proxy = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        through_proxy = proxy.dsn(pg_dsn)
         replica_b = ServerProcess(tmp_path / "replica-b", ["--database", through_proxy])
         for part in ("pki", "identities"):
             shutil.copytree(replica_a.data_dir / part, replica_b.data_dir / part)

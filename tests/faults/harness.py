@@ -1,0 +1,152 @@
+"""Real replicas, a real simulator with ``--truth``, and the checker, for fault tests.
+
+Every fault test follows one shape: a fleet capturing, a fault, a pause committed
+somewhere, time for the promise to play out, then the ground truth judged by
+``tests.faults.checker`` and the verdict table printed (it goes into closing notes).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import FAST_TIMINGS, Cli, ServerProcess, Simulator, wait_for
+from tests.faults.checker import Pause, Verdict, check, read_truth
+
+# The fast timings every test server runs with: the lease TTL the checker allows.
+LEASE_TTL = float(FAST_TIMINGS[FAST_TIMINGS.index("--lease-ttl") + 1])
+
+
+@dataclass
+class Fleet:
+    """Replicas sharing one CA (and, on PostgreSQL, one database), and one simulator."""
+
+    replicas: list[ServerProcess]
+    truth_path: Path
+    simulator: Simulator | None = None
+    pauses: list[Pause] = field(default_factory=list)
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(r.address for r in self.replicas)
+
+    def live(self) -> list[ServerProcess]:
+        return [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+
+    def cli(self, replica: ServerProcess | None = None, identity: str = "ic-1") -> Cli:
+        return Cli(replica or self.live()[0], identity)
+
+    def views(self) -> list[dict[str, dict[str, Any]]]:
+        """``killswitch agents --json`` from every live replica."""
+        return [Cli(replica).agents() for replica in self.live()]
+
+    def all_in(self, count: int, *states: str) -> bool:
+        """Every live replica shows ``count`` agents, every one in one of ``states``."""
+        for view in self.views():
+            if len(view) != count or any(row["state"] not in states for row in view.values()):
+                return False
+        return True
+
+    def capturing(self) -> int:
+        if not self.truth_path.exists():
+            return -1
+        rows: list[dict[str, Any]] = json.loads(self.truth_path.read_text())["agents"]
+        return sum(bool(row["capturing"]) for row in rows)
+
+    def pause(self, replica: ServerProcess, *args: str) -> str:
+        """Commit a pause on ``replica``; the checker learns its commit time from it."""
+        cli = Cli(replica)
+        hold_id = cli.pause(*args)
+        holds = {h["id"]: h for h in cli.json("holds")["holds"]}
+        committed = datetime.fromisoformat(holds[hold_id]["created_at"]).timestamp()
+        self.pauses.append(Pause(committed))
+        return hold_id
+
+    def verdict(self, fault: str, *, settle: float = 0.0, with_views: bool = True) -> Verdict:
+        """Judge the truth written after now (+ ``settle``) against every pause, and the
+        live replicas' verdicts against the truth (``with_views``)."""
+        truth = read_truth(self.truth_path, newer_than=time.time() + settle, timeout=settle + 10)
+        views = self.views() if with_views else []
+        return check(fault, truth, self.pauses, lease_ttl=LEASE_TTL, server_states=views)
+
+
+@pytest.fixture
+def fleet_of(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> Iterator[Callable[..., Fleet]]:
+    """``fleet_of(agents, replicas=1, dsns=[...], server_args=[...], sim_args=[...])``:
+    replicas (each on its own DSN, e.g. through a relay) and a simulator on all of them,
+    every agent capturing before it returns."""
+    started: list[ServerProcess] = []
+
+    def make(
+        agents: int,
+        *,
+        dsns: Sequence[str] = (),
+        server_args: Sequence[str] = (),
+        sim_args: Sequence[str] = (),
+    ) -> Fleet:
+        replicas = []
+        for index, dsn in enumerate(dsns or [""]):
+            extra = [*server_args, "--log-level", "debug"]
+            if dsn:
+                extra += ["--database", dsn]
+            if index == 0:
+                replicas.append(start_server(*extra))
+                continue
+            replica = ServerProcess(tmp_path / f"replica-{index}", extra)
+            for part in ("pki", "identities"):
+                shutil.copytree(replicas[0].data_dir / part, replica.data_dir / part)
+            replica.start()
+            started.append(replica)
+            replicas.append(replica)
+        fleet = Fleet(replicas, tmp_path / "truth.json")
+        fleet.simulator = simulate(
+            replicas[0],
+            agents,
+            "--server",
+            fleet.addresses,
+            "--truth",
+            str(fleet.truth_path),
+            "--capture-tick",
+            "0.2",
+            *sim_args,
+        )
+        wait_for(lambda: fleet.capturing() == agents, 60, "every agent capturing")
+        return fleet
+
+    try:
+        yield make
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+def lease_history(replicas: Sequence[ServerProcess], holds: list[dict[str, Any]]) -> int:
+    """No lease granted, on any replica, at an epoch where a fleet-wide hold was in
+    force (every hold in these tests covers the whole fleet). Returns the grants seen."""
+
+    def paused_at(epoch: int) -> bool:
+        return any(
+            h["created"] <= epoch and (h["lifted"] is None or epoch < h["lifted"]) for h in holds
+        )
+
+    grants = 0
+    for replica in replicas:
+        for line in replica.log_path.read_text(errors="replace").splitlines():
+            if '"lease_granted"' not in line:
+                continue
+            event = json.loads(line)
+            assert not paused_at(event["epoch"]), (replica.address, event, holds)
+            grants += 1
+    return grants
