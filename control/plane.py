@@ -19,7 +19,6 @@ import heapq
 import os
 import secrets
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from control.domain.identity import Principal
 from control.errors import Conflict, NotFound, PermissionDenied, StoreError, shown
 from control.events import PlaneObserver
 from control.store import AgentChanges, LoadedState, RunChange, RunCommit, Store, StoredAgent
+from control.store_health import StoreHealth
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -213,9 +213,8 @@ class ControlPlane:
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
-        # When (monotonic time) a beat last succeeded: see ``store_healthy``.
-        self._last_answer = time.monotonic()
-        self._reported_healthy = True
+        self.store_health = StoreHealth(STORE_ANSWER_WINDOW_BEATS * store_probe_interval)
+        store.report_failures_to(self.store_health.failed)
         self._streams_shed = False
         # Whether another replica was beating at the last read: somewhere to send
         # agents when this one loses its database.
@@ -246,7 +245,7 @@ class ControlPlane:
             self._remember(stored)
         self.adopt_violation_acks(state.shared.violation_acks)
         self._reconcile_all(now)
-        self._last_answer = time.monotonic()
+        self.store_health.restart()
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
         self._prober = asyncio.create_task(self._probe_loop(), name="store-probe")
         log.info(
@@ -312,17 +311,16 @@ class ControlPlane:
         while True:
             await asyncio.sleep(self._store_probe_interval)
             self._mark_newly_silent()
-            why = ""
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
                 # cancellation that stop() sends, and stop() would then wait for ever.
                 async with asyncio.timeout(self._store_probe_interval):
                     await self._store.beat(self.replica_id)
             except Exception as exc:
-                why = repr(exc) if str(exc) else type(exc).__name__
+                self.store_health.failed(exc)
             else:
-                self._last_answer = time.monotonic()
-            self._report_store_health(why)
+                self.store_health.beat_succeeded()
+            self.store_health.check()
             self._shed_streams_if_lost()
 
     def _mark_newly_silent(self) -> None:
@@ -341,34 +339,20 @@ class ControlPlane:
 
     @property
     def store_healthy(self) -> bool:
-        """Whether the database answered a beat recently. Not, and no lease is granted
+        """Whether the store takes writes (``StoreHealth``). Not, and no lease is granted
         or renewed until it does: every agent fails closed within one lease TTL."""
-        return self._store_silent_for() <= STORE_ANSWER_WINDOW_BEATS * self._store_probe_interval
-
-    def _store_silent_for(self) -> float:
-        return time.monotonic() - self._last_answer
-
-    def _report_store_health(self, why: str) -> None:
-        ok = self.store_healthy
-        if ok is self._reported_healthy:
-            return
-        self._reported_healthy = ok
-        self._streams_shed = False
-        if ok:
-            log.warning("store_recovered", detail="granting and renewing leases again")
-        else:
-            log.error(
-                "store_lost", error=why, detail="no leases until it is back: agents fail closed"
-            )
+        return self.store_health.healthy
 
     def _shed_streams_if_lost(self) -> None:
         """Once the other replicas take this one for dead (no beats), end its streams:
         its agents fail closed either way, but on a replica that still has the database
         they get their leases back, and their state is seen again. The agents service
         refuses new streams meanwhile, so they do not come straight back."""
+        if self.store_healthy:
+            self._streams_shed = False
         if not self.hands_off_agents() or self._streams_shed:
             return
-        if self._store_silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval:
+        if self.store_health.silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval:
             return
         self._streams_shed = True
         live = [e.subscriber for e in self._agents.values() if e.subscriber is not None]

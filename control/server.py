@@ -143,7 +143,7 @@ async def serve(config: ServerConfig) -> None:
     web_server = WebServer(
         http_host,
         http_port,
-        ready=lambda: ready and plane.store_healthy,
+        not_ready=lambda: plane.store_health.cause if ready else "starting or stopping",
         routes=[*metrics.routes(), *dashboard.routes()],
     )
     # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.

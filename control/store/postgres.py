@@ -50,7 +50,7 @@ from control.domain import Hold, HoldDraft
 from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
-from control.errors import InvalidInput, PermissionDenied, StoreError, one_line
+from control.errors import InvalidInput, PermissionDenied, StoreError, StoreUnavailable, one_line
 from control.store import (
     AgentChanges,
     DashboardSession,
@@ -59,6 +59,7 @@ from control.store import (
     RunCommit,
     SharedState,
     StoredAgent,
+    causes,
     codec,
 )
 
@@ -547,6 +548,7 @@ class PostgresStore:
         self._lead_checked_at = -LEAD_CHECK_SECONDS
         self._lead_lock = asyncio.Lock()
         self._lead_failing = False
+        self._failed: Callable[[StoreUnavailable], None] = lambda error: None
 
     @classmethod
     async def open(
@@ -651,7 +653,15 @@ class PostgresStore:
                 f" {CHECKOUT_TIMEOUT_SECONDS:g} s"
             ) from None
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL at {self._where} failed: {_reason(exc)}") from exc
+            cause = causes.from_postgres(exc)
+            if cause is None:
+                raise StoreError(f"PostgreSQL at {self._where} failed: {_reason(exc)}") from exc
+            error = causes.unavailable(cause)
+            self._failed(error)
+            raise error from exc
+
+    def report_failures_to(self, failed: Callable[[StoreUnavailable], None]) -> None:
+        self._failed = failed
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[Connection]:
