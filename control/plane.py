@@ -178,6 +178,8 @@ REPLICA_SILENT_BEATS = 5
 # The database is lost to a replica once no beat has succeeded for this many probe
 # intervals: one late or failed beat (a busy event loop, a dropped connection) is not.
 STORE_ANSWER_WINDOW_BEATS = 2.5
+# How often the store is probed with a beat (a durable write).
+STORE_PROBE_SECONDS = 2.0
 STORE_LOST = "this replica lost its database: connect to another"
 
 
@@ -193,7 +195,7 @@ class ControlPlane:
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
         observer: PlaneObserver | None = None,
-        store_probe_interval: float = 2.0,
+        store_probe_interval: float = STORE_PROBE_SECONDS,
         replica_id: str = "",
     ) -> None:
         self._store = store
@@ -833,7 +835,7 @@ class ControlPlane:
         if not self.store_healthy:
             # A lease nobody can write down would outlive what a restart or another
             # replica knows: refuse, and let capture stop when the current one ends.
-            return LeaseDecision(False, 0.0, STORE_LOST)
+            return LeaseDecision(False, 0.0, self.store_health.cause)
         expires_at = self._clock() + self.lease_ttl
         entry.status.record_lease(expires_at)
         if expires_at > entry.lease_bound_saved:

@@ -40,6 +40,7 @@ from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
@@ -618,7 +619,12 @@ class PostgresStore:
     async def _configure_pooled(self, conn: Connection) -> None:
         """Connections of the pool, opened once the schema is migrated."""
         await self._configure(conn)
-        await conn.execute(_CREATE_AGENT_BATCH)
+        # A read-only database (a hot standby, default_transaction_read_only): keep the
+        # connection, so writes fail saying so rather than finding no connection.
+        # _connection closes it at its first refused write; its replacement makes the
+        # staging table once the database takes writes again.
+        with contextlib.suppress(pg_errors.ReadOnlySqlTransaction):
+            await conn.execute(_CREATE_AGENT_BATCH)
 
     async def _open_pool(self) -> None:
         pool = AsyncConnectionPool(
@@ -645,6 +651,9 @@ class PostgresStore:
             conn = await _answering(pool)
             try:
                 yield conn
+            except (pg_errors.ReadOnlySqlTransaction, pg_errors.UndefinedTable):
+                await conn.close()  # see _configure_pooled: the pool opens a new one
+                raise
             finally:
                 await pool.putconn(conn)
         except PoolTimeout:
