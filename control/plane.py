@@ -216,7 +216,6 @@ class ControlPlane:
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self.store_health = StoreHealth(STORE_ANSWER_WINDOW_BEATS * store_probe_interval)
-        store.report_failures_to(self.store_health.failed)
         self._streams_shed = False
         # Whether another replica was beating at the last read: somewhere to send
         # agents when this one loses its database.
@@ -239,6 +238,7 @@ class ControlPlane:
 
     async def start(self) -> LoadedState:
         """Rebuild memory from the store; the rest of the state is for the other services."""
+        self._store.report_failures_to(self.store_health.failed)
         state = await self._store.load()
         self._epoch = state.shared.epoch
         self._holds = {h.id: h for h in state.shared.holds}
