@@ -40,12 +40,14 @@ from control.domain.audit import (
     verify_anchor,
     verify_chain,
 )
-from control.errors import InvalidInput, KillswitchError
+from control.errors import STORE_UNAVAILABLE_METADATA, InvalidInput, KillswitchError
 from control.pki import load_identity
 from control.rpc.authz import INSECURE_IDENTITY_METADATA
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4
+# The server answered, but its store cannot write (or be reached) now: nothing was done.
+EXIT_STORE_UNAVAILABLE = 5
 RPC_TIMEOUT_SECONDS = 15.0
 INVENTORY_BATCH = 500
 UNSETTLED_SHOWN = 50
@@ -260,6 +262,11 @@ class OperatorClient:
     def _error(self, exc: grpc.RpcError) -> CliError:
         code: grpc.StatusCode = exc.code()
         details: str = exc.details() or code.name.lower()
+        if code is grpc.StatusCode.UNAVAILABLE and _from_store(exc):
+            return CliError(
+                f"the control server at {self.address} cannot do this now: {details}",
+                EXIT_STORE_UNAVAILABLE,
+            )
         if code is grpc.StatusCode.UNAVAILABLE:
             hint = (
                 " (TLS handshake failed: is the identity from this server's CA, unexpired and"
@@ -282,6 +289,12 @@ class OperatorClient:
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return CliError(f"permission denied: {details}")
         return CliError(details)
+
+
+def _from_store(exc: grpc.RpcError) -> bool:
+    """Whether the server itself refused because of its store (not a transport failure)."""
+    trailing = getattr(exc, "trailing_metadata", lambda: None)() or ()
+    return any(key == STORE_UNAVAILABLE_METADATA for key, _ in trailing)
 
 
 # ------------------------------------------------------------------ commands

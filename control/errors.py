@@ -27,9 +27,26 @@ class StoreError(KillswitchError):
     """The durable store failed or holds data this version cannot read."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot take writes (or cannot be reached) now: the server is up, but it
+    must not promise anything it cannot write down. The message is the one-line cause
+    (``control.store.causes``), the same in the log, on ``/readyz`` and to a caller."""
+
+    def __init__(self, cause: str, *, cannot_write: bool) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        # True: a write failed for a reason that does not pass by itself (disk full, read
+        # only): the store is unhealthy at once, without waiting for the next beat.
+        self.cannot_write = cannot_write
+
+
 class PermissionDenied(KillswitchError):
     """The caller's role or identity does not allow this action."""
 
+
+# Trailing metadata on an UNAVAILABLE the server itself sent because its store cannot
+# serve the call: the server is reachable, and the message says why it cannot.
+STORE_UNAVAILABLE_METADATA = "killswitch-store-unavailable"
 
 MAX_SHOWN_CHARS = 60
 MAX_MESSAGE_CHARS = 500

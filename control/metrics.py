@@ -41,6 +41,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from control.domain import ComplianceState, Hold, HoldKind, Mode
 from control.events import PlaneObserver
 from control.plane import Census, ControlPlane
+from control.store import causes
+from control.store_health import StoreHealth
 
 log = structlog.get_logger("killswitch.metrics")
 
@@ -219,12 +221,16 @@ class CensusCollector:
         self.plane: ControlPlane | None = None
 
     def describe(self) -> Iterable[Metric]:
-        return [*self._families(None), *self._leasing(None)]
+        return [*self._families(None), *_store_families(None), *self._leasing(None)]
 
     def collect(self) -> Iterable[Metric]:
         if self.plane is None:
             return []
-        return [*self._families(self.plane.census()), *self._leasing(self.plane)]
+        return [
+            *self._families(self.plane.census()),
+            *_store_families(self.plane.store_health),
+            *self._leasing(self.plane),
+        ]
 
     @staticmethod
     def _leasing(plane: ControlPlane | None) -> list[Metric]:
@@ -272,6 +278,26 @@ class CensusCollector:
             epoch.add_metric([], census.epoch)
             holds.add_metric([], census.active_holds)
         return [agents, by_mode, streams, epoch, holds]
+
+
+def _store_families(health: StoreHealth | None) -> list[Metric]:
+    """Whether the store takes writes, and if not why: one series per known cause, so
+    the labels stay a fixed set whatever the driver said."""
+    writable = GaugeMetricFamily(
+        "killswitch_store_writable",
+        "1 while the store takes writes (leases are granted), 0 while it does not.",
+    )
+    cause = GaugeMetricFamily(
+        "killswitch_store_unwritable_cause",
+        "1 for the reason the store does not take writes now (see /readyz for the line).",
+        labels=["cause"],
+    )
+    if health is not None:
+        writable.add_metric([], 1 if health.healthy else 0)
+        now = causes.label_for(health.cause) if health.cause else ""
+        for label in (*causes.CAUSE_LABELS.values(), causes.OTHER_LABEL):
+            cause.add_metric([label], 1 if label == now else 0)
+    return [writable, cause]
 
 
 # ---------------------------------------------------------------- gRPC

@@ -19,7 +19,6 @@ import heapq
 import os
 import secrets
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from control.errors import Conflict, NotFound, PermissionDenied, StoreError, sho
 from control.events import PlaneObserver
 from control.freshness import SharedView
 from control.store import AgentChanges, LoadedState, RunChange, RunCommit, Store, StoredAgent
+from control.store_health import StoreHealth
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -179,7 +179,8 @@ REPLICA_SILENT_BEATS = 5
 # The database is lost to a replica once no beat has succeeded for this many probe
 # intervals: one late or failed beat (a busy event loop, a dropped connection) is not.
 STORE_ANSWER_WINDOW_BEATS = 2.5
-STORE_LOST = "this replica lost its database: connect to another"
+# How often the store is probed with a beat (a durable write).
+STORE_PROBE_SECONDS = 2.0
 
 
 class ViewBehind(StoreError):
@@ -198,7 +199,7 @@ class ControlPlane:
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
         observer: PlaneObserver | None = None,
-        store_probe_interval: float = 2.0,
+        store_probe_interval: float = STORE_PROBE_SECONDS,
         replica_id: str = "",
     ) -> None:
         self._store = store
@@ -218,9 +219,7 @@ class ControlPlane:
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
-        # When (monotonic time) a beat last succeeded: see ``store_healthy``.
-        self._last_answer = time.monotonic()
-        self._reported_healthy = True
+        self.store_health = StoreHealth(STORE_ANSWER_WINDOW_BEATS * store_probe_interval)
         self._reported_stale = False
         self._streams_shed = False
         # Whether another replica was beating at the last read: somewhere to send
@@ -247,6 +246,7 @@ class ControlPlane:
 
     async def start(self) -> LoadedState:
         """Rebuild memory from the store; the rest of the state is for the other services."""
+        self._store.report_failures_to(self.store_health.failed)
         read_started = self.view.read_starting()
         state = await self._store.load()
         self.view.adopted(read_started)
@@ -257,7 +257,7 @@ class ControlPlane:
             self._remember(stored)
         self.adopt_violation_acks(state.shared.violation_acks)
         self._reconcile_all(now)
-        self._last_answer = time.monotonic()
+        self.store_health.restart()
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
         self._prober = asyncio.create_task(self._probe_loop(), name="store-probe")
         log.info(
@@ -323,17 +323,16 @@ class ControlPlane:
         while True:
             await asyncio.sleep(self._store_probe_interval)
             self._mark_newly_silent()
-            why = ""
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
                 # cancellation that stop() sends, and stop() would then wait for ever.
                 async with asyncio.timeout(self._store_probe_interval):
                     await self._store.beat(self.replica_id)
             except Exception as exc:
-                why = repr(exc) if str(exc) else type(exc).__name__
+                self.store_health.failed(exc)
             else:
-                self._last_answer = time.monotonic()
-            self._report_store_health(why)
+                self.store_health.beat_succeeded()
+            self.store_health.check()
             self._report_view_freshness()
             self._shed_streams_if_lost()
 
@@ -353,25 +352,9 @@ class ControlPlane:
 
     @property
     def store_healthy(self) -> bool:
-        """Whether the database answered a beat recently. Not, and no lease is granted
+        """Whether the store takes writes (``StoreHealth``). Not, and no lease is granted
         or renewed until it does: every agent fails closed within one lease TTL."""
-        return self._store_silent_for() <= STORE_ANSWER_WINDOW_BEATS * self._store_probe_interval
-
-    def _store_silent_for(self) -> float:
-        return time.monotonic() - self._last_answer
-
-    def _report_store_health(self, why: str) -> None:
-        ok = self.store_healthy
-        if ok is self._reported_healthy:
-            return
-        self._reported_healthy = ok
-        self._streams_shed = False
-        if ok:
-            log.warning("store_recovered", detail="granting and renewing leases again")
-        else:
-            log.error(
-                "store_lost", error=why, detail="no leases until it is back: agents fail closed"
-            )
+        return self.store_health.healthy
 
     def _report_view_freshness(self) -> None:
         stale = self.view.stale
@@ -389,6 +372,8 @@ class ControlPlane:
         its agents fail closed either way, but on a replica that still has the database
         they get their leases back, and their state is seen again. The agents service
         refuses new streams meanwhile, so they do not come straight back."""
+        if self.leasing:
+            self._streams_shed = False
         if not self.hands_off_agents() or self._streams_shed:
             return
         # A stale view with a working database sheds at once (its beats go on, so other
@@ -396,7 +381,7 @@ class ControlPlane:
         # others take it for dead.
         if (
             not self.store_healthy
-            and self._store_silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval
+            and self.store_health.silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval
         ):
             return
         self._streams_shed = True
@@ -420,7 +405,7 @@ class ControlPlane:
     def why_not_leasing(self) -> str:
         """One line for an agent sent elsewhere; empty while leasing."""
         if not self.store_healthy:
-            return STORE_LOST
+            return f"{self.store_health.cause}: connect to another"
         if self.view.stale:
             return f"{self.view.describe_staleness()}; connect to another"
         return ""
@@ -937,7 +922,7 @@ class ControlPlane:
         if not self.store_healthy:
             # A lease nobody can write down would outlive what a restart or another
             # replica knows: refuse, and let capture stop when the current one ends.
-            return LeaseDecision(False, 0.0, STORE_LOST)
+            return LeaseDecision(False, 0.0, self.store_health.cause)
         if self.view.stale:
             return LeaseDecision(False, 0.0, self.view.describe_staleness())
         # Ends one TTL after the view's time, not the grant's: see control.freshness.

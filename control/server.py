@@ -148,7 +148,7 @@ async def serve(config: ServerConfig) -> None:
     web_server = WebServer(
         http_host,
         http_port,
-        ready=lambda: ready and plane.leasing,
+        not_ready=lambda: plane.why_not_leasing() if ready else "starting or stopping",
         routes=[*metrics.routes(), *dashboard.routes()],
     )
     # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.

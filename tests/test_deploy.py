@@ -289,7 +289,12 @@ def test_the_server_serves_the_probe_and_metrics_paths() -> None:
 
     async def scenario() -> dict[str, int]:
         nonlocal ready
-        server = WebServer("127.0.0.1", 0, ready=lambda: ready, routes=Metrics().routes())
+        server = WebServer(
+            "127.0.0.1",
+            0,
+            not_ready=lambda: "" if ready else "store cannot write: disk full",
+            routes=Metrics().routes(),
+        )
         await server.start()
         codes: dict[str, int] = {}
         try:
@@ -297,6 +302,8 @@ def test_the_server_serves_the_probe_and_metrics_paths() -> None:
 
                 async def status(path: str) -> int:
                     async with session.get(f"http://127.0.0.1:{server.port}{path}") as r:
+                        if r.status == 503:  # says why, in one line
+                            assert await r.text() == "not ready: store cannot write: disk full\n"
                         return r.status
 
                 codes["/healthz"] = await status("/healthz")

@@ -206,6 +206,8 @@ def test_observer_never_raises_and_counts() -> None:
     assert value(found, "killswitch_agent_reconnects_total") == 1
     assert value(found, "killswitch_agents", state="NEVER_SEEN") == 0
     assert value(found, "killswitch_epoch") == 0
+    assert value(found, "killswitch_store_writable") == 1
+    assert value(found, "killswitch_store_unwritable_cause", cause="disk_full") == 0
     assert len([n for n, _, _ in found if n == "killswitch_agents"]) == len(ComplianceState)
 
 

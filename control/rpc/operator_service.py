@@ -7,18 +7,21 @@ interceptor from the caller's certificate); no request field names the caller.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
+import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import (
+    STORE_UNAVAILABLE_METADATA,
     Conflict,
     InvalidInput,
     KillswitchError,
     NotFound,
     PermissionDenied,
+    StoreError,
     one_line,
 )
 from control.governance import Governance
@@ -38,6 +41,8 @@ from control.rpc.convert import (
 )
 from control.web.sessions import DashboardSessions
 
+log = structlog.get_logger("killswitch.rpc")
+
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -47,12 +52,21 @@ _STATUS_FOR_ERROR: list[tuple[type[KillswitchError], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    # The server is up, but cannot write (or reach) its store now: try again later.
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
     (KillswitchError, grpc.StatusCode.INTERNAL),
 ]
 
 
 def status_for(error: KillswitchError) -> grpc.StatusCode:
     return next(code for kind, code in _STATUS_FOR_ERROR if isinstance(error, kind))
+
+
+async def abort_for(context: Context, error: KillswitchError) -> NoReturn:
+    """The one place a domain error becomes a gRPC status with a one-line message."""
+    trailing = ((STORE_UNAVAILABLE_METADATA, "1"),) if isinstance(error, StoreError) else ()
+    await context.abort(status_for(error), one_line(error), trailing_metadata=trailing)
+    raise AssertionError("unreachable: abort raises") from error
 
 
 class _Audited(Protocol):
@@ -75,11 +89,25 @@ def translate_errors(
             return await method(self, request, context)
         except KillswitchError as exc:
             if isinstance(exc, PermissionDenied) or current_call_mutates():
-                await self._governance.record_failure(current_principal(), current_action(), exc)
-            await context.abort(status_for(exc), one_line(exc))
-            raise AssertionError("unreachable: abort raises") from exc
+                await _record_failure(self._governance, exc)
+            await abort_for(context, exc)
 
     return wrapper
+
+
+async def _record_failure(governance: Governance, error: KillswitchError) -> None:
+    """Audit a refused call; a store that cannot write cannot take that entry either,
+    and the caller must still hear why its call failed: then the log keeps it."""
+    try:
+        await governance.record_failure(current_principal(), current_action(), error)
+    except StoreError as unwritten:
+        log.error(
+            "failure_unaudited",
+            action=current_action(),
+            by=current_principal().name,
+            error=one_line(error),
+            cause=one_line(unwritten),
+        )
 
 
 def required(value: str, what: str) -> str:
@@ -137,7 +165,7 @@ class OperatorService(pb_grpc.OperatorServicer):
         try:
             views = self._plane.views(filter_from_pb(request.filter))
         except KillswitchError as exc:
-            await context.abort(status_for(exc), one_line(exc))
+            await abort_for(context, exc)
         for view in views:
             yield agent_to_pb(view)
 
@@ -369,6 +397,5 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
                 request.token, request.agent_id, request.csr_pem
             )
         except KillswitchError as exc:
-            await context.abort(status_for(exc), one_line(exc))
-            raise AssertionError("unreachable: abort raises") from exc
+            await abort_for(context, exc)
         return pb.EnrollResponse(certificate_pem=cert_pem.decode(), ca_pem=ca_pem.decode())

@@ -26,7 +26,7 @@ from control.domain.audit import AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, Principal
 from control.domain.release import Release
 from control.domain.rollout import Run
-from control.errors import InvalidInput
+from control.errors import InvalidInput, StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +218,13 @@ class Store(Protocol):
         once, only one gets it."""
 
     async def beat(self, replica_id: str) -> None:
-        """Record that this replica is alive; raise ``StoreError`` unless the database
-        answers now: readiness and leases depend on it."""
+        """Record that this replica is alive, by a durable write: raise ``StoreError``
+        unless the store takes writes now (``StoreUnavailable`` with the cause, when it
+        is known). Readiness and leases depend on it."""
+
+    def report_failures_to(self, failed: Callable[[StoreUnavailable], None]) -> None:
+        """Call ``failed`` (on the event loop) with every ``StoreUnavailable`` any call
+        raises, so a failed write marks the store unhealthy at once."""
 
     async def close(self) -> None: ...
 

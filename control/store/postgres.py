@@ -40,6 +40,7 @@ from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
@@ -50,7 +51,7 @@ from control.domain import Hold, HoldDraft
 from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
-from control.errors import InvalidInput, PermissionDenied, StoreError, one_line
+from control.errors import InvalidInput, PermissionDenied, StoreError, StoreUnavailable, one_line
 from control.store import (
     AgentChanges,
     DashboardSession,
@@ -59,6 +60,7 @@ from control.store import (
     RunCommit,
     SharedState,
     StoredAgent,
+    causes,
     codec,
 )
 
@@ -549,6 +551,7 @@ class PostgresStore:
         self._lead_checked_at = -LEAD_CHECK_SECONDS
         self._lead_lock = asyncio.Lock()
         self._lead_failing = False
+        self._failed: Callable[[StoreUnavailable], None] = lambda error: None
 
     @classmethod
     async def open(
@@ -618,7 +621,12 @@ class PostgresStore:
     async def _configure_pooled(self, conn: Connection) -> None:
         """Connections of the pool, opened once the schema is migrated."""
         await self._configure(conn)
-        await conn.execute(_CREATE_AGENT_BATCH)
+        # A read-only database (a hot standby, default_transaction_read_only): keep the
+        # connection, so writes fail saying so rather than finding no connection.
+        # _connection closes it at its first refused write; its replacement makes the
+        # staging table once the database takes writes again.
+        with contextlib.suppress(pg_errors.ReadOnlySqlTransaction):
+            await conn.execute(_CREATE_AGENT_BATCH)
 
     async def _open_pool(self) -> None:
         pool = AsyncConnectionPool(
@@ -645,6 +653,9 @@ class PostgresStore:
             conn = await _answering(pool)
             try:
                 yield conn
+            except (pg_errors.ReadOnlySqlTransaction, pg_errors.UndefinedTable):
+                await conn.close()  # see _configure_pooled: the pool opens a new one
+                raise
             finally:
                 await pool.putconn(conn)
         except PoolTimeout:
@@ -653,7 +664,15 @@ class PostgresStore:
                 f" {CHECKOUT_TIMEOUT_SECONDS:g} s"
             ) from None
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL at {self._where} failed: {_reason(exc)}") from exc
+            cause = causes.from_postgres(exc)
+            if cause is None:
+                raise StoreError(f"PostgreSQL at {self._where} failed: {_reason(exc)}") from exc
+            error = causes.unavailable(cause)
+            self._failed(error)
+            raise error from exc
+
+    def report_failures_to(self, failed: Callable[[StoreUnavailable], None]) -> None:
+        self._failed = failed
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[Connection]:

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ from control.domain import Hold, HoldDraft
 from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
-from control.errors import InvalidInput, PermissionDenied, StoreError
+from control.errors import InvalidInput, PermissionDenied, StoreError, StoreUnavailable
 from control.store import (
     AgentChanges,
     DashboardSession,
@@ -32,8 +33,10 @@ from control.store import (
     RunCommit,
     SharedState,
     StoredAgent,
+    causes,
     codec,
 )
+from control.store.reserve import Reserve
 
 T = TypeVar("T")
 
@@ -196,6 +199,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, kind)
     );
     """,
+    # ---- issue 13, store health: the beat is a durable write (renumber at merge) ----
+    """
+    CREATE TABLE store_beat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        replica_id TEXT NOT NULL,
+        beat_at REAL NOT NULL
+    );
+    """,
+    # ---- end of issue 13, store health ----
 ]
 
 
@@ -220,6 +232,7 @@ _UPSERT_RUN = _insert("runbook_runs", codec.RUN_COLUMNS, replace=True)
 _UPSERT_VIOLATION_ACK = _insert("violation_acks", codec.VIOLATION_ACK_COLUMNS, replace=True)
 _INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSION_COLUMNS)
 _DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
+_BEAT = "INSERT OR REPLACE INTO store_beat (id, replica_id, beat_at) VALUES (1, ?, ?)"
 
 
 def _read_shared(db: sqlite3.Connection) -> SharedState:
@@ -334,6 +347,8 @@ class SqliteStore:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._reserve = Reserve(path.parent)
+        self._failed: Callable[[StoreUnavailable], None] = lambda error: None
 
     @classmethod
     async def open(cls, data_dir: Path) -> Self:
@@ -348,14 +363,48 @@ class SqliteStore:
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn)
+            return await loop.run_in_executor(self._executor, lambda: self._classified(fn))
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            raise
+
+    def _classified(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``; a SQLite failure becomes a StoreError, with its cause when it is
+        about writing (on this thread: finding the cause may touch the disk)."""
+        try:
+            return fn()
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self._path} failed: {exc}") from exc
+            cause = causes.from_sqlite(exc, self._path.parent)
+            if cause is None:
+                raise StoreError(f"database {self._path} failed: {exc}") from exc
+            raise causes.unavailable(cause) from exc
+
+    def report_failures_to(self, failed: Callable[[StoreUnavailable], None]) -> None:
+        self._failed = failed
 
     async def _write(
+        self,
+        records: Sequence[AuditRecord],
+        change: Callable[[sqlite3.Connection], T],
+        *,
+        may_spend_reserve: bool = False,
+    ) -> T:
+        if may_spend_reserve:
+            return await self._run(lambda: self._commit_from_reserve(records, change))
+        return await self._run(lambda: self._commit(records, change))
+
+    def _commit_from_reserve(
         self, records: Sequence[AuditRecord], change: Callable[[sqlite3.Connection], T]
     ) -> T:
-        return await self._run(lambda: self._commit(records, change))
+        """Commit; if the disk is full, free the reserve and commit once more. On this
+        thread, so no other write takes the freed space in between."""
+        try:
+            return self._commit(records, change)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL or not self._reserve.release():
+                raise
+        log.warning("store_reserve_spent", cause=causes.DISK_FULL, path=str(self._reserve.path))
+        return self._commit(records, change)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -376,6 +425,8 @@ class SqliteStore:
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open database {self._path}: {exc}") from None
+        if not self._reserve.ensure():
+            log.warning("store_reserve_missing", cause=causes.ON_RESERVE, path=str(self._path))
         # SQLite gives these the database file's mode; make sure of it anyway.
         for suffix in _SIDE_FILE_SUFFIXES:
             side_file = self._path.with_name(self._path.name + suffix)
@@ -466,7 +517,8 @@ class SqliteStore:
             _insert_new(db, _INSERT_HOLD, codec.hold_to_row(hold), f"hold {hold.id!r}")
             return hold
 
-        return await self._write([audit], insert)
+        # A pause must commit on a full disk too: see control.store.reserve.
+        return await self._write([audit], insert, may_spend_reserve=True)
 
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
@@ -648,8 +700,15 @@ class SqliteStore:
         return await self._write([], delete)
 
     async def beat(self, replica_id: str) -> None:
-        """Only a ping: no other replica asks who is alive."""
-        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+        """A durable write (a row, committed with ``synchronous=FULL``), then the reserve
+        put back if it was spent: the store is healthy only when both work."""
+
+        def beat() -> None:
+            self._commit((), lambda db: db.execute(_BEAT, (replica_id, time.time())))
+            if not self._reserve.ensure():
+                raise causes.unavailable(causes.ON_RESERVE)
+
+        await self._run(beat)
 
     async def close(self) -> None:
         def close() -> None:

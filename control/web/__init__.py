@@ -19,11 +19,12 @@ class WebServer:
         host: str,
         port: int,
         *,
-        ready: Callable[[], bool],
+        not_ready: Callable[[], str],
         routes: Iterable[web.RouteDef] = (),
     ) -> None:
         self._host, self._port = host, port
-        self._ready = ready
+        # Why the server should get no traffic now ("" when it should).
+        self._not_ready = not_ready
         app = web.Application()
         app.add_routes(
             [web.get("/healthz", self._healthz), web.get("/readyz", self._readyz), *routes]
@@ -56,6 +57,7 @@ class WebServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self._ready():
+        why = self._not_ready()
+        if not why:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        return web.Response(status=503, text=f"not ready: {why}\n")

@@ -1,0 +1,230 @@
+"""Fault suite: the SQLite store cannot write. A real server, the real simulator, and
+its ground truth: the fleet fails closed, and an operator's pause still commits.
+
+The data dir is a small tmpfs that the test fills (disk full), or an ext4 image the
+kernel turns read-only under the open database, as ``errors=remount-ro`` does on a
+failing disk (``mount -o remount,ro`` refuses while the database is open for writing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from control.plane import STORE_PROBE_SECONDS
+from control.store import causes
+from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.faults.checker import Pause, check, read_truth
+
+AGENTS = 8
+LEASE_TTL = 5.0  # conftest.FAST_TIMINGS
+# A store fault is known at the next beat at the latest; from then no lease is granted.
+DETECTED_WITHIN = STORE_PROBE_SECONDS + 0.5
+EXIT_STORE_UNAVAILABLE = 5
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system for the data dir needs root")
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    """Mount points to unmount at the end (after the server is stopped, which the
+    start_server fixture, set up earlier, does later: so unmount lazily)."""
+    points: list[Path] = []
+    yield points
+    for point in points:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def mount_tmpfs(tmp_path: Path, mounts: list[Path]) -> Path:
+    data_dir = tmp_path / "data-store"
+    data_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(data_dir)], check=True)
+    mounts.append(data_dir)
+    return data_dir
+
+
+def mount_ext4(tmp_path: Path, mounts: list[Path]) -> Path:
+    image, data_dir = tmp_path / "ext4.img", tmp_path / "data-store"
+    data_dir.mkdir()
+    with image.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(data_dir)], check=True)
+    mounts.append(data_dir)
+    return data_dir
+
+
+def start(data_dir: Path, started: list[ServerProcess]) -> ServerProcess:
+    server = ServerProcess(data_dir, [])
+    started.append(server)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def readyz(server: ServerProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.http_port}/readyz", timeout=2
+        ) as reply:
+            return reply.status, reply.read().decode().strip()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode().strip()
+
+
+def store_metrics(server: ServerProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(r'^(killswitch_store_\w+(?:\{cause="\w+"\})?) (\S+)$', text, re.M)
+    return {name: float(value) for name, value in found}
+
+
+def wait_unready(server: ServerProcess, cause: str) -> float:
+    wait_for(lambda: readyz(server) == (503, f"not ready: {cause}"), 10, f"readyz: {cause}")
+    return time.time()
+
+
+def judge(
+    fault: str, truth_path: Path, pauses: list[Pause], cli: Cli, *, verdicts: bool = True
+) -> None:
+    """Every agent stopped in time, by the truth; with ``verdicts``, the server says so
+    too. Without a pause, an allowed agent whose lease ran out still shows CAPTURING on
+    the server (its state does not follow the lease): printed in the table, not judged."""
+    truth = read_truth(truth_path, newer_than=time.time())
+    assert all(not row["capturing"] for row in truth["agents"]), "an agent still captures"
+    verdict = check(fault, truth, pauses, lease_ttl=LEASE_TTL, server_states=[cli.agents()])
+    if verdicts:
+        verdict.assert_holds()
+    else:
+        print(f"\nFAULT TABLE\n{verdict.table()}")
+        assert not verdict.late, f"{len(verdict.late)} agent(s) captured too late"
+
+
+def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
+    tmp_path: Path,
+    mounts: list[Path],
+    servers: list[ServerProcess],
+    simulate: Callable[..., Simulator],
+) -> None:
+    need_root()
+    server = start(mount_tmpfs(tmp_path, mounts), servers)
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    simulate(server, AGENTS, "--truth", str(truth_path))
+    wait_capturing(cli, AGENTS)
+    assert readyz(server) == (200, "ready")
+
+    # (a) The disk fills while agents capture: no lease is granted or renewed.
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={server.data_dir / 'fill'}", "bs=64k"],
+        capture_output=True,
+        check=False,
+    )
+    filled_at = time.time()
+    wait_unready(server, causes.DISK_FULL)
+    assert time.time() - filled_at < DETECTED_WITHIN + 1
+    assert (
+        store_metrics(server).items()
+        >= {
+            "killswitch_store_writable": 0.0,
+            'killswitch_store_unwritable_cause{cause="disk_full"}': 1.0,
+        }.items()
+    )
+    assert f'"cause": "{causes.DISK_FULL}"' in server.log() and '"event": "store_lost"' in (
+        server.log()
+    )
+    # An operator's write that is not a pause: refused, saying why, in one line.
+    refused = cli.run("enroll-token", "create", "--uses", "1")
+    assert refused.returncode == EXIT_STORE_UNAVAILABLE, refused.stderr
+    assert refused.stderr.strip().endswith(causes.DISK_FULL) and refused.stderr.count("\n") == 1
+    time.sleep(max(0.0, filled_at + DETECTED_WITHIN + LEASE_TTL + 2.5 - time.time()))
+    # For the checker the store fault is the pause: the moment it was known.
+    judge("SQLite disk full", truth_path, [Pause(filled_at + DETECTED_WITHIN)], cli, verdicts=False)
+
+    # (b) An operator's pause on that full disk commits, from the reserve.
+    hold_id = cli.pause("--all", "--reason", "disk full drill")
+    (hold,) = cli.json("holds")["holds"]
+    assert hold["id"] == hold_id
+    assert not (server.data_dir / "killswitch.reserve").exists(), "the reserve was spent"
+    wait_unready(server, causes.ON_RESERVE)
+    committed_at = datetime.fromisoformat(hold["created_at"]).timestamp()
+    time.sleep(max(0.0, committed_at + LEASE_TTL + 2.5 - time.time()))
+    judge("SQLite disk full, paused", truth_path, [Pause(committed_at)], cli)
+
+    # (c) Space comes back: healthy, the reserve is back, and resumed agents capture.
+    (server.data_dir / "fill").unlink()
+    wait_for(lambda: readyz(server) == (200, "ready"), 10, "ready again")
+    assert (server.data_dir / "killswitch.reserve").exists()
+    assert store_metrics(server)["killswitch_store_writable"] == 1.0
+    assert '"event": "store_recovered"' in server.log()
+    cli.resume(hold_id)
+    wait_capturing(cli, AGENTS)
+
+    def all_capture() -> bool:
+        truth = read_truth(truth_path, newer_than=time.time())
+        return all(row["capturing"] for row in truth["agents"])
+
+    wait_for(all_capture, 20, "every agent capturing again, by the truth")
+
+
+def test_a_file_system_turned_read_only_fails_closed(
+    tmp_path: Path,
+    mounts: list[Path],
+    servers: list[ServerProcess],
+    simulate: Callable[..., Simulator],
+) -> None:
+    need_root()
+    server = start(mount_ext4(tmp_path, mounts), servers)
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    simulate(server, AGENTS, "--truth", str(truth_path))
+    wait_capturing(cli, AGENTS)
+
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(server.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error").write_text("drill\n")
+    broken_at = time.time()
+    wait_unready(server, causes.READ_ONLY_FS)
+    assert (
+        store_metrics(server).items()
+        >= {
+            "killswitch_store_writable": 0.0,
+            'killswitch_store_unwritable_cause{cause="read_only_fs"}': 1.0,
+        }.items()
+    )
+    # No reserve helps on a read-only disk: the pause is refused, saying why, and the
+    # fleet stops anyway, because no lease is granted.
+    refused = cli.run("pause", "--all", "--reason", "read-only drill")
+    assert refused.returncode == EXIT_STORE_UNAVAILABLE, refused.stderr
+    assert causes.READ_ONLY_FS in refused.stderr
+    time.sleep(max(0.0, broken_at + DETECTED_WITHIN + LEASE_TTL + 2.5 - time.time()))
+    judge(
+        "SQLite read-only file system",
+        truth_path,
+        [Pause(broken_at + DETECTED_WITHIN)],
+        cli,
+        verdicts=False,
+    )
