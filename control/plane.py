@@ -387,7 +387,7 @@ class ControlPlane:
         self._streams_shed = True
         live = [e.subscriber for e in self._agents.values() if e.subscriber is not None]
         for subscriber in live:
-            subscriber.close(self.why_not_leasing())
+            subscriber.close(self.sent_elsewhere_because())
         log.warning("streams_shed", streams=len(live), detail="agents move to other replicas")
 
     def hands_off_agents(self) -> bool:
@@ -403,12 +403,16 @@ class ControlPlane:
         return self.store_healthy and not self.view.stale
 
     def why_not_leasing(self) -> str:
-        """One line for an agent sent elsewhere; empty while leasing."""
+        """One line for ``/readyz``; empty while leasing."""
         if not self.store_healthy:
-            return f"{self.store_health.cause}: connect to another"
+            return self.store_health.cause
         if self.view.stale:
-            return f"{self.view.describe_staleness()}; connect to another"
+            return self.view.describe_staleness()
         return ""
+
+    def sent_elsewhere_because(self) -> str:
+        """What an agent this replica turns away is told."""
+        return f"{self.why_not_leasing()}; connect to another replica"
 
     async def flush(self) -> None:
         """Write changed agents and pending audit in one transaction; on failure keep both."""

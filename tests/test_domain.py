@@ -254,7 +254,12 @@ def test_allowed_direction_states() -> None:
     status = connected()
     assert state(allowed(), status) is ComplianceState.RESUME_PENDING
     status.record_ack(5, Mode.ALLOWED, {"keyboard": True}, report(1), 101.0, desired=allowed())
+    assert state(allowed(), status) is ComplianceState.RESUME_PENDING, "no lease yet"
+    status.record_lease(expires_at=NOW + 5)
     assert state(allowed(), status) is ComplianceState.CAPTURING
+    # A lease that ran out (the server could not renew it) means not capturing.
+    expired = verdict(allowed(), status, NOW + 6)
+    assert expired[0] is ComplianceState.RESUME_PENDING and "lease expired" in expired[1]
 
 
 def test_uploads_are_authorized_only_with_a_lease_and_never_while_paused() -> None:

@@ -347,6 +347,17 @@ def evaluate(
             status.acked_at,
         )
     if in_sync:
+        lease = status.lease_expires_at
+        if lease is None or now >= lease:
+            # Allowed, but capture needs a lease: without one it is not capturing, and a
+            # dashboard saying CAPTURING would be a claim the agent itself contradicts.
+            held = "has no lease yet" if lease is None else f"lease expired at {iso(lease)}"
+            return Compliance(
+                ComplianceState.RESUME_PENDING,
+                f"acked epoch {status.acked_epoch} but {held}: not capturing until one is"
+                " granted",
+                lease or status.acked_at,
+            )
         return Compliance(
             ComplianceState.CAPTURING, f"acked epoch {status.acked_epoch}", status.acked_at
         )

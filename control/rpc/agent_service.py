@@ -144,7 +144,7 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         if self._plane.hands_off_agents():
             # Not here, where it could get no lease: to a replica that can grant one.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._plane.why_not_leasing())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._plane.sent_elsewhere_because())
         try:
             seen_epoch = bounded(hello.last_applied_epoch, "last_applied_epoch")
         except KillswitchError as exc:

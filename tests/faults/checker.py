@@ -30,7 +30,7 @@ GRACE_SECONDS = 2.0
 # Faults whose agents are built to keep capturing while they say they stopped.
 LYING_FAULTS = frozenset({"lie", "silent-liar", "exfiltrator"})
 # Server states that count as "this agent is capturing" in the verdict score.
-CAPTURING_STATES = frozenset({"VIOLATION", "CAPTURING", "RESUME_PENDING"})
+CAPTURING_STATES = frozenset({"VIOLATION", "CAPTURING"})
 
 
 @dataclass(frozen=True, slots=True)
