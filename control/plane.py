@@ -53,6 +53,7 @@ from control.domain.identity import Principal
 from control.errors import Conflict, NotFound, PermissionDenied, StoreError, shown
 from control.events import PlaneObserver
 from control.evidence import EvidenceLedger
+from control.freshness import SharedView
 from control.store import (
     AgentChanges,
     LoadedState,
@@ -188,6 +189,10 @@ STORE_ANSWER_WINDOW_BEATS = 2.5
 STORE_LOST = "this replica lost its database: connect to another"
 
 
+class ViewBehind(StoreError):
+    """This replica cannot catch up with an epoch an agent has already seen."""
+
+
 class ControlPlane:
     def __init__(
         self,
@@ -223,6 +228,7 @@ class ControlPlane:
         # When (monotonic time) a beat last succeeded: see ``store_healthy``.
         self._last_answer = time.monotonic()
         self._reported_healthy = True
+        self._reported_stale = False
         self._streams_shed = False
         # Whether another replica was beating at the last read: somewhere to send
         # agents when this one loses its database.
@@ -234,6 +240,9 @@ class ControlPlane:
         self._remote: set[str] = set()
         # Violation evidence and acknowledgements, from every replica.
         self._evidence = EvidenceLedger(self.replica_id)
+        self.view = SharedView(lease_ttl, sole_writer=store.sole_writer)
+        # One catch-up read at a time, however many agents ask for one.
+        self._catching_up: asyncio.Task[None] | None = None
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
         self.observer = observer or PlaneObserver()
@@ -245,7 +254,9 @@ class ControlPlane:
 
     async def start(self) -> LoadedState:
         """Rebuild memory from the store; the rest of the state is for the other services."""
+        read_started = self.view.read_starting()
         state = await self._store.load()
+        self.view.adopted(read_started)
         self._epoch = state.shared.epoch
         self._holds = {h.id: h for h in state.shared.holds}
         now = self._clock()
@@ -331,6 +342,7 @@ class ControlPlane:
             else:
                 self._last_answer = time.monotonic()
             self._report_store_health(why)
+            self._report_view_freshness()
             self._shed_streams_if_lost()
 
     def _mark_newly_silent(self) -> None:
@@ -369,6 +381,17 @@ class ControlPlane:
                 "store_lost", error=why, detail="no leases until it is back: agents fail closed"
             )
 
+    def _report_view_freshness(self) -> None:
+        stale = self.view.stale
+        if stale is self._reported_stale:
+            return
+        self._reported_stale = stale
+        self._streams_shed = False
+        if stale:
+            log.error("view_stale", detail=self.view.describe_staleness())
+        else:
+            log.warning("view_current", detail="granting and renewing leases again")
+
     def _shed_streams_if_lost(self) -> None:
         """Once the other replicas take this one for dead (no beats), end its streams:
         its agents fail closed either way, but on a replica that still has the database
@@ -376,19 +399,39 @@ class ControlPlane:
         refuses new streams meanwhile, so they do not come straight back."""
         if not self.hands_off_agents() or self._streams_shed:
             return
-        if self._store_silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval:
+        # A stale view with a working database sheds at once (its beats go on, so other
+        # replicas take the rows it writes as they are); a lost database waits until the
+        # others take it for dead.
+        if (
+            not self.store_healthy
+            and self._store_silent_for() < REPLICA_SILENT_BEATS * self._store_probe_interval
+        ):
             return
         self._streams_shed = True
         live = [e.subscriber for e in self._agents.values() if e.subscriber is not None]
         for subscriber in live:
-            subscriber.close(STORE_LOST)
+            subscriber.close(self.why_not_leasing())
         log.warning("streams_shed", streams=len(live), detail="agents move to other replicas")
 
     def hands_off_agents(self) -> bool:
         """Without its database, and with another replica to go to, this replica sends
         agents away. Alone, it keeps them: their leases end either way, and they are
         back at once when the database is (a refused agent backs off for minutes)."""
-        return not self.store_healthy and self._others_alive
+        return not self.leasing and self._others_alive
+
+    @property
+    def leasing(self) -> bool:
+        """Whether this replica may grant leases now: its database takes writes and its
+        view of the holds is recent. Readiness says the same."""
+        return self.store_healthy and not self.view.stale
+
+    def why_not_leasing(self) -> str:
+        """One line for an agent sent elsewhere; empty while leasing."""
+        if not self.store_healthy:
+            return STORE_LOST
+        if self.view.stale:
+            return f"{self.view.describe_staleness()}; connect to another"
+        return ""
 
     async def flush(self) -> None:
         """Write pending violation evidence, then changed agents and pending audit in one
@@ -560,13 +603,16 @@ class ControlPlane:
             )
         return commit
 
-    async def adopt(self, epoch: int, holds: Sequence[Hold]) -> list[Hold]:
+    async def adopt(self, epoch: int, holds: Sequence[Hold], read_started: float) -> list[Hold]:
         """Take the holds and epoch another replica committed; returns the changed holds.
 
         Level-triggered: whatever the notification said, the database's current holds
         are the truth, so a missed or repeated notification does no harm.
+        ``read_started``: ``view.read_starting()`` before the read; memory is current
+        as of then afterwards, whichever branch is taken.
         """
         async with self._holds_lock:
+            self.view.adopted(read_started)
             if epoch < self._epoch:
                 # Read before a commit of this replica's took the lock: memory is the
                 # state at a later epoch already, and this would bring lifted holds back.
@@ -577,6 +623,38 @@ class ControlPlane:
             self._apply_epoch(epoch)
         self._announce_adopted(changed, epoch)
         return changed
+
+    async def catch_up_to(self, agent_id: str, seen_epoch: int) -> None:
+        """Before serving an agent, have a view at least as new as anything it has seen.
+
+        The agent's own word (``Hello.last_applied_epoch``) and its stored row (written
+        by the replica that served it) both say which epoch it has been told. A replica
+        behind that would recompute its state from older holds and roll it back: it
+        re-reads first, and raises ``ViewBehind`` if it still cannot reach that epoch
+        (the agent then tries another replica).
+        """
+        entry = self._agents.get(agent_id)
+        if entry is not None:
+            status = entry.status
+            seen_epoch = max(
+                seen_epoch, entry.desired.epoch, status.acked_epoch, status.directive_sent_epoch
+            )
+        if seen_epoch <= self._epoch:
+            return
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self._catch_up(), name="view-catch-up")
+        await asyncio.shield(self._catching_up)
+        if seen_epoch > self._epoch:
+            raise ViewBehind(
+                f"this replica is at epoch {self._epoch} and the agent has seen epoch"
+                f" {seen_epoch}: connect to another"
+            )
+
+    async def _catch_up(self) -> None:
+        read_started = self.view.read_starting()
+        shared = await self._store.load_shared()
+        changed = await self.adopt(shared.epoch, shared.holds, read_started)
+        log.info("view_caught_up", epoch=self._epoch, adopted=len(changed))
 
     async def _apply_commit(self, holds: Sequence[Hold], epoch: int) -> tuple[list[Hold], int]:
         """Take the holds this replica just committed at ``epoch`` and fan out; returns
@@ -596,11 +674,13 @@ class ControlPlane:
             self._merge_holds(holds)
             self._apply_epoch(epoch)
             return [], epoch
+        read_started = self.view.read_starting()
         try:
             shared = await self._store.load_shared()
         except StoreError as exc:
             log.warning("catch_up_failed", epoch=epoch, known_epoch=self._epoch, error=str(exc))
             return [], epoch
+        self.view.adopted(read_started)
         # The snapshot has this commit too, and anything done to its holds since.
         own = {h.id for h in holds}
         changed = [h for h in self._merge_holds(shared.holds) if h.id not in own]
@@ -631,6 +711,10 @@ class ControlPlane:
             self._reconcile(entry, active, now)
 
     def _reconcile(self, entry: AgentEntry, active: Sequence[Hold], now: float) -> None:
+        if entry.desired.epoch > self._epoch:
+            # Its state was decided at an epoch this replica has not read yet: recomputing
+            # it from older holds would roll it back. It waits for the catch-up.
+            return
         desired = reconcile_desired(
             entry.desired, entry.agent_id, entry.labels, active, epoch=self._epoch, now=now
         )
@@ -747,11 +831,15 @@ class ControlPlane:
         quarantined: int = 0,
     ) -> None:
         entry = self._agents[agent_id]
-        if epoch > self._epoch:
-            # Epochs never go down, so this is a confused or lying agent; dropping the
-            # stream would only start a reconnect loop.
+        if epoch > entry.status.directive_sent_epoch:
+            # An ack counts against the directive sent on this stream: an epoch this
+            # stream never carried is a confused or lying agent (dropping the stream
+            # would only start a reconnect loop).
             log.warning(
-                "future_epoch_ack_ignored", agent_id=agent_id, epoch=epoch, server_epoch=self._epoch
+                "unsent_epoch_ack_ignored",
+                agent_id=agent_id,
+                epoch=epoch,
+                sent_epoch=entry.status.directive_sent_epoch,
             )
             return
         status = entry.status
@@ -781,12 +869,12 @@ class ControlPlane:
 
     def nack(self, agent_id: str, epoch: int, reason: str) -> None:
         entry = self._agents[agent_id]
-        if epoch > self._epoch:
+        if epoch > entry.status.directive_sent_epoch:
             log.warning(
-                "future_epoch_nack_ignored",
+                "unsent_epoch_nack_ignored",
                 agent_id=agent_id,
                 epoch=epoch,
-                server_epoch=self._epoch,
+                sent_epoch=entry.status.directive_sent_epoch,
             )
             return
         now = self._clock()
@@ -854,13 +942,18 @@ class ControlPlane:
             # A lease nobody can write down would outlive what a restart or another
             # replica knows: refuse, and let capture stop when the current one ends.
             return LeaseDecision(False, 0.0, STORE_LOST)
-        expires_at = self._clock() + self.lease_ttl
+        if self.view.stale:
+            return LeaseDecision(False, 0.0, self.view.describe_staleness())
+        # Ends one TTL after the view's time, not the grant's: see control.freshness.
+        ttl = self.view.lease_seconds()
+        expires_at = self._clock() + ttl
         if entry.status.record_lease(expires_at):
             self._dirty.add(agent_id)  # its stop ended: a later pause takes a new baseline
         if expires_at > entry.lease_bound_saved:
             entry.lease_bound_saved = expires_at + self.lease_ttl
             self._dirty.add(agent_id)
-        return LeaseDecision(True, self.lease_ttl, "ok")
+        log.debug("lease_granted", agent_id=agent_id, epoch=self._epoch, ttl=ttl)
+        return LeaseDecision(True, ttl, "ok")
 
     def authorize_upload(
         self, agent_id: str, first_event_at: float, last_event_at: float, count: int

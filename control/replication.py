@@ -18,6 +18,7 @@ import contextlib
 
 import structlog
 
+from control.freshness import DEFAULT_RESYNC_SECONDS
 from control.governance import Governance
 from control.plane import ControlPlane
 from control.runbooks import RunbookRunner
@@ -25,7 +26,6 @@ from control.store import Store
 
 log = structlog.get_logger("killswitch.replication")
 
-DEFAULT_RESYNC_SECONDS = 5.0
 # A verified stop on one replica shows on the others within this (plus one flush).
 DEFAULT_MIRROR_SECONDS = 1.0
 
@@ -79,8 +79,9 @@ class Replication:
                 log.warning("resync_failed", error=repr(exc))
 
     async def resync(self) -> None:
+        read_started = self._plane.view.read_starting()
         shared = await self._store.load_shared()
-        await self._plane.adopt(shared.epoch, shared.holds)
+        await self._plane.adopt(shared.epoch, shared.holds, read_started)
         self._governance.adopt(shared.resume_requests, shared.revoked)
         self._plane.adopt_violations(shared.violation_acks, shared.violations)
         self._runner.adopt(shared.runs)

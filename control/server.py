@@ -21,6 +21,7 @@ from control.addresses import ensure_can_listen, require_loopback, split_host_po
 from control.domain import CompliancePolicy
 from control.errors import KillswitchError
 from control.events import Observers
+from control.freshness import DEFAULT_RESYNC_SECONDS, resync_seconds
 from control.gc_policy import freeze_before_fanout, run_gc_policy
 from control.governance import Governance
 from control.metrics import Metrics
@@ -87,7 +88,7 @@ class ServerConfig:
     # Empty: SQLite in data_dir. A postgresql:// URL: PostgreSQL (several replicas).
     database: str = ""
     # Replicas re-read shared state this often even without a notification.
-    resync_interval: float = 5.0
+    resync_interval: float = DEFAULT_RESYNC_SECONDS
     max_calls_per_identity: int = 16
     # Where runbook Prometheus gates query when the runbook names no URL.
     prometheus_url: str = ""
@@ -133,7 +134,11 @@ async def serve(config: ServerConfig) -> None:
         leads=store.try_lead,
     )
     replication = Replication(
-        store, plane, governance, runner, resync_seconds=config.resync_interval
+        store,
+        plane,
+        governance,
+        runner,
+        resync_seconds=resync_seconds(config.lease_ttl, config.resync_interval),
     )
     dashboard = Dashboard(plane, sessions, runner)
     plane.observer = Observers([metrics, dashboard.timeline, runner])
@@ -143,7 +148,7 @@ async def serve(config: ServerConfig) -> None:
     web_server = WebServer(
         http_host,
         http_port,
-        ready=lambda: ready and plane.store_healthy,
+        ready=lambda: ready and plane.leasing,
         routes=[*metrics.routes(), *dashboard.routes()],
     )
     # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.

@@ -128,7 +128,18 @@ def test_truth_row_and_capturing_now() -> None:
         "last_event_at": None,
         "events_without_lease": 0,
         "capturing": False,
+        "spans": [],
+        "applied": [],
     }
     truth.captured(at=100.0, count=2, wall=1_700_000_000.0)
     assert truth.capturing(100.5)
     assert not truth.capturing(102.0), "no events at the latest tick"
+
+
+def test_truth_spans_join_consecutive_ticks_and_split_at_a_gap() -> None:
+    truth = GroundTruth(capture_tick=1.0)
+    for at in (10.0, 11.0, 12.0, 20.0, 21.0):
+        truth.captured(at=at, count=1, wall=at + 1000)
+    truth.directive_applied(1015.0, 3, "MODE_PAUSED")
+    assert truth.spans == [[1010.0, 1012.0], [1020.0, 1021.0]]
+    assert truth.applied == [[1015.0, 3, "MODE_PAUSED"]]

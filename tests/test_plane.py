@@ -44,12 +44,20 @@ class RecordingStore(SqliteStore):
 
 
 class Session:
-    def __init__(self) -> None:
+    """A stream as the plane sees it. Bound to a plane, it sends (records) each directive
+    it is told about, as ``AgentSession`` does: acks count only for what was sent."""
+
+    def __init__(self, plane: ControlPlane | None = None, agent_id: str = "") -> None:
         self.notified = 0
         self.closed = ""
+        self._plane, self._agent_id = plane, agent_id
 
     def notify(self) -> None:
         self.notified += 1
+        if self._plane is not None:
+            self._plane.directive_sent(
+                self._agent_id, self._plane.directive_for(self._agent_id).epoch
+            )
 
     def close(self, reason: str) -> None:
         self.closed = reason
@@ -66,7 +74,7 @@ def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:
         store = await RecordingStore.open(tmp_path)
         plane = await started(store)
         for i in range(1000):
-            plane.connect(f"a{i}", {"region": "eu"}, Session())
+            plane.connect(f"a{i}", {"region": "eu"}, Session(plane, f"a{i}"))
         await plane.flush()
         hold, covered = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
         assert covered == 1000
@@ -84,7 +92,7 @@ def test_a_failed_write_keeps_the_observations_for_the_next_flush(tmp_path: Path
     async def scenario() -> None:
         store = await RecordingStore.open(tmp_path)
         plane = await started(store)
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         store.fail_writes = True
         with pytest.raises(StoreError):
             await plane.flush()
@@ -99,7 +107,7 @@ def test_a_failed_write_keeps_the_observations_for_the_next_flush(tmp_path: Path
 def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count(tmp_path: Path) -> None:
     async def scenario() -> None:
         plane = await started(await RecordingStore.open(tmp_path))
-        eu, us = Session(), Session()
+        eu, us = Session(plane, "eu-1"), Session(plane, "us-1")
         plane.connect("eu-1", {"region": "eu"}, eu)
         plane.connect("us-1", {"region": "us"}, us)
         assert (eu.notified, us.notified) == (1, 1)
@@ -145,7 +153,7 @@ def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then
             store, clock=lambda: now[0], flush_interval=3600, last_seen_save_interval=60
         )
         await plane.start()
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1]
@@ -195,7 +203,7 @@ def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Pat
             lease_ttl=30,
         )
         await plane.start()
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         decision = plane.grant_lease("a")
         assert decision.granted and decision.ttl == 30
         assert plane.authorize_upload("a", 990.0, 999.0, 5).allowed
@@ -231,7 +239,7 @@ def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> No
             last_seen_save_interval=3600,
         )
         await plane.start()
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         plane.heartbeat("a", STOPPED, REPORT)
         await plane.flush()
         writes = len(store.batches)

@@ -127,7 +127,7 @@ def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
     tmp_path: Path,
 ) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
-        plane.connect("local", {}, Session())
+        plane.connect("local", {}, Session(plane, "local"))
         plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         await plane.flush()
@@ -161,7 +161,7 @@ def test_rows_never_override_a_stream_served_here_or_a_newer_one(tmp_path: Path)
         plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "2"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         # ...and an older row of a stream that has since moved here again is not.
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         stale = remote_row("a", "r3", clock.now - 50)
         plane.absorb(AgentChanges([stale], {"r2": 0.5, "r3": 0.5}, "3"))
         view = plane.agent_view("a")
@@ -176,7 +176,7 @@ def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) ->
         await store.save_agents([row])
         plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
         await plane.recall("a")
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         view = plane.agent_view("a")
         assert view is not None and view.compliance.state is ComplianceState.VIOLATION
         assert view.status.connected_at == clock.now
@@ -207,7 +207,7 @@ def test_acknowledging_a_remote_violation_clears_it_everywhere(tmp_path: Path) -
 
 def test_the_serving_replica_clears_a_violation_acknowledged_elsewhere(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("a", plane.epoch, Mode.PAUSED, {"screen": True}, REPORT)
@@ -233,7 +233,7 @@ def test_a_stream_that_goes_silent_is_written_once_and_its_next_word_at_once(
             store, clock=clock, flush_interval=3600, store_probe_interval=0.02, replica_id="me"
         )
         await plane.start()
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         await plane.flush()
         clock.now += SILENCE + 1
         await asyncio.sleep(0.1)  # a few probe rounds
@@ -265,8 +265,9 @@ def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str)
             session = Session()
             plane_b.connect("laptop", {}, session)
             old, _ = await plane_b.create_hold(Scope.fleet(), "old", "", IC)
+            read_started = plane_a.view.read_starting()
             shared = await store_a.load_shared()
-            await plane_a.adopt(shared.epoch, shared.holds)
+            await plane_a.adopt(shared.epoch, shared.holds, read_started)
             newer, _ = await plane_a.create_hold(Scope.fleet(), "newer", "", IC)
             lifted = await plane_b.lift_hold(old.id, IC)  # B has not heard of `newer`
             assert (old.created_epoch, newer.created_epoch, lifted.lifted_epoch) == (1, 2, 3)
@@ -293,9 +294,10 @@ def test_a_snapshot_read_before_a_commit_here_is_not_adopted_after_it(pg_dsn: st
         try:
             await plane.start()
             hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
+            read_started = plane.view.read_starting()
             stale = await store.load_shared()
             await plane.lift_hold(hold.id, IC)
-            assert await plane.adopt(stale.epoch, stale.holds) == []
+            assert await plane.adopt(stale.epoch, stale.holds, read_started) == []
             assert plane.active_holds() == [] and plane.epoch == 2
         finally:
             await plane.stop()
@@ -386,7 +388,7 @@ def test_a_stream_here_is_newer_than_the_stored_one_even_with_a_slow_clock(
         ahead = remote_row("a", "r2", clock.now + 105)
         await store.save_agents([ahead])
         await plane.recall("a")
-        plane.connect("a", {}, Session())
+        plane.connect("a", {}, Session(plane, "a"))
         view = plane.agent_view("a")
         assert ahead.status.connected_at is not None and view is not None
         assert view.status.connected_at is not None

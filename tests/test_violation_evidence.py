@@ -45,8 +45,9 @@ async def mirror(plane: ControlPlane, store: Store) -> None:
 
 async def resync(plane: ControlPlane, store: Store) -> None:
     """A resync's plane half (what a NOTIFY or the timer triggers)."""
+    read_started = plane.view.read_starting()
     shared = await store.load_shared()
-    await plane.adopt(shared.epoch, shared.holds)
+    await plane.adopt(shared.epoch, shared.holds, read_started)
     plane.adopt_violations(shared.violation_acks, shared.violations)
 
 
@@ -72,7 +73,7 @@ async def paused_on_a(
 ) -> float:
     """The laptop streams to A, acks a fleet pause there; B mirrors its row. Returns
     when the stop took effect."""
-    plane_a.connect("laptop", {}, Session())
+    plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
     await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
     clock.now += 1
     plane_a.ack("laptop", plane_a.epoch, Mode.PAUSED, STOPPED, FROZEN)
@@ -165,7 +166,7 @@ async def restarted(tmp_path: Path, clock: Clock) -> ComplianceState:
 
 def test_a_violation_flagged_while_writes_fail_is_written_once_they_work(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: FailingWrites, clock: Clock) -> None:
-        plane.connect("laptop", {}, Session())
+        plane.connect("laptop", {}, Session(plane, "laptop"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("laptop", plane.epoch, Mode.PAUSED, STOPPED, FROZEN)
         await plane.flush()
@@ -236,7 +237,7 @@ def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn:
 
 def test_a_second_covering_holds_ack_is_compared_with_the_first_stop(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: FailingWrites, clock: Clock) -> None:
-        plane.connect("laptop", {}, Session())
+        plane.connect("laptop", {}, Session(plane, "laptop"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("laptop", plane.epoch, Mode.PAUSED, STOPPED, FROZEN)
         clock.now += 11
@@ -248,7 +249,7 @@ def test_a_second_covering_holds_ack_is_compared_with_the_first_stop(tmp_path: P
         plane = ControlPlane(store, clock=clock, flush_interval=3600, replica_id="next")
         await plane.start()
         try:
-            plane.connect("laptop", {}, Session())
+            plane.connect("laptop", {}, Session(plane, "laptop"))
             clock.now += 5
             await plane.create_hold(Scope.selector({"org": "finance"}), "wider", "", IC)
             await plane.create_hold(Scope.agents(["laptop"]), "second", "", IC)

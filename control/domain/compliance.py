@@ -138,6 +138,8 @@ class AgentStatus:
         self.connected, self.connected_at, self.last_seen = True, at, at
         self.first_seen = self.first_seen or at
         self.acked_since_connect = self.nacked_since_connect = False
+        # Acks count against what this stream was sent, never another replica's stream.
+        self.directive_sent_epoch = 0
 
     def record_disconnect(self, at: float) -> None:
         self.connected, self.disconnected_at = False, at

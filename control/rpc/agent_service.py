@@ -12,7 +12,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import KillswitchError, StoreError, one_line
 from control.governance import Governance
-from control.plane import STORE_LOST, ControlPlane
+from control.plane import ControlPlane
 from control.rpc.authz import current_principal
 from control.rpc.convert import (
     bounded,
@@ -143,12 +143,18 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             await self._governance.record_denial(caller, "AgentControl.Connect", why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         if self._plane.hands_off_agents():
-            # Not here, where it could get no lease: to a replica that has the database.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_LOST)
+            # Not here, where it could get no lease: to a replica that can grant one.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._plane.why_not_leasing())
         try:
+            seen_epoch = bounded(hello.last_applied_epoch, "last_applied_epoch")
+        except KillswitchError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
+        try:
+            # Serving it without its stored history could later overwrite a VIOLATION,
+            # and serving it from a view older than what it has seen would roll it back.
             await self._plane.recall(hello.agent_id)
+            await self._plane.catch_up_to(hello.agent_id, seen_epoch)
         except StoreError as exc:
-            # Serving it without its stored history could later overwrite a VIOLATION.
             await context.abort(grpc.StatusCode.UNAVAILABLE, one_line(exc))
         session = AgentSession(hello.agent_id, context, self._plane)
         try:

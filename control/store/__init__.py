@@ -131,6 +131,10 @@ class RunCommit:
 
 
 class Store(Protocol):
+    # True when no other process commits to this database (SQLite: one server per data
+    # dir), so memory is always the current shared state; False with replicas.
+    sole_writer: bool
+
     async def load(self) -> LoadedState:
         """Everything needed to rebuild the in-memory state after a restart."""
 

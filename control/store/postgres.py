@@ -563,6 +563,8 @@ async def _answering(pool: AsyncConnectionPool[Connection]) -> Connection:
 class PostgresStore:
     """The ``Store`` contract on a PostgreSQL database, shareable by several servers."""
 
+    sole_writer = False
+
     def __init__(self, dsn: str, schema: str | None, pool_size: int) -> None:
         self._dsn = dsn
         self._schema = schema

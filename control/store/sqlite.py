@@ -354,6 +354,8 @@ def _prepare_files(db_path: Path) -> None:
 class SqliteStore:
     """The ``Store`` contract on one SQLite file."""
 
+    sole_writer = True
+
     def __init__(self, path: Path) -> None:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
