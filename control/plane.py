@@ -51,8 +51,17 @@ from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
 from control.errors import Conflict, NotFound, PermissionDenied, StoreError, shown
 from control.events import PlaneObserver
+from control.evidence import EvidenceLedger
 from control.freshness import SharedView
-from control.store import AgentChanges, LoadedState, RunChange, RunCommit, Store, StoredAgent
+from control.store import (
+    AgentChanges,
+    LoadedState,
+    RunChange,
+    RunCommit,
+    Store,
+    StoredAgent,
+    ViolationEvidence,
+)
 from control.store_health import StoreHealth
 
 log = structlog.get_logger("killswitch.plane")
@@ -149,8 +158,6 @@ class StatusSummary:
     unsettled: list[AgentView]
 
 
-# Who the audit log names for what the server itself observed.
-SYSTEM_ACTOR = "control-plane"
 OPT_OUT_DEFAULT_REASON = "the laptop's owner opted out of capture"
 
 
@@ -230,8 +237,8 @@ class ControlPlane:
         self.replica_id = replica_id or new_replica_id()
         # Agents another replica serves (their entries have ``remote`` set).
         self._remote: set[str] = set()
-        # Agent id -> the newest violation_at an operator acknowledged, on any replica.
-        self._violation_acks: dict[str, float] = {}
+        # Violation evidence and acknowledgements, from every replica.
+        self._evidence = EvidenceLedger(self.replica_id)
         self.view = SharedView(lease_ttl, sole_writer=store.sole_writer)
         # One catch-up read at a time, however many agents ask for one.
         self._catching_up: asyncio.Task[None] | None = None
@@ -255,7 +262,7 @@ class ControlPlane:
         now = self._clock()
         for stored in state.agents:
             self._remember(stored)
-        self.adopt_violation_acks(state.shared.violation_acks)
+        self.adopt_violations(state.shared.violation_acks, state.shared.violations)
         self._reconcile_all(now)
         self.store_health.restart()
         self._flusher = asyncio.create_task(self._flush_loop(), name="agent-flush")
@@ -284,6 +291,7 @@ class ControlPlane:
             status,
             lease_bound_saved=status.lease_expires_at or 0.0,
         )
+        self._evidence.apply(stored.agent_id, status)
         return entry
 
     async def recall(self, agent_id: str) -> None:
@@ -415,7 +423,9 @@ class ControlPlane:
         return f"{self.why_not_leasing()}; connect to another replica"
 
     async def flush(self) -> None:
-        """Write changed agents and pending audit in one transaction; on failure keep both."""
+        """Write pending violation evidence, then changed agents and pending audit in one
+        transaction; on failure keep all of it."""
+        await self._evidence.flush(self._store)
         if not self._dirty and not self._pending_audit:
             return
         batch, self._dirty = self._dirty, set()
@@ -892,21 +902,15 @@ class ControlPlane:
 
     @contextmanager
     def _watching_for_violation(self, entry: AgentEntry) -> Iterator[None]:
-        """Evidence may arrive with any report: log it, and store it at the next flush."""
+        """Evidence may arrive with any report, on any replica: log it, and append it
+        for every replica at the next flush."""
         had_violation = bool(entry.status.violation)
         yield
-        if entry.status.violation and not had_violation:
+        status = entry.status
+        if status.violation and status.violation_at is not None and not had_violation:
             self._dirty.add(entry.agent_id)
-            self._pending_audit.append(
-                AuditRecord(
-                    self._clock(),
-                    SYSTEM_ACTOR,
-                    "system",
-                    "agent.violation",
-                    target=entry.agent_id,
-                    result="violation",
-                    detail=entry.status.violation,
-                )
+            self._evidence.record(
+                entry.agent_id, status.violation, status.violation_at, epoch=entry.desired.epoch
             )
             log.error(
                 "violation_detected",
@@ -932,7 +936,8 @@ class ControlPlane:
         # Ends one TTL after the view's time, not the grant's: see control.freshness.
         ttl = self.view.lease_seconds()
         expires_at = self._clock() + ttl
-        entry.status.record_lease(expires_at)
+        if entry.status.record_lease(expires_at):
+            self._dirty.add(agent_id)  # its stop ended: a later pause takes a new baseline
         if expires_at > entry.lease_bound_saved:
             entry.lease_bound_saved = expires_at + self.lease_ttl
             self._dirty.add(agent_id)
@@ -970,7 +975,7 @@ class ControlPlane:
                 by, "agent.acknowledge_violation", target=agent_id, reason=note, detail=evidence
             ),
         )
-        self.adopt_violation_acks({agent_id: flagged_at})
+        self.adopt_violations({agent_id: flagged_at}, [])
         log.warning(
             "violation_acknowledged",
             agent_id=agent_id,
@@ -980,25 +985,16 @@ class ControlPlane:
         )
         return evidence
 
-    def adopt_violation_acks(self, acks: Mapping[str, float]) -> None:
-        """Clear each violation an operator acknowledged (on any replica) up to its time;
-        evidence that arrives later is a new violation."""
-        for agent_id, flagged_at in acks.items():
-            if self._violation_acks.get(agent_id, -1.0) >= flagged_at:
-                continue
-            self._violation_acks[agent_id] = flagged_at
+    def adopt_violations(
+        self, acks: Mapping[str, float], evidence: Sequence[ViolationEvidence]
+    ) -> None:
+        """Take acknowledgements and evidence from any replica: each agent's violation is
+        its earliest evidence no acknowledgement covers (a later one is a new violation)."""
+        for agent_id in self._evidence.adopt(acks, evidence):
             entry = self._agents.get(agent_id)
-            if entry is not None and self._clear_acknowledged(agent_id, entry.status):
+            if entry is not None and self._evidence.apply(agent_id, entry.status):
                 self._dirty.add(agent_id)
-                log.info("violation_cleared", agent_id=agent_id, acknowledged_at=flagged_at)
-
-    def _clear_acknowledged(self, agent_id: str, status: AgentStatus) -> bool:
-        """Clear ``status``'s violation if an operator acknowledged it (or a later one)."""
-        acked = self._violation_acks.get(agent_id)
-        if not status.violation or acked is None or (status.violation_at or 0.0) > acked:
-            return False
-        status.acknowledge_violation()
-        return True
+                log.info("violation_adopted", agent_id=agent_id, evidence=entry.status.violation)
 
     # ------------------------------------------------------------ other replicas
 
@@ -1024,7 +1020,7 @@ class ControlPlane:
                 if entry.subscriber is not None or not newer:
                     continue
             status = dataclasses.replace(row.status)
-            self._clear_acknowledged(row.agent_id, status)
+            self._evidence.apply(row.agent_id, status)  # a row cannot wipe evidence
             if entry is None:
                 entry = self._agents[row.agent_id] = AgentEntry(
                     row.agent_id, row.labels, row.desired, status

@@ -83,7 +83,7 @@ class Replication:
         shared = await self._store.load_shared()
         await self._plane.adopt(shared.epoch, shared.holds, read_started)
         self._governance.adopt(shared.resume_requests, shared.revoked)
-        self._plane.adopt_violation_acks(shared.violation_acks)
+        self._plane.adopt_violations(shared.violation_acks, shared.violations)
         self._runner.adopt(shared.runs)
 
     async def _mirror_loop(self) -> None:

@@ -55,8 +55,9 @@ from control.domain.rollout import (
 from control.domain.scope import Scope
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, shown
 from control.events import PlaneObserver
+from control.evidence import SYSTEM_ACTOR
 from control.governance import Governance
-from control.plane import SYSTEM_ACTOR, ControlPlane, new_hold_id
+from control.plane import ControlPlane, new_hold_id
 from control.runbook_file import parse_runbook
 from control.store import RunChange
 

@@ -284,6 +284,72 @@ def test_an_upload_dated_after_the_stop_ack_is_a_violation() -> None:
     assert "upload of 5 events" in status.violation
 
 
+def second_hold(epoch: int = 6, since: float = 120.0) -> Desired:
+    """Still paused, now also by a second covering hold: a new epoch to ack."""
+    return Desired(Mode.PAUSED, ("h", "h2"), "r (+1 more holds)", epoch, since)
+
+
+def test_a_second_pause_ack_is_compared_with_the_first_ones_counters() -> None:
+    first, second = paused(), second_hold()
+    status = connected()
+    ack_pause(status, first, at=105.0, events=40)
+    # Captured 10 more events, then acked the second hold with the moved counter.
+    ack_pause(status, second, at=121.0, events=50)
+    assert state(second, status, now=122.0) is ComplianceState.VIOLATION
+    assert "rose from 40 to 50" in status.violation
+    # A reconnect (a new stream) is no new baseline either.
+    honest = connected()
+    ack_pause(honest, first, at=105.0, events=40)
+    honest.record_connect(115.0)
+    ack_pause(honest, second, at=121.0, events=40)
+    beat(honest, second, at=131.5, events=40)
+    assert state(second, honest, now=132.0) is ComplianceState.VERIFIED_STOPPED
+
+
+def test_a_second_pause_ack_keeps_the_stop_time_the_upload_check_uses() -> None:
+    first, second = paused(), second_hold()
+    status = connected()
+    ack_pause(status, first, at=105.0)
+    ack_pause(status, second, at=130.0)
+    # Events dated between the two acks: captured after the first stop.
+    status.decide_upload(100.0, 118.0, 5, 131.0, desired=second)
+    assert state(second, status, now=131.0) is ComplianceState.VIOLATION
+    assert status.stopped_at == 105.0
+
+
+def baseline(status: AgentStatus) -> tuple[float | None, int]:
+    return status.stopped_at, status.ack_report.events_total
+
+
+def test_the_baseline_starts_again_once_the_agent_is_allowed() -> None:
+    for allow in ("ack", "lease"):
+        status = connected()
+        ack_pause(status, paused(), at=105.0, events=40)
+        if allow == "ack":
+            status.record_ack(
+                6, Mode.ALLOWED, {"screen": True}, report(40), 120.0, desired=allowed(epoch=6)
+            )
+        else:
+            assert status.record_lease(expires_at=180.0), "a lease ends the stop"
+        assert baseline(status) == (None, 40), allow
+        # Captured legitimately while allowed, then paused again: a fresh baseline.
+        ack_pause(status, paused(epoch=7, since=130.0), at=131.0, events=90)
+        beat(status, paused(epoch=7, since=130.0), at=142.0, events=90)
+        assert baseline(status) == (131.0, 90), allow
+        assert state(paused(epoch=7, since=130.0), status, now=143.0) is (
+            ComplianceState.VERIFIED_STOPPED
+        ), allow
+    assert not connected().record_lease(expires_at=60.0), "no stop to end"
+
+
+def test_earliest_unacknowledged_evidence_is_the_violation() -> None:
+    status = connected()
+    assert status.merge_violation("spool grew", 120.0)
+    assert status.merge_violation("upload dated after the stop", 110.0), "an earlier one wins"
+    assert not status.merge_violation("screen active", 130.0)
+    assert (status.violation, status.violation_at) == ("upload dated after the stop", 110.0)
+
+
 def test_fleet_compliance() -> None:
     s = ComplianceState
     assert fleet_compliant(

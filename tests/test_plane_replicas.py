@@ -216,7 +216,7 @@ def test_the_serving_replica_clears_a_violation_acknowledged_elsewhere(tmp_path:
         assert view is not None and view.compliance.state is ComplianceState.VIOLATION
         flagged_at = view.status.violation_at
         assert flagged_at is not None
-        plane.adopt_violation_acks({"a": flagged_at})
+        plane.adopt_violations({"a": flagged_at}, [])
         assert state_of(plane, "a") is not ComplianceState.VIOLATION
         await plane.flush()
         assert store.agents["a"].status.violation == ""

@@ -38,7 +38,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_s
 from control.domain.release import FULL_SHARE
 from control.domain.rollout import Run, Runbook, Wave, new_run, start_wave
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
-from control.store import RunChange, Store, StoredAgent
+from control.store import RunChange, Store, StoredAgent, ViolationEvidence
 from control.store.postgres import PostgresStore
 from control.store.sqlite import DB_FILENAME, SqliteStore
 from tests.conftest import missing_tool
@@ -786,3 +786,53 @@ def test_a_replica_never_reads_back_its_own_rows(backend: Backend) -> None:
         assert changes.rows == []
 
     run_with_store(backend, body)
+
+
+def evidence(
+    evidence_id: str, agent_id: str, at: float, text: str = "spool grew"
+) -> ViolationEvidence:
+    return ViolationEvidence(evidence_id, agent_id, at, text, "replica-b", 4)
+
+
+def sighting(found: ViolationEvidence) -> tuple[ViolationEvidence, AuditRecord]:
+    return found, record("agent.violation", "control-plane", found.agent_id, at=found.flagged_at)
+
+
+def test_violation_evidence_is_appended_once_and_read_until_acknowledged(
+    backend: Backend,
+) -> None:
+    a1, b1, a2 = evidence("e1", "a", 5.0), evidence("e2", "b", 6.0), evidence("e3", "a", 0.1 + 7)
+
+    async def body(store: Store) -> None:
+        await store.record_violations([sighting(a2), sighting(a1)])
+        await store.record_violations([sighting(b1)])
+        # A retry after an unknown outcome: no second row, no second audit entry.
+        await store.record_violations([sighting(a1), sighting(b1)])
+        await store.record_violations([])
+        assert (await store.load_shared()).violations == [a1, b1, a2]
+        assert await audit_actions(store) == ["agent.violation"] * 3
+        # An acknowledgement covers evidence up to its time; later evidence stays.
+        await store.acknowledge_violation("a", 5.0, record("agent.acknowledge_violation"))
+        assert (await store.load_shared()).violations == [b1, a2]
+
+    async def reopened(store: Store) -> None:
+        assert (await store.load()).shared.violations == [b1, a2]
+
+    run_with_store(backend, body)
+    run_with_store(backend, reopened)
+    with pytest.raises(SqlRefused, match="append-only: entries cannot be changed"):
+        backend.sql("UPDATE violation_evidence SET evidence = 'nothing' WHERE id = 'e2'")
+    with pytest.raises(SqlRefused, match="append-only: entries cannot be deleted"):
+        backend.sql("DELETE FROM violation_evidence WHERE id = 'e2'")
+    assert backend.sql("SELECT count(*) FROM violation_evidence") == [(3,)]
+
+
+def test_violation_evidence_is_stored_with_its_audit_entry_or_not_at_all(backend: Backend) -> None:
+    async def write(store: Store) -> None:
+        with pytest.raises(StoreError, match="audit is down"):
+            await store.record_violations([sighting(evidence("e1", "a", 5.0))])
+        assert (await store.load_shared()).violations == []
+
+    run_with_store(backend, nothing)
+    backend.break_audit_inserts("audit is down")
+    run_with_store(backend, write)

@@ -112,8 +112,13 @@ class AgentStatus:
     acked_since_connect: bool = False
     nacked_since_connect: bool = False
     report: CaptureReport = CaptureReport()
-    # The figures the agent reported with its newest ack: what "frozen" is compared to.
+    # The figures of the first pause ack since the agent was last allowed: what "frozen"
+    # is compared to. A later pause ack (a second covering hold, a reconnect) keeps it:
+    # counters that moved in between are evidence, not a new baseline.
     ack_report: CaptureReport = CaptureReport()
+    # When that first pause ack came: uploads dated later are evidence. None while the
+    # agent is allowed (an ALLOWED ack or a lease ends a stop).
+    stopped_at: float | None = None
     purged_events: int = 0
     quarantined_events: int = 0
     # When a later heartbeat confirmed the counters and spool frozen after a pause ack.
@@ -154,6 +159,14 @@ class AgentStatus:
         if not self.violation:
             self.violation, self.violation_at = evidence, at
 
+    def merge_violation(self, evidence: str, at: float) -> bool:
+        """Evidence seen elsewhere (another replica, before a restart): the agent's
+        violation is the earliest evidence not yet acknowledged. Returns whether it moved."""
+        if self.violation and self.violation_at is not None and self.violation_at <= at:
+            return False
+        self.violation, self.violation_at = evidence, at
+        return True
+
     def acknowledge_violation(self) -> str:
         evidence, self.violation, self.violation_at = self.violation, "", None
         return evidence
@@ -175,7 +188,11 @@ class AgentStatus:
         if epoch < self.acked_epoch:
             return False
         self.acked_epoch, self.acked_mode, self.acked_at = epoch, mode, at
-        self.channels, self.report, self.ack_report = dict(channels), report, report
+        self.channels, self.report = dict(channels), report
+        if mode is Mode.PAUSED and self.stopped_at is None:
+            self.stopped_at, self.ack_report = at, report
+        elif mode is Mode.ALLOWED and desired.mode is Mode.ALLOWED:
+            self.stopped_at = None  # allowed again: the next pause starts a new baseline
         self.purged_events, self.quarantined_events = purged, quarantined
         self.acked_since_connect = True
         self.verified_at = None
@@ -247,8 +264,12 @@ class AgentStatus:
         if self.verified_at is None and not self.violation:
             self.verified_at = at
 
-    def record_lease(self, expires_at: float) -> None:
+    def record_lease(self, expires_at: float) -> bool:
+        """A lease lets the agent capture again: the next pause starts a new baseline.
+        Returns whether that ended a stop (other replicas must learn it)."""
         self.lease_expires_at = expires_at
+        ended, self.stopped_at = self.stopped_at is not None, None
+        return ended
 
     def decide_upload(
         self,
@@ -262,12 +283,12 @@ class AgentStatus:
         """Should ingest accept this batch? Also the third, independent stop check."""
         if (
             self.claims_stopped(desired)
-            and self.acked_at is not None
-            and (last_event_at > self.acked_at + CLOCK_SKEW_ALLOWANCE)
+            and self.stopped_at is not None
+            and (last_event_at > self.stopped_at + CLOCK_SKEW_ALLOWANCE)
         ):
             self.flag_violation(
                 f"upload of {count} events dated up to {iso(last_event_at)}, after its pause"
-                f" took effect at {iso(self.acked_at)}",
+                f" took effect at {iso(self.stopped_at)}",
                 at,
             )
         if desired.mode is Mode.PAUSED:
@@ -354,8 +375,7 @@ def evaluate(
             held = "has no lease yet" if lease is None else f"lease expired at {iso(lease)}"
             return Compliance(
                 ComplianceState.RESUME_PENDING,
-                f"acked epoch {status.acked_epoch} but {held}: not capturing until one is"
-                " granted",
+                f"acked epoch {status.acked_epoch} but {held}: not capturing until one is granted",
                 lease or status.acked_at,
             )
         return Compliance(

@@ -42,6 +42,22 @@ class StoredAgent:
 
 
 @dataclass(frozen=True, slots=True)
+class ViolationEvidence:
+    """One sighting of capture after a claimed stop, by whichever replica saw it.
+
+    Appended once and never changed: an agent's violation is its earliest evidence
+    that no operator acknowledgement covers (``violation_acks``)."""
+
+    id: str
+    agent_id: str
+    flagged_at: float
+    evidence: str
+    # The replica that saw it, and the agent's desired epoch then.
+    detected_by: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class AgentChanges:
     """Agent rows other replicas wrote since a cursor, and which replicas are alive."""
 
@@ -76,6 +92,8 @@ class SharedState:
     runs: list[Run] = field(default_factory=list)
     # Agent id -> the newest violation an operator acknowledged (its ``violation_at``).
     violation_acks: dict[str, float] = field(default_factory=dict)
+    # Evidence no acknowledgement covers yet, oldest first.
+    violations: list[ViolationEvidence] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +212,15 @@ class Store(Protocol):
     ) -> None:
         """Record that the violation flagged at ``violation_at`` was acknowledged, with
         its audit entry: the replica serving the agent clears it when it next re-reads."""
+
+    async def record_violations(
+        self, found: Sequence[tuple[ViolationEvidence, AuditRecord]]
+    ) -> None:
+        """Append each piece of evidence and its audit entry, all in one transaction.
+
+        Evidence already stored (the same id: a retry after an unknown outcome) is
+        skipped with its entry. Nothing is ever updated or deleted; ``load_shared``
+        reads what no acknowledgement covers, and every replica is told."""
 
     async def load_shared(self) -> SharedState:
         """Everything but the agent rows, read in one consistent snapshot."""

@@ -35,7 +35,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, Principal, R
 from control.domain.release import Release
 from control.domain.rollout import GateResult, Run, RunState, WaveProgress, WaveState
 from control.errors import Conflict, NotFound, shown
-from control.store import DashboardSession, StoredAgent
+from control.store import DashboardSession, StoredAgent, ViolationEvidence
 
 log = structlog.get_logger("killswitch.store")
 
@@ -72,6 +72,7 @@ _STATUS_COLUMNS = (
     "channels",
     "report",
     "ack_report",
+    "stopped_at",
     "purged_events",
     "quarantined_events",
     "verified_at",
@@ -96,6 +97,13 @@ AGENT_COLUMNS = (
 VIOLATION_ACK_COLUMNS = ("agent_id", "violation_at")
 DASHBOARD_SESSION_COLUMNS = ("key", "kind", "name", "role", "serial", "expires_at")
 SELECT_VIOLATION_ACKS = "SELECT agent_id, violation_at FROM violation_acks"
+EVIDENCE_COLUMNS = tuple(f.name for f in dataclasses.fields(ViolationEvidence))
+SELECT_UNACKNOWLEDGED_EVIDENCE = (
+    f"SELECT {', '.join(f'e.{c}' for c in EVIDENCE_COLUMNS)} FROM violation_evidence e"
+    " LEFT JOIN violation_acks a ON a.agent_id = e.agent_id"
+    " WHERE a.violation_at IS NULL OR e.flagged_at > a.violation_at"
+    " ORDER BY e.flagged_at, e.id"
+)
 SELECT_REVOKED = "SELECT serial, subject FROM certificates WHERE revoked_at IS NOT NULL"
 HOLD_COLUMNS = (
     "id",
@@ -327,6 +335,14 @@ def agent_from_row(row: Row) -> StoredAgent:
     return StoredAgent(
         row["agent_id"], labels, desired, status, row["written_by"], row["written_at"]
     )
+
+
+def evidence_to_row(evidence: ViolationEvidence) -> tuple[Any, ...]:
+    return fields_of(evidence, EVIDENCE_COLUMNS)
+
+
+def evidence_from_row(row: Row) -> ViolationEvidence:
+    return ViolationEvidence(**fields_from(row, EVIDENCE_COLUMNS))
 
 
 def audit_to_row(entry: AuditEntry) -> tuple[Any, ...]:

@@ -16,7 +16,7 @@ given.
 
 Replicas learn of each other's changes by ``NOTIFY``: every transaction that changes
 shared state (holds, the epoch, resume requests, certificates, runbook runs,
-acknowledged violations) calls ``pg_notify`` before it commits, and ``watch``
+violation evidence and its acknowledgements) calls ``pg_notify`` before it commits, and ``watch``
 listens on a connection of its own. One
 replica drives runbook runs: the one holding a session advisory lock (``try_lead``)
 on another connection of its own, which dies with it.
@@ -60,6 +60,7 @@ from control.store import (
     RunCommit,
     SharedState,
     StoredAgent,
+    ViolationEvidence,
     causes,
     codec,
 )
@@ -288,6 +289,30 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, kind)
     );
     """,
+    # ---- issue 13, violations are durable (renumber freely at merge) ----
+    # Version 4: evidence any replica appends, and the stop a later pause ack keeps.
+    """
+    ALTER TABLE agents ADD COLUMN stopped_at DOUBLE PRECISION;
+    CREATE TABLE violation_evidence (
+        id TEXT PRIMARY KEY,
+        agent_id TEXT NOT NULL,
+        flagged_at DOUBLE PRECISION NOT NULL,
+        evidence TEXT NOT NULL,
+        detected_by TEXT NOT NULL,
+        epoch BIGINT NOT NULL
+    );
+    CREATE INDEX violation_evidence_by_agent ON violation_evidence (agent_id, flagged_at);
+    CREATE FUNCTION violation_evidence_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'violation_evidence is append-only: entries cannot be %',
+            CASE TG_OP WHEN 'UPDATE' THEN 'changed' WHEN 'DELETE' THEN 'deleted'
+            ELSE 'truncated' END;
+    END $$;
+    CREATE TRIGGER violation_evidence_no_change BEFORE UPDATE OR DELETE ON violation_evidence
+        FOR EACH ROW EXECUTE FUNCTION violation_evidence_append_only();
+    CREATE TRIGGER violation_evidence_no_truncate BEFORE TRUNCATE ON violation_evidence
+        FOR EACH STATEMENT EXECUTE FUNCTION violation_evidence_append_only();
+    """,
 ]
 
 
@@ -356,6 +381,10 @@ _BEAT_AGES = f"SELECT replica_id, {_DB_NOW} - beat_at AS age FROM replicas"
 _UPSERT_VIOLATION_ACK = _upsert("violation_acks", codec.VIOLATION_ACK_COLUMNS)
 _INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSION_COLUMNS)
 _DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
+_INSERT_EVIDENCE = (
+    f"{_insert('violation_evidence', codec.EVIDENCE_COLUMNS)} ON CONFLICT (id) DO NOTHING"
+    " RETURNING 1"
+)
 
 
 def _where(dsn: str) -> str:
@@ -406,6 +435,7 @@ async def _read_shared(conn: Connection) -> SharedState:
     revoked = await _fetch_all(conn, codec.SELECT_REVOKED)
     runs = await _fetch_all(conn, "SELECT run FROM runbook_runs ORDER BY started_at, id")
     acks = await _fetch_all(conn, codec.SELECT_VIOLATION_ACKS)
+    evidence = await _fetch_all(conn, codec.SELECT_UNACKNOWLEDGED_EVIDENCE)
     return SharedState(
         epoch=0 if epoch_row is None else int(epoch_row["epoch"]),
         holds=[codec.hold_from_row(r) for r in holds],
@@ -413,6 +443,7 @@ async def _read_shared(conn: Connection) -> SharedState:
         revoked={r["serial"]: r["subject"] for r in revoked},
         runs=[codec.run_from_json(r["run"]) for r in runs],
         violation_acks={r["agent_id"]: r["violation_at"] for r in acks},
+        violations=[codec.evidence_from_row(r) for r in evidence],
     )
 
 
@@ -731,6 +762,23 @@ class PostgresStore:
             await _announce(conn)
 
         await self._write([audit], record)
+
+    async def record_violations(
+        self, found: Sequence[tuple[ViolationEvidence, AuditRecord]]
+    ) -> None:
+        # Filled by the change, before _write appends it: only new evidence is audited.
+        audit: list[AuditRecord] = []
+
+        async def append_new(conn: Connection) -> None:
+            for evidence, record in found:
+                row = _without_nul(codec.evidence_to_row(evidence))
+                if await _fetch_one(conn, _INSERT_EVIDENCE, row) is not None:
+                    audit.append(record)
+            if audit:
+                await _announce(conn)
+
+        if found:
+            await self._write(audit, append_new)
 
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         async def insert(conn: Connection) -> Hold:

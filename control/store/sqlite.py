@@ -33,6 +33,7 @@ from control.store import (
     RunCommit,
     SharedState,
     StoredAgent,
+    ViolationEvidence,
     causes,
     codec,
 )
@@ -208,6 +209,27 @@ MIGRATIONS: list[str] = [
     );
     """,
     # ---- end of issue 13, store health ----
+    # ---- issue 13, violations are durable (renumber freely at merge) ----
+    """
+    ALTER TABLE agents ADD COLUMN stopped_at REAL;
+    CREATE TABLE violation_evidence (
+        id TEXT PRIMARY KEY,
+        agent_id TEXT NOT NULL,
+        flagged_at REAL NOT NULL,
+        evidence TEXT NOT NULL,
+        detected_by TEXT NOT NULL,
+        epoch INTEGER NOT NULL
+    );
+    CREATE INDEX violation_evidence_by_agent ON violation_evidence (agent_id, flagged_at);
+    CREATE TRIGGER violation_evidence_no_update BEFORE UPDATE ON violation_evidence
+    BEGIN SELECT RAISE(ABORT, 'violation_evidence is append-only: entries cannot be changed'); END;
+    CREATE TRIGGER violation_evidence_no_delete BEFORE DELETE ON violation_evidence
+    BEGIN SELECT RAISE(ABORT, 'violation_evidence is append-only: entries cannot be deleted'); END;
+    -- INSERT OR REPLACE deletes without firing delete triggers: refuse reused ids.
+    CREATE TRIGGER violation_evidence_no_overwrite BEFORE INSERT ON violation_evidence
+    WHEN EXISTS (SELECT 1 FROM violation_evidence WHERE id = NEW.id)
+    BEGIN SELECT RAISE(ABORT, 'violation_evidence is append-only: id already written'); END;
+    """,
 ]
 
 
@@ -233,6 +255,7 @@ _UPSERT_VIOLATION_ACK = _insert("violation_acks", codec.VIOLATION_ACK_COLUMNS, r
 _INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSION_COLUMNS)
 _DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
 _BEAT = "INSERT OR REPLACE INTO store_beat (id, replica_id, beat_at) VALUES (1, ?, ?)"
+_INSERT_EVIDENCE = _insert("violation_evidence", codec.EVIDENCE_COLUMNS)
 
 
 def _read_shared(db: sqlite3.Connection) -> SharedState:
@@ -247,7 +270,10 @@ def _read_shared(db: sqlite3.Connection) -> SharedState:
         for row in db.execute("SELECT run FROM runbook_runs ORDER BY started_at, id")
     ]
     acks = dict(db.execute(codec.SELECT_VIOLATION_ACKS).fetchall())
-    return SharedState(epoch, holds, requests, revoked, runs, acks)
+    evidence = [
+        codec.evidence_from_row(r) for r in db.execute(codec.SELECT_UNACKNOWLEDGED_EVIDENCE)
+    ]
+    return SharedState(epoch, holds, requests, revoked, runs, acks, evidence)
 
 
 def _stored_request(db: sqlite3.Connection, request_id: str) -> sqlite3.Row | None:
@@ -510,6 +536,22 @@ class SqliteStore:
         await self._write(
             [audit], lambda db: db.execute(_UPSERT_VIOLATION_ACK, (agent_id, violation_at))
         )
+
+    async def record_violations(
+        self, found: Sequence[tuple[ViolationEvidence, AuditRecord]]
+    ) -> None:
+        # Filled by the change, before _commit appends it: only new evidence is audited.
+        audit: list[AuditRecord] = []
+
+        def append_new(db: sqlite3.Connection) -> None:
+            for evidence, record in found:
+                known = "SELECT 1 FROM violation_evidence WHERE id = ?"
+                if db.execute(known, (evidence.id,)).fetchone() is None:
+                    db.execute(_INSERT_EVIDENCE, codec.evidence_to_row(evidence))
+                    audit.append(record)
+
+        if found:
+            await self._write(audit, append_new)
 
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         def insert(db: sqlite3.Connection) -> Hold:
