@@ -19,6 +19,7 @@ from control.errors import (
     KillswitchError,
     NotFound,
     PermissionDenied,
+    UnknownItem,
     one_line,
 )
 from control.governance import Governance
@@ -74,6 +75,8 @@ def translate_errors(
         try:
             return await method(self, request, context)
         except KillswitchError as exc:
+            if isinstance(exc, UnknownItem):
+                exc = await self._governance.explain_unknown(exc)
             if isinstance(exc, PermissionDenied) or current_call_mutates():
                 await self._governance.record_failure(current_principal(), current_action(), exc)
             await context.abort(status_for(exc), one_line(exc))
