@@ -35,10 +35,13 @@ def archive_batches(p: Param, lock: str) -> tuple[str, str, str]:
     archiving, and the outer condition skips rows it archived meanwhile."""
 
     def batch(table: str, finished: str, order: str) -> str:
+        # The batch is chosen once (MATERIALIZED): as a plain subquery PostgreSQL may
+        # evaluate it again while updating, and archive more than ``limit`` rows.
         return (
-            f"UPDATE {table} SET archived_at = {p('now')} WHERE {HOT} AND id IN"
-            f" (SELECT id FROM {table} WHERE {HOT} AND ({finished})"
+            f"WITH batch AS MATERIALIZED (SELECT id FROM {table} WHERE {HOT} AND ({finished})"
             f" ORDER BY {order} LIMIT {p('limit')}{lock})"
+            f" UPDATE {table} SET archived_at = {p('now')}"
+            f" WHERE {HOT} AND id IN (SELECT id FROM batch)"
         )
 
     before = p("before")

@@ -458,8 +458,13 @@ class SqliteStore:
     async def archive_history(self, before: float, now: float, limit: int) -> ArchivedCounts:
         params = {"before": before, "now": now, "limit": limit}
 
+        def archived(db: sqlite3.Connection, sql: str) -> int:
+            db.execute(sql, params)
+            # Not the cursor's rowcount: Python reports -1 for a statement opening WITH.
+            return int(db.execute("SELECT changes()").fetchone()[0])
+
         def archive(db: sqlite3.Connection) -> ArchivedCounts:
-            return ArchivedCounts(*(db.execute(sql, params).rowcount for sql in _ARCHIVE_BATCHES))
+            return ArchivedCounts(*(archived(db, sql) for sql in _ARCHIVE_BATCHES))
 
         return await self._write((), archive)
 
