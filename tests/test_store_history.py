@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
+from pathlib import Path
 
 import pytest
 
 from control.domain.approvals import ResumeState
 from control.domain.rollout import Run, RunState, end_run
 from control.errors import Conflict
-from control.store import ArchivedCounts, RunChange, SharedState, Store
+from control.store import ArchivedCounts, RunChange, SharedState, Store, codec
+from control.store.sqlite import DB_FILENAME, MIGRATIONS
 from tests.test_store_contract import (
     Backend,
+    SqliteBackend,
     audit_actions,
     backend,
     decided,
@@ -179,3 +183,23 @@ def test_two_compactors_at_once_archive_each_row_once(backend: Backend) -> None:
         assert (await store.load_shared()).holds == []
 
     run_with_store(backend, body)
+
+
+def test_runs_ended_before_the_migration_are_archived_too(tmp_path: Path) -> None:
+    """The migration fills the new ``ended_at`` column from each stored run."""
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    for number, script in enumerate(MIGRATIONS[:5], start=1):
+        conn.executescript(f"{script}; PRAGMA user_version={number};")
+    old = ended("run-old", 2000.0)
+    conn.execute(
+        "INSERT INTO runbook_runs (id, state, started_at, run) VALUES (?, ?, ?, ?)",
+        codec.run_to_row(old)[:4],
+    )
+    conn.commit()
+    conn.close()
+
+    async def body(store: Store) -> None:
+        assert await store.archive_history(BEFORE, NOW, 1000) == ArchivedCounts(runs=1)
+        assert await store.archived_run("run-old") == old
+
+    run_with_store(SqliteBackend(tmp_path), body)
