@@ -40,6 +40,7 @@ from control.domain.audit import (
     verify_anchor,
     verify_chain,
 )
+from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS, check_history_retention
 from control.errors import STORE_UNAVAILABLE_METADATA, InvalidInput, KillswitchError
 from control.pki import load_identity
 from control.rpc.authz import INSECURE_IDENTITY_METADATA
@@ -941,6 +942,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prometheus_url=args.prometheus_url,
         runbook_tick=args.runbook_tick,
         database=args.database,
+        history_retention=args.history_retention,
     )
     asyncio.run(serve(config))
     return 0
@@ -957,6 +959,17 @@ def positive_seconds(text: str) -> float:
     if not 0 < value <= 86_400 * 365:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
     return value
+
+
+def history_retention(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    try:
+        return check_history_retention(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
 
 
 def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
@@ -1097,6 +1110,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds,
         default=1.0,
         help="how often active runbook runs evaluate their gates (default 1)",
+    )
+    serve.add_argument(
+        "--history-retention",
+        type=history_retention,
+        default=DEFAULT_HISTORY_RETENTION_SECONDS,
+        metavar="SECONDS",
+        help="archive lifted holds, decided resume requests and ended runbook runs this"
+        " long after they finished; the audit log keeps everything"
+        f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
     )
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")

@@ -19,6 +19,20 @@ class NotFound(KillswitchError):
     """The named object (hold, agent) does not exist."""
 
 
+class UnknownItem(NotFound):
+    """A hold, resume request or runbook run this server does not hold in memory: the
+    RPC layer asks the archive whether it is history that was compacted away."""
+
+    HOLD = "hold"
+    REQUEST = "resume request"
+    RUN = "run"
+
+    def __init__(self, kind: str, item_id: str) -> None:
+        super().__init__(f"unknown {kind} {shown(item_id)}")
+        self.kind = kind
+        self.item_id = item_id
+
+
 class Conflict(KillswitchError):
     """The request is valid but contradicts current state (hold already lifted, ...)."""
 

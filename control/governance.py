@@ -23,6 +23,7 @@ from control.domain.approvals import (
     open_request,
 )
 from control.domain.audit import AuditEntry, AuditRecord, ChainHead
+from control.domain.history import request_archivable
 from control.domain.identity import (
     CertificateRecord,
     IssuedToken,
@@ -37,8 +38,9 @@ from control.errors import (
     KillswitchError,
     NotFound,
     PermissionDenied,
-    shown,
+    UnknownItem,
 )
+from control.history import explain_unknown
 from control.pki import Authority
 from control.plane import ControlPlane
 from control.store import LoadedState, Store
@@ -140,7 +142,18 @@ class Governance:
         try:
             return self._requests[request_id]
         except KeyError:
-            raise NotFound(f"unknown resume request {shown(request_id)}") from None
+            raise UnknownItem(UnknownItem.REQUEST, request_id) from None
+
+    def forget_history(self, before: float) -> int:
+        """Drop the requests the store archived (``HistoryCompactor``)."""
+        gone = [r.id for r in self._requests.values() if request_archivable(r, before)]
+        for request_id in gone:
+            del self._requests[request_id]
+        return len(gone)
+
+    async def explain_unknown(self, error: UnknownItem) -> NotFound:
+        """A hold, request or run not in memory: archived history, or unknown indeed."""
+        return await explain_unknown(self._store, error)
 
     async def request_resume(
         self,

@@ -53,6 +53,7 @@ from control.errors import Conflict, NotFound, PermissionDenied, StoreError, sho
 from control.events import PlaneObserver
 from control.evidence import EvidenceLedger
 from control.freshness import SharedView
+from control.known_holds import KnownHolds
 from control.store import (
     AgentChanges,
     LoadedState,
@@ -218,7 +219,7 @@ class ControlPlane:
         # only to move last_seen; memory stays exact, the stored copy may lag this much.
         self.last_seen_save_interval = last_seen_save_interval
         self._epoch = 0
-        self._holds: dict[str, Hold] = {}
+        self._holds = KnownHolds()
         self._agents: dict[str, AgentEntry] = {}
         self._dirty: set[str] = set()
         # Audit entries about agent rows (violations) ride in the next flush's transaction.
@@ -258,7 +259,7 @@ class ControlPlane:
         state = await self._store.load()
         self.view.adopted(read_started)
         self._epoch = state.shared.epoch
-        self._holds = {h.id: h for h in state.shared.holds}
+        self._holds = KnownHolds(state.shared.holds)
         now = self._clock()
         for stored in state.agents:
             self._remember(stored)
@@ -496,13 +497,10 @@ class ControlPlane:
         return self._epoch
 
     def active_holds(self) -> list[Hold]:
-        return sorted((h for h in self._holds.values() if h.active), key=lambda h: h.created_epoch)
+        return self._holds.active()
 
     def hold(self, hold_id: str) -> Hold:
-        try:
-            return self._holds[hold_id]
-        except KeyError:
-            raise NotFound(f"unknown hold {shown(hold_id)}") from None
+        return self._holds.get(hold_id)
 
     async def create_hold(
         self,
@@ -607,7 +605,9 @@ class ControlPlane:
                 # state at a later epoch already, and this would bring lifted holds back.
                 return []
             changed = self._merge_holds(holds)
-            if not changed and epoch <= self._epoch:
+            # Not in a snapshot this new: archived (``KnownHolds.keep_only``).
+            archived = self._holds.keep_only({h.id for h in holds})
+            if not changed and not archived and epoch <= self._epoch:
                 return []
             self._apply_epoch(epoch)
         self._announce_adopted(changed, epoch)
@@ -631,7 +631,7 @@ class ControlPlane:
         if seen_epoch <= self._epoch:
             return
         if self._catching_up is None or self._catching_up.done():
-            self._catching_up = asyncio.create_task(self._catch_up(), name="view-catch-up")
+            self._catching_up = asyncio.create_task(self.refresh(), name="view-catch-up")
         await asyncio.shield(self._catching_up)
         if seen_epoch > self._epoch:
             raise ViewBehind(
@@ -639,7 +639,8 @@ class ControlPlane:
                 f" {seen_epoch}: connect to another"
             )
 
-    async def _catch_up(self) -> None:
+    async def refresh(self) -> None:
+        """Re-read the holds and the epoch from the store now."""
         read_started = self.view.read_starting()
         shared = await self._store.load_shared()
         changed = await self.adopt(shared.epoch, shared.holds, read_started)
@@ -678,10 +679,7 @@ class ControlPlane:
         return changed, shared.epoch
 
     def _merge_holds(self, holds: Sequence[Hold]) -> list[Hold]:
-        changed = [h for h in holds if self._holds.get(h.id) != h]
-        for hold in changed:
-            self._holds[hold.id] = hold
-        return changed
+        return self._holds.merge(holds)
 
     def _announce_adopted(self, changed: Sequence[Hold], epoch: int) -> None:
         now = self._clock()

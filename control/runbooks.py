@@ -24,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from control.domain import Hold, HoldKind, draft_hold
 from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditRecord
+from control.domain.history import run_archivable
 from control.domain.holds import MAX_REASON_CHARS
 from control.domain.identity import Principal
 from control.domain.release import Release
@@ -53,7 +54,14 @@ from control.domain.rollout import (
     start_wave,
 )
 from control.domain.scope import Scope
-from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, shown
+from control.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    UnknownItem,
+    shown,
+)
 from control.events import PlaneObserver
 from control.evidence import SYSTEM_ACTOR
 from control.governance import Governance
@@ -217,12 +225,23 @@ class RunbookRunner(PlaneObserver):
     def run(self, run_id: str = "") -> Run:
         if not run_id:
             if not self._runs:
-                raise NotFound("no runbook has been run yet")
+                raise NotFound(
+                    "no runbook has been run yet, or every run ended before the history"
+                    " retention and was archived"
+                )
             return self.runs()[-1]
         try:
             return self._runs[run_id]
         except KeyError:
-            raise NotFound(f"unknown run {shown(run_id)}") from None
+            raise UnknownItem(UnknownItem.RUN, run_id) from None
+
+    def forget_history(self, before: float) -> int:
+        """Drop the runs the store archived (``HistoryCompactor``)."""
+        gone = [r.id for r in self._runs.values() if run_archivable(r, before)]
+        for run_id in gone:
+            del self._runs[run_id]
+            self._books.pop(run_id, None)
+        return len(gone)
 
     def book(self, run_id: str) -> Runbook:
         book = self._books.get(run_id)

@@ -19,11 +19,13 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.addresses import ensure_can_listen, require_loopback, split_host_port
 from control.domain import CompliancePolicy
+from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
 from control.errors import KillswitchError
 from control.events import Observers
 from control.freshness import DEFAULT_RESYNC_SECONDS, resync_seconds
 from control.gc_policy import freeze_before_fanout, run_gc_policy
 from control.governance import Governance
+from control.history import HistoryCompactor
 from control.metrics import Metrics
 from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
@@ -93,6 +95,8 @@ class ServerConfig:
     # Where runbook Prometheus gates query when the runbook names no URL.
     prometheus_url: str = ""
     runbook_tick: float = 1.0
+    # Lifted holds, decided requests and ended runs older than this are archived.
+    history_retention: float = DEFAULT_HISTORY_RETENTION_SECONDS
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -139,6 +143,9 @@ async def serve(config: ServerConfig) -> None:
         governance,
         runner,
         resync_seconds=resync_seconds(config.lease_ttl, config.resync_interval),
+    )
+    compactor = HistoryCompactor(
+        store, [governance, runner], clock=time.time, retention=config.history_retention
     )
     dashboard = Dashboard(plane, sessions, runner)
     plane.observer = Observers([metrics, dashboard.timeline, runner])
@@ -195,11 +202,14 @@ async def serve(config: ServerConfig) -> None:
                 [(authority.server_key_pem, authority.server_cert_pem)]
             )
             _bind(lambda: enroll.add_secure_port(enroll_address, server_only), enroll_address)
-        # Ports are bound but nothing is served until the state is loaded.
+        # Ports are bound but nothing is served until the state is loaded: only its
+        # hot part, once what is due is archived.
+        await compactor.compact_logged()
         state = await plane.start()
         await governance.start(state)
         await runner.start(state.shared.runs)
         await replication.start()
+        compactor.start()
         for each in servers:
             await each.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -223,6 +233,7 @@ async def serve(config: ServerConfig) -> None:
         log.info("server_stopping")
     finally:
         ready = False
+        await compactor.stop()
         await replication.stop()
         await runner.stop()
         await health.enter_graceful_shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -90,6 +91,35 @@ def test_lifting_a_hold_twice_is_refused(cli: Cli) -> None:
     assert_one_line_error(
         cli.run("resume", "--hold", hold_id, "--reason", "x"), 1, "already lifted"
     )
+
+
+def test_archived_history_is_named_in_one_line(cli: Cli, server: ServerProcess) -> None:
+    """A hold and its request archived by history compaction (marked as compaction marks
+    them, while the server is down): named by id, the answer says so, in one line."""
+    hold_id = cli.pause("--all", "--reason", "x")
+    request_id = cli.resume(hold_id)
+    server.stop()
+    db = sqlite3.connect(server.data_dir / "killswitch.db")
+    with db:
+        db.execute("UPDATE holds SET archived_at = lifted_at")
+        db.execute("UPDATE resume_requests SET archived_at = decided_at")
+    db.close()
+    server.start()
+
+    archived = cli.run("resume", "--hold", hold_id, "--reason", "x")
+    assert_one_line_error(archived, 1, f"hold {hold_id} was lifted on ")
+    assert "by approver-1 (epoch 2) and archived" in archived.stderr
+    archived = cli.as_("approver-1").run("approve", request_id)
+    assert_one_line_error(archived, 1, f"resume request {request_id} for hold {hold_id} was")
+    assert "was executed on " in archived.stderr and "and archived" in archived.stderr
+    assert request_id not in cli.ok("requests", "list", "--all")
+
+
+@pytest.mark.parametrize("value", ["60", "-1", "nan", "a week"])
+def test_serve_refuses_a_bad_history_retention(tmp_path: Path, value: str) -> None:
+    result = run("serve", "--insecure", "--data-dir", str(tmp_path), "--history-retention", value)
+    assert_one_line_error(result, 2, f"argument --history-retention: {value!r}")
+    assert not (tmp_path / "killswitch.db").exists()
 
 
 def test_no_identity_is_a_one_line_error(server: ServerProcess) -> None:

@@ -22,6 +22,7 @@ from control.errors import (
     NotFound,
     PermissionDenied,
     StoreError,
+    UnknownItem,
     one_line,
 )
 from control.governance import Governance
@@ -88,6 +89,8 @@ def translate_errors(
         try:
             return await method(self, request, context)
         except KillswitchError as exc:
+            if isinstance(exc, UnknownItem):
+                exc = await self._governance.explain_unknown(exc)
             if isinstance(exc, PermissionDenied) or current_call_mutates():
                 await _record_failure(self._governance, exc)
             await abort_for(context, exc)

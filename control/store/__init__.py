@@ -130,6 +130,19 @@ class RunCommit:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class ArchivedCounts:
+    """What one compaction batch archived."""
+
+    holds: int = 0
+    requests: int = 0
+    runs: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.holds + self.requests + self.runs
+
+
 class Store(Protocol):
     # True when no other process commits to this database (SQLite: one server per data
     # dir), so memory is always the current shared state; False with replicas.
@@ -223,7 +236,21 @@ class Store(Protocol):
         reads what no acknowledgement covers, and every replica is told."""
 
     async def load_shared(self) -> SharedState:
-        """Everything but the agent rows, read in one consistent snapshot."""
+        """Everything but the agent rows, read in one consistent snapshot: of the holds,
+        resume requests and runs, only those not archived."""
+
+    async def archive_history(self, before: float, now: float, limit: int) -> ArchivedCounts:
+        """In one transaction, archive at most ``limit`` each of the holds lifted, the
+        resume requests decided or expired and the runs ended before ``before``
+        (``control.domain.history``): ``load`` and ``load_shared`` no longer return them.
+        Active holds, open requests and active runs stay, however old; the epoch and the
+        audit log are not touched. Safe to run from several replicas at once."""
+
+    async def archived_hold(self, hold_id: str) -> Hold | None: ...
+
+    async def archived_request(self, request_id: str) -> ResumeRequest | None: ...
+
+    async def archived_run(self, run_id: str) -> Run | None: ...
 
     async def watch(self, changed: Callable[[], None]) -> None:
         """Call ``changed`` whenever another writer commits shared state; runs until

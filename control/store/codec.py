@@ -141,7 +141,7 @@ RESUME_COLUMNS = (
 )
 TOKEN_COLUMNS = ("id", "secret_sha256", "uses_left", "expires_at", "created_by", "created_at")
 CERTIFICATE_COLUMNS = ("serial", "subject", "role", "not_after", "issued_at", "revoked_at")
-RUN_COLUMNS = ("id", "state", "started_at", "run")
+RUN_COLUMNS = ("id", "state", "started_at", "run", "ended_at")
 
 
 def select_sql(table: str, columns: Sequence[str]) -> str:
@@ -268,7 +268,7 @@ def run_from_json(text: str) -> Run:
 
 
 def run_to_row(run: Run) -> tuple[Any, ...]:
-    return (run.id, run.state.value, run.started_at, run_to_json(run))
+    return (run.id, run.state.value, run.started_at, run_to_json(run), run.ended_at)
 
 
 def hold_to_row(hold: Hold) -> tuple[Any, ...]:

@@ -51,9 +51,11 @@ from control.domain import Hold, HoldDraft
 from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
+from control.domain.rollout import Run
 from control.errors import InvalidInput, PermissionDenied, StoreError, StoreUnavailable, one_line
 from control.store import (
     AgentChanges,
+    ArchivedCounts,
     DashboardSession,
     LoadedState,
     RunChange,
@@ -63,6 +65,7 @@ from control.store import (
     ViolationEvidence,
     causes,
     codec,
+    history,
 )
 
 T = TypeVar("T")
@@ -313,6 +316,21 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER violation_evidence_no_truncate BEFORE TRUNCATE ON violation_evidence
         FOR EACH STATEMENT EXECUTE FUNCTION violation_evidence_append_only();
     """,
+    # ---- issue 13, history compaction: renumber at merge if another migration lands first.
+    # Version 4: finished history is marked archived; hot reads walk a partial index of the rest.
+    """
+    ALTER TABLE holds ADD COLUMN archived_at DOUBLE PRECISION;
+    ALTER TABLE resume_requests ADD COLUMN archived_at DOUBLE PRECISION;
+    ALTER TABLE runbook_runs
+        ADD COLUMN ended_at DOUBLE PRECISION,
+        ADD COLUMN archived_at DOUBLE PRECISION;
+    UPDATE runbook_runs SET ended_at = (run::jsonb ->> 'ended_at')::double precision;
+    CREATE INDEX holds_hot ON holds (created_epoch, id) WHERE archived_at IS NULL;
+    CREATE INDEX resume_requests_hot ON resume_requests (created_at, id)
+        WHERE archived_at IS NULL;
+    CREATE INDEX runbook_runs_hot ON runbook_runs (started_at, id) WHERE archived_at IS NULL;
+    """,
+    # ---- end of issue 13 history compaction
 ]
 
 
@@ -385,6 +403,11 @@ _INSERT_EVIDENCE = (
     f"{_insert('violation_evidence', codec.EVIDENCE_COLUMNS)} ON CONFLICT (id) DO NOTHING"
     " RETURNING 1"
 )
+_HOT_HOLDS, _HOT_RESUMES, _HOT_RUNS = history.hot_reads("created_epoch, id")
+# Rows another compactor is archiving are skipped, never waited for: compaction takes
+# no other lock, so it can neither deadlock with a write nor hold one up for long.
+_ARCHIVE_BATCHES = history.archive_batches(lambda n: f"%({n})s", " FOR UPDATE SKIP LOCKED")
+_ARCHIVED_HOLD, _ARCHIVED_RESUME, _ARCHIVED_RUN = history.archived_lookups(lambda n: f"%({n})s")
 
 
 def _where(dsn: str) -> str:
@@ -430,10 +453,10 @@ async def _announce(conn: Connection, epoch: int = 0) -> None:
 async def _read_shared(conn: Connection) -> SharedState:
     """In the caller's snapshot."""
     epoch_row = await _fetch_one(conn, "SELECT epoch FROM epoch_counter")
-    holds = await _fetch_all(conn, f"{_SELECT_HOLDS} ORDER BY created_epoch, id")
-    requests = await _fetch_all(conn, f"{_SELECT_RESUMES} ORDER BY created_at, id")
+    holds = await _fetch_all(conn, _HOT_HOLDS)
+    requests = await _fetch_all(conn, _HOT_RESUMES)
     revoked = await _fetch_all(conn, codec.SELECT_REVOKED)
-    runs = await _fetch_all(conn, "SELECT run FROM runbook_runs ORDER BY started_at, id")
+    runs = await _fetch_all(conn, _HOT_RUNS)
     acks = await _fetch_all(conn, codec.SELECT_VIOLATION_ACKS)
     evidence = await _fetch_all(conn, codec.SELECT_UNACKNOWLEDGED_EVIDENCE)
     return SharedState(
@@ -731,6 +754,34 @@ class PostgresStore:
     async def load_shared(self) -> SharedState:
         async with self._snapshot() as conn:
             return await _read_shared(conn)
+
+    async def archive_history(self, before: float, now: float, limit: int) -> ArchivedCounts:
+        """Announced to nobody: each replica forgets archived history by itself (its
+        resync and its own compaction)."""
+        params = {"before": before, "now": now, "limit": limit}
+
+        async def archive(conn: Connection) -> ArchivedCounts:
+            counts = [(await conn.execute(sql, params)).rowcount for sql in _ARCHIVE_BATCHES]
+            return ArchivedCounts(*counts)
+
+        return await self._write((), archive)
+
+    async def archived_hold(self, hold_id: str) -> Hold | None:
+        row = await self._read_one(_ARCHIVED_HOLD, hold_id)
+        return None if row is None else codec.hold_from_row(row)
+
+    async def archived_request(self, request_id: str) -> ResumeRequest | None:
+        row = await self._read_one(_ARCHIVED_RESUME, request_id)
+        return None if row is None else codec.resume_from_row(row)
+
+    async def archived_run(self, run_id: str) -> Run | None:
+        row = await self._read_one(_ARCHIVED_RUN, run_id)
+        return None if row is None else codec.run_from_json(row["run"])
+
+    async def _read_one(self, query: str, item_id: str) -> DictRow | None:
+        async with self._connection() as conn:
+            cur = await conn.execute(query, {"id": item_id})
+            return await cur.fetchone()
 
     async def load_agent(self, agent_id: str) -> StoredAgent | None:
         async with self._connection() as conn:

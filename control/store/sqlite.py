@@ -24,9 +24,11 @@ from control.domain import Hold, HoldDraft
 from control.domain.approvals import ResumeRequest, executed
 from control.domain.audit import GENESIS_HASH, AuditEntry, AuditRecord, ChainHead
 from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
+from control.domain.rollout import Run
 from control.errors import InvalidInput, PermissionDenied, StoreError, StoreUnavailable
 from control.store import (
     AgentChanges,
+    ArchivedCounts,
     DashboardSession,
     LoadedState,
     RunChange,
@@ -36,6 +38,7 @@ from control.store import (
     ViolationEvidence,
     causes,
     codec,
+    history,
 )
 from control.store.reserve import Reserve
 
@@ -230,6 +233,20 @@ MIGRATIONS: list[str] = [
     WHEN EXISTS (SELECT 1 FROM violation_evidence WHERE id = NEW.id)
     BEGIN SELECT RAISE(ABORT, 'violation_evidence is append-only: id already written'); END;
     """,
+    # ---- issue 13, history compaction: renumber at merge if another migration lands first.
+    # Finished history is marked archived, and hot reads walk a partial index of the rest.
+    """
+    ALTER TABLE holds ADD COLUMN archived_at REAL;
+    ALTER TABLE resume_requests ADD COLUMN archived_at REAL;
+    ALTER TABLE runbook_runs ADD COLUMN ended_at REAL;
+    ALTER TABLE runbook_runs ADD COLUMN archived_at REAL;
+    UPDATE runbook_runs SET ended_at = json_extract(run, '$.ended_at');
+    CREATE INDEX holds_hot ON holds (created_epoch) WHERE archived_at IS NULL;
+    CREATE INDEX resume_requests_hot ON resume_requests (created_at, id)
+        WHERE archived_at IS NULL;
+    CREATE INDEX runbook_runs_hot ON runbook_runs (started_at, id) WHERE archived_at IS NULL;
+    """,
+    # ---- end of issue 13 history compaction
 ]
 
 
@@ -256,19 +273,17 @@ _INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSIO
 _DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
 _BEAT = "INSERT OR REPLACE INTO store_beat (id, replica_id, beat_at) VALUES (1, ?, ?)"
 _INSERT_EVIDENCE = _insert("violation_evidence", codec.EVIDENCE_COLUMNS)
+_HOT_HOLDS, _HOT_RESUMES, _HOT_RUNS = history.hot_reads("created_epoch")
+_ARCHIVE_BATCHES = history.archive_batches(lambda name: f":{name}", "")
+_ARCHIVED_HOLD, _ARCHIVED_RESUME, _ARCHIVED_RUN = history.archived_lookups(lambda n: f":{n}")
 
 
 def _read_shared(db: sqlite3.Connection) -> SharedState:
     epoch = db.execute("SELECT epoch FROM epoch_counter").fetchone()[0]
-    holds = [codec.hold_from_row(r) for r in db.execute(f"{_SELECT_HOLDS} ORDER BY created_epoch")]
-    requests = [
-        codec.resume_from_row(r) for r in db.execute(f"{_SELECT_RESUMES} ORDER BY created_at, id")
-    ]
+    holds = [codec.hold_from_row(r) for r in db.execute(_HOT_HOLDS)]
+    requests = [codec.resume_from_row(r) for r in db.execute(_HOT_RESUMES)]
     revoked = dict(db.execute(codec.SELECT_REVOKED).fetchall())
-    runs = [
-        codec.run_from_json(row[0])
-        for row in db.execute("SELECT run FROM runbook_runs ORDER BY started_at, id")
-    ]
+    runs = [codec.run_from_json(row[0]) for row in db.execute(_HOT_RUNS)]
     acks = dict(db.execute(codec.SELECT_VIOLATION_ACKS).fetchall())
     evidence = [
         codec.evidence_from_row(r) for r in db.execute(codec.SELECT_UNACKNOWLEDGED_EVIDENCE)
@@ -518,6 +533,34 @@ class SqliteStore:
 
     async def load_shared(self) -> SharedState:
         return await self._run(lambda: self._snapshot(_read_shared))
+
+    async def archive_history(self, before: float, now: float, limit: int) -> ArchivedCounts:
+        params = {"before": before, "now": now, "limit": limit}
+
+        def archived(db: sqlite3.Connection, sql: str) -> int:
+            db.execute(sql, params)
+            # Not the cursor's rowcount: Python reports -1 for a statement opening WITH.
+            return int(db.execute("SELECT changes()").fetchone()[0])
+
+        def archive(db: sqlite3.Connection) -> ArchivedCounts:
+            return ArchivedCounts(*(archived(db, sql) for sql in _ARCHIVE_BATCHES))
+
+        return await self._write((), archive)
+
+    async def archived_hold(self, hold_id: str) -> Hold | None:
+        row = await self._read_one(_ARCHIVED_HOLD, hold_id)
+        return None if row is None else codec.hold_from_row(row)
+
+    async def archived_request(self, request_id: str) -> ResumeRequest | None:
+        row = await self._read_one(_ARCHIVED_RESUME, request_id)
+        return None if row is None else codec.resume_from_row(row)
+
+    async def archived_run(self, run_id: str) -> Run | None:
+        row = await self._read_one(_ARCHIVED_RUN, run_id)
+        return None if row is None else codec.run_from_json(row[0])
+
+    async def _read_one(self, sql: str, item_id: str) -> sqlite3.Row | None:
+        return await self._run(lambda: self._db.execute(sql, {"id": item_id}).fetchone())
 
     async def load_agent(self, agent_id: str) -> StoredAgent | None:
         def read() -> StoredAgent | None:

@@ -1,0 +1,158 @@
+"""History compaction: finished holds, requests and runs leave the hot path.
+
+Every replica archives, once at start (before it loads its state) and then every
+``COMPACT_EVERY_SECONDS``, what finished more than the retention period ago
+(``control.domain.history``), one store transaction per batch. Running it on every
+replica at once is safe: a row is archived once, whoever gets it (see
+``Store.archive_history``). Then each replica forgets the same requests and runs
+from memory; archived holds drop out of memory at the next resync, which reads only
+hot holds (``ControlPlane.adopt``).
+
+The archive stays in the database, and everything that happened is in the audit
+log. Asked by id for something archived, the server says so in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
+
+import structlog
+
+from control.domain.approvals import OPEN_STATES, ResumeState
+from control.domain.history import request_closed_at
+from control.errors import NotFound, StoreError, UnknownItem
+from control.store import ArchivedCounts, Store
+
+log = structlog.get_logger("killswitch.history")
+
+COMPACT_EVERY_SECONDS = 600.0
+# Rows of each kind per transaction: short enough never to hold up a pause for long.
+BATCH_ROWS = 1000
+
+ARCHIVED_HINT = "the audit log has its history (`killswitch audit`)"
+
+
+class Forgetful(Protocol):
+    """What keeps finished history in memory and must drop what was archived."""
+
+    def forget_history(self, before: float) -> int:
+        """Drop what finished before ``before`` by ``control.domain.history``'s rule
+        (the one the store archives by); returns how many."""
+
+
+class HistoryCompactor:
+    def __init__(
+        self,
+        store: Store,
+        holders: Sequence[Forgetful],
+        *,
+        clock: Callable[[], float],
+        retention: float,
+        every: float = COMPACT_EVERY_SECONDS,
+        batch: int = BATCH_ROWS,
+    ) -> None:
+        self._store = store
+        self._holders = holders
+        self._clock = clock
+        self._retention = retention
+        self._every = every
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    async def compact(self) -> ArchivedCounts:
+        """Archive everything due, a batch per transaction, then forget it from memory."""
+        now = self._clock()
+        before = now - self._retention
+        holds = requests = runs = 0
+        while True:
+            counts = await self._store.archive_history(before, now, self._batch)
+            holds, requests, runs = (
+                holds + counts.holds,
+                requests + counts.requests,
+                runs + counts.runs,
+            )
+            if max(counts.holds, counts.requests, counts.runs) < self._batch:
+                break
+        forgotten = sum(holder.forget_history(before) for holder in self._holders)
+        total = ArchivedCounts(holds, requests, runs)
+        if total.total or forgotten:
+            log.info(
+                "history_archived",
+                holds=holds,
+                requests=requests,
+                runs=runs,
+                forgotten=forgotten,
+                before=before,
+            )
+        return total
+
+    async def compact_logged(self) -> None:
+        """Compaction is housekeeping: a failure is logged and tried again next time."""
+        try:
+            await self.compact()
+        except StoreError as exc:
+            log.warning("history_compaction_failed", error=str(exc))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="history-compaction")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._every)
+            await self.compact_logged()
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def explain_unknown(store: Store, error: UnknownItem) -> NotFound:
+    """What to tell someone who named a hold, request or run this server does not hold:
+    when it finished and that it was archived, or else ``error`` as it is."""
+    try:
+        message = await _archived_message(store, error)
+    except StoreError as exc:
+        log.warning("archive_lookup_failed", kind=error.kind, error=str(exc))
+        return error
+    return error if message is None else NotFound(message)
+
+
+async def _archived_message(store: Store, error: UnknownItem) -> str | None:
+    item_id = error.item_id
+    if error.kind == UnknownItem.HOLD:
+        hold = await store.archived_hold(item_id)
+        if hold is None or hold.lifted_at is None:
+            return None
+        return (
+            f"hold {item_id} was lifted on {_when(hold.lifted_at)} by {hold.lifted_by}"
+            f" (epoch {hold.lifted_epoch}) and archived; {ARCHIVED_HINT}"
+        )
+    if error.kind == UnknownItem.REQUEST:
+        request = await store.archived_request(item_id)
+        if request is None:
+            return None
+        state = ResumeState.EXPIRED if request.state in OPEN_STATES else request.state
+        return (
+            f"resume request {item_id} for hold {request.hold_id} was {state.value} on"
+            f" {_when(request_closed_at(request))} and archived; {ARCHIVED_HINT}"
+        )
+    if error.kind == UnknownItem.RUN:
+        run = await store.archived_run(item_id)
+        if run is None or run.ended_at is None:
+            return None
+        return (
+            f"run {item_id} ({run.runbook}) ended {run.state.value} on {_when(run.ended_at)}"
+            f" and archived; {ARCHIVED_HINT}"
+        )
+    return None

@@ -1,0 +1,63 @@
+"""The holds a replica knows, with the active ones kept apart and sorted.
+
+Every connect, reconnect and reconcile asks for the active holds. Filtering and
+sorting every hold ever created on each ask made a connect cost grow with history
+(8.8 ms with 100,000 lifted holds); here an ask costs the active holds only, and the
+sorted list is rebuilt only after a hold changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from control.domain import Hold
+from control.errors import UnknownItem
+
+
+class KnownHolds:
+    def __init__(self, holds: Iterable[Hold] = ()) -> None:
+        self._all: dict[str, Hold] = {}
+        self._active: dict[str, Hold] = {}
+        # The active holds by created_epoch; None once a change made it stale.
+        self._sorted: list[Hold] | None = None
+        self.merge(holds)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def get(self, hold_id: str) -> Hold:
+        try:
+            return self._all[hold_id]
+        except KeyError:
+            raise UnknownItem("hold", hold_id) from None
+
+    def active(self) -> list[Hold]:
+        """A copy: callers may keep or change it."""
+        if self._sorted is None:
+            self._sorted = sorted(self._active.values(), key=lambda h: h.created_epoch)
+        return list(self._sorted)
+
+    def merge(self, holds: Iterable[Hold]) -> list[Hold]:
+        """Take these versions; returns the ones that differ from what was known."""
+        changed = [h for h in holds if self._all.get(h.id) != h]
+        for hold in changed:
+            self._all[hold.id] = hold
+            self._set_active(hold.id, hold if hold.active else None)
+        return changed
+
+    def keep_only(self, hold_ids: Collection[str]) -> list[Hold]:
+        """Forget every hold not in ``hold_ids``, a snapshot of the store's hot holds at
+        an epoch no older than anything known here: the missing ones were lifted and
+        archived. Returns what was forgotten."""
+        gone = [h for h in self._all.values() if h.id not in hold_ids]
+        for hold in gone:
+            del self._all[hold.id]
+            self._set_active(hold.id, None)
+        return gone
+
+    def _set_active(self, hold_id: str, hold: Hold | None) -> None:
+        if hold is not None:
+            self._active[hold_id] = hold
+        elif self._active.pop(hold_id, None) is None:
+            return
+        self._sorted = None
