@@ -15,11 +15,14 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from agent_stub import limits
+from agent_stub.applied import Applied, AppliedStore
 from agent_stub.backoff import Backoff
 from agent_stub.capture import CHANNELS, CaptureEngine
+from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
 from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig, Fault
 from agent_stub.identity import Metadata
-from agent_stub.lease import Clock, Lease, boottime
+from agent_stub.lease import Lease
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox
 from agent_stub.truth import GroundTruth
@@ -126,6 +129,10 @@ class Agent:
     channel after every stream that ended: a replica that is up but cannot serve (it
     lost its database) keeps the TCP connection, which pick_first would reuse forever;
     a fresh channel shuffles the addresses again and moves the agent on.
+
+    ``clock`` counts sleep (``agent_stub.clock``); given ``NoSleepClock`` instead, the
+    agent never holds a lease and refuses ALLOWED with that reason. ``applied_store``
+    keeps the applied epoch across restarts (``agent_stub.applied``).
     """
 
     def __init__(
@@ -136,8 +143,9 @@ class Agent:
         call_metadata: Metadata = (),
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
-        clock: Clock = boottime,
+        clock: Clock | NoSleepClock = PLATFORM_CLOCK,
         reopen: Reopen | None = None,
+        applied_store: AppliedStore | None = None,
     ) -> None:
         self.config = config
         self._channel = channel
@@ -146,6 +154,11 @@ class Agent:
         self._call_metadata = call_metadata
         self._rng = rng or random.Random()
         self._backoff = backoff or Backoff(rng=self._rng)
+        # Why this agent may never capture (no sleep-counting clock); empty if it may.
+        self.cannot_capture = ""
+        if isinstance(clock, NoSleepClock):
+            self.cannot_capture = f"cannot capture here: {clock}"
+            clock = time.monotonic  # dates lease requests only: no grant is ever taken
         self.lease = Lease(clock)
         self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
         self.engine = CaptureEngine(self.lease, self.truth)
@@ -156,8 +169,9 @@ class Agent:
         self.fault_active = False
         # The directive the agent last acted on (acked or nacked).
         self.directive: pb.Directive | None = None
-        self.applied_epoch = 0
-        self.applied_mode: pb.Mode.ValueType = pb.MODE_UNSPECIFIED
+        self._applied_store = applied_store
+        applied = applied_store.load() if applied_store is not None else Applied()
+        self.applied_epoch, self.applied_mode = applied.epoch, applied.mode
         self.connected = False
         self._heartbeat_interval = DEFAULT_HEARTBEAT_SECONDS
         self._lease_ttl = DEFAULT_LEASE_TTL_SECONDS
@@ -179,7 +193,21 @@ class Agent:
         return self.fault_active and self.config.fault is fault
 
     def _allowed(self) -> bool:
-        return self.directive is not None and self.directive.mode == pb.MODE_ALLOWED
+        """May this agent capture (under a lease)? Only while ALLOWED, on a usable clock."""
+        return (
+            self.directive is not None
+            and self.directive.mode == pb.MODE_ALLOWED
+            and not self.cannot_capture
+        )
+
+    def newest_applied(self) -> Applied:
+        """The newest epoch acted on (acked, nacked, or before a restart): no older one is."""
+        if self.directive is not None and self.directive.epoch > self.applied_epoch:
+            return Applied(self.directive.epoch, self.directive.mode)
+        return Applied(self.applied_epoch, self.applied_mode)
+
+    def _stale(self, directive: pb.Directive) -> bool:
+        return directive.epoch < self.newest_applied().epoch
 
     def _channels(self) -> list[pb.Channel]:
         lying = self._faulty(Fault.LIE) and not self._allowed()
@@ -291,10 +319,11 @@ class Agent:
             self._on_lease_answer(message.lease_grant)
 
     async def _on_directive(self, directive: pb.Directive, stream: Outbox) -> None:
-        if directive.heartbeat_interval_seconds > 0:
-            self._heartbeat_interval = directive.heartbeat_interval_seconds
-        if directive.lease_ttl_seconds > 0:
-            self._lease_ttl = directive.lease_ttl_seconds
+        if not self._stale(directive):  # a stale directive's pacing is as stale as it
+            self._heartbeat_interval = limits.heartbeat_interval(
+                directive.heartbeat_interval_seconds, self._heartbeat_interval
+            )
+            self._lease_ttl = limits.directive_ttl(directive.lease_ttl_seconds, self._lease_ttl)
         if self._heartbeats is None:
             self._heartbeats = stream.spawn(
                 every(
@@ -327,9 +356,23 @@ class Agent:
         await stream.send(reply)
 
     def apply(self, directive: pb.Directive) -> pb.AgentMessage:
-        """Act on a directive; returns the ack or nack to send."""
+        """Act on a directive; returns the ack or nack to send.
+
+        A directive older than the newest applied (a replica that has not caught up)
+        changes nothing: a pause is never undone by an older ALLOWED. Same-epoch
+        re-sends are applied again, harmlessly.
+        """
+        if self._stale(directive):
+            reason = (
+                f"refused directive at epoch {directive.epoch}: older than applied"
+                f" {self.newest_applied().describe()}"
+            )
+            log.warning("stale_directive_refused", agent_id=self.agent_id, reason=reason)
+            return nack(directive.epoch, reason)
         self.directive = directive
         if directive.mode == pb.MODE_ALLOWED:
+            if self.cannot_capture:
+                return nack(directive.epoch, self.cannot_capture)
             return self._ack(directive)  # capture starts once a lease is granted
         # Anything else means off, and a pause ends the lease at once.
         now = self.lease.clock()
@@ -352,6 +395,7 @@ class Agent:
     ) -> pb.AgentMessage:
         self.applied_epoch, self.applied_mode = directive.epoch, directive.mode
         self.truth.directive_applied(time.time(), directive.epoch, pb.Mode.Name(directive.mode))
+        self._remember(Applied(directive.epoch, directive.mode))
         ack = pb.Ack(
             epoch=directive.epoch,
             mode=directive.mode,
@@ -362,6 +406,21 @@ class Agent:
         )
         return pb.AgentMessage(ack=ack)
 
+    def _remember(self, applied: Applied) -> None:
+        """On disk before the ack leaves; a failed write still acks what was done."""
+        if self._applied_store is None:
+            return
+        try:
+            self._applied_store.save(applied)
+        except OSError as exc:
+            log.warning(
+                "applied_epoch_not_saved",
+                agent_id=self.agent_id,
+                epoch=applied.epoch,
+                path=str(self._applied_store.path),
+                error=str(exc),
+            )
+
     # ------------------------------------------------------------ leases
 
     def _keep_renewing(self, stream: Outbox) -> None:
@@ -369,7 +428,7 @@ class Agent:
         if self._allowed() and self._renewals is None:
             self._renewals = stream.spawn(
                 every(
-                    lambda: self._lease_ttl / 3,
+                    lambda: limits.renewal_interval(self._lease_ttl),
                     functools.partial(self._request_lease, stream),
                     first_delay=0.0,
                     awake=self.awake,
@@ -385,8 +444,12 @@ class Agent:
         await stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=request_id)))
 
     def _on_lease_answer(self, grant: pb.LeaseGrant) -> None:
-        self.truth.lease_answered(grant.request_id, grant.granted, grant.ttl_seconds)
-        if not self.lease.answer(grant.request_id, grant.granted, grant.ttl_seconds):
+        ttl = limits.granted_ttl(grant.ttl_seconds) if grant.granted else None
+        # The truth counts the lease a correct agent may hold: the clamped one.
+        self.truth.lease_answered(grant.request_id, ttl is not None, ttl or 0.0)
+        # Only an ALLOWED agent holds a lease; a grant for a paused one counts as a refusal.
+        granted = ttl is not None and self._allowed()
+        if not self.lease.answer(grant.request_id, granted, ttl or 0.0):
             return
         if self._allowed() and self.lease.holds(self.lease.clock()):
             self.engine.start_all()

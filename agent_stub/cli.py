@@ -3,7 +3,8 @@
 Agents talk mTLS to the control server with a certificate they get by enrolling
 (``--state-dir``, ``--enroll-token``); ``--insecure`` is for a loopback
 development server. Exit codes: 2 bad input or enrolment refused, 4 the
-enrolment server could not be reached, 1 any other enrolment failure.
+enrolment server could not be reached, 1 any other enrolment failure or an
+unreadable applied-epoch file in the state directory.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from typing import NoReturn
 import structlog
 
 from agent_stub.agent import Agent, ServerAddressError, open_channel, server_target
+from agent_stub.applied import AppliedStateError, AppliedStore
+from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.identity import (
     CA_FILE,
     EXIT_BAD_INPUT,
+    EXIT_FAILED,
     EnrolmentError,
     default_enroll_target,
     enrol,
@@ -97,6 +101,14 @@ def trusted_ca(args: argparse.Namespace) -> bytes:
 async def run_one(args: argparse.Namespace) -> None:
     config = AgentConfig(agent_id=args.agent_id, labels=parse_labels(args.label or []))
     target = server_target(args.server)
+    if isinstance(PLATFORM_CLOCK, NoSleepClock):
+        # It still connects, so the server shows why: it nacks ALLOWED with this reason.
+        sys.stderr.write(
+            f"killswitch-agent: will not capture: {PLATFORM_CLOCK}; it stays connected"
+            " and refuses every lease\n"
+        )
+    # Without a state directory (--insecure) the applied epoch lives in memory only.
+    applied_store = AppliedStore(args.state_dir) if args.state_dir is not None else None
     if args.insecure:
         reopen = functools.partial(open_channel, target)
         metadata = insecure_metadata(config.agent_id)
@@ -112,7 +124,15 @@ async def run_one(args: argparse.Namespace) -> None:
         metadata = ()
     channel = reopen()
     try:
-        await Agent(config, channel, call_metadata=metadata, reopen=reopen).run()
+        agent = Agent(
+            config,
+            channel,
+            call_metadata=metadata,
+            reopen=reopen,
+            clock=PLATFORM_CLOCK,
+            applied_store=applied_store,
+        )
+        await agent.run()
     finally:
         await channel.close(grace=None)
 
@@ -321,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(str(exc), EXIT_BAD_INPUT)
     except EnrolmentError as exc:
         fail(str(exc), exc.exit_code)
+    except AppliedStateError as exc:
+        fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             sys.stderr.write("killswitch-agent: stopped\n")

@@ -7,28 +7,9 @@ state means off: a fresh ``Lease`` (also after a restart) holds nothing.
 
 from __future__ import annotations
 
-import functools
-import time
-from collections.abc import Callable
+from agent_stub.clock import Clock
 
-Clock = Callable[[], float]
-
-
-def _boottime_clock() -> Clock:
-    """Seconds on a clock that keeps counting while the laptop sleeps.
-
-    Linux has ``CLOCK_BOOTTIME``. Elsewhere this falls back to ``time.monotonic``,
-    which on some platforms (macOS) stops during sleep: a production agent there
-    must use the platform's sleep-inclusive clock. Never the wall clock, which
-    users and NTP can move.
-    """
-    boottime = getattr(time, "CLOCK_BOOTTIME", None)
-    if boottime is None:
-        return time.monotonic
-    return functools.partial(time.clock_gettime, boottime)
-
-
-boottime: Clock = _boottime_clock()
+__all__ = ["Clock", "Lease"]
 
 
 class Lease:
@@ -36,11 +17,13 @@ class Lease:
 
     The clock for a request starts when the agent *sends* it, and a grant counts
     from then, so this expiry is never later than the server's (grant time + TTL).
+    ``clock`` must count sleep (``agent_stub.clock``), or a laptop waking past the
+    expiry would still hold its lease.
     """
 
     __slots__ = ("_next_id", "_sent", "clock", "expires_at")
 
-    def __init__(self, clock: Clock = boottime) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._next_id = 1
         # Requests sent and not answered yet: request id -> send time.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub import CaptureEngine, GroundTruth, Lease, boottime
+from agent_stub import CaptureEngine, GroundTruth, Lease
 from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
 from agent_stub.upload import Uploader
@@ -119,7 +120,7 @@ def test_ignoring_the_lease_keeps_capturing() -> None:
 
 def test_watchdog_timer_stops_the_channels_between_ticks() -> None:
     async def scenario() -> None:
-        rig = Rig(boottime)
+        rig = Rig(time.monotonic)  # a real clock: the watchdog runs on real time
         rig.grant(ttl=0.05)
         rig.engine.start_all()
         rig.engine.watch_lease()

@@ -1,4 +1,4 @@
-"""deploy/kubernetes and deploy/systemd, checked against the code they deploy.
+"""deploy/kubernetes, deploy/systemd and deploy/launchd, checked against the code they deploy.
 
 Every flag the manifests and units pass exists (the real argparse parsers), the probes hit
 the port and paths the server serves, the Services select the Deployment's pods and expose
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import plistlib
 import re
 import shlex
 import shutil
@@ -606,3 +607,61 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
         if str(tmp_path) in line or line.startswith(tuple(UNITS))
     ]
     assert result.returncode == 0 and not ours, output
+
+
+# ------------------------------------------------------------------ launchd (macOS)
+
+LAUNCHD_PLIST = DEPLOY / "launchd" / "com.killswitch.agent.plist"
+AGENT_UNIT = SYSTEMD / "killswitch-agent.service"
+
+
+def launchd_job() -> dict[str, Any]:
+    with LAUNCHD_PLIST.open("rb") as source:
+        job: dict[str, Any] = plistlib.load(source)
+    return job
+
+
+def launchd_argv(job: dict[str, Any]) -> list[str]:
+    """The agent's argv as ``/bin/sh -c`` builds it from the job's environment."""
+    shell, flag, command = job["ProgramArguments"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    words = shlex.split(command)
+    assert words[0] == "exec", "the shell execs the agent, so launchd signals it directly"
+    variables: dict[str, str] = job["EnvironmentVariables"]
+    argv: list[str] = []
+    for word in words[1:]:
+        bare = re.fullmatch(r"\$(\w+)", word)
+        if word == "$(/bin/hostname -s)":
+            argv.append(SPECIFIERS["%H"])
+        elif bare:  # unquoted: split into words, none when empty
+            argv += variables[bare[1]].split()
+        else:
+            argv.append(re.sub(r"\$(\w+)", lambda m: variables[m[1]], word))
+    return argv
+
+
+def test_launchd_job_runs_the_systemd_units_command() -> None:
+    job = launchd_job()
+    mac, linux = launchd_argv(job), exec_start_argv(AGENT_UNIT)
+    assert mac[0] == linux[0] == "/usr/local/bin/killswitch-agent"
+    mac_args, linux_args = (
+        parse_as("killswitch-agent", mac[1:]),
+        parse_as("killswitch-agent", linux[1:]),
+    )
+    # Only where state lives differs between the platforms.
+    assert PurePosixPath(mac_args.state_dir).is_absolute()
+    assert vars(mac_args) | {"state_dir": None} == vars(linux_args) | {"state_dir": None}
+    python_env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    assert python_env.items() <= job["EnvironmentVariables"].items()
+    assert python_env.items() <= unit_environment(AGENT_UNIT).items()
+
+
+def test_launchd_job_starts_at_boot_and_always_restarts_like_the_unit() -> None:
+    job = launchd_job()
+    assert job["Label"] == LAUNCHD_PLIST.stem
+    assert job["RunAtLoad"] is True and job["KeepAlive"] is True, "never give up"
+    assert job["ThrottleInterval"] == float(unit_value(AGENT_UNIT, "RestartSec"))
+    assert job["ExitTimeOut"] == float(unit_value(AGENT_UNIT, "TimeoutStopSec"))
+    assert job["Umask"] == int(unit_value(AGENT_UNIT, "UMask"), 8)
+    assert PurePosixPath(job["StandardOutPath"]).is_absolute()
+    assert job["StandardErrorPath"] == job["StandardOutPath"]

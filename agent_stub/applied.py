@@ -1,0 +1,77 @@
+"""The epoch and mode an agent last applied, kept on disk across restarts.
+
+Epochs never go backwards on an agent: it refuses a directive older than the one it
+applied. A restarted agent must remember that epoch too, or a replica that has not
+read the latest pause yet could hand it an older ALLOWED. So the applied epoch is
+written (temp file, fsync, rename: never half a file) before the ack is sent, read at
+start, and sent in ``Hello.last_applied_epoch``. Without a state directory (the
+simulator) it lives in memory only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from killswitch.v1 import killswitch_pb2 as pb
+
+STATE_FILE = "applied-epoch.json"
+
+
+class AppliedStateError(Exception):
+    """The state file exists but cannot be read; one line naming it and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    epoch: int = 0
+    mode: pb.Mode.ValueType = pb.MODE_UNSPECIFIED
+
+    def describe(self) -> str:
+        return f"epoch {self.epoch} ({pb.Mode.Name(self.mode).removeprefix('MODE_')})"
+
+
+class AppliedStore:
+    """``DIR/applied-epoch.json``: ``{"epoch": N, "mode": "MODE_PAUSED"}``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / STATE_FILE
+
+    def load(self) -> Applied:
+        """What was applied before; nothing (epoch 0) if never.
+
+        A file that exists but is unreadable stops the agent rather than forgetting
+        the epoch: forgetting it is exactly the rollback this file prevents.
+        """
+        try:
+            raw = json.loads(self.path.read_text())
+            epoch, mode = raw["epoch"], pb.Mode.Value(raw["mode"])
+        except FileNotFoundError:
+            return Applied()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AppliedStateError(
+                f"cannot read {self.path} ({exc!r}): remove it only if this laptop"
+                " should forget the last pause it obeyed"
+            ) from None
+        if not isinstance(epoch, int) or epoch < 0:
+            raise AppliedStateError(f"{self.path}: epoch {epoch!r} is not a whole number")
+        return Applied(epoch, mode)
+
+    def save(self, applied: Applied) -> None:
+        """Replace the file atomically and durably."""
+        text = json.dumps({"epoch": applied.epoch, "mode": pb.Mode.Name(applied.mode)})
+        temporary = self.path.with_name(f".{STATE_FILE}.tmp")
+        with temporary.open("w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.replace(self.path)
+        # The rename itself is durable only once the directory is synced (POSIX).
+        if hasattr(os, "O_DIRECTORY"):
+            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
