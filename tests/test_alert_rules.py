@@ -135,6 +135,7 @@ def test_exposed_names_follow_conventions() -> None:
         "killswitch_connected_streams",
         "killswitch_epoch",
         "killswitch_active_holds",
+        "killswitch_agents_label_mismatch",
         "killswitch_pause_to_ack_seconds_bucket",
         "killswitch_pause_to_verified_seconds_bucket",
         "killswitch_directives_sent_total",

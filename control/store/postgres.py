@@ -286,6 +286,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, kind)
     );
     """,
+    # ---- issue 13, server-decided labels (renumber at merge if needed) ----
+    # Version 4: what each agent reported of itself (NULL: never connected), kept apart
+    # from the labels the server decides; and the labels a join token pins.
+    """
+    ALTER TABLE agents ADD COLUMN reported_labels TEXT;
+    ALTER TABLE enroll_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
@@ -839,26 +846,26 @@ class PostgresStore:
         return await self._write(audit, apply)
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None:
-        row = codec.fields_of(token, codec.TOKEN_COLUMNS)
+        row = codec.token_to_row(token)
 
         async def insert(conn: Connection) -> None:
             await _insert_new(conn, _INSERT_TOKEN, row, f"enrolment token {token.id!r}")
 
         await self._write([audit], insert)
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> None:
-        async def take_one_use(conn: Connection) -> None:
+    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
+        async def take_one_use(conn: Connection) -> EnrollToken:
             row = await _fetch_one(conn, f"{_SELECT_TOKENS} WHERE id = %s FOR UPDATE", (token_id,))
-            reason = check_enroll_token(
-                None if row is None else codec.token_from_row(row), secret, now
-            )
-            if reason:
+            token = None if row is None else codec.token_from_row(row)
+            reason = check_enroll_token(token, secret, now)
+            if reason or token is None:
                 raise PermissionDenied(reason)
             await conn.execute(
                 "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = %s", (token_id,)
             )
+            return token
 
-        await self._write((), take_one_use)
+        return await self._write((), take_one_use)
 
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None
