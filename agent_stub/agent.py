@@ -16,7 +16,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub.backoff import Backoff
 from agent_stub.capture import CHANNELS, CaptureEngine
-from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig, Fault
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, RELABEL_TO, AgentConfig, Fault
 from agent_stub.identity import Metadata
 from agent_stub.lease import Clock, Lease, boottime
 from agent_stub.periodic import every
@@ -419,6 +419,9 @@ class Agent:
             self._go_offline(tuning.offline_seconds(self._lease_ttl))
         elif fault is Fault.SLEEP:
             self._suspend(tuning.sleep_seconds(self._lease_ttl))
+        elif fault is Fault.RELABEL:
+            self.config.labels = {**self.config.labels, **RELABEL_TO}
+            self._go_offline(0.0)  # the next Hello carries the new labels
 
     def _go_offline(self, seconds: float) -> None:
         self._offline_until = asyncio.get_running_loop().time() + seconds
