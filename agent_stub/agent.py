@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -350,6 +351,7 @@ class Agent:
         self, directive: pb.Directive, *, purged: int = 0, quarantined: int = 0
     ) -> pb.AgentMessage:
         self.applied_epoch, self.applied_mode = directive.epoch, directive.mode
+        self.truth.directive_applied(time.time(), directive.epoch, pb.Mode.Name(directive.mode))
         ack = pb.Ack(
             epoch=directive.epoch,
             mode=directive.mode,

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# Kept per agent for the fault checkers; older spans and applications merge into one
+# (a longer span only widens what a checker sees, so a merge never hides a late event).
+MAX_SPANS = 256
+MAX_APPLIED = 256
+
 
 class GroundTruth:
     __slots__ = (
@@ -21,9 +26,11 @@ class GroundTruth:
         "_fresh_for",
         "_last_capture_at",
         "_sent",
+        "applied",
         "events_captured_total",
         "events_without_lease",
         "last_event_at",
+        "spans",
     )
 
     def __init__(self, *, capture_tick: float) -> None:
@@ -35,6 +42,11 @@ class GroundTruth:
         self.events_captured_total = 0
         self.events_without_lease = 0
         self.last_event_at: float | None = None
+        # Wall-clock [first, last] of each run of consecutive capture ticks: when, not
+        # just how much, so a checker can tell capture after a pause from before it.
+        self.spans: list[list[float]] = []
+        # [wall clock, epoch, mode] of each directive the agent acted on, in order.
+        self.applied: list[list[Any]] = []
 
     def lease_requested(self, request_id: int, at: float) -> None:
         self._sent[request_id] = at
@@ -52,10 +64,22 @@ class GroundTruth:
     def captured(self, at: float, count: int, wall: float) -> None:
         """``count`` events produced at boottime ``at`` (wall-clock ``wall``)."""
         self.events_captured_total += count
+        if self.spans and at - self._last_capture_at < self._fresh_for:
+            self.spans[-1][1] = wall
+        else:
+            self.spans.append([wall, wall])
+            if len(self.spans) > MAX_SPANS:
+                self.spans[:2] = [[self.spans[0][0], self.spans[1][1]]]
         self.last_event_at = wall
         self._last_capture_at = at
         if at > self._expires_at:
             self.events_without_lease += count
+
+    def directive_applied(self, wall: float, epoch: int, mode: str) -> None:
+        """The agent acted on (acked) the directive at ``epoch`` in ``mode``."""
+        self.applied.append([wall, epoch, mode])
+        if len(self.applied) > MAX_APPLIED:
+            del self.applied[0]
 
     def capturing(self, now: float) -> bool:
         return now - self._last_capture_at < self._fresh_for
@@ -69,4 +93,6 @@ class GroundTruth:
             "last_event_at": self.last_event_at,
             "events_without_lease": self.events_without_lease,
             "capturing": self.capturing(now),
+            "spans": self.spans,
+            "applied": self.applied,
         }

@@ -159,6 +159,8 @@ def test_simulator_writes_the_truth_file_and_triggers_faults_on_sigusr1(tmp_path
             "last_event_at",
             "events_without_lease",
             "capturing",
+            "spans",
+            "applied",
         }
         assert all(r["events_captured_total"] == 0 and not r["capturing"] for r in rows)
 
