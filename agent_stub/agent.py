@@ -20,7 +20,7 @@ from agent_stub.applied import Applied, AppliedStore
 from agent_stub.backoff import Backoff
 from agent_stub.capture import CHANNELS, CaptureEngine
 from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
-from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig, Fault
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, RELABEL_TO, AgentConfig, Fault
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.periodic import every
@@ -484,6 +484,9 @@ class Agent:
             self._go_offline(tuning.offline_seconds(self._lease_ttl))
         elif fault is Fault.SLEEP:
             self._suspend(tuning.sleep_seconds(self._lease_ttl))
+        elif fault is Fault.RELABEL:
+            self.config.labels = {**self.config.labels, **RELABEL_TO}
+            self._go_offline(0.0)  # the next Hello carries the new labels
 
     def _go_offline(self, seconds: float) -> None:
         self._offline_until = asyncio.get_running_loop().time() + seconds

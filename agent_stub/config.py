@@ -28,6 +28,13 @@ class Fault(StrEnum):
     SLOW = "slow"
     # The whole process is suspended for ``sleep_for`` while the boottime clock runs.
     SLEEP = "sleep"
+    # A tampered agent that names its own labels: it reconnects at once claiming
+    # ``org=marketing`` (``RELABEL_TO``), and is otherwise honest.
+    RELABEL = "relabel"
+
+
+# What a relabelling agent claims: an org no hold in the drills names.
+RELABEL_TO = {"org": "marketing"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from control.domain.audit import (
     verify_chain,
 )
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS, check_history_retention
+from control.domain.labels import label_mismatch, mismatch_json
 from control.errors import STORE_UNAVAILABLE_METADATA, InvalidInput, KillswitchError
 from control.pki import load_identity
 from control.rpc.authz import INSECURE_IDENTITY_METADATA
@@ -137,7 +138,18 @@ def agent_json(agent: pb.AgentRecord) -> dict[str, Any]:
         "events_captured_total": agent.events_captured_total,
         "spool_events": agent.spool_events,
         "uploads_refused": agent.uploads_refused,
+        "reported_labels": dict(sorted(agent.reported_labels.items())),
+        "label_mismatch": mismatch_json(agent.labels, agent.reported_labels),
     }
+
+
+def mismatch_cell(agent: pb.AgentRecord) -> str:
+    """``org=marketing (server: finance)``: what the agent claims that the server denies."""
+    mismatch = label_mismatch(agent.labels, agent.reported_labels)
+    return ",".join(
+        f"{key}={reported} (server: {server or 'none'})"
+        for key, (server, reported) in mismatch.items()
+    )
 
 
 def print_table(rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
@@ -159,6 +171,7 @@ def agent_rows(agents: Sequence[pb.AgentRecord]) -> list[list[str]]:
         "CONNECTED",
         "LAST SEEN",
         "EPOCH",
+        "LABEL MISMATCH",
         "REASON",
     ]
     rows = [header]
@@ -174,6 +187,7 @@ def agent_rows(agents: Sequence[pb.AgentRecord]) -> list[list[str]]:
                 "yes" if a.connected else "no",
                 ago(a.last_seen),
                 str(a.applied_epoch),
+                mismatch_cell(a) or "-",
                 a.reason,
             ]
         )
@@ -639,13 +653,20 @@ def read_inventory(path: Path) -> list[pb.ExpectedAgent]:
 
 def cmd_inventory_import(args: argparse.Namespace, client: OperatorClient) -> int:
     agents = read_inventory(Path(args.file))
-    added = known = 0
+    added = known = relabelled = elsewhere = 0
     # Batches keep every message well under the server's size cap.
     for start in range(0, len(agents), INVENTORY_BATCH):
         batch = agents[start : start + INVENTORY_BATCH]
         response = client.call("ExpectAgents", pb.ExpectAgentsRequest(agents=batch))
         added, known = added + response.added, known + response.already_known
-    print(f"{added} agents added to the inventory, {known} already known")
+        relabelled += response.relabelled
+        elsewhere += response.served_elsewhere
+    print(f"{added} agents added to the inventory, {known} already known ({relabelled} relabelled)")
+    if elsewhere:
+        sys.stderr.write(
+            f"{elsewhere} known agents are served by another replica and kept their labels;"
+            " import again once they reconnect\n"
+        )
     return 0
 
 
@@ -769,7 +790,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_enroll_token_create(args: argparse.Namespace, client: OperatorClient) -> int:
     response = client.call(
-        "CreateEnrollToken", pb.CreateEnrollTokenRequest(uses=args.uses, ttl_seconds=args.ttl)
+        "CreateEnrollToken",
+        pb.CreateEnrollTokenRequest(
+            uses=args.uses, ttl_seconds=args.ttl, labels=parse_label_pairs(args.label)
+        ),
     )
     sys.stderr.write(
         f"token {response.token_id}: {response.uses} uses, expires {iso(response.expires_at)};"
@@ -1229,6 +1253,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--uses", type=positive_int, default=1, help="agents it may enrol")
     create.add_argument(
         "--ttl", type=positive_seconds, default=3600.0, help="seconds it is valid (default 3600)"
+    )
+    create.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="pin this label on every agent it enrols (repeatable); the agent cannot change it",
     )
 
     certs = group("certs", "issued certificates")

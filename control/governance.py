@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
-from control.domain import validate_agent_id
+from control.domain import format_labels, validate_agent_id
 from control.domain.approvals import (
     OPEN_STATES,
     ResumeRequest,
@@ -26,6 +26,7 @@ from control.domain.audit import AuditEntry, AuditRecord, ChainHead
 from control.domain.history import request_archivable
 from control.domain.identity import (
     CertificateRecord,
+    EnrollToken,
     IssuedToken,
     Principal,
     Role,
@@ -246,10 +247,18 @@ class Governance:
 
     # ------------------------------------------------------------ enrolment
 
-    async def create_enroll_token(self, by: Principal, *, uses: int, ttl: float) -> IssuedToken:
-        issued = issue_enroll_token(uses=uses, ttl=ttl, created_by=by.name, now=self._clock())
+    async def create_enroll_token(
+        self, by: Principal, *, uses: int, ttl: float, labels: Mapping[str, str]
+    ) -> IssuedToken:
+        issued = issue_enroll_token(
+            uses=uses, ttl=ttl, created_by=by.name, now=self._clock(), labels=labels
+        )
+        pinned = f", pins {format_labels(issued.token.labels)}" if issued.token.labels else ""
         record = self._plane.audit_record(
-            by, "enroll_token.create", target=issued.token.id, detail=f"{uses} uses, {ttl:g}s"
+            by,
+            "enroll_token.create",
+            target=issued.token.id,
+            detail=f"{uses} uses, {ttl:g}s{pinned}",
         )
         await self._store.create_enroll_token(issued.token, record)
         return issued
@@ -266,7 +275,10 @@ class Governance:
                     f"agent {agent_id} already has a valid certificate (serial {live[0].serial});"
                     f" revoke it first: killswitch certs revoke {agent_id}"
                 )
-            await self._store.consume_enroll_token(token_id, secret, self._clock())
+            token_used = await self._store.consume_enroll_token(token_id, secret, self._clock())
+            # Before the certificate exists: an agent never connects unlabelled, where its
+            # own first report would be trusted.
+            await self._pin_token_labels(claimant, token_used)
             cert_pem, cert = authority.sign_agent_csr(csr_pem, agent_id, now=self._clock())
         except KillswitchError as exc:
             await self.record_failure(claimant, "Enrollment.Enroll", exc)
@@ -281,6 +293,16 @@ class Governance:
         self._live_certs.setdefault(agent_id, []).append(cert)
         log.info("agent_enrolled", agent_id=agent_id, serial=cert.serial, token_id=token_id)
         return cert_pem, authority.ca_pem
+
+    async def _pin_token_labels(self, agent: Principal, token: EnrollToken) -> None:
+        """The token's labels over whatever the server knew of the agent (its inventory
+        entry): the operator who made the token chose them, not the agent."""
+        if not token.labels:
+            return
+        known = self._plane.agent_view(agent.name)
+        labels = {**(known.labels if known else {}), **token.labels}
+        await self._plane.expect_agents([(agent.name, labels)], agent, "agent.labels_pin")
+        log.info("agent_labels_pinned", agent_id=agent.name, token_id=token.id, labels=labels)
 
     def _require_authority(self) -> Authority:
         if self._authority is None:

@@ -269,6 +269,10 @@ class CensusCollector:
             "killswitch_epoch", "The current epoch: it goes up with every hold change."
         )
         holds = GaugeMetricFamily("killswitch_active_holds", "Holds in force.")
+        mismatched = GaugeMetricFamily(
+            "killswitch_agents_label_mismatch",
+            "Agents whose reported labels contradict the server's (which alone decide holds).",
+        )
         if census is not None:
             for state in ComplianceState:
                 agents.add_metric([state.value], census.by_state.get(state, 0))
@@ -277,7 +281,8 @@ class CensusCollector:
             streams.add_metric([], census.connected_streams)
             epoch.add_metric([], census.epoch)
             holds.add_metric([], census.active_holds)
-        return [agents, by_mode, streams, epoch, holds]
+            mismatched.add_metric([], census.label_mismatches)
+        return [agents, by_mode, streams, epoch, holds, mismatched]
 
 
 def _store_families(health: StoreHealth | None) -> list[Metric]:

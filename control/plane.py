@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import heapq
 import os
 import secrets
@@ -49,11 +50,13 @@ from control.domain import (
 )
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
+from control.domain.labels import label_mismatch
 from control.errors import Conflict, NotFound, PermissionDenied, StoreError, shown
 from control.events import PlaneObserver
 from control.evidence import EvidenceLedger
 from control.freshness import SharedView
 from control.known_holds import KnownHolds
+from control.labelling import LabelImport, note_report, relabel_records
 from control.store import (
     AgentChanges,
     LoadedState,
@@ -169,6 +172,8 @@ class Census:
     by_mode: dict[Mode, int]
     connected_streams: int
     active_holds: int
+    # Agents whose own report contradicts the labels the server decides for them.
+    label_mismatches: int = 0
 
 
 def new_hold_id() -> str:
@@ -715,29 +720,41 @@ class ControlPlane:
     # ------------------------------------------------------------ inventory
 
     async def expect_agents(
-        self, agents: Iterable[tuple[str, Mapping[str, str]]], by: Principal
-    ) -> tuple[int, int]:
-        """Register agents from the inventory so a laptop that never connects is visible."""
+        self,
+        agents: Iterable[tuple[str, Mapping[str, str]]],
+        by: Principal,
+        action: str = "inventory.import",
+    ) -> LabelImport:
+        """Operators' labels (the inventory, a join token's) are the server's: they make
+        laptops that never connect visible, and relabel known ones (``control.labelling``)."""
         checked = [(validate_agent_id(a), validate_labels(labels)) for a, labels in agents]
-        added = 0
-        now = self._clock()
+        tally, now = LabelImport(), self._clock()
         for agent_id, labels in checked:
-            if agent_id in self._agents:
+            entry = self._agents.get(agent_id)
+            if entry is None:
+                self._agents[agent_id] = entry = self._new_entry(agent_id, labels, now)
+                entry.status.expected_since = now
+                tally.added += 1
+            elif entry.remote is not None and entry.status.connected:
+                tally.served_elsewhere += 1  # only the replica serving it may write its row
                 continue
-            self._agents[agent_id] = entry = self._new_entry(agent_id, labels, now)
-            entry.status.expected_since = now
+            elif entry.labels == labels:
+                tally.unchanged += 1
+                continue
+            else:
+                if entry.remote is not None:  # nobody serves it: any replica may write it
+                    entry.remote = None
+                    self._remote.discard(agent_id)
+                record = functools.partial(self.audit_record, by)
+                old, entry.labels = entry.labels, labels
+                self._pending_audit += relabel_records(record, agent_id, old, labels, entry.status)
+                self._reconcile(entry, self.active_holds(), now)
+                tally.relabelled += 1
             self._dirty.add(agent_id)
-            added += 1
-        self._pending_audit.append(
-            self.audit_record(
-                by, "inventory.import", detail=f"{added} added, {len(checked) - added} known"
-            )
-        )
+        self._pending_audit.append(self.audit_record(by, action, detail=tally.describe()))
         await self.flush()
-        log.info(
-            "agents_expected", operator=by.name, added=added, already_known=len(checked) - added
-        )
-        return added, len(checked) - added
+        log.info("agents_expected", operator=by.name, result=tally.describe())
+        return tally
 
     def _new_entry(self, agent_id: str, labels: dict[str, str], now: float) -> AgentEntry:
         desired = reconcile_desired(
@@ -751,7 +768,7 @@ class ControlPlane:
         now = self._clock()
         checked = validate_labels(labels)
         entry = self._agents.get(agent_id)
-        if entry is None:
+        if entry is None:  # in no inventory, pinned by no token: trust on first use
             entry = self._agents[agent_id] = self._new_entry(agent_id, checked, now)
             reconnect = False
         else:
@@ -761,8 +778,8 @@ class ControlPlane:
                 self._remote.discard(agent_id)
             if entry.subscriber is not None:
                 entry.subscriber.close("replaced by a newer stream from the same agent")
-            entry.labels = checked
             self._reconcile(entry, self.active_holds(), now)
+        self._pending_audit += note_report(agent_id, entry.labels, entry.status, checked, now)
         # A stream newer than any stored one even if this replica's clock is behind the
         # last replica's: the store refuses rows of an older stream.
         entry.status.record_connect(max(now, (entry.status.connected_at or 0.0) + 0.001))
@@ -1140,12 +1157,14 @@ class ControlPlane:
         """Fleet-wide counts in one pass: what a Prometheus scrape reads."""
         by_state: dict[ComplianceState, int] = dict.fromkeys(ComplianceState, 0)
         by_mode: dict[Mode, int] = dict.fromkeys(Mode, 0)
-        connected = 0
+        connected = mismatched = 0
         for entry, verdict in self._matching(AgentFilter()):
             by_state[verdict.state] += 1
             by_mode[entry.desired.mode] += 1
             connected += entry.subscriber is not None
-        return Census(self._epoch, by_state, by_mode, connected, len(self.active_holds()))
+            mismatched += bool(label_mismatch(entry.labels, entry.status.reported_labels))
+        holds = len(self.active_holds())
+        return Census(self._epoch, by_state, by_mode, connected, holds, mismatched)
 
     def views(self, agent_filter: AgentFilter = AgentFilter()) -> list[AgentView]:
         """Agents matching the filter, most urgent first, then by id."""

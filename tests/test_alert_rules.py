@@ -135,6 +135,7 @@ def test_exposed_names_follow_conventions() -> None:
         "killswitch_active_holds",
         "killswitch_leasing",
         "killswitch_view_age_seconds",
+        "killswitch_agents_label_mismatch",
         "killswitch_pause_to_ack_seconds_bucket",
         "killswitch_pause_to_verified_seconds_bucket",
         "killswitch_directives_sent_total",

@@ -836,3 +836,47 @@ def test_violation_evidence_is_stored_with_its_audit_entry_or_not_at_all(backend
     run_with_store(backend, nothing)
     backend.break_audit_inserts("audit is down")
     run_with_store(backend, write)
+
+
+def test_reported_labels_are_stored_apart_from_the_servers(backend: Backend) -> None:
+    """What an agent claims survives a restart next to, never instead of, its labels;
+    an agent that never connected has reported nothing (None), not "no labels"."""
+    claimed = dataclasses.replace(
+        agent("a", org="finance"),
+        status=dataclasses.replace(agent("a").status, reported_labels={"org": "marketing"}),
+    )
+    silent = dataclasses.replace(agent("b", org="finance"), status=AgentStatus())
+    bare = dataclasses.replace(
+        agent("c"), status=dataclasses.replace(agent("c").status, reported_labels={})
+    )
+
+    async def write(store: Store) -> None:
+        await store.save_agents([claimed, silent, bare])
+
+    async def reopened(store: Store) -> None:
+        rows = {a.agent_id: a for a in (await store.load()).agents}
+        assert rows["a"] == claimed
+        assert rows["a"].labels == {"org": "finance"}
+        assert rows["a"].status.reported_labels == {"org": "marketing"}
+        assert rows["b"].status.reported_labels is None
+        assert rows["c"].status.reported_labels == {}
+        assert await store.load_agent("a") == claimed
+
+    run_with_store(backend, write)
+    run_with_store(backend, reopened)
+
+
+def test_a_join_token_keeps_the_labels_it_pins(backend: Backend) -> None:
+    pinned = EnrollToken(
+        "t1", hash_secret("s"), 1, 5000.0, "ic-1", 1000.0, {"org": "finance", "ring": "canary"}
+    )
+    plain = EnrollToken("t2", hash_secret("s"), 1, 5000.0, "ic-1", 1000.0)
+
+    async def body(store: Store) -> None:
+        await store.create_enroll_token(pinned, record("token_created"))
+        await store.create_enroll_token(plain, record("token_created"))
+        # The token as it was before this use: what the enrolment pins.
+        assert await store.consume_enroll_token("t1", "s", 1000.0) == pinned
+        assert (await store.consume_enroll_token("t2", "s", 1000.0)).labels == {}
+
+    run_with_store(backend, body)

@@ -131,6 +131,9 @@ class AgentStatus:
     # operator clears it.
     violation: str = ""
     violation_at: float | None = None
+    # The labels the agent claimed on its newest connect (None: it never connected).
+    # Shown beside the server's labels; never used to decide which holds cover it.
+    reported_labels: dict[str, str] | None = None
 
     # ------------------------------------------------------------ connection
 

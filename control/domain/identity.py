@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 
+from control.domain.scope import validate_labels
 from control.errors import InvalidInput
 
 TOKEN_PREFIX = "kst"
@@ -85,6 +88,8 @@ class EnrollToken:
     expires_at: float
     created_by: str
     created_at: float
+    # Pinned on every agent it enrols: the server's labels, whatever the agent reports.
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +103,14 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def issue_enroll_token(*, uses: int, ttl: float, created_by: str, now: float) -> IssuedToken:
+def issue_enroll_token(
+    *,
+    uses: int,
+    ttl: float,
+    created_by: str,
+    now: float,
+    labels: Mapping[str, str] = MappingProxyType({}),
+) -> IssuedToken:
     if not 1 <= uses <= MAX_TOKEN_USES:
         raise InvalidInput(f"--uses must be between 1 and {MAX_TOKEN_USES}, got {uses}")
     if not 0 < ttl <= MAX_TOKEN_TTL_SECONDS:
@@ -108,7 +120,9 @@ def issue_enroll_token(*, uses: int, ttl: float, created_by: str, now: float) ->
         )
     token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(24)
-    stored = EnrollToken(token_id, hash_secret(secret), uses, now + ttl, created_by, now)
+    stored = EnrollToken(
+        token_id, hash_secret(secret), uses, now + ttl, created_by, now, validate_labels(labels)
+    )
     return IssuedToken(stored, f"{TOKEN_PREFIX}_{token_id}.{secret}")
 
 

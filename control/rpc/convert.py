@@ -149,6 +149,7 @@ def agent_to_pb(view: AgentView) -> pb.AgentRecord:
         spool_events=status.report.spool_events,
         verified_at=timestamp(status.verified_at),
         uploads_refused=status.uploads_refused,
+        reported_labels=status.reported_labels or {},
     )
 
 

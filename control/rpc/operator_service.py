@@ -176,10 +176,15 @@ class OperatorService(pb_grpc.OperatorServicer):
     async def ExpectAgents(  # noqa: N802
         self, request: pb.ExpectAgentsRequest, context: Context
     ) -> pb.ExpectAgentsResponse:
-        added, known = await self._plane.expect_agents(
+        tally = await self._plane.expect_agents(
             ((a.agent_id, dict(a.labels)) for a in request.agents), current_principal()
         )
-        return pb.ExpectAgentsResponse(added=added, already_known=known)
+        return pb.ExpectAgentsResponse(
+            added=tally.added,
+            already_known=tally.known,
+            relabelled=tally.relabelled,
+            served_elsewhere=tally.served_elsewhere,
+        )
 
     @translate_errors
     async def AcknowledgeViolation(  # noqa: N802
@@ -279,7 +284,10 @@ class OperatorService(pb_grpc.OperatorServicer):
         self, request: pb.CreateEnrollTokenRequest, context: Context
     ) -> pb.CreateEnrollTokenResponse:
         issued = await self._governance.create_enroll_token(
-            current_principal(), uses=request.uses or 1, ttl=request.ttl_seconds or 3600.0
+            current_principal(),
+            uses=request.uses or 1,
+            ttl=request.ttl_seconds or 3600.0,
+            labels=dict(request.labels),
         )
         return pb.CreateEnrollTokenResponse(
             token=issued.text,

@@ -191,8 +191,8 @@ class Store(Protocol):
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None: ...
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> None:
-        """Take one use of the token atomically.
+    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
+        """Take one use of the token atomically, and return it (its labels are pinned).
 
         Raises ``PermissionDenied`` with ``check_enroll_token``'s reason when it cannot enrol.
         """

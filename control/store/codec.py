@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, overload
 
 import structlog
 
@@ -84,6 +84,7 @@ _STATUS_COLUMNS = (
     "connected",
     "acked_since_connect",
     "nacked_since_connect",
+    "reported_labels",
 )
 _STREAM_FLAGS = ("connected", "acked_since_connect", "nacked_since_connect")
 AGENT_COLUMNS = (
@@ -139,7 +140,15 @@ RESUME_COLUMNS = (
     "decision_note",
     "lifted_epoch",
 )
-TOKEN_COLUMNS = ("id", "secret_sha256", "uses_left", "expires_at", "created_by", "created_at")
+TOKEN_COLUMNS = (
+    "id",
+    "secret_sha256",
+    "uses_left",
+    "expires_at",
+    "created_by",
+    "created_at",
+    "labels",
+)
 CERTIFICATE_COLUMNS = ("serial", "subject", "role", "not_after", "issued_at", "revoked_at")
 RUN_COLUMNS = ("id", "state", "started_at", "run", "ended_at")
 
@@ -173,6 +182,19 @@ def scope_from_json(text: str) -> Scope:
     if "agents" in data:
         return Scope.agents(data["agents"])
     return Scope.fleet()
+
+
+@overload
+def labels_to_json(labels: Mapping[str, str]) -> str: ...
+@overload
+def labels_to_json(labels: None) -> None: ...
+def labels_to_json(labels: Mapping[str, str] | None) -> str | None:
+    return None if labels is None else json.dumps(dict(labels), sort_keys=True)
+
+
+def labels_from_json(text: str | None) -> dict[str, str] | None:
+    # Sorted as written: a store may hand JSON objects back in an order of its own.
+    return None if text is None else dict(sorted(json.loads(text).items()))
 
 
 def report_to_json(report: CaptureReport) -> str:
@@ -303,10 +325,11 @@ def agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
         channels=json.dumps(s.channels, sort_keys=True),
         report=report_to_json(s.report),
         ack_report=report_to_json(s.ack_report),
+        reported_labels=labels_to_json(s.reported_labels),
     )
     hold_ids = json.dumps(list(d.hold_ids))
     desired = (d.mode.value, hold_ids, d.reason, d.epoch, d.since, d.purge_spool)
-    labels = json.dumps(agent.labels, sort_keys=True)
+    labels = labels_to_json(agent.labels)
     return (agent.agent_id, labels, *desired, *status, agent.written_by, agent.written_at)
 
 
@@ -327,13 +350,17 @@ def agent_from_row(row: Row) -> StoredAgent:
             channels=json.loads(row["channels"]),
             report=report_from_json(row["report"]),
             ack_report=report_from_json(row["ack_report"]),
+            reported_labels=labels_from_json(row["reported_labels"]),
             **{flag: bool(row[flag]) for flag in _STREAM_FLAGS},
         )
     )
-    # Sorted as written: a store may hand JSON objects back in an order of its own.
-    labels = dict(sorted(json.loads(row["labels"]).items()))
     return StoredAgent(
-        row["agent_id"], labels, desired, status, row["written_by"], row["written_at"]
+        row["agent_id"],
+        labels_from_json(row["labels"]) or {},
+        desired,
+        status,
+        row["written_by"],
+        row["written_at"],
     )
 
 
@@ -376,8 +403,14 @@ def resume_from_row(row: Row) -> ResumeRequest:
     )
 
 
+def token_to_row(token: EnrollToken) -> tuple[Any, ...]:
+    return fields_of(token, TOKEN_COLUMNS, labels=labels_to_json(token.labels))
+
+
 def token_from_row(row: Row) -> EnrollToken:
-    return EnrollToken(**fields_from(row, TOKEN_COLUMNS))
+    return EnrollToken(
+        **fields_from(row, TOKEN_COLUMNS, labels=labels_from_json(row["labels"]) or {})
+    )
 
 
 def certificate_from_row(row: Row) -> CertificateRecord:

@@ -292,7 +292,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, kind)
     );
     """,
-    # ---- issue 13, violations are durable (renumber freely at merge) ----
+    # Violations are durable.
     # Version 4: evidence any replica appends, and the stop a later pause ack keeps.
     """
     ALTER TABLE agents ADD COLUMN stopped_at DOUBLE PRECISION;
@@ -316,8 +316,8 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER violation_evidence_no_truncate BEFORE TRUNCATE ON violation_evidence
         FOR EACH STATEMENT EXECUTE FUNCTION violation_evidence_append_only();
     """,
-    # ---- issue 13, history compaction: renumber at merge if another migration lands first.
-    # Version 4: finished history is marked archived; hot reads walk a partial index of the rest.
+    # History compaction.
+    # Version 5: finished history is marked archived; hot reads walk a partial index of the rest.
     """
     ALTER TABLE holds ADD COLUMN archived_at DOUBLE PRECISION;
     ALTER TABLE resume_requests ADD COLUMN archived_at DOUBLE PRECISION;
@@ -330,7 +330,13 @@ MIGRATIONS: list[str] = [
         WHERE archived_at IS NULL;
     CREATE INDEX runbook_runs_hot ON runbook_runs (started_at, id) WHERE archived_at IS NULL;
     """,
-    # ---- end of issue 13 history compaction
+    # Server-decided labels.
+    # Version 6: what each agent reported of itself (NULL: never connected), kept apart
+    # from the labels the server decides; and the labels a join token pins.
+    """
+    ALTER TABLE agents ADD COLUMN reported_labels TEXT;
+    ALTER TABLE enroll_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
@@ -959,26 +965,26 @@ class PostgresStore:
         return await self._write(audit, apply)
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None:
-        row = codec.fields_of(token, codec.TOKEN_COLUMNS)
+        row = codec.token_to_row(token)
 
         async def insert(conn: Connection) -> None:
             await _insert_new(conn, _INSERT_TOKEN, row, f"enrolment token {token.id!r}")
 
         await self._write([audit], insert)
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> None:
-        async def take_one_use(conn: Connection) -> None:
+    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
+        async def take_one_use(conn: Connection) -> EnrollToken:
             row = await _fetch_one(conn, f"{_SELECT_TOKENS} WHERE id = %s FOR UPDATE", (token_id,))
-            reason = check_enroll_token(
-                None if row is None else codec.token_from_row(row), secret, now
-            )
-            if reason:
+            token = None if row is None else codec.token_from_row(row)
+            reason = check_enroll_token(token, secret, now)
+            if reason or token is None:
                 raise PermissionDenied(reason)
             await conn.execute(
                 "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = %s", (token_id,)
             )
+            return token
 
-        await self._write((), take_one_use)
+        return await self._write((), take_one_use)
 
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None

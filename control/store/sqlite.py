@@ -203,7 +203,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, kind)
     );
     """,
-    # ---- issue 13, store health: the beat is a durable write (renumber at merge) ----
+    # Store health: the beat is a durable write.
     """
     CREATE TABLE store_beat (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -211,8 +211,7 @@ MIGRATIONS: list[str] = [
         beat_at REAL NOT NULL
     );
     """,
-    # ---- end of issue 13, store health ----
-    # ---- issue 13, violations are durable (renumber freely at merge) ----
+    # Violations are durable.
     """
     ALTER TABLE agents ADD COLUMN stopped_at REAL;
     CREATE TABLE violation_evidence (
@@ -233,7 +232,7 @@ MIGRATIONS: list[str] = [
     WHEN EXISTS (SELECT 1 FROM violation_evidence WHERE id = NEW.id)
     BEGIN SELECT RAISE(ABORT, 'violation_evidence is append-only: id already written'); END;
     """,
-    # ---- issue 13, history compaction: renumber at merge if another migration lands first.
+    # History compaction.
     # Finished history is marked archived, and hot reads walk a partial index of the rest.
     """
     ALTER TABLE holds ADD COLUMN archived_at REAL;
@@ -246,7 +245,13 @@ MIGRATIONS: list[str] = [
         WHERE archived_at IS NULL;
     CREATE INDEX runbook_runs_hot ON runbook_runs (started_at, id) WHERE archived_at IS NULL;
     """,
-    # ---- end of issue 13 history compaction
+    # Server-decided labels.
+    # What each agent reported of itself (NULL: never connected), kept apart from the
+    # labels the server decides; and the labels a join token pins on its agents.
+    """
+    ALTER TABLE agents ADD COLUMN reported_labels TEXT;
+    ALTER TABLE enroll_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
@@ -691,23 +696,24 @@ class SqliteStore:
         return await self._write(audit, apply)
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None:
-        row = codec.fields_of(token, codec.TOKEN_COLUMNS)
+        row = codec.token_to_row(token)
         await self._write(
             [audit], lambda db: _insert_new(db, _INSERT_TOKEN, row, f"enrolment token {token.id!r}")
         )
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> None:
-        def take_one_use(db: sqlite3.Connection) -> None:
+    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
+        def take_one_use(db: sqlite3.Connection) -> EnrollToken:
             row = db.execute(f"{_SELECT_TOKENS} WHERE id = ?", (token_id,)).fetchone()
             token = None if row is None else codec.token_from_row(row)
             reason = check_enroll_token(token, secret, now)
-            if reason:
+            if reason or token is None:
                 raise PermissionDenied(reason)
             db.execute(
                 "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,)
             )
+            return token
 
-        await self._write((), take_one_use)
+        return await self._write((), take_one_use)
 
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None

@@ -28,6 +28,7 @@ from control.domain import (
     parse_selector,
 )
 from control.domain.identity import Principal, Role
+from control.domain.labels import mismatch_json
 from control.domain.rollout import Run, Runbook
 from control.errors import InvalidInput, NotFound, shown
 from control.plane import SEVERITY, AgentFilter, AgentView, ControlPlane
@@ -87,6 +88,8 @@ def row(view: AgentView) -> dict[str, Any]:
         "events_captured_total": status.report.events_total,
         "spool_events": status.report.spool_events,
         "uploads_refused": status.uploads_refused,
+        "reported_labels": dict(sorted((status.reported_labels or {}).items())),
+        "label_mismatch": mismatch_json(view.labels, status.reported_labels),
     }
 
 

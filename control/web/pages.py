@@ -336,6 +336,16 @@ def _header(query: Query) -> str:
     return f"<thead><tr>{''.join(cells)}</tr></thead>"
 
 
+def mismatch_marker(data: Mapping[str, Any]) -> str:
+    """After the server's labels: what the agent claims instead (never obeyed)."""
+    mismatch = data["label_mismatch"]
+    if not mismatch:
+        return ""
+    claims = ",".join(f"{k}={m['reported']}" for k, m in mismatch.items())
+    why = "the agent reports other labels; the server's labels decide its holds"
+    return f' <span class="mismatch" title="{e(why)}">\u26a0 reports {e(claims)}</span>'
+
+
 def agent_row(data: Mapping[str, Any], now: float) -> str:
     labels = ",".join(f"{k}={v}" for k, v in data["labels"].items())
     agent_id = data["agent_id"]
@@ -349,7 +359,7 @@ def agent_row(data: Mapping[str, Any], now: float) -> str:
         f'<td class="reason">{e(data["reason"])}</td>'
         f'<td title="{e(data["since"])}">{e(ago(since, now))}</td>'
         f"<td>{e(data['mode'])}</td>"
-        f'<td class="labels">{e(labels)}</td>'
+        f'<td class="labels">{e(labels)}{mismatch_marker(data)}</td>'
         f"<td>{'yes' if data['connected'] else 'no'}</td>"
         f'<td title="{e(data["last_seen"])}">{e(ago(last_seen, now))}</td>'
         f"<td>{e(data['applied_epoch'])}/{e(data['desired_epoch'])}</td>"

@@ -99,7 +99,14 @@
       stateCell.append(badge(r.state));
       const since = node("td", ago(r.since));
       since.title = r.since || "";
-      const labels = Object.entries(r.labels).map(([k, v]) => k + "=" + v).join(",");
+      const text = Object.entries(r.labels).map(([k, v]) => k + "=" + v).join(",");
+      const labels = node("td", text, "labels");
+      const claims = Object.entries(r.label_mismatch).map(([k, m]) => k + "=" + m.reported).join(",");
+      if (claims) {
+        const marker = node("span", " \u26a0 reports " + claims, "mismatch");
+        marker.title = "the agent reports other labels; the server's labels decide its holds";
+        labels.append(marker);
+      }
       const seen = node("td", ago(r.last_seen));
       seen.title = r.last_seen || "";
       tr.append(
@@ -108,7 +115,7 @@
         node("td", r.reason, "reason"),
         since,
         node("td", r.mode),
-        node("td", labels, "labels"),
+        labels,
         node("td", r.connected ? "yes" : "no"),
         seen,
         node("td", r.applied_epoch + "/" + r.desired_epoch),

@@ -922,6 +922,26 @@ class AgentRecord(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ReportedLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
@@ -940,6 +960,7 @@ class AgentRecord(_message.Message):
     SPOOL_EVENTS_FIELD_NUMBER: _builtins.int
     VERIFIED_AT_FIELD_NUMBER: _builtins.int
     UPLOADS_REFUSED_FIELD_NUMBER: _builtins.int
+    REPORTED_LABELS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     mode: Global___Mode.ValueType
     state: _builtins.str
@@ -968,6 +989,13 @@ class AgentRecord(_message.Message):
 
     @_builtins.property
     def verified_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reported_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels the agent itself reported on its newest connect. Only `labels` (the
+        server's: inventory, enrolment token, or the first report) decide which holds
+        cover it; a difference is shown, never obeyed.
+        """
+
     def __init__(
         self,
         *,
@@ -989,10 +1017,11 @@ class AgentRecord(_message.Message):
         spool_events: _builtins.int = ...,
         verified_at: _timestamp_pb2.Timestamp | None = ...,
         uploads_refused: _builtins.int = ...,
+        reported_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "since", b"since", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "reported_labels", b"reported_labels", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1109,17 +1138,25 @@ class ExpectAgentsResponse(_message.Message):
 
     ADDED_FIELD_NUMBER: _builtins.int
     ALREADY_KNOWN_FIELD_NUMBER: _builtins.int
+    RELABELLED_FIELD_NUMBER: _builtins.int
+    SERVED_ELSEWHERE_FIELD_NUMBER: _builtins.int
     added: _builtins.int
     already_known: _builtins.int
+    relabelled: _builtins.int
+    """Of the known agents, those whose labels the import changed."""
+    served_elsewhere: _builtins.int
+    """Known agents another replica serves: their labels were left as they were."""
     def __init__(
         self,
         *,
         added: _builtins.int = ...,
         already_known: _builtins.int = ...,
+        relabelled: _builtins.int = ...,
+        served_elsewhere: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "already_known", b"already_known"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "already_known", b"already_known", "relabelled", b"relabelled", "served_elsewhere", b"served_elsewhere"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1508,19 +1545,45 @@ class CreateEnrollTokenRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     USES_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     uses: _builtins.int
     ttl_seconds: _builtins.float
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Pinned on every agent enrolled with the token: what its own reports cannot change."""
+
     def __init__(
         self,
         *,
         uses: _builtins.int = ...,
         ttl_seconds: _builtins.float = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl_seconds", b"ttl_seconds", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "ttl_seconds", b"ttl_seconds", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
