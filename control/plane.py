@@ -51,7 +51,14 @@ from control.domain import (
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
 from control.domain.labels import label_mismatch
-from control.errors import Conflict, NotFound, PermissionDenied, StoreError, shown
+from control.errors import (
+    Conflict,
+    KillswitchError,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+    shown,
+)
 from control.events import PlaneObserver
 from control.evidence import EvidenceLedger
 from control.freshness import SharedView
@@ -196,8 +203,9 @@ STORE_ANSWER_WINDOW_BEATS = 2.5
 STORE_PROBE_SECONDS = 2.0
 
 
-class ViewBehind(StoreError):
-    """This replica cannot catch up with an epoch an agent has already seen."""
+class EpochUnknown(KillswitchError):
+    """An agent claims an epoch the store has not reached, even freshly read: a lying
+    agent, or a database restored from an older backup. No replica can serve it."""
 
 
 class ControlPlane:
@@ -624,8 +632,8 @@ class ControlPlane:
         The agent's own word (``Hello.last_applied_epoch``) and its stored row (written
         by the replica that served it) both say which epoch it has been told. A replica
         behind that would recompute its state from older holds and roll it back: it
-        re-reads first, and raises ``ViewBehind`` if it still cannot reach that epoch
-        (the agent then tries another replica).
+        re-reads first (a failed read raises ``StoreError``: the agent tries another
+        replica), and raises ``EpochUnknown`` if the store itself has not reached it.
         """
         entry = self._agents.get(agent_id)
         if entry is not None:
@@ -639,9 +647,9 @@ class ControlPlane:
             self._catching_up = asyncio.create_task(self.refresh(), name="view-catch-up")
         await asyncio.shield(self._catching_up)
         if seen_epoch > self._epoch:
-            raise ViewBehind(
-                f"this replica is at epoch {self._epoch} and the agent has seen epoch"
-                f" {seen_epoch}: connect to another"
+            raise EpochUnknown(
+                f"the agent has seen epoch {seen_epoch} but the store is at epoch"
+                f" {self._epoch}: a lying agent, or a database restored from a backup"
             )
 
     async def refresh(self) -> None:

@@ -297,9 +297,11 @@ def pg_dsn() -> Iterator[str]:
         missing_tool(f"PostgreSQL on 127.0.0.1:5432 is unreachable: {exc}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        # A new connection: a fault test may have restarted PostgreSQL meanwhile.
+        with psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=10) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -370,7 +370,8 @@ def test_fault_fractions_round_to_whole_agents_never_exceeding_the_total() -> No
         Fault.IGNORE: 5,
     }
     assert fault_counts({Fault.LIE: 0.5, Fault.SLOW: 0.5}, 3) == {Fault.LIE: 2, Fault.SLOW: 1}
-    assert sum(fault_counts(dict.fromkeys(list(Fault)[1:], 1 / 6), 7).values()) == 7
+    faulty = list(Fault)[1:]
+    assert sum(fault_counts(dict.fromkeys(faulty, 1 / len(faulty)), 7).values()) == 7
     assert fault_counts({Fault.SLEEP: 0.01}, 10) == {Fault.SLEEP: 0}
 
 

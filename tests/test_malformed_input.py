@@ -233,6 +233,7 @@ class StreamingAgent:
         self._outbox: queue.Queue[pb.AgentMessage | None] = queue.Queue()
         self._closing = threading.Event()
         self._first_directive = threading.Event()
+        self._lease_requests = 0
         connect = self.channel.stream_stream(
             CONNECT,
             request_serializer=pb.AgentMessage.SerializeToString,
@@ -263,6 +264,8 @@ class StreamingAgent:
                     continue
                 applied = self.directives[-1].epoch if self.directives else 0
                 message = pb.AgentMessage(heartbeat=pb.Heartbeat(applied_epoch=applied))
+                # And renew its lease, as a real agent does: CAPTURING needs one.
+                self._outbox.put(self._lease_request())
             if message is None:
                 return
             yield message
@@ -277,11 +280,16 @@ class StreamingAgent:
                 if self.well_behaved:
                     ack = pb.Ack(epoch=reply.directive.epoch, mode=pb.MODE_ALLOWED)
                     self.send(pb.AgentMessage(ack=ack))
+                    self.send(self._lease_request())
         except grpc.RpcError as exc:
             if not self._closing.is_set():
                 self.error = exc
         finally:
             self.ended_at = time.monotonic()
+
+    def _lease_request(self) -> pb.AgentMessage:
+        self._lease_requests += 1
+        return pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=self._lease_requests))
 
     def describe(self) -> str:
         error = None if self.error is None else _failed(self.error)

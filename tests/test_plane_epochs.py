@@ -15,7 +15,7 @@ import pytest
 from control.domain import ComplianceState, Mode, Scope
 from control.errors import StoreError
 from control.freshness import MAX_VIEW_AGE_SHARE, SharedView, resync_seconds
-from control.plane import ControlPlane, ViewBehind
+from control.plane import ControlPlane, EpochUnknown
 from control.store.postgres import PostgresStore
 from tests.test_plane import IC, REPORT, STOPPED, Session
 from tests.test_plane_replicas import Clock
@@ -131,7 +131,7 @@ def test_the_stored_row_alone_makes_a_replica_catch_up(pg_dsn: str) -> None:
 
 def test_a_replica_that_cannot_catch_up_refuses_the_agent(pg_dsn: str) -> None:
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
-        with pytest.raises(ViewBehind, match="agent has seen epoch 7"):
+        with pytest.raises(EpochUnknown, match="agent has seen epoch 7"):
             await plane_b.catch_up_to("laptop", 7)  # no epoch 7 anywhere: a liar or a restore
         plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)

@@ -12,7 +12,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import KillswitchError, StoreError, one_line
 from control.governance import Governance
-from control.plane import ControlPlane
+from control.plane import ControlPlane, EpochUnknown
 from control.rpc.authz import current_principal
 from control.rpc.convert import (
     bounded,
@@ -156,6 +156,9 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             await self._plane.catch_up_to(hello.agent_id, seen_epoch)
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, one_line(exc))
+        except EpochUnknown as exc:
+            log.warning("agent_epoch_unknown", agent_id=hello.agent_id, error=one_line(exc))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, one_line(exc))
         session = AgentSession(hello.agent_id, context, self._plane)
         try:
             self._plane.connect(hello.agent_id, dict(hello.labels), session)

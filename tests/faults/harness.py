@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.conftest import FAST_TIMINGS, Cli, ServerProcess, Simulator, wait_for
@@ -132,21 +133,36 @@ def fleet_of(
             replica.stop()
 
 
-def lease_history(replicas: Sequence[ServerProcess], holds: list[dict[str, Any]]) -> int:
-    """No lease granted, on any replica, at an epoch where a fleet-wide hold was in
-    force (every hold in these tests covers the whole fleet). Returns the grants seen."""
+def db_holds(dsn: str) -> list[dict[str, Any]]:
+    """Every hold in the database, with the epochs it was created and lifted at."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT id, created_epoch, lifted_epoch FROM holds").fetchall()
+    return [{"id": r[0], "created": r[1], "lifted": r[2]} for r in rows]
+
+
+def check_history(
+    replicas: Sequence[ServerProcess], holds: list[dict[str, Any]]
+) -> tuple[int, int]:
+    """Every decision the replicas logged (debug level) against the holds in force at its
+    epoch, as etcd's robustness tests do: no ack in a mode those holds contradict, and
+    no lease granted at an epoch where a hold was in force (every hold in these tests
+    covers the whole fleet). Returns the acks and the grants checked."""
 
     def paused_at(epoch: int) -> bool:
         return any(
             h["created"] <= epoch and (h["lifted"] is None or epoch < h["lifted"]) for h in holds
         )
 
-    grants = 0
+    acks = grants = 0
     for replica in replicas:
         for line in replica.log_path.read_text(errors="replace").splitlines():
-            if '"lease_granted"' not in line:
-                continue
-            event = json.loads(line)
-            assert not paused_at(event["epoch"]), (replica.address, event, holds)
-            grants += 1
-    return grants
+            if '"agent_acked"' in line:
+                event = json.loads(line)
+                expected = "PAUSED" if paused_at(event["epoch"]) else "ALLOWED"
+                assert event["mode"] == expected, (replica.address, event, holds)
+                acks += 1
+            elif '"lease_granted"' in line:
+                event = json.loads(line)
+                assert not paused_at(event["epoch"]), (replica.address, event, holds)
+                grants += 1
+    return acks, grants

@@ -13,21 +13,14 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-import psycopg
 import pytest
 
 from tests.conftest import connected_streams, missing_tool, wait_for
-from tests.faults.harness import LEASE_TTL, Fleet, lease_history
+from tests.faults.harness import LEASE_TTL, Fleet, check_history, db_holds
 from tests.faults.relay import TcpProxy
 
 AGENTS = 20
 STOPPED = ("VERIFIED_STOPPED",)
-
-
-def db_holds(dsn: str) -> list[dict[str, object]]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT id, created_epoch, lifted_epoch FROM holds").fetchall()
-    return [{"id": r[0], "created": r[1], "lifted": r[2]} for r in rows]
 
 
 def test_a_replica_cut_off_from_the_database_never_lets_its_agents_capture_past_a_pause(
@@ -53,7 +46,7 @@ def test_a_replica_cut_off_from_the_database_never_lets_its_agents_capture_past_
         wait_for(lambda: fleet.all_in(AGENTS, *STOPPED), 120, "every agent verified on B")
         verdict = fleet.verdict("replica cut off from the database, then back")
         verdict.assert_holds()
-        assert lease_history(fleet.replicas, db_holds(pg_dsn)) > 0
+        assert check_history(fleet.replicas, db_holds(pg_dsn))[1] > 0, "no lease was checked"
     finally:
         relay.cut()
 
@@ -83,7 +76,7 @@ def test_a_failover_after_a_pause_neither_rolls_back_nor_strands_an_honest_agent
         verdict.assert_holds()
         if notifications == "lost":
             assert relay.notifications_dropped > 0, "the relay never saw a NOTIFY"
-        assert lease_history(fleet.replicas, db_holds(pg_dsn)) > 0
+        assert check_history(fleet.replicas, db_holds(pg_dsn))[1] > 0, "no lease was checked"
     finally:
         relay.cut()
 
@@ -109,4 +102,4 @@ def test_postgresql_restarted_mid_pause(fleet_of: Callable[..., Fleet], pg_dsn: 
     wait_for(lambda: fleet.all_in(AGENTS, *STOPPED), 120, "every agent verified after")
     verdict = fleet.verdict("PostgreSQL restarted mid-pause")
     verdict.assert_holds()
-    assert lease_history(fleet.replicas, db_holds(pg_dsn)) > 0
+    assert check_history(fleet.replicas, db_holds(pg_dsn))[1] > 0, "no lease was checked"
