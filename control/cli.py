@@ -653,20 +653,14 @@ def read_inventory(path: Path) -> list[pb.ExpectedAgent]:
 
 def cmd_inventory_import(args: argparse.Namespace, client: OperatorClient) -> int:
     agents = read_inventory(Path(args.file))
-    added = known = relabelled = elsewhere = 0
+    added = known = relabelled = 0
     # Batches keep every message well under the server's size cap.
     for start in range(0, len(agents), INVENTORY_BATCH):
         batch = agents[start : start + INVENTORY_BATCH]
         response = client.call("ExpectAgents", pb.ExpectAgentsRequest(agents=batch))
         added, known = added + response.added, known + response.already_known
         relabelled += response.relabelled
-        elsewhere += response.served_elsewhere
     print(f"{added} agents added to the inventory, {known} already known ({relabelled} relabelled)")
-    if elsewhere:
-        sys.stderr.write(
-            f"{elsewhere} known agents are served by another replica and kept their labels;"
-            " import again once they reconnect\n"
-        )
     return 0
 
 

@@ -6,18 +6,26 @@ an agent enrolled with. An agent known from neither is labelled by its first rep
 (trust on first use: the development mode, ``serve --insecure`` and the simulator).
 Every later report is kept beside the server's labels, shown, and audited when the
 contradiction it makes appears or changes; it never moves a hold.
+
+Operators' labels are shared state: the replica that takes an import (or enrols the
+agent) writes them, with their audit entries, to the store, and every other replica
+adopts them on its next re-read (``adopt_decided``), whichever replica serves the agent.
+Otherwise a laptop served elsewhere would keep the holds of its old labels, and a
+pause by selector could miss it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import structlog
 
 from control.domain import AgentStatus
 from control.domain.audit import AuditRecord
 from control.domain.labels import describe_change, describe_mismatch, judge_report, label_mismatch
+from control.store import DecidedLabels
 
 log = structlog.get_logger("killswitch.labels")
 
@@ -32,24 +40,25 @@ class LabelImport:
     added: int = 0
     relabelled: int = 0
     unchanged: int = 0
-    # Known agents another replica serves: that replica writes their rows, so their
-    # labels are left alone here (see README, Several replicas).
-    served_elsewhere: int = 0
 
     @property
     def known(self) -> int:
-        return self.relabelled + self.unchanged + self.served_elsewhere
+        return self.relabelled + self.unchanged
 
     def describe(self) -> str:
-        text = f"{self.added} added, {self.known} known, {self.relabelled} relabelled"
-        if self.served_elsewhere:
-            text += f", {self.served_elsewhere} served by another replica left unchanged"
-        return text
+        return f"{self.added} added, {self.known} known, {self.relabelled} relabelled"
 
 
 def _mismatch_record(agent_id: str, detail: str, at: float) -> AuditRecord:
+    # What the server saw, not a request it carried out: never "ok".
     return AuditRecord(
-        at, OBSERVER_ACTOR, "system", "agent.label_mismatch", target=agent_id, detail=detail
+        at,
+        OBSERVER_ACTOR,
+        "system",
+        "agent.label_mismatch",
+        target=agent_id,
+        result="observed",
+        detail=detail,
     )
 
 
@@ -96,3 +105,33 @@ def relabel_records(
         records.append(_mismatch_record(agent_id, _mismatch_detail(new, reported), relabel.at))
     log.info("agent_relabelled", agent_id=agent_id, change=relabel.detail)
     return records
+
+
+class Labelled(Protocol):
+    labels: dict[str, str]
+
+
+Entry = TypeVar("Entry", bound=Labelled)
+
+
+def adopt_decided(entries: Mapping[str, Entry], decided: Iterable[DecidedLabels]) -> list[Entry]:
+    """Take the labels operators decided (on this replica or another) for the agents
+    this replica knows; returns those whose labels changed: their holds must be judged
+    again. The audit was written with the decision. An agent not known here is left
+    out: its row, once read, carries the decided labels (the store reads them over it).
+    """
+    changed = []
+    for label in decided:
+        entry = entries.get(label.agent_id)
+        if entry is None or entry.labels == label.labels:
+            continue
+        log.info(
+            "agent_labels_adopted",
+            agent_id=label.agent_id,
+            change=describe_change(entry.labels, label.labels),
+            set_by=label.set_by,
+            version=label.version,
+        )
+        entry.labels = dict(label.labels)
+        changed.append(entry)
+    return changed

@@ -63,9 +63,10 @@ from control.events import PlaneObserver
 from control.evidence import EvidenceLedger
 from control.freshness import SharedView
 from control.known_holds import KnownHolds
-from control.labelling import LabelImport, note_report, relabel_records
+from control.labelling import LabelImport, adopt_decided, note_report, relabel_records
 from control.store import (
     AgentChanges,
+    DecidedLabels,
     LoadedState,
     RunChange,
     RunCommit,
@@ -235,8 +236,10 @@ class ControlPlane:
         self._holds = KnownHolds()
         self._agents: dict[str, AgentEntry] = {}
         self._dirty: set[str] = set()
-        # Audit entries about agent rows (violations) ride in the next flush's transaction.
+        # Audit entries about agent rows (violations) and the labels operators decided
+        # ride in the next flush's transaction.
         self._pending_audit: list[AuditRecord] = []
+        self._pending_labels: list[DecidedLabels] = []
         self._holds_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -440,10 +443,11 @@ class ControlPlane:
         """Write pending violation evidence, then changed agents and pending audit in one
         transaction; on failure keep all of it."""
         await self._evidence.flush(self._store)
-        if not self._dirty and not self._pending_audit:
+        if not self._dirty and not self._pending_audit and not self._pending_labels:
             return
         batch, self._dirty = self._dirty, set()
         audit, self._pending_audit = self._pending_audit, []
+        labels, self._pending_labels = self._pending_labels, []
         rows = []
         now = self._clock()
         for agent_id in batch:
@@ -463,10 +467,11 @@ class ControlPlane:
                 StoredAgent(agent_id, entry.labels, entry.desired, status, self.replica_id, now)
             )
         try:
-            await self._store.save_agents(rows, audit)
+            await self._store.save_agents(rows, audit, labels)
         except BaseException:
             self._dirty |= batch
             self._pending_audit[:0] = audit
+            self._pending_labels[:0] = labels
             raise
 
     # ------------------------------------------------------------ audit
@@ -734,35 +739,37 @@ class ControlPlane:
         action: str = "inventory.import",
     ) -> LabelImport:
         """Operators' labels (the inventory, a join token's) are the server's: they make
-        laptops that never connect visible, and relabel known ones (``control.labelling``)."""
+        laptops that never connect visible, and relabel known ones wherever they are
+        served: every replica adopts them (``control.labelling``)."""
         checked = [(validate_agent_id(a), validate_labels(labels)) for a, labels in agents]
         tally, now = LabelImport(), self._clock()
         for agent_id, labels in checked:
+            self._pending_labels.append(DecidedLabels(agent_id, labels, by.name, now))
             entry = self._agents.get(agent_id)
             if entry is None:
                 self._agents[agent_id] = entry = self._new_entry(agent_id, labels, now)
                 entry.status.expected_since = now
+                self._dirty.add(agent_id)
                 tally.added += 1
-            elif entry.remote is not None and entry.status.connected:
-                tally.served_elsewhere += 1  # only the replica serving it may write its row
-                continue
             elif entry.labels == labels:
                 tally.unchanged += 1
-                continue
             else:
-                if entry.remote is not None:  # nobody serves it: any replica may write it
-                    entry.remote = None
-                    self._remote.discard(agent_id)
                 record = functools.partial(self.audit_record, by)
                 old, entry.labels = entry.labels, labels
                 self._pending_audit += relabel_records(record, agent_id, old, labels, entry.status)
                 self._reconcile(entry, self.active_holds(), now)
                 tally.relabelled += 1
-            self._dirty.add(agent_id)
         self._pending_audit.append(self.audit_record(by, action, detail=tally.describe()))
         await self.flush()
         log.info("agents_expected", operator=by.name, result=tally.describe())
         return tally
+
+    def adopt_labels(self, decided: Iterable[DecidedLabels]) -> None:
+        """Labels an operator decided on any replica: the agents they move into or out
+        of a hold are told at once (``control.labelling.adopt_decided``)."""
+        now, active = self._clock(), self.active_holds()
+        for entry in adopt_decided(self._agents, decided):
+            self._reconcile(entry, active, now)
 
     def _new_entry(self, agent_id: str, labels: dict[str, str], now: float) -> AgentEntry:
         desired = reconcile_desired(

@@ -2,10 +2,11 @@
 
 Each replica serves its own agents from memory. What every replica must agree on
 (holds and the epoch, resume requests, revocations, runbook runs, acknowledged
-violations) lives in the database; a change committed anywhere is announced
-(PostgreSQL ``NOTIFY``) and every replica re-reads it. The re-read is level-triggered
-and also runs on a timer, so a missed notification costs at most one interval, never
-a pause.
+violations, the labels operators decided) lives in the database; a change committed
+anywhere is announced (PostgreSQL ``NOTIFY``) and every replica re-reads it (of the
+labels, only those changed since its last read). The re-read is level-triggered and
+also runs on a timer, so a missed notification costs at most one interval, never a
+pause.
 
 The agents other replicas serve are read back every ``mirror_seconds``: the rows
 written since the last read, so that every replica answers for the whole fleet.
@@ -48,6 +49,8 @@ class Replication:
         self._resync_seconds = resync_seconds
         self._mirror_seconds = mirror_seconds
         self._cursor = ""
+        # The newest label version adopted: the first read takes every decided label.
+        self._labels_version = 0
         self._poked = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -81,6 +84,12 @@ class Replication:
     async def resync(self) -> None:
         read_started = self._plane.view.read_starting()
         shared = await self._store.load_shared()
+        # Read after the holds, so it has every relabel committed before them: a pause
+        # by selector is never judged against labels older than the pause. A failed
+        # read leaves the view unadopted, so a replica stuck on old labels stops leasing.
+        decided = await self._store.labels_decided_since(self._labels_version)
+        self._plane.adopt_labels(decided)
+        self._labels_version = decided[-1].version if decided else self._labels_version
         await self._plane.adopt(shared.epoch, shared.holds, read_started)
         self._governance.adopt(shared.resume_requests, shared.revoked)
         self._plane.adopt_violations(shared.violation_acks, shared.violations)

@@ -21,8 +21,13 @@ from control.domain.labels import describe_change, judge_report, label_mismatch,
 from control.governance import Governance
 from control.pki import Authority, initialise
 from control.plane import ControlPlane
+from control.replication import Replication
+from control.runbooks import RunbookRunner
+from control.store import Store
+from control.store.postgres import PostgresStore
 from control.store.sqlite import SqliteStore
 from tests.test_plane import STOPPED, Session
+from tests.test_plane_epochs import two_replicas
 
 IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")
 FINANCE = {"org": "finance", "region": "eu"}
@@ -214,3 +219,73 @@ def test_token_labels_are_checked_like_any_label() -> None:
 
     with pytest.raises(InvalidInput, match="invalid value"):
         issue_enroll_token(uses=1, ttl=60, created_by="ic-1", now=0, labels={"org": "a b"})
+
+
+# ------------------------------------------------------------------ several replicas
+
+
+def replication_of(plane: ControlPlane, store: Store) -> Replication:
+    """The re-reads a server runs on a timer and on every NOTIFY, called by hand."""
+    governance = Governance(plane, store, clock=time.time, authority=None)
+    return Replication(store, plane, governance, RunbookRunner(plane, governance, clock=time.time))
+
+
+@pytest.mark.parametrize("paused_on", ["a", "b"])
+def test_an_import_on_one_replica_relabels_a_laptop_another_serves(
+    pg_dsn: str, paused_on: str
+) -> None:
+    """A serves the laptop as org=marketing; an operator's import on B says finance.
+    Once A re-reads, as it does on B's NOTIFY, the laptop is finance on A too: a pause by
+    ``--selector org=finance``, created on either replica, covers it, and A tells it so."""
+
+    async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
+        # The re-reads only read: a store of their own on the same database will do.
+        database = await PostgresStore.open(pg_dsn)
+        try:
+            await relabelled_elsewhere(plane_a, plane_b, database)
+        finally:
+            await database.close()
+
+    async def relabelled_elsewhere(
+        plane_a: ControlPlane, plane_b: ControlPlane, database: Store
+    ) -> None:
+        replication_a = replication_of(plane_a, database)
+        replication_b = replication_of(plane_b, database)
+        session = Session(plane_a, "laptop")
+        plane_a.connect("laptop", MARKETING, session)  # first use: pinned as marketing
+        await plane_a.flush()
+        await database.beat("a")
+        await replication_b.mirror()
+        shown = plane_b.agent_view("laptop")
+        assert shown is not None and shown.status.connected, "B shows it, served by A"
+
+        tally = await plane_b.expect_agents([("laptop", FINANCE)], IC)
+        assert (tally.added, tally.relabelled) == (0, 1), "relabelled wherever it is served"
+        view_a = plane_a.agent_view("laptop")
+        assert view_a is not None and dict(view_a.labels) == MARKETING, "A has not re-read"
+
+        plane = plane_a if paused_on == "a" else plane_b
+        await plane.create_hold(Scope.selector({"org": "finance"}), "leak", "INC-1", IC)
+        notified = session.notified
+        await replication_a.resync()
+
+        view_a = plane_a.agent_view("laptop")
+        assert view_a is not None and dict(view_a.labels) == FINANCE
+        directive = plane_a.directive_for("laptop")
+        assert directive.desired.mode is Mode.PAUSED
+        assert session.notified > notified, "A sends the new directive at once"
+        assert not plane_a.grant_lease("laptop").granted
+        # The laptop still says marketing: A shows the contradiction.
+        assert plane_a.census().label_mismatches == 1
+        # Both replicas, and a restarted one, agree on the labels.
+        view_b = plane_b.agent_view("laptop")
+        assert view_b is not None and dict(view_b.labels) == FINANCE
+        stored = await database.load_agent("laptop")
+        assert stored is not None and stored.labels == FINANCE
+        entries, _ = await database.read_audit(0, 1000)
+        relabels = [e.record for e in entries if e.record.action == "agent.relabel"]
+        assert [(r.actor, r.target, r.detail) for r in relabels] == [
+            ("ic-1", "laptop", "org: marketing -> finance")
+        ]
+
+    two_replicas(pg_dsn, body)

@@ -13,7 +13,7 @@ from control.domain.audit import AuditRecord
 from control.domain.identity import Principal, Role
 from control.errors import Conflict, NotFound, StoreError
 from control.plane import AgentFilter, ControlPlane
-from control.store import StoredAgent
+from control.store import DecidedLabels, StoredAgent
 from control.store.sqlite import SqliteStore
 
 IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")
@@ -33,11 +33,14 @@ class RecordingStore(SqliteStore):
         self.fail_writes = False
 
     async def save_agents(
-        self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
+        self,
+        agents: Sequence[StoredAgent],
+        audit: Sequence[AuditRecord] = (),
+        labels: Sequence[DecidedLabels] = (),
     ) -> None:
         if self.fail_writes:
             raise StoreError("disk full")
-        await super().save_agents(agents, audit)
+        await super().save_agents(agents, audit, labels)
         if agents:
             self.batches.append(len(agents))
         self.agents.update({a.agent_id: a for a in agents})

@@ -20,13 +20,14 @@ from psycopg.conninfo import make_conninfo
 
 from control.domain.audit import verify_chain
 from control.errors import Conflict, StoreError
-from control.store import RunChange, Store, StoredAgent, postgres
+from control.store import DecidedLabels, RunChange, Store, StoredAgent, postgres
 from control.store.postgres import MIGRATIONS, PostgresStore
 from tests.test_store_contract import (
     PostgresBackend,
     SqlRefused,
     agent,
     certificate,
+    decision,
     draft,
     nothing,
     postgres_backend,
@@ -287,6 +288,12 @@ def test_watch_sees_what_other_replicas_commit(pg: PostgresBackend) -> None:
                     "revoke_certificates",
                     lambda: writer.revoke_certificates("01", 4.0, record("revoke")),
                 ),
+                (
+                    "save_agents with decided labels",
+                    lambda: writer.save_agents(
+                        [], [record("inventory.import")], [decision("a", org="finance")]
+                    ),
+                ),
             ]
             for what, write in writes:
                 changes.clear()
@@ -520,3 +527,55 @@ def test_beats_are_dated_by_the_database(pg: PostgresBackend) -> None:
         assert 0.3 <= ages["r1"] < 5
 
     run_with_store(pg, body)
+
+
+def test_a_label_cursor_never_skips_a_change_committed_concurrently(pg: PostgresBackend) -> None:
+    """Two replicas relabel at once while a third reads past its cursor, as a resync does.
+
+    Versions must become visible in order: were a version visible before an older one
+    committed, the reader's cursor would pass the older one and that relabel would never
+    reach the reader. Each write relabels agents of its own (and one shared agent), so a
+    skipped write shows; what the reader pieced together must equal the table."""
+    per_writer = 60
+
+    async def main() -> None:
+        writers = await asyncio.gather(pg.open(pool_size=4), pg.open(pool_size=4))
+        reader = await pg.open(pool_size=1)
+        seen: dict[str, DecidedLabels] = {}
+        done = asyncio.Event()
+
+        async def relabel(n: int, store: PostgresStore) -> None:
+            async def one(i: int) -> None:
+                batch = [decision(a, f"ic-{n}", i, org=f"w{n}") for a in ("shared", f"{n}-{i}")]
+                await store.save_agents([], [record("inventory.import")], batch)
+
+            await asyncio.gather(*(one(i) for i in range(per_writer)))
+
+        async def follow() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                changes = await reader.labels_decided_since(cursor)
+                for change in changes:
+                    assert cursor < change.version  # oldest version first, none at or below
+                    seen[change.agent_id] = change
+                cursor = changes[-1].version if changes else cursor
+                if finished:
+                    return
+
+        following = asyncio.create_task(follow())
+        try:
+            await asyncio.gather(*(relabel(n, w) for n, w in enumerate(writers)))
+            done.set()
+            await following
+            table = {d.agent_id: d for d in await reader.labels_decided_since(0)}
+            assert len(table) == 2 * per_writer + 1
+            assert seen == table
+            entries, head = await reader.read_audit(0, 1000)
+            assert verify_chain(entries, head) is None and len(entries) == 2 * per_writer
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+            await asyncio.gather(reader.close(), *(w.close() for w in writers))
+
+    asyncio.run(main())

@@ -38,7 +38,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_s
 from control.domain.release import FULL_SHARE
 from control.domain.rollout import Run, Runbook, Wave, new_run, start_wave
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
-from control.store import RunChange, Store, StoredAgent, ViolationEvidence
+from control.store import DecidedLabels, RunChange, Store, StoredAgent, ViolationEvidence
 from control.store.postgres import PostgresStore
 from control.store.sqlite import DB_FILENAME, SqliteStore
 from tests.conftest import missing_tool
@@ -880,3 +880,88 @@ def test_a_join_token_keeps_the_labels_it_pins(backend: Backend) -> None:
         assert (await store.consume_enroll_token("t2", "s", 1000.0)).labels == {}
 
     run_with_store(backend, body)
+
+
+def decision(agent_id: str, by: str = "ic-1", at: float = 1000.0, **labels: str) -> DecidedLabels:
+    return DecidedLabels(agent_id, labels, by, at)
+
+
+def test_decided_labels_are_read_back_by_version_only_when_they_change(backend: Backend) -> None:
+    """An import that changes nothing moves no version; a replica reading past its cursor
+    gets exactly the agents whose decided labels changed, each once, newest value."""
+
+    async def body(store: Store) -> None:
+        await store.save_agents(
+            [], [record("inventory.import")], [decision("a", org="sales"), decision("b", org="hr")]
+        )
+        first = await store.labels_decided_since(0)
+        assert [(d.agent_id, d.labels, d.set_by) for d in first] == [
+            ("a", {"org": "sales"}, "ic-1"),
+            ("b", {"org": "hr"}, "ic-1"),
+        ]
+        cursor = first[-1].version
+        assert cursor > 0 and {d.version for d in first} == {cursor}
+        assert await store.labels_decided_since(cursor) == []
+        # b unchanged, a relabelled, c new: only a and c come back, past the cursor.
+        await store.save_agents(
+            [],
+            [record("inventory.import", "ic-2")],
+            [
+                decision("a", "ic-2", 2000.0, org="finance"),
+                decision("b", "ic-2", 2000.0, org="hr"),
+                decision("c", "ic-2", 2000.0, org="finance"),
+            ],
+        )
+        second = await store.labels_decided_since(cursor)
+        assert [(d.agent_id, d.labels, d.set_by, d.set_at) for d in second] == [
+            ("a", {"org": "finance"}, "ic-2", 2000.0),
+            ("c", {"org": "finance"}, "ic-2", 2000.0),
+        ]
+        assert min(d.version for d in second) > cursor
+        # Nothing changes: nothing to read, however often the import is repeated.
+        await store.save_agents([], [], [decision("a", org="finance")])
+        assert await store.labels_decided_since(second[-1].version) == []
+        assert await audit_actions(store) == ["inventory.import"] * 2
+
+    async def reopened(store: Store) -> None:
+        everything = {d.agent_id: d.labels for d in await store.labels_decided_since(0)}
+        assert everything == {"a": {"org": "finance"}, "b": {"org": "hr"}, "c": {"org": "finance"}}
+
+    run_with_store(backend, body)
+    run_with_store(backend, reopened)
+
+
+def test_an_agents_row_reads_back_with_its_decided_labels(backend: Backend) -> None:
+    """The replica serving an agent writes its row with the labels it knew; an import
+    on another replica decided newer ones. Every read of the row (a restart, a failover's
+    recall) must give the decided labels, or a pause by selector could miss the laptop."""
+    stale = agent("a", org="marketing")
+    self_labelled = agent("b", org="sales")  # labelled by its first report: no decision
+
+    async def body(store: Store) -> None:
+        await store.save_agents([stale, self_labelled])
+        await store.save_agents([], [record("inventory.import")], [decision("a", org="finance")])
+        await store.save_agents([stale])  # written again, by a replica not caught up yet
+        rows = {a.agent_id: a for a in (await store.load()).agents}
+        assert rows["a"] == dataclasses.replace(stale, labels={"org": "finance"})
+        assert rows["b"] == self_labelled
+        loaded = await store.load_agent("a")
+        assert loaded is not None and loaded.labels == {"org": "finance"}
+
+    run_with_store(backend, body)
+
+
+def test_decided_labels_are_stored_with_their_audit_entries_or_not_at_all(
+    backend: Backend,
+) -> None:
+    async def write(store: Store) -> None:
+        with pytest.raises(StoreError, match="audit is down"):
+            await store.save_agents(
+                [agent("a")], [record("inventory.import")], [decision("a", org="finance")]
+            )
+        assert await store.labels_decided_since(0) == []
+        assert (await store.load()).agents == []
+
+    run_with_store(backend, nothing)
+    backend.break_audit_inserts("audit is down")
+    run_with_store(backend, write)

@@ -183,7 +183,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             added=tally.added,
             already_known=tally.known,
             relabelled=tally.relabelled,
-            served_elsewhere=tally.served_elsewhere,
         )
 
     @translate_errors

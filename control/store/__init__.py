@@ -58,6 +58,21 @@ class ViolationEvidence:
 
 
 @dataclass(frozen=True, slots=True)
+class DecidedLabels:
+    """The labels an operator decided for one agent (an inventory import, a join token's
+    pin): shared state, which every replica adopts for the agents it serves or shows.
+
+    ``version`` is the store's: every transaction that changes labels takes the next
+    one, so a replica reads only what changed since the newest version it has seen."""
+
+    agent_id: str
+    labels: dict[str, str]
+    set_by: str
+    set_at: float
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentChanges:
     """Agent rows other replicas wrote since a cursor, and which replicas are alive."""
 
@@ -163,9 +178,26 @@ class Store(Protocol):
         """
 
     async def save_agents(
-        self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
+        self,
+        agents: Sequence[StoredAgent],
+        audit: Sequence[AuditRecord] = (),
+        labels: Sequence[DecidedLabels] = (),
     ) -> None:
-        """Upsert a batch of agent rows (and the audit entries they carry) in one transaction."""
+        """Upsert a batch of agent rows, the labels operators decided and the audit
+        entries they carry, in one transaction.
+
+        Decided labels that differ from the stored ones take the next label version, and
+        every replica is told; identical ones change nothing. An agent's decided labels
+        are its ``labels`` in every row read back (``load``, ``load_agent``,
+        ``agents_written_since``), whatever the row was written with: the replica
+        serving it may not have adopted them yet."""
+
+    async def labels_decided_since(self, version: int) -> list[DecidedLabels]:
+        """Decided labels changed after ``version`` (0 for all), oldest version first.
+
+        Versions become visible in order: once a read returns version ``v``, no later
+        read returns a new version at or below ``v``, so the newest version read is the
+        next read's cursor."""
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         """Actions that change no other state: denials, reads worth recording."""

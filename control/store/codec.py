@@ -35,7 +35,7 @@ from control.domain.identity import CertificateRecord, EnrollToken, Principal, R
 from control.domain.release import Release
 from control.domain.rollout import GateResult, Run, RunState, WaveProgress, WaveState
 from control.errors import Conflict, NotFound, shown
-from control.store import DashboardSession, StoredAgent, ViolationEvidence
+from control.store import DashboardSession, DecidedLabels, StoredAgent, ViolationEvidence
 
 log = structlog.get_logger("killswitch.store")
 
@@ -149,12 +149,39 @@ TOKEN_COLUMNS = (
     "created_at",
     "labels",
 )
+DECIDED_LABEL_COLUMNS = ("agent_id", "labels", "set_by", "set_at", "version")
 CERTIFICATE_COLUMNS = ("serial", "subject", "role", "not_after", "issued_at", "revoked_at")
 RUN_COLUMNS = ("id", "state", "started_at", "run", "ended_at")
 
 
 def select_sql(table: str, columns: Sequence[str]) -> str:
     return f"SELECT {', '.join(columns)} FROM {table}"
+
+
+# Agent rows as every store reads them: an operator's decided labels (``agent_labels``)
+# over whatever labels the row was written with.
+SELECT_AGENTS = (
+    "SELECT "
+    + ", ".join(
+        "COALESCE(decided.labels, agents.labels) AS labels" if c == "labels" else f"agents.{c}"
+        for c in AGENT_COLUMNS
+    )
+    + " FROM agents LEFT JOIN agent_labels decided USING (agent_id)"
+)
+SELECT_DECIDED_LABELS = select_sql("agent_labels", DECIDED_LABEL_COLUMNS)
+
+
+def upsert_decided_labels(placeholder: str) -> str:
+    """Insert or replace an agent's decided labels, unless they are the stored ones: an
+    import that changes nothing moves no version, so no replica re-reads it."""
+    columns = ", ".join(DECIDED_LABEL_COLUMNS)
+    values = ", ".join([placeholder] * len(DECIDED_LABEL_COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in DECIDED_LABEL_COLUMNS[1:])
+    return (
+        f"INSERT INTO agent_labels ({columns}) VALUES ({values})"
+        f" ON CONFLICT (agent_id) DO UPDATE SET {updates}"
+        " WHERE agent_labels.labels <> excluded.labels"
+    )
 
 
 def fields_of(obj: object, columns: Sequence[str], **encoded: Any) -> tuple[Any, ...]:
@@ -370,6 +397,18 @@ def evidence_to_row(evidence: ViolationEvidence) -> tuple[Any, ...]:
 
 def evidence_from_row(row: Row) -> ViolationEvidence:
     return ViolationEvidence(**fields_from(row, EVIDENCE_COLUMNS))
+
+
+def decided_labels_to_row(decided: DecidedLabels, version: int) -> tuple[Any, ...]:
+    return fields_of(
+        decided, DECIDED_LABEL_COLUMNS, labels=labels_to_json(decided.labels), version=version
+    )
+
+
+def decided_labels_from_row(row: Row) -> DecidedLabels:
+    return DecidedLabels(
+        **fields_from(row, DECIDED_LABEL_COLUMNS, labels=labels_from_json(row["labels"]) or {})
+    )
 
 
 def audit_to_row(entry: AuditEntry) -> tuple[Any, ...]:

@@ -5,7 +5,8 @@ several replicas (or several calls of one) from stepping on each other is row lo
 taken in one fixed order, so that they serialise and never deadlock:
 
 1. the ``epoch_counter`` row, first in every transaction that changes a hold: the
-   epoch is allocated by ``UPDATE ... RETURNING``, so epochs follow commit order;
+   epoch is allocated by ``UPDATE ... RETURNING``, so epochs follow commit order (and
+   likewise the ``label_counter`` row, first in a transaction that decides labels);
 2. the rows the change reads before writing (``SELECT ... FOR UPDATE``);
 3. the ``audit_head`` row, last: appending audit entries moves it.
 
@@ -16,10 +17,10 @@ given.
 
 Replicas learn of each other's changes by ``NOTIFY``: every transaction that changes
 shared state (holds, the epoch, resume requests, certificates, runbook runs,
-violation evidence and its acknowledgements) calls ``pg_notify`` before it commits, and ``watch``
-listens on a connection of its own. One
-replica drives runbook runs: the one holding a session advisory lock (``try_lead``)
-on another connection of its own, which dies with it.
+violation evidence and its acknowledgements, operators' labels) calls ``pg_notify``
+before it commits, and ``watch`` listens on a connection of its own. One replica
+drives runbook runs: the one holding a session advisory lock (``try_lead``) on
+another connection of its own, which dies with it.
 
 Agent rows change too often to announce: each replica polls for the rows the others
 wrote (``agents_written_since``, by the writing transaction's id) and for which
@@ -57,6 +58,7 @@ from control.store import (
     AgentChanges,
     ArchivedCounts,
     DashboardSession,
+    DecidedLabels,
     LoadedState,
     RunChange,
     RunCommit,
@@ -337,6 +339,30 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN reported_labels TEXT;
     ALTER TABLE enroll_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
     """,
+    # Decided labels are shared state.
+    # Version 7: the labels operators decided, apart from the agents' rows (which only
+    # the replica serving an agent writes), under a version every label change takes
+    # from one counter row: its lock makes versions commit in order, so a replica that
+    # reads what is newer than the last version it saw never skips one.
+    """
+    CREATE TABLE label_counter (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version BIGINT NOT NULL
+    );
+    INSERT INTO label_counter (id, version) VALUES (1, 0);
+    CREATE TRIGGER label_counter_forward_only BEFORE UPDATE OR DELETE ON label_counter
+        FOR EACH ROW EXECUTE FUNCTION forward_only('version');
+    CREATE TRIGGER label_counter_no_truncate BEFORE TRUNCATE ON label_counter
+        FOR EACH STATEMENT EXECUTE FUNCTION forward_only('version');
+    CREATE TABLE agent_labels (
+        agent_id TEXT PRIMARY KEY,
+        labels JSONB NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at DOUBLE PRECISION NOT NULL,
+        version BIGINT NOT NULL
+    );
+    CREATE INDEX agent_labels_by_version ON agent_labels (version);
+    """,
 ]
 
 
@@ -356,7 +382,7 @@ def _upsert(table: str, columns: Sequence[str]) -> str:
 
 _SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
 _INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
-_SELECT_AGENTS = codec.select_sql("agents", codec.AGENT_COLUMNS)
+_SELECT_AGENTS = codec.SELECT_AGENTS
 _SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
 _INSERT_AUDIT = _insert("audit_log", codec.AUDIT_COLUMNS)
 _SELECT_RESUMES = codec.select_sql("resume_requests", codec.RESUME_COLUMNS)
@@ -409,6 +435,9 @@ _INSERT_EVIDENCE = (
     f"{_insert('violation_evidence', codec.EVIDENCE_COLUMNS)} ON CONFLICT (id) DO NOTHING"
     " RETURNING 1"
 )
+_NEXT_LABEL_VERSION = "UPDATE label_counter SET version = version + 1 RETURNING version"
+_UPSERT_DECIDED_LABELS = codec.upsert_decided_labels("%s")
+_SELECT_DECIDED_LABELS = f"{codec.SELECT_DECIDED_LABELS} WHERE version > %s ORDER BY version"
 _HOT_HOLDS, _HOT_RESUMES, _HOT_RUNS = history.hot_reads("created_epoch, id")
 # Rows another compactor is archiving are skipped, never waited for: compaction takes
 # no other lock, so it can neither deadlock with a write nor hold one up for long.
@@ -858,7 +887,10 @@ class PostgresStore:
         return await self._write([audit], lift)
 
     async def save_agents(
-        self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
+        self,
+        agents: Sequence[StoredAgent],
+        audit: Sequence[AuditRecord] = (),
+        labels: Sequence[DecidedLabels] = (),
     ) -> None:
         """COPY into a staging table, then one INSERT ... ON CONFLICT. Upserting 10,000
         agents on a local server: 70,000-85,000 rows/s, where a pipelined executemany
@@ -866,12 +898,23 @@ class PostgresStore:
         three take 2-4 ms.
 
         The last row of an agent wins, as with one upsert after another; rows go in
-        agent_id order, so two batches lock shared rows in the same order.
+        agent_id order, so two batches lock shared rows in the same order. Decided
+        labels take the label counter's row first (as a hold change takes the epoch's).
         """
         latest = {agent.agent_id: agent for agent in agents}
         rows = [_without_nul(codec.agent_to_row(latest[key])) for key in sorted(latest)]
+        decided = sorted(labels, key=lambda d: d.agent_id)
 
         async def upsert(conn: Connection) -> None:
+            if decided:
+                counter = await _fetch_one(conn, _NEXT_LABEL_VERSION)
+                assert counter is not None
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        _UPSERT_DECIDED_LABELS,
+                        [codec.decided_labels_to_row(d, counter["version"]) for d in decided],
+                    )
+                await _announce(conn)
             if not rows:
                 return
             async with conn.cursor() as cur, cur.copy(_COPY_AGENT_BATCH) as copy:
@@ -879,8 +922,13 @@ class PostgresStore:
                     await copy.write_row(row)
             await conn.execute(_UPSERT_AGENT_BATCH)
 
-        if rows or audit:
+        if rows or audit or decided:
             await self._write(audit, upsert)
+
+    async def labels_decided_since(self, version: int) -> list[DecidedLabels]:
+        async with self._connection() as conn:
+            rows = await _fetch_all(conn, _SELECT_DECIDED_LABELS, (version,))
+        return [codec.decided_labels_from_row(r) for r in rows]
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         if records:

@@ -30,6 +30,7 @@ from control.store import (
     AgentChanges,
     ArchivedCounts,
     DashboardSession,
+    DecidedLabels,
     LoadedState,
     RunChange,
     RunCommit,
@@ -252,6 +253,24 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN reported_labels TEXT;
     ALTER TABLE enroll_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
     """,
+    # Decided labels are shared state.
+    # The labels operators decided, apart from the agents' rows (which only the replica
+    # serving an agent writes), under a version every label change moves forward.
+    """
+    CREATE TABLE agent_labels (
+        agent_id TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at REAL NOT NULL,
+        version INTEGER NOT NULL
+    );
+    CREATE INDEX agent_labels_by_version ON agent_labels (version);
+    CREATE TABLE label_counter (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO label_counter (id, version) VALUES (1, 0);
+    """,
 ]
 
 
@@ -262,7 +281,7 @@ def _insert(table: str, columns: Sequence[str], *, replace: bool = False) -> str
 
 _SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
 _INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
-_SELECT_AGENTS = codec.select_sql("agents", codec.AGENT_COLUMNS)
+_SELECT_AGENTS = codec.SELECT_AGENTS
 _UPSERT_AGENT = _insert("agents", codec.AGENT_COLUMNS, replace=True)
 _SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
 _INSERT_AUDIT = _insert("audit_log", codec.AUDIT_COLUMNS)
@@ -278,9 +297,14 @@ _INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSIO
 _DASHBOARD_SESSION_LIST = ", ".join(codec.DASHBOARD_SESSION_COLUMNS)
 _BEAT = "INSERT OR REPLACE INTO store_beat (id, replica_id, beat_at) VALUES (1, ?, ?)"
 _INSERT_EVIDENCE = _insert("violation_evidence", codec.EVIDENCE_COLUMNS)
+_UPSERT_DECIDED_LABELS = codec.upsert_decided_labels("?")
+_SELECT_DECIDED_LABELS = f"{codec.SELECT_DECIDED_LABELS} WHERE version > ? ORDER BY version"
 _HOT_HOLDS, _HOT_RESUMES, _HOT_RUNS = history.hot_reads("created_epoch")
 _ARCHIVE_BATCHES = history.archive_batches(lambda name: f":{name}", "")
 _ARCHIVED_HOLD, _ARCHIVED_RESUME, _ARCHIVED_RUN = history.archived_lookups(lambda n: f":{n}")
+
+
+_NEXT_LABEL_VERSION = "UPDATE label_counter SET version = version + 1 RETURNING version"
 
 
 def _read_shared(db: sqlite3.Connection) -> SharedState:
@@ -616,11 +640,29 @@ class SqliteStore:
         return await self._write([audit], lambda db: _lift(db, hold_id, lifted_by, lifted_at))
 
     async def save_agents(
-        self, agents: Sequence[StoredAgent], audit: Sequence[AuditRecord] = ()
+        self,
+        agents: Sequence[StoredAgent],
+        audit: Sequence[AuditRecord] = (),
+        labels: Sequence[DecidedLabels] = (),
     ) -> None:
         rows = [codec.agent_to_row(a) for a in agents]
-        if rows or audit:
-            await self._write(audit, lambda db: db.executemany(_UPSERT_AGENT, rows))
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.executemany(_UPSERT_AGENT, rows)
+            if labels:
+                version = db.execute(_NEXT_LABEL_VERSION).fetchone()[0]
+                decided = [codec.decided_labels_to_row(d, version) for d in labels]
+                db.executemany(_UPSERT_DECIDED_LABELS, decided)
+
+        if rows or audit or labels:
+            await self._write(audit, upsert)
+
+    async def labels_decided_since(self, version: int) -> list[DecidedLabels]:
+        def read() -> list[DecidedLabels]:
+            rows = self._db.execute(_SELECT_DECIDED_LABELS, (version,))
+            return [codec.decided_labels_from_row(r) for r in rows]
+
+        return await self._run(read)
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         if records:

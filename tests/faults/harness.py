@@ -62,13 +62,16 @@ class Fleet:
         rows: list[dict[str, Any]] = json.loads(self.truth_path.read_text())["agents"]
         return sum(bool(row["capturing"]) for row in rows)
 
-    def pause(self, replica: ServerProcess, *args: str) -> str:
-        """Commit a pause on ``replica``; the checker learns its commit time from it."""
+    def pause(
+        self, replica: ServerProcess, *args: str, covers: frozenset[str] | None = None
+    ) -> str:
+        """Commit a pause on ``replica``; the checker learns its commit time from it, and
+        whom it covers (``covers``; None for the whole fleet)."""
         cli = Cli(replica)
         hold_id = cli.pause(*args)
         holds = {h["id"]: h for h in cli.json("holds")["holds"]}
         committed = datetime.fromisoformat(holds[hold_id]["created_at"]).timestamp()
-        self.pauses.append(Pause(committed))
+        self.pauses.append(Pause(committed, covers))
         return hold_id
 
     def verdict(self, fault: str, *, settle: float = 0.0, with_views: bool = True) -> Verdict:

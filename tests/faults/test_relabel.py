@@ -1,14 +1,18 @@
-"""Fault: an agent that relabels itself to walk out of a pause (issue 13, break 5).
+"""Fault: labels that would let a laptop out of a pause (issue 13, break 5).
 
 A real mTLS server and simulated agents, each with its own enrolled certificate. After
 a pause by ``--selector org=finance`` commits, half the fleet (the ``relabel`` fault)
 reconnects claiming ``org=marketing``. The ground truth must show no finance laptop
 capturing later than the pause commit + lease TTL + 2 s, and the server must show,
 count and audit the contradiction while keeping the server's labels.
+
+With two replicas, an operator's import on one relabels the laptops the other serves,
+and a pause by selector committed right after it stops them.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import urllib.request
@@ -19,6 +23,7 @@ from agent_stub.config import Fault
 from agent_stub.simulate import fault_counts, fleet_configs
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
 from tests.faults.checker import Pause, check, read_truth
+from tests.faults.harness import Fleet
 
 AGENTS = 24
 SEED = 5  # a fleet with finance laptops among the relabellers
@@ -94,3 +99,50 @@ def test_a_paused_agent_that_relabels_itself_captures_nothing_late(
     assert sorted(audited) == sorted(c.agent_id for c in fleet if c.fault is Fault.RELABEL)
     assert "LABEL MISMATCH" in cli.ok("agents", "--selector", "org=finance")
     sim.stop()
+
+
+def connected_to(replica: ServerProcess) -> set[str]:
+    """The agents that ever opened a stream to ``replica``, from its debug log."""
+    lines = replica.log_path.read_text(errors="replace").splitlines()
+    return {json.loads(line)["agent_id"] for line in lines if '"agent_connected"' in line}
+
+
+def test_an_import_on_one_replica_relabels_the_laptops_another_serves(
+    fleet_of: Callable[..., Fleet], pg_dsn: str, tmp_path: Path
+) -> None:
+    """Two replicas on one database; the inventory import goes to the first and moves
+    laptops that only the second serves into org=finance; a pause by selector is
+    committed on the first right after it, with no wait. The second must stop them
+    within the lease TTL (its re-read takes the labels with the pause), by the truth."""
+    fleet = fleet_of(20, dsns=[pg_dsn, pg_dsn])
+    importer, other = fleet.replicas
+    before = fleet.cli(importer).agents()
+    only_other = connected_to(other) - connected_to(importer)
+    movers = {a for a in only_other if before[a]["labels"]["org"] != "finance"}
+    assert movers, "the second replica must serve laptops outside finance"
+    finance = {a for a, row in before.items() if row["labels"]["org"] == "finance"}
+
+    inventory = tmp_path / "inventory.csv"
+    keys = sorted(before[next(iter(movers))]["labels"])
+    rows = [",".join(["agent_id", *keys])]
+    for agent_id in sorted(movers):
+        labels = {**before[agent_id]["labels"], "org": "finance"}
+        rows.append(",".join([agent_id, *(labels[k] for k in keys)]))
+    inventory.write_text("\n".join(rows) + "\n")
+    imported = fleet.cli(importer).ok("inventory", "import", str(inventory))
+    assert f"({len(movers)} relabelled)" in imported, imported
+    covered = frozenset(finance | movers)
+    fleet.pause(importer, "--selector", "org=finance", "--reason", "leak", covers=covered)
+
+    def stopped_everywhere() -> bool:
+        return all(
+            view[a]["state"] == "VERIFIED_STOPPED" and view[a]["labels"]["org"] == "finance"
+            for view in fleet.views()
+            for a in covered
+        )
+
+    wait_for(stopped_everywhere, 60, "every finance laptop verified stopped on both replicas")
+    verdict = fleet.verdict("relabelled on another replica")
+    verdict.assert_holds()
+    for view in fleet.views():
+        assert all(view[a]["mode"] == "ALLOWED" for a in set(view) - covered), "only finance"

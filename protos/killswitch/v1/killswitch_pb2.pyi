@@ -1139,24 +1139,22 @@ class ExpectAgentsResponse(_message.Message):
     ADDED_FIELD_NUMBER: _builtins.int
     ALREADY_KNOWN_FIELD_NUMBER: _builtins.int
     RELABELLED_FIELD_NUMBER: _builtins.int
-    SERVED_ELSEWHERE_FIELD_NUMBER: _builtins.int
     added: _builtins.int
     already_known: _builtins.int
     relabelled: _builtins.int
-    """Of the known agents, those whose labels the import changed."""
-    served_elsewhere: _builtins.int
-    """Known agents another replica serves: their labels were left as they were."""
+    """Of the known agents, those whose labels the import changed (on every replica,
+    whichever serves them).
+    """
     def __init__(
         self,
         *,
         added: _builtins.int = ...,
         already_known: _builtins.int = ...,
         relabelled: _builtins.int = ...,
-        served_elsewhere: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "already_known", b"already_known", "relabelled", b"relabelled", "served_elsewhere", b"served_elsewhere"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "already_known", b"already_known", "relabelled", b"relabelled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
