@@ -1490,6 +1490,7 @@ def test_keepalive_of_agents_is_welcome_and_pinging_floods_are_not(fleet: Fleet)
         # The quiet agent, connected all along, still has a working stream.
         assert quiet.alive, quiet.describe()
         quiet.send(pb.AgentMessage(ack=pb.Ack(epoch=directive.epoch, mode=pb.MODE_ALLOWED)))
+        quiet.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1)))
         wait_for(lambda: fleet.agent(KA_AGENT).state == "CAPTURING", 5, "the quiet agent's ack")
         assert fleet.agent(KA_AGENT).connected
     finally:
