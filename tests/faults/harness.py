@@ -139,8 +139,11 @@ def fleet_of(
 def db_holds(dsn: str) -> list[dict[str, Any]]:
     """Every hold in the database, with the epochs it was created and lifted at."""
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT id, created_epoch, lifted_epoch FROM holds").fetchall()
-    return [{"id": r[0], "created": r[1], "lifted": r[2]} for r in rows]
+        rows = conn.execute(
+            "SELECT id, created_epoch, lifted_epoch, lifted_at IS NULL FROM holds"
+        ).fetchall()
+    # An active hold's lifted_epoch is 0, not NULL.
+    return [{"id": r[0], "created": r[1], "lifted": None if r[3] else r[2]} for r in rows]
 
 
 def check_history(
