@@ -111,6 +111,22 @@ def judge(fault: str, truth_path: Path, pauses: list[Pause], cli: Cli) -> None:
     check(fault, truth, pauses, lease_ttl=LEASE_TTL, server_states=[cli.agents()]).assert_holds()
 
 
+def capturing_fleet(
+    data_dir: Path,
+    servers: list[ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> tuple[ServerProcess, Cli, Path]:
+    """A server on ``data_dir`` and a simulated fleet capturing, with its truth file."""
+    server = start(data_dir, servers)
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    simulate(server, AGENTS, "--truth", str(truth_path))
+    wait_capturing(cli, AGENTS)
+    assert readyz(server) == (200, "ready")
+    return server, cli, truth_path
+
+
 def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
     tmp_path: Path,
     mounts: list[Path],
@@ -118,12 +134,9 @@ def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
     simulate: Callable[..., Simulator],
 ) -> None:
     need_root()
-    server = start(mount_tmpfs(tmp_path, mounts), servers)
-    cli = Cli(server)
-    truth_path = tmp_path / "truth.json"
-    simulate(server, AGENTS, "--truth", str(truth_path))
-    wait_capturing(cli, AGENTS)
-    assert readyz(server) == (200, "ready")
+    server, cli, truth_path = capturing_fleet(
+        mount_tmpfs(tmp_path, mounts), servers, simulate, tmp_path
+    )
 
     # (a) The disk fills while agents capture: no lease is granted or renewed.
     subprocess.run(
@@ -185,11 +198,9 @@ def test_a_file_system_turned_read_only_fails_closed(
     simulate: Callable[..., Simulator],
 ) -> None:
     need_root()
-    server = start(mount_ext4(tmp_path, mounts), servers)
-    cli = Cli(server)
-    truth_path = tmp_path / "truth.json"
-    simulate(server, AGENTS, "--truth", str(truth_path))
-    wait_capturing(cli, AGENTS)
+    server, cli, truth_path = capturing_fleet(
+        mount_ext4(tmp_path, mounts), servers, simulate, tmp_path
+    )
 
     device = subprocess.run(
         ["findmnt", "-n", "-o", "SOURCE", str(server.data_dir)],
