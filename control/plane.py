@@ -990,6 +990,17 @@ class ControlPlane:
             self.observer.upload_refused(agent_id, reason=decision.reason, at=self._clock())
         return decision
 
+    def observe_upload(self, agent_id: str, observe: Callable[[AgentStatus], None]) -> bool:
+        """Apply what the ingest gateway saw (control/ingest_checks.py decides what):
+        stored, and any violation it finds becomes durable evidence."""
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            return False
+        with self._watching_for_violation(entry):
+            observe(entry.status)
+        self._dirty.add(agent_id)
+        return True
+
     async def acknowledge_violation(self, agent_id: str, by: Principal, note: str) -> str:
         entry = self._agents.get(validate_agent_id(agent_id))
         if entry is None:

@@ -961,6 +961,8 @@ class AgentRecord(_message.Message):
     VERIFIED_AT_FIELD_NUMBER: _builtins.int
     UPLOADS_REFUSED_FIELD_NUMBER: _builtins.int
     REPORTED_LABELS_FIELD_NUMBER: _builtins.int
+    EVENTS_ACCEPTED_AFTER_PAUSE_FIELD_NUMBER: _builtins.int
+    LAST_ACCEPTED_EVENT_AT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     mode: Global___Mode.ValueType
     state: _builtins.str
@@ -971,6 +973,10 @@ class AgentRecord(_message.Message):
     events_captured_total: _builtins.int
     spool_events: _builtins.int
     uploads_refused: _builtins.int
+    events_accepted_after_pause: _builtins.int
+    """From the ingest gateway's reports of what landed in its sink: events of batches
+    dated after the agent's newest stop (0 expected), and the newest capture time.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -996,6 +1002,8 @@ class AgentRecord(_message.Message):
         cover it; a difference is shown, never obeyed.
         """
 
+    @_builtins.property
+    def last_accepted_event_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -1018,10 +1026,12 @@ class AgentRecord(_message.Message):
         verified_at: _timestamp_pb2.Timestamp | None = ...,
         uploads_refused: _builtins.int = ...,
         reported_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        events_accepted_after_pause: _builtins.int = ...,
+        last_accepted_event_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "since", b"since", "verified_at", b"verified_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_accepted_event_at", b"last_accepted_event_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "since", b"since", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "reported_labels", b"reported_labels", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_accepted_after_pause", b"events_accepted_after_pause", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_accepted_event_at", b"last_accepted_event_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "reported_labels", b"reported_labels", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
