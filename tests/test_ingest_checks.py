@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import stat
+import time
 from pathlib import Path
 
+import grpc
 import pytest
+from killswitch.v1 import killswitch_pb2 as pb
+from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain import ComplianceState, Mode, Scope
 from control.errors import InvalidInput, KillswitchError
@@ -25,10 +29,16 @@ from control.ingest.checks import (
     sequence_refusal,
     skew_allowance,
 )
+from control.ingest.control_client import (
+    CONTROL_DEADLINE_SECONDS,
+    ControlClient,
+    ControlUnreachable,
+)
 from control.ingest.sink import Sink, read_manifest, verified_records
 from control.ingest_checks import MAX_CHECKS_PER_CALL, Accepted, Check, authorize_batches
 from control.ingest_checks import record_accepted as plane_record_accepted
 from control.plane import ControlPlane
+from tests.conftest import free_port
 from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
 
 NOW = 1_000_000.0
@@ -263,5 +273,49 @@ def test_accepted_batches_give_per_laptop_figures_and_flag_data_landed_after_the
             4,
             1020.0,
         )
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the gateway's control client
+
+
+class CountingIngest(pb_grpc.IngestServicer):
+    """A control plane that allows everything and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    async def AuthorizeBatches(  # noqa: N802
+        self, request: pb.AuthorizeBatchesRequest, context: object
+    ) -> pb.AuthorizeBatchesResponse:
+        self.calls.append(len(request.checks))
+        return pb.AuthorizeBatchesResponse(
+            verdicts=[pb.BatchVerdict(allowed=True, reason="ok", epoch=1)] * len(request.checks),
+            epoch=1,
+        )
+
+
+def test_concurrent_checks_share_one_call_and_no_answer_refuses_them_all() -> None:
+    async def scenario() -> None:
+        ingest = CountingIngest()  # type: ignore[abstract]  # only AuthorizeBatches is asked
+        server = grpc.aio.server()
+        pb_grpc.add_IngestServicer_to_server(ingest, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        dead = f"127.0.0.1:{free_port()}"
+        client = ControlClient([dead, f"127.0.0.1:{port}"], None)
+        checks = [pb.BatchCheck(agent_id=f"a{i}", sequence=1) for i in range(300)]
+        verdicts = await asyncio.gather(*(client.decide(c) for c in checks))
+        assert all(v.allowed for v in verdicts)
+        assert sum(ingest.calls) == 300 and len(ingest.calls) <= 3, ingest.calls
+        await server.stop(None)
+        started = time.monotonic()
+        refused = await asyncio.gather(
+            *(client.decide(c) for c in checks[:5]), return_exceptions=True
+        )
+        assert all(isinstance(r, ControlUnreachable) for r in refused), refused
+        assert time.monotonic() - started < 2 * CONTROL_DEADLINE_SECONDS + 1
+        await client.close()
 
     asyncio.run(scenario())
