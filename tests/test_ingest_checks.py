@@ -76,8 +76,9 @@ def test_a_claimed_skew_never_buys_more_than_the_cap() -> None:
         (shape(*[NOW] * (MAX_EVENTS_PER_BATCH + 1)), "RESOURCE_EXHAUSTED", "events: at most"),
         (shape(NOW, payload=MAX_BATCH_PAYLOAD_BYTES + 1), "RESOURCE_EXHAUSTED", "bytes: at most"),
         (shape(0.0, NOW), "INVALID_ARGUMENT", "capture time"),
+        (shape(NOW, sent_at=0.0), "INVALID_ARGUMENT", "sent_at missing"),
     ],
-    ids=["empty", "sequence-0", "too-many-events", "too-many-bytes", "undated"],
+    ids=["empty", "sequence-0", "too-many-events", "too-many-bytes", "undated", "no-sent-at"],
 )
 def test_malformed_and_oversized_batches_get_one_clear_line(
     batch: BatchShape, code: str, words: str

@@ -64,6 +64,8 @@ def check_shape(batch: BatchShape, received_at: float) -> float:
             f"batch payload of {batch.payload_bytes} bytes:"
             f" at most {MAX_BATCH_PAYLOAD_BYTES} per batch",
         )
+    if batch.sent_at <= 0:
+        raise Refusal("INVALID_ARGUMENT", "sent_at missing: the gateway measures the clock with it")
     allowance = skew_allowance(batch.sent_at, received_at)
     latest = max(batch.captured_at)
     if latest > received_at + allowance:

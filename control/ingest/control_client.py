@@ -31,6 +31,8 @@ CONTROL_DEADLINE_SECONDS = 1.0
 # (the control server takes at most 500; 256 checks stay well under its message cap).
 BATCH_WINDOW_SECONDS = 0.005
 MAX_CHECKS_PER_CALL = 256
+# The control server admits 16 calls in flight per identity: the gateway stays under it.
+MAX_CALLS_IN_FLIGHT = 8
 REPORT_INTERVAL_SECONDS = 0.2
 # Reports kept while the control plane is away; past this the oldest are dropped (and
 # logged): the data itself is safe in the sink.
@@ -60,6 +62,7 @@ class ControlClient:
         self._waiting: list[tuple[pb.BatchCheck, asyncio.Future[pb.BatchVerdict]]] = []
         self._flush_scheduled = False
         self._asking: set[asyncio.Task[None]] = set()
+        self._in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self._reports: list[pb.AcceptedBatch] = []
         self._reporter: asyncio.Task[None] | None = None
 
@@ -100,7 +103,8 @@ class ControlClient:
     ) -> None:
         request = pb.AuthorizeBatchesRequest(checks=[check for check, _ in batch])
         try:
-            response = await self._call("AuthorizeBatches", request)
+            async with self._in_flight:
+                response = await self._call("AuthorizeBatches", request)
             if len(response.verdicts) != len(batch):
                 raise ControlUnreachable("the control plane answered a different number of checks")
         except ControlUnreachable as exc:
