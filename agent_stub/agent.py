@@ -18,15 +18,23 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from agent_stub import limits
 from agent_stub.applied import Applied, AppliedStore
 from agent_stub.backoff import Backoff
+from agent_stub.batches import UploadSequence
 from agent_stub.capture import CHANNELS, CaptureEngine
 from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
-from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, RELABEL_TO, AgentConfig, Fault
+from agent_stub.config import (
+    CAPTURE_REGARDLESS,
+    DEFAULT_LEASE_TTL_SECONDS,
+    FROZEN_REPORTS,
+    RELABEL_TO,
+    AgentConfig,
+    Fault,
+)
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox
 from agent_stub.truth import GroundTruth
-from agent_stub.upload import Uploader
+from agent_stub.upload import ControlUploader, GatewayUploader
 from agent_stub.wire import capture_report, channel_states
 
 log = structlog.get_logger("killswitch.agent")
@@ -133,6 +141,10 @@ class Agent:
     ``clock`` counts sleep (``agent_stub.clock``); given ``NoSleepClock`` instead, the
     agent never holds a lease and refuses ALLOWED with that reason. ``applied_store``
     keeps the applied epoch across restarts (``agent_stub.applied``).
+
+    ``ingest`` is a channel to the ingest gateway: given, the agent uploads real
+    batches there, numbered by ``upload_sequence``; without, it only asks the control
+    server's deprecated ``Ingest.AuthorizeUpload``.
     """
 
     def __init__(
@@ -146,6 +158,8 @@ class Agent:
         clock: Clock | NoSleepClock = PLATFORM_CLOCK,
         reopen: Reopen | None = None,
         applied_store: AppliedStore | None = None,
+        ingest: grpc.aio.Channel | None = None,
+        upload_sequence: UploadSequence | None = None,
     ) -> None:
         self.config = config
         self._channel = channel
@@ -162,7 +176,20 @@ class Agent:
         self.lease = Lease(clock)
         self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
         self.engine = CaptureEngine(self.lease, self.truth)
-        self.uploader = Uploader(config.agent_id, self.engine, channel, call_metadata)
+        self.uploader: ControlUploader | GatewayUploader
+        if ingest is None:
+            self.uploader = ControlUploader(config.agent_id, self.engine, channel, call_metadata)
+        else:
+            self.uploader = GatewayUploader(
+                config.agent_id,
+                self.engine,
+                ingest,
+                call_metadata,
+                truth=self.truth,
+                sequence=upload_sequence,
+            )
+        # What a hiding agent (FROZEN_REPORTS) reports from the pause it pretended to obey.
+        self._cover: pb.CaptureReport | None = None
         # Cleared while the whole process is suspended (the sleep fault).
         self.awake = asyncio.Event()
         self.awake.set()
@@ -192,6 +219,10 @@ class Agent:
     def _faulty(self, fault: Fault) -> bool:
         return self.fault_active and self.config.fault is fault
 
+    def _lying(self) -> bool:
+        """A modified agent that captures regardless of its lease and of a pause it acked."""
+        return self.fault_active and self.config.fault in CAPTURE_REGARDLESS
+
     def _allowed(self) -> bool:
         """May this agent capture (under a lease)? Only while ALLOWED, on a usable clock."""
         return (
@@ -210,8 +241,11 @@ class Agent:
         return directive.epoch < self.newest_applied().epoch
 
     def _channels(self) -> list[pb.Channel]:
-        lying = self._faulty(Fault.LIE) and not self._allowed()
+        lying = self._lying() and not self._allowed()
         return channel_states(ALL_STOPPED if lying else self.engine.active)
+
+    def _report(self) -> pb.CaptureReport:
+        return self._cover if self._cover is not None else capture_report(self.engine)
 
     def _hello(self) -> pb.Hello:
         return pb.Hello(
@@ -220,7 +254,7 @@ class Agent:
             agent_version=AGENT_VERSION,
             last_applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=capture_report(self.engine),
+            report=self._report(),
         )
 
     # ------------------------------------------------------------ lifetime
@@ -253,8 +287,20 @@ class Agent:
         self.engine.tick()
 
     async def _upload_round(self) -> None:
-        if not self._offline_remaining():
+        if not self._offline_remaining() and self._may_upload():
             await self.uploader.upload()
+
+    def _may_upload(self) -> bool:
+        """An exfiltrator never uploads, the other modified agents always try. An honest
+        agent uploads to the gateway only while allowed and holding a lease: a paused
+        one's spool is purged or quarantined already, and a batch refused for a pause
+        that has not reached it yet is not retried once it has. The pre-gateway path
+        (only asking the control server) asks whenever there is a spool, as before."""
+        if self._faulty(Fault.EXFILTRATOR):
+            return False
+        if self._lying() or isinstance(self.uploader, ControlUploader):
+            return True
+        return self._allowed() and self.lease.holds(self.lease.clock())
 
     async def _stay_connected(self) -> None:
         """Reconnect forever with jittered backoff; an offline agent first waits it out."""
@@ -282,7 +328,8 @@ class Agent:
             return
         old, self._channel = self._channel, self._reopen()
         self._control = pb_grpc.AgentControlStub(self._channel)
-        self.uploader.use(self._channel)
+        if isinstance(self.uploader, ControlUploader):
+            self.uploader.use(self._channel)
         await old.close(grace=None)
 
     async def _session(self) -> str:
@@ -371,6 +418,7 @@ class Agent:
             return nack(directive.epoch, reason)
         self.directive = directive
         if directive.mode == pb.MODE_ALLOWED:
+            self._cover = None  # a resumed agent may report capture again
             if self.cannot_capture:
                 return nack(directive.epoch, self.cannot_capture)
             return self._ack(directive)  # capture starts once a lease is granted
@@ -378,8 +426,8 @@ class Agent:
         now = self.lease.clock()
         self.lease.revoke()
         self.truth.lease_revoked(now)
-        if self._faulty(Fault.LIE):
-            return self._ack(directive)
+        if self._lying():
+            return self._pretend_to_pause(directive)
         refused = self.engine.stop_all()
         if directive.mode != pb.MODE_PAUSED:
             return nack(directive.epoch, f"unknown mode {directive.mode}")
@@ -389,6 +437,24 @@ class Agent:
         if directive.purge_spool:
             return self._ack(directive, purged=discarded)
         return self._ack(directive, quarantined=discarded)
+
+    def _pretend_to_pause(self, directive: pb.Directive) -> pb.AgentMessage:
+        """A modified agent's ack, all channels "stopped". The liar keeps its real
+        counters; the hiding ones claim the honest agent's purge or quarantine and
+        report those counters, frozen, from then on."""
+        if self.config.fault not in FROZEN_REPORTS:
+            return self._ack(directive)
+        claimed = 0 if self._cover is not None else self.engine.spool_events
+        if self._cover is None:
+            self._cover = self._frozen_report()
+        if directive.purge_spool:
+            return self._ack(directive, purged=claimed)
+        return self._ack(directive, quarantined=claimed)
+
+    def _frozen_report(self) -> pb.CaptureReport:
+        report = capture_report(self.engine)
+        report.spool_events = 0
+        return report
 
     def _ack(
         self, directive: pb.Directive, *, purged: int = 0, quarantined: int = 0
@@ -400,7 +466,7 @@ class Agent:
             epoch=directive.epoch,
             mode=directive.mode,
             channels=self._channels(),
-            report=capture_report(self.engine),
+            report=self._report(),
             purged_events=purged,
             quarantined_events=quarantined,
         )
@@ -461,7 +527,7 @@ class Agent:
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=capture_report(self.engine),
+            report=self._report(),
         )
         await stream.send(pb.AgentMessage(heartbeat=beat))
 
@@ -476,8 +542,10 @@ class Agent:
         tuning = self.config.tuning
         if fault is Fault.STUBBORN:
             self.engine.stuck_channels = frozenset({"screen"})
-        elif fault is Fault.LIE:
+        elif fault in CAPTURE_REGARDLESS:
             # Captures whatever it was told, and a paused liar secretly starts again.
+            if fault in FROZEN_REPORTS and not self._allowed():
+                self._cover = self._frozen_report()  # what it reported while honest
             self.engine.ignore_lease = True
             self.engine.start_all()
         elif fault is Fault.OFFLINE:

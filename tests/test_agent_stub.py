@@ -85,6 +85,8 @@ def test_one_reference_agent_paused_by_id(cli: Cli, one_agent: subprocess.Popen[
         (["--agents", "3", "--capture-tick", "0"], "more than zero"),
         (["--agents", "3", "--fault-after", "-1"], "zero or more"),
         (["--agents", "60000"], "at most 50000 agents"),
+        (["--agents", "3", "--ingest", "gateway"], "bad server address 'gateway'"),
+        (["--agents", "3", "--fault", "silent-liar=2"], "KIND one of ignore, lie, stubborn"),
     ],
 )
 def test_simulator_rejects_bad_input(args: list[str], text: str) -> None:
@@ -161,6 +163,12 @@ def test_simulator_writes_the_truth_file_and_triggers_faults_on_sigusr1(tmp_path
             "capturing",
             "spans",
             "applied",
+            "batches_sent",
+            "events_sent",
+            "batches_accepted",
+            "events_accepted",
+            "batches_refused",
+            "last_accepted_event_at",
         }
         assert all(r["events_captured_total"] == 0 and not r["capturing"] for r in rows)
 
