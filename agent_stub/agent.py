@@ -24,18 +24,18 @@ from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
 from agent_stub.config import (
     CAPTURE_REGARDLESS,
     DEFAULT_LEASE_TTL_SECONDS,
-    FROZEN_REPORTS,
     RELABEL_TO,
     AgentConfig,
     Fault,
 )
+from agent_stub.cover import CoverStory
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox
 from agent_stub.truth import GroundTruth
 from agent_stub.upload import ControlUploader, GatewayUploader
-from agent_stub.wire import capture_report, channel_states
+from agent_stub.wire import channel_states
 
 log = structlog.get_logger("killswitch.agent")
 
@@ -176,11 +176,10 @@ class Agent:
         self.lease = Lease(clock)
         self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
         self.engine = CaptureEngine(self.lease, self.truth)
-        self.uploader: ControlUploader | GatewayUploader
-        if ingest is None:
-            self.uploader = ControlUploader(config.agent_id, self.engine, channel, call_metadata)
-        else:
-            self.uploader = GatewayUploader(
+        self.uploader: ControlUploader | GatewayUploader = (
+            ControlUploader(config.agent_id, self.engine, channel, call_metadata)
+            if ingest is None
+            else GatewayUploader(
                 config.agent_id,
                 self.engine,
                 ingest,
@@ -188,8 +187,8 @@ class Agent:
                 truth=self.truth,
                 sequence=upload_sequence,
             )
-        # What a hiding agent (FROZEN_REPORTS) reports from the pause it pretended to obey.
-        self._cover: pb.CaptureReport | None = None
+        )
+        self.cover = CoverStory(self.engine, config.fault)
         # Cleared while the whole process is suspended (the sleep fault).
         self.awake = asyncio.Event()
         self.awake.set()
@@ -245,7 +244,7 @@ class Agent:
         return channel_states(ALL_STOPPED if lying else self.engine.active)
 
     def _report(self) -> pb.CaptureReport:
-        return self._cover if self._cover is not None else capture_report(self.engine)
+        return self.cover.report()
 
     def _hello(self) -> pb.Hello:
         return pb.Hello(
@@ -291,11 +290,9 @@ class Agent:
             await self.uploader.upload()
 
     def _may_upload(self) -> bool:
-        """An exfiltrator never uploads, the other modified agents always try. An honest
-        agent uploads to the gateway only while allowed and holding a lease: a paused
-        one's spool is purged or quarantined already, and a batch refused for a pause
-        that has not reached it yet is not retried once it has. The pre-gateway path
-        (only asking the control server) asks whenever there is a spool, as before."""
+        """Honest agents send to the gateway only while allowed and under a lease (so a
+        batch refused for a pause not yet received is not retried once it is); the
+        pre-gateway path asks whenever there is a spool. An exfiltrator never uploads."""
         if self._faulty(Fault.EXFILTRATOR):
             return False
         if self._lying() or isinstance(self.uploader, ControlUploader):
@@ -418,7 +415,7 @@ class Agent:
             return nack(directive.epoch, reason)
         self.directive = directive
         if directive.mode == pb.MODE_ALLOWED:
-            self._cover = None  # a resumed agent may report capture again
+            self.cover.thaw()  # a resumed agent may report capture again
             if self.cannot_capture:
                 return nack(directive.epoch, self.cannot_capture)
             return self._ack(directive)  # capture starts once a lease is granted
@@ -426,8 +423,11 @@ class Agent:
         now = self.lease.clock()
         self.lease.revoke()
         self.truth.lease_revoked(now)
-        if self._lying():
-            return self._pretend_to_pause(directive)
+        if self._lying():  # "stopped", and whatever its cover story says of the spool
+            claimed = self.cover.pretend_pause()
+            if directive.purge_spool:
+                return self._ack(directive, purged=claimed)
+            return self._ack(directive, quarantined=claimed)
         refused = self.engine.stop_all()
         if directive.mode != pb.MODE_PAUSED:
             return nack(directive.epoch, f"unknown mode {directive.mode}")
@@ -437,24 +437,6 @@ class Agent:
         if directive.purge_spool:
             return self._ack(directive, purged=discarded)
         return self._ack(directive, quarantined=discarded)
-
-    def _pretend_to_pause(self, directive: pb.Directive) -> pb.AgentMessage:
-        """A modified agent's ack, all channels "stopped". The liar keeps its real
-        counters; the hiding ones claim the honest agent's purge or quarantine and
-        report those counters, frozen, from then on."""
-        if self.config.fault not in FROZEN_REPORTS:
-            return self._ack(directive)
-        claimed = 0 if self._cover is not None else self.engine.spool_events
-        if self._cover is None:
-            self._cover = self._frozen_report()
-        if directive.purge_spool:
-            return self._ack(directive, purged=claimed)
-        return self._ack(directive, quarantined=claimed)
-
-    def _frozen_report(self) -> pb.CaptureReport:
-        report = capture_report(self.engine)
-        report.spool_events = 0
-        return report
 
     def _ack(
         self, directive: pb.Directive, *, purged: int = 0, quarantined: int = 0
@@ -544,8 +526,8 @@ class Agent:
             self.engine.stuck_channels = frozenset({"screen"})
         elif fault in CAPTURE_REGARDLESS:
             # Captures whatever it was told, and a paused liar secretly starts again.
-            if fault in FROZEN_REPORTS and not self._allowed():
-                self._cover = self._frozen_report()  # what it reported while honest
+            if not self._allowed():
+                self.cover.freeze()  # a hiding agent keeps reporting its honest pause
             self.engine.ignore_lease = True
             self.engine.start_all()
         elif fault is Fault.OFFLINE:
