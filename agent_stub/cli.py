@@ -2,9 +2,10 @@
 
 Agents talk mTLS to the control server with a certificate they get by enrolling
 (``--state-dir``, ``--enroll-token``); ``--insecure`` is for a loopback
-development server. Exit codes: 2 bad input or enrolment refused, 4 the
-enrolment server could not be reached, 1 any other enrolment failure or an
-unreadable applied-epoch file in the state directory.
+development server. With ``--ingest`` they upload their capture to the ingest
+gateway with the same certificate. Exit codes: 2 bad input or enrolment refused, 4
+the enrolment server could not be reached, 1 any other enrolment failure or an
+unreadable applied-epoch or upload-sequence file in the state directory.
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ async def run_one(args: argparse.Namespace) -> None:
     # Without a state directory (--insecure) the applied epoch and the upload sequence
     # live in memory only.
     applied_store = AppliedStore(args.state_dir) if args.state_dir is not None else None
-    sequence_store = SequenceStore(args.state_dir) if args.state_dir is not None else None
-    upload_sequence = UploadSequence(sequence_store)
+    upload_sequence = None
+    if args.ingest is not None and args.state_dir is not None:
+        upload_sequence = UploadSequence(SequenceStore(args.state_dir))
     if args.insecure:
         credentials = None
         metadata = insecure_metadata(config.agent_id)

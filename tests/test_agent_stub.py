@@ -110,6 +110,24 @@ def test_run_rejects_a_bad_label() -> None:
     assert result.returncode == 2 and "bad label" in result.stderr
 
 
+def test_run_stops_with_one_line_on_an_unreadable_upload_sequence(tmp_path: Path) -> None:
+    (tmp_path / "upload-sequence.json").write_text("{")
+    result = agent_cli(
+        "run",
+        "--server",
+        "127.0.0.1:1",
+        "--agent-id",
+        "a",
+        "--state-dir",
+        str(tmp_path),
+        "--ingest",
+        "127.0.0.1:2",
+    )
+    assert result.returncode == 1, result
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("killswitch-agent: error: cannot read ") and "upload-sequence" in line
+
+
 def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "killswitch-agent"), *args],
