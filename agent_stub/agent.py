@@ -243,9 +243,6 @@ class Agent:
         lying = self._lying() and not self._allowed()
         return channel_states(ALL_STOPPED if lying else self.engine.active)
 
-    def _report(self) -> pb.CaptureReport:
-        return self.cover.report()
-
     def _hello(self) -> pb.Hello:
         return pb.Hello(
             agent_id=self.agent_id,
@@ -253,7 +250,7 @@ class Agent:
             agent_version=AGENT_VERSION,
             last_applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=self._report(),
+            report=self.cover.report(),
         )
 
     # ------------------------------------------------------------ lifetime
@@ -448,7 +445,7 @@ class Agent:
             epoch=directive.epoch,
             mode=directive.mode,
             channels=self._channels(),
-            report=self._report(),
+            report=self.cover.report(),
             purged_events=purged,
             quarantined_events=quarantined,
         )
@@ -509,7 +506,7 @@ class Agent:
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=self._report(),
+            report=self.cover.report(),
         )
         await stream.send(pb.AgentMessage(heartbeat=beat))
 
