@@ -212,7 +212,7 @@ class FakeIngest:
 @asynccontextmanager
 async def ingest_server() -> AsyncIterator[tuple[FakeIngest, grpc.aio.Channel]]:
     # The agent still asks AuthorizeUpload until it moves to the gateway (issue 14).
-    ingest = FakeIngest()  # type: ignore[abstract]
+    ingest = FakeIngest()
     server = grpc.aio.server()
     handler = grpc.unary_unary_rpc_method_handler(
         ingest.AuthorizeUpload,
