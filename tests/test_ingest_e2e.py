@@ -22,7 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.ingest.checks import MAX_EVENTS_PER_BATCH
+from control.ingest.checks import MAX_EVENTS_PER_BATCH, VERDICT_TTL_SECONDS
 from control.pki import load_identity
 from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
 from tests.test_security_e2e import agent_identity
@@ -75,12 +75,15 @@ class GatewayProcess:
 
 
 class StreamAgent:
-    """Connects to the control server as the agent, acks every directive in its mode and
-    asks for a lease: to the server it looks stopped once paused, whatever it uploads."""
+    """Connects to the control server as the agent: acks every directive in its mode,
+    heartbeats with frozen counters and renews its lease while allowed. To the server
+    it looks honest and, once paused, stopped, whatever it uploads to the gateway."""
+
+    HEARTBEAT_SECONDS = 0.3
 
     def __init__(self, channel: grpc.Channel, agent_id: str) -> None:
         self._outbox: queue.Queue[pb.AgentMessage | None] = queue.Queue()
-        self.modes: list[int] = []
+        self._applied: tuple[int, int] = (0, pb.MODE_UNSPECIFIED)
         connect = channel.stream_stream(
             "/killswitch.v1.AgentControl/Connect",
             request_serializer=pb.AgentMessage.SerializeToString,
@@ -91,7 +94,17 @@ class StreamAgent:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _messages(self) -> Iterator[pb.AgentMessage]:
-        while (message := self._outbox.get()) is not None:
+        while True:
+            try:
+                message = self._outbox.get(timeout=self.HEARTBEAT_SECONDS)
+            except queue.Empty:
+                epoch, mode = self._applied
+                yield pb.AgentMessage(heartbeat=pb.Heartbeat(applied_epoch=epoch))
+                if mode == pb.MODE_ALLOWED:
+                    yield pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
+                continue
+            if message is None:
+                return
             yield message
 
     def _read(self) -> None:
@@ -100,12 +113,10 @@ class StreamAgent:
                 if reply.WhichOneof("body") != "directive":
                     continue
                 directive = reply.directive
+                self._applied = (directive.epoch, directive.mode)
                 self._outbox.put(
                     pb.AgentMessage(ack=pb.Ack(epoch=directive.epoch, mode=directive.mode))
                 )
-                if directive.mode == pb.MODE_ALLOWED:
-                    self._outbox.put(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1)))
-                self.modes.append(directive.mode)
         except grpc.RpcError:
             pass
 
@@ -241,6 +252,9 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     # Paused: the agent acks (its stop time is set), but keeps capturing and uploading.
     cli.pause("--all", "--reason", "leak")
     wait_for(lambda: cli.agents()[AGENT]["state"] != "CAPTURING", 20, "the agent's pause ack")
+    # The gateway may reuse an "allowed" from before the pause for up to its TTL (the
+    # documented window): past it, every batch is asked about again.
+    time.sleep(VERDICT_TTL_SECONDS)
     before_stop = upload(stub, batch(2, now - 1))
     assert isinstance(before_stop, pb.UploadBatchResponse)
     assert not before_stop.accepted and "paused" in before_stop.reason
