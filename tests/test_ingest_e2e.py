@@ -65,9 +65,9 @@ class GatewayProcess:
         with socket.socket() as s:
             return s.connect_ex((host, int(port))) == 0
 
-    def records(self) -> int:
+    def records(self, kind: str = "sink") -> int:
         """Batches the manifests hold, whatever the day."""
-        manifests = (self.data_dir / "sink").glob("*/*.manifest")
+        manifests = (self.data_dir / kind).glob("*/*.manifest")
         return sum(len(m.read_text().splitlines()) for m in manifests)
 
     def stop(self) -> None:
@@ -249,8 +249,9 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     )
     assert gateway.records() == 1
 
-    # Paused: the agent acks (its stop time is set), but keeps capturing and uploading.
-    cli.pause("--all", "--reason", "leak")
+    # Paused, keeping spools: the agent acks (its stop time is set), but keeps capturing
+    # and uploading; what it sends is refused, and quarantined for forensics.
+    cli.pause("--all", "--reason", "leak", "--keep-spool")
     wait_for(lambda: cli.agents()[AGENT]["state"] != "CAPTURING", 20, "the agent's pause ack")
     # The gateway may reuse an "allowed" from before the pause for up to its TTL (the
     # documented window): past it, every batch is asked about again.
@@ -264,6 +265,7 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     assert isinstance(after_stop, pb.UploadBatchResponse)
     assert not after_stop.accepted and after_stop.next_sequence == 2
     assert gateway.records() == 1, "nothing captured after the pause landed"
+    assert gateway.records("quarantine") == 2
     shown = wait_for(
         lambda: (a := cli.agents()[AGENT])["state"] == "VIOLATION" and a,
         10,
@@ -277,6 +279,6 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     server.kill9()
     cut_off = upload(stub, batch(2, time.time() - 1))
     refused_with(cut_off, grpc.StatusCode.UNAVAILABLE, "no answer from the control plane")
-    assert gateway.records() == 1
+    assert (gateway.records(), gateway.records("quarantine")) == (1, 2)
     agent.close()
     control.close()
