@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -35,6 +35,9 @@ class GatewayProcess:
 
     def __init__(self, server: ServerProcess, data_dir: Path) -> None:
         self.data_dir = data_dir
+        credentials = (
+            ["--identity", str(server.identity("ingest-1"))] if server.secure else ["--insecure"]
+        )
         self.address = f"127.0.0.1:{free_port()}"
         self.log_path = data_dir.parent / "ingest.log"
         with self.log_path.open("ab") as log:
@@ -48,8 +51,7 @@ class GatewayProcess:
                     self.address,
                     "--control",
                     server.address,
-                    "--identity",
-                    str(server.identity("ingest-1")),
+                    *credentials,
                     "--log-format",
                     "json",
                 ],
@@ -282,3 +284,38 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     assert (gateway.records(), gateway.records("quarantine")) == (1, 2)
     agent.close()
     control.close()
+
+
+def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = start_server("--insecure")
+    gateway = GatewayProcess(server, tmp_path / "ingest")
+    try:
+        stub = pb_grpc.IngestGatewayStub(grpc.insecure_channel(gateway.address))
+
+        def as_(claim: str, request: pb.UploadBatchRequest) -> object:
+            try:
+                return stub.UploadBatch(request, timeout=10, metadata=(("x-killswitch-as", claim),))
+            except grpc.RpcError as exc:
+                return exc
+
+        now = time.time()
+        # The gateway asked the control plane as ingest-1 (else: UNAVAILABLE), which
+        # has never heard of this laptop.
+        unknown = as_("laptop-dev:agent", batch(1, now - 1, agent_id="laptop-dev"))
+        assert isinstance(unknown, pb.UploadBatchResponse), unknown
+        assert not unknown.accepted and "unknown agent" in unknown.reason
+        refused_with(
+            as_("laptop-dev:agent", batch(1, now - 1, agent_id="laptop-other")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "cannot upload as",
+        )
+        refused_with(
+            as_("ic-1:incident-commander", batch(1, now - 1, agent_id="ic-1")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "may not call",
+        )
+        assert gateway.records() == 0
+    finally:
+        gateway.stop()
