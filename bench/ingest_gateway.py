@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -217,7 +219,7 @@ async def run(args: argparse.Namespace) -> None:
         "ingest",
         [str(BIN / "killswitch"), "ingest", "--insecure", "--data-dir", str(work / "ingest"),
          "--listen", f"127.0.0.1:{gw_port}", "--control", f"127.0.0.1:{grpc_port}",
-         "--log-level", "warning"],
+         "--log-level", "info", "--log-format", "json"],
         work / "ingest.log", work,
     )  # fmt: skip
     bare = Child(
@@ -243,6 +245,19 @@ async def run(args: argparse.Namespace) -> None:
         ),
     )
     print(f"bare / gateway throughput: {raw / gw:.2f}x" if gw else "gateway accepted nothing")
+    windows = [
+        json.loads(line)
+        for line in (work / "ingest.log").read_text().splitlines()
+        if '"authorization_latency"' in line
+    ]
+    if windows:
+        print(
+            f"authorization (the gateway's AuthorizeBatches round trips, {len(windows)} windows"
+            f" of 10 s): p50 {statistics.median(w['p50_ms'] for w in windows):.1f} ms,"
+            f" worst window p99 {max(w['p99_ms'] for w in windows):.1f} ms,"
+            f" {sum(w['checks'] for w in windows) / max(1, sum(w['calls'] for w in windows)):.1f}"
+            " checks per call"
+        )
     hold.set()
     for child in (bare, gateway, server):
         child.stop()
