@@ -41,6 +41,8 @@ class Verdict:
     # Set only while the agent is paused and has acked it.
     stopped_at: float | None
     lease_expires_at: float | None
+    # Paused by holds that keep the spool: refused data is quarantined, not dropped.
+    keep_spool: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ def _decide(plane: ControlPlane, check: Check) -> Verdict:
         plane.epoch,
         view.status.stopped_at if paused else None,
         view.status.lease_expires_at,
+        keep_spool=paused and not view.desired.purge_spool,
     )
 
 

@@ -205,6 +205,7 @@ def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: 
         (paused,) = authorize_batches(plane, [Check("a", 2, 995.0, 999.5, 3)])
         assert not paused.allowed and "paused" in paused.reason
         assert (paused.stopped_at, paused.epoch) == (1000.0, hold.created_epoch)
+        assert not paused.keep_spool, "a hold that purges: refused data is dropped"
         view = plane.agent_view("a")
         assert view is not None and view.status.uploads_refused == 1
         with pytest.raises(InvalidInput, match="at most"):

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.ingest.checks import MAX_EVENTS_PER_BATCH
+from control.ingest.checks import MAX_EVENTS_PER_BATCH, VERDICT_TTL_SECONDS
 from control.pki import load_identity
 from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
 from tests.test_security_e2e import agent_identity
@@ -35,6 +35,9 @@ class GatewayProcess:
 
     def __init__(self, server: ServerProcess, data_dir: Path) -> None:
         self.data_dir = data_dir
+        credentials = (
+            ["--identity", str(server.identity("ingest-1"))] if server.secure else ["--insecure"]
+        )
         self.address = f"127.0.0.1:{free_port()}"
         self.log_path = data_dir.parent / "ingest.log"
         with self.log_path.open("ab") as log:
@@ -48,8 +51,7 @@ class GatewayProcess:
                     self.address,
                     "--control",
                     server.address,
-                    "--identity",
-                    str(server.identity("ingest-1")),
+                    *credentials,
                     "--log-format",
                     "json",
                 ],
@@ -65,9 +67,9 @@ class GatewayProcess:
         with socket.socket() as s:
             return s.connect_ex((host, int(port))) == 0
 
-    def records(self) -> int:
+    def records(self, kind: str = "sink") -> int:
         """Batches the manifests hold, whatever the day."""
-        manifests = (self.data_dir / "sink").glob("*/*.manifest")
+        manifests = (self.data_dir / kind).glob("*/*.manifest")
         return sum(len(m.read_text().splitlines()) for m in manifests)
 
     def stop(self) -> None:
@@ -75,12 +77,15 @@ class GatewayProcess:
 
 
 class StreamAgent:
-    """Connects to the control server as the agent, acks every directive in its mode and
-    asks for a lease: to the server it looks stopped once paused, whatever it uploads."""
+    """Connects to the control server as the agent: acks every directive in its mode,
+    heartbeats with frozen counters and renews its lease while allowed. To the server
+    it looks honest and, once paused, stopped, whatever it uploads to the gateway."""
+
+    HEARTBEAT_SECONDS = 0.3
 
     def __init__(self, channel: grpc.Channel, agent_id: str) -> None:
         self._outbox: queue.Queue[pb.AgentMessage | None] = queue.Queue()
-        self.modes: list[int] = []
+        self._applied: tuple[int, int] = (0, pb.MODE_UNSPECIFIED)
         connect = channel.stream_stream(
             "/killswitch.v1.AgentControl/Connect",
             request_serializer=pb.AgentMessage.SerializeToString,
@@ -91,7 +96,17 @@ class StreamAgent:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _messages(self) -> Iterator[pb.AgentMessage]:
-        while (message := self._outbox.get()) is not None:
+        while True:
+            try:
+                message = self._outbox.get(timeout=self.HEARTBEAT_SECONDS)
+            except queue.Empty:
+                epoch, mode = self._applied
+                yield pb.AgentMessage(heartbeat=pb.Heartbeat(applied_epoch=epoch))
+                if mode == pb.MODE_ALLOWED:
+                    yield pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
+                continue
+            if message is None:
+                return
             yield message
 
     def _read(self) -> None:
@@ -100,12 +115,10 @@ class StreamAgent:
                 if reply.WhichOneof("body") != "directive":
                     continue
                 directive = reply.directive
+                self._applied = (directive.epoch, directive.mode)
                 self._outbox.put(
                     pb.AgentMessage(ack=pb.Ack(epoch=directive.epoch, mode=directive.mode))
                 )
-                if directive.mode == pb.MODE_ALLOWED:
-                    self._outbox.put(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1)))
-                self.modes.append(directive.mode)
         except grpc.RpcError:
             pass
 
@@ -238,9 +251,13 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     )
     assert gateway.records() == 1
 
-    # Paused: the agent acks (its stop time is set), but keeps capturing and uploading.
-    cli.pause("--all", "--reason", "leak")
+    # Paused, keeping spools: the agent acks (its stop time is set), but keeps capturing
+    # and uploading; what it sends is refused, and quarantined for forensics.
+    cli.pause("--all", "--reason", "leak", "--keep-spool")
     wait_for(lambda: cli.agents()[AGENT]["state"] != "CAPTURING", 20, "the agent's pause ack")
+    # The gateway may reuse an "allowed" from before the pause for up to its TTL (the
+    # documented window): past it, every batch is asked about again.
+    time.sleep(VERDICT_TTL_SECONDS)
     before_stop = upload(stub, batch(2, now - 1))
     assert isinstance(before_stop, pb.UploadBatchResponse)
     assert not before_stop.accepted and "paused" in before_stop.reason
@@ -250,6 +267,7 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     assert isinstance(after_stop, pb.UploadBatchResponse)
     assert not after_stop.accepted and after_stop.next_sequence == 2
     assert gateway.records() == 1, "nothing captured after the pause landed"
+    assert gateway.records("quarantine") == 2
     shown = wait_for(
         lambda: (a := cli.agents()[AGENT])["state"] == "VIOLATION" and a,
         10,
@@ -263,6 +281,41 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     server.kill9()
     cut_off = upload(stub, batch(2, time.time() - 1))
     refused_with(cut_off, grpc.StatusCode.UNAVAILABLE, "no answer from the control plane")
-    assert gateway.records() == 1
+    assert (gateway.records(), gateway.records("quarantine")) == (1, 2)
     agent.close()
     control.close()
+
+
+def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = start_server("--insecure")
+    gateway = GatewayProcess(server, tmp_path / "ingest")
+    try:
+        stub = pb_grpc.IngestGatewayStub(grpc.insecure_channel(gateway.address))
+
+        def as_(claim: str, request: pb.UploadBatchRequest) -> object:
+            try:
+                return stub.UploadBatch(request, timeout=10, metadata=(("x-killswitch-as", claim),))
+            except grpc.RpcError as exc:
+                return exc
+
+        now = time.time()
+        # The gateway asked the control plane as ingest-1 (else: UNAVAILABLE), which
+        # has never heard of this laptop.
+        unknown = as_("laptop-dev:agent", batch(1, now - 1, agent_id="laptop-dev"))
+        assert isinstance(unknown, pb.UploadBatchResponse), unknown
+        assert not unknown.accepted and "unknown agent" in unknown.reason
+        refused_with(
+            as_("laptop-dev:agent", batch(1, now - 1, agent_id="laptop-other")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "cannot upload as",
+        )
+        refused_with(
+            as_("ic-1:incident-commander", batch(1, now - 1, agent_id="ic-1")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "may not call",
+        )
+        assert gateway.records() == 0
+    finally:
+        gateway.stop()

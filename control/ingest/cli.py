@@ -53,6 +53,11 @@ def add_ingest_parser(sub: Any) -> None:
     export.add_argument("--day", help="one day only, YYYY-MM-DD (UTC); default: every day")
     export.add_argument("--out", required=True, help="file to write (JSON lines, mode 0600)")
     export.add_argument("--reason", required=True, help="why (a ticket): kept in the export log")
+    export.add_argument(
+        "--quarantine",
+        action="store_true",
+        help="export the refused batches kept under --keep-spool holds instead",
+    )
     export.set_defaults(handler=cmd_export, local=True)
 
 
@@ -82,11 +87,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Verified records to a new owner-only file, and an entry in the export log first."""
-    from control.ingest.sink import verified_records
+    from control.ingest.sink import QUARANTINE_DIR, SINK_DIR, verified_records
 
     os.umask(0o077)
     data_dir, out = Path(args.data_dir), Path(args.out)
-    records = list(verified_records(data_dir, args.agent, args.day))
+    kind = QUARANTINE_DIR if args.quarantine else SINK_DIR
+    records = list(verified_records(data_dir, args.agent, args.day, kind))
     lines = []
     for entry, raw in records:
         batch = pb.UploadBatchRequest.FromString(raw)
@@ -110,6 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "by": getpass.getuser(),
         "agent_id": args.agent,
         "day": args.day or "all",
+        "from": kind,
         "reason": args.reason,
         "out": str(out.resolve()),
         "batches": len(records),

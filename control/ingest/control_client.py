@@ -11,6 +11,8 @@ again (they are figures and evidence, never a condition of acceptance).
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,8 @@ MAX_CHECKS_PER_CALL = 256
 # The control server admits 16 calls in flight per identity: the gateway stays under it.
 MAX_CALLS_IN_FLIGHT = 8
 REPORT_INTERVAL_SECONDS = 0.2
+# How often the AuthorizeBatches round-trip times are logged (p50/p99 of the window).
+LATENCY_LOG_SECONDS = 10.0
 # Reports kept while the control plane is away; past this the oldest are dropped (and
 # logged): the data itself is safe in the sink.
 MAX_PENDING_REPORTS = 100_000
@@ -64,6 +68,9 @@ class ControlClient:
         self._asking: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self._reports: list[pb.AcceptedBatch] = []
+        # AuthorizeBatches round trips (seconds) and checks since the last latency log.
+        self._round_trips: list[float] = []
+        self._checks_asked = 0
         self._reporter: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -104,7 +111,10 @@ class ControlClient:
         request = pb.AuthorizeBatchesRequest(checks=[check for check, _ in batch])
         try:
             async with self._in_flight:
+                started = time.perf_counter()
                 response = await self._call("AuthorizeBatches", request)
+                self._round_trips.append(time.perf_counter() - started)
+                self._checks_asked += len(batch)
             if len(response.verdicts) != len(batch):
                 raise ControlUnreachable("the control plane answered a different number of checks")
         except ControlUnreachable as exc:
@@ -138,9 +148,27 @@ class ControlClient:
             log.error("accepted_reports_dropped", count=dropped)
 
     async def _report_forever(self) -> None:
+        next_log = time.monotonic() + LATENCY_LOG_SECONDS
         while True:
             await asyncio.sleep(REPORT_INTERVAL_SECONDS)
             await self._send_reports()
+            if time.monotonic() >= next_log:
+                next_log += LATENCY_LOG_SECONDS
+                self._log_round_trips()
+
+    def _log_round_trips(self) -> None:
+        """The authorization latency the gateway adds, per window (bench/ reads it)."""
+        trips, self._round_trips = sorted(self._round_trips), []
+        checks, self._checks_asked = self._checks_asked, 0
+        if not trips:
+            return
+        log.info(
+            "authorization_latency",
+            calls=len(trips),
+            checks=checks,
+            p50_ms=round(statistics.median(trips) * 1000, 2),
+            p99_ms=round(trips[min(len(trips) - 1, int(0.99 * len(trips)))] * 1000, 2),
+        )
 
     async def _send_reports(self) -> None:
         while self._reports:

@@ -37,7 +37,7 @@ from control.ingest.checks import (
     sequence_refusal,
 )
 from control.ingest.control_client import ControlClient, ControlUnreachable
-from control.ingest.sink import Sink
+from control.ingest.sink import QUARANTINE_DIR, Sink
 from control.pki import load_identity, principal_from_pem
 from control.rpc.authz import (
     GATEWAY_POLICY,
@@ -64,8 +64,11 @@ class GatewayConfig:
 
 
 class IngestGatewayService(pb_grpc.IngestGatewayServicer):
-    def __init__(self, sink: Sink, control: ControlClient, clock: Any = time.time) -> None:
+    def __init__(
+        self, sink: Sink, quarantine: Sink, control: ControlClient, clock: Any = time.time
+    ) -> None:
         self._sink = sink
+        self._quarantine = quarantine
         self._control = control
         self._cache = VerdictCache()
         self._clock = clock
@@ -111,9 +114,12 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                 last_event_at=timestamp(last),
                 event_count=len(captured),
             )
-            refusal = await self._verdict(check, last, allowance, context)
+            refusal, keep = await self._verdict(check, last, allowance, context)
+            record = request.SerializeToString(deterministic=True)
             if refusal:
-                log.info("batch_refused", agent_id=agent_id, reason=refusal)
+                log.info("batch_refused", agent_id=agent_id, reason=refusal, quarantined=keep)
+                if keep:  # a --keep-spool hold: kept for forensics, never accepted
+                    await self._quarantined(request, record, first, last, received_at)
                 return pb.UploadBatchResponse(
                     accepted=False, reason=refusal, next_sequence=expected
                 )
@@ -122,7 +128,7 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                     self._sink.write,
                     agent_id,
                     request.sequence,
-                    request.SerializeToString(deterministic=True),
+                    record,
                     events=len(captured),
                     first_event_at=first,
                     last_event_at=last,
@@ -143,12 +149,35 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
             accepted=True, reason="ok", next_sequence=request.sequence + 1
         )
 
+    async def _quarantined(
+        self,
+        request: pb.UploadBatchRequest,
+        record: bytes,
+        first: float,
+        last: float,
+        received_at: float,
+    ) -> None:
+        try:
+            await asyncio.to_thread(
+                self._quarantine.write,
+                request.agent_id,
+                request.sequence,
+                record,
+                events=len(request.events),
+                first_event_at=first,
+                last_event_at=last,
+                received_at=received_at,
+            )
+        except OSError as exc:  # refused either way; the loss is logged
+            log.error("quarantine_write_failed", agent_id=request.agent_id, error=str(exc))
+
     async def _verdict(
         self, check: pb.BatchCheck, last: float, allowance: float, context: Context
-    ) -> str:
-        """'' when the batch may land, else why not; aborts UNAVAILABLE when nobody answers."""
+    ) -> tuple[str, bool]:
+        """('', False) when the batch may land, else why not and whether a --keep-spool
+        hold wants it quarantined; aborts UNAVAILABLE when nobody answers."""
         if self._cache.allowed(check.agent_id, self._clock()):
-            return ""
+            return "", False
         try:
             verdict = await self._control.decide(check)
         except ControlUnreachable as exc:
@@ -163,15 +192,15 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
         if after_stop:
             self._cache.forget(check.agent_id)
             await self._report_violation(check, after_stop)
-            return after_stop
+            return after_stop, verdict.keep_spool
         if not verdict.allowed:
             self._cache.forget(check.agent_id)
-            return verdict.reason
+            return verdict.reason, verdict.keep_spool
         lease = seconds(verdict.lease_expires_at) if verdict.HasField("lease_expires_at") else None
         self._cache.remember(
             check.agent_id, epoch=verdict.epoch, lease_expires_at=lease, now=self._clock()
         )
-        return ""
+        return "", False
 
     async def _report_violation(self, check: pb.BatchCheck, why: str) -> None:
         reported = pb.BatchCheck()
@@ -228,7 +257,10 @@ async def serve_gateway(config: GatewayConfig) -> None:
         policy=GATEWAY_POLICY,
     )
     server = grpc.aio.server(interceptors=[interceptor], options=_options())
-    pb_grpc.add_IngestGatewayServicer_to_server(IngestGatewayService(sink, control), server)
+    quarantine = Sink(config.data_dir, QUARANTINE_DIR)
+    pb_grpc.add_IngestGatewayServicer_to_server(
+        IngestGatewayService(sink, quarantine, control), server
+    )
     address = f"{host}:{port}"
     if identity is None:
         bound = server.add_insecure_port(address)

@@ -29,6 +29,9 @@ from pathlib import Path
 from control.errors import InvalidInput, KillswitchError
 
 SINK_DIR = "sink"
+# Refused batches of agents paused with `--keep-spool`: kept for forensics, never exported
+# as accepted data. Same layout, same privacy.
+QUARANTINE_DIR = "quarantine"
 LENGTH = struct.Struct(">I")
 # Agent ids become directory names: nothing that could walk out of the sink.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -90,8 +93,8 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
 
 
 class Sink:
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / SINK_DIR
+    def __init__(self, data_dir: Path, kind: str = SINK_DIR) -> None:
+        self.root = data_dir / kind
         _private_dir(self.root)
         self._next: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -150,10 +153,10 @@ class Sink:
 
 
 def verified_records(
-    data_dir: Path, agent_id: str, day: str | None = None
+    data_dir: Path, agent_id: str, day: str | None = None, kind: str = SINK_DIR
 ) -> Iterator[tuple[ManifestEntry, bytes]]:
     """Every record the manifests describe, each checked against its checksum."""
-    directory = agent_dir(data_dir / SINK_DIR, agent_id)
+    directory = agent_dir(data_dir / kind, agent_id)
     if day is not None and not _DAY.match(day):
         raise InvalidInput(f"--day {day!r}: expected YYYY-MM-DD")
     pattern = f"{day}.manifest" if day else "*.manifest"

@@ -412,6 +412,7 @@ class IngestService(pb_grpc.IngestServicer):
                     epoch=v.epoch,
                     stopped_at=timestamp(v.stopped_at),
                     lease_expires_at=timestamp(v.lease_expires_at),
+                    keep_spool=v.keep_spool,
                 )
                 for v in verdicts
             ],

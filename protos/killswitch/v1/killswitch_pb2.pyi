@@ -2094,10 +2094,15 @@ class BatchVerdict(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     STOPPED_AT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    KEEP_SPOOL_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: _builtins.str
     epoch: _builtins.int
     """The epoch this verdict was decided at: a cached verdict never outlives a newer one."""
+    keep_spool: _builtins.bool
+    """Paused by holds that all ask to keep the spool (`pause --keep-spool`): the gateway
+    quarantines the refused batch for forensics instead of dropping it.
+    """
     @_builtins.property
     def stopped_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent's pause took effect (its first pause ack), while it is paused: no
@@ -2118,10 +2123,11 @@ class BatchVerdict(_message.Message):
         epoch: _builtins.int = ...,
         stopped_at: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        keep_spool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "stopped_at", b"stopped_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "epoch", b"epoch", "lease_expires_at", b"lease_expires_at", "reason", b"reason", "stopped_at", b"stopped_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "epoch", b"epoch", "keep_spool", b"keep_spool", "lease_expires_at", b"lease_expires_at", "reason", b"reason", "stopped_at", b"stopped_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
