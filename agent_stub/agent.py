@@ -18,16 +18,24 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from agent_stub import limits
 from agent_stub.applied import Applied, AppliedStore
 from agent_stub.backoff import Backoff
+from agent_stub.batches import UploadSequence
 from agent_stub.capture import CHANNELS, CaptureEngine
 from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
-from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, RELABEL_TO, AgentConfig, Fault
+from agent_stub.config import (
+    CAPTURE_REGARDLESS,
+    DEFAULT_LEASE_TTL_SECONDS,
+    RELABEL_TO,
+    AgentConfig,
+    Fault,
+)
+from agent_stub.cover import CoverStory
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox
 from agent_stub.truth import GroundTruth
-from agent_stub.upload import Uploader
-from agent_stub.wire import capture_report, channel_states
+from agent_stub.upload import ControlUploader, GatewayUploader
+from agent_stub.wire import channel_states
 
 log = structlog.get_logger("killswitch.agent")
 
@@ -133,6 +141,10 @@ class Agent:
     ``clock`` counts sleep (``agent_stub.clock``); given ``NoSleepClock`` instead, the
     agent never holds a lease and refuses ALLOWED with that reason. ``applied_store``
     keeps the applied epoch across restarts (``agent_stub.applied``).
+
+    ``ingest`` is a channel to the ingest gateway: given, the agent uploads real
+    batches there, numbered by ``upload_sequence``; without, it only asks the control
+    server's deprecated ``Ingest.AuthorizeUpload``.
     """
 
     def __init__(
@@ -146,6 +158,8 @@ class Agent:
         clock: Clock | NoSleepClock = PLATFORM_CLOCK,
         reopen: Reopen | None = None,
         applied_store: AppliedStore | None = None,
+        ingest: grpc.aio.Channel | None = None,
+        upload_sequence: UploadSequence | None = None,
     ) -> None:
         self.config = config
         self._channel = channel
@@ -162,7 +176,19 @@ class Agent:
         self.lease = Lease(clock)
         self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
         self.engine = CaptureEngine(self.lease, self.truth)
-        self.uploader = Uploader(config.agent_id, self.engine, channel, call_metadata)
+        self.uploader: ControlUploader | GatewayUploader = (
+            ControlUploader(config.agent_id, self.engine, channel, call_metadata)
+            if ingest is None
+            else GatewayUploader(
+                config.agent_id,
+                self.engine,
+                ingest,
+                call_metadata,
+                truth=self.truth,
+                sequence=upload_sequence,
+            )
+        )
+        self.cover = CoverStory(self.engine, config.fault)
         # Cleared while the whole process is suspended (the sleep fault).
         self.awake = asyncio.Event()
         self.awake.set()
@@ -192,6 +218,10 @@ class Agent:
     def _faulty(self, fault: Fault) -> bool:
         return self.fault_active and self.config.fault is fault
 
+    def _lying(self) -> bool:
+        """A modified agent that captures regardless of its lease and of a pause it acked."""
+        return self.fault_active and self.config.fault in CAPTURE_REGARDLESS
+
     def _allowed(self) -> bool:
         """May this agent capture (under a lease)? Only while ALLOWED, on a usable clock."""
         return (
@@ -210,7 +240,7 @@ class Agent:
         return directive.epoch < self.newest_applied().epoch
 
     def _channels(self) -> list[pb.Channel]:
-        lying = self._faulty(Fault.LIE) and not self._allowed()
+        lying = self._lying() and not self._allowed()
         return channel_states(ALL_STOPPED if lying else self.engine.active)
 
     def _hello(self) -> pb.Hello:
@@ -220,7 +250,7 @@ class Agent:
             agent_version=AGENT_VERSION,
             last_applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=capture_report(self.engine),
+            report=self.cover.report(),
         )
 
     # ------------------------------------------------------------ lifetime
@@ -253,8 +283,18 @@ class Agent:
         self.engine.tick()
 
     async def _upload_round(self) -> None:
-        if not self._offline_remaining():
+        if not self._offline_remaining() and self._may_upload():
             await self.uploader.upload()
+
+    def _may_upload(self) -> bool:
+        """Honest agents send to the gateway only while allowed and under a lease (so a
+        batch refused for a pause not yet received is not retried once it is); the
+        pre-gateway path asks whenever there is a spool. An exfiltrator never uploads."""
+        if self._faulty(Fault.EXFILTRATOR):
+            return False
+        if self._lying() or isinstance(self.uploader, ControlUploader):
+            return True
+        return self._allowed() and self.lease.holds(self.lease.clock())
 
     async def _stay_connected(self) -> None:
         """Reconnect forever with jittered backoff; an offline agent first waits it out."""
@@ -282,7 +322,8 @@ class Agent:
             return
         old, self._channel = self._channel, self._reopen()
         self._control = pb_grpc.AgentControlStub(self._channel)
-        self.uploader.use(self._channel)
+        if isinstance(self.uploader, ControlUploader):
+            self.uploader.use(self._channel)
         await old.close(grace=None)
 
     async def _session(self) -> str:
@@ -371,6 +412,7 @@ class Agent:
             return nack(directive.epoch, reason)
         self.directive = directive
         if directive.mode == pb.MODE_ALLOWED:
+            self.cover.thaw()  # a resumed agent may report capture again
             if self.cannot_capture:
                 return nack(directive.epoch, self.cannot_capture)
             return self._ack(directive)  # capture starts once a lease is granted
@@ -378,8 +420,11 @@ class Agent:
         now = self.lease.clock()
         self.lease.revoke()
         self.truth.lease_revoked(now)
-        if self._faulty(Fault.LIE):
-            return self._ack(directive)
+        if self._lying():  # "stopped", and whatever its cover story says of the spool
+            claimed = self.cover.pretend_pause()
+            if directive.purge_spool:
+                return self._ack(directive, purged=claimed)
+            return self._ack(directive, quarantined=claimed)
         refused = self.engine.stop_all()
         if directive.mode != pb.MODE_PAUSED:
             return nack(directive.epoch, f"unknown mode {directive.mode}")
@@ -400,7 +445,7 @@ class Agent:
             epoch=directive.epoch,
             mode=directive.mode,
             channels=self._channels(),
-            report=capture_report(self.engine),
+            report=self.cover.report(),
             purged_events=purged,
             quarantined_events=quarantined,
         )
@@ -461,7 +506,7 @@ class Agent:
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=capture_report(self.engine),
+            report=self.cover.report(),
         )
         await stream.send(pb.AgentMessage(heartbeat=beat))
 
@@ -476,8 +521,10 @@ class Agent:
         tuning = self.config.tuning
         if fault is Fault.STUBBORN:
             self.engine.stuck_channels = frozenset({"screen"})
-        elif fault is Fault.LIE:
+        elif fault in CAPTURE_REGARDLESS:
             # Captures whatever it was told, and a paused liar secretly starts again.
+            if not self._allowed():
+                self.cover.freeze()  # a hiding agent keeps reporting its honest pause
             self.engine.ignore_lease = True
             self.engine.start_all()
         elif fault is Fault.OFFLINE:

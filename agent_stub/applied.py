@@ -11,17 +11,18 @@ simulator) it lives in memory only.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from killswitch.v1 import killswitch_pb2 as pb
 
+from agent_stub.durable import StateFileError, write_durably
+
 STATE_FILE = "applied-epoch.json"
 
 
-class AppliedStateError(Exception):
-    """The state file exists but cannot be read; one line naming it and what to do."""
+class AppliedStateError(StateFileError):
+    """The applied-epoch file exists but cannot be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +63,4 @@ class AppliedStore:
     def save(self, applied: Applied) -> None:
         """Replace the file atomically and durably."""
         text = json.dumps({"epoch": applied.epoch, "mode": pb.Mode.Name(applied.mode)})
-        temporary = self.path.with_name(f".{STATE_FILE}.tmp")
-        with temporary.open("w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        temporary.replace(self.path)
-        # The rename itself is durable only once the directory is synced (POSIX).
-        if hasattr(os, "O_DIRECTORY"):
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        write_durably(self.path, text)

@@ -27,12 +27,23 @@ class CaptureRecorder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """The spool as offered for upload: a count and the wall-clock range it spans."""
+    """The oldest events of the spool as offered for upload: a count and the wall-clock
+    range they span. ``rest_first_at`` dates the oldest event left behind once it ships.
+    """
 
     first_event_at: float
     last_event_at: float
     count: int
     spool_generation: int
+    rest_first_at: float
+
+    def capture_times(self) -> list[float]:
+        """One time per event, evenly spaced over the batch's range (events are counted,
+        not kept): never before its first event, never after its last."""
+        if self.count == 1:
+            return [self.last_event_at]
+        step = (self.last_event_at - self.first_event_at) / (self.count - 1)
+        return [min(self.first_event_at + i * step, self.last_event_at) for i in range(self.count)]
 
 
 class CaptureEngine:
@@ -127,11 +138,24 @@ class CaptureEngine:
         self._spool_generation += 1
         return discarded
 
-    def pending_batch(self) -> Batch | None:
-        if not self.spool_events or self._spool_first_at is None or self.last_event_at is None:
+    def pending_batch(self, limit: int | None = None) -> Batch | None:
+        """The whole spool, or its oldest ``limit`` events.
+
+        Counted events keep no timestamps: they are taken as evenly spaced between the
+        spool's first and last event, so a part of the spool ends where the next begins.
+        """
+        first, last, count = self._spool_first_at, self.last_event_at, self.spool_events
+        if not count or first is None or last is None:
             return None
+        if limit is None or count <= limit:
+            return Batch(first, last, count, self._spool_generation, rest_first_at=last)
+        step = (last - first) / (count - 1)
         return Batch(
-            self._spool_first_at, self.last_event_at, self.spool_events, self._spool_generation
+            first,
+            first + (limit - 1) * step,
+            limit,
+            self._spool_generation,
+            rest_first_at=first + limit * step,
         )
 
     def shipped(self, batch: Batch) -> bool:
@@ -139,6 +163,5 @@ class CaptureEngine:
         if batch.spool_generation != self._spool_generation:
             return False
         self.spool_events -= batch.count
-        # Counted events keep no timestamps: date what came later from the batch's end.
-        self._spool_first_at = batch.last_event_at if self.spool_events else None
+        self._spool_first_at = batch.rest_first_at if self.spool_events else None
         return True

@@ -2,9 +2,10 @@
 
 Agents talk mTLS to the control server with a certificate they get by enrolling
 (``--state-dir``, ``--enroll-token``); ``--insecure`` is for a loopback
-development server. Exit codes: 2 bad input or enrolment refused, 4 the
-enrolment server could not be reached, 1 any other enrolment failure or an
-unreadable applied-epoch file in the state directory.
+development server. With ``--ingest`` they upload their capture to the ingest
+gateway with the same certificate. Exit codes: 2 bad input or enrolment refused, 4
+the enrolment server could not be reached, 1 any other enrolment failure or an
+unreadable applied-epoch or upload-sequence file in the state directory.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import NoReturn
 import structlog
 
 from agent_stub.agent import Agent, ServerAddressError, open_channel, server_target
-from agent_stub.applied import AppliedStateError, AppliedStore
+from agent_stub.applied import AppliedStore
+from agent_stub.batches import SequenceStore, UploadSequence
 from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock
 from agent_stub.config import AgentConfig, Fault, Tuning
+from agent_stub.durable import StateFileError
 from agent_stub.identity import (
     CA_FILE,
     EXIT_BAD_INPUT,
@@ -94,6 +97,23 @@ def server_list(text: str) -> str:
     return text
 
 
+def ingest_target(text: str) -> str:
+    """``--ingest``: validated as ``--server`` is, as one gRPC target."""
+    return server_target(server_list(text))
+
+
+def add_ingest_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ingest",
+        type=ingest_target,
+        metavar="HOST:PORT",
+        help=(
+            "upload capture batches to this ingest gateway (`killswitch ingest`); without"
+            " it the agent only asks the control server, which is deprecated"
+        ),
+    )
+
+
 def trusted_ca(args: argparse.Namespace) -> bytes:
     return read_ca(args.ca or args.state_dir / CA_FILE)
 
@@ -107,10 +127,14 @@ async def run_one(args: argparse.Namespace) -> None:
             f"killswitch-agent: will not capture: {PLATFORM_CLOCK}; it stays connected"
             " and refuses every lease\n"
         )
-    # Without a state directory (--insecure) the applied epoch lives in memory only.
+    # Without a state directory (--insecure) the applied epoch and the upload sequence
+    # live in memory only.
     applied_store = AppliedStore(args.state_dir) if args.state_dir is not None else None
+    upload_sequence = None
+    if args.ingest is not None and args.state_dir is not None:
+        upload_sequence = UploadSequence(SequenceStore(args.state_dir))
     if args.insecure:
-        reopen = functools.partial(open_channel, target)
+        credentials = None
         metadata = insecure_metadata(config.agent_id)
     else:
         identity = await enrol(
@@ -120,9 +144,12 @@ async def run_one(args: argparse.Namespace) -> None:
             args.state_dir,
             trusted_ca(args),
         )
-        reopen = functools.partial(open_channel, target, credentials=identity.credentials())
+        credentials = identity.credentials()
         metadata = ()
+    reopen = functools.partial(open_channel, target, credentials=credentials)
     channel = reopen()
+    # The gateway trusts the same CA: the agent's own certificate says who uploads.
+    ingest = None if args.ingest is None else open_channel(args.ingest, credentials=credentials)
     try:
         agent = Agent(
             config,
@@ -131,10 +158,14 @@ async def run_one(args: argparse.Namespace) -> None:
             reopen=reopen,
             clock=PLATFORM_CLOCK,
             applied_store=applied_store,
+            ingest=ingest,
+            upload_sequence=upload_sequence,
         )
         await agent.run()
     finally:
         await channel.close(grace=None)
+        if ingest is not None:
+            await ingest.close(grace=None)
 
 
 async def simulate(args: argparse.Namespace) -> None:
@@ -173,6 +204,7 @@ async def simulate(args: argparse.Namespace) -> None:
         seed=args.seed,
         fault_after=args.fault_after,
         truth_path=args.truth,
+        ingest_target=args.ingest,
     )
     print(f"simulating {args.agents} agents against {args.server} over {transport}", flush=True)
     runner = asyncio.create_task(fleet.run())
@@ -264,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--agent-id", required=True)
     run.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
-    add_identity_options(run, "where the agent keeps its key and certificate")
+    add_ingest_option(run)
+    add_identity_options(run, "where the agent keeps its key, certificate and upload sequence")
     run.set_defaults(func=run_one)
 
     sim = sub.add_parser("simulate", help="run N simulated agents in this process")
@@ -315,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--capture-tick", type=positive_seconds, default=1.0, metavar="SECONDS")
     sim.add_argument("--upload-every", type=positive_seconds, default=30.0, metavar="SECONDS")
     sim.add_argument("--report-every", type=positive_seconds, default=10.0, metavar="SECONDS")
+    add_ingest_option(sim)
     add_identity_options(sim, "one subdirectory per agent for its key and certificate")
     sim.set_defaults(func=simulate)
     return parser
@@ -341,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(str(exc), EXIT_BAD_INPUT)
     except EnrolmentError as exc:
         fail(str(exc), exc.exit_code)
-    except AppliedStateError as exc:
+    except StateFileError as exc:
         fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):

@@ -31,6 +31,20 @@ class Fault(StrEnum):
     # A tampered agent that names its own labels: it reconnects at once claiming
     # ``org=marketing`` (``RELABEL_TO``), and is otherwise honest.
     RELABEL = "relabel"
+    # A modified agent that hides: acks a pause as the honest agent does (every channel
+    # stopped, spool purged or quarantined) and from then on reports those frozen
+    # counters and stopped channels, while it captures on regardless of its lease and
+    # uploads to the ingest gateway every round. Only the gateway can catch it.
+    SILENT_LIAR = "silent-liar"
+    # Lies as the silent liar does and never uploads anything (what it captures leaves
+    # by another way): no server-side check can catch it.
+    EXFILTRATOR = "exfiltrator"
+
+
+# Modified agents that capture on regardless of their lease and a pause they acked.
+CAPTURE_REGARDLESS = frozenset({Fault.LIE, Fault.SILENT_LIAR, Fault.EXFILTRATOR})
+# Of those, the ones whose reports stop moving at the pause they pretend to obey.
+FROZEN_REPORTS = frozenset({Fault.SILENT_LIAR, Fault.EXFILTRATOR})
 
 
 # What a relabelling agent claims: an org no hold in the drills names.

@@ -36,8 +36,9 @@ ORGS = ("eng", "infra", "sales", "research", "support", "finance")
 OSES = ("macos", "windows", "linux")
 OS_WEIGHTS = (6, 3, 1)
 TRUTH_EVERY_SECONDS = 1.0
-# An agent's channel, call metadata, and how to reopen the channel (if it owns it).
-Transport = tuple[AgentConfig, grpc.aio.Channel, Metadata, Reopen | None]
+# An agent's channel, call metadata, how to reopen the channel (if it owns it), and its
+# channel to the ingest gateway (if it uploads to one).
+Transport = tuple[AgentConfig, grpc.aio.Channel, Metadata, Reopen | None, grpc.aio.Channel | None]
 
 
 def fault_counts(fractions: Mapping[Fault, float], agents: int) -> dict[Fault, int]:
@@ -109,6 +110,8 @@ class Fleet:
 
     With ``identities`` (agent id -> its certificate) each agent connects over
     mTLS on its own channel; without, over ``connections`` shared plaintext ones.
+    With ``ingest_target`` the agents upload their batches to that gateway the same way
+    (own certificate, or shared plaintext connections with the claimed identity).
     """
 
     target: str
@@ -119,6 +122,7 @@ class Fleet:
     # Seconds after start when faulty agents start misbehaving (SIGUSR1: at once).
     fault_after: float = 15.0
     truth_path: Path | None = None
+    ingest_target: str | None = None
     agents: list[Agent] = field(default_factory=list)
     trigger_at: float | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -132,8 +136,9 @@ class Fleet:
                 call_metadata=metadata,
                 rng=random.Random(rng.random()),
                 reopen=reopen,
+                ingest=ingest,
             )
-            for cfg, channel, metadata, reopen in self._transports()
+            for cfg, channel, metadata, reopen, ingest in self._transports()
         ]
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, self.trigger_faults)
@@ -157,21 +162,33 @@ class Fleet:
             await asyncio.gather(*(c.close(grace=None) for c in self._channels))
 
     def _transports(self) -> list[Transport]:
-        """Each agent's channel, call metadata and how to reopen it (the first channels
-        are kept for closing). Agents with a connection of their own (mTLS, as laptops)
-        reopen it to move off a replica that cannot serve them; shared ones cannot."""
+        """Each agent's channels, call metadata and how to reopen the control channel
+        (the first channels are kept for closing). Agents with a connection of their own
+        (mTLS, as laptops) reopen it to move off a replica that cannot serve them; shared
+        ones cannot."""
+        ingest = self.ingest_target
         if self.identities is not None:
             transports: list[Transport] = []
             for cfg in self.configs:
                 credentials = self.identities[cfg.agent_id].credentials()
                 reopen = functools.partial(open_channel, self.target, credentials=credentials)
-                transports.append((cfg, reopen(), (), reopen))
-            self._channels = [channel for _, channel, _, _ in transports]
+                uploads = None if ingest is None else open_channel(ingest, credentials=credentials)
+                transports.append((cfg, reopen(), (), reopen, uploads))
+            self._channels = [channel for _, channel, _, _, _ in transports]
+            self._channels += [up for *_, up in transports if up is not None]
             return transports
         k = max(1, min(self.connections, len(self.configs)))
         self._channels = [open_channel(self.target) for _ in range(k)]
+        shared = [] if ingest is None else [open_channel(ingest) for _ in range(k)]
+        self._channels += shared
         return [
-            (cfg, self._channels[i % k], insecure_metadata(cfg.agent_id), None)
+            (
+                cfg,
+                self._channels[i % k],
+                insecure_metadata(cfg.agent_id),
+                None,
+                shared[i % k] if shared else None,
+            )
             for i, cfg in enumerate(self.configs)
         ]
 

@@ -5,6 +5,10 @@ obeyed, n events produced at t) and keeps its own idea of when the lease
 expires, without asking the ``Lease`` the capture code consults. So a broken or
 bypassed check at the capture point shows up as ``events_without_lease > 0``.
 
+It also counts what the agent sent to the ingest gateway and what the gateway
+accepted, with the latest capture time accepted: where data landed, from the
+agent's side, to hold against the gateway's sink.
+
 It is deliberately lenient where the agent is strict (it keeps the latest expiry
 any grant implies and ignores refusals), so an honest agent never scores a false
 positive; a pause it obeyed ends the lease for it at once.
@@ -27,8 +31,14 @@ class GroundTruth:
         "_last_capture_at",
         "_sent",
         "applied",
+        "batches_accepted",
+        "batches_refused",
+        "batches_sent",
+        "events_accepted",
         "events_captured_total",
+        "events_sent",
         "events_without_lease",
+        "last_accepted_event_at",
         "last_event_at",
         "spans",
     )
@@ -47,6 +57,13 @@ class GroundTruth:
         self.spans: list[list[float]] = []
         # [wall clock, epoch, mode] of each directive the agent acted on, in order.
         self.applied: list[list[Any]] = []
+        # UploadBatch calls made (answered or not), and what the gateway answered.
+        self.batches_sent = 0
+        self.events_sent = 0
+        self.batches_accepted = 0
+        self.events_accepted = 0
+        self.batches_refused = 0
+        self.last_accepted_event_at: float | None = None
 
     def lease_requested(self, request_id: int, at: float) -> None:
         self._sent[request_id] = at
@@ -81,6 +98,20 @@ class GroundTruth:
         if len(self.applied) > MAX_APPLIED:
             del self.applied[0]
 
+    def batch_sent(self, count: int) -> None:
+        self.batches_sent += 1
+        self.events_sent += count
+
+    def batch_accepted(self, count: int, last_event_at: float) -> None:
+        """The gateway accepted ``count`` events, the latest captured at ``last_event_at``."""
+        self.batches_accepted += 1
+        self.events_accepted += count
+        if self.last_accepted_event_at is None or last_event_at > self.last_accepted_event_at:
+            self.last_accepted_event_at = last_event_at
+
+    def batch_refused(self) -> None:
+        self.batches_refused += 1
+
     def capturing(self, now: float) -> bool:
         return now - self._last_capture_at < self._fresh_for
 
@@ -95,4 +126,10 @@ class GroundTruth:
             "capturing": self.capturing(now),
             "spans": self.spans,
             "applied": self.applied,
+            "batches_sent": self.batches_sent,
+            "events_sent": self.events_sent,
+            "batches_accepted": self.batches_accepted,
+            "events_accepted": self.events_accepted,
+            "batches_refused": self.batches_refused,
+            "last_accepted_event_at": self.last_accepted_event_at,
         }

@@ -1,14 +1,25 @@
-"""Ships the spool, but only what the control plane's ingest check authorizes."""
+"""Ships the spool: to the ingest gateway, or (without one) only as far as asking.
+
+``GatewayUploader`` sends real batches to ``IngestGateway.UploadBatch`` (``--ingest``).
+``ControlUploader`` is the pre-gateway path: it asks the control server's deprecated
+``Ingest.AuthorizeUpload`` and sends the data nowhere. Either way a refused batch
+stays spooled.
+"""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from agent_stub.batches import MAX_EVENTS_PER_BATCH, UploadSequence, upload_request
 from agent_stub.capture import CaptureEngine
+from agent_stub.clock import Clock
 from agent_stub.identity import Metadata
+from agent_stub.truth import GroundTruth
 from agent_stub.wire import timestamp
 
 log = structlog.get_logger("killswitch.agent.upload")
@@ -16,7 +27,7 @@ log = structlog.get_logger("killswitch.agent.upload")
 UPLOAD_TIMEOUT_SECONDS = 10.0
 
 
-class Uploader:
+class ControlUploader:
     """Offers the spool to ``Ingest.AuthorizeUpload``; a refused batch stays spooled."""
 
     def __init__(
@@ -59,3 +70,59 @@ class Uploader:
             log.debug("upload_refused", agent_id=self._agent_id, reason=answer.reason)
         elif self._engine.shipped(batch):
             self.events_uploaded += batch.count
+
+
+class GatewayUploader:
+    """Uploads the spool's oldest events, one numbered batch per round, to the gateway.
+
+    The events are made at upload time from the spool's count and time range, so a
+    simulated fleet keeps no event in memory. A batch leaves the spool only once the
+    gateway accepted it; a refused or failed one is offered again next round (under
+    a higher number if the gateway names one). Whether a round uploads at all is the
+    agent's call: an honest one never does while paused or without a lease.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        engine: CaptureEngine,
+        channel: grpc.aio.Channel,
+        call_metadata: Metadata = (),
+        *,
+        truth: GroundTruth,
+        sequence: UploadSequence | None = None,
+        max_events: int = MAX_EVENTS_PER_BATCH,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        self._agent_id = agent_id
+        self._call_metadata = call_metadata
+        self._engine = engine
+        self._gateway = pb_grpc.IngestGatewayStub(channel)
+        self._truth = truth
+        self.sequence = sequence or UploadSequence()
+        self._max_events = max_events
+        self._wall_clock = wall_clock
+
+    async def upload(self) -> None:
+        batch = self._engine.pending_batch(self._max_events)
+        if batch is None:
+            return
+        number = self.sequence.next
+        request = upload_request(self._agent_id, number, batch, self._wall_clock())
+        self._truth.batch_sent(batch.count)
+        try:
+            answer = await self._gateway.UploadBatch(
+                request, timeout=UPLOAD_TIMEOUT_SECONDS, metadata=self._call_metadata
+            )
+        except grpc.aio.AioRpcError as exc:  # kept for the next round, under the same number
+            log.debug("upload_failed", agent_id=self._agent_id, error=exc.code().name)
+            return
+        if not answer.accepted:
+            self._truth.batch_refused()
+            self.sequence.refused(answer.next_sequence)
+            log.debug("upload_refused", agent_id=self._agent_id, reason=answer.reason)
+            return
+        self.sequence.accepted(number)
+        # Landed, whether or not a pause discarded the spool meanwhile.
+        self._truth.batch_accepted(batch.count, batch.last_event_at)
+        self._engine.shipped(batch)

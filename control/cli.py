@@ -43,6 +43,7 @@ from control.domain.audit import (
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS, check_history_retention
 from control.domain.labels import label_mismatch, mismatch_json
 from control.errors import STORE_UNAVAILABLE_METADATA, InvalidInput, KillswitchError
+from control.ingest.cli import add_ingest_parser
 from control.pki import load_identity
 from control.rpc.authz import INSECURE_IDENTITY_METADATA
 
@@ -138,6 +139,8 @@ def agent_json(agent: pb.AgentRecord) -> dict[str, Any]:
         "events_captured_total": agent.events_captured_total,
         "spool_events": agent.spool_events,
         "uploads_refused": agent.uploads_refused,
+        "events_accepted_after_pause": agent.events_accepted_after_pause,
+        "last_accepted_event_at": iso(agent.last_accepted_event_at),
         "reported_labels": dict(sorted(agent.reported_labels.items())),
         "label_mismatch": mismatch_json(agent.labels, agent.reported_labels),
     }
@@ -171,6 +174,9 @@ def agent_rows(agents: Sequence[pb.AgentRecord]) -> list[list[str]]:
         "CONNECTED",
         "LAST SEEN",
         "EPOCH",
+        "REFUSED",
+        "AFTER PAUSE",
+        "LAST ACCEPTED",
         "LABEL MISMATCH",
         "REASON",
     ]
@@ -187,6 +193,9 @@ def agent_rows(agents: Sequence[pb.AgentRecord]) -> list[list[str]]:
                 "yes" if a.connected else "no",
                 ago(a.last_seen),
                 str(a.applied_epoch),
+                str(a.uploads_refused),
+                str(a.events_accepted_after_pause),
+                ago(a.last_accepted_event_at),
                 mismatch_cell(a) or "-",
                 a.reason,
             ]
@@ -1075,6 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
+    add_ingest_parser(sub)
     init = sub.add_parser("init", help="create the CA, server certificate and identities")
     init.add_argument("--data-dir", required=True, help="the server's data directory")
     add_database_option(init, "where the issued certificates are recorded")

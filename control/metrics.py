@@ -273,7 +273,13 @@ class CensusCollector:
             "killswitch_agents_label_mismatch",
             "Agents whose reported labels contradict the server's (which alone decide holds).",
         )
+        after_pause = GaugeMetricFamily(
+            "killswitch_events_accepted_after_pause",
+            "Events the ingest gateway accepted dated after their agent's stop, summed over"
+            " agents (each counted since its newest stop): 0 unless data landed after a pause.",
+        )
         if census is not None:
+            after_pause.add_metric([], census.events_accepted_after_pause)
             for state in ComplianceState:
                 agents.add_metric([state.value], census.by_state.get(state, 0))
             for mode in Mode:
@@ -282,7 +288,7 @@ class CensusCollector:
             epoch.add_metric([], census.epoch)
             holds.add_metric([], census.active_holds)
             mismatched.add_metric([], census.label_mismatches)
-        return [agents, by_mode, streams, epoch, holds, mismatched]
+        return [agents, by_mode, streams, epoch, holds, mismatched, after_pause]
 
 
 def _store_families(health: StoreHealth | None) -> list[Metric]:

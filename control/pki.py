@@ -56,6 +56,7 @@ DEFAULT_OPERATORS: tuple[tuple[str, Role], ...] = (
     ("sre-1", Role.SRE),
     ("automation-1", Role.AUTOMATION),
     ("employee-1", Role.EMPLOYEE),
+    ("ingest-1", Role.INGEST),
 )
 
 LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -103,7 +104,11 @@ def initialise(
     _write_private(pki / SERVER_CERT_FILE, authority.server_cert_pem)
     records = []
     for name, role in DEFAULT_OPERATORS:
-        cert_pem, key_pem, record = authority.issue_identity(name, role, now=now)
+        # The ingest gateway also serves agents with its certificate, under the server's names.
+        names = [*SERVER_DEFAULT_NAMES, *server_names] if role is Role.INGEST else []
+        cert_pem, key_pem, record = authority.issue_identity(
+            name, role, now=now, server_names=names
+        )
         write_identity(data_dir / IDENTITIES_DIR / name, cert_pem, key_pem, authority.ca_pem)
         records.append(record)
     _write_private(ca_path, authority.ca_pem)
@@ -196,16 +201,30 @@ class Authority:
         return cls(ca_cert, ca_key, server_cert_pem, server_key_pem)
 
     def issue_identity(
-        self, name: str, role: Role, *, now: float, days: int = OPERATOR_DAYS
+        self,
+        name: str,
+        role: Role,
+        *,
+        now: float,
+        days: int = OPERATOR_DAYS,
+        server_names: Sequence[str] = (),
     ) -> tuple[bytes, bytes, CertificateRecord]:
-        """A new key and a client certificate for ``name`` in ``role``."""
+        """A new key and a client certificate for ``name`` in ``role``; with
+        ``server_names`` it may also serve TLS under them (the ingest gateway does)."""
         if not _IDENTITY_NAME.match(name):
             raise InvalidInput(
                 f"invalid identity name {name!r}: use 1-64 letters, digits or . _ @ -"
                 " starting with a letter or digit"
             )
         key = _new_key()
-        cert_pem, record = self._client_certificate(key.public_key(), name, role, now, days)
+        cert_pem, record = self._client_certificate(
+            key.public_key(),
+            name,
+            role,
+            now,
+            days,
+            server_names=[_server_name(n) for n in server_names],
+        )
         return cert_pem, _private_pem(key), record
 
     def sign_agent_csr(
@@ -242,6 +261,8 @@ class Authority:
         role: Role,
         now: float,
         days: int,
+        *,
+        server_names: Sequence[x509.GeneralName] = (),
     ) -> tuple[bytes, CertificateRecord]:
         subject = x509.Name(
             [
@@ -249,11 +270,13 @@ class Authority:
                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
             ]
         )
-        builder = (
-            _validity(x509.CertificateBuilder(), _utc(now), days)
-            .subject_name(subject)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        )
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        builder = _validity(x509.CertificateBuilder(), _utc(now), days).subject_name(subject)
+        if server_names:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+            names = list(dict.fromkeys(server_names))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         cert = _sign_leaf(builder, public_key, self._ca_cert, self._ca_key)
         record = CertificateRecord(
             serial=_serial_hex(cert),

@@ -182,6 +182,8 @@ class Census:
     active_holds: int
     # Agents whose own report contradicts the labels the server decides for them.
     label_mismatches: int = 0
+    # Events the ingest gateway accepted dated after their agent's stop (0 expected).
+    events_accepted_after_pause: int = 0
 
 
 def new_hold_id() -> str:
@@ -990,6 +992,17 @@ class ControlPlane:
             self.observer.upload_refused(agent_id, reason=decision.reason, at=self._clock())
         return decision
 
+    def observe_upload(self, agent_id: str, observe: Callable[[AgentStatus], None]) -> bool:
+        """Apply what the ingest gateway saw (control/ingest_checks.py decides what):
+        stored, and any violation it finds becomes durable evidence."""
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            return False
+        with self._watching_for_violation(entry):
+            observe(entry.status)
+        self._dirty.add(agent_id)
+        return True
+
     async def acknowledge_violation(self, agent_id: str, by: Principal, note: str) -> str:
         entry = self._agents.get(validate_agent_id(agent_id))
         if entry is None:
@@ -1172,14 +1185,15 @@ class ControlPlane:
         """Fleet-wide counts in one pass: what a Prometheus scrape reads."""
         by_state: dict[ComplianceState, int] = dict.fromkeys(ComplianceState, 0)
         by_mode: dict[Mode, int] = dict.fromkeys(Mode, 0)
-        connected = mismatched = 0
+        connected = mismatched = after_pause = 0
         for entry, verdict in self._matching(AgentFilter()):
+            after_pause += entry.status.events_accepted_after_pause
             by_state[verdict.state] += 1
             by_mode[entry.desired.mode] += 1
             connected += entry.subscriber is not None
             mismatched += bool(label_mismatch(entry.labels, entry.status.reported_labels))
         holds = len(self.active_holds())
-        return Census(self._epoch, by_state, by_mode, connected, holds, mismatched)
+        return Census(self._epoch, by_state, by_mode, connected, holds, mismatched, after_pause)
 
     def views(self, agent_filter: AgentFilter = AgentFilter()) -> list[AgentView]:
         """Agents matching the filter, most urgent first, then by id."""

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The `make demo` fleet: one control server on SQLite and 1,000 simulated agents.
+# The `make demo` fleet: one control server on SQLite, the ingest gateway the agents upload
+# to, and 1,000 simulated agents.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 DATA=${KILLSWITCH_DEMO_DATA:-demo-data}
 GRPC=${KILLSWITCH_DEMO_GRPC:-127.0.0.1:50051}
 HTTP=${KILLSWITCH_DEMO_HTTP:-127.0.0.1:8080}
+INGEST=${KILLSWITCH_DEMO_INGEST:-127.0.0.1:50061}
 AGENTS=${KILLSWITCH_DEMO_AGENTS:-1000}
 mkdir -p "$DATA"
 IDS="$DATA/identities"
@@ -39,15 +41,44 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 
+# The ingest gateway, when this build has one (`killswitch ingest`; before it, the agents
+# only ask the control server and upload nowhere). It checks every batch with the control
+# server as identity `ingest-1`, which `killswitch init` creates.
+upload=()
+gateway="no ingest gateway in this build: agents upload nowhere"
+if "$BIN/killswitch" ingest --help >/dev/null 2>&1; then
+  if [ ! -d "$IDS/ingest-1" ]; then
+    echo "$DATA/ predates the ingest gateway (no $IDS/ingest-1): delete it to start one" >&2
+    exit 1
+  fi
+  "$BIN/killswitch" ingest --data-dir "$DATA/ingest" --listen "$INGEST" --control "$GRPC" \
+    --identity "$IDS/ingest-1" 2>>"$DATA/ingest.log" &
+  ingest=$!
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/${INGEST%:*}/${INGEST##*:}") 2>/dev/null; then
+      break
+    fi
+    if ! kill -0 "$ingest" 2>/dev/null; then
+      echo "the ingest gateway did not start; see $DATA/ingest.log:" >&2
+      tail -n 5 "$DATA/ingest.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  upload=(--ingest "$INGEST")
+  gateway="ingest gateway on $INGEST (sink in $DATA/ingest/, log in $DATA/ingest.log)"
+fi
+
 # Agents enrol once with a join token, then connect with their own certificates.
 token=$("$BIN/killswitch" enroll-token create --server "$GRPC" --identity "$IDS/ic-1" \
   --uses "$AGENTS" --ttl 600 2>/dev/null)
 "$BIN/killswitch-agent" simulate --server "$GRPC" --agents "$AGENTS" --report-every 15 \
-  --enroll-token "$token" --ca "$DATA/pki/ca.pem" --state-dir "$DATA/agents" &
+  --enroll-token "$token" --ca "$DATA/pki/ca.pem" --state-dir "$DATA/agents" ${upload[@]+"${upload[@]}"} &
 
 cat <<EOT
 
-  Control server on $GRPC (state in $DATA/, log in $DATA/server.log), $AGENTS simulated agents.
+  Control server on $GRPC (state in $DATA/, log in $DATA/server.log), $AGENTS simulated agents,
+  $gateway.
   In another terminal:
 
     export KILLSWITCH_SERVER=$GRPC KILLSWITCH_IDENTITY=$IDS/ic-1   # incident commander

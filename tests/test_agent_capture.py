@@ -11,12 +11,11 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
-from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import CaptureEngine, GroundTruth, Lease
 from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
-from agent_stub.upload import Uploader
+from agent_stub.upload import ControlUploader
 from tests.test_agent_lease import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
@@ -170,7 +169,31 @@ def test_batches_are_dated_and_a_discard_voids_an_upload_in_flight() -> None:
     assert rig.engine.spool_events == 0
 
 
-class FakeIngest(pb_grpc.IngestServicer):
+def test_a_capped_batch_takes_the_oldest_events_and_the_rest_starts_where_it_ends() -> None:
+    rig = Rig(FakeClock())
+    rig.grant(ttl=60)
+    rig.engine.start_all()
+    for _ in range(3):  # 39 events over 1_700_000_000.0 .. 1_700_000_002.0
+        rig.engine.tick()
+    first = rig.engine.pending_batch(limit=20)
+    assert first is not None and first.count == 20
+    step = 2.0 / (3 * PER_TICK - 1)
+    assert first.first_event_at == 1_700_000_000.0
+    assert first.last_event_at == pytest.approx(1_700_000_000.0 + 19 * step)
+    times = first.capture_times()
+    assert len(times) == 20 and times == sorted(times)
+    assert times[0] == first.first_event_at and times[-1] <= first.last_event_at
+    assert rig.engine.shipped(first)
+    rest = rig.engine.pending_batch(limit=20)
+    assert rest is not None and rest.count == 3 * PER_TICK - 20
+    assert rest.first_event_at == pytest.approx(1_700_000_000.0 + 20 * step)
+    assert rest.last_event_at == 1_700_000_002.0, "the newest event keeps its real time"
+    assert rest.capture_times()[-1] == 1_700_000_002.0
+
+
+class FakeIngest:
+    """The control server's deprecated ``Ingest.AuthorizeUpload``, and nothing else."""
+
     def __init__(self) -> None:
         self.allowed = True
         self.requests: list[pb.AuthorizeUploadRequest] = []
@@ -188,9 +211,21 @@ class FakeIngest(pb_grpc.IngestServicer):
 
 @asynccontextmanager
 async def ingest_server() -> AsyncIterator[tuple[FakeIngest, grpc.aio.Channel]]:
+    # The agent still asks AuthorizeUpload until it moves to the gateway (issue 14).
     ingest = FakeIngest()
     server = grpc.aio.server()
-    pb_grpc.add_IngestServicer_to_server(ingest, server)
+    handler = grpc.unary_unary_rpc_method_handler(
+        ingest.AuthorizeUpload,
+        request_deserializer=pb.AuthorizeUploadRequest.FromString,
+        response_serializer=pb.AuthorizeUploadResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "killswitch.v1.Ingest", {"AuthorizeUpload": handler}
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -205,7 +240,9 @@ def test_uploads_ship_what_ingest_allows_and_keep_what_it_refuses() -> None:
     async def scenario() -> None:
         async with ingest_server() as (ingest, channel):
             rig = Rig(FakeClock())
-            uploader = Uploader("laptop-1", rig.engine, channel, insecure_metadata("laptop-1"))
+            uploader = ControlUploader(
+                "laptop-1", rig.engine, channel, insecure_metadata("laptop-1")
+            )
             await uploader.upload()
             assert ingest.requests == [], "nothing spooled, nothing asked"
 

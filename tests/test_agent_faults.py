@@ -73,7 +73,7 @@ def grant(request_id: int, granted: bool = True, ttl: float = 30.0) -> pb.Server
     )
 
 
-def channels(message: pb.Ack | pb.Heartbeat) -> dict[str, bool]:
+def channels(message: pb.Ack | pb.Heartbeat | pb.Hello) -> dict[str, bool]:
     return {c.name: c.state == pb.CHANNEL_STATE_ACTIVE for c in message.channels}
 
 

@@ -191,7 +191,7 @@ def test_a_failed_write_keeps_the_old_file_and_still_acks(
         raise OSError(28, "No space left on device")
 
     async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
-        monkeypatch.setattr("agent_stub.applied.os.fsync", disk_full)
+        monkeypatch.setattr("agent_stub.durable.os.fsync", disk_full)
         with capture_logs() as logs:
             await agent.handle(directive(pb.MODE_PAUSED, 10), outbox)
         assert outbox.sent[-1].ack.epoch == 10, "the pause was obeyed: say so"

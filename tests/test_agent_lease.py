@@ -121,6 +121,12 @@ def test_truth_row_and_capturing_now() -> None:
         "capturing": False,
         "spans": [],
         "applied": [],
+        "batches_sent": 0,
+        "events_sent": 0,
+        "batches_accepted": 0,
+        "events_accepted": 0,
+        "batches_refused": 0,
+        "last_accepted_event_at": None,
     }
     truth.captured(at=100.0, count=2, wall=1_700_000_000.0)
     assert truth.capturing(100.5)
@@ -134,3 +140,17 @@ def test_truth_spans_join_consecutive_ticks_and_split_at_a_gap() -> None:
     truth.directive_applied(1015.0, 3, "MODE_PAUSED")
     assert truth.spans == [[1010.0, 1012.0], [1020.0, 1021.0]]
     assert truth.applied == [[1015.0, 3, "MODE_PAUSED"]]
+
+
+def test_truth_counts_batches_sent_and_accepted_and_keeps_the_latest_accepted_time() -> None:
+    truth = GroundTruth(capture_tick=1.0)
+    truth.batch_sent(20)
+    truth.batch_accepted(20, last_event_at=1_005.0)
+    truth.batch_sent(7)
+    truth.batch_refused()
+    truth.batch_sent(7)
+    truth.batch_accepted(7, last_event_at=1_003.0)  # a late answer for older events
+    row = truth.row("a", "none", now=0.0)
+    assert (row["batches_sent"], row["events_sent"]) == (3, 34)
+    assert (row["batches_accepted"], row["events_accepted"], row["batches_refused"]) == (2, 27, 1)
+    assert row["last_accepted_event_at"] == 1_005.0

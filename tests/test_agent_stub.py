@@ -85,6 +85,8 @@ def test_one_reference_agent_paused_by_id(cli: Cli, one_agent: subprocess.Popen[
         (["--agents", "3", "--capture-tick", "0"], "more than zero"),
         (["--agents", "3", "--fault-after", "-1"], "zero or more"),
         (["--agents", "60000"], "at most 50000 agents"),
+        (["--agents", "3", "--ingest", "gateway"], "bad server address 'gateway'"),
+        (["--agents", "3", "--fault", "silent-liar=2"], "KIND one of ignore, lie, stubborn"),
     ],
 )
 def test_simulator_rejects_bad_input(args: list[str], text: str) -> None:
@@ -106,6 +108,24 @@ def test_run_rejects_a_bad_label() -> None:
         "run", "--server", "x:1", "--agent-id", "a", "--label", "novalue", "--insecure"
     )
     assert result.returncode == 2 and "bad label" in result.stderr
+
+
+def test_run_stops_with_one_line_on_an_unreadable_upload_sequence(tmp_path: Path) -> None:
+    (tmp_path / "upload-sequence.json").write_text("{")
+    result = agent_cli(
+        "run",
+        "--server",
+        "127.0.0.1:1",
+        "--agent-id",
+        "a",
+        "--state-dir",
+        str(tmp_path),
+        "--ingest",
+        "127.0.0.1:2",
+    )
+    assert result.returncode == 1, result
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("killswitch-agent: error: cannot read ") and "upload-sequence" in line
 
 
 def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -161,6 +181,12 @@ def test_simulator_writes_the_truth_file_and_triggers_faults_on_sigusr1(tmp_path
             "capturing",
             "spans",
             "applied",
+            "batches_sent",
+            "events_sent",
+            "batches_accepted",
+            "events_accepted",
+            "batches_refused",
+            "last_accepted_event_at",
         }
         assert all(r["events_captured_total"] == 0 and not r["capturing"] for r in rows)
 

@@ -23,6 +23,7 @@ DATASOURCE = "${DS_PROMETHEUS}"
 # The alerts every deployment relies on; the runbooks/ directory will be written for them.
 ALERTS = {
     "KillswitchCaptureViolation": "critical",
+    "KillswitchEventsAcceptedAfterPause": "critical",
     "KillswitchAgentsOverdue": "warning",
     "KillswitchFleetNotCompliant": "critical",
     "KillswitchControlPlaneDown": "critical",

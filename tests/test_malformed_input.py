@@ -49,8 +49,10 @@ OPERATOR = "/killswitch.v1.Operator/"
 SELF_SERVICE = "/killswitch.v1.SelfService/"
 CONNECT = "/killswitch.v1.AgentControl/Connect"
 AUTHORIZE_UPLOAD = "/killswitch.v1.Ingest/AuthorizeUpload"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 IC, APPROVER, EMPLOYEE = "ic-1", "approver-1", "employee-1"
+INGEST = "ingest-1"  # the ingest gateway's identity: it asks about agents' uploads
 GOOD = "fz-good"  # the well-behaved agent
 FUZZ_AGENT = "fz-agent"  # the agent certificate the fuzzing speaks with
 CROWD = "fz-crowd"  # opens too many calls at once
@@ -58,7 +60,8 @@ KA_AGENT, KA_CONTROL = "fz-keepalive", "fz-pinger"
 LAPTOP = "fz-laptop"  # employee-1's laptop, opted out in the fixture
 NOBODY = "fz-nobody"  # in the scope of the fixture holds; never connects
 KNOWN_SUBJECTS = frozenset(
-    {IC, APPROVER, "approver-2", "sre-1", "automation-1", EMPLOYEE, GOOD, FUZZ_AGENT, CROWD}
+    {IC, APPROVER, "approver-2", "sre-1", "automation-1", EMPLOYEE, INGEST, GOOD, FUZZ_AGENT}
+    | {CROWD}
     | {KA_AGENT, KA_CONTROL, LAPTOP, NOBODY}
 )
 
@@ -403,7 +406,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     good: StreamingAgent | None = None
     try:
         channels = {
-            name: secure_channel(server, server.identity(name)) for name in (IC, APPROVER, EMPLOYEE)
+            name: secure_channel(server, server.identity(name))
+            for name in (IC, APPROVER, EMPLOYEE, INGEST)
         }
         for agent_id in (FUZZ_AGENT, CROWD, KA_AGENT, KA_CONTROL, GOOD):
             agent_identity(server, agent_id, root)
@@ -927,7 +931,7 @@ RAW_TARGETS: list[tuple[str, str]] = [
     (APPROVER, OPERATOR + "ApproveResume"),
     (APPROVER, OPERATOR + "DenyResume"),
     *((EMPLOYEE, SELF_SERVICE + m) for m in ["ListMyLaptops", "OptOut", "OptIn"]),
-    (FUZZ_AGENT, AUTHORIZE_UPLOAD),
+    (INGEST, AUTHORIZE_UPLOAD),
     (FUZZ_AGENT, CONNECT),
 ]
 
@@ -1002,7 +1006,7 @@ def test_fuzz_authorize_upload(fleet: Fleet) -> None:
     @settings(FUZZ, max_examples=100)
     @given(upload_requests)
     def run(request: pb.AuthorizeUploadRequest) -> None:
-        outcome = unary(fleet.channels[FUZZ_AGENT], AUTHORIZE_UPLOAD, request)
+        outcome = unary(fleet.channels[INGEST], AUTHORIZE_UPLOAD, request)
         # Allowed or not depends on the leases the stream fuzzing obtained: not checked.
         check(outcome, request)
         fleet.tick()
@@ -1086,7 +1090,7 @@ def employee(method: str, case_id: str, expect: grpc.StatusCode, **fields: Any) 
 
 
 def upload(case_id: str, expect: grpc.StatusCode, **fields: Any) -> Case:
-    return Case(case_id, FUZZ_AGENT, AUTHORIZE_UPLOAD, expect, fields)
+    return Case(case_id, INGEST, AUTHORIZE_UPLOAD, expect, fields)
 
 
 def stream(case_id: str, expect: grpc.StatusCode, **fields: Any) -> Case:
@@ -1233,9 +1237,31 @@ CASES = [
     raw_case(
         EMPLOYEE, SELF_SERVICE + "ListMyLaptops", "laptops-unknown-field", OK, b"\x98\x06\x01"
     ),
-    upload("upload-for-another", DENIED, agent_id=GOOD),
-    upload("upload-for-nobody", DENIED),
+    # Only the ingest gateway asks, for any agent; an agent may not, even for itself.
+    Case("upload-by-an-agent", FUZZ_AGENT, AUTHORIZE_UPLOAD, DENIED, {"agent_id": FUZZ_AGENT}),
+    upload("upload-for-nobody", OK),
     upload("upload-max-count", OK, agent_id=FUZZ_AGENT, event_count=2**64 - 1),
+    Case(
+        "batches-over-the-cap",
+        INGEST,
+        "/killswitch.v1.Ingest/AuthorizeBatches",
+        INVALID,
+        {"checks": [pb.BatchCheck(agent_id=FUZZ_AGENT)] * 501},
+    ),
+    Case(
+        "accepted-year-10000",
+        INGEST,
+        "/killswitch.v1.Ingest/RecordAccepted",
+        INVALID,
+        {"batches": [pb.AcceptedBatch(agent_id=FUZZ_AGENT, last_event_at=ts(253402300800))]},
+    ),
+    Case(
+        "accepted-by-an-agent",
+        FUZZ_AGENT,
+        "/killswitch.v1.Ingest/RecordAccepted",
+        DENIED,
+        {"batches": [pb.AcceptedBatch(agent_id=FUZZ_AGENT, event_count=1)]},
+    ),
     stream("stream-ack-first", CONFLICT, ack=pb.Ack(epoch=1)),
     stream("stream-empty-first", CONFLICT),
     stream("stream-claims-another", DENIED, hello=hello_as(GOOD)),
@@ -1385,7 +1411,7 @@ def test_metadata_over_the_hard_limit_is_refused(fleet: Fleet) -> None:
         [("x-big", "a" * (hard + 1024))],
         [(f"x-many-{n}", "b" * 1000) for n in range(20)],
     ]:
-        for identity, path in [(IC, OPERATOR + "ListHolds"), (FUZZ_AGENT, AUTHORIZE_UPLOAD)]:
+        for identity, path in [(IC, OPERATOR + "ListHolds"), (INGEST, AUTHORIZE_UPLOAD)]:
             outcome = unary(fleet.channels[identity], path, b"", metadata=metadata)
             check(outcome, path)
             assert outcome.code is TOO_BIG and "metadata" in outcome.details, outcome
@@ -1416,20 +1442,11 @@ def test_calls_in_flight_are_capped_per_certificate(fleet: Fleet) -> None:
         assert extra.code is TOO_BIG, extra
         assert f"already has {limit} calls in flight" in extra.details, extra
         check(extra, "call over the cap")
-        over_unary = unary(
-            fleet.channels[CROWD], AUTHORIZE_UPLOAD, pb.AuthorizeUploadRequest(agent_id=CROWD)
-        )
+        over_unary = unary(fleet.channels[CROWD], HEALTH_CHECK, b"")
         assert over_unary.code is TOO_BIG, over_unary
         # Everyone else is still served, the well-behaved agent keeps its stream.
         assert unary(fleet.channels[IC], OPERATOR + "ListHolds", b"").code is OK
-        assert (
-            unary(
-                fleet.channels[FUZZ_AGENT],
-                AUTHORIZE_UPLOAD,
-                pb.AuthorizeUploadRequest(agent_id=FUZZ_AGENT),
-            ).code
-            is OK
-        )
+        assert unary(fleet.channels[FUZZ_AGENT], HEALTH_CHECK, b"").code is OK
         fleet.assert_serving()
     finally:
         release.set()
@@ -1442,12 +1459,7 @@ def test_calls_in_flight_are_capped_per_certificate(fleet: Fleet) -> None:
     assert all(s.code() is OK for s in held), [s.code() for s in held]
     # Released: the same certificate is served again.
     wait_for(
-        lambda: (
-            unary(
-                fleet.channels[CROWD], AUTHORIZE_UPLOAD, pb.AuthorizeUploadRequest(agent_id=CROWD)
-            ).code
-            is OK
-        ),
+        lambda: unary(fleet.channels[CROWD], HEALTH_CHECK, b"").code is OK,
         5,
         "the certificate's calls to be released",
     )

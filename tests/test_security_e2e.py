@@ -20,7 +20,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.identity import Role
 from control.pki import Authority, load_identity, write_identity
-from control.rpc.authz import POLICY, action_name
+from control.rpc.authz import GATEWAY_POLICY, POLICY, action_name
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
 
 ROLE_IDENTITIES = {
@@ -30,11 +30,13 @@ ROLE_IDENTITIES = {
     Role.AUTOMATION: "automation-1",
     Role.EMPLOYEE: "employee-1",
     Role.AGENT: "laptop-matrix",
+    Role.INGEST: "ingest-1",
 }
 OUR_METHODS = [
     (f"/{service.full_name}/{method.name}", method)
     for service in pb.DESCRIPTOR.services_by_name.values()
-    if service.name != "Enrollment"  # its own port: the join token is the credential
+    # Their own ports: the join token is the credential; the gateway serves agents.
+    if service.name not in {"Enrollment", "IngestGateway"}
     for method in service.methods
 ]
 STANDARD_METHODS = [
@@ -108,6 +110,11 @@ def test_every_rpc_is_in_the_policy() -> None:
     """Deny by default means a new RPC does nothing until someone lists who may call it."""
     assert sorted(path for path, _ in ALL_METHODS) == sorted(POLICY)
     assert len(OUR_METHODS) == sum(p.startswith("/killswitch.v1.") for p in POLICY)
+    gateway = pb.DESCRIPTOR.services_by_name["IngestGateway"]
+    assert sorted(f"/{gateway.full_name}/{m.name}" for m in gateway.methods) == sorted(
+        GATEWAY_POLICY
+    )
+    assert all(rule.roles == {Role.AGENT} for rule in GATEWAY_POLICY.values())
 
 
 @pytest.mark.parametrize("role", list(Role), ids=lambda r: r.value)
@@ -144,6 +151,7 @@ README_ROLE_COLUMNS = [
     Role.AUTOMATION,
     Role.EMPLOYEE,
     Role.AGENT,
+    Role.INGEST,
 ]
 
 
@@ -242,15 +250,14 @@ def test_an_agent_speaks_only_for_itself(server: ServerProcess, cli: Cli, tmp_pa
             request_serializer=pb.AuthorizeUploadRequest.SerializeToString,
             response_deserializer=pb.AuthorizeUploadResponse.FromString,
         )
+        # Not even for itself: only the ingest gateway asks whether a batch may land.
         with pytest.raises(grpc.RpcError) as info:
-            upload(pb.AuthorizeUploadRequest(agent_id="laptop-victim"), timeout=10)
+            upload(pb.AuthorizeUploadRequest(agent_id="laptop-honest"), timeout=10)
         assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "role agent may not call Ingest.AuthorizeUpload" in (info.value.details() or "")
     entries = cli.as_("sre-1").json("audit")
     claims = [e for e in entries if e["target"] == "" and "laptop-victim" in e["result"]]
-    assert {e["action"] for e in claims} == {
-        "AgentControl.Connect",
-        "Ingest.AuthorizeUpload",
-    }
+    assert {e["action"] for e in claims} == {"AgentControl.Connect"}
     assert all(e["actor"] == "laptop-honest" for e in claims)
 
 

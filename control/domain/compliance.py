@@ -127,6 +127,11 @@ class AgentStatus:
     # may capture until then).
     lease_expires_at: float | None = None
     uploads_refused: int = 0
+    # What the ingest gateway wrote to its sink: events of batches dated after the
+    # agent's newest stop (0 expected: the gateway refuses them; counted from that stop),
+    # and the newest capture time accepted.
+    events_accepted_after_pause: int = 0
+    last_accepted_event_at: float | None = None
     # Evidence that capture continued after a stop was claimed. Sticky: only an
     # operator clears it.
     violation: str = ""
@@ -194,6 +199,7 @@ class AgentStatus:
         self.channels, self.report = dict(channels), report
         if mode is Mode.PAUSED and self.stopped_at is None:
             self.stopped_at, self.ack_report = at, report
+            self.events_accepted_after_pause = 0
         elif mode is Mode.ALLOWED and desired.mode is Mode.ALLOWED:
             self.stopped_at = None  # allowed again: the next pause starts a new baseline
         self.purged_events, self.quarantined_events = purged, quarantined
@@ -303,6 +309,38 @@ class AgentStatus:
         if not decision.allowed:
             self.uploads_refused += 1
         return decision
+
+    def record_accepted(self, sequence: int, count: int, last_event_at: float, at: float) -> None:
+        """The ingest gateway wrote a batch to its sink: data landed. Dated after the stop
+        (beyond the skew allowance) it is the strongest evidence there is."""
+        if self.last_accepted_event_at is None or last_event_at > self.last_accepted_event_at:
+            self.last_accepted_event_at = last_event_at
+        if self.stopped_at is None or last_event_at <= self.stopped_at:
+            return
+        self.events_accepted_after_pause += count
+        if last_event_at > self.stopped_at + CLOCK_SKEW_ALLOWANCE:
+            self.flag_violation(
+                f"ingest gateway accepted batch {sequence} of {count} events dated up to"
+                f" {iso(last_event_at)}, after its pause took effect at {iso(self.stopped_at)}",
+                at,
+            )
+
+    def record_gateway_refusal(
+        self,
+        sequence: int,
+        count: int,
+        *,
+        captured: tuple[float, float],
+        reason: str,
+        at: float,
+    ) -> None:
+        """The gateway refused a batch for what only it can see (events after the stop,
+        beyond the agent's measured skew): the upload itself is the evidence."""
+        self.flag_violation(
+            f"ingest gateway refused batch {sequence} of {count} events captured"
+            f" {iso(captured[0])} to {iso(captured[1])}: {reason}",
+            at,
+        )
 
 
 def _offline(

@@ -31,6 +31,8 @@ class Role(StrEnum):
     AUTOMATION = "automation"
     AGENT = "agent"
     EMPLOYEE = "employee"
+    # The ingest gateway (`killswitch ingest`): asks whether agents' batches may land.
+    INGEST = "ingest"
 
 
 def parse_role(text: str) -> Role:

@@ -30,6 +30,7 @@ DEFAULT_MAX_CALLS_PER_IDENTITY = 16
 
 IC, APPROVER, SRE = Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE
 AGENT, EMPLOYEE, AUTOMATION = Role.AGENT, Role.EMPLOYEE, Role.AUTOMATION
+INGEST = Role.INGEST
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,12 @@ _READ = _rule(IC, APPROVER, SRE, mutates=False)
 # The role x operation matrix. The README's table is checked against this one.
 POLICY: Mapping[str, Rule] = {
     "/killswitch.v1.AgentControl/Connect": _rule(AGENT, mutates=True),
-    "/killswitch.v1.Ingest/AuthorizeUpload": _rule(AGENT, mutates=False),
+    # Only the ingest gateway asks whether a batch may land, for any agent: an agent
+    # never authorizes its own upload. Not audited per call (hundreds a second); what
+    # they find is violation evidence, written to the evidence ledger.
+    "/killswitch.v1.Ingest/AuthorizeUpload": _rule(INGEST, mutates=False),
+    "/killswitch.v1.Ingest/AuthorizeBatches": _rule(INGEST, mutates=False),
+    "/killswitch.v1.Ingest/RecordAccepted": _rule(INGEST, mutates=False),
     _OPERATOR + "CreateHold": _rule(IC, mutates=True),
     _OPERATOR + "RequestResume": _rule(IC, mutates=True),
     _OPERATOR + "EditResumeRequest": _rule(IC, mutates=True),
@@ -85,6 +91,11 @@ POLICY: Mapping[str, Rule] = {
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _rule(
         IC, APPROVER, SRE, mutates=False
     ),
+}
+
+# What `killswitch ingest` serves on its own port: agents upload there, as themselves.
+GATEWAY_POLICY: Mapping[str, Rule] = {
+    "/killswitch.v1.IngestGateway/UploadBatch": _rule(AGENT, mutates=False),
 }
 
 _current_principal: ContextVar[Principal] = ContextVar("killswitch_principal")

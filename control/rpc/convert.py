@@ -150,6 +150,8 @@ def agent_to_pb(view: AgentView) -> pb.AgentRecord:
         verified_at=timestamp(status.verified_at),
         uploads_refused=status.uploads_refused,
         reported_labels=status.reported_labels or {},
+        events_accepted_after_pause=status.events_accepted_after_pause,
+        last_accepted_event_at=timestamp(status.last_accepted_event_at),
     )
 
 

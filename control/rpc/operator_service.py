@@ -26,6 +26,7 @@ from control.errors import (
     one_line,
 )
 from control.governance import Governance
+from control.ingest_checks import Accepted, Check, authorize_batches, record_accepted
 from control.plane import ControlPlane
 from control.rpc.authz import current_action, current_call_mutates, current_principal
 from control.rpc.convert import (
@@ -369,7 +370,7 @@ class DashboardService(pb_grpc.DashboardServicer):
 
 
 class IngestService(pb_grpc.IngestServicer):
-    """Asked before a batch of captured events is accepted; an agent asks only for itself."""
+    """Asked by the ingest gateway (role ``ingest``) before a batch lands, for any agent."""
 
     def __init__(self, plane: ControlPlane, governance: Governance) -> None:
         self._plane = plane
@@ -379,11 +380,6 @@ class IngestService(pb_grpc.IngestServicer):
     async def AuthorizeUpload(  # noqa: N802
         self, request: pb.AuthorizeUploadRequest, context: Context
     ) -> pb.AuthorizeUploadResponse:
-        caller = current_principal()
-        if request.agent_id != caller.name:
-            raise PermissionDenied(
-                f"agent {caller.name} cannot ask on behalf of {request.agent_id[:100]!r}"
-            )
         decision = self._plane.authorize_upload(
             request.agent_id,
             seconds(request.first_event_at),
@@ -391,6 +387,50 @@ class IngestService(pb_grpc.IngestServicer):
             request.event_count,
         )
         return pb.AuthorizeUploadResponse(allowed=decision.allowed, reason=decision.reason)
+
+    @translate_errors
+    async def AuthorizeBatches(  # noqa: N802
+        self, request: pb.AuthorizeBatchesRequest, context: Context
+    ) -> pb.AuthorizeBatchesResponse:
+        checks = [
+            Check(
+                c.agent_id,
+                c.sequence,
+                seconds(c.first_event_at),
+                seconds(c.last_event_at),
+                c.event_count,
+                c.refused_by_gateway,
+            )
+            for c in request.checks
+        ]
+        verdicts = authorize_batches(self._plane, checks)
+        return pb.AuthorizeBatchesResponse(
+            verdicts=[
+                pb.BatchVerdict(
+                    allowed=v.allowed,
+                    reason=v.reason,
+                    epoch=v.epoch,
+                    stopped_at=timestamp(v.stopped_at),
+                    lease_expires_at=timestamp(v.lease_expires_at),
+                    keep_spool=v.keep_spool,
+                )
+                for v in verdicts
+            ],
+            epoch=self._plane.epoch,
+        )
+
+    @translate_errors
+    async def RecordAccepted(  # noqa: N802
+        self, request: pb.RecordAcceptedRequest, context: Context
+    ) -> pb.RecordAcceptedResponse:
+        record_accepted(
+            self._plane,
+            [
+                Accepted(b.agent_id, b.sequence, b.event_count, seconds(b.last_event_at))
+                for b in request.batches
+            ],
+        )
+        return pb.RecordAcceptedResponse()
 
 
 class EnrollmentService(pb_grpc.EnrollmentServicer):

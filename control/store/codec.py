@@ -78,6 +78,8 @@ _STATUS_COLUMNS = (
     "verified_at",
     "lease_expires_at",
     "uploads_refused",
+    "events_accepted_after_pause",
+    "last_accepted_event_at",
     "violation",
     "violation_at",
     # The stream as its replica saw it when writing: what other replicas show.

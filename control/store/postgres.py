@@ -363,6 +363,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX agent_labels_by_version ON agent_labels (version);
     """,
+    # ---- issue 14 (ingest gateway): renumber at merge if another migration lands first.
+    # Version 11: what the ingest gateway reported landing in its sink, per agent: events
+    # dated after the agent's newest stop (0 expected), and the newest capture time.
+    """
+    ALTER TABLE agents ADD COLUMN events_accepted_after_pause BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN last_accepted_event_at DOUBLE PRECISION;
+    """,
 ]
 
 

@@ -271,6 +271,13 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO label_counter (id, version) VALUES (1, 0);
     """,
+    # ---- issue 14 (ingest gateway): renumber at merge if another migration lands first.
+    # What the ingest gateway reported landing in its sink, per agent: events dated after
+    # the agent's newest stop (0 expected), and the newest capture time accepted.
+    """
+    ALTER TABLE agents ADD COLUMN events_accepted_after_pause INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN last_accepted_event_at REAL;
+    """,
 ]
 
 

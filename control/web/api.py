@@ -88,6 +88,8 @@ def row(view: AgentView) -> dict[str, Any]:
         "events_captured_total": status.report.events_total,
         "spool_events": status.report.spool_events,
         "uploads_refused": status.uploads_refused,
+        "events_accepted_after_pause": status.events_accepted_after_pause,
+        "last_accepted_event_at": iso(status.last_accepted_event_at),
         "reported_labels": dict(sorted((status.reported_labels or {}).items())),
         "label_mismatch": mismatch_json(view.labels, status.reported_labels),
     }
@@ -149,6 +151,8 @@ CSV_COLUMNS = (
     "events_captured_total",
     "spool_events",
     "uploads_refused",
+    "events_accepted_after_pause",
+    "last_accepted_event_at",
 )
 # A spreadsheet runs a cell starting with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -198,6 +202,7 @@ SORT_KEYS: dict[str, Callable[[Snap], Any]] = {
     "events_captured_total": lambda a: a[3].report.events_total,
     "spool_events": lambda a: a[3].report.spool_events,
     "uploads_refused": lambda a: a[3].uploads_refused,
+    "events_accepted_after_pause": lambda a: a[3].events_accepted_after_pause,
 }
 
 

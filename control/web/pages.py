@@ -32,6 +32,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("events_captured_total", "Events"),
     ("spool_events", "Spool"),
     ("uploads_refused", "Refused"),
+    ("events_accepted_after_pause", "After pause"),
 ]
 assert all(key in SORT_KEYS for key, _ in COLUMNS)
 TTC_HELP = (
@@ -365,7 +366,8 @@ def agent_row(data: Mapping[str, Any], now: float) -> str:
         f"<td>{e(data['applied_epoch'])}/{e(data['desired_epoch'])}</td>"
         f'<td class="num">{e(data["events_captured_total"])}</td>'
         f'<td class="num">{e(data["spool_events"])}</td>'
-        f'<td class="num">{e(data["uploads_refused"])}</td></tr>'
+        f'<td class="num">{e(data["uploads_refused"])}</td>'
+        f'<td class="num">{e(data["events_accepted_after_pause"])}</td></tr>'
     )
 
 
@@ -440,6 +442,8 @@ FACTS: list[tuple[str, str]] = [
     ("purged_events", "Purged at the ack"),
     ("quarantined_events", "Quarantined at the ack"),
     ("uploads_refused", "Uploads refused"),
+    ("events_accepted_after_pause", "Events accepted after the pause"),
+    ("last_accepted_event_at", "Last accepted capture"),
     ("last_event_at", "Last event captured"),
 ]
 

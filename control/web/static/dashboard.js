@@ -122,6 +122,7 @@
         node("td", r.events_captured_total, "num"),
         node("td", r.spool_events, "num"),
         node("td", r.uploads_refused, "num"),
+        node("td", r.events_accepted_after_pause, "num"),
       );
       frag.append(tr);
     }

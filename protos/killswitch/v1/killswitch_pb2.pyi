@@ -961,6 +961,8 @@ class AgentRecord(_message.Message):
     VERIFIED_AT_FIELD_NUMBER: _builtins.int
     UPLOADS_REFUSED_FIELD_NUMBER: _builtins.int
     REPORTED_LABELS_FIELD_NUMBER: _builtins.int
+    EVENTS_ACCEPTED_AFTER_PAUSE_FIELD_NUMBER: _builtins.int
+    LAST_ACCEPTED_EVENT_AT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     mode: Global___Mode.ValueType
     state: _builtins.str
@@ -971,6 +973,10 @@ class AgentRecord(_message.Message):
     events_captured_total: _builtins.int
     spool_events: _builtins.int
     uploads_refused: _builtins.int
+    events_accepted_after_pause: _builtins.int
+    """From the ingest gateway's reports of what landed in its sink: events of batches
+    dated after the agent's newest stop (0 expected), and the newest capture time.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -996,6 +1002,8 @@ class AgentRecord(_message.Message):
         cover it; a difference is shown, never obeyed.
         """
 
+    @_builtins.property
+    def last_accepted_event_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -1018,10 +1026,12 @@ class AgentRecord(_message.Message):
         verified_at: _timestamp_pb2.Timestamp | None = ...,
         uploads_refused: _builtins.int = ...,
         reported_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        events_accepted_after_pause: _builtins.int = ...,
+        last_accepted_event_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "since", b"since", "verified_at", b"verified_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "directive_sent_at", b"directive_sent_at", "last_accepted_event_at", b"last_accepted_event_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "since", b"since", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "reported_labels", b"reported_labels", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "agent_id", b"agent_id", "applied_epoch", b"applied_epoch", "connected", b"connected", "desired_epoch", b"desired_epoch", "directive_sent_at", b"directive_sent_at", "events_accepted_after_pause", b"events_accepted_after_pause", "events_captured_total", b"events_captured_total", "hold_ids", b"hold_ids", "labels", b"labels", "last_accepted_event_at", b"last_accepted_event_at", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "mode", b"mode", "reason", b"reason", "reported_labels", b"reported_labels", "since", b"since", "spool_events", b"spool_events", "state", b"state", "uploads_refused", b"uploads_refused", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2031,6 +2041,303 @@ class AuthorizeUploadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuthorizeUploadResponse: _TypeAlias = AuthorizeUploadResponse  # noqa: Y015
+
+@_typing.final
+class BatchCheck(_message.Message):
+    """What the ingest gateway (`killswitch ingest`, role `ingest`) asks about one batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    FIRST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_GATEWAY_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    sequence: _builtins.int
+    """The agent's per-agent sequence number of the batch."""
+    event_count: _builtins.int
+    refused_by_gateway: _builtins.str
+    """Set when the gateway itself refused the batch (a replayed or out-of-order sequence,
+    events dated in the future or after the agent's stop): the control plane records it
+    as VIOLATION evidence and answers not allowed.
+    """
+    @_builtins.property
+    def first_event_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_event_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        first_event_at: _timestamp_pb2.Timestamp | None = ...,
+        last_event_at: _timestamp_pb2.Timestamp | None = ...,
+        event_count: _builtins.int = ...,
+        refused_by_gateway: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_event_at", b"first_event_at", "last_event_at", b"last_event_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "event_count", b"event_count", "first_event_at", b"first_event_at", "last_event_at", b"last_event_at", "refused_by_gateway", b"refused_by_gateway", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCheck: _TypeAlias = BatchCheck  # noqa: Y015
+
+@_typing.final
+class BatchVerdict(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    STOPPED_AT_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    KEEP_SPOOL_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    reason: _builtins.str
+    epoch: _builtins.int
+    """The epoch this verdict was decided at: a cached verdict never outlives a newer one."""
+    keep_spool: _builtins.bool
+    """Paused by holds that all ask to keep the spool (`pause --keep-spool`): the gateway
+    quarantines the refused batch for forensics instead of dropping it.
+    """
+    @_builtins.property
+    def stopped_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent's pause took effect (its first pause ack), while it is paused: no
+        event captured after it (plus the agent's measured skew) is ever accepted.
+        """
+
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The agent's lease expiry as the control plane knows it: a cached "allowed" is never
+        reused past it.
+        """
+
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        stopped_at: _timestamp_pb2.Timestamp | None = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        keep_spool: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "stopped_at", b"stopped_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "epoch", b"epoch", "keep_spool", b"keep_spool", "lease_expires_at", b"lease_expires_at", "reason", b"reason", "stopped_at", b"stopped_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchVerdict: _TypeAlias = BatchVerdict  # noqa: Y015
+
+@_typing.final
+class AuthorizeBatchesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchCheck]: ...
+    def __init__(
+        self,
+        *,
+        checks: _abc.Iterable[Global___BatchCheck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeBatchesRequest: _TypeAlias = AuthorizeBatchesRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizeBatchesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICTS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    @_builtins.property
+    def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchVerdict]:
+        """One per check, in order."""
+
+    def __init__(
+        self,
+        *,
+        verdicts: _abc.Iterable[Global___BatchVerdict] | None = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "verdicts", b"verdicts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeBatchesResponse: _TypeAlias = AuthorizeBatchesResponse  # noqa: Y015
+
+@_typing.final
+class AcceptedBatch(_message.Message):
+    """What the gateway wrote to its sink, for the per-laptop views and the fleet metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_AT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    sequence: _builtins.int
+    event_count: _builtins.int
+    @_builtins.property
+    def last_event_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+        last_event_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_event_at", b"last_event_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "event_count", b"event_count", "last_event_at", b"last_event_at", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptedBatch: _TypeAlias = AcceptedBatch  # noqa: Y015
+
+@_typing.final
+class RecordAcceptedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcceptedBatch]: ...
+    def __init__(
+        self,
+        *,
+        batches: _abc.Iterable[Global___AcceptedBatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordAcceptedRequest: _TypeAlias = RecordAcceptedRequest  # noqa: Y015
+
+@_typing.final
+class RecordAcceptedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordAcceptedResponse: _TypeAlias = RecordAcceptedResponse  # noqa: Y015
+
+@_typing.final
+class CaptureEvent(_message.Message):
+    """------------------------------------------------------------- ingest gateway
+
+    One captured event as an agent uploads it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURED_AT_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    """keyboard, mouse or screen."""
+    payload: _builtins.bytes
+    @_builtins.property
+    def captured_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        captured_at: _timestamp_pb2.Timestamp | None = ...,
+        channel: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "channel", b"channel", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureEvent: _TypeAlias = CaptureEvent  # noqa: Y015
+
+@_typing.final
+class UploadBatchRequest(_message.Message):
+    """A batch of an agent's captured events, uploaded to `killswitch ingest` over mTLS with
+    the agent's own certificate.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    sequence: _builtins.int
+    """Per agent, starting at 1 and going up by one: a replay or a gap is refused."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureEvent]: ...
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """The agent's wall clock when it sent the batch: the gateway measures its skew."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        events: _abc.Iterable[Global___CaptureEvent] | None = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "events", b"events", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBatchRequest: _TypeAlias = UploadBatchRequest  # noqa: Y015
+
+@_typing.final
+class UploadBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NEXT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    reason: _builtins.str
+    next_sequence: _builtins.int
+    """The sequence number the gateway expects next from this agent."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        next_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "next_sequence", b"next_sequence", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBatchResponse: _TypeAlias = UploadBatchResponse  # noqa: Y015
 
 @_typing.final
 class CreateDashboardSessionRequest(_message.Message):

@@ -1032,12 +1032,36 @@ class IngestStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeBatches = channel.unary_unary(
+                '/killswitch.v1.Ingest/AuthorizeBatches',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeBatchesRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeBatchesResponse.FromString,
+                _registered_method=True)
+        self.RecordAccepted = channel.unary_unary(
+                '/killswitch.v1.Ingest/RecordAccepted',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
     """Missing associated documentation comment in .proto file."""
 
     def AuthorizeUpload(self, request, context):
+        """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
+        pre-gateway uploader until it moves to the gateway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuthorizeBatches(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordAccepted(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1050,6 +1074,16 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.AuthorizeUpload,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadResponse.SerializeToString,
+            ),
+            'AuthorizeBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeBatches,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeBatchesRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.AuthorizeBatchesResponse.SerializeToString,
+            ),
+            'RecordAccepted': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordAccepted,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1079,6 +1113,135 @@ class Ingest:
             '/killswitch.v1.Ingest/AuthorizeUpload',
             killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.AuthorizeUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Ingest/AuthorizeBatches',
+            killswitch_dot_v1_dot_killswitch__pb2.AuthorizeBatchesRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.AuthorizeBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordAccepted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Ingest/RecordAccepted',
+            killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class IngestGatewayStub:
+    """Served by `killswitch ingest`, never by the control server.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadBatch = channel.unary_unary(
+                '/killswitch.v1.IngestGateway/UploadBatch',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.UploadBatchRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.UploadBatchResponse.FromString,
+                _registered_method=True)
+
+
+class IngestGatewayServicer:
+    """Served by `killswitch ingest`, never by the control server.
+    """
+
+    def UploadBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IngestGatewayServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadBatch,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.UploadBatchRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.UploadBatchResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.IngestGateway', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.IngestGateway', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IngestGateway:
+    """Served by `killswitch ingest`, never by the control server.
+    """
+
+    @staticmethod
+    def UploadBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.IngestGateway/UploadBatch',
+            killswitch_dot_v1_dot_killswitch__pb2.UploadBatchRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.UploadBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -320,11 +320,21 @@ class IngestStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IngestAsyncStub: ...
     AuthorizeUpload: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeUploadRequest, _killswitch_pb2.AuthorizeUploadResponse]
+    """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
+    pre-gateway uploader until it moves to the gateway.
+    """
+    AuthorizeBatches: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeBatchesRequest, _killswitch_pb2.AuthorizeBatchesResponse]
+    RecordAccepted: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RecordAcceptedRequest, _killswitch_pb2.RecordAcceptedResponse]
 
 @_typing.type_check_only
 class IngestAsyncStub(IngestStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AuthorizeUpload: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeUploadRequest, _killswitch_pb2.AuthorizeUploadResponse]  # type: ignore[assignment]
+    """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
+    pre-gateway uploader until it moves to the gateway.
+    """
+    AuthorizeBatches: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeBatchesRequest, _killswitch_pb2.AuthorizeBatchesResponse]  # type: ignore[assignment]
+    RecordAccepted: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RecordAcceptedRequest, _killswitch_pb2.RecordAcceptedResponse]  # type: ignore[assignment]
 
 class IngestServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -332,9 +342,54 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _killswitch_pb2.AuthorizeUploadRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_killswitch_pb2.AuthorizeUploadResponse, _abc.Awaitable[_killswitch_pb2.AuthorizeUploadResponse]]: ...
+    ) -> _typing.Union[_killswitch_pb2.AuthorizeUploadResponse, _abc.Awaitable[_killswitch_pb2.AuthorizeUploadResponse]]:
+        """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
+        pre-gateway uploader until it moves to the gateway.
+        """
+
+    @_abc_1.abstractmethod
+    def AuthorizeBatches(
+        self,
+        request: _killswitch_pb2.AuthorizeBatchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.AuthorizeBatchesResponse, _abc.Awaitable[_killswitch_pb2.AuthorizeBatchesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RecordAccepted(
+        self,
+        request: _killswitch_pb2.RecordAcceptedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.RecordAcceptedResponse, _abc.Awaitable[_killswitch_pb2.RecordAcceptedResponse]]: ...
 
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class IngestGatewayStub:
+    """Served by `killswitch ingest`, never by the control server."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> IngestGatewayAsyncStub: ...
+    UploadBatch: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.UploadBatchRequest, _killswitch_pb2.UploadBatchResponse]
+
+@_typing.type_check_only
+class IngestGatewayAsyncStub(IngestGatewayStub):
+    """Served by `killswitch ingest`, never by the control server."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    UploadBatch: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.UploadBatchRequest, _killswitch_pb2.UploadBatchResponse]  # type: ignore[assignment]
+
+class IngestGatewayServicer(metaclass=_abc_1.ABCMeta):
+    """Served by `killswitch ingest`, never by the control server."""
+
+    @_abc_1.abstractmethod
+    def UploadBatch(
+        self,
+        request: _killswitch_pb2.UploadBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.UploadBatchResponse, _abc.Awaitable[_killswitch_pb2.UploadBatchResponse]]: ...
+
+def add_IngestGatewayServicer_to_server(servicer: IngestGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class DashboardStub:
     """The web dashboard has no client certificates: a CLI user with an identity asks for

@@ -1,0 +1,147 @@
+"""What the gateway checks by itself, before and after asking the control plane.
+
+Pure functions and a small cache, so each rule is tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from control.domain.compliance import CLOCK_SKEW_ALLOWANCE
+
+# Size caps: a batch is 30 s of one laptop's capture; anything near these is not.
+MAX_EVENTS_PER_BATCH = 5_000
+MAX_BATCH_PAYLOAD_BYTES = 1024 * 1024
+# Whatever an agent's clock says, its events are never given more benefit of the
+# doubt than this (seconds): a liar claiming a skewed clock gains at most this much.
+MAX_SKEW_ALLOWANCE = 10.0
+# A cached "allowed" is reused for at most this long (and never past its lease).
+VERDICT_TTL_SECONDS = 1.0
+
+
+class Refusal(Exception):
+    """A batch refused before the control plane is asked; ``code`` names the gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What the checks need of a batch (the request, decoded)."""
+
+    agent_id: str
+    sequence: int
+    captured_at: Sequence[float]
+    payload_bytes: int
+    sent_at: float
+
+
+def skew_allowance(sent_at: float, received_at: float) -> float:
+    """How far this agent's clock may be off, measured on this batch: the gap between
+    when it says it sent and when we received, plus the plane's usual allowance, capped."""
+    return min(abs(sent_at - received_at) + CLOCK_SKEW_ALLOWANCE, MAX_SKEW_ALLOWANCE)
+
+
+def check_shape(batch: BatchShape, received_at: float) -> float:
+    """Size, emptiness and dates; returns the batch's skew allowance."""
+    count = len(batch.captured_at)
+    if count == 0:
+        raise Refusal("INVALID_ARGUMENT", "empty batch: send at least one event")
+    if batch.sequence < 1:
+        raise Refusal("INVALID_ARGUMENT", "sequence numbers start at 1")
+    if count > MAX_EVENTS_PER_BATCH:
+        raise Refusal(
+            "RESOURCE_EXHAUSTED",
+            f"batch of {count} events: at most {MAX_EVENTS_PER_BATCH} per batch",
+        )
+    if batch.payload_bytes > MAX_BATCH_PAYLOAD_BYTES:
+        raise Refusal(
+            "RESOURCE_EXHAUSTED",
+            f"batch payload of {batch.payload_bytes} bytes:"
+            f" at most {MAX_BATCH_PAYLOAD_BYTES} per batch",
+        )
+    if batch.sent_at <= 0:
+        raise Refusal("INVALID_ARGUMENT", "sent_at missing: the gateway measures the clock with it")
+    allowance = skew_allowance(batch.sent_at, received_at)
+    latest = max(batch.captured_at)
+    if latest > received_at + allowance:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"event dated {latest - received_at:.1f} s in the future"
+            f" (clock allowance {allowance:.1f} s): fix the laptop's clock",
+        )
+    if min(batch.captured_at) <= 0:
+        raise Refusal("INVALID_ARGUMENT", "every event needs its capture time")
+    return allowance
+
+
+def sequence_refusal(sequence: int, expected: int) -> str:
+    """Why ``sequence`` is not the one expected, or '' when it is."""
+    if sequence == expected:
+        return ""
+    if sequence < expected:
+        return f"sequence {sequence} is a replay: batches up to {expected - 1} are already in"
+    return f"sequence {sequence} skips ahead: the next expected is {expected}"
+
+
+def after_stop_refusal(last_event_at: float, stopped_at: float | None, allowance: float) -> str:
+    """Why a batch holds events captured after the agent's stop, or '' when it does not."""
+    if stopped_at is None or last_event_at <= stopped_at + allowance:
+        return ""
+    return (
+        f"events captured up to {last_event_at - stopped_at:.1f} s after the agent stopped"
+        f" (clock allowance {allowance:.1f} s)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CachedVerdict:
+    epoch: int
+    # When this "allowed" may no longer be reused (gateway clock).
+    reusable_until: float
+
+
+class VerdictCache:
+    """Recent "allowed" verdicts per agent, so a burst costs one question.
+
+    Bounded by time (``VERDICT_TTL_SECONDS``, and never past the lease the verdict came
+    with) and by epoch: once any answer shows a newer epoch (a hold changed), every
+    verdict from before it is dropped. Refusals are never cached: each one is counted
+    and checked by the control plane.
+    """
+
+    def __init__(self, ttl: float = VERDICT_TTL_SECONDS) -> None:
+        self._ttl = ttl
+        self._allowed: dict[str, CachedVerdict] = {}
+        self._epoch = 0
+
+    def allowed(self, agent_id: str, now: float) -> bool:
+        cached = self._allowed.get(agent_id)
+        if cached is None:
+            return False
+        if cached.epoch < self._epoch or now >= cached.reusable_until:
+            del self._allowed[agent_id]
+            return False
+        return True
+
+    def saw_epoch(self, epoch: int) -> None:
+        if epoch > self._epoch:
+            self._epoch = epoch
+            self._allowed.clear()
+
+    def remember(
+        self, agent_id: str, *, epoch: int, lease_expires_at: float | None, now: float
+    ) -> None:
+        self.saw_epoch(epoch)
+        if epoch < self._epoch or lease_expires_at is None:
+            return
+        until = min(now + self._ttl, lease_expires_at)
+        if until > now:
+            self._allowed[agent_id] = CachedVerdict(epoch, until)
+
+    def forget(self, agent_id: str) -> None:
+        self._allowed.pop(agent_id, None)

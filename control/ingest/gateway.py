@@ -1,0 +1,293 @@
+"""The gateway's one RPC, ``IngestGateway.UploadBatch``, and the process that serves it.
+
+Order of checks, each refusing with one clear line and changing nothing:
+the caller's certificate names the agent (PERMISSION_DENIED otherwise); the batch's
+shape, size and dates (INVALID_ARGUMENT / RESOURCE_EXHAUSTED); its sequence is exactly
+the next one (refused in the answer, with ``next_sequence``); the control plane's
+verdict (paused, lease-less: refused; no answer: UNAVAILABLE); no event after the
+agent's stop beyond its measured clock allowance (refused, and reported to the
+control plane as violation evidence). Only then is the batch written and fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from killswitch.v1 import killswitch_pb2 as pb
+from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+
+from control.addresses import require_loopback, split_host_port
+from control.domain.identity import Principal
+from control.errors import InvalidInput, KillswitchError, one_line
+from control.ingest.checks import (
+    MAX_BATCH_PAYLOAD_BYTES,
+    BatchShape,
+    Refusal,
+    VerdictCache,
+    after_stop_refusal,
+    check_shape,
+    sequence_refusal,
+)
+from control.ingest.control_client import ControlClient, ControlUnreachable
+from control.ingest.sink import QUARANTINE_DIR, Sink
+from control.pki import load_identity, principal_from_pem
+from control.rpc.authz import (
+    GATEWAY_POLICY,
+    Authenticator,
+    AuthorizationInterceptor,
+    current_principal,
+)
+from control.rpc.convert import seconds, timestamp
+
+log = structlog.get_logger("killswitch.ingest")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Room for the payload cap and the events' framing; a larger message is refused by gRPC.
+MAX_MESSAGE_BYTES = MAX_BATCH_PAYLOAD_BYTES + 512 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    data_dir: Path
+    listen: str
+    control: Sequence[str]
+    identity_dir: Path | None
+    insecure: bool = False
+
+
+class IngestGatewayService(pb_grpc.IngestGatewayServicer):
+    def __init__(
+        self, sink: Sink, quarantine: Sink, control: ControlClient, clock: Any = time.time
+    ) -> None:
+        self._sink = sink
+        self._quarantine = quarantine
+        self._control = control
+        self._cache = VerdictCache()
+        self._clock = clock
+
+    async def UploadBatch(  # noqa: N802
+        self, request: pb.UploadBatchRequest, context: Context
+    ) -> pb.UploadBatchResponse:
+        caller = current_principal()
+        agent_id = request.agent_id
+        if agent_id != caller.name:
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {caller.name} cannot upload as {agent_id[:100]!r}",
+            )
+        received_at = self._clock()
+        try:
+            self._sink.agent_dir(agent_id)
+            captured = [seconds(e.captured_at) for e in request.events]
+            shape = BatchShape(
+                agent_id,
+                request.sequence,
+                captured,
+                sum(len(e.payload) for e in request.events),
+                seconds(request.sent_at),
+            )
+            allowance = check_shape(shape, received_at)
+        except Refusal as refused:
+            await _abort(context, grpc.StatusCode[refused.code], refused.message)
+        except InvalidInput as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
+        first, last = min(captured), max(captured)
+        async with self._sink.lock(agent_id):
+            expected = self._sink.next_sequence(agent_id)
+            why = sequence_refusal(request.sequence, expected)
+            if why:
+                log.info("batch_refused", agent_id=agent_id, reason=why)
+                return pb.UploadBatchResponse(accepted=False, reason=why, next_sequence=expected)
+            check = pb.BatchCheck(
+                agent_id=agent_id,
+                sequence=request.sequence,
+                first_event_at=timestamp(first),
+                last_event_at=timestamp(last),
+                event_count=len(captured),
+            )
+            refusal, keep = await self._verdict(check, last, allowance, context)
+            record = request.SerializeToString(deterministic=True)
+            if refusal:
+                log.info("batch_refused", agent_id=agent_id, reason=refusal, quarantined=keep)
+                if keep:  # a --keep-spool hold: kept for forensics, never accepted
+                    await self._quarantined(request, record, first, last, received_at)
+                return pb.UploadBatchResponse(
+                    accepted=False, reason=refusal, next_sequence=expected
+                )
+            try:
+                await asyncio.to_thread(
+                    self._sink.write,
+                    agent_id,
+                    request.sequence,
+                    record,
+                    events=len(captured),
+                    first_event_at=first,
+                    last_event_at=last,
+                    received_at=received_at,
+                )
+            except OSError as exc:
+                log.error("sink_write_failed", agent_id=agent_id, error=str(exc))
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, "the sink cannot write now")
+        self._control.report_accepted(
+            pb.AcceptedBatch(
+                agent_id=agent_id,
+                sequence=request.sequence,
+                event_count=len(captured),
+                last_event_at=timestamp(last),
+            )
+        )
+        return pb.UploadBatchResponse(
+            accepted=True, reason="ok", next_sequence=request.sequence + 1
+        )
+
+    async def _quarantined(
+        self,
+        request: pb.UploadBatchRequest,
+        record: bytes,
+        first: float,
+        last: float,
+        received_at: float,
+    ) -> None:
+        try:
+            await asyncio.to_thread(
+                self._quarantine.write,
+                request.agent_id,
+                request.sequence,
+                record,
+                events=len(request.events),
+                first_event_at=first,
+                last_event_at=last,
+                received_at=received_at,
+            )
+        except OSError as exc:  # refused either way; the loss is logged
+            log.error("quarantine_write_failed", agent_id=request.agent_id, error=str(exc))
+
+    async def _verdict(
+        self, check: pb.BatchCheck, last: float, allowance: float, context: Context
+    ) -> tuple[str, bool]:
+        """('', False) when the batch may land, else why not and whether a --keep-spool
+        hold wants it quarantined; aborts UNAVAILABLE when nobody answers."""
+        if self._cache.allowed(check.agent_id, self._clock()):
+            return "", False
+        try:
+            verdict = await self._control.decide(check)
+        except ControlUnreachable as exc:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"nothing accepted: {one_line(exc)}",
+            )
+        self._cache.saw_epoch(verdict.epoch)
+        stopped_at = seconds(verdict.stopped_at) if verdict.HasField("stopped_at") else None
+        after_stop = after_stop_refusal(last, stopped_at, allowance)
+        if after_stop:
+            self._cache.forget(check.agent_id)
+            await self._report_violation(check, after_stop)
+            return after_stop, verdict.keep_spool
+        if not verdict.allowed:
+            self._cache.forget(check.agent_id)
+            return verdict.reason, verdict.keep_spool
+        lease = seconds(verdict.lease_expires_at) if verdict.HasField("lease_expires_at") else None
+        self._cache.remember(
+            check.agent_id, epoch=verdict.epoch, lease_expires_at=lease, now=self._clock()
+        )
+        return "", False
+
+    async def _report_violation(self, check: pb.BatchCheck, why: str) -> None:
+        reported = pb.BatchCheck()
+        reported.CopyFrom(check)
+        reported.refused_by_gateway = why
+        try:
+            await self._control.decide(reported)
+        except ControlUnreachable:
+            # The batch is refused either way; the plane's own check of the first
+            # question (dated after the stop) already flagged what it could.
+            log.error("violation_report_failed", agent_id=check.agent_id, reason=why)
+
+
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _log_denial(principal: Principal | None, action: str, why: str) -> None:
+    who = principal.describe() if principal else "unauthenticated caller"
+    log.warning("upload_denied", caller=who, action=action, reason=why)
+
+
+def _options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+async def serve_gateway(config: GatewayConfig) -> None:
+    """Run until SIGINT/SIGTERM."""
+    if config.insecure:
+        host, port = require_loopback(config.listen, what="ingest")
+        identity = None
+    else:
+        host, port = split_host_port(config.listen, what="ingest")
+        if config.identity_dir is None:
+            raise InvalidInput("--identity DIR is needed (the gateway's ingest-1 identity)")
+        identity = load_identity(config.identity_dir)
+    if not config.control:
+        raise InvalidInput("--control HOST:PORT[,...] is needed")
+    sink = Sink(config.data_dir)
+    control = ControlClient(config.control, identity)
+    interceptor = AuthorizationInterceptor(
+        Authenticator(
+            insecure=identity is None,
+            principal_from_pem=principal_from_pem,
+            is_revoked=lambda serial: False,
+        ),
+        _log_denial,
+        policy=GATEWAY_POLICY,
+    )
+    server = grpc.aio.server(interceptors=[interceptor], options=_options())
+    quarantine = Sink(config.data_dir, QUARANTINE_DIR)
+    pb_grpc.add_IngestGatewayServicer_to_server(
+        IngestGatewayService(sink, quarantine, control), server
+    )
+    address = f"{host}:{port}"
+    if identity is None:
+        bound = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(identity.key_pem, identity.cert_pem)],
+            root_certificates=identity.ca_pem,
+            require_client_auth=True,
+        )
+        bound = server.add_secure_port(address, credentials)
+    if not bound:
+        raise KillswitchError(f"cannot listen on {address} (address in use?)")
+    control.start()
+    await server.start()
+    log.info(
+        "ingest_listening",
+        address=f"{host}:{bound}",
+        control=list(config.control),
+        mtls=identity is not None,
+        sink=str(sink.root),
+    )
+    try:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await server.stop(grace=2)
+        await control.close()

@@ -1,0 +1,108 @@
+"""The control plane's side of the ingest gateway: batched verdicts and accepted reports.
+
+The gateway (``killswitch ingest``, role ``ingest``) asks about many batches in one call.
+Each is decided by the same rule as ever (``ControlPlane.authorize_upload``, that is
+``AgentStatus.decide_upload``), which also counts refusals and flags uploads dated after
+a stop; nothing here decides a second way. What only the gateway can see (events after
+the stop beyond the agent's measured skew) arrives as ``refused_by_gateway`` and
+becomes violation evidence through the plane, durably, like any other.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from control.domain import AgentStatus, Mode
+from control.errors import InvalidInput
+from control.plane import ControlPlane
+
+# One call carries at most this many checks: the gateway batches a few milliseconds'
+# worth (hundreds at 10k agents), and a request stays under the server's message cap.
+MAX_CHECKS_PER_CALL = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    agent_id: str
+    sequence: int
+    first_event_at: float
+    last_event_at: float
+    event_count: int
+    refused_by_gateway: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    epoch: int
+    # Set only while the agent is paused and has acked it.
+    stopped_at: float | None
+    lease_expires_at: float | None
+    # Paused by holds that keep the spool: refused data is quarantined, not dropped.
+    keep_spool: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    agent_id: str
+    sequence: int
+    event_count: int
+    last_event_at: float
+
+
+def _bounded(count: int, what: str) -> None:
+    if count > MAX_CHECKS_PER_CALL:
+        raise InvalidInput(f"{count} {what} in one call: at most {MAX_CHECKS_PER_CALL}")
+
+
+def authorize_batches(plane: ControlPlane, checks: Sequence[Check]) -> list[Verdict]:
+    _bounded(len(checks), "checks")
+    return [_decide(plane, check) for check in checks]
+
+
+def _decide(plane: ControlPlane, check: Check) -> Verdict:
+    if check.refused_by_gateway:
+        reason = check.refused_by_gateway[:300]
+        plane.observe_upload(
+            check.agent_id,
+            lambda status: status.record_gateway_refusal(
+                check.sequence,
+                check.event_count,
+                captured=(check.first_event_at, check.last_event_at),
+                reason=reason,
+                at=plane.now(),
+            ),
+        )
+        return Verdict(False, f"refused by the gateway: {reason}", plane.epoch, None, None)
+    decision = plane.authorize_upload(
+        check.agent_id, check.first_event_at, check.last_event_at, check.event_count
+    )
+    view = plane.agent_view(check.agent_id)
+    if view is None:
+        return Verdict(decision.allowed, decision.reason, plane.epoch, None, None)
+    paused = view.desired.mode is Mode.PAUSED
+    return Verdict(
+        decision.allowed,
+        decision.reason,
+        plane.epoch,
+        view.status.stopped_at if paused else None,
+        view.status.lease_expires_at,
+        keep_spool=paused and not view.desired.purge_spool,
+    )
+
+
+def record_accepted(plane: ControlPlane, batches: Sequence[Accepted]) -> None:
+    """What landed in the gateway's sink, for the per-laptop figures (and as evidence)."""
+    _bounded(len(batches), "accepted batches")
+    for batch in batches:
+        plane.observe_upload(
+            batch.agent_id,
+            functools.partial(_landed, batch=batch, at=plane.now()),
+        )
+
+
+def _landed(status: AgentStatus, *, batch: Accepted, at: float) -> None:
+    status.record_accepted(batch.sequence, batch.event_count, batch.last_event_at, at)

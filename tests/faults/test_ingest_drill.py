@@ -1,0 +1,149 @@
+"""The drill of issue 14: every fault kind against server + ingest gateway + simulator.
+
+The judge is where data lands and what the agents really did: the gateway's sink (read
+through its checksummed records) and the simulator's ground truth, never the server's
+own view alone. Required: every silent liar in VIOLATION within one upload interval
++ 2 s of its first upload after the pause; no honest agent flagged; no event in the sink
+captured after the pause (+ one lease TTL for agents that honour their lease).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from killswitch.v1 import killswitch_pb2 as pb
+
+from control.ingest.sink import SINK_DIR, verified_records
+from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.faults.checker import GRACE_SECONDS, Pause, check, read_truth
+from tests.faults.harness import LEASE_TTL
+from tests.test_ingest_e2e import GatewayProcess
+
+AGENTS = 40
+UPLOAD_EVERY = 1.0
+FAULTS = {
+    "silent-liar": 0.1,
+    "exfiltrator": 0.1,
+    "lie": 0.05,
+    "ignore": 0.05,
+    "stubborn": 0.05,
+    "slow": 0.05,
+    "offline": 0.05,
+    "sleep": 0.05,
+}
+# Agents that capture whatever their lease says: their events may land up to the pause
+# (they upload what they captured before it), never after it.
+LIARS = frozenset({"silent-liar", "lie", "exfiltrator"})
+# Agents that follow the protocol, however slowly or intermittently: never flagged.
+HONEST = frozenset({"none", "slow", "offline", "sleep"})
+
+
+@pytest.fixture
+def gateway(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> Iterator[tuple[ServerProcess, GatewayProcess]]:
+    server = start_server()
+    started = GatewayProcess(server, tmp_path / "ingest")
+    yield server, started
+    started.stop()
+
+
+def sink_events(data_dir: Path) -> dict[str, list[float]]:
+    """Capture time of every event in the sink, per agent, checksums verified."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for agent_dir in sorted((data_dir / SINK_DIR).iterdir()):
+        for _, record in verified_records(data_dir, agent_dir.name):
+            batch = pb.UploadBatchRequest.FromString(record)
+            found[batch.agent_id] += [e.captured_at.ToNanoseconds() / 1e9 for e in batch.events]
+    return found
+
+
+def test_drill_every_fault_kind_against_the_ingest_gateway(
+    gateway: tuple[ServerProcess, GatewayProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    server, ingest = gateway
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    sim = simulate(
+        server,
+        AGENTS,
+        "--ingest",
+        ingest.address,
+        "--truth",
+        str(truth_path),
+        "--fault",
+        ",".join(f"{kind}={share}" for kind, share in FAULTS.items()),
+        "--fault-after",
+        "3600",
+        "--upload-every",
+        str(UPLOAD_EVERY),
+        "--capture-tick",
+        "0.2",
+        "--slow-max",
+        "3",
+    )
+    wait_capturing(cli, AGENTS)
+    wait_for(lambda: ingest.records() >= AGENTS, 30, "every agent's first batch in the sink")
+    sim.proc.send_signal(signal.SIGUSR1)  # every fault strikes now, before the pause
+    wait_for(lambda: read_truth(truth_path)["trigger_at"], 10, "the faults to strike")
+
+    hold = cli.pause("--all", "--reason", "drill", "--ticket", "INC-14")
+    created = {h["id"]: h for h in cli.json("holds")["holds"]}[hold]["created_at"]
+    committed = datetime.fromisoformat(created).timestamp()
+    # Long enough for every lease to run out, the slow agents to ack, and the offline
+    # and sleeping ones to come back (two lease TTLs), plus uploads after all of that.
+    time.sleep(max(0.0, committed + 3 * LEASE_TTL + 4 * UPLOAD_EVERY - time.time()))
+
+    truth = read_truth(truth_path, newer_than=time.time())
+    views = cli.agents()
+    kinds = {row["agent_id"]: row["fault"] for row in truth["agents"]}
+    landed = sink_events(ingest.data_dir)
+
+    # The truth x verdict table.
+    table: dict[str, Counter[str]] = defaultdict(Counter)
+    for agent_id, kind in kinds.items():
+        table[kind][views[agent_id]["state"]] += 1
+    print("\nDRILL: fault kind x server state (agents)")
+    for kind in sorted(table):
+        print(f"| {kind} | {dict(sorted(table[kind].items()))} |")
+
+    # No event in the sink captured after the pause: liars' up to the pause itself (plus
+    # the skew allowance), lease-honouring agents' up to one lease TTL after it.
+    late: list[tuple[str, str, float]] = []
+    for agent_id, times in landed.items():
+        allowance = GRACE_SECONDS + (0.0 if kinds[agent_id] in LIARS else LEASE_TTL)
+        late += [(agent_id, kinds[agent_id], at) for at in times if at > committed + allowance]
+    print(f"events in the sink: {sum(map(len, landed.values()))}; after the pause: {len(late)}")
+    assert not late, f"captured after the pause and accepted: {late[:5]}"
+
+    # Every silent liar flagged, soon after its first upload after the pause.
+    liars = [a for a, k in kinds.items() if k == "silent-liar"]
+    assert liars and all(views[a]["state"] == "VIOLATION" for a in liars), {
+        a: views[a]["state"] for a in liars
+    }
+    slowest = max(datetime.fromisoformat(views[a]["since"]).timestamp() for a in liars)
+    # Its first upload after the pause comes within one interval of its pause ack.
+    assert slowest - committed <= 2 * UPLOAD_EVERY + 2.0, slowest - committed
+
+    # No honest agent flagged.
+    flagged = [a for a, k in kinds.items() if k in HONEST and views[a]["state"] == "VIOLATION"]
+    assert not flagged, flagged
+
+    # The promise for everyone but the exfiltrators, which no server-side check can see
+    # (README: the residual risk); they are reported, not excused.
+    seen = {**truth, "agents": [r for r in truth["agents"] if r["fault"] != "exfiltrator"]}
+    verdict = check("drill", seen, [Pause(committed)], lease_ttl=LEASE_TTL, server_states=[views])
+    exfiltrators = [r for r in truth["agents"] if r["fault"] == "exfiltrator"]
+    print(
+        f"exfiltrators: {len(exfiltrators)}, still capturing by the truth:"
+        f" {sum(bool(r['capturing']) for r in exfiltrators)} (uncaught by design)"
+    )
+    verdict.assert_holds()

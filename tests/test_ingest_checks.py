@@ -1,0 +1,323 @@
+"""The ingest gateway's own checks, its verdict cache, its sink, and the plane's batched
+verdicts (``control/ingest_checks.py``): each rule on its own, with the input a hostile
+agent or a broken component would send."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import stat
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from killswitch.v1 import killswitch_pb2 as pb
+from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+
+from control.domain import ComplianceState, Mode, Scope
+from control.errors import InvalidInput, KillswitchError
+from control.ingest.checks import (
+    MAX_BATCH_PAYLOAD_BYTES,
+    MAX_EVENTS_PER_BATCH,
+    MAX_SKEW_ALLOWANCE,
+    BatchShape,
+    Refusal,
+    VerdictCache,
+    after_stop_refusal,
+    check_shape,
+    sequence_refusal,
+    skew_allowance,
+)
+from control.ingest.control_client import (
+    CONTROL_DEADLINE_SECONDS,
+    ControlClient,
+    ControlUnreachable,
+)
+from control.ingest.sink import Sink, read_manifest, verified_records
+from control.ingest_checks import MAX_CHECKS_PER_CALL, Accepted, Check, authorize_batches
+from control.ingest_checks import record_accepted as plane_record_accepted
+from control.plane import ControlPlane
+from tests.conftest import free_port
+from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
+
+NOW = 1_000_000.0
+
+
+def shape(
+    *captured: float, sequence: int = 1, payload: int = 10, sent_at: float = NOW
+) -> BatchShape:
+    return BatchShape("laptop", sequence, list(captured), payload, sent_at)
+
+
+# ---------------------------------------------------------------- shape, size, clock
+
+
+def test_a_batch_dated_in_the_future_is_refused_beyond_the_measured_skew() -> None:
+    assert check_shape(shape(NOW - 5, NOW + 1.5), NOW) == pytest.approx(2.0)
+    with pytest.raises(Refusal, match=r"event dated 3\.0 s in the future") as refused:
+        check_shape(shape(NOW - 5, NOW + 3), NOW)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    # An agent whose clock runs 4 s ahead (it says so in sent_at) gets 6 s of allowance.
+    assert check_shape(shape(NOW + 5, sent_at=NOW + 4), NOW) == pytest.approx(6.0)
+
+
+def test_a_claimed_skew_never_buys_more_than_the_cap() -> None:
+    assert skew_allowance(NOW + 3600, NOW) == MAX_SKEW_ALLOWANCE
+    with pytest.raises(Refusal, match="in the future"):
+        check_shape(shape(NOW + 60, sent_at=NOW + 3600), NOW)
+
+
+@pytest.mark.parametrize(
+    ("batch", "code", "words"),
+    [
+        (shape(), "INVALID_ARGUMENT", "empty batch"),
+        (shape(NOW, sequence=0), "INVALID_ARGUMENT", "start at 1"),
+        (shape(*[NOW] * (MAX_EVENTS_PER_BATCH + 1)), "RESOURCE_EXHAUSTED", "events: at most"),
+        (shape(NOW, payload=MAX_BATCH_PAYLOAD_BYTES + 1), "RESOURCE_EXHAUSTED", "bytes: at most"),
+        (shape(0.0, NOW), "INVALID_ARGUMENT", "capture time"),
+        (shape(NOW, sent_at=0.0), "INVALID_ARGUMENT", "sent_at missing"),
+    ],
+    ids=["empty", "sequence-0", "too-many-events", "too-many-bytes", "undated", "no-sent-at"],
+)
+def test_malformed_and_oversized_batches_get_one_clear_line(
+    batch: BatchShape, code: str, words: str
+) -> None:
+    with pytest.raises(Refusal, match=words) as refused:
+        check_shape(batch, NOW)
+    assert refused.value.code == code and "\n" not in refused.value.message
+
+
+def test_only_the_next_sequence_number_is_accepted() -> None:
+    assert sequence_refusal(5, 5) == ""
+    assert "replay" in sequence_refusal(4, 5) and "up to 4" in sequence_refusal(4, 5)
+    assert "skips ahead" in sequence_refusal(7, 5) and "is 5" in sequence_refusal(7, 5)
+
+
+def test_events_after_the_stop_are_refused_beyond_the_allowance_only() -> None:
+    stopped = NOW - 100
+    assert after_stop_refusal(stopped + 1.9, stopped, 2.0) == ""
+    assert after_stop_refusal(NOW, None, 2.0) == ""
+    assert "100.0 s after the agent stopped" in after_stop_refusal(NOW, stopped, 2.0)
+
+
+# ---------------------------------------------------------------- verdict cache
+
+
+def test_a_cached_allowed_never_outlives_its_ttl_its_lease_or_its_epoch() -> None:
+    cache = VerdictCache(ttl=1.0)
+    cache.remember("a", epoch=3, lease_expires_at=NOW + 60, now=NOW)
+    assert cache.allowed("a", NOW + 0.9)
+    assert not cache.allowed("a", NOW + 1.0), "past the TTL"
+    cache.remember("a", epoch=3, lease_expires_at=NOW + 0.2, now=NOW)
+    assert not cache.allowed("a", NOW + 0.3), "past the lease it came with"
+    cache.remember("a", epoch=3, lease_expires_at=NOW + 60, now=NOW)
+    cache.saw_epoch(4)  # a hold changed: nothing decided before it is reused
+    assert not cache.allowed("a", NOW + 0.1)
+    cache.remember("b", epoch=3, lease_expires_at=NOW + 60, now=NOW)
+    assert not cache.allowed("b", NOW), "an answer from an older epoch is not cached"
+    cache.remember("c", epoch=4, lease_expires_at=None, now=NOW)
+    assert not cache.allowed("c", NOW), "no lease, nothing to reuse"
+
+
+# ---------------------------------------------------------------- sink
+
+
+def write(sink: Sink, agent: str, sequence: int, record: bytes, at: float = NOW) -> None:
+    sink.write(
+        agent, sequence, record, events=1, first_event_at=at, last_event_at=at, received_at=at
+    )
+
+
+def test_the_sink_is_private_checksummed_and_remembers_sequences(tmp_path: Path) -> None:
+    sink = Sink(tmp_path)
+    assert sink.next_sequence("laptop") == 1
+    write(sink, "laptop", 1, b"first")
+    write(sink, "laptop", 2, b"second", at=NOW + 86_400)  # the next day: a new file
+    assert sink.next_sequence("laptop") == 3
+    # A restarted gateway reads where it was from the manifests: no replay reopens.
+    assert Sink(tmp_path).next_sequence("laptop") == 3
+    got = [(e.sequence, raw) for e, raw in verified_records(tmp_path, "laptop")]
+    assert got == [(1, b"first"), (2, b"second")]
+    (entry,) = read_manifest(next((tmp_path / "sink" / "laptop").glob("*.manifest")))
+    assert entry.sha256 == hashlib.sha256(b"first").hexdigest()
+    for path in (tmp_path / "sink").rglob("*"):
+        expected = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+    assert stat.S_IMODE((tmp_path / "sink").stat().st_mode) == 0o700
+
+
+def test_a_tampered_record_fails_its_checksum_and_a_torn_manifest_line_is_ignored(
+    tmp_path: Path,
+) -> None:
+    sink = Sink(tmp_path)
+    write(sink, "laptop", 1, b"original")
+    (log,) = (tmp_path / "sink" / "laptop").glob("*.log")
+    log.write_bytes(log.read_bytes().replace(b"original", b"modified"))
+    with pytest.raises(KillswitchError, match="does not match its checksum"):
+        list(verified_records(tmp_path, "laptop"))
+    (manifest,) = (tmp_path / "sink" / "laptop").glob("*.manifest")
+    with manifest.open("a") as torn:
+        torn.write('{"sequence": 2, "off')  # a crash mid-line: never acknowledged
+    assert Sink(tmp_path).next_sequence("laptop") == 2
+
+
+@pytest.mark.parametrize("agent", ["../escape", ".hidden", "a/b", ""])
+def test_an_agent_id_never_names_a_path_outside_the_sink(tmp_path: Path, agent: str) -> None:
+    with pytest.raises(InvalidInput, match="cannot name a sink directory"):
+        Sink(tmp_path).agent_dir(agent)
+
+
+# ---------------------------------------------------------------- the plane's side
+
+
+async def paused_and_acked(tmp_path: Path, now: list[float]) -> tuple[ControlPlane, int]:
+    plane = ControlPlane(
+        await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
+    )
+    await plane.start()
+    plane.connect("a", {}, Session(plane, "a"))
+    plane.connect("b", {}, Session(plane, "b"))
+    assert plane.grant_lease("a").granted and plane.grant_lease("b").granted
+    hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
+    plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
+    return plane, hold.created_epoch
+
+
+def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        now = [1000.0]
+        plane = ControlPlane(
+            await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
+        )
+        await plane.start()
+        plane.connect("a", {}, Session(plane, "a"))
+        plane.grant_lease("a")
+        (allowed, ghost) = authorize_batches(
+            plane, [Check("a", 1, 990.0, 999.0, 5), Check("ghost", 1, 990.0, 999.0, 5)]
+        )
+        assert allowed.allowed and allowed.stopped_at is None
+        assert allowed.lease_expires_at is not None and allowed.lease_expires_at > now[0]
+        assert not ghost.allowed and "unknown agent" in ghost.reason
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
+        plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
+        now[0] += 1
+        (paused,) = authorize_batches(plane, [Check("a", 2, 995.0, 999.5, 3)])
+        assert not paused.allowed and "paused" in paused.reason
+        assert (paused.stopped_at, paused.epoch) == (1000.0, hold.created_epoch)
+        assert not paused.keep_spool, "a hold that purges: refused data is dropped"
+        view = plane.agent_view("a")
+        assert view is not None and view.status.uploads_refused == 1
+        with pytest.raises(InvalidInput, match="at most"):
+            authorize_batches(plane, [Check("a", 3, 1.0, 2.0, 1)] * (MAX_CHECKS_PER_CALL + 1))
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_gateway_refusal_is_durable_violation_evidence(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        now = [1000.0]
+        plane, _ = await paused_and_acked(tmp_path, now)
+        now[0] += 30
+        # Within the plane's own 2 s allowance, only the gateway (with the agent's
+        # measured skew) can tell: its report is the evidence.
+        (verdict,) = authorize_batches(
+            plane, [Check("a", 7, 1000.5, 1001.5, 4, refused_by_gateway="after the stop")]
+        )
+        assert not verdict.allowed and "after the stop" in verdict.reason
+        view = plane.agent_view("a")
+        assert view is not None and view.compliance.state is ComplianceState.VIOLATION
+        assert "refused batch 7 of 4 events" in view.status.violation
+        await plane.stop()  # flushes: the evidence is in the store
+        store = await RecordingStore.open(tmp_path)
+        shared = await store.load_shared()
+        assert [e.agent_id for e in shared.violations] == ["a"]
+        assert "batch 7" in shared.violations[0].evidence
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_accepted_batches_give_per_laptop_figures_and_flag_data_landed_after_the_stop(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        now = [1000.0]
+        plane, _ = await paused_and_acked(tmp_path, now)
+        now[0] += 30
+        plane_record_accepted(
+            plane,
+            [Accepted("b", 1, 10, 999.0), Accepted("a", 1, 6, 990.0), Accepted("a", 2, 4, 1020.0)],
+        )
+        a, b = plane.agent_view("a"), plane.agent_view("b")
+        assert a is not None and b is not None
+        assert (a.status.events_accepted_after_pause, a.status.last_accepted_event_at) == (
+            4,
+            1020.0,
+        )
+        assert a.compliance.state is ComplianceState.VIOLATION
+        assert "accepted batch 2 of 4 events" in a.status.violation
+        # b never acked its pause: it has no stop time, so nothing it uploads is "after".
+        assert (b.status.events_accepted_after_pause, b.status.last_accepted_event_at) == (
+            0,
+            999.0,
+        )
+        await plane.stop()  # flushes: every replica reads the figures from the row
+        store = await RecordingStore.open(tmp_path)
+        stored = await store.load_agent("a")
+        await store.close()
+        assert stored is not None
+        assert (
+            stored.status.events_accepted_after_pause,
+            stored.status.last_accepted_event_at,
+        ) == (
+            4,
+            1020.0,
+        )
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the gateway's control client
+
+
+class CountingIngest(pb_grpc.IngestServicer):
+    """A control plane that allows everything and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    async def AuthorizeBatches(  # noqa: N802
+        self, request: pb.AuthorizeBatchesRequest, context: object
+    ) -> pb.AuthorizeBatchesResponse:
+        self.calls.append(len(request.checks))
+        return pb.AuthorizeBatchesResponse(
+            verdicts=[pb.BatchVerdict(allowed=True, reason="ok", epoch=1)] * len(request.checks),
+            epoch=1,
+        )
+
+
+def test_concurrent_checks_share_one_call_and_no_answer_refuses_them_all() -> None:
+    async def scenario() -> None:
+        ingest = CountingIngest()  # type: ignore[abstract]  # only AuthorizeBatches is asked
+        server = grpc.aio.server()
+        pb_grpc.add_IngestServicer_to_server(ingest, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        dead = f"127.0.0.1:{free_port()}"
+        client = ControlClient([dead, f"127.0.0.1:{port}"], None)
+        checks = [pb.BatchCheck(agent_id=f"a{i}", sequence=1) for i in range(300)]
+        verdicts = await asyncio.gather(*(client.decide(c) for c in checks))
+        assert all(v.allowed for v in verdicts)
+        assert sum(ingest.calls) == 300 and len(ingest.calls) <= 3, ingest.calls
+        await server.stop(None)
+        started = time.monotonic()
+        refused = await asyncio.gather(
+            *(client.decide(c) for c in checks[:5]), return_exceptions=True
+        )
+        assert all(isinstance(r, ControlUnreachable) for r in refused), refused
+        assert time.monotonic() - started < 2 * CONTROL_DEADLINE_SECONDS + 1
+        await client.close()
+
+    asyncio.run(scenario())
