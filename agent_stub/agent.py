@@ -34,7 +34,7 @@ from agent_stub.lease import Lease
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox
 from agent_stub.truth import GroundTruth
-from agent_stub.upload import ControlUploader, GatewayUploader
+from agent_stub.upload import GatewayUploader
 from agent_stub.wire import channel_states
 
 log = structlog.get_logger("killswitch.agent")
@@ -143,8 +143,7 @@ class Agent:
     keeps the applied epoch across restarts (``agent_stub.applied``).
 
     ``ingest`` is a channel to the ingest gateway: given, the agent uploads real
-    batches there, numbered by ``upload_sequence``; without, it only asks the control
-    server's deprecated ``Ingest.AuthorizeUpload``.
+    batches there, numbered by ``upload_sequence``; without, it uploads nothing.
     """
 
     def __init__(
@@ -176,8 +175,8 @@ class Agent:
         self.lease = Lease(clock)
         self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
         self.engine = CaptureEngine(self.lease, self.truth)
-        self.uploader: ControlUploader | GatewayUploader = (
-            ControlUploader(config.agent_id, self.engine, channel, call_metadata)
+        self.uploader = (
+            None
             if ingest is None
             else GatewayUploader(
                 config.agent_id,
@@ -283,16 +282,16 @@ class Agent:
         self.engine.tick()
 
     async def _upload_round(self) -> None:
-        if not self._offline_remaining() and self._may_upload():
+        if self.uploader is not None and not self._offline_remaining() and self._may_upload():
             await self.uploader.upload()
 
     def _may_upload(self) -> bool:
         """Honest agents send to the gateway only while allowed and under a lease (so a
-        batch refused for a pause not yet received is not retried once it is); the
-        pre-gateway path asks whenever there is a spool. An exfiltrator never uploads."""
+        batch refused for a pause not yet received is not retried once it is). An
+        exfiltrator never uploads."""
         if self._faulty(Fault.EXFILTRATOR):
             return False
-        if self._lying() or isinstance(self.uploader, ControlUploader):
+        if self._lying():
             return True
         return self._allowed() and self.lease.holds(self.lease.clock())
 
@@ -322,8 +321,6 @@ class Agent:
             return
         old, self._channel = self._channel, self._reopen()
         self._control = pb_grpc.AgentControlStub(self._channel)
-        if isinstance(self.uploader, ControlUploader):
-            self.uploader.use(self._channel)
         await old.close(grace=None)
 
     async def _session(self) -> str:

@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
-import grpc
 import pytest
-from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub import CaptureEngine, GroundTruth, Lease
 from agent_stub.capture import EVENTS_PER_TICK
-from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
-from agent_stub.upload import ControlUploader
 from tests.test_agent_lease import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
@@ -189,76 +184,3 @@ def test_a_capped_batch_takes_the_oldest_events_and_the_rest_starts_where_it_end
     assert rest.first_event_at == pytest.approx(1_700_000_000.0 + 20 * step)
     assert rest.last_event_at == 1_700_000_002.0, "the newest event keeps its real time"
     assert rest.capture_times()[-1] == 1_700_000_002.0
-
-
-class FakeIngest:
-    """The control server's deprecated ``Ingest.AuthorizeUpload``, and nothing else."""
-
-    def __init__(self) -> None:
-        self.allowed = True
-        self.requests: list[pb.AuthorizeUploadRequest] = []
-        self.callers: list[str | bytes] = []
-
-    async def AuthorizeUpload(  # noqa: N802 - gRPC method name
-        self,
-        request: pb.AuthorizeUploadRequest,
-        context: grpc.aio.ServicerContext[pb.AuthorizeUploadRequest, pb.AuthorizeUploadResponse],
-    ) -> pb.AuthorizeUploadResponse:
-        self.requests.append(request)
-        self.callers.append(dict(context.invocation_metadata() or ()).get(IDENTITY_HEADER, ""))
-        return pb.AuthorizeUploadResponse(allowed=self.allowed, reason="test")
-
-
-@asynccontextmanager
-async def ingest_server() -> AsyncIterator[tuple[FakeIngest, grpc.aio.Channel]]:
-    # The agent still asks AuthorizeUpload until it moves to the gateway (issue 14).
-    ingest = FakeIngest()
-    server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(
-        ingest.AuthorizeUpload,
-        request_deserializer=pb.AuthorizeUploadRequest.FromString,
-        response_serializer=pb.AuthorizeUploadResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "killswitch.v1.Ingest", {"AuthorizeUpload": handler}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield ingest, channel
-    finally:
-        await channel.close(grace=None)
-        await server.stop(grace=None)
-
-
-def test_uploads_ship_what_ingest_allows_and_keep_what_it_refuses() -> None:
-    async def scenario() -> None:
-        async with ingest_server() as (ingest, channel):
-            rig = Rig(FakeClock())
-            uploader = ControlUploader(
-                "laptop-1", rig.engine, channel, insecure_metadata("laptop-1")
-            )
-            await uploader.upload()
-            assert ingest.requests == [], "nothing spooled, nothing asked"
-
-            rig.grant(ttl=60)
-            rig.engine.start_all()
-            rig.engine.tick()
-            ingest.allowed = False
-            await uploader.upload()
-            assert uploader.uploads_refused == 1 and rig.engine.spool_events == PER_TICK
-
-            ingest.allowed = True
-            await uploader.upload()
-            assert rig.engine.spool_events == 0 and uploader.events_uploaded == PER_TICK
-            request = ingest.requests[-1]
-            assert request.agent_id == "laptop-1" and request.event_count == PER_TICK
-            assert request.last_event_at.seconds == 1_700_000_000
-            assert ingest.callers == ["laptop-1:agent"] * len(ingest.requests), "who asks"
-
-    asyncio.run(scenario())

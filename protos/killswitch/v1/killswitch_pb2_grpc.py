@@ -1048,8 +1048,8 @@ class IngestServicer:
     """Missing associated documentation comment in .proto file."""
 
     def AuthorizeUpload(self, request, context):
-        """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
-        pre-gateway uploader until it moves to the gateway.
+        """The one-batch form, for an ingest service other than `killswitch ingest` (role
+        ingest); the gateway uses AuthorizeBatches.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

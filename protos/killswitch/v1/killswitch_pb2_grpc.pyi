@@ -320,8 +320,8 @@ class IngestStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IngestAsyncStub: ...
     AuthorizeUpload: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeUploadRequest, _killswitch_pb2.AuthorizeUploadResponse]
-    """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
-    pre-gateway uploader until it moves to the gateway.
+    """The one-batch form, for an ingest service other than `killswitch ingest` (role
+    ingest); the gateway uses AuthorizeBatches.
     """
     AuthorizeBatches: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeBatchesRequest, _killswitch_pb2.AuthorizeBatchesResponse]
     RecordAccepted: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RecordAcceptedRequest, _killswitch_pb2.RecordAcceptedResponse]
@@ -330,8 +330,8 @@ class IngestStub:
 class IngestAsyncStub(IngestStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AuthorizeUpload: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeUploadRequest, _killswitch_pb2.AuthorizeUploadResponse]  # type: ignore[assignment]
-    """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
-    pre-gateway uploader until it moves to the gateway.
+    """The one-batch form, for an ingest service other than `killswitch ingest` (role
+    ingest); the gateway uses AuthorizeBatches.
     """
     AuthorizeBatches: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeBatchesRequest, _killswitch_pb2.AuthorizeBatchesResponse]  # type: ignore[assignment]
     RecordAccepted: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RecordAcceptedRequest, _killswitch_pb2.RecordAcceptedResponse]  # type: ignore[assignment]
@@ -343,8 +343,8 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
         request: _killswitch_pb2.AuthorizeUploadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_killswitch_pb2.AuthorizeUploadResponse, _abc.Awaitable[_killswitch_pb2.AuthorizeUploadResponse]]:
-        """Deprecated: the gateway's AuthorizeBatches replaces it; kept for the agent's
-        pre-gateway uploader until it moves to the gateway.
+        """The one-batch form, for an ingest service other than `killswitch ingest` (role
+        ingest); the gateway uses AuthorizeBatches.
         """
 
     @_abc_1.abstractmethod
