@@ -343,10 +343,29 @@ class Bench:
             side.authorize = histogram_figures(hist0, authorize_histogram(http_port))
         side.load.append(load_average())
 
+        if product:
+            # The drill before the burst: the burst takes sequence numbers from fleet
+            # agents, and a refused round leaves a backlog in their spools.
+            side.drill, hold_id = self.drill(op, grpc_port, fleet, here, truth_path)
+            side.load.append(load_average())
         if not args.skip_burst:
-            ids = self.fleet_ids()
+            # Agents that behave: the same ids in both runs (the same seed, the same faults).
+            truth = read_truth(truth_path, timeout=30)
+            ids = [r["agent_id"] for r in truth["agents"] if r["fault"] == "none"]
+            if product:
+                op.resume(hold_id)
+                log(f"product: resumed; waiting for {len(ids)} agents to capture again")
+                poll(
+                    op,
+                    "the fleet capturing again",
+                    lambda s: by_state(s).get("CAPTURING", 0) >= len(ids) + args.probes,
+                    since=time.time(),
+                    timeout=max(120.0, self.n / 50),
+                    interval=1.0,
+                )
+                time.sleep(5)
             sequences = next_sequences(here / "ingest", ids) if product else dict.fromkeys(ids, 1)
-            log(f"{side.name}: one round of {self.n} uploads at once")
+            log(f"{side.name}: one round of {len(ids)} uploads at once")
             profiler = self.profile(sink, here) if product and args.py_spy else None
             side.burst = burst(
                 ingest,
@@ -359,11 +378,6 @@ class Bench:
                 profiler.wait()
             side.load.append(load_average())
             log(f"{side.name}: burst took {side.burst.seconds:.2f}s")
-        if product:
-            if not args.skip_burst:  # every agent's own next upload re-learns its number
-                time.sleep(args.upload_every + 5)
-            side.drill = self.drill(op, grpc_port, fleet, here, truth_path)
-            side.load.append(load_average())
         for child in (probes, fleet, sink, server):
             child.stop(grace=10)
         side.logs = {
@@ -400,7 +414,8 @@ class Bench:
 
     def drill(
         self, op: Operator, grpc_port: int, fleet: Child, here: Path, truth_path: Path
-    ) -> list[str]:
+    ) -> tuple[list[str], str]:
+        """The drill table and its findings, and the pause's hold id."""
         args = self.args
         lease_ttl = float(args.lease_ttl or DEFAULT_LEASE_TTL_SECONDS)
         os.kill(fleet.pid, signal.SIGUSR1)  # every fault strikes now, before the pause
@@ -455,7 +470,8 @@ class Bench:
         )
         exfiltrators = [r for r in truth["agents"] if r["fault"] == "exfiltrator"]
         bound = 2 * args.upload_every + 2.0
-        met = "met" if max(flag_after, default=0.0) <= bound else "MISSED"
+        in_time = len(flagged) == len(liars) and max(flag_after, default=0.0) <= bound
+        met = "met" if in_time else "MISSED"
         lines += [
             "",
             f"- silent liars in VIOLATION: **{len(flagged)}/{len(liars)}**; flagged"
@@ -473,7 +489,7 @@ class Bench:
             f" {sum(bool(r['capturing']) for r in exfiltrators)} (uncaught by design: the"
             " residual risk)",
         ]
-        return lines
+        return lines, hold.hold.id
 
 
 # ------------------------------------------------------------------ report
@@ -516,7 +532,8 @@ def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
     bursts = [s.burst for s in columns]
     if all(b is not None for b in bursts):
         row(
-            f"**one round of {args.agents} uploads at once: time to absorb**, s",
+            f"**one round of uploads at once ({base.burst.sent if base and base.burst else ''}"
+            " well-behaved agents, one batch each): time to absorb**, s",
             [f"{s.burst.seconds:.2f}" for s in columns if s.burst],
             verdict(prod.burst.seconds / base.burst.seconds)
             if base and prod and base.burst and prod.burst
