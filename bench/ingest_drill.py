@@ -174,6 +174,7 @@ def histogram_figures(before: dict[str, float], after: dict[str, float]) -> dict
 class Bench:
     args: argparse.Namespace
     root: Path
+    sides: dict[str, Side] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -188,6 +189,7 @@ class Bench:
     def run(self, product: bool) -> Side:
         args = self.args
         side = Side("product" if product else "baseline")
+        self.sides[side.name] = side  # what it measured is reported even if a later phase fails
         here = self.root / side.name
         here.mkdir()
         grpc_port, http_port, sink_port = free_port(), free_port(), free_port()
@@ -343,7 +345,8 @@ class Bench:
             side.authorize = histogram_figures(hist0, authorize_histogram(http_port))
         side.load.append(load_average())
 
-        if product:
+        drill = product and not args.skip_drill
+        if drill:
             # The drill before the burst: the burst takes sequence numbers from fleet
             # agents, and a refused round leaves a backlog in their spools.
             side.drill, hold_id = self.drill(op, grpc_port, fleet, here, truth_path)
@@ -352,7 +355,7 @@ class Bench:
             # Agents that behave: the same ids in both runs (the same seed, the same faults).
             truth = read_truth(truth_path, timeout=30)
             ids = [r["agent_id"] for r in truth["agents"] if r["fault"] == "none"]
-            if product:
+            if drill:
                 op.resume(hold_id)
                 log(f"product: resumed; waiting for {len(ids)} agents to capture again")
                 poll(
@@ -438,6 +441,8 @@ class Bench:
         log(f"product: paused the fleet; the drill reads the verdicts in {wait:.0f}s")
         time.sleep(max(0.0, committed + wait - time.time()))
 
+        if not fleet.alive():  # a fleet stopped early would leave a stale truth
+            raise RuntimeError(f"the fleet exited during the drill: {fleet.log_tail(3)}")
         truth = read_truth(truth_path, newer_than=time.time(), timeout=60)
         records: dict[str, pb.AgentRecord] = {r.agent_id: r for r in op.agents()}
         views = {a: {"state": r.state} for a, r in records.items()}
@@ -646,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument(
+        "--skip-drill", action="store_true", help="no pause: the burst follows the window"
+    )
+    parser.add_argument(
         "--py-spy",
         type=float,
         default=0.0,
@@ -662,16 +670,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="ingest_drill_"))
     log(f"working in {root}; {load_average()}")
     bench = Bench(args, root)
-    sides: dict[str, Side] = {}
+    failure = ""
     try:
         if not args.skip_baseline:
-            sides["baseline"] = bench.run(product=False)
-        sides["product"] = bench.run(product=True)
+            bench.run(product=False)
+        bench.run(product=True)
+    except (RuntimeError, TimeoutError, AssertionError) as exc:
+        failure = " ".join(str(exc).split())
+        log(f"FAILED: {failure}")
     finally:
         stop_all()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(report(args, sides))
+    print(report(args, bench.sides))
+    if failure:
+        print(f"\nFAILED (figures above are the runs that completed): {failure}")
     if args.keep:
         print(f"\n(working directory kept: {root})")
 
