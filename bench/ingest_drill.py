@@ -367,12 +367,18 @@ class Bench:
                     interval=1.0,
                 )
                 time.sleep(5)
-            sequences = next_sequences(here / "ingest", ids) if product else dict.fromkeys(ids, 1)
+
+            def sequences_of(agents: Sequence[str]) -> dict[str, int]:
+                if product:
+                    return next_sequences(here / "ingest", agents)
+                return dict.fromkeys(agents, 1)
+
             log(f"{side.name}: one round of {len(ids)} uploads at once")
             profiler = self.profile(sink, here) if product and args.py_spy else None
             side.burst = burst(
                 ingest,
-                sequences,
+                ids,
+                sequences_of,
                 args.upload_every,
                 connections=args.connections,
                 concurrency=args.concurrency,

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,14 +145,20 @@ class BurstResult:
 
 async def _burst(
     target: str,
-    sequences: Mapping[str, int],
+    agent_ids: Sequence[str],
+    sequences_of: Callable[[Sequence[str]], Mapping[str, int]],
     upload_every: float,
+    *,
     connections: int,
     concurrency: int,
 ) -> BurstResult:
+    # Built without their numbers (0 is not serialized), which are read just before
+    # sending and put in front: a field before the others parses the same.
+    bodies = [fleet_sized_request(agent_id, 0, upload_every) for agent_id in agent_ids]
+    sequences = sequences_of(agent_ids)
     requests = [
-        (agent_id, fleet_sized_request(agent_id, sequence, upload_every))
-        for agent_id, sequence in sequences.items()
+        (a, pb.UploadBatchRequest(sequence=sequences[a]).SerializeToString() + body)
+        for a, body in zip(agent_ids, bodies, strict=True)
     ]
     channels = [open_channel(target) for _ in range(connections)]
     calls = [_uploader(c) for c in channels]
@@ -201,13 +207,24 @@ async def _burst(
 
 def burst(
     target: str,
-    sequences: Mapping[str, int],
+    agent_ids: Sequence[str],
+    sequences_of: Callable[[Sequence[str]], Mapping[str, int]],
     upload_every: float,
     *,
     connections: int,
     concurrency: int,
 ) -> BurstResult:
-    return asyncio.run(_burst(target, sequences, upload_every, connections, concurrency))
+    """One batch per agent, numbered by ``sequences_of`` once every batch is built."""
+    return asyncio.run(
+        _burst(
+            target,
+            agent_ids,
+            sequences_of,
+            upload_every,
+            connections=connections,
+            concurrency=concurrency,
+        )
+    )
 
 
 # ------------------------------------------------------------------ the product's sink
