@@ -38,7 +38,6 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -374,7 +373,6 @@ class Bench:
                 return dict.fromkeys(agents, 1)
 
             log(f"{side.name}: one round of {len(ids)} uploads at once")
-            profiler = self.profile(sink, here) if product and args.py_spy else None
             side.burst = burst(
                 ingest,
                 ids,
@@ -383,8 +381,6 @@ class Bench:
                 connections=args.connections,
                 concurrency=args.concurrency,
             )
-            if profiler is not None:
-                profiler.wait()
             side.load.append(load_average())
             log(f"{side.name}: burst took {side.burst.seconds:.2f}s")
         for child in (probes, fleet, sink, server):
@@ -395,29 +391,6 @@ class Bench:
         }
         op.close()
         return side
-
-    def profile(self, gateway: Child, here: Path) -> subprocess.Popen[bytes]:
-        """py-spy on the gateway through the burst (raw collapsed stacks, ``--py-spy`` s)."""
-        out = here / "gateway-burst.pyspy.txt"
-        return subprocess.Popen(
-            [
-                str(BIN / "py-spy"),
-                "record",
-                "--pid",
-                str(gateway.pid),
-                "--duration",
-                str(self.args.py_spy),
-                "--rate",
-                "50",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "--output",
-                str(out),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
 
     # ------------------------------------------------------------------ the drill
 
@@ -658,13 +631,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument(
         "--skip-drill", action="store_true", help="no pause: the burst follows the window"
-    )
-    parser.add_argument(
-        "--py-spy",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="record the gateway with py-spy for this long from the burst's start",
     )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     return parser
