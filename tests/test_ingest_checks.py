@@ -5,18 +5,17 @@ agent or a broken component would send."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import stat
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain import ComplianceState, Mode, Scope
-from control.errors import InvalidInput, KillswitchError
+from control.errors import InvalidInput
 from control.ingest.checks import (
     MAX_BATCH_PAYLOAD_BYTES,
     MAX_EVENTS_PER_BATCH,
@@ -34,7 +33,7 @@ from control.ingest.control_client import (
     ControlClient,
     ControlUnreachable,
 )
-from control.ingest.sink import Sink, read_manifest, verified_records
+from control.ingest.gateway import measure
 from control.ingest_checks import MAX_CHECKS_PER_CALL, Accepted, Check, authorize_batches
 from control.ingest_checks import record_accepted as plane_record_accepted
 from control.plane import ControlPlane
@@ -47,7 +46,8 @@ NOW = 1_000_000.0
 def shape(
     *captured: float, sequence: int = 1, payload: int = 10, sent_at: float = NOW
 ) -> BatchShape:
-    return BatchShape("laptop", sequence, list(captured), payload, sent_at)
+    first, last = (min(captured), max(captured)) if captured else (0.0, 0.0)
+    return BatchShape("laptop", sequence, len(captured), first, last, payload, sent_at)
 
 
 # ---------------------------------------------------------------- shape, size, clock
@@ -118,54 +118,6 @@ def test_a_cached_allowed_never_outlives_its_ttl_its_lease_or_its_epoch() -> Non
     assert not cache.allowed("b", NOW), "an answer from an older epoch is not cached"
     cache.remember("c", epoch=4, lease_expires_at=None, now=NOW)
     assert not cache.allowed("c", NOW), "no lease, nothing to reuse"
-
-
-# ---------------------------------------------------------------- sink
-
-
-def write(sink: Sink, agent: str, sequence: int, record: bytes, at: float = NOW) -> None:
-    sink.write(
-        agent, sequence, record, events=1, first_event_at=at, last_event_at=at, received_at=at
-    )
-
-
-def test_the_sink_is_private_checksummed_and_remembers_sequences(tmp_path: Path) -> None:
-    sink = Sink(tmp_path)
-    assert sink.next_sequence("laptop") == 1
-    write(sink, "laptop", 1, b"first")
-    write(sink, "laptop", 2, b"second", at=NOW + 86_400)  # the next day: a new file
-    assert sink.next_sequence("laptop") == 3
-    # A restarted gateway reads where it was from the manifests: no replay reopens.
-    assert Sink(tmp_path).next_sequence("laptop") == 3
-    got = [(e.sequence, raw) for e, raw in verified_records(tmp_path, "laptop")]
-    assert got == [(1, b"first"), (2, b"second")]
-    (entry,) = read_manifest(next((tmp_path / "sink" / "laptop").glob("*.manifest")))
-    assert entry.sha256 == hashlib.sha256(b"first").hexdigest()
-    for path in (tmp_path / "sink").rglob("*"):
-        expected = 0o700 if path.is_dir() else 0o600
-        assert stat.S_IMODE(path.stat().st_mode) == expected, path
-    assert stat.S_IMODE((tmp_path / "sink").stat().st_mode) == 0o700
-
-
-def test_a_tampered_record_fails_its_checksum_and_a_torn_manifest_line_is_ignored(
-    tmp_path: Path,
-) -> None:
-    sink = Sink(tmp_path)
-    write(sink, "laptop", 1, b"original")
-    (log,) = (tmp_path / "sink" / "laptop").glob("*.log")
-    log.write_bytes(log.read_bytes().replace(b"original", b"modified"))
-    with pytest.raises(KillswitchError, match="does not match its checksum"):
-        list(verified_records(tmp_path, "laptop"))
-    (manifest,) = (tmp_path / "sink" / "laptop").glob("*.manifest")
-    with manifest.open("a") as torn:
-        torn.write('{"sequence": 2, "off')  # a crash mid-line: never acknowledged
-    assert Sink(tmp_path).next_sequence("laptop") == 2
-
-
-@pytest.mark.parametrize("agent", ["../escape", ".hidden", "a/b", ""])
-def test_an_agent_id_never_names_a_path_outside_the_sink(tmp_path: Path, agent: str) -> None:
-    with pytest.raises(InvalidInput, match="cannot name a sink directory"):
-        Sink(tmp_path).agent_dir(agent)
 
 
 # ---------------------------------------------------------------- the plane's side
@@ -321,3 +273,16 @@ def test_concurrent_checks_share_one_call_and_no_answer_refuses_them_all() -> No
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_batch_is_measured_in_one_pass_and_a_malformed_stamp_is_refused() -> None:
+    def event(seconds: int, nanos: int, payload: bytes = b"ab") -> pb.CaptureEvent:
+        return pb.CaptureEvent(captured_at=Timestamp(seconds=seconds, nanos=nanos), payload=payload)
+
+    events = [event(100, 500_000_000), event(99, 0), event(101, 250_000_000, b"")]
+    assert measure(events) == (3, 99.0, 101.25, 4)
+    assert measure([]) == (0, 0.0, 0.0, 0)
+    with pytest.raises(InvalidInput, match="nanos -1"):
+        measure([event(100, 0), event(100, -1)])
+    with pytest.raises(InvalidInput, match="nanos 1000000000"):
+        measure([event(100, 1_000_000_000)])

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from control.ingest.checks import MAX_EVENTS_PER_BATCH, VERDICT_TTL_SECONDS
 from control.pki import load_identity
@@ -39,6 +41,7 @@ class GatewayProcess:
             ["--identity", str(server.identity("ingest-1"))] if server.secure else ["--insecure"]
         )
         self.address = f"127.0.0.1:{free_port()}"
+        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         self.log_path = data_dir.parent / "ingest.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -52,6 +55,8 @@ class GatewayProcess:
                     "--control",
                     server.address,
                     *credentials,
+                    "--metrics",
+                    self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
                     "--log-format",
                     "json",
                 ],
@@ -71,6 +76,16 @@ class GatewayProcess:
         """Batches the manifests hold, whatever the day."""
         manifests = (self.data_dir / kind).glob("*/*.manifest")
         return sum(len(m.read_text().splitlines()) for m in manifests)
+
+    def metric(self, name: str) -> float:
+        """One sample of the gateway's own /metrics, by its full name and labels."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as answer:
+            for family in text_string_to_metric_families(answer.read().decode()):
+                for sample in family.samples:
+                    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                    if (f"{sample.name}{{{labels}}}" if labels else sample.name) == name:
+                        return float(sample.value)
+        raise AssertionError(f"{name} not in the gateway's /metrics")
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -282,6 +297,17 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     cut_off = upload(stub, batch(2, time.time() - 1))
     refused_with(cut_off, grpc.StatusCode.UNAVAILABLE, "no answer from the control plane")
     assert (gateway.records(), gateway.records("quarantine")) == (1, 2)
+
+    # The gateway's own figures say the same, outcome by outcome.
+    outcomes = {
+        o: gateway.metric(f'killswitch_ingest_batches_total{{outcome="{o}"}}')
+        for o in ("accepted", "refused", "invalid", "unavailable")
+    }
+    # (The operator's upload was stopped by the role check before the handler: not counted.)
+    assert outcomes == {"accepted": 1, "refused": 4, "invalid": 4, "unavailable": 1}, outcomes
+    # Every decided batch was timed (accepted and refused; not the ones refused unasked).
+    assert gateway.metric("killswitch_ingest_authorization_seconds_count") == 5
+    assert gateway.metric("killswitch_ingest_commit_batches_sum") == 1
     agent.close()
     control.close()
 

@@ -37,6 +37,11 @@ def add_ingest_parser(sub: Any) -> None:
         action="store_true",
         help="no TLS and claimed identities: development only, loopback only",
     )
+    ingest.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve the gateway's Prometheus /metrics here (default: none)",
+    )
     ingest.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     ingest.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info"
@@ -80,6 +85,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         control=[a.strip() for a in args.control.split(",") if a.strip()],
         identity_dir=Path(args.identity) if args.identity else None,
         insecure=args.insecure,
+        metrics=args.metrics,
     )
     asyncio.run(serve_gateway(config))
     return 0

@@ -3,25 +3,39 @@
 ``DIR/sink/<agent>/<YYYY-MM-DD>.log`` holds length-prefixed records (4-byte big-endian
 length, then the batch as the agent sent it, serialized). Beside it,
 ``<YYYY-MM-DD>.manifest`` holds one JSON line per record: sequence, offset, length,
-SHA-256, event count and capture times. Both are fsynced, the log first, before a batch
-is acknowledged; the manifest is the truth: a log tail it does not describe (a crash
-between the two writes) was never acknowledged, is never exported, and its sequence
-number is accepted again.
+SHA-256, event count and capture times. The manifest is the truth: a log tail it does
+not describe (a crash between the two writes) was never acknowledged, is never
+exported, and its sequence number is accepted again.
 
 Files rather than a database table: the sink is private to the gateway (directories
 0700, files 0600, owned by the gateway's user), shares no database with anything, and
 its only read path is ``killswitch ingest export``, which verifies every checksum.
+
+**Group commit.** One writer thread takes every batch waiting and lands them together:
+all their log records, one file-system sync, all their manifest lines, a second sync,
+and only then is any of them acknowledged. So a batch costs two syncs shared with its
+whole group, not two ``fsync`` calls of its own (at 10k agents the per-batch fsyncs,
+queued through a thread pool under each agent's lock, were most of the gateway's time).
+The sync is ``syncfs(2)`` on Linux (one call makes every file and directory entry of
+the group durable, and reports write-back errors since Linux 5.8); elsewhere each
+touched file and new directory is fsynced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
+import queue
 import re
 import struct
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +50,8 @@ LENGTH = struct.Struct(">I")
 # Agent ids become directory names: nothing that could walk out of the sink.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# At most this many batches share one commit: a bound on a group's latency and memory.
+MAX_GROUP = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +66,63 @@ class ManifestEntry:
     received_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One upload the gateway decided to keep, as it goes to disk."""
+
+    agent_id: str
+    sequence: int
+    record: bytes
+    events: int
+    first_event_at: float
+    last_event_at: float
+    received_at: float
+
+
 def day_of(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is None:
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs  # type: ignore[no-any-return]
+
+
+# Replaced by None in tests, to run the portable path on Linux too.
+SYNCFS = _load_syncfs()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_durable(root: Path, files: Iterable[Path], new_dirs: Iterable[Path]) -> None:
+    """Everything written under ``root`` so far survives a crash once this returns."""
+    if SYNCFS is not None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return
+    for path in files:
+        _fsync_path(path)
+    for directory in new_dirs:  # the new entries, and the new directory in its parent
+        _fsync_path(directory)
+        _fsync_path(directory.parent)
 
 
 def _private_dir(path: Path) -> None:
@@ -60,12 +131,13 @@ def _private_dir(path: Path) -> None:
 
 
 def _append(path: Path, data: bytes) -> int:
-    """Append and fsync; returns the offset the data starts at."""
+    """Append (no sync: the group's commit makes it durable); returns the data's offset."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         offset = os.fstat(fd).st_size
-        os.write(fd, data)
-        os.fsync(fd)
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
         return offset
     finally:
         os.close(fd)
@@ -92,12 +164,30 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     return entries
 
 
+Waiting = tuple[Batch, "asyncio.Future[ManifestEntry]"]
+
+
 class Sink:
-    def __init__(self, data_dir: Path, kind: str = SINK_DIR) -> None:
+    """The files, each agent's next sequence number, and the one writer thread."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        kind: str = SINK_DIR,
+        *,
+        on_landed: Callable[[Batch], None] | None = None,
+    ) -> None:
         self.root = data_dir / kind
         _private_dir(self.root)
         self._next: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._made: set[Path] = set()  # agent directories known to exist (writer thread only)
+        self._on_landed = on_landed
+        self._waiting: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Observed by the gateway's metrics: seconds and size of each group commit.
+        self.on_commit: Callable[[float, int], None] = lambda seconds, size: None
 
     def agent_dir(self, agent_id: str) -> Path:
         return agent_dir(self.root, agent_id)
@@ -120,36 +210,117 @@ class Sink:
             self._next[agent_id] = known
         return known
 
-    def write(
-        self,
-        agent_id: str,
-        sequence: int,
-        record: bytes,
-        *,
-        events: int,
-        first_event_at: float,
-        last_event_at: float,
-        received_at: float,
-    ) -> ManifestEntry:
-        """Blocking (fsync): run it in a thread."""
-        directory = self.agent_dir(agent_id)
-        _private_dir(directory)
-        day = day_of(received_at)
-        offset = _append(directory / f"{day}.log", LENGTH.pack(len(record)) + record)
-        entry = ManifestEntry(
-            sequence,
-            offset,
-            LENGTH.size + len(record),
-            hashlib.sha256(record).hexdigest(),
-            events,
-            first_event_at,
-            last_event_at,
-            received_at,
+    # ------------------------------------------------------------ writing
+
+    def write_group(self, batches: Sequence[Batch]) -> list[ManifestEntry]:
+        """Land every batch, durably, or raise (then none of them is acknowledged).
+
+        Blocking; the writer thread runs it. Logs first, synced, then manifests, synced:
+        a manifest line never describes a record that could still be lost.
+        """
+        clock = time.monotonic()
+        new_dirs = []
+        for batch in batches:
+            directory = self.agent_dir(batch.agent_id)
+            if directory not in self._made:
+                fresh = not directory.exists()
+                _private_dir(directory)
+                self._made.add(directory)
+                if fresh:
+                    new_dirs.append(directory)
+        logs, entries = set(), []
+        for batch in batches:
+            log_path = self.agent_dir(batch.agent_id) / f"{day_of(batch.received_at)}.log"
+            offset = _append(log_path, LENGTH.pack(len(batch.record)) + batch.record)
+            logs.add(log_path)
+            entries.append(
+                ManifestEntry(
+                    batch.sequence,
+                    offset,
+                    LENGTH.size + len(batch.record),
+                    hashlib.sha256(batch.record).hexdigest(),
+                    batch.events,
+                    batch.first_event_at,
+                    batch.last_event_at,
+                    batch.received_at,
+                )
+            )
+        make_durable(self.root, logs, new_dirs)
+        manifests = set()
+        for batch, entry in zip(batches, entries, strict=True):
+            manifest = self.agent_dir(batch.agent_id) / f"{day_of(batch.received_at)}.manifest"
+            _append(manifest, (json.dumps(asdict(entry), sort_keys=True) + "\n").encode())
+            manifests.add(manifest)
+        make_durable(self.root, manifests, ())
+        self.on_commit(time.monotonic() - clock, len(batches))
+        return entries
+
+    def start(self) -> None:
+        """Start the writer thread; ``append`` answers on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._writer = threading.Thread(
+            target=self._write_forever, name=f"sink-writer-{self.root.name}", daemon=True
         )
-        line = json.dumps(asdict(entry), sort_keys=True) + "\n"
-        _append(directory / f"{day}.manifest", line.encode())
-        self._next[agent_id] = sequence + 1
-        return entry
+        self._writer.start()
+
+    async def close(self) -> None:
+        """Land what is queued, then stop the writer."""
+        if self._writer is not None:
+            self._waiting.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+
+    async def append(self, batch: Batch) -> ManifestEntry:
+        """Queue ``batch`` for the next group commit and wait for it to be durable.
+
+        The agent's next sequence number moves (and ``on_landed`` runs) when the group
+        lands, even if the caller stopped waiting: a batch on disk is never forgotten.
+        """
+        if self._loop is None:
+            raise RuntimeError("Sink.start() first")
+        future: asyncio.Future[ManifestEntry] = self._loop.create_future()
+        self._waiting.put((batch, future))
+        return await future
+
+    def _write_forever(self) -> None:
+        while True:
+            first = self._waiting.get()
+            if first is None:
+                return
+            group, stopping = [first], False
+            while len(group) < MAX_GROUP:
+                try:
+                    waiting = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    stopping = True
+                    break
+                group.append(waiting)
+            try:
+                outcome: list[ManifestEntry] | OSError = self.write_group([b for b, _ in group])
+            except OSError as exc:
+                outcome = exc
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._settle, group, outcome)
+            if stopping:
+                return
+
+    def _settle(self, group: list[Waiting], outcome: list[ManifestEntry] | OSError) -> None:
+        """On the loop: move the sequence numbers, report, and answer the waiting uploads."""
+        if isinstance(outcome, OSError):
+            for batch, future in group:
+                # What landed before the failure is read back from disk next time.
+                self._next.pop(batch.agent_id, None)
+                if not future.done():
+                    future.set_exception(outcome)
+            return
+        for (batch, future), entry in zip(group, outcome, strict=True):
+            self._next[batch.agent_id] = batch.sequence + 1
+            if self._on_landed is not None:
+                self._on_landed(batch)
+            if not future.done():
+                future.set_result(entry)
 
 
 def verified_records(
