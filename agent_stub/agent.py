@@ -185,6 +185,7 @@ class Agent:
                 call_metadata,
                 truth=self.truth,
                 sequence=upload_sequence,
+                max_events=config.tuning.batch_events,
             )
         )
         self.cover = CoverStory(self.engine, config.fault)
