@@ -32,7 +32,7 @@ from agent_stub.cover import CoverStory
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.periodic import every
-from agent_stub.stream import ControlStream, Outbox
+from agent_stub.stream import ControlStream, Outbox, StreamEnded
 from agent_stub.truth import GroundTruth
 from agent_stub.upload import GatewayUploader
 from agent_stub.wire import channel_states
@@ -185,6 +185,7 @@ class Agent:
                 call_metadata,
                 truth=self.truth,
                 sequence=upload_sequence,
+                max_events=config.tuning.batch_events,
             )
         )
         self.cover = CoverStory(self.engine, config.fault)
@@ -335,11 +336,17 @@ class Agent:
                 await self.awake.wait()
                 await self.handle(message, stream)
             return "server closed the stream"
+        except StreamEnded as ended:
+            return str(ended)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if stream.dropped and task is not None and not task.cancelling():
+            if task is not None and task.cancelling():
+                raise  # the agent itself is being stopped
+            # grpc aio also raises it when the call was cancelled on this side (the
+            # offline fault's drop, a write cut off halfway): a stream end, not a stop.
+            if stream.dropped:
                 return "dropped the stream (offline fault)"
-            raise
+            return "the stream was cancelled on the agent's side"
         finally:
             self._stream = self._heartbeats = self._renewals = None
             await stream.close()

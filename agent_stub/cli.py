@@ -26,7 +26,7 @@ import structlog
 
 from agent_stub.agent import Agent, ServerAddressError, open_channel, server_target
 from agent_stub.applied import AppliedStore
-from agent_stub.batches import SequenceStore, UploadSequence
+from agent_stub.batches import MAX_EVENTS_PER_BATCH, SequenceStore, UploadSequence
 from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.durable import StateFileError
@@ -170,7 +170,10 @@ async def run_one(args: argparse.Namespace) -> None:
 
 async def simulate(args: argparse.Namespace) -> None:
     tuning = Tuning(
-        capture_tick=args.capture_tick, upload_every=args.upload_every, slow_max=args.slow_max
+        capture_tick=args.capture_tick,
+        upload_every=args.upload_every,
+        batch_events=args.batch_events,
+        slow_max=args.slow_max,
     )
     configs = fleet_configs(
         args.agents,
@@ -222,6 +225,14 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
     return int(text)
+
+
+def batch_events(text: str) -> int:
+    """``--batch-events``: 1 up to the reference agent's own batch size."""
+    value = positive_int(text)
+    if value > MAX_EVENTS_PER_BATCH:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at most {MAX_EVENTS_PER_BATCH} events")
+    return value
 
 
 def seconds(text: str) -> float:
@@ -347,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--capture-tick", type=positive_seconds, default=1.0, metavar="SECONDS")
     sim.add_argument("--upload-every", type=positive_seconds, default=30.0, metavar="SECONDS")
+    sim.add_argument(
+        "--batch-events",
+        type=batch_events,
+        default=MAX_EVENTS_PER_BATCH,
+        metavar="N",
+        help=f"events per uploaded batch, oldest first (default {MAX_EVENTS_PER_BATCH})",
+    )
     sim.add_argument("--report-every", type=positive_seconds, default=10.0, metavar="SECONDS")
     add_ingest_option(sim)
     add_identity_options(sim, "one subdirectory per agent for its key and certificate")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from agent_stub.batches import MAX_EVENTS_PER_BATCH
+
 DEFAULT_LEASE_TTL_SECONDS = 60.0
 
 
@@ -53,10 +55,15 @@ RELABEL_TO = {"org": "marketing"}
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
-    """Capture and upload pacing, and fault durations (None: derived from the lease TTL)."""
+    """Capture and upload pacing, and fault durations (None: derived from the lease TTL).
+
+    ``batch_events`` below the default lets a drill build a backlog of several batches
+    in seconds, as a laptop offline for days would.
+    """
 
     capture_tick: float = 1.0
     upload_every: float = 30.0
+    batch_events: int = MAX_EVENTS_PER_BATCH
     slow_max: float = 20.0
     # Default: twice the lease TTL last seen.
     offline_for: float | None = None

@@ -2,6 +2,12 @@
 
 Heartbeats, acks and lease requests are written from different tasks: one lock
 keeps each write whole, and the tasks writing to a stream end with it.
+
+grpc aio cancels the whole call when a write is cancelled halfway (the reader then
+gets ``CancelledError``, later writers ``InvalidStateError('RPC already finished.')``).
+So each write runs in a task of the stream's own: a sender cancelled meanwhile (the
+lease renewals a pause ends) leaves the stream alive. Most likely what cut thousands
+of streams at a 10,000-agent pause (BENCHMARKS.md, "The fleet stops after the pause").
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ class Outbox(Protocol):
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
 
 
+class StreamEnded(Exception):
+    """The call had already finished when the agent wrote to it: the session is over."""
+
+
 class ControlStream:
     def __init__(self, call: Call) -> None:
         self._call = call
@@ -36,8 +46,17 @@ class ControlStream:
         self.dropped = False
 
     async def send(self, message: pb.AgentMessage) -> None:
+        """Write ``message`` whole, in turn; it goes out even if the sender is cancelled
+        while it waits (the stream's end cancels it)."""
+        await asyncio.shield(self.spawn(self._write(message)))
+
+    async def _write(self, message: pb.AgentMessage) -> None:
         async with self._lock:
-            await self._call.write(message)
+            try:
+                await self._call.write(message)
+            except asyncio.InvalidStateError:
+                code = (await self._call.code()).name
+                raise StreamEnded(f"the stream had already ended ({code}) at a write") from None
 
     async def read(self) -> pb.ServerMessage | None:
         """The next message; None once the server ended the stream."""

@@ -3,9 +3,10 @@
 The gateway (``killswitch ingest``, role ``ingest``) asks about many batches in one call.
 Each is decided by the same rule as ever (``ControlPlane.authorize_upload``, that is
 ``AgentStatus.decide_upload``), which also counts refusals and flags uploads dated after
-a stop; nothing here decides a second way. What only the gateway can see (events after
-the stop beyond the agent's measured skew) arrives as ``refused_by_gateway`` and
-becomes violation evidence through the plane, durably, like any other.
+a stop or checked too long after its ack; nothing here decides a second way. What only
+the gateway can see (events after the stop beyond the agent's measured skew) arrives as
+``refused_by_gateway`` and becomes violation evidence through the plane, durably, like
+any other.
 """
 
 from __future__ import annotations

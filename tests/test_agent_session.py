@@ -8,13 +8,17 @@ import time
 from typing import Any
 
 import grpc
+import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+from structlog.testing import capture_logs
 
 from agent_stub import Agent, AgentConfig, Backoff, Fault, Tuning
 from agent_stub.agent import open_channel
 from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
-from tests.test_agent_faults import wait_until
+from agent_stub.simulate import Fleet, fleet_configs
+from agent_stub.stream import ControlStream
+from tests.test_agent_faults import settle, wait_until
 
 LEASE_TTL = 0.6
 
@@ -104,5 +108,151 @@ def test_offline_agent_drops_its_stream_stops_at_expiry_and_comes_back() -> None
             await asyncio.gather(runner, return_exceptions=True)
             await channel.close(grace=None)
             await server.stop(grace=None)
+
+    asyncio.run(scenario())
+
+
+async def scripted_server() -> tuple[ScriptedControl, grpc.aio.Server, int]:
+    control = ScriptedControl()
+    server = grpc.aio.server()
+    pb_grpc.add_AgentControlServicer_to_server(control, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return control, server, port
+
+
+def test_a_sender_cancelled_mid_write_leaves_the_stream_alive() -> None:
+    """grpc aio cancels the whole call when a write is cancelled halfway: a lease renewal
+    that a pause ends must not cut the stream the ack is about to go out on."""
+
+    async def scenario() -> None:
+        control, server, port = await scripted_server()
+        channel = open_channel(f"127.0.0.1:{port}")
+        stream = ControlStream(pb_grpc.AgentControlStub(channel).Connect())  # type: ignore[call-arg]
+        try:
+            await stream.send(pb.AgentMessage(hello=pb.Hello(agent_id="laptop-1")))
+            assert await stream.read() is not None, "the server's directive"
+            renewal = pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
+            sender = asyncio.create_task(stream.send(renewal))
+            await asyncio.sleep(0)  # the write has started
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            await stream.send(pb.AgentMessage(ack=pb.Ack(epoch=1, mode=pb.MODE_PAUSED)))
+            answer = await stream.read()
+            assert answer is not None and answer.WhichOneof("body") == "lease_grant"
+            await wait_until(lambda: "ack" in kinds(control.streams[0]))
+            assert kinds(control.streams[0]) == ["hello", "lease_request", "ack"]
+        finally:
+            await stream.close()
+            await channel.close(grace=None)
+            await server.stop(grace=None)
+
+    asyncio.run(scenario())
+
+
+class ScriptedCall:
+    """A Connect call that ends as grpc aio ends one cancelled on the agent's side:
+    ``read`` raises ``CancelledError``, or ``write`` says the RPC already finished.
+    Without a failure it carries nothing until cancelled."""
+
+    def __init__(self, failure: str = "") -> None:
+        self.failure = failure
+        self.written: list[pb.AgentMessage] = []
+
+    async def write(self, message: pb.AgentMessage) -> None:
+        if self.failure == "write":
+            raise asyncio.InvalidStateError("RPC already finished.")
+        self.written.append(message)
+
+    async def read(self) -> pb.ServerMessage:
+        if self.failure == "read":
+            raise asyncio.CancelledError()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def cancel(self) -> bool:
+        return True
+
+
+class ScriptedChannel:
+    """Hands out the scripted calls in turn, as ``AgentControlStub`` asks a channel."""
+
+    def __init__(self, calls: list[ScriptedCall]) -> None:
+        self.calls = calls
+        self.connects = 0
+
+    def stream_stream(self, method: str, **_: Any) -> Any:
+        def connect(metadata: Any = ()) -> ScriptedCall:
+            self.connects += 1
+            return self.calls[self.connects - 1]
+
+        return connect
+
+
+def test_a_stream_cancelled_under_the_agent_is_reconnected_and_only_a_real_cancel_stops_it() -> (
+    None
+):
+    async def scenario() -> None:
+        channel = ScriptedChannel([ScriptedCall("read"), ScriptedCall("write"), ScriptedCall()])
+        agent = Agent(
+            AgentConfig("laptop-1", tuning=Tuning(capture_tick=3600, upload_every=3600)),
+            channel,  # type: ignore[arg-type]
+            backoff=Backoff(initial=0.01, maximum=0.02, rng=random.Random(1)),
+            rng=random.Random(1),
+        )
+        with capture_logs() as logs:
+            runner = asyncio.create_task(agent.run())
+            await wait_until(lambda: channel.connects == 3)
+            assert not runner.done(), "a stream's end is no reason to stop"
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert runner.cancelled(), "a real cancel stops the agent"
+        assert [kinds(call.written) for call in channel.calls] == [["hello"], [], ["hello"]]
+        assert [e["reason"] for e in logs if e["event"] == "agent_reconnecting"] == [
+            "the stream was cancelled on the agent's side",
+            "the stream had already ended (CANCELLED) at a write",
+        ]
+        assert not [e for e in logs if e["log_level"] in ("warning", "error")]
+
+    asyncio.run(scenario())
+
+
+def test_an_agent_that_ends_is_logged_and_the_rest_of_the_fleet_runs_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    running: set[str] = set()
+
+    async def run(agent: Agent) -> None:
+        if agent.agent_id == "laptop-00000":
+            raise asyncio.CancelledError()  # from inside, as grpc aio raises it
+        running.add(agent.agent_id)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            running.discard(agent.agent_id)
+
+    monkeypatch.setattr(Agent, "run", run)
+
+    async def scenario() -> None:
+        fleet = Fleet("127.0.0.1:1", fleet_configs(3, seed=1), connections=1, fault_after=3600)
+        with capture_logs() as logs:
+            runner = asyncio.create_task(fleet.run())
+            await wait_until(lambda: logs)
+            await settle()
+            assert not runner.done() and running == {"laptop-00001", "laptop-00002"}
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert runner.cancelled()
+        assert logs == [
+            {
+                "event": "simulated_agent_ended",
+                "agent_id": "laptop-00000",
+                "error": "CancelledError from inside",
+                "log_level": "error",
+            }
+        ]
 
     asyncio.run(scenario())

@@ -87,6 +87,8 @@ def test_one_reference_agent_paused_by_id(cli: Cli, one_agent: subprocess.Popen[
         (["--agents", "60000"], "at most 50000 agents"),
         (["--agents", "3", "--ingest", "gateway"], "bad server address 'gateway'"),
         (["--agents", "3", "--fault", "silent-liar=2"], "KIND one of ignore, lie, stubborn"),
+        (["--agents", "3", "--batch-events", "0"], "'0' must be a positive whole number"),
+        (["--agents", "3", "--batch-events", "501"], "'501' must be at most 500 events"),
     ],
 )
 def test_simulator_rejects_bad_input(args: list[str], text: str) -> None:

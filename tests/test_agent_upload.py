@@ -179,14 +179,17 @@ Scenario = Callable[[Agent, Outbox, FakeClock, FakeGateway], Awaitable[None]]
 
 
 def run_uploading_agent(
-    scenario: Scenario, fault: Fault = Fault.NONE, sequence: UploadSequence | None = None
+    scenario: Scenario,
+    fault: Fault = Fault.NONE,
+    sequence: UploadSequence | None = None,
+    tuning: Tuning | None = None,
 ) -> None:
     async def main() -> None:
         async with fake_gateway() as (gateway, ingest):
             clock = FakeClock()
             control = grpc.aio.insecure_channel("127.0.0.1:1")
             agent = Agent(
-                AgentConfig("a", fault=fault, tuning=Tuning()),
+                AgentConfig("a", fault=fault, tuning=tuning or Tuning()),
                 control,
                 call_metadata=insecure_metadata("a"),
                 rng=random.Random(1),
@@ -232,6 +235,18 @@ def test_an_honest_agent_uploads_under_its_lease_and_never_paused_or_lease_less(
         assert agent.truth.events_accepted == PER_TICK
 
     run_uploading_agent(scenario)
+
+
+def test_the_agent_uploads_batches_of_its_tuned_size() -> None:
+    async def scenario(
+        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+    ) -> None:
+        await capture_under_lease(agent, outbox)
+        await agent._upload_round()
+        assert [len(r.events) for r in gateway.requests] == [5]
+        assert agent.engine.spool_events == PER_TICK - 5, "the rest waits for the next round"
+
+    run_uploading_agent(scenario, tuning=Tuning(batch_events=5))
 
 
 def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:

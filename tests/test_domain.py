@@ -9,6 +9,7 @@ import pytest
 from control.domain import (
     AgentStatus,
     CaptureReport,
+    Compliance,
     CompliancePolicy,
     ComplianceState,
     Desired,
@@ -22,6 +23,7 @@ from control.domain import (
     reconcile_desired,
     validate_reason,
 )
+from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
 from control.errors import InvalidInput
 
 LABELS = {"region": "eu-west", "org": "infra", "os": "macos"}
@@ -282,6 +284,36 @@ def test_an_upload_dated_after_the_stop_ack_is_a_violation() -> None:
     status.decide_upload(90.0, 109.0, 5, 110.0, desired=desired)
     assert state(desired, status) is ComplianceState.VIOLATION
     assert "upload of 5 events" in status.violation
+
+
+def test_an_upload_long_after_the_stop_ack_is_a_violation_whatever_its_events_dates() -> None:
+    """A liar with a backlog ships only events from before its stop: the upload is the
+    evidence, once no batch started before the ack can still be in flight."""
+    desired, status = paused(), connected()
+    ack_pause(status, desired, at=105.0)
+    in_flight = status.decide_upload(90.0, 100.0, 500, 106.0, desired=desired)
+    assert not in_flight.allowed and not status.violation, "started before the ack"
+    late = 105.0 + UPLOAD_IN_FLIGHT_GRACE_SECONDS + 1
+    decision = status.decide_upload(90.0, 100.0, 500, late, desired=desired)
+    assert not decision.allowed
+    assert evaluate(desired, status, now=late, policy=POLICY) == Compliance(
+        ComplianceState.VIOLATION,
+        "uploaded a batch of 500 events 16 s after acking its pause:"
+        " a stopped agent uploads nothing",
+        late,
+    )
+
+
+def test_a_late_upload_flags_no_agent_that_has_not_acked_or_was_resumed() -> None:
+    late = 105.0 + UPLOAD_IN_FLIGHT_GRACE_SECONDS + 1
+    unacked = connected()
+    assert not unacked.decide_upload(90.0, 100.0, 5, late, desired=paused()).allowed
+    assert not unacked.violation, "refused: it may not have heard of the pause yet"
+
+    resumed = connected()
+    ack_pause(resumed, paused(), at=105.0)
+    assert not resumed.decide_upload(90.0, 100.0, 5, late, desired=allowed(epoch=6)).allowed
+    assert not resumed.violation, "allowed again (a lease will follow): no stop claimed"
 
 
 def second_hold(epoch: int = 6, since: float = 120.0) -> Desired:

@@ -14,7 +14,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from agent_stub.upload import UPLOAD_TIMEOUT_SECONDS
 from control.domain import ComplianceState, Mode, Scope
+from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
 from control.errors import InvalidInput
 from control.ingest.checks import (
     MAX_BATCH_PAYLOAD_BYTES,
@@ -165,6 +167,13 @@ def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: 
         await plane.stop()
 
     asyncio.run(scenario())
+
+
+def test_an_honest_upload_in_flight_at_the_pause_ends_within_the_plane_s_grace() -> None:
+    """Past the grace, an upload after a pause ack is a violation: an honest agent's
+    batch started just before its ack must be decided (its deadline, then the gateway's
+    to the control plane) well within it, or honest agents would be flagged."""
+    assert UPLOAD_TIMEOUT_SECONDS + CONTROL_DEADLINE_SECONDS < UPLOAD_IN_FLIGHT_GRACE_SECONDS
 
 
 def test_a_gateway_refusal_is_durable_violation_evidence(tmp_path: Path) -> None:

@@ -18,6 +18,13 @@ from control.domain.desired import Desired, Mode
 # Agent and server wall clocks disagree a little; an upload dated this much after
 # the stop is still given the benefit of the doubt.
 CLOCK_SKEW_ALLOWANCE = 2.0
+# An upload the control plane checks this long after the agent acked its pause was
+# started after that ack, which an honest agent never does: one already in flight is
+# given up within the agent's upload deadline (agent_stub.upload.UPLOAD_TIMEOUT_SECONDS,
+# 10 s), and the gateway's question about it answered within the gateway's control
+# deadline (1 s). The rest is margin for a busy server and replica clocks, so a batch in
+# flight when the pause arrived never flags an honest agent (a test keeps the sum below).
+UPLOAD_IN_FLIGHT_GRACE_SECONDS = 15.0
 # A connected stream that has said nothing for this many heartbeat intervals is
 # treated as gone: "connected" must never hide a frozen agent.
 SILENT_HEARTBEATS = 3
@@ -289,15 +296,23 @@ class AgentStatus:
         *,
         desired: Desired,
     ) -> UploadDecision:
-        """Should ingest accept this batch? Also the third, independent stop check."""
-        if (
-            self.claims_stopped(desired)
-            and self.stopped_at is not None
-            and (last_event_at > self.stopped_at + CLOCK_SKEW_ALLOWANCE)
-        ):
+        """Should ingest accept this batch? Also the third, independent stop check.
+
+        Two kinds of evidence, while the agent claims the current pause: events dated
+        after its stop, and any upload once no batch started before the ack can still
+        be in flight (a liar's backlog of old events, shipped while it says it stopped).
+        """
+        stopped_at = self.stopped_at if self.claims_stopped(desired) else None
+        if stopped_at is not None and last_event_at > stopped_at + CLOCK_SKEW_ALLOWANCE:
             self.flag_violation(
                 f"upload of {count} events dated up to {iso(last_event_at)}, after its pause"
-                f" took effect at {iso(self.stopped_at)}",
+                f" took effect at {iso(stopped_at)}",
+                at,
+            )
+        elif stopped_at is not None and at - stopped_at > UPLOAD_IN_FLIGHT_GRACE_SECONDS:
+            self.flag_violation(
+                f"uploaded a batch of {count} events {at - stopped_at:.0f} s after acking its"
+                " pause: a stopped agent uploads nothing",
                 at,
             )
         if desired.mode is Mode.PAUSED:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
+from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
 from control.ingest.sink import SINK_DIR, verified_records
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
 from tests.faults.checker import GRACE_SECONDS, Pause, check, read_truth
@@ -147,3 +148,84 @@ def test_drill_every_fault_kind_against_the_ingest_gateway(
         f" {sum(bool(r['capturing']) for r in exfiltrators)} (uncaught by design)"
     )
     verdict.assert_holds()
+
+
+# Far below the backlog the liars build before the pause: 13 events a tick, 5 ticks a
+# second, 5 shipped a second.
+BATCH_EVENTS = 5
+BACKLOG_AGENTS = 12
+BACKLOG_FAULTS = {"silent-liar": 0.25, "slow": 0.25}
+
+
+def test_a_silent_liar_with_a_backlog_is_flagged_for_uploading_while_paused(
+    gateway: tuple[ServerProcess, GatewayProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    """Its batches after the pause hold only events from before it (oldest first), so no
+    event is dated after its stop: the upload itself, past any honest batch in flight, is
+    the evidence. Honest agents, in flight at the pause too, are never flagged."""
+    server, ingest = gateway
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    sim = simulate(
+        server,
+        BACKLOG_AGENTS,
+        "--ingest",
+        ingest.address,
+        "--truth",
+        str(truth_path),
+        "--fault",
+        ",".join(f"{kind}={share}" for kind, share in BACKLOG_FAULTS.items()),
+        "--fault-after",
+        "3600",
+        "--upload-every",
+        str(UPLOAD_EVERY),
+        "--capture-tick",
+        "0.2",
+        "--batch-events",
+        str(BATCH_EVENTS),
+        "--slow-max",
+        "3",
+    )
+    wait_capturing(cli, BACKLOG_AGENTS)
+    wait_for(lambda: ingest.records() >= BACKLOG_AGENTS, 30, "every agent's first batch")
+    sim.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: read_truth(truth_path)["trigger_at"], 10, "the faults to strike")
+    truth = read_truth(truth_path, newer_than=time.time())
+    kinds = {row["agent_id"]: row["fault"] for row in truth["agents"]}
+    liars = [a for a, k in kinds.items() if k == "silent-liar"]
+    backlog = {
+        r["agent_id"]: r["events_captured_total"] - r["events_accepted"] for r in truth["agents"]
+    }
+    assert liars and all(backlog[a] > BATCH_EVENTS for a in liars), backlog
+
+    hold = cli.pause("--all", "--reason", "drill", "--ticket", "INC-14")
+    created = {h["id"]: h for h in cli.json("holds")["holds"]}[hold]["created_at"]
+    committed = datetime.fromisoformat(created).timestamp()
+
+    def liar_states() -> dict[str, str]:
+        views = cli.agents()
+        return {a: views[a]["state"] for a in liars}
+
+    wait_for(
+        lambda: set(liar_states().values()) == {"VIOLATION"},
+        UPLOAD_IN_FLIGHT_GRACE_SECONDS + 20,
+        "every backlogged silent liar in VIOLATION",
+    )
+    # Every honest agent's last batch before its ack has long been decided.
+    time.sleep(
+        max(0.0, committed + UPLOAD_IN_FLIGHT_GRACE_SECONDS + 3 * UPLOAD_EVERY - time.time())
+    )
+    views = cli.agents()
+    for agent_id in liars:
+        assert "after acking its pause" in views[agent_id]["reason"], views[agent_id]
+    flagged = [a for a, k in kinds.items() if k in HONEST and views[a]["state"] == "VIOLATION"]
+    assert not flagged, {a: views[a]["reason"] for a in flagged}
+    late = [
+        (agent_id, at)
+        for agent_id, times in sink_events(ingest.data_dir).items()
+        for at in times
+        if kinds[agent_id] == "silent-liar" and at > committed + GRACE_SECONDS
+    ]
+    assert not late, f"a liar's events captured after the pause were accepted: {late[:5]}"
