@@ -34,18 +34,17 @@ CHANNEL_TURNS = tuple(name for name, per_tick in EVENTS_PER_TICK.items() for _ i
 def upload_request(
     agent_id: str, sequence: int, batch: Batch, sent_at: float
 ) -> pb.UploadBatchRequest:
-    """The batch's events with their capture times and a few bytes of payload each.
+    """The batch's events, a few bytes of payload each, and their capture times.
 
     Filled in place (no intermediate messages): a fleet of 10,000 builds ~330 a second.
     """
     request = pb.UploadBatchRequest(agent_id=agent_id, sequence=sequence)
     request.sent_at.CopyFrom(timestamp(sent_at))
     turns = len(CHANNEL_TURNS)
-    for i, at in enumerate(batch.capture_times()):
-        event = request.events.add(
-            channel=CHANNEL_TURNS[i % turns], payload=f"{sequence}.{i}".encode()
-        )
-        event.captured_at.FromNanoseconds(int(at * 1e9))
+    times = batch.capture_times()
+    for i in range(len(times)):
+        request.events.add(channel=CHANNEL_TURNS[i % turns], payload=f"{sequence}.{i}".encode())
+    request.captured_at_unix_nano.extend(int(at * 1e9) for at in times)
     return request
 
 

@@ -105,6 +105,7 @@ class Side:
     probes: ProbeResult | None = None
     burst: BurstResult | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # % of a core over the window
+    burst_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds over the round
     rss_mib: dict[str, float] = field(default_factory=dict)
     authorize: dict[str, float] = field(default_factory=dict)
     # The gateway's own histograms over the steady window and over the burst.
@@ -402,6 +403,7 @@ class Bench:
 
             log(f"{side.name}: one round of {len(ids)} uploads at once")
             gateway0 = gateway_histograms(metrics_port) if product else {}
+            cpu0 = {k: c.cpu_seconds() for k, c in children.items()}
             side.burst = burst(
                 ingest,
                 ids,
@@ -410,6 +412,7 @@ class Bench:
                 connections=args.connections,
                 concurrency=args.concurrency,
             )
+            side.burst_cpu = {k: c.cpu_seconds() - cpu0[k] for k, c in children.items()}
             side.load.append(load_average())
             if product:
                 side.gateway_burst = gateway_figures(gateway0, gateway_histograms(metrics_port))
@@ -625,6 +628,9 @@ def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
     for who in ("server", "sink", "fleet"):
         cells = [f"{s.cpu.get(who, math.nan):.0f}" for s in columns]
         row(f"{who} CPU in the steady window, % of a core", cells)
+    for who in ("server", "sink", "fleet"):
+        cells = [f"{s.burst_cpu.get(who, math.nan):.2f}" for s in columns]
+        row(f"{who} CPU over the round, s", cells)
     row("sink RSS, MiB", [f"{s.rss_mib.get('sink', math.nan):.0f}" for s in columns])
     out += ["", "Machine load (1/5/15 min) at each phase: "]
     out += [f"- {s.name}: " + "; ".join(s.load) for s in columns]

@@ -142,10 +142,11 @@ async def upload_load(
                 agent_id=agent_id,
                 sequence=sequence,
                 events=[
-                    pb.CaptureEvent(
-                        captured_at=ts(now - 1 + i / 10), channel="keyboard", payload=PAYLOAD
-                    )
-                    for i in range(EVENTS_PER_BATCH)
+                    pb.CaptureEvent(channel="keyboard", payload=PAYLOAD)
+                    for _ in range(EVENTS_PER_BATCH)
+                ],
+                captured_at_unix_nano=[
+                    int((now - 1 + i / 10) * 1e9) for i in range(EVENTS_PER_BATCH)
                 ],
                 sent_at=ts(now),
             )

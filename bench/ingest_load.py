@@ -295,8 +295,8 @@ def late_in_sink(data_dir: Path, committed: float, allowance: Mapping[str, float
                         continue
                     audit.checked_batches += 1
                     batch = pb.UploadBatchRequest.FromString(record)
-                    for event in batch.events:
-                        at = event.captured_at.ToNanoseconds() / 1e9
+                    for nanos in batch.captured_at_unix_nano:
+                        at = nanos / 1e9
                         if at > bound:
                             audit.late.append((agent_id, at))
     return audit

@@ -81,17 +81,18 @@ def _decide(plane: ControlPlane, check: Check) -> Verdict:
     decision = plane.authorize_upload(
         check.agent_id, check.first_event_at, check.last_event_at, check.event_count
     )
-    view = plane.agent_view(check.agent_id)
-    if view is None:
+    known = plane.desired_and_status(check.agent_id)
+    if known is None:
         return Verdict(decision.allowed, decision.reason, plane.epoch, None, None)
-    paused = view.desired.mode is Mode.PAUSED
+    desired, status = known
+    paused = desired.mode is Mode.PAUSED
     return Verdict(
         decision.allowed,
         decision.reason,
         plane.epoch,
-        view.status.stopped_at if paused else None,
-        view.status.lease_expires_at,
-        keep_spool=paused and not view.desired.purge_spool,
+        status.stopped_at if paused else None,
+        status.lease_expires_at,
+        keep_spool=paused and not desired.purge_spool,
     )
 
 

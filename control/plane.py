@@ -1163,6 +1163,11 @@ class ControlPlane:
     def _urgency(match: tuple[AgentEntry, Compliance]) -> tuple[int, str]:
         return _SEVERITY_RANK[match[1].state], match[0].agent_id
 
+    def desired_and_status(self, agent_id: str) -> tuple[Desired, AgentStatus] | None:
+        """What an upload verdict needs, without evaluating compliance (a verdict per batch)."""
+        entry = self._agents.get(agent_id)
+        return None if entry is None else (entry.desired, entry.status)
+
     def agent_view(self, agent_id: str) -> AgentView | None:
         """One agent as of now, or ``None`` if the plane has never heard of it."""
         entry = self._agents.get(agent_id)

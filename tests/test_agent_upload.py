@@ -82,8 +82,9 @@ async def fake_gateway() -> AsyncIterator[tuple[FakeGateway, grpc.aio.Channel]]:
         await server.stop(grace=None)
 
 
-def seconds(event: pb.CaptureEvent) -> float:
-    return float(event.captured_at.ToNanoseconds()) / 1e9
+def capture_times(request: pb.UploadBatchRequest) -> list[float]:
+    assert len(request.captured_at_unix_nano) == len(request.events), "one time per event"
+    return [nanos / 1e9 for nanos in request.captured_at_unix_nano]
 
 
 # ---------------------------------------------------------------- batches
@@ -112,7 +113,7 @@ def test_batches_are_numbered_from_one_capped_and_dated_inside_the_spool() -> No
                 await uploader.upload()
             assert gateway.sequences() == [1, 2], "one capped batch per round, then nothing"
             assert [len(r.events) for r in gateway.requests] == [20, 3 * PER_TICK - 20]
-            times = [seconds(e) for r in gateway.requests for e in r.events]
+            times = [t for r in gateway.requests for t in capture_times(r)]
             assert times == sorted(times)
             assert times[0] >= 1_700_000_000.0 and times[-1] == pytest.approx(1_700_000_002.0)
             assert all(r.agent_id == "laptop-1" for r in gateway.requests)
@@ -307,7 +308,7 @@ def lies_about_the_pause(*, uploads: bool) -> Scenario:
             return
         await agent._upload_round()
         assert gateway.sequences() == [1, 1], "it keeps trying, spool and all"
-        landed = [seconds(e) for e in gateway.requests[-1].events]
+        landed = capture_times(gateway.requests[-1])
         assert len(landed) == 3 * PER_TICK and landed[-1] > paused_at
         assert truth["batches_sent"] == 1 and agent.truth.batches_refused == 2
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
@@ -19,7 +18,7 @@ from control.domain import ComplianceState, Mode, Scope
 from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
 from control.errors import InvalidInput
 from control.ingest.checks import (
-    MAX_BATCH_PAYLOAD_BYTES,
+    MAX_BATCH_BYTES,
     MAX_EVENTS_PER_BATCH,
     MAX_SKEW_ALLOWANCE,
     BatchShape,
@@ -76,7 +75,7 @@ def test_a_claimed_skew_never_buys_more_than_the_cap() -> None:
         (shape(), "INVALID_ARGUMENT", "empty batch"),
         (shape(NOW, sequence=0), "INVALID_ARGUMENT", "start at 1"),
         (shape(*[NOW] * (MAX_EVENTS_PER_BATCH + 1)), "RESOURCE_EXHAUSTED", "events: at most"),
-        (shape(NOW, payload=MAX_BATCH_PAYLOAD_BYTES + 1), "RESOURCE_EXHAUSTED", "bytes: at most"),
+        (shape(NOW, payload=MAX_BATCH_BYTES + 1), "RESOURCE_EXHAUSTED", "bytes: at most"),
         (shape(0.0, NOW), "INVALID_ARGUMENT", "capture time"),
         (shape(NOW, sent_at=0.0), "INVALID_ARGUMENT", "sent_at missing"),
     ],
@@ -284,14 +283,20 @@ def test_concurrent_checks_share_one_call_and_no_answer_refuses_them_all() -> No
     asyncio.run(scenario())
 
 
-def test_a_batch_is_measured_in_one_pass_and_a_malformed_stamp_is_refused() -> None:
-    def event(seconds: int, nanos: int, payload: bytes = b"ab") -> pb.CaptureEvent:
-        return pb.CaptureEvent(captured_at=Timestamp(seconds=seconds, nanos=nanos), payload=payload)
+def test_a_batch_is_measured_by_its_time_column_and_needs_one_time_per_event() -> None:
+    def batch(times: list[int], events: int) -> pb.UploadBatchRequest:
+        return pb.UploadBatchRequest(
+            events=[pb.CaptureEvent(payload=b"ab") for _ in range(events)],
+            captured_at_unix_nano=times,
+        )
 
-    events = [event(100, 500_000_000), event(99, 0), event(101, 250_000_000, b"")]
-    assert measure(events) == (3, 99.0, 101.25, 4)
-    assert measure([]) == (0, 0.0, 0.0, 0)
-    with pytest.raises(InvalidInput, match="nanos -1"):
-        measure([event(100, 0), event(100, -1)])
-    with pytest.raises(InvalidInput, match="nanos 1000000000"):
-        measure([event(100, 1_000_000_000)])
+    assert measure(batch([100_500_000_000, 99_000_000_000, 101_250_000_000], 3)) == (
+        3,
+        99.0,
+        101.25,
+    )
+    assert measure(batch([], 0)) == (0, 0.0, 0.0)
+    with pytest.raises(InvalidInput, match="2 capture times for 3 events: one per event"):
+        measure(batch([1, 2], 3))
+    with pytest.raises(InvalidInput, match="4 capture times for 3 events"):
+        measure(batch([1, 2, 3, 4], 3))

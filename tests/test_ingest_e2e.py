@@ -153,10 +153,8 @@ def batch(
     return pb.UploadBatchRequest(
         agent_id=agent_id,
         sequence=sequence,
-        events=[
-            pb.CaptureEvent(captured_at=ts(at), channel="keyboard", payload=payload)
-            for at in captured
-        ],
+        events=[pb.CaptureEvent(channel="keyboard", payload=payload) for _ in captured],
+        captured_at_unix_nano=[int(at * 1e9) for at in captured],
         sent_at=ts(time.time()),
     )
 

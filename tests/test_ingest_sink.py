@@ -113,7 +113,7 @@ def test_an_agent_id_never_names_a_path_outside_the_sink(tmp_path: Path, agent: 
         Sink(tmp_path).agent_dir(agent)
 
 
-# ---------------------------------------------------------------- the writer thread
+# ---------------------------------------------------------------- the committer
 
 
 def test_concurrent_appends_share_commits_and_each_waits_for_its_own(

@@ -11,7 +11,7 @@ from control.domain.compliance import CLOCK_SKEW_ALLOWANCE
 
 # Size caps: a batch is 30 s of one laptop's capture; anything near these is not.
 MAX_EVENTS_PER_BATCH = 5_000
-MAX_BATCH_PAYLOAD_BYTES = 1024 * 1024
+MAX_BATCH_BYTES = 1024 * 1024  # serialized, payloads and framing together
 # Whatever an agent's clock says, its events are never given more benefit of the
 # doubt than this (seconds): a liar claiming a skewed clock gains at most this much.
 MAX_SKEW_ALLOWANCE = 10.0
@@ -38,7 +38,7 @@ class BatchShape:
     events: int
     first_event_at: float
     last_event_at: float
-    payload_bytes: int
+    batch_bytes: int
     sent_at: float
 
 
@@ -60,11 +60,10 @@ def check_shape(batch: BatchShape, received_at: float) -> float:
             "RESOURCE_EXHAUSTED",
             f"batch of {count} events: at most {MAX_EVENTS_PER_BATCH} per batch",
         )
-    if batch.payload_bytes > MAX_BATCH_PAYLOAD_BYTES:
+    if batch.batch_bytes > MAX_BATCH_BYTES:
         raise Refusal(
             "RESOURCE_EXHAUSTED",
-            f"batch payload of {batch.payload_bytes} bytes:"
-            f" at most {MAX_BATCH_PAYLOAD_BYTES} per batch",
+            f"batch of {batch.batch_bytes} bytes: at most {MAX_BATCH_BYTES} per batch",
         )
     if batch.sent_at <= 0:
         raise Refusal("INVALID_ARGUMENT", "sent_at missing: the gateway measures the clock with it")

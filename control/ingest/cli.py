@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.errors import InvalidInput
@@ -102,13 +103,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     lines = []
     for entry, raw in records:
         batch = pb.UploadBatchRequest.FromString(raw)
-        for event in batch.events:
+        for event, nanos in zip(batch.events, batch.captured_at_unix_nano, strict=True):
+            captured_at = Timestamp()
+            captured_at.FromNanoseconds(nanos)
             lines.append(
                 json.dumps(
                     {
                         "agent_id": batch.agent_id,
                         "sequence": batch.sequence,
-                        "captured_at": event.captured_at.ToJsonString(),
+                        "captured_at": captured_at.ToJsonString(),
                         "channel": event.channel,
                         "payload_b64": base64.b64encode(event.payload).decode(),
                         "received_at": entry.received_at,

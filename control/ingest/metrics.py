@@ -50,7 +50,7 @@ class GatewayMetrics:
         )
 
     def committed(self, seconds: float, batches: int) -> None:
-        """Called from the sink's writer thread (prometheus_client is thread-safe)."""
+        """The sink's report of each group commit."""
         self.commit_seconds.observe(seconds)
         self.commit_batches.observe(batches)
 

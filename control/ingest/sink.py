@@ -11,9 +11,9 @@ Files rather than a database table: the sink is private to the gateway (director
 0700, files 0600, owned by the gateway's user), shares no database with anything, and
 its only read path is ``killswitch ingest export``, which verifies every checksum.
 
-**Group commit.** One writer thread takes every batch waiting and lands them together:
-all their log records, one file-system sync, all their manifest lines, a second sync,
-and only then is any of them acknowledged. So a batch costs two syncs shared with its
+**Group commit.** One committer takes every batch waiting and lands them together: all
+their log records, one file-system sync, all their manifest lines, a second sync, and
+only then is any of them acknowledged. So a batch costs two syncs shared with its
 whole group, not two ``fsync`` calls of its own (at 10k agents the per-batch fsyncs,
 queued through a thread pool under each agent's lock, were most of the gateway's time).
 The sync is ``syncfs(2)`` on Linux (one call makes every file and directory entry of
@@ -29,11 +29,9 @@ import ctypes.util
 import hashlib
 import json
 import os
-import queue
 import re
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -99,7 +97,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
 SYNCFS = _load_syncfs()
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,7 +105,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def make_durable(root: Path, files: Iterable[Path], new_dirs: Iterable[Path]) -> None:
+def make_durable(root: Path, files: Iterable[str], new_dirs: Iterable[Path]) -> None:
     """Everything written under ``root`` so far survives a crash once this returns."""
     if SYNCFS is not None:
         fd = os.open(root, os.O_RDONLY)
@@ -130,7 +128,7 @@ def _private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
-def _append(path: Path, data: bytes) -> int:
+def _append(path: str, data: bytes) -> int:
     """Append (no sync: the group's commit makes it durable); returns the data's offset."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -168,7 +166,7 @@ Waiting = tuple[Batch, "asyncio.Future[ManifestEntry]"]
 
 
 class Sink:
-    """The files, each agent's next sequence number, and the one writer thread."""
+    """The files, each agent's next sequence number, and the group committer."""
 
     def __init__(
         self,
@@ -181,11 +179,13 @@ class Sink:
         _private_dir(self.root)
         self._next: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._made: set[Path] = set()  # agent directories known to exist (writer thread only)
+        self._dirs: dict[str, str] = {}  # agent -> its directory, known to exist
+        self._days: dict[int, str] = {}
         self._on_landed = on_landed
-        self._waiting: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[Waiting] = []
+        self._wake = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._closing = False
         # Observed by the gateway's metrics: seconds and size of each group commit.
         self.on_commit: Callable[[float, int], None] = lambda seconds, size: None
 
@@ -215,22 +215,29 @@ class Sink:
     def write_group(self, batches: Sequence[Batch]) -> list[ManifestEntry]:
         """Land every batch, durably, or raise (then none of them is acknowledged).
 
-        Blocking; the writer thread runs it. Logs first, synced, then manifests, synced:
-        a manifest line never describes a record that could still be lost.
+        Blocking: for tools and tests; the gateway uses ``append``. Logs first, synced,
+        then manifests, synced: a manifest line never describes a record that could
+        still be lost.
         """
-        clock = time.monotonic()
-        new_dirs = []
+        entries, logs, new_dirs = self._append_records(batches)
+        make_durable(self.root, logs, new_dirs)
+        make_durable(self.root, self._append_manifest_lines(batches, entries), ())
+        return entries
+
+    def _append_records(
+        self, batches: Sequence[Batch]
+    ) -> tuple[list[ManifestEntry], set[str], list[Path]]:
+        """Every batch's record at the end of its log (page cache only; not yet durable)."""
+        new_dirs, logs, entries = [], set(), []
         for batch in batches:
-            directory = self.agent_dir(batch.agent_id)
-            if directory not in self._made:
-                fresh = not directory.exists()
-                _private_dir(directory)
-                self._made.add(directory)
-                if fresh:
-                    new_dirs.append(directory)
-        logs, entries = set(), []
-        for batch in batches:
-            log_path = self.agent_dir(batch.agent_id) / f"{day_of(batch.received_at)}.log"
+            directory = self._dirs.get(batch.agent_id)
+            if directory is None:
+                path = self.agent_dir(batch.agent_id)
+                if not path.exists():
+                    _private_dir(path)
+                    new_dirs.append(path)
+                directory = self._dirs[batch.agent_id] = str(path)
+            log_path = f"{directory}/{self._day(batch.received_at)}.log"
             offset = _append(log_path, LENGTH.pack(len(batch.record)) + batch.record)
             logs.add(log_path)
             entries.append(
@@ -245,30 +252,39 @@ class Sink:
                     batch.received_at,
                 )
             )
-        make_durable(self.root, logs, new_dirs)
+        return entries, logs, new_dirs
+
+    def _append_manifest_lines(
+        self, batches: Sequence[Batch], entries: Sequence[ManifestEntry]
+    ) -> set[str]:
         manifests = set()
         for batch, entry in zip(batches, entries, strict=True):
-            manifest = self.agent_dir(batch.agent_id) / f"{day_of(batch.received_at)}.manifest"
-            _append(manifest, (json.dumps(asdict(entry), sort_keys=True) + "\n").encode())
+            manifest = f"{self._dirs[batch.agent_id]}/{self._day(batch.received_at)}.manifest"
+            _append(manifest, manifest_line(entry))
             manifests.add(manifest)
-        make_durable(self.root, manifests, ())
-        self.on_commit(time.monotonic() - clock, len(batches))
-        return entries
+        return manifests
+
+    def _day(self, at: float) -> str:
+        """YYYY-MM-DD (UTC), remembered per day: computed once, not once per batch."""
+        key = int(at // 86_400)
+        day = self._days.get(key)
+        if day is None:
+            day = self._days[key] = day_of(at)
+        return day
 
     def start(self) -> None:
-        """Start the writer thread; ``append`` answers on the running loop."""
-        self._loop = asyncio.get_running_loop()
-        self._writer = threading.Thread(
-            target=self._write_forever, name=f"sink-writer-{self.root.name}", daemon=True
+        """Start the committer; ``append`` needs it."""
+        self._committer = asyncio.create_task(
+            self._commit_forever(), name=f"sink-commit-{self.root.name}"
         )
-        self._writer.start()
 
     async def close(self) -> None:
-        """Land what is queued, then stop the writer."""
-        if self._writer is not None:
-            self._waiting.put(None)
-            await asyncio.to_thread(self._writer.join)
-            self._writer = None
+        """Land what is queued, then stop."""
+        if self._committer is not None:
+            self._closing = True
+            self._wake.set()
+            await self._committer
+            self._committer = None
 
     async def append(self, batch: Batch) -> ManifestEntry:
         """Queue ``batch`` for the next group commit and wait for it to be durable.
@@ -276,38 +292,43 @@ class Sink:
         The agent's next sequence number moves (and ``on_landed`` runs) when the group
         lands, even if the caller stopped waiting: a batch on disk is never forgotten.
         """
-        if self._loop is None:
+        if self._committer is None:
             raise RuntimeError("Sink.start() first")
-        future: asyncio.Future[ManifestEntry] = self._loop.create_future()
-        self._waiting.put((batch, future))
+        future: asyncio.Future[ManifestEntry] = asyncio.get_running_loop().create_future()
+        self._waiting.append((batch, future))
+        self._wake.set()
         return await future
 
-    def _write_forever(self) -> None:
+    async def _commit_forever(self) -> None:
+        """One group at a time; whatever arrives during a commit forms the next group.
+
+        The appends run here, on the loop: a record of a few KiB goes to the page cache
+        in microseconds. Only the syncs wait in a thread, one call per group, so the
+        loop never trades the GIL with a writer thread per system call.
+        """
         while True:
-            first = self._waiting.get()
-            if first is None:
-                return
-            group, stopping = [first], False
-            while len(group) < MAX_GROUP:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                group = self._waiting[:MAX_GROUP]
+                del self._waiting[:MAX_GROUP]
+                batches = [batch for batch, _ in group]
+                started = time.monotonic()
                 try:
-                    waiting = self._waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if waiting is None:
-                    stopping = True
-                    break
-                group.append(waiting)
-            try:
-                outcome: list[ManifestEntry] | OSError = self.write_group([b for b, _ in group])
-            except OSError as exc:
-                outcome = exc
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._settle, group, outcome)
-            if stopping:
+                    entries, logs, new_dirs = self._append_records(batches)
+                    await asyncio.to_thread(make_durable, self.root, logs, new_dirs)
+                    manifests = self._append_manifest_lines(batches, entries)
+                    await asyncio.to_thread(make_durable, self.root, manifests, ())
+                except OSError as exc:
+                    self._settle(group, exc)
+                    continue
+                self.on_commit(time.monotonic() - started, len(group))
+                self._settle(group, entries)
+            if self._closing:
                 return
 
     def _settle(self, group: list[Waiting], outcome: list[ManifestEntry] | OSError) -> None:
-        """On the loop: move the sequence numbers, report, and answer the waiting uploads."""
+        """Move the sequence numbers, report, and answer the waiting uploads."""
         if isinstance(outcome, OSError):
             for batch, future in group:
                 # What landed before the failure is read back from disk next time.
@@ -321,6 +342,10 @@ class Sink:
                 self._on_landed(batch)
             if not future.done():
                 future.set_result(entry)
+
+
+def manifest_line(entry: ManifestEntry) -> bytes:
+    return (json.dumps(asdict(entry), sort_keys=True) + "\n").encode()
 
 
 def verified_records(

@@ -61,7 +61,7 @@ def sink_events(data_dir: Path) -> dict[str, list[float]]:
     for agent_dir in sorted((data_dir / SINK_DIR).iterdir()):
         for _, record in verified_records(data_dir, agent_dir.name):
             batch = pb.UploadBatchRequest.FromString(record)
-            found[batch.agent_id] += [e.captured_at.ToNanoseconds() / 1e9 for e in batch.events]
+            found[batch.agent_id] += [nanos / 1e9 for nanos in batch.captured_at_unix_nano]
     return found
 
 

@@ -2248,29 +2248,26 @@ Global___RecordAcceptedResponse: _TypeAlias = RecordAcceptedResponse  # noqa: Y0
 class CaptureEvent(_message.Message):
     """------------------------------------------------------------- ingest gateway
 
-    One captured event as an agent uploads it.
+    One captured event as an agent uploads it (its capture time is in the batch's
+    `captured_at_unix_nano` column).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    CAPTURED_AT_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
     """keyboard, mouse or screen."""
     payload: _builtins.bytes
-    @_builtins.property
-    def captured_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
-        captured_at: _timestamp_pb2.Timestamp | None = ...,
         channel: _builtins.str = ...,
         payload: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "channel", b"channel", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2288,6 +2285,7 @@ class UploadBatchRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
+    CAPTURED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     sequence: _builtins.int
     """Per agent, starting at 1 and going up by one: a replay or a gap is refused."""
@@ -2297,6 +2295,14 @@ class UploadBatchRequest(_message.Message):
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """The agent's wall clock when it sent the batch: the gateway measures its skew."""
 
+    @_builtins.property
+    def captured_at_unix_nano(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The capture time of each event, in order (nanoseconds since 1970-01-01 UTC), exactly
+        one per event. One packed column rather than a Timestamp per event, as OTLP carries
+        `time_unix_nano`: the gateway checks every date of a batch in one C-speed pass
+        instead of decoding hundreds of sub-messages on its upload path.
+        """
+
     def __init__(
         self,
         *,
@@ -2304,10 +2310,11 @@ class UploadBatchRequest(_message.Message):
         sequence: _builtins.int = ...,
         events: _abc.Iterable[Global___CaptureEvent] | None = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
+        captured_at_unix_nano: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "events", b"events", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "captured_at_unix_nano", b"captured_at_unix_nano", "events", b"events", "sent_at", b"sent_at", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
