@@ -91,6 +91,10 @@ FAULTS = {
 LIARS = frozenset({"silent-liar", "lie", "exfiltrator"})
 HONEST = frozenset({"none", "slow", "offline", "sleep"})
 P99_TARGET_SECONDS = 0.050
+# The simulated fleet stands for 10,000 laptops, which are not on the servers' box: it
+# runs at a lower priority (both runs alike), so the processes under test get the CPU
+# first and the fleet takes what is left, as it would on machines of its own.
+FLEET_NICENESS = ("nice", "-n", "10")
 AUTHORIZE = "AuthorizeBatches"
 
 
@@ -108,6 +112,7 @@ class Side:
     burst_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds over the round
     rss_mib: dict[str, float] = field(default_factory=dict)
     authorize: dict[str, float] = field(default_factory=dict)
+    authorize_burst: dict[str, float] = field(default_factory=dict)
     # The gateway's own histograms over the steady window and over the burst.
     gateway_steady: dict[str, dict[str, float]] = field(default_factory=dict)
     gateway_burst: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -285,6 +290,7 @@ class Bench:
         fleet = Child(
             "fleet",
             [
+                *FLEET_NICENESS,
                 str(BIN / "killswitch-agent"),
                 "simulate",
                 "--server",
@@ -404,6 +410,7 @@ class Bench:
             log(f"{side.name}: one round of {len(ids)} uploads at once")
             gateway0 = gateway_histograms(metrics_port) if product else {}
             cpu0 = {k: c.cpu_seconds() for k, c in children.items()}
+            hist0 = authorize_histogram(http_port)
             side.burst = burst(
                 ingest,
                 ids,
@@ -413,6 +420,7 @@ class Bench:
                 concurrency=args.concurrency,
             )
             side.burst_cpu = {k: c.cpu_seconds() - cpu0[k] for k, c in children.items()}
+            side.authorize_burst = histogram_figures(hist0, authorize_histogram(http_port))
             side.load.append(load_average())
             if product:
                 side.gateway_burst = gateway_figures(gateway0, gateway_histograms(metrics_port))
@@ -631,6 +639,12 @@ def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
     for who in ("server", "sink", "fleet"):
         cells = [f"{s.burst_cpu.get(who, math.nan):.2f}" for s in columns]
         row(f"{who} CPU over the round, s", cells)
+    if prod and prod.authorize_burst.get("calls") and prod.burst:
+        calls = prod.authorize_burst["calls"]
+        row(
+            "control server's AuthorizeBatches calls over the round (the round's uploads per call)",
+            [*(["-"] if base else []), f"{calls:.0f} ({prod.burst.sent / calls:.1f})"],
+        )
     row("sink RSS, MiB", [f"{s.rss_mib.get('sink', math.nan):.0f}" for s in columns])
     out += ["", "Machine load (1/5/15 min) at each phase: "]
     out += [f"- {s.name}: " + "; ".join(s.load) for s in columns]

@@ -95,6 +95,8 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                 f"agent {caller.name} cannot upload as {agent_id[:100]!r}",
             )
         received_at = self._clock()
+        # Serialized once: its size is checked, and it is what the sink stores.
+        record = request.SerializeToString(deterministic=True)
         try:
             self._sink.agent_dir(agent_id)
             count, first, last = measure(request)
@@ -104,7 +106,7 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                 count,
                 first,
                 last,
-                request.ByteSize(),
+                len(record),
                 seconds(request.sent_at),
             )
             allowance = check_shape(shape, received_at)
@@ -128,7 +130,7 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
             batch = Batch(
                 agent_id,
                 request.sequence,
-                request.SerializeToString(deterministic=True),
+                record,
                 count,
                 first,
                 last,
