@@ -22,6 +22,9 @@ from control.plane import ControlPlane
 # One call carries at most this many checks: the gateway batches a few milliseconds'
 # worth (hundreds at 10k agents), and a request stays under the server's message cap.
 MAX_CHECKS_PER_CALL = 500
+# How often a gateway's standing copy hears from the plane (changes, or that nothing
+# changed). Its freshness bound (control/ingest/watch.py) is a few of these.
+WATCH_TICK_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,33 @@ def _decide(plane: ControlPlane, check: Check) -> Verdict:
         status.lease_expires_at,
         keep_spool=paused and not desired.purge_spool,
     )
+
+
+class UploadWatch:
+    """One gateway's standing copy, kept in step: what to send it next.
+
+    The first message holds every allowed agent; each later one only the agents whose
+    allowance changed (a new lease end, or allowed no more), or nothing at all, which
+    still tells the gateway its copy is current as of now.
+    """
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+        self._sent: dict[str, float] | None = None
+
+    def next_message(self) -> tuple[float, bool, dict[str, float | None]]:
+        """``(as_of, full, changes)``: ``None`` for an agent no longer allowed."""
+        as_of = self._plane.now()
+        current = self._plane.upload_allowances()
+        if self._sent is None:
+            self._sent = current
+            return as_of, True, dict(current)
+        changes: dict[str, float | None] = {
+            agent: until for agent, until in current.items() if self._sent.get(agent) != until
+        }
+        changes.update((agent, None) for agent in self._sent.keys() - current.keys())
+        self._sent = current
+        return as_of, False, changes
 
 
 def record_accepted(plane: ControlPlane, batches: Sequence[Accepted]) -> None:

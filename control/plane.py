@@ -1163,6 +1163,20 @@ class ControlPlane:
     def _urgency(match: tuple[AgentEntry, Compliance]) -> tuple[int, str]:
         return _SEVERITY_RANK[match[1].state], match[0].agent_id
 
+    def upload_allowances(self) -> dict[str, float]:
+        """Every agent whose batches may land now, with its lease's end (see
+        ``AgentStatus.upload_allowed_until``): what the ingest gateway's copy holds. None
+        from a replica that cannot lease: its view may be too old to allow anything."""
+        now = self._clock()
+        allowed: dict[str, float] = {}
+        if not self.leasing:
+            return allowed
+        for agent_id, entry in self._agents.items():
+            until = entry.status.upload_allowed_until(entry.desired, now)
+            if until is not None:
+                allowed[agent_id] = until
+        return allowed
+
     def desired_and_status(self, agent_id: str) -> tuple[Desired, AgentStatus] | None:
         """What an upload verdict needs, without evaluating compliance (a verdict per batch)."""
         entry = self._agents.get(agent_id)

@@ -23,7 +23,6 @@ from control.ingest.checks import (
     MAX_SKEW_ALLOWANCE,
     BatchShape,
     Refusal,
-    VerdictCache,
     after_stop_refusal,
     check_shape,
     sequence_refusal,
@@ -35,7 +34,14 @@ from control.ingest.control_client import (
     ControlUnreachable,
 )
 from control.ingest.gateway import measure
-from control.ingest_checks import MAX_CHECKS_PER_CALL, Accepted, Check, authorize_batches
+from control.ingest.watch import CAPTURE_SLACK_SECONDS, FRESH_SECONDS, StandingCopy
+from control.ingest_checks import (
+    MAX_CHECKS_PER_CALL,
+    Accepted,
+    Check,
+    UploadWatch,
+    authorize_batches,
+)
 from control.ingest_checks import record_accepted as plane_record_accepted
 from control.plane import ControlPlane
 from tests.conftest import free_port
@@ -102,23 +108,31 @@ def test_events_after_the_stop_are_refused_beyond_the_allowance_only() -> None:
     assert "100.0 s after the agent stopped" in after_stop_refusal(NOW, stopped, 2.0)
 
 
-# ---------------------------------------------------------------- verdict cache
+# ---------------------------------------------------------------- the standing copy
 
 
-def test_a_cached_allowed_never_outlives_its_ttl_its_lease_or_its_epoch() -> None:
-    cache = VerdictCache(ttl=1.0)
-    cache.remember("a", epoch=3, lease_expires_at=NOW + 60, now=NOW)
-    assert cache.allowed("a", NOW + 0.9)
-    assert not cache.allowed("a", NOW + 1.0), "past the TTL"
-    cache.remember("a", epoch=3, lease_expires_at=NOW + 0.2, now=NOW)
-    assert not cache.allowed("a", NOW + 0.3), "past the lease it came with"
-    cache.remember("a", epoch=3, lease_expires_at=NOW + 60, now=NOW)
-    cache.saw_epoch(4)  # a hold changed: nothing decided before it is reused
-    assert not cache.allowed("a", NOW + 0.1)
-    cache.remember("b", epoch=3, lease_expires_at=NOW + 60, now=NOW)
-    assert not cache.allowed("b", NOW), "an answer from an older epoch is not cached"
-    cache.remember("c", epoch=4, lease_expires_at=None, now=NOW)
-    assert not cache.allowed("c", NOW), "no lease, nothing to reuse"
+def test_the_standing_copy_lets_in_only_fresh_allowed_leased_and_not_later_than_it() -> None:
+    copy = StandingCopy()
+    assert not copy.allows("a", NOW, 0.0), "nothing heard yet"
+    copy.apply(NOW, True, {"a": NOW + 60, "b": NOW + 0.5}, heard_at=100.0)
+    assert copy.allows("a", NOW - 5, 100.0)
+    assert copy.allows("a", NOW + CAPTURE_SLACK_SECONDS, 100.0)
+    assert not copy.allows("a", NOW + CAPTURE_SLACK_SECONDS + 0.1, 100.0), (
+        "captured after what the copy knows: a pause may have come meanwhile"
+    )
+    assert not copy.allows("unknown", NOW, 100.0)
+    assert copy.allows("b", NOW, 100.4)
+    assert not copy.allows("b", NOW, 100.5), "its lease ran out on the plane's clock"
+    assert not copy.allows("a", NOW, 100.0 + FRESH_SECONDS + 0.01), "a silent copy is stale"
+    # A change: "a" paused (no longer allowed); a heartbeat keeps the rest fresh.
+    copy.apply(NOW + 1, False, {"a": None}, heard_at=101.0)
+    assert not copy.allows("a", NOW, 101.0)
+    copy.apply(NOW + 2, False, {}, heard_at=102.0)
+    assert copy.allows("b", NOW, 101.0) is False  # its lease ended at NOW + 0.5
+    copy.apply(NOW + 3, True, {"c": NOW + 60}, heard_at=103.0)
+    assert (len(copy), copy.allows("c", NOW + 3, 103.0)) == (1, True), "a full copy replaces"
+    copy.forget()
+    assert not copy.allows("c", NOW + 3, 103.0), "the stream is gone"
 
 
 # ---------------------------------------------------------------- the plane's side
@@ -135,6 +149,34 @@ async def paused_and_acked(tmp_path: Path, now: list[float]) -> tuple[ControlPla
     hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
     plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
     return plane, hold.created_epoch
+
+
+def test_the_plane_sends_every_allowed_agent_then_only_changes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        now = [1000.0]
+        plane = ControlPlane(
+            await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
+        )
+        await plane.start()
+        for agent in ("a", "b", "c"):
+            plane.connect(agent, {}, Session(plane, agent))
+        assert plane.grant_lease("a").granted and plane.grant_lease("b").granted
+        watch = UploadWatch(plane)
+        as_of, full, first = watch.next_message()
+        lease_a = plane.upload_allowances()["a"]
+        assert (as_of, full, sorted(first)) == (1000.0, True, ["a", "b"]), "c holds no lease"
+        assert watch.next_message() == (1000.0, False, {}), "nothing changed: a heartbeat"
+        now[0] += 5
+        assert plane.grant_lease("c").granted
+        _, full, changes = watch.next_message()
+        assert (full, list(changes)) == (False, ["c"])
+        await plane.create_hold(Scope.fleet(), "leak", "", IC)
+        _, _, changes = watch.next_message()
+        assert changes == {"a": None, "b": None, "c": None}, "paused: allowed no more"
+        assert lease_a > 1000.0
+        await plane.stop()
+
+    asyncio.run(scenario())
 
 
 def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: Path) -> None:

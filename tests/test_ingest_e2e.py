@@ -24,7 +24,8 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from control.ingest.checks import MAX_EVENTS_PER_BATCH, VERDICT_TTL_SECONDS
+from control.ingest.checks import MAX_EVENTS_PER_BATCH
+from control.ingest.watch import FRESH_SECONDS
 from control.pki import load_identity
 from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
 from tests.test_security_e2e import agent_identity
@@ -268,9 +269,9 @@ def test_the_gateway_lands_only_allowed_batches_and_turns_late_ones_into_evidenc
     # and uploading; what it sends is refused, and quarantined for forensics.
     cli.pause("--all", "--reason", "leak", "--keep-spool")
     wait_for(lambda: cli.agents()[AGENT]["state"] != "CAPTURING", 20, "the agent's pause ack")
-    # The gateway may reuse an "allowed" from before the pause for up to its TTL (the
-    # documented window): past it, every batch is asked about again.
-    time.sleep(VERDICT_TTL_SECONDS)
+    # The gateway's standing copy is current again within its freshness bound (or no
+    # longer used): past it, this batch is asked about.
+    time.sleep(FRESH_SECONDS)
     before_stop = upload(stub, batch(2, now - 1))
     assert isinstance(before_stop, pb.UploadBatchResponse)
     assert not before_stop.accepted and "paused" in before_stop.reason

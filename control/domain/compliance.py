@@ -287,6 +287,15 @@ class AgentStatus:
         ended, self.stopped_at = self.stopped_at is not None, None
         return ended
 
+    def upload_allowed_until(self, desired: Desired, at: float) -> float | None:
+        """Until when this agent's batches may land, as of ``at``: its lease's end while
+        it is not paused and the lease is valid; ``None`` when they may not land now.
+        The one rule behind ``decide_upload`` and the gateway's standing copy."""
+        lease = self.lease_expires_at
+        if desired.mode is Mode.PAUSED or lease is None or at >= lease:
+            return None
+        return lease
+
     def decide_upload(
         self,
         first_event_at: float,
@@ -317,7 +326,7 @@ class AgentStatus:
             )
         if desired.mode is Mode.PAUSED:
             decision = UploadDecision(False, f"agent is paused: {desired.reason}")
-        elif self.lease_expires_at is None or at >= self.lease_expires_at:
+        elif self.upload_allowed_until(desired, at) is None:
             decision = UploadDecision(False, "agent holds no valid capture lease")
         else:
             decision = UploadDecision(True, "ok")

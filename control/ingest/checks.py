@@ -15,8 +15,6 @@ MAX_BATCH_BYTES = 1024 * 1024  # serialized, payloads and framing together
 # Whatever an agent's clock says, its events are never given more benefit of the
 # doubt than this (seconds): a liar claiming a skewed clock gains at most this much.
 MAX_SKEW_ALLOWANCE = 10.0
-# A cached "allowed" is reused for at most this long (and never past its lease).
-VERDICT_TTL_SECONDS = 1.0
 
 
 class Refusal(Exception):
@@ -97,52 +95,3 @@ def after_stop_refusal(last_event_at: float, stopped_at: float | None, allowance
         f"events captured up to {last_event_at - stopped_at:.1f} s after the agent stopped"
         f" (clock allowance {allowance:.1f} s)"
     )
-
-
-@dataclass(frozen=True, slots=True)
-class CachedVerdict:
-    epoch: int
-    # When this "allowed" may no longer be reused (gateway clock).
-    reusable_until: float
-
-
-class VerdictCache:
-    """Recent "allowed" verdicts per agent, so a burst costs one question.
-
-    Bounded by time (``VERDICT_TTL_SECONDS``, and never past the lease the verdict came
-    with) and by epoch: once any answer shows a newer epoch (a hold changed), every
-    verdict from before it is dropped. Refusals are never cached: each one is counted
-    and checked by the control plane.
-    """
-
-    def __init__(self, ttl: float = VERDICT_TTL_SECONDS) -> None:
-        self._ttl = ttl
-        self._allowed: dict[str, CachedVerdict] = {}
-        self._epoch = 0
-
-    def allowed(self, agent_id: str, now: float) -> bool:
-        cached = self._allowed.get(agent_id)
-        if cached is None:
-            return False
-        if cached.epoch < self._epoch or now >= cached.reusable_until:
-            del self._allowed[agent_id]
-            return False
-        return True
-
-    def saw_epoch(self, epoch: int) -> None:
-        if epoch > self._epoch:
-            self._epoch = epoch
-            self._allowed.clear()
-
-    def remember(
-        self, agent_id: str, *, epoch: int, lease_expires_at: float | None, now: float
-    ) -> None:
-        self.saw_epoch(epoch)
-        if epoch < self._epoch or lease_expires_at is None:
-            return
-        until = min(now + self._ttl, lease_expires_at)
-        if until > now:
-            self._allowed[agent_id] = CachedVerdict(epoch, until)
-
-    def forget(self, agent_id: str) -> None:
-        self._allowed.pop(agent_id, None)

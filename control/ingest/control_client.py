@@ -26,8 +26,10 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.errors import KillswitchError
+from control.ingest.watch import StandingCopy
 from control.pki import Identity
 from control.rpc.authz import INSECURE_IDENTITY_METADATA
+from control.rpc.convert import seconds
 
 log = structlog.get_logger("killswitch.ingest.control")
 
@@ -45,6 +47,10 @@ LATENCY_LOG_SECONDS = 10.0
 # Reports kept while the control plane is away; past this the oldest are dropped (and
 # logged): the data itself is safe in the sink.
 MAX_PENDING_REPORTS = 100_000
+# A watch stream silent this long is dropped and opened again (the copy itself stops
+# being used much sooner: control/ingest/watch.py FRESH_SECONDS).
+WATCH_SILENCE_SECONDS = 3.0
+WATCH_RETRY_SECONDS = 0.5
 # Who the gateway claims to be to an insecure (development) control server.
 INSECURE_CLAIM = "ingest-1:ingest"
 
@@ -75,13 +81,17 @@ class ControlClient:
         self._round_trips: list[float] = []
         self._checks_asked = 0
         self._reporter: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.copy = StandingCopy()
 
     def start(self) -> None:
         self._reporter = asyncio.create_task(self._report_forever(), name="ingest-reports")
+        self._watcher = asyncio.create_task(self._watch_forever(), name="ingest-watch")
 
     async def close(self) -> None:
-        if self._reporter is not None:
-            self._reporter.cancel()
+        for task in (self._reporter, self._watcher):
+            if task is not None:
+                task.cancel()
         await self._send_reports()  # one last try: what cannot be sent is logged
         for channel in self._channels:
             await channel.close(grace=None)
@@ -142,6 +152,37 @@ class ControlClient:
                 errors.append(f"{address}: {exc.code().name} {exc.details() or ''}".strip())
         log.warning("control_plane_unreachable", method=method, errors=errors)
         raise ControlUnreachable("no answer from the control plane (" + "; ".join(errors) + ")")
+
+    # ------------------------------------------------------------ the standing copy
+
+    async def _watch_forever(self) -> None:
+        """Keep ``copy`` current from the first address that streams it."""
+        while True:
+            for address, stub in zip(self._addresses, self._stubs, strict=True):
+                call = stub.WatchUploads(pb.WatchUploadsRequest(), metadata=self._metadata)
+                try:
+                    while True:
+                        message = await asyncio.wait_for(call.read(), WATCH_SILENCE_SECONDS)
+                        if not isinstance(message, pb.UploadStates):
+                            break  # the server ended the stream
+                        self.copy.apply(
+                            seconds(message.as_of),
+                            message.full,
+                            {
+                                s.agent_id: seconds(s.lease_expires_at)
+                                if s.HasField("lease_expires_at")
+                                else None
+                                for s in message.states
+                            },
+                            time.monotonic(),
+                        )
+                except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                    why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "silent"
+                    log.info("upload_watch_lost", address=address, error=why)
+                finally:
+                    call.cancel()
+                    self.copy.forget()
+            await asyncio.sleep(WATCH_RETRY_SECONDS)
 
     # ------------------------------------------------------------ accepted reports
 

@@ -31,7 +31,6 @@ from control.ingest.checks import (
     MAX_BATCH_BYTES,
     BatchShape,
     Refusal,
-    VerdictCache,
     after_stop_refusal,
     check_shape,
     sequence_refusal,
@@ -79,7 +78,6 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
         self._quarantine = quarantine
         self._control = control
         self._metrics = metrics
-        self._cache = VerdictCache()
         self._clock = clock
 
     async def UploadBatch(  # noqa: N802
@@ -119,14 +117,19 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
             why = sequence_refusal(request.sequence, expected)
             if why:
                 return self._refused(agent_id, why, expected, in_hand)
-            check = pb.BatchCheck(
-                agent_id=agent_id,
-                sequence=request.sequence,
-                first_event_at=timestamp(first),
-                last_event_at=timestamp(last),
-                event_count=count,
-            )
-            refusal, keep = await self._verdict(check, last, allowance, context)
+            if self._control.copy.allows(agent_id, last, time.monotonic()):
+                refusal, keep = "", False  # on the plane's standing copy: no question
+                self._metrics.verdicts.labels("standing_copy").inc()
+            else:
+                self._metrics.verdicts.labels("asked").inc()
+                check = pb.BatchCheck(
+                    agent_id=agent_id,
+                    sequence=request.sequence,
+                    first_event_at=timestamp(first),
+                    last_event_at=timestamp(last),
+                    event_count=count,
+                )
+                refusal, keep = await self._verdict(check, last, allowance, context)
             batch = Batch(
                 agent_id,
                 request.sequence,
@@ -176,8 +179,6 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
     ) -> tuple[str, bool]:
         """('', False) when the batch may land, else why not and whether a --keep-spool
         hold wants it quarantined; aborts UNAVAILABLE when nobody answers."""
-        if self._cache.allowed(check.agent_id, self._clock()):
-            return "", False
         try:
             verdict = await self._control.decide(check)
         except ControlUnreachable as exc:
@@ -186,20 +187,13 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"nothing accepted: {one_line(exc)}",
             )
-        self._cache.saw_epoch(verdict.epoch)
         stopped_at = seconds(verdict.stopped_at) if verdict.HasField("stopped_at") else None
         after_stop = after_stop_refusal(last, stopped_at, allowance)
         if after_stop:
-            self._cache.forget(check.agent_id)
             await self._report_violation(check, after_stop)
             return after_stop, verdict.keep_spool
         if not verdict.allowed:
-            self._cache.forget(check.agent_id)
             return verdict.reason, verdict.keep_spool
-        lease = seconds(verdict.lease_expires_at) if verdict.HasField("lease_expires_at") else None
-        self._cache.remember(
-            check.agent_id, epoch=verdict.epoch, lease_expires_at=lease, now=self._clock()
-        )
         return "", False
 
     async def _report_violation(self, check: pb.BatchCheck, why: str) -> None:

@@ -36,6 +36,15 @@ class GatewayMetrics:
         )
         for outcome in OUTCOMES:
             self.batches.labels(outcome)
+        self.verdicts = Counter(
+            "killswitch_ingest_verdicts",
+            "Decided batches by where the verdict came from: the plane's standing copy"
+            " (allowed, no question) or asked (AuthorizeBatches).",
+            ["source"],
+            registry=self.registry,
+        )
+        for source in ("standing_copy", "asked"):
+            self.verdicts.labels(source)
         self.commit_seconds = Histogram(
             "killswitch_ingest_commit_seconds",
             "One group commit of the sink: every batch's record and manifest line, synced.",

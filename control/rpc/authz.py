@@ -56,6 +56,7 @@ POLICY: Mapping[str, Rule] = {
     # they find is violation evidence, written to the evidence ledger.
     "/killswitch.v1.Ingest/AuthorizeUpload": _rule(INGEST, mutates=False),
     "/killswitch.v1.Ingest/AuthorizeBatches": _rule(INGEST, mutates=False),
+    "/killswitch.v1.Ingest/WatchUploads": _rule(INGEST, mutates=False),
     "/killswitch.v1.Ingest/RecordAccepted": _rule(INGEST, mutates=False),
     _OPERATOR + "CreateHold": _rule(IC, mutates=True),
     _OPERATOR + "RequestResume": _rule(IC, mutates=True),

@@ -6,6 +6,7 @@ interceptor from the caller's certificate); no request field names the caller.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -26,7 +27,14 @@ from control.errors import (
     one_line,
 )
 from control.governance import Governance
-from control.ingest_checks import Accepted, Check, authorize_batches, record_accepted
+from control.ingest_checks import (
+    WATCH_TICK_SECONDS,
+    Accepted,
+    Check,
+    UploadWatch,
+    authorize_batches,
+    record_accepted,
+)
 from control.plane import ControlPlane
 from control.rpc.authz import current_action, current_call_mutates, current_principal
 from control.rpc.convert import (
@@ -418,6 +426,23 @@ class IngestService(pb_grpc.IngestServicer):
             ],
             epoch=self._plane.epoch,
         )
+
+    async def WatchUploads(  # noqa: N802
+        self, request: pb.WatchUploadsRequest, context: Context
+    ) -> AsyncIterator[pb.UploadStates]:
+        """The ingest gateway's standing copy, a message every ``WATCH_TICK_SECONDS``."""
+        watch = UploadWatch(self._plane)
+        while True:
+            as_of, full, changes = watch.next_message()
+            yield pb.UploadStates(
+                as_of=timestamp(as_of),
+                full=full,
+                states=[
+                    pb.UploadState(agent_id=agent, lease_expires_at=timestamp(until))
+                    for agent, until in changes.items()
+                ],
+            )
+            await asyncio.sleep(WATCH_TICK_SECONDS)
 
     @translate_errors
     async def RecordAccepted(  # noqa: N802

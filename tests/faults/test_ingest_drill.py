@@ -93,6 +93,10 @@ def test_drill_every_fault_kind_against_the_ingest_gateway(
     )
     wait_capturing(cli, AGENTS)
     wait_for(lambda: ingest.records() >= AGENTS, 30, "every agent's first batch in the sink")
+    # Before the pause most batches land on the plane's standing copy, unasked: the
+    # drill below is also the proof that the copy lets nothing late in.
+    on_copy = 'killswitch_ingest_verdicts_total{source="standing_copy"}'
+    wait_for(lambda: ingest.metric(on_copy) >= AGENTS, 30, "batches let in on the copy")
     sim.proc.send_signal(signal.SIGUSR1)  # every fault strikes now, before the pause
     wait_for(lambda: read_truth(truth_path)["trigger_at"], 10, "the faults to strike")
 

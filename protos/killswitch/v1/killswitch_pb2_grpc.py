@@ -1042,6 +1042,11 @@ class IngestStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedResponse.FromString,
                 _registered_method=True)
+        self.WatchUploads = channel.unary_stream(
+                '/killswitch.v1.Ingest/WatchUploads',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.WatchUploadsRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.UploadStates.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -1067,6 +1072,15 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUploads(self, request, context):
+        """The gateway's standing copy of which agents may upload now: every such agent first,
+        then what changed, several times a second. An "allowed" from it is used only while
+        the stream is fresh; anything else is asked with AuthorizeBatches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1084,6 +1098,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.RecordAccepted,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedResponse.SerializeToString,
+            ),
+            'WatchUploads': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUploads,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.WatchUploadsRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.UploadStates.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1167,6 +1186,33 @@ class Ingest:
             '/killswitch.v1.Ingest/RecordAccepted',
             killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.RecordAcceptedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUploads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/killswitch.v1.Ingest/WatchUploads',
+            killswitch_dot_v1_dot_killswitch__pb2.WatchUploadsRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.UploadStates.FromString,
             options,
             channel_credentials,
             insecure,

@@ -325,6 +325,11 @@ class IngestStub:
     """
     AuthorizeBatches: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeBatchesRequest, _killswitch_pb2.AuthorizeBatchesResponse]
     RecordAccepted: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RecordAcceptedRequest, _killswitch_pb2.RecordAcceptedResponse]
+    WatchUploads: _grpc.UnaryStreamMultiCallable[_killswitch_pb2.WatchUploadsRequest, _killswitch_pb2.UploadStates]
+    """The gateway's standing copy of which agents may upload now: every such agent first,
+    then what changed, several times a second. An "allowed" from it is used only while
+    the stream is fresh; anything else is asked with AuthorizeBatches.
+    """
 
 @_typing.type_check_only
 class IngestAsyncStub(IngestStub):
@@ -335,6 +340,11 @@ class IngestAsyncStub(IngestStub):
     """
     AuthorizeBatches: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AuthorizeBatchesRequest, _killswitch_pb2.AuthorizeBatchesResponse]  # type: ignore[assignment]
     RecordAccepted: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RecordAcceptedRequest, _killswitch_pb2.RecordAcceptedResponse]  # type: ignore[assignment]
+    WatchUploads: _aio.UnaryStreamMultiCallable[_killswitch_pb2.WatchUploadsRequest, _killswitch_pb2.UploadStates]  # type: ignore[assignment]
+    """The gateway's standing copy of which agents may upload now: every such agent first,
+    then what changed, several times a second. An "allowed" from it is used only while
+    the stream is fresh; anything else is asked with AuthorizeBatches.
+    """
 
 class IngestServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -360,6 +370,17 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
         request: _killswitch_pb2.RecordAcceptedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_killswitch_pb2.RecordAcceptedResponse, _abc.Awaitable[_killswitch_pb2.RecordAcceptedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchUploads(
+        self,
+        request: _killswitch_pb2.WatchUploadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_killswitch_pb2.UploadStates], _abc.AsyncIterator[_killswitch_pb2.UploadStates]]:
+        """The gateway's standing copy of which agents may upload now: every such agent first,
+        then what changed, several times a second. An "allowed" from it is used only while
+        the stream is fresh; anything else is asked with AuthorizeBatches.
+        """
 
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
