@@ -91,10 +91,6 @@ FAULTS = {
 LIARS = frozenset({"silent-liar", "lie", "exfiltrator"})
 HONEST = frozenset({"none", "slow", "offline", "sleep"})
 P99_TARGET_SECONDS = 0.050
-# The simulated fleet stands for 10,000 laptops, which are not on the servers' box: it
-# runs at a lower priority (both runs alike), so the processes under test get the CPU
-# first and the fleet takes what is left, as it would on machines of its own.
-FLEET_NICENESS = ("nice", "-n", "10")
 AUTHORIZE = "AuthorizeBatches"
 
 
@@ -290,7 +286,6 @@ class Bench:
         fleet = Child(
             "fleet",
             [
-                *FLEET_NICENESS,
                 str(BIN / "killswitch-agent"),
                 "simulate",
                 "--server",

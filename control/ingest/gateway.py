@@ -4,9 +4,11 @@ Order of checks, each refusing with one clear line and changing nothing:
 the caller's certificate names the agent (PERMISSION_DENIED otherwise); the batch's
 shape, size and dates (INVALID_ARGUMENT / RESOURCE_EXHAUSTED); its sequence is exactly
 the next one (refused in the answer, with ``next_sequence``); the control plane's
-verdict (paused, lease-less: refused; no answer: UNAVAILABLE); no event after the
+verdict: from its standing copy when that allows the batch (control/ingest/watch.py),
+else asked (paused, lease-less: refused; no answer: UNAVAILABLE); no event after the
 agent's stop beyond its measured clock allowance (refused, and reported to the
-control plane as violation evidence). Only then is the batch written and fsynced.
+control plane as violation evidence). Only then is the batch written and made durable
+(control/ingest/sink.py, group commit).
 """
 
 from __future__ import annotations
