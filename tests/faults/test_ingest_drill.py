@@ -65,23 +65,26 @@ def sink_events(data_dir: Path) -> dict[str, list[float]]:
     return found
 
 
-def test_drill_every_fault_kind_against_the_ingest_gateway(
-    gateway: tuple[ServerProcess, GatewayProcess],
+def drill_fleet(
     simulate: Callable[..., Simulator],
-    tmp_path: Path,
-) -> None:
-    server, ingest = gateway
-    cli = Cli(server)
-    truth_path = tmp_path / "truth.json"
-    sim = simulate(
+    server: ServerProcess,
+    ingest: GatewayProcess,
+    *,
+    agents: int,
+    faults: dict[str, float],
+    truth_path: Path,
+    extra: tuple[str, ...] = (),
+) -> Simulator:
+    """Agents uploading every UPLOAD_EVERY s, faults held back until SIGUSR1."""
+    return simulate(
         server,
-        AGENTS,
+        agents,
         "--ingest",
         ingest.address,
         "--truth",
         str(truth_path),
         "--fault",
-        ",".join(f"{kind}={share}" for kind, share in FAULTS.items()),
+        ",".join(f"{kind}={share}" for kind, share in faults.items()),
         "--fault-after",
         "3600",
         "--upload-every",
@@ -90,7 +93,19 @@ def test_drill_every_fault_kind_against_the_ingest_gateway(
         "0.2",
         "--slow-max",
         "3",
+        *extra,
     )
+
+
+def test_drill_every_fault_kind_against_the_ingest_gateway(
+    gateway: tuple[ServerProcess, GatewayProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    server, ingest = gateway
+    cli = Cli(server)
+    truth_path = tmp_path / "truth.json"
+    sim = drill_fleet(simulate, server, ingest, agents=AGENTS, faults=FAULTS, truth_path=truth_path)
     wait_capturing(cli, AGENTS)
     wait_for(lambda: ingest.records() >= AGENTS, 30, "every agent's first batch in the sink")
     # Before the pause most batches land on the plane's standing copy, unasked: the
@@ -172,25 +187,14 @@ def test_a_silent_liar_with_a_backlog_is_flagged_for_uploading_while_paused(
     server, ingest = gateway
     cli = Cli(server)
     truth_path = tmp_path / "truth.json"
-    sim = simulate(
+    sim = drill_fleet(
+        simulate,
         server,
-        BACKLOG_AGENTS,
-        "--ingest",
-        ingest.address,
-        "--truth",
-        str(truth_path),
-        "--fault",
-        ",".join(f"{kind}={share}" for kind, share in BACKLOG_FAULTS.items()),
-        "--fault-after",
-        "3600",
-        "--upload-every",
-        str(UPLOAD_EVERY),
-        "--capture-tick",
-        "0.2",
-        "--batch-events",
-        str(BATCH_EVENTS),
-        "--slow-max",
-        "3",
+        ingest,
+        agents=BACKLOG_AGENTS,
+        faults=BACKLOG_FAULTS,
+        truth_path=truth_path,
+        extra=("--batch-events", str(BATCH_EVENTS)),
     )
     wait_capturing(cli, BACKLOG_AGENTS)
     wait_for(lambda: ingest.records() >= BACKLOG_AGENTS, 30, "every agent's first batch")
