@@ -2098,7 +2098,9 @@ class BatchVerdict(_message.Message):
     allowed: _builtins.bool
     reason: _builtins.str
     epoch: _builtins.int
-    """The epoch this verdict was decided at: a cached verdict never outlives a newer one."""
+    """The epoch this verdict was decided at (for the record: the gateway keeps no verdict;
+    what it reuses is the standing copy of WatchUploads).
+    """
     keep_spool: _builtins.bool
     """Paused by holds that all ask to keep the spool (`pause --keep-spool`): the gateway
     quarantines the refused batch for forensics instead of dropping it.
@@ -2111,9 +2113,7 @@ class BatchVerdict(_message.Message):
 
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
-        """The agent's lease expiry as the control plane knows it: a cached "allowed" is never
-        reused past it.
-        """
+        """The agent's lease expiry as the control plane knows it (for the record, as `epoch`)."""
 
     def __init__(
         self,
