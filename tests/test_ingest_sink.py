@@ -92,19 +92,49 @@ def test_the_syncfs_path_reports_a_failing_sync(
         Sink(tmp_path).write_group([batch("laptop", 1, b"x")])
 
 
-def test_a_tampered_record_fails_its_checksum_and_a_torn_manifest_line_is_ignored(
-    tmp_path: Path,
-) -> None:
+def test_a_damaged_confirmed_record_fails_its_checksum(tmp_path: Path) -> None:
     sink = Sink(tmp_path)
     write(sink, "laptop", 1, b"original")
+    write(sink, "laptop", 2, b"newest")
     (log,) = (tmp_path / "sink" / "laptop").glob("*.log")
     log.write_bytes(log.read_bytes().replace(b"original", b"modified"))
-    with pytest.raises(KillswitchError, match="does not match its checksum"):
+    with pytest.raises(KillswitchError, match=r"sequence 1 .* does not match its checksum"):
         list(verified_records(tmp_path, "laptop"))
+
+
+def test_a_crash_mid_commit_leaves_nothing_unconfirmed_behind(tmp_path: Path) -> None:
+    """The group's manifest line reached the disk, its record did not (one sync a
+    group: either may land first): batch 2 was never acknowledged. It is not exported,
+    its number is open again, and the retry lands after a clean cut."""
+    sink = Sink(tmp_path)
+    write(sink, "laptop", 1, b"first")
+    write(sink, "laptop", 2, b"second")
+    agent = tmp_path / "sink" / "laptop"
+    (log,) = agent.glob("*.log")
+    (manifest,) = agent.glob("*.manifest")
+    first_record_end = read_manifest(manifest)[0].offset + read_manifest(manifest)[0].length
+    with log.open("r+b") as torn:  # the record's pages never written back
+        torn.truncate(first_record_end)
+        torn.truncate(first_record_end + 4 + len(b"second"))
+    assert [e.sequence for e, _ in verified_records(tmp_path, "laptop")] == [1]
+    restarted = Sink(tmp_path)
+    assert restarted.next_sequence("laptop") == 2
+    write(restarted, "laptop", 2, b"second, again")
+    got = [(e.sequence, raw) for e, raw in verified_records(tmp_path, "laptop")]
+    assert got == [(1, b"first"), (2, b"second, again")]
+
+
+def test_a_torn_manifest_line_is_cut_before_the_next_line(tmp_path: Path) -> None:
+    sink = Sink(tmp_path)
+    write(sink, "laptop", 1, b"first")
     (manifest,) = (tmp_path / "sink" / "laptop").glob("*.manifest")
     with manifest.open("a") as torn:
         torn.write('{"sequence": 2, "off')  # a crash mid-line: never acknowledged
-    assert Sink(tmp_path).next_sequence("laptop") == 2
+    restarted = Sink(tmp_path)
+    assert restarted.next_sequence("laptop") == 2
+    write(restarted, "laptop", 2, b"second")  # its line must not be glued to the torn one
+    assert [e.sequence for e, _ in verified_records(tmp_path, "laptop")] == [1, 2]
+    assert Sink(tmp_path).next_sequence("laptop") == 3
 
 
 @pytest.mark.parametrize("agent", ["../escape", ".hidden", "a/b", ""])
@@ -172,17 +202,11 @@ def test_a_failed_commit_answers_every_waiter_and_rereads_sequences_from_disk(
         write(sink, "laptop", 1, b"first")
         assert sink.next_sequence("laptop") == 2
 
-        real = sink_module.make_durable
-        syncs: list[int] = []
+        def sync_fails(root: Path, files: object, new_dirs: object) -> None:
+            """Records and lines written, the group's sync fails: unconfirmed."""
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def manifest_sync_fails(root: Path, files: object, new_dirs: object) -> None:
-            """The logs' sync works, the manifests' does not: lines written, unconfirmed."""
-            syncs.append(1)
-            if len(syncs) % 2 == 0:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real(root, files, new_dirs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(sink_module, "make_durable", manifest_sync_fails)
+        monkeypatch.setattr(sink_module, "make_durable", sync_fails)
         sink.start()
         try:
             results = await asyncio.gather(

@@ -3,27 +3,37 @@
 ``DIR/sink/<agent>/<YYYY-MM-DD>.log`` holds length-prefixed records (4-byte big-endian
 length, then the batch as the agent sent it, serialized). Beside it,
 ``<YYYY-MM-DD>.manifest`` holds one JSON line per record: sequence, offset, length,
-SHA-256, event count and capture times. The manifest is the truth: a log tail it does
-not describe (a crash between the two writes) was never acknowledged, is never
-exported, and its sequence number is accepted again.
+SHA-256, event count and capture times. The manifest is the index; a record is
+exported only through its line, and only if its checksum holds.
 
 Files rather than a database table: the sink is private to the gateway (directories
 0700, files 0600, owned by the gateway's user), shares no database with anything, and
 its only read path is ``killswitch ingest export``, which verifies every checksum.
 
 **Group commit.** One committer takes every batch waiting and lands them together: all
-their log records, one file-system sync, all their manifest lines, a second sync, and
-only then is any of them acknowledged. So a batch costs two syncs shared with its
-whole group, not two ``fsync`` calls of its own (at 10k agents the per-batch fsyncs,
-queued through a thread pool under each agent's lock, were most of the gateway's time).
-The sync is ``syncfs(2)`` on Linux (one call makes every file and directory entry of
-the group durable, and reports write-back errors since Linux 5.8); elsewhere each
-touched file and new directory is fsynced.
+their log records and manifest lines, then one file-system sync, and only then is any
+of them acknowledged. So a batch costs a share of one sync, not ``fsync`` calls of its
+own (at 10k agents the per-batch fsyncs, queued through a thread pool under each
+agent's lock, were most of the gateway's time). The sync is ``syncfs(2)`` on Linux (one
+call makes every file and directory entry of the group durable, and reports write-back
+errors since Linux 5.8); elsewhere each touched file and new directory is fsynced.
+``syncfs`` also writes back whatever else is dirty on that file system: give the sink a
+volume of its own.
+
+**A crash mid-commit.** Until the sync returns, any part of the group may or may not be
+on disk: a manifest line may describe a record that never made it. Such a batch was
+never acknowledged, and it is always its agent's newest: the gateway holds an agent's
+lock from a batch's checks until its commit, so the agent's previous batch was durable
+before this one was written. So the newest manifest's trailing lines whose records do
+not match their checksums (and a torn last line) are *unconfirmed*: never exported,
+and cut away the first time the gateway touches that agent again, so the agent's retry
+of that number is accepted, and nothing is appended after a torn line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -38,8 +48,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
+
+import structlog
 
 from control.errors import InvalidInput, KillswitchError
+
+log = structlog.get_logger("killswitch.ingest")
 
 SINK_DIR = "sink"
 # Refused batches of agents paused with `--keep-spool`: kept for forensics, never exported
@@ -154,17 +169,78 @@ def agent_dir(root: Path, agent_id: str) -> Path:
 
 def read_manifest(path: Path) -> list[ManifestEntry]:
     """Every whole line; a torn last line (a crash mid-write) was never acknowledged."""
-    entries = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().split(b"\n")[:-1]  # after the last newline: torn
     except FileNotFoundError:
         return []
+    entries = []
     for line in lines:
-        try:
-            entries.append(ManifestEntry(**json.loads(line)))
-        except (ValueError, TypeError):
-            continue
+        with contextlib.suppress(ValueError, TypeError):
+            entries.append(_entry(line))
     return entries
+
+
+def _entry(line: bytes) -> ManifestEntry:
+    return ManifestEntry(**json.loads(line))
+
+
+def _lines_from_the_end(raw: bytes) -> Iterator[tuple[ManifestEntry, int]]:
+    """Each whole line's entry, newest first, with the manifest's length up to its end.
+
+    From the end: a restarted gateway needs only the newest line of each agent, not a
+    parse of the whole day."""
+    end = raw.rfind(b"\n")
+    while end >= 0:
+        start = raw.rfind(b"\n", 0, end) + 1
+        with contextlib.suppress(ValueError, TypeError):
+            yield _entry(raw[start:end]), end + 1
+        end = start - 1
+
+
+def _record(log: BinaryIO, entry: ManifestEntry) -> bytes | None:
+    """The record ``entry`` describes, or None when the log does not hold it intact."""
+    log.seek(entry.offset)
+    raw = log.read(entry.length)
+    record = raw[LENGTH.size :]
+    if len(raw) < LENGTH.size or LENGTH.unpack(raw[: LENGTH.size])[0] != len(record):
+        return None
+    return record if hashlib.sha256(record).hexdigest() == entry.sha256 else None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmedEnd:
+    """Where a manifest's confirmed part ends (see the module's docstring)."""
+
+    last: ManifestEntry | None  # its newest confirmed entry
+    manifest_bytes: int  # the manifest's length up to that entry's line
+    log_bytes: int  # the log's length up to that entry's record
+
+
+def confirmed_end(manifest: Path) -> ConfirmedEnd:
+    """The newest line whose record is intact: what follows it was never acknowledged."""
+    try:
+        raw = manifest.read_bytes()
+        log_file = manifest.with_suffix(".log").open("rb")
+    except FileNotFoundError:
+        return ConfirmedEnd(None, 0, 0)
+    with log_file:
+        for entry, line_end in _lines_from_the_end(raw):
+            if _record(log_file, entry) is not None:
+                return ConfirmedEnd(entry, line_end, entry.offset + entry.length)
+    return ConfirmedEnd(None, 0, 0)
+
+
+def _cut_unconfirmed(manifest: Path) -> ManifestEntry | None:
+    """Cut what a crash mid-commit left of a group never acknowledged; the newest entry."""
+    end = confirmed_end(manifest)
+    cut = manifest.stat().st_size - end.manifest_bytes
+    if cut:
+        os.truncate(manifest, end.manifest_bytes)
+        log.warning("unconfirmed_batch_cut", manifest=str(manifest), bytes=cut)
+    log_path = manifest.with_suffix(".log")
+    if log_path.exists() and log_path.stat().st_size > end.log_bytes:
+        os.truncate(log_path, end.log_bytes)
+    return end.last
 
 
 _MANIFEST_KEYS = sorted(ManifestEntry.__dataclass_fields__)
@@ -207,29 +283,40 @@ class Sink:
         """From the newest manifest on disk the first time, so a restart reopens nothing."""
         known = self._next.get(agent_id)
         if known is None:
-            known = 1
-            manifests = sorted(self.agent_dir(agent_id).glob("*.manifest"))
-            for manifest in reversed(manifests):
-                entries = read_manifest(manifest)
-                if entries:
-                    known = max(e.sequence for e in entries) + 1
-                    break
-            self._next[agent_id] = known
+            known = self._next[agent_id] = self._newest_sequence(agent_id) + 1
         return known
+
+    def _newest_sequence(self, agent_id: str) -> int:
+        """After cutting an unconfirmed tail; 0 for an agent with nothing landed."""
+        manifests = sorted(self.agent_dir(agent_id).glob("*.manifest"))
+        if not manifests:
+            return 0
+        newest = _cut_unconfirmed(manifests[-1])
+        for older in reversed(manifests[:-1]):  # when the newest day holds nothing (now)
+            if newest is not None:
+                break
+            newest = next(_lines_from_the_end(older.read_bytes()), (None, 0))[0]
+        return newest.sequence if newest else 0
 
     # ------------------------------------------------------------ writing
 
     def write_group(self, batches: Sequence[Batch]) -> list[ManifestEntry]:
         """Land every batch, durably, or raise (then none of them is acknowledged).
 
-        Blocking: for tools and tests; the gateway uses ``append``. Logs first, synced,
-        then manifests, synced: a manifest line never describes a record that could
-        still be lost.
+        Blocking, for tools and tests; the gateway's committer does the same in two
+        steps (the appends on the loop, the sync in a thread).
         """
-        entries, logs, new_dirs = self._append_records(batches)
-        make_durable(self.root, logs, new_dirs)
-        make_durable(self.root, self._append_manifest_lines(batches, entries), ())
+        entries, files, new_dirs = self._append_group(batches)
+        make_durable(self.root, files, new_dirs)
         return entries
+
+    def _append_group(
+        self, batches: Sequence[Batch]
+    ) -> tuple[list[ManifestEntry], set[str], list[Path]]:
+        """Records, then manifest lines (page cache only; not yet durable)."""
+        entries, files, new_dirs = self._append_records(batches)
+        files |= self._append_manifest_lines(batches, entries)
+        return entries, files, new_dirs
 
     def _append_records(
         self, batches: Sequence[Batch]
@@ -326,10 +413,8 @@ class Sink:
                 del self._waiting[:MAX_GROUP]
                 batches = [batch for batch, _ in group]
                 try:
-                    entries, logs, new_dirs = self._append_records(batches)
-                    await asyncio.to_thread(make_durable, self.root, logs, new_dirs)
-                    manifests = self._append_manifest_lines(batches, entries)
-                    await asyncio.to_thread(make_durable, self.root, manifests, ())
+                    entries, files, new_dirs = self._append_group(batches)
+                    await asyncio.to_thread(make_durable, self.root, files, new_dirs)
                 except OSError as exc:
                     self._settle(group, exc)
                     continue
@@ -364,23 +449,28 @@ def manifest_line(entry: ManifestEntry) -> bytes:
 def verified_records(
     data_dir: Path, agent_id: str, day: str | None = None, kind: str = SINK_DIR
 ) -> Iterator[tuple[ManifestEntry, bytes]]:
-    """Every record the manifests describe, each checked against its checksum."""
+    """Every confirmed record the manifests describe, each checked against its checksum.
+
+    A mismatch anywhere but the newest manifest's unconfirmed tail is corruption, and
+    raises.
+    """
     directory = agent_dir(data_dir / kind, agent_id)
     if day is not None and not _DAY.match(day):
         raise InvalidInput(f"--day {day!r}: expected YYYY-MM-DD")
-    pattern = f"{day}.manifest" if day else "*.manifest"
-    manifests = sorted(directory.glob(pattern))
+    every_day = sorted(directory.glob("*.manifest"))
+    manifests = [m for m in every_day if day is None or m.name == f"{day}.manifest"]
     if not manifests:
         raise KillswitchError(f"no data for agent {agent_id!r} in {directory}")
     for manifest in manifests:
         log_path = manifest.with_suffix(".log")
-        with log_path.open("rb") as log:
-            for entry in read_manifest(manifest):
-                log.seek(entry.offset)
-                raw = log.read(entry.length)
-                (length,) = LENGTH.unpack(raw[: LENGTH.size])
-                record = raw[LENGTH.size :]
-                if length != len(record) or hashlib.sha256(record).hexdigest() != entry.sha256:
+        entries = read_manifest(manifest)
+        if manifest == every_day[-1]:
+            last = confirmed_end(manifest).last
+            entries = [e for e in entries if last is not None and e.sequence <= last.sequence]
+        with log_path.open("rb") as log_file:
+            for entry in entries:
+                record = _record(log_file, entry)
+                if record is None:
                     raise KillswitchError(
                         f"{log_path}: record of sequence {entry.sequence} at offset"
                         f" {entry.offset} does not match its checksum"
