@@ -161,9 +161,14 @@ def _append(path: str, data: bytes) -> int:
         os.close(fd)
 
 
-def agent_dir(root: Path, agent_id: str) -> Path:
+def check_agent_id(agent_id: str) -> None:
+    """Raise unless ``agent_id`` can name a directory of the sink (per upload: no Path)."""
     if not _SAFE_NAME.match(agent_id):
         raise InvalidInput(f"agent id {agent_id[:100]!r} cannot name a sink directory")
+
+
+def agent_dir(root: Path, agent_id: str) -> Path:
+    check_agent_id(agent_id)
     return root / agent_id
 
 
@@ -277,7 +282,10 @@ class Sink:
 
     def lock(self, agent_id: str) -> asyncio.Lock:
         """Held across check, ask and write: one agent's batches land one at a time."""
-        return self._locks.setdefault(agent_id, asyncio.Lock())
+        lock = self._locks.get(agent_id)
+        if lock is None:
+            lock = self._locks[agent_id] = asyncio.Lock()
+        return lock
 
     def next_sequence(self, agent_id: str) -> int:
         """From the newest manifest on disk the first time, so a restart reopens nothing."""
