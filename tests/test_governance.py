@@ -10,7 +10,7 @@ import pytest
 from agent_stub.identity import new_key_and_csr
 from control.domain.audit import AuditRecord
 from control.domain.identity import issue_enroll_token
-from control.errors import PermissionDenied
+from control.errors import Conflict
 from control.governance import Governance
 from control.pki import AGENT_DAYS, Authority, initialise
 from control.plane import ControlPlane
@@ -41,7 +41,7 @@ def test_an_expired_agent_certificate_does_not_block_re_enrolment(tmp_path: Path
         _, csr = new_key_and_csr()
         first = await token()
         await governance.enroll(first, "laptop-1", csr.decode())
-        with pytest.raises(PermissionDenied, match="already has a valid certificate"):
+        with pytest.raises(Conflict, match="already has a valid certificate"):
             await governance.enroll(first, "laptop-1", csr.decode())
         now[0] += AGENT_DAYS * DAY + 1
         await governance.enroll(await token(), "laptop-1", csr.decode())
