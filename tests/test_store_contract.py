@@ -1059,3 +1059,62 @@ def test_decided_labels_are_stored_with_their_audit_entries_or_not_at_all(
     run_with_store(backend, nothing)
     backend.break_audit_inserts("audit is down")
     run_with_store(backend, write)
+
+
+def test_a_lifted_hold_is_reactivated_in_place(backend: Backend) -> None:
+    """A laptop's opt-out: each cycle re-activates one row, never adds one, archived or not."""
+    opt_out = dataclasses.replace(
+        draft("opt-out-laptop-1", Scope.agents(["laptop-1"])), kind=HoldKind.OPT_OUT
+    )
+
+    async def body(store: Store) -> None:
+        first = await store.reactivate_hold(opt_out, record("hold.create"))
+        with pytest.raises(Conflict, match="hold 'opt-out-laptop-1' is already active"):
+            await store.reactivate_hold(opt_out, record("hold.create"))
+        await store.lift_hold(opt_out.id, "employee-1", 1100.0, record("hold.lift"))
+        again = await store.reactivate_hold(
+            dataclasses.replace(opt_out, reason="again", created_at=1200.0), record("hold.create")
+        )
+        assert (again.id, again.reason, again.active) == (opt_out.id, "again", True)
+        assert again.created_epoch > first.created_epoch
+        await store.lift_hold(opt_out.id, "employee-1", 1300.0, record("hold.lift"))
+        assert (await store.archive_history(2000.0, 2000.0, 10)).holds == 1
+        assert (await store.load()).shared.holds == []
+        third = await store.reactivate_hold(opt_out, record("hold.create"))
+        assert (await store.load()).shared.holds == [third]
+        assert await store.archived_hold(opt_out.id) is None
+        assert backend.sql("SELECT count(*) FROM holds") == [(1,)]
+        assert await audit_actions(store) == ["hold.create", "hold.lift"] * 2 + ["hold.create"]
+
+    run_with_store(backend, body)
+
+
+def test_upgrading_archives_the_lifted_opt_outs_of_earlier_cycles(backend: Backend) -> None:
+    """A database from before one-hold opt-outs, with a row per cycle: the lifted ones
+    leave the hot path (still readable as archived); the active one stays."""
+
+    def opt_out(hold_id: str) -> HoldDraft:
+        return dataclasses.replace(draft(hold_id, Scope.agents(["l1"])), kind=HoldKind.OPT_OUT)
+
+    async def before(store: Store) -> None:
+        for hold_id in ("hold-000000000001", "hold-000000000002"):
+            await store.create_hold(opt_out(hold_id), record("hold.create"))
+            await store.lift_hold(hold_id, "employee-1", 1100.0, record("hold.lift"))
+        await store.create_hold(opt_out("hold-000000000003"), record("hold.create"))
+        await store.create_hold(draft("hold-000000000004"), record("hold.create"))
+        await store.lift_hold("hold-000000000004", "approver-1", 1100.0, record("hold.lift"))
+
+    async def after(store: Store) -> None:
+        hot = {h.id for h in (await store.load()).shared.holds}
+        assert hot == {"hold-000000000003", "hold-000000000004"}
+        assert await store.archived_hold("hold-000000000001") is not None
+
+    run_with_store(backend, before)
+    postgres = isinstance(backend, PostgresBackend)
+    migrations = PG_MIGRATIONS if postgres else SQLITE_MIGRATIONS
+    version = next(n for n, script in enumerate(migrations) if "kind = 'opt_out'" in script)
+    if postgres:
+        backend.sql(f"DELETE FROM schema_version WHERE version > {version}")
+    else:
+        backend.set_schema_version(version)
+    run_with_store(backend, after)

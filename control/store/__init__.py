@@ -169,6 +169,11 @@ class Store(Protocol):
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         """Commit the hold durably with a freshly allocated epoch."""
 
+    async def reactivate_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
+        """As ``create_hold``, but a lifted hold with the draft's id (archived or not) is
+        re-activated in place with the draft's fields and a fresh epoch, rather than
+        refused: no new row. Raises ``Conflict`` while that hold is still active."""
+
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
     ) -> Hold:

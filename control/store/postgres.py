@@ -373,6 +373,12 @@ MIGRATIONS: list[str] = [
     """,
     # ---- issue 15: one valid certificate per agent id (control.store.enrolment).
     enrolment.CLAIM_MIGRATION,
+    # ---- issue 15: a laptop's opt-out is one hold (control.domain.holds.opt_out_hold_id);
+    # the lifted ones of earlier cycles, each its own row, are archived now.
+    """
+    UPDATE holds SET archived_at = extract(epoch FROM now())
+    WHERE kind = 'opt_out' AND lifted_at IS NOT NULL AND archived_at IS NULL;
+    """,
 ]
 
 
@@ -392,6 +398,7 @@ def _upsert(table: str, columns: Sequence[str]) -> str:
 
 _SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
 _INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
+_REACTIVATE_HOLD = codec.reactivating(_INSERT_HOLD)
 _SELECT_AGENTS = codec.SELECT_AGENTS
 _SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
 _INSERT_AUDIT = _insert("audit_log", codec.AUDIT_COLUMNS)
@@ -887,6 +894,16 @@ class PostgresStore:
             return hold
 
         return await self._write([audit], insert)
+
+    async def reactivate_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
+        async def upsert(conn: Connection) -> Hold:
+            hold = Hold.committed(draft, await _next_epoch(conn))
+            if await _fetch_one(conn, _REACTIVATE_HOLD, codec.hold_to_row(hold)) is None:
+                raise codec.still_active(hold.id)
+            await _announce(conn, hold.created_epoch)
+            return hold
+
+        return await self._write([audit], upsert)
 
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord

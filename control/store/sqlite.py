@@ -281,6 +281,12 @@ MIGRATIONS: list[str] = [
     """,
     # ---- issue 15: one valid certificate per agent id (control.store.enrolment).
     enrolment.CLAIM_MIGRATION,
+    # ---- issue 15: a laptop's opt-out is one hold (control.domain.holds.opt_out_hold_id);
+    # the lifted ones of earlier cycles, each its own row, are archived now.
+    """
+    UPDATE holds SET archived_at = (julianday('now') - 2440587.5) * 86400.0
+    WHERE kind = 'opt_out' AND lifted_at IS NOT NULL AND archived_at IS NULL;
+    """,
 ]
 
 
@@ -291,6 +297,7 @@ def _insert(table: str, columns: Sequence[str], *, replace: bool = False) -> str
 
 _SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
 _INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
+_REACTIVATE_HOLD = codec.reactivating(_INSERT_HOLD)
 _SELECT_AGENTS = codec.SELECT_AGENTS
 _UPSERT_AGENT = _insert("agents", codec.AGENT_COLUMNS, replace=True)
 _SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
@@ -645,6 +652,15 @@ class SqliteStore:
 
         # A pause must commit on a full disk too: see control.store.reserve.
         return await self._write([audit], insert, may_spend_reserve=True)
+
+    async def reactivate_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
+        def upsert(db: sqlite3.Connection) -> Hold:
+            hold = Hold.committed(draft, _next_epoch(db))
+            if db.execute(_REACTIVATE_HOLD, codec.hold_to_row(hold)).fetchone() is None:
+                raise codec.still_active(hold.id)
+            return hold
+
+        return await self._write([audit], upsert, may_spend_reserve=True)
 
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
