@@ -67,15 +67,10 @@ class Governance:
         self._authority = authority
         self._requests: dict[str, ResumeRequest] = {}
         self._revoked: set[str] = set()
-        # Unrevoked certificates by subject: an agent id holds at most one unexpired one.
-        self._live_certs: dict[str, list[CertificateRecord]] = {}
 
     async def start(self, state: LoadedState) -> None:
         self._requests = {r.id: r for r in state.shared.resume_requests}
         self._revoked = set(state.shared.revoked)
-        for cert in await self._store.list_certificates():
-            if not cert.revoked:
-                self._live_certs.setdefault(cert.subject, []).append(cert)
 
     def adopt(self, requests: Sequence[ResumeRequest], revoked: Mapping[str, str]) -> None:
         """What other replicas decided: requests opened or approved there, revocations
@@ -86,8 +81,6 @@ class Governance:
             if serial in self._revoked:
                 continue
             self._revoked.add(serial)
-            live = self._live_certs.get(subject, [])
-            live[:] = [c for c in live if c.serial != serial]
             closed = self._plane.close_stream(subject, "certificate revoked")
             log.info("revocation_adopted", serial=serial, subject=subject, stream_closed=closed)
 
@@ -264,44 +257,52 @@ class Governance:
         return issued
 
     async def enroll(self, token: str, agent_id: str, csr_pem: str) -> tuple[bytes, bytes]:
-        """Trade a join token and a CSR for an agent certificate signed by the CA."""
+        """Trade a join token and a CSR for an agent certificate signed by the CA.
+
+        The certificate is signed first but leaves the server only once the store has
+        taken the token's use and recorded it as the agent's one valid certificate, in
+        one transaction: a second enrolment of the id, here or on another replica, is
+        refused there (``Store.enrol_agent``)."""
         authority = self._require_authority()
         claimant = Principal(validate_agent_id(agent_id), Role.AGENT)
         try:
             token_id, secret = split_enroll_token(token)
-            now = self._clock()
-            if live := [c for c in self._live_certs.get(agent_id, []) if c.not_after > now]:
-                raise PermissionDenied(
-                    f"agent {agent_id} already has a valid certificate (serial {live[0].serial});"
-                    f" revoke it first: killswitch certs revoke {agent_id}"
-                )
-            token_used = await self._store.consume_enroll_token(token_id, secret, self._clock())
-            # Before the certificate exists: an agent never connects unlabelled, where its
-            # own first report would be trusted.
-            await self._pin_token_labels(claimant, token_used)
             cert_pem, cert = authority.sign_agent_csr(csr_pem, agent_id, now=self._clock())
+            record = self._plane.audit_record(
+                claimant,
+                "agent.enroll",
+                target=agent_id,
+                detail=f"token {token_id}, serial {cert.serial}",
+            )
+            token_used = await self._store.enrol_agent(token_id, secret, cert, record)
         except KillswitchError as exc:
             await self.record_failure(claimant, "Enrollment.Enroll", exc)
             raise
-        record = self._plane.audit_record(
-            claimant,
-            "agent.enroll",
-            target=agent_id,
-            detail=f"token {token_id}, serial {cert.serial}",
-        )
-        await self._store.record_certificate(cert, record)
-        self._live_certs.setdefault(agent_id, []).append(cert)
+        # Before the agent has its certificate: it never connects unlabelled, where its
+        # own first report would be trusted.
+        await self._pin_token_labels(claimant, token_used, cert)
         log.info("agent_enrolled", agent_id=agent_id, serial=cert.serial, token_id=token_id)
         return cert_pem, authority.ca_pem
 
-    async def _pin_token_labels(self, agent: Principal, token: EnrollToken) -> None:
+    async def _pin_token_labels(
+        self, agent: Principal, token: EnrollToken, cert: CertificateRecord
+    ) -> None:
         """The token's labels over whatever the server knew of the agent (its inventory
-        entry): the operator who made the token chose them, not the agent."""
+        entry): the operator who made the token chose them, not the agent. When they
+        cannot be written the certificate, never handed out, is revoked, so that it
+        does not block the agent's next attempt."""
         if not token.labels:
             return
         known = self._plane.agent_view(agent.name)
         labels = {**(known.labels if known else {}), **token.labels}
-        await self._plane.expect_agents([(agent.name, labels)], agent, "agent.labels_pin")
+        try:
+            await self._plane.expect_agents([(agent.name, labels)], agent, "agent.labels_pin")
+        except KillswitchError as exc:
+            await self.record_failure(agent, "Enrollment.Enroll", exc)
+            why = "enrolment failed before the certificate was handed out"
+            record = self._plane.audit_record(agent, "certs.revoke", target=cert.serial, reason=why)
+            await self._store.revoke_certificates(cert.serial, self._clock(), record)
+            raise
         log.info("agent_labels_pinned", agent_id=agent.name, token_id=token.id, labels=labels)
 
     def _require_authority(self) -> Authority:
@@ -324,8 +325,6 @@ class Governance:
         closed = 0
         for cert in revoked:
             self._revoked.add(cert.serial)
-            live = self._live_certs.get(cert.subject, [])
-            live[:] = [c for c in live if c.serial != cert.serial]
             if cert.role is Role.AGENT and self._plane.close_stream(
                 cert.subject, "certificate revoked"
             ):

@@ -44,6 +44,7 @@ from control.domain import (
     evaluate,
     fleet_compliant,
     is_settled,
+    opt_out_hold_id,
     reconcile_desired,
     validate_agent_id,
     validate_labels,
@@ -531,10 +532,13 @@ class ControlPlane:
         kind: HoldKind = HoldKind.INCIDENT,
         *,
         keep_spool: bool = False,
+        reactivate: str = "",
     ) -> tuple[Hold, int]:
+        """``reactivate``: the id of a hold to re-activate in place if it exists lifted
+        (``Store.reactivate_hold``), rather than a new hold."""
         created_by = by.name
         draft = draft_hold(
-            hold_id=new_hold_id(),
+            hold_id=reactivate or new_hold_id(),
             kind=kind,
             scope=scope,
             reason=reason,
@@ -545,7 +549,8 @@ class ControlPlane:
         )
         record = self.hold_created_record(by, draft, detail="keep_spool" if keep_spool else "")
         async with self._holds_lock:
-            hold = await self._store.create_hold(draft, record)
+            commit = self._store.reactivate_hold if reactivate else self._store.create_hold
+            hold = await commit(draft, record)
             caught_up = await self._apply_commit([hold], hold.created_epoch)
         self._announce_adopted(*caught_up)
         self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
@@ -1133,6 +1138,7 @@ class ControlPlane:
             "",
             owner,
             HoldKind.OPT_OUT,
+            reactivate=opt_out_hold_id(agent_id),
         )
 
     async def opt_in(self, agent_id: str, owner: Principal) -> Hold:

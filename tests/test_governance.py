@@ -10,7 +10,7 @@ import pytest
 from agent_stub.identity import new_key_and_csr
 from control.domain.audit import AuditRecord
 from control.domain.identity import issue_enroll_token
-from control.errors import PermissionDenied
+from control.errors import Conflict, StoreError
 from control.governance import Governance
 from control.pki import AGENT_DAYS, Authority, initialise
 from control.plane import ControlPlane
@@ -41,10 +41,47 @@ def test_an_expired_agent_certificate_does_not_block_re_enrolment(tmp_path: Path
         _, csr = new_key_and_csr()
         first = await token()
         await governance.enroll(first, "laptop-1", csr.decode())
-        with pytest.raises(PermissionDenied, match="already has a valid certificate"):
+        with pytest.raises(Conflict, match="already has a valid certificate"):
             await governance.enroll(first, "laptop-1", csr.decode())
         now[0] += AGENT_DAYS * DAY + 1
         await governance.enroll(await token(), "laptop-1", csr.decode())
+        await plane.stop()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_certificate_whose_labels_cannot_be_pinned_is_revoked_and_blocks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate is recorded before the token's labels are pinned; if pinning fails
+    the agent never gets it, so it must not count as the agent's valid certificate."""
+
+    async def scenario() -> None:
+        now = 1_800_000_000.0
+        initialise(tmp_path, now=now)
+        store = await SqliteStore.open(tmp_path)
+        plane = ControlPlane(store, clock=lambda: now, flush_interval=3600)
+        governance = Governance(plane, store, clock=lambda: now, authority=Authority.load(tmp_path))
+        await governance.start(await plane.start())
+        issued = issue_enroll_token(
+            uses=2, ttl=DAY, created_by="ic-1", now=now, labels={"org": "finance"}
+        )
+        await store.create_enroll_token(issued.token, AuditRecord(now, "t", "system", "token"))
+        _, csr = new_key_and_csr()
+
+        async def store_down(*args: object, **kwargs: object) -> None:
+            raise StoreError("database is locked")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(plane, "expect_agents", store_down)
+            with pytest.raises(StoreError, match="database is locked"):
+                await governance.enroll(issued.text, "laptop-1", csr.decode())
+        (undelivered,) = await store.list_certificates()
+        assert undelivered.subject == "laptop-1" and undelivered.revoked
+        await governance.enroll(issued.text, "laptop-1", csr.decode())
+        view = plane.agent_view("laptop-1")
+        assert view is not None and view.labels == {"org": "finance"}
         await plane.stop()
         await store.close()
 

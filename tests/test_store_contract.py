@@ -38,9 +38,11 @@ from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_s
 from control.domain.release import FULL_SHARE
 from control.domain.rollout import Run, Runbook, Wave, new_run, start_wave
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
-from control.store import DecidedLabels, RunChange, Store, StoredAgent, ViolationEvidence
+from control.store import DecidedLabels, RunChange, Store, StoredAgent, ViolationEvidence, enrolment
+from control.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from control.store.postgres import PostgresStore
 from control.store.sqlite import DB_FILENAME, SqliteStore
+from control.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from tests.conftest import missing_tool
 
 POSTGRES_DSN = os.environ.get(
@@ -224,6 +226,11 @@ def certificate(serial: str, subject: str, issued_at: float = 1000.0) -> Certifi
     return CertificateRecord(serial, subject, Role.SRE, not_after=9000.0, issued_at=issued_at)
 
 
+def agent_cert(serial: str, agent_id: str, issued_at: float = 1000.0) -> CertificateRecord:
+    """An enrolment's certificate, valid for 1000 s."""
+    return CertificateRecord(serial, agent_id, Role.AGENT, issued_at + 1000.0, issued_at)
+
+
 def agent(agent_id: str, nack_reason: str = "", **labels: str) -> StoredAgent:
     status = AgentStatus(
         first_seen=1.0,
@@ -302,7 +309,7 @@ def test_every_write_chains_its_audit_entries_and_moves_the_head(backend: Backen
         await store.record_certificate(certificate("02", "sre-2"), None)
         await store.revoke_certificates("01", 1500.0, record("cert_revoked"))
         await store.execute_resume(resume_request("h1"), 2000.0, record("resume", "approver-1"))
-        await store.consume_enroll_token("t1", "s", 1000.0)
+        await store.enrol_agent("t1", "s", agent_cert("03", "laptop-1"), record("enrolled"))
         await store.append_audit([])
 
         assert await audit_actions(store) == [
@@ -315,9 +322,10 @@ def test_every_write_chains_its_audit_entries_and_moves_the_head(backend: Backen
             "cert_issued",
             "cert_revoked",
             "resume",
+            "enrolled",
         ]
         entries, head = await store.read_audit(0, 1000)
-        assert head == ChainHead(9, entries[-1].hash)
+        assert head == ChainHead(10, entries[-1].hash)
         assert entries[0].record == record("pause", target="h1")
 
     run_with_store(backend, body)
@@ -453,23 +461,108 @@ def test_enroll_token_uses_are_taken_one_at_a_time(backend: Backend) -> None:
         await store.create_enroll_token(token, record("token_created"))
         with pytest.raises(Conflict, match="enrolment token 't1' already exists"):
             await store.create_enroll_token(token, record("token_created"))
-        await store.consume_enroll_token("t1", "right", 1000.0)
+        await store.enrol_agent("t1", "right", agent_cert("01", "a"), record("enrolled"))
         assert await uses_left() == 1
 
         async def refusal(token_id: str, secret: str, now: float) -> str:
             with pytest.raises(PermissionDenied) as refused:
-                await store.consume_enroll_token(token_id, secret, now)
+                await store.enrol_agent(token_id, secret, agent_cert("02", "b", now), record("x"))
             return str(refused.value)
 
         assert await refusal("t1", "wrong", 1000.0) == "unknown enrolment token"
         assert await refusal("t9", "right", 1000.0) == "unknown enrolment token"
         assert await refusal("t1", "right", 5000.0) == "enrolment token expired"
         assert await uses_left() == 1, "refusals take no use"
-        await store.consume_enroll_token("t1", "right", 1000.0)
+        await store.enrol_agent("t1", "right", agent_cert("03", "c"), record("enrolled"))
         assert await refusal("t1", "right", 1000.0) == "enrolment token has no uses left"
         assert await uses_left() == 0
+        assert [c.serial for c in await store.list_certificates()] == ["01", "03"]
+        assert await audit_actions(store) == ["token_created", "enrolled", "enrolled"]
 
     run_with_store(backend, body)
+
+
+def test_an_agent_id_holds_one_valid_certificate(backend: Backend) -> None:
+    """A second enrolment is refused while the first certificate is valid, and takes
+    no token use; a revoked or an expired one no longer counts."""
+    token = EnrollToken("t1", hash_secret("s"), 9, 99_000.0, "ic-1", 1000.0)
+
+    async def body(store: Store) -> None:
+        await store.create_enroll_token(token, record("token_created"))
+        await store.enrol_agent("t1", "s", agent_cert("01", "laptop-1"), record("enrolled"))
+        with pytest.raises(Conflict, match=r"laptop-1 already has a valid certificate \(serial 01"):
+            await store.enrol_agent("t1", "s", agent_cert("02", "laptop-1", 1500.0), record("x"))
+        await store.revoke_certificates("01", 1600.0, record("cert_revoked"))
+        await store.enrol_agent("t1", "s", agent_cert("03", "laptop-1", 1700.0), record("enrolled"))
+        # 03 expires at 2700.
+        with pytest.raises(Conflict, match=r"\(serial 03\)"):
+            await store.enrol_agent("t1", "s", agent_cert("04", "laptop-1", 2699.0), record("x"))
+        await store.enrol_agent("t1", "s", agent_cert("05", "laptop-1", 2700.0), record("enrolled"))
+        assert [c.serial for c in await store.list_certificates()] == ["01", "03", "05"]
+        rows = await asyncio.to_thread(backend.sql, "SELECT uses_left FROM enroll_tokens")
+        assert rows == [(6,)], "refused enrolments take no use"
+
+    run_with_store(backend, body)
+
+
+def test_concurrent_enrolments_of_one_agent_id_issue_one_certificate(backend: Backend) -> None:
+    """Two stores on one database (replicas, on PostgreSQL) or one store, enrolling one
+    id with two tokens at once, ten times over: each time exactly one wins."""
+    rounds = 10
+
+    async def body(store: Store) -> None:
+        other = await backend.open() if isinstance(backend, PostgresBackend) else store
+        try:
+            for n in range(rounds):
+                for token_id in (f"a{n}", f"b{n}"):
+                    await store.create_enroll_token(
+                        EnrollToken(token_id, hash_secret("s"), 1, 9000.0, "ic-1", 1000.0),
+                        record("token_created"),
+                    )
+                outcomes = await asyncio.gather(
+                    store.enrol_agent(f"a{n}", "s", agent_cert(f"a{n}", f"l{n}"), record("e")),
+                    other.enrol_agent(f"b{n}", "s", agent_cert(f"b{n}", f"l{n}"), record("e")),
+                    return_exceptions=True,
+                )
+                refused = [o for o in outcomes if isinstance(o, BaseException)]
+                assert len(refused) == 1, outcomes
+                assert isinstance(refused[0], Conflict), refused
+                assert "already has a valid certificate" in str(refused[0])
+        finally:
+            if other is not store:
+                await other.close()
+        subjects = [c.subject for c in await store.list_certificates()]
+        assert sorted(subjects) == sorted(f"l{n}" for n in range(rounds))
+
+    run_with_store(backend, body)
+
+
+def test_migration_gives_the_claim_to_each_agents_newest_certificate(backend: Backend) -> None:
+    """A database from before the constraint, holding two live certificates of one agent
+    (the bug), migrates: the newest holds the claim, and both still refuse enrolment."""
+
+    async def before(store: Store) -> None:
+        for serial, issued_at in (("01", 1000.0), ("02", 1100.0)):
+            await store.record_certificate(agent_cert(serial, "laptop-1", issued_at), None)
+        await store.create_enroll_token(
+            EnrollToken("t1", hash_secret("s"), 1, 9000.0, "ic-1", 1000.0), record("t")
+        )
+
+    async def after(store: Store) -> None:
+        with pytest.raises(Conflict, match=r"\(serial 01\)"):
+            await store.enrol_agent("t1", "s", agent_cert("03", "laptop-1", 1200.0), record("x"))
+
+    run_with_store(backend, before)
+    backend.sql("DROP INDEX certificates_one_enrolment_claim")
+    backend.sql("ALTER TABLE certificates DROP COLUMN enrolment_claim")
+    if isinstance(backend, PostgresBackend):
+        before_claims = PG_MIGRATIONS.index(enrolment.CLAIM_MIGRATION)
+        backend.sql(f"DELETE FROM schema_version WHERE version > {before_claims}")
+    else:
+        backend.set_schema_version(SQLITE_MIGRATIONS.index(enrolment.CLAIM_MIGRATION))
+    run_with_store(backend, after)
+    claims = backend.sql("SELECT serial FROM certificates WHERE enrolment_claim = 'laptop-1'")
+    assert claims == [("02",)]
 
 
 def test_revocation_by_serial_and_by_subject(backend: Backend) -> None:
@@ -876,8 +969,9 @@ def test_a_join_token_keeps_the_labels_it_pins(backend: Backend) -> None:
         await store.create_enroll_token(pinned, record("token_created"))
         await store.create_enroll_token(plain, record("token_created"))
         # The token as it was before this use: what the enrolment pins.
-        assert await store.consume_enroll_token("t1", "s", 1000.0) == pinned
-        assert (await store.consume_enroll_token("t2", "s", 1000.0)).labels == {}
+        enrolled = await store.enrol_agent("t1", "s", agent_cert("01", "a"), record("enrolled"))
+        assert enrolled == pinned
+        assert (await store.enrol_agent("t2", "s", agent_cert("02", "b"), record("e"))).labels == {}
 
     run_with_store(backend, body)
 
@@ -965,3 +1059,62 @@ def test_decided_labels_are_stored_with_their_audit_entries_or_not_at_all(
     run_with_store(backend, nothing)
     backend.break_audit_inserts("audit is down")
     run_with_store(backend, write)
+
+
+def test_a_lifted_hold_is_reactivated_in_place(backend: Backend) -> None:
+    """A laptop's opt-out: each cycle re-activates one row, never adds one, archived or not."""
+    opt_out = dataclasses.replace(
+        draft("opt-out-laptop-1", Scope.agents(["laptop-1"])), kind=HoldKind.OPT_OUT
+    )
+
+    async def body(store: Store) -> None:
+        first = await store.reactivate_hold(opt_out, record("hold.create"))
+        with pytest.raises(Conflict, match="hold 'opt-out-laptop-1' is already active"):
+            await store.reactivate_hold(opt_out, record("hold.create"))
+        await store.lift_hold(opt_out.id, "employee-1", 1100.0, record("hold.lift"))
+        again = await store.reactivate_hold(
+            dataclasses.replace(opt_out, reason="again", created_at=1200.0), record("hold.create")
+        )
+        assert (again.id, again.reason, again.active) == (opt_out.id, "again", True)
+        assert again.created_epoch > first.created_epoch
+        await store.lift_hold(opt_out.id, "employee-1", 1300.0, record("hold.lift"))
+        assert (await store.archive_history(2000.0, 2000.0, 10)).holds == 1
+        assert (await store.load()).shared.holds == []
+        third = await store.reactivate_hold(opt_out, record("hold.create"))
+        assert (await store.load()).shared.holds == [third]
+        assert await store.archived_hold(opt_out.id) is None
+        assert backend.sql("SELECT count(*) FROM holds") == [(1,)]
+        assert await audit_actions(store) == ["hold.create", "hold.lift"] * 2 + ["hold.create"]
+
+    run_with_store(backend, body)
+
+
+def test_upgrading_archives_the_lifted_opt_outs_of_earlier_cycles(backend: Backend) -> None:
+    """A database from before one-hold opt-outs, with a row per cycle: the lifted ones
+    leave the hot path (still readable as archived); the active one stays."""
+
+    def opt_out(hold_id: str) -> HoldDraft:
+        return dataclasses.replace(draft(hold_id, Scope.agents(["l1"])), kind=HoldKind.OPT_OUT)
+
+    async def before(store: Store) -> None:
+        for hold_id in ("hold-000000000001", "hold-000000000002"):
+            await store.create_hold(opt_out(hold_id), record("hold.create"))
+            await store.lift_hold(hold_id, "employee-1", 1100.0, record("hold.lift"))
+        await store.create_hold(opt_out("hold-000000000003"), record("hold.create"))
+        await store.create_hold(draft("hold-000000000004"), record("hold.create"))
+        await store.lift_hold("hold-000000000004", "approver-1", 1100.0, record("hold.lift"))
+
+    async def after(store: Store) -> None:
+        hot = {h.id for h in (await store.load()).shared.holds}
+        assert hot == {"hold-000000000003", "hold-000000000004"}
+        assert await store.archived_hold("hold-000000000001") is not None
+
+    run_with_store(backend, before)
+    postgres = isinstance(backend, PostgresBackend)
+    migrations = PG_MIGRATIONS if postgres else SQLITE_MIGRATIONS
+    version = next(n for n, script in enumerate(migrations) if "kind = 'opt_out'" in script)
+    if postgres:
+        backend.sql(f"DELETE FROM schema_version WHERE version > {version}")
+    else:
+        backend.set_schema_version(version)
+    run_with_store(backend, after)

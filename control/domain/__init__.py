@@ -17,7 +17,14 @@ from control.domain.compliance import (
     is_settled,
 )
 from control.domain.desired import Desired, Mode, covering_holds, reconcile_desired
-from control.domain.holds import Hold, HoldDraft, HoldKind, draft_hold, validate_reason
+from control.domain.holds import (
+    Hold,
+    HoldDraft,
+    HoldKind,
+    draft_hold,
+    opt_out_hold_id,
+    validate_reason,
+)
 from control.domain.scope import (
     Scope,
     ScopeKind,
@@ -49,6 +56,7 @@ __all__ = [
     "fleet_compliant",
     "format_labels",
     "is_settled",
+    "opt_out_hold_id",
     "parse_label_pairs",
     "parse_selector",
     "reconcile_desired",

@@ -73,6 +73,13 @@ class Hold(HoldDraft):
         return self.lifted_at is None
 
 
+def opt_out_hold_id(agent_id: str) -> str:
+    """A laptop's one opt-out hold: each opt-out re-activates it in place and each opt-in
+    lifts it, so the holds table keeps one row per laptop however often its owner cycles
+    (the audit log keeps every cycle)."""
+    return f"opt-out-{agent_id}"
+
+
 def reject_control_characters(text: str, what: str) -> None:
     """Terminal escapes in a stored reason would rewrite an operator's screen later."""
     if any(unicodedata.category(c) == "Cc" for c in text):

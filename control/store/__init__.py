@@ -169,6 +169,11 @@ class Store(Protocol):
     async def create_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
         """Commit the hold durably with a freshly allocated epoch."""
 
+    async def reactivate_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
+        """As ``create_hold``, but a lifted hold with the draft's id (archived or not) is
+        re-activated in place with the draft's fields and a fresh epoch, rather than
+        refused: no new row. Raises ``Conflict`` while that hold is still active."""
+
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
     ) -> Hold:
@@ -223,15 +228,22 @@ class Store(Protocol):
 
     async def create_enroll_token(self, token: EnrollToken, audit: AuditRecord) -> None: ...
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
-        """Take one use of the token atomically, and return it (its labels are pinned).
+    async def enrol_agent(
+        self, token_id: str, secret: str, certificate: CertificateRecord, audit: AuditRecord
+    ) -> EnrollToken:
+        """In one transaction: take one use of the token, refuse with ``Conflict`` while
+        the certificate's subject holds another certificate valid at its ``issued_at``,
+        then record the certificate with ``audit``. Of two enrolments of one agent id at
+        once, on one server or two, exactly one commits (``control.store.enrolment``).
 
-        Raises ``PermissionDenied`` with ``check_enroll_token``'s reason when it cannot enrol.
+        Returns the token as it was (its labels are pinned). Raises ``PermissionDenied``
+        with ``check_enroll_token``'s reason when it cannot enrol; a refusal takes no use.
         """
 
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None
-    ) -> None: ...
+    ) -> None:
+        """An operator's or the server's certificate (``init``, ``identities``)."""
 
     async def revoke_certificates(
         self, subject_or_serial: str, revoked_at: float, audit: AuditRecord

@@ -461,6 +461,20 @@ def certificate_from_row(row: Row) -> CertificateRecord:
 # The checks a write makes inside its transaction, on rows it has just read.
 
 
+def reactivating(insert_hold: str) -> str:
+    """``insert_hold`` (a ``hold_to_row``) made to overwrite a lifted hold of the same id,
+    archived or not, and to return one row unless that hold is still active."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in HOLD_COLUMNS[1:])
+    return (
+        f"{insert_hold} ON CONFLICT (id) DO UPDATE SET {updates}, archived_at = NULL"
+        " WHERE holds.lifted_at IS NOT NULL RETURNING 1"
+    )
+
+
+def still_active(hold_id: str) -> Conflict:
+    return Conflict(f"hold {hold_id!r} is already active")
+
+
 def already_exists(what: str) -> Conflict:
     """A reused key is the caller's conflict, not a crash."""
     return Conflict(f"{what} already exists")

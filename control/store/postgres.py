@@ -67,6 +67,7 @@ from control.store import (
     ViolationEvidence,
     causes,
     codec,
+    enrolment,
     history,
 )
 
@@ -370,6 +371,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN events_accepted_after_pause BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN last_accepted_event_at DOUBLE PRECISION;
     """,
+    # ---- issue 15: one valid certificate per agent id (control.store.enrolment).
+    enrolment.CLAIM_MIGRATION,
+    # ---- issue 15: a laptop's opt-out is one hold (control.domain.holds.opt_out_hold_id);
+    # the lifted ones of earlier cycles, each its own row, are archived now.
+    """
+    UPDATE holds SET archived_at = extract(epoch FROM now())
+    WHERE kind = 'opt_out' AND lifted_at IS NOT NULL AND archived_at IS NULL;
+    """,
 ]
 
 
@@ -389,6 +398,7 @@ def _upsert(table: str, columns: Sequence[str]) -> str:
 
 _SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
 _INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
+_REACTIVATE_HOLD = codec.reactivating(_INSERT_HOLD)
 _SELECT_AGENTS = codec.SELECT_AGENTS
 _SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
 _INSERT_AUDIT = _insert("audit_log", codec.AUDIT_COLUMNS)
@@ -398,6 +408,9 @@ _SELECT_TOKENS = codec.select_sql("enroll_tokens", codec.TOKEN_COLUMNS)
 _INSERT_TOKEN = _insert("enroll_tokens", codec.TOKEN_COLUMNS)
 _SELECT_CERTIFICATES = codec.select_sql("certificates", codec.CERTIFICATE_COLUMNS)
 _INSERT_CERTIFICATE = _insert("certificates", codec.CERTIFICATE_COLUMNS)
+# Under READ COMMITTED two enrolments may both find no valid certificate: the claim's
+# unique index lets exactly one insert (the other waits for it, then inserts nothing).
+_RELEASE_CLAIM, _VALID_CERTIFICATE, _INSERT_CLAIMING_CERTIFICATE = enrolment.statements("%s")
 _UPSERT_RUN = _upsert("runbook_runs", codec.RUN_COLUMNS)
 _INSERT_RUN = _insert("runbook_runs", codec.RUN_COLUMNS)
 _TRY_LEAD = "SELECT pg_try_advisory_lock(%s::integer, hashtext(current_schema())) AS locked"
@@ -882,6 +895,16 @@ class PostgresStore:
 
         return await self._write([audit], insert)
 
+    async def reactivate_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
+        async def upsert(conn: Connection) -> Hold:
+            hold = Hold.committed(draft, await _next_epoch(conn))
+            if await _fetch_one(conn, _REACTIVATE_HOLD, codec.hold_to_row(hold)) is None:
+                raise codec.still_active(hold.id)
+            await _announce(conn, hold.created_epoch)
+            return hold
+
+        return await self._write([audit], upsert)
+
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
     ) -> Hold:
@@ -1027,19 +1050,34 @@ class PostgresStore:
 
         await self._write([audit], insert)
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
-        async def take_one_use(conn: Connection) -> EnrollToken:
+    async def enrol_agent(
+        self, token_id: str, secret: str, certificate: CertificateRecord, audit: AuditRecord
+    ) -> EnrollToken:
+        agent_id, now = certificate.subject, certificate.issued_at
+        claiming = (*codec.fields_of(certificate, codec.CERTIFICATE_COLUMNS), agent_id)
+
+        async def enrol(conn: Connection) -> EnrollToken:
             row = await _fetch_one(conn, f"{_SELECT_TOKENS} WHERE id = %s FOR UPDATE", (token_id,))
             token = None if row is None else codec.token_from_row(row)
             reason = check_enroll_token(token, secret, now)
             if reason or token is None:
                 raise PermissionDenied(reason)
+            await conn.execute(_RELEASE_CLAIM, (agent_id, now))
+            if valid := await _fetch_one(conn, _VALID_CERTIFICATE, (agent_id, now)):
+                raise enrolment.already_enrolled(agent_id, valid["serial"])
+            if await _fetch_one(conn, _INSERT_CLAIMING_CERTIFICATE, claiming) is None:
+                # Another enrolment took the claim after our read: the insert waited for
+                # it to commit, and this read (a new statement) sees its certificate.
+                if valid := await _fetch_one(conn, _VALID_CERTIFICATE, (agent_id, now)):
+                    raise enrolment.already_enrolled(agent_id, valid["serial"])
+                raise codec.already_exists(f"certificate with serial {certificate.serial}")
             await conn.execute(
                 "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = %s", (token_id,)
             )
+            await _announce(conn)
             return token
 
-        return await self._write((), take_one_use)
+        return await self._write([audit], enrol)
 
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None

@@ -39,6 +39,7 @@ from control.store import (
     ViolationEvidence,
     causes,
     codec,
+    enrolment,
     history,
 )
 from control.store.reserve import Reserve
@@ -278,6 +279,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN events_accepted_after_pause INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN last_accepted_event_at REAL;
     """,
+    # ---- issue 15: one valid certificate per agent id (control.store.enrolment).
+    enrolment.CLAIM_MIGRATION,
+    # ---- issue 15: a laptop's opt-out is one hold (control.domain.holds.opt_out_hold_id);
+    # the lifted ones of earlier cycles, each its own row, are archived now.
+    """
+    UPDATE holds SET archived_at = (julianday('now') - 2440587.5) * 86400.0
+    WHERE kind = 'opt_out' AND lifted_at IS NOT NULL AND archived_at IS NULL;
+    """,
 ]
 
 
@@ -288,6 +297,7 @@ def _insert(table: str, columns: Sequence[str], *, replace: bool = False) -> str
 
 _SELECT_HOLDS = codec.select_sql("holds", codec.HOLD_COLUMNS)
 _INSERT_HOLD = _insert("holds", codec.HOLD_COLUMNS)
+_REACTIVATE_HOLD = codec.reactivating(_INSERT_HOLD)
 _SELECT_AGENTS = codec.SELECT_AGENTS
 _UPSERT_AGENT = _insert("agents", codec.AGENT_COLUMNS, replace=True)
 _SELECT_AUDIT = codec.select_sql("audit_log", codec.AUDIT_COLUMNS)
@@ -298,6 +308,8 @@ _SELECT_TOKENS = codec.select_sql("enroll_tokens", codec.TOKEN_COLUMNS)
 _INSERT_TOKEN = _insert("enroll_tokens", codec.TOKEN_COLUMNS)
 _SELECT_CERTIFICATES = codec.select_sql("certificates", codec.CERTIFICATE_COLUMNS)
 _INSERT_CERTIFICATE = _insert("certificates", codec.CERTIFICATE_COLUMNS)
+# BEGIN IMMEDIATE already serialises enrolments here; the claim's index is the backstop.
+_RELEASE_CLAIM, _VALID_CERTIFICATE, _INSERT_CLAIMING_CERTIFICATE = enrolment.statements("?")
 _UPSERT_RUN = _insert("runbook_runs", codec.RUN_COLUMNS, replace=True)
 _UPSERT_VIOLATION_ACK = _insert("violation_acks", codec.VIOLATION_ACK_COLUMNS, replace=True)
 _INSERT_DASHBOARD_SESSION = _insert("dashboard_sessions", codec.DASHBOARD_SESSION_COLUMNS)
@@ -641,6 +653,15 @@ class SqliteStore:
         # A pause must commit on a full disk too: see control.store.reserve.
         return await self._write([audit], insert, may_spend_reserve=True)
 
+    async def reactivate_hold(self, draft: HoldDraft, audit: AuditRecord) -> Hold:
+        def upsert(db: sqlite3.Connection) -> Hold:
+            hold = Hold.committed(draft, _next_epoch(db))
+            if db.execute(_REACTIVATE_HOLD, codec.hold_to_row(hold)).fetchone() is None:
+                raise codec.still_active(hold.id)
+            return hold
+
+        return await self._write([audit], upsert, may_spend_reserve=True)
+
     async def lift_hold(
         self, hold_id: str, lifted_by: str, lifted_at: float, audit: AuditRecord
     ) -> Hold:
@@ -750,19 +771,29 @@ class SqliteStore:
             [audit], lambda db: _insert_new(db, _INSERT_TOKEN, row, f"enrolment token {token.id!r}")
         )
 
-    async def consume_enroll_token(self, token_id: str, secret: str, now: float) -> EnrollToken:
-        def take_one_use(db: sqlite3.Connection) -> EnrollToken:
+    async def enrol_agent(
+        self, token_id: str, secret: str, certificate: CertificateRecord, audit: AuditRecord
+    ) -> EnrollToken:
+        agent_id, now = certificate.subject, certificate.issued_at
+        claiming = (*codec.fields_of(certificate, codec.CERTIFICATE_COLUMNS), agent_id)
+
+        def enrol(db: sqlite3.Connection) -> EnrollToken:
             row = db.execute(f"{_SELECT_TOKENS} WHERE id = ?", (token_id,)).fetchone()
             token = None if row is None else codec.token_from_row(row)
             reason = check_enroll_token(token, secret, now)
             if reason or token is None:
                 raise PermissionDenied(reason)
+            db.execute(_RELEASE_CLAIM, (agent_id, now))
+            if valid := db.execute(_VALID_CERTIFICATE, (agent_id, now)).fetchone():
+                raise enrolment.already_enrolled(agent_id, valid["serial"])
+            if db.execute(_INSERT_CLAIMING_CERTIFICATE, claiming).fetchone() is None:
+                raise codec.already_exists(f"certificate with serial {certificate.serial}")
             db.execute(
                 "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,)
             )
             return token
 
-        return await self._write((), take_one_use)
+        return await self._write([audit], enrol)
 
     async def record_certificate(
         self, certificate: CertificateRecord, audit: AuditRecord | None
