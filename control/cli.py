@@ -966,7 +966,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ack_deadline=args.ack_deadline,
         heartbeat_interval=args.heartbeat,
         lease_ttl=args.lease_ttl,
-        prometheus_url=args.prometheus_url,
+        prometheus=tuple(args.prometheus),
         runbook_tick=args.runbook_tick,
         database=args.database,
         history_retention=args.history_retention,
@@ -986,6 +986,15 @@ def positive_seconds(text: str) -> float:
     if not 0 < value <= 86_400 * 365:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
     return value
+
+
+def prometheus_source(text: str) -> tuple[str, str]:
+    from control.prometheus_sources import parse_source  # aiohttp: only `serve` needs it
+
+    try:
+        return parse_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def history_retention(text: str) -> float:
@@ -1128,10 +1137,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture lease length; agents renew at a third of it (default 60)",
     )
     serve.add_argument(
-        "--prometheus-url",
-        default="",
-        metavar="URL",
-        help="Prometheus for runbook gates whose runbook names no URL",
+        "--prometheus",
+        type=prometheus_source,
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a Prometheus runbook gates may query, by NAME (repeatable); runbooks name no URL",
     )
     serve.add_argument(
         "--runbook-tick",

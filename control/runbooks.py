@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-import aiohttp
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -60,19 +57,18 @@ from control.errors import (
     NotFound,
     PermissionDenied,
     UnknownItem,
-    shown,
 )
 from control.events import PlaneObserver
 from control.evidence import SYSTEM_ACTOR
 from control.governance import Governance
 from control.plane import ControlPlane, new_hold_id
+from control.prometheus_sources import PrometheusSources
 from control.runbook_file import parse_runbook
 from control.store import RunChange
 
 log = structlog.get_logger("killswitch.runbooks")
 
 DEFAULT_TICK_SECONDS = 1.0
-PROMETHEUS_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,49 +77,6 @@ class Plan:
     hold_id: str
     scope: Scope
     waves: list[WavePlan]
-
-
-async def query_prometheus(url: str, query: str) -> PrometheusReading:
-    """One instant query; any failure is a reading with an error, never an exception."""
-    if not url.startswith(("http://", "https://")):
-        return PrometheusReading(error=f"no usable Prometheus URL ({shown(url)})")
-    timeout = aiohttp.ClientTimeout(total=PROMETHEUS_TIMEOUT_SECONDS)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query}) as response,
-        ):
-            body = await response.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return PrometheusReading(error=f"query failed: {exc or type(exc).__name__}")
-    return prometheus_value(body)
-
-
-def prometheus_value(body: object) -> PrometheusReading:
-    """The single number an instant query answered, or why there is none."""
-    if not isinstance(body, dict) or body.get("status") != "success":
-        error = body.get("error", "unexpected answer") if isinstance(body, dict) else "not JSON"
-        return PrometheusReading(error=f"Prometheus said: {error}")
-    data = body.get("data") or {}
-    result: Any = data.get("result")
-    try:
-        if data.get("resultType") == "scalar":
-            value = float(result[1])
-        elif data.get("resultType") == "vector":
-            if not result:
-                return PrometheusReading()
-            if len(result) > 1:
-                return PrometheusReading(
-                    error=f"query returned {len(result)} series; aggregate it to one"
-                )
-            value = float(result[0]["value"][1])
-        else:
-            return PrometheusReading(error=f"unsupported result type {data.get('resultType')!r}")
-    except (TypeError, ValueError, IndexError, KeyError):
-        return PrometheusReading(error="malformed query result")
-    if math.isnan(value):
-        return PrometheusReading(error="query returned NaN")
-    return PrometheusReading(value=value)
 
 
 def _clip(text: str) -> str:
@@ -152,14 +105,14 @@ class RunbookRunner(PlaneObserver):
         *,
         clock: Callable[[], float],
         tick_seconds: float = DEFAULT_TICK_SECONDS,
-        prometheus_url: str = "",
+        prometheus: PrometheusSources | None = None,
         leads: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._plane = plane
         self._governance = governance
         self._clock = clock
         self._tick_seconds = tick_seconds
-        self._prometheus_url = prometheus_url
+        self._sources = prometheus or PrometheusSources(())
         self._runs: dict[str, Run] = {}
         self._books: dict[str, Runbook] = {}
         # One step at a time across every run: a tick never interleaves with an abort.
@@ -250,7 +203,12 @@ class RunbookRunner(PlaneObserver):
             book = self._books[run_id] = parse_runbook(run.source, run.file_name)
         return book
 
+    def check_sources(self, book: Runbook) -> None:
+        """A gate naming a Prometheus source this server lacks is refused up front."""
+        self._sources.check(book)
+
     def plan(self, book: Runbook, *, hold_id: str = "", approval_id: str = "") -> Plan:
+        self.check_sources(book)
         if approval_id:
             hold_id = self._governance.requests(approval_id)[0].hold_id
         if not hold_id and book.hold != FROM_APPROVAL:
@@ -280,6 +238,7 @@ class RunbookRunner(PlaneObserver):
     async def start_run(
         self, book: Runbook, *, source: str, file_name: str, approval_id: str, by: Principal
     ) -> Run:
+        self.check_sources(book)
         async with self._lock:
             self._check_none_active()
             now = self._clock()
@@ -521,7 +480,7 @@ class RunbookRunner(PlaneObserver):
     async def _prometheus(self, gate: PrometheusGate | None) -> PrometheusReading | None:
         if gate is None:
             return None
-        return await query_prometheus(gate.url or self._prometheus_url, gate.query)
+        return await self._sources.query(gate)
 
     # ------------------------------------------------------------ transitions
 
