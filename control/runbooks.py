@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditRecord
 from control.domain.history import run_archivable
 from control.domain.holds import MAX_REASON_CHARS
-from control.domain.identity import Principal
+from control.domain.identity import Principal, Role
 from control.domain.release import Release
 from control.domain.rollout import (
     FROM_APPROVAL,
@@ -77,6 +78,11 @@ class Plan:
     hold_id: str
     scope: Scope
     waves: list[WavePlan]
+
+
+def runbook_sha256(source: str) -> str:
+    """What a drill approval is for: this exact text, so an edited file needs a new one."""
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def _clip(text: str) -> str:
@@ -251,14 +257,14 @@ class RunbookRunner(PlaneObserver):
                 epoch=self._plane.epoch,
             )
             start = self._plane.audit_record(
-                by, "runbook.start", target=run.id, reason=book.name, detail=file_name
+                by,
+                "runbook.start",
+                target=run.id,
+                reason=book.name,
+                detail=f"{file_name}; approved {approval_id}" if approval_id else file_name,
             )
             if book.pause is not None:
-                if approval_id:
-                    raise InvalidInput(
-                        "this runbook pauses its scope first; its re-enable is approved"
-                        " afterwards with `killswitch runbook advance RUN --approval REQ`"
-                    )
+                drill = self._drill_approval(book, book.pause.scope, source, approval_id, by)
                 draft = draft_hold(
                     hold_id=new_hold_id(),
                     kind=HoldKind.INCIDENT,
@@ -270,7 +276,10 @@ class RunbookRunner(PlaneObserver):
                 )
                 run = dataclasses.replace(run, hold_id=draft.id)
                 pause = self._plane.hold_created_record(by, draft, detail=f"paused by run {run.id}")
-                await self._commit(RunChange(run, by.name, now, create=draft), [start, pause])
+                change = RunChange(run, by.name, now, create=draft, executed_request=drill)
+                epoch = await self._commit(change, [start, pause])
+                if drill is not None:
+                    self._governance.consumed(drill, epoch)
             else:
                 if not approval_id:
                     raise PermissionDenied(
@@ -282,6 +291,22 @@ class RunbookRunner(PlaneObserver):
                 await self._take_over(run, book, request, by, [start])
             self._schedule(run.id)
             return self._runs[run.id]
+
+    def _drill_approval(
+        self, book: Runbook, scope: Scope, source: str, approval_id: str, by: Principal
+    ) -> ResumeRequest | None:
+        """A drill pauses capture: an incident commander's call, or a two-person approval."""
+        if approval_id:
+            return self._governance.drill_approval(
+                approval_id, runbook=book.name, sha256=runbook_sha256(source)
+            )
+        if by.role is not Role.INCIDENT_COMMANDER:
+            raise PermissionDenied(
+                f"drill {book.name!r} pauses {scope.describe()}:"
+                " only an incident commander may start it without an approved"
+                " `killswitch runbook request FILE` (pass --approval REQUEST_ID)"
+            )
+        return None
 
     async def _take_over(
         self,

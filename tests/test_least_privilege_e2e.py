@@ -1,5 +1,7 @@
-"""Issue 15, finding 5: least privilege, all the way. A real server each time.
+"""Issue 15, findings 4 and 5: least privilege, all the way. A real server each time.
 
+4. A drill runbook pauses capture: automation (or anyone but an incident commander)
+   starts one only with a two-person approval of its exact text.
 5. Prometheus gates query sources the server was started with, by name: a runbook
    cannot make the server fetch an address of its choosing, redirects are not
    followed, and what a source answers is never shown.
@@ -18,9 +20,20 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from tests.conftest import Cli, ServerProcess, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
 from tests.test_security_e2e import channel_for
 
+AGENTS = 10
+FLEET_DRILL = """\
+name: fleet-drill
+pause:
+  scope: {all: true}
+  reason: drill on the whole fleet
+  timeout: 1m
+waves:
+  - share: 100%
+    soak: 1s
+"""
 SECRET = "SECRET-remote-body-4f2a"
 # What each fake source answers (status, body); "redirect" sends callers to "target".
 ANSWERS: dict[str, tuple[int, object]] = {
@@ -28,6 +41,19 @@ ANSWERS: dict[str, tuple[int, object]] = {
     "failing": (500, SECRET),
     "refusing": (200, {"status": "error", "errorType": "bad_data", "error": SECRET}),
 }
+
+
+def start_runbook_rpc(
+    server: ServerProcess, identity: str, text: str, approval: str = ""
+) -> grpc.RpcError:
+    """StartRunbook as ``identity``, straight over gRPC, expected to be refused."""
+    with channel_for(server, server.identity(identity)) as channel:
+        stub = pb_grpc.RunbooksStub(channel)
+        source = pb.RunbookSource(file_name="drill.yaml", text=text)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.StartRunbook(pb.StartRunbookRequest(runbook=source, approval_id=approval))
+    error: grpc.RpcError = refused.value
+    return error
 
 
 def plan_runbook_rpc(server: ServerProcess, text: str) -> grpc.RpcError:
@@ -38,6 +64,73 @@ def plan_runbook_rpc(server: ServerProcess, text: str) -> grpc.RpcError:
             stub.PlanRunbook(pb.PlanRunbookRequest(runbook=source))
     error: grpc.RpcError = refused.value
     return error
+
+
+def holds(cli: Cli) -> list[object]:
+    active: list[object] = cli.json("holds")["holds"]
+    return active
+
+
+def modes(cli: Cli) -> set[str]:
+    return {row["mode"] for row in cli.agents().values()}
+
+
+def test_only_an_incident_commander_or_an_approval_starts_a_drill(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    server = start_server()
+    cli = Cli(server)
+    simulate(server, AGENTS)
+    wait_capturing(cli, AGENTS)
+    drill = tmp_path / "fleet-drill.yaml"
+    drill.write_text(FLEET_DRILL)
+    automation = cli.as_("automation-1")
+
+    # Planning is harmless: SRE and automation may.
+    for planner in ("sre-1", "automation-1"):
+        plan = json.loads(cli.as_(planner).ok("runbook", "plan", str(drill), "--json"))
+        assert plan["pause_scope"] == "all agents"
+
+    # Automation alone: refused, and nothing is paused.
+    refused = start_runbook_rpc(server, "automation-1", FLEET_DRILL)
+    assert refused.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "only an incident commander may start it" in str(refused.details())
+    result = automation.run("runbook", "start", str(drill))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "drill 'fleet-drill' pauses all agents" in result.stderr
+    assert holds(cli) == []
+    assert json.loads(cli.ok("runbook", "list", "--json")) == []
+    assert modes(cli) == {"ALLOWED"}
+    denied = [e for e in cli.json("audit") if e["action"] == "Runbooks.StartRunbook"]
+    assert denied and all(e["result"].startswith("denied") for e in denied)
+
+    # Automation asks, a different person approves, automation starts that exact text.
+    request = automation.ok(
+        "runbook", "request", str(drill), "--reason", "quarterly drill", "-q"
+    ).strip()
+    assert cli.as_("automation-1").run("approve", request).returncode == 1  # not an approver
+    cli.as_("approver-1").ok("approve", request)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(FLEET_DRILL.replace("drill on the whole fleet", "something else"))
+    changed = automation.run("runbook", "start", str(edited), "--approval", request)
+    assert changed.returncode == 1 and "the file changed" in changed.stderr
+    assert holds(cli) == []
+
+    run_id = automation.ok("runbook", "start", str(drill), "--approval", request, "-q").strip()
+    wait_for(lambda: modes(cli) == {"PAUSED"}, 30, "the drill to pause the fleet")
+    assert len(holds(cli)) == 1
+    # The approval was consumed: it starts one run, not two.
+    automation.ok("runbook", "abort", run_id, "--reason", "drill cut short")
+    again = automation.run("runbook", "start", str(drill), "--approval", request)
+    assert again.returncode == 1 and "executed" in again.stderr
+
+    # An incident commander needs no approval to pause.
+    ic_run = cli.ok("runbook", "start", str(drill), "-q").strip()
+    assert json.loads(cli.ok("runbook", "status", ic_run, "--json"))["started_by"] == "ic-1"
+    assert len(holds(cli)) == 2
 
 
 class FakePrometheus(http.server.ThreadingHTTPServer):
