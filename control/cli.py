@@ -434,7 +434,16 @@ def request_json(request: pb.ResumeRequest) -> dict[str, Any]:
         "decided_by": request.decided_by,
         "decision_note": request.decision_note,
         "lifted_epoch": request.lifted_epoch,
+        "drill_runbook": request.drill_runbook,
+        "drill_sha256": request.drill_sha256,
     }
+
+
+def request_subject(request: pb.ResumeRequest) -> str:
+    """What a request asks for: to resume a hold, or to start a drill's exact text."""
+    if request.drill_sha256:
+        return f"start drill {request.drill_runbook!r} (sha256 {request.drill_sha256[:12]})"
+    return f"resume hold {request.hold_id}"
 
 
 def cmd_requests_list(args: argparse.Namespace, client: OperatorClient) -> int:
@@ -452,7 +461,7 @@ def cmd_requests_list(args: argparse.Namespace, client: OperatorClient) -> int:
         rows.append(
             [
                 r.id,
-                r.hold_id,
+                f"drill {r.drill_runbook}" if r.drill_sha256 else r.hold_id,
                 resume_state_name(r.state),
                 r.requested_by,
                 str(r.revision),
@@ -483,7 +492,7 @@ def _decide(args: argparse.Namespace, client: OperatorClient, method: str) -> pb
     """Show what is being decided, and pin the revision so a later edit is not approved blind."""
     request = fetch_request(client, args.request_id)
     print(
-        f"{request.id}: resume hold {request.hold_id}, asked by {request.requested_by}:"
+        f"{request.id}: {request_subject(request)}, asked by {request.requested_by}:"
         f" {request.reason} (revision {request.revision})"
     )
     response = client.call(
@@ -498,7 +507,9 @@ def _decide(args: argparse.Namespace, client: OperatorClient, method: str) -> pb
 
 def cmd_approve(args: argparse.Namespace, client: OperatorClient) -> int:
     request = _decide(args, client, "ApproveResume")
-    if request.for_runbook:
+    if request.drill_sha256:
+        print(f"approved {request.id}: `runbook start FILE --approval {request.id}` may now run it")
+    elif request.for_runbook:
         print(f"approved {request.id}: a runbook may now re-enable hold {request.hold_id}")
     else:
         print(
@@ -509,7 +520,7 @@ def cmd_approve(args: argparse.Namespace, client: OperatorClient) -> int:
 
 def cmd_deny(args: argparse.Namespace, client: OperatorClient) -> int:
     request = _decide(args, client, "DenyResume")
-    print(f"denied {request.id}: hold {request.hold_id} stays in force")
+    print(f"denied {request.id}: no {request_subject(request)}")
     return 0
 
 
@@ -966,7 +977,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ack_deadline=args.ack_deadline,
         heartbeat_interval=args.heartbeat,
         lease_ttl=args.lease_ttl,
-        prometheus_url=args.prometheus_url,
+        prometheus=tuple(args.prometheus),
         runbook_tick=args.runbook_tick,
         database=args.database,
         history_retention=args.history_retention,
@@ -986,6 +997,15 @@ def positive_seconds(text: str) -> float:
     if not 0 < value <= 86_400 * 365:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
     return value
+
+
+def prometheus_source(text: str) -> tuple[str, str]:
+    from control.prometheus_sources import parse_source  # aiohttp: only `serve` needs it
+
+    try:
+        return parse_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def history_retention(text: str) -> float:
@@ -1128,10 +1148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture lease length; agents renew at a third of it (default 60)",
     )
     serve.add_argument(
-        "--prometheus-url",
-        default="",
-        metavar="URL",
-        help="Prometheus for runbook gates whose runbook names no URL",
+        "--prometheus",
+        type=prometheus_source,
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a Prometheus runbook gates may query, by NAME (repeatable); runbooks name no URL",
     )
     serve.add_argument(
         "--runbook-tick",

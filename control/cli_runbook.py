@@ -1,4 +1,4 @@
-"""``killswitch runbook plan|start|status|list|advance|abort``: staged re-enable from the CLI.
+"""``killswitch runbook plan|request|start|status|list|advance|abort``: runbooks from the CLI.
 
 The file is parsed here first, so a typo is reported with its file, line and field
 before anything is sent; the server parses it again and keeps the text with the run.
@@ -216,6 +216,30 @@ def cmd_start(args: argparse.Namespace, client: OperatorClient) -> int:
     return 0
 
 
+def cmd_request(args: argparse.Namespace, client: OperatorClient) -> int:
+    """A drill pauses capture: without an incident commander it needs a second person."""
+    response = client.call(
+        "Runbooks.RequestDrill",
+        pb.RequestDrillRequest(
+            runbook=_source(args.file),
+            reason=validate_reason(args.reason),
+            ticket=args.ticket,
+            expires_in_seconds=args.expires_in or 0.0,
+        ),
+    )
+    request = response.request
+    if args.quiet:
+        print(request.id)
+        return 0
+    print(
+        f"drill request {request.id} opened for {request.drill_runbook!r}"
+        f" (expires {iso(request.expires_at)}); a different approver must run:"
+        f" killswitch approve {request.id}; then:"
+        f" killswitch runbook start {args.file} --approval {request.id}"
+    )
+    return 0
+
+
 def _fetch(client: OperatorClient, run_id: str) -> pb.RunbookRun:
     response = client.call("Runbooks.GetRunbookRun", pb.GetRunbookRunRequest(run_id=run_id))
     run: pb.RunbookRun = response.run
@@ -304,12 +328,24 @@ def add_commands(group: Any, command: Any) -> None:
     target.add_argument("--approval", metavar="REQUEST_ID", help="the request naming the hold")
     plan.add_argument("--json", action="store_true")
 
+    request = command(
+        group, "request", "ask to start a drill runbook; a different approver decides", cmd_request
+    )
+    request.add_argument("file", metavar="FILE")
+    request.add_argument("--reason", required=True, help="why the drill runs now")
+    request.add_argument("--ticket", default="", help="change or incident ticket reference")
+    request.add_argument(
+        "--expires-in", type=positive_seconds, metavar="SECONDS", help="default 3600"
+    )
+    add_quiet_option(request, "the new request's id")
+
     start = command(group, "start", "start a run (re-enables need an approval)", cmd_start)
     start.add_argument("file", metavar="FILE")
     start.add_argument(
         "--approval",
         metavar="REQUEST_ID",
-        help="an approved `killswitch resume --for-runbook` request for the hold",
+        help="an approved `resume --for-runbook` request for the hold; for a drill started"
+        " by anyone but an incident commander, an approved `runbook request`",
     )
     add_quiet_option(start, "the run id")
 

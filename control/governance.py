@@ -16,10 +16,12 @@ from control.domain.approvals import (
     OPEN_STATES,
     ResumeRequest,
     approve,
+    check_drill_approval,
     check_runbook_approval,
     deny,
     edit_request,
     executed,
+    open_drill_request,
     open_request,
 )
 from control.domain.audit import AuditEntry, AuditRecord, ChainHead
@@ -128,6 +130,12 @@ class Governance:
         check_runbook_approval(request, hold_id=hold_id, now=self._clock())
         return request
 
+    def drill_approval(self, request_id: str, *, runbook: str, sha256: str) -> ResumeRequest:
+        """The approved drill request a run may consume (checked, not yet consumed)."""
+        request = self._request(request_id)
+        check_drill_approval(request, runbook=runbook, sha256=sha256, now=self._clock())
+        return request
+
     def consumed(self, request: ResumeRequest, epoch: int) -> None:
         """A run consumed the request in its own transaction; keep memory in step."""
         self._requests[request.id] = executed(request, epoch)
@@ -179,6 +187,28 @@ class Governance:
         await self._save(request, by, "resume.request", "runbook" if for_runbook else "direct")
         return request
 
+    async def request_drill(
+        self,
+        by: Principal,
+        *,
+        runbook: str,
+        sha256: str,
+        reason: str,
+        ticket: str,
+        expires_in: float = 0.0,
+    ) -> ResumeRequest:
+        request = open_drill_request(
+            runbook=runbook,
+            sha256=sha256,
+            requester=by,
+            reason=reason,
+            ticket=ticket,
+            now=self._clock(),
+            expires_in=expires_in,
+        )
+        await self._save(request, by, "drill.request", f"start drill {runbook!r}")
+        return request
+
     async def edit_request(
         self, by: Principal, request_id: str, reason: str, ticket: str
     ) -> ResumeRequest:
@@ -198,7 +228,8 @@ class Governance:
             self._request(request_id), by, revision=revision, note=note, now=self._clock()
         )
         if approved.for_runbook:
-            await self._save(approved, by, "resume.approve", "for a runbook")
+            what = f"to start drill {approved.drill_runbook!r}" if approved.for_drill else ""
+            await self._save(approved, by, "resume.approve", what or "for a runbook")
             return approved
         record = self._audit(by, approved, "resume.approve", "hold lifted")
         hold = await self._plane.commit_lift(
@@ -219,10 +250,13 @@ class Governance:
     def _audit(
         self, by: Principal, request: ResumeRequest, action: str, detail: str
     ) -> AuditRecord:
+        subject = (
+            f"drill {request.drill_runbook}" if request.for_drill else f"hold {request.hold_id}"
+        )
         return self._plane.audit_record(
             by,
             action,
-            target=f"{request.id} hold {request.hold_id}",
+            target=f"{request.id} {subject}",
             reason=request.reason,
             ticket=request.ticket,
             detail=detail,

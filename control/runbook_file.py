@@ -467,7 +467,7 @@ def _gates(raw: Mapping[str, Any], at: _Path) -> Gates:
         if query is None
         else PrometheusGate(
             query=query["query"],
-            url=query.get("url", ""),
+            source=query["source"],
             max_value=float(query["max"]) if "max" in query else None,
             min_value=float(query["min"]) if "min" in query else None,
             allow_no_data=query.get("allow_no_data", False),

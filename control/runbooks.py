@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-import aiohttp
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -26,7 +24,7 @@ from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditRecord
 from control.domain.history import run_archivable
 from control.domain.holds import MAX_REASON_CHARS
-from control.domain.identity import Principal
+from control.domain.identity import Principal, Role
 from control.domain.release import Release
 from control.domain.rollout import (
     FROM_APPROVAL,
@@ -60,19 +58,18 @@ from control.errors import (
     NotFound,
     PermissionDenied,
     UnknownItem,
-    shown,
 )
 from control.events import PlaneObserver
 from control.evidence import SYSTEM_ACTOR
 from control.governance import Governance
 from control.plane import ControlPlane, new_hold_id
+from control.prometheus_sources import PrometheusSources
 from control.runbook_file import parse_runbook
 from control.store import RunChange
 
 log = structlog.get_logger("killswitch.runbooks")
 
 DEFAULT_TICK_SECONDS = 1.0
-PROMETHEUS_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,47 +80,9 @@ class Plan:
     waves: list[WavePlan]
 
 
-async def query_prometheus(url: str, query: str) -> PrometheusReading:
-    """One instant query; any failure is a reading with an error, never an exception."""
-    if not url.startswith(("http://", "https://")):
-        return PrometheusReading(error=f"no usable Prometheus URL ({shown(url)})")
-    timeout = aiohttp.ClientTimeout(total=PROMETHEUS_TIMEOUT_SECONDS)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query}) as response,
-        ):
-            body = await response.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return PrometheusReading(error=f"query failed: {exc or type(exc).__name__}")
-    return prometheus_value(body)
-
-
-def prometheus_value(body: object) -> PrometheusReading:
-    """The single number an instant query answered, or why there is none."""
-    if not isinstance(body, dict) or body.get("status") != "success":
-        error = body.get("error", "unexpected answer") if isinstance(body, dict) else "not JSON"
-        return PrometheusReading(error=f"Prometheus said: {error}")
-    data = body.get("data") or {}
-    result: Any = data.get("result")
-    try:
-        if data.get("resultType") == "scalar":
-            value = float(result[1])
-        elif data.get("resultType") == "vector":
-            if not result:
-                return PrometheusReading()
-            if len(result) > 1:
-                return PrometheusReading(
-                    error=f"query returned {len(result)} series; aggregate it to one"
-                )
-            value = float(result[0]["value"][1])
-        else:
-            return PrometheusReading(error=f"unsupported result type {data.get('resultType')!r}")
-    except (TypeError, ValueError, IndexError, KeyError):
-        return PrometheusReading(error="malformed query result")
-    if math.isnan(value):
-        return PrometheusReading(error="query returned NaN")
-    return PrometheusReading(value=value)
+def runbook_sha256(source: str) -> str:
+    """What a drill approval is for: this exact text, so an edited file needs a new one."""
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def _clip(text: str) -> str:
@@ -152,14 +111,14 @@ class RunbookRunner(PlaneObserver):
         *,
         clock: Callable[[], float],
         tick_seconds: float = DEFAULT_TICK_SECONDS,
-        prometheus_url: str = "",
+        prometheus: PrometheusSources | None = None,
         leads: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._plane = plane
         self._governance = governance
         self._clock = clock
         self._tick_seconds = tick_seconds
-        self._prometheus_url = prometheus_url
+        self._sources = prometheus or PrometheusSources(())
         self._runs: dict[str, Run] = {}
         self._books: dict[str, Runbook] = {}
         # One step at a time across every run: a tick never interleaves with an abort.
@@ -250,7 +209,12 @@ class RunbookRunner(PlaneObserver):
             book = self._books[run_id] = parse_runbook(run.source, run.file_name)
         return book
 
+    def check_sources(self, book: Runbook) -> None:
+        """A gate naming a Prometheus source this server lacks is refused up front."""
+        self._sources.check(book)
+
     def plan(self, book: Runbook, *, hold_id: str = "", approval_id: str = "") -> Plan:
+        self.check_sources(book)
         if approval_id:
             hold_id = self._governance.requests(approval_id)[0].hold_id
         if not hold_id and book.hold != FROM_APPROVAL:
@@ -280,6 +244,7 @@ class RunbookRunner(PlaneObserver):
     async def start_run(
         self, book: Runbook, *, source: str, file_name: str, approval_id: str, by: Principal
     ) -> Run:
+        self.check_sources(book)
         async with self._lock:
             self._check_none_active()
             now = self._clock()
@@ -292,14 +257,14 @@ class RunbookRunner(PlaneObserver):
                 epoch=self._plane.epoch,
             )
             start = self._plane.audit_record(
-                by, "runbook.start", target=run.id, reason=book.name, detail=file_name
+                by,
+                "runbook.start",
+                target=run.id,
+                reason=book.name,
+                detail=f"{file_name}; approved {approval_id}" if approval_id else file_name,
             )
             if book.pause is not None:
-                if approval_id:
-                    raise InvalidInput(
-                        "this runbook pauses its scope first; its re-enable is approved"
-                        " afterwards with `killswitch runbook advance RUN --approval REQ`"
-                    )
+                drill = self._drill_approval(book, book.pause.scope, source, approval_id, by)
                 draft = draft_hold(
                     hold_id=new_hold_id(),
                     kind=HoldKind.INCIDENT,
@@ -311,7 +276,10 @@ class RunbookRunner(PlaneObserver):
                 )
                 run = dataclasses.replace(run, hold_id=draft.id)
                 pause = self._plane.hold_created_record(by, draft, detail=f"paused by run {run.id}")
-                await self._commit(RunChange(run, by.name, now, create=draft), [start, pause])
+                change = RunChange(run, by.name, now, create=draft, executed_request=drill)
+                epoch = await self._commit(change, [start, pause])
+                if drill is not None:
+                    self._governance.consumed(drill, epoch)
             else:
                 if not approval_id:
                     raise PermissionDenied(
@@ -323,6 +291,22 @@ class RunbookRunner(PlaneObserver):
                 await self._take_over(run, book, request, by, [start])
             self._schedule(run.id)
             return self._runs[run.id]
+
+    def _drill_approval(
+        self, book: Runbook, scope: Scope, source: str, approval_id: str, by: Principal
+    ) -> ResumeRequest | None:
+        """A drill pauses capture: an incident commander's call, or a two-person approval."""
+        if approval_id:
+            return self._governance.drill_approval(
+                approval_id, runbook=book.name, sha256=runbook_sha256(source)
+            )
+        if by.role is not Role.INCIDENT_COMMANDER:
+            raise PermissionDenied(
+                f"drill {book.name!r} pauses {scope.describe()}:"
+                " only an incident commander may start it without an approved"
+                " `killswitch runbook request FILE` (pass --approval REQUEST_ID)"
+            )
+        return None
 
     async def _take_over(
         self,
@@ -521,7 +505,7 @@ class RunbookRunner(PlaneObserver):
     async def _prometheus(self, gate: PrometheusGate | None) -> PrometheusReading | None:
         if gate is None:
             return None
-        return await query_prometheus(gate.url or self._prometheus_url, gate.query)
+        return await self._sources.query(gate)
 
     # ------------------------------------------------------------ transitions
 

@@ -29,6 +29,7 @@ from control.history import HistoryCompactor
 from control.metrics import Metrics
 from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
+from control.prometheus_sources import PrometheusSources
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
@@ -92,8 +93,8 @@ class ServerConfig:
     # Replicas re-read shared state this often even without a notification.
     resync_interval: float = DEFAULT_RESYNC_SECONDS
     max_calls_per_identity: int = 16
-    # Where runbook Prometheus gates query when the runbook names no URL.
-    prometheus_url: str = ""
+    # The Prometheus servers runbook gates may query: (name a runbook uses, URL).
+    prometheus: tuple[tuple[str, str], ...] = ()
     runbook_tick: float = 1.0
     # Lifted holds, decided requests and ended runs older than this are archived.
     history_retention: float = DEFAULT_HISTORY_RETENTION_SECONDS
@@ -118,6 +119,7 @@ async def serve(config: ServerConfig) -> None:
     enroll_address = config.enroll_address or enroll_address_for(config.grpc_address)
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
+    prometheus = PrometheusSources(config.prometheus)
     store = await open_store(config.data_dir, config.database)
     plane = ControlPlane(
         store,
@@ -134,7 +136,7 @@ async def serve(config: ServerConfig) -> None:
         governance,
         clock=time.time,
         tick_seconds=config.runbook_tick,
-        prometheus_url=config.prometheus_url,
+        prometheus=prometheus,
         leads=store.try_lead,
     )
     replication = Replication(

@@ -11,9 +11,12 @@ from control.domain.approvals import (
     DEFAULT_REQUEST_TTL_SECONDS,
     ResumeState,
     approve,
+    check_drill_approval,
+    check_runbook_approval,
     deny,
     edit_request,
     executed,
+    open_drill_request,
     open_request,
 )
 from control.domain.holds import Hold
@@ -102,6 +105,31 @@ def test_closed_or_expired_requests_cannot_be_decided_or_edited() -> None:
     denied = deny(pending, APPROVER, revision=1, note="no", now=1.0)
     with pytest.raises(Conflict, match="denied"):
         edit_request(denied, IC, reason="again", ticket="", now=2.0)
+
+
+def test_a_drill_approval_is_for_one_text_and_never_a_re_enable() -> None:
+    automation = Principal("automation-1", Role.AUTOMATION, serial="e1")
+    asked = open_drill_request(
+        runbook="drill", sha256="ab" * 32, requester=automation, reason="q4", ticket="", now=0.0
+    )
+    assert (asked.hold_id, asked.for_drill, asked.for_runbook) == ("", True, True)
+    with pytest.raises(Conflict, match="pending"):
+        check_drill_approval(asked, runbook="drill", sha256="ab" * 32, now=1.0)
+    approved = approve(asked, APPROVER, revision=1, note="", now=1.0)
+    check_drill_approval(approved, runbook="drill", sha256="ab" * 32, now=2.0)
+    with pytest.raises(PermissionDenied, match="file changed"):
+        check_drill_approval(approved, runbook="drill", sha256="cd" * 32, now=2.0)
+    with pytest.raises(PermissionDenied, match="not a re-enable"):
+        check_runbook_approval(approved, hold_id="", now=2.0)
+    resume = approve(
+        open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0, for_runbook=True),
+        APPROVER,
+        revision=1,
+        note="",
+        now=1.0,
+    )
+    with pytest.raises(PermissionDenied, match="not a drill"):
+        check_drill_approval(resume, runbook="drill", sha256="ab" * 32, now=2.0)
 
 
 def test_join_tokens_are_checked_by_hash_expiry_and_uses() -> None:

@@ -204,7 +204,7 @@ def test_last_wave_completes_and_confirmation_waves_wait_for_a_human() -> None:
 
 
 def test_prometheus_gate_bounds_no_data_and_errors() -> None:
-    gates = Gates(prometheus=PrometheusGate("q", max_value=0.5))
+    gates = Gates(prometheus=PrometheusGate("q", source="main", max_value=0.5))
     obs = Observation(wave_online=1, wave_capturing=1)
 
     def result(reading: PrometheusReading) -> tuple[bool, str]:

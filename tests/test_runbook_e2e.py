@@ -315,11 +315,18 @@ def test_the_canary_drill_pauses_measures_and_reenables(
     assert all(row["mode"] == "ALLOWED" for row in cli.agents().values())
 
 
-def test_a_prometheus_gate_queries_a_real_prometheus(fleet: Fleet, tmp_path: Path) -> None:
+def test_a_prometheus_gate_queries_a_real_prometheus(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
     binary = shutil.which("prometheus")
     if binary is None:
         missing_tool("prometheus (Debian package prometheus) is not installed")
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(*TICK, "--prometheus", f"main={url}")
+    fleet = Fleet(server, Cli(server), simulate)
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s}\n"
@@ -338,12 +345,11 @@ def test_a_prometheus_gate_queries_a_real_prometheus(fleet: Fleet, tmp_path: Pat
         stderr=subprocess.DEVNULL,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
         query = 'sum(killswitch_agents{state="VIOLATION"})'
         wait_for(lambda: prometheus_has(url, query), 60, "Prometheus to scrape the server")
 
         def gated(name: str, bounds: dict[str, int]) -> Path:
-            gate = {"url": url, "query": query, **bounds}
+            gate = {"source": "main", "query": query, **bounds}
             waves = [{"share": "100%", "soak": "1s", "gates": {"prometheus": gate}}]
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump({"name": name, "waves": waves}))

@@ -227,15 +227,39 @@ BROKEN: list[tuple[str, str, int | None, str, str]] = [
     ),
     (
         "prometheus-without-bounds",
-        "name: x\nwaves:\n  - share: 100%\n    gates:\n      prometheus: {query: up}\n",
+        "name: x\nwaves:\n  - share: 100%\n    gates:\n      prometheus: {source: p, query: up}\n",
         5,
         "waves[0].gates.prometheus",
         "at least one of max or min",
     ),
     (
+        # The server would fetch whatever a runbook named (SSRF): sources are named only.
+        "prometheus-raw-url",
+        "name: x\nwaves:\n  - share: 100%\n    gates:\n      prometheus:\n"
+        "        {source: main, url: 'http://169.254.169.254/', query: up, max: 1}\n",
+        6,
+        "waves[0].gates.prometheus.url",
+        "unknown field 'url'",
+    ),
+    (
+        "prometheus-source-is-a-url",
+        "name: x\nwaves:\n  - share: 100%\n    gates:\n"
+        "      prometheus: {source: 'http://10.0.0.1', query: up, max: 1}\n",
+        5,
+        "waves[0].gates.prometheus.source",
+        "never a URL",
+    ),
+    (
+        "prometheus-without-source",
+        "name: x\nwaves:\n  - share: 100%\n    gates:\n      prometheus: {query: up, max: 1}\n",
+        5,
+        "waves[0].gates.prometheus.source",
+        "missing required field 'source'",
+    ),
+    (
         "prometheus-min-over-max",
-        "name: x\ndefaults:\n  gates:\n    prometheus: {query: up, min: 2, max: 1}\nwaves:\n"
-        + LAST,
+        "name: x\ndefaults:\n  gates:\n    prometheus: {source: p, query: up, min: 2, max: 1}\n"
+        "waves:\n" + LAST,
         4,
         "defaults.gates.prometheus.min",
         "min is more than max",
@@ -379,13 +403,13 @@ def test_defaults_merge_key_by_key() -> None:
     book = parse_runbook(
         "name: x\nconfirm: true\ndefaults:\n  soak: 1m\n  timeout: 5m\n  gates:\n"
         "    capturing: 90%\n    nacks: 2\n"
-        "    prometheus: {query: up, min: 1, url: 'http://prom:9090'}\n"
+        "    prometheus: {source: main, query: up, min: 1}\n"
         "waves:\n"
         "  - selector: {ring: canary}\n    confirm: false\n    gates: {nacks: 0, overdue: 3}\n"
         "  - share: 0.5\n  - share: 100\n    soak: 2m\n    gates: {capturing: 0}\n"
     )
     first, second, last = book.waves
-    prometheus = PrometheusGate("up", url="http://prom:9090", min_value=1.0)
+    prometheus = PrometheusGate("up", source="main", min_value=1.0)
     assert first.gates == Gates(0.9, max_nacks=0, max_overdue=3, prometheus=prometheus)
     assert second.gates == Gates(0.9, max_nacks=2, prometheus=prometheus)
     assert last.gates == Gates(0.0, max_nacks=2, prometheus=prometheus)

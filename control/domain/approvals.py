@@ -3,6 +3,10 @@
 Pausing is the safe direction and needs one person; resuming re-enables capture
 of keystrokes and screens, so it needs two. A request is tied to one hold and
 one revision: editing it drops every approval given so far.
+
+A drill request is the same two-person decision for starting a drill runbook (one
+that pauses its scope first) without an incident commander: automation or an SRE
+asks, an approver decides, and the approval is for that runbook's exact text.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ class ResumeRequest:
     decided_at: float | None = None
     decision_note: str = ""
     lifted_epoch: int = 0
+    # A drill request has no hold: it approves starting this runbook, this exact text.
+    drill_runbook: str = ""
+    drill_sha256: str = ""
+
+    @property
+    def for_drill(self) -> bool:
+        return bool(self.drill_sha256)
 
     def current_state(self, now: float) -> ResumeState:
         """Expiry is a function of time, so it is read here rather than stored by a timer."""
@@ -84,11 +95,6 @@ def open_request(
         raise PermissionDenied(
             f"hold {hold.id!r} is an employee opt-out: only the laptop's owner can lift it"
         )
-    ttl = expires_in or DEFAULT_REQUEST_TTL_SECONDS
-    if not 0 < ttl <= MAX_REQUEST_TTL_SECONDS:
-        raise InvalidInput(
-            f"expiry must be more than 0 and at most {MAX_REQUEST_TTL_SECONDS:.0f} seconds"
-        )
     return ResumeRequest(
         id=new_request_id(),
         hold_id=hold.id,
@@ -96,9 +102,43 @@ def open_request(
         reason=validate_reason(reason),
         ticket=validate_ticket(ticket),
         created_at=now,
-        expires_at=now + ttl,
+        expires_at=now + _ttl(expires_in),
         for_runbook=for_runbook,
     )
+
+
+def open_drill_request(
+    *,
+    runbook: str,
+    sha256: str,
+    requester: Principal,
+    reason: str,
+    ticket: str,
+    now: float,
+    expires_in: float = 0.0,
+) -> ResumeRequest:
+    """Asks to start a drill runbook; whoever asks may not decide (``_check_decider``)."""
+    return ResumeRequest(
+        id=new_request_id(),
+        hold_id="",
+        requested_by=requester.name,
+        reason=validate_reason(reason),
+        ticket=validate_ticket(ticket),
+        created_at=now,
+        expires_at=now + _ttl(expires_in),
+        for_runbook=True,
+        drill_runbook=runbook,
+        drill_sha256=sha256,
+    )
+
+
+def _ttl(expires_in: float) -> float:
+    ttl = expires_in or DEFAULT_REQUEST_TTL_SECONDS
+    if not 0 < ttl <= MAX_REQUEST_TTL_SECONDS:
+        raise InvalidInput(
+            f"expiry must be more than 0 and at most {MAX_REQUEST_TTL_SECONDS:.0f} seconds"
+        )
+    return ttl
 
 
 def _require_open(request: ResumeRequest, now: float) -> None:
@@ -176,6 +216,11 @@ def executed(request: ResumeRequest, lifted_epoch: int) -> ResumeRequest:
 
 def check_runbook_approval(request: ResumeRequest, *, hold_id: str, now: float) -> None:
     """A runbook re-enables only with an approval given *for a runbook*, on that hold."""
+    if request.for_drill:
+        raise PermissionDenied(
+            f"resume request {request.id} approves starting drill {request.drill_runbook!r},"
+            " not a re-enable"
+        )
     if not request.for_runbook:
         raise PermissionDenied(
             f"resume request {request.id} is a direct resume, not one for a runbook;"
@@ -189,4 +234,23 @@ def check_runbook_approval(request: ResumeRequest, *, hold_id: str, now: float) 
     if hold_id and request.hold_id != hold_id:
         raise Conflict(
             f"resume request {request.id} approves hold {request.hold_id}, not {hold_id}"
+        )
+
+
+def check_drill_approval(request: ResumeRequest, *, runbook: str, sha256: str, now: float) -> None:
+    """A drill starts without an incident commander only with an approval of its exact text."""
+    if not request.for_drill:
+        raise PermissionDenied(
+            f"resume request {request.id} approves a re-enable of hold {request.hold_id},"
+            " not a drill; ask with `killswitch runbook request FILE`"
+        )
+    state = request.current_state(now)
+    if state is not ResumeState.APPROVED:
+        raise Conflict(
+            f"drill request {request.id} is {state.value}; a drill needs an approved one"
+        )
+    if request.drill_sha256 != sha256:
+        raise PermissionDenied(
+            f"drill request {request.id} approves another text of {request.drill_runbook!r}"
+            f" than this {runbook!r}: the file changed since it was approved; ask again"
         )

@@ -37,10 +37,13 @@ class OnFailure(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PrometheusGate:
-    """An instant query whose value must stay within bounds (no data fails unless allowed)."""
+    """An instant query whose value must stay within bounds (no data fails unless allowed).
+
+    ``source`` names a Prometheus the server was configured with, never an address: a
+    runbook must not choose where the server sends requests."""
 
     query: str
-    url: str = ""
+    source: str
     max_value: float | None = None
     min_value: float | None = None
     allow_no_data: bool = False

@@ -74,8 +74,10 @@ POLICY: Mapping[str, Rule] = {
     _OPERATOR + "RevokeCertificates": _rule(IC, mutates=True),
     _OPERATOR + "ListCertificates": _rule(IC, SRE, mutates=False),
     # Automation runs approved runbooks and nothing else; a wave that asks for a human
-    # is confirmed by an incident commander.
+    # is confirmed by an incident commander. A drill pauses: only an incident commander
+    # starts one without an approved RequestDrill (checked by the runner).
     _RUNBOOKS + "PlanRunbook": _rule(IC, APPROVER, SRE, AUTOMATION, mutates=False),
+    _RUNBOOKS + "RequestDrill": _rule(IC, SRE, AUTOMATION, mutates=True),
     _RUNBOOKS + "StartRunbook": _rule(IC, AUTOMATION, mutates=True),
     _RUNBOOKS + "GetRunbookRun": _rule(IC, APPROVER, SRE, AUTOMATION, mutates=False),
     _RUNBOOKS + "ListRunbookRuns": _rule(IC, APPROVER, SRE, AUTOMATION, mutates=False),

@@ -199,6 +199,8 @@ def resume_request_to_pb(request: ResumeRequest, now: float) -> pb.ResumeRequest
         decided_at=timestamp(request.decided_at),
         decision_note=request.decision_note,
         lifted_epoch=request.lifted_epoch,
+        drill_runbook=request.drill_runbook,
+        drill_sha256=request.drill_sha256,
     )
 
 

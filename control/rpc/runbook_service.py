@@ -14,10 +14,10 @@ from control.domain.rollout import Run, Runbook
 from control.errors import InvalidInput
 from control.governance import Governance
 from control.rpc.authz import current_principal
-from control.rpc.convert import timestamp
+from control.rpc.convert import resume_request_to_pb, timestamp
 from control.rpc.operator_service import Context, required, translate_errors
 from control.runbook_file import parse_runbook
-from control.runbooks import Plan, RunbookRunner, next_step
+from control.runbooks import Plan, RunbookRunner, next_step, runbook_sha256
 
 SAMPLE_AGENTS = 20
 
@@ -134,6 +134,27 @@ class RunbookService(pb_grpc.RunbooksServicer):
             by=current_principal(),
         )
         return self._reply(run)
+
+    @translate_errors
+    async def RequestDrill(  # noqa: N802
+        self, request: pb.RequestDrillRequest, context: Context
+    ) -> pb.ResumeRequestResponse:
+        book, source, _ = _book_from_pb(request.runbook)
+        if book.pause is None:
+            raise InvalidInput(
+                f"runbook {book.name!r} does not pause: it re-enables, with an approved"
+                " `killswitch resume --hold H --for-runbook` request"
+            )
+        self._runner.check_sources(book)
+        drill = await self._governance.request_drill(
+            current_principal(),
+            runbook=book.name,
+            sha256=runbook_sha256(source),
+            reason=request.reason,
+            ticket=request.ticket,
+            expires_in=request.expires_in_seconds,
+        )
+        return pb.ResumeRequestResponse(request=resume_request_to_pb(drill, drill.created_at))
 
     @translate_errors
     async def GetRunbookRun(  # noqa: N802

@@ -141,6 +141,8 @@ RESUME_COLUMNS = (
     "decided_at",
     "decision_note",
     "lifted_epoch",
+    "drill_runbook",
+    "drill_sha256",
 )
 TOKEN_COLUMNS = (
     "id",

@@ -279,6 +279,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN events_accepted_after_pause INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN last_accepted_event_at REAL;
     """,
+    # ---- issue 15 (drill requests): before the claim, whose tests re-run what follows it.
+    # A drill request has no hold: it approves starting one drill runbook's exact text.
+    """
+    ALTER TABLE resume_requests ADD COLUMN drill_runbook TEXT NOT NULL DEFAULT '';
+    ALTER TABLE resume_requests ADD COLUMN drill_sha256 TEXT NOT NULL DEFAULT '';
+    """,
     # ---- issue 15: one valid certificate per agent id (control.store.enrolment).
     enrolment.CLAIM_MIGRATION,
     # ---- issue 15: a laptop's opt-out is one hold (control.domain.holds.opt_out_hold_id);

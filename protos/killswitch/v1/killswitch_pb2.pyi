@@ -1219,6 +1219,8 @@ class ResumeRequest(_message.Message):
     DECIDED_AT_FIELD_NUMBER: _builtins.int
     DECISION_NOTE_FIELD_NUMBER: _builtins.int
     LIFTED_EPOCH_FIELD_NUMBER: _builtins.int
+    DRILL_RUNBOOK_FIELD_NUMBER: _builtins.int
+    DRILL_SHA256_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     hold_id: _builtins.str
     requested_by: _builtins.str
@@ -1233,6 +1235,11 @@ class ResumeRequest(_message.Message):
     decision_note: _builtins.str
     lifted_epoch: _builtins.int
     """The epoch at which the hold was lifted (EXECUTED, not for a runbook)."""
+    drill_runbook: _builtins.str
+    """Set for a drill request (hold_id empty): the drill runbook whose start is asked
+    for, by name and by the SHA-256 of its exact text, so an approval is for that text.
+    """
+    drill_sha256: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1259,10 +1266,12 @@ class ResumeRequest(_message.Message):
         decided_at: _timestamp_pb2.Timestamp | None = ...,
         decision_note: _builtins.str = ...,
         lifted_epoch: _builtins.int = ...,
+        drill_runbook: _builtins.str = ...,
+        drill_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "created_at", b"created_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision_note", b"decision_note", "expires_at", b"expires_at", "for_runbook", b"for_runbook", "hold_id", b"hold_id", "id", b"id", "lifted_epoch", b"lifted_epoch", "reason", b"reason", "requested_by", b"requested_by", "revision", b"revision", "state", b"state", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "created_at", b"created_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision_note", b"decision_note", "drill_runbook", b"drill_runbook", "drill_sha256", b"drill_sha256", "expires_at", b"expires_at", "for_runbook", b"for_runbook", "hold_id", b"hold_id", "id", b"id", "lifted_epoch", b"lifted_epoch", "reason", b"reason", "requested_by", b"requested_by", "revision", b"revision", "state", b"state", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2612,7 +2621,9 @@ class StartRunbookRequest(_message.Message):
     RUNBOOK_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
-    """An approved `resume --for-runbook` request; not needed by a runbook that pauses first."""
+    """A re-enable: an approved `resume --for-runbook` request. A drill (a runbook that
+    pauses first): an approved RequestDrill request, unless an incident commander starts it.
+    """
     @_builtins.property
     def runbook(self) -> Global___RunbookSource: ...
     def __init__(
@@ -2901,3 +2912,33 @@ class AbortRunbookRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortRunbookRequest: _TypeAlias = AbortRunbookRequest  # noqa: Y015
+
+@_typing.final
+class RequestDrillRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNBOOK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    ticket: _builtins.str
+    expires_in_seconds: _builtins.float
+    """0: the server default (one hour)."""
+    @_builtins.property
+    def runbook(self) -> Global___RunbookSource: ...
+    def __init__(
+        self,
+        *,
+        runbook: Global___RunbookSource | None = ...,
+        reason: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+        expires_in_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["runbook", b"runbook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "reason", b"reason", "runbook", b"runbook", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestDrillRequest: _TypeAlias = RequestDrillRequest  # noqa: Y015

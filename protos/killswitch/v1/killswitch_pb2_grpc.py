@@ -1418,6 +1418,11 @@ class RunbooksStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.AbortRunbookRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
                 _registered_method=True)
+        self.RequestDrill = channel.unary_unary(
+                '/killswitch.v1.Runbooks/RequestDrill',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.RequestDrillRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.FromString,
+                _registered_method=True)
 
 
 class RunbooksServicer:
@@ -1461,6 +1466,14 @@ class RunbooksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestDrill(self, request, context):
+        """Asks to start a drill runbook (one that pauses): a different approver decides with
+        ApproveResume, and StartRunbook then takes the approved request's id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunbooksServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1493,6 +1506,11 @@ def add_RunbooksServicer_to_server(servicer, server):
                     servicer.AbortRunbook,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.AbortRunbookRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.SerializeToString,
+            ),
+            'RequestDrill': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestDrill,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.RequestDrillRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1659,6 +1677,33 @@ class Runbooks:
             '/killswitch.v1.Runbooks/AbortRunbook',
             killswitch_dot_v1_dot_killswitch__pb2.AbortRunbookRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.RunbookRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestDrill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Runbooks/RequestDrill',
+            killswitch_dot_v1_dot_killswitch__pb2.RequestDrillRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ResumeRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -461,6 +461,10 @@ class RunbooksStub:
     ListRunbookRuns: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListRunbookRunsRequest, _killswitch_pb2.ListRunbookRunsResponse]
     AdvanceRunbook: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AdvanceRunbookRequest, _killswitch_pb2.RunbookRunResponse]
     AbortRunbook: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.AbortRunbookRequest, _killswitch_pb2.RunbookRunResponse]
+    RequestDrill: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RequestDrillRequest, _killswitch_pb2.ResumeRequestResponse]
+    """Asks to start a drill runbook (one that pauses): a different approver decides with
+    ApproveResume, and StartRunbook then takes the approved request's id.
+    """
 
 @_typing.type_check_only
 class RunbooksAsyncStub(RunbooksStub):
@@ -475,6 +479,10 @@ class RunbooksAsyncStub(RunbooksStub):
     ListRunbookRuns: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListRunbookRunsRequest, _killswitch_pb2.ListRunbookRunsResponse]  # type: ignore[assignment]
     AdvanceRunbook: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AdvanceRunbookRequest, _killswitch_pb2.RunbookRunResponse]  # type: ignore[assignment]
     AbortRunbook: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.AbortRunbookRequest, _killswitch_pb2.RunbookRunResponse]  # type: ignore[assignment]
+    RequestDrill: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RequestDrillRequest, _killswitch_pb2.ResumeRequestResponse]  # type: ignore[assignment]
+    """Asks to start a drill runbook (one that pauses): a different approver decides with
+    ApproveResume, and StartRunbook then takes the approved request's id.
+    """
 
 class RunbooksServicer(metaclass=_abc_1.ABCMeta):
     """Runbook automation: gradual, gated re-enable. Starting needs an approved resume
@@ -522,5 +530,15 @@ class RunbooksServicer(metaclass=_abc_1.ABCMeta):
         request: _killswitch_pb2.AbortRunbookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_killswitch_pb2.RunbookRunResponse, _abc.Awaitable[_killswitch_pb2.RunbookRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RequestDrill(
+        self,
+        request: _killswitch_pb2.RequestDrillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.ResumeRequestResponse, _abc.Awaitable[_killswitch_pb2.ResumeRequestResponse]]:
+        """Asks to start a drill runbook (one that pauses): a different approver decides with
+        ApproveResume, and StartRunbook then takes the approved request's id.
+        """
 
 def add_RunbooksServicer_to_server(servicer: RunbooksServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
