@@ -116,7 +116,8 @@ class Http:
         """Post the confirmation form; keep the session cookie it sets."""
         reply = self.get("/login", form=form)
         if reply.status == 303:
-            self.cookie = cookie_value(reply.headers["Set-Cookie"], SESSION_COOKIE)
+            set_cookies = "\n".join(reply.headers.get_all("Set-Cookie") or [])
+            self.cookie = cookie_value(set_cookies, SESSION_COOKIE)
         return reply
 
     def login(self, cli: Cli) -> Http:
