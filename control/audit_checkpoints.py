@@ -150,7 +150,7 @@ def problem_with(entries: list[AuditEntry], path: Path, ca_pem: bytes) -> str | 
     if refused:
         return refused[0]
     if not checkpoints:
-        return f"no audit checkpoints in {path}"
+        return f"no audit checkpoints in {path} (removed, or the wrong path?)"
     problem = verify_checkpoints(entries, checkpoints)
     return None if problem is None else str(problem)
 
@@ -205,7 +205,12 @@ class CheckpointWriter:
             ) from None
         if self._to_syslog:
             syslog.openlog("killswitch", syslog.LOG_PID, syslog.LOG_AUTH)
-        await self.write()
+        try:
+            await self.write()  # a directory it cannot write stops the start, not later ticks
+        except OSError as exc:
+            raise KillswitchError(
+                f"cannot write audit checkpoints to {self.directory}: {exc.strerror}"
+            ) from None
         self._task = asyncio.create_task(self._run(), name="audit-checkpoints")
 
     async def stop(self) -> None:
