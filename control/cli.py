@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
+from control.cli_serve import add_serve_web_and_audit_options
 from control.domain import (
     ComplianceState,
     parse_label_pairs,
@@ -1010,44 +1010,6 @@ def history_retention(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
 
 
-def add_serve_web_and_audit_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument(
-        "--public-url",
-        default="",
-        metavar="URL",
-        help="the dashboard as browsers reach it, e.g. https://killswitch.example.com behind a"
-        " TLS proxy: login links use it, and https makes cookies Secure"
-        " (default: http://the --http address)",
-    )
-    serve.add_argument(
-        "--metrics-listen",
-        default="",
-        metavar="HOST:PORT",
-        help="serve /metrics here only, not on the dashboard's --http port"
-        " (default: on the --http port)",
-    )
-    serve.add_argument(
-        "--audit-checkpoints",
-        default="",
-        metavar="DIR",
-        help="where signed audit checkpoints go, outside the database"
-        " (default: DATA_DIR/audit-checkpoints; not with --insecure)",
-    )
-    serve.add_argument(
-        "--audit-checkpoint-interval",
-        type=positive_seconds,
-        default=DEFAULT_CHECKPOINT_INTERVAL,
-        metavar="SECONDS",
-        help="checkpoint the audit head this often if it moved"
-        f" (default {DEFAULT_CHECKPOINT_INTERVAL:.0f})",
-    )
-    serve.add_argument(
-        "--audit-syslog",
-        action="store_true",
-        help="also send each signed checkpoint to syslog (facility auth)",
-    )
-
-
 def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
     parser.add_argument("--wait", action="store_true", help=f"wait {until}")
     parser.add_argument(
@@ -1197,7 +1159,7 @@ def build_parser() -> argparse.ArgumentParser:
         " long after they finished; the audit log keeps everything"
         f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
     )
-    add_serve_web_and_audit_options(serve)
+    add_serve_web_and_audit_options(serve, positive_seconds)
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=cmd_serve, local=True)

@@ -66,6 +66,19 @@ def test_an_untouched_log_passes_against_the_servers_checkpoints(stopped: Server
     # The last checkpoint (written at shutdown) covers every entry.
     _, data = newest(stopped)
     assert f"head {data['seq']}:{data['hash']}" in result.stdout
+    # The same checkpoints as syslog lines gathered into one file (--audit-syslog).
+    gathered = stopped.data_dir.parent / "syslog.txt"
+    gathered.write_text(
+        "".join(
+            f"Dec  3 10:00:00 host killswitch[42]: {p.read_text().strip()}\n"
+            for p in checkpoint_files(stopped)
+        )
+        + "Dec  3 10:00:01 host sshd[7]: unrelated\n"
+    )
+    from_syslog = Cli(stopped).run(
+        "audit", "verify", "--data-dir", str(stopped.data_dir), "--checkpoints", str(gathered)
+    )
+    assert from_syslog.returncode == 0, from_syslog.stdout
 
 
 def test_a_tail_cut_with_its_head_fails_naming_the_checkpoint(stopped: ServerProcess) -> None:
