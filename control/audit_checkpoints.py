@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import syslog
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,10 +250,16 @@ class CheckpointWriter:
 
 
 def _write_durably(path: Path, text: str) -> None:
-    """Whole or not at all: written aside, synced, then renamed into place."""
-    temporary = path.with_suffix(".tmp")
-    with temporary.open("w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    """Whole or not at all: written aside (a name of its own: replicas may share the
+    directory and write the same checkpoint at once), synced, then renamed into place."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
