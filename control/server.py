@@ -192,21 +192,21 @@ async def serve(config: ServerConfig) -> None:
     metrics.watch(plane)
     servers: list[grpc.aio.Server] = []
     ready = False
+
+    def not_ready() -> str:
+        return plane.why_not_leasing() if ready else "starting or stopping"
+
     web_server = WebServer(
         http_host,
         http_port,
-        not_ready=lambda: plane.why_not_leasing() if ready else "starting or stopping",
+        not_ready=not_ready,
         routes=[*([] if metrics_address else metrics.routes()), *dashboard.routes()],
     )
     # Prometheus scrapes this; browsers and the dashboard's users need not reach it.
     metrics_server = (
         None
         if metrics_address is None
-        else WebServer(
-            *metrics_address,
-            not_ready=lambda: plane.why_not_leasing() if ready else "starting or stopping",
-            routes=metrics.routes(),
-        )
+        else WebServer(*metrics_address, not_ready=not_ready, routes=metrics.routes())
     )
     # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.
     health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
