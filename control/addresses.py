@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from urllib.parse import urlsplit
 
 from control.errors import InvalidInput, KillswitchError
 
@@ -50,3 +51,28 @@ def ensure_can_listen(host: str, port: int, *, what: str) -> None:
             raise KillswitchError(
                 f"cannot listen on {host}:{port} for {what}: {exc.strerror}"
             ) from None
+
+
+def dashboard_public_url(text: str) -> str:
+    """``serve --public-url``: the dashboard's address as browsers reach it (often a TLS
+    proxy in front of ``--http``), as ``scheme://host[:port]`` with no trailing slash.
+
+    Login links start with it, and an https one makes session cookies ``Secure``.
+    """
+    parts = urlsplit(text.strip())
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number in range)
+    except ValueError:
+        parts = parts._replace(scheme="")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise InvalidInput(
+            f"bad --public-url {text!r}: expected http(s)://HOST[:PORT], with no path"
+        )
+    return f"{parts.scheme}://{parts.netloc}"

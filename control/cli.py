@@ -25,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from control.cli_serve import add_serve_web_and_audit_options
 from control.domain import (
     ComplianceState,
     parse_label_pairs,
@@ -781,9 +782,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         entries, head = audit_from_file(Path(args.data_dir or "."), args.database)
     else:
         entries, head = audit_from_server(OperatorClient(args.server, credentials_from_args(args)))
-    problem = verify_chain(entries, head)
+    problem: object = verify_chain(entries, head)
     if problem is None and args.anchor:
         problem = verify_anchor(entries, parse_anchor(args.anchor))
+    if problem is None and args.checkpoints:
+        from control import audit_checkpoints
+
+        ca_pem = audit_checkpoints.ca_for_verify(args.data_dir, args.identity)
+        problem = audit_checkpoints.problem_with(entries, Path(args.checkpoints), ca_pem)
     if problem is not None:
         print(f"TAMPERED: {problem}")
         return EXIT_FAILED
@@ -981,6 +987,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runbook_tick=args.runbook_tick,
         database=args.database,
         history_retention=args.history_retention,
+        public_url=args.public_url,
+        metrics_address=args.metrics_listen,
+        audit_checkpoints=args.audit_checkpoints,
+        audit_checkpoint_interval=args.audit_checkpoint_interval,
+        audit_syslog=args.audit_syslog,
     )
     asyncio.run(serve(config))
     return 0
@@ -1170,6 +1181,7 @@ def build_parser() -> argparse.ArgumentParser:
         " long after they finished; the audit log keeps everything"
         f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
     )
+    add_serve_web_and_audit_options(serve, positive_seconds)
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=cmd_serve, local=True)
@@ -1271,6 +1283,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_database_option(verify, "or read this PostgreSQL database directly")
     verify.add_argument(
         "--anchor", metavar="SEQ:HASH", help="a head recorded earlier (catches a cut-off log)"
+    )
+    verify.add_argument(
+        "--checkpoints",
+        metavar="PATH",
+        help="the server's signed checkpoints (its --audit-checkpoints directory, or a file of"
+        " its syslog lines): catches a cut-off or rewritten log",
     )
     verify.set_defaults(handler=cmd_audit_verify, local=True)
 

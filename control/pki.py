@@ -48,6 +48,8 @@ MAX_NAME_LENGTH = 64
 # One entry per connected certificate: a 10,000-agent fleet stays cached.
 PRINCIPAL_CACHE_SIZE = 16_384
 SERVER_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
+# The server certificate's subject; unlike every client certificate, it has no role (OU).
+SERVER_COMMON_NAME = "killswitch server"
 
 DEFAULT_OPERATORS: tuple[tuple[str, Role], ...] = (
     ("ic-1", Role.INCIDENT_COMMANDER),
@@ -140,7 +142,7 @@ def _server_certificate(
 ) -> x509.Certificate:
     defaults = [_server_name(name) for name in SERVER_DEFAULT_NAMES]
     names = list(dict.fromkeys([*defaults, *extra_names]))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "killswitch server")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_COMMON_NAME)])
     builder = (
         _validity(x509.CertificateBuilder(), _utc(now), SERVER_DAYS)
         .subject_name(subject)

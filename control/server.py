@@ -17,10 +17,18 @@ from grpc_reflection.v1alpha import reflection
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.addresses import ensure_can_listen, require_loopback, split_host_port
+from control.addresses import (
+    dashboard_public_url,
+    ensure_can_listen,
+    require_loopback,
+    split_host_port,
+)
+from control.audit_checkpoints import DEFAULT_DIR as DEFAULT_CHECKPOINT_DIR
+from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
+from control.audit_checkpoints import CheckpointWriter
 from control.domain import CompliancePolicy
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
-from control.errors import KillswitchError
+from control.errors import InvalidInput, KillswitchError
 from control.events import Observers
 from control.freshness import DEFAULT_RESYNC_SECONDS, resync_seconds
 from control.gc_policy import freeze_before_fanout, run_gc_policy
@@ -98,6 +106,14 @@ class ServerConfig:
     runbook_tick: float = 1.0
     # Lifted holds, decided requests and ended runs older than this are archived.
     history_retention: float = DEFAULT_HISTORY_RETENTION_SECONDS
+    # The dashboard as browsers reach it (a TLS proxy); empty: http://HTTP-ADDRESS.
+    public_url: str = ""
+    # Empty: /metrics on the HTTP address. Else /metrics only here.
+    metrics_address: str = ""
+    # Signed audit checkpoints; empty: DATA/audit-checkpoints. Not with --insecure.
+    audit_checkpoints: str = ""
+    audit_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    audit_syslog: bool = False
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -110,12 +126,23 @@ async def serve(config: ServerConfig) -> None:
     if config.insecure:
         grpc_host, grpc_port = require_loopback(config.grpc_address, what="gRPC")
         http_host, http_port = require_loopback(config.http_address, what="HTTP")
+        if config.metrics_address:
+            require_loopback(config.metrics_address, what="metrics")
+        if config.audit_checkpoints or config.audit_syslog:
+            raise InvalidInput(
+                "audit checkpoints are signed with the server key, which --insecure does"
+                " not have: drop --audit-checkpoints/--audit-syslog"
+            )
         authority = None
     else:
         grpc_host, grpc_port = split_host_port(config.grpc_address, what="gRPC")
         http_host, http_port = split_host_port(config.http_address, what="HTTP")
         authority = Authority.load(config.data_dir)
     ensure_can_listen(grpc_host, grpc_port, what="gRPC")
+    metrics_address = (
+        split_host_port(config.metrics_address, what="metrics") if config.metrics_address else None
+    )
+    public_url = dashboard_public_url(config.public_url) if config.public_url else ""
     enroll_address = config.enroll_address or enroll_address_for(config.grpc_address)
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
@@ -149,21 +176,46 @@ async def serve(config: ServerConfig) -> None:
     compactor = HistoryCompactor(
         store, [governance, runner], clock=time.time, retention=config.history_retention
     )
-    dashboard = Dashboard(plane, sessions, runner)
+    dashboard = Dashboard(plane, sessions, runner, secure_cookies=public_url.startswith("https://"))
+    checkpoints = (
+        None
+        if authority is None
+        else CheckpointWriter(
+            store,
+            Path(config.audit_checkpoints or config.data_dir / DEFAULT_CHECKPOINT_DIR),
+            key_pem=authority.server_key_pem,
+            cert_pem=authority.server_cert_pem,
+            clock=time.time,
+            interval=config.audit_checkpoint_interval,
+            to_syslog=config.audit_syslog,
+        )
+    )
     plane.observer = Observers([metrics, dashboard.timeline, runner])
     metrics.watch(plane)
     servers: list[grpc.aio.Server] = []
     ready = False
+
+    def not_ready() -> str:
+        return plane.why_not_leasing() if ready else "starting or stopping"
+
     web_server = WebServer(
         http_host,
         http_port,
-        not_ready=lambda: plane.why_not_leasing() if ready else "starting or stopping",
-        routes=[*metrics.routes(), *dashboard.routes()],
+        not_ready=not_ready,
+        routes=[*([] if metrics_address else metrics.routes()), *dashboard.routes()],
+    )
+    # Prometheus scrapes this; browsers and the dashboard's users need not reach it.
+    metrics_server = (
+        None
+        if metrics_address is None
+        else WebServer(*metrics_address, not_ready=not_ready, routes=metrics.routes())
     )
     # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.
     health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
     try:
         await web_server.start()
+        if metrics_server is not None:
+            await metrics_server.start()
         interceptor = AuthorizationInterceptor(
             Authenticator(
                 insecure=authority is None,
@@ -182,7 +234,8 @@ async def serve(config: ServerConfig) -> None:
         pb_grpc.add_SelfServiceServicer_to_server(SelfService(plane, governance), server)
         pb_grpc.add_IngestServicer_to_server(IngestService(plane, governance), server)
         pb_grpc.add_DashboardServicer_to_server(
-            DashboardService(sessions, dashboard_url(http_host, web_server.port)), server
+            DashboardService(sessions, public_url or dashboard_url(http_host, web_server.port)),
+            server,
         )
         pb_grpc.add_RunbooksServicer_to_server(RunbookService(runner, governance), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -212,6 +265,8 @@ async def serve(config: ServerConfig) -> None:
         await runner.start(state.shared.runs)
         await replication.start()
         compactor.start()
+        if checkpoints is not None:
+            await checkpoints.start()
         for each in servers:
             await each.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -220,6 +275,10 @@ async def serve(config: ServerConfig) -> None:
             "server_listening",
             grpc=f"{grpc_host}:{bound}",
             http=f"{http_host}:{web_server.port}",
+            metrics=f"{http_host}:{web_server.port}"
+            if metrics_server is None
+            else f"{config.metrics_address.rpartition(':')[0]}:{metrics_server.port}",
+            audit_checkpoints=None if checkpoints is None else str(checkpoints.directory),
             enroll=None if authority is None else enroll_address,
             mtls=authority is not None,
             data_dir=str(config.data_dir),
@@ -241,9 +300,13 @@ async def serve(config: ServerConfig) -> None:
         await health.enter_graceful_shutdown()
         await dashboard.close()  # live update streams end now, not at their next tick
         await web_server.stop()
+        if metrics_server is not None:
+            await metrics_server.stop()
         for each in servers:
             await each.stop(grace=2)
         await plane.stop()
+        if checkpoints is not None:
+            await checkpoints.stop()  # the last head, signed, once nothing writes any more
         await store.close()
 
 

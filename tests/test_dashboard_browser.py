@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from control.pki import DEFAULT_OPERATORS
 from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,6 +38,20 @@ def click_until_navigated(page: Any, selector: str, url: str, attempts: int = 3)
         if not still_there:
             page.wait_for_url(url, timeout=30_000)
             return
+
+
+def sign_in(page: Any, cli: Cli, base: str) -> None:
+    """Open a login link as a person would: it asks first, and the button signs in
+    (a POST with a CSRF token); then the overview."""
+    page.goto(cli.ok("dashboard").strip())
+    assert page.text_content("#login-as") == f"Sign in as {cli.identity}, role {role_of(cli)}?"
+    # One click: the page has no script to swallow it, and a second would post a used form.
+    with page.expect_navigation(url=f"{base}/", wait_until="domcontentloaded"):
+        page.click("#login-confirm")
+
+
+def role_of(cli: Cli) -> str:
+    return dict(DEFAULT_OPERATORS)[cli.identity].value
 
 
 def collect_problems(page: Any) -> list[str]:
@@ -118,8 +133,7 @@ def test_dashboard_in_headless_chromium(
             context = browser.new_context(viewport={"width": 1440, "height": 1100})
             page = context.new_page()
             problems = collect_problems(page)
-            page.goto(cli.ok("dashboard").strip())
-            page.wait_for_url(f"{base}/")
+            sign_in(page, cli, base)
             page.wait_for_selector("#live-status.on", timeout=10_000)
             assert page.text_content("#count-OVERDUE") == str(len(overdue))
             assert page.text_content("#compliant") == "NO"
@@ -172,8 +186,7 @@ def test_dashboard_in_headless_chromium(
 
             # An employee sees their own laptop and nothing else.
             employee = browser.new_context().new_page()
-            employee.goto(cli.as_("employee-1").ok("dashboard").strip())
-            employee.wait_for_url(f"{base}/")
+            sign_in(employee, cli.as_("employee-1"), base)
             owned = set(cli.agents("--selector", "owner=employee-1"))
             assert owned == {"laptop-00000"}
             assert set(rows_shown(employee)) == owned

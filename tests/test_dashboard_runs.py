@@ -18,7 +18,13 @@ import pytest
 
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
 from tests.test_dashboard import Http, session_for
-from tests.test_dashboard_browser import ARTIFACTS, CHROMIUM, collect_problems, require_browser
+from tests.test_dashboard_browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    collect_problems,
+    require_browser,
+    sign_in,
+)
 
 AGENTS = 12
 WAVE_1 = "<i>first</i> & half"
@@ -173,8 +179,7 @@ def test_the_overview_shows_the_run_and_follows_it_live_in_chromium(drill: Drill
         try:
             page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
             problems = collect_problems(page)
-            page.goto(drill.cli.ok("dashboard").strip())
-            page.wait_for_url(f"{base}/")
+            sign_in(page, drill.cli, base)
             page.wait_for_selector("#live-status.on", timeout=10_000)
             assert page.text_content("#run-empty") == "No runbook has run yet."
             page.evaluate("window.__loadedOnce = true")

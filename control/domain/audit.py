@@ -3,7 +3,9 @@
 Each entry's hash covers its own fields and the previous entry's hash, so an
 edited, deleted or reordered entry breaks the chain from that point on. A cut
 tail leaves a valid chain, so the store also keeps the head (the newest seq and
-hash) and the server logs every entry's hash, an anchor kept off the database.
+hash), and two anchors are kept off the database: the server logs every entry's
+hash, and writes signed checkpoints (``control.audit_checkpoints``) that
+``verify_checkpoints`` holds the chain to.
 """
 
 from __future__ import annotations
@@ -123,4 +125,34 @@ def verify_anchor(entries: Iterable[AuditEntry], anchor: ChainHead) -> ChainProb
         last_seq = entry.seq
     if anchor.seq > last_seq:
         return ChainProblem(last_seq + 1, f"log truncated: the anchor says {anchor.seq} entries")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A head the server signed and wrote outside the database; ``name`` says where."""
+
+    name: str
+    seq: int
+    hash: str
+    at: float
+
+
+def verify_checkpoints(
+    entries: Iterable[AuditEntry], checkpoints: Iterable[Checkpoint]
+) -> ChainProblem | None:
+    """Hold the chain to every checkpoint, lowest seq first: an entry a checkpoint covers
+    must still exist (else the tail was cut) with the hash it had (else it was rewritten).
+    Run it on entries that passed ``verify_chain``; checkpoints whose signature checked out.
+    """
+    hashes = {entry.seq: entry.hash for entry in entries}
+    last_seq = max(hashes, default=0)
+    for checkpoint in sorted(checkpoints, key=lambda c: c.seq):
+        if checkpoint.seq > last_seq:
+            return ChainProblem(
+                last_seq + 1,
+                f"log truncated: checkpoint {checkpoint.name} says {checkpoint.seq} entries",
+            )
+        if hashes.get(checkpoint.seq) != checkpoint.hash:
+            return ChainProblem(checkpoint.seq, f"does not match checkpoint {checkpoint.name}")
     return None

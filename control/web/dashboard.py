@@ -2,9 +2,10 @@
 
 Routes (all on the server's ``--http`` address):
 
-- ``GET /login?token=T``: trades a one-time link from ``killswitch dashboard`` for a
-  session cookie (HttpOnly, SameSite=Strict), then redirects to ``/``.
-  ``GET|POST /logout`` ends the session.
+- ``GET /login?token=T``: a one-time link from ``killswitch dashboard`` shows who it
+  signs in as; its form (``POST /login``, with a CSRF token) trades the link for a
+  session cookie (HttpOnly, SameSite=Strict, Secure behind an https ``--public-url``),
+  then redirects to ``/`` (``login.py``). ``GET|POST /logout`` ends the session.
 - ``GET /``: overview (epoch, holds, agents by state, time since the pause, time to
   verified stop) and the laptop table (filter, sort, pages; works without JS).
 - ``GET /agents/{id}``: one laptop: its state, the facts behind it, violation
@@ -13,7 +14,8 @@ Routes (all on the server's ``--http`` address):
 - ``GET /api/runs`` (newest first) and ``/api/runs/{id}``: runbook runs, each as
   ``killswitch runbook status --json`` prints it; the overview shows the newest.
 - ``GET /api/events``: Server-Sent Events, one message a second: the overview and
-  which agents changed (by version), so a page re-reads only its own rows.
+  which agents changed (by version), so a page re-reads only its own rows. One
+  stream per session; slots are shared out per person (``streams.py``).
 - ``GET /export/agents.csv?...`` and ``/export/agents.json?...``: every row of the
   filtered view, streamed.
 - ``GET /static/{name}``: the page's CSS and scripts (public, no data in them).
@@ -32,7 +34,6 @@ import csv
 import io
 import json
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,14 +45,13 @@ from control.domain.identity import Principal, Role
 from control.errors import InvalidInput, StoreError
 from control.plane import AgentView, ControlPlane
 from control.web import api, pages
-from control.web.sessions import SESSION_SECONDS, DashboardSessions
+from control.web.login import SESSION_COOKIE, Login
+from control.web.sessions import DashboardSessions
+from control.web.streams import Stream, StreamSlots
 from control.web.timeline import ALL_AGENTS, Timeline
 
-SESSION_COOKIE = "killswitch_session"
-# Live views: one message a second; a capped number of streams, a few per session.
+# Live views: one message a second.
 TICK_SECONDS = 1.0
-MAX_EVENT_STREAMS = 32
-MAX_STREAMS_PER_SESSION = 4
 # More changed agents than this in one tick: "re-read your page" instead of a list.
 MAX_CHANGED_SENT = 200
 # The overview is computed at most this often per audience, however many viewers.
@@ -107,23 +107,30 @@ class Dashboard:
         plane: ControlPlane,
         sessions: DashboardSessions,
         runbooks: api.RunSource | None = None,
+        *,
+        secure_cookies: bool = False,
     ) -> None:
         self._plane = plane
         self._sessions = sessions
         self._runbooks = runbooks
         self.timeline = Timeline()
         self._static = _load_static()
-        self._streams = 0
-        self._streams_by_session: Counter[str] = Counter()
+        self._streams = StreamSlots()
+        self._login = Login(
+            sessions,
+            secure_cookies=secure_cookies,
+            may_view=self._may_view,
+            harden=harden,
+            unavailable=lambda: self._unavailable(as_json=False),
+            refusal=lambda: self._refusal(403, as_json=False),
+        )
         # audience -> (computed at, monotonic; the overview; the same as JSON)
         self._summaries: dict[str, tuple[float, dict[str, Any], str]] = {}
         self._closing = asyncio.Event()
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/login", self._login),
-            web.get("/logout", self._logout),
-            web.post("/logout", self._logout),
+            *self._login.routes(),
             web.get("/static/{name}", self._static_file),
             web.get("/", self._guard(self._home)),
             web.get("/agents/{agent_id}", self._guard(self._agent_page)),
@@ -140,6 +147,7 @@ class Dashboard:
     async def close(self) -> None:
         """End live streams now (the server is stopping) instead of at the HTTP grace period."""
         self._closing.set()
+        self._streams.stop_all()
 
     # ------------------------------------------------------------ access
 
@@ -212,52 +220,6 @@ class Dashboard:
             viewer=_viewer(principal),
         )
         return web.Response(status=status, text=page, content_type="text/html")
-
-    async def _login(self, request: web.Request) -> web.StreamResponse:
-        token = request.query.get("token", "")
-        try:
-            redeemed = await self._sessions.redeem(token) if 0 < len(token) <= 100 else None
-            if redeemed is not None and (old := request.cookies.get(SESSION_COOKIE, "")):
-                await self._sessions.end(old)  # a new login replaces this browser's session
-        except StoreError:
-            return harden(self._unavailable(as_json=False))
-        if redeemed is None:
-            page = pages.message_page(
-                "Login link not valid",
-                "<p>This login link is unknown, expired or already used.</p>" + pages.LOGIN_HELP,
-            )
-            return harden(web.Response(status=401, text=page, content_type="text/html"))
-        session_id, session = redeemed
-        if not self._may_view(session.principal):
-            with contextlib.suppress(StoreError):  # it expires by itself anyway
-                await self._sessions.end(session_id)
-            return harden(self._refusal(403, as_json=False))
-        response = web.Response(status=303, headers={"Location": "/"})
-        response.set_cookie(
-            SESSION_COOKIE,
-            session_id,
-            max_age=int(SESSION_SECONDS),
-            path="/",
-            httponly=True,
-            samesite="Strict",
-            secure=request.secure,
-        )
-        return harden(response)
-
-    async def _logout(self, request: web.Request) -> web.StreamResponse:
-        session_id = request.cookies.get(SESSION_COOKIE, "")
-        if session_id:
-            try:
-                await self._sessions.end(session_id)
-            except StoreError:
-                # The cookie stays, and so would the session: say so rather than pretend.
-                return harden(self._unavailable(as_json=False))
-        page = pages.message_page(
-            "Logged out", "<p>Your dashboard session has ended.</p>" + pages.LOGIN_HELP
-        )
-        response = web.Response(text=page, content_type="text/html")
-        response.del_cookie(SESSION_COOKIE, path="/")
-        return harden(response)
 
     async def _static_file(self, request: web.Request) -> web.StreamResponse:
         found = self._static.get(request.match_info["name"])
@@ -389,10 +351,8 @@ class Dashboard:
 
     async def _api_events(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         session_id = request.cookies.get(SESSION_COOKIE, "")
-        if (
-            self._streams >= MAX_EVENT_STREAMS
-            or self._streams_by_session[session_id] >= MAX_STREAMS_PER_SESSION
-        ):
+        stream = None if self._closing.is_set() else self._streams.take(session_id, principal)
+        if stream is None:
             response = web.json_response(
                 {"error": "too many live views open; this page will poll instead"}, status=503
             )
@@ -402,18 +362,18 @@ class Dashboard:
         text = request.headers.get("Last-Event-ID") or request.query.get("since", "")
         if text.isdigit() and len(text) < 19:
             since = min(int(text), since)
-        self._streams += 1
-        self._streams_by_session[session_id] += 1
         try:
-            return await self._stream_events(request, principal, session_id, since)
+            return await self._stream_events(request, principal, session_id, stream, since)
         finally:
-            self._streams -= 1
-            self._streams_by_session[session_id] -= 1
-            if self._streams_by_session[session_id] <= 0:
-                del self._streams_by_session[session_id]
+            self._streams.release(session_id, stream)
 
     async def _stream_events(
-        self, request: web.Request, principal: Principal, session_id: str, since: int
+        self,
+        request: web.Request,
+        principal: Principal,
+        session_id: str,
+        stream: Stream,
+        since: int,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
@@ -422,7 +382,7 @@ class Dashboard:
         await response.prepare(request)
         try:
             await response.write(b"retry: 3000\n\n")
-            while not self._closing.is_set() and not _client_gone(request):
+            while not stream.stop.is_set() and not _client_gone(request):
                 if await self._sessions.principal(session_id) is None:
                     await response.write(b"event: logout\ndata: {}\n\n")
                     break
@@ -436,7 +396,11 @@ class Dashboard:
                 await response.write(f"id: {version}\ndata: {message}\n\n".encode())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TICK_SECONDS):  # cancellable, unlike 3.11's wait_for
-                        await self._closing.wait()
+                        await stream.stop.wait()
+            if stream.replaced:
+                # The same session opened a newer stream: this page polls instead of
+                # reconnecting (which would in turn replace the newer one).
+                await response.write(b"event: replaced\ndata: {}\n\n")
         except (ConnectionResetError, ConnectionError):
             pass  # the browser went away
         return response

@@ -19,6 +19,8 @@ from control.store import DashboardSession, Store
 LOGIN_TOKEN_SECONDS = 120.0
 SESSION_SECONDS = 12 * 3600.0
 LOGIN, SESSION = "login", "session"
+# A login link shown on its confirmation page: bound to that browser and that link.
+CONFIRM = "confirm"
 
 
 def _key(secret: str) -> str:
@@ -50,6 +52,33 @@ class DashboardSessions:
         """A single-use token, short-lived because it travels in a URL."""
         token, login = await self._issue(LOGIN, principal, LOGIN_TOKEN_SECONDS)
         return token, login.expires_at
+
+    async def pending_login(self, token: str) -> DashboardSession | None:
+        """Who a login link would sign in as, without using it up (the confirmation page)."""
+        login = await self._store.dashboard_session(_key(token), LOGIN)
+        return login if login is not None and self._valid(login) else None
+
+    async def offer_confirmation(self, login: DashboardSession, browser: str, token: str) -> str:
+        """A CSRF token for the confirmation form, bound server-side to this browser's
+        pre-session (``browser``, a cookie) and to this link: a form posted from
+        another site, or with another link, names no record and is refused."""
+        csrf = secrets.token_urlsafe(24)
+        record = DashboardSession(
+            _key(f"{browser}:{csrf}:{token}"), CONFIRM, login.principal, login.expires_at
+        )
+        await self._store.save_dashboard_session(record, self._clock())
+        return csrf
+
+    async def confirm(
+        self, browser: str, csrf: str, token: str
+    ) -> tuple[str, DashboardSession] | None:
+        """The confirmation form was posted: redeem the link if this browser was shown it."""
+        offer = await self._store.delete_dashboard_session(
+            _key(f"{browser}:{csrf}:{token}"), CONFIRM
+        )
+        if offer is None or offer.expires_at <= self._clock():
+            return None
+        return await self.redeem(token)
 
     async def redeem(self, token: str) -> tuple[str, DashboardSession] | None:
         """Trade a login token for a session id (the cookie); ``None`` if unknown or stale."""

@@ -120,10 +120,18 @@
     const events = new EventSource("/api/events?since=" + encodeURIComponent(version));
     events.onmessage = (ev) => onMessage(JSON.parse(ev.data));
     events.addEventListener("logout", () => location.reload());
+    const poll = () => {
+      setLive(false, "live stream unavailable; polling every 5 s");
+      setInterval(read, 5000);
+    };
+    // A newer page of this session took the live stream: poll, don't take it back.
+    events.addEventListener("replaced", () => {
+      events.close();
+      poll();
+    });
     events.onerror = () => {
       if (events.readyState === EventSource.CLOSED) {
-        setLive(false, "live stream unavailable; polling every 5 s");
-        setInterval(read, 5000);
+        poll();
       } else {
         setLive(false, "reconnecting\u2026");
       }

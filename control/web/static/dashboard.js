@@ -396,6 +396,11 @@
     events.onopen = () => setLive(true, "live");
     events.onmessage = (ev) => onMessage(JSON.parse(ev.data));
     events.addEventListener("logout", () => location.reload());
+    // A newer page of this session took the live stream: poll, don't take it back.
+    events.addEventListener("replaced", () => {
+      events.close();
+      poll();
+    });
     events.onerror = () => {
       if (events.readyState === EventSource.CLOSED) poll();
       else setLive(false, "reconnecting\u2026");

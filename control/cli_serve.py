@@ -1,0 +1,51 @@
+"""`killswitch serve` options for what faces outside: the dashboard's public URL,
+/metrics' own address, and where signed audit checkpoints go (kept out of cli.py,
+which is big enough)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
+
+
+def add_serve_web_and_audit_options(
+    serve: argparse.ArgumentParser, seconds: Callable[[str], float]
+) -> None:
+    """``seconds``: the CLI's parser of a positive number of seconds."""
+    serve.add_argument(
+        "--public-url",
+        default="",
+        metavar="URL",
+        help="the dashboard as browsers reach it, e.g. https://killswitch.example.com behind a"
+        " TLS proxy: login links use it, and https makes cookies Secure"
+        " (default: http://the --http address)",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve /metrics here only, not on the dashboard's --http port"
+        " (default: on the --http port)",
+    )
+    serve.add_argument(
+        "--audit-checkpoints",
+        default="",
+        metavar="DIR",
+        help="where signed audit checkpoints go, outside the database"
+        " (default: DATA_DIR/audit-checkpoints; not with --insecure)",
+    )
+    serve.add_argument(
+        "--audit-checkpoint-interval",
+        type=seconds,
+        default=DEFAULT_CHECKPOINT_INTERVAL,
+        metavar="SECONDS",
+        help="checkpoint the audit head this often if it moved"
+        f" (default {DEFAULT_CHECKPOINT_INTERVAL:.0f})",
+    )
+    serve.add_argument(
+        "--audit-syslog",
+        action="store_true",
+        help="also send each signed checkpoint to syslog (facility auth)",
+    )
