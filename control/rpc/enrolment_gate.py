@@ -63,6 +63,7 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             self._in_flight += 1
             try:
+                # grpc-stubs type handlers with the synchronous context; this one is aio.
                 response = await behaviour(request, context)  # type: ignore[arg-type]
             finally:
                 self._in_flight -= 1
