@@ -35,6 +35,7 @@ from control.domain.identity import (
     issue_enroll_token,
     split_enroll_token,
 )
+from control.domain.limits import RefusalSource
 from control.errors import (
     Conflict,
     InvalidInput,
@@ -42,10 +43,12 @@ from control.errors import (
     NotFound,
     PermissionDenied,
     UnknownItem,
+    one_line,
 )
 from control.history import explain_unknown
 from control.pki import Authority
 from control.plane import ControlPlane
+from control.refusals import RefusalLog
 from control.store import LoadedState, Store
 
 log = structlog.get_logger("killswitch.governance")
@@ -69,6 +72,8 @@ class Governance:
         self._authority = authority
         self._requests: dict[str, ResumeRequest] = {}
         self._revoked: set[str] = set()
+        # Started and stopped by the server, around the ports whose refusals it counts.
+        self.refusals = RefusalLog(store.append_audit, clock)
 
     async def start(self, state: LoadedState) -> None:
         self._requests = {r.id: r for r in state.shared.resume_requests}
@@ -88,19 +93,25 @@ class Governance:
 
     # ------------------------------------------------------------ audit
 
-    async def record_denial(self, by: Principal | None, action: str, why: str) -> None:
+    async def record_denial(self, by: Principal, action: str, why: str) -> None:
         """Denied and failed calls are recorded too: probing is worth knowing about."""
-        if by is None:
-            record = AuditRecord(
-                self._clock(), "unauthenticated", "", action, result=f"denied: {why}"
-            )
-        else:
-            record = self._plane.audit_record(by, action, result=f"denied: {why}")
-        await self._plane.audit(record)
+        await self._refused(by, action, f"denied: {why}")
 
     async def record_failure(self, by: Principal, action: str, error: KillswitchError) -> None:
         verdict = "denied" if isinstance(error, PermissionDenied) else "failed"
-        await self._plane.audit(self._plane.audit_record(by, action, result=f"{verdict}: {error}"))
+        await self._refused(by, action, f"{verdict}: {error}")
+
+    async def _refused(self, by: Principal, action: str, result: str) -> None:
+        record = self._plane.audit_record(by, action, result=result)
+        await self.refusals.refused(record, identity=by.serial or f"{by.role.value}:{by.name}")
+
+    def count_unauthenticated(
+        self, by: Principal | None, source: str, action: str, why: str
+    ) -> None:
+        """A call refused before anyone was authenticated: counted, audited in aggregate."""
+        actor = "unauthenticated" if by is None else by.name
+        role = "" if by is None else by.role.value
+        self.refusals.count(RefusalSource(actor, role, source), f"{action}: {why}")
 
     async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
         if after_seq > MAX_AUDIT_SEQ:
@@ -290,16 +301,21 @@ class Governance:
         await self._store.create_enroll_token(issued.token, record)
         return issued
 
-    async def enroll(self, token: str, agent_id: str, csr_pem: str) -> tuple[bytes, bytes]:
+    async def enroll(
+        self, token: str, agent_id: str, csr_pem: str, *, source: str
+    ) -> tuple[bytes, bytes]:
         """Trade a join token and a CSR for an agent certificate signed by the CA.
 
         The certificate is signed first but leaves the server only once the store has
         taken the token's use and recorded it as the agent's one valid certificate, in
         one transaction: a second enrolment of the id, here or on another replica, is
-        refused there (``Store.enrol_agent``)."""
+        refused there (``Store.enrol_agent``). Refusals are counted per ``source`` (the
+        caller's address), not audited one by one: whoever calls this has proven nothing
+        yet (``EnrolmentGate`` has already limited how often it may try).
+        """
         authority = self._require_authority()
-        claimant = Principal(validate_agent_id(agent_id), Role.AGENT)
         try:
+            claimant = Principal(validate_agent_id(agent_id), Role.AGENT)
             token_id, secret = split_enroll_token(token)
             cert_pem, cert = authority.sign_agent_csr(csr_pem, agent_id, now=self._clock())
             record = self._plane.audit_record(
@@ -310,7 +326,7 @@ class Governance:
             )
             token_used = await self._store.enrol_agent(token_id, secret, cert, record)
         except KillswitchError as exc:
-            await self.record_failure(claimant, "Enrollment.Enroll", exc)
+            self.count_unauthenticated(None, source, "Enrollment.Enroll", one_line(exc))
             raise
         # Before the agent has its certificate: it never connects unlabelled, where its
         # own first report would be trusted.

@@ -41,6 +41,7 @@ from control.prometheus_sources import PrometheusSources
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
+from control.rpc.enrolment_gate import EnrolmentGate
 from control.rpc.operator_service import (
     DashboardService,
     EnrollmentService,
@@ -222,7 +223,7 @@ async def serve(config: ServerConfig) -> None:
                 principal_from_pem=principal_from_pem,
                 is_revoked=governance.is_revoked,
             ),
-            governance.record_denial,
+            governance,
             max_calls_per_identity=config.max_calls_per_identity,
         )
         server = grpc.aio.server(
@@ -250,7 +251,10 @@ async def serve(config: ServerConfig) -> None:
                 require_client_auth=True,
             )
             bound = _bind(lambda: server.add_secure_port(address, credentials), address)
-            enroll = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+            enroll = grpc.aio.server(
+                interceptors=[EnrolmentGate(governance, clock=time.monotonic)],
+                options=GRPC_SERVER_OPTIONS,
+            )
             servers.append(enroll)
             pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(governance), enroll)
             server_only = grpc.ssl_server_credentials(
@@ -267,6 +271,7 @@ async def serve(config: ServerConfig) -> None:
         compactor.start()
         if checkpoints is not None:
             await checkpoints.start()
+        governance.refusals.start()
         for each in servers:
             await each.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -304,6 +309,7 @@ async def serve(config: ServerConfig) -> None:
             await metrics_server.stop()
         for each in servers:
             await each.stop(grace=2)
+        await governance.refusals.stop()  # after the ports: every refusal is counted
         await plane.stop()
         if checkpoints is not None:
             await checkpoints.stop()  # the last head, signed, once nothing writes any more

@@ -40,11 +40,11 @@ def test_an_expired_agent_certificate_does_not_block_re_enrolment(tmp_path: Path
 
         _, csr = new_key_and_csr()
         first = await token()
-        await governance.enroll(first, "laptop-1", csr.decode())
+        await governance.enroll(first, "laptop-1", csr.decode(), source="10.0.0.1")
         with pytest.raises(Conflict, match="already has a valid certificate"):
-            await governance.enroll(first, "laptop-1", csr.decode())
+            await governance.enroll(first, "laptop-1", csr.decode(), source="10.0.0.1")
         now[0] += AGENT_DAYS * DAY + 1
-        await governance.enroll(await token(), "laptop-1", csr.decode())
+        await governance.enroll(await token(), "laptop-1", csr.decode(), source="10.0.0.1")
         await plane.stop()
         await store.close()
 
@@ -76,10 +76,10 @@ def test_a_certificate_whose_labels_cannot_be_pinned_is_revoked_and_blocks_nothi
         with monkeypatch.context() as patched:
             patched.setattr(plane, "expect_agents", store_down)
             with pytest.raises(StoreError, match="database is locked"):
-                await governance.enroll(issued.text, "laptop-1", csr.decode())
+                await governance.enroll(issued.text, "laptop-1", csr.decode(), source="10.0.0.1")
         (undelivered,) = await store.list_certificates()
         assert undelivered.subject == "laptop-1" and undelivered.revoked
-        await governance.enroll(issued.text, "laptop-1", csr.decode())
+        await governance.enroll(issued.text, "laptop-1", csr.decode(), source="10.0.0.1")
         view = plane.agent_view("laptop-1")
         assert view is not None and view.labels == {"org": "finance"}
         await plane.stop()

@@ -195,7 +195,7 @@ def test_a_join_tokens_labels_win_over_what_the_agent_reports(tmp_path: Path) ->
             IC, uses=1, ttl=3600, labels={"org": "finance"}
         )
         _, csr = new_key_and_csr()
-        await governance.enroll(issued.text, "laptop-1", csr.decode())
+        await governance.enroll(issued.text, "laptop-1", csr.decode(), source="10.0.0.1")
         await plane.create_hold(Scope.selector({"org": "finance"}), "leak", "", IC)
         plane.connect("laptop-1", {"org": "marketing", "owner": "employee-1"}, Session())
         view = plane.agent_view("laptop-1")

@@ -237,9 +237,17 @@ def _report_landed(control: ControlClient, batch: Batch) -> None:
     )
 
 
-async def _log_denial(principal: Principal | None, action: str, why: str) -> None:
-    who = principal.describe() if principal else "unauthenticated caller"
-    log.warning("upload_denied", caller=who, action=action, reason=why)
+class _LoggedRefusals:
+    """The gateway has no audit log: its refusals go to its own log."""
+
+    async def record_denial(self, by: Principal, action: str, why: str) -> None:
+        log.warning("upload_denied", caller=by.describe(), action=action, reason=why)
+
+    def count_unauthenticated(
+        self, by: Principal | None, source: str, action: str, why: str
+    ) -> None:
+        who = by.describe() if by else "unauthenticated caller"
+        log.warning("upload_denied", caller=who, source=source, action=action, reason=why)
 
 
 def _options() -> list[tuple[str, Any]]:
@@ -274,7 +282,7 @@ async def serve_gateway(config: GatewayConfig) -> None:
             principal_from_pem=principal_from_pem,
             is_revoked=lambda serial: False,
         ),
-        _log_denial,
+        _LoggedRefusals(),
         policy=GATEWAY_POLICY,
     )
     server = grpc.aio.server(interceptors=[interceptor], options=_options())

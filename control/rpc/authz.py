@@ -2,8 +2,11 @@
 
 The interceptor resolves the caller's ``Principal`` from its mTLS certificate
 (or, on an insecure loopback-only development server, from the metadata claim
-``x-killswitch-as: NAME:ROLE``), refuses revoked certificates, bounds the calls
-one identity may have in flight, and checks the role against ``POLICY``.
+``x-killswitch-as: NAME:ROLE``), bounds the calls one identity may have in flight,
+refuses revoked certificates, and checks the role against ``POLICY``. The cap
+comes before any refusal is recorded, so one identity's refusals never queue more
+than its cap of audit writes; refusals before authentication (no identity, a
+revoked certificate) are only counted, for an aggregated audit entry.
 A method missing from ``POLICY`` is denied to everyone: deny by default.
 Finer checks (own laptop, own agent id, not one's own request) are made by the
 plane, which sees the principal through ``current_principal()``.
@@ -15,7 +18,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 import structlog
@@ -147,22 +150,37 @@ class Authenticator:
     ) -> None:
         self._insecure = insecure
         self._from_pem = principal_from_pem
-        self._is_revoked = is_revoked
+        self.is_revoked = is_revoked
 
     def principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """Who the caller's certificate (or claim) names; revocation is checked apart."""
         if self._insecure:
             metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
             return principal_from_metadata(metadata)
         certs = list(context.auth_context().get("x509_pem_cert") or [])
         if not certs:  # TLS already demanded one; this is defence in depth
             raise PermissionDenied("no client certificate")
-        principal = self._from_pem(certs[0])
-        if self._is_revoked(principal.serial):
-            raise PermissionDenied(f"certificate {principal.serial} has been revoked")
-        return principal
+        return self._from_pem(certs[0])
 
 
-DenialRecorder = Callable[[Principal | None, str, str], Awaitable[None]]
+class RefusalRecorder(Protocol):
+    async def record_denial(self, by: Principal, action: str, why: str) -> None:
+        """An authenticated caller refused: audited (within its refusal budget)."""
+
+    def count_unauthenticated(
+        self, by: Principal | None, source: str, action: str, why: str
+    ) -> None:
+        """A caller refused before authentication: counted, never awaited."""
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.7:51234`` -> ``10.0.0.7``: the source address, without its port."""
+    kind, _, address = peer.partition(":")
+    if kind == "ipv6":
+        return address.rpartition("]")[0].removeprefix("[") or address
+    if kind == "ipv4":
+        return address.rpartition(":")[0] or address
+    return peer  # unix sockets and the like: the whole name is the source
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -172,14 +190,14 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
     def __init__(
         self,
         authenticator: Authenticator,
-        record_denial: DenialRecorder,
+        refusals: RefusalRecorder,
         *,
         policy: Mapping[str, Rule] = POLICY,
         max_calls_per_identity: int = DEFAULT_MAX_CALLS_PER_IDENTITY,
         unchecked: frozenset[str] = frozenset(),
     ) -> None:
         self._authenticator = authenticator
-        self._record_denial = record_denial
+        self._refusals = refusals
         self._policy = policy
         self._max_calls = max_calls_per_identity
         self._unchecked = unchecked
@@ -200,8 +218,9 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         if inspect.isasyncgenfunction(behaviour):
 
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-                key = await self._admit(method, context)
+                principal, key = await self._enter(method, context)
                 try:
+                    await self._authorise(method, principal, context)
                     await self._refuse_if_undecodable(method, request, context)
                     async for response in behaviour(request, context):
                         yield response
@@ -211,8 +230,9 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             return streaming
 
         async def unary(request: Any, context: Any) -> Any:
-            key = await self._admit(method, context)
+            principal, key = await self._enter(method, context)
             try:
+                await self._authorise(method, principal, context)
                 await self._refuse_if_undecodable(method, request, context)
                 return await behaviour(request, context)
             finally:
@@ -224,23 +244,22 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         if isinstance(request, Undecodable):
-            await self._record_denial(current_principal(), action_name(method), request.error)
+            await self._refusals.record_denial(
+                current_principal(), action_name(method), request.error
+            )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        """Authenticate, authorise and count the call, or abort it."""
+    async def _enter(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Principal, str]:
+        """Identify the caller and count the call against its cap, or abort it."""
         try:
             principal = self._authenticator.principal(context)
         except KillswitchError as exc:
-            await self._record_denial(None, action_name(method), one_line(exc))
+            source = peer_host(context.peer())
+            self._refusals.count_unauthenticated(None, source, action_name(method), one_line(exc))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, one_line(exc))
             raise AssertionError("unreachable: abort raises") from exc
-        rule = self._policy.get(method)
-        if rule is None or principal.role not in rule.roles:
-            why = f"role {principal.role.value} may not call {action_name(method)}"
-            log.warning("rpc_denied", method=method, principal=principal.describe())
-            await self._record_denial(principal, action_name(method), why)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         key = principal.serial or f"{principal.role.value}:{principal.name}"
         if self._in_flight.get(key, 0) >= self._max_calls:
             await context.abort(
@@ -248,9 +267,25 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 f"{principal.describe()} already has {self._max_calls} calls in flight",
             )
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return principal, key
+
+    async def _authorise(
+        self, method: str, principal: Principal, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Refuse a revoked certificate or a role the policy does not name, else admit."""
+        if principal.serial and self._authenticator.is_revoked(principal.serial):
+            why = f"certificate {principal.serial} has been revoked"
+            source = f"certificate {principal.serial}"
+            self._refusals.count_unauthenticated(principal, source, action_name(method), why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        rule = self._policy.get(method)
+        if rule is None or principal.role not in rule.roles:
+            why = f"role {principal.role.value} may not call {action_name(method)}"
+            log.warning("rpc_denied", method=method, principal=principal.describe())
+            await self._refusals.record_denial(principal, action_name(method), why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         _current_principal.set(principal)
         _current_method.set(method)
-        return key
 
     def _release(self, key: str) -> None:
         left = self._in_flight[key] - 1

@@ -36,7 +36,12 @@ from control.ingest_checks import (
     record_accepted,
 )
 from control.plane import ControlPlane
-from control.rpc.authz import current_action, current_call_mutates, current_principal
+from control.rpc.authz import (
+    current_action,
+    current_call_mutates,
+    current_principal,
+    peer_host,
+)
 from control.rpc.convert import (
     agent_to_pb,
     audit_entry_to_pb,
@@ -469,7 +474,7 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
     ) -> pb.EnrollResponse:
         try:
             cert_pem, ca_pem = await self._governance.enroll(
-                request.token, request.agent_id, request.csr_pem
+                request.token, request.agent_id, request.csr_pem, source=peer_host(context.peer())
             )
         except KillswitchError as exc:
             await abort_for(context, exc)

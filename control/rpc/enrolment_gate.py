@@ -1,0 +1,84 @@
+"""The door of the enrolment port, which anyone who reaches it may knock on.
+
+No certificate is needed there (the join token is the credential), so its limits
+are the only thing between a flood and the store: each source address has a
+token bucket of enrolment calls, and only so many enrolments run at once. A call
+over either limit is refused with RESOURCE_EXHAUSTED before its CSR is parsed or
+the store is asked about its token, and counted for the aggregated audit entry.
+
+A call that enrols gives its token back: a legitimate fleet enrolling thousands of
+agents from one address (a NAT, the simulator) is bounded only by the concurrency
+cap, while a caller whose calls fail runs out of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from control.domain.limits import TokenBuckets
+from control.rpc.authz import Handler, RefusalRecorder, action_name, peer_host
+
+# Per source: a burst of 64 enrolment calls (twice what one simulator runs at once),
+# refilled at one a second; calls that enrol give theirs back.
+ENROL_BURST = 64
+ENROL_PER_SECOND = 1.0
+# Enrolments running at once, from everyone: each costs a store write and a signature.
+MAX_ENROLMENTS_IN_FLIGHT = 64
+
+
+class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(
+        self,
+        refusals: RefusalRecorder,
+        *,
+        clock: Callable[[], float],
+        burst: int = ENROL_BURST,
+        per_second: float = ENROL_PER_SECOND,
+        max_in_flight: int = MAX_ENROLMENTS_IN_FLIGHT,
+    ) -> None:
+        self._refusals = refusals
+        self._buckets = TokenBuckets(rate=per_second, burst=burst, clock=clock)
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # the port serves one unary method; anything else is unimplemented
+        action = action_name(handler_call_details.method)
+        behaviour = handler.unary_unary
+
+        async def gated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            source = peer_host(context.peer())
+            why = self._over_limit(source)
+            if why:
+                self._refusals.count_unauthenticated(None, source, action, why)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            self._in_flight += 1
+            try:
+                # grpc-stubs type handlers with the synchronous context; this one is aio.
+                response = await behaviour(request, context)  # type: ignore[arg-type]
+            finally:
+                self._in_flight -= 1
+            self._buckets.give_back(source)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            gated,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _over_limit(self, source: str) -> str:
+        if self._in_flight >= self._max_in_flight:
+            return f"too many enrolments in progress ({self._max_in_flight}), retry shortly"
+        if not self._buckets.take(source):
+            return f"too many enrolment calls from {source}, retry shortly"
+        return ""
