@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +31,14 @@ CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "key.pem", "ca.pem"
 IDENTITY_HEADER = "x-killswitch-as"
 AGENT_ROLE = "agent"
 ENROL_TIMEOUT_SECONDS = 30.0
-ENROL_CONCURRENCY = 32
+# Enrolments at once over the simulator's one connection: the enrolment port's HTTP/2
+# stream limit (control.rpc.enrolment_gate.MAX_STREAMS_PER_CONNECTION).
+ENROL_CONCURRENCY = 16
+# A busy or flooded enrolment port answers RESOURCE_EXHAUSTED or UNAVAILABLE: tried this
+# many times, waiting 0.5, 1, 2... s (with jitter) in between.
+ENROL_ATTEMPTS = 6
+ENROL_FIRST_BACKOFF_SECONDS = 0.5
+BUSY = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 1, 2, 4
 REFUSALS = frozenset(
     {
@@ -215,12 +223,7 @@ async def request_certificate(
     """Enrol ``agent_id`` over ``channel`` (to ``target``) and store the new identity."""
     key, csr_pem = new_key_and_csr()
     request = pb.EnrollRequest(token=token, agent_id=agent_id, csr_pem=csr_pem.decode())
-    try:
-        response = await pb_grpc.EnrollmentStub(channel).Enroll(
-            request, timeout=ENROL_TIMEOUT_SECONDS
-        )
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_failure(exc, target) from None
+    response = await _enroll_call(channel, target, request)
     try:
         cert = x509.load_pem_x509_certificate(response.certificate_pem.encode())
     except ValueError:
@@ -239,6 +242,24 @@ async def request_certificate(
     )
     _store(state_dir, identity)
     return identity
+
+
+async def _enroll_call(
+    channel: grpc.aio.Channel, target: str, request: pb.EnrollRequest
+) -> pb.EnrollResponse:
+    """The call, tried again with backoff while the port is busy (its limits, a flood)."""
+    backoff = ENROL_FIRST_BACKOFF_SECONDS
+    for attempt in range(1, ENROL_ATTEMPTS + 1):
+        try:
+            return await pb_grpc.EnrollmentStub(channel).Enroll(
+                request, timeout=ENROL_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in BUSY or attempt == ENROL_ATTEMPTS:
+                raise _rpc_failure(exc, target) from None
+        await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+        backoff *= 2
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _rpc_failure(exc: grpc.aio.AioRpcError, target: str) -> EnrolmentError:

@@ -41,7 +41,7 @@ from control.prometheus_sources import PrometheusSources
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
-from control.rpc.enrolment_gate import EnrolmentGate
+from control.rpc.enrolment_gate import MAX_STREAMS_PER_CONNECTION, EnrolmentGate
 from control.rpc.operator_service import (
     DashboardService,
     EnrollmentService,
@@ -253,7 +253,10 @@ async def serve(config: ServerConfig) -> None:
             bound = _bind(lambda: server.add_secure_port(address, credentials), address)
             enroll = grpc.aio.server(
                 interceptors=[EnrolmentGate(governance, clock=time.monotonic)],
-                options=GRPC_SERVER_OPTIONS,
+                options=[
+                    *GRPC_SERVER_OPTIONS,
+                    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                ],
             )
             servers.append(enroll)
             pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(governance), enroll)

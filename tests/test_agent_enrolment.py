@@ -67,6 +67,7 @@ class FakeEnrollment(pb_grpc.EnrollmentServicer):
         self.authority = authority
         self.now = now
         self.calls = 0
+        self.busy_for = 0  # the first calls answered as a flooded port answers
 
     async def Enroll(  # noqa: N802 - gRPC method name
         self,
@@ -74,6 +75,8 @@ class FakeEnrollment(pb_grpc.EnrollmentServicer):
         context: grpc.aio.ServicerContext[pb.EnrollRequest, pb.EnrollResponse],
     ) -> pb.EnrollResponse:
         self.calls += 1
+        if self.calls <= self.busy_for:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many enrolment calls")
         if request.token != TOKEN:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown enrolment token")
         now = time.time() if self.now is None else self.now
@@ -250,6 +253,20 @@ def test_a_refused_token_is_one_clear_error_and_stores_nothing(
 
     with_servers(authority, scenario)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_busy_enrolment_port_is_tried_again_with_backoff(
+    authority: Authority, tmp_path: Path
+) -> None:
+    async def scenario(running: Servers) -> None:
+        running.enrollment.busy_for = 2
+        identity = await enrol(
+            running.enroll_address, TOKEN, "laptop-1", tmp_path, authority.ca_pem
+        )
+        assert identity.cert_pem
+        assert running.enrollment.calls == 3
+
+    with_servers(authority, scenario)
 
 
 def test_a_state_dir_holding_another_agent_is_not_reused(

@@ -95,10 +95,13 @@ def test_an_enrolment_flood_is_refused_early_and_audited_in_aggregate(
         cli.pause("--agent", "laptop-under-flood", "--reason", "enrolment flood")
         codes = codes_of(calls)
     assert sum(codes.values()) == flood and grpc.StatusCode.OK not in codes, codes
-    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > flood // 2, codes
+    # UNAVAILABLE: streams past the port's HTTP/2 limit, refused by the transport before
+    # any of the server's code ran (nothing to count); RESOURCE_EXHAUSTED: the limits.
+    refused_early = codes[grpc.StatusCode.RESOURCE_EXHAUSTED] + codes[grpc.StatusCode.UNAVAILABLE]
+    assert refused_early > flood // 2, codes
     restarted(server)
     new = audit(cli)[before:]
-    assert aggregated_calls(new, "127.0.0.1") == flood
+    assert aggregated_calls(new, "127.0.0.1") == flood - codes[grpc.StatusCode.UNAVAILABLE]
     assert [e["action"] for e in new if e["action"] != AGGREGATED_ACTION] == ["hold.create"]
     assert len(new) <= 4, "a handful of aggregated entries, not one per refused call"
 
