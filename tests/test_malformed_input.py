@@ -39,11 +39,10 @@ from hypothesis import strategies as st
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.domain.identity import Role
-from control.pki import Authority, load_identity, write_identity
+from control.pki import load_identity
 from control.rpc.authz import DEFAULT_MAX_CALLS_PER_IDENTITY
 from control.server import GRPC_SERVER_OPTIONS, MAX_MESSAGE_BYTES, MAX_METADATA_BYTES
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import ServerProcess, agent_identity, wait_for
 
 OPERATOR = "/killswitch.v1.Operator/"
 SELF_SERVICE = "/killswitch.v1.SelfService/"
@@ -195,14 +194,6 @@ def secure_channel(
         grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem),
         options=[*CLIENT_OPTIONS, *options],
     )
-
-
-def agent_identity(server: ServerProcess, agent_id: str, where: Path) -> Path:
-    """An agent certificate straight from the CA, as enrolment would give it."""
-    authority = Authority.load(server.data_dir)
-    cert, key, _ = authority.issue_identity(agent_id, Role.AGENT, now=time.time())
-    write_identity(where / agent_id, cert, key, authority.ca_pem)
-    return where / agent_id
 
 
 def readyz(server: ServerProcess) -> int:
