@@ -43,6 +43,11 @@ def missing_tool(why: str) -> NoReturn:
     pytest.skip(why)
 
 
+def person_role(name: str) -> str:
+    """The role the fixtures' person ``name`` has: ``ic-1`` is an incident commander."""
+    return PEOPLE_ROLES[name.rsplit("-", 1)[0]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,7 +121,7 @@ class ServerProcess:
             return self.root_dir / "identities" / "admin"
         directory = self.people / name
         if not (directory / "cert.pem").exists():
-            self.issue(name, PEOPLE_ROLES[name.rsplit("-", 1)[0]], directory)
+            self.issue(name, person_role(name), directory)
         return directory
 
     def issue(self, name: str, role: str, directory: Path) -> Path:
