@@ -171,3 +171,16 @@ def test_a_replica_without_the_root_key_serves_and_enrols_agents(
         assert code == 1 and "no root CA key" in err
     finally:
         replica.stop()
+
+
+def test_serve_refuses_a_data_dir_from_the_old_init_in_one_line(tmp_path: Path) -> None:
+    """An old data dir has one CA whose key signed everything, and no agent CA."""
+    data = tmp_path / "old"
+    code, _, err = killswitch("init", "--data-dir", str(data))
+    assert code == 0, err
+    for name in ("agent-ca.pem", "agent-ca-key.pem"):
+        (data / "pki" / name).unlink()
+    code, _, err = killswitch("serve", "--data-dir", str(data), "--grpc", "127.0.0.1:0")
+    assert code == 1
+    assert err.startswith("killswitch: error: no agent CA (agent-ca.pem) in ")
+    assert "older `killswitch init`" in err and err.count("\n") == 1
