@@ -36,4 +36,4 @@ protos: $(VENV)/.installed-dev
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) demo-data
+	rm -rf $(VENV) demo-data demo-people

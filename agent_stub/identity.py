@@ -9,6 +9,7 @@ expires. This module ships with the agent, so it does not import ``control``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import time
@@ -146,13 +147,27 @@ def load_enrolled(state_dir: Path, agent_id: str, ca_pem: bytes) -> AgentIdentit
         raise EnrolmentError(
             f"{state_dir} holds the identity of {cert.subject.rfc4514_string()}, not {agent_id}"
         )
-    if cert.not_valid_after_utc.timestamp() <= time.time() or not _issued_by(cert, ca_pem):
+    if cert.not_valid_after_utc.timestamp() <= time.time() or not _chains_to(cert_pem, ca_pem):
         return None
     return AgentIdentity(cert_pem, key_pem, ca_pem)
 
 
-def _issued_by(cert: x509.Certificate, ca_pem: bytes) -> bool:
-    for ca in x509.load_pem_x509_certificates(ca_pem):
+def _chains_to(chain_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether the stored chain (leaf, then the agent CA that signed it) leads to a CA
+    in ``ca_pem``: each certificate signed by the next, the last by that CA."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        return False
+    anchors = x509.load_pem_x509_certificates(ca_pem)
+    for cert, issuer in itertools.pairwise(chain):
+        if not _issued_by(cert, [issuer]):
+            return False
+    return _issued_by(chain[-1], anchors)
+
+
+def _issued_by(cert: x509.Certificate, issuers: list[x509.Certificate]) -> bool:
+    for ca in issuers:
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature):

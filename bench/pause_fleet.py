@@ -62,6 +62,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from bench.procs import Child, free_port, install_cleanup, stop_all
+from control.pki import REPLICA_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -540,8 +541,8 @@ class Site:
 
     @property
     def identities(self) -> Path | None:
-        """Where `killswitch init` put the operators' certificates (mTLS only)."""
-        return self.data_dir() / "identities" if self.system.mtls else None
+        """Where the harness's people keep their own keys and certificates (mTLS only)."""
+        return self.workdir / f"{self.slug}-people" if self.system.mtls else None
 
     def start_server(self, paused_epoch: int | None, replica: int = 0) -> Child:
         argv = self.system.server_argv(self.ports[replica], self.data_dir(replica), paused_epoch)
@@ -558,6 +559,21 @@ class Site:
             if line.startswith("killswitch_connected_streams "):
                 return int(float(line.split()[1]))
         raise RuntimeError(f"no killswitch_connected_streams in {url}")
+
+
+def issue_identity(site: Site, name: str, role: str, database: str) -> list[str]:
+    """A person's own key and request, signed by the administrator: the commands run."""
+    assert site.identities is not None
+    folder = site.identities / name
+    request = [str(BIN / "killswitch"), "identity", "request", "--name", name, "--role", role]
+    request += ["--out", str(folder)]
+    issue = [str(BIN / "killswitch"), "certs", "issue", str(folder / "request.csr")]
+    issue += ["--role", role, "--data-dir", str(site.data_dir()), "--out", str(folder / "cert.pem")]
+    issue += ["--database", database] if database else []
+    run_cli(request)
+    run_cli(issue)
+    shutil.copy(site.data_dir() / "pki" / "ca.pem", folder / "ca.pem")
+    return [shlex.join(request), shlex.join(issue), f"cp {site.data_dir()}/pki/ca.pem {folder}/"]
 
 
 def run_cli(argv: list[str]) -> str:
@@ -675,11 +691,15 @@ class Bench:
             init += ["--database", database] if database else []
             run_cli(init)
             commands.append(shlex.join(init))
-            for replica in range(1, replicas):  # the replicas share the CA, as deployed
-                for part in ("pki", "identities"):
-                    shutil.copytree(site.data_dir() / part, site.data_dir(replica) / part)
+            for name, role in (INCIDENT_COMMANDER, APPROVER):
+                commands += issue_identity(site, name, role, database)
+            for replica in range(1, replicas):  # as deployed: the replica files, no root key
+                replica_pki = site.data_dir(replica) / "pki"
+                replica_pki.mkdir(parents=True, mode=0o700)
+                for file in REPLICA_FILES:
+                    shutil.copy(site.data_dir() / "pki" / file, replica_pki / file)
                 commands.append(
-                    f"cp -r {site.data_dir()}/{{pki,identities}} {site.data_dir(replica)}/"
+                    f"cp {site.data_dir()}/pki/{{{','.join(REPLICA_FILES)}}} {replica_pki}/"
                 )
         servers: list[Child] = []
         fleet: Child | None = None

@@ -231,7 +231,7 @@ def credentials_from_args(args: argparse.Namespace) -> Credentials:
     if not args.identity:
         raise CliError(
             "no identity: pass --identity DIR or set KILLSWITCH_IDENTITY"
-            " (`killswitch init` creates them under DATA_DIR/identities/)",
+            " (`killswitch identity request`, then an administrator's `certs issue`)",
             EXIT_BAD_INPUT,
         )
     return Credentials(identity_dir=Path(args.identity))
@@ -932,41 +932,6 @@ def cmd_dashboard(args: argparse.Namespace, client: OperatorClient) -> int:
     return 0
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    """Create the CA, the server certificate and one identity per role."""
-    from control.pki import initialise
-    from control.store import open_store
-
-    os.umask(0o077)
-    data_dir = Path(args.data_dir)
-    records = initialise(data_dir, server_names=args.san or (), now=time.time())
-
-    async def record_all() -> None:
-        store = await open_store(data_dir, args.database)
-        try:
-            for cert in records:
-                await store.record_certificate(
-                    cert,
-                    AuditRecord(
-                        time.time(),
-                        "killswitch init",
-                        "system",
-                        "certs.issue",
-                        target=cert.subject,
-                        detail=f"{cert.role.value}, serial {cert.serial}",
-                    ),
-                )
-        finally:
-            await store.close()
-
-    asyncio.run(record_all())
-    print(f"created a CA and server certificate in {data_dir / 'pki'}")
-    for cert in records:
-        print(f"  identity {data_dir / 'identities' / cert.subject}  ({cert.role.value})")
-    print(f"next: killswitch serve --data-dir {data_dir}")
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from control.logs import configure_logging
     from control.server import ServerConfig, serve
@@ -1116,17 +1081,6 @@ def build_parser() -> argparse.ArgumentParser:
         return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
     add_ingest_parser(sub)
-    init = sub.add_parser("init", help="create the CA, server certificate and identities")
-    init.add_argument("--data-dir", required=True, help="the server's data directory")
-    add_database_option(init, "where the issued certificates are recorded")
-    init.add_argument(
-        "--san",
-        action="append",
-        metavar="NAME",
-        help="another DNS name or IP the server is reached at (repeatable)",
-    )
-    init.set_defaults(handler=cmd_init, local=True)
-
     serve = sub.add_parser("serve", help="run the control server")
     serve.add_argument("--data-dir", required=True, help="directory for the SQLite state and CA")
     add_database_option(serve, "the state; every replica of one fleet names the same one")
@@ -1314,6 +1268,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("id", metavar="ID")
     revoke.add_argument("--reason")
+    from control import cli_identity
+
+    cli_identity.add_commands(sub, certs)
 
     me = command(sub, "me", "your own laptops: is capture off?", cmd_me)
     me.add_argument("--json", action="store_true")

@@ -1,9 +1,18 @@
-"""The control plane's own certificate authority, and who a client certificate names.
+"""The control plane's certificate authorities, and who a client certificate names.
 
-Every caller of the main gRPC port presents a certificate this CA issued: its
-subject CN is the principal's name and its OU the role. The CA key never leaves
-``DATA/pki``; agents get certificates by sending a CSR to the enrolment port, and
-the server decides everything in them except the public key.
+Two CAs, so that no server holds the power to mint people:
+
+- the **root** (``ca.pem``/``ca-key.pem``) signs the server certificate, the agent CA and
+  every operator identity. Its key is used offline, where an administrator keeps it
+  (``killswitch init`` and ``killswitch certs issue``); replicas never read it.
+- the **agent CA** (``agent-ca.pem``/``agent-ca-key.pem``), an intermediate the root
+  signed with path length 0, is the only key a replica holds: it signs the agent
+  certificates the enrolment port hands out. The server refuses any other role it
+  signed, so a stolen replica can mint laptops, never incident commanders.
+
+Every caller of the main gRPC port presents a certificate from this hierarchy: its
+subject CN is the principal's name and its OU the role. People make their own keys
+(``killswitch identity request``); only their CSRs travel.
 """
 
 from __future__ import annotations
@@ -11,8 +20,6 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
-import itertools
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +27,7 @@ from pathlib import Path
 from typing import TypeGuard
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -28,12 +35,30 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from control.domain import validate_agent_id
 from control.domain.identity import CertificateRecord, Principal, Role
 from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied
+from control.pki_files import (
+    load_certificate,
+    load_key,
+    make_private_dir,
+    read_file,
+    write_private,
+)
 
 PKI_DIR = "pki"
 IDENTITIES_DIR = "identities"
 CA_CERT_FILE, CA_KEY_FILE = "ca.pem", "ca-key.pem"
+AGENT_CA_CERT_FILE, AGENT_CA_KEY_FILE = "agent-ca.pem", "agent-ca-key.pem"
 SERVER_CERT_FILE, SERVER_KEY_FILE = "server.pem", "server-key.pem"
-CERT_FILE, KEY_FILE = "cert.pem", "key.pem"
+CERT_FILE, KEY_FILE, CSR_FILE = "cert.pem", "key.pem", "request.csr"
+# What a replica needs from DATA/pki: everything but the root key.
+REPLICA_FILES = (
+    CA_CERT_FILE,
+    AGENT_CA_CERT_FILE,
+    AGENT_CA_KEY_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+)
+# The one identity `init` makes: the administrator who issues everyone else's.
+BOOTSTRAP_ADMIN = "admin"
 
 CA_DAYS = 3650
 SERVER_DAYS = 365
@@ -50,20 +75,11 @@ PRINCIPAL_CACHE_SIZE = 16_384
 SERVER_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 # The server certificate's subject; unlike every client certificate, it has no role (OU).
 SERVER_COMMON_NAME = "killswitch server"
-
-DEFAULT_OPERATORS: tuple[tuple[str, Role], ...] = (
-    ("ic-1", Role.INCIDENT_COMMANDER),
-    ("approver-1", Role.APPROVER),
-    ("approver-2", Role.APPROVER),
-    ("sre-1", Role.SRE),
-    ("automation-1", Role.AUTOMATION),
-    ("employee-1", Role.EMPLOYEE),
-    ("ingest-1", Role.INGEST),
-)
+ROOT_CA_NAME, AGENT_CA_NAME = "killswitch CA", "killswitch agent CA"
 
 LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
-# Operator names double as directory names under DATA/identities: no separators, no dots first.
+# Operator names double as directory names: no separators, no dots first.
 _IDENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _DNS_NAME = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
@@ -77,67 +93,93 @@ class Identity:
     ca_pem: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    """A CA certificate and its key: what signs a leaf."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
 # ------------------------------------------------------------------ set-up
 
 
 def initialise(
     data_dir: Path, *, server_names: Sequence[str] = (), now: float
-) -> list[CertificateRecord]:
-    """Create the CA, the server certificate and the ``DEFAULT_OPERATORS`` identities.
+) -> CertificateRecord:
+    """Create the root CA, the agent CA, the server certificate and the bootstrap admin.
 
-    Returns a record for each client certificate (the six operators) so the
-    caller can register them; the server certificate has no role and no record.
-    ``ca.pem`` is written last, so an interrupted run can simply be repeated.
+    Returns the admin's certificate record so the caller can register it. No other
+    person's key is made here: each makes their own (``request_identity``) and the
+    admin signs it (``RootAuthority.issue``). ``ca.pem`` is written last, so an
+    interrupted run can simply be repeated.
     """
     pki = data_dir / PKI_DIR
     ca_path = pki / CA_CERT_FILE
     if ca_path.exists():
         raise Conflict(f"already initialised: {ca_path} exists")
     extra_names = [_server_name(name) for name in server_names]
-    ca_key = _new_key()
-    ca_cert = _ca_certificate(ca_key, _utc(now))
+    root = _Signer(*_self_signed_root(now))
+    agent_ca_key = _new_key()
+    agent_ca = _agent_ca_certificate(agent_ca_key, root, now)
     server_key = _new_key()
-    server_cert = _server_certificate(server_key, extra_names, ca_cert, ca_key, now)
-    authority = Authority(ca_cert, ca_key, _cert_pem(server_cert), _private_pem(server_key))
+    server_cert = _server_certificate(server_key, extra_names, root, now)
 
-    _make_private_dir(pki)
-    _write_private(pki / CA_KEY_FILE, _private_pem(ca_key))
-    _write_private(pki / SERVER_KEY_FILE, authority.server_key_pem)
-    _write_private(pki / SERVER_CERT_FILE, authority.server_cert_pem)
-    records = []
-    for name, role in DEFAULT_OPERATORS:
-        # The ingest gateway also serves agents with its certificate, under the server's names.
-        names = [*SERVER_DEFAULT_NAMES, *server_names] if role is Role.INGEST else []
-        cert_pem, key_pem, record = authority.issue_identity(
-            name, role, now=now, server_names=names
-        )
-        write_identity(data_dir / IDENTITIES_DIR / name, cert_pem, key_pem, authority.ca_pem)
-        records.append(record)
-    _write_private(ca_path, authority.ca_pem)
-    return records
+    make_private_dir(pki)
+    write_private(pki / CA_KEY_FILE, _private_pem(root.key))
+    write_private(pki / AGENT_CA_KEY_FILE, _private_pem(agent_ca_key))
+    write_private(pki / AGENT_CA_CERT_FILE, _cert_pem(agent_ca))
+    write_private(pki / SERVER_KEY_FILE, _private_pem(server_key))
+    write_private(pki / SERVER_CERT_FILE, _cert_pem(server_cert))
+    admin_dir = data_dir / IDENTITIES_DIR / BOOTSTRAP_ADMIN
+    csr_pem = request_identity(admin_dir, BOOTSTRAP_ADMIN, Role.ADMIN)
+    cert_pem, record = RootAuthority(root.cert, root.key).issue(csr_pem, Role.ADMIN, now=now)
+    root_pem = _cert_pem(root.cert)
+    write_private(admin_dir / CA_CERT_FILE, root_pem)
+    write_private(admin_dir / CERT_FILE, cert_pem)
+    write_private(ca_path, root_pem)
+    return record
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey, now: datetime.datetime) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "killswitch CA")])
-    public = key.public_key()
+def _self_signed_root(now: float) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The root: path length 1, so exactly one level of CA (the agent CA) may sit below."""
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ROOT_CA_NAME)])
+    cert = _ca_builder(key.public_key(), name, now, path_length=1).issuer_name(name)
+    return cert.sign(key, hashes.SHA256()), key
+
+
+def _agent_ca_certificate(
+    key: ec.EllipticCurvePrivateKey, root: _Signer, now: float
+) -> x509.Certificate:
+    """The replicas' CA: path length 0 (it signs leaves only) and, by the server's
+    rule, agent leaves only (``Authority.principal_from_pem``)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, AGENT_CA_NAME)])
+    builder = _ca_builder(key.public_key(), name, now, path_length=0).issuer_name(root.cert.subject)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()), critical=False
+    )
+    return builder.sign(root.key, hashes.SHA256())
+
+
+def _ca_builder(
+    public: ec.EllipticCurvePublicKey, name: x509.Name, now: float, *, path_length: int
+) -> x509.CertificateBuilder:
     return (
-        _validity(x509.CertificateBuilder(), now, CA_DAYS)
+        _validity(x509.CertificateBuilder(), _utc(now), CA_DAYS)
         .subject_name(name)
-        .issuer_name(name)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
     )
 
 
 def _server_certificate(
     key: ec.EllipticCurvePrivateKey,
     extra_names: Sequence[x509.GeneralName],
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
+    root: _Signer,
     now: float,
 ) -> x509.Certificate:
     defaults = [_server_name(name) for name in SERVER_DEFAULT_NAMES]
@@ -149,7 +191,7 @@ def _server_certificate(
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     )
-    return _sign_leaf(builder, key.public_key(), ca_cert, ca_key)
+    return _sign_leaf(builder, key.public_key(), root)
 
 
 def _server_name(text: str) -> x509.GeneralName:
@@ -163,22 +205,121 @@ def _server_name(text: str) -> x509.GeneralName:
     return x509.DNSName(text)
 
 
-# ------------------------------------------------------------------ the authority
+# ------------------------------------------------------------------ a person's own key
+
+
+def request_identity(directory: Path, name: str, role: Role) -> bytes:
+    """Make a key in ``directory`` (owner-only; it never leaves) and return a CSR for it.
+
+    The CSR names the person (CN) and the role they ask for (OU); the administrator
+    who signs it decides the role. An existing key is never overwritten.
+    """
+    validate_identity_name(name)
+    if (directory / KEY_FILE).exists():
+        raise Conflict(f"{directory / KEY_FILE} exists: choose another --out, or delete it first")
+    key = _new_key()
+    csr_pem = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_subject(name, role))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    make_private_dir(directory)
+    write_private(directory / KEY_FILE, _private_pem(key))
+    write_private(directory / CSR_FILE, csr_pem)
+    return csr_pem
+
+
+def validate_identity_name(name: str) -> str:
+    if not _IDENTITY_NAME.match(name):
+        raise InvalidInput(
+            f"invalid identity name {name!r}: use 1-64 letters, digits or . _ @ -"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+# ------------------------------------------------------------------ the root, offline
+
+
+class RootAuthority:
+    """The root CA, where its key is (the administrator's machine): signs people.
+
+    ``load`` reads ``DATA/pki/ca-key.pem``; no server ever calls it.
+    """
+
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        self._root = _Signer(cert, key)
+        self.ca_pem = _cert_pem(cert)
+
+    @classmethod
+    def load(cls, data_dir: Path) -> RootAuthority:
+        pki = data_dir / PKI_DIR
+        key_path = pki / CA_KEY_FILE
+        if not key_path.exists():
+            raise KillswitchError(
+                f"no root CA key at {key_path}: operator identities are issued where the"
+                " root key is kept (the data dir `killswitch init` made), not on a replica"
+            )
+        cert = load_certificate(pki / CA_CERT_FILE)
+        return cls(cert, load_key(key_path))
+
+    def issue(
+        self,
+        csr_pem: bytes | str,
+        role: Role,
+        *,
+        now: float,
+        days: int = OPERATOR_DAYS,
+        server_names: Sequence[str] = (),
+    ) -> tuple[bytes, CertificateRecord]:
+        """A certificate for the CSR's named person in ``role``, which the CSR must have
+        asked for; with ``server_names`` it may also serve TLS under them (the ingest
+        gateway does). Agents are not issued here: they enrol."""
+        if role is Role.AGENT:
+            raise InvalidInput("agents are not issued by hand: they enrol with a join token")
+        if server_names and role is not Role.INGEST:
+            raise InvalidInput("server names are for the ingest gateway's certificate only")
+        if role is Role.INGEST:  # it serves agents TLS under the server's names too
+            server_names = [*SERVER_DEFAULT_NAMES, *server_names]
+        csr, public_key = _parse_csr(csr_pem)
+        name = validate_identity_name(_single_attribute(csr.subject, NameOID.COMMON_NAME))
+        asked = _single_attribute(csr.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+        if asked != role.value:
+            raise InvalidInput(
+                f"the request of {name} asks for role {asked or 'none'!r}, not {role.value!r}:"
+                f" issue the role it asks for, or have {name} make a new request"
+            )
+        return _client_certificate(
+            public_key,
+            name,
+            role,
+            self._root,
+            now=now,
+            days=days,
+            server_names=[_server_name(n) for n in server_names],
+        )
+
+
+# ------------------------------------------------------------------ a replica's authority
 
 
 class Authority:
-    """Issues certificates with the CA key; ``load`` reads it from ``DATA/pki``."""
+    """What a replica holds: the root certificate to trust, the agent CA to sign
+    enrolments with, and its server certificate. ``load`` reads them from ``DATA/pki``."""
 
     def __init__(
         self,
         ca_cert: x509.Certificate,
-        ca_key: ec.EllipticCurvePrivateKey,
+        agent_ca: x509.Certificate,
+        agent_ca_key: ec.EllipticCurvePrivateKey,
         server_cert_pem: bytes,
         server_key_pem: bytes,
     ) -> None:
-        self._ca_cert = ca_cert
-        self._ca_key = ca_key
+        self._root_cert = ca_cert
+        self._agent_ca = _Signer(agent_ca, agent_ca_key)
         self.ca_pem = _cert_pem(ca_cert)
+        self.agent_ca_pem = _cert_pem(agent_ca)
         self.server_cert_pem = server_cert_pem
         self.server_key_pem = server_key_pem
 
@@ -189,126 +330,135 @@ class Authority:
             raise KillswitchError(
                 f"no CA in {pki}: run `killswitch init --data-dir {data_dir}` first"
             )
-        ca_pem, ca_key_pem, server_cert_pem, server_key_pem = (
-            _read(pki / name)
-            for name in (CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE)
-        )
-        try:
-            ca_cert = x509.load_pem_x509_certificate(ca_pem)
-            ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-        except ValueError as exc:
-            raise KillswitchError(f"unreadable CA in {pki}: {exc}") from None
-        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-            raise KillswitchError(f"unreadable CA in {pki}: {CA_KEY_FILE} is not an EC key")
-        return cls(ca_cert, ca_key, server_cert_pem, server_key_pem)
-
-    def issue_identity(
-        self,
-        name: str,
-        role: Role,
-        *,
-        now: float,
-        days: int = OPERATOR_DAYS,
-        server_names: Sequence[str] = (),
-    ) -> tuple[bytes, bytes, CertificateRecord]:
-        """A new key and a client certificate for ``name`` in ``role``; with
-        ``server_names`` it may also serve TLS under them (the ingest gateway does)."""
-        if not _IDENTITY_NAME.match(name):
-            raise InvalidInput(
-                f"invalid identity name {name!r}: use 1-64 letters, digits or . _ @ -"
-                " starting with a letter or digit"
+        if not (pki / AGENT_CA_CERT_FILE).exists():
+            raise KillswitchError(
+                f"no agent CA ({AGENT_CA_CERT_FILE}) in {pki}: this data dir was made by an"
+                " older `killswitch init`, whose CA key signed everything on the server."
+                " Run `killswitch init` in a new data dir, issue people their identities"
+                " and let agents enrol again (README: PKI layout)"
             )
-        key = _new_key()
-        cert_pem, record = self._client_certificate(
-            key.public_key(),
-            name,
-            role,
-            now,
-            days,
-            server_names=[_server_name(n) for n in server_names],
+        return cls(
+            load_certificate(pki / CA_CERT_FILE),
+            load_certificate(pki / AGENT_CA_CERT_FILE),
+            load_key(pki / AGENT_CA_KEY_FILE),
+            read_file(pki / SERVER_CERT_FILE),
+            read_file(pki / SERVER_KEY_FILE),
         )
-        return cert_pem, _private_pem(key), record
 
     def sign_agent_csr(
         self, csr_pem: bytes | str, agent_id: str, *, now: float
     ) -> tuple[bytes, CertificateRecord]:
-        """A certificate for ``agent_id`` on the CSR's key; nothing else of the CSR is used."""
+        """A certificate for ``agent_id`` on the CSR's key; nothing else of the CSR is used.
+
+        The PEM is the leaf followed by the agent CA: the chain an agent presents."""
         validate_agent_id(agent_id)
         if len(agent_id) > MAX_NAME_LENGTH:
             raise InvalidInput(
                 f"agent id {agent_id!r} is too long for a certificate:"
                 f" at most {MAX_NAME_LENGTH} characters"
             )
-        data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
-        if len(data) > MAX_CSR_BYTES:
-            raise InvalidInput(f"CSR too large: {len(data)} bytes, at most {MAX_CSR_BYTES}")
-        try:
-            csr = x509.load_pem_x509_csr(data)
-            public_key = csr.public_key()
-            signed = csr.is_signature_valid
-        except (ValueError, UnsupportedAlgorithm):
-            raise InvalidInput("malformed CSR: expected one PEM certificate request") from None
-        if not _acceptable_key(public_key):
-            raise InvalidInput(
-                f"CSR key refused: use EC P-256 or RSA of at least {MIN_RSA_BITS} bits"
-            )
-        if not signed:
-            raise InvalidInput("CSR signature does not verify")
-        return self._client_certificate(public_key, agent_id, Role.AGENT, now, AGENT_DAYS)
+        _, public_key = _parse_csr(csr_pem)
+        cert_pem, record = _client_certificate(
+            public_key, agent_id, Role.AGENT, self._agent_ca, now=now, days=AGENT_DAYS
+        )
+        return cert_pem + self.agent_ca_pem, record
 
-    def _client_certificate(
-        self,
-        public_key: LeafPublicKey,
-        name: str,
-        role: Role,
-        now: float,
-        days: int,
-        *,
-        server_names: Sequence[x509.GeneralName] = (),
-    ) -> tuple[bytes, CertificateRecord]:
-        subject = x509.Name(
-            [
-                x509.NameAttribute(NameOID.COMMON_NAME, name),
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-            ]
+    def principal_from_pem(self, cert_pem: bytes) -> Principal:
+        """The principal a verified peer certificate names, if its issuer may issue that
+        role: the agent CA issues agents only, every other role comes from the root."""
+        principal = principal_from_pem(cert_pem)
+        if principal.role is not Role.AGENT and not _signed_by(cert_pem, self.ca_pem):
+            raise PermissionDenied(
+                f"a {principal.role.value} certificate must be signed by the root CA,"
+                f" not by the agent CA (serial {principal.serial})"
+            )
+        return principal
+
+
+@functools.lru_cache(maxsize=PRINCIPAL_CACHE_SIZE)
+def _signed_by(cert_pem: bytes, issuer_pem: bytes) -> bool:
+    try:
+        x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(
+            x509.load_pem_x509_certificate(issuer_pem)
         )
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        builder = _validity(x509.CertificateBuilder(), _utc(now), days).subject_name(subject)
-        if server_names:
-            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-            names = list(dict.fromkeys(server_names))
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        cert = _sign_leaf(builder, public_key, self._ca_cert, self._ca_key)
-        record = CertificateRecord(
-            serial=_serial_hex(cert),
-            subject=name,
-            role=role,
-            not_after=cert.not_valid_after_utc.timestamp(),
-            issued_at=now,
-        )
-        return _cert_pem(cert), record
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _parse_csr(csr_pem: bytes | str) -> tuple[x509.CertificateSigningRequest, LeafPublicKey]:
+    """A CSR whose signature verifies, on a key we accept; one line for anything else."""
+    data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+    if len(data) > MAX_CSR_BYTES:
+        raise InvalidInput(f"CSR too large: {len(data)} bytes, at most {MAX_CSR_BYTES}")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+        public_key = csr.public_key()
+        signed = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidInput("malformed CSR: expected one PEM certificate request") from None
+    if not _acceptable_key(public_key):
+        raise InvalidInput(f"CSR key refused: use EC P-256 or RSA of at least {MIN_RSA_BITS} bits")
+    if not signed:
+        raise InvalidInput("CSR signature does not verify")
+    return csr, public_key
+
+
+def _subject(name: str, role: Role) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+        ]
+    )
+
+
+def _client_certificate(
+    public_key: LeafPublicKey,
+    name: str,
+    role: Role,
+    issuer: _Signer,
+    *,
+    now: float,
+    days: int,
+    server_names: Sequence[x509.GeneralName] = (),
+) -> tuple[bytes, CertificateRecord]:
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    builder = _validity(x509.CertificateBuilder(), _utc(now), days).subject_name(
+        _subject(name, role)
+    )
+    if server_names:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        names = list(dict.fromkeys(server_names))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    cert = _sign_leaf(builder, public_key, issuer)
+    record = CertificateRecord(
+        serial=_serial_hex(cert),
+        subject=name,
+        role=role,
+        not_after=cert.not_valid_after_utc.timestamp(),
+        issued_at=now,
+    )
+    return _cert_pem(cert), record
 
 
 def _sign_leaf(
-    builder: x509.CertificateBuilder,
-    public_key: LeafPublicKey,
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
+    builder: x509.CertificateBuilder, public_key: LeafPublicKey, issuer: _Signer
 ) -> x509.Certificate:
     """Finish a leaf certificate with what every leaf shares: issuer, serial, key usage."""
     return (
         builder.public_key(public_key)
-        .issuer_name(ca_cert.subject)
+        .issuer_name(issuer.cert.subject)
         .serial_number(x509.random_serial_number())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
+        .sign(issuer.key, hashes.SHA256())
     )
 
 
@@ -328,10 +478,10 @@ def principal_from_pem(cert_pem: bytes) -> Principal:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         raise PermissionDenied("unreadable client certificate") from None
-    name = _single_attribute(cert, NameOID.COMMON_NAME)
+    name = _single_attribute(cert.subject, NameOID.COMMON_NAME)
     if not name:
         raise PermissionDenied("certificate has no name (CN)")
-    unit = _single_attribute(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    unit = _single_attribute(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
     if not unit:
         raise PermissionDenied("certificate has no role (OU)")
     try:
@@ -341,28 +491,26 @@ def principal_from_pem(cert_pem: bytes) -> Principal:
     return Principal(name=name, role=role, serial=_serial_hex(cert))
 
 
-def _single_attribute(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
+def _single_attribute(subject: x509.Name, oid: x509.ObjectIdentifier) -> str:
     """The subject's one value for ``oid``; '' when absent or ambiguous (given twice)."""
-    values = cert.subject.get_attributes_for_oid(oid)
+    values = subject.get_attributes_for_oid(oid)
     return values[0].value if len(values) == 1 and isinstance(values[0].value, str) else ""
 
 
 # ------------------------------------------------------------------ identity files
 
 
-def write_identity(directory: Path, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
-    """Store a client identity owner-only; the certificate last, as the sign it is whole."""
-    _make_private_dir(directory)
-    _write_private(directory / KEY_FILE, key_pem)
-    _write_private(directory / CA_CERT_FILE, ca_pem)
-    _write_private(directory / CERT_FILE, cert_pem)
-
-
 def load_identity(directory: Path) -> Identity:
+    if (directory / CSR_FILE).exists() and not (directory / CERT_FILE).exists():
+        raise KillswitchError(
+            f"{directory} holds a request but no certificate yet: an administrator signs"
+            f" {directory / CSR_FILE} (`killswitch certs issue`); save the result as"
+            f" {directory / CERT_FILE} and the CA's ca.pem beside it"
+        )
     return Identity(
-        cert_pem=_read(directory / CERT_FILE),
-        key_pem=_read(directory / KEY_FILE),
-        ca_pem=_read(directory / CA_CERT_FILE),
+        cert_pem=read_file(directory / CERT_FILE),
+        key_pem=read_file(directory / KEY_FILE),
+        ca_pem=read_file(directory / CA_CERT_FILE),
     )
 
 
@@ -414,37 +562,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` and any missing parents owner-only; existing directories are left alone."""
-    missing = list(itertools.takewhile(lambda p: not p.is_dir(), (path, *path.parents)))
-    try:
-        for directory in reversed(missing):
-            directory.mkdir(exist_ok=True)
-            directory.chmod(0o700)
-    except OSError as exc:
-        raise KillswitchError(f"cannot create directory {exc.filename}: {exc.strerror}") from None
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Owner-only whatever the umask, and whole or not at all (written beside, then renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-            os.fchmod(out.fileno(), 0o600)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise KillswitchError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise KillswitchError(f"missing {path}") from None
-    except OSError as exc:
-        raise KillswitchError(f"cannot read {path}: {exc.strerror}") from None

@@ -220,7 +220,10 @@ async def serve(config: ServerConfig) -> None:
         interceptor = AuthorizationInterceptor(
             Authenticator(
                 insecure=authority is None,
-                principal_from_pem=principal_from_pem,
+                # Secure: also checks who signed what. Insecure: never asked.
+                principal_from_pem=(
+                    authority.principal_from_pem if authority else principal_from_pem
+                ),
                 is_revoked=governance.is_revoked,
             ),
             governance,

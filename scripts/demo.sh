@@ -9,8 +9,9 @@ GRPC=${KILLSWITCH_DEMO_GRPC:-127.0.0.1:50051}
 HTTP=${KILLSWITCH_DEMO_HTTP:-127.0.0.1:8080}
 INGEST=${KILLSWITCH_DEMO_INGEST:-127.0.0.1:50061}
 AGENTS=${KILLSWITCH_DEMO_AGENTS:-1000}
-mkdir -p "$DATA"
-IDS="$DATA/identities"
+# People's own keys live apart from the server's data dir, as on their own machines.
+IDS=${KILLSWITCH_DEMO_PEOPLE:-demo-people}
+mkdir -p "$DATA" "$IDS"
 
 cleanup() {
   trap - EXIT INT TERM
@@ -21,10 +22,31 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# mTLS is the default: a private CA, a server certificate and one identity per role.
+# mTLS is the default: a root CA, an agent CA, a server certificate and one admin identity.
 if [ ! -f "$DATA/pki/ca.pem" ]; then
   "$BIN/killswitch" init --data-dir "$DATA"
+elif [ ! -f "$DATA/pki/agent-ca.pem" ]; then
+  echo "$DATA/ predates per-person identities (no agent CA): delete it to start fresh" >&2
+  exit 1
 fi
+
+# Each person makes their own key and request; the administrator signs it with the root
+# key (here, where `init` left it; in production, on the administrator's machine).
+issue() {  # NAME ROLE
+  local dir="$IDS/$1"
+  [ -f "$dir/cert.pem" ] && return
+  rm -rf "$dir"
+  "$BIN/killswitch" identity request --name "$1" --role "$2" --out "$dir" >/dev/null 2>&1
+  "$BIN/killswitch" certs issue "$dir/request.csr" --role "$2" --data-dir "$DATA" \
+    --out "$dir/cert.pem" 2>/dev/null
+  cp "$DATA/pki/ca.pem" "$dir/ca.pem"
+}
+issue ic-1 incident-commander
+issue approver-1 approver
+issue approver-2 approver
+issue sre-1 sre
+issue ingest-1 ingest
+issue employee-1 employee   # owns the first simulated laptop (label owner=employee-1)
 
 "$BIN/killswitch" serve --data-dir "$DATA" --grpc "$GRPC" --http "$HTTP" --log-format json \
   2>>"$DATA/server.log" &
@@ -43,14 +65,10 @@ done
 
 # The ingest gateway, when this build has one (`killswitch ingest`; before it, the agents
 # only ask the control server and upload nowhere). It checks every batch with the control
-# server as identity `ingest-1`, which `killswitch init` creates.
+# server as identity `ingest-1`, issued above.
 upload=()
 gateway="no ingest gateway in this build: agents upload nowhere"
 if "$BIN/killswitch" ingest --help >/dev/null 2>&1; then
-  if [ ! -d "$IDS/ingest-1" ]; then
-    echo "$DATA/ predates the ingest gateway (no $IDS/ingest-1): delete it to start one" >&2
-    exit 1
-  fi
   "$BIN/killswitch" ingest --data-dir "$DATA/ingest" --listen "$INGEST" --control "$GRPC" \
     --identity "$IDS/ingest-1" 2>>"$DATA/ingest.log" &
   ingest=$!
@@ -78,7 +96,7 @@ token=$("$BIN/killswitch" enroll-token create --server "$GRPC" --identity "$IDS/
 cat <<EOT
 
   Control server on $GRPC (state in $DATA/, log in $DATA/server.log), $AGENTS simulated agents,
-  $gateway.
+  $gateway. People's identities (their own keys) are in $IDS/.
   In another terminal:
 
     export KILLSWITCH_SERVER=$GRPC KILLSWITCH_IDENTITY=$IDS/ic-1   # incident commander
@@ -91,6 +109,7 @@ cat <<EOT
     .venv/bin/killswitch audit verify --identity $IDS/sre-1
     .venv/bin/killswitch me --identity $IDS/employee-1                    # an employee's view
     .venv/bin/killswitch dashboard --identity $IDS/sre-1                  # web dashboard link
+    .venv/bin/killswitch certs list --identity $DATA/identities/admin     # the administrator
     curl -s http://$HTTP/metrics | grep '^killswitch_agents'              # Prometheus
 
   Ctrl-C stops everything.

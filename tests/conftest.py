@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,15 @@ import psycopg
 import pytest
 
 BIN = Path(sys.executable).parent
+# The role each of the fixtures' people asks for, by the name's stem (`ic-1` -> `ic`).
+PEOPLE_ROLES = {
+    "ic": "incident-commander",
+    "approver": "approver",
+    "sre": "sre",
+    "automation": "automation",
+    "employee": "employee",
+    "ingest": "ingest",
+}
 STARTUP_TIMEOUT = 20.0
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Short intervals keep the tests fast; verification needs one heartbeat after the ack.
@@ -31,6 +41,11 @@ def missing_tool(why: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{why}; CI=true, so this is an error, not a skip")
     pytest.skip(why)
+
+
+def person_role(name: str) -> str:
+    """The role the fixtures' person ``name`` has: ``ic-1`` is an incident commander."""
+    return PEOPLE_ROLES[name.rsplit("-", 1)[0]]
 
 
 def free_port() -> int:
@@ -65,10 +80,15 @@ class ServerProcess:
     """`killswitch serve` in a subprocess, on free loopback ports and a temp data dir.
 
     Secure (mTLS) unless ``--insecure`` is among the extra arguments, exactly as shipped:
-    the first start runs `killswitch init`, which creates the CA and the identities.
+    the first start runs `killswitch init`, which creates the CAs and the admin identity.
+    People get their identities as a real person would (``identity``): their own key
+    in their own directory, outside the data dir, signed with the root key.
+    A replica (``replica_of``) shares the first server's people and root key holder.
     """
 
-    def __init__(self, data_dir: Path, extra_args: list[str]) -> None:
+    def __init__(
+        self, data_dir: Path, extra_args: list[str], *, first: ServerProcess | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.grpc_port = free_port()
         self.http_port = free_port()
@@ -79,23 +99,54 @@ class ServerProcess:
         self.secure = "--insecure" not in extra_args
         self.log_path = data_dir.parent / f"server-{self.grpc_port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # Where the root key is (the administrator's side), and where people keep theirs.
+        self.root_dir: Path = first.root_dir if first else data_dir
+        self.people: Path = first.people if first else data_dir.parent / f"people-{data_dir.name}"
 
     @property
     def ca_path(self) -> Path:
         return self.data_dir / "pki" / "ca.pem"
 
+    @property
+    def database_args(self) -> list[str]:
+        if "--database" not in self.extra_args:
+            return []
+        at = self.extra_args.index("--database")
+        return self.extra_args[at : at + 2]
+
     def identity(self, name: str) -> Path:
-        return self.data_dir / "identities" / name
+        """The identity directory of ``name``, issued on first use as a person gets one;
+        `admin` is the one `killswitch init` made."""
+        if name == "admin":
+            return self.root_dir / "identities" / "admin"
+        directory = self.people / name
+        if not (directory / "cert.pem").exists():
+            self.issue(name, person_role(name), directory)
+        return directory
+
+    def issue(self, name: str, role: str, directory: Path) -> Path:
+        """`identity request` by the person, `certs issue` by the administrator."""
+        killswitch = str(BIN / "killswitch")
+        request = ["identity", "request", "--name", name, "--role", role, "--out", str(directory)]
+        issue = ["certs", "issue", str(directory / "request.csr"), "--role", role]
+        issue += ["--data-dir", str(self.root_dir), "--out", str(directory / "cert.pem")]
+        for args in (request, [*issue, *self.database_args]):
+            done = subprocess.run([killswitch, *args], capture_output=True, text=True, check=False)
+            assert done.returncode == 0, f"{args}: {done.stderr}"
+        shutil.copy(self.root_dir / "pki" / "ca.pem", directory / "ca.pem")
+        return directory
 
     def start(self) -> None:
         if self.secure and not self.ca_path.exists():
             # The certificates go to the database the server will use.
-            database = []
-            if "--database" in self.extra_args:
-                at = self.extra_args.index("--database")
-                database = self.extra_args[at : at + 2]
             subprocess.run(
-                [str(BIN / "killswitch"), "init", "--data-dir", str(self.data_dir), *database],
+                [
+                    str(BIN / "killswitch"),
+                    "init",
+                    "--data-dir",
+                    str(self.data_dir),
+                    *self.database_args,
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -147,6 +198,30 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+def replica_of(first: ServerProcess, data_dir: Path, extra_args: list[str]) -> ServerProcess:
+    """Another replica of ``first``'s fleet: the files a replica needs, not the root key."""
+    from control.pki import REPLICA_FILES
+
+    (data_dir / "pki").mkdir(parents=True, mode=0o700)
+    for name in REPLICA_FILES:
+        shutil.copy(first.data_dir / "pki" / name, data_dir / "pki" / name)
+    return ServerProcess(data_dir, extra_args, first=first)
+
+
+def agent_identity(server: ServerProcess, agent_id: str, where: Path) -> Path:
+    """An agent certificate straight from the agent CA, as enrolment would give it."""
+    from control.domain.identity import Role
+    from control.pki import Authority, request_identity
+
+    directory = where / agent_id
+    csr = request_identity(directory, agent_id, Role.AGENT)
+    authority = Authority.load(server.data_dir)
+    cert, _ = authority.sign_agent_csr(csr, agent_id, now=time.time())
+    (directory / "cert.pem").write_bytes(cert)
+    (directory / "ca.pem").write_bytes(authority.ca_pem)
+    return directory
+
+
 class Cli:
     """Runs `killswitch` exactly as an operator would, against one server, as one identity."""
 
@@ -155,7 +230,7 @@ class Cli:
         self.identity = identity
 
     def as_(self, identity: str) -> Cli:
-        """The same server, another person (an identity `killswitch init` created)."""
+        """The same server, another person (issued on first use: ``ServerProcess.identity``)."""
         return Cli(self.server, identity)
 
     def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOKS = REPO / "runbooks"
 DEFAULT_IDENTITY = "ic-1"
-# The identities `killswitch init` creates: the only names `as=` may use.
+# The people the test server issues identities to: the only names `as=` may use.
 IDENTITIES = ("ic-1", "approver-1", "approver-2", "sre-1", "automation-1", "employee-1")
 RUNNABLE = "sh"
 # Fence languages that look runnable but would escape the test.

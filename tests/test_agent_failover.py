@@ -6,14 +6,13 @@ given all three addresses, and `kill -9` of one server.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent_stub.agent import ServerAddressError, server_target
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, replica_of, wait_for
 
 AGENTS = 60
 
@@ -24,10 +23,7 @@ def connected(server: ServerProcess) -> set[str]:
 
 def sharing_ca(first: ServerProcess, tmp_path: Path, name: str) -> ServerProcess:
     """Another replica: the same CA and server certificate, its own data."""
-    replica = ServerProcess(tmp_path / name, [])
-    for part in ("pki", "identities"):
-        shutil.copytree(first.data_dir / part, replica.data_dir / part)
-    return replica
+    return replica_of(first, tmp_path / name, [])
 
 
 def test_agents_spread_over_replicas_and_the_dead_ones_agents_spread_over_the_rest(

@@ -31,7 +31,7 @@ def test_unreachable_server(tmp_path: Path) -> None:
     from control.pki import initialise
 
     initialise(tmp_path, now=time.time())
-    identity = str(tmp_path / "identities" / "sre-1")
+    identity = str(tmp_path / "identities" / "admin")
     result = run("status", "--server", f"127.0.0.1:{free_port()}", "--identity", identity)
     assert_one_line_error(result, 4, "cannot reach the control server")
 

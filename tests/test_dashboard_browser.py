@@ -14,8 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from control.pki import DEFAULT_OPERATORS
-from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, person_role, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -51,7 +50,7 @@ def sign_in(page: Any, cli: Cli, base: str) -> None:
 
 
 def role_of(cli: Cli) -> str:
-    return dict(DEFAULT_OPERATORS)[cli.identity].value
+    return person_role(cli.identity)
 
 
 def collect_problems(page: Any) -> list[str]:

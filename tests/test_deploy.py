@@ -46,7 +46,8 @@ ENV_EXAMPLES = {
 }
 # What the units' specifiers stand for when their command lines are parsed here.
 SPECIFIERS = {"%H": "laptop-1.example.com", "%m": "0123456789abcdef0123456789abcdef", "%%": "%"}
-PKI_FILES = {pki.CA_CERT_FILE, pki.CA_KEY_FILE, pki.SERVER_CERT_FILE, pki.SERVER_KEY_FILE}
+# What a replica needs, and never the root key.
+PKI_FILES = set(pki.REPLICA_FILES)
 
 # ------------------------------------------------------------------ helpers
 
@@ -371,7 +372,7 @@ def test_operators_service_exposes_grpc_and_http() -> None:
 
 
 def test_pki_is_mounted_where_serve_reads_it() -> None:
-    """`serve` reads DATA/pki/{ca,ca-key,server,server-key}.pem (control.pki.Authority)."""
+    """`serve` reads DATA/pki's REPLICA_FILES (control.pki.Authority), not the root key."""
     args = serve_args()
     mounts = {m["mountPath"]: m for m in server_container()["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec()["volumes"]}

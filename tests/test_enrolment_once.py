@@ -8,7 +8,6 @@ certificate for an enrolled laptop, and two enrolments at once must not both win
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub.identity import enrollment_channel, new_key_and_csr
-from tests.conftest import Cli, ServerProcess
+from tests.conftest import Cli, ServerProcess, replica_of
 
 ROUNDS = 5
 
@@ -68,9 +67,7 @@ def two_replicas(
     start_server: Callable[..., ServerProcess], pg_dsn: str, tmp_path: Path
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     first = start_server("--database", pg_dsn)
-    second = ServerProcess(tmp_path / "replica-b", ["--database", pg_dsn])
-    for part in ("pki", "identities"):
-        shutil.copytree(first.data_dir / part, second.data_dir / part)
+    second = replica_of(first, tmp_path / "replica-b", ["--database", pg_dsn])
     second.start()
     try:
         yield first, second

@@ -257,10 +257,9 @@ class Runner:
                 missing_tool(f"{name} uses {tool}, which is not installed")
         stem = runbook.path.stem
         script = self.tmp_path / f"{stem}.sh"
+        people = {server.identity(name).parent for name in hr.IDENTITIES}
         script.write_text(
-            hr.script(
-                runbook, server.data_dir / "identities", self.tmp_path / f"{stem}.background.log"
-            )
+            hr.script(runbook, people.pop(), self.tmp_path / f"{stem}.background.log")
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILLSWITCH_")}
         env.update(

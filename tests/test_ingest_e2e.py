@@ -27,8 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control.ingest.checks import MAX_EVENTS_PER_BATCH
 from control.ingest.watch import FRESH_SECONDS
 from control.pki import load_identity
-from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
-from tests.test_security_e2e import agent_identity
+from tests.conftest import BIN, Cli, ServerProcess, agent_identity, free_port, terminate, wait_for
 
 AGENT = "laptop-upload"
 

@@ -42,11 +42,11 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
-from control.pki import Authority, load_identity, write_identity
+from control.pki import load_identity
 from control.refusals import AGGREGATION_SECONDS
 from control.rpc.authz import DEFAULT_MAX_CALLS_PER_IDENTITY
 from control.server import GRPC_SERVER_OPTIONS, MAX_MESSAGE_BYTES, MAX_METADATA_BYTES
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import ServerProcess, agent_identity, wait_for
 
 OPERATOR = "/killswitch.v1.Operator/"
 SELF_SERVICE = "/killswitch.v1.SelfService/"
@@ -198,16 +198,6 @@ def secure_channel(
         grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem),
         options=[*CLIENT_OPTIONS, *options],
     )
-
-
-def agent_identity(
-    server: ServerProcess, agent_id: str, where: Path, role: Role = Role.AGENT
-) -> Path:
-    """A certificate straight from the CA, as enrolment would give an agent."""
-    authority = Authority.load(server.data_dir)
-    cert, key, _ = authority.issue_identity(agent_id, role, now=time.time())
-    write_identity(where / agent_id, cert, key, authority.ca_pem)
-    return where / agent_id
 
 
 def readyz(server: ServerProcess) -> int:
@@ -1370,7 +1360,9 @@ def test_stream_report_with_a_timestamp_out_of_range(fleet: Fleet) -> None:
 def fresh_channel(fleet: Fleet, name: str, role: Role, where: Path) -> grpc.Channel:
     """A new certificate of the same person: the fuzzing spent its old one's refusal
     budget, past which refusals are audited in aggregate, not one by one."""
-    return secure_channel(fleet.server, agent_identity(fleet.server, name, where, role))
+    if role is Role.AGENT:
+        return secure_channel(fleet.server, agent_identity(fleet.server, name, where))
+    return secure_channel(fleet.server, fleet.server.issue(name, role.value, where / name))
 
 
 def test_refusals_are_audited_with_the_callers_name(fleet: Fleet, tmp_path: Path) -> None:

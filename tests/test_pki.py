@@ -21,13 +21,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from control.domain.identity import Principal, Role
 from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied
 from control.pki import (
-    DEFAULT_OPERATORS,
     MAX_CSR_BYTES,
+    REPLICA_FILES,
     Authority,
     Identity,
+    RootAuthority,
     initialise,
     load_identity,
     principal_from_pem,
+    request_identity,
 )
 
 NOW = time.time()
@@ -71,22 +73,39 @@ def mode(path: Path) -> int:
 
 def test_initialise_writes_everything_owner_only(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    records = initialise(data, now=NOW)
-    assert [(r.subject, r.role) for r in records] == list(DEFAULT_OPERATORS)
+    record = initialise(data, now=NOW)
+    assert (record.subject, record.role) == ("admin", Role.ADMIN)
     files = [p for p in data.rglob("*") if p.is_file()]
     dirs = [p for p in data.rglob("*") if p.is_dir()]
     assert {p.relative_to(data).as_posix() for p in files} == {
         "pki/ca.pem",
         "pki/ca-key.pem",
+        "pki/agent-ca.pem",
+        "pki/agent-ca-key.pem",
         "pki/server.pem",
         "pki/server-key.pem",
-    } | {
-        f"identities/{n}/{f}"
-        for n, _ in DEFAULT_OPERATORS
-        for f in ("cert.pem", "key.pem", "ca.pem")
-    }
+    } | {f"identities/admin/{f}" for f in ("cert.pem", "key.pem", "ca.pem", "request.csr")}
     assert all(mode(p) == 0o600 for p in files), {str(p): oct(mode(p)) for p in files}
     assert all(mode(p) == 0o700 for p in [data, *dirs]), {str(p): oct(mode(p)) for p in dirs}
+    assert "ca-key.pem" not in REPLICA_FILES
+
+
+def test_a_replica_loads_without_the_root_key(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "pki").mkdir()
+    for name in REPLICA_FILES:
+        (tmp_path / "pki" / name).write_bytes((data_dir / "pki" / name).read_bytes())
+    replica = Authority.load(tmp_path)
+    cert_pem, _ = replica.sign_agent_csr(csr(p256()), "laptop-1", now=NOW)
+    assert principal_from_pem(cert_pem).role is Role.AGENT
+    with pytest.raises(KillswitchError, match=r"no root CA key at .*not on a replica"):
+        RootAuthority.load(tmp_path)
+
+
+def test_an_old_data_dir_without_an_agent_ca_is_one_clear_error(tmp_path: Path) -> None:
+    initialise(tmp_path, now=NOW)
+    (tmp_path / "pki" / "agent-ca.pem").unlink()
+    with pytest.raises(KillswitchError, match=r"no agent CA \(agent-ca\.pem\) in .*older"):
+        Authority.load(tmp_path)
 
 
 def test_initialise_refuses_to_run_twice(data_dir: Path) -> None:
@@ -122,7 +141,7 @@ def test_load_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
 
 
 def test_load_identity_names_the_missing_file(data_dir: Path, tmp_path: Path) -> None:
-    identity = load_identity(data_dir / "identities" / "sre-1")
+    identity = load_identity(data_dir / "identities" / "admin")
     (tmp_path / "cert.pem").write_bytes(identity.cert_pem)
     with pytest.raises(KillswitchError, match=f"missing {tmp_path}/key.pem"):
         load_identity(tmp_path)
@@ -131,7 +150,7 @@ def test_load_identity_names_the_missing_file(data_dir: Path, tmp_path: Path) ->
 def test_certificates_have_the_agreed_shape(data_dir: Path, authority: Authority) -> None:
     ca = x509.load_pem_x509_certificate(authority.ca_pem)
     constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    assert constraints.ca and constraints.path_length == 0
+    assert constraints.ca and constraints.path_length == 1
     usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.key_cert_sign and usage.crl_sign
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
@@ -139,7 +158,13 @@ def test_certificates_have_the_agreed_shape(data_dir: Path, authority: Authority
     assert ca.signature_hash_algorithm.name == "sha256"
     assert ca.not_valid_after_utc - ca.not_valid_before_utc > datetime.timedelta(days=3650)
 
+    agent_ca = x509.load_pem_x509_certificate(authority.agent_ca_pem)
+    constraints = agent_ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert constraints.ca and constraints.path_length == 0
+    agent_ca.verify_directly_issued_by(ca)
+
     server = x509.load_pem_x509_certificate(authority.server_cert_pem)
+    server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["localhost", "killswitch.example"]
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == [
@@ -150,21 +175,73 @@ def test_certificates_have_the_agreed_shape(data_dir: Path, authority: Authority
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
 
-    operator = x509.load_pem_x509_certificate(load_identity(data_dir / "identities/ic-1").cert_pem)
-    eku = operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    admin = x509.load_pem_x509_certificate(load_identity(data_dir / "identities/admin").cert_pem)
+    admin.verify_directly_issued_by(ca)
+    eku = admin.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    assert operator.not_valid_before_utc.timestamp() == pytest.approx(NOW - 60, abs=1)
-    assert operator.not_valid_after_utc.timestamp() == pytest.approx(NOW + 365 * DAY, abs=1)
+    assert admin.not_valid_before_utc.timestamp() == pytest.approx(NOW - 60, abs=1)
+    assert admin.not_valid_after_utc.timestamp() == pytest.approx(NOW + 365 * DAY, abs=1)
 
 
-@pytest.mark.parametrize(("name", "role"), DEFAULT_OPERATORS)
-def test_each_default_identity_names_its_principal(data_dir: Path, name: str, role: Role) -> None:
-    identity = load_identity(data_dir / "identities" / name)
-    principal = principal_from_pem(identity.cert_pem)
-    serial = format(x509.load_pem_x509_certificate(identity.cert_pem).serial_number, "x")
-    assert principal == Principal(name=name, role=role, serial=serial)
-    assert principal.authenticated
-    assert identity.ca_pem == (data_dir / "pki" / "ca.pem").read_bytes()
+@pytest.mark.parametrize("role", [r for r in Role if r is not Role.AGENT])
+def test_a_persons_request_signed_by_the_root_names_them(
+    data_dir: Path, tmp_path: Path, role: Role
+) -> None:
+    csr_pem = request_identity(tmp_path / "alice", "alice", role)
+    assert mode(tmp_path / "alice" / "key.pem") == 0o600
+    cert_pem, record = RootAuthority.load(data_dir).issue(csr_pem, role, now=NOW)
+    principal = principal_from_pem(cert_pem)
+    assert principal == Principal(name="alice", role=role, serial=record.serial)
+    key = serialization.load_pem_private_key(
+        (tmp_path / "alice" / "key.pem").read_bytes(), password=None
+    )
+    assert x509.load_pem_x509_certificate(cert_pem).public_key() == key.public_key()
+    assert Authority.load(data_dir).principal_from_pem(cert_pem) == principal
+
+
+def test_the_root_grants_only_the_role_the_request_asks_for(data_dir: Path, tmp_path: Path) -> None:
+    root = RootAuthority.load(data_dir)
+    employee = request_identity(tmp_path / "bob", "bob", Role.EMPLOYEE)
+    with pytest.raises(InvalidInput, match="the request of bob asks for role 'employee'"):
+        root.issue(employee, Role.INCIDENT_COMMANDER, now=NOW)
+    with pytest.raises(InvalidInput, match="agents are not issued by hand"):
+        root.issue(employee, Role.AGENT, now=NOW)
+    with pytest.raises(InvalidInput, match="server names are for the ingest gateway"):
+        root.issue(employee, Role.EMPLOYEE, now=NOW, server_names=["x.example"])
+    with pytest.raises(Conflict, match=r"key\.pem exists"):
+        request_identity(tmp_path / "bob", "bob", Role.EMPLOYEE)
+
+
+def test_an_operator_role_signed_by_the_agent_ca_is_no_principal(
+    data_dir: Path, authority: Authority
+) -> None:
+    """What a thief of a replica's agent CA key could mint: refused, whatever it says."""
+    agent_ca_key = serialization.load_pem_private_key(
+        (data_dir / "pki" / "agent-ca-key.pem").read_bytes(), password=None
+    )
+    assert isinstance(agent_ca_key, ec.EllipticCurvePrivateKey)
+    forged = forge(name(cn="mallory", ou="incident-commander"), authority, agent_ca_key)
+    with pytest.raises(PermissionDenied, match="must be signed by the root CA"):
+        authority.principal_from_pem(forged)
+    agent = forge(name(cn="laptop-9", ou="agent"), authority, agent_ca_key)
+    assert authority.principal_from_pem(agent).role is Role.AGENT
+
+
+def forge(
+    subject: x509.Name, authority: Authority, agent_ca_key: ec.EllipticCurvePrivateKey
+) -> bytes:
+    issuer = x509.load_pem_x509_certificate(authority.agent_ca_pem).subject
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(p256().public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime.now(datetime.UTC))
+        .not_valid_after(datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1))
+        .sign(agent_ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def self_signed(subject: x509.Name) -> bytes:
@@ -213,8 +290,9 @@ def test_agent_csr_is_signed_for_the_agent_id(authority: Authority) -> None:
     assert principal_from_pem(cert_pem) == Principal("laptop-00042", Role.AGENT, record.serial)
     assert (record.subject, record.role, record.issued_at) == ("laptop-00042", Role.AGENT, NOW)
     assert record.not_after == pytest.approx(NOW + 90 * DAY, abs=1)
-    ca = x509.load_pem_x509_certificate(authority.ca_pem)
-    cert.verify_directly_issued_by(ca)
+    leaf, agent_ca = x509.load_pem_x509_certificates(cert_pem)
+    leaf.verify_directly_issued_by(agent_ca)
+    agent_ca.verify_directly_issued_by(x509.load_pem_x509_certificate(authority.ca_pem))
 
 
 def test_an_rsa_2048_csr_is_accepted(authority: Authority) -> None:
@@ -273,9 +351,10 @@ def test_bad_csrs_are_refused_with_one_line(
     assert "\n" not in str(caught.value)
 
 
-def test_operator_names_must_be_safe_directory_names(authority: Authority) -> None:
+def test_operator_names_must_be_safe_directory_names(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match=r"invalid identity name '\.\./etc'"):
-        authority.issue_identity("../etc", Role.SRE, now=NOW)
+        request_identity(tmp_path / "x", "../etc", Role.SRE)
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------- real TLS
@@ -330,17 +409,18 @@ def client(identity: Identity, ca_pem: bytes) -> grpc.ChannelCredentials:
 def test_mtls_admits_only_current_certificates_of_this_ca(
     data_dir: Path, authority: Authority, tmp_path: Path
 ) -> None:
-    ic = load_identity(data_dir / "identities" / "ic-1")
+    admin = load_identity(data_dir / "identities" / "admin")
     initialise(tmp_path / "other", now=NOW)
-    stranger = load_identity(tmp_path / "other" / "identities" / "ic-1")
-    cert, key, _ = authority.issue_identity("sre-old", Role.SRE, now=NOW - 3 * DAY, days=1)
-    expired = Identity(cert, key, authority.ca_pem)
+    stranger = load_identity(tmp_path / "other" / "identities" / "admin")
+    csr_pem = request_identity(tmp_path / "sre-old", "sre-old", Role.SRE)
+    cert, _ = RootAuthority.load(data_dir).issue(csr_pem, Role.SRE, now=NOW - 3 * DAY, days=1)
+    expired = Identity(cert, (tmp_path / "sre-old" / "key.pem").read_bytes(), authority.ca_pem)
     ca = authority.ca_pem
 
     async def scenario() -> None:
         async with mtls_server(authority) as (target, seen):
-            assert await call(target, client(ic, ca)) == b"ic-1 (incident-commander)"
-            assert [p.name for p in seen] == ["ic-1"]
+            assert await call(target, client(admin, ca)) == b"admin (admin)"
+            assert [p.name for p in seen] == ["admin"]
             refused = {
                 "a certificate from another CA": client(stranger, ca),
                 "no certificate": grpc.ssl_channel_credentials(root_certificates=ca),
@@ -350,6 +430,6 @@ def test_mtls_admits_only_current_certificates_of_this_ca(
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call(target, credentials)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, what
-            assert [p.name for p in seen] == ["ic-1"], "no refused caller reached the handler"
+            assert [p.name for p in seen] == ["admin"], "no refused caller reached the handler"
 
     asyncio.run(scenario())

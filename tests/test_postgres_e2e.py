@@ -7,7 +7,6 @@ is unreachable the tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from tests.conftest import (
     ServerProcess,
     Simulator,
     connected_streams,
+    replica_of,
     wait_capturing,
     wait_for,
 )
@@ -109,9 +109,7 @@ def test_a_replica_that_alone_loses_the_database_hands_its_agents_to_another(
     try:
         replica_a = start_server("--database", pg_dsn)
         through_proxy = proxy.dsn(pg_dsn)
-        replica_b = ServerProcess(tmp_path / "replica-b", ["--database", through_proxy])
-        for part in ("pki", "identities"):
-            shutil.copytree(replica_a.data_dir / part, replica_b.data_dir / part)
+        replica_b = replica_of(replica_a, tmp_path / "replica-b", ["--database", through_proxy])
         replica_b.start()
         truth = tmp_path / "truth.json"
         addresses = f"{replica_a.address},{replica_b.address}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import Cli, ServerProcess, Simulator, connected_streams, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, connected_streams, replica_of, wait_for
 from tests.faults.harness import check_history, db_holds
 
 AGENTS = 60
@@ -63,9 +62,7 @@ def cluster(
     first = start_server(*extra)
     replicas = [first]
     for name in ("replica-b", "replica-c"):
-        replica = ServerProcess(tmp_path / name, extra)
-        for part in ("pki", "identities"):
-            shutil.copytree(first.data_dir / part, replica.data_dir / part)
+        replica = replica_of(first, tmp_path / name, extra)
         replica.start()
         replicas.append(replica)
     try:

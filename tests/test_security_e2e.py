@@ -20,9 +20,9 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
-from control.pki import Authority, load_identity, write_identity
+from control.pki import load_identity
 from control.rpc.authz import GATEWAY_POLICY, POLICY, action_name
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, agent_identity, wait_capturing, wait_for
 
 ROLE_IDENTITIES = {
     Role.INCIDENT_COMMANDER: "ic-1",
@@ -32,6 +32,7 @@ ROLE_IDENTITIES = {
     Role.EMPLOYEE: "employee-1",
     Role.AGENT: "laptop-matrix",
     Role.INGEST: "ingest-1",
+    Role.ADMIN: "admin",
 }
 OUR_METHODS = [
     (f"/{service.full_name}/{method.name}", method)
@@ -49,14 +50,6 @@ STANDARD_METHODS = [
     for method in service.methods
 ]
 ALL_METHODS = OUR_METHODS + STANDARD_METHODS
-
-
-def agent_identity(server: ServerProcess, agent_id: str, where: Path) -> Path:
-    """An agent certificate straight from the CA, as enrolment would give it."""
-    authority = Authority.load(server.data_dir)
-    cert, key, _ = authority.issue_identity(agent_id, Role.AGENT, now=time.time())
-    write_identity(where / agent_id, cert, key, authority.ca_pem)
-    return where / agent_id
 
 
 def channel_for(server: ServerProcess, identity_dir: Path) -> grpc.Channel:
@@ -153,6 +146,7 @@ README_ROLE_COLUMNS = [
     Role.EMPLOYEE,
     Role.AGENT,
     Role.INGEST,
+    Role.ADMIN,
 ]
 
 
@@ -165,9 +159,7 @@ def test_resume_needs_a_second_person(server: ServerProcess, cli: Cli, tmp_path:
     # certificate in the same name.
     denied = cli.run("approve", request_id)
     assert denied.returncode == 1 and "may not call Operator.ApproveResume" in denied.stderr
-    authority = Authority.load(server.data_dir)
-    cert, key, _ = authority.issue_identity("ic-1", Role.APPROVER, now=time.time())
-    write_identity(server.identity("ic-1-as-approver"), cert, key, authority.ca_pem)
+    server.issue("ic-1", "approver", server.people / "ic-1-as-approver")
     same_person = cli.as_("ic-1-as-approver").run("approve", request_id)
     assert same_person.returncode == 1 and "a different person must" in same_person.stderr
     assert cli.json("holds")["holds"], "still paused"
@@ -268,7 +260,7 @@ def test_certificates_from_elsewhere_are_refused_before_any_handler(
     from control.pki import initialise
 
     initialise(tmp_path / "other", now=time.time())
-    foreign = load_identity(tmp_path / "other" / "identities" / "ic-1")
+    foreign = load_identity(tmp_path / "other" / "identities" / "admin")
     ours = load_identity(server.identity("ic-1"))
     cases = {
         "wrong CA": grpc.ssl_channel_credentials(ours.ca_pem, foreign.key_pem, foreign.cert_pem),

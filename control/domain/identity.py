@@ -33,6 +33,8 @@ class Role(StrEnum):
     EMPLOYEE = "employee"
     # The ingest gateway (`killswitch ingest`): asks whether agents' batches may land.
     INGEST = "ingest"
+    # Issues and revokes identities and join tokens; can neither pause nor approve.
+    ADMIN = "admin"
 
 
 def parse_role(text: str) -> Role:

@@ -33,7 +33,7 @@ DEFAULT_MAX_CALLS_PER_IDENTITY = 16
 
 IC, APPROVER, SRE = Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE
 AGENT, EMPLOYEE, AUTOMATION = Role.AGENT, Role.EMPLOYEE, Role.AUTOMATION
-INGEST = Role.INGEST
+INGEST, ADMIN = Role.INGEST, Role.ADMIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +73,11 @@ POLICY: Mapping[str, Rule] = {
     _OPERATOR + "ListAudit": _rule(IC, SRE, mutates=False),
     _OPERATOR + "ExpectAgents": _rule(IC, mutates=True),
     _OPERATOR + "AcknowledgeViolation": _rule(IC, mutates=True),
-    _OPERATOR + "CreateEnrollToken": _rule(IC, mutates=True),
-    _OPERATOR + "RevokeCertificates": _rule(IC, mutates=True),
-    _OPERATOR + "ListCertificates": _rule(IC, SRE, mutates=False),
+    # The administrator issues and revokes identities and join tokens, and nothing else:
+    # no pause, no approval. An incident commander may still cut off a stolen laptop.
+    _OPERATOR + "CreateEnrollToken": _rule(IC, ADMIN, mutates=True),
+    _OPERATOR + "RevokeCertificates": _rule(IC, ADMIN, mutates=True),
+    _OPERATOR + "ListCertificates": _rule(IC, SRE, ADMIN, mutates=False),
     # Automation runs approved runbooks and nothing else; a wave that asks for a human
     # is confirmed by an incident commander. A drill pauses: only an incident commander
     # starts one without an approved RequestDrill (checked by the runner).

@@ -8,7 +8,6 @@ somewhere, time for the promise to play out, then the ground truth judged by
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import FAST_TIMINGS, Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import FAST_TIMINGS, Cli, ServerProcess, Simulator, replica_of, wait_for
 from tests.faults.checker import Pause, Verdict, check, read_truth
 
 # The fast timings every test server runs with: the lease TTL the checker allows.
@@ -108,9 +107,7 @@ def fleet_of(
             if index == 0:
                 replicas.append(start_server(*extra))
                 continue
-            replica = ServerProcess(tmp_path / f"replica-{index}", extra)
-            for part in ("pki", "identities"):
-                shutil.copytree(replicas[0].data_dir / part, replica.data_dir / part)
+            replica = replica_of(replicas[0], tmp_path / f"replica-{index}", extra)
             replica.start()
             started.append(replica)
             replicas.append(replica)

@@ -8,7 +8,6 @@ killed with ``kill -9`` and after that replica comes back.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, replica_of, wait_for
 from tests.faults.checker import Pause, check, read_truth
 
 AGENTS = 12
@@ -30,9 +29,7 @@ def replicas(
 ) -> Iterator[list[ServerProcess]]:
     extra = ["--database", pg_dsn]
     first = start_server(*extra)
-    second = ServerProcess(tmp_path / "replica-b", extra)
-    for part in ("pki", "identities"):
-        shutil.copytree(first.data_dir / part, second.data_dir / part)
+    second = replica_of(first, tmp_path / "replica-b", extra)
     second.start()
     try:
         yield [first, second]
