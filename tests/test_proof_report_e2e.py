@@ -139,3 +139,44 @@ def test_report_is_for_the_people_who_answer_for_the_incident(
     unknown = cli.run("report", "--hold", "hold-nope", "--out", str(tmp_path / "u"))
     assert unknown.returncode != 0 and "unknown hold 'hold-nope'" in unknown.stderr
     assert not (tmp_path / "e").exists() and not (tmp_path / "u").exists()
+
+
+def test_report_names_laptops_never_reached_and_opt_outs(
+    server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator], tmp_path: Path
+) -> None:
+    simulate(server, FLEET)
+    wait_capturing(cli, FLEET)
+    inventory = tmp_path / "inventory.csv"
+    inventory.write_text("agent_id,region\nspare-1,eu-west\n")
+    cli.ok("inventory", "import", str(inventory))
+    owned = next(a for a, row in cli.agents().items() if row["labels"].get("owner") == "employee-1")
+    cli.as_("employee-1").ok("opt-out", owned, "--reason", "personal time")
+    hold = cli.pause("--all", "--reason", "leak")
+    wait_for(
+        lambda: cli.json("status")["agents"]["by_state"].get("VERIFIED_STOPPED") == FLEET,
+        30,
+        "the connected fleet verified stopped",
+    )
+    out = tmp_path / "incident"
+    cli.ok("report", "--hold", hold, "--out", str(out))
+    report = json.loads((out / "report.json").read_text())["report"]
+    figures = report["figures"]
+    assert figures["laptops"] == FLEET + 1 and figures["verified"] == FLEET
+    assert figures["verified_percent"] == round(100 * FLEET / (FLEET + 1), 2)
+    assert figures["seconds_to_all_verified"] is None, "the fleet never reached 100%"
+    assert figures["p99_seconds_to_verified"] is not None
+    (spare,) = figures["never_reached"]
+    assert spare["agent_id"] == "spare-1" and spare["state"] == "NEVER_SEEN" and spare["why"]
+    rows = {r["agent_id"]: r for r in report["laptops"]}
+    assert rows[owned]["opt_out"]["reason"] == "personal time" and figures["opted_out"] == 1
+    assert rows["spare-1"]["directive_sent_at"] is None and rows["spare-1"]["verified_at"] is None
+
+    # A row removed is named, and only that one.
+    document = json.loads((out / "report.json").read_text())
+    document["report"]["laptops"] = [
+        r for r in document["report"]["laptops"] if r["agent_id"] != owned
+    ]
+    (out / "report.json").write_text(json.dumps(document))
+    result = cli.run("report", "verify", str(out))
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.splitlines() == [f"TAMPERED: laptop row {owned} was removed"]

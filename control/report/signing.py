@@ -107,21 +107,22 @@ def _section_problems(report: Mapping[str, Any], signed: Mapping[str, Any]) -> l
 
 
 def _row_problems(rows: list[Any], signed: Mapping[str, Any]) -> list[str]:
+    """Rows are matched by agent id, so one removed row names that laptop, not every
+    row after it; an edited agent id reads as its laptop removed and another added."""
+    expected: dict[str, str] = dict(signed["laptops"])
+    seen: set[str] = set()
     problems = []
-    for index, (agent_id, row_digest) in enumerate(signed["laptops"]):
-        if index >= len(rows):
-            problems.append(f"laptop row {agent_id} was removed")
-            continue
-        row = rows[index]
-        claimed = row.get("agent_id") if isinstance(row, dict) else None
-        if claimed != agent_id:
-            problems.append(f"laptop row {agent_id} was altered: it now names {shown(claimed)}")
-        elif digest(row) != row_digest:
+    for row in rows:
+        agent_id = row.get("agent_id") if isinstance(row, dict) else None
+        if not isinstance(agent_id, str) or agent_id not in expected:
+            problems.append(f"laptop row {shown(agent_id)} was added")
+        elif agent_id in seen:
+            problems.append(f"laptop row {agent_id} appears twice")
+        elif digest(row) != expected[agent_id]:
             problems.append(f"laptop row {agent_id} was altered")
-    problems += [
-        f"a laptop row was added at position {i + 1}"
-        for i in range(len(signed["laptops"]), len(rows))
-    ]
+        if isinstance(agent_id, str):
+            seen.add(agent_id)
+    problems += [f"laptop row {a} was removed" for a in expected if a not in seen]
     return problems
 
 
