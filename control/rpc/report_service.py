@@ -7,6 +7,7 @@ CA alone, like an audit checkpoint. An ``--insecure`` server has no key and refu
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ class ReportSigner:
     key_pem: bytes
     cert_pem: bytes
     checkpoints: CheckpointWriter | None
+
+
+def _signed(report: dict[str, Any], signer: ReportSigner) -> bytes:
+    document = sign_report(report, signer.key_pem, signer.cert_pem)
+    return json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
 class ReportService(pb_grpc.ReportsServicer):
@@ -80,8 +86,9 @@ class ReportService(pb_grpc.ReportsServicer):
             now=self._plane.now(),
             epoch=self._plane.epoch,
         )
-        signed = sign_report(report, self._signer.key_pem, self._signer.cert_pem)
-        return json.dumps(signed, indent=1, sort_keys=True, ensure_ascii=False).encode()
+        # The report is plain data now: signing and encoding it (0.6 s for 10,000 laptops,
+        # bench/report_size.py) need not hold up the agents' streams.
+        return await asyncio.to_thread(_signed, report, self._signer)
 
     def _opt_out(self, agent_id: str) -> Hold | None:
         try:
