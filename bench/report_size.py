@@ -30,7 +30,7 @@ from control.domain.audit import AuditEntry, AuditRecord, ChainHead, chain
 from control.pki import Authority, initialise
 from control.plane import AgentView
 from control.report.build import build
-from control.report.html import render
+from control.report.render_html import render
 from control.report.signing import sign_report
 
 

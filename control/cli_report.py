@@ -17,7 +17,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 from control.audit_checkpoints import ca_for_verify
 from control.cli import EXIT_FAILED, OperatorClient, add_client_options
 from control.errors import InvalidInput
-from control.report.html import render
+from control.report.render_html import render
 from control.report.signing import verify
 
 JSON_FILE, HTML_FILE = "report.json", "report.html"

@@ -7,11 +7,12 @@ The server builds and signs the report; the CLI writes report.json and report.ht
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing, wait_for
 
 FLEET = 5
 HOSTILE = "<script>alert('pwned')</script> & \"leak\" <img src=x onerror=alert(1)>"
@@ -180,3 +181,21 @@ def test_report_names_laptops_never_reached_and_opt_outs(
     result = cli.run("report", "verify", str(out))
     assert result.returncode == 1, result.stdout
     assert result.stdout.splitlines() == [f"TAMPERED: laptop row {owned} was removed"]
+
+
+def test_an_insecure_server_has_no_key_to_sign_a_report(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = start_server("--insecure")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        claim = ["--server", server.address, "--insecure", "--as", "ic-1:incident-commander"]
+        return subprocess.run(
+            [str(BIN / "killswitch"), *args, *claim], capture_output=True, text=True, check=False
+        )
+
+    hold = run("pause", "--all", "--reason", "leak").stdout.split()[1]
+    refused = run("report", "--hold", hold, "--out", str(tmp_path / "r"))
+    assert refused.returncode == 1, refused
+    assert "signed with the server key, which an --insecure server does not have" in refused.stderr
+    assert not (tmp_path / "r").exists()
