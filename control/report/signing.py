@@ -27,7 +27,7 @@ from cryptography import x509
 
 from control import audit_checkpoints, server_signature
 from control.domain.audit import AuditRecord, entry_hash
-from control.errors import shown
+from control.errors import InvalidInput, shown
 from control.report.build import KIND
 
 DOCUMENT_KIND = "killswitch-signed-proof-report/1"
@@ -79,13 +79,16 @@ def verify(document: Any, ca_pem: bytes) -> Verdict:
             raise TypeError
     except (KeyError, TypeError, ValueError, AttributeError):
         return Verdict(["unreadable: not a killswitch signed proof report"], "")
-    ca = x509.load_pem_x509_certificate(ca_pem)
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise InvalidInput("the CA given is not a PEM certificate") from None
     why = server_signature.problem(signer, signature, canonical(signed), at, ca)
     if why is not None:
         return Verdict([f"the signature: {why}"], "")
     problems = [*_section_problems(report, signed), *_row_problems(report["laptops"], signed)]
     problems += _audit_problems(report.get("audit"), ca)
-    hold = report.get("hold", {}).get("id", "?")
+    hold = report["hold"].get("id", "?") if isinstance(report.get("hold"), dict) else "?"
     summary = (
         f"report intact: hold {hold}, {len(report['laptops'])} laptops, signed by the server"
         f" (certificate serial {signer.serial_number:x}) at {report.get('generated_at')}"
