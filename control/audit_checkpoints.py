@@ -28,14 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from control import server_signature
 from control.domain.audit import AuditEntry, ChainHead, Checkpoint, verify_checkpoints
 from control.errors import InvalidInput, KillswitchError
-from control.pki import CA_CERT_FILE, PKI_DIR, SERVER_COMMON_NAME
+from control.pki import CA_CERT_FILE, PKI_DIR
 
 if TYPE_CHECKING:
     from control.store import Store
@@ -58,10 +55,9 @@ def _payload(seq: int, digest: str, at: float) -> bytes:
 
 def sign(head: ChainHead, at: float, key_pem: bytes, cert_pem: bytes) -> str:
     """The checkpoint as one JSON line."""
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise KillswitchError("the server key is not an EC key: cannot sign audit checkpoints")
-    signature = key.sign(_payload(head.seq, head.hash, at), ec.ECDSA(hashes.SHA256()))
+    signature = server_signature.sign(
+        _payload(head.seq, head.hash, at), key_pem, "audit checkpoints"
+    )
     return json.dumps(
         {
             "kind": KIND,
@@ -69,7 +65,7 @@ def sign(head: ChainHead, at: float, key_pem: bytes, cert_pem: bytes) -> str:
             "hash": head.hash,
             "at": at,
             "signer": cert_pem.decode(),
-            "signature": base64.b64encode(signature).decode(),
+            "signature": signature,
         },
         sort_keys=True,
     )
@@ -78,7 +74,7 @@ def sign(head: ChainHead, at: float, key_pem: bytes, cert_pem: bytes) -> str:
 # ------------------------------------------------------------------ verifying
 
 
-def _checked(name: str, data: Any, ca: x509.Certificate) -> Checkpoint | str:
+def checked(name: str, data: Any, ca: x509.Certificate) -> Checkpoint | str:
     """The checkpoint if the CA's server signed it; else why it is refused."""
     try:
         seq, digest, at = data["seq"], data["hash"], data["at"]
@@ -88,23 +84,9 @@ def _checked(name: str, data: Any, ca: x509.Certificate) -> Checkpoint | str:
             raise TypeError
     except (KeyError, TypeError, ValueError, AttributeError):
         return f"checkpoint {name}: unreadable (not a killswitch audit checkpoint)"
-    try:
-        signer.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return f"checkpoint {name}: its certificate was not issued by this fleet's CA"
-    names = [a.value for a in signer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    roles = signer.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if names != [SERVER_COMMON_NAME] or roles:
-        return f"checkpoint {name}: signed by {signer.subject.rfc4514_string()}, not the server"
-    public = signer.public_key()
-    try:
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise InvalidSignature
-        public.verify(signature, _payload(seq, digest, at), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return f"checkpoint {name}: forged (its signature does not verify)"
-    if not signer.not_valid_before_utc.timestamp() <= at <= signer.not_valid_after_utc.timestamp():
-        return f"checkpoint {name}: dated outside its certificate's validity"
+    why = server_signature.problem(signer, signature, _payload(seq, digest, at), at, ca)
+    if why is not None:
+        return f"checkpoint {name}: {why}"
     return Checkpoint(name, seq, digest, at)
 
 
@@ -136,8 +118,8 @@ def load(path: Path, ca_pem: bytes) -> tuple[list[Checkpoint], list[str]]:
             data = json.loads(text)
         except ValueError:
             data = None
-        checked = _checked(name, data, ca)
-        (refused.append if isinstance(checked, str) else good.append)(checked)  # type: ignore[arg-type]
+        verdict = checked(name, data, ca)
+        (refused.append if isinstance(verdict, str) else good.append)(verdict)  # type: ignore[arg-type]
     return good, refused
 
 
@@ -195,6 +177,8 @@ class CheckpointWriter:
         self._interval = interval
         self._to_syslog = to_syslog
         self._written: ChainHead | None = None
+        # The newest checkpoint this writer wrote, as its JSON line.
+        self.latest: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -234,6 +218,12 @@ class CheckpointWriter:
         except (KillswitchError, OSError) as exc:
             log.warning("audit_checkpoint_failed", error=str(exc))
 
+    async def current(self) -> str | None:
+        """A checkpoint of the head as it is now (written if the head moved), for a proof
+        report to carry; the previous one if this write fails."""
+        await self._write_logged()
+        return self.latest
+
     async def write(self) -> ChainHead | None:
         """Sign and write the current head, unless it is empty or already written."""
         _, head = await self._store.read_audit(_AFTER_EVERYTHING, 1)
@@ -244,7 +234,7 @@ class CheckpointWriter:
         await asyncio.to_thread(_write_durably, path, line + "\n")
         if self._to_syslog:
             syslog.syslog(syslog.LOG_INFO, line)
-        self._written = head
+        self._written, self.latest = head, line
         log.info("audit_checkpoint", seq=head.seq, hash=head.hash, path=str(path))
         return head
 

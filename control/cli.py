@@ -262,6 +262,7 @@ class OperatorClient:
             "SelfService": pb_grpc.SelfServiceStub(self._channel),
             "Dashboard": pb_grpc.DashboardStub(self._channel),
             "Runbooks": pb_grpc.RunbooksStub(self._channel),
+            "Reports": pb_grpc.ReportsStub(self._channel),
         }
 
     def _method(self, method: str) -> Any:
@@ -1192,7 +1193,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--reason")
     edit.add_argument("--ticket")
 
-    from control import cli_runbook
+    from control import cli_report, cli_runbook
+
+    cli_report.add_commands(sub, command)
 
     cli_runbook.add_commands(
         group("runbook", "gradual, gated re-enable of capture in waves"), command

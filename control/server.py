@@ -49,6 +49,7 @@ from control.rpc.operator_service import (
     OperatorService,
     SelfService,
 )
+from control.rpc.report_service import ReportService, ReportSigner
 from control.rpc.runbook_service import RunbookService
 from control.runbooks import RunbookRunner
 from control.store import describe_database, open_store
@@ -242,6 +243,12 @@ async def serve(config: ServerConfig) -> None:
             server,
         )
         pb_grpc.add_RunbooksServicer_to_server(RunbookService(runner, governance), server)
+        signer = (
+            None
+            if authority is None
+            else ReportSigner(authority.server_key_pem, authority.server_cert_pem, checkpoints)
+        )
+        pb_grpc.add_ReportsServicer_to_server(ReportService(plane, governance, signer), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)
         address = f"{grpc_host}:{grpc_port}"

@@ -104,6 +104,8 @@ cat <<EOT
     .venv/bin/killswitch status
     .venv/bin/killswitch agents --state VERIFIED_STOPPED --selector region=eu-west
     .venv/bin/killswitch holds
+    .venv/bin/killswitch report --hold HOLD_ID --out report/   # signed proof: report.json + .html
+    .venv/bin/killswitch report verify report/                 # offline, names any altered row
     .venv/bin/killswitch resume --hold HOLD_ID --reason "leak contained"   # asks
     .venv/bin/killswitch approve REQUEST_ID --identity $IDS/approver-1     # a second person
     .venv/bin/killswitch audit verify --identity $IDS/sre-1

@@ -78,6 +78,9 @@ POLICY: Mapping[str, Rule] = {
     _OPERATOR + "CreateEnrollToken": _rule(IC, ADMIN, mutates=True),
     _OPERATOR + "RevokeCertificates": _rule(IC, ADMIN, mutates=True),
     _OPERATOR + "ListCertificates": _rule(IC, SRE, ADMIN, mutates=False),
+    # A signed proof report of one hold, its audit excerpt included: for the people who
+    # answer for the incident (the approver who signs off a resume, too).
+    "/killswitch.v1.Reports/GetReport": _READ,
     # Automation runs approved runbooks and nothing else; a wave that asks for a human
     # is confirmed by an incident commander. A drill pauses: only an incident commander
     # starts one without an approved RequestDrill (checked by the runner).

@@ -1713,3 +1713,84 @@ class Runbooks:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReportsStub:
+    """A signed proof report per incident: the server builds it from its hold, agent and
+    audit state and signs it with its own key (the one its audit checkpoints carry), so
+    `killswitch report verify` checks it offline against the fleet's CA.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetReport = channel.unary_stream(
+                '/killswitch.v1.Reports/GetReport',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ReportChunk.FromString,
+                _registered_method=True)
+
+
+class ReportsServicer:
+    """A signed proof report per incident: the server builds it from its hold, agent and
+    audit state and signs it with its own key (the one its audit checkpoints carry), so
+    `killswitch report verify` checks it offline against the fleet's CA.
+    """
+
+    def GetReport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReportsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetReport': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.GetReportRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ReportChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'killswitch.v1.Reports', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('killswitch.v1.Reports', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Reports:
+    """A signed proof report per incident: the server builds it from its hold, agent and
+    audit state and signs it with its own key (the one its audit checkpoints carry), so
+    `killswitch report verify` checks it offline against the fleet's CA.
+    """
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/killswitch.v1.Reports/GetReport',
+            killswitch_dot_v1_dot_killswitch__pb2.GetReportRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.ReportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

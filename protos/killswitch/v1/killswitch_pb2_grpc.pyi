@@ -542,3 +542,40 @@ class RunbooksServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_RunbooksServicer_to_server(servicer: RunbooksServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ReportsStub:
+    """A signed proof report per incident: the server builds it from its hold, agent and
+    audit state and signs it with its own key (the one its audit checkpoints carry), so
+    `killswitch report verify` checks it offline against the fleet's CA.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ReportsAsyncStub: ...
+    GetReport: _grpc.UnaryStreamMultiCallable[_killswitch_pb2.GetReportRequest, _killswitch_pb2.ReportChunk]
+
+@_typing.type_check_only
+class ReportsAsyncStub(ReportsStub):
+    """A signed proof report per incident: the server builds it from its hold, agent and
+    audit state and signs it with its own key (the one its audit checkpoints carry), so
+    `killswitch report verify` checks it offline against the fleet's CA.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetReport: _aio.UnaryStreamMultiCallable[_killswitch_pb2.GetReportRequest, _killswitch_pb2.ReportChunk]  # type: ignore[assignment]
+
+class ReportsServicer(metaclass=_abc_1.ABCMeta):
+    """A signed proof report per incident: the server builds it from its hold, agent and
+    audit state and signs it with its own key (the one its audit checkpoints carry), so
+    `killswitch report verify` checks it offline against the fleet's CA.
+    """
+
+    @_abc_1.abstractmethod
+    def GetReport(
+        self,
+        request: _killswitch_pb2.GetReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_killswitch_pb2.ReportChunk], _abc.AsyncIterator[_killswitch_pb2.ReportChunk]]: ...
+
+def add_ReportsServicer_to_server(servicer: ReportsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
