@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control.domain import validate_agent_id
 from control.domain.identity import CertificateRecord, Principal, Role
-from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied
+from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied, shown
 
 PKI_DIR = "pki"
 IDENTITIES_DIR = "identities"
@@ -215,7 +215,7 @@ class Authority:
         ``server_names`` it may also serve TLS under them (the ingest gateway does)."""
         if not _IDENTITY_NAME.match(name):
             raise InvalidInput(
-                f"invalid identity name {name!r}: use 1-64 letters, digits or . _ @ -"
+                f"invalid identity name {shown(name)}: use 1-64 letters, digits or . _ @ -"
                 " starting with a letter or digit"
             )
         key = _new_key()
