@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cache
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,8 @@ from control.errors import InvalidInput, shown
 from control.untrusted import MAX_DOCUMENT_BYTES, DocumentRefused, GuardedYamlLoader
 
 _TOO_LARGE = f"the file is over {MAX_DOCUMENT_BYTES // 1024} KiB; a runbook is a short text file"
+
+_MAX_SCHEMA_ERRORS = 50
 
 _Path = tuple[str | int, ...]
 _T = TypeVar("_T")
@@ -176,9 +179,11 @@ def _read_yaml(text: str, file_name: str) -> tuple[yaml.Node, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = "invalid YAML: " + ", ".join(filter(None, (exc.context, exc.problem)))
-        if "'\\t'" in problem:
+        lines = text.splitlines()
+        row = lines[mark.line][: mark.column + 1] if mark and mark.line < len(lines) else ""
+        if "\t" in row:
             problem += "; indent with spaces, not tabs"
-        elif "<block" in problem:
+        elif "block" in (exc.context or ""):
             problem += "; check the indentation"
         raise RunbookFileError(file_name, mark.line + 1 if mark else None, "", problem) from None
     except yaml.reader.ReaderError as exc:
@@ -258,7 +263,9 @@ def _validator() -> Draft202012Validator:
 
 def _check_schema(root: yaml.Node, document: Any) -> None:
     """Report one schema error: the first by line, the most relevant on that line."""
-    errors = list(_validator().iter_errors(document))
+    # Enough to find the first by line in any real file; a hostile one (2000 wrong
+    # values) would otherwise cost a jsonschema error object and a line lookup each.
+    errors = list(islice(_validator().iter_errors(document), _MAX_SCHEMA_ERRORS))
     # A typo'd key usually explains a missing one; say the typo, not the absence.
     typo_at = {tuple(e.absolute_path) for e in errors if e.validator == "additionalProperties"}
     errors = [

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 
 def alias_bomb(levels: int = 8) -> str:
-    """Nested aliases ("billion laughs"): about 320 bytes that expand to 9**8 values.
+    """Nested aliases ("billion laughs"): 384 bytes that expand to 9**8 values.
 
     Put where the schema complains about the whole value (``on_failure`` must be one
     word), it once cost the server 12 s of its event loop rendering the error."""
-    rows = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    rows += [f"&l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
-    return f"name: bomb\non_failure: [{', '.join(rows)}]\nwaves: [{{share: 100%}}]\n"
+    rows = ["&l0 [" + ",".join(["lol"] * 9) + "]"]
+    rows += [f"&l{n} [{','.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return f"name: bomb\non_failure: [{','.join(rows)}]\nwaves: [{{share: 100%}}]\n"
 
 
 def deep_bomb(depth: int = 10_000) -> str:
@@ -22,8 +22,8 @@ def deep_bomb(depth: int = 10_000) -> str:
 
 
 def wide_bomb(values: int = 15_000) -> str:
-    """Many tiny values: small in bytes, many nodes to build and validate."""
-    return "name: bomb\nwaves: [" + ", ".join(["{}"] * values) + "]\n"
+    """Many tiny values: under the byte cap, but many nodes to build and validate."""
+    return "name: bomb\nwaves: [" + ",".join(["0"] * values) + "]\n"
 
 
 def oversized(size: int = 60 * 1024) -> str:
