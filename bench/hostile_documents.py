@@ -39,22 +39,23 @@ SENDERS = ("sre-1", "approver-1", "automation-1")
 BASELINE_CALLS = 300
 
 
-def start_server(data_dir: Path) -> tuple[Child, str]:
+def start_server(data_dir: Path) -> tuple[Child, str, str]:
+    """The server, its gRPC address and its enrolment address."""
     subprocess.run(
         [str(KILLSWITCH), "init", "--data-dir", str(data_dir)], check=True, capture_output=True
     )
     deadline = time.monotonic() + 60
-    address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    address, http, enroll = (f"127.0.0.1:{free_port()}" for _ in range(3))
     argv = [
         str(KILLSWITCH), "serve", "--data-dir", str(data_dir), "--grpc", address,
-        "--http", http, "--enroll", f"127.0.0.1:{free_port()}", "--log-format", "json",
+        "--http", http, "--enroll", enroll, "--log-format", "json",
     ]  # fmt: skip
     server = Child("server", argv, data_dir / "server.log", data_dir)
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://{http}/readyz", timeout=1) as ready:
                 if ready.status == 200:
-                    return server, address
+                    return server, address, enroll
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"server not ready:\n{server.log_tail()}")
@@ -124,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
         data_dir = Path(tmp)
         try:
-            server, address = start_server(data_dir)
+            server, address, _ = start_server(data_dir)
             ic = pb_grpc.OperatorStub(channel(data_dir, address, "ic-1"))
             senders = [pb_grpc.RunbooksStub(channel(data_dir, address, n)) for n in SENDERS]
             timed_status(ic)
