@@ -16,8 +16,9 @@ from aiohttp import web
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from control.domain.rollout import PrometheusGate, PrometheusReading
 from control.pki import load_identity
-from control.runbooks import query_prometheus
+from control.prometheus_sources import PrometheusSources
 from control.untrusted import MAX_DOCUMENT_BYTES
 from tests.conftest import ServerProcess, free_port
 from tests.hostile_documents import HOSTILE
@@ -108,6 +109,12 @@ ANSWERS = {
 }
 
 
+async def query(server: str, kind: str) -> PrometheusReading:
+    """What the gate reads from a source configured as ``server``'s ``kind`` path."""
+    sources = PrometheusSources([("fake", f"{server}/{kind}")])
+    return await sources.query(PrometheusGate(query="up", source="fake"))
+
+
 @pytest.fixture
 def fake_prometheus() -> Iterator[str]:
     """An HTTP server answering each query path with one body of ``ANSWERS``."""
@@ -141,11 +148,11 @@ def fake_prometheus() -> Iterator[str]:
 
 
 def test_a_good_prometheus_answer_is_read(fake_prometheus: str) -> None:
-    assert asyncio.run(query_prometheus(f"{fake_prometheus}/good", "up")).value == 3.0
+    assert asyncio.run(query(fake_prometheus, "good")).value == 3.0
 
 
 @pytest.mark.parametrize("kind", [kind for kind in ANSWERS if kind != "good"])
 def test_hostile_prometheus_answer_is_a_short_gate_error(fake_prometheus: str, kind: str) -> None:
-    reading = asyncio.run(query_prometheus(f"{fake_prometheus}/{kind}", "up"))
+    reading = asyncio.run(query(fake_prometheus, kind))
     assert reading.value is None and reading.error, reading
     assert len(reading.error) < SHORT and "\n" not in reading.error, reading.error
