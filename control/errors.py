@@ -6,6 +6,8 @@ codes) in one place each, so a user always sees a one-line message.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class KillswitchError(Exception):
     """Base class: every error the product raises on purpose."""
@@ -66,9 +68,21 @@ MAX_SHOWN_CHARS = 60
 MAX_MESSAGE_CHARS = 500
 
 
+# Containers are quoted through reprlib, which stops after a few items: a caller's
+# nested list is never turned into text whole just to be clipped (an expanded YAML
+# alias bomb once took seconds of repr here).
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxstring, _EXCERPT.maxother = 3, MAX_SHOWN_CHARS, MAX_SHOWN_CHARS
+
+
 def shown(value: object) -> str:
     """A caller's value quoted in an error, clipped: a message must stay one short line."""
-    text = repr(value)
+    if isinstance(value, str):
+        text = repr(value[: MAX_SHOWN_CHARS + 1])
+    elif isinstance(value, int) and value.bit_length() > 256:  # repr refuses past 4300 digits
+        text = f"a {value.bit_length()}-bit number"
+    else:
+        text = _EXCERPT.repr(value)
     return text if len(text) <= MAX_SHOWN_CHARS else f"{text[: MAX_SHOWN_CHARS - 5]}...{text[-1]}"
 
 

@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control.domain import validate_agent_id
 from control.domain.identity import CertificateRecord, Principal, Role
-from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied
+from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied, shown
 from control.pki_files import (
     load_certificate,
     load_key,
@@ -233,7 +233,7 @@ def request_identity(directory: Path, name: str, role: Role) -> bytes:
 def validate_identity_name(name: str) -> str:
     if not _IDENTITY_NAME.match(name):
         raise InvalidInput(
-            f"invalid identity name {name!r}: use 1-64 letters, digits or . _ @ -"
+            f"invalid identity name {shown(name)}: use 1-64 letters, digits or . _ @ -"
             " starting with a letter or digit"
         )
     return name

@@ -10,7 +10,6 @@ is reduced to a number or to a fixed one-line reason: its body is never repeated
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -20,11 +19,10 @@ import aiohttp
 
 from control.domain.rollout import PrometheusGate, PrometheusReading, Runbook
 from control.errors import InvalidInput
+from control.untrusted import MAX_DOCUMENT_BYTES, DocumentRefused, load_json, off_loop
 
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 QUERY_TIMEOUT_SECONDS = 5.0
-# An instant query aggregated to one series answers in a few hundred bytes.
-MAX_ANSWER_BYTES = 1 << 20
 # Prometheus' own error types (its API's ``errorType``): a fixed set, safe to repeat.
 KNOWN_ERROR_TYPES = frozenset(
     {"bad_data", "timeout", "canceled", "execution", "internal", "unavailable", "not_found"}
@@ -79,7 +77,12 @@ class PrometheusSources:
             ):
                 if response.status != 200:
                     return PrometheusReading(error=_status_error(name, response.status))
-                raw = await response.content.read(MAX_ANSWER_BYTES + 1)
+                # read() may stop short of n: read on to one byte over the cap.
+                raw = b""
+                while len(raw) <= MAX_DOCUMENT_BYTES and (
+                    chunk := await response.content.read(MAX_DOCUMENT_BYTES + 1 - len(raw))
+                ):
+                    raw += chunk
         except TimeoutError:
             return PrometheusReading(
                 error=f"prometheus {name!r} did not answer within {QUERY_TIMEOUT_SECONDS:g}s"
@@ -87,12 +90,13 @@ class PrometheusSources:
         except aiohttp.ClientError as exc:
             why = type(exc).__name__
             return PrometheusReading(error=f"prometheus {name!r} unreachable ({why})")
-        if len(raw) > MAX_ANSWER_BYTES:
-            return PrometheusReading(error=f"prometheus {name!r} answered more than 1 MiB")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return PrometheusReading(error=f"prometheus {name!r} did not answer JSON")
+        if len(raw) > MAX_DOCUMENT_BYTES:
+            size = f"{MAX_DOCUMENT_BYTES // 1024} KiB"
+            return PrometheusReading(error=f"prometheus {name!r} answered more than {size}")
+        try:  # within control.untrusted's caps (a deep nesting once raised RecursionError)
+            body = await off_loop(load_json, raw, "the answer")
+        except DocumentRefused:
+            return PrometheusReading(error=f"prometheus {name!r} did not answer usable JSON")
         return prometheus_value(name, body)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cache
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,9 +42,11 @@ from control.domain.rollout import (
 )
 from control.domain.scope import Scope, validate_agent_id, validate_labels
 from control.errors import InvalidInput, shown
+from control.untrusted import MAX_DOCUMENT_BYTES, DocumentRefused, GuardedYamlLoader
 
-MAX_RUNBOOK_BYTES = 256 * 1024
-_TOO_LARGE = f"the file is over {MAX_RUNBOOK_BYTES // 1024} KiB; a runbook is a short text file"
+_TOO_LARGE = f"the file is over {MAX_DOCUMENT_BYTES // 1024} KiB; a runbook is a short text file"
+
+_MAX_SCHEMA_ERRORS = 50
 
 _Path = tuple[str | int, ...]
 _T = TypeVar("_T")
@@ -107,12 +110,12 @@ def load_runbook(path: Path) -> tuple[Runbook, str]:
     name = str(path)
     try:
         with path.open("rb") as stream:
-            data = stream.read(MAX_RUNBOOK_BYTES + 1)
+            data = stream.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
         raise RunbookFileError(
             name, None, "", f"cannot read the file: {exc.strerror or exc}"
         ) from None
-    if len(data) > MAX_RUNBOOK_BYTES:
+    if len(data) > MAX_DOCUMENT_BYTES:
         raise RunbookFileError(name, None, "", _TOO_LARGE)
     try:
         text = data.decode("utf-8")
@@ -124,9 +127,10 @@ def load_runbook(path: Path) -> tuple[Runbook, str]:
 
 
 def parse_runbook(text: str, file_name: str = "<runbook>") -> Runbook:
-    """The domain runbook written in ``text``; ``file_name`` only labels the errors."""
-    if len(text.encode("utf-8", "replace")) > MAX_RUNBOOK_BYTES:
-        raise RunbookFileError(file_name, None, "", _TOO_LARGE)
+    """The domain runbook written in ``text``; ``file_name`` only labels the errors.
+
+    The text may be anyone's: it is read within ``control.untrusted``'s caps, and the
+    server calls this through ``untrusted.off_loop``."""
     root, document = _read_yaml(text, file_name)
     try:
         _check_schema(root, document)
@@ -155,26 +159,31 @@ def parse_duration(value: object) -> float:
 
 
 def _read_yaml(text: str, file_name: str) -> tuple[yaml.Node, Any]:
-    """Compose (keeping line marks), check the keys, then construct as ``safe_load`` would."""
-    loader: yaml.SafeLoader | None = None
+    """Compose (keeping line marks), check the keys, then construct as ``safe_load`` would,
+    but with no anchors or aliases and within the caps (``GuardedYamlLoader``)."""
+    loader: GuardedYamlLoader | None = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = GuardedYamlLoader(text)
         root = loader.get_single_node()
         if root is None:
             raise _Invalid((), "the file is empty; a runbook needs at least name and waves")
         if not isinstance(root, yaml.MappingNode):
             line = root.start_mark.line + 1
             raise _Invalid((), "a runbook must be a mapping (name: ..., waves: ...)", line)
-        _check_keys(root, (), set())
+        _check_keys(root, ())
         return root, loader.construct_document(root)
+    except DocumentRefused as exc:
+        raise RunbookFileError(file_name, exc.line, "", exc.problem) from None
     except _Invalid as exc:
         raise RunbookFileError(file_name, exc.line, _field(exc.path), exc.problem) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = "invalid YAML: " + ", ".join(filter(None, (exc.context, exc.problem)))
-        if "'\\t'" in problem:
+        lines = text.splitlines()
+        row = lines[mark.line][: mark.column + 1] if mark and mark.line < len(lines) else ""
+        if "\t" in row:
             problem += "; indent with spaces, not tabs"
-        elif "<block" in problem:
+        elif "block" in (exc.context or ""):
             problem += "; check the indentation"
         raise RunbookFileError(file_name, mark.line + 1 if mark else None, "", problem) from None
     except yaml.reader.ReaderError as exc:
@@ -183,27 +192,22 @@ def _read_yaml(text: str, file_name: str) -> tuple[yaml.Node, Any]:
         raise RunbookFileError(file_name, line, "", problem) from None
     except yaml.YAMLError as exc:
         raise RunbookFileError(file_name, None, "", f"invalid YAML: {exc}") from None
-    except RecursionError:
-        raise RunbookFileError(file_name, None, "", "invalid YAML: nested too deeply") from None
     finally:
         if loader is not None:
             loader.dispose()
 
 
-def _check_keys(node: yaml.Node, path: _Path, seen: set[int]) -> None:
+def _check_keys(node: yaml.Node, path: _Path) -> None:
     """Field names must be text, and given once: PyYAML would silently keep the last one."""
-    if id(node) in seen:  # an alias: already checked, and it may point at itself
-        return
-    seen.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _check_keys(item, (*path, index), seen)
+            _check_keys(item, (*path, index))
     if not isinstance(node, yaml.MappingNode):
         return
     first: dict[str, yaml.Node] = {}
     for key, value in node.value:
         if key.tag == _MERGE_TAG:
-            _check_keys(value, path, seen)
+            _check_keys(value, path)
             continue
         line = key.start_mark.line + 1
         if not isinstance(key, yaml.ScalarNode):
@@ -215,7 +219,7 @@ def _check_keys(node: yaml.Node, path: _Path, seen: set[int]) -> None:
             earlier = first[key.value].start_mark.line + 1
             raise _Invalid((*path, key.value), f"given twice (first on line {earlier})", line)
         first[key.value] = key
-        _check_keys(value, (*path, key.value), seen)
+        _check_keys(value, (*path, key.value))
 
 
 def _line(root: yaml.Node, path: _Path) -> int:
@@ -259,7 +263,9 @@ def _validator() -> Draft202012Validator:
 
 def _check_schema(root: yaml.Node, document: Any) -> None:
     """Report one schema error: the first by line, the most relevant on that line."""
-    errors = list(_validator().iter_errors(document))
+    # Enough to find the first by line in any real file; a hostile one (2000 wrong
+    # values) would otherwise cost a jsonschema error object and a line lookup each.
+    errors = list(islice(_validator().iter_errors(document), _MAX_SCHEMA_ERRORS))
     # A typo'd key usually explains a missing one; say the typo, not the absence.
     typo_at = {tuple(e.absolute_path) for e in errors if e.validator == "additionalProperties"}
     errors = [
@@ -333,7 +339,7 @@ def _kind(value: object) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"a {type(value).__name__} ({str(value)[:40]})"
+    return f"a {type(value).__name__} ({shown(value)})"
 
 
 # ---------------------------------------------------------------- meaning

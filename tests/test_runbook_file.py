@@ -18,12 +18,12 @@ from control.domain.rollout import FROM_APPROVAL, Gates, OnFailure, PrometheusGa
 from control.domain.scope import ScopeKind
 from control.errors import InvalidInput
 from control.runbook_file import (
-    MAX_RUNBOOK_BYTES,
     RunbookFileError,
     load_runbook,
     parse_duration,
     parse_runbook,
 )
+from control.untrusted import MAX_DOCUMENT_BYTES
 
 RUNBOOKS = Path(__file__).resolve().parents[1] / "runbooks"
 
@@ -292,12 +292,21 @@ BROKEN: list[tuple[str, str, int | None, str, str]] = [
     ("control-char", "name: x\n\x07\n", 2, "", "U+0007"),
     (
         "merged-wave",
-        f"name: x\nwaves:\n  - &w {{share: 50%, soak: 2m}}\n  - <<: *w\n    share: 40%\n{LAST}",
-        5,
+        f"name: x\nwaves:\n  - {{share: 50%}}\n  - <<: {{share: 40%, soak: 2m}}\n{LAST}",
+        4,
         "waves[1].share",
         "must grow",
     ),
-    ("nested-too-deeply", "[" * sys.getrecursionlimit(), None, "", "nested too deeply"),
+    (
+        "anchor",
+        f"name: x\nwaves:\n  - &w {{share: 50%}}\n{LAST}",
+        3,
+        "",
+        "YAML anchors ('&w') are not allowed; write the value out",
+    ),
+    ("alias", "name: x\nseed: *s\n", 2, "", "YAML aliases ('*s') are not allowed"),
+    ("nested-too-deeply", "[" * sys.getrecursionlimit(), 1, "", "nested over 20 levels deep"),
+    ("long-number", f"name: x\nseed: {'1' * 5000}\n", 2, "", "a number over 100 characters"),
     ("empty-file", "", None, "", "the file is empty"),
     ("only-comments", "# nothing yet\n", None, "", "the file is empty"),
     ("list-document", "\n- name: x\n", 2, "", "must be a mapping"),
@@ -336,8 +345,8 @@ def test_domain_check_is_the_last_resort(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "last wave must re-enable 100%" in error.problem
 
 
-def test_self_referencing_alias_is_an_error_not_a_hang() -> None:
-    assert _error("name: x\nwaves: &w\n  - *w\n").field == "waves[0]"
+def test_self_referencing_alias_is_refused_not_followed() -> None:
+    assert _error("name: x\nwaves: &w\n  - *w\n").problem.startswith("YAML anchors")
 
 
 # ---------------------------------------------------------------- reading files
@@ -349,8 +358,8 @@ def test_load_runbook_errors(tmp_path: Path) -> None:
     with pytest.raises(RunbookFileError, match="cannot read the file"):
         load_runbook(tmp_path)
     big = tmp_path / "big.yaml"
-    big.write_text("#" * (MAX_RUNBOOK_BYTES + 1))
-    with pytest.raises(RunbookFileError, match="over 256 KiB"):
+    big.write_text("#" * (MAX_DOCUMENT_BYTES + 1))
+    with pytest.raises(RunbookFileError, match="over 32 KiB"):
         load_runbook(big)
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"name: x\ndescription: caf\xe9\n")
@@ -361,8 +370,8 @@ def test_load_runbook_errors(tmp_path: Path) -> None:
 
 
 def test_parse_rejects_oversized_text() -> None:
-    with pytest.raises(RunbookFileError, match="over 256 KiB"):
-        parse_runbook("#" * (MAX_RUNBOOK_BYTES + 1))
+    with pytest.raises(RunbookFileError, match="over 32 KiB"):
+        parse_runbook("#" * (MAX_DOCUMENT_BYTES + 1))
 
 
 # ---------------------------------------------------------------- values
@@ -422,7 +431,8 @@ def test_defaults_merge_key_by_key() -> None:
 
 def test_domain_defaults_and_yaml_merge_keys() -> None:
     book = parse_runbook(
-        "name: x\nwaves:\n  - &w {share: 50%, soak: 2m}\n  - <<: *w\n    share: 100%\n"
+        "name: x\nwaves:\n  - {share: 50%, soak: 2m}\n  - <<: {share: 50%, soak: 2m}\n"
+        "    share: 100%\n"
     )
     assert (book.seed, book.hold, book.on_failure) == ("x", FROM_APPROVAL, OnFailure.REPAUSE)
     assert [(w.share, w.soak, w.timeout) for w in book.waves] == [

@@ -15,7 +15,7 @@ from enum import StrEnum
 from types import MappingProxyType
 
 from control.domain.scope import validate_labels
-from control.errors import InvalidInput
+from control.errors import InvalidInput, shown
 
 TOKEN_PREFIX = "kst"
 MAX_TOKEN_USES = 100_000
@@ -42,7 +42,7 @@ def parse_role(text: str) -> Role:
         return Role(text)
     except ValueError:
         known = ", ".join(r.value for r in Role)
-        raise InvalidInput(f"unknown role {text!r}; known roles: {known}") from None
+        raise InvalidInput(f"unknown role {shown(text)}; known roles: {known}") from None
 
 
 @dataclass(frozen=True, slots=True)

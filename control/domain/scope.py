@@ -44,9 +44,9 @@ def parse_label_pairs(pairs: Iterable[str], *, what: str = "label") -> dict[str,
         key, sep, value = pair.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise InvalidInput(f"bad {what} {pair!r}: expected k=v")
+            raise InvalidInput(f"bad {what} {shown(pair)}: expected k=v")
         if labels.get(key, value) != value:
-            raise InvalidInput(f"bad {what}: {key!r} given twice with different values")
+            raise InvalidInput(f"bad {what}: {shown(key)} given twice with different values")
         labels[key] = value
     return validate_labels(labels)
 
@@ -58,7 +58,7 @@ def parse_selector(text: str) -> dict[str, str]:
     try:
         return parse_label_pairs(text.split(","), what="selector")
     except InvalidInput as exc:
-        raise InvalidInput(f"{exc} in selector {text!r}") from None
+        raise InvalidInput(f"{exc} in selector {shown(text)}") from None
 
 
 def format_labels(labels: Mapping[str, str]) -> str:

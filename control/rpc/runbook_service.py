@@ -18,15 +18,17 @@ from control.rpc.convert import resume_request_to_pb, timestamp
 from control.rpc.operator_service import Context, required, translate_errors
 from control.runbook_file import parse_runbook
 from control.runbooks import Plan, RunbookRunner, next_step, runbook_sha256
+from control.untrusted import off_loop
 
 SAMPLE_AGENTS = 20
 
 
-def _book_from_pb(source: pb.RunbookSource) -> tuple[Runbook, str, str]:
+async def _book_from_pb(source: pb.RunbookSource) -> tuple[Runbook, str, str]:
+    """The caller's runbook, read off the event loop within ``control.untrusted``'s caps."""
     if not source.text.strip():
         raise InvalidInput("the runbook text is empty")
     file_name = source.file_name.strip()[:200] or "<runbook>"
-    return parse_runbook(source.text, file_name), source.text, file_name
+    return await off_loop(parse_runbook, source.text, file_name), source.text, file_name
 
 
 def run_to_pb(run: Run, book: Runbook) -> pb.RunbookRun:
@@ -117,7 +119,7 @@ class RunbookService(pb_grpc.RunbooksServicer):
     async def PlanRunbook(  # noqa: N802
         self, request: pb.PlanRunbookRequest, context: Context
     ) -> pb.PlanRunbookResponse:
-        book, _, _ = _book_from_pb(request.runbook)
+        book, _, _ = await _book_from_pb(request.runbook)
         plan = self._runner.plan(book, hold_id=request.hold_id, approval_id=request.approval_id)
         return plan_to_pb(plan)
 
@@ -125,7 +127,7 @@ class RunbookService(pb_grpc.RunbooksServicer):
     async def StartRunbook(  # noqa: N802
         self, request: pb.StartRunbookRequest, context: Context
     ) -> pb.RunbookRunResponse:
-        book, source, file_name = _book_from_pb(request.runbook)
+        book, source, file_name = await _book_from_pb(request.runbook)
         run = await self._runner.start_run(
             book,
             source=source,
@@ -139,7 +141,7 @@ class RunbookService(pb_grpc.RunbooksServicer):
     async def RequestDrill(  # noqa: N802
         self, request: pb.RequestDrillRequest, context: Context
     ) -> pb.ResumeRequestResponse:
-        book, source, _ = _book_from_pb(request.runbook)
+        book, source, _ = await _book_from_pb(request.runbook)
         if book.pause is None:
             raise InvalidInput(
                 f"runbook {book.name!r} does not pause: it re-enables, with an approved"
