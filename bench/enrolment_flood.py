@@ -35,7 +35,9 @@ import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from bench.people import issue_person
 from bench.procs import Child, free_port, install_cleanup
+from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
 from control.pki import load_identity
 
@@ -93,6 +95,9 @@ class Server:
             check=True,
             capture_output=True,
         )
+        ic = self.data_dir / "identities" / "ic-1"
+        if not ic.exists():  # `init` makes only an administrator now (older builds: ic-1 too)
+            issue_person(killswitch, self.data_dir, "ic-1", Role.INCIDENT_COMMANDER, ic)
         self.child = Child(
             "server",
             [

@@ -52,7 +52,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from bench.hostile_documents import channel, start_server
 from bench.procs import Child, install_cleanup, stop_all
 from control.domain.identity import Role
-from control.pki import Authority, write_identity
+from control.pki import Authority, request_identity
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOKS = sorted((REPO / "runbooks").glob("*.yaml"))
@@ -345,6 +345,16 @@ def inputs(
             yield "csr", enroll, "enroll", body
 
 
+def issue_agent(data_dir: Path, name: str) -> None:
+    """An agent identity in ``DATA/identities/NAME``, as enrolment would give it."""
+    folder = data_dir / "identities" / name
+    authority = Authority.load(data_dir)
+    csr = request_identity(folder, name, Role.AGENT)
+    cert, _ = authority.sign_agent_csr(csr, name, now=time.time())
+    (folder / "cert.pem").write_bytes(cert)
+    (folder / "ca.pem").write_bytes(authority.ca_pem)
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=100_000)
@@ -364,9 +374,7 @@ def main() -> None:
         data_dir = Path(tmp)
         server, address, enroll_address = start_server(data_dir)
         try:
-            authority = Authority.load(data_dir)
-            cert, key, _ = authority.issue_identity("fuzz-agent", Role.AGENT, now=time.time())
-            write_identity(data_dir / "identities" / "fuzz-agent", cert, key, authority.ca_pem)
+            issue_agent(data_dir, "fuzz-agent")
             ic = pb_grpc.OperatorStub(channel(data_dir, address, "ic-1"))
             request = pb.CreateEnrollTokenRequest(uses=100_000, ttl_seconds=86_400)
             token = ic.CreateEnrollToken(request, timeout=30).token

@@ -30,6 +30,7 @@ import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from bench.people import issue_operators
 from bench.procs import Child, free_port, install_cleanup, stop_all
 from control.pki import load_identity
 from tests.hostile_documents import HOSTILE
@@ -44,6 +45,7 @@ def start_server(data_dir: Path) -> tuple[Child, str, str]:
     subprocess.run(
         [str(KILLSWITCH), "init", "--data-dir", str(data_dir)], check=True, capture_output=True
     )
+    issue_operators(KILLSWITCH, data_dir)
     deadline = time.monotonic() + 60
     address, http, enroll = (f"127.0.0.1:{free_port()}" for _ in range(3))
     argv = [

@@ -61,7 +61,9 @@ import psycopg
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from bench.people import issue_person
 from bench.procs import Child, free_port, install_cleanup, stop_all
+from control.domain.identity import Role
 from control.pki import REPLICA_FILES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -564,16 +566,14 @@ class Site:
 def issue_identity(site: Site, name: str, role: str, database: str) -> list[str]:
     """A person's own key and request, signed by the administrator: the commands run."""
     assert site.identities is not None
-    folder = site.identities / name
-    request = [str(BIN / "killswitch"), "identity", "request", "--name", name, "--role", role]
-    request += ["--out", str(folder)]
-    issue = [str(BIN / "killswitch"), "certs", "issue", str(folder / "request.csr")]
-    issue += ["--role", role, "--data-dir", str(site.data_dir()), "--out", str(folder / "cert.pem")]
-    issue += ["--database", database] if database else []
-    run_cli(request)
-    run_cli(issue)
-    shutil.copy(site.data_dir() / "pki" / "ca.pem", folder / "ca.pem")
-    return [shlex.join(request), shlex.join(issue), f"cp {site.data_dir()}/pki/ca.pem {folder}/"]
+    return issue_person(
+        BIN / "killswitch",
+        site.data_dir(),
+        name,
+        Role(role),
+        site.identities / name,
+        database=database,
+    )
 
 
 def run_cli(argv: list[str]) -> str:

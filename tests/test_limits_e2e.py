@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.identity import enrol
@@ -102,8 +103,12 @@ def test_an_enrolment_flood_is_refused_early_and_audited_in_aggregate(
     restarted(server)
     new = audit(cli)[before:]
     assert aggregated_calls(new, "127.0.0.1") == flood - codes[grpc.StatusCode.UNAVAILABLE]
-    assert [e["action"] for e in new if e["action"] != AGGREGATED_ACTION] == ["hold.create"]
-    assert len(new) <= 4, "a handful of aggregated entries, not one per refused call"
+    # (certs.issue: the incident commander's identity, issued when the test first used it)
+    others = [e["action"] for e in new if e["action"] not in {AGGREGATED_ACTION, "certs.issue"}]
+    assert others == ["hold.create"]
+    aggregated = [e for e in new if e["action"] == AGGREGATED_ACTION]
+    # One per source per 10 s interval; the tarpit spreads the flood over a few intervals.
+    assert len(aggregated) <= 10, "a handful of aggregated entries, not one per refused call"
 
 
 def test_a_revoked_certificate_is_refused_in_aggregate_without_an_entry_per_call(
@@ -165,3 +170,16 @@ def test_a_fleet_enrolling_from_one_address_is_not_rate_limited(
     audit_log = audit(cli)
     assert sum(e["action"] == "agent.enroll" for e in audit_log) == agents
     assert not [e for e in audit_log if e["action"] == AGGREGATED_ACTION]
+
+
+def test_an_undecodable_enrolment_is_invalid_argument_not_a_crash(server: ServerProcess) -> None:
+    """Found by bench/fuzz_campaign.py: the enrolment port answered gRPC's UNKNOWN."""
+    credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
+    with grpc.secure_channel(server.enroll_address, credentials) as channel:
+        enroll = channel.unary_unary(ENROLL, None, None)  # raw bytes out and back
+        for garbage in (b"y", b"\x1a\x04ic", b"\n@aaaaaaaae\xe5\taaaa"):
+            with pytest.raises(grpc.RpcError) as refused:
+                enroll(garbage, timeout=10)
+            error: Any = refused.value
+            assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
+            assert "does not parse" in error.details()

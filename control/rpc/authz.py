@@ -307,7 +307,8 @@ class Undecodable:
         self.error = f"malformed request: the message does not parse ({type(error).__name__})"
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` answering ``Undecodable`` instead of raising (gRPC: UNKNOWN)."""
     if deserializer is None:
         return None
 
@@ -334,6 +335,6 @@ def _wrap(handler: Handler, guard: Callable[[Callable[..., Any]], Callable[..., 
         make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     return make(
         guard(behaviour),
-        request_deserializer=_tolerant(handler.request_deserializer),
+        request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )

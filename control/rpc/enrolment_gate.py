@@ -28,7 +28,14 @@ from typing import Any
 import grpc
 
 from control.domain.limits import TokenBuckets
-from control.rpc.authz import Handler, RefusalRecorder, action_name, peer_host
+from control.rpc.authz import (
+    Handler,
+    RefusalRecorder,
+    Undecodable,
+    action_name,
+    peer_host,
+    tolerant,
+)
 
 # Per source: a burst of 64 enrolment calls (twice what one simulator runs at once),
 # refilled at one a second; calls that enrol give theirs back.
@@ -80,6 +87,9 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 self._refusals.count_unauthenticated(None, source, action, why)
                 await self._hold_refusal()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            if isinstance(request, Undecodable):  # INVALID_ARGUMENT, not gRPC's UNKNOWN
+                self._refusals.count_unauthenticated(None, source, action, request.error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
             self._in_flight += 1
             try:
                 # grpc-stubs type handlers with the synchronous context; this one is aio.
@@ -91,7 +101,7 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return grpc.unary_unary_rpc_method_handler(
             gated,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
