@@ -20,7 +20,13 @@ from agent_stub.applied import Applied, AppliedStore
 from agent_stub.backoff import Backoff
 from agent_stub.batches import UploadSequence
 from agent_stub.capture import CHANNELS, CaptureEngine
-from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
+from agent_stub.clock import (
+    NO_SLEEP_CLOCK,
+    PLATFORM_CLOCK,
+    PLATFORM_CLOCK_NAME,
+    Clock,
+    NoSleepClock,
+)
 from agent_stub.config import (
     CAPTURE_REGARDLESS,
     DEFAULT_LEASE_TTL_SECONDS,
@@ -35,11 +41,10 @@ from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox, StreamEnded
 from agent_stub.truth import GroundTruth
 from agent_stub.upload import GatewayUploader
-from agent_stub.wire import channel_states
+from agent_stub.wire import channel_states, timestamp
 
 log = structlog.get_logger("killswitch.agent")
 
-AGENT_VERSION = "agent-stub/0.2.0"
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 ALL_STOPPED = dict.fromkeys(CHANNELS, False)
 
@@ -169,7 +174,9 @@ class Agent:
         self._backoff = backoff or Backoff(rng=self._rng)
         # Why this agent may never capture (no sleep-counting clock); empty if it may.
         self.cannot_capture = ""
+        self.lease_clock = PLATFORM_CLOCK_NAME if clock is PLATFORM_CLOCK else "given"
         if isinstance(clock, NoSleepClock):
+            self.lease_clock = NO_SLEEP_CLOCK
             self.cannot_capture = f"cannot capture here: {clock}"
             clock = time.monotonic  # dates lease requests only: no grant is ever taken
         self.lease = Lease(clock)
@@ -247,7 +254,9 @@ class Agent:
         return pb.Hello(
             agent_id=self.agent_id,
             labels=self.config.labels,
-            agent_version=AGENT_VERSION,
+            agent_version=self.config.agent_version,
+            lease_clock=self.lease_clock,
+            sent_at=timestamp(time.time() + self.config.clock_skew),
             last_applied_epoch=self.applied_epoch,
             channels=self._channels(),
             report=self.cover.report(),

@@ -28,7 +28,7 @@ from agent_stub.agent import Agent, ServerAddressError, open_channel, server_tar
 from agent_stub.applied import AppliedStore
 from agent_stub.batches import MAX_EVENTS_PER_BATCH, SequenceStore, UploadSequence
 from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock
-from agent_stub.config import AgentConfig, Fault, Tuning
+from agent_stub.config import AGENT_VERSION, AgentConfig, Fault, Tuning
 from agent_stub.durable import StateFileError
 from agent_stub.identity import (
     CA_FILE,
@@ -182,6 +182,9 @@ async def simulate(args: argparse.Namespace) -> None:
         faults=fault_counts(args.faults, args.agents),
         tuning=tuning,
     )
+    for config in configs:
+        config.agent_version = args.agent_version
+        config.clock_skew = args.clock_skew
     connections = args.connections or DEFAULT_CONNECTIONS
     if args.insecure:
         identities = None
@@ -208,6 +211,7 @@ async def simulate(args: argparse.Namespace) -> None:
         fault_after=args.fault_after,
         truth_path=args.truth,
         ingest_target=args.ingest,
+        no_sleep_clock=args.no_sleep_clock,
     )
     print(f"simulating {args.agents} agents against {args.server} over {transport}", flush=True)
     runner = asyncio.create_task(fleet.run())
@@ -242,6 +246,16 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} must be zero or more seconds")
+    return value
+
+
+def seconds_either_way(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds")
     return value
 
 
@@ -366,6 +380,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"events per uploaded batch, oldest first (default {MAX_EVENTS_PER_BATCH})",
     )
     sim.add_argument("--report-every", type=positive_seconds, default=10.0, metavar="SECONDS")
+    sim.add_argument(
+        "--agent-version",
+        default=AGENT_VERSION,
+        metavar="V",
+        help=f"the version the agents report (default {AGENT_VERSION}): rehearse an old fleet",
+    )
+    sim.add_argument(
+        "--clock-skew",
+        type=seconds_either_way,
+        default=0.0,
+        metavar="SECONDS",
+        help="the agents' wall clocks run this far ahead (negative: behind) of true time",
+    )
+    sim.add_argument(
+        "--no-sleep-clock",
+        action="store_true",
+        help="the agents have no clock that counts sleep: they report so and never capture",
+    )
     add_ingest_option(sim)
     add_identity_options(sim, "one subdirectory per agent for its key and certificate")
     sim.set_defaults(func=simulate)

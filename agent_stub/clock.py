@@ -107,3 +107,12 @@ def _this_platform() -> Clock | NoSleepClock:
 
 # Resolved once: the clock agents run their leases on, or why there is none here.
 PLATFORM_CLOCK: Clock | NoSleepClock = _this_platform()
+# What Hello.lease_clock says: the server's readiness check flags "none".
+NO_SLEEP_CLOCK = "none"
+PLATFORM_CLOCK_NAME = (
+    NO_SLEEP_CLOCK
+    if isinstance(PLATFORM_CLOCK, NoSleepClock)
+    else {"linux": "CLOCK_BOOTTIME", "darwin": "CLOCK_MONOTONIC"}.get(
+        sys.platform.rstrip("0123456789"), "interrupt time"
+    )
+)

@@ -77,9 +77,17 @@ class Tuning:
         return self.sleep_for if self.sleep_for is not None else lease_ttl + 5.0
 
 
+# What this agent reports as its version in Hello.
+AGENT_VERSION = "agent-stub/0.2.0"
+
+
 @dataclass(slots=True)
 class AgentConfig:
     agent_id: str
     labels: dict[str, str] = field(default_factory=dict)
     fault: Fault = Fault.NONE
     tuning: Tuning = field(default_factory=Tuning)
+    # What Hello says (a simulator rehearses an old fleet or a drifting clock with these).
+    agent_version: str = AGENT_VERSION
+    # Seconds this agent's wall clock runs ahead of true time (negative: behind).
+    clock_skew: float = 0.0

@@ -28,6 +28,7 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.agent import Agent, Reopen, open_channel
+from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
 from control.gc_policy import run_gc_policy
@@ -126,9 +127,16 @@ class Fleet:
     fault_after: float = 15.0
     truth_path: Path | None = None
     ingest_target: str | None = None
+    # Agents that claim no sleep-counting clock: they refuse to capture, as on such a platform.
+    no_sleep_clock: bool = False
     agents: list[Agent] = field(default_factory=list)
     trigger_at: float | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def _clock(self) -> Clock | NoSleepClock:
+        if self.no_sleep_clock:
+            return NoSleepClock("simulated: no clock that counts sleep")
+        return PLATFORM_CLOCK
 
     async def run(self) -> None:
         rng = random.Random(self.seed)
@@ -140,6 +148,7 @@ class Fleet:
                 rng=random.Random(rng.random()),
                 reopen=reopen,
                 ingest=ingest,
+                clock=self._clock(),
             )
             for cfg, channel, metadata, reopen, ingest in self._transports()
         ]

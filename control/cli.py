@@ -934,6 +934,7 @@ def cmd_dashboard(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from control import cli_readiness
     from control.logs import configure_logging
     from control.server import ServerConfig, serve
 
@@ -958,6 +959,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_checkpoints=args.audit_checkpoints,
         audit_checkpoint_interval=args.audit_checkpoint_interval,
         audit_syslog=args.audit_syslog,
+        **cli_readiness.serve_settings(args),
     )
     asyncio.run(serve(config))
     return 0
@@ -1064,6 +1066,9 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Their modules import this one: imported here, once it is loaded.
+    from control import cli_readiness, cli_report, cli_runbook
+
     parser = OneLineErrors(
         prog="killswitch", description="Pause capture across the fleet and prove it stopped."
     )
@@ -1137,6 +1142,7 @@ def build_parser() -> argparse.ArgumentParser:
         f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
     )
     add_serve_web_and_audit_options(serve, positive_seconds)
+    cli_readiness.add_serve_options(serve)
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=cmd_serve, local=True)
@@ -1193,13 +1199,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--reason")
     edit.add_argument("--ticket")
 
-    from control import cli_report, cli_runbook
-
     cli_report.add_commands(sub, command)
 
     cli_runbook.add_commands(
         group("runbook", "gradual, gated re-enable of capture in waves"), command
     )
+    cli_readiness.add_command(sub, command)
 
     holds = command(sub, "holds", "list the active holds", cmd_holds)
     holds.add_argument("--json", action="store_true")

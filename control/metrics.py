@@ -39,8 +39,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from control.domain import ComplianceState, Hold, HoldKind, Mode
+from control.domain.readiness import ReadinessClass, ReadinessReport
 from control.events import PlaneObserver
 from control.plane import Census, ControlPlane
+from control.readiness import Readiness
 from control.store import causes
 from control.store_health import StoreHealth
 
@@ -82,6 +84,7 @@ class Metrics(PlaneObserver):
         gc_collector.GCCollector(registry=self.registry)
         self._census = CensusCollector()
         self.registry.register(self._census)
+        self._readiness: Readiness | None = None
         self._failed_observers: set[str] = set()
         self._grpc = GrpcServerMetrics(self.registry)
         registry = self.registry
@@ -146,9 +149,10 @@ class Metrics(PlaneObserver):
 
     # ------------------------------------------------------------ wiring
 
-    def watch(self, plane: ControlPlane) -> None:
-        """Read this plane's census at every scrape."""
+    def watch(self, plane: ControlPlane, readiness: Readiness | None = None) -> None:
+        """Read this plane's census, and assess its readiness, at every scrape."""
         self._census.plane = plane
+        self._readiness = readiness
 
     def interceptor(self) -> GrpcServerMetrics:
         """The gRPC server interceptor; put it first, so it also counts refused calls."""
@@ -161,6 +165,10 @@ class Metrics(PlaneObserver):
         # On the event loop, like the plane: the census reads its state without locks.
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         try:
+            if self._readiness is not None:
+                # A store read (certificates): done here, where awaiting is allowed; the
+                # collector exports this assessment.
+                self._census.readiness = await self._readiness.assess()
             body = encoder(self.registry)
         except Exception:
             log.exception("metrics_scrape_failed")
@@ -219,9 +227,15 @@ class CensusCollector:
 
     def __init__(self) -> None:
         self.plane: ControlPlane | None = None
+        self.readiness: ReadinessReport | None = None
 
     def describe(self) -> Iterable[Metric]:
-        return [*self._families(None), *_store_families(None), *self._leasing(None)]
+        return [
+            *self._families(None),
+            *_store_families(None),
+            *self._leasing(None),
+            _readiness_family(None),
+        ]
 
     def collect(self) -> Iterable[Metric]:
         if self.plane is None:
@@ -230,6 +244,7 @@ class CensusCollector:
             *self._families(self.plane.census()),
             *_store_families(self.plane.store_health),
             *self._leasing(self.plane),
+            _readiness_family(self.readiness),
         ]
 
     @staticmethod
@@ -289,6 +304,23 @@ class CensusCollector:
             holds.add_metric([], census.active_holds)
             mismatched.add_metric([], census.label_mismatches)
         return [agents, by_mode, streams, epoch, holds, mismatched, after_pause]
+
+
+def _readiness_family(report: ReadinessReport | None) -> Metric:
+    family = GaugeMetricFamily(
+        "killswitch_readiness_agents",
+        "Agents that would not honour a pause now, by readiness class (an agent counts in"
+        " each of its classes); severity is cannot-honour or warning (README: Readiness).",
+        labels=["class", "severity"],
+    )
+    if report is not None:
+        for cls, count in report.counts().items():
+            family.add_metric([cls.value, _severity(cls)], count)
+    return family
+
+
+def _severity(cls: ReadinessClass) -> str:
+    return "cannot-honour" if cls.cannot_honour else "warning"
 
 
 def _store_families(health: StoreHealth | None) -> list[Metric]:

@@ -52,6 +52,7 @@ from control.domain import (
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
 from control.domain.labels import label_mismatch
+from control.domain.readiness import UNSAID, HelloFacts
 from control.errors import (
     Conflict,
     KillswitchError,
@@ -786,7 +787,13 @@ class ControlPlane:
 
     # ------------------------------------------------------------ agent sessions
 
-    def connect(self, agent_id: str, labels: Mapping[str, str], subscriber: Subscriber) -> None:
+    def connect(
+        self,
+        agent_id: str,
+        labels: Mapping[str, str],
+        subscriber: Subscriber,
+        hello: HelloFacts = UNSAID,
+    ) -> None:
         now = self._clock()
         checked = validate_labels(labels)
         entry = self._agents.get(agent_id)
@@ -805,6 +812,7 @@ class ControlPlane:
         # A stream newer than any stored one even if this replica's clock is behind the
         # last replica's: the store refuses rows of an older stream.
         entry.status.record_connect(max(now, (entry.status.connected_at or 0.0) + 0.001))
+        entry.status.hello = hello
         entry.subscriber = subscriber
         self._dirty.add(agent_id)
         log.debug("agent_connected", agent_id=agent_id, reconnect=reconnect)

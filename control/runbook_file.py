@@ -384,12 +384,19 @@ def _wave(index: int, raw: Mapping[str, Any], defaults: Mapping[str, Any], confi
             written[0],
             f"timeout ({timeout:g}s) is shorter than soak ({soak:g}s): the wave could never pass",
         )
+    if "min_agents" in raw and "selector" in raw:
+        raise _Invalid(
+            (*at, "min_agents"),
+            "min_agents applies to share waves only: a selector wave re-enables exactly"
+            " the laptops its labels match",
+        )
     gates: Mapping[str, Any] = raw.get("gates", {})
     _check_gates(gates, (*at, "gates"))
     return Wave(
         name=raw.get("name", f"wave {index + 1}"),
         share=_share(raw["share"], (*at, "share")) if "share" in raw else None,
         selector=_labels(raw["selector"], (*at, "selector")) if "selector" in raw else None,
+        min_agents=raw.get("min_agents", 0),
         soak=soak,
         timeout=timeout,
         confirm=raw.get("confirm", confirm),

@@ -331,14 +331,15 @@ class RunbookRunner(PlaneObserver):
             created_at=now,
             keep_spool=source.keep_spool,
         )
-        rollout = dataclasses.replace(rollout, release=book.release_through(0))
         run = start_wave(
             dataclasses.replace(
                 run, hold_id=rollout.id, lifted_hold_id=source.id, approval_id=request.id
             ),
             0,
             now=now,
+            cutoff=self._cutoffs(book, source.scope)[0],
         )
+        rollout = dataclasses.replace(rollout, release=book.release_through(0, run.wave(0).cutoff))
         records = [
             *audit,
             self._plane.audit_record(
@@ -436,6 +437,14 @@ class RunbookRunner(PlaneObserver):
                 return
             await self._step_wave(run, book, hold)
 
+    def _cutoffs(self, book: Runbook, scope: Scope) -> tuple[str, ...]:
+        """Each wave's cutoff over the laptops the scope covers now (``Runbook.cutoffs``)."""
+        return book.cutoffs(
+            (agent_id, labels)
+            for agent_id, labels, *_ in self._plane.snapshot()
+            if scope.covers(agent_id, labels)
+        )
+
     def _verdicts(self) -> list[AgentVerdict]:
         return [
             AgentVerdict(agent_id, labels, desired.mode, desired.hold_ids, compliance.state)
@@ -459,7 +468,7 @@ class RunbookRunner(PlaneObserver):
         index = run.current_wave
         gates = book.waves[index].gates
         reading = await self._prometheus(gates.prometheus)
-        obs = observe_wave(book, hold, index, self._verdicts(), reading)
+        obs = observe_wave(book, run, hold, index, self._verdicts(), prometheus=reading)
         now = self._clock()
         if run.state is RunState.AWAITING_CONFIRMATION:
             trouble = breached(evaluate_gates(gates, obs))
@@ -514,13 +523,14 @@ class RunbookRunner(PlaneObserver):
     ) -> None:
         index = run.current_wave + 1
         now = self._clock()
-        started = start_wave(run, index, now=now)
+        scope = self._plane.hold(run.hold_id).scope
+        started = start_wave(run, index, now=now, cutoff=self._cutoffs(book, scope)[index])
         records = [*audit, self._wave_record(started, book, index, by=by)]
         change = RunChange(
             started,
             by.name if by else SYSTEM_ACTOR,
             now,
-            release=(run.hold_id, book.release_through(index)),
+            release=(run.hold_id, book.release_through(index, started.wave(index).cutoff)),
         )
         await self._commit(change, records)
 

@@ -28,6 +28,11 @@ from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INT
 from control.audit_checkpoints import CheckpointWriter
 from control.domain import CompliancePolicy
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
+from control.domain.readiness import (
+    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+    DEFAULT_OFFLINE_DAYS,
+    ReadinessPolicy,
+)
 from control.errors import InvalidInput, KillswitchError
 from control.events import Observers
 from control.freshness import DEFAULT_RESYNC_SECONDS, resync_seconds
@@ -38,6 +43,7 @@ from control.metrics import Metrics
 from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
 from control.prometheus_sources import PrometheusSources
+from control.readiness import Readiness
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
@@ -116,6 +122,10 @@ class ServerConfig:
     audit_checkpoints: str = ""
     audit_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     audit_syslog: bool = False
+    # Readiness policy (besides the lease TTL above): see control.domain.readiness.
+    min_agent_version: str = ""
+    readiness_offline_days: float = DEFAULT_OFFLINE_DAYS
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -158,6 +168,17 @@ async def serve(config: ServerConfig) -> None:
         before_fanout=freeze_before_fanout,
     )
     governance = Governance(plane, store, clock=time.time, authority=authority)
+    readiness = Readiness(
+        plane,
+        governance,
+        ReadinessPolicy(
+            offline_days=config.readiness_offline_days,
+            min_agent_version=config.min_agent_version,
+            max_clock_skew=config.max_clock_skew,
+            lease_ttl=config.lease_ttl,
+        ),
+        clock=time.time,
+    )
     sessions = DashboardSessions(store, time.time, governance.is_revoked)
     metrics = Metrics()
     runner = RunbookRunner(
@@ -178,7 +199,13 @@ async def serve(config: ServerConfig) -> None:
     compactor = HistoryCompactor(
         store, [governance, runner], clock=time.time, retention=config.history_retention
     )
-    dashboard = Dashboard(plane, sessions, runner, secure_cookies=public_url.startswith("https://"))
+    dashboard = Dashboard(
+        plane,
+        sessions,
+        runner,
+        secure_cookies=public_url.startswith("https://"),
+        readiness=readiness,
+    )
     checkpoints = (
         None
         if authority is None
@@ -193,7 +220,7 @@ async def serve(config: ServerConfig) -> None:
         )
     )
     plane.observer = Observers([metrics, dashboard.timeline, runner])
-    metrics.watch(plane)
+    metrics.watch(plane, readiness)
     servers: list[grpc.aio.Server] = []
     ready = False
 
@@ -235,7 +262,8 @@ async def serve(config: ServerConfig) -> None:
         )
         servers.append(server)
         pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane, governance), server)
-        pb_grpc.add_OperatorServicer_to_server(OperatorService(plane, governance), server)
+        operator = OperatorService(plane, governance, readiness)
+        pb_grpc.add_OperatorServicer_to_server(operator, server)
         pb_grpc.add_SelfServiceServicer_to_server(SelfService(plane, governance), server)
         pb_grpc.add_IngestServicer_to_server(IngestService(plane, governance), server)
         pb_grpc.add_DashboardServicer_to_server(

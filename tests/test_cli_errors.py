@@ -27,6 +27,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, t
     assert text in lines[0], lines[0]
 
 
+def test_a_bad_minimum_agent_version_is_refused_before_serving(tmp_path: Path) -> None:
+    result = run("serve", "--data-dir", str(tmp_path), "--min-agent-version", "latest")
+    assert_one_line_error(result, 2, "not a version: 'latest'")
+
+
 def test_unreachable_server(tmp_path: Path) -> None:
     from control.pki import initialise
 

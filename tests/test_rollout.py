@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from control.domain import ComplianceState, Hold, HoldKind, Mode, Scope, reconcile_desired
-from control.domain.release import FULL_SHARE, Release, bucket
+from control.domain.release import FULL_SHARE, Release, rank_key
 from control.domain.rollout import (
     Action,
     AgentVerdict,
@@ -44,6 +44,8 @@ STAGED = Runbook(
     ),
 )
 IDS = [f"laptop-{i:05d}" for i in range(10_000)]
+NO_LABELS: dict[str, str] = {}
+CUTS = STAGED.cutoffs((a, NO_LABELS) for a in IDS)
 
 
 def hold(hold_id: str = "hold-r", *, kind: HoldKind = HoldKind.ROLLOUT, **kw: object) -> Hold:
@@ -61,28 +63,30 @@ def hold(hold_id: str = "hold-r", *, kind: HoldKind = HoldKind.ROLLOUT, **kw: ob
     return Hold(**fields)  # type: ignore[arg-type]
 
 
-def test_buckets_are_stable_and_roughly_uniform() -> None:
-    assert bucket("s", "laptop-1") == bucket("s", "laptop-1")
-    assert bucket("s", "laptop-1") != bucket("t", "laptop-1") or bucket("s", "x") != bucket(
-        "t", "x"
-    )
-    first_wave = sum(bucket("seed-1", a) < 100 for a in IDS)
-    # 1% of 10,000 is 100; a binomial's 5-sigma band is about +-50.
-    assert 50 <= first_wave <= 150
+def test_rank_keys_are_stable_and_depend_on_the_seed() -> None:
+    assert rank_key("s", "laptop-1") == rank_key("s", "laptop-1")
+    assert rank_key("s", "laptop-1") != rank_key("t", "laptop-1")
 
 
-def test_waves_are_cumulative_and_never_reshuffle() -> None:
-    waves = [STAGED.wave_of(a, {}) for a in IDS]
-    counts = [waves.count(i) for i in range(5)]
-    assert sum(counts) == len(IDS)
-    assert counts[0] < counts[1] < counts[2]  # 1%, then 4%, then 20% more
+def test_waves_are_exact_cumulative_and_never_reshuffle() -> None:
+    waves = [STAGED.wave_of(a, {}, CUTS) for a in IDS]
+    # Exactly 1%, 5%, 25%, 50% and 100% of 10,000, not a binomial draw around them.
+    assert [waves.count(i) for i in range(5)] == [100, 400, 2000, 2500, 5000]
     for index in range(5):
-        release = STAGED.release_through(index)
+        release = STAGED.release_through(index, CUTS[index])
         released = {a for a in IDS if release.releases(a, {})}
         assert released == {a for a, w in zip(IDS, waves, strict=True) if w <= index}
-    # A laptop that joins later lands in the wave its id hashes to, whenever it comes.
+    # A laptop that joins later lands in the wave its key sorts into, labels aside.
     late = "laptop-late-joiner"
-    assert STAGED.wave_of(late, {}) == STAGED.wave_of(late, {"region": "eu"})
+    assert STAGED.wave_of(late, {}, CUTS) == STAGED.wave_of(late, {"region": "eu"}, CUTS)
+
+
+def test_a_one_percent_canary_on_fifty_laptops_takes_one_laptop() -> None:
+    fleet = [(f"laptop-{i}", NO_LABELS) for i in range(50)]
+    cuts = STAGED.cutoffs(fleet)
+    waves = [STAGED.wave_of(a, {}, cuts) for a, _ in fleet]
+    # ceil(1% x 50) = 1, ceil(5% x 50) = 3, ceil(25% x 50) = 13, 25, 50.
+    assert [waves.count(i) for i in range(5)] == [1, 2, 10, 12, 25]
 
 
 def test_selector_waves_release_whole_label_groups() -> None:
@@ -91,10 +95,11 @@ def test_selector_waves_release_whole_label_groups() -> None:
         "s",
         (Wave("canary", selector={"ring": "canary"}), Wave("rest", share=FULL_SHARE)),
     )
-    assert book.wave_of("a", {"ring": "canary"}) == 0
-    assert book.wave_of("a", {"ring": "general"}) == 1
-    assert book.release_through(0).releases("zzz", {"ring": "canary"})
-    assert not book.release_through(0).releases("zzz", {"ring": "general"})
+    cuts = book.cutoffs([("a", {"ring": "canary"}), ("b", {"ring": "general"})])
+    assert book.wave_of("a", {"ring": "canary"}, cuts) == 0
+    assert book.wave_of("a", {"ring": "general"}, cuts) == 1
+    assert book.release_through(0, cuts[0]).releases("zzz", {"ring": "canary"})
+    assert not book.release_through(0, cuts[0]).releases("zzz", {"ring": "general"})
 
 
 @pytest.mark.parametrize(
@@ -105,6 +110,8 @@ def test_selector_waves_release_whole_label_groups() -> None:
         ((Wave("a", share=500),), "last wave must re-enable 100%"),
         ((Wave("a", share=FULL_SHARE, soak=60, timeout=30),), "soak <= timeout"),
         ((Wave("a", share=FULL_SHARE, selector={"k": "v"}),), "exactly one of share or selector"),
+        ((Wave("a", selector={"k": "v"}, min_agents=2), Wave("b", share=FULL_SHARE)), "share"),
+        ((Wave("a", share=FULL_SHARE, min_agents=-1),), "0 or more"),
     ],
 )
 def test_invalid_waves_are_refused(waves: tuple[Wave, ...], problem: str) -> None:
@@ -113,9 +120,9 @@ def test_invalid_waves_are_refused(waves: tuple[Wave, ...], problem: str) -> Non
 
 
 def test_a_released_agent_is_allowed_unless_another_hold_covers_it() -> None:
-    rollout = hold(release=STAGED.release_through(1))
-    released = next(a for a in IDS if STAGED.wave_of(a, {}) <= 1)
-    still_held = next(a for a in IDS if STAGED.wave_of(a, {}) > 1)
+    rollout = hold(release=STAGED.release_through(1, CUTS[1]))
+    released = next(a for a in IDS if STAGED.wave_of(a, {}, CUTS) <= 1)
+    still_held = next(a for a in IDS if STAGED.wave_of(a, {}, CUTS) > 1)
     opt_out = hold("hold-o", kind=HoldKind.OPT_OUT, scope=Scope.agents([released]))
     assert reconcile_desired(None, still_held, {}, [rollout], epoch=5, now=0).mode is Mode.PAUSED
     assert reconcile_desired(None, released, {}, [rollout], epoch=5, now=0).mode is Mode.ALLOWED
@@ -134,10 +141,11 @@ def verdicts(states: dict[str, ComplianceState], rollout: Hold) -> list[AgentVer
 
 
 def test_observing_a_wave_counts_only_its_own_agents() -> None:
-    rollout = hold(release=STAGED.release_through(1))
-    wave0 = [a for a in IDS[:2000] if STAGED.wave_of(a, {}) == 0]
-    wave1 = [a for a in IDS[:2000] if STAGED.wave_of(a, {}) == 1]
-    later = [a for a in IDS[:2000] if STAGED.wave_of(a, {}) > 1]
+    _, run = run_at_wave(1)
+    rollout = hold(release=STAGED.release_through(1, CUTS[1]))
+    wave0 = [a for a in IDS[:2000] if STAGED.wave_of(a, {}, CUTS) == 0]
+    wave1 = [a for a in IDS[:2000] if STAGED.wave_of(a, {}, CUTS) == 1]
+    later = [a for a in IDS[:2000] if STAGED.wave_of(a, {}, CUTS) > 1]
     states = dict.fromkeys(wave0, ComplianceState.CAPTURING)
     states |= dict.fromkeys(wave1, ComplianceState.RESUME_PENDING)
     states[wave1[0]] = ComplianceState.CAPTURING
@@ -145,7 +153,7 @@ def test_observing_a_wave_counts_only_its_own_agents() -> None:
     states[wave0[0]] = ComplianceState.FAILED
     states |= dict.fromkeys(later, ComplianceState.VERIFIED_STOPPED)
     states[later[0]] = ComplianceState.VIOLATION
-    obs = observe_wave(STAGED, rollout, 1, verdicts(states, rollout))
+    obs = observe_wave(STAGED, run, rollout, 1, verdicts(states, rollout))
     assert obs.wave_agents == len(wave1)
     assert obs.wave_online == len(wave1) - 1
     assert obs.wave_capturing == 1
@@ -156,7 +164,7 @@ def test_observing_a_wave_counts_only_its_own_agents() -> None:
 def run_at_wave(index: int, started_at: float = 1000.0) -> tuple[Runbook, Run]:
     run = new_run(STAGED, file_name="f", source="s", started_by="ic-1", now=0.0, epoch=3)
     for i in range(index + 1):
-        run = start_wave(run, i, now=started_at)
+        run = start_wave(run, i, now=started_at, cutoff=CUTS[i])
     return STAGED, run
 
 
@@ -262,7 +270,7 @@ def test_runs_and_releases_survive_the_store_codec() -> None:
     ended = end_run(decided, RunState.HALTED, now=1020.0, reason="why", repaused=True)
     assert run_from_json(run_to_json(ended)) == ended
     assert {w.state for w in ended.waves[:3]} == {WaveState.REPAUSED}
-    release = Release("s", 500, ((("ring", "canary"),),))
+    release = Release("s", 500, ((("ring", "canary"),),), rank_key("s", "laptop-1"))
     assert release_from_json(release_to_json(release)) == release
     assert release_from_json(None) is None
 
@@ -272,5 +280,7 @@ def test_a_plan_lists_each_wave_and_agents_other_holds_keep_paused() -> None:
     agents = [(a, no_labels, a == IDS[0]) for a in IDS[:1000]]
     plans = plan_waves(STAGED, Scope.fleet(), agents)
     assert sum(len(p.agent_ids) + len(p.held_back) for p in plans) == 1000
-    assert IDS[0] in plans[STAGED.wave_of(IDS[0], {})].held_back
+    cuts = STAGED.cutoffs((a, NO_LABELS) for a in IDS[:1000])
+    assert IDS[0] in plans[STAGED.wave_of(IDS[0], {}, cuts)].held_back
+    assert [len(p.agent_ids) + len(p.held_back) for p in plans] == [10, 40, 200, 250, 500]
     assert [p.starts_after for p in plans] == [0.0, 60.0, 120.0, 180.0, 240.0]

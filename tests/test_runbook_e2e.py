@@ -12,13 +12,14 @@ import signal
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from control.domain.rollout import Runbook
 from control.runbook_file import parse_runbook
 from tests.conftest import Cli, ServerProcess, Simulator, free_port, missing_tool, wait_for
 
@@ -73,6 +74,13 @@ def prometheus_has(url: str, query: str) -> bool:
             return bool(json.load(response)["data"]["result"])
     except OSError:
         return False
+
+
+def waves_of(book: Runbook, agent_ids: Iterable[str]) -> dict[str, int]:
+    """Each laptop's wave when the run ranks exactly these (unlabelled) laptops."""
+    ids = list(agent_ids)
+    cutoffs = book.cutoffs((a, {}) for a in ids)
+    return {a: book.wave_of(a, {}, cutoffs) for a in ids}
 
 
 def audit_actions(cli: Cli) -> list[str]:
@@ -133,14 +141,15 @@ def test_staged_reenable_runs_every_wave_in_order_and_skips_the_opted_out(
     assert [w["target"] for w in plan["waves"]] == [
         f"{share}% of agents" for share in (1, 5, 25, 50, 100)
     ]
-    assert sum(w["agents"] + w["held_back"] for w in plan["waves"]) == AGENTS
-    opted_out_wave = book.wave_of(OPTED_OUT, {})
+    # Exactly ceil(share x 200) laptops through each wave: 2, 10, 50, 100 and 200.
+    assert [w["agents"] + w["held_back"] for w in plan["waves"]] == [2, 8, 40, 50, 100]
+    members = waves_of(book, fleet.modes())
+    opted_out_wave = members[OPTED_OUT]
     assert plan["waves"][opted_out_wave]["held_back"] == 1
 
     run_id = fleet.start(runbook)
     # While wave 2 soaks, exactly the agents of waves 1-2 are allowed to capture.
     wait_run(fleet.cli, run_id, lambda s: s["current_wave"] == 1, "wave 2")
-    members = {a: book.wave_of(a, {}) for a in fleet.modes()}
     allowed = {a for a, mode in fleet.modes().items() if mode == "ALLOWED"}
     assert allowed == {a for a, w in members.items() if w <= 1 and a != OPTED_OUT}
 
@@ -170,7 +179,12 @@ def test_a_lie_during_wave_2_halts_the_run_and_repauses_waves_1_and_2(
     book = parse_runbook(runbook.read_text(), str(runbook))
     # A modified agent that acks pauses and captures on: one that stays paused during
     # wave 2 (its own wave comes later), so its lie shows while wave 2 soaks.
-    prefix = next(p for p in (f"liar{k}" for k in range(100)) if book.wave_of(f"{p}-00000", {}) > 1)
+    fleet_ids = list(fleet.modes())
+    prefix = next(
+        p
+        for p in (f"liar{k}" for k in range(100))
+        if waves_of(book, [*fleet_ids, f"{p}-00000"])[f"{p}-00000"] > 1
+    )
     liar_id = f"{prefix}-00000"
     liar = simulate(
         fleet.server, 1, "--id-prefix", prefix, "--fault", "lie=1", "--fault-after", "3600"
@@ -380,3 +394,28 @@ def test_a_prometheus_gate_queries_a_real_prometheus(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)
+
+
+def test_plan_counts_exact_never_empty_waves_on_a_small_fleet(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    tmp_path: Path,
+) -> None:
+    """A 1% canary of 50 laptops re-enables one laptop (it used to be none, by chance)."""
+    server = start_server()
+    cli = Cli(server)
+    simulate(server, 50)
+    wait_for(lambda: len(cli.agents()) == 50, 60, "every agent connected")
+    runbook = tmp_path / "exact.yaml"
+    runbook.write_text(
+        "name: exact\nseed: exact-1\nwaves:\n"
+        "  - {name: canary, share: 1%}\n"
+        "  - {name: early, share: 2%, min_agents: 3}\n"
+        "  - {name: quarter, share: 25%}\n"
+        "  - {name: rest, share: 100%}\n"
+    )
+    plan = json.loads(cli.ok("runbook", "plan", str(runbook), "--json"))
+    # ceil(1% x 50) = 1; 2% would be 1, but min_agents asks 3 more; ceil(25% x 50) = 13.
+    assert [w["agents"] for w in plan["waves"]] == [1, 3, 9, 37]
+    text = cli.ok("runbook", "plan", str(runbook))
+    assert "canary" in text and " 37 " in text

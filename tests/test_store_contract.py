@@ -35,7 +35,7 @@ from control.domain import (
 from control.domain.approvals import Approval, ResumeRequest, ResumeState
 from control.domain.audit import AuditRecord, ChainHead, verify_chain
 from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_secret
-from control.domain.release import FULL_SHARE
+from control.domain.release import FULL_SHARE, rank_key
 from control.domain.rollout import Run, Runbook, Wave, new_run, start_wave
 from control.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StoreError
 from control.store import DecidedLabels, RunChange, Store, StoredAgent, ViolationEvidence, enrolment
@@ -45,6 +45,9 @@ from control.store.sqlite import DB_FILENAME, SqliteStore
 from control.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from tests.conftest import missing_tool
 
+# Rank keys of the last laptop released through waves 1 and 2 of a staged run.
+FIRST_CUT = rank_key("seed", "laptop-1")
+LAST_CUT = "f" * 64
 POSTGRES_DSN = os.environ.get(
     "KILLSWITCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -638,13 +641,13 @@ def test_a_run_step_commits_its_hold_changes_under_one_epoch(backend: Backend) -
         book, file_name="f.yaml", source="name: staged", started_by="ic-1", now=1.0, epoch=1
     )
     rollout = dataclasses.replace(
-        draft("h-rollout"), kind=HoldKind.ROLLOUT, release=book.release_through(0)
+        draft("h-rollout"), kind=HoldKind.ROLLOUT, release=book.release_through(0, FIRST_CUT)
     )
 
     async def body(store: Store) -> None:
         await store.create_hold(draft("h1"), record("pause"))
         request = resume_request("h1")
-        started = start_wave(run, 0, now=2.0)
+        started = start_wave(run, 0, now=2.0, cutoff=FIRST_CUT)
         change = RunChange(
             version(started, 1),
             "automation-1",
@@ -668,19 +671,19 @@ def test_a_run_step_commits_its_hold_changes_under_one_epoch(backend: Backend) -
                 version(started, 2),
                 "control-plane",
                 3.0,
-                release=("h-rollout", book.release_through(1)),
+                release=("h-rollout", book.release_through(1, LAST_CUT)),
             ),
             [],
         )
         assert widened.epoch == 3
-        assert widened.holds[0].release == book.release_through(1)
+        assert widened.holds[0].release == book.release_through(1, LAST_CUT)
         # A step that touches no hold allocates no epoch.
         last = version(started, 3)
         assert (await store.commit_run(RunChange(last, "control-plane", 4.0), [])).epoch == 0
         state = await store.load()
         assert (state.shared.epoch, state.shared.runs) == (3, [last])
         holds = {h.id: h for h in state.shared.holds}
-        assert holds["h-rollout"].release == book.release_through(1)
+        assert holds["h-rollout"].release == book.release_through(1, LAST_CUT)
         assert holds["h1"].lifted_by == "automation-1"
         (stored_request,) = state.shared.resume_requests
         assert (stored_request.state, stored_request.lifted_epoch) == (ResumeState.EXECUTED, 2)
@@ -708,7 +711,7 @@ def test_a_run_step_based_on_a_stale_version_is_refused(backend: Backend) -> Non
     async def body(store: Store) -> None:
         await store.create_hold(draft("h1"), record("pause"))
         await store.commit_run(RunChange(version(run, 1), "ic-1", 1.0), [record("runbook.start")])
-        moved = version(start_wave(run, 0, now=2.0), 2)
+        moved = version(start_wave(run, 0, now=2.0, cutoff=FIRST_CUT), 2)
         await store.commit_run(RunChange(moved, "control-plane", 2.0), [record("wave")])
         state, audit = await store.load(), await store.read_audit(0, 100)
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from control.domain.desired import Desired, Mode
+from control.domain.readiness import UNSAID, HelloFacts
 
 # Agent and server wall clocks disagree a little; an upload dated this much after
 # the stop is still given the benefit of the doubt.
@@ -133,6 +134,8 @@ class AgentStatus:
     # Upper bound of the newest lease granted (kept after revocation: an offline agent
     # may capture until then).
     lease_expires_at: float | None = None
+    # What its latest Hello said of itself (this replica's memory only: not stored).
+    hello: HelloFacts = UNSAID
     uploads_refused: int = 0
     # What the ingest gateway wrote to its sink: events of batches dated after the
     # agent's newest stop (0 expected: the gateway refuses them; counted from that stop),

@@ -19,7 +19,7 @@ from enum import StrEnum
 from control.domain.compliance import ComplianceState
 from control.domain.desired import Mode
 from control.domain.holds import Hold, HoldKind
-from control.domain.release import FULL_SHARE, Release, bucket, format_share
+from control.domain.release import FULL_SHARE, Release, format_share, rank_key
 from control.domain.scope import Scope, format_labels
 from control.errors import InvalidInput
 
@@ -71,11 +71,16 @@ class Gates:
 
 @dataclass(frozen=True, slots=True)
 class Wave:
-    """One step: a cumulative hash share of the hold's agents, or a label selector."""
+    """One step: a cumulative share of the hold's agents ranked by hash, or a label selector.
+
+    A share wave takes at least ``max(1, min_agents)`` laptops not re-enabled before,
+    while any remain; a selector wave takes exactly the laptops its labels match.
+    """
 
     name: str
     share: int | None = None
     selector: Mapping[str, str] | None = None
+    min_agents: int = 0
     soak: float = DEFAULT_SOAK_SECONDS
     timeout: float = DEFAULT_WAVE_TIMEOUT_SECONDS
     confirm: bool = False
@@ -114,35 +119,67 @@ class Runbook:
     def __post_init__(self) -> None:
         check_waves(self.waves)
 
-    def release_through(self, wave_index: int) -> Release:
+    def cutoffs(self, members: Iterable[tuple[str, Mapping[str, str]]]) -> tuple[str, ...]:
+        """Per wave, the rank key of the last laptop re-enabled so far by share waves.
+
+        ``members`` are the laptops of the scope being re-enabled. Ranked by
+        ``rank_key``, share wave ``i`` re-enables the first ``ceil(share_i x N)`` of the
+        N members (counting laptops an earlier selector wave took), extended until it
+        holds at least ``max(1, min_agents)`` laptops not re-enabled before, while any
+        remain. Exact counts, never an empty share wave over a non-empty scope, and
+        membership is a prefix of one ranking, so a laptop never precedes one ranked
+        before it (see README "Runbooks" for what stays sticky as the fleet changes).
+        """
+        ranked = sorted((rank_key(self.seed, agent_id), labels) for agent_id, labels in members)
+        selectors: list[Mapping[str, str]] = []
+        taken = 0
+        cutoffs: list[str] = []
+        for wave in self.waves:
+            if wave.selector is not None:
+                selectors.append(wave.selector)
+            else:
+                target = -(-(wave.share or 0) * len(ranked) // FULL_SHARE)
+                wanted, fresh = max(1, wave.min_agents), 0
+                while taken < len(ranked) and (taken < target or fresh < wanted):
+                    labels = ranked[taken][1]
+                    fresh += not any(_matches(labels, s) for s in selectors)
+                    taken += 1
+            cutoffs.append(ranked[taken - 1][0] if taken else "")
+        return tuple(cutoffs)
+
+    def release_through(self, wave_index: int, cutoff: str) -> Release:
         """What the rollout hold no longer covers once waves ``0..wave_index`` are enabled."""
         waves = self.waves[: wave_index + 1]
         share = max((w.share or 0 for w in waves), default=0)
         selectors = tuple(
             tuple(sorted(w.selector.items())) for w in waves if w.selector is not None
         )
-        return Release(self.seed, share, selectors)
+        return Release(self.seed, share, selectors, cutoff)
 
-    def wave_of(self, agent_id: str, labels: Mapping[str, str]) -> int:
+    def wave_of(self, agent_id: str, labels: Mapping[str, str], cutoffs: Sequence[str]) -> int:
         """The first wave that re-enables this agent (every agent has one: the last is 100%).
 
-        The same answer as the first ``release_through(i)`` that releases it, with one
-        hash at most: runs ask this for every agent on every tick.
+        The same answer as the first ``release_through(i, cutoffs[i])`` that releases it,
+        with one hash at most: runs ask this for every agent on every tick.
         """
-        place: int | None = None
-        for index, wave in enumerate(self.waves):
+        key: str | None = None
+        for index, (wave, cutoff) in enumerate(zip(self.waves, cutoffs, strict=True)):
             if wave.selector is not None:
-                if all(labels.get(k) == v for k, v in wave.selector.items()):
+                if _matches(labels, wave.selector):
                     return index
                 continue
-            if place is None:
-                place = bucket(self.seed, agent_id)
-            if place < (wave.share or 0):
+            if key is None:
+                key = rank_key(self.seed, agent_id)
+            if cutoff and key <= cutoff:
                 return index
         return len(self.waves) - 1
 
     def min_duration(self) -> float:
         return sum(w.soak for w in self.waves)
+
+
+def _matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def check_waves(waves: Sequence[Wave]) -> None:
@@ -162,6 +199,10 @@ def check_waves(waves: Sequence[Wave]) -> None:
                     f" ({format_share(wave.share)} after {format_share(previous)})"
                 )
             previous = wave.share
+        elif wave.min_agents:
+            raise InvalidInput(f"wave {number}: min_agents applies to share waves only")
+        if wave.min_agents < 0:
+            raise InvalidInput(f"wave {number}: min_agents must be 0 or more")
         if wave.soak < 0 or wave.timeout <= 0 or wave.timeout < wave.soak:
             raise InvalidInput(f"wave {number}: need 0 <= soak <= timeout and timeout > 0")
         if not 0 <= wave.gates.min_capturing <= 1:
@@ -220,6 +261,8 @@ class WaveProgress:
     converged_at: float | None = None
     passed_at: float | None = None
     gates: tuple[GateResult, ...] = ()
+    # Rank key of the last laptop re-enabled through this wave, frozen when it started.
+    cutoff: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +301,10 @@ class Run:
     def wave(self, index: int) -> WaveProgress:
         return self.waves[index]
 
+    @property
+    def cutoffs(self) -> tuple[str, ...]:
+        return tuple(w.cutoff for w in self.waves)
+
     def with_wave(self, index: int, progress: WaveProgress) -> Run:
         waves = list(self.waves)
         waves[index] = progress
@@ -287,10 +334,16 @@ def new_run(
     )
 
 
-def start_wave(run: Run, index: int, *, now: float) -> Run:
-    """The wave's agents are re-enabled now; its soak and gates count from ``now``."""
+def start_wave(run: Run, index: int, *, now: float, cutoff: str) -> Run:
+    """The wave's agents are re-enabled now; its soak and gates count from ``now``.
+
+    ``cutoff`` is this wave's entry of ``Runbook.cutoffs`` over the fleet now; it never
+    falls below an earlier wave's, so a laptop re-enabled stays re-enabled whatever
+    joins or leaves the fleet during the run.
+    """
+    cutoff = max(cutoff, *(w.cutoff for w in run.waves[:index]), "")
     return dataclasses.replace(
-        run.with_wave(index, WaveProgress(WaveState.SOAKING, now)),
+        run.with_wave(index, WaveProgress(WaveState.SOAKING, now, cutoff=cutoff)),
         state=RunState.RUNNING,
         current_wave=index,
         updated_at=now,
@@ -357,12 +410,15 @@ _STOPPED = frozenset({ComplianceState.VERIFIED_STOPPED, ComplianceState.OFFLINE_
 
 def observe_wave(
     book: Runbook,
+    run: Run,
     hold: Hold,
     wave_index: int,
     verdicts: Iterable[AgentVerdict],
+    *,
     prometheus: PrometheusReading | None = None,
 ) -> Observation:
     """Count, from the plane's own verdicts, what the gates of wave ``wave_index`` judge."""
+    cutoffs = run.cutoffs
     counts: dict[str, int] = dict.fromkeys(
         ("agents", "online", "capturing", "held", "violations", "nacks", "overdue"), 0
     )
@@ -371,7 +427,7 @@ def observe_wave(
             counts["violations"] += 1
         if not hold.scope.covers(v.agent_id, v.labels):
             continue
-        wave = book.wave_of(v.agent_id, v.labels)
+        wave = book.wave_of(v.agent_id, v.labels, cutoffs)
         if wave > wave_index:
             continue
         if v.mode is Mode.PAUSED:
@@ -619,6 +675,10 @@ def plan_waves(
     agents: Iterable[tuple[str, Mapping[str, str], bool]],
 ) -> list[WavePlan]:
     """Which agents each wave re-enables; ``agents`` yields (id, labels, held by another hold)."""
+    members = sorted(
+        (agent for agent in agents if scope.covers(agent[0], agent[1])), key=lambda a: a[0]
+    )
+    cutoffs = book.cutoffs((agent_id, labels) for agent_id, labels, _ in members)
     plans: list[WavePlan] = []
     offset = 0.0
     for index, wave in enumerate(book.waves):
@@ -633,9 +693,7 @@ def plan_waves(
             )
         )
         offset += wave.soak
-    for agent_id, labels, held in sorted(agents, key=lambda a: a[0]):
-        if not scope.covers(agent_id, labels):
-            continue
-        plan = plans[book.wave_of(agent_id, labels)]
+    for agent_id, labels, held in members:
+        plan = plans[book.wave_of(agent_id, labels, cutoffs)]
         (plan.held_back if held else plan.agent_ids).append(agent_id)
     return plans

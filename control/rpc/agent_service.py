@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC
 from typing import Any, ClassVar
 
 import grpc
@@ -10,6 +11,7 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from control.domain.readiness import HelloFacts
 from control.errors import KillswitchError, StoreError, one_line
 from control.governance import Governance
 from control.plane import ControlPlane, EpochUnknown
@@ -113,6 +115,18 @@ class AgentSession:
             self._handler.cancel()
 
 
+def hello_facts(hello: pb.Hello, now: float) -> HelloFacts:
+    """What the agent said of itself, clipped; its skew measured on arrival (latency aside)."""
+    sent_at = None
+    if hello.HasField("sent_at"):
+        sent_at = hello.sent_at.ToDatetime(tzinfo=UTC).timestamp()
+    return HelloFacts(
+        agent_version=hello.agent_version[:100],
+        lease_clock=hello.lease_clock[:100],
+        clock_skew=None if sent_at is None else sent_at - now,
+    )
+
+
 class AgentControlService(pb_grpc.AgentControlServicer):
     def __init__(self, plane: ControlPlane, governance: Governance) -> None:
         self._plane = plane
@@ -161,7 +175,9 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, one_line(exc))
         session = AgentSession(hello.agent_id, context, self._plane)
         try:
-            self._plane.connect(hello.agent_id, dict(hello.labels), session)
+            self._plane.connect(
+                hello.agent_id, dict(hello.labels), session, hello_facts(hello, self._plane.now())
+            )
         except KillswitchError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
         try:

@@ -81,6 +81,7 @@ POLICY: Mapping[str, Rule] = {
     # A signed proof report of one hold, its audit excerpt included: for the people who
     # answer for the incident (the approver who signs off a resume, too).
     "/killswitch.v1.Reports/GetReport": _READ,
+    _OPERATOR + "GetReadiness": _rule(IC, SRE, mutates=False),
     # Automation runs approved runbooks and nothing else; a wave that asks for a human
     # is confirmed by an incident commander. A drill pauses: only an incident commander
     # starts one without an approved RequestDrill (checked by the runner).

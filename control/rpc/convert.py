@@ -20,6 +20,7 @@ from control.domain import (
 from control.domain.approvals import ResumeRequest, ResumeState
 from control.domain.audit import AuditEntry
 from control.domain.identity import CertificateRecord
+from control.domain.readiness import ReadinessReport
 from control.errors import InvalidInput, shown
 from control.plane import AgentFilter, AgentView, DirectiveSpec
 
@@ -244,4 +245,25 @@ def laptop_to_pb(view: AgentView, holds: Iterable[Hold]) -> pb.Laptop:
         last_seen=timestamp(view.status.last_seen),
         holds=[pb.HoldReason(kind=HOLD_KIND_TO_PB[h.kind], reason=h.reason) for h in covering],
         opted_out=any(h.kind is HoldKind.OPT_OUT for h in covering),
+    )
+
+
+def readiness_to_pb(report: ReadinessReport) -> pb.GetReadinessResponse:
+    return pb.GetReadinessResponse(
+        agents=report.agents,
+        ready=report.ready,
+        classes=[
+            pb.ReadinessClassCount(name=cls.value, agents=n, cannot_honour=cls.cannot_honour)
+            for cls, n in report.counts().items()
+        ],
+        findings=[
+            pb.ReadinessFinding(
+                agent_id=f.agent_id,
+                classes=[c.value for c in f.classes],
+                details=list(f.details),
+                cannot_honour=f.cannot_honour,
+            )
+            for f in report.findings
+        ],
+        policy=report.policy.describe(),
     )

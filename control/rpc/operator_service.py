@@ -36,6 +36,7 @@ from control.ingest_checks import (
     record_accepted,
 )
 from control.plane import ControlPlane
+from control.readiness import Readiness
 from control.rpc.authz import (
     current_action,
     current_call_mutates,
@@ -49,6 +50,7 @@ from control.rpc.convert import (
     filter_from_pb,
     hold_to_pb,
     laptop_to_pb,
+    readiness_to_pb,
     resume_request_to_pb,
     scope_from_pb,
     seconds,
@@ -134,9 +136,10 @@ def required(value: str, what: str) -> str:
 
 
 class OperatorService(pb_grpc.OperatorServicer):
-    def __init__(self, plane: ControlPlane, governance: Governance) -> None:
+    def __init__(self, plane: ControlPlane, governance: Governance, readiness: Readiness) -> None:
         self._plane = plane
         self._governance = governance
+        self._readiness = readiness
 
     @translate_errors
     async def CreateHold(  # noqa: N802
@@ -321,6 +324,12 @@ class OperatorService(pb_grpc.OperatorServicer):
         return pb.RevokeCertificatesResponse(
             revoked=[certificate_to_pb(c) for c in revoked], streams_closed=closed
         )
+
+    @translate_errors
+    async def GetReadiness(  # noqa: N802
+        self, request: pb.GetReadinessRequest, context: Context
+    ) -> pb.GetReadinessResponse:
+        return readiness_to_pb(await self._readiness.assess())
 
     @translate_errors
     async def ListCertificates(  # noqa: N802

@@ -245,6 +245,7 @@ def release_to_json(release: Release | None) -> str | None:
             "seed": release.seed,
             "share": release.share,
             "selectors": [dict(selector) for selector in release.selectors],
+            "cutoff": release.cutoff,
         }
     )
 
@@ -254,7 +255,9 @@ def release_from_json(text: str | None) -> Release | None:
         return None
     data = json.loads(text)
     selectors = tuple(tuple(sorted(s.items())) for s in data["selectors"])
-    return Release(data["seed"], data["share"], selectors)
+    # A release stored before cutoffs existed releases its selectors (and 100%) only:
+    # its share laptops stay paused until the next wave cuts anew (fail closed).
+    return Release(data["seed"], data["share"], selectors, data.get("cutoff", ""))
 
 
 def _wave_to_dict(wave: WaveProgress) -> dict[str, Any]:
@@ -265,6 +268,7 @@ def _wave_to_dict(wave: WaveProgress) -> dict[str, Any]:
         "capturing": wave.capturing,
         "converged_at": wave.converged_at,
         "passed_at": wave.passed_at,
+        "cutoff": wave.cutoff,
         "gates": [[g.name, g.passed, g.observed, g.limit] for g in wave.gates],
     }
 
@@ -277,6 +281,7 @@ def _wave_from_dict(data: dict[str, Any]) -> WaveProgress:
         capturing=data["capturing"],
         converged_at=data["converged_at"],
         passed_at=data["passed_at"],
+        cutoff=data.get("cutoff", ""),
         gates=tuple(GateResult(*g) for g in data["gates"]),
     )
 

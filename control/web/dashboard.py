@@ -44,8 +44,10 @@ from aiohttp import web
 from control.domain.identity import Principal, Role
 from control.errors import InvalidInput, StoreError
 from control.plane import AgentView, ControlPlane
+from control.readiness import Readiness
 from control.web import api, pages
 from control.web.login import SESSION_COOKIE, Login
+from control.web.readiness_panel import READINESS_ROLES, readiness_data, readiness_panel
 from control.web.sessions import DashboardSessions
 from control.web.streams import Stream, StreamSlots
 from control.web.timeline import ALL_AGENTS, Timeline
@@ -109,10 +111,12 @@ class Dashboard:
         runbooks: api.RunSource | None = None,
         *,
         secure_cookies: bool = False,
+        readiness: Readiness | None = None,
     ) -> None:
         self._plane = plane
         self._sessions = sessions
         self._runbooks = runbooks
+        self._readiness = readiness
         self.timeline = Timeline()
         self._static = _load_static()
         self._streams = StreamSlots()
@@ -140,6 +144,7 @@ class Dashboard:
             web.get("/api/runs", self._guard(self._api_runs, as_json=True, operators=True)),
             web.get("/api/runs/{run_id}", self._guard(self._api_run, as_json=True, operators=True)),
             web.get("/api/events", self._guard(self._api_events, as_json=True)),
+            web.get("/api/readiness", self._guard(self._api_readiness, as_json=True)),
             web.get("/export/agents.csv", self._guard(self._export_csv, as_json=True)),
             web.get("/export/agents.json", self._guard(self._export_json, as_json=True)),
         ]
@@ -279,10 +284,23 @@ class Dashboard:
         data, _ = self.summary(principal)
         page = api.paginate(api.select(self._plane, query, principal), query)
         rows = [api.row(v) for v in page.views]
+        readiness = await self._readiness_data(principal)
         text = pages.home(
-            data, viewer=_viewer(principal), rows=rows, page=page, query=query, version=version
+            data,
+            viewer=_viewer(principal),
+            rows=rows,
+            page=page,
+            query=query,
+            version=version,
+            panels="" if readiness is None else readiness_panel(readiness),
         )
         return web.Response(text=text, content_type="text/html")
+
+    async def _readiness_data(self, principal: Principal) -> dict[str, Any] | None:
+        """For the roles ``GetReadiness`` allows; None for anyone else."""
+        if self._readiness is None or principal.role not in READINESS_ROLES:
+            return None
+        return readiness_data(await self._readiness.assess())
 
     async def _agent_page(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         version = self.timeline.version
@@ -297,6 +315,16 @@ class Dashboard:
         return web.Response(text=text, content_type="text/html")
 
     # ------------------------------------------------------------ JSON API
+
+    async def _api_readiness(
+        self, request: web.Request, principal: Principal
+    ) -> web.StreamResponse:
+        data = await self._readiness_data(principal)
+        if data is None:
+            return self._error(
+                403, "readiness is for incident commanders and SREs", True, principal
+            )
+        return web.json_response(data)
 
     async def _api_summary(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         version = self.timeline.version

@@ -410,11 +410,14 @@ def home(
     page: Page,
     query: Query,
     version: int,
+    panels: str = "",
 ) -> str:
+    """``panels``: sections shown between the overview and the table (readiness)."""
     state = json.dumps({"version": version, "employee": summary["employee_view"]})
     body = (
         f'<div id="boot" data-boot="{e(state)}" hidden></div>'
-        f"{overview(summary, viewer, query)}{agents_table(rows, page, query, summary['now'])}"
+        f"{overview(summary, viewer, query)}{panels}"
+        f"{agents_table(rows, page, query, summary['now'])}"
     )
     return layout("Fleet", body, viewer=viewer, script="dashboard.js")
 

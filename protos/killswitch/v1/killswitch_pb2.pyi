@@ -209,16 +209,26 @@ class Hello(_message.Message):
     LAST_APPLIED_EPOCH_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
+    LEASE_CLOCK_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     agent_version: _builtins.str
     last_applied_epoch: _builtins.int
     """The last epoch this agent applied before (re)connecting; 0 if none."""
+    lease_clock: _builtins.str
+    """The clock the agent runs its leases on: "none" where its platform has no clock
+    known to keep counting during sleep; empty from agents that do not say.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Channel]: ...
     @_builtins.property
     def report(self) -> Global___CaptureReport: ...
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """The agent's wall clock when it sent this Hello: the server measures its skew."""
+
     def __init__(
         self,
         *,
@@ -228,10 +238,12 @@ class Hello(_message.Message):
         last_applied_epoch: _builtins.int = ...,
         channels: _abc.Iterable[Global___Channel] | None = ...,
         report: Global___CaptureReport | None = ...,
+        lease_clock: _builtins.str = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "channels", b"channels", "labels", b"labels", "last_applied_epoch", b"last_applied_epoch", "report", b"report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "channels", b"channels", "labels", b"labels", "last_applied_epoch", b"last_applied_epoch", "lease_clock", b"lease_clock", "report", b"report", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1754,6 +1766,113 @@ class ListCertificatesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCertificatesResponse: _TypeAlias = ListCertificatesResponse  # noqa: Y015
+
+@_typing.final
+class GetReadinessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReadinessRequest: _TypeAlias = GetReadinessRequest  # noqa: Y015
+
+@_typing.final
+class ReadinessFinding(_message.Message):
+    """One laptop in one or more readiness classes, with why, class by class."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    CANNOT_HONOUR_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    cannot_honour: _builtins.bool
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def details(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        classes: _abc.Iterable[_builtins.str] | None = ...,
+        details: _abc.Iterable[_builtins.str] | None = ...,
+        cannot_honour: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cannot_honour", b"cannot_honour", "classes", b"classes", "details", b"details"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadinessFinding: _TypeAlias = ReadinessFinding  # noqa: Y015
+
+@_typing.final
+class ReadinessClassCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    CANNOT_HONOUR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    agents: _builtins.int
+    cannot_honour: _builtins.bool
+    """True for a "cannot honour" class, false for a warning."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        agents: _builtins.int = ...,
+        cannot_honour: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "cannot_honour", b"cannot_honour", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadinessClassCount: _TypeAlias = ReadinessClassCount  # noqa: Y015
+
+@_typing.final
+class GetReadinessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    agents: _builtins.int
+    ready: _builtins.int
+    policy: _builtins.str
+    """The policy the laptops were judged by, for the reader."""
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadinessClassCount]: ...
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadinessFinding]: ...
+    def __init__(
+        self,
+        *,
+        agents: _builtins.int = ...,
+        ready: _builtins.int = ...,
+        classes: _abc.Iterable[Global___ReadinessClassCount] | None = ...,
+        findings: _abc.Iterable[Global___ReadinessFinding] | None = ...,
+        policy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "classes", b"classes", "findings", b"findings", "policy", b"policy", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReadinessResponse: _TypeAlias = GetReadinessResponse  # noqa: Y015
 
 @_typing.final
 class Laptop(_message.Message):

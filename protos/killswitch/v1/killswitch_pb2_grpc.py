@@ -181,6 +181,11 @@ class OperatorStub:
                 request_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesRequest.SerializeToString,
                 response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesResponse.FromString,
                 _registered_method=True)
+        self.GetReadiness = channel.unary_unary(
+                '/killswitch.v1.Operator/GetReadiness',
+                request_serializer=killswitch_dot_v1_dot_killswitch__pb2.GetReadinessRequest.SerializeToString,
+                response_deserializer=killswitch_dot_v1_dot_killswitch__pb2.GetReadinessResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -283,6 +288,13 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReadiness(self, request, context):
+        """Laptops that would not honour a pause now, by class (see README "Readiness").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -360,6 +372,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.ListCertificates,
                     request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesRequest.FromString,
                     response_serializer=killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'GetReadiness': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReadiness,
+                    request_deserializer=killswitch_dot_v1_dot_killswitch__pb2.GetReadinessRequest.FromString,
+                    response_serializer=killswitch_dot_v1_dot_killswitch__pb2.GetReadinessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -767,6 +784,33 @@ class Operator:
             '/killswitch.v1.Operator/ListCertificates',
             killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesRequest.SerializeToString,
             killswitch_dot_v1_dot_killswitch__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReadiness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/killswitch.v1.Operator/GetReadiness',
+            killswitch_dot_v1_dot_killswitch__pb2.GetReadinessRequest.SerializeToString,
+            killswitch_dot_v1_dot_killswitch__pb2.GetReadinessResponse.FromString,
             options,
             channel_credentials,
             insecure,

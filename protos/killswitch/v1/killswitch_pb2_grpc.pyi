@@ -87,6 +87,8 @@ class OperatorStub:
     """Agent enrolment and certificates."""
     RevokeCertificates: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.RevokeCertificatesRequest, _killswitch_pb2.RevokeCertificatesResponse]
     ListCertificates: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.ListCertificatesRequest, _killswitch_pb2.ListCertificatesResponse]
+    GetReadiness: _grpc.UnaryUnaryMultiCallable[_killswitch_pb2.GetReadinessRequest, _killswitch_pb2.GetReadinessResponse]
+    """Laptops that would not honour a pause now, by class (see README "Readiness")."""
 
 @_typing.type_check_only
 class OperatorAsyncStub(OperatorStub):
@@ -114,6 +116,8 @@ class OperatorAsyncStub(OperatorStub):
     """Agent enrolment and certificates."""
     RevokeCertificates: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.RevokeCertificatesRequest, _killswitch_pb2.RevokeCertificatesResponse]  # type: ignore[assignment]
     ListCertificates: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.ListCertificatesRequest, _killswitch_pb2.ListCertificatesResponse]  # type: ignore[assignment]
+    GetReadiness: _aio.UnaryUnaryMultiCallable[_killswitch_pb2.GetReadinessRequest, _killswitch_pb2.GetReadinessResponse]  # type: ignore[assignment]
+    """Laptops that would not honour a pause now, by class (see README "Readiness")."""
 
 class OperatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -228,6 +232,14 @@ class OperatorServicer(metaclass=_abc_1.ABCMeta):
         request: _killswitch_pb2.ListCertificatesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_killswitch_pb2.ListCertificatesResponse, _abc.Awaitable[_killswitch_pb2.ListCertificatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetReadiness(
+        self,
+        request: _killswitch_pb2.GetReadinessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_killswitch_pb2.GetReadinessResponse, _abc.Awaitable[_killswitch_pb2.GetReadinessResponse]]:
+        """Laptops that would not honour a pause now, by class (see README "Readiness")."""
 
 def add_OperatorServicer_to_server(servicer: OperatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

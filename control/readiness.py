@@ -1,0 +1,62 @@
+"""Readiness, read from the plane: the facts ``control.domain.readiness`` judges.
+
+One source for the RPC (``killswitch readiness``), the dashboard panel and the
+``killswitch_readiness_agents`` metric, so all three give the same answer. What an
+agent says of itself in Hello (version, lease clock, skew) lives in this replica's
+memory: after a restart, or for a laptop served by another replica, those classes
+are judged once it connects here again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from control.domain.identity import CertificateRecord, Role
+from control.domain.labels import label_mismatch
+from control.domain.readiness import AgentFacts, ReadinessPolicy, ReadinessReport, assess
+from control.governance import Governance
+from control.plane import ControlPlane
+
+
+def newest_agent_certificates(certificates: Iterable[CertificateRecord]) -> dict[str, float]:
+    """Agent id -> expiry of its newest unrevoked agent certificate (what it connects with)."""
+    newest: dict[str, float] = {}
+    for cert in certificates:
+        if cert.role is Role.AGENT and not cert.revoked:
+            newest[cert.subject] = max(cert.not_after, newest.get(cert.subject, 0.0))
+    return newest
+
+
+def fleet_facts(plane: ControlPlane, certificates: Mapping[str, float]) -> list[AgentFacts]:
+    return [
+        AgentFacts(
+            agent_id,
+            last_seen=status.last_seen,
+            connected=status.connected,
+            hello=status.hello,
+            disputed_labels=label_mismatch(labels, status.reported_labels),
+            certificate_not_after=certificates.get(agent_id),
+            lease_expires_at=status.lease_expires_at,
+        )
+        for agent_id, labels, _, status, _ in plane.snapshot()
+    ]
+
+
+class Readiness:
+    """Assesses the fleet on demand against the server's readiness policy."""
+
+    def __init__(
+        self,
+        plane: ControlPlane,
+        governance: Governance,
+        policy: ReadinessPolicy,
+        clock: Callable[[], float],
+    ) -> None:
+        self._plane = plane
+        self._governance = governance
+        self.policy = policy
+        self._clock = clock
+
+    async def assess(self) -> ReadinessReport:
+        certificates = newest_agent_certificates(await self._governance.certificates())
+        return assess(fleet_facts(self._plane, certificates), self.policy, self._clock())
