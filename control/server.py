@@ -53,6 +53,7 @@ from control.runbooks import RunbookRunner
 from control.store import describe_database, open_store
 from control.web import WebServer
 from control.web.dashboard import Dashboard
+from control.web.oidc import OidcSettings
 from control.web.sessions import DashboardSessions
 
 log = structlog.get_logger("killswitch.server")
@@ -114,6 +115,8 @@ class ServerConfig:
     audit_checkpoints: str = ""
     audit_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     audit_syslog: bool = False
+    # Sign-in with the company's SSO (OpenID Connect); None: login links only.
+    oidc: OidcSettings | None = None
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -176,7 +179,15 @@ async def serve(config: ServerConfig) -> None:
     compactor = HistoryCompactor(
         store, [governance, runner], clock=time.time, retention=config.history_retention
     )
-    dashboard = Dashboard(plane, sessions, runner, secure_cookies=public_url.startswith("https://"))
+    dashboard = Dashboard(
+        plane,
+        sessions,
+        runner,
+        secure_cookies=public_url.startswith("https://"),
+        governance=governance,
+        sso=config.oidc,
+        base_url=lambda: public_url or dashboard_url(http_host, web_server.port),
+    )
     checkpoints = (
         None
         if authority is None
