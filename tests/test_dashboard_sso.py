@@ -9,9 +9,12 @@ is saved as ``docs/dashboard-pause-dialog.png`` for the README.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from control.domain.identity import Role
+from control.errors import PermissionDenied
+from control.web.oidc import OidcSettings, OpenIdProvider
 from tests.conftest import BIN, Cli, Simulator, wait_for
 from tests.oidc_support import (  # noqa: F401 (fixtures)
     CLIENT_ID,
@@ -290,3 +300,60 @@ def test_serve_refuses_half_an_sso_configuration(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "--oidc-role 'robots=automation'" in result.stderr
+
+
+def test_a_tampered_nonce_or_pkce_verifier_gets_no_session(
+    sso_server: Callable[..., SsoServer],  # noqa: F811
+) -> None:
+    """The flow cookie's nonce must match the ID token's, and its PKCE verifier the
+    challenge sent: change either (as a stolen or injected code would need) and the
+    sign-in fails, on our check for the nonce and on the provider's for PKCE."""
+    sync_api = require_browser()
+    sso = sso_server()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            for part, refusal in [
+                (1, "the ID token is not valid"),
+                (2, "the provider refused the sign-in: invalid_grant"),
+            ]:
+                page = browser.new_context().new_page()
+                page.goto(f"{sso.base}/")
+                page.click("#sso-sign-in")
+                page.wait_for_selector("input[name=login]", timeout=15_000)
+                (flow,) = [c for c in page.context.cookies() if c["name"] == "killswitch_oidc"]
+                pieces = flow["value"].split(".")
+                pieces[part] = ("A" if pieces[part][0] != "A" else "B") + pieces[part][1:]
+                page.context.add_cookies([{**flow, "value": ".".join(pieces)}])
+                page.fill("input[name=login]", "dana-ic")
+                page.fill("input[name=password]", "any")
+                page.click("button[type=submit]")
+                page.wait_for_url(lambda url: "/oidc/callback" in url, timeout=15_000)
+                assert refusal in (page.text_content("main") or "")
+                page.goto(f"{sso.base}/")
+                assert "Log in to the dashboard" in (page.text_content("h1") or "")
+        finally:
+            browser.close()
+
+
+def test_an_id_token_not_signed_by_the_issuer_is_refused(
+    sso_server: Callable[..., SsoServer],  # noqa: F811
+) -> None:
+    sso = sso_server()
+    settings = OidcSettings(sso.issuer, CLIENT_ID, "unused", (("staff", Role.EMPLOYEE),))
+    with urllib.request.urlopen(f"{sso.issuer}/jwks", timeout=20) as response:
+        kid = json.load(response)["keys"][0]["kid"]
+    now = int(time.time())
+    claims = {"iss": sso.issuer, "aud": CLIENT_ID, "sub": "dana-ic", "iat": now,
+              "exp": now + 300, "nonce": "n", "groups": ["incident-commanders"]}  # fmt: skip
+    # The issuer's key id, but another key; and no signature at all.
+    impostor = RSAKey.generate_key(2048, parameters={"kid": kid})
+    forged = jwt.encode({"alg": "RS256", "kid": kid}, claims, impostor)
+
+    def b64(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    unsigned = f"{b64({'alg': 'none'})}.{b64(claims)}."
+    for token in (forged, unsigned):
+        with pytest.raises(PermissionDenied, match="the ID token is not valid"):
+            asyncio.run(OpenIdProvider(settings).verify(token, "n"))
