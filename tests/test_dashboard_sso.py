@@ -51,6 +51,18 @@ def result_of(page: Any) -> str:
     return str(page.text_content("#action-result"))
 
 
+def ask_to_resume(ic: Any, base: str, hold_id: str) -> str:
+    """The incident commander asks, from the hold's row; the new request's id."""
+    ic.goto(f"{base}/actions")
+    row = ic.locator(f'#resume-holds tr[data-hold-id="{hold_id}"]')
+    row.locator("input[name=reason]").fill("keys rotated")
+    row.locator("input[name=ticket]").fill("INC-7")
+    row.locator("button").click()
+    asked = result_of(ic)
+    assert "(revision 1)" in asked, asked
+    return asked.split()[2]
+
+
 def audited(cli: Cli) -> list[dict[str, Any]]:
     return list(cli.as_("sre-1").json("audit"))
 
@@ -86,6 +98,12 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
             ic = person("dana-ic")
             problems = collect_problems(ic)
             ic.click("#actions-link")
+            ic.check("#scope-selector")
+            ic.fill("#pause-selector", "owner=employee-1")
+            ic.fill("#pause-reason", "one laptop")
+            ic.click("#pause-preview")
+            assert ic.text_content("#pause-count") == "This pauses 1 laptop."
+            ic.click("text=Back to actions")
             ic.fill("#pause-reason", "credential leak")
             ic.fill("#pause-ticket", "INC-7")
             ic.click("#pause-preview")
@@ -123,14 +141,7 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
             assert result_of(ic) == f"The violation on {liar} is acknowledged."
 
             # ... and asks to resume; approving is not theirs to do.
-            ic.goto(f"{base}/actions")
-            row = ic.locator(f'#resume-holds tr[data-hold-id="{hold_id}"]')
-            row.locator("input[name=reason]").fill("keys rotated")
-            row.locator("input[name=ticket]").fill("INC-7")
-            row.locator("button").click()
-            asked = result_of(ic)
-            request_id = asked.split()[2]
-            assert "(revision 1)" in asked
+            request_id = ask_to_resume(ic, base, hold_id)
             assert problems == [], problems  # no script errors, no CSP violations
             status, text = post_form(
                 ic, "/actions/approve",
@@ -155,6 +166,12 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
                 {"csrf": csrf_of(approver), "scope": "all", "reason": "mine"},
             )  # fmt: skip
             assert status == 403 and "may not call Operator.CreateHold" in text, text
+            approver.goto(f"{base}/actions")
+            row = approver.locator(f'#requests tr[data-request-id="{request_id}"]')
+            row.locator('form[action="/actions/deny"] input[name=note]').fill("not yet")
+            row.locator("text=Deny").click()
+            assert result_of(approver) == f"Request {request_id} is denied."
+            request_id = ask_to_resume(ic, base, hold_id)
             approver.goto(f"{base}/actions")
             row = approver.locator(f'#requests tr[data-request-id="{request_id}"]')
             row.locator("text=Approve revision 1").click()
@@ -192,7 +209,7 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
             status, text = post_form(
                 employee, "/actions/opt-out", {"csrf": csrf, "agent_id": "laptop-00001"}
             )
-            assert status in (403, 404) and "laptop-00001" in text, text
+            assert status == 403 and "employee-1 does not own a laptop" in text, text
             status, text = post_form(
                 employee, "/actions/pause/preview", {"csrf": csrf, "scope": "all", "reason": "x"}
             )
@@ -214,6 +231,7 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
     assert {
         ("dana-ic", "hold.create"),
         ("ari-approver", "resume.approve"),
+        ("ari-approver", "resume.deny"),
         ("employee-1", "hold.lift"),
     } <= done_by, done_by
     denied = {(e["actor"], e["action"]) for e in audit if e["result"].startswith("denied")}

@@ -337,6 +337,8 @@ class OidcSignIn:
         if role is None:
             return await self._unmapped(name, groups)
         principal = Principal(name, role, serial=f"oidc:{str(claims['sub'])[:80]}")
+        if old := request.cookies.get(SESSION_COOKIE, ""):
+            await self._sessions.end(old[:100])  # a new sign-in replaces this browser's session
         session_id = await self._sessions.open(principal)
         log.info("oidc_sign_in", name=name, role=role.value)
         page = pages.message_page(
