@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.cli_serve import add_serve_web_and_audit_options
+from control.cli_serve import add_serve_web_and_audit_options, oidc_settings
 from control.domain import (
     ComplianceState,
     parse_label_pairs,
@@ -960,6 +960,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_checkpoint_interval=args.audit_checkpoint_interval,
         audit_syslog=args.audit_syslog,
         **cli_readiness.serve_settings(args),
+        oidc=oidc_settings(args),
     )
     asyncio.run(serve(config))
     return 0

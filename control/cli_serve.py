@@ -1,6 +1,6 @@
-"""`killswitch serve` options for what faces outside: the dashboard's public URL,
-/metrics' own address, and where signed audit checkpoints go (kept out of cli.py,
-which is big enough)."""
+"""`killswitch serve` options for what faces outside: the dashboard's public URL and
+its SSO sign-in, /metrics' own address, and where signed audit checkpoints go (kept
+out of cli.py, which is big enough)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Callable
 
 from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
+from control.web.oidc import OidcSettings, load_settings
 
 
 def add_serve_web_and_audit_options(
@@ -21,6 +22,27 @@ def add_serve_web_and_audit_options(
         help="the dashboard as browsers reach it, e.g. https://killswitch.example.com behind a"
         " TLS proxy: login links use it, and https makes cookies Secure"
         " (default: http://the --http address)",
+    )
+    sso = serve.add_argument_group("sign-in with the company's SSO (OpenID Connect)")
+    sso.add_argument("--oidc-issuer", default="", metavar="URL", help="the provider's issuer URL")
+    sso.add_argument(
+        "--oidc-client-id", default="", metavar="ID", help="this dashboard's client id"
+    )
+    sso.add_argument(
+        "--oidc-client-secret-file",
+        default="",
+        metavar="FILE",
+        help="a file holding the client secret (never on the command line)",
+    )
+    sso.add_argument(
+        "--oidc-role",
+        action="append",
+        default=[],
+        metavar="GROUP=ROLE",
+        help="people in GROUP (the ID token's groups claim) get ROLE: incident-commander,"
+        " approver, sre or employee; repeatable, the first matching one wins; anyone in no"
+        " listed group is refused. The provider must allow the redirect URI"
+        " PUBLIC-URL/oidc/callback",
     )
     serve.add_argument(
         "--metrics-listen",
@@ -48,4 +70,10 @@ def add_serve_web_and_audit_options(
         "--audit-syslog",
         action="store_true",
         help="also send each signed checkpoint to syslog (facility auth)",
+    )
+
+
+def oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
+    return load_settings(
+        args.oidc_issuer, args.oidc_client_id, args.oidc_client_secret_file, args.oidc_role
     )

@@ -61,6 +61,7 @@ from control.runbooks import RunbookRunner
 from control.store import describe_database, open_store
 from control.web import WebServer
 from control.web.dashboard import Dashboard
+from control.web.oidc import OidcSettings
 from control.web.sessions import DashboardSessions
 
 log = structlog.get_logger("killswitch.server")
@@ -126,6 +127,8 @@ class ServerConfig:
     min_agent_version: str = ""
     readiness_offline_days: float = DEFAULT_OFFLINE_DAYS
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
+    # Sign-in with the company's SSO (OpenID Connect); None: login links only.
+    oidc: OidcSettings | None = None
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -205,6 +208,9 @@ async def serve(config: ServerConfig) -> None:
         runner,
         secure_cookies=public_url.startswith("https://"),
         readiness=readiness,
+        governance=governance,
+        sso=config.oidc,
+        base_url=lambda: public_url or dashboard_url(http_host, web_server.port),
     )
     checkpoints = (
         None

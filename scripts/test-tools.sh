@@ -4,6 +4,8 @@
 #             rules; a real Prometheus answers runbook gates' queries
 #   chromium  (Debian package `chromium`):   drives the dashboard's browser test
 #   curl, jq  (Debian packages `curl`, `jq`): the human runbooks use them, and a test runs them
+#   node, npm (Debian packages `nodejs`, `npm`): run the real OpenID provider of the SSO
+#             tests (tests/oidc/provider.js; the tests npm-install `oidc-provider` themselves)
 # Idempotent: when both are on PATH it changes nothing. Installs with apt-get, as root
 # or through sudo; exits non-zero with one clear line when it cannot.
 set -euo pipefail
@@ -12,7 +14,8 @@ say() { printf 'test-tools: %s\n' "$*"; }
 die() { printf 'test-tools: error: %s\n' "$*" >&2; exit 1; }
 
 # tool -> the Debian package that provides it
-declare -A PACKAGE=([promtool]=prometheus [prometheus]=prometheus [chromium]=chromium [curl]=curl [jq]=jq)
+declare -A PACKAGE=([promtool]=prometheus [prometheus]=prometheus [chromium]=chromium [curl]=curl [jq]=jq
+                    [node]=nodejs [npm]=npm)
 
 missing=()
 for tool in "${!PACKAGE[@]}"; do

@@ -23,7 +23,9 @@ Routes (all on the server's ``--http`` address):
 Every page and API needs a session. Incident commanders, approvers and SREs see
 everything; employees see only laptops labelled ``owner=<their name>`` (anyone
 else's laptop is "not found", like one that does not exist) and no runbook runs;
-automation and agent identities are refused. Nothing here changes state.
+automation and agent identities are refused. Changes go through ``/actions`` only
+(``actions.py``: POSTs with a CSRF token, checked against the gRPC role table);
+``GET /oidc/login`` signs in with the company's SSO when configured (``oidc.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import io
 import json
 import time
@@ -43,10 +46,13 @@ from aiohttp import web
 
 from control.domain.identity import Principal, Role
 from control.errors import InvalidInput, StoreError
+from control.governance import Governance
 from control.plane import AgentView, ControlPlane
 from control.readiness import Readiness
 from control.web import api, pages
+from control.web.actions import Actions
 from control.web.login import SESSION_COOKIE, Login
+from control.web.oidc import OidcSettings, OidcSignIn
 from control.web.readiness_panel import READINESS_ROLES, readiness_data, readiness_panel
 from control.web.sessions import DashboardSessions
 from control.web.streams import Stream, StreamSlots
@@ -77,6 +83,11 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
+
+SSO_HELP = (
+    '<p><a id="sso-sign-in" class="button" href="/oidc/login">Sign in with your company'
+    " account</a></p><p>Or:</p>"
+)
 
 Handler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
@@ -112,7 +123,12 @@ class Dashboard:
         *,
         secure_cookies: bool = False,
         readiness: Readiness | None = None,
+        governance: Governance | None = None,
+        sso: OidcSettings | None = None,
+        base_url: Callable[[], str] = lambda: "",
     ) -> None:
+        """``governance``: with it, the dashboard takes actions (``actions.py``) and, with
+        ``sso`` too, signs people in with the company's SSO at ``base_url()`` (``oidc.py``)."""
         self._plane = plane
         self._sessions = sessions
         self._runbooks = runbooks
@@ -128,6 +144,21 @@ class Dashboard:
             unavailable=lambda: self._unavailable(as_json=False),
             refusal=lambda: self._refusal(403, as_json=False),
         )
+        self._more_routes: list[web.RouteDef] = []
+        if governance is not None:
+            actions = Actions(plane, governance, principal_of=sessions.principal, harden=harden)
+            self._more_routes += actions.routes()
+            if sso is not None:
+                sign_in = OidcSignIn(
+                    sso,
+                    sessions,
+                    base_url=base_url,
+                    secure_cookies=secure_cookies,
+                    harden=harden,
+                    record_denial=functools.partial(_record_sign_in_refusal, governance),
+                )
+                self._more_routes += sign_in.routes()
+        self._sso_help = SSO_HELP if governance is not None and sso is not None else ""
         # audience -> (computed at, monotonic; the overview; the same as JSON)
         self._summaries: dict[str, tuple[float, dict[str, Any], str]] = {}
         self._closing = asyncio.Event()
@@ -135,6 +166,7 @@ class Dashboard:
     def routes(self) -> list[web.RouteDef]:
         return [
             *self._login.routes(),
+            *self._more_routes,
             web.get("/static/{name}", self._static_file),
             web.get("/", self._guard(self._home)),
             web.get("/agents/{agent_id}", self._guard(self._agent_page)),
@@ -203,7 +235,9 @@ class Dashboard:
             text = "not logged in, or the session expired: run `killswitch dashboard`"
             page = pages.message_page(
                 "Log in to the dashboard",
-                "<p>You are not logged in, or your session has expired.</p>" + pages.LOGIN_HELP,
+                "<p>You are not logged in, or your session has expired.</p>"
+                + self._sso_help
+                + pages.LOGIN_HELP,
             )
         else:
             text = "the dashboard is for people: automation and agent identities cannot use it"
@@ -490,3 +524,13 @@ def _client_gone(request: web.Request) -> bool:
         return True
     protocol = request.protocol
     return bool(protocol._close or protocol._force_close)
+
+
+async def _record_sign_in_refusal(
+    governance: Governance, by: Principal | None, action: str, why: str
+) -> None:
+    """Nobody signed in yet: counted with the other refusals before authentication."""
+    if by is None:
+        governance.count_unauthenticated(None, "dashboard sign-in", action, why)
+    else:
+        await governance.record_denial(by, action, why)

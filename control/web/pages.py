@@ -76,6 +76,7 @@ def layout(title: str, body: str, *, viewer: Mapping[str, str] | None, script: s
     who = ""
     if viewer is not None:
         who = (
+            '<a href="/actions" id="actions-link">Actions</a>'
             f'<span class="who">{e(viewer["name"])} <small>({e(viewer["role"])})</small></span>'
             '<form method="post" action="/logout" class="logout">'
             '<button type="submit">Log out</button></form>'
@@ -95,7 +96,7 @@ def layout(title: str, body: str, *, viewer: Mapping[str, str] | None, script: s
         '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
         f"{scripts}</head><body>"
         f'<header><a class="brand" href="/">{TITLE}</a>'
-        '<span class="sub">capture kill switch \u00b7 read-only dashboard</span>'
+        '<span class="sub">capture kill switch \u00b7 dashboard</span>'
         f"{who}</header>\n<main>{body}</main>\n"
         '<footer><span id="live-status" class="live off">live updates need JavaScript;'
         " reload for fresh data</span></footer></body></html>\n"
