@@ -30,6 +30,8 @@ from killswitch.v1 import killswitch_pb2 as pb
 from agent_stub.agent import Agent, Reopen, open_channel
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
+from agent_stub.local_state import NoticeBoard
+from agent_stub.notices import Notifier
 from control.gc_policy import run_gc_policy
 
 log = structlog.get_logger("killswitch.agent.simulate")
@@ -115,6 +117,7 @@ class Fleet:
     mTLS on its own channel; without, over ``connections`` shared plaintext ones.
     With ``ingest_target`` the agents upload their batches to that gateway the same way
     (own certificate, or shared plaintext connections with the claimed identity).
+    With ``notifier`` every agent shows its notices there.
     """
 
     target: str
@@ -126,6 +129,8 @@ class Fleet:
     fault_after: float = 15.0
     truth_path: Path | None = None
     ingest_target: str | None = None
+    # Every agent's notices go to this one notifier (a file: one line per notice).
+    notifier: Notifier | None = None
     agents: list[Agent] = field(default_factory=list)
     trigger_at: float | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -140,6 +145,9 @@ class Fleet:
                 rng=random.Random(rng.random()),
                 reopen=reopen,
                 ingest=ingest,
+                notices=None
+                if self.notifier is None
+                else NoticeBoard(cfg.agent_id, self.notifier, None),
             )
             for cfg, channel, metadata, reopen, ingest in self._transports()
         ]

@@ -124,6 +124,9 @@ def directive_to_pb(spec: DirectiveSpec) -> pb.ServerMessage:
             heartbeat_interval_seconds=spec.heartbeat_interval,
             lease_ttl_seconds=spec.lease_ttl,
             purge_spool=spec.desired.purge_spool,
+            ticket=spec.decision.ticket,
+            decided_by=spec.decision.decided_by,
+            opt_out=spec.decision.opt_out,
         )
     )
 
