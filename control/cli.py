@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.cli_serve import add_serve_web_and_audit_options
+from control.cli_serve import add_serve_web_and_audit_options, add_webhook_options
 from control.domain import (
     ComplianceState,
     parse_label_pairs,
@@ -992,6 +992,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_checkpoints=args.audit_checkpoints,
         audit_checkpoint_interval=args.audit_checkpoint_interval,
         audit_syslog=args.audit_syslog,
+        webhooks=tuple(args.webhook),
+        webhook_secret_file=args.webhook_secret_file,
     )
     asyncio.run(serve(config))
     return 0
@@ -1182,6 +1184,7 @@ def build_parser() -> argparse.ArgumentParser:
         f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
     )
     add_serve_web_and_audit_options(serve, positive_seconds)
+    add_webhook_options(serve)
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=cmd_serve, local=True)

@@ -54,6 +54,8 @@ from control.store import describe_database, open_store
 from control.web import WebServer
 from control.web.dashboard import Dashboard
 from control.web.sessions import DashboardSessions
+from control.webhooks.config import WebhookSpec, load_webhooks
+from control.webhooks.sender import WebhookSender
 
 log = structlog.get_logger("killswitch.server")
 
@@ -114,6 +116,9 @@ class ServerConfig:
     audit_checkpoints: str = ""
     audit_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     audit_syslog: bool = False
+    # Outbound webhooks (``control.webhooks``) and the secret file they share.
+    webhooks: tuple[WebhookSpec, ...] = ()
+    webhook_secret_file: str = ""
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -147,6 +152,7 @@ async def serve(config: ServerConfig) -> None:
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
     prometheus = PrometheusSources(config.prometheus)
+    webhooks = load_webhooks(config.webhooks, config.webhook_secret_file)
     store = await open_store(config.data_dir, config.database)
     plane = ControlPlane(
         store,
@@ -190,6 +196,7 @@ async def serve(config: ServerConfig) -> None:
             to_syslog=config.audit_syslog,
         )
     )
+    sender = WebhookSender(store, plane, webhooks) if webhooks else None
     plane.observer = Observers([metrics, dashboard.timeline, runner])
     metrics.watch(plane)
     servers: list[grpc.aio.Server] = []
@@ -260,6 +267,8 @@ async def serve(config: ServerConfig) -> None:
         # Ports are bound but nothing is served until the state is loaded: only its
         # hot part, once what is due is archived.
         await compactor.compact_logged()
+        if sender is not None:
+            sender.start()  # before anything is audited, so no event goes unqueued
         state = await plane.start()
         await governance.start(state)
         await runner.start(state.shared.runs)
@@ -305,6 +314,8 @@ async def serve(config: ServerConfig) -> None:
         for each in servers:
             await each.stop(grace=2)
         await plane.stop()
+        if sender is not None:
+            await sender.stop()
         if checkpoints is not None:
             await checkpoints.stop()  # the last head, signed, once nothing writes any more
         await store.close()
