@@ -31,8 +31,7 @@ from agent_stub.config import (
 from agent_stub.cover import CoverStory
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
-from agent_stub.local_state import LEASE_LOST_REASON, LocalState, NoticeBoard
-from agent_stub.notices import CaptureState
+from agent_stub.local_state import NoticeBoard
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox, StreamEnded
 from agent_stub.truth import GroundTruth
@@ -168,8 +167,6 @@ class Agent:
     ) -> None:
         self.config = config
         self.notices = notices
-        # The lease expiry last converted to wall-clock time: (boottime expiry, wall).
-        self._lease_wall: tuple[float | None, float | None] = (None, None)
         self._channel = channel
         self._reopen = reopen
         self._control = pb_grpc.AgentControlStub(channel)
@@ -518,49 +515,9 @@ class Agent:
         self.engine.watch_lease()
         self._tell_capture_state()
 
-    # ------------------------------------------------------------ notices
-
-    def capture_state(self) -> CaptureState | None:
-        """What the laptop's owner is told; None while it is not settled (no directive
-        yet, or allowed with no lease granted yet)."""
-        directive = self.directive
-        if directive is None:
-            return None
-        if directive.mode != pb.MODE_ALLOWED:
-            return CaptureState.OPTED_OUT if directive.opt_out else CaptureState.PAUSED
-        if self.lease.holds(self.lease.clock()):
-            return CaptureState.RESUMED
-        if self.lease.expires_at is not None:
-            return CaptureState.LEASE_LOST
-        return None
-
-    def _lease_expires_wall(self) -> float | None:
-        """The lease expiry in wall-clock time, converted once per grant."""
-        expires = self.lease.expires_at
-        if self._lease_wall[0] != expires:
-            wall = None if expires is None else time.time() + (expires - self.lease.clock())
-            self._lease_wall = (expires, wall)
-        return self._lease_wall[1]
-
     def _tell_capture_state(self) -> None:
-        state = self.capture_state()
-        if self.notices is None or state is None or self.directive is None:
-            return
-        directive = self.directive
-        lost = state is CaptureState.LEASE_LOST
-        self.notices.update(
-            LocalState(
-                agent_id=self.agent_id,
-                state=state,
-                mode=pb.Mode.Name(directive.mode).removeprefix("MODE_"),
-                epoch=directive.epoch,
-                reason=LEASE_LOST_REASON if lost else directive.reason,
-                ticket="" if lost else directive.ticket,
-                decided_by="this laptop (fail closed)" if lost else directive.decided_by,
-                lease_expires_at=self._lease_expires_wall(),
-                updated_at=time.time(),
-            )
-        )
+        if self.notices is not None:
+            self.notices.observe(self.directive, self.lease)
 
     async def _heartbeat(self, stream: Outbox) -> None:
         beat = pb.Heartbeat(

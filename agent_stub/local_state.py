@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import structlog
+from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.durable import StateFileError, write_durably
+from agent_stub.lease import Lease
 from agent_stub.notices import CaptureState, Notice, Notifier, show_safely
 
 log = structlog.get_logger("killswitch.agent.local_state")
@@ -26,6 +28,7 @@ LEASE_LOST_REASON = (
     "the capture lease ran out before the control server renewed it; capture stays off"
     " until it does"
 )
+FAIL_CLOSED = "this laptop (fail closed)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,20 @@ def _utc(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
+def capture_state(directive: pb.Directive | None, lease: Lease) -> CaptureState | None:
+    """What the laptop's owner is told; None while it is not settled (no directive yet,
+    or allowed with no lease granted yet)."""
+    if directive is None:
+        return None
+    if directive.mode != pb.MODE_ALLOWED:
+        return CaptureState.OPTED_OUT if directive.opt_out else CaptureState.PAUSED
+    if lease.holds(lease.clock()):
+        return CaptureState.RESUMED
+    if lease.expires_at is not None:
+        return CaptureState.LEASE_LOST
+    return None
+
+
 class LocalStateFile:
     """``DIR/capture-state.json``."""
 
@@ -100,6 +117,46 @@ class NoticeBoard:
         self._notifier = notifier
         self._file = state_file
         self.current = state_file.load() if state_file is not None else None
+        # The lease expiry last converted to wall-clock time: (boottime expiry, wall).
+        self._lease_wall: tuple[float | None, float | None] = (None, None)
+
+    def observe(self, directive: pb.Directive | None, lease: Lease) -> None:
+        """Called after every directive, lease answer and capture round: cheap when
+        nothing changed, which is almost always."""
+        state = capture_state(directive, lease)
+        if state is None or directive is None:
+            return
+        expires = self._lease_expires_wall(lease)
+        current = self.current
+        if (
+            current is not None
+            and current.state is state
+            and current.epoch == directive.epoch
+            and current.lease_expires_at == expires
+        ):
+            return
+        lost = state is CaptureState.LEASE_LOST
+        self.update(
+            LocalState(
+                agent_id=self._agent_id,
+                state=state,
+                mode=pb.Mode.Name(directive.mode).removeprefix("MODE_"),
+                epoch=directive.epoch,
+                reason=LEASE_LOST_REASON if lost else directive.reason,
+                ticket="" if lost else directive.ticket,
+                decided_by=FAIL_CLOSED if lost else directive.decided_by,
+                lease_expires_at=expires,
+                updated_at=time.time(),
+            )
+        )
+
+    def _lease_expires_wall(self, lease: Lease) -> float | None:
+        """The lease expiry in wall-clock time, converted once per grant."""
+        expires = lease.expires_at
+        if self._lease_wall[0] != expires:
+            wall = None if expires is None else time.time() + (expires - lease.clock())
+            self._lease_wall = (expires, wall)
+        return self._lease_wall[1]
 
     def update(self, seen: LocalState) -> None:
         """The agent's state now; notices and saves only what changed."""

@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 
+from control.domain.audit import AuditEntry, AuditRecord
 from control.webhooks.config import parse_webhook
+from control.webhooks.events import event_of
 from tests.conftest import BIN, Cli, ServerProcess, Simulator, free_port, wait_for
+from tests.test_runbook_e2e import STAGED, fast_copy
 
 SECRET = b"s3cret-for-the-webhook-tests-0123456789"
 
@@ -217,3 +220,54 @@ def test_a_webhook_without_a_secret_stops_serve_with_one_line(tmp_path: Path) ->
     assert result.returncode != 0
     assert "has no secret" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("action", "target", "result", "event"),
+    [
+        ("hold.create", "hold-1 incident all agents", "ok", "pause_issued"),
+        ("hold.create", "opt-out-laptop-1 opt_out agents laptop-1", "ok", ""),
+        ("hold.create", "hold-2 rollout all agents", "ok", ""),
+        ("resume.deny", "req-1", "ok", "resume_denied"),
+        ("resume.approve", "req-1", "denied: the requester cannot approve", ""),
+        ("agent.violation", "laptop-1", "violation", "violation"),
+        ("runbook.wave_start", "run-1", "ok", "runbook_wave"),
+        ("runbook.halt", "run-1", "halted", "runbook_halt"),
+        ("runbook.abort", "run-1", "ok", "runbook_halt"),
+        ("runbook.abort", "run-1", "denied: not an incident commander", ""),
+        ("certs.revoke", "laptop-1", "ok", ""),
+    ],
+)
+def test_which_audited_actions_are_webhook_events(
+    action: str, target: str, result: str, event: str
+) -> None:
+    record = AuditRecord(1.0, "ic-1", "incident-commander", action, target, result=result)
+    assert event_of(AuditEntry(5, record, "0" * 64, "1" * 64)) == event
+
+
+def test_runbook_waves_and_an_abort_are_announced(
+    start_server: Callable[..., ServerProcess],
+    simulate: Callable[..., Simulator],
+    receiver: Receiver,
+    secret_file: Path,
+    tmp_path: Path,
+) -> None:
+    events = "runbook_wave,runbook_halt"
+    server = start_server("--runbook-tick", "0.2", *webhook_args(receiver.url, secret_file, events))
+    cli = Cli(server)
+    simulate(server, 20)
+    wait_for(lambda: len(cli.agents()) == 20, 30, "every agent connected")
+    hold_id = cli.pause("--all", "--reason", "data leak", "--ticket", "INC-7", "--wait")
+    request = cli.ok(
+        "resume", "--hold", hold_id, "--reason", "leak fixed", "--for-runbook", "-q"
+    ).strip()
+    cli.as_("approver-1").ok("approve", request)
+    runbook = fast_copy(STAGED, tmp_path, soak="120s", timeout="300s")  # stays in its first wave
+    run_id = cli.ok("runbook", "start", str(runbook), "--approval", request, "-q").strip()
+    wait_for(lambda: "runbook_wave" in receiver.kinds(), 30, "the first wave")
+    cli.ok("runbook", "abort", run_id, "--reason", "drill over")
+    wait_for(lambda: "runbook_halt" in receiver.kinds(), 20, "the abort")
+    wave = next(e for e in receiver.events() if e["event"] == "runbook_wave")
+    assert "wave 1/" in wave["detail"]
+    halt = next(e for e in receiver.events() if e["event"] == "runbook_halt")
+    assert halt["target"] == run_id and halt["reason"] == "drill over"

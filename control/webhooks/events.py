@@ -24,7 +24,10 @@ EVENT_OF_ACTION = {
     "agent.violation": "violation",
     "runbook.wave_start": "runbook_wave",
     "runbook.halt": "runbook_halt",
+    "runbook.abort": "runbook_halt",
 }
+# What these actions are audited with when they happened (not "ok"), by the plane.
+RESULT_OF_ACTION = {"agent.violation": "violation", "runbook.halt": "halted"}
 HEADLINE = {
     "pause_issued": "Capture PAUSED",
     "resume_requested": "Resume requested",
@@ -41,9 +44,8 @@ def event_of(entry: AuditEntry) -> str:
     """The webhook event an audit entry is, or ""; denied and failed actions are none."""
     record = entry.record
     event = EVENT_OF_ACTION.get(record.action, "")
-    # Evidence of a violation is audited with the result "violation".
-    if record.result not in (RESULT_OK, "violation"):
-        return ""
+    if record.result != RESULT_OF_ACTION.get(record.action, RESULT_OK):
+        return ""  # denied or failed: nothing happened
     # "HOLD_ID KIND SCOPE": an opt-out or a runbook's own hold is no incident pause.
     if event == "pause_issued" and record.target.split(" ")[1:2] != ["incident"]:
         return ""
