@@ -223,6 +223,10 @@ class Store(Protocol):
 
     async def webhook_retry(self, message_id: int, next_at: float, error: str) -> None: ...
 
+    async def prune_webhooks(self, delivered_before: float) -> int:
+        """Delete messages delivered before then; returns how many."""
+        ...
+
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         """Actions that change no other state: denials, reads worth recording."""
 

@@ -58,6 +58,9 @@ UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = :next_at,
 WHERE id = :id AND delivered_at IS NULL
 """
 
+# Delivered rows are kept a while for inspection, then deleted (``Store.prune_webhooks``).
+PRUNE = "DELETE FROM webhook_outbox WHERE delivered_at < :before"
+
 
 def for_postgres(sql: str) -> str:
     return re.sub(r":(\w+)", r"%(\1)s", sql)

@@ -503,6 +503,7 @@ def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
 _ENQUEUE = outbox.for_postgres(outbox.ENQUEUE)
 _DELIVERED = outbox.for_postgres(outbox.DELIVERED)
 _RETRY = outbox.for_postgres(outbox.RETRY)
+_PRUNE = outbox.for_postgres(outbox.PRUNE)
 
 
 async def _enqueue(conn: Connection, messages: Sequence[OutboxMessage]) -> None:
@@ -1011,6 +1012,12 @@ class PostgresStore:
     async def webhook_retry(self, message_id: int, next_at: float, error: str) -> None:
         params = {"id": message_id, "next_at": next_at, "error": error}
         await self._write((), lambda conn: _execute(conn, _RETRY, params))
+
+    async def prune_webhooks(self, delivered_before: float) -> int:
+        async def prune(conn: Connection) -> int:
+            return (await conn.execute(_PRUNE, {"before": delivered_before})).rowcount
+
+        return await self._write((), prune)
 
     async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
         if limit < 1:

@@ -732,6 +732,10 @@ class SqliteStore:
         params = {"id": message_id, "next_at": next_at, "error": error}
         await self._write((), lambda db: db.execute(outbox.RETRY, params))
 
+    async def prune_webhooks(self, delivered_before: float) -> int:
+        params = {"before": delivered_before}
+        return await self._write((), lambda db: db.execute(outbox.PRUNE, params).rowcount)
+
     async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, got {limit}")

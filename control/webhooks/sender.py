@@ -42,6 +42,11 @@ CLAIM_SECONDS = 60.0
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 300.0
 SIGNATURE_HEADER = "X-Killswitch-Signature"
+# plane.status() walks every agent: asked at most this often, and only under a pause.
+COMPLIANCE_EVERY_SECONDS = 5.0
+# Delivered rows are kept this long for inspection, then pruned (checked hourly).
+KEEP_DELIVERED_SECONDS = 7 * 86_400.0
+PRUNE_EVERY_SECONDS = 3_600.0
 
 
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -74,6 +79,8 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         # The newest epoch whose compliant fleet was announced by this replica.
         self._announced_epoch = 0
+        self._compliance_checked_at = -COMPLIANCE_EVERY_SECONDS
+        self._pruned_at = -PRUNE_EVERY_SECONDS
 
     def start(self) -> None:
         self._store.outbox_feed = self.feed.from_audit
@@ -90,7 +97,7 @@ class WebhookSender:
             while True:
                 claimed: list[ClaimedMessage] = []
                 try:
-                    await self._announce_compliance()
+                    await self._housekeeping()
                     claimed = await self._store.claim_webhooks(
                         self._clock(), self._clock() + CLAIM_SECONDS, BATCH
                     )
@@ -108,6 +115,17 @@ class WebhookSender:
                     log.exception("webhook_sender_failed")
                 if len(claimed) < BATCH:
                     await asyncio.sleep(POLL_SECONDS)
+
+    async def _housekeeping(self) -> None:
+        now = self._clock()
+        if now - self._compliance_checked_at >= COMPLIANCE_EVERY_SECONDS:
+            self._compliance_checked_at = now
+            await self._announce_compliance()
+        if now - self._pruned_at >= PRUNE_EVERY_SECONDS:
+            self._pruned_at = now
+            pruned = await self._store.prune_webhooks(now - KEEP_DELIVERED_SECONDS)
+            if pruned:
+                log.info("webhook_outbox_pruned", rows=pruned)
 
     async def _announce_compliance(self) -> None:
         """The fleet is compliant again under an incident pause: once per epoch (another
