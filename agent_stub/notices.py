@@ -53,7 +53,7 @@ class Notice:
     def text(self) -> str:
         """One line a person reads: what happened, why, under which ticket, decided by whom."""
         parts = [f"Capture {self.state} on {self.agent_id}: {self.reason}"]
-        if self.ticket:
+        if self.ticket and self.ticket not in self.reason:
             parts.append(f"ticket {self.ticket}")
         if self.decided_by:
             parts.append(f"decided by {self.decided_by}")

@@ -21,6 +21,9 @@ class Decision:
     decided_by: str = ""
     # Paused by its owner's own opt-out only.
     opt_out: bool = False
+    # Replaces the desired state's reason in the directive when set: on resume, which
+    # pause ended rather than "no active hold".
+    reason: str = ""
 
 
 NO_DECISION = Decision()
@@ -40,7 +43,8 @@ def decision_for(
         return Decision(first.ticket, first.created_by, opt_out)
     for hold in holds.lifted_at(desired.epoch):
         if hold.scope.covers(agent_id, labels):
-            return Decision(hold.ticket, hold.lifted_by)
+            reason = f"the pause ({hold.reason}) was lifted"
+            return Decision(hold.ticket, hold.lifted_by, reason=reason)
     return NO_DECISION
 
 

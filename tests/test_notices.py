@@ -98,7 +98,9 @@ def test_every_capture_state_change_is_noticed_with_reason_ticket_and_decider(
     assert paused["agent_id"] == "laptop-1"
     assert "breach at vendor" in paused["reason"]
     assert (paused["ticket"], paused["decided_by"]) == ("INC-42", "ic-1")
-    assert "decided by ic-1" in paused["text"] and "INC-42" in paused["text"]
+    assert paused["text"] == (
+        "Capture paused on laptop-1: breach at vendor [INC-42]; decided by ic-1"
+    )
 
     cli.resume(hold_id, "--ticket", "INC-42")
     wait_for(lambda: len(notices(out)) == 2, 20, "the resume notice")
@@ -106,6 +108,7 @@ def test_every_capture_state_change_is_noticed_with_reason_ticket_and_decider(
     assert resumed["state"] == "resumed"
     assert resumed["ticket"] == "INC-42"
     assert resumed["decided_by"] == "approver-1"
+    assert resumed["reason"] == "the pause (breach at vendor) was lifted"
 
     cli.as_("employee-1").ok("opt-out", "laptop-1", "--reason", "private call")
     wait_for(lambda: len(notices(out)) == 3, 20, "the opt-out notice")

@@ -119,7 +119,7 @@ def directive_to_pb(spec: DirectiveSpec) -> pb.ServerMessage:
         directive=pb.Directive(
             epoch=spec.epoch,
             mode=MODE_TO_PB[spec.desired.mode],
-            reason=spec.desired.reason,
+            reason=spec.decision.reason or spec.desired.reason,
             hold_ids=spec.desired.hold_ids,
             heartbeat_interval_seconds=spec.heartbeat_interval,
             lease_ttl_seconds=spec.lease_ttl,
