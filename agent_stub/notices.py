@@ -12,6 +12,7 @@ agent stays fail closed whatever the desktop does).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -93,31 +94,33 @@ class FileNotifier:
             out.write(notice.json_line())
 
 
-def desktop_command(notice: Notice, platform: str = sys.platform) -> list[str]:
-    """The desktop's own notifier, as an argument list (never through a shell)."""
+# Windows: the notice text reaches PowerShell through the environment, never pasted into
+# the script (-Command joins every further argument into the script text).
+WINDOWS_TEXT_VARIABLE = "KILLSWITCH_NOTICE_TEXT"
+
+
+def desktop_command(
+    notice: Notice, platform: str = sys.platform
+) -> tuple[list[str], dict[str, str]]:
+    """The desktop's own notifier: an argument list (never through a shell) and the
+    environment variables it needs."""
     body = notice.text()
     if platform == "darwin":
         # AppleScript string literals: backslash and double quote escaped.
         quoted = body.replace("\\", "\\\\").replace('"', '\\"')
-        return ["osascript", "-e", f'display notification "{quoted}" with title "{TITLE}"']
+        return ["osascript", "-e", f'display notification "{quoted}" with title "{TITLE}"'], {}
     if platform.startswith("win"):
-        # A BurntToast toast if that module is installed, else a plain message box. The
-        # text travels as an argument ($args[0]), never pasted into the script.
+        # A BurntToast toast if that module is installed, else a plain message box.
         script = (
-            "param($text) if (Get-Module -ListAvailable -Name BurntToast) {"
+            f"$text = $env:{WINDOWS_TEXT_VARIABLE};"
+            " if (Get-Module -ListAvailable -Name BurntToast) {"
             f" New-BurntToastNotification -Text '{TITLE}', $text }} else {{"
             " Add-Type -AssemblyName PresentationFramework;"
             f" [System.Windows.MessageBox]::Show($text, '{TITLE}') | Out-Null }}"
         )
-        return [
-            "powershell",
-            "-NoProfile",
-            "-NonInteractive",
-            "-Command",
-            f"& {{{script}}}",
-            body,
-        ]
-    return ["notify-send", "--app-name", TITLE, TITLE, body]
+        command = ["powershell", "-NoProfile", "-NonInteractive", "-Command", script]
+        return command, {WINDOWS_TEXT_VARIABLE: body}
+    return ["notify-send", "--app-name", TITLE, TITLE, body], {}
 
 
 class DesktopNotifier:
@@ -125,11 +128,12 @@ class DesktopNotifier:
     not hold the agent); its exit status is not read."""
 
     def show(self, notice: Notice) -> None:
-        command = desktop_command(notice)
+        command, variables = desktop_command(notice)
         if shutil.which(command[0]) is None:
             raise FileNotFoundError(f"{command[0]} not found: no desktop notice shown")
         subprocess.Popen(
             command,
+            env={**os.environ, **variables},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

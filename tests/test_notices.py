@@ -4,6 +4,7 @@ reason, the ticket and who decided, by a real reference agent against a real ser
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +43,9 @@ def reference_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[b
     """`killswitch-agent run`, enrolled with a join token, its state in tmp_path/state."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(server: ServerProcess, cli: Cli, *extra: str) -> subprocess.Popen[bytes]:
+    def start(
+        server: ServerProcess, cli: Cli, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (tmp_path / "agent.log").open("ab")
         proc = subprocess.Popen(
             [
@@ -66,6 +69,7 @@ def reference_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[b
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         procs.append(proc)
         return proc
@@ -169,6 +173,29 @@ def test_a_failing_notifier_never_stops_the_pause_and_status_shows_the_state(
     assert json.loads(as_json)["epoch"] == cli.json("status")["epoch"]
 
 
+def test_the_desktop_backend_runs_the_platform_notifier(
+    server: ServerProcess,
+    cli: Cli,
+    reference_agent: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """On Linux, `notify-send` (a stand-in on PATH that records its arguments)."""
+    shown = tmp_path / "shown.txt"
+    fake = tmp_path / "bin" / "notify-send"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {shown}\necho >> {shown}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    reference_agent(server, cli, "--notify", "desktop", env=env)
+    wait_for(lambda: state_of(cli) == "CAPTURING", 30, "the agent capturing")
+    cli.pause("--all", "--reason", "breach at vendor", "--ticket", "INC-42")
+    wait_for(lambda: shown.exists() and shown.read_text().strip(), 20, "a desktop notice")
+    assert shown.read_text().strip() == (
+        "--app-name|killswitch|killswitch|"
+        "Capture paused on laptop-1: breach at vendor [INC-42]; decided by ic-1|"
+    )
+
+
 def test_status_without_state_is_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "killswitch-agent"), "status", "--state-dir", str(tmp_path)],
@@ -208,11 +235,16 @@ def test_the_simulator_writes_one_line_per_agent_notice(
 def test_desktop_notifiers_pass_the_text_as_data_never_through_a_shell(
     platform: str, program: str
 ) -> None:
-    command = desktop_command(NOTICE, platform)
+    command, variables = desktop_command(NOTICE, platform)
     assert command[0] == program
     if platform == "darwin":
         # AppleScript: the quotes in the text are escaped inside the string literal.
-        assert '\\"INC-7\\"' in command[-1]
+        assert 'display notification "Capture paused on laptop-1: breach \\"INC-7\\"' in command[-1]
+    elif platform == "win32":
+        # PowerShell joins -Command's further arguments into the script: the text is
+        # handed over in the environment instead, and appears in no argument.
+        assert variables == {"KILLSWITCH_NOTICE_TEXT": NOTICE.text()}
+        assert not any("rm -rf" in part for part in command)
     else:
         assert command[-1] == NOTICE.text()
 
