@@ -37,6 +37,7 @@ from agent_stub.config import (
 from agent_stub.cover import CoverStory
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
+from agent_stub.local_state import NoticeBoard
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox, StreamEnded
 from agent_stub.truth import GroundTruth
@@ -149,6 +150,9 @@ class Agent:
 
     ``ingest`` is a channel to the ingest gateway: given, the agent uploads real
     batches there, numbered by ``upload_sequence``; without, it uploads nothing.
+
+    ``notices`` tells the person at the laptop of every change of its capture state
+    and keeps the local state file (``agent_stub.local_state``).
     """
 
     def __init__(
@@ -164,8 +168,10 @@ class Agent:
         applied_store: AppliedStore | None = None,
         ingest: grpc.aio.Channel | None = None,
         upload_sequence: UploadSequence | None = None,
+        notices: NoticeBoard | None = None,
     ) -> None:
         self.config = config
+        self.notices = notices
         self._channel = channel
         self._reopen = reopen
         self._control = pb_grpc.AgentControlStub(channel)
@@ -290,6 +296,7 @@ class Agent:
 
     async def _capture_round(self) -> None:
         self.engine.tick()
+        self._tell_capture_state()  # a lease that ran out between messages
 
     async def _upload_round(self) -> None:
         if self.uploader is not None and not self._offline_remaining() and self._may_upload():
@@ -407,6 +414,7 @@ class Agent:
         self._applied = number
         reply = self.apply(directive)
         self._keep_renewing(stream)
+        self._tell_capture_state()
         await stream.send(reply)
 
     def apply(self, directive: pb.Directive) -> pb.AgentMessage:
@@ -514,6 +522,11 @@ class Agent:
         else:
             self.engine.enforce_lease()
         self.engine.watch_lease()
+        self._tell_capture_state()
+
+    def _tell_capture_state(self) -> None:
+        if self.notices is not None:
+            self.notices.observe(self.directive, self.lease)
 
     async def _heartbeat(self, stream: Outbox) -> None:
         beat = pb.Heartbeat(

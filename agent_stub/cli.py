@@ -14,11 +14,13 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -41,6 +43,8 @@ from agent_stub.identity import (
     insecure_metadata,
     read_ca,
 )
+from agent_stub.local_state import LocalStateFile, NoticeBoard
+from agent_stub.notices import NOTIFY_CHOICES, Notifier, NotifierSpecError, notifier_from
 from agent_stub.simulate import Fleet, fault_counts, fleet_configs
 
 MAX_SIMULATED_AGENTS = 50_000
@@ -150,6 +154,7 @@ async def run_one(args: argparse.Namespace) -> None:
     channel = reopen()
     # The gateway trusts the same CA: the agent's own certificate says who uploads.
     ingest = None if args.ingest is None else open_channel(args.ingest, credentials=credentials)
+    state_file = LocalStateFile(args.state_dir) if args.state_dir is not None else None
     try:
         agent = Agent(
             config,
@@ -160,6 +165,7 @@ async def run_one(args: argparse.Namespace) -> None:
             applied_store=applied_store,
             ingest=ingest,
             upload_sequence=upload_sequence,
+            notices=NoticeBoard(config.agent_id, args.notify, state_file),
         )
         await agent.run()
     finally:
@@ -212,6 +218,7 @@ async def simulate(args: argparse.Namespace) -> None:
         truth_path=args.truth,
         ingest_target=args.ingest,
         no_sleep_clock=args.no_sleep_clock,
+        notifier=args.notify,
     )
     print(f"simulating {args.agents} agents against {args.server} over {transport}", flush=True)
     runner = asyncio.create_task(fleet.run())
@@ -223,6 +230,33 @@ async def simulate(args: argparse.Namespace) -> None:
             print(fleet.summary(), flush=True)
     if not runner.cancelled():
         await runner
+
+
+async def show_status(args: argparse.Namespace) -> None:
+    """``killswitch-agent status``: the laptop's own view, read from its state file."""
+    state = LocalStateFile(args.state_dir).load()
+    if state is None:
+        raise UsageError(
+            f"no capture state in {args.state_dir}: the agent has not applied a directive yet"
+        )
+    print(json.dumps(asdict(state), indent=2) if args.json else state.describe())
+
+
+def notifier(text: str) -> Notifier:
+    try:
+        return notifier_from(text)
+    except NotifierSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_notify_option(parser: argparse.ArgumentParser, default: str | None, where: str) -> None:
+    parser.add_argument(
+        "--notify",
+        type=notifier,
+        default=default,
+        metavar="BACKEND",
+        help=f"where notices of capture-state changes go: {NOTIFY_CHOICES} ({where})",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -322,8 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-id", required=True)
     run.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
     add_ingest_option(run)
+    add_notify_option(run, "desktop", "default desktop; a failing one never stops a pause")
     add_identity_options(run, "where the agent keeps its key, certificate and upload sequence")
     run.set_defaults(func=run_one)
+
+    status = sub.add_parser("status", help="print this laptop's capture state, as last applied")
+    status.add_argument(
+        "--state-dir", type=Path, required=True, metavar="DIR", help="the agent's state directory"
+    )
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=show_status)
 
     sim = sub.add_parser("simulate", help="run N simulated agents in this process")
     sim.add_argument(
@@ -399,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the agents have no clock that counts sleep: they report so and never capture",
     )
     add_ingest_option(sim)
+    add_notify_option(sim, None, "default none; file:PATH gets one line per agent's notice")
     add_identity_options(sim, "one subdirectory per agent for its key and certificate")
     sim.set_defaults(func=simulate)
     return parser
@@ -416,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.agents > MAX_SIMULATED_AGENTS:
                 raise UsageError(f"at most {MAX_SIMULATED_AGENTS} agents per process")
             args.faults = parse_faults(args.fault)
-        check_identity_options(args)
+        if args.command != "status":
+            check_identity_options(args)
         # One agent logs its reconnects; a simulated fleet only what needs attention.
         level = logging.INFO if args.command == "run" else logging.WARNING
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))

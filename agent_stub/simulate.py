@@ -31,6 +31,8 @@ from agent_stub.agent import Agent, Reopen, open_channel
 from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
 from agent_stub.config import AgentConfig, Fault, Tuning
 from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
+from agent_stub.local_state import NoticeBoard
+from agent_stub.notices import Notifier
 from control.gc_policy import run_gc_policy
 
 log = structlog.get_logger("killswitch.agent.simulate")
@@ -116,6 +118,7 @@ class Fleet:
     mTLS on its own channel; without, over ``connections`` shared plaintext ones.
     With ``ingest_target`` the agents upload their batches to that gateway the same way
     (own certificate, or shared plaintext connections with the claimed identity).
+    With ``notifier`` every agent shows its notices there.
     """
 
     target: str
@@ -129,6 +132,8 @@ class Fleet:
     ingest_target: str | None = None
     # Agents that claim no sleep-counting clock: they refuse to capture, as on such a platform.
     no_sleep_clock: bool = False
+    # Every agent's notices go to this one notifier (a file: one line per notice).
+    notifier: Notifier | None = None
     agents: list[Agent] = field(default_factory=list)
     trigger_at: float | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -149,6 +154,9 @@ class Fleet:
                 reopen=reopen,
                 ingest=ingest,
                 clock=self._clock(),
+                notices=None
+                if self.notifier is None
+                else NoticeBoard(cfg.agent_id, self.notifier, None),
             )
             for cfg, channel, metadata, reopen, ingest in self._transports()
         ]

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.cli_serve import add_serve_web_and_audit_options, oidc_settings
+from control.cli_serve import add_serve_web_and_audit_options, add_webhook_options, oidc_settings
 from control.domain import (
     ComplianceState,
     parse_label_pairs,
@@ -961,6 +961,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit_syslog=args.audit_syslog,
         **cli_readiness.serve_settings(args),
         oidc=oidc_settings(args),
+        webhooks=tuple(args.webhook),
+        webhook_secret_file=args.webhook_secret_file,
     )
     asyncio.run(serve(config))
     return 0
@@ -1144,6 +1146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_web_and_audit_options(serve, positive_seconds)
     cli_readiness.add_serve_options(serve)
+    add_webhook_options(serve)
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(handler=cmd_serve, local=True)

@@ -1,6 +1,6 @@
 """`killswitch serve` options for what faces outside: the dashboard's public URL and
-its SSO sign-in, /metrics' own address, and where signed audit checkpoints go (kept
-out of cli.py, which is big enough)."""
+its SSO sign-in, /metrics' own address, where signed audit checkpoints go, and
+webhooks (kept out of cli.py, which is big enough)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
 from control.web.oidc import OidcSettings, load_settings
+from control.webhooks.config import EVENTS, WebhookSpec
 
 
 def add_serve_web_and_audit_options(
@@ -76,4 +77,32 @@ def add_serve_web_and_audit_options(
 def oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
     return load_settings(
         args.oidc_issuer, args.oidc_client_id, args.oidc_client_secret_file, args.oidc_role
+    )
+
+
+def webhook(text: str) -> WebhookSpec:
+    from control.webhooks.config import parse_webhook
+
+    try:
+        return parse_webhook(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_webhook_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--webhook",
+        type=webhook,
+        action="append",
+        default=[],
+        metavar="NAME=URL[,events=E1,E2][,secret-file=F]",
+        help="POST signed JSON events to this http(s) URL (repeatable); events: "
+        + ", ".join(EVENTS)
+        + " (default all)",
+    )
+    serve.add_argument(
+        "--webhook-secret-file",
+        default="",
+        metavar="FILE",
+        help="HMAC-SHA256 key of every webhook without a secret-file= of its own",
     )

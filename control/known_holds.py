@@ -20,6 +20,8 @@ class KnownHolds:
         self._active: dict[str, Hold] = {}
         # The active holds by created_epoch; None once a change made it stale.
         self._sorted: list[Hold] | None = None
+        # Lifted holds by the epoch of their lift: what re-enabled an agent at that epoch.
+        self._lifted_at: dict[int, dict[str, Hold]] = {}
         self.merge(holds)
 
     def __len__(self) -> int:
@@ -37,12 +39,19 @@ class KnownHolds:
             self._sorted = sorted(self._active.values(), key=lambda h: h.created_epoch)
         return list(self._sorted)
 
+    def lifted_at(self, epoch: int) -> list[Hold]:
+        """The holds lifted at ``epoch`` (the lift that re-enabled an agent then)."""
+        return list(self._lifted_at.get(epoch, {}).values())
+
     def merge(self, holds: Iterable[Hold]) -> list[Hold]:
         """Take these versions; returns the ones that differ from what was known."""
         changed = [h for h in holds if self._all.get(h.id) != h]
         for hold in changed:
+            self._forget_lift(hold.id)
             self._all[hold.id] = hold
             self._set_active(hold.id, hold if hold.active else None)
+            if not hold.active:
+                self._lifted_at.setdefault(hold.lifted_epoch, {})[hold.id] = hold
         return changed
 
     def keep_only(self, hold_ids: Collection[str]) -> list[Hold]:
@@ -51,6 +60,7 @@ class KnownHolds:
         archived. Returns what was forgotten."""
         gone = [h for h in self._all.values() if h.id not in hold_ids]
         for hold in gone:
+            self._forget_lift(hold.id)
             del self._all[hold.id]
             self._set_active(hold.id, None)
         return gone
@@ -61,3 +71,12 @@ class KnownHolds:
         elif self._active.pop(hold_id, None) is None:
             return
         self._sorted = None
+
+    def _forget_lift(self, hold_id: str) -> None:
+        known = self._all.get(hold_id)
+        if known is None or known.active:
+            return
+        lifted = self._lifted_at.get(known.lifted_epoch, {})
+        lifted.pop(hold_id, None)
+        if not lifted:
+            self._lifted_at.pop(known.lifted_epoch, None)

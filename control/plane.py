@@ -27,6 +27,7 @@ from typing import Protocol
 
 import structlog
 
+from control.decisions import NO_DECISION, Decision, decision_for
 from control.domain import (
     AgentStatus,
     CaptureReport,
@@ -115,6 +116,7 @@ class DirectiveSpec:
     desired: Desired
     heartbeat_interval: float
     lease_ttl: float
+    decision: Decision = NO_DECISION
 
 
 @dataclass(frozen=True, slots=True)
@@ -839,11 +841,13 @@ class ControlPlane:
         return True
 
     def directive_for(self, agent_id: str) -> DirectiveSpec:
+        entry = self._agents[agent_id]
         return DirectiveSpec(
             self._epoch,
-            self._agents[agent_id].desired,
+            entry.desired,
             self.policy.heartbeat_interval,
             self.lease_ttl,
+            decision_for(entry.desired, agent_id, entry.labels, self._holds),
         )
 
     def directive_sent(self, agent_id: str, epoch: int) -> None:

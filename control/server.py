@@ -63,6 +63,8 @@ from control.web import WebServer
 from control.web.dashboard import Dashboard
 from control.web.oidc import OidcSettings
 from control.web.sessions import DashboardSessions
+from control.webhooks.config import WebhookSpec, load_webhooks
+from control.webhooks.sender import WebhookSender
 
 log = structlog.get_logger("killswitch.server")
 
@@ -129,6 +131,9 @@ class ServerConfig:
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
     # Sign-in with the company's SSO (OpenID Connect); None: login links only.
     oidc: OidcSettings | None = None
+    # Outbound webhooks (``control.webhooks``) and the secret file they share.
+    webhooks: tuple[WebhookSpec, ...] = ()
+    webhook_secret_file: str = ""
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -162,6 +167,7 @@ async def serve(config: ServerConfig) -> None:
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
     prometheus = PrometheusSources(config.prometheus)
+    webhooks = load_webhooks(config.webhooks, config.webhook_secret_file)
     store = await open_store(config.data_dir, config.database)
     plane = ControlPlane(
         store,
@@ -225,6 +231,7 @@ async def serve(config: ServerConfig) -> None:
             to_syslog=config.audit_syslog,
         )
     )
+    sender = WebhookSender(store, plane, webhooks) if webhooks else None
     plane.observer = Observers([metrics, dashboard.timeline, runner])
     metrics.watch(plane, readiness)
     servers: list[grpc.aio.Server] = []
@@ -311,6 +318,8 @@ async def serve(config: ServerConfig) -> None:
         # Ports are bound but nothing is served until the state is loaded: only its
         # hot part, once what is due is archived.
         await compactor.compact_logged()
+        if sender is not None:
+            sender.start()  # before anything is audited, so no event goes unqueued
         state = await plane.start()
         await governance.start(state)
         await runner.start(state.shared.runs)
@@ -358,6 +367,8 @@ async def serve(config: ServerConfig) -> None:
             await each.stop(grace=2)
         await governance.refusals.stop()  # after the ports: every refusal is counted
         await plane.stop()
+        if sender is not None:
+            await sender.stop()
         if checkpoints is not None:
             await checkpoints.stop()  # the last head, signed, once nothing writes any more
         await store.close()

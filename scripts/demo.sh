@@ -90,18 +90,24 @@ fi
 # Agents enrol once with a join token, then connect with their own certificates.
 token=$("$BIN/killswitch" enroll-token create --server "$GRPC" --identity "$IDS/ic-1" \
   --uses "$AGENTS" --ttl 600 2>/dev/null)
+# Every laptop's notices (paused, resumed, opted out, lease lost) go to one file, a line
+# per notice: what the people at the laptops would see on their desktops.
+NOTICES="$DATA/notices.jsonl"
 "$BIN/killswitch-agent" simulate --server "$GRPC" --agents "$AGENTS" --report-every 15 \
-  --enroll-token "$token" --ca "$DATA/pki/ca.pem" --state-dir "$DATA/agents" ${upload[@]+"${upload[@]}"} &
+  --enroll-token "$token" --ca "$DATA/pki/ca.pem" --state-dir "$DATA/agents" \
+  --notify "file:$NOTICES" ${upload[@]+"${upload[@]}"} &
 
 cat <<EOT
 
   Control server on $GRPC (state in $DATA/, log in $DATA/server.log), $AGENTS simulated agents,
   $gateway. People's identities (their own keys) are in $IDS/.
+  The laptops' notices go to $NOTICES (one JSON line per notice).
   In another terminal:
 
     export KILLSWITCH_SERVER=$GRPC KILLSWITCH_IDENTITY=$IDS/ic-1   # incident commander
     .venv/bin/killswitch pause --all --reason "data leak" --ticket INC-1 --wait
     .venv/bin/killswitch status
+    tail -f $NOTICES                  # what each laptop's owner is told, and by whom
     .venv/bin/killswitch agents --state VERIFIED_STOPPED --selector region=eu-west
     .venv/bin/killswitch holds
     .venv/bin/killswitch report --hold HOLD_ID --out report/   # signed proof: report.json + .html

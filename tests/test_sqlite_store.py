@@ -59,7 +59,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     backend = SqliteBackend(tmp_path)
     run_with_store(backend, body)
     assert backend.sql("PRAGMA user_version") == [(len(MIGRATIONS),)]
-    assert len(MIGRATIONS) == 14
+    assert len(MIGRATIONS) == 15
 
 
 def test_insert_or_replace_cannot_overwrite_an_audit_entry(tmp_path: Path) -> None:

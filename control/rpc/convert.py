@@ -120,11 +120,14 @@ def directive_to_pb(spec: DirectiveSpec) -> pb.ServerMessage:
         directive=pb.Directive(
             epoch=spec.epoch,
             mode=MODE_TO_PB[spec.desired.mode],
-            reason=spec.desired.reason,
+            reason=spec.decision.reason or spec.desired.reason,
             hold_ids=spec.desired.hold_ids,
             heartbeat_interval_seconds=spec.heartbeat_interval,
             lease_ttl_seconds=spec.lease_ttl,
             purge_spool=spec.desired.purge_spool,
+            ticket=spec.decision.ticket,
+            decided_by=spec.decision.decided_by,
+            opt_out=spec.decision.opt_out,
         )
     )
 

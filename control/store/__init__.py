@@ -27,6 +27,10 @@ from control.domain.identity import CertificateRecord, EnrollToken, Principal
 from control.domain.release import Release
 from control.domain.rollout import Run
 from control.errors import InvalidInput, StoreUnavailable
+from control.store.outbox import ClaimedMessage, OutboxMessage
+
+# Turns newly chained audit entries into webhook deliveries, in their transaction.
+OutboxFeed = Callable[[Sequence[AuditEntry]], list[OutboxMessage]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,25 @@ class Store(Protocol):
         Versions become visible in order: once a read returns version ``v``, no later
         read returns a new version at or below ``v``, so the newest version read is the
         next read's cursor."""
+
+    # Set by the server when webhooks are configured (``control.webhooks``).
+    outbox_feed: OutboxFeed | None
+
+    async def enqueue_webhooks(self, messages: Sequence[OutboxMessage]) -> None:
+        """Messages for events that have no audit entry (the fleet turning compliant)."""
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[ClaimedMessage]:
+        """Up to ``limit`` undelivered messages due by ``now``, oldest first, not due again
+        (for another sender) before ``until``."""
+        ...
+
+    async def webhook_delivered(self, message_id: int, now: float) -> None: ...
+
+    async def webhook_retry(self, message_id: int, next_at: float, error: str) -> None: ...
+
+    async def prune_webhooks(self, delivered_before: float) -> int:
+        """Delete messages delivered before then; returns how many."""
+        ...
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         """Actions that change no other state: denials, reads worth recording."""

@@ -60,6 +60,7 @@ from control.store import (
     DashboardSession,
     DecidedLabels,
     LoadedState,
+    OutboxFeed,
     RunChange,
     RunCommit,
     SharedState,
@@ -69,7 +70,9 @@ from control.store import (
     codec,
     enrolment,
     history,
+    outbox,
 )
+from control.store.outbox import ClaimedMessage, OutboxMessage
 
 T = TypeVar("T")
 Connection = AsyncConnection[DictRow]
@@ -385,6 +388,8 @@ MIGRATIONS: list[str] = [
     UPDATE holds SET archived_at = extract(epoch FROM now())
     WHERE kind = 'opt_out' AND lifted_at IS NOT NULL AND archived_at IS NULL;
     """,
+    # ---- issue 16: webhook deliveries waiting, durable across restarts (control.store.outbox).
+    outbox.POSTGRES_MIGRATION,
 ]
 
 
@@ -493,6 +498,22 @@ def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """PostgreSQL text cannot hold U+0000, which an agent may send (a nack reason):
     one agent must not make the whole batch unwritable."""
     return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
+
+
+_ENQUEUE = outbox.for_postgres(outbox.ENQUEUE)
+_DELIVERED = outbox.for_postgres(outbox.DELIVERED)
+_RETRY = outbox.for_postgres(outbox.RETRY)
+_PRUNE = outbox.for_postgres(outbox.PRUNE)
+
+
+async def _enqueue(conn: Connection, messages: Sequence[OutboxMessage]) -> None:
+    if messages:
+        async with conn.cursor() as cur:
+            await cur.executemany(_ENQUEUE, [m.params() for m in messages])
+
+
+async def _execute(conn: Connection, query: str, params: dict[str, Any]) -> None:
+    await conn.execute(query, params)
 
 
 async def _fetch_one(conn: Connection, query: str, params: Sequence[Any] = ()) -> DictRow | None:
@@ -667,6 +688,7 @@ class PostgresStore:
         self._lead_lock = asyncio.Lock()
         self._lead_failing = False
         self._failed: Callable[[StoreUnavailable], None] = lambda error: None
+        self.outbox_feed: OutboxFeed | None = None
 
     @classmethod
     async def open(
@@ -803,6 +825,8 @@ class PostgresStore:
         async with self._connection() as conn, conn.transaction():
             result = await change(conn)
             entries = await _append_audit(conn, records)
+            if self.outbox_feed is not None and entries:
+                await _enqueue(conn, self.outbox_feed(entries))
         codec.log_appended(entries)
         return result
 
@@ -969,6 +993,31 @@ class PostgresStore:
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         if records:
             await self._write(records, lambda conn: _nothing())
+
+    async def enqueue_webhooks(self, messages: Sequence[OutboxMessage]) -> None:
+        await self._write((), lambda conn: _enqueue(conn, messages))
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[ClaimedMessage]:
+        async def claim(conn: Connection) -> list[ClaimedMessage]:
+            params = {"now": now, "until": until, "limit": limit}
+            rows = await (await conn.execute(outbox.POSTGRES_CLAIM, params)).fetchall()
+            return [ClaimedMessage(**row) for row in rows]
+
+        return await self._write((), claim)
+
+    async def webhook_delivered(self, message_id: int, now: float) -> None:
+        params = {"id": message_id, "now": now}
+        await self._write((), lambda conn: _execute(conn, _DELIVERED, params))
+
+    async def webhook_retry(self, message_id: int, next_at: float, error: str) -> None:
+        params = {"id": message_id, "next_at": next_at, "error": error}
+        await self._write((), lambda conn: _execute(conn, _RETRY, params))
+
+    async def prune_webhooks(self, delivered_before: float) -> int:
+        async def prune(conn: Connection) -> int:
+            return (await conn.execute(_PRUNE, {"before": delivered_before})).rowcount
+
+        return await self._write((), prune)
 
     async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
         if limit < 1:

@@ -32,6 +32,7 @@ from control.store import (
     DashboardSession,
     DecidedLabels,
     LoadedState,
+    OutboxFeed,
     RunChange,
     RunCommit,
     SharedState,
@@ -41,7 +42,9 @@ from control.store import (
     codec,
     enrolment,
     history,
+    outbox,
 )
+from control.store.outbox import ClaimedMessage, OutboxMessage
 from control.store.reserve import Reserve
 
 T = TypeVar("T")
@@ -293,6 +296,8 @@ MIGRATIONS: list[str] = [
     UPDATE holds SET archived_at = (julianday('now') - 2440587.5) * 86400.0
     WHERE kind = 'opt_out' AND lifted_at IS NOT NULL AND archived_at IS NULL;
     """,
+    # ---- issue 16: webhook deliveries waiting, durable across restarts (control.store.outbox).
+    outbox.SQLITE_MIGRATION,
 ]
 
 
@@ -444,6 +449,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._reserve = Reserve(path.parent)
         self._failed: Callable[[StoreUnavailable], None] = lambda error: None
+        self.outbox_feed: OutboxFeed | None = None
 
     @classmethod
     async def open(cls, data_dir: Path) -> Self:
@@ -560,6 +566,9 @@ class SqliteStore:
         try:
             result = change(db)
             entries = _append_audit(db, records)
+            if self.outbox_feed is not None and entries:
+                messages = self.outbox_feed(entries)
+                db.executemany(outbox.ENQUEUE, [m.params() for m in messages])
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -701,6 +710,31 @@ class SqliteStore:
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         if records:
             await self._write(records, lambda db: None)
+
+    async def enqueue_webhooks(self, messages: Sequence[OutboxMessage]) -> None:
+        await self._write(
+            (), lambda db: db.executemany(outbox.ENQUEUE, [m.params() for m in messages])
+        )
+
+    async def claim_webhooks(self, now: float, until: float, limit: int) -> list[ClaimedMessage]:
+        def claim(db: sqlite3.Connection) -> list[ClaimedMessage]:
+            params = {"now": now, "until": until, "limit": limit}
+            return [ClaimedMessage(*row) for row in db.execute(outbox.SQLITE_CLAIM, params)]
+
+        return await self._write((), claim)
+
+    async def webhook_delivered(self, message_id: int, now: float) -> None:
+        await self._write(
+            (), lambda db: db.execute(outbox.DELIVERED, {"id": message_id, "now": now})
+        )
+
+    async def webhook_retry(self, message_id: int, next_at: float, error: str) -> None:
+        params = {"id": message_id, "next_at": next_at, "error": error}
+        await self._write((), lambda db: db.execute(outbox.RETRY, params))
+
+    async def prune_webhooks(self, delivered_before: float) -> int:
+        params = {"before": delivered_before}
+        return await self._write((), lambda db: db.execute(outbox.PRUNE, params).rowcount)
 
     async def read_audit(self, after_seq: int, limit: int) -> tuple[list[AuditEntry], ChainHead]:
         if limit < 1:

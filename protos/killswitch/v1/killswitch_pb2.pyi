@@ -417,6 +417,9 @@ class Directive(_message.Message):
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     PURGE_SPOOL_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    OPT_OUT_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     mode: Global___Mode.ValueType
     reason: _builtins.str
@@ -426,6 +429,13 @@ class Directive(_message.Message):
     """Lease length; the agent renews at about a third of it while allowed."""
     purge_spool: _builtins.bool
     """On a pause: delete unsent spool data (true) or quarantine it (false)."""
+    ticket: _builtins.str
+    """For the laptop's own notice: the ticket and who decided, from the first hold
+    that pauses the agent or, when ALLOWED, the hold whose lift re-enabled it.
+    """
+    decided_by: _builtins.str
+    opt_out: _builtins.bool
+    """Paused only by its owner's own opt-out (no incident or rollout hold)."""
     @_builtins.property
     def hold_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the holds that pause this agent (empty when allowed)."""
@@ -440,10 +450,13 @@ class Directive(_message.Message):
         heartbeat_interval_seconds: _builtins.float = ...,
         lease_ttl_seconds: _builtins.float = ...,
         purge_spool: _builtins.bool = ...,
+        ticket: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        opt_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "hold_ids", b"hold_ids", "lease_ttl_seconds", b"lease_ttl_seconds", "mode", b"mode", "purge_spool", b"purge_spool", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "epoch", b"epoch", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "hold_ids", b"hold_ids", "lease_ttl_seconds", b"lease_ttl_seconds", "mode", b"mode", "opt_out", b"opt_out", "purge_spool", b"purge_spool", "reason", b"reason", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
