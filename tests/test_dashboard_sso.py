@@ -12,9 +12,9 @@ the tree as it found it).
 from __future__ import annotations
 
 import asyncio
-import os
 import base64
 import json
+import os
 import signal
 import subprocess
 import time
