@@ -127,6 +127,13 @@ class DesktopNotifier:
     """Starts the platform's notifier and does not wait for it (a hung desktop must
     not hold the agent); its exit status is not read."""
 
+    def __eq__(self, other: object) -> bool:
+        """Stateless: any two are the same choice (parsed options compare equal)."""
+        return isinstance(other, DesktopNotifier)
+
+    def __hash__(self) -> int:
+        return hash(DesktopNotifier)
+
     def show(self, notice: Notice) -> None:
         command, variables = desktop_command(notice)
         if shutil.which(command[0]) is None:

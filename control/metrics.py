@@ -40,12 +40,15 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from control.domain import ComplianceState, Hold, HoldKind, Mode
 from control.domain.readiness import ReadinessClass, ReadinessReport
+from control.errors import StoreError, one_line
 from control.events import PlaneObserver
 from control.plane import Census, ControlPlane
 from control.readiness import Readiness
 from control.store import causes
 from control.store_health import StoreHealth
 
+# How long a scrape waits for the readiness assessment's store read.
+READINESS_SCRAPE_SECONDS = 1.0
 log = structlog.get_logger("killswitch.metrics")
 
 # Pauses are acknowledged in well under a second by a healthy agent and verified one
@@ -165,15 +168,25 @@ class Metrics(PlaneObserver):
         # On the event loop, like the plane: the census reads its state without locks.
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         try:
-            if self._readiness is not None:
-                # A store read (certificates): done here, where awaiting is allowed; the
-                # collector exports this assessment.
-                self._census.readiness = await self._readiness.assess()
+            await self._assess_readiness()
             body = encoder(self.registry)
         except Exception:
             log.exception("metrics_scrape_failed")
             return web.Response(status=500, text="collecting metrics failed; see the server log\n")
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _assess_readiness(self) -> None:
+        """A store read (certificates), bounded: a scrape never waits on a store that is
+        gone (a replica that lost its database must still answer /metrics); then the
+        last assessment is exported again."""
+        if self._readiness is None:
+            return
+        try:
+            self._census.readiness = await asyncio.wait_for(
+                self._readiness.assess(), READINESS_SCRAPE_SECONDS
+            )
+        except (TimeoutError, StoreError) as exc:
+            log.warning("readiness_not_assessed", error=one_line(exc) or "timed out")
 
     def _observer_failed(self, event: str) -> None:
         if event not in self._failed_observers:  # once per event kind: no log floods
