@@ -63,6 +63,7 @@ CALLERS = {"AgentControl": ("fuzz-agent",), "Ingest": ("ingest-1",), "SelfServic
 CALL_TIMEOUT = 10.0
 # Connect and the watch streams stay open while the server has nothing to say.
 STREAM_TIMEOUT = 1.0
+NO_ENROLMENT_LIMIT = ("--enrol-rate", "1000000", "--enrol-burst", "1000000")
 # Per identity the server allows 16 calls in flight; stay under it.
 IN_FLIGHT = 6
 
@@ -372,7 +373,9 @@ def main() -> None:
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="fuzz-", dir=scratch) as tmp:
         data_dir = Path(tmp)
-        server, address, enroll_address = start_server(data_dir)
+        # Every CSR reaches the parser: failed enrolments are not rate-limited here (the
+        # limit itself is tested; held 1 s each, they would set the campaign's pace).
+        server, address, enroll_address = start_server(data_dir, *NO_ENROLMENT_LIMIT)
         try:
             issue_agent(data_dir, "fuzz-agent")
             ic = pb_grpc.OperatorStub(channel(data_dir, address, "ic-1"))

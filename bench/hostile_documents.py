@@ -40,8 +40,9 @@ SENDERS = ("sre-1", "approver-1", "automation-1")
 BASELINE_CALLS = 300
 
 
-def start_server(data_dir: Path) -> tuple[Child, str, str]:
-    """The server, its gRPC address and its enrolment address."""
+def start_server(data_dir: Path, *extra: str) -> tuple[Child, str, str]:
+    """The server (``extra``: more ``serve`` options), its gRPC address and its
+    enrolment address."""
     subprocess.run(
         [str(KILLSWITCH), "init", "--data-dir", str(data_dir)], check=True, capture_output=True
     )
@@ -50,7 +51,7 @@ def start_server(data_dir: Path) -> tuple[Child, str, str]:
     address, http, enroll = (f"127.0.0.1:{free_port()}" for _ in range(3))
     argv = [
         str(KILLSWITCH), "serve", "--data-dir", str(data_dir), "--grpc", address,
-        "--http", http, "--enroll", enroll, "--log-format", "json",
+        "--http", http, "--enroll", enroll, "--log-format", "json", *extra,
     ]  # fmt: skip
     server = Child("server", argv, data_dir / "server.log", data_dir)
     while time.monotonic() < deadline:

@@ -25,7 +25,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.cli_serve import add_serve_web_and_audit_options, add_webhook_options, oidc_settings
+from control.cli_serve import (
+    add_enrolment_limit_options,
+    add_serve_web_and_audit_options,
+    add_webhook_options,
+    oidc_settings,
+)
 from control.domain import (
     ComplianceState,
     parse_label_pairs,
@@ -963,6 +968,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         oidc=oidc_settings(args),
         webhooks=tuple(args.webhook),
         webhook_secret_file=args.webhook_secret_file,
+        enrol_rate=args.enrol_rate,
+        enrol_burst=args.enrol_burst,
     )
     asyncio.run(serve(config))
     return 0
@@ -1145,6 +1152,7 @@ def build_parser() -> argparse.ArgumentParser:
         f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
     )
     add_serve_web_and_audit_options(serve, positive_seconds)
+    add_enrolment_limit_options(serve, positive_seconds, positive_int)
     cli_readiness.add_serve_options(serve)
     add_webhook_options(serve)
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")

@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Callable
 
 from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
+from control.rpc.enrolment_gate import ENROL_BURST, ENROL_PER_SECOND
 from control.web.oidc import OidcSettings, load_settings
 from control.webhooks.config import EVENTS, WebhookSpec
 
@@ -71,6 +72,32 @@ def add_serve_web_and_audit_options(
         "--audit-syslog",
         action="store_true",
         help="also send each signed checkpoint to syslog (facility auth)",
+    )
+
+
+def add_enrolment_limit_options(
+    serve: argparse.ArgumentParser,
+    rate: Callable[[str], float],
+    burst: Callable[[str], int],
+) -> None:
+    """The enrolment port's per-source limit (control/rpc/enrolment_gate.py). A fleet
+    enrolling from behind one NAT is bounded by the concurrency cap, not by this: a call
+    that enrols gives its token back. Raise it for a fuzz campaign or a lab."""
+    door = serve.add_argument_group("the enrolment port's limit per source address")
+    door.add_argument(
+        "--enrol-rate",
+        type=rate,
+        default=ENROL_PER_SECOND,
+        metavar="CALLS_PER_SECOND",
+        help="failed enrolment calls one source address may make per second, after its burst"
+        f" (default {ENROL_PER_SECOND:g})",
+    )
+    door.add_argument(
+        "--enrol-burst",
+        type=burst,
+        default=ENROL_BURST,
+        metavar="CALLS",
+        help=f"enrolment calls one source address may make at once (default {ENROL_BURST})",
     )
 
 

@@ -47,7 +47,12 @@ from control.readiness import Readiness
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
-from control.rpc.enrolment_gate import MAX_STREAMS_PER_CONNECTION, EnrolmentGate
+from control.rpc.enrolment_gate import (
+    ENROL_BURST,
+    ENROL_PER_SECOND,
+    MAX_STREAMS_PER_CONNECTION,
+    EnrolmentGate,
+)
 from control.rpc.operator_service import (
     DashboardService,
     EnrollmentService,
@@ -134,6 +139,9 @@ class ServerConfig:
     # Outbound webhooks (``control.webhooks``) and the secret file they share.
     webhooks: tuple[WebhookSpec, ...] = ()
     webhook_secret_file: str = ""
+    # The enrolment port's token bucket per source address (control/rpc/enrolment_gate.py).
+    enrol_rate: float = ENROL_PER_SECOND
+    enrol_burst: int = ENROL_BURST
 
 
 def enroll_address_for(grpc_address: str) -> str:
@@ -303,7 +311,14 @@ async def serve(config: ServerConfig) -> None:
             )
             bound = _bind(lambda: server.add_secure_port(address, credentials), address)
             enroll = grpc.aio.server(
-                interceptors=[EnrolmentGate(governance, clock=time.monotonic)],
+                interceptors=[
+                    EnrolmentGate(
+                        governance,
+                        clock=time.monotonic,
+                        burst=config.enrol_burst,
+                        per_second=config.enrol_rate,
+                    )
+                ],
                 options=[
                     *GRPC_SERVER_OPTIONS,
                     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),

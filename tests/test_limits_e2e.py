@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from control.domain.limits import AGGREGATED_ACTION
 from control.pki import load_identity, principal_from_pem
 from control.refusals import REFUSAL_BUDGET_BURST
 from control.rpc.enrolment_gate import ENROL_BURST
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing
+from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing
 
 ENROLL = "/killswitch.v1.Enrollment/Enroll"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -183,3 +184,35 @@ def test_an_undecodable_enrolment_is_invalid_argument_not_a_crash(server: Server
             error: Any = refused.value
             assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
             assert "does not parse" in error.details()
+
+
+def test_the_enrolment_limit_per_source_is_set_by_serve_options(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """``--enrol-burst 3 --enrol-rate 0.01``: three failing calls reach the token check,
+    the fourth is refused at the door (a lab or a fuzz campaign raises them instead)."""
+    server = start_server("--enrol-burst", "3", "--enrol-rate", "0.01")
+    credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
+    with grpc.secure_channel(server.enroll_address, credentials) as channel:
+        enroll = channel.unary_unary(
+            ENROLL,
+            request_serializer=pb.EnrollRequest.SerializeToString,
+            response_deserializer=pb.EnrollResponse.FromString,
+        )
+        forged = pb.EnrollRequest(token="kst_forged.secret", agent_id="laptop-1", csr_pem="x")
+        codes = [refused_code(lambda: enroll(forged, timeout=10)) for _ in range(4)]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes[:3], codes
+    assert codes[3] is grpc.StatusCode.RESOURCE_EXHAUSTED, codes
+
+
+@pytest.mark.parametrize("flag, value", [("--enrol-rate", "0"), ("--enrol-burst", "many")])
+def test_a_bad_enrolment_limit_is_one_line(flag: str, value: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "killswitch"), "serve", "--data-dir", str(tmp_path), flag, value],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and flag in done.stderr, done.stderr
