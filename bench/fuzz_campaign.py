@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
@@ -60,6 +60,7 @@ CRASHES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 SKIPPED_SERVICES = frozenset({"IngestGateway"})  # served by the gateway, not this server
 OPERATORS = ("ic-1", "sre-1", "approver-1", "automation-1", "employee-1")
 CALLERS = {"AgentControl": ("fuzz-agent",), "Ingest": ("ingest-1",), "SelfService": ("employee-1",)}
+CAMPAIGN_IDENTITIES = frozenset({*OPERATORS, "fuzz-agent", "ingest-1"})
 CALL_TIMEOUT = 10.0
 # Connect and the watch streams stay open while the server has nothing to say.
 STREAM_TIMEOUT = 1.0
@@ -203,6 +204,22 @@ def request_bytes(rng: random.Random, target: Target) -> bytes:
     return encoded if roll < 0.6 else mutate(rng, encoded)
 
 
+def sparing_the_campaign(target: Target, body: bytes) -> bytes:
+    """An incident commander may revoke anyone, itself included: a fuzzed
+    ``RevokeCertificates`` naming one of the campaign's own identities would leave the
+    rest of the campaign (and the stall watch) refused, so it names someone else."""
+    if not target.path.endswith("/RevokeCertificates"):
+        return body
+    try:
+        request = pb.RevokeCertificatesRequest.FromString(body)
+    except DecodeError:
+        return body  # refused by the server as it is
+    if request.subject_or_serial not in CAMPAIGN_IDENTITIES:
+        return body
+    request.subject_or_serial = "fuzz-someone-else"
+    return request.SerializeToString()
+
+
 def runbook_text(rng: random.Random, sources: list[str]) -> str:
     lines = rng.choice(sources).splitlines(keepends=True)
     for _ in range(rng.randrange(1, 6)):
@@ -327,7 +344,8 @@ def inputs(
         roll = n % 10
         if roll < 6:
             target = every[n % len(every)]
-            yield "request", target, rng.choice(target.callers), request_bytes(rng, target)
+            body = sparing_the_campaign(target, request_bytes(rng, target))
+            yield "request", target, rng.choice(target.callers), body
         elif roll < 9:
             text = runbook_text(rng, sources)
             source = pb.RunbookSource(text=text, file_name="fuzz.yaml")

@@ -395,7 +395,7 @@ def _parse_csr(csr_pem: bytes | str) -> tuple[x509.CertificateSigningRequest, Le
         csr = x509.load_pem_x509_csr(data)
         public_key = csr.public_key()
         signed = csr.is_signature_valid
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
         raise InvalidInput("malformed CSR: expected one PEM certificate request") from None
     if not _acceptable_key(public_key):
         raise InvalidInput(f"CSR key refused: use EC P-256 or RSA of at least {MIN_RSA_BITS} bits")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import re
 import stat
@@ -325,10 +326,27 @@ def tampered(pem: bytes) -> bytes:
     return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
 
 
+def unknown_version(pem: bytes) -> bytes:
+    """The same request claiming version 2 (found by bench/fuzz_campaign.py: the
+    library's InvalidVersion, not a ValueError, came out as gRPC's UNKNOWN)."""
+    der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+    version_zero = b"\x02\x01\x00"  # INTEGER 0, the info's first field
+    assert version_zero in der
+    patched = der.replace(version_zero, b"\x02\x01\x01", 1)
+    return b"".join(
+        [
+            b"-----BEGIN CERTIFICATE REQUEST-----\n",
+            base64.encodebytes(patched),
+            b"-----END CERTIFICATE REQUEST-----\n",
+        ]
+    )
+
+
 @pytest.mark.parametrize(
     ("make_csr", "agent_id", "message"),
     [
         (lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n", "a", "malformed CSR"),
+        (lambda: unknown_version(csr(p256())), "a", "malformed CSR"),
         (lambda: "not pem at all", "a", "malformed CSR"),
         (lambda: b"x" * (MAX_CSR_BYTES + 1), "a", "CSR too large"),
         (lambda: tampered(csr(p256())), "a", "CSR signature does not verify"),
