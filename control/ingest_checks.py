@@ -71,14 +71,7 @@ def _decide(plane: ControlPlane, check: Check) -> Verdict:
     if check.refused_by_gateway:
         reason = check.refused_by_gateway[:300]
         plane.observe_upload(
-            check.agent_id,
-            lambda status: status.record_gateway_refusal(
-                check.sequence,
-                check.event_count,
-                captured=(check.first_event_at, check.last_event_at),
-                reason=reason,
-                at=plane.now(),
-            ),
+            check.agent_id, functools.partial(_refused, check, reason, plane.now())
         )
         return Verdict(False, f"refused by the gateway: {reason}", plane.epoch, None, None)
     decision = plane.authorize_upload(
@@ -136,5 +129,18 @@ def record_accepted(plane: ControlPlane, batches: Sequence[Accepted]) -> None:
         )
 
 
-def _landed(status: AgentStatus, *, batch: Accepted, at: float) -> None:
-    status.record_accepted(batch.sequence, batch.event_count, batch.last_event_at, at)
+def _landed(status: AgentStatus, *, batch: Accepted, at: float) -> bool:
+    return status.record_accepted(batch.sequence, batch.event_count, batch.last_event_at, at)
+
+
+def _refused(check: Check, reason: str, at: float, status: AgentStatus) -> bool:
+    """Evidence: the violation it flags is written at once (and the refusal is urgent
+    even when the agent is in VIOLATION already: its latest evidence)."""
+    status.record_gateway_refusal(
+        check.sequence,
+        check.event_count,
+        captured=(check.first_event_at, check.last_event_at),
+        reason=reason,
+        at=at,
+    )
+    return True

@@ -22,7 +22,7 @@ import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing
-from typing import Any, Concatenate, ParamSpec, TypeAlias
+from typing import Any, Concatenate, ParamSpec
 
 import grpc
 import structlog
@@ -44,6 +44,7 @@ from control.errors import StoreError, one_line
 from control.events import PlaneObserver
 from control.plane import Census, ControlPlane
 from control.readiness import Readiness
+from control.rpc.handler_cache import Handler, WrappedHandlers
 from control.store import causes
 from control.store_health import StoreHealth
 
@@ -58,7 +59,6 @@ PAUSE_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 
 # stream lasts as long as the agent stays up.
 GRPC_HANDLING_BUCKETS = (*Histogram.DEFAULT_BUCKETS[:-1], 60.0, 600.0, 3600.0)
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _P = ParamSpec("_P")
 
 
@@ -459,6 +459,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             buckets=GRPC_HANDLING_BUCKETS,
             registry=registry,
         )
+        self._measured_handlers = WrappedHandlers(self._measured_handler)
 
     async def intercept_service(
         self,
@@ -468,7 +469,10 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return handler
-        service, method = _split_method(handler_call_details.method)
+        return self._measured_handlers.get(handler_call_details.method, handler)
+
+    def _measured_handler(self, full_method: str, handler: Handler) -> Handler:
+        service, method = _split_method(full_method)
         kind = _GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
         return _rewrap(handler, self._measured((kind, service, method), handler))
 

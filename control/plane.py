@@ -133,8 +133,9 @@ class AgentEntry:
     desired: Desired
     status: AgentStatus
     subscriber: Subscriber | None = None
-    # last_seen as of the newest row handed to the store.
+    # last_seen as of the newest row handed to the store, and when that was.
     last_seen_saved: float = 0.0
+    row_saved_at: float = 0.0
     # The lease expiry the store holds: written one TTL ahead of the real expiry, so
     # renewals need a write only every few rounds and a restarted server never thinks
     # a lease ended before it really did.
@@ -242,6 +243,9 @@ class ControlPlane:
         self._holds = KnownHolds()
         self._agents: dict[str, AgentEntry] = {}
         self._dirty: set[str] = set()
+        # Changed figures only (see ``observe_upload``): written with the agent's next row,
+        # or at the liveness cadence, and at stop.
+        self._figures_unsaved: set[str] = set()
         # Audit entries about agent rows (violations) and the labels operators decided
         # ride in the next flush's transaction.
         self._pending_audit: list[AuditRecord] = []
@@ -337,6 +341,7 @@ class ControlPlane:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._flusher = self._prober = None
+        self._dirty |= self._figures_unsaved
         await self.flush()
 
     async def _flush_loop(self) -> None:
@@ -452,6 +457,7 @@ class ControlPlane:
         if not self._dirty and not self._pending_audit and not self._pending_labels:
             return
         batch, self._dirty = self._dirty, set()
+        self._figures_unsaved -= batch
         audit, self._pending_audit = self._pending_audit, []
         labels, self._pending_labels = self._pending_labels, []
         rows = []
@@ -461,6 +467,7 @@ class ControlPlane:
             if entry.remote is not None:
                 continue  # the replica serving it writes it
             entry.last_seen_saved = entry.status.last_seen or 0.0
+            entry.row_saved_at = now
             entry.silent_saved = now - entry.last_seen_saved > self.policy.silence_timeout
             # A copy: the store may read it on another thread while the loop moves on.
             # Shallow is enough: record_* replace `channels`, never mutate it.
@@ -1009,15 +1016,23 @@ class ControlPlane:
             self.observer.upload_refused(agent_id, reason=decision.reason, at=self._clock())
         return decision
 
-    def observe_upload(self, agent_id: str, observe: Callable[[AgentStatus], None]) -> bool:
-        """Apply what the ingest gateway saw (control/ingest_checks.py decides what):
-        stored, and any violation it finds becomes durable evidence."""
+    def observe_upload(self, agent_id: str, observe: Callable[[AgentStatus], bool]) -> bool:
+        """Apply what the ingest gateway saw (control/ingest_checks.py decides what); False
+        for an agent the plane does not know.
+
+        Any violation it finds becomes durable evidence at the next flush, and so does
+        whatever ``observe`` says must be written now (True); figures alone (the last
+        accepted capture time of an agent landing a batch every 30 s) are written at the
+        liveness cadence, not a row per batch."""
         entry = self._agents.get(agent_id)
         if entry is None:
             return False
         with self._watching_for_violation(entry):
-            observe(entry.status)
-        self._dirty.add(agent_id)
+            urgent = observe(entry.status)
+        if urgent or self._clock() - entry.row_saved_at >= self.last_seen_save_interval:
+            self._dirty.add(agent_id)
+        else:
+            self._figures_unsaved.add(agent_id)
         return True
 
     async def acknowledge_violation(self, agent_id: str, by: Principal, note: str) -> str:

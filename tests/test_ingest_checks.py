@@ -138,10 +138,12 @@ def test_the_standing_copy_lets_in_only_fresh_allowed_leased_and_not_later_than_
 # ---------------------------------------------------------------- the plane's side
 
 
-async def paused_and_acked(tmp_path: Path, now: list[float]) -> tuple[ControlPlane, int]:
-    plane = ControlPlane(
-        await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
-    )
+async def paused_and_acked(
+    tmp_path: Path, now: list[float], store: RecordingStore | None = None
+) -> tuple[ControlPlane, int]:
+    """Agents a and b, leased; a fleet pause that a acked and b did not."""
+    store = store or await RecordingStore.open(tmp_path)
+    plane = ControlPlane(store, clock=lambda: now[0], flush_interval=3600)
     await plane.start()
     plane.connect("a", {}, Session(plane, "a"))
     plane.connect("b", {}, Session(plane, "b"))
@@ -277,6 +279,39 @@ def test_accepted_batches_give_per_laptop_figures_and_flag_data_landed_after_the
             4,
             1020.0,
         )
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_that_only_moves_a_figure_writes_no_row_of_its_own(tmp_path: Path) -> None:
+    """At 10k agents a row per accepted batch was most of the plane's work in a burst:
+    the last accepted capture time is written with the agent's next row, at the
+    liveness cadence, and at stop; events after the stop are written at once."""
+
+    async def scenario() -> None:
+        now = [1000.0]
+        store = await RecordingStore.open(tmp_path)
+        plane, _ = await paused_and_acked(tmp_path, now, store)
+        await plane.flush()
+        writes = len(store.batches)
+
+        now[0] += 1
+        plane_record_accepted(plane, [Accepted("b", 1, 10, 999.0)])
+        await plane.flush()
+        assert len(store.batches) == writes, "a figure alone waits for the cadence"
+
+        now[0] += plane.last_seen_save_interval
+        plane_record_accepted(plane, [Accepted("b", 2, 10, 1050.0)])
+        await plane.flush()
+        assert store.agents["b"].status.last_accepted_event_at == 1050.0
+
+        now[0] += 1
+        plane_record_accepted(plane, [Accepted("a", 1, 3, 1070.0), Accepted("b", 3, 1, 1060.0)])
+        await plane.flush()  # a's events after its stop: at once; b's figure: later
+        assert store.agents["a"].status.events_accepted_after_pause == 3
+        assert store.agents["b"].status.last_accepted_event_at == 1050.0
+        await plane.stop()
+        assert store.agents["b"].status.last_accepted_event_at == 1060.0
 
     asyncio.run(scenario())
 

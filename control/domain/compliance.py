@@ -337,13 +337,16 @@ class AgentStatus:
             self.uploads_refused += 1
         return decision
 
-    def record_accepted(self, sequence: int, count: int, last_event_at: float, at: float) -> None:
+    def record_accepted(self, sequence: int, count: int, last_event_at: float, at: float) -> bool:
         """The ingest gateway wrote a batch to its sink: data landed. Dated after the stop
-        (beyond the skew allowance) it is the strongest evidence there is."""
+        (beyond the skew allowance) it is the strongest evidence there is.
+
+        True when it counted events after the stop, which must be written at once; the
+        last accepted capture time alone is a figure, written at the liveness cadence."""
         if self.last_accepted_event_at is None or last_event_at > self.last_accepted_event_at:
             self.last_accepted_event_at = last_event_at
         if self.stopped_at is None or last_event_at <= self.stopped_at:
-            return
+            return False
         self.events_accepted_after_pause += count
         if last_event_at > self.stopped_at + CLOCK_SKEW_ALLOWANCE:
             self.flag_violation(
@@ -351,6 +354,7 @@ class AgentStatus:
                 f" {iso(last_event_at)}, after its pause took effect at {iso(self.stopped_at)}",
                 at,
             )
+        return True
 
     def record_gateway_refusal(
         self,

@@ -18,13 +18,14 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
 from control.domain.identity import Principal, Role, parse_role
 from control.errors import KillswitchError, PermissionDenied, one_line
+from control.rpc.handler_cache import Handler, WrappedHandlers
 
 log = structlog.get_logger("killswitch.rpc.authz")
 
@@ -189,9 +190,6 @@ def peer_host(peer: str) -> str:
     return peer  # unix sockets and the like: the whole name is the source
 
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-
 class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
         self,
@@ -208,6 +206,11 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self._max_calls = max_calls_per_identity
         self._unchecked = unchecked
         self._in_flight: dict[str, int] = {}
+        self._guarded_handlers = WrappedHandlers(
+            lambda method, handler: _wrap(
+                handler, lambda behaviour: self._guarded(method, behaviour)
+            )
+        )
 
     async def intercept_service(
         self,
@@ -218,7 +221,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         method: str = handler_call_details.method
         if handler is None or method in self._unchecked:
             return handler
-        return _wrap(handler, lambda behaviour: self._guarded(method, behaviour))
+        return self._guarded_handlers.get(method, handler)
 
     def _guarded(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):

@@ -29,13 +29,13 @@ import grpc
 
 from control.domain.limits import TokenBuckets
 from control.rpc.authz import (
-    Handler,
     RefusalRecorder,
     Undecodable,
     action_name,
     peer_host,
     tolerant,
 )
+from control.rpc.handler_cache import Handler
 
 # Per source: a burst of 64 enrolment calls (twice what one simulator runs at once),
 # refilled at one a second; calls that enrol give theirs back.
