@@ -15,9 +15,13 @@ over every method of every service the server offers (the gateway's own
   join token of many uses.
 
 A crash is an ``UNKNOWN`` or ``INTERNAL`` status, or the server process dying. A stall
-is a ``GetStatus`` (ic-1, own channel, back to back) slower than ``--stall-ms``:
-on a loaded two-core machine the fuzzing's own CPU use shows up there too, so each
-stall lists the methods in flight at that moment.
+is the server's event loop held 100 ms or more, as the server itself measures it
+(``control/loop_lag.py``: a timer set every 20 ms that fires that late is logged as
+``event_loop_stalled``, read here from the server's log). Also reported, as the
+client sees it: ``GetStatus`` calls (ic-1, own channel, back to back) slower than
+``--stall-ms``, each with the methods in flight at that moment; that view also holds
+the fuzzing client's own scheduling (13 Python threads sharing one GIL) and the
+machine's.
 
 Run: ``.venv/bin/python -m bench.fuzz_campaign [--inputs 100000] [--seed 1]``.
 """
@@ -25,6 +29,7 @@ Run: ``.venv/bin/python -m bench.fuzz_campaign [--inputs 100000] [--seed 1]``.
 from __future__ import annotations
 
 import base64
+import json
 import random
 import shlex
 import sys
@@ -413,6 +418,7 @@ def main() -> None:
             watcher.join()
             callers = len({*OPERATORS, "fuzz-agent", "ingest-1", "enroll"})
             report(campaign, server.alive(), time.monotonic() - started, callers)
+            report_loop_stalls(data_dir / "server.log")
         finally:
             stop_all()
 
@@ -442,7 +448,7 @@ def fire(
 def progress(campaign: Campaign, inputs: int, seconds: float, alive: bool) -> None:
     print(
         f"  {inputs} inputs, {seconds:.0f} s, crashes {len(campaign.crashes)},"
-        f" stalls {len(campaign.stalls)}, server alive {alive}",
+        f" slow status calls {len(campaign.stalls)}, server alive {alive}",
         flush=True,
     )
 
@@ -462,9 +468,22 @@ def report(campaign: Campaign, alive: bool, seconds: float, callers: int) -> Non
     for line in campaign.crashes[:20]:
         print("  ", line)
     stalls = sorted(campaign.stalls, reverse=True)
-    print(f"stalls: {len(stalls)} of {campaign.status_calls} status calls over the limit")
+    print(
+        f"slow GetStatus calls (the client's view): {len(stalls)} of {campaign.status_calls}"
+        " over the limit"
+    )
     for took, flying in stalls[:10]:
         print(f"   {took * 1000:.0f} ms, in flight: {', '.join(flying)}")
+
+
+def report_loop_stalls(server_log: Path) -> None:
+    """The server's own count of event-loop stalls (lag >= 100 ms), from its log."""
+    stalls = []
+    for line in server_log.read_text(errors="replace").splitlines():
+        if '"event_loop_stalled"' in line:
+            stalls.append(float(json.loads(line)["seconds"]))
+    longest = f", longest {max(stalls) * 1000:.0f} ms" if stalls else ""
+    print(f"server event-loop stalls (>= 100 ms, the server's own measure): {len(stalls)}{longest}")
 
 
 if __name__ == "__main__":

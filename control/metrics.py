@@ -42,6 +42,7 @@ from control.domain import ComplianceState, Hold, HoldKind, Mode
 from control.domain.readiness import ReadinessClass, ReadinessReport
 from control.errors import StoreError, one_line
 from control.events import PlaneObserver
+from control.loop_lag import LoopLag
 from control.plane import Census, ControlPlane
 from control.readiness import Readiness
 from control.rpc.handler_cache import Handler, WrappedHandlers
@@ -90,6 +91,8 @@ class Metrics(PlaneObserver):
         self._readiness: Readiness | None = None
         self._failed_observers: set[str] = set()
         self._grpc = GrpcServerMetrics(self.registry)
+        # Run by the server (``loop_lag.run()``) on its loop.
+        self.loop_lag = LoopLag(self.registry)
         registry = self.registry
 
         self.directives_sent = Counter(

@@ -365,8 +365,10 @@ async def serve(config: ServerConfig) -> None:
         if authority is None:
             log.warning("insecure_mode", detail="no mTLS: identities are claimed, not proven")
         gc_policy = asyncio.create_task(run_gc_policy(), name="gc-policy")
+        loop_lag = asyncio.create_task(metrics.loop_lag.run(), name="loop-lag")
         await _wait_for_shutdown_signal()
         gc_policy.cancel()
+        loop_lag.cancel()
         log.info("server_stopping")
     finally:
         ready = False
