@@ -246,6 +246,8 @@ class ControlPlane:
         # Changed figures only (see ``observe_upload``): written with the agent's next row,
         # or at the liveness cadence, and at stop.
         self._figures_unsaved: set[str] = set()
+        # One set per ingest gateway's watch: see ``watch_upload_allowances``.
+        self._upload_watchers: list[set[str]] = []
         # Audit entries about agent rows (violations) and the labels operators decided
         # ride in the next flush's transaction.
         self._pending_audit: list[AuditRecord] = []
@@ -742,6 +744,7 @@ class ControlPlane:
         )
         if desired is not entry.desired:
             entry.desired = desired
+            self._upload_allowance_may_change(entry.agent_id)
             if entry.remote is None:
                 self._dirty.add(entry.agent_id)
             if entry.subscriber is not None:
@@ -994,6 +997,7 @@ class ControlPlane:
         expires_at = self._clock() + ttl
         if entry.status.record_lease(expires_at):
             self._dirty.add(agent_id)  # its stop ended: a later pause takes a new baseline
+        self._upload_allowance_may_change(agent_id)
         if expires_at > entry.lease_bound_saved:
             entry.lease_bound_saved = expires_at + self.lease_ttl
             self._dirty.add(agent_id)
@@ -1108,6 +1112,7 @@ class ControlPlane:
             )
             self._remote.add(row.agent_id)
             self._dirty.discard(row.agent_id)
+            self._upload_allowance_may_change(row.agent_id)
             self._reconcile(entry, active, now)
         # Every second for every remote agent: assignments only, no copies.
         for agent_id in self._remote:
@@ -1195,6 +1200,35 @@ class ControlPlane:
     @staticmethod
     def _urgency(match: tuple[AgentEntry, Compliance]) -> tuple[int, str]:
         return _SEVERITY_RANK[match[1].state], match[0].agent_id
+
+    def watch_upload_allowances(self) -> set[str]:
+        """A set the plane adds every agent to whose upload allowance may have changed:
+        a lease granted, its desired state decided anew, its row adopted from another
+        replica. The watcher empties it as it reads; ``unwatch_upload_allowances`` ends
+        it. (Lease ends need no word: the copy holds each lease's end.)"""
+        changed: set[str] = set()
+        self._upload_watchers.append(changed)
+        return changed
+
+    def unwatch_upload_allowances(self, changed: set[str]) -> None:
+        self._upload_watchers = [w for w in self._upload_watchers if w is not changed]
+
+    def _upload_allowance_may_change(self, agent_id: str) -> None:
+        for watcher in self._upload_watchers:
+            watcher.add(agent_id)
+
+    def upload_allowances_of(self, agent_ids: Iterable[str]) -> dict[str, float | None]:
+        """``upload_allowances`` for these agents only; None for any not allowed now."""
+        now, leasing = self._clock(), self.leasing
+        allowed: dict[str, float | None] = {}
+        for agent_id in agent_ids:
+            entry = self._agents.get(agent_id)
+            allowed[agent_id] = (
+                entry.status.upload_allowed_until(entry.desired, now)
+                if leasing and entry is not None
+                else None
+            )
+        return allowed
 
     def upload_allowances(self) -> dict[str, float]:
         """Every agent whose batches may land now, with its lease's end (see

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
+from structlog.testing import capture_logs
 
 from agent_stub.upload import UPLOAD_TIMEOUT_SECONDS
 from control.domain import ComplianceState, Mode, Scope
@@ -37,6 +38,7 @@ from control.ingest.gateway import measure
 from control.ingest.watch import CAPTURE_SLACK_SECONDS, FRESH_SECONDS, StandingCopy
 from control.ingest_checks import (
     MAX_CHECKS_PER_CALL,
+    RESYNC_SECONDS,
     Accepted,
     Check,
     UploadWatch,
@@ -176,6 +178,43 @@ def test_the_plane_sends_every_allowed_agent_then_only_changes(tmp_path: Path) -
         _, _, changes = watch.next_message()
         assert changes == {"a": None, "b": None, "c": None}, "paused: allowed no more"
         assert lease_a > 1000.0
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_watch_resyncs_the_whole_fleet_and_names_a_change_the_edges_missed(
+    tmp_path: Path,
+) -> None:
+    """A change no edge announced (here: a status replaced behind the plane's back) is
+    sent at the next resync and logged; a lease that just ran out is no miss."""
+
+    async def scenario() -> None:
+        now = [1000.0]
+        plane = ControlPlane(
+            await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
+        )
+        await plane.start()
+        for agent in ("a", "b"):
+            plane.connect(agent, {}, Session(plane, agent))
+            assert plane.grant_lease(agent).granted
+        watch = UploadWatch(plane)
+        _, full, first = watch.next_message()
+        assert full and sorted(first) == ["a", "b"]
+        view = plane.agent_view("a")
+        assert view is not None
+        view.status.lease_expires_at = None  # no edge: the plane was not told
+        with capture_logs() as logs:
+            assert watch.next_message() == (1000.0, False, {}), "the edges saw nothing"
+            now[0] += RESYNC_SECONDS
+            _, _, changes = watch.next_message()
+        assert changes == {"a": None}
+        assert [e["event"] for e in logs] == ["upload_watch_missed_change"]
+        now[0] += plane.lease_ttl  # b's lease runs out: the gateway knows its end
+        with capture_logs() as logs:
+            assert watch.next_message() == (now[0], False, {})
+        assert not logs
+        watch.close()
         await plane.stop()
 
     asyncio.run(scenario())

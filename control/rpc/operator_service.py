@@ -446,17 +446,20 @@ class IngestService(pb_grpc.IngestServicer):
     ) -> AsyncIterator[pb.UploadStates]:
         """The ingest gateway's standing copy, a message every ``WATCH_TICK_SECONDS``."""
         watch = UploadWatch(self._plane)
-        while True:
-            as_of, full, changes = watch.next_message()
-            yield pb.UploadStates(
-                as_of=timestamp(as_of),
-                full=full,
-                states=[
-                    pb.UploadState(agent_id=agent, lease_expires_at=timestamp(until))
-                    for agent, until in changes.items()
-                ],
-            )
-            await asyncio.sleep(WATCH_TICK_SECONDS)
+        try:
+            while True:
+                as_of, full, changes = watch.next_message()
+                yield pb.UploadStates(
+                    as_of=timestamp(as_of),
+                    full=full,
+                    states=[
+                        pb.UploadState(agent_id=agent, lease_expires_at=timestamp(until))
+                        for agent, until in changes.items()
+                    ],
+                )
+                await asyncio.sleep(WATCH_TICK_SECONDS)
+        finally:
+            watch.close()
 
     @translate_errors
     async def RecordAccepted(  # noqa: N802
