@@ -57,6 +57,20 @@ def secure_channel(server: ServerProcess, identity_dir: Path) -> grpc.Channel:
     )
 
 
+def enrolment_channel(server: ServerProcess) -> grpc.Channel:
+    """The enrolment port as anyone reaches it: server-authenticated TLS, no certificate."""
+    credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
+    return grpc.secure_channel(server.enroll_address, credentials)
+
+
+def enroll_method(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
+    return channel.unary_unary(
+        ENROLL,
+        request_serializer=pb.EnrollRequest.SerializeToString,
+        response_deserializer=pb.EnrollResponse.FromString,
+    )
+
+
 def codes_of(calls: Sequence[grpc.Future[Any]]) -> Counter[grpc.StatusCode]:
     """The status each call ended with (a future's exception is its RpcError)."""
     codes: Counter[grpc.StatusCode] = Counter()
@@ -81,13 +95,8 @@ def test_an_enrolment_flood_is_refused_early_and_audited_in_aggregate(
     # Under gRPC's own limit of pending calls (1000), past which it cancels calls
     # before they reach the server's code, where they could be counted.
     flood = 800
-    credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
-    with grpc.secure_channel(server.enroll_address, credentials) as channel:
-        enroll = channel.unary_unary(
-            ENROLL,
-            request_serializer=pb.EnrollRequest.SerializeToString,
-            response_deserializer=pb.EnrollResponse.FromString,
-        )
+    with enrolment_channel(server) as channel:
+        enroll = enroll_method(channel)
         forged = [
             pb.EnrollRequest(token="kst_forged.secret", agent_id=f"laptop-{n}", csr_pem="no CSR")
             for n in range(flood)
@@ -175,8 +184,7 @@ def test_a_fleet_enrolling_from_one_address_is_not_rate_limited(
 
 def test_an_undecodable_enrolment_is_invalid_argument_not_a_crash(server: ServerProcess) -> None:
     """Found by bench/fuzz_campaign.py: the enrolment port answered gRPC's UNKNOWN."""
-    credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
-    with grpc.secure_channel(server.enroll_address, credentials) as channel:
+    with enrolment_channel(server) as channel:
         enroll = channel.unary_unary(ENROLL, None, None)  # raw bytes out and back
         for garbage in (b"y", b"\x1a\x04ic", b"\n@aaaaaaaae\xe5\taaaa"):
             with pytest.raises(grpc.RpcError) as refused:
@@ -192,13 +200,8 @@ def test_the_enrolment_limit_per_source_is_set_by_serve_options(
     """``--enrol-burst 3 --enrol-rate 0.01``: three failing calls reach the token check,
     the fourth is refused at the door (a lab or a fuzz campaign raises them instead)."""
     server = start_server("--enrol-burst", "3", "--enrol-rate", "0.01")
-    credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
-    with grpc.secure_channel(server.enroll_address, credentials) as channel:
-        enroll = channel.unary_unary(
-            ENROLL,
-            request_serializer=pb.EnrollRequest.SerializeToString,
-            response_deserializer=pb.EnrollResponse.FromString,
-        )
+    with enrolment_channel(server) as channel:
+        enroll = enroll_method(channel)
         forged = pb.EnrollRequest(token="kst_forged.secret", agent_id="laptop-1", csr_pem="x")
         codes = [refused_code(lambda: enroll(forged, timeout=10)) for _ in range(4)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes[:3], codes
