@@ -19,7 +19,10 @@ from typing import Any, NoReturn
 import psycopg
 import pytest
 
+from tests.inprocess import run_killswitch
+
 BIN = Path(sys.executable).parent
+
 # The role each of the fixtures' people asks for, by the name's stem (`ic-1` -> `ic`).
 PEOPLE_ROLES = {
     "ic": "incident-commander",
@@ -126,12 +129,11 @@ class ServerProcess:
 
     def issue(self, name: str, role: str, directory: Path) -> Path:
         """`identity request` by the person, `certs issue` by the administrator."""
-        killswitch = str(BIN / "killswitch")
         request = ["identity", "request", "--name", name, "--role", role, "--out", str(directory)]
         issue = ["certs", "issue", str(directory / "request.csr"), "--role", role]
         issue += ["--data-dir", str(self.root_dir), "--out", str(directory / "cert.pem")]
         for args in (request, [*issue, *self.database_args]):
-            done = subprocess.run([killswitch, *args], capture_output=True, text=True, check=False)
+            done = run_killswitch([str(BIN / "killswitch"), *args], {}, timeout=60)
             assert done.returncode == 0, f"{args}: {done.stderr}"
         shutil.copy(self.root_dir / "pki" / "ca.pem", directory / "ca.pem")
         return directory
@@ -223,7 +225,8 @@ def agent_identity(server: ServerProcess, agent_id: str, where: Path) -> Path:
 
 
 class Cli:
-    """Runs `killswitch` exactly as an operator would, against one server, as one identity."""
+    """Runs `killswitch` as an operator would, against one server, as one identity: in the
+    test process, with what a subprocess would give (``tests.inprocess``)."""
 
     def __init__(self, server: ServerProcess, identity: str = "ic-1") -> None:
         self.server = server
@@ -235,18 +238,10 @@ class Cli:
 
     def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         env = {
-            **os.environ,
             "KILLSWITCH_SERVER": self.server.address,
             "KILLSWITCH_IDENTITY": str(self.server.identity(self.identity)),
         }
-        return subprocess.run(
-            [str(BIN / "killswitch"), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
+        return run_killswitch([str(BIN / "killswitch"), *args], env, timeout)
 
     def ok(self, *args: str, timeout: float = 60.0) -> str:
         result = self.run(*args, timeout=timeout)
