@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import secrets
@@ -10,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,6 +22,7 @@ from typing import Any, NoReturn
 import psycopg
 import pytest
 
+from control.pki_files import make_private_dir
 from tests.inprocess import run_killswitch
 
 BIN = Path(sys.executable).parent
@@ -79,6 +83,28 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def killswitch(args: list[str]) -> None:
+    """`killswitch *args`, which must succeed."""
+    done = run_killswitch([str(BIN / "killswitch"), *args], {}, timeout=60)
+    assert done.returncode == 0, f"{args}: {done.stderr}"
+
+
+@functools.cache
+def initialised() -> Path:
+    """The data dir of the session's one `killswitch init`, which every secure server without
+    a database of its own starts from a copy of (an init per server took 1-2 s, 70+ times).
+
+    So those servers share their CAs and keys, as replicas do; no test tells them apart.
+    A test of `init` runs it, and a test that needs a CA of its own makes one
+    (``control.pki.initialise``). ``shutil.copy2`` keeps the 0600 of every key file and
+    ``copytree`` the 0700 of every directory.
+    """
+    root = Path(tempfile.mkdtemp(prefix="killswitch-init-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    killswitch(["init", "--data-dir", str(root / "data")])
+    return root / "data"
+
+
 class ServerProcess:
     """`killswitch serve` in a subprocess, on free loopback ports and a temp data dir.
 
@@ -132,26 +158,14 @@ class ServerProcess:
         request = ["identity", "request", "--name", name, "--role", role, "--out", str(directory)]
         issue = ["certs", "issue", str(directory / "request.csr"), "--role", role]
         issue += ["--data-dir", str(self.root_dir), "--out", str(directory / "cert.pem")]
-        for args in (request, [*issue, *self.database_args]):
-            done = run_killswitch([str(BIN / "killswitch"), *args], {}, timeout=60)
-            assert done.returncode == 0, f"{args}: {done.stderr}"
+        killswitch(request)
+        killswitch([*issue, *self.database_args])
         shutil.copy(self.root_dir / "pki" / "ca.pem", directory / "ca.pem")
         return directory
 
     def start(self) -> None:
         if self.secure and not self.ca_path.exists():
-            # The certificates go to the database the server will use.
-            subprocess.run(
-                [
-                    str(BIN / "killswitch"),
-                    "init",
-                    "--data-dir",
-                    str(self.data_dir),
-                    *self.database_args,
-                ],
-                check=True,
-                capture_output=True,
-            )
+            self.initialise()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -174,6 +188,18 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
             )
         wait_for(self.ready, STARTUP_TIMEOUT, "server readiness")
+
+    def initialise(self) -> None:
+        """What `killswitch init` makes: a copy of the session's one (``initialised``), or,
+        when the server has a database of its own, `init` itself: the certificates are
+        recorded in the database the server will use."""
+        if self.database_args:
+            killswitch(["init", "--data-dir", str(self.data_dir), *self.database_args])
+            return
+        make_private_dir(self.data_dir)
+        for entry in initialised().iterdir():
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, self.data_dir / entry.name)
 
     def ready(self) -> bool:
         assert self.proc is not None
