@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 from control.pki_files import make_private_dir
 from tests.inprocess import run_killswitch
@@ -36,6 +37,12 @@ PEOPLE_ROLES = {
     "employee": "employee",
     "ingest": "ingest",
 }
+# Hypothesis: `small` by default (`make test`, CI), HYPOTHESIS_PROFILE=large for a deep run.
+# In-process properties take max_examples; those over real gRPC a share of it
+# (test_malformed_input.examples).
+settings.register_profile("small", max_examples=100)
+settings.register_profile("large", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "small")
 STARTUP_TIMEOUT = 20.0
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Short intervals keep the tests fast; verification needs one heartbeat after the ack.
