@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -161,13 +161,16 @@ def mismatch_cell(agent: pb.AgentRecord) -> str:
     )
 
 
-def print_table(rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """To ``sys.stdout`` as it is now, not at import: ``pause -q --wait`` redirects it to stderr."""
     if not rows:
         return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        out.write("\n")
+        sys.stdout.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        )
+        sys.stdout.write("\n")
 
 
 def agent_rows(agents: Sequence[pb.AgentRecord]) -> list[list[str]]:

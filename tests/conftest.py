@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import secrets
@@ -10,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,8 +21,13 @@ from typing import Any, NoReturn
 
 import psycopg
 import pytest
+from hypothesis import settings
+
+from control.pki_files import make_private_dir
+from tests.inprocess import run_killswitch
 
 BIN = Path(sys.executable).parent
+
 # The role each of the fixtures' people asks for, by the name's stem (`ic-1` -> `ic`).
 PEOPLE_ROLES = {
     "ic": "incident-commander",
@@ -29,6 +37,12 @@ PEOPLE_ROLES = {
     "employee": "employee",
     "ingest": "ingest",
 }
+# Hypothesis: `small` by default (`make test`, CI), HYPOTHESIS_PROFILE=large for a deep run.
+# In-process properties take max_examples; those over real gRPC a share of it
+# (test_malformed_input.examples).
+settings.register_profile("small", max_examples=100)
+settings.register_profile("large", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "small")
 STARTUP_TIMEOUT = 20.0
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Short intervals keep the tests fast; verification needs one heartbeat after the ack.
@@ -74,6 +88,28 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def killswitch(args: list[str]) -> None:
+    """`killswitch *args`, which must succeed."""
+    done = run_killswitch([str(BIN / "killswitch"), *args], {}, timeout=60)
+    assert done.returncode == 0, f"{args}: {done.stderr}"
+
+
+@functools.cache
+def initialised() -> Path:
+    """The data dir of the session's one `killswitch init`, which every secure server without
+    a database of its own starts from a copy of (an init per server took 1-2 s, 70+ times).
+
+    So those servers share their CAs and keys, as replicas do; no test tells them apart.
+    A test of `init` runs it, and a test that needs a CA of its own makes one
+    (``control.pki.initialise``). ``shutil.copy2`` keeps the 0600 of every key file and
+    ``copytree`` the 0700 of every directory.
+    """
+    root = Path(tempfile.mkdtemp(prefix="killswitch-init-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    killswitch(["init", "--data-dir", str(root / "data")])
+    return root / "data"
 
 
 class ServerProcess:
@@ -126,30 +162,17 @@ class ServerProcess:
 
     def issue(self, name: str, role: str, directory: Path) -> Path:
         """`identity request` by the person, `certs issue` by the administrator."""
-        killswitch = str(BIN / "killswitch")
         request = ["identity", "request", "--name", name, "--role", role, "--out", str(directory)]
         issue = ["certs", "issue", str(directory / "request.csr"), "--role", role]
         issue += ["--data-dir", str(self.root_dir), "--out", str(directory / "cert.pem")]
-        for args in (request, [*issue, *self.database_args]):
-            done = subprocess.run([killswitch, *args], capture_output=True, text=True, check=False)
-            assert done.returncode == 0, f"{args}: {done.stderr}"
+        killswitch(request)
+        killswitch([*issue, *self.database_args])
         shutil.copy(self.root_dir / "pki" / "ca.pem", directory / "ca.pem")
         return directory
 
     def start(self) -> None:
         if self.secure and not self.ca_path.exists():
-            # The certificates go to the database the server will use.
-            subprocess.run(
-                [
-                    str(BIN / "killswitch"),
-                    "init",
-                    "--data-dir",
-                    str(self.data_dir),
-                    *self.database_args,
-                ],
-                check=True,
-                capture_output=True,
-            )
+            self.initialise()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -172,6 +195,18 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
             )
         wait_for(self.ready, STARTUP_TIMEOUT, "server readiness")
+
+    def initialise(self) -> None:
+        """What `killswitch init` makes: a copy of the session's one (``initialised``), or,
+        when the server has a database of its own, `init` itself: the certificates are
+        recorded in the database the server will use."""
+        if self.database_args:
+            killswitch(["init", "--data-dir", str(self.data_dir), *self.database_args])
+            return
+        make_private_dir(self.data_dir)
+        for entry in initialised().iterdir():
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, self.data_dir / entry.name)
 
     def ready(self) -> bool:
         assert self.proc is not None
@@ -223,7 +258,8 @@ def agent_identity(server: ServerProcess, agent_id: str, where: Path) -> Path:
 
 
 class Cli:
-    """Runs `killswitch` exactly as an operator would, against one server, as one identity."""
+    """Runs `killswitch` as an operator would, against one server, as one identity: in the
+    test process, with what a subprocess would give (``tests.inprocess``)."""
 
     def __init__(self, server: ServerProcess, identity: str = "ic-1") -> None:
         self.server = server
@@ -235,18 +271,10 @@ class Cli:
 
     def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         env = {
-            **os.environ,
             "KILLSWITCH_SERVER": self.server.address,
             "KILLSWITCH_IDENTITY": str(self.server.identity(self.identity)),
         }
-        return subprocess.run(
-            [str(BIN / "killswitch"), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
+        return run_killswitch([str(BIN / "killswitch"), *args], env, timeout)
 
     def ok(self, *args: str, timeout: float = 60.0) -> str:
         result = self.run(*args, timeout=timeout)

@@ -212,6 +212,12 @@ def test_inventory_agents_that_never_connect_are_never_seen(
     result = cli.run("pause", "--all", "--reason", "incident", "--wait", "--timeout", "1")
     assert result.returncode == 3
     assert cli.json("status")["compliant"] is False
+    # `HOLD=$(killswitch pause -q ...)`: the hold id alone on stdout, the report (the table
+    # of agents not stopped too) on stderr.
+    quiet = cli.run("pause", "--all", "--reason", "again", "-q", "--wait", "--timeout", "1")
+    assert quiet.returncode == 3
+    assert quiet.stdout.count("\n") == 1 and quiet.stdout.startswith("hold-"), quiet.stdout
+    assert "laptop-a" in quiet.stderr and "laptop-b" in quiet.stderr, quiet.stderr
 
 
 def test_disconnected_agent_is_offline_with_last_seen(

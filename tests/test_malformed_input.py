@@ -91,7 +91,6 @@ CLEAN_REFUSALS = frozenset(
 )
 
 FUZZ = settings(
-    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
@@ -935,11 +934,17 @@ RAW_TARGETS: list[tuple[str, str]] = [
 # ------------------------------------------------------------------ fuzzing
 
 
+def examples(weight: float) -> int:
+    """A property's examples: each is a real gRPC call, so a quarter of the profile's
+    (tests/conftest.py), by weight: 20-25 by default, 125-250 with HYPOTHESIS_PROFILE=large."""
+    return max(20, round(settings().max_examples * weight / 4))
+
+
 def test_fuzz_operator_mutations_are_refused_and_audited(fleet: Fleet) -> None:
     start = fleet.snapshot().audit_head
     refused: Counter[str] = Counter()
 
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=examples(1))
     @given(st.data())
     def run(data: st.DataObject) -> None:
         identity, path, message = data.draw(operator_mutations(fleet))
@@ -970,7 +975,7 @@ def test_fuzz_operator_mutations_are_refused_and_audited(fleet: Fleet) -> None:
 
 
 def test_fuzz_operator_reads(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=150)
+    @settings(FUZZ, max_examples=examples(0.75))
     @given(st.data())
     def run(data: st.DataObject) -> None:
         identity, path, message = data.draw(operator_reads(fleet))
@@ -982,7 +987,7 @@ def test_fuzz_operator_reads(fleet: Fleet) -> None:
 
 
 def test_fuzz_self_service(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=100)
+    @settings(FUZZ, max_examples=examples(0.5))
     @given(self_service_calls())
     def run(request: OperatorCall) -> None:
         identity, path, message = request
@@ -997,7 +1002,7 @@ def test_fuzz_self_service(fleet: Fleet) -> None:
 
 
 def test_fuzz_agent_streams(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=examples(1))
     @given(agent_streams())
     def run(messages: list[pb.AgentMessage]) -> None:
         outcome = bidi(fleet.channels[FUZZ_AGENT], CONNECT, messages)
@@ -1009,7 +1014,7 @@ def test_fuzz_agent_streams(fleet: Fleet) -> None:
 
 
 def test_fuzz_authorize_upload(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=100)
+    @settings(FUZZ, max_examples=examples(0.5))
     @given(upload_requests)
     def run(request: pb.AuthorizeUploadRequest) -> None:
         outcome = unary(fleet.channels[INGEST], AUTHORIZE_UPLOAD, request)
@@ -1022,7 +1027,7 @@ def test_fuzz_authorize_upload(fleet: Fleet) -> None:
 
 
 def test_fuzz_random_bytes(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=examples(1))
     @given(
         st.sampled_from([*RAW_TARGETS, (IC, OPERATOR + "CreateHold")]),
         st.one_of(st.binary(max_size=64), st.binary(min_size=100, max_size=2048)),
@@ -1037,7 +1042,7 @@ def test_fuzz_random_bytes(fleet: Fleet) -> None:
 
 
 def test_fuzz_protobuf_shaped_bytes(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=examples(1))
     @given(st.sampled_from(RAW_TARGETS), st.lists(wire_messages(), min_size=1, max_size=3))
     def run(target: tuple[str, str], bodies: list[bytes]) -> None:
         identity, path = target

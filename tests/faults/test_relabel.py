@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent_stub.config import Fault
 from agent_stub.simulate import fault_counts, fleet_configs
@@ -116,7 +117,14 @@ def test_an_import_on_one_replica_relabels_the_laptops_another_serves(
     within the lease TTL (its re-read takes the labels with the pause), by the truth."""
     fleet = fleet_of(20, dsns=[pg_dsn, pg_dsn])
     importer, other = fleet.replicas
-    before = fleet.cli(importer).agents()
+
+    def all_known_to_the_importer() -> dict[str, dict[str, Any]] | None:
+        """The importer learns of the second replica's laptops from the database, a moment
+        after they connect: this reads them all, not a race the CLI's speed decides."""
+        agents = fleet.cli(importer).agents()
+        return agents if len(agents) == 20 else None
+
+    before: dict[str, dict[str, Any]] = wait_for(all_known_to_the_importer, 30, "20 agents known")
     only_other = connected_to(other) - connected_to(importer)
     movers = {a for a in only_other if before[a]["labels"]["org"] != "finance"}
     assert movers, "the second replica must serve laptops outside finance"
