@@ -25,7 +25,7 @@ def test_a_callback_holding_the_loop_is_counted_and_logged_with_its_length() -> 
         sampler = asyncio.create_task(LoopLag(registry).run(every=0.01))
         await asyncio.sleep(0.1)  # quiet: samples, no stall
         assert stalls_counted(registry) == 0
-        time.sleep(0.3)  # a parse on the loop: everything waits
+        time.sleep(0.3)  # noqa: ASYNC251 (deliberate: a parse on the loop, everything waits)
         await asyncio.sleep(0.05)
         sampler.cancel()
         return registry
