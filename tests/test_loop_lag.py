@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from control.loop_lag import LAG_METRIC, LoopLag
+from control.loop_lag import GC_METRIC, LAG_METRIC, LoopLag
 
 
 def stalls_counted(registry: CollectorRegistry) -> float:
@@ -35,3 +36,30 @@ def test_a_callback_holding_the_loop_is_counted_and_logged_with_its_length() -> 
     assert stalls_counted(registry) == 1
     (stall,) = [e for e in logs if e["event"] == "event_loop_stalled"]
     assert 0.25 <= stall["seconds"] < 1.0
+
+
+def test_a_long_collection_is_timed_by_generation_and_named_in_the_stall() -> None:
+    async def scenario() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        sampler = asyncio.create_task(LoopLag(registry).run(every=0.01))
+        await asyncio.sleep(0.05)
+        garbage = []
+        for _ in range(300_000):  # cycles, so the collector has something to walk
+            cell: list[object] = []
+            cell.append(cell)
+            garbage.append(cell)
+        del garbage, cell
+        gc.collect()
+        await asyncio.sleep(0.05)
+        sampler.cancel()
+        return registry
+
+    with capture_logs() as logs:
+        registry = asyncio.run(scenario())
+    full = registry.get_sample_value(f"{GC_METRIC}_count", {"generation": "2"})
+    assert full is not None and full >= 1
+    stalls = [e for e in logs if e["event"] == "event_loop_stalled"]
+    assert stalls, "walking 300,000 cycles holds the loop past 100 ms"
+    assert any(0 < e["gc_seconds"] <= e["seconds"] for e in stalls), stalls
+    took = registry.get_sample_value(f"{GC_METRIC}_sum", {"generation": "2"})
+    assert took is not None and took > 0
