@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing
@@ -51,6 +52,9 @@ from control.store_health import StoreHealth
 
 # How long a scrape waits for the readiness assessment's store read.
 READINESS_SCRAPE_SECONDS = 1.0
+# A scrape reuses an assessment this recent: readiness is a posture (versions, clocks,
+# certificates, days offline), and assessing 20,000 agents per scrape costs the loop.
+READINESS_MAX_AGE_SECONDS = 30.0
 log = structlog.get_logger("killswitch.metrics")
 
 # Pauses are acknowledged in well under a second by a healthy agent and verified one
@@ -89,6 +93,7 @@ class Metrics(PlaneObserver):
         self._census = CensusCollector()
         self.registry.register(self._census)
         self._readiness: Readiness | None = None
+        self._readiness_assessed_at = -math.inf  # monotonic
         self._failed_observers: set[str] = set()
         self._grpc = GrpcServerMetrics(self.registry)
         # Run by the server (``loop_lag.run()``) on its loop.
@@ -179,15 +184,18 @@ class Metrics(PlaneObserver):
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _assess_readiness(self) -> None:
-        """A store read (certificates), bounded: a scrape never waits on a store that is
-        gone (a replica that lost its database must still answer /metrics); then the
-        last assessment is exported again."""
+        """At most every ``READINESS_MAX_AGE_SECONDS``. A store read (certificates),
+        bounded: a scrape never waits on a store that is gone (a replica that lost its
+        database must still answer /metrics); then the last assessment is exported again."""
         if self._readiness is None:
+            return
+        if time.monotonic() - self._readiness_assessed_at < READINESS_MAX_AGE_SECONDS:
             return
         try:
             self._census.readiness = await asyncio.wait_for(
                 self._readiness.assess(), READINESS_SCRAPE_SECONDS
             )
+            self._readiness_assessed_at = time.monotonic()
         except (TimeoutError, StoreError) as exc:
             log.warning("readiness_not_assessed", error=one_line(exc) or "timed out")
 

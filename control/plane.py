@@ -1267,6 +1267,11 @@ class ControlPlane:
             (e.agent_id, e.labels, e.desired, e.status, c) for e, c in self._matching(agent_filter)
         ]
 
+    def agent_records(self) -> list[tuple[str, Mapping[str, str], AgentStatus]]:
+        """``(agent_id, labels, status)`` of every agent, no verdict evaluated: for readers
+        of raw facts (readiness), a fraction of ``snapshot``'s cost."""
+        return [(e.agent_id, e.labels, e.status) for e in self._agents.values()]
+
     def census(self) -> Census:
         """Fleet-wide counts in one pass: what a Prometheus scrape reads."""
         by_state: dict[ComplianceState, int] = dict.fromkeys(ComplianceState, 0)

@@ -9,6 +9,7 @@ are judged once it connects here again.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 
 from control.domain.identity import CertificateRecord, Role
@@ -16,6 +17,9 @@ from control.domain.labels import label_mismatch
 from control.domain.readiness import AgentFacts, ReadinessPolicy, ReadinessReport, assess
 from control.governance import Governance
 from control.plane import ControlPlane
+
+# Agents whose facts are gathered between two turns of the event loop.
+FACTS_PER_TURN = 1_000
 
 
 def newest_agent_certificates(certificates: Iterable[CertificateRecord]) -> dict[str, float]:
@@ -27,19 +31,25 @@ def newest_agent_certificates(certificates: Iterable[CertificateRecord]) -> dict
     return newest
 
 
-def fleet_facts(plane: ControlPlane, certificates: Mapping[str, float]) -> list[AgentFacts]:
-    return [
-        AgentFacts(
-            agent_id,
-            last_seen=status.last_seen,
-            connected=status.connected,
-            hello=status.hello,
-            disputed_labels=label_mismatch(labels, status.reported_labels),
-            certificate_not_after=certificates.get(agent_id),
-            lease_expires_at=status.lease_expires_at,
+async def fleet_facts(plane: ControlPlane, certificates: Mapping[str, float]) -> list[AgentFacts]:
+    """Every agent's facts, ``FACTS_PER_TURN`` at a time: at 19,000 agents the whole
+    fleet in one go held the event loop for half a second, every stream with it."""
+    facts = []
+    for n, (agent_id, labels, status) in enumerate(plane.agent_records()):
+        if n and n % FACTS_PER_TURN == 0:
+            await asyncio.sleep(0)
+        facts.append(
+            AgentFacts(
+                agent_id,
+                last_seen=status.last_seen,
+                connected=status.connected,
+                hello=status.hello,
+                disputed_labels=label_mismatch(labels, status.reported_labels),
+                certificate_not_after=certificates.get(agent_id),
+                lease_expires_at=status.lease_expires_at,
+            )
         )
-        for agent_id, labels, _, status, _ in plane.snapshot()
-    ]
+    return facts
 
 
 class Readiness:
@@ -59,4 +69,4 @@ class Readiness:
 
     async def assess(self) -> ReadinessReport:
         certificates = newest_agent_certificates(await self._governance.certificates())
-        return assess(fleet_facts(self._plane, certificates), self.policy, self._clock())
+        return assess(await fleet_facts(self._plane, certificates), self.policy, self._clock())
