@@ -282,6 +282,27 @@ def test_a_gateway_refusal_is_durable_violation_evidence(tmp_path: Path) -> None
     asyncio.run(scenario())
 
 
+def test_a_report_sent_again_is_not_counted_twice(tmp_path: Path) -> None:
+    """The gateway sends a report again when its call timed out, even if the plane had
+    already taken it: events after the stop must not double. A sink started anew
+    (numbers from 1 again, newer capture times) still counts."""
+
+    async def scenario() -> None:
+        now = [1000.0]
+        plane, _ = await paused_and_acked(tmp_path, now)
+        first = [Accepted("a", 5, 4, 1010.0), Accepted("a", 6, 3, 1020.0)]
+        plane_record_accepted(plane, first)
+        plane_record_accepted(plane, first)  # the same call again, after a timeout
+        plane_record_accepted(plane, [Accepted("a", 7, 2, 1030.0)])
+        plane_record_accepted(plane, [Accepted("a", 1, 1, 1040.0)])  # a new sink
+        view = plane.agent_view("a")
+        assert view is not None
+        assert view.status.events_accepted_after_pause == 4 + 3 + 2 + 1
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
 def test_accepted_batches_give_per_laptop_figures_and_flag_data_landed_after_the_stop(
     tmp_path: Path,
 ) -> None:

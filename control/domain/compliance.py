@@ -142,6 +142,10 @@ class AgentStatus:
     # and the newest capture time accepted.
     events_accepted_after_pause: int = 0
     last_accepted_event_at: float | None = None
+    # (sequence, newest capture time) of the newest batch counted, so a report the
+    # gateway sends again (its call timed out after the plane had it) is not counted
+    # twice. This replica's memory only, like ``hello``.
+    last_counted_batch: tuple[int, float] | None = None
     # Evidence that capture continued after a stop was claimed. Sticky: only an
     # operator clears it.
     violation: str = ""
@@ -343,6 +347,10 @@ class AgentStatus:
 
         True when it counted events after the stop, which must be written at once; the
         last accepted capture time alone is a figure, written at the liveness cadence."""
+        counted = self.last_counted_batch
+        if counted is not None and sequence <= counted[0] and last_event_at <= counted[1]:
+            return False  # reported again: counted already (a new sink numbers from 1 anew)
+        self.last_counted_batch = (sequence, last_event_at)
         if self.last_accepted_event_at is None or last_event_at > self.last_accepted_event_at:
             self.last_accepted_event_at = last_event_at
         if self.stopped_at is None or last_event_at <= self.stopped_at:
