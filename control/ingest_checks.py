@@ -158,12 +158,11 @@ class UploadWatch:
     def _missed(self, now: float) -> dict[str, float | None]:
         """The whole fleet against the copy. A lease that simply ran out is no miss: the
         copy holds its end, and the gateway stops letting the agent in on it then."""
-        everyone = self._plane.upload_allowances()
-        stale = {a for a, until in self._sent.items() if a not in everyone and until > now}
-        current: dict[str, float | None] = {
-            a: until for a, until in everyone.items() if self._sent.get(a) != until
-        }
-        current.update(dict.fromkeys(stale))
+        current: dict[str, float | None] = dict(self._plane.upload_allowances())
+        # Sent as allowed, allowed no more, and not because the lease ran out.
+        current.update(
+            (a, None) for a, until in self._sent.items() if a not in current and until > now
+        )
         missed = self._differences(current)
         if missed:
             log.warning("upload_watch_missed_change", agents=len(missed), some=sorted(missed)[:5])

@@ -1234,15 +1234,8 @@ class ControlPlane:
         """Every agent whose batches may land now, with its lease's end (see
         ``AgentStatus.upload_allowed_until``): what the ingest gateway's copy holds. None
         from a replica that cannot lease: its view may be too old to allow anything."""
-        now = self._clock()
-        allowed: dict[str, float] = {}
-        if not self.leasing:
-            return allowed
-        for agent_id, entry in self._agents.items():
-            until = entry.status.upload_allowed_until(entry.desired, now)
-            if until is not None:
-                allowed[agent_id] = until
-        return allowed
+        every = self.upload_allowances_of(self._agents)
+        return {agent_id: until for agent_id, until in every.items() if until is not None}
 
     def desired_and_status(self, agent_id: str) -> tuple[Desired, AgentStatus] | None:
         """What an upload verdict needs, without evaluating compliance (a verdict per batch)."""

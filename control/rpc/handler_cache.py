@@ -1,8 +1,8 @@
 """Wrapped gRPC handlers, made once per method instead of once per call.
 
 An interceptor that wraps the handler on every call gives every upload and every agent
-message a handler tuple, closures and a deserializer of its own: at 10,000 agents that
-was a measurable share of the gateway's and the server's time. The handler underneath
+message a handler tuple, closures and a deserializer of its own, on the gateway's and
+the server's hot paths (not measured apart: the saving is per call). The handler underneath
 is the same object call after call (the server's method table), so the wrapping is
 kept per method and made again only if that object changes. Bounded by the number of
 methods the server serves.
