@@ -60,7 +60,9 @@ def secure_channel(server: ServerProcess, identity_dir: Path) -> grpc.Channel:
 def enrolment_channel(server: ServerProcess) -> grpc.Channel:
     """The enrolment port as anyone reaches it: server-authenticated TLS, no certificate."""
     credentials = grpc.ssl_channel_credentials(server.ca_path.read_bytes())
-    return grpc.secure_channel(server.enroll_address, credentials)
+    # A connection of its own: the port's limit of streams is per connection.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    return grpc.secure_channel(server.enroll_address, credentials, own_connection)
 
 
 def enroll_method(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
@@ -95,16 +97,25 @@ def test_an_enrolment_flood_is_refused_early_and_audited_in_aggregate(
     # Under gRPC's own limit of pending calls (1000), past which it cancels calls
     # before they reach the server's code, where they could be counted.
     flood = 800
-    with enrolment_channel(server) as channel:
-        enroll = enroll_method(channel)
+    # Over several connections, as a flooding client would spread its calls: one
+    # connection's streams at once, each refusal held in the tarpit, is a slow flood.
+    connections = 8
+    channels = [enrolment_channel(server) for _ in range(connections)]
+    try:
         forged = [
             pb.EnrollRequest(token="kst_forged.secret", agent_id=f"laptop-{n}", csr_pem="no CSR")
             for n in range(flood)
         ]
-        calls = [enroll.future(request, timeout=60) for request in forged]
+        calls = [
+            enroll_method(channels[n % connections]).future(request, timeout=60)
+            for n, request in enumerate(forged)
+        ]
         # Meanwhile the incident commander is served.
         cli.pause("--agent", "laptop-under-flood", "--reason", "enrolment flood")
         codes = codes_of(calls)
+    finally:
+        for channel in channels:
+            channel.close()
     assert sum(codes.values()) == flood and grpc.StatusCode.OK not in codes, codes
     # UNAVAILABLE: streams past the port's HTTP/2 limit, refused by the transport before
     # any of the server's code ran (nothing to count); RESOURCE_EXHAUSTED: the limits.
