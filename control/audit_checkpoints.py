@@ -41,6 +41,8 @@ log = structlog.get_logger("killswitch.audit")
 
 KIND = "killswitch-audit-checkpoint/1"
 DEFAULT_DIR = "audit-checkpoints"
+# How long a stopping server waits for its last checkpoint (see CheckpointWriter.stop).
+STOP_WRITE_SECONDS = 2.0
 DEFAULT_INTERVAL = 60.0
 # Larger than any real seq, so a read after it returns just the head.
 _AFTER_EVERYTHING = 2**62
@@ -199,12 +201,24 @@ class CheckpointWriter:
         self._task = asyncio.create_task(self._run(), name="audit-checkpoints")
 
     async def stop(self) -> None:
+        """The last checkpoint, if the store answers within ``STOP_WRITE_SECONDS``.
+
+        A server told to stop while its database is away would otherwise wait out the
+        pool's connection timeout (10 s) for a head it cannot read: a replica an operator
+        restarts during an outage would hang. The checkpoint written last covers what it can.
+        """
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-            await self._write_logged()
+            try:
+                await asyncio.wait_for(self._write_logged(), STOP_WRITE_SECONDS)
+            except TimeoutError:
+                log.warning(
+                    "audit_checkpoint_failed",
+                    error=f"no answer from the store within {STOP_WRITE_SECONDS} s at stop",
+                )
 
     async def _run(self) -> None:
         while True:

@@ -7,6 +7,7 @@ is unreachable the tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -93,6 +94,28 @@ def test_losing_the_database_makes_the_replica_unready_and_agents_fail_closed(
         wait_for(lambda: capturing(truth) == 20, 30, "capture back once leases are granted")
     finally:
         proxy.cut()
+
+
+def test_a_replica_told_to_stop_while_its_database_is_away_stops_promptly(
+    start_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    """Restarting a replica is what an operator does during a database outage: its last
+    audit checkpoint must not wait out the pool's 10 s connection timeout first."""
+    proxy = TcpProxy(PG_ADDRESS)
+    proxy.start()
+    try:
+        server = start_server("--database", proxy.dsn(pg_dsn))
+        proxy.cut()
+        wait_for(lambda: ready(server) == 503, 30, "the replica noticing its database is gone")
+        assert server.proc is not None
+        started = time.monotonic()
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        proxy.cut()
+    assert took < 8, f"the stop took {took:.1f} s"
+    assert "no answer from the store within" in server.log()
 
 
 def test_a_replica_that_alone_loses_the_database_hands_its_agents_to_another(
