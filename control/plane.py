@@ -209,6 +209,10 @@ REPLICA_SILENT_BEATS = 5
 STORE_ANSWER_WINDOW_BEATS = 2.5
 # How often the store is probed with a beat (a durable write).
 STORE_PROBE_SECONDS = 2.0
+# How long a stopping replica waits to write what it holds (a healthy store writes a
+# 10,000-agent flush in well under a second; one that is away would take the pool's
+# 10 s connection timeout, or for ever).
+STOP_FLUSH_SECONDS = 3.0
 
 
 class EpochUnknown(KillswitchError):
@@ -344,7 +348,21 @@ class ControlPlane:
                 await asyncio.gather(task, return_exceptions=True)
         self._flusher = self._prober = None
         self._dirty |= self._figures_unsaved
-        await self.flush()
+        try:
+            async with asyncio.timeout(STOP_FLUSH_SECONDS):
+                await self.flush()
+        except (TimeoutError, StoreError) as exc:
+            # The store is away: waiting longer keeps a replica an operator is
+            # restarting mid-outage hanging, and writes nothing more. What is lost is
+            # named here, the one record left of it.
+            log.error(
+                "final_flush_failed",
+                error=str(exc) or f"no answer from the store within {STOP_FLUSH_SECONDS} s",
+                agents_unsaved=sorted(self._dirty)[:50],
+                agents_unsaved_count=len(self._dirty),
+                audit_entries_unsaved=len(self._pending_audit),
+                violation_evidence_unsaved=self._evidence.pending,
+            )
 
     async def _flush_loop(self) -> None:
         while True:
