@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test protos clean
 
+# pytest-xdist workers: most tests wait on servers and agents more than they compute.
+TEST_WORKERS ?= 3
+
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +32,8 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
+	$(BIN)/pytest -m serial
 
 ## protos: regenerate the committed Python code from protos/*.proto
 protos: $(VENV)/.installed-dev

@@ -62,10 +62,39 @@ def person_role(name: str) -> str:
     return PEOPLE_ROLES[name.rsplit("-", 1)[0]]
 
 
+# Ports handed to servers come from a range of this worker's own, below the kernel's
+# ephemeral range (32768 and up on Linux): no client connection is given one of them
+# between our check and the server's bind, and two pytest-xdist workers never pick the
+# same one. Servers that restart keep their ports, so a port is never handed out twice.
+PORTS_PER_WORKER = 2_000
+FIRST_PORT = 12_000
+
+
+def _worker_index() -> int:
+    """0 without pytest-xdist, N for its worker ``gwN``."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw"))
+
+
+_next_ports = iter(
+    range(
+        FIRST_PORT + _worker_index() * PORTS_PER_WORKER,
+        FIRST_PORT + (_worker_index() + 1) * PORTS_PER_WORKER,
+    )
+)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, never handed out before in this session."""
+    for port in _next_ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken by something else on the machine
+            return port
+    raise RuntimeError(f"this worker's {PORTS_PER_WORKER} ports are used up")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -13,6 +13,8 @@ import socket
 import struct
 import threading
 
+from tests.conftest import free_port
+
 PG_ADDRESS = ("127.0.0.1", 5432)
 # PostgreSQL's backend message carrying a NOTIFY: type byte 'A'.
 NOTIFICATION_RESPONSE = b"A"
@@ -31,9 +33,7 @@ class TcpProxy:
 
     def __init__(self, target: tuple[str, int] = PG_ADDRESS) -> None:
         self.target = target
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
+        self.port = free_port()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()

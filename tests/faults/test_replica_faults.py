@@ -93,6 +93,7 @@ def restart_postgresql() -> None:
     )
 
 
+@pytest.mark.serial  # every other test on PostgreSQL would lose its connections
 def test_postgresql_restarted_mid_pause(fleet_of: Callable[..., Fleet], pg_dsn: str) -> None:
     """The database restarts right after the pause commits: every connection of every
     replica dies at once. The pause holds, and the fleet converges once it is back."""
