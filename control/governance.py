@@ -7,7 +7,7 @@ store together with its audit entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import structlog
 
@@ -42,6 +42,7 @@ from control.errors import (
     KillswitchError,
     NotFound,
     PermissionDenied,
+    StoreError,
     UnknownItem,
     one_line,
 )
@@ -65,11 +66,14 @@ class Governance:
         *,
         clock: Callable[[], float],
         authority: Authority | None,
+        re_read: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._plane = plane
         self._store = store
         self._clock = clock
         self._authority = authority
+        # Re-reads what every replica shares (Replication.resync); None: nothing to read.
+        self._re_read = re_read
         self._requests: dict[str, ResumeRequest] = {}
         self._revoked: set[str] = set()
         # Started and stopped by the server, around the ports whose refusals it counts.
@@ -163,6 +167,22 @@ class Governance:
         for request_id in gone:
             del self._requests[request_id]
         return len(gone)
+
+    async def caught_up(self) -> bool:
+        """Re-read the shared state now; whether that worked.
+
+        A hold or request another replica committed a moment ago is in the store before
+        this replica hears of it: an operator naming it here must not be told it is
+        unknown. Callers try once more after this, before saying so.
+        """
+        if self._re_read is None:
+            return False
+        try:
+            await self._re_read()
+        except StoreError as exc:
+            log.warning("catch_up_failed", error=str(exc))
+            return False
+        return True
 
     async def explain_unknown(self, error: UnknownItem) -> NotFound:
         """A hold, request or run not in memory: archived history, or unknown indeed."""

@@ -184,7 +184,12 @@ async def serve(config: ServerConfig) -> None:
         lease_ttl=config.lease_ttl,
         before_fanout=freeze_before_fanout,
     )
-    governance = Governance(plane, store, clock=time.time, authority=authority)
+
+    async def re_read() -> None:
+        """Late-bound: the replication loop, made below, needs the governance itself."""
+        await replication.resync()
+
+    governance = Governance(plane, store, clock=time.time, authority=authority, re_read=re_read)
     readiness = Readiness(
         plane,
         governance,

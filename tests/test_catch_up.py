@@ -1,0 +1,58 @@
+"""A hold another replica committed a moment ago is not "unknown" here: read, then retry.
+
+In-process: the RPC error boundary (``translate_errors``) and ``Governance.caught_up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from typing import Any
+
+from control.errors import StoreError, UnknownItem
+from control.governance import Governance
+from control.rpc.operator_service import translate_errors
+
+
+def governance(re_read: Any) -> Governance:
+    store = types.SimpleNamespace(append_audit=None)  # only the refusal log's writer
+    return Governance(None, store, clock=lambda: 0.0, authority=None, re_read=re_read)  # type: ignore[arg-type]
+
+
+class LaggingReplica:
+    """Knows the hold only once it has re-read the shared state."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.has_read = False
+
+        async def re_read() -> None:
+            self.has_read = True
+
+        self._governance = governance(re_read)
+
+    @translate_errors
+    async def Resume(self, request: str, context: Any) -> str:  # noqa: N802
+        self.calls += 1
+        if not self.has_read:
+            raise UnknownItem(UnknownItem.HOLD, request)
+        return f"resumed {request}"
+
+
+def test_an_unknown_hold_is_looked_for_again_after_a_re_read() -> None:
+    replica = LaggingReplica()
+    answer: str = asyncio.run(replica.Resume("hold-1", None))  # type: ignore[arg-type]
+    assert answer == "resumed hold-1"
+    assert replica.calls == 2
+
+
+def test_caught_up_says_whether_the_re_read_worked() -> None:
+    async def fails() -> None:
+        raise StoreError("store unreachable")
+
+    async def works() -> None:
+        pass
+
+    assert asyncio.run(governance(works).caught_up()) is True
+    assert asyncio.run(governance(fails).caught_up()) is False
+    assert asyncio.run(governance(None).caught_up()) is False
