@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test protos clean
 
 # pytest-xdist workers: most tests wait on servers and agents more than they compute.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
