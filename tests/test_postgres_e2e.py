@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import (
     Cli,
     ServerProcess,
@@ -128,6 +130,8 @@ def test_a_replica_told_to_stop_while_its_database_is_away_stops_promptly(
     assert "final_flush_failed" in log
 
 
+# Agents find A through reconnect backoff: 35-45 s alone, over 90 s beside 3 workers.
+@pytest.mark.serial
 def test_a_replica_that_alone_loses_the_database_hands_its_agents_to_another(
     start_server: Callable[..., ServerProcess],
     simulate: Callable[..., Simulator],
