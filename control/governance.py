@@ -8,6 +8,7 @@ store together with its audit entry.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 import structlog
 
@@ -53,6 +54,8 @@ from control.refusals import RefusalLog
 from control.store import LoadedState, Store
 
 log = structlog.get_logger("killswitch.governance")
+
+T = TypeVar("T")
 
 MAX_AUDIT_PAGE = 1000
 MAX_AUDIT_SEQ = 2**63 - 1
@@ -183,6 +186,18 @@ class Governance:
             log.warning("catch_up_failed", error=str(exc))
             return False
         return True
+
+    async def found(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``; if it names a hold, request or run this replica does not know,
+        once more after a re-read (``caught_up``): unknown to the store, not only here.
+        Every door uses it (gRPC, the dashboard's forms, proof reports); lookups come
+        before any change, so a call refused as unknown changed nothing."""
+        try:
+            return await call()
+        except UnknownItem:
+            if not await self.caught_up():
+                raise
+            return await call()
 
     async def explain_unknown(self, error: UnknownItem) -> NotFound:
         """A hold, request or run not in memory: archived history, or unknown indeed."""

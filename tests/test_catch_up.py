@@ -9,6 +9,8 @@ import asyncio
 import types
 from typing import Any
 
+import pytest
+
 from control.errors import StoreError, UnknownItem
 from control.governance import Governance
 from control.rpc.operator_service import translate_errors
@@ -56,3 +58,25 @@ def test_caught_up_says_whether_the_re_read_worked() -> None:
     assert asyncio.run(governance(works).caught_up()) is True
     assert asyncio.run(governance(fails).caught_up()) is False
     assert asyncio.run(governance(None).caught_up()) is False
+
+
+def test_found_retries_once_and_an_item_unknown_to_the_store_stays_unknown() -> None:
+    """What the dashboard's forms and proof reports go through, as the gRPC calls do."""
+    reads: list[str] = []
+
+    async def re_read() -> None:
+        reads.append("read")
+
+    async def never_known() -> str:
+        raise UnknownItem(UnknownItem.HOLD, "hold-x")
+
+    async def known_after_a_read() -> str:
+        if not reads:
+            raise UnknownItem(UnknownItem.HOLD, "hold-y")
+        return "found hold-y"
+
+    assert asyncio.run(governance(re_read).found(known_after_a_read)) == "found hold-y"
+    assert reads == ["read"]
+    with pytest.raises(UnknownItem):
+        asyncio.run(governance(re_read).found(never_known))
+    assert reads == ["read", "read"], "one re-read per call, then the answer stands"

@@ -99,21 +99,15 @@ def translate_errors(
     """Turn domain errors into gRPC status codes with a one-line message.
 
     A hold, request or run this replica does not know is looked for again after a
-    re-read of the shared state (``Governance.caught_up``): unknown means unknown to
-    the store, not only to this replica's view.
+    re-read of the shared state (``Governance.found``): unknown means unknown to the
+    store, not only to this replica's view.
 
     A refused change is audited like an accepted one; so is any permission denial.
     """
 
     async def wrapper(self: S, request: Req, context: Context, /) -> Resp:
         try:
-            try:
-                return await method(self, request, context)
-            except UnknownItem:
-                # Perhaps committed on another replica a moment ago: read, then once more.
-                if not await self._governance.caught_up():
-                    raise
-                return await method(self, request, context)
+            return await self._governance.found(lambda: method(self, request, context))
         except KillswitchError as exc:
             if isinstance(exc, UnknownItem):
                 exc = await self._governance.explain_unknown(exc)

@@ -55,7 +55,8 @@ class ReportService(pb_grpc.ReportsServicer):
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ReportChunk]:
         try:
-            document = await self._document(required(request.hold_id, "a hold id"))
+            hold_id = required(request.hold_id, "a hold id")
+            document = await self._governance.found(lambda: self._document(hold_id))
         except KillswitchError as exc:
             if isinstance(exc, UnknownItem):
                 exc = await self._governance.explain_unknown(exc)

@@ -161,7 +161,8 @@ class Actions:
                 raise PermissionDenied(
                     f"role {principal.role.value} may not call {action_name(method)}"
                 )
-            return web.Response(text=await action(principal, form), content_type="text/html")
+            page = await self._governance.found(lambda: action(principal, form))
+            return web.Response(text=page, content_type="text/html")
         except KillswitchError as exc:
             if isinstance(exc, UnknownItem):
                 exc = await self._governance.explain_unknown(exc)
