@@ -213,7 +213,9 @@ class CheckpointWriter:
                 await self._task
             self._task = None
             try:
-                await asyncio.wait_for(self._write_logged(), STOP_WRITE_SECONDS)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+                async with asyncio.timeout(STOP_WRITE_SECONDS):
+                    await self._write_logged()
             except TimeoutError:
                 log.warning(
                     "audit_checkpoint_failed",

@@ -190,14 +190,19 @@ class Governance:
     async def found(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``; if it names a hold, request or run this replica does not know,
         once more after a re-read (``caught_up``): unknown to the store, not only here.
-        Every door uses it (gRPC, the dashboard's forms, proof reports); lookups come
-        before any change, so a call refused as unknown changed nothing."""
+        Still unknown, the error says whether it is archived history
+        (``explain_unknown``). Every door uses it (gRPC, the dashboard's forms, proof
+        reports); lookups come before any change, so a call refused as unknown changed
+        nothing."""
         try:
-            return await call()
-        except UnknownItem:
-            if not await self.caught_up():
-                raise
-            return await call()
+            try:
+                return await call()
+            except UnknownItem:
+                if not await self.caught_up():
+                    raise
+                return await call()
+        except UnknownItem as unknown:
+            raise await self.explain_unknown(unknown) from None
 
     async def explain_unknown(self, error: UnknownItem) -> NotFound:
         """A hold, request or run not in memory: archived history, or unknown indeed."""

@@ -17,7 +17,11 @@ from control.rpc.operator_service import translate_errors
 
 
 def governance(re_read: Any) -> Governance:
-    store = types.SimpleNamespace(append_audit=None)  # only the refusal log's writer
+    async def archived_hold(hold_id: str) -> None:
+        return None  # nothing archived: an unknown hold stays unknown
+
+    # The refusal log's writer, and the archive an unknown item is explained from.
+    store = types.SimpleNamespace(append_audit=None, archived_hold=archived_hold)
     return Governance(None, store, clock=lambda: 0.0, authority=None, re_read=re_read)  # type: ignore[arg-type]
 
 

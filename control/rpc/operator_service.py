@@ -23,7 +23,6 @@ from control.errors import (
     NotFound,
     PermissionDenied,
     StoreError,
-    UnknownItem,
     one_line,
 )
 from control.governance import Governance
@@ -99,8 +98,8 @@ def translate_errors(
     """Turn domain errors into gRPC status codes with a one-line message.
 
     A hold, request or run this replica does not know is looked for again after a
-    re-read of the shared state (``Governance.found``): unknown means unknown to the
-    store, not only to this replica's view.
+    re-read of the shared state, then explained if archived (``Governance.found``):
+    unknown means unknown to the store, not only to this replica's view.
 
     A refused change is audited like an accepted one; so is any permission denial.
     """
@@ -109,8 +108,6 @@ def translate_errors(
         try:
             return await self._governance.found(lambda: method(self, request, context))
         except KillswitchError as exc:
-            if isinstance(exc, UnknownItem):
-                exc = await self._governance.explain_unknown(exc)
             if isinstance(exc, PermissionDenied) or current_call_mutates():
                 await _record_failure(self._governance, exc)
             await abort_for(context, exc)

@@ -58,8 +58,6 @@ class ReportService(pb_grpc.ReportsServicer):
             hold_id = required(request.hold_id, "a hold id")
             document = await self._governance.found(lambda: self._document(hold_id))
         except KillswitchError as exc:
-            if isinstance(exc, UnknownItem):
-                exc = await self._governance.explain_unknown(exc)
             await abort_for(context, exc)
         for start in range(0, len(document), CHUNK_BYTES):
             yield pb.ReportChunk(data=document[start : start + CHUNK_BYTES])

@@ -32,7 +32,6 @@ from control.errors import (
     NotFound,
     PermissionDenied,
     StoreError,
-    UnknownItem,
     one_line,
 )
 from control.governance import Governance
@@ -164,8 +163,6 @@ class Actions:
             page = await self._governance.found(lambda: action(principal, form))
             return web.Response(text=page, content_type="text/html")
         except KillswitchError as exc:
-            if isinstance(exc, UnknownItem):
-                exc = await self._governance.explain_unknown(exc)
             if isinstance(exc, PermissionDenied) or mutates:
                 await self._governance.record_failure(principal, action_name(method), exc)
             status = next(code for kind, code in HTTP_STATUS if isinstance(exc, kind))
