@@ -121,9 +121,9 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                 return self._refused(agent_id, why, expected, in_hand)
             if self._control.copy.allows(agent_id, last, time.monotonic()):
                 refusal, keep = "", False  # on the plane's standing copy: no question
-                self._metrics.verdicts.labels("standing_copy").inc()
+                self._metrics.verdict_from["standing_copy"].inc()
             else:
-                self._metrics.verdicts.labels("asked").inc()
+                self._metrics.verdict_from["asked"].inc()
                 check = pb.BatchCheck(
                     agent_id=agent_id,
                     sequence=request.sequence,
@@ -151,7 +151,7 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
             except OSError as exc:
                 log.error("sink_write_failed", agent_id=agent_id, error=str(exc))
                 await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the sink cannot write now")
-        self._metrics.batches.labels("accepted").inc()
+        self._metrics.outcome["accepted"].inc()
         return pb.UploadBatchResponse(
             accepted=True, reason="ok", next_sequence=request.sequence + 1
         )
@@ -160,13 +160,13 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
         self, agent_id: str, why: str, expected: int, in_hand: float, *, quarantined: bool = False
     ) -> pb.UploadBatchResponse:
         self._metrics.authorization.observe(time.perf_counter() - in_hand)
-        self._metrics.batches.labels("refused").inc()
+        self._metrics.outcome["refused"].inc()
         log.info("batch_refused", agent_id=agent_id, reason=why, quarantined=quarantined)
         return pb.UploadBatchResponse(accepted=False, reason=why, next_sequence=expected)
 
     async def _abort(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
         outcome = "unavailable" if code is grpc.StatusCode.UNAVAILABLE else "invalid"
-        self._metrics.batches.labels(outcome).inc()
+        self._metrics.outcome[outcome].inc()
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 

@@ -16,6 +16,7 @@ from control.addresses import ensure_can_listen, split_host_port
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 GROUP_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2048)
 OUTCOMES = ("accepted", "refused", "invalid", "unavailable")
+VERDICT_SOURCES = ("standing_copy", "asked")
 
 
 class GatewayMetrics:
@@ -34,8 +35,8 @@ class GatewayMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in OUTCOMES:
-            self.batches.labels(outcome)
+        # Each label's child, bound once: ``labels()`` costs about 7 us a call, per batch.
+        self.outcome = {outcome: self.batches.labels(outcome) for outcome in OUTCOMES}
         self.verdicts = Counter(
             "killswitch_ingest_verdicts",
             "Decided batches by where the verdict came from: the plane's standing copy"
@@ -43,8 +44,7 @@ class GatewayMetrics:
             ["source"],
             registry=self.registry,
         )
-        for source in ("standing_copy", "asked"):
-            self.verdicts.labels(source)
+        self.verdict_from = {source: self.verdicts.labels(source) for source in VERDICT_SOURCES}
         self.commit_seconds = Histogram(
             "killswitch_ingest_commit_seconds",
             "One group commit of the sink: every batch's record and manifest line, synced.",
