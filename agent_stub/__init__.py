@@ -1,19 +1,19 @@
-"""Reference capture agent library and fleet simulator for the kill-switch protocol.
+"""Reference capture agent library for the kill-switch protocol.
 
 ``Agent`` runs one agent's control stream; ``CaptureEngine`` stands in for the
 real capture channels and captures only while the ``Lease`` holds, on a clock that
 counts sleep (``PLATFORM_CLOCK``). Unknown state means off: nothing captures before
-the first lease grant. ``GroundTruth`` counts
-what a simulated agent really captured, apart from the code that gates it.
+the first lease grant. It knows nothing of faults: the fleet simulator
+(``simulator``) wraps it to misbehave and to count what it really captured.
 """
 
 from agent_stub.agent import Agent
 from agent_stub.backoff import Backoff
 from agent_stub.capture import CHANNELS, CaptureEngine
 from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock, platform_clock
-from agent_stub.config import AgentConfig, Fault, Tuning
+from agent_stub.config import AgentConfig, Tuning
 from agent_stub.lease import Lease
-from agent_stub.truth import GroundTruth
+from agent_stub.witness import Witness
 
 __all__ = [
     "CHANNELS",
@@ -22,10 +22,9 @@ __all__ = [
     "AgentConfig",
     "Backoff",
     "CaptureEngine",
-    "Fault",
-    "GroundTruth",
     "Lease",
     "NoSleepClock",
     "Tuning",
+    "Witness",
     "platform_clock",
 ]

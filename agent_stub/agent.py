@@ -19,7 +19,7 @@ from agent_stub import limits
 from agent_stub.applied import Applied, AppliedStore
 from agent_stub.backoff import Backoff
 from agent_stub.batches import UploadSequence
-from agent_stub.capture import CHANNELS, CaptureEngine
+from agent_stub.capture import CaptureEngine
 from agent_stub.clock import (
     NO_SLEEP_CLOCK,
     PLATFORM_CLOCK,
@@ -27,27 +27,19 @@ from agent_stub.clock import (
     Clock,
     NoSleepClock,
 )
-from agent_stub.config import (
-    CAPTURE_REGARDLESS,
-    DEFAULT_LEASE_TTL_SECONDS,
-    RELABEL_TO,
-    AgentConfig,
-    Fault,
-)
-from agent_stub.cover import CoverStory
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.local_state import NoticeBoard
 from agent_stub.periodic import every
 from agent_stub.stream import ControlStream, Outbox, StreamEnded
-from agent_stub.truth import GroundTruth
 from agent_stub.upload import GatewayUploader
-from agent_stub.wire import channel_states, timestamp
+from agent_stub.wire import capture_report, channel_states, timestamp
+from agent_stub.witness import Witness
 
 log = structlog.get_logger("killswitch.agent")
 
 DEFAULT_HEARTBEAT_SECONDS = 10.0
-ALL_STOPPED = dict.fromkeys(CHANNELS, False)
 
 # Keepalive finds a dead server or a silently dropped connection within ~30 s.
 CHANNEL_OPTIONS = [
@@ -135,7 +127,6 @@ def nack(epoch: int, reason: str) -> pb.AgentMessage:
 class Agent:
     """Captures only under an unexpired lease, and answers every directive it acts on.
 
-    ``trigger_fault`` turns a simulated agent into its configured ``Fault``.
     ``call_metadata`` goes with every call: an insecure server reads the caller's
     identity from it (``identity.insecure_metadata``); over mTLS it stays empty.
 
@@ -153,7 +144,15 @@ class Agent:
 
     ``notices`` tells the person at the laptop of every change of its capture state
     and keeps the local state file (``agent_stub.local_state``).
+
+    ``witness`` is told what the agent really does (``agent_stub.witness``). The fleet
+    simulator's faulty agents (``simulator.faulty``) subclass this one: they swap in
+    their own ``capture_engine``, clear ``awake`` to suspend the agent, and override
+    the seams below that say so. Here each seam does what an honest agent does.
     """
+
+    # The simulator's faulty agents swap in an engine whose workers can misbehave.
+    capture_engine: type[CaptureEngine] = CaptureEngine
 
     def __init__(
         self,
@@ -169,6 +168,7 @@ class Agent:
         ingest: grpc.aio.Channel | None = None,
         upload_sequence: UploadSequence | None = None,
         notices: NoticeBoard | None = None,
+        witness: Witness | None = None,
     ) -> None:
         self.config = config
         self.notices = notices
@@ -186,8 +186,8 @@ class Agent:
             self.cannot_capture = f"cannot capture here: {clock}"
             clock = time.monotonic  # dates lease requests only: no grant is ever taken
         self.lease = Lease(clock)
-        self.truth = GroundTruth(capture_tick=config.tuning.capture_tick)
-        self.engine = CaptureEngine(self.lease, self.truth)
+        self.witness = witness or Witness()
+        self.engine = self.capture_engine(self.lease, self.witness)
         self.uploader = (
             None
             if ingest is None
@@ -196,16 +196,15 @@ class Agent:
                 self.engine,
                 ingest,
                 call_metadata,
-                truth=self.truth,
+                witness=self.witness,
                 sequence=upload_sequence,
                 max_events=config.tuning.batch_events,
             )
         )
-        self.cover = CoverStory(self.engine, config.fault)
-        # Cleared while the whole process is suspended (the sleep fault).
+        # Every loop of the agent waits on it: a simulator clears it to suspend one agent
+        # of a fleet in one process, as a closed lid suspends a laptop.
         self.awake = asyncio.Event()
         self.awake.set()
-        self.fault_active = False
         # The directive the agent last acted on (acked or nacked).
         self.directive: pb.Directive | None = None
         self._applied_store = applied_store
@@ -217,23 +216,12 @@ class Agent:
         self._stream: ControlStream | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._renewals: asyncio.Task[None] | None = None
-        self._offline_until = 0.0
-        # Directives are numbered as received so a delayed one never undoes a newer one.
-        self._received = 0
-        self._applied = 0
 
     @property
     def agent_id(self) -> str:
         return self.config.agent_id
 
     # ------------------------------------------------------------ reports
-
-    def _faulty(self, fault: Fault) -> bool:
-        return self.fault_active and self.config.fault is fault
-
-    def _lying(self) -> bool:
-        """A modified agent that captures regardless of its lease and of a pause it acked."""
-        return self.fault_active and self.config.fault in CAPTURE_REGARDLESS
 
     def _allowed(self) -> bool:
         """May this agent capture (under a lease)? Only while ALLOWED, on a usable clock."""
@@ -253,8 +241,12 @@ class Agent:
         return directive.epoch < self.newest_applied().epoch
 
     def _channels(self) -> list[pb.Channel]:
-        lying = self._lying() and not self._allowed()
-        return channel_states(ALL_STOPPED if lying else self.engine.active)
+        """The channels' states, as every report gives them: each as it is."""
+        return channel_states(self.engine.active)
+
+    def _report(self) -> pb.CaptureReport:
+        """The capture counters every report carries: the engine's own."""
+        return capture_report(self.engine)
 
     def _hello(self) -> pb.Hello:
         return pb.Hello(
@@ -265,7 +257,7 @@ class Agent:
             sent_at=timestamp(time.time() + self.config.clock_skew),
             last_applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=self.cover.report(),
+            report=self._report(),
         )
 
     # ------------------------------------------------------------ lifetime
@@ -299,23 +291,18 @@ class Agent:
         self._tell_capture_state()  # a lease that ran out between messages
 
     async def _upload_round(self) -> None:
-        if self.uploader is not None and not self._offline_remaining() and self._may_upload():
+        if self.uploader is not None and self._may_upload():
             await self.uploader.upload()
 
     def _may_upload(self) -> bool:
-        """Honest agents send to the gateway only while allowed and under a lease (so a
-        batch refused for a pause not yet received is not retried once it is). An
-        exfiltrator never uploads."""
-        if self._faulty(Fault.EXFILTRATOR):
-            return False
-        if self._lying():
-            return True
+        """Only while allowed and under a lease (so a batch refused for a pause not yet
+        received is not retried once it is)."""
         return self._allowed() and self.lease.holds(self.lease.clock())
 
     async def _stay_connected(self) -> None:
-        """Reconnect forever with jittered backoff; an offline agent first waits it out."""
+        """Reconnect forever with jittered backoff."""
         while True:
-            await asyncio.sleep(self._offline_remaining())
+            await self._before_connecting()
             try:
                 reason = await self._session()
             except grpc.aio.AioRpcError as exc:
@@ -332,6 +319,9 @@ class Agent:
             log.info("agent_reconnecting", agent_id=self.agent_id, reason=reason, delay=delay)
             await asyncio.sleep(delay)
             await self._reopen_channel()
+
+    async def _before_connecting(self) -> None:
+        """Run before every attempt to connect: nothing keeps this agent from it."""
 
     async def _reopen_channel(self) -> None:
         if self._reopen is None:
@@ -359,9 +349,9 @@ class Agent:
             if task is not None and task.cancelling():
                 raise  # the agent itself is being stopped
             # grpc aio also raises it when the call was cancelled on this side (the
-            # offline fault's drop, a write cut off halfway): a stream end, not a stop.
+            # agent dropped it, a write cut off halfway): a stream end, not a stop.
             if stream.dropped:
-                return "dropped the stream (offline fault)"
+                return "dropped the stream (went offline)"
             return "the stream was cancelled on the agent's side"
         finally:
             self._stream = self._heartbeats = self._renewals = None
@@ -395,23 +385,13 @@ class Agent:
                     awake=self.awake,
                 )
             )
-        if self._faulty(Fault.IGNORE):
-            return
-        self._received += 1
-        if self._faulty(Fault.SLOW):
-            delay = self._rng.uniform(0, self.config.tuning.slow_max)
-            stream.spawn(self._apply_and_reply(directive, stream, self._received, delay))
-        else:
-            await self._apply_and_reply(directive, stream, self._received)
+        await self._act_on(directive, stream)
 
-    async def _apply_and_reply(
-        self, directive: pb.Directive, stream: Outbox, number: int, delay: float = 0.0
-    ) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        if number < self._applied:
-            return  # a newer directive was applied meanwhile
-        self._applied = number
+    async def _act_on(self, directive: pb.Directive, stream: Outbox) -> None:
+        """Every directive received is applied at once, and answered."""
+        await self._apply_and_reply(directive, stream)
+
+    async def _apply_and_reply(self, directive: pb.Directive, stream: Outbox) -> None:
         reply = self.apply(directive)
         self._keep_renewing(stream)
         self._tell_capture_state()
@@ -433,40 +413,46 @@ class Agent:
             return nack(directive.epoch, reason)
         self.directive = directive
         if directive.mode == pb.MODE_ALLOWED:
-            self.cover.thaw()  # a resumed agent may report capture again
-            if self.cannot_capture:
-                return nack(directive.epoch, self.cannot_capture)
-            return self._ack(directive)  # capture starts once a lease is granted
+            return self._allow(directive)
         # Anything else means off, and a pause ends the lease at once.
         now = self.lease.clock()
         self.lease.revoke()
-        self.truth.lease_revoked(now)
-        if self._lying():  # "stopped", and whatever its cover story says of the spool
-            claimed = self.cover.pretend_pause()
-            if directive.purge_spool:
-                return self._ack(directive, purged=claimed)
-            return self._ack(directive, quarantined=claimed)
+        self.witness.lease_revoked(now)
+        return self._pause(directive)
+
+    def _allow(self, directive: pb.Directive) -> pb.AgentMessage:
+        """Acked (capture starts once a lease is granted), unless this agent cannot capture."""
+        if self.cannot_capture:
+            return nack(directive.epoch, self.cannot_capture)
+        return self._ack(directive)
+
+    def _pause(self, directive: pb.Directive) -> pb.AgentMessage:
+        """Every channel stops and the spool leaves the upload path; acked only if so."""
         refused = self.engine.stop_all()
         if directive.mode != pb.MODE_PAUSED:
             return nack(directive.epoch, f"unknown mode {directive.mode}")
         discarded = self.engine.discard_spool(purge=directive.purge_spool)
         if refused:
             return nack(directive.epoch, f"channel(s) {','.join(refused)} did not stop")
+        return self._ack_pause(directive, discarded)
+
+    def _ack_pause(self, directive: pb.Directive, events: int) -> pb.AgentMessage:
+        """The ack of a pause that purged or quarantined ``events``, as it asked."""
         if directive.purge_spool:
-            return self._ack(directive, purged=discarded)
-        return self._ack(directive, quarantined=discarded)
+            return self._ack(directive, purged=events)
+        return self._ack(directive, quarantined=events)
 
     def _ack(
         self, directive: pb.Directive, *, purged: int = 0, quarantined: int = 0
     ) -> pb.AgentMessage:
         self.applied_epoch, self.applied_mode = directive.epoch, directive.mode
-        self.truth.directive_applied(time.time(), directive.epoch, pb.Mode.Name(directive.mode))
+        self.witness.directive_applied(time.time(), directive.epoch, pb.Mode.Name(directive.mode))
         self._remember(Applied(directive.epoch, directive.mode))
         ack = pb.Ack(
             epoch=directive.epoch,
             mode=directive.mode,
             channels=self._channels(),
-            report=self.cover.report(),
+            report=self._report(),
             purged_events=purged,
             quarantined_events=quarantined,
         )
@@ -506,13 +492,13 @@ class Agent:
 
     async def _request_lease(self, stream: Outbox) -> None:
         request_id, sent_at = self.lease.request()
-        self.truth.lease_requested(request_id, sent_at)
+        self.witness.lease_requested(request_id, sent_at)
         await stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=request_id)))
 
     def _on_lease_answer(self, grant: pb.LeaseGrant) -> None:
         ttl = limits.granted_ttl(grant.ttl_seconds) if grant.granted else None
-        # The truth counts the lease a correct agent may hold: the clamped one.
-        self.truth.lease_answered(grant.request_id, ttl is not None, ttl or 0.0)
+        # The witness counts the lease a correct agent may hold: the clamped one.
+        self.witness.lease_answered(grant.request_id, ttl is not None, ttl or 0.0)
         # Only an ALLOWED agent holds a lease; a grant for a paused one counts as a refusal.
         granted = ttl is not None and self._allowed()
         if not self.lease.answer(grant.request_id, granted, ttl or 0.0):
@@ -532,46 +518,6 @@ class Agent:
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
             channels=self._channels(),
-            report=self.cover.report(),
+            report=self._report(),
         )
         await stream.send(pb.AgentMessage(heartbeat=beat))
-
-    # ------------------------------------------------------------ faults
-
-    def trigger_fault(self) -> None:
-        """From now on, misbehave as configured (honest agents carry on unchanged)."""
-        fault = self.config.fault
-        if fault is Fault.NONE or self.fault_active:
-            return
-        self.fault_active = True
-        tuning = self.config.tuning
-        if fault is Fault.STUBBORN:
-            self.engine.stuck_channels = frozenset({"screen"})
-        elif fault in CAPTURE_REGARDLESS:
-            # Captures whatever it was told, and a paused liar secretly starts again.
-            if not self._allowed():
-                self.cover.freeze()  # a hiding agent keeps reporting its honest pause
-            self.engine.ignore_lease = True
-            self.engine.start_all()
-        elif fault is Fault.OFFLINE:
-            self._go_offline(tuning.offline_seconds(self._lease_ttl))
-        elif fault is Fault.SLEEP:
-            self._suspend(tuning.sleep_seconds(self._lease_ttl))
-        elif fault is Fault.RELABEL:
-            self.config.labels = {**self.config.labels, **RELABEL_TO}
-            self._go_offline(0.0)  # the next Hello carries the new labels
-
-    def _go_offline(self, seconds: float) -> None:
-        self._offline_until = asyncio.get_running_loop().time() + seconds
-        if self._stream is not None:
-            self._stream.drop()
-
-    def _offline_remaining(self) -> float:
-        if not self._offline_until:
-            return 0.0
-        return max(0.0, self._offline_until - asyncio.get_running_loop().time())
-
-    def _suspend(self, seconds: float) -> None:
-        """Nothing of this agent runs for ``seconds``; its boottime clock keeps counting."""
-        self.awake.clear()
-        asyncio.get_running_loop().call_later(seconds, self.awake.set)

@@ -11,18 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 from agent_stub.lease import Clock, Lease
+from agent_stub.witness import Witness
 
 CHANNELS = ("keyboard", "mouse", "screen")
 # Events each active channel produces per capture tick.
 EVENTS_PER_TICK = {"keyboard": 4, "mouse": 8, "screen": 1}
-
-
-class CaptureRecorder(Protocol):
-    def captured(self, at: float, count: int, wall: float) -> None:
-        """``count`` events were produced at boottime ``at`` (wall-clock ``wall``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,19 +45,15 @@ class CaptureEngine:
     """Per-channel on/off state, capture counters and the spool of unsent events.
 
     Starts with every channel stopped and nothing spooled: unknown means off.
+    ``witness`` is told every capture. ``_may_capture`` and ``_stop`` are where the
+    simulator's faulty engine (``simulator.faulty``) breaks the rules.
     """
 
-    def __init__(
-        self, lease: Lease, recorder: CaptureRecorder, *, wall_clock: Clock = time.time
-    ) -> None:
+    def __init__(self, lease: Lease, witness: Witness, *, wall_clock: Clock = time.time) -> None:
         self.lease = lease
-        self._recorder = recorder
+        self._witness = witness
         self._wall_clock = wall_clock
         self.active = dict.fromkeys(CHANNELS, False)
-        # Workers that refuse to stop (the stubborn fault).
-        self.stuck_channels: frozenset[str] = frozenset()
-        # A modified agent that captures whatever its lease says (the lie fault).
-        self.ignore_lease = False
         self.events_captured_total = 0
         self.last_event_at: float | None = None
         self.spool_events = 0
@@ -83,12 +74,17 @@ class CaptureEngine:
 
     def stop_all(self) -> list[str]:
         """Stop every channel worker; returns the names of those that refused."""
-        for name, on in self.active.items():
-            self.active[name] = on and name in self.stuck_channels
+        for name in self.active:
+            self._stop(name)
         return [name for name, on in self.active.items() if on]
 
+    def _stop(self, name: str) -> None:
+        """Tell one channel's worker to stop; an honest one does."""
+        self.active[name] = False
+
     def _may_capture(self, now: float) -> bool:
-        return self.ignore_lease or self.lease.holds(now)
+        """Only under the lease, at this moment."""
+        return self.lease.holds(now)
 
     def tick(self) -> None:
         """One capture round: each active channel captures only if the lease holds now."""
@@ -100,7 +96,7 @@ class CaptureEngine:
             if self._may_capture(now):
                 count += EVENTS_PER_TICK[name]
             else:
-                self.active[name] = name in self.stuck_channels
+                self._stop(name)
         if count:
             self._spool(count, now)
 
@@ -111,7 +107,7 @@ class CaptureEngine:
         if not self.spool_events:
             self._spool_first_at = wall
         self.spool_events += count
-        self._recorder.captured(now, count, wall)
+        self._witness.captured(now, count, wall)
 
     def enforce_lease(self) -> None:
         """The watchdog: without a lease, stop every channel."""

@@ -42,7 +42,7 @@ class ControlStream:
         self._call = call
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        # Set when the agent itself cut the stream (the offline fault).
+        # Set when the agent itself cut the stream (it went offline).
         self.dropped = False
 
     async def send(self, message: pb.AgentMessage) -> None:

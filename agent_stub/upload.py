@@ -16,7 +16,7 @@ from agent_stub.batches import MAX_EVENTS_PER_BATCH, UploadSequence, upload_requ
 from agent_stub.capture import CaptureEngine
 from agent_stub.clock import Clock
 from agent_stub.identity import Metadata
-from agent_stub.truth import GroundTruth
+from agent_stub.witness import Witness
 
 log = structlog.get_logger("killswitch.agent.upload")
 
@@ -40,7 +40,7 @@ class GatewayUploader:
         channel: grpc.aio.Channel,
         call_metadata: Metadata = (),
         *,
-        truth: GroundTruth,
+        witness: Witness,
         sequence: UploadSequence | None = None,
         max_events: int = MAX_EVENTS_PER_BATCH,
         wall_clock: Clock = time.time,
@@ -49,7 +49,7 @@ class GatewayUploader:
         self._call_metadata = call_metadata
         self._engine = engine
         self._gateway = pb_grpc.IngestGatewayStub(channel)
-        self._truth = truth
+        self._witness = witness
         self.sequence = sequence or UploadSequence()
         self._max_events = max_events
         self._wall_clock = wall_clock
@@ -60,7 +60,7 @@ class GatewayUploader:
             return
         number = self.sequence.next
         request = upload_request(self._agent_id, number, batch, self._wall_clock())
-        self._truth.batch_sent(batch.count)
+        self._witness.batch_sent(batch.count)
         try:
             answer = await self._gateway.UploadBatch(
                 request, timeout=UPLOAD_TIMEOUT_SECONDS, metadata=self._call_metadata
@@ -69,11 +69,11 @@ class GatewayUploader:
             log.debug("upload_failed", agent_id=self._agent_id, error=exc.code().name)
             return
         if not answer.accepted:
-            self._truth.batch_refused()
+            self._witness.batch_refused()
             self.sequence.refused(answer.next_sequence)
             log.debug("upload_refused", agent_id=self._agent_id, reason=answer.reason)
             return
         self.sequence.accepted(number)
         # Landed, whether or not a pause discarded the spool meanwhile.
-        self._truth.batch_accepted(batch.count, batch.last_event_at)
+        self._witness.batch_accepted(batch.count, batch.last_event_at)
         self._engine.shipped(batch)

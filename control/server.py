@@ -36,7 +36,6 @@ from control.domain.readiness import (
 from control.errors import InvalidInput, KillswitchError
 from control.events import Observers
 from control.freshness import DEFAULT_RESYNC_SECONDS, resync_seconds
-from control.gc_policy import freeze_before_fanout, run_gc_policy
 from control.governance import Governance
 from control.history import HistoryCompactor
 from control.metrics import Metrics
@@ -70,6 +69,7 @@ from control.web.oidc import OidcSettings
 from control.web.sessions import DashboardSessions
 from control.webhooks.config import WebhookSpec, load_webhooks
 from control.webhooks.sender import WebhookSender
+from gc_policy import freeze_before_fanout, run_gc_policy
 
 log = structlog.get_logger("killswitch.server")
 

@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from agent_stub import CaptureEngine, GroundTruth, Lease
+from agent_stub import CaptureEngine, Lease
 from agent_stub.capture import EVENTS_PER_TICK
+from simulator.faulty import FaultyCaptureEngine
+from simulator.truth import GroundTruth
 from tests.test_agent_lease import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
@@ -30,6 +32,12 @@ class Rig:
         self.truth.lease_requested(request_id, sent_at)
         self.lease.answer(request_id, granted=True, ttl=ttl)
         self.truth.lease_answered(request_id, granted=True, ttl=ttl)
+
+    def faulty_engine(self) -> FaultyCaptureEngine:
+        """The simulator's engine in place of the honest one: same lease, truth and clock."""
+        engine = FaultyCaptureEngine(self.lease, self.truth, wall_clock=lambda: next(self.wall))
+        self.engine = engine
+        return engine
 
 
 def test_nothing_is_captured_without_a_lease() -> None:
@@ -90,25 +98,27 @@ def test_a_stuck_channel_stays_on_but_captures_nothing_without_a_lease() -> None
     clock = FakeClock()
     rig = Rig(clock)
     rig.grant(ttl=10)
-    rig.engine.start_all()
-    rig.engine.stuck_channels = frozenset({"screen"})
+    engine = rig.faulty_engine()
+    engine.start_all()
+    engine.stuck_channels = frozenset({"screen"})
     rig.lease.revoke()
-    assert rig.engine.stop_all() == ["screen"]
-    rig.engine.tick()
-    assert rig.engine.active == {"keyboard": False, "mouse": False, "screen": True}
-    assert rig.engine.events_captured_total == 0
+    assert engine.stop_all() == ["screen"]
+    engine.tick()
+    assert engine.active == {"keyboard": False, "mouse": False, "screen": True}
+    assert engine.events_captured_total == 0
 
 
 def test_ignoring_the_lease_keeps_capturing() -> None:
     clock = FakeClock()
     rig = Rig(clock)
     rig.grant(ttl=10)
-    rig.engine.start_all()
-    rig.engine.ignore_lease = True
+    engine = rig.faulty_engine()
+    engine.start_all()
+    engine.ignore_lease = True
     clock.advance(20)
-    rig.engine.enforce_lease()
-    rig.engine.tick()
-    assert rig.engine.events_captured_total == PER_TICK
+    engine.enforce_lease()
+    engine.tick()
+    assert engine.events_captured_total == PER_TICK
     assert rig.truth.events_without_lease == PER_TICK
 
 

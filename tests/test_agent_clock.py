@@ -26,6 +26,8 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from agent_stub import PLATFORM_CLOCK, Agent, AgentConfig, NoSleepClock, platform_clock
 from agent_stub import cli as agent_cli
 from agent_stub.clock import Clock, LibraryLoader
+from simulator.faults import SimulatedConfig
+from simulator.faulty import SimulatedAgent
 from tests.test_agent_faults import PER_TICK, Outbox, directive, grant, settle, wait_until
 from tests.test_agent_session import ScriptedControl, kinds
 
@@ -264,7 +266,7 @@ def test_a_laptop_asleep_past_its_lease_captures_nothing_until_a_fresh_one(
 
     async def scenario() -> None:
         channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        agent = Agent(AgentConfig("mac-1"), channel, rng=random.Random(1), clock=clock)
+        agent = SimulatedAgent(SimulatedConfig("mac-1"), channel, rng=random.Random(1), clock=clock)
         outbox = Outbox()
         try:
             await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=30), outbox)

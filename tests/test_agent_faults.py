@@ -11,9 +11,11 @@ import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub import Agent, AgentConfig, Fault, Tuning
+from agent_stub import Agent, Tuning
 from agent_stub.capture import EVENTS_PER_TICK
-from agent_stub.simulate import fault_counts, fleet_configs
+from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from simulator.faulty import SimulatedAgent
+from simulator.fleet import fault_counts, fleet_configs
 from tests.test_agent_lease import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
@@ -92,15 +94,25 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-Scenario = Callable[[Agent, Outbox, FakeClock], Awaitable[None]]
+Scenario = Callable[[SimulatedAgent, Outbox, FakeClock], Awaitable[None]]
 
 
-def run_agent(scenario: Scenario, fault: Fault = Fault.NONE, tuning: Tuning | None = None) -> None:
+def run_agent(
+    scenario: Scenario,
+    fault: Fault = Fault.NONE,
+    tuning: Tuning | None = None,
+    fault_tuning: FaultTuning | None = None,
+) -> None:
     async def main() -> None:
         clock = FakeClock()
         channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        agent = Agent(
-            AgentConfig("a", fault=fault, tuning=tuning or Tuning()),
+        agent = SimulatedAgent(
+            SimulatedConfig(
+                "a",
+                fault=fault,
+                tuning=tuning or Tuning(),
+                fault_tuning=fault_tuning or FaultTuning(),
+            ),
             channel,
             rng=random.Random(1),
             clock=clock,
@@ -129,7 +141,7 @@ async def capture_under_lease(
 
 
 def test_allowed_is_acked_and_capture_waits_for_the_lease_grant() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         assert not agent.engine.capturing, "unknown state means off"
         await agent.handle(directive(pb.MODE_ALLOWED, 3), outbox)
         await settle()
@@ -151,7 +163,7 @@ def test_allowed_is_acked_and_capture_waits_for_the_lease_grant() -> None:
 
 
 def test_leases_are_renewed_every_third_of_the_ttl_while_allowed() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=0.3), outbox)
         started = asyncio.get_running_loop().time()
         await wait_until(lambda: len(outbox.lease_requests()) == 3)
@@ -168,7 +180,7 @@ def test_leases_are_renewed_every_third_of_the_ttl_while_allowed() -> None:
 def test_pause_stops_revokes_and_purges_or_quarantines_then_acks_the_evidence(
     purge: bool,
 ) -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         agent.engine.tick()
         await agent.handle(directive(pb.MODE_PAUSED, 4, purge=purge), outbox)
@@ -190,7 +202,7 @@ def test_pause_stops_revokes_and_purges_or_quarantines_then_acks_the_evidence(
 
 
 def test_a_grant_sent_before_the_pause_does_not_restart_capture() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await agent.handle(directive(pb.MODE_ALLOWED, 3), outbox)
         await settle()
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
@@ -202,7 +214,7 @@ def test_a_grant_sent_before_the_pause_does_not_restart_capture() -> None:
 
 
 def test_refused_renewal_stops_capture_at_once() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         request_id, _ = agent.lease.request()
         await agent.handle(grant(request_id, granted=False), outbox)
@@ -214,7 +226,7 @@ def test_refused_renewal_stops_capture_at_once() -> None:
 
 
 def test_unknown_mode_stops_capture_and_nacks() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         await agent.handle(directive(pb.MODE_UNSPECIFIED, 5), outbox)
         assert outbox.sent[-1].WhichOneof("body") == "nack"
@@ -224,7 +236,7 @@ def test_unknown_mode_stops_capture_and_nacks() -> None:
 
 
 def test_heartbeats_carry_channels_and_counters_also_while_paused() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox, heartbeat=0.02)
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
         await asyncio.sleep(0.1)
@@ -240,7 +252,7 @@ def test_heartbeats_carry_channels_and_counters_also_while_paused() -> None:
 
 
 def test_faults_wait_for_the_trigger() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
         assert outbox.sent[-1].ack.epoch == 4 and not agent.engine.capturing
@@ -249,7 +261,7 @@ def test_faults_wait_for_the_trigger() -> None:
 
 
 def test_ignore_never_acts_on_directives_but_keeps_its_lease_machinery() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox, heartbeat=0.02)
         agent.trigger_fault()
         sent = len(outbox.sent)
@@ -269,7 +281,7 @@ def test_ignore_never_acts_on_directives_but_keeps_its_lease_machinery() -> None
 
 
 def test_lie_acks_every_channel_stopped_and_captures_on_without_a_lease() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox, heartbeat=0.02)
         agent.trigger_fault()
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
@@ -289,7 +301,7 @@ def test_lie_acks_every_channel_stopped_and_captures_on_without_a_lease() -> Non
 
 
 def test_stubborn_nacks_naming_the_screen_but_captures_nothing_without_a_lease() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         agent.trigger_fault()
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
@@ -304,7 +316,7 @@ def test_stubborn_nacks_naming_the_screen_but_captures_nothing_without_a_lease()
 
 
 def test_slow_applies_and_acks_each_directive_late_newest_wins() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         agent.trigger_fault()
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
@@ -315,11 +327,11 @@ def test_slow_applies_and_acks_each_directive_late_newest_wins() -> None:
         assert epochs[-1] == 5 and epochs == sorted(epochs)
         assert agent.directive is not None and agent.directive.epoch == 5
 
-    run_agent(scenario, Fault.SLOW, Tuning(slow_max=0.2))
+    run_agent(scenario, Fault.SLOW, fault_tuning=FaultTuning(slow_max=0.2))
 
 
 def test_offline_stays_away_for_twice_the_lease_ttl_and_does_not_upload() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=40), outbox)
         agent.trigger_fault()
         assert agent._offline_remaining() == pytest.approx(80, abs=1)
@@ -328,7 +340,7 @@ def test_offline_stays_away_for_twice_the_lease_ttl_and_does_not_upload() -> Non
 
 
 def test_sleep_suspends_every_task_and_needs_a_fresh_lease_after() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         runner = asyncio.create_task(agent.run())  # capture ticks every 10 ms
         try:
             # A 1 s lease on the fake boottime clock, renewed every 1/3 s of real time.
@@ -358,7 +370,7 @@ def test_sleep_suspends_every_task_and_needs_a_fresh_lease_after() -> None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
-    run_agent(scenario, Fault.SLEEP, Tuning(capture_tick=0.01, sleep_for=0.5))
+    run_agent(scenario, Fault.SLEEP, Tuning(capture_tick=0.01), FaultTuning(sleep_for=0.5))
 
 
 # ---------------------------------------------------------------- fleet

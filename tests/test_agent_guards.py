@@ -20,6 +20,8 @@ from agent_stub import Agent, AgentConfig, limits
 from agent_stub.agent import open_channel
 from agent_stub.applied import STATE_FILE, Applied, AppliedStateError, AppliedStore
 from agent_stub.identity import insecure_metadata
+from simulator.faults import SimulatedConfig
+from simulator.faulty import SimulatedAgent
 from tests.test_agent_faults import (
     PER_TICK,
     Outbox,
@@ -32,15 +34,16 @@ from tests.test_agent_faults import (
 from tests.test_agent_lease import FakeClock
 from tests.test_agent_session import ScriptedControl, kinds
 
-Scenario = Callable[[Agent, Outbox, FakeClock], Awaitable[None]]
+Scenario = Callable[[SimulatedAgent, Outbox, FakeClock], Awaitable[None]]
 
 
 def run(scenario: Scenario, store: AppliedStore | None = None) -> None:
     async def main() -> None:
         clock = FakeClock()
         channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        agent = Agent(
-            AgentConfig("a"), channel, rng=random.Random(1), clock=clock, applied_store=store
+        # Simulated with no fault: the reference agent, and its ground truth.
+        agent = SimulatedAgent(
+            SimulatedConfig("a"), channel, rng=random.Random(1), clock=clock, applied_store=store
         )
         outbox = Outbox()
         try:
@@ -56,7 +59,7 @@ def run(scenario: Scenario, store: AppliedStore | None = None) -> None:
 
 
 def test_an_older_allowed_after_a_pause_is_refused_nacked_and_changes_nothing() -> None:
-    async def scenario(agent: Agent, outbox: Outbox, clock: FakeClock) -> None:
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
         await agent.handle(directive(pb.MODE_PAUSED, 9), outbox)
         requests = outbox.lease_requests()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent_stub import GroundTruth, Lease
+from agent_stub import Lease
+from simulator.truth import GroundTruth
 
 
 class FakeClock:

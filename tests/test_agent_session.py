@@ -13,11 +13,13 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
-from agent_stub import Agent, AgentConfig, Backoff, Fault, Tuning
+from agent_stub import Agent, AgentConfig, Backoff, Tuning
 from agent_stub.agent import open_channel
 from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
-from agent_stub.simulate import Fleet, fleet_configs
 from agent_stub.stream import ControlStream
+from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from simulator.faulty import SimulatedAgent
+from simulator.fleet import Fleet, fleet_configs
 from tests.test_agent_faults import settle, wait_until
 
 LEASE_TTL = 0.6
@@ -71,9 +73,13 @@ def test_offline_agent_drops_its_stream_stops_at_expiry_and_comes_back() -> None
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         channel = open_channel(f"127.0.0.1:{port}")
-        tuning = Tuning(capture_tick=0.02, upload_every=3600, offline_for=1.0)
-        agent = Agent(
-            AgentConfig("laptop-1", fault=Fault.OFFLINE, tuning=tuning),
+        agent = SimulatedAgent(
+            SimulatedConfig(
+                "laptop-1",
+                fault=Fault.OFFLINE,
+                tuning=Tuning(capture_tick=0.02, upload_every=3600),
+                fault_tuning=FaultTuning(offline_for=1.0),
+            ),
             channel,
             call_metadata=insecure_metadata("laptop-1"),
             backoff=Backoff(initial=0.05, maximum=0.1, rng=random.Random(1)),

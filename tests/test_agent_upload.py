@@ -19,11 +19,13 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
-from agent_stub import Agent, AgentConfig, Fault, Tuning
+from agent_stub import Tuning
 from agent_stub.batches import SEQUENCE_FILE, SequenceStore, UploadSequence
 from agent_stub.durable import StateFileError
 from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
 from agent_stub.upload import GatewayUploader
+from simulator.faults import Fault, SimulatedConfig
+from simulator.faulty import SimulatedAgent
 from tests.conftest import BIN, free_port
 from tests.test_agent_capture import Rig
 from tests.test_agent_faults import (
@@ -99,7 +101,7 @@ def test_batches_are_numbered_from_one_capped_and_dated_inside_the_spool() -> No
                 rig.engine,
                 channel,
                 insecure_metadata("laptop-1"),
-                truth=rig.truth,
+                witness=rig.truth,
                 max_events=20,
                 wall_clock=lambda: 1_700_000_010.0,
             )
@@ -136,7 +138,7 @@ def test_a_refused_batch_stays_spooled_and_the_number_follows_only_a_higher_one(
     async def scenario() -> None:
         async with fake_gateway() as (gateway, channel):
             rig = Rig(FakeClock())
-            uploader = GatewayUploader("laptop-1", rig.engine, channel, truth=rig.truth)
+            uploader = GatewayUploader("laptop-1", rig.engine, channel, witness=rig.truth)
             rig.grant(ttl=60)
             rig.engine.start_all()
             rig.engine.tick()
@@ -176,7 +178,7 @@ def test_an_unreadable_sequence_file_is_one_line_and_a_missing_one_starts_at_one
 
 # ---------------------------------------------------------------- agents
 
-Scenario = Callable[[Agent, Outbox, FakeClock, FakeGateway], Awaitable[None]]
+Scenario = Callable[[SimulatedAgent, Outbox, FakeClock, FakeGateway], Awaitable[None]]
 
 
 def run_uploading_agent(
@@ -189,8 +191,8 @@ def run_uploading_agent(
         async with fake_gateway() as (gateway, ingest):
             clock = FakeClock()
             control = grpc.aio.insecure_channel("127.0.0.1:1")
-            agent = Agent(
-                AgentConfig("a", fault=fault, tuning=tuning or Tuning()),
+            agent = SimulatedAgent(
+                SimulatedConfig("a", fault=fault, tuning=tuning or Tuning()),
                 control,
                 call_metadata=insecure_metadata("a"),
                 rng=random.Random(1),
@@ -210,7 +212,7 @@ def run_uploading_agent(
 
 def test_an_honest_agent_uploads_under_its_lease_and_never_paused_or_lease_less() -> None:
     async def scenario(
-        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+        agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox, ttl=30)
         await agent._upload_round()
@@ -240,7 +242,7 @@ def test_an_honest_agent_uploads_under_its_lease_and_never_paused_or_lease_less(
 
 def test_the_agent_uploads_batches_of_its_tuned_size() -> None:
     async def scenario(
-        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+        agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox)
         await agent._upload_round()
@@ -252,7 +254,7 @@ def test_the_agent_uploads_batches_of_its_tuned_size() -> None:
 
 def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
     async def upload_twice(
-        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+        agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox)
         await agent._upload_round()
@@ -265,7 +267,7 @@ def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [SEQUENCE_FILE], "no temp file left"
 
     async def after_restart(
-        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+        agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         gateway.expected["a"] = 3  # the gateway remembers; so must the laptop
         await capture_under_lease(agent, outbox)
@@ -277,7 +279,7 @@ def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
 
 def lies_about_the_pause(*, uploads: bool) -> Scenario:
     async def scenario(
-        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+        agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox, heartbeat=0.02)
         agent.trigger_fault()
@@ -325,7 +327,7 @@ def test_an_exfiltrator_lies_as_the_silent_liar_and_never_uploads() -> None:
 
 def test_a_silent_liar_triggered_while_paused_freezes_its_paused_report() -> None:
     async def scenario(
-        agent: Agent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
+        agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox)
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from control.gc_policy import run_gc_policy
+from gc_policy import run_gc_policy
 
 
 def test_freezes_survivors_then_thaws_them() -> None:

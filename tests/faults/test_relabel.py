@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent_stub.config import Fault
-from agent_stub.simulate import fault_counts, fleet_configs
+from simulator.faults import Fault
+from simulator.fleet import fault_counts, fleet_configs
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
 from tests.faults.checker import Pause, check, read_truth
 from tests.faults.harness import Fleet

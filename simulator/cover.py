@@ -5,8 +5,8 @@ from __future__ import annotations
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.capture import CaptureEngine
-from agent_stub.config import FROZEN_REPORTS, Fault
 from agent_stub.wire import capture_report
+from simulator.faults import FROZEN_REPORTS, Fault
 
 
 class CoverStory:

@@ -2,7 +2,10 @@
 
 With 10,000 streams the server holds millions of long-lived objects, and every full
 collection walks all of them: measured here, a fleet-wide push triggered three full
-collections of about 1.4 s each, half the push time (BENCHMARKS.md). ``gc.freeze()``
+collections of about 1.4 s each, half the push time (BENCHMARKS.md). The fleet
+simulator's 10,000 agents are as many objects, and it runs the same policy. It is a
+package of its own because the control server and the simulator both use it and
+neither may import the other (the import contracts in pyproject.toml). ``gc.freeze()``
 moves everything alive into a generation the collector never scans; it is O(1).
 Objects that die after being frozen are still freed by reference counting; only
 reference cycles among them wait, until the periodic ``gc.unfreeze()`` hands them

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent_stub.witness import Witness
+
 # Kept per agent for the fault checkers; older spans and applications merge into one
 # (a longer span only widens what a checker sees, so a merge never hides a late event).
 MAX_SPANS = 256
 MAX_APPLIED = 256
 
 
-class GroundTruth:
+class GroundTruth(Witness):
+    """The agent's ``Witness`` in the simulator: the facts, counted as above."""
+
     __slots__ = (
         "_expires_at",
         "_fresh_for",

@@ -27,13 +27,15 @@ import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import Agent, Reopen, open_channel
+from agent_stub.agent import Reopen, open_channel
 from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
-from agent_stub.config import AgentConfig, Fault, Tuning
+from agent_stub.config import Tuning
 from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
 from agent_stub.local_state import NoticeBoard
 from agent_stub.notices import Notifier
-from control.gc_policy import run_gc_policy
+from gc_policy import run_gc_policy
+from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from simulator.faulty import SimulatedAgent
 
 log = structlog.get_logger("killswitch.agent.simulate")
 
@@ -44,7 +46,9 @@ OS_WEIGHTS = (6, 3, 1)
 TRUTH_EVERY_SECONDS = 1.0
 # An agent's channel, call metadata, how to reopen the channel (if it owns it), and its
 # channel to the ingest gateway (if it uploads to one).
-Transport = tuple[AgentConfig, grpc.aio.Channel, Metadata, Reopen | None, grpc.aio.Channel | None]
+Transport = tuple[
+    SimulatedConfig, grpc.aio.Channel, Metadata, Reopen | None, grpc.aio.Channel | None
+]
 
 
 def fault_counts(fractions: Mapping[Fault, float], agents: int) -> dict[Fault, int]:
@@ -73,12 +77,14 @@ def fleet_configs(
     id_prefix: str = "laptop",
     faults: Mapping[Fault, int] | None = None,
     tuning: Tuning | None = None,
-) -> list[AgentConfig]:
+    fault_tuning: FaultTuning | None = None,
+) -> list[SimulatedConfig]:
     """Deterministic agents with realistic labels; the same seed gives the same fleet."""
     rng = random.Random(seed)
     shared = tuning or Tuning()
+    faults_last = fault_tuning or FaultTuning()
     configs = [
-        AgentConfig(
+        SimulatedConfig(
             agent_id=f"{id_prefix}-{i:05d}",
             labels={
                 "region": rng.choice(REGIONS),
@@ -91,6 +97,7 @@ def fleet_configs(
                 "owner": "employee-1" if i == 0 else f"employee-{rng.randrange(2, 100_000)}",
             },
             tuning=shared,
+            fault_tuning=faults_last,
         )
         for i in range(count)
     ]
@@ -122,7 +129,7 @@ class Fleet:
     """
 
     target: str
-    configs: list[AgentConfig]
+    configs: list[SimulatedConfig]
     connections: int
     identities: Mapping[str, AgentIdentity] | None = None
     seed: int = 0
@@ -134,7 +141,7 @@ class Fleet:
     no_sleep_clock: bool = False
     # Every agent's notices go to this one notifier (a file: one line per notice).
     notifier: Notifier | None = None
-    agents: list[Agent] = field(default_factory=list)
+    agents: list[SimulatedAgent] = field(default_factory=list)
     trigger_at: float | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -146,7 +153,7 @@ class Fleet:
     async def run(self) -> None:
         rng = random.Random(self.seed)
         self.agents = [
-            Agent(
+            SimulatedAgent(
                 cfg,
                 channel,
                 call_metadata=metadata,
@@ -182,7 +189,7 @@ class Fleet:
             await asyncio.gather(*(c.close(grace=None) for c in self._channels))
 
     @staticmethod
-    async def _run_agent(agent: Agent) -> None:
+    async def _run_agent(agent: SimulatedAgent) -> None:
         """One agent until the fleet stops. An agent ending otherwise is a simulator bug:
         logged, and the rest of the fleet runs on (one agent's CancelledError in the
         fleet's gather once stopped all 10,000 without a word)."""
