@@ -32,6 +32,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
 	$(BIN)/pytest -m serial
 

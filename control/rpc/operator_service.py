@@ -15,6 +15,7 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from control.domain.identity import Principal
 from control.errors import (
     STORE_UNAVAILABLE_METADATA,
     Conflict,
@@ -55,7 +56,6 @@ from control.rpc.convert import (
     seconds,
     timestamp,
 )
-from control.web.sessions import DashboardSessions
 
 log = structlog.get_logger("killswitch.rpc")
 
@@ -375,10 +375,17 @@ class SelfService(pb_grpc.SelfServiceServicer):
         return pb.OptInResponse(hold=hold_to_pb(hold), epoch=hold.lifted_epoch)
 
 
+class LoginLinks(Protocol):
+    """What the login-link call needs of the dashboard's sessions: the web side's
+    ``control.web.sessions.DashboardSessions``, which the gRPC adapters do not import."""
+
+    async def issue_login(self, principal: Principal) -> tuple[str, float]: ...
+
+
 class DashboardService(pb_grpc.DashboardServicer):
     """One-time login links for the web dashboard, in the caller's own name and role."""
 
-    def __init__(self, sessions: DashboardSessions, dashboard_url: str) -> None:
+    def __init__(self, sessions: LoginLinks, dashboard_url: str) -> None:
         self._sessions = sessions
         self._dashboard_url = dashboard_url
 
