@@ -148,7 +148,8 @@ class Agent:
     ``witness`` is told what the agent really does (``agent_stub.witness``). The fleet
     simulator's faulty agents (``simulator.faulty``) subclass this one: they swap in
     their own ``capture_engine``, clear ``awake`` to suspend the agent, and override
-    the seams below that say so. Here each seam does what an honest agent does.
+    ``_channels``, ``_report``, ``_may_upload``, ``_before_connecting``, ``_act_on``,
+    ``_allow`` and ``_pause``, each of which does here what an honest agent does.
     """
 
     # The simulator's faulty agents swap in an engine whose workers can misbehave.
