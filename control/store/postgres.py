@@ -48,6 +48,9 @@ from control.store.scripted import ScriptedStore
 from control.store.scripts import Script
 from control.store.transaction import Dialect, Params, Statements, insert_sql
 
+# MIGRATIONS lives in the schema module beside this one; tests read it from here.
+__all__ = ["MIGRATIONS", "PostgresStore", "PostgresTransaction"]
+
 T = TypeVar("T")
 Connection = AsyncConnection[DictRow]
 

@@ -28,6 +28,9 @@ from control.store.scripts import Script
 from control.store.sqlite_schema import MIGRATIONS
 from control.store.transaction import Dialect, Params, Statements, insert_sql
 
+# MIGRATIONS lives in the schema module beside this one; tests read it from here.
+__all__ = ["DB_FILENAME", "MIGRATIONS", "SqliteStore", "SqliteTransaction"]
+
 T = TypeVar("T")
 
 log = structlog.get_logger("killswitch.store")
