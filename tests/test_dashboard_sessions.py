@@ -13,8 +13,8 @@ import pytest
 from control.domain.identity import Principal, Role
 from control.store import Store
 from control.web.sessions import LOGIN_TOKEN_SECONDS, SESSION_SECONDS, DashboardSessions
+from tests.store_contract import Backend, each_backend, run_with_store
 from tests.test_plane_replicas import Clock
-from tests.test_store_contract import Backend, each_backend, run_with_store
 
 SRE = Principal("sre-1", Role.SRE, serial="5e")
 

@@ -1,7 +1,7 @@
 """What only the PostgreSQL store does: several servers on one database, and a network
 between the server and its data.
 
-The contract every store honours is in ``test_store_contract.py``.
+The contract every store honours is in the ``test_store_contract_*`` modules.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from control.domain.audit import verify_chain
 from control.errors import Conflict, StoreError
 from control.store import DecidedLabels, RunChange, Store, StoredAgent, postgres
 from control.store.postgres import MIGRATIONS, PostgresStore
-from tests.test_store_contract import (
+from tests.store_contract import (
     PostgresBackend,
     SqlRefused,
     agent,

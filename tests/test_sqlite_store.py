@@ -1,6 +1,6 @@
 """What only the SQLite store does: its file, its pragmas, its own schema history.
 
-The contract every store honours is in ``test_store_contract.py``.
+The contract every store honours is in the ``test_store_contract_*`` modules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from control.domain.audit import GENESIS_HASH, ChainHead
 from control.errors import StoreError
 from control.store import Store
 from control.store.sqlite import DB_FILENAME, MIGRATIONS, SqliteStore
-from tests.test_store_contract import (
+from tests.store_contract import (
     SqliteBackend,
     SqlRefused,
     draft,

@@ -31,7 +31,7 @@ from tests.conftest import ADMIN_DSN
 ROOT = os.geteuid() == 0
 
 
-from tests.test_store_contract import agent, draft, record  # noqa: E402
+from tests.store_contract import agent, draft, record  # noqa: E402
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from control.domain.rollout import Run, RunState, end_run
 from control.errors import Conflict
 from control.store import ArchivedCounts, RunChange, SharedState, Store, codec
 from control.store.sqlite import DB_FILENAME, MIGRATIONS
-from tests.test_store_contract import (
+from tests.store_contract import (
     Backend,
     SqliteBackend,
     audit_actions,
