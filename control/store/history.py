@@ -61,10 +61,10 @@ def archive_batches(p: Param, lock: str) -> tuple[str, str, str]:
     )
 
 
-def hot_reads(order_holds: str) -> tuple[str, str, str]:
+def hot_reads() -> tuple[str, str, str]:
     """What ``load_shared`` reads: the holds, requests and runs not archived."""
     return (
-        f"{codec.select_sql('holds', codec.HOLD_COLUMNS)} WHERE {HOT} ORDER BY {order_holds}",
+        f"{codec.select_sql('holds', codec.HOLD_COLUMNS)} WHERE {HOT} ORDER BY created_epoch, id",
         f"{codec.select_sql('resume_requests', codec.RESUME_COLUMNS)}"
         f" WHERE {HOT} ORDER BY created_at, id",
         f"SELECT run FROM runbook_runs WHERE {HOT} ORDER BY started_at, id",

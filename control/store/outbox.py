@@ -40,6 +40,7 @@ INSERT INTO webhook_outbox (event_id, webhook, event, body, created_at, next_att
 VALUES (:event_id, :webhook, :event, :body, :created_at, :created_at)
 ON CONFLICT (event_id, webhook) DO NOTHING
 """
+# {lock}: PostgreSQL skips rows another sender is claiming (transaction.Statements).
 CLAIM = """
 UPDATE webhook_outbox SET next_attempt_at = :until
 WHERE id IN (
@@ -64,10 +65,6 @@ PRUNE = "DELETE FROM webhook_outbox WHERE delivered_at < :before"
 
 def for_postgres(sql: str) -> str:
     return re.sub(r":(\w+)", r"%(\1)s", sql)
-
-
-SQLITE_CLAIM = CLAIM.format(lock="")
-POSTGRES_CLAIM = for_postgres(CLAIM.format(lock=" FOR UPDATE SKIP LOCKED"))
 
 
 @dataclass(frozen=True, slots=True)

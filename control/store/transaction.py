@@ -147,7 +147,7 @@ class Statements:
         self.webhook_retry = dialect.named(outbox.RETRY)
         self.prune_webhooks = dialect.named(outbox.PRUNE)
 
-        self.hot_holds, self.hot_requests, self.hot_runs = history.hot_reads("created_epoch, id")
+        self.hot_holds, self.hot_requests, self.hot_runs = history.hot_reads()
         # Rows another compactor is archiving are skipped, never waited for: compaction
         # takes no other lock, so it can neither deadlock with a write nor hold one up.
         self.archive_batches = history.archive_batches(named, skip_locked)
