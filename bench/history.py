@@ -45,6 +45,7 @@ from control.domain.rollout import Runbook, RunState, Wave, end_run, new_run
 from control.history import HistoryCompactor
 from control.logs import configure_logging
 from control.plane import ControlPlane
+from control.plane.cache import DesiredStateCache
 from control.store import codec
 from control.store.sqlite import DB_FILENAME, SqliteStore
 
@@ -144,15 +145,15 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def filter_every_hold(plane: ControlPlane) -> list[Hold]:
+def filter_every_hold(cache: DesiredStateCache) -> list[Hold]:
     """``active_holds`` as it was before ``KnownHolds``: for the reference row."""
-    every = plane._holds._all.values()
+    every = cache.holds._all.values()
     return sorted((h for h in every if h.active), key=lambda h: h.created_epoch)
 
 
 async def measure(data_dir: Path, agents: int, compact: bool, old: bool) -> dict[str, Any]:
     if old:
-        ControlPlane.active_holds = filter_every_hold  # type: ignore[assignment,method-assign]
+        DesiredStateCache.active_holds = filter_every_hold  # type: ignore[assignment,method-assign]
     before_open = rss_kib()
     store = await SqliteStore.open(data_dir)
     compacted = 0

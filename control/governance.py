@@ -109,7 +109,7 @@ class Governance:
         await self._refused(by, action, f"{verdict}: {error}")
 
     async def _refused(self, by: Principal, action: str, result: str) -> None:
-        record = self._plane.audit_record(by, action, result=result)
+        record = self._plane.audit.record(by, action, result=result)
         await self.refusals.refused(record, identity=by.serial or f"{by.role.value}:{by.name}")
 
     def count_unauthenticated(
@@ -304,7 +304,7 @@ class Governance:
         subject = (
             f"drill {request.drill_runbook}" if request.for_drill else f"hold {request.hold_id}"
         )
-        return self._plane.audit_record(
+        return self._plane.audit.record(
             by,
             action,
             target=f"{request.id} {subject}",
@@ -332,7 +332,7 @@ class Governance:
             uses=uses, ttl=ttl, created_by=by.name, now=self._clock(), labels=labels
         )
         pinned = f", pins {format_labels(issued.token.labels)}" if issued.token.labels else ""
-        record = self._plane.audit_record(
+        record = self._plane.audit.record(
             by,
             "enroll_token.create",
             target=issued.token.id,
@@ -358,7 +358,7 @@ class Governance:
             claimant = Principal(validate_agent_id(agent_id), Role.AGENT)
             token_id, secret = split_enroll_token(token)
             cert_pem, cert = authority.sign_agent_csr(csr_pem, agent_id, now=self._clock())
-            record = self._plane.audit_record(
+            record = self._plane.audit.record(
                 claimant,
                 "agent.enroll",
                 target=agent_id,
@@ -390,7 +390,7 @@ class Governance:
         except KillswitchError as exc:
             await self.record_failure(agent, "Enrollment.Enroll", exc)
             why = "enrolment failed before the certificate was handed out"
-            record = self._plane.audit_record(agent, "certs.revoke", target=cert.serial, reason=why)
+            record = self._plane.audit.record(agent, "certs.revoke", target=cert.serial, reason=why)
             await self._store.revoke_certificates(cert.serial, self._clock(), record)
             raise
         log.info("agent_labels_pinned", agent_id=agent.name, token_id=token.id, labels=labels)
@@ -408,7 +408,7 @@ class Governance:
     async def revoke(
         self, by: Principal, subject_or_serial: str, reason: str
     ) -> tuple[list[CertificateRecord], int]:
-        record = self._plane.audit_record(
+        record = self._plane.audit.record(
             by, "certs.revoke", target=subject_or_serial, reason=reason
         )
         revoked = await self._store.revoke_certificates(subject_or_serial, self._clock(), record)

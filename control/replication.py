@@ -90,7 +90,7 @@ class Replication:
         decided = await self._store.labels_decided_since(self._labels_version)
         self._plane.adopt_labels(decided)
         self._labels_version = decided[-1].version if decided else self._labels_version
-        await self._plane.adopt(shared.epoch, shared.holds, read_started)
+        await self._plane.adopt_holds(shared.epoch, shared.holds, read_started)
         self._governance.adopt(shared.resume_requests, shared.revoked)
         self._plane.adopt_violations(shared.violation_acks, shared.violations)
         self._runner.adopt(shared.runs)
@@ -106,5 +106,5 @@ class Replication:
     async def mirror(self) -> None:
         """Read what other replicas wrote about their agents since the last read."""
         changes = await self._store.agents_written_since(self._cursor, self._plane.replica_id)
-        self._plane.absorb(changes)
+        self._plane.adopt_agents(changes)
         self._cursor = changes.cursor

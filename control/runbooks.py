@@ -256,7 +256,7 @@ class RunbookRunner(PlaneObserver):
                 now=now,
                 epoch=self._plane.epoch,
             )
-            start = self._plane.audit_record(
+            start = self._plane.audit.record(
                 by,
                 "runbook.start",
                 target=run.id,
@@ -275,7 +275,7 @@ class RunbookRunner(PlaneObserver):
                     created_at=now,
                 )
                 run = dataclasses.replace(run, hold_id=draft.id)
-                pause = self._plane.hold_created_record(by, draft, detail=f"paused by run {run.id}")
+                pause = self._plane.audit.hold_created(by, draft, detail=f"paused by run {run.id}")
                 change = RunChange(run, by.name, now, create=draft, executed_request=drill)
                 epoch = await self._commit(change, [start, pause])
                 if drill is not None:
@@ -342,7 +342,7 @@ class RunbookRunner(PlaneObserver):
         rollout = dataclasses.replace(rollout, release=book.release_through(0, run.wave(0).cutoff))
         records = [
             *audit,
-            self._plane.audit_record(
+            self._plane.audit.record(
                 by,
                 "hold.lift",
                 target=f"{source.id} {source.kind.value}",
@@ -350,7 +350,7 @@ class RunbookRunner(PlaneObserver):
                 ticket=request.ticket,
                 detail=f"by run {run.id} with approved {request.id}; rollout hold {rollout.id}",
             ),
-            self._plane.hold_created_record(by, rollout),
+            self._plane.audit.hold_created(by, rollout),
             self._wave_record(run, book, 0, by=by),
         ]
         change = RunChange(
@@ -374,12 +374,12 @@ class RunbookRunner(PlaneObserver):
                         " pass --approval REQUEST_ID"
                     )
                 request = self._governance.runbook_approval(approval_id, hold_id=run.hold_id)
-                record = self._plane.audit_record(by, "runbook.advance", target=run.id)
+                record = self._plane.audit.record(by, "runbook.advance", target=run.id)
                 await self._take_over(run, book, request, by, [record])
             elif run.state is RunState.AWAITING_CONFIRMATION:
                 if approval_id:
                     raise InvalidInput(f"run {run.id} needs a confirmation, not an approval")
-                record = self._plane.audit_record(
+                record = self._plane.audit.record(
                     by,
                     "runbook.advance",
                     target=run.id,
@@ -395,7 +395,7 @@ class RunbookRunner(PlaneObserver):
             run = self.run(run_id)
             if not run.active:
                 raise Conflict(f"run {run.id} already ended: {run.state.value}")
-            record = self._plane.audit_record(by, "runbook.abort", target=run.id, reason=reason)
+            record = self._plane.audit.record(by, "runbook.abort", target=run.id, reason=reason)
             await self._end(
                 run, RunState.ABORTED, f"aborted by {by.name}: {reason}", record, by.name
             )
@@ -618,7 +618,7 @@ class RunbookRunner(PlaneObserver):
         detail = f"wave {index + 1}/{len(book.waves)} ({wave.name}): re-enables {wave.describe()}"
         if by is None:
             return self._system_record(run, "runbook.wave_start", detail=detail)
-        return self._plane.audit_record(by, "runbook.wave_start", target=run.id, detail=detail)
+        return self._plane.audit.record(by, "runbook.wave_start", target=run.id, detail=detail)
 
     @staticmethod
     def _wave_summary(run: Run, index: int) -> str:

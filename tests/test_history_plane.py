@@ -28,7 +28,7 @@ START = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 
 async def resync(store: Store, plane: ControlPlane) -> None:
     """What ``Replication.resync`` does with the holds."""
-    await plane.refresh()
+    await plane.resync_holds()
 
 
 async def explained(governance: Governance, error: pytest.ExceptionInfo[UnknownItem]) -> str:

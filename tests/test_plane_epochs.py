@@ -103,7 +103,7 @@ def test_a_lagging_replica_catches_up_before_serving_an_agent_that_saw_a_pause(
         await plane_a.flush()
         assert plane_b.epoch == 0, "B has heard nothing yet"
 
-        await plane_b.recall("laptop")
+        await plane_b.resync_agent("laptop")
         await plane_b.catch_up_to("laptop", hold.created_epoch)
         assert plane_b.epoch == hold.created_epoch
         session = Session(plane_b, "laptop")
@@ -122,7 +122,7 @@ def test_the_stored_row_alone_makes_a_replica_catch_up(pg_dsn: str) -> None:
         plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
         await plane_a.flush()
-        await plane_b.recall("laptop")
+        await plane_b.resync_agent("laptop")
         await plane_b.catch_up_to("laptop", 0)
         assert plane_b.epoch == hold.created_epoch
 
@@ -157,7 +157,7 @@ def test_after_a_failover_an_honest_agent_acking_here_is_not_overdue(pg_dsn: str
         plane_a.ack("laptop", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
         await plane_a.flush()
 
-        await plane_b.recall("laptop")
+        await plane_b.resync_agent("laptop")
         await plane_b.catch_up_to("laptop", hold.created_epoch)
         session = Session()  # connected, no directive sent yet on this stream
         plane_b.connect("laptop", {}, session)
@@ -179,7 +179,7 @@ def test_a_replica_never_recomputes_an_agent_from_holds_older_than_its_row(
         plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
         await plane_a.flush()
-        await plane_b.recall("laptop")  # the row, without the holds behind it
+        await plane_b.resync_agent("laptop")  # the row, without the holds behind it
         view = plane_b.agent_view("laptop")
         assert view is not None
         assert (view.desired.mode, view.desired.epoch) == (Mode.PAUSED, hold.created_epoch)
@@ -192,7 +192,7 @@ def test_a_stale_view_grants_no_lease_and_sends_agents_elsewhere(pg_dsn: str) ->
 
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
         tick = Monotonic()
-        plane_b.view = SharedView(TTL, sole_writer=False, monotonic=tick)
+        plane_b.membership.view = SharedView(TTL, sole_writer=False, monotonic=tick)
         plane_b.view.adopted(plane_b.view.read_starting())
         plane_b.connect("laptop", {}, Session(plane_b, "laptop"))
         tick.now += 10

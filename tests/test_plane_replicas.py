@@ -93,17 +93,17 @@ def state_of(plane: ControlPlane, agent_id: str) -> ComplianceState:
 
 def test_an_agent_served_elsewhere_is_live_while_its_replica_beats(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
-        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
+        plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         # A minute on, its row unchanged (liveness is written rarely): r2's beat vouches.
         clock.now += 60
-        plane.absorb(AgentChanges([], {"r2": 1.0}, "2"))
+        plane.adopt_agents(AgentChanges([], {"r2": 1.0}, "2"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         view = plane.agent_view("a")
         assert view is not None and view.status.last_seen == clock.now - 1.0
         # r2 stops beating: its streams are gone, as of its last beat.
         clock.now += 20
-        plane.absorb(AgentChanges([], {"r2": 21.0}, "3"))
+        plane.adopt_agents(AgentChanges([], {"r2": 21.0}, "3"))
         view = plane.agent_view("a")
         assert view is not None and view.compliance.state is ComplianceState.OFFLINE
         assert view.status.disconnected_at == clock.now - 21.0
@@ -116,7 +116,7 @@ def test_an_agent_served_elsewhere_is_live_while_its_replica_beats(tmp_path: Pat
 def test_a_row_that_shows_a_silent_stream_stays_silent(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
         row = remote_row("a", "r2", clock.now, last_seen=clock.now - SILENCE - 5)
-        plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
+        plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
         view = plane.agent_view("a")
         assert view is not None and view.compliance.state is ComplianceState.OFFLINE
         assert "silent" in view.compliance.reason
@@ -129,7 +129,7 @@ def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
 ) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
         plane.connect("local", {}, Session(plane, "local"))
-        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
+        plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         await plane.flush()
         assert set(store.agents) == {"local"}
@@ -143,7 +143,7 @@ def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
         desired = dataclasses.replace(acked.desired, mode=Mode.PAUSED, epoch=hold_epoch)
         row = dataclasses.replace(acked, status=status, desired=desired)
         clock.now += 1
-        plane.absorb(AgentChanges([row], {"r2": 0.2}, "2"))
+        plane.adopt_agents(AgentChanges([row], {"r2": 0.2}, "2"))
         assert state_of(plane, "a") is ComplianceState.VERIFIED_STOPPED
 
     run(tmp_path, body)
@@ -153,18 +153,18 @@ def test_rows_never_override_a_stream_served_here_or_a_newer_one(tmp_path: Path)
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
         session = Session()
         plane.connect("a", {}, session)
-        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now + 5)], {"r2": 0.5}, "1"))
+        plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now + 5)], {"r2": 0.5}, "1"))
         view = plane.agent_view("a")
         assert view is not None and view.status.connected_at == clock.now, "served here"
         # Once the stream here has ended, a newer stream elsewhere is the truth...
         plane.disconnect("a", session)
         clock.now += 200
-        plane.absorb(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "2"))
+        plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "2"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         # ...and an older row of a stream that has since moved here again is not.
         plane.connect("a", {}, Session(plane, "a"))
         stale = remote_row("a", "r3", clock.now - 50)
-        plane.absorb(AgentChanges([stale], {"r2": 0.5, "r3": 0.5}, "3"))
+        plane.adopt_agents(AgentChanges([stale], {"r2": 0.5, "r3": 0.5}, "3"))
         view = plane.agent_view("a")
         assert view is not None and view.status.connected_at == clock.now
 
@@ -175,8 +175,8 @@ def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) ->
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
         row = remote_row("a", "r2", clock.now, violation="screen active after pause")
         await store.save_agents([row])
-        plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
-        await plane.recall("a")
+        plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
+        await plane.resync_agent("a")
         plane.connect("a", {}, Session(plane, "a"))
         view = plane.agent_view("a")
         assert view is not None and view.compliance.state is ComplianceState.VIOLATION
@@ -190,17 +190,17 @@ def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) ->
 def test_acknowledging_a_remote_violation_clears_it_everywhere(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
         row = remote_row("a", "r2", clock.now, violation="screen active after pause")
-        plane.absorb(AgentChanges([row], {"r2": 0.5}, "1"))
+        plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
         assert state_of(plane, "a") is ComplianceState.VIOLATION
         await plane.acknowledge_violation("a", IC, "false alarm, checked the laptop")
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         # r2 has not re-read yet: its row still has the evidence, which stays cleared here.
-        plane.absorb(AgentChanges([row], {"r2": 0.5}, "2"))
+        plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "2"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         assert (await store.load_shared()).violation_acks == {"a": row.status.violation_at}
         # Evidence flagged after the acknowledgment is a new violation.
         newer = remote_row("a", "r2", clock.now + 10, violation="spool grew")
-        plane.absorb(AgentChanges([newer], {"r2": 0.5}, "3"))
+        plane.adopt_agents(AgentChanges([newer], {"r2": 0.5}, "3"))
         assert state_of(plane, "a") is ComplianceState.VIOLATION
 
     run(tmp_path, body)
@@ -268,7 +268,7 @@ def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str)
             old, _ = await plane_b.create_hold(Scope.fleet(), "old", "", IC)
             read_started = plane_a.view.read_starting()
             shared = await store_a.load_shared()
-            await plane_a.adopt(shared.epoch, shared.holds, read_started)
+            await plane_a.adopt_holds(shared.epoch, shared.holds, read_started)
             newer, _ = await plane_a.create_hold(Scope.fleet(), "newer", "", IC)
             lifted = await plane_b.lift_hold(old.id, IC)  # B has not heard of `newer`
             assert (old.created_epoch, newer.created_epoch, lifted.lifted_epoch) == (1, 2, 3)
@@ -298,7 +298,7 @@ def test_a_snapshot_read_before_a_commit_here_is_not_adopted_after_it(pg_dsn: st
             read_started = plane.view.read_starting()
             stale = await store.load_shared()
             await plane.lift_hold(hold.id, IC)
-            assert await plane.adopt(stale.epoch, stale.holds, read_started) == []
+            assert await plane.adopt_holds(stale.epoch, stale.holds, read_started) == []
             assert plane.active_holds() == [] and plane.epoch == 2
         finally:
             await plane.stop()
@@ -367,7 +367,7 @@ def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_wit
 
             store.down = False
             await until(lambda: plane.store_healthy)
-            plane.absorb(AgentChanges([], {"other": 0.01}, "1"))  # another replica beats
+            plane.adopt_agents(AgentChanges([], {"other": 0.01}, "1"))  # another replica beats
             plane.connect("elsewhere", {}, elsewhere)
             store.down = True
             await until(lambda: not plane.store_healthy)
@@ -388,7 +388,7 @@ def test_a_stream_here_is_newer_than_the_stored_one_even_with_a_slow_clock(
         # The agent's last stream, on a replica whose clock runs 5 s ahead of this one.
         ahead = remote_row("a", "r2", clock.now + 105)
         await store.save_agents([ahead])
-        await plane.recall("a")
+        await plane.resync_agent("a")
         plane.connect("a", {}, Session(plane, "a"))
         view = plane.agent_view("a")
         assert ahead.status.connected_at is not None and view is not None

@@ -184,7 +184,7 @@ def test_a_failed_write_makes_the_plane_unhealthy_at_once(small_disk: Path) -> N
             assert plane.store_healthy and plane.store_health.cause == ""
             fill(small_disk)
             with pytest.raises(StoreError):
-                await plane.audit(record("anything that writes"))
+                await plane.audit.append(record("anything that writes"))
             assert not plane.store_healthy
             assert plane.store_health.cause == causes.DISK_FULL
         finally:

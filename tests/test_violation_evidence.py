@@ -40,14 +40,14 @@ async def violation_audits(store: Store) -> list[str]:
 
 async def mirror(plane: ControlPlane, store: Store) -> None:
     """One round of the mirror loop: every row the other replicas wrote."""
-    plane.absorb(await store.agents_written_since("", plane.replica_id))
+    plane.adopt_agents(await store.agents_written_since("", plane.replica_id))
 
 
 async def resync(plane: ControlPlane, store: Store) -> None:
     """A resync's plane half (what a NOTIFY or the timer triggers)."""
     read_started = plane.view.read_starting()
     shared = await store.load_shared()
-    await plane.adopt(shared.epoch, shared.holds, read_started)
+    await plane.adopt_holds(shared.epoch, shared.holds, read_started)
     plane.adopt_violations(shared.violation_acks, shared.violations)
 
 

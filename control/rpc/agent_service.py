@@ -166,7 +166,7 @@ class AgentControlService(pb_grpc.AgentControlServicer):
         try:
             # Serving it without its stored history could later overwrite a VIOLATION,
             # and serving it from a view older than what it has seen would roll it back.
-            await self._plane.recall(hello.agent_id)
+            await self._plane.resync_agent(hello.agent_id)
             await self._plane.catch_up_to(hello.agent_id, seen_epoch)
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, one_line(exc))
