@@ -69,7 +69,7 @@ class EvidenceLedger:
             detail=found.evidence,
         )
         self._pending.append((found, audit))
-        self._remember([found])
+        self._keep_open([found])
         return found
 
     async def flush(self, store: Store) -> None:
@@ -87,7 +87,7 @@ class EvidenceLedger:
     def adopt(self, acks: Mapping[str, float], evidence: Sequence[ViolationEvidence]) -> set[str]:
         """Take acknowledgements and evidence read from the store (any replica's);
         return the agents whose violation may have changed."""
-        changed = self._remember(evidence)
+        changed = self._keep_open(evidence)
         for agent_id, flagged_at in acks.items():
             if self._acks.get(agent_id, -1.0) >= flagged_at:
                 continue
@@ -102,7 +102,7 @@ class EvidenceLedger:
                 self._open.pop(agent_id, None)
         return changed
 
-    def _remember(self, evidence: Iterable[ViolationEvidence]) -> set[str]:
+    def _keep_open(self, evidence: Iterable[ViolationEvidence]) -> set[str]:
         changed = set()
         for found in evidence:
             if found.flagged_at <= self._acks.get(found.agent_id, -1.0):

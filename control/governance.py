@@ -69,14 +69,14 @@ class Governance:
         *,
         clock: Callable[[], float],
         authority: Authority | None,
-        re_read: Callable[[], Awaitable[None]] | None = None,
+        resync: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._plane = plane
         self._store = store
         self._clock = clock
         self._authority = authority
         # Re-reads what every replica shares (Replication.resync); None: nothing to read.
-        self._re_read = re_read
+        self._resync_shared = resync
         self._requests: dict[str, ResumeRequest] = {}
         self._revoked: set[str] = set()
         # Started and stopped by the server, around the ports whose refusals it counts.
@@ -171,17 +171,17 @@ class Governance:
             del self._requests[request_id]
         return len(gone)
 
-    async def caught_up(self) -> bool:
-        """Re-read the shared state now; whether that worked.
+    async def resync(self) -> bool:
+        """Re-read the shared state now and adopt it; whether that worked.
 
         A hold or request another replica committed a moment ago is in the store before
         this replica hears of it: an operator naming it here must not be told it is
         unknown. Callers try once more after this, before saying so.
         """
-        if self._re_read is None:
+        if self._resync_shared is None:
             return False
         try:
-            await self._re_read()
+            await self._resync_shared()
         except StoreError as exc:
             log.warning("catch_up_failed", error=str(exc))
             return False
@@ -189,7 +189,7 @@ class Governance:
 
     async def found(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``; if it names a hold, request or run this replica does not know,
-        once more after a re-read (``caught_up``): unknown to the store, not only here.
+        once more after a re-read (``resync``): unknown to the store, not only here.
         Still unknown, the error says whether it is archived history
         (``explain_unknown``). Every door uses it (gRPC, the dashboard's forms, proof
         reports); lookups come before any change, so a call refused as unknown changed
@@ -198,7 +198,7 @@ class Governance:
             try:
                 return await call()
             except UnknownItem:
-                if not await self.caught_up():
+                if not await self.resync():
                     raise
                 return await call()
         except UnknownItem as unknown:

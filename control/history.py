@@ -6,7 +6,7 @@ Every replica archives, once at start (before it loads its state) and then every
 replica at once is safe: a row is archived once, whoever gets it (see
 ``Store.archive_history``). Then each replica forgets the same requests and runs
 from memory; archived holds drop out of memory at the next resync, which reads only
-hot holds (``ControlPlane.adopt``).
+hot holds (``HoldCommits.adopt_holds``).
 
 The archive stays in the database, and everything that happened is in the audit
 log. Asked by id for something archived, the server says so in one line.

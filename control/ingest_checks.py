@@ -1,7 +1,7 @@
 """The control plane's side of the ingest gateway: batched verdicts and accepted reports.
 
 The gateway (``killswitch ingest``, role ``ingest``) asks about many batches in one call.
-Each is decided by the same rule as ever (``ControlPlane.authorize_upload``, that is
+Each is decided by the same rule as ever (``AgentReports.authorize_upload``, that is
 ``AgentStatus.decide_upload``), which also counts refusals and flags uploads dated after
 a stop or checked too long after its ack; nothing here decides a second way. What only
 the gateway can see (events after the stop beyond the agent's measured skew) arrives as
@@ -108,7 +108,7 @@ class UploadWatch:
 
     Edge-triggered, with a level-triggered resync (as Kubernetes informers do): each
     tick looks only at the agents the plane says may have changed
-    (``ControlPlane.watch_upload_allowances``); a scan of every agent, four times a
+    (``DesiredStateCache.watch_upload_allowances``); a scan of every agent, four times a
     second, was a third of the server's time at 19,000 agents. Every
     ``RESYNC_SECONDS`` the whole fleet is compared with what was sent, and a
     difference the edges missed is sent and logged (``upload_watch_missed_change``:

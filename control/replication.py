@@ -8,8 +8,12 @@ labels, only those changed since its last read). The re-read is level-triggered 
 also runs on a timer, so a missed notification costs at most one interval, never a
 pause.
 
-The agents other replicas serve are read back every ``mirror_seconds``: the rows
+The agents other replicas serve are read back every ``agents_seconds``: the rows
 written since the last read, so that every replica answers for the whole fleet.
+
+Both reads *resync*: read from the store now, then *adopt* (take in what another
+replica committed; each part of the plane, the governance and the runner adopt their
+own share). See ``control.plane`` for the two verbs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from control.store import Store
 log = structlog.get_logger("killswitch.replication")
 
 # A verified stop on one replica shows on the others within this (plus one flush).
-DEFAULT_MIRROR_SECONDS = 1.0
+DEFAULT_AGENTS_SECONDS = 1.0
 
 
 class Replication:
@@ -40,14 +44,14 @@ class Replication:
         runner: RunbookRunner,
         *,
         resync_seconds: float = DEFAULT_RESYNC_SECONDS,
-        mirror_seconds: float = DEFAULT_MIRROR_SECONDS,
+        agents_seconds: float = DEFAULT_AGENTS_SECONDS,
     ) -> None:
         self._store = store
         self._plane = plane
         self._governance = governance
         self._runner = runner
         self._resync_seconds = resync_seconds
-        self._mirror_seconds = mirror_seconds
+        self._agents_seconds = agents_seconds
         self._cursor = ""
         # The newest label version adopted: the first read takes every decided label.
         self._labels_version = 0
@@ -57,8 +61,8 @@ class Replication:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._store.watch(self._poked.set), name="store-watch"),
-            asyncio.create_task(self._loop(), name="replica-resync"),
-            asyncio.create_task(self._mirror_loop(), name="replica-mirror"),
+            asyncio.create_task(self._resync_loop(), name="replica-resync"),
+            asyncio.create_task(self._resync_agents_loop(), name="replica-agents-resync"),
         ]
 
     async def stop(self) -> None:
@@ -67,7 +71,7 @@ class Replication:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def _loop(self) -> None:
+    async def _resync_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(
@@ -82,29 +86,33 @@ class Replication:
                 log.warning("resync_failed", error=repr(exc))
 
     async def resync(self) -> None:
-        read_started = self._plane.view.read_starting()
+        """Read what every replica shares (holds and epoch, requests, revocations, runs,
+        violations, decided labels) and adopt it."""
+        plane = self._plane
+        read_started = plane.view.read_starting()
         shared = await self._store.load_shared()
         # Read after the holds, so it has every relabel committed before them: a pause
         # by selector is never judged against labels older than the pause. A failed
         # read leaves the view unadopted, so a replica stuck on old labels stops leasing.
         decided = await self._store.labels_decided_since(self._labels_version)
-        self._plane.adopt_labels(decided)
+        plane.cache.adopt_labels(decided)
         self._labels_version = decided[-1].version if decided else self._labels_version
-        await self._plane.adopt_holds(shared.epoch, shared.holds, read_started)
+        await plane.holds.adopt_holds(shared.epoch, shared.holds, read_started)
         self._governance.adopt(shared.resume_requests, shared.revoked)
-        self._plane.adopt_violations(shared.violation_acks, shared.violations)
+        plane.reports.adopt_violations(shared.violation_acks, shared.violations)
         self._runner.adopt(shared.runs)
 
-    async def _mirror_loop(self) -> None:
+    async def _resync_agents_loop(self) -> None:
         while True:
             try:
-                await self.mirror()
+                await self.resync_agents()
             except Exception as exc:
                 log.warning("mirror_failed", error=repr(exc))
-            await asyncio.sleep(self._mirror_seconds)
+            await asyncio.sleep(self._agents_seconds)
 
-    async def mirror(self) -> None:
-        """Read what other replicas wrote about their agents since the last read."""
+    async def resync_agents(self) -> None:
+        """Read what other replicas wrote about their agents since the last read, and
+        adopt it."""
         changes = await self._store.agents_written_since(self._cursor, self._plane.replica_id)
-        self._plane.adopt_agents(changes)
+        self._plane.membership.adopt_agents(changes)
         self._cursor = changes.cursor

@@ -185,11 +185,11 @@ async def serve(config: ServerConfig) -> None:
         before_fanout=freeze_before_fanout,
     )
 
-    async def re_read() -> None:
+    async def resync() -> None:
         """Late-bound: the replication loop, made below, needs the governance itself."""
         await replication.resync()
 
-    governance = Governance(plane, store, clock=time.time, authority=authority, re_read=re_read)
+    governance = Governance(plane, store, clock=time.time, authority=authority, resync=resync)
     readiness = Readiness(
         plane,
         governance,

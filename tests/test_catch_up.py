@@ -1,6 +1,6 @@
 """A hold another replica committed a moment ago is not "unknown" here: read, then retry.
 
-In-process: the RPC error boundary (``translate_errors``) and ``Governance.caught_up``.
+In-process: the RPC error boundary (``translate_errors``) and ``Governance.resync``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from control.governance import Governance
 from control.rpc.operator_service import translate_errors
 
 
-def governance(re_read: Any) -> Governance:
+def governance(resync: Any) -> Governance:
     async def archived_hold(hold_id: str) -> None:
         return None  # nothing archived: an unknown hold stays unknown
 
     # The refusal log's writer, and the archive an unknown item is explained from.
     store = types.SimpleNamespace(append_audit=None, archived_hold=archived_hold)
-    return Governance(None, store, clock=lambda: 0.0, authority=None, re_read=re_read)  # type: ignore[arg-type]
+    return Governance(None, store, clock=lambda: 0.0, authority=None, resync=resync)  # type: ignore[arg-type]
 
 
 class LaggingReplica:
@@ -32,10 +32,10 @@ class LaggingReplica:
         self.calls = 0
         self.has_read = False
 
-        async def re_read() -> None:
+        async def resync() -> None:
             self.has_read = True
 
-        self._governance = governance(re_read)
+        self._governance = governance(resync)
 
     @translate_errors
     async def Resume(self, request: str, context: Any) -> str:  # noqa: N802
@@ -52,23 +52,23 @@ def test_an_unknown_hold_is_looked_for_again_after_a_re_read() -> None:
     assert replica.calls == 2
 
 
-def test_caught_up_says_whether_the_re_read_worked() -> None:
+def test_resync_says_whether_the_re_read_worked() -> None:
     async def fails() -> None:
         raise StoreError("store unreachable")
 
     async def works() -> None:
         pass
 
-    assert asyncio.run(governance(works).caught_up()) is True
-    assert asyncio.run(governance(fails).caught_up()) is False
-    assert asyncio.run(governance(None).caught_up()) is False
+    assert asyncio.run(governance(works).resync()) is True
+    assert asyncio.run(governance(fails).resync()) is False
+    assert asyncio.run(governance(None).resync()) is False
 
 
 def test_found_retries_once_and_an_item_unknown_to_the_store_stays_unknown() -> None:
     """What the dashboard's forms and proof reports go through, as the gRPC calls do."""
     reads: list[str] = []
 
-    async def re_read() -> None:
+    async def resync() -> None:
         reads.append("read")
 
     async def never_known() -> str:
@@ -79,8 +79,8 @@ def test_found_retries_once_and_an_item_unknown_to_the_store_stays_unknown() -> 
             raise UnknownItem(UnknownItem.HOLD, "hold-y")
         return "found hold-y"
 
-    assert asyncio.run(governance(re_read).found(known_after_a_read)) == "found hold-y"
+    assert asyncio.run(governance(resync).found(known_after_a_read)) == "found hold-y"
     assert reads == ["read"]
     with pytest.raises(UnknownItem):
-        asyncio.run(governance(re_read).found(never_known))
+        asyncio.run(governance(resync).found(never_known))
     assert reads == ["read", "read"], "one re-read per call, then the answer stands"

@@ -255,7 +255,7 @@ def test_an_import_on_one_replica_relabels_a_laptop_another_serves(
         plane_a.connect("laptop", MARKETING, session)  # first use: pinned as marketing
         await plane_a.flush()
         await database.beat("a")
-        await replication_b.mirror()
+        await replication_b.resync_agents()
         shown = plane_b.agent_view("laptop")
         assert shown is not None and shown.status.connected, "B shows it, served by A"
 

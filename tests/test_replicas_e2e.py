@@ -139,7 +139,7 @@ def test_concurrent_pause_and_resume_on_two_replicas_always_end_paused(
     epochs = sorted([h["created"] for h in holds] + [h["lifted"] for h in holds if h["lifted"]])
     assert len(epochs) == len(set(epochs)), "every hold change has its own epoch"
     # A false VIOLATION here was a replica announcing an epoch without the holds of
-    # the epochs before it (ControlPlane._apply_commit).
+    # the epochs before it (HoldCommits._apply_commit).
     wait_for(lambda: cluster.all_in("VERIFIED_STOPPED"), 60, "every agent verified stopped")
     check_history_of(cluster)
 

@@ -1,7 +1,7 @@
 """Violation evidence through the plane: durable, shared by every replica, sticky.
 
 The two-replica tests run two ``ControlPlane``s on one PostgreSQL database; what the
-replication loops do (``absorb`` the rows others wrote, ``adopt_violations`` from the
+replication loops do (``adopt_agents`` the rows others wrote, ``adopt_violations`` from the
 shared state) is called by hand, so each step of a sync is visible.
 """
 
@@ -38,8 +38,8 @@ async def violation_audits(store: Store) -> list[str]:
     return [e.record.target for e in entries if e.record.action == "agent.violation"]
 
 
-async def mirror(plane: ControlPlane, store: Store) -> None:
-    """One round of the mirror loop: every row the other replicas wrote."""
+async def resync_agents(plane: ControlPlane, store: Store) -> None:
+    """One round of ``Replication.resync_agents``: every row the other replicas wrote."""
     plane.adopt_agents(await store.agents_written_since("", plane.replica_id))
 
 
@@ -71,7 +71,7 @@ async def two_replicas(
 async def paused_on_a(
     plane_a: ControlPlane, store_a: Store, plane_b: ControlPlane, store_b: Store, clock: Clock
 ) -> float:
-    """The laptop streams to A, acks a fleet pause there; B mirrors its row. Returns
+    """The laptop streams to A, acks a fleet pause there; B adopts its row. Returns
     when the stop took effect."""
     plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
     await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
@@ -80,7 +80,7 @@ async def paused_on_a(
     await plane_a.flush()
     await store_a.beat(plane_a.replica_id)
     await resync(plane_b, store_b)
-    await mirror(plane_b, store_b)
+    await resync_agents(plane_b, store_b)
     assert state_of(plane_b) is ComplianceState.STOP_REPORTED
     return clock.now
 
@@ -99,12 +99,12 @@ def test_an_upload_check_on_a_replica_not_serving_the_agent_flags_it_everywhere(
             assert not decision.allowed
             assert state_of(plane_b) is ComplianceState.VIOLATION
             await plane_b.flush()
-            # A writes its row (a heartbeat) before it has re-read: B mirrors a row
+            # A writes its row (a heartbeat) before it has re-read: B adopts a row
             # without the violation, which must not wipe what B saw.
             clock.now += 11
             plane_a.heartbeat("laptop", STOPPED, FROZEN)
             await plane_a.flush()
-            await mirror(plane_b, store_b)
+            await resync_agents(plane_b, store_b)
             assert state_of(plane_b) is ComplianceState.VIOLATION
             # A's next sync shows it, and A's row carries it from then on.
             await resync(plane_a, store_a)
@@ -220,7 +220,7 @@ def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn:
             clock.now += 11
             plane_a.heartbeat("laptop", STOPPED, FROZEN)
             await plane_a.flush()
-            await mirror(plane_b, store_b)
+            await resync_agents(plane_b, store_b)
             await resync(plane_b, store_b)
             assert state_of(plane_b) is ComplianceState.VIOLATION, "pending, not wiped"
             store_b.fail = False
@@ -278,7 +278,7 @@ def test_only_an_acknowledgement_clears_it_and_later_evidence_flags_again(pg_dsn
                 clock.now += 11
                 plane_a.heartbeat("laptop", STOPPED, FROZEN)
                 await plane_a.flush()
-                await mirror(plane_b, store_b)
+                await resync_agents(plane_b, store_b)
                 await resync(plane_a, store_a)
                 await resync(plane_b, store_b)
                 assert state_of(plane_a) is state_of(plane_b) is ComplianceState.VIOLATION
@@ -288,7 +288,7 @@ def test_only_an_acknowledgement_clears_it_and_later_evidence_flags_again(pg_dsn
             await resync(plane_b, store_b)
             assert state_of(plane_b) is not ComplianceState.VIOLATION
             await plane_a.flush()
-            await mirror(plane_b, store_b)
+            await resync_agents(plane_b, store_b)
             assert state_of(plane_b) is not ComplianceState.VIOLATION
             # The laptop lies again: new evidence, a new violation, on both.
             clock.now += 5

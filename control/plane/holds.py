@@ -89,8 +89,8 @@ class HoldCommits:
         async with self._lock:
             commit = self._store.reactivate_hold if reactivate else self._store.create_hold
             hold = await commit(draft, record)
-            caught_up = await self._apply_commit([hold], hold.created_epoch)
-        self._announce_adopted(*caught_up)
+            adopted = await self._apply_commit([hold], hold.created_epoch)
+        self._announce_adopted(*adopted)
         self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
         covered = sum(1 for e in self._cache.agents.values() if hold.id in e.desired.hold_ids)
         log.info(
@@ -119,8 +119,8 @@ class HoldCommits:
         """Run the store's lift transaction under the holds lock, then push the new epoch."""
         async with self._lock:
             hold = await commit(self._clock())
-            caught_up = await self._apply_commit([hold], hold.lifted_epoch)
-        self._announce_adopted(*caught_up)
+            adopted = await self._apply_commit([hold], hold.lifted_epoch)
+        self._announce_adopted(*adopted)
         self.observer.hold_changed(hold, epoch=hold.lifted_epoch, at=self._clock())
         still_paused = sum(
             1
@@ -140,8 +140,8 @@ class HoldCommits:
         """A runbook step and its hold changes in one transaction, then the fan-out."""
         async with self._lock:
             commit = await self._store.commit_run(change, audit)
-            caught_up = await self._apply_commit(commit.holds, commit.epoch)
-        self._announce_adopted(*caught_up)
+            adopted = await self._apply_commit(commit.holds, commit.epoch)
+        self._announce_adopted(*adopted)
         for hold in commit.holds:
             self.observer.hold_changed(hold, epoch=commit.epoch, at=self._clock())
         if commit.holds:

@@ -22,6 +22,7 @@ from control.domain import AgentStatus, CompliancePolicy
 from control.freshness import SharedView
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
+from control.plane.part import AgentStatePart
 from control.plane.writer import AgentWriter
 from control.store import AgentChanges, Store, StoredAgent
 from control.store_health import StoreHealth
@@ -44,7 +45,7 @@ def new_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class Membership:
+class Membership(AgentStatePart):
     def __init__(
         self,
         store: Store,
@@ -57,13 +58,7 @@ class Membership:
         replica_id: str,
         store_probe_interval: float,
     ) -> None:
-        self._store = store
-        self._cache = cache
-        self._agents = cache.agents
-        self._writer = writer
-        self._dirty = writer.dirty
-        self._clock = clock
-        self._policy = policy
+        super().__init__(store, cache, writer, clock=clock, policy=policy)
         # How this process signs its agent rows and its beats.
         self.replica_id = replica_id
         self._store_probe_interval = store_probe_interval

@@ -29,6 +29,7 @@ from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
+from control.plane.part import AgentStatePart
 from control.plane.writer import AgentWriter
 from control.store import Store, ViolationEvidence
 
@@ -42,7 +43,7 @@ class LeaseDecision:
     reason: str
 
 
-class AgentReports:
+class AgentReports(AgentStatePart):
     def __init__(
         self,
         store: Store,
@@ -56,17 +57,11 @@ class AgentReports:
         lease_ttl: float,
         last_seen_save_interval: float,
     ) -> None:
-        self._store = store
-        self._cache = cache
-        self._agents = cache.agents
-        self._writer = writer
-        self._dirty = writer.dirty
+        super().__init__(store, cache, writer, clock=clock, policy=policy)
         self._figures_unsaved = writer.figures_unsaved
         self._evidence = writer.evidence
         self._membership = membership
         self._audit = audit
-        self._clock = clock
-        self._policy = policy
         self._lease_ttl = lease_ttl
         # 10,000 agents heartbeating every 10 s would otherwise rewrite 1,000 rows a second
         # only to move last_seen; memory stays exact, the stored copy may lag this much.
@@ -86,15 +81,7 @@ class AgentReports:
     ) -> None:
         entry = self._agents[agent_id]
         if epoch > entry.status.directive_sent_epoch:
-            # An ack counts against the directive sent on this stream: an epoch this
-            # stream never carried is a confused or lying agent (dropping the stream
-            # would only start a reconnect loop).
-            log.warning(
-                "unsent_epoch_ack_ignored",
-                agent_id=agent_id,
-                epoch=epoch,
-                sent_epoch=entry.status.directive_sent_epoch,
-            )
+            self._ignore_unsent(entry, epoch, "unsent_epoch_ack_ignored")
             return
         status = entry.status
         now = self._clock()
@@ -124,18 +111,21 @@ class AgentReports:
     def nack(self, agent_id: str, epoch: int, reason: str) -> None:
         entry = self._agents[agent_id]
         if epoch > entry.status.directive_sent_epoch:
-            log.warning(
-                "unsent_epoch_nack_ignored",
-                agent_id=agent_id,
-                epoch=epoch,
-                sent_epoch=entry.status.directive_sent_epoch,
-            )
+            self._ignore_unsent(entry, epoch, "unsent_epoch_nack_ignored")
             return
         now = self._clock()
         if entry.status.record_nack(epoch, reason, now):
             log.warning("agent_nacked", agent_id=agent_id, epoch=epoch, reason=reason)
             self.observer.nacked(agent_id, epoch=epoch, reason=reason, at=now)
         self._dirty.add(agent_id)
+
+    @staticmethod
+    def _ignore_unsent(entry: AgentEntry, epoch: int, event: str) -> None:
+        """An ack or nack counts against the directive sent on this stream: an epoch this
+        stream never carried is a confused or lying agent (dropping the stream would
+        only start a reconnect loop), so it is logged and ignored."""
+        sent_epoch = entry.status.directive_sent_epoch
+        log.warning(event, agent_id=entry.agent_id, epoch=epoch, sent_epoch=sent_epoch)
 
     def heartbeat(self, agent_id: str, channels: Mapping[str, bool], report: CaptureReport) -> None:
         """Changes are written at the next flush; bare liveness only now and then."""

@@ -182,7 +182,7 @@ def csv_cells(data: Mapping[str, Any]) -> list[str]:
 # ------------------------------------------------------------------ queries
 
 
-# An AgentView's fields as a plain tuple (``ControlPlane.snapshot``): cheap to build for
+# An AgentView's fields as a plain tuple (``FleetViews.snapshot``): cheap to build for
 # 10,000 agents; a real AgentView is built only for the rows actually shown.
 Snap = tuple[str, Mapping[str, str], Desired, AgentStatus, Compliance]
 
