@@ -26,18 +26,16 @@ already read (``adopt_holds``, ``adopt_agents``, ``adopt_violations``, ``adopt_l
 
 from control.plane.cache import DirectiveSpec
 from control.plane.control_plane import ControlPlane
-from control.plane.entries import AgentEntry, Subscriber
-from control.plane.holds import OPT_OUT_DEFAULT_REASON, EpochUnknown, new_hold_id
+from control.plane.entries import Subscriber
+from control.plane.holds import EpochUnknown, new_hold_id
 from control.plane.membership import REPLICA_SILENT_BEATS, STORE_PROBE_SECONDS
 from control.plane.reports import LeaseDecision
 from control.plane.views import SEVERITY, AgentFilter, AgentView, Census, StatusSummary
 
 __all__ = [
-    "OPT_OUT_DEFAULT_REASON",
     "REPLICA_SILENT_BEATS",
     "SEVERITY",
     "STORE_PROBE_SECONDS",
-    "AgentEntry",
     "AgentFilter",
     "AgentView",
     "Census",

@@ -160,14 +160,18 @@ class AgentReports(AgentStatePart):
         entry = self._agents[agent_id]
         if entry.desired.mode is not Mode.ALLOWED:
             return LeaseDecision(False, 0.0, f"paused: {entry.desired.reason}")
-        # A lease nobody can write down would outlive what a restart or another replica
-        # knows, and one from a stale view may allow what a newer pause stopped: refuse,
-        # and let capture stop when the current one ends.
-        refusal = self._membership.why_not_leasing()
-        if refusal:
-            return LeaseDecision(False, 0.0, refusal)
+        # ``Membership.why_not_leasing``'s two checks, inline: this runs for every agent
+        # every few seconds.
+        membership = self._membership
+        if not membership.store_healthy:
+            # A lease nobody can write down would outlive what a restart or another
+            # replica knows: refuse, and let capture stop when the current one ends.
+            return LeaseDecision(False, 0.0, membership.store_health.cause)
+        view = membership.view
+        if view.stale:
+            return LeaseDecision(False, 0.0, view.describe_staleness())
         # Ends one TTL after the view's time, not the grant's: see control.freshness.
-        ttl = self._membership.view.lease_seconds()
+        ttl = view.lease_seconds()
         expires_at = self._clock() + ttl
         if entry.status.record_lease(expires_at):
             self._dirty.add(agent_id)  # its stop ended: a later pause takes a new baseline
