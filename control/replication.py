@@ -8,7 +8,7 @@ labels, only those changed since its last read). The re-read is level-triggered 
 also runs on a timer, so a missed notification costs at most one interval, never a
 pause.
 
-The agents other replicas serve are read back every ``agents_seconds``: the rows
+The agents other replicas serve are read back every ``agents_resync_seconds``: the rows
 written since the last read, so that every replica answers for the whole fleet.
 
 Both reads *resync*: read from the store now, then *adopt* (take in what another
@@ -32,7 +32,7 @@ from control.store import Store
 log = structlog.get_logger("killswitch.replication")
 
 # A verified stop on one replica shows on the others within this (plus one flush).
-DEFAULT_AGENTS_SECONDS = 1.0
+DEFAULT_AGENTS_RESYNC_SECONDS = 1.0
 
 
 class Replication:
@@ -44,14 +44,14 @@ class Replication:
         runner: RunbookRunner,
         *,
         resync_seconds: float = DEFAULT_RESYNC_SECONDS,
-        agents_seconds: float = DEFAULT_AGENTS_SECONDS,
+        agents_resync_seconds: float = DEFAULT_AGENTS_RESYNC_SECONDS,
     ) -> None:
         self._store = store
         self._plane = plane
         self._governance = governance
         self._runner = runner
         self._resync_seconds = resync_seconds
-        self._agents_seconds = agents_seconds
+        self._agents_resync_seconds = agents_resync_seconds
         self._cursor = ""
         # The newest label version adopted: the first read takes every decided label.
         self._labels_version = 0
@@ -108,7 +108,7 @@ class Replication:
                 await self.resync_agents()
             except Exception as exc:
                 log.warning("mirror_failed", error=repr(exc))
-            await asyncio.sleep(self._agents_seconds)
+            await asyncio.sleep(self._agents_resync_seconds)
 
     async def resync_agents(self) -> None:
         """Read what other replicas wrote about their agents since the last read, and
