@@ -180,7 +180,7 @@ def test_decided_labels_are_read_back_by_version_only_when_they_change(backend: 
 def test_an_agents_row_reads_back_with_its_decided_labels(backend: Backend) -> None:
     """The replica serving an agent writes its row with the labels it knew; an import
     on another replica decided newer ones. Every read of the row (a restart, a failover's
-    recall) must give the decided labels, or a pause by selector could miss the laptop."""
+    resync) must give the decided labels, or a pause by selector could miss the laptop."""
     stale = agent("a", org="marketing")
     self_labelled = agent("b", org="sales")  # labelled by its first report: no decision
 
