@@ -27,9 +27,9 @@ from cryptography.x509.oid import NameOID
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER, enrolment_port
+
 CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "key.pem", "ca.pem"
-# An insecure (loopback, development) server takes the caller's identity from this header.
-IDENTITY_HEADER = "x-killswitch-as"
 AGENT_ROLE = "agent"
 ENROL_TIMEOUT_SECONDS = 30.0
 # Enrolments at once over the simulator's one connection: the enrolment port's HTTP/2
@@ -82,7 +82,7 @@ class AgentIdentity:
 
 def insecure_metadata(agent_id: str) -> Metadata:
     """Who we are, for a server without TLS, which cannot read it from a certificate."""
-    return ((IDENTITY_HEADER, f"{agent_id}:{AGENT_ROLE}"),)
+    return ((INSECURE_IDENTITY_HEADER, f"{agent_id}:{AGENT_ROLE}"),)
 
 
 def default_enroll_target(server: str) -> str:
@@ -93,7 +93,7 @@ def default_enroll_target(server: str) -> str:
             f"cannot derive the enrolment address from --server {server!r}:"
             " pass --enroll-server HOST:PORT"
         )
-    return f"{host}:{int(port) + 1}"
+    return f"{host}:{enrolment_port(int(port))}"
 
 
 def read_ca(path: Path) -> bytes:

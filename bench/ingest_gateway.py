@@ -32,10 +32,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from agent_stub.identity import insecure_metadata
 from bench.procs import Child, free_port
 
 BIN = Path(sys.executable).parent
-CLAIM = "x-killswitch-as"
 EVENTS_PER_BATCH = 10
 PAYLOAD = b"k" * 100
 # Each channel its own connection (gRPC shares one per target otherwise), with at most
@@ -111,7 +111,7 @@ async def lease(
             yield get.result()
 
     stub = pb_grpc.AgentControlStub(channel)
-    call = stub.Connect(messages(), metadata=((CLAIM, f"{agent_id}:agent"),))
+    call = stub.Connect(messages(), metadata=insecure_metadata(agent_id))
     calls.append(call)  # open until the benchmark ends
     async for reply in call:
         if reply.WhichOneof("body") == "directive":
@@ -133,7 +133,7 @@ async def upload_load(
     async def agent(index: int, agent_id: str) -> None:
         nonlocal accepted, refused
         stub = pb_grpc.IngestGatewayStub(channels[index % len(channels)])
-        metadata = ((CLAIM, f"{agent_id}:agent"),) if claims else ()
+        metadata = insecure_metadata(agent_id) if claims else ()
         await asyncio.sleep(random.uniform(0, interval))
         sequence = 1
         while time.monotonic() < end:

@@ -60,10 +60,6 @@ class PermissionDenied(KillswitchError):
     """The caller's role or identity does not allow this action."""
 
 
-# Trailing metadata on an UNAVAILABLE the server itself sent because its store cannot
-# serve the call: the server is reachable, and the message says why it cannot.
-STORE_UNAVAILABLE_METADATA = "killswitch-store-unavailable"
-
 MAX_SHOWN_CHARS = 60
 MAX_MESSAGE_CHARS = 500
 

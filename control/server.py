@@ -69,6 +69,7 @@ from control.web.oidc import OidcSettings
 from control.web.sessions import DashboardSessions
 from control.webhooks.config import WebhookSpec, load_webhooks
 from control.webhooks.sender import WebhookSender
+from control.wire import enrolment_port
 from gc_policy import freeze_before_fanout, run_gc_policy
 
 log = structlog.get_logger("killswitch.server")
@@ -146,7 +147,7 @@ class ServerConfig:
 
 def enroll_address_for(grpc_address: str) -> str:
     host, port = split_host_port(grpc_address, what="gRPC")
-    return f"{host}:{port + 1}"
+    return f"{host}:{enrolment_port(port)}"
 
 
 async def serve(config: ServerConfig) -> None:

@@ -15,8 +15,9 @@ from structlog.testing import capture_logs
 
 from agent_stub import Agent, AgentConfig, Backoff, Tuning
 from agent_stub.agent import open_channel
-from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
+from agent_stub.identity import insecure_metadata
 from agent_stub.stream import ControlStream
+from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault, FaultTuning, SimulatedConfig
 from simulator.faulty import SimulatedAgent
 from simulator.fleet import Fleet, fleet_configs
@@ -38,7 +39,7 @@ class ScriptedControl(pb_grpc.AgentControlServicer):
     ) -> None:
         received: list[pb.AgentMessage] = []
         self.streams.append(received)
-        self.callers.append(dict(context.invocation_metadata()).get(IDENTITY_HEADER, ""))
+        self.callers.append(dict(context.invocation_metadata()).get(INSECURE_IDENTITY_HEADER, ""))
         try:
             received.append(await context.read())
             allowed = pb.Directive(

@@ -22,8 +22,9 @@ from structlog.testing import capture_logs
 from agent_stub import Tuning
 from agent_stub.batches import SEQUENCE_FILE, SequenceStore, UploadSequence
 from agent_stub.durable import StateFileError
-from agent_stub.identity import IDENTITY_HEADER, insecure_metadata
+from agent_stub.identity import insecure_metadata
 from agent_stub.upload import GatewayUploader
+from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault, SimulatedConfig
 from simulator.faulty import SimulatedAgent
 from tests.conftest import BIN, free_port
@@ -56,7 +57,9 @@ class FakeGateway(pb_grpc.IngestGatewayServicer):
         self, request: pb.UploadBatchRequest, context: Context
     ) -> pb.UploadBatchResponse:
         self.requests.append(request)
-        self.callers.append(str(dict(context.invocation_metadata() or ()).get(IDENTITY_HEADER)))
+        self.callers.append(
+            str(dict(context.invocation_metadata() or ()).get(INSECURE_IDENTITY_HEADER))
+        )
         expected = self.expected.get(request.agent_id, 1)
         if request.sequence != expected:
             return pb.UploadBatchResponse(reason="out of order", next_sequence=expected)

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control.ingest.checks import MAX_EVENTS_PER_BATCH
 from control.ingest.watch import FRESH_SECONDS
 from control.pki import load_identity
+from control.wire import INSECURE_IDENTITY_HEADER
 from tests.conftest import BIN, Cli, ServerProcess, agent_identity, free_port, terminate, wait_for
 
 AGENT = "laptop-upload"
@@ -320,7 +321,9 @@ def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
 
         def as_(claim: str, request: pb.UploadBatchRequest) -> object:
             try:
-                return stub.UploadBatch(request, timeout=10, metadata=(("x-killswitch-as", claim),))
+                return stub.UploadBatch(
+                    request, timeout=10, metadata=((INSECURE_IDENTITY_HEADER, claim),)
+                )
             except grpc.RpcError as exc:
                 return exc
 

@@ -28,8 +28,8 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from control.errors import KillswitchError
 from control.ingest.watch import StandingCopy
 from control.pki import Identity
-from control.rpc.authz import INSECURE_IDENTITY_METADATA
 from control.rpc.convert import seconds
+from control.wire import INSECURE_IDENTITY_HEADER
 
 log = structlog.get_logger("killswitch.ingest.control")
 
@@ -64,7 +64,7 @@ class ControlClient:
         self._metadata: tuple[tuple[str, str], ...] = ()
         if identity is None:
             channels = [grpc.aio.insecure_channel(a) for a in addresses]
-            self._metadata = ((INSECURE_IDENTITY_METADATA, INSECURE_CLAIM),)
+            self._metadata = ((INSECURE_IDENTITY_HEADER, INSECURE_CLAIM),)
         else:
             credentials = grpc.ssl_channel_credentials(
                 identity.ca_pem, identity.key_pem, identity.cert_pem

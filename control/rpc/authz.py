@@ -26,10 +26,10 @@ import structlog
 from control.domain.identity import Principal, Role, parse_role
 from control.errors import KillswitchError, PermissionDenied, one_line
 from control.rpc.handler_cache import Handler, WrappedHandlers
+from control.wire import INSECURE_IDENTITY_HEADER
 
 log = structlog.get_logger("killswitch.rpc.authz")
 
-INSECURE_IDENTITY_METADATA = "x-killswitch-as"
 DEFAULT_MAX_CALLS_PER_IDENTITY = 16
 
 IC, APPROVER, SRE = Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE
@@ -136,11 +136,11 @@ def action_name(method: str) -> str:
 
 def principal_from_metadata(metadata: Mapping[str, str]) -> Principal:
     """Development only: an insecure server takes the caller's word for who it is."""
-    claim = metadata.get(INSECURE_IDENTITY_METADATA, "")
+    claim = metadata.get(INSECURE_IDENTITY_HEADER, "")
     name, colon, role = claim.partition(":")
     if not (colon and name.strip()):
         raise PermissionDenied(
-            f"insecure server: send metadata {INSECURE_IDENTITY_METADATA}: NAME:ROLE"
+            f"insecure server: send metadata {INSECURE_IDENTITY_HEADER}: NAME:ROLE"
         )
     return Principal(name.strip()[:100], parse_role(role.strip()))
 

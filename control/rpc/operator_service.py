@@ -17,7 +17,6 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.identity import Principal
 from control.errors import (
-    STORE_UNAVAILABLE_METADATA,
     Conflict,
     InvalidInput,
     KillswitchError,
@@ -56,6 +55,7 @@ from control.rpc.convert import (
     seconds,
     timestamp,
 )
+from control.wire import STORE_UNAVAILABLE_METADATA
 
 log = structlog.get_logger("killswitch.rpc")
 
