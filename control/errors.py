@@ -60,6 +60,23 @@ class PermissionDenied(KillswitchError):
     """The caller's role or identity does not allow this action."""
 
 
+# ------------------------------------------------------------------ seen by a client
+# (``control.client`` raises these from a failed call; the CLI gives each an exit code.)
+
+
+class ServerUnreachable(KillswitchError):
+    """A client could not reach the control server (refused, no route, TLS handshake)."""
+
+
+class ServerTimedOut(ServerUnreachable):
+    """The control server did not answer a client's call in time."""
+
+
+class ServerStoreUnavailable(KillswitchError):
+    """The control server answered, but its store cannot serve the call now: nothing was
+    done. (Not ``StoreUnavailable``: that is the server's own store failing, in-process.)"""
+
+
 MAX_SHOWN_CHARS = 60
 MAX_MESSAGE_CHARS = 500
 

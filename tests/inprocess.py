@@ -2,7 +2,7 @@
 
 A subprocess costs a Python start-up and the CLI's imports (0.5-1 s on a loaded machine) per
 call, and the suite makes thousands of calls. Here the console script's entry point,
-``control.cli.main``, runs in a worker thread instead, and everything a test can observe is
+``control.cli.app.main``, runs in a worker thread instead, and everything a test can observe is
 what the subprocess gave: the same environment variables, stdout, stderr, the exit code
 (``SystemExit`` included, argparse's exit 2 too; an uncaught exception is a traceback on
 stderr and exit 1, as Python does) and a ``subprocess.TimeoutExpired`` past ``timeout``.
@@ -67,7 +67,7 @@ def run_killswitch(
 def _in_process(
     command: list[str], env: Mapping[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    from control import cli
+    from control.cli import app
 
     out, err = io.StringIO(), io.StringIO()
     codes: list[int] = []
@@ -75,7 +75,7 @@ def _in_process(
     def call() -> None:
         _ROUTE.buffers = (out, err)
         try:
-            codes.append(_exit_code(cli.main, command[1:]))
+            codes.append(_exit_code(app.main, command[1:]))
         finally:
             _ROUTE.buffers = None
 

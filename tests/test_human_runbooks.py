@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from control.cli import build_parser
+from control.cli.app import build_parser
 from tests import human_runbooks as hr
 from tests.conftest import (
     BIN,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.cli import Credentials, OperatorClient
+from control.client import Credentials, OperatorClient
+from control.pki import load_identity
 from control.store.sqlite import DB_FILENAME
 from tests.conftest import Cli, ServerProcess
 
@@ -27,6 +28,11 @@ def count(server: ServerProcess, query: str) -> int:
         return int(db.execute(query).fetchone()[0])
 
 
+def as_employee(server: ServerProcess) -> OperatorClient:
+    """The laptop owner's own client: opting out is something only they may do."""
+    return OperatorClient(server.address, Credentials(load_identity(server.identity("employee-1"))))
+
+
 def test_100_opt_out_cycles_keep_one_hold_that_no_resume_lifts(
     server: ServerProcess, cli: Cli, tmp_path: Path
 ) -> None:
@@ -34,11 +40,13 @@ def test_100_opt_out_cycles_keep_one_hold_that_no_resume_lifts(
     inventory.write_text(f"agent_id,owner\n{LAPTOP},employee-1\nlaptop-other,employee-2\n")
     cli.ok("inventory", "import", str(inventory))
     fleet = cli.pause("--all", "--reason", "incident")
-    employee = OperatorClient(server.address, Credentials(server.identity("employee-1")))
+    employee = OperatorClient(
+        server.address, Credentials(load_identity(server.identity("employee-1")))
+    )
     for _ in range(CYCLES):
-        employee.call("SelfService.OptOut", pb.OptOutRequest(agent_id=LAPTOP, reason="cycle"))
-        employee.call("SelfService.OptIn", pb.OptInRequest(agent_id=LAPTOP))
-    opted = employee.call("SelfService.OptOut", pb.OptOutRequest(agent_id=LAPTOP, reason="mine"))
+        employee.opt_out(pb.OptOutRequest(agent_id=LAPTOP, reason="cycle"))
+        employee.opt_in(pb.OptInRequest(agent_id=LAPTOP))
+    opted = employee.opt_out(pb.OptOutRequest(agent_id=LAPTOP, reason="mine"))
 
     assert count(server, "SELECT count(*) FROM holds WHERE kind = 'opt_out'") == 1
     assert count(server, "SELECT count(*) FROM holds") == 2, "the fleet pause and the opt-out"
@@ -62,6 +70,8 @@ def test_100_opt_out_cycles_keep_one_hold_that_no_resume_lifts(
     server.start()
     assert cli.agents()[LAPTOP]["mode"] == "PAUSED"
     assert [h["id"] for h in cli.json("holds")["holds"]] == [f"opt-out-{LAPTOP}"]
-    employee = OperatorClient(server.address, Credentials(server.identity("employee-1")))
-    employee.call("SelfService.OptIn", pb.OptInRequest(agent_id=LAPTOP))
+    employee = OperatorClient(
+        server.address, Credentials(load_identity(server.identity("employee-1")))
+    )
+    employee.opt_in(pb.OptInRequest(agent_id=LAPTOP))
     assert cli.agents()[LAPTOP]["mode"] == "ALLOWED"

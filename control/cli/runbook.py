@@ -14,17 +14,10 @@ from typing import Any
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.cli import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_TIMEOUT,
-    OperatorClient,
-    add_quiet_option,
-    iso,
-    positive_seconds,
-    print_json,
-    print_table,
-)
+from control.cli.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_TIMEOUT
+from control.cli.options import add_command, add_group, add_quiet_option, positive_seconds
+from control.cli.output import iso, print_json, print_table
+from control.client import OperatorClient
 from control.domain import validate_reason
 from control.runbook_file import RunbookFileError, load_runbook
 
@@ -136,8 +129,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, client: OperatorClient) -> int:
-    plan = client.call(
-        "Runbooks.PlanRunbook",
+    plan = client.plan_runbook(
         pb.PlanRunbookRequest(
             runbook=_source(args.file), hold_id=args.hold or "", approval_id=args.approval or ""
         ),
@@ -196,8 +188,7 @@ def cmd_plan(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_start(args: argparse.Namespace, client: OperatorClient) -> int:
-    response = client.call(
-        "Runbooks.StartRunbook",
+    response = client.start_runbook(
         pb.StartRunbookRequest(runbook=_source(args.file), approval_id=args.approval or ""),
     )
     run = response.run
@@ -218,8 +209,7 @@ def cmd_start(args: argparse.Namespace, client: OperatorClient) -> int:
 
 def cmd_request(args: argparse.Namespace, client: OperatorClient) -> int:
     """A drill pauses capture: without an incident commander it needs a second person."""
-    response = client.call(
-        "Runbooks.RequestDrill",
+    response = client.request_drill(
         pb.RequestDrillRequest(
             runbook=_source(args.file),
             reason=validate_reason(args.reason),
@@ -241,7 +231,7 @@ def cmd_request(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def _fetch(client: OperatorClient, run_id: str) -> pb.RunbookRun:
-    response = client.call("Runbooks.GetRunbookRun", pb.GetRunbookRunRequest(run_id=run_id))
+    response = client.get_runbook_run(pb.GetRunbookRunRequest(run_id=run_id))
     run: pb.RunbookRun = response.run
     return run
 
@@ -269,7 +259,7 @@ def cmd_status(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
-    runs = client.call("Runbooks.ListRunbookRuns", pb.ListRunbookRunsRequest()).runs
+    runs = client.list_runbook_runs(pb.ListRunbookRunsRequest()).runs
     if args.json:
         print_json([run_json(r) for r in runs])
     elif not runs:
@@ -292,8 +282,7 @@ def cmd_list(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_advance(args: argparse.Namespace, client: OperatorClient) -> int:
-    run = client.call(
-        "Runbooks.AdvanceRunbook",
+    run = client.advance_runbook(
         pb.AdvanceRunbookRequest(run_id=args.run_id, approval_id=args.approval or ""),
     ).run
     wave = run.waves[run.current_wave]
@@ -302,8 +291,7 @@ def cmd_advance(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def cmd_abort(args: argparse.Namespace, client: OperatorClient) -> int:
-    run = client.call(
-        "Runbooks.AbortRunbook",
+    run = client.abort_runbook(
         pb.AbortRunbookRequest(run_id=args.run_id, reason=validate_reason(args.reason)),
     ).run
     repaused = sum(w.state == "repaused" for w in run.waves)
@@ -311,8 +299,8 @@ def cmd_abort(args: argparse.Namespace, client: OperatorClient) -> int:
     return 0
 
 
-def add_commands(group: Any, command: Any) -> None:
-    """Called by ``control.cli`` with its own helpers, so every command shares the options."""
+def add_commands(sub: Any) -> None:
+    group = add_group(sub, "runbook", "gradual, gated re-enable of capture in waves")
     check = group.add_parser(
         "check",
         help="validate runbook files (local, no server)",
@@ -321,14 +309,14 @@ def add_commands(group: Any, command: Any) -> None:
     check.add_argument("files", nargs="+", metavar="FILE")
     check.set_defaults(handler=cmd_check, local=True)
 
-    plan = command(group, "plan", "dry run: which agents in which wave, and timing", cmd_plan)
+    plan = add_command(group, "plan", "dry run: which agents in which wave, and timing", cmd_plan)
     plan.add_argument("file", metavar="FILE")
     target = plan.add_mutually_exclusive_group()
     target.add_argument("--hold", metavar="HOLD_ID", help="the hold the waves would split")
     target.add_argument("--approval", metavar="REQUEST_ID", help="the request naming the hold")
     plan.add_argument("--json", action="store_true")
 
-    request = command(
+    request = add_command(
         group, "request", "ask to start a drill runbook; a different approver decides", cmd_request
     )
     request.add_argument("file", metavar="FILE")
@@ -339,7 +327,7 @@ def add_commands(group: Any, command: Any) -> None:
     )
     add_quiet_option(request, "the new request's id")
 
-    start = command(group, "start", "start a run (re-enables need an approval)", cmd_start)
+    start = add_command(group, "start", "start a run (re-enables need an approval)", cmd_start)
     start.add_argument("file", metavar="FILE")
     start.add_argument(
         "--approval",
@@ -349,7 +337,7 @@ def add_commands(group: Any, command: Any) -> None:
     )
     add_quiet_option(start, "the run id")
 
-    status = command(group, "status", "a run's state, waves and gates", cmd_status)
+    status = add_command(group, "status", "a run's state, waves and gates", cmd_status)
     status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the newest run")
     status.add_argument("--json", action="store_true")
     status.add_argument(
@@ -361,15 +349,15 @@ def add_commands(group: Any, command: Any) -> None:
         "--timeout", type=positive_seconds, default=3600.0, help="with --wait (default 3600)"
     )
 
-    listing = command(group, "list", "every run, newest last", cmd_list)
+    listing = add_command(group, "list", "every run, newest last", cmd_list)
     listing.add_argument("--json", action="store_true")
 
-    advance = command(
+    advance = add_command(
         group, "advance", "confirm the next wave (or give a drill its approval)", cmd_advance
     )
     advance.add_argument("run_id", metavar="RUN_ID")
     advance.add_argument("--approval", metavar="REQUEST_ID", help="for a run awaiting approval")
 
-    abort = command(group, "abort", "halt a run and re-pause every wave it enabled", cmd_abort)
+    abort = add_command(group, "abort", "halt a run and re-pause every wave it enabled", cmd_abort)
     abort.add_argument("run_id", metavar="RUN_ID")
     abort.add_argument("--reason", required=True)

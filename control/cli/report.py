@@ -15,7 +15,9 @@ from typing import Any
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.audit_checkpoints import ca_for_verify
-from control.cli import EXIT_FAILED, OperatorClient, add_client_options
+from control.cli.exit_codes import EXIT_FAILED
+from control.cli.options import add_client_options, add_command
+from control.client import OperatorClient
 from control.errors import InvalidInput
 from control.report.render_html import render
 from control.report.signing import verify
@@ -26,7 +28,7 @@ JSON_FILE, HTML_FILE = "report.json", "report.html"
 def cmd_report(args: argparse.Namespace, client: OperatorClient) -> int:
     if not (args.hold and args.out):
         raise InvalidInput("report needs --hold HOLD_ID and --out DIR (or: report verify DIR)")
-    chunks = client.stream("Reports.GetReport", pb.GetReportRequest(hold_id=args.hold))
+    chunks = client.get_report(pb.GetReportRequest(hold_id=args.hold))
     data = b"".join(chunk.data for chunk in chunks)
     report = json.loads(data)["report"]
     out = Path(args.out)
@@ -75,9 +77,8 @@ def _ca(args: argparse.Namespace) -> bytes:
         raise InvalidInput(f"cannot read the CA {args.ca}: {exc.strerror}") from None
 
 
-def add_commands(sub: Any, command: Any) -> None:
-    """Called by ``control.cli`` with its helpers, so every command shares the options."""
-    report = command(
+def add_commands(sub: Any) -> None:
+    report = add_command(
         sub, "report", "a signed proof report of one hold, as JSON and HTML", cmd_report
     )
     report.add_argument("--hold", metavar="HOLD_ID", help="the incident's hold")

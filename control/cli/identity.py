@@ -9,16 +9,16 @@ database so that ``certs list`` shows it and ``certs revoke NAME`` finds it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from control.cli import EXIT_BAD_INPUT, CliError, add_database_option
-from control.domain.audit import AuditRecord
-from control.domain.identity import CertificateRecord, parse_role
+from control import admin
+from control.cli.options import add_database_option
+from control.domain.identity import parse_role
+from control.errors import InvalidInput, KillswitchError
 from control.pki import (
     BOOTSTRAP_ADMIN,
     CSR_FILE,
@@ -40,7 +40,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     os.umask(0o077)
     data_dir = Path(args.data_dir)
     record = initialise(data_dir, server_names=args.san or (), now=time.time())
-    _record(data_dir, args.database, record, "killswitch init")
+    admin.record_certificate(data_dir, args.database, record, "killswitch init")
     pki = data_dir / PKI_DIR
     print(f"created the root CA, the agent CA and the server certificate in {pki}")
     print(f"  identity {data_dir / IDENTITIES_DIR / BOOTSTRAP_ADMIN}  (admin)")
@@ -73,7 +73,7 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     cert_pem, record = root.issue(
         csr_pem, parse_role(args.role), now=time.time(), server_names=args.san or ()
     )
-    _record(data_dir, args.database, record, OFFLINE_ACTOR)
+    admin.record_certificate(data_dir, args.database, record, OFFLINE_ACTOR)
     sys.stderr.write(
         f"issued {record.subject} ({record.role.value}), serial {record.serial};"
         f" give them this certificate and {data_dir / PKI_DIR / 'ca.pem'}\n"
@@ -82,7 +82,7 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
         try:
             Path(args.out).write_bytes(cert_pem)
         except OSError as exc:
-            raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+            raise KillswitchError(f"cannot write {args.out}: {exc.strerror}") from None
     else:
         sys.stdout.write(cert_pem.decode())
     return 0
@@ -93,31 +93,7 @@ def _read_csr(path: Path) -> bytes:
         with path.open("rb") as csr:
             return csr.read(MAX_CSR_BYTES + 1)
     except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_BAD_INPUT) from None
-
-
-def _record(data_dir: Path, database: str, record: CertificateRecord, actor: str) -> None:
-    """Register an issued certificate, with its audit entry, in the fleet's database."""
-    from control.store import open_store
-
-    async def register() -> None:
-        store = await open_store(data_dir, database)
-        try:
-            await store.record_certificate(
-                record,
-                AuditRecord(
-                    time.time(),
-                    actor,
-                    "system",
-                    "certs.issue",
-                    target=record.subject,
-                    detail=f"{record.role.value}, serial {record.serial}",
-                ),
-            )
-        finally:
-            await store.close()
-
-    asyncio.run(register())
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
 
 
 def add_commands(sub: Any, certs: Any) -> None:
