@@ -39,6 +39,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from bench.people import issue_person
 from bench.procs import Child, free_port, install_cleanup
+from control.client import Credentials, OperatorClient
 from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
 from control.pki import load_identity
@@ -122,16 +123,12 @@ class Server:
         except OSError:
             return False
 
-    def operator(self) -> tuple[grpc.Channel, pb_grpc.OperatorStub]:
+    def operator(self) -> OperatorClient:
         identity = load_identity(self.data_dir / "identities" / "ic-1")
-        credentials = grpc.ssl_channel_credentials(
-            identity.ca_pem, identity.key_pem, identity.cert_pem
-        )
-        channel = grpc.secure_channel(self.address, credentials)
-        return channel, pb_grpc.OperatorStub(channel)
+        return OperatorClient(self.address, Credentials(identity=identity), timeout=60)
 
 
-def hold_latencies(operator: pb_grpc.OperatorStub, holds: int, label: str) -> list[float]:
+def hold_latencies(operator: OperatorClient, holds: int, label: str) -> list[float]:
     """Seconds per CreateHold, each for its own laptop, one after another."""
     seconds = []
     for n in range(holds):
@@ -141,7 +138,7 @@ def hold_latencies(operator: pb_grpc.OperatorStub, holds: int, label: str) -> li
             ticket="BENCH-1",
         )
         started = time.perf_counter()
-        operator.CreateHold(request, timeout=60)
+        operator.create_hold(request)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -151,10 +148,10 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-def audit_entries(operator: pb_grpc.OperatorStub) -> list[pb.AuditEntry]:
+def audit_entries(operator: OperatorClient) -> list[pb.AuditEntry]:
     entries: list[pb.AuditEntry] = []
-    while page := operator.ListAudit(
-        pb.ListAuditRequest(after_seq=entries[-1].seq if entries else 0), timeout=60
+    while page := operator.list_audit(
+        pb.ListAuditRequest(after_seq=entries[-1].seq if entries else 0)
     ).entries:
         entries.extend(page)
     return entries
@@ -181,7 +178,7 @@ def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="enrolment-flood-") as tmp:
         work = Path(tmp)
         server = Server(args.killswitch, work)
-        channel, operator = server.operator()
+        operator = server.operator()
         hold_latencies(operator, 20, "warm")
         audit_before = len(audit_entries(operator))
         for round_number in range(args.rounds):
@@ -212,7 +209,7 @@ def measure(args: argparse.Namespace) -> None:
             flood_ended.update(json.loads(flood_log.read_text().strip().splitlines()[-1]))
         time.sleep(12)  # the aggregated entries are written every 10 s
         added = audit_entries(operator)[audit_before:]
-        channel.close()
+        operator.close()
         server.child.stop(grace=10)
     report(
         args,

@@ -63,14 +63,16 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from bench.people import issue_person
 from bench.procs import Child, free_port, install_cleanup, stop_all
+from control.client import Credentials, OperatorClient
 from control.domain.identity import Role
-from control.pki import REPLICA_FILES
+from control.errors import KillswitchError
+from control.pki import REPLICA_FILES, load_identity
+from control.wire import INSECURE_IDENTITY_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Who the harness is: on a plaintext server it claims these names in this header (the
-# bare server ignores it); over mTLS it presents the certificates `killswitch init` made.
-CLAIM_HEADER = "x-killswitch-as"
+# Who the harness is: on a plaintext server it claims these names (the bare server
+# ignores the claim); over mTLS it presents the certificates `killswitch init` made.
 INCIDENT_COMMANDER = ("ic-1", "incident-commander")
 APPROVER = ("approver-1", "approver")
 TOKEN_TTL_SECONDS = 3600
@@ -320,23 +322,32 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 # ------------------------------------------------------------------ the Operator API
 
-Metadata = tuple[tuple[str, str], ...]
+
+def person(target: str, name: str, role: str, identities: Path | None) -> OperatorClient:
+    """One person on one channel: a certificate (mTLS) or a claimed name (plaintext)."""
+    credentials = (
+        Credentials(insecure_claim=f"{name}:{role}")
+        if identities is None
+        else Credentials(identity=load_identity(identities / name))
+    )
+    return OperatorClient(
+        target, credentials, timeout=30, stream_timeout=60, options=HARNESS_CHANNEL_OPTIONS
+    )
 
 
 class Caller:
-    """One person on one channel: a certificate (mTLS) or a claimed name (plaintext)."""
+    """One person on a bare channel, with the raw stub: for a caller that wants the
+    ``grpc`` call itself (bench/ingest_drill.py's pause). Everything else uses ``person``."""
 
     def __init__(self, target: str, name: str, role: str, identities: Path | None) -> None:
-        self.metadata: Metadata = ()
+        self.metadata: tuple[tuple[str, str], ...] = ()
         if identities is None:
             self.channel = grpc.insecure_channel(target, options=HARNESS_CHANNEL_OPTIONS)
-            self.metadata = ((CLAIM_HEADER, f"{name}:{role}"),)
+            self.metadata = ((INSECURE_IDENTITY_HEADER, f"{name}:{role}"),)
         else:
-            folder = identities / name
+            identity = load_identity(identities / name)
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=(folder / "ca.pem").read_bytes(),
-                private_key=(folder / "key.pem").read_bytes(),
-                certificate_chain=(folder / "cert.pem").read_bytes(),
+                identity.ca_pem, identity.key_pem, identity.cert_pem
             )
             self.channel = grpc.secure_channel(target, credentials, options=HARNESS_CHANNEL_OPTIONS)
         self.stub = pb_grpc.OperatorStub(self.channel)
@@ -349,22 +360,20 @@ class Operator:
     """
 
     def __init__(self, target: str, identities: Path | None) -> None:
-        self._ic = Caller(target, *INCIDENT_COMMANDER, identities)
-        self._approver = Caller(target, *APPROVER, identities)
+        self._ic = person(target, *INCIDENT_COMMANDER, identities)
+        self._approver = person(target, *APPROVER, identities)
 
     def close(self) -> None:
-        self._ic.channel.close()
-        self._approver.channel.close()
+        self._ic.close()
+        self._approver.close()
 
     def status(self) -> pb.GetStatusResponse:
-        return self._ic.stub.GetStatus(
-            pb.GetStatusRequest(), timeout=30, metadata=self._ic.metadata
-        )
+        return self._ic.get_status(pb.GetStatusRequest())
 
     def answers(self) -> bool:
         try:
-            self._ic.stub.GetStatus(pb.GetStatusRequest(), timeout=1, metadata=self._ic.metadata)
-        except grpc.RpcError:
+            self._ic.with_timeout(1).get_status(pb.GetStatusRequest())
+        except KillswitchError:
             return False
         return True
 
@@ -372,28 +381,22 @@ class Operator:
         request = pb.CreateHoldRequest(
             scope=pb.Scope(all=True), reason="pause_fleet benchmark", ticket="BENCH-1"
         )
-        return self._ic.stub.CreateHold(request, timeout=30, metadata=self._ic.metadata)
+        return self._ic.create_hold(request)
 
     def resume(self, hold_id: str) -> int:
         """Two people: the incident commander asks, the approver approves; the new epoch."""
-        asked = self._ic.stub.RequestResume(
+        asked = self._ic.request_resume(
             pb.RequestResumeRequest(
                 hold_id=hold_id, reason="pause_fleet benchmark: next round", ticket="BENCH-1"
-            ),
-            timeout=30,
-            metadata=self._ic.metadata,
+            )
         )
-        approved = self._approver.stub.ApproveResume(
-            pb.DecideResumeRequest(request_id=asked.request.id, revision=asked.request.revision),
-            timeout=30,
-            metadata=self._approver.metadata,
+        approved = self._approver.approve_resume(
+            pb.DecideResumeRequest(request_id=asked.request.id, revision=asked.request.revision)
         )
         return int(approved.epoch)
 
     def agents(self) -> list[pb.AgentRecord]:
-        return list(
-            self._ic.stub.ListAgents(pb.ListAgentsRequest(), timeout=60, metadata=self._ic.metadata)
-        )
+        return list(self._ic.list_agents(pb.ListAgentsRequest()))
 
     def acks(self) -> list[tuple[float, int]]:
         """(acked_at, applied epoch) per agent; acked_at 0.0 if it never acked."""
@@ -401,9 +404,7 @@ class Operator:
 
     def agent_certificates_issued(self) -> list[float]:
         """When each agent certificate was issued (server clock), oldest first."""
-        response = self._ic.stub.ListCertificates(
-            pb.ListCertificatesRequest(), timeout=60, metadata=self._ic.metadata
-        )
+        response = self._ic.with_timeout(60).list_certificates(pb.ListCertificatesRequest())
         return sorted(
             c.issued_at.ToNanoseconds() / 1e9 for c in response.certificates if c.role == "agent"
         )
@@ -467,7 +468,7 @@ def poll(
     while True:
         try:
             status = op.status()
-        except grpc.RpcError as exc:
+        except KillswitchError as exc:
             last = f"error {exc}"
         else:
             if check(status):
