@@ -40,9 +40,7 @@ def test_100_opt_out_cycles_keep_one_hold_that_no_resume_lifts(
     inventory.write_text(f"agent_id,owner\n{LAPTOP},employee-1\nlaptop-other,employee-2\n")
     cli.ok("inventory", "import", str(inventory))
     fleet = cli.pause("--all", "--reason", "incident")
-    employee = OperatorClient(
-        server.address, Credentials(load_identity(server.identity("employee-1")))
-    )
+    employee = as_employee(server)
     for _ in range(CYCLES):
         employee.opt_out(pb.OptOutRequest(agent_id=LAPTOP, reason="cycle"))
         employee.opt_in(pb.OptInRequest(agent_id=LAPTOP))
@@ -70,8 +68,6 @@ def test_100_opt_out_cycles_keep_one_hold_that_no_resume_lifts(
     server.start()
     assert cli.agents()[LAPTOP]["mode"] == "PAUSED"
     assert [h["id"] for h in cli.json("holds")["holds"]] == [f"opt-out-{LAPTOP}"]
-    employee = OperatorClient(
-        server.address, Credentials(load_identity(server.identity("employee-1")))
-    )
+    employee = as_employee(server)
     employee.opt_in(pb.OptInRequest(agent_id=LAPTOP))
     assert cli.agents()[LAPTOP]["mode"] == "ALLOWED"
