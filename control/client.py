@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -86,24 +85,14 @@ class OperatorClient:
         self._reports = pb_grpc.ReportsStub(self._channel)
 
     def with_timeout(self, seconds: float) -> OperatorClient:
-        """The same channel, with another deadline for each call (a quick probe, say)."""
+        """The same channel, with another deadline for each call (a quick probe, say);
+        closing either closes both."""
         other = copy.copy(self)
         other._timeout = seconds
         return other
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> OperatorClient:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------ Operator: holds
 

@@ -231,9 +231,7 @@ def cmd_request(args: argparse.Namespace, client: OperatorClient) -> int:
 
 
 def _fetch(client: OperatorClient, run_id: str) -> pb.RunbookRun:
-    response = client.get_runbook_run(pb.GetRunbookRunRequest(run_id=run_id))
-    run: pb.RunbookRun = response.run
-    return run
+    return client.get_runbook_run(pb.GetRunbookRunRequest(run_id=run_id)).run
 
 
 def cmd_status(args: argparse.Namespace, client: OperatorClient) -> int:
