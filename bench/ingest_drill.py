@@ -47,6 +47,7 @@ fsync). It prints figures, it asserts nothing. Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -80,16 +81,17 @@ from bench.pause_fleet import (
     INCIDENT_COMMANDER,
     REPO,
     TARGET_RATIO,
-    Caller,
     Operator,
     by_state,
     log,
     log_summary,
     percentile,
+    person,
     poll,
     wait_answering,
 )
 from bench.procs import Child, free_port, install_cleanup, stop_all
+from bench.volume import own_volume
 from tests.faults.checker import GRACE_SECONDS, Pause, check, read_truth
 
 # The drill's faults (tests/faults/test_ingest_drill.py), as shares of the fleet.
@@ -128,6 +130,7 @@ class Side:
     gateway_steady: dict[str, dict[str, float]] = field(default_factory=dict)
     gateway_burst: dict[str, dict[str, float]] = field(default_factory=dict)
     load: list[str] = field(default_factory=list)
+    sink_volume: str = ""  # what the sink's files sat on
     logs: dict[str, str] = field(default_factory=dict)
     drill: list[str] = field(default_factory=list)
 
@@ -306,6 +309,8 @@ class Bench:
     args: argparse.Namespace
     root: Path
     sides: dict[str, Side] = field(default_factory=dict)
+    # The sinks' volumes, unmounted once every process has stopped.
+    volumes: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def n(self) -> int:
@@ -332,6 +337,8 @@ class Bench:
         self.sides[side.name] = side  # what it measured is reported even if a later phase fails
         here = self.root / side.name
         here.mkdir()
+        sink_dir = here / ("ingest" if product else "bare")
+        side.sink_volume = self.volumes.enter_context(own_volume(sink_dir))
         grpc_port, http_port, sink_port = free_port(), free_port(), free_port()
         metrics_port = free_port()
         ttl = ["--lease-ttl", str(args.lease_ttl)] if args.lease_ttl else []
@@ -366,7 +373,7 @@ class Bench:
                     "ingest",
                     "--insecure",
                     "--data-dir",
-                    str(here / "ingest"),
+                    str(sink_dir),
                     "--listen",
                     f"127.0.0.1:{sink_port}",
                     "--control",
@@ -391,7 +398,7 @@ class Bench:
                     "--port",
                     str(sink_port),
                     "--out",
-                    str(here / "bare-sink.log"),
+                    str(sink_dir / "bare-sink.log"),
                 ],
                 here / "bare-sink.stdout",
                 REPO,
@@ -438,8 +445,8 @@ class Bench:
 
         def landed() -> int:
             if product:
-                return sink_batches(here / "ingest")
-            return count_records(here / "bare-sink.log")[0]
+                return sink_batches(sink_dir)
+            return count_records(sink_dir / "bare-sink.log")[0]
 
         children: dict[str, Measured] = {"server": server, "sink": sink, "fleet": fleet}
         cpu0 = {k: c.cpu_seconds() for k, c in children.items()}
@@ -543,13 +550,11 @@ class Bench:
             if time.monotonic() > deadline:
                 raise TimeoutError("the faults did not strike")
             time.sleep(0.5)
-        ic = Caller(f"127.0.0.1:{grpc_port}", *INCIDENT_COMMANDER, None)
-        hold = ic.stub.CreateHold(
-            pb.CreateHoldRequest(scope=pb.Scope(all=True), reason="ingest drill", ticket="INC-14"),
-            timeout=60,
-            metadata=ic.metadata,
+        ic = person(f"127.0.0.1:{grpc_port}", *INCIDENT_COMMANDER, None)
+        hold = ic.create_hold(
+            pb.CreateHoldRequest(scope=pb.Scope(all=True), reason="ingest drill", ticket="INC-14")
         )
-        ic.channel.close()
+        ic.close()
         committed = hold.hold.created_at.ToNanoseconds() / 1e9
         # Every lease runs out, slow agents ack, offline and sleeping ones come back
         # (two lease TTLs), and two upload rounds after all of that.
@@ -741,6 +746,8 @@ def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
             [*(["-"] if base else []), f"{calls:.0f} ({prod.burst.sent / calls:.1f})"],
         )
     row("sink RSS, MiB", [f"{s.rss_mib.get('sink', math.nan):.0f}" for s in columns])
+    out += ["", "The sink's files sat on: "]
+    out += [f"- {s.name}: {s.sink_volume}" for s in columns]
     out += ["", "Machine load (1/5/15 min) at each phase: "]
     out += [f"- {s.name}: " + "; ".join(s.load) for s in columns]
     out += ["", "Logs (level event x count): "]
@@ -834,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log(f"FAILED: {failure}")
     finally:
         stop_all()
+        bench.volumes.close()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(report(args, bench.sides))

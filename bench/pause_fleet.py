@@ -59,7 +59,6 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import psycopg
 from killswitch.v1 import killswitch_pb2 as pb
-from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from bench.people import issue_person
 from bench.procs import Child, free_port, install_cleanup, stop_all
@@ -67,7 +66,6 @@ from control.client import Credentials, OperatorClient
 from control.domain.identity import Role
 from control.errors import KillswitchError
 from control.pki import REPLICA_FILES, load_identity
-from control.wire import INSECURE_IDENTITY_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -333,24 +331,6 @@ def person(target: str, name: str, role: str, identities: Path | None) -> Operat
     return OperatorClient(
         target, credentials, timeout=30, stream_timeout=60, options=HARNESS_CHANNEL_OPTIONS
     )
-
-
-class Caller:
-    """One person on a bare channel, with the raw stub: for a caller that wants the
-    ``grpc`` call itself (bench/ingest_drill.py's pause). Everything else uses ``person``."""
-
-    def __init__(self, target: str, name: str, role: str, identities: Path | None) -> None:
-        self.metadata: tuple[tuple[str, str], ...] = ()
-        if identities is None:
-            self.channel = grpc.insecure_channel(target, options=HARNESS_CHANNEL_OPTIONS)
-            self.metadata = ((INSECURE_IDENTITY_HEADER, f"{name}:{role}"),)
-        else:
-            identity = load_identity(identities / name)
-            credentials = grpc.ssl_channel_credentials(
-                identity.ca_pem, identity.key_pem, identity.cert_pem
-            )
-            self.channel = grpc.secure_channel(target, credentials, options=HARNESS_CHANNEL_OPTIONS)
-        self.stub = pb_grpc.OperatorStub(self.channel)
 
 
 class Operator:
