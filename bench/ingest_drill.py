@@ -51,7 +51,6 @@ import argparse
 import contextlib
 import math
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -68,6 +67,9 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
 from bench.bare_sink import count_records
+from bench.console import log, this_command
+from bench.figures import against_target, percentile
+from bench.harness import INCIDENT_COMMANDER, Operator, by_state, person, poll, wait_answering
 from bench.ingest_load import (
     BurstResult,
     ProbeResult,
@@ -77,21 +79,7 @@ from bench.ingest_load import (
     probe,
     sink_batches,
 )
-from bench.pause_fleet import (
-    BIN,
-    INCIDENT_COMMANDER,
-    REPO,
-    TARGET_RATIO,
-    Operator,
-    by_state,
-    log,
-    log_summary,
-    percentile,
-    person,
-    poll,
-    wait_answering,
-)
-from bench.procs import Child, free_port, install_cleanup, stop_all
+from bench.procs import BIN, REPO, Child, free_port, install_cleanup, log_summary, stop_all
 from bench.volume import own_volume
 from tests.faults.checker import GRACE_SECONDS, Pause, check, read_truth
 
@@ -644,15 +632,11 @@ def ms(values: Sequence[float], q: float) -> str:
     return f"{1000 * percentile(sorted(values), q):.1f}" if values else "-"
 
 
-def verdict(value: float) -> str:
-    return f"**{value:.2f}x** ({'met' if value <= TARGET_RATIO else 'MISSED'})"
-
-
 def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
     base, prod = sides.get("baseline"), sides.get("product")
     columns = [s for s in (base, prod) if s is not None]
     out = [
-        f"Command: `{this_command()}`",
+        f"Command: `{this_command('bench.ingest_drill')}`",
         "",
         f"| figure ({args.agents} agents uploading every {args.upload_every:g} s, SQLite) | "
         + " | ".join(s.name for s in columns)
@@ -675,7 +659,7 @@ def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
             f"**one round of uploads at once ({base.burst.sent if base and base.burst else ''}"
             " agents, one batch each): time to absorb**, s",
             [f"{s.burst.seconds:.2f}" for s in columns if s.burst],
-            verdict(prod.burst.seconds / base.burst.seconds)
+            against_target(prod.burst.seconds / base.burst.seconds)
             if base and prod and base.burst and prod.burst
             else "",
         )
@@ -775,12 +759,6 @@ def report(args: argparse.Namespace, sides: dict[str, Side]) -> str:
         ]
         out += prod.drill
     return "\n".join(out)
-
-
-def this_command() -> str:
-    return shlex.join(
-        [os.path.relpath(sys.executable, REPO), "-m", "bench.ingest_drill", *sys.argv[1:]]
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
