@@ -52,6 +52,7 @@ from control.rpc.enrolment_gate import (
     MAX_STREAMS_PER_CONNECTION,
     EnrolmentGate,
 )
+from control.rpc.error_boundary import ErrorBoundary
 from control.rpc.operator_service import (
     DashboardService,
     EnrollmentService,
@@ -282,6 +283,7 @@ async def serve(config: ServerConfig) -> None:
                 is_revoked=governance.is_revoked,
             ),
             governance,
+            errors=ErrorBoundary(governance),
             max_calls_per_identity=config.max_calls_per_identity,
         )
         server = grpc.aio.server(

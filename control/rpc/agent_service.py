@@ -23,6 +23,7 @@ from control.rpc.convert import (
     mode_from_pb,
     report_from_pb,
 )
+from control.rpc.error_boundary import abort_for
 
 log = structlog.get_logger("killswitch.rpc.agent")
 
@@ -168,8 +169,8 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             # and serving it from a view older than what it has seen would roll it back.
             await self._plane.resync_agent(hello.agent_id)
             await self._plane.catch_up_to(hello.agent_id, seen_epoch)
-        except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, one_line(exc))
+        except StoreError as exc:  # answered here: an agent's retry is not worth an audit entry
+            await abort_for(context, exc)
         except EpochUnknown as exc:
             log.warning("agent_epoch_unknown", agent_id=hello.agent_id, error=one_line(exc))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, one_line(exc))
