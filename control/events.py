@@ -1,16 +1,27 @@
-"""What the plane reports as it happens, for metrics and per-laptop timelines.
+"""What the plane reports as it happens, for metrics and per-laptop timelines, and
+the one guard every observer is called through.
 
 The plane calls one ``PlaneObserver``; adapters (Prometheus metrics, the
-dashboard's timeline) subclass it and override what they need. Observers run
-on the event loop inside the plane's hot paths, so they must be cheap and must
-never raise.
+dashboard's timeline, the runbook runner) subclass it and override what they need.
+Observers run on the event loop inside the plane's hot paths (every ack, every
+heartbeat), so they must be cheap, and an observer's bug must never break an ack:
+they are called through ``ObserverFailures.guarded`` (``Observers`` for the plane's,
+the ingest sink for its own), which swallows the exception, logs it once per observer
+and event, and counts it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec
+
+import structlog
 
 from control.domain import Hold, Mode
+
+log = structlog.get_logger("killswitch.events")
+
+_P = ParamSpec("_P")
 
 
 class PlaneObserver:
@@ -42,50 +53,71 @@ class PlaneObserver:
     def hold_changed(self, hold: Hold, *, epoch: int, at: float) -> None: ...
 
 
+# The events, by name: what ``Observers`` fans out.
+PLANE_EVENTS = tuple(name for name in vars(PlaneObserver) if not name.startswith("_"))
+
+
+class ObserverFailures:
+    """The one place an observer's exception stops: never in the caller's path.
+
+    Logged with its traceback once per observer and event (a bug in the hot path would
+    otherwise log a thousand times a second), and counted per observer: the server
+    exports the count as ``killswitch_observer_failures_total``.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._logged: set[tuple[str, str]] = set()
+
+    def guarded(self, observer: str, event: str, call: Callable[_P, None]) -> Callable[_P, None]:
+        """``call``, which never raises: its failures are logged and counted here."""
+
+        def never_raising(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            try:
+                call(*args, **kwargs)
+            except Exception:
+                self._failed(observer, event)
+
+        return never_raising
+
+    def _failed(self, observer: str, event: str) -> None:
+        self.counts[observer] = self.counts.get(observer, 0) + 1
+        if (observer, event) not in self._logged:
+            self._logged.add((observer, event))
+            log.exception("observer_failed", observer=observer, hook=event)
+
+
+def name_of(call: Callable[..., Any]) -> str:
+    """How the guard names an observer that is a bare callback, in its log and count."""
+    return str(getattr(call, "__qualname__", type(call).__name__))
+
+
 class Observers(PlaneObserver):
-    """Fans every event out to several observers."""
+    """The plane's observers behind the one guard: each event goes to every observer
+    that overrides it, each call guarded, and to no one else.
 
-    def __init__(self, observers: Sequence[PlaneObserver]) -> None:
-        self._observers = tuple(observers)
+    The methods are bound once, here: an event one observer hears is that observer's
+    guarded method itself, one several hear calls each in turn, and one nobody hears
+    stays the base class's no-op.
+    """
 
-    def connected(self, agent_id: str, *, reconnect: bool, at: float) -> None:
-        for o in self._observers:
-            o.connected(agent_id, reconnect=reconnect, at=at)
-
-    def disconnected(self, agent_id: str, *, at: float) -> None:
-        for o in self._observers:
-            o.disconnected(agent_id, at=at)
-
-    def directive_sent(self, agent_id: str, *, epoch: int, mode: Mode, at: float) -> None:
-        for o in self._observers:
-            o.directive_sent(agent_id, epoch=epoch, mode=mode, at=at)
-
-    def acked(
-        self, agent_id: str, *, epoch: int, mode: Mode, latency: float | None, at: float
+    def __init__(
+        self, observers: Sequence[PlaneObserver], failures: ObserverFailures | None = None
     ) -> None:
-        for o in self._observers:
-            o.acked(agent_id, epoch=epoch, mode=mode, latency=latency, at=at)
+        self.failures = failures or ObserverFailures()
+        for event in PLANE_EVENTS:
+            calls = [
+                self.failures.guarded(type(o).__name__, event, getattr(o, event))
+                for o in observers
+                if getattr(type(o), event) is not getattr(PlaneObserver, event)
+            ]
+            if calls:
+                setattr(self, event, calls[0] if len(calls) == 1 else _each(calls))
 
-    def nacked(self, agent_id: str, *, epoch: int, reason: str, at: float) -> None:
-        for o in self._observers:
-            o.nacked(agent_id, epoch=epoch, reason=reason, at=at)
 
-    def heartbeat(self, agent_id: str, *, at: float) -> None:
-        for o in self._observers:
-            o.heartbeat(agent_id, at=at)
+def _each(calls: Sequence[Callable[..., None]]) -> Callable[..., None]:
+    def each(*args: Any, **kwargs: Any) -> None:
+        for call in calls:
+            call(*args, **kwargs)
 
-    def verified(self, agent_id: str, *, epoch: int, latency: float, at: float) -> None:
-        for o in self._observers:
-            o.verified(agent_id, epoch=epoch, latency=latency, at=at)
-
-    def violation(self, agent_id: str, *, evidence: str, at: float) -> None:
-        for o in self._observers:
-            o.violation(agent_id, evidence=evidence, at=at)
-
-    def upload_refused(self, agent_id: str, *, reason: str, at: float) -> None:
-        for o in self._observers:
-            o.upload_refused(agent_id, reason=reason, at=at)
-
-    def hold_changed(self, hold: Hold, *, epoch: int, at: float) -> None:
-        for o in self._observers:
-            o.hold_changed(hold, epoch=epoch, at=at)
+    return each

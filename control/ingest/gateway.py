@@ -274,8 +274,11 @@ async def serve_gateway(config: GatewayConfig) -> None:
         raise InvalidInput("--control HOST:PORT[,...] is needed")
     control = ControlClient(config.control, identity)
     metrics = GatewayMetrics()
-    sink = Sink(config.data_dir, on_landed=lambda batch: _report_landed(control, batch))
-    sink.on_commit = metrics.committed
+    sink = Sink(
+        config.data_dir,
+        on_landed=lambda batch: _report_landed(control, batch),
+        on_commit=metrics.committed,
+    )
     quarantine = Sink(config.data_dir, QUARANTINE_DIR)
     interceptor = AuthorizationInterceptor(
         Authenticator(

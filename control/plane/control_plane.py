@@ -13,7 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from control.domain import CompliancePolicy
-from control.events import PlaneObserver
+from control.events import ObserverFailures, Observers, PlaneObserver
 from control.freshness import SharedView
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
@@ -135,13 +135,20 @@ class ControlPlane:
     @property
     def observer(self) -> PlaneObserver:
         """Who hears of acks, proofs of stop, hold changes (set once the server has built
-        them, after the plane): every part that reports events tells the same one."""
+        them, after the plane): every part that reports events tells the same one,
+        always through the guard (``Observers``), so no observer can break an ack."""
         return self._observer
 
     @observer.setter
     def observer(self, observer: PlaneObserver) -> None:
-        self._observer = self.cache.observer = self.reports.observer = observer
-        self.holds.observer = observer
+        guarded = observer if isinstance(observer, Observers) else Observers([observer])
+        self._observer = self.cache.observer = self.reports.observer = guarded
+        self.holds.observer = guarded
+
+    @property
+    def observer_failures(self) -> ObserverFailures:
+        """What the observers raised (and the guard swallowed), by observer."""
+        return self._observer.failures
 
     @property
     def epoch(self) -> int:
