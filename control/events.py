@@ -69,14 +69,18 @@ class ObserverFailures:
         self.counts: dict[str, int] = {}
         self._logged: set[tuple[str, str]] = set()
 
-    def guarded(self, observer: str, event: str, call: Callable[_P, None]) -> Callable[_P, None]:
-        """``call``, which never raises: its failures are logged and counted here."""
+    def guarded(
+        self, event: str, observers: Sequence[tuple[str, Callable[_P, None]]]
+    ) -> Callable[_P, None]:
+        """One call that makes each ``(name, call)`` of ``observers`` in turn and never
+        raises: their failures are logged and counted here."""
 
         def never_raising(*args: _P.args, **kwargs: _P.kwargs) -> None:
-            try:
-                call(*args, **kwargs)
-            except Exception:
-                self._failed(observer, event)
+            for observer, call in observers:
+                try:
+                    call(*args, **kwargs)
+                except Exception:
+                    self._failed(observer, event)
 
         return never_raising
 
@@ -96,9 +100,8 @@ class Observers(PlaneObserver):
     """The plane's observers behind the one guard: each event goes to every observer
     that overrides it, each call guarded, and to no one else.
 
-    The methods are bound once, here: an event one observer hears is that observer's
-    guarded method itself, one several hear calls each in turn, and one nobody hears
-    stays the base class's no-op.
+    The methods are bound once, here: an event calls in turn, each guarded, the
+    observers that hear it, and one nobody hears stays the base class's no-op.
     """
 
     def __init__(
@@ -106,18 +109,10 @@ class Observers(PlaneObserver):
     ) -> None:
         self.failures = failures or ObserverFailures()
         for event in PLANE_EVENTS:
-            calls = [
-                self.failures.guarded(type(o).__name__, event, getattr(o, event))
+            hearing = [
+                (type(o).__name__, getattr(o, event))
                 for o in observers
                 if getattr(type(o), event) is not getattr(PlaneObserver, event)
             ]
-            if calls:
-                setattr(self, event, calls[0] if len(calls) == 1 else _each(calls))
-
-
-def _each(calls: Sequence[Callable[..., None]]) -> Callable[..., None]:
-    def each(*args: Any, **kwargs: Any) -> None:
-        for call in calls:
-            call(*args, **kwargs)
-
-    return each
+            if hearing:
+                setattr(self, event, self.failures.guarded(event, hearing))

@@ -277,8 +277,8 @@ class Sink:
         self._dirs: dict[str, str] = {}  # agent -> its directory, known to exist
         self._days: dict[int, str] = {}
         self.observer_failures = failures = failures or ObserverFailures()
-        self._on_landed = failures.guarded(name_of(on_landed), "landed", on_landed)
-        self._on_commit = failures.guarded(name_of(on_commit), "commit", on_commit)
+        self._on_landed = failures.guarded("landed", [(name_of(on_landed), on_landed)])
+        self._on_commit = failures.guarded("commit", [(name_of(on_commit), on_commit)])
         self._waiting: list[Waiting] = []
         self._wake = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None

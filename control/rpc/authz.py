@@ -7,7 +7,9 @@ refuses revoked certificates, and checks the role against ``POLICY``. The cap
 comes before any refusal is recorded, so one identity's refusals never queue more
 than its cap of audit writes; refusals before authentication (no identity, a
 revoked certificate) are only counted, for an aggregated audit entry.
-A method missing from ``POLICY`` is denied to everyone: deny by default.
+A method missing from ``POLICY`` is denied to everyone: deny by default. Whatever an
+admitted handler raises is answered by the error boundary
+(``control.rpc.error_boundary``) from the same wrapper.
 Finer checks (own laptop, own agent id, not one's own request) are made by the
 plane, which sees the principal through ``current_principal()``.
 """
