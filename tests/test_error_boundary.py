@@ -74,6 +74,7 @@ class Rpc:
     caller: str  # NAME:ROLE
     request: bytes = b""
     kind: str = "unary"  # unary | server_stream | bidi
+    then: tuple[bytes, ...] = ()  # a bidi stream's next messages
 
 
 OPERATOR = "/killswitch.v1.Operator/"
@@ -186,6 +187,8 @@ async def _responses(rpc: Rpc, channel: grpc.aio.Channel, received: list[bytes])
 
         async def hello() -> AsyncIterator[bytes]:
             yield rpc.request
+            for message in rpc.then:
+                yield message
             await asyncio.sleep(10)  # the server ends the call
 
         call = channel.stream_stream(rpc.path, bytes, bytes)(hello(), metadata=metadata, timeout=10)
@@ -275,3 +278,52 @@ def test_an_error_mid_stream_ends_it_with_the_mapped_status() -> None:
         grpc.StatusCode.INTERNAL,
         "internal error in Operator.ListAgents: see the server log",
     )
+
+
+class PlaneFailingAcks:
+    """Takes the agent's Hello, then fails at its first ack."""
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+
+    def hands_off_agents(self) -> bool:
+        return False
+
+    async def resync_agent(self, agent_id: str) -> None:
+        pass
+
+    async def catch_up_to(self, agent_id: str, epoch: int) -> None:
+        pass
+
+    def now(self) -> float:
+        return 0.0
+
+    def connect(self, *args: Any) -> None:
+        pass
+
+    def disconnect(self, *args: Any) -> None:
+        pass
+
+    def ack(self, *args: Any, **kwargs: Any) -> None:
+        raise self._error
+
+
+async def _connect_then_ack(error: Exception) -> Outcome:
+    audit = Audit()
+    server = _authorised(audit, ErrorBoundary(audit))  # type: ignore[arg-type]
+    plane: Any = PlaneFailingAcks(error)
+    pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane, audit), server)  # type: ignore[arg-type]
+    hello = pb.AgentMessage(hello=pb.Hello(agent_id="laptop-1")).SerializeToString()
+    ack = pb.AgentMessage(ack=pb.Ack(epoch=1, mode=pb.MODE_PAUSED)).SerializeToString()
+    rpc = Rpc("/killswitch.v1.AgentControl/Connect", "laptop-1:agent", hello, "bidi", (ack,))
+    _, outcome = await _outcome(server, rpc, audit)
+    return outcome
+
+
+def test_a_store_error_mid_stream_on_an_agent_s_connect_is_unavailable() -> None:
+    """The agent stream's own catch is for malformed messages only (INVALID_ARGUMENT)."""
+    outcome = asyncio.run(_connect_then_ack(StoreError("database is down")))
+    assert (outcome.code, outcome.details) == (grpc.StatusCode.UNAVAILABLE, "database is down")
+    assert outcome.trailers.get(STORE_UNAVAILABLE_METADATA) == "1"
+    outcome = asyncio.run(_connect_then_ack(RuntimeError("bug")))
+    assert outcome.code is grpc.StatusCode.INTERNAL
