@@ -64,8 +64,9 @@ def status_for(error: KillswitchError) -> grpc.StatusCode:
 
 
 async def abort_for(context: Context, error: KillswitchError) -> NoReturn:
-    """End the call with ``error``'s status and one-line message (for a handler that
-    answers a domain error itself, mid-stream, without the boundary's audit)."""
+    """End the call with ``error``'s status and one-line message: the boundary's last
+    step, and a handler's that answers a domain error itself, unaudited (an agent's
+    ``Connect`` whose store read failed: its retries are not worth an audit entry)."""
     trailing = ((STORE_UNAVAILABLE_METADATA, "1"),) if isinstance(error, StoreError) else ()
     await context.abort(status_for(error), one_line(error), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises") from error
