@@ -44,6 +44,9 @@ class Failing:
         self._error = error
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):  # introspection (a traceback's renderer): nothing here
+            raise AttributeError(name)
+
         def fail(*args: Any, **kwargs: Any) -> Any:
             raise self._error
 
