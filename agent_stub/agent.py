@@ -485,21 +485,19 @@ class Agent:
             self._renewals = None
 
     async def _renew_leases(self, stream: Outbox) -> None:
-        """The first lease at once (capture waits on it), then a renewal every interval
-        from a random point of the first one.
-
-        Renewals timed from the connect would keep a fleet that connected together (a
-        server restart, a network back) renewing in lockstep, every interval, forever:
-        10,000 requests in the same second. Renewing earlier than the interval is always
-        safe; the lease granted at connect outlives the first interval either way.
-        """
+        """The first lease at once, then renewals from a random point of the first
+        interval: timed from the connect, a fleet that connected together (a server
+        restart) would renew in lockstep forever. Earlier than the interval is safe."""
         await self.awake.wait()
         await self._request_lease(stream)
-        interval = limits.renewal_interval(self._lease_ttl)
+
+        def interval() -> float:
+            return limits.renewal_interval(self._lease_ttl)
+
         await every(
-            lambda: limits.renewal_interval(self._lease_ttl),
+            interval,
             functools.partial(self._request_lease, stream),
-            first_delay=self._rng.uniform(0, interval),
+            first_delay=self._rng.uniform(0, interval()),
             awake=self.awake,
         )
 
