@@ -65,7 +65,7 @@ from typing import Any, Protocol
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, Tuning
 from bench.bare_sink import count_records
 from bench.ingest_load import (
     BurstResult,
@@ -776,7 +776,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--agents", type=int, default=10_000)
-    parser.add_argument("--upload-every", type=float, default=30.0, help="seconds (default 30)")
+    upload_every = Tuning().upload_every
+    parser.add_argument(
+        "--upload-every",
+        type=float,
+        default=upload_every,
+        help=f"seconds (default {upload_every:g})",
+    )
     parser.add_argument(
         "--connections",
         type=int,
