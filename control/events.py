@@ -89,3 +89,23 @@ class Observers(PlaneObserver):
     def hold_changed(self, hold: Hold, *, epoch: int, at: float) -> None:
         for o in self._observers:
             o.hold_changed(hold, epoch=epoch, at=at)
+
+
+class DeferredObservers(Observers):
+    """The plane's fan-out when its observers need the plane built first.
+
+    The runbook runner drives the plane and hears of its hold changes; the dashboard reads
+    the plane and keeps the timeline of its events. So the plane is given this fan-out at
+    construction, and the composition root names its members once (``fill``), after
+    building them and before anything starts: the plane emits no event before its start.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(())
+        self._filled = False
+
+    def fill(self, observers: Sequence[PlaneObserver]) -> None:
+        if self._filled:
+            raise RuntimeError("the plane's observers are named once")
+        self._observers = tuple(observers)
+        self._filled = True

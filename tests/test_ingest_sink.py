@@ -152,8 +152,11 @@ def test_concurrent_appends_share_commits_and_each_waits_for_its_own(
     async def scenario() -> None:
         landed: list[Batch] = []
         groups: list[int] = []
-        sink = Sink(tmp_path, on_landed=landed.append)
-        sink.on_commit = lambda seconds, size: groups.append(size)
+        sink = Sink(
+            tmp_path,
+            on_landed=landed.append,
+            on_commit=lambda seconds, size: groups.append(size),
+        )
         sink.start()
         try:
             batches = [batch(f"laptop-{i:03d}", 1, f"r{i}".encode()) for i in range(300)]

@@ -262,6 +262,7 @@ class Sink:
         kind: str = SINK_DIR,
         *,
         on_landed: Callable[[Batch], None] | None = None,
+        on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         self.root = data_dir / kind
         _private_dir(self.root)
@@ -275,7 +276,7 @@ class Sink:
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
         # Observed by the gateway's metrics: seconds and size of each group commit.
-        self.on_commit: Callable[[float, int], None] = lambda seconds, size: None
+        self._on_commit = on_commit or (lambda seconds, size: None)
 
     def agent_dir(self, agent_id: str) -> Path:
         return agent_dir(self.root, agent_id)
@@ -426,7 +427,7 @@ class Sink:
                 except OSError as exc:
                     self._settle(group, exc)
                     continue
-                self.on_commit(time.monotonic() - last_started, len(group))
+                self._on_commit(time.monotonic() - last_started, len(group))
                 self._settle(group, entries)
             if self._closing:
                 return

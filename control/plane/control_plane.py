@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from control.domain import CompliancePolicy
+from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
 from control.events import PlaneObserver
 from control.freshness import SharedView
 from control.plane.audit import AuditRecorder
@@ -36,7 +37,7 @@ class ControlPlane:
         *,
         clock: Callable[[], float],
         policy: CompliancePolicy | None = None,
-        lease_ttl: float = 60.0,
+        lease_ttl: float = DEFAULT_LEASE_TTL_SECONDS,
         flush_interval: float = 0.25,
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
@@ -50,6 +51,9 @@ class ControlPlane:
         self.lease_ttl = lease_ttl
         self.last_seen_save_interval = last_seen_save_interval
         self.replica_id = replica_id = replica_id or new_replica_id()
+        # Who hears of acks, proofs of stop, hold changes: every part that reports events
+        # tells the same one, given here once (the server passes its metrics, timeline, ...).
+        self.observer = observer = observer or PlaneObserver()
         agents: dict[str, AgentEntry] = {}
         self.audit = audit = AuditRecorder(store, clock)
         self.writer = writer = AgentWriter(
@@ -68,6 +72,7 @@ class ControlPlane:
             policy=policy,
             lease_ttl=lease_ttl,
             before_fanout=before_fanout,
+            observer=observer,
         )
         self.membership = membership = Membership(
             store,
@@ -89,10 +94,12 @@ class ControlPlane:
             policy=policy,
             lease_ttl=lease_ttl,
             last_seen_save_interval=last_seen_save_interval,
+            observer=observer,
         )
-        self.holds = holds = HoldCommits(store, cache, membership, audit, clock=clock)
+        self.holds = holds = HoldCommits(
+            store, cache, membership, audit, clock=clock, observer=observer
+        )
         self.fleet = fleet = FleetViews(cache, membership, clock=clock, policy=policy)
-        self.observer = observer or PlaneObserver()
 
         self.flush = writer.flush
         # The desired-state cache and its subscribers.
@@ -131,17 +138,6 @@ class ControlPlane:
 
     def now(self) -> float:
         return self._clock()
-
-    @property
-    def observer(self) -> PlaneObserver:
-        """Who hears of acks, proofs of stop, hold changes (set once the server has built
-        them, after the plane): every part that reports events tells the same one."""
-        return self._observer
-
-    @observer.setter
-    def observer(self, observer: PlaneObserver) -> None:
-        self._observer = self.cache.observer = self.reports.observer = observer
-        self.holds.observer = observer
 
     @property
     def epoch(self) -> int:
