@@ -159,7 +159,7 @@ def _check_addresses(settings: ServerSettings) -> tuple[_Listen, Authority | Non
         http_host, http_port = split_host_port(settings.http_address, what="HTTP")
         authority = Authority.load(settings.data_dir)
     ensure_can_listen(grpc_host, grpc_port, what="gRPC")
-    enroll = settings.enroll_address or enroll_address_for(settings.grpc_address)
+    enroll = settings.enroll_address or _enroll_address_for(settings.grpc_address)
     if authority is not None:
         ensure_can_listen(*split_host_port(enroll, what="enrolment"), what="enrolment")
     listen = _Listen(
@@ -345,7 +345,7 @@ class _Server:
         )
 
     def dashboard_url(self) -> str:
-        return self.listen.public_url or dashboard_url(self.listen.http_host, self.web.port)
+        return self.listen.public_url or _local_dashboard_url(self.listen.http_host, self.web.port)
 
     # ------------------------------------------------------------ wiring
 
@@ -498,11 +498,11 @@ def _background(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> Runn
     return Runnable(name, start, stop)
 
 
-def enroll_address_for(grpc_address: str) -> str:
+def _enroll_address_for(grpc_address: str) -> str:
     host, port = split_host_port(grpc_address, what="gRPC")
     return f"{host}:{enrolment_port(port)}"
 
 
-def dashboard_url(host: str, port: int) -> str:
+def _local_dashboard_url(host: str, port: int) -> str:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return f"http://[{shown_host}]:{port}" if ":" in shown_host else f"http://{shown_host}:{port}"
