@@ -477,17 +477,29 @@ class Agent:
     def _keep_renewing(self, stream: Outbox) -> None:
         """Request a lease now and every third of its TTL while allowed; stop otherwise."""
         if self._allowed() and self._renewals is None:
-            self._renewals = stream.spawn(
-                every(
-                    lambda: limits.renewal_interval(self._lease_ttl),
-                    functools.partial(self._request_lease, stream),
-                    first_delay=0.0,
-                    awake=self.awake,
-                )
-            )
+            self._renewals = stream.spawn(self._renew_leases(stream))
         elif not self._allowed() and self._renewals is not None:
             self._renewals.cancel()
             self._renewals = None
+
+    async def _renew_leases(self, stream: Outbox) -> None:
+        """The first lease at once (capture waits on it), then a renewal every interval
+        from a random point of the first one.
+
+        Renewals timed from the connect would keep a fleet that connected together (a
+        server restart, a network back) renewing in lockstep, every interval, forever:
+        10,000 requests in the same second. Renewing earlier than the interval is always
+        safe; the lease granted at connect outlives the first interval either way.
+        """
+        await self.awake.wait()
+        await self._request_lease(stream)
+        interval = limits.renewal_interval(self._lease_ttl)
+        await every(
+            lambda: limits.renewal_interval(self._lease_ttl),
+            functools.partial(self._request_lease, stream),
+            first_delay=self._rng.uniform(0, interval),
+            awake=self.awake,
+        )
 
     async def _request_lease(self, stream: Outbox) -> None:
         request_id, sent_at = self.lease.request()

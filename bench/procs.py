@@ -7,13 +7,19 @@ benchmark still kills it; a leaked 10k-connection fleet would skew the next run.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 from types import FrameType
 
+# Children run from the repository root, with the commands of this interpreter's venv.
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _live: list[Child] = []
 
@@ -85,6 +91,24 @@ class Child:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def log_summary(path: Path) -> str:
+    """What a product process logged (JSON, at --log-level warning): count per level and event."""
+    counts: Counter[str] = Counter()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "unreadable"
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            counts["(not JSON)"] += 1
+            continue
+        if isinstance(entry, dict):
+            counts[f"{entry.get('level', '?')} {entry.get('event', '?')}"] += 1
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common()) or "empty"
 
 
 def stop_all() -> None:

@@ -195,14 +195,19 @@ class Governance:
         reports); lookups come before any change, so a call refused as unknown changed
         nothing."""
         try:
-            try:
-                return await call()
-            except UnknownItem:
-                if not await self.resync():
-                    raise
-                return await call()
+            return await call()
         except UnknownItem as unknown:
-            raise await self.explain_unknown(unknown) from None
+            return await self.found_after_resync(unknown, call)
+
+    async def found_after_resync(self, unknown: UnknownItem, call: Callable[[], Awaitable[T]]) -> T:
+        """The rest of ``found`` once a first ``call()`` raised ``unknown``: the RPC error
+        boundary makes that first call itself, so a call that succeeds pays nothing."""
+        try:
+            if await self.resync():
+                return await call()
+        except UnknownItem as still:
+            unknown = still
+        raise await self.explain_unknown(unknown) from None
 
     async def explain_unknown(self, error: UnknownItem) -> NotFound:
         """A hold, request or run not in memory: archived history, or unknown indeed."""

@@ -3,7 +3,8 @@
 Three sources feed it:
 
 - plane events (``PlaneObserver``): counters and the pause latency histograms. They run in
-  the plane's hot path, so each is O(1) and never raises;
+  the plane's hot path, so each is O(1); the plane calls them through its observer guard
+  (``control.events.Observers``), whose count of swallowed failures is exported too;
 - the plane's ``census()``, read at scrape time by a custom collector: agents by compliance
   state and by effective mode, live streams, the epoch, active holds. Every state and mode
   is exported, zeros included, and nothing is labelled per agent;
@@ -17,13 +18,12 @@ counters); ``promtool check metrics`` runs on a real scrape in the tests.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing
-from typing import Any, Concatenate, ParamSpec
+from typing import Any, ParamSpec
 
 import grpc
 import structlog
@@ -37,12 +37,12 @@ from prometheus_client import (
     process_collector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from control.domain import ComplianceState, Hold, HoldKind, Mode
 from control.domain.readiness import ReadinessClass, ReadinessReport
 from control.errors import StoreError, one_line
-from control.events import PlaneObserver
+from control.events import ObserverFailures, PlaneObserver
 from control.loop_lag import LoopLag
 from control.plane import Census, ControlPlane
 from control.readiness import Readiness
@@ -67,21 +67,6 @@ GRPC_HANDLING_BUCKETS = (*Histogram.DEFAULT_BUCKETS[:-1], 60.0, 600.0, 3600.0)
 _P = ParamSpec("_P")
 
 
-def _never_raises(
-    method: Callable[Concatenate[Metrics, _P], None],
-) -> Callable[Concatenate[Metrics, _P], None]:
-    """Observers run inside the plane: a metrics bug must never break an agent's stream."""
-
-    @functools.wraps(method)
-    def guarded(self: Metrics, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
-        try:
-            method(self, *args, **kwargs)
-        except Exception:
-            self._observer_failed(method.__name__)
-
-    return guarded
-
-
 class Metrics(PlaneObserver):
     """The server's metrics: a plane observer, a census collector, a gRPC interceptor."""
 
@@ -94,7 +79,6 @@ class Metrics(PlaneObserver):
         self.registry.register(self._census)
         self._readiness: Readiness | None = None
         self._readiness_assessed_at = -math.inf  # monotonic
-        self._failed_observers: set[str] = set()
         self._grpc = GrpcServerMetrics(self.registry)
         # Run by the server (``loop_lag.run()``) on its loop.
         self.loop_lag = LoopLag(self.registry)
@@ -199,23 +183,15 @@ class Metrics(PlaneObserver):
         except (TimeoutError, StoreError) as exc:
             log.warning("readiness_not_assessed", error=one_line(exc) or "timed out")
 
-    def _observer_failed(self, event: str) -> None:
-        if event not in self._failed_observers:  # once per event kind: no log floods
-            self._failed_observers.add(event)
-            log.exception("metrics_observer_failed", plane_event=event)
-
     # ------------------------------------------------------------ plane events
 
-    @_never_raises
     def connected(self, agent_id: str, *, reconnect: bool, at: float) -> None:
         if reconnect:
             self.reconnects.inc()
 
-    @_never_raises
     def directive_sent(self, agent_id: str, *, epoch: int, mode: Mode, at: float) -> None:
         self._directives_by_mode[mode].inc()
 
-    @_never_raises
     def acked(
         self, agent_id: str, *, epoch: int, mode: Mode, latency: float | None, at: float
     ) -> None:
@@ -224,23 +200,18 @@ class Metrics(PlaneObserver):
             # Wall clocks can step back: never a negative latency.
             self.pause_to_ack.observe(max(latency, 0.0))
 
-    @_never_raises
     def nacked(self, agent_id: str, *, epoch: int, reason: str, at: float) -> None:
         self.nacks.inc()
 
-    @_never_raises
     def verified(self, agent_id: str, *, epoch: int, latency: float, at: float) -> None:
         self.pause_to_verified.observe(max(latency, 0.0))
 
-    @_never_raises
     def violation(self, agent_id: str, *, evidence: str, at: float) -> None:
         self.violations.inc()
 
-    @_never_raises
     def upload_refused(self, agent_id: str, *, reason: str, at: float) -> None:
         self.uploads_refused.inc()
 
-    @_never_raises
     def hold_changed(self, hold: Hold, *, epoch: int, at: float) -> None:
         change = "created" if hold.active else "lifted"
         self.hold_changes.labels(kind=hold.kind.value, change=change).inc()
@@ -259,6 +230,7 @@ class CensusCollector:
             *_store_families(None),
             *self._leasing(None),
             _readiness_family(None),
+            _observer_failures_family(None),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -269,6 +241,7 @@ class CensusCollector:
             *_store_families(self.plane.store_health),
             *self._leasing(self.plane),
             _readiness_family(self.readiness),
+            _observer_failures_family(self.plane.observer_failures),
         ]
 
     @staticmethod
@@ -340,6 +313,18 @@ def _readiness_family(report: ReadinessReport | None) -> Metric:
     if report is not None:
         for cls, count in report.counts().items():
             family.add_metric([cls.value, _severity(cls)], count)
+    return family
+
+
+def _observer_failures_family(failures: ObserverFailures | None) -> Metric:
+    family = CounterMetricFamily(
+        "killswitch_observer_failures",
+        "Exceptions a plane observer (metrics, timeline, runbook runner) raised, swallowed by"
+        " the plane's guard so that no ack or heartbeat failed: each is a bug (see the log).",
+        labels=["observer"],
+    )
+    for observer, count in (failures.counts if failures else {}).items():
+        family.add_metric([observer], count)
     return family
 
 

@@ -58,6 +58,7 @@ from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
 from control.rpc.enrolment_gate import EnrolmentGate
+from control.rpc.error_boundary import ErrorBoundary
 from control.rpc.operator_service import (
     DashboardService,
     EnrollmentService,
@@ -377,6 +378,7 @@ class _Server:
                 is_revoked=governance.is_revoked,
             ),
             governance,
+            errors=ErrorBoundary(governance),
             max_calls_per_identity=self.settings.max_calls_per_identity,
         )
         signer = (

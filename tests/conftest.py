@@ -42,7 +42,7 @@ PEOPLE_ROLES = {
 }
 # Hypothesis: `small` by default (`make test`, CI), HYPOTHESIS_PROFILE=large for a deep run.
 # In-process properties take max_examples; those over real gRPC a share of it
-# (test_malformed_input.examples).
+# (tests/malformed/test_fuzzing.examples).
 settings.register_profile("small", max_examples=100)
 settings.register_profile("large", max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "small")

@@ -168,7 +168,8 @@ def test_leases_are_renewed_every_third_of_the_ttl_while_allowed() -> None:
         started = asyncio.get_running_loop().time()
         await wait_until(lambda: len(outbox.lease_requests()) == 3)
         assert outbox.lease_requests() == [1, 2, 3]
-        assert asyncio.get_running_loop().time() - started >= 0.2, "one every 0.1 s"
+        # The first renewal at a random point of the first 0.1 s, then one every 0.1 s.
+        assert asyncio.get_running_loop().time() - started >= 0.1, "one every 0.1 s"
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
         await asyncio.sleep(0.25)
         assert outbox.lease_requests() == [1, 2, 3], "no renewals while paused"

@@ -29,33 +29,37 @@ LEASE_TTL = 0.6
 class ScriptedControl(pb_grpc.AgentControlServicer):
     """Allows capture and grants every lease; records what each stream carried."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease_ttl: float = LEASE_TTL) -> None:
+        self.lease_ttl = lease_ttl
         self.streams: list[list[pb.AgentMessage]] = []
         self.callers: list[str] = []
         self.ended_at: list[float] = []
+        self.lease_requested_at: dict[str, list[float]] = {}  # caller -> when (monotonic)
 
     async def Connect(  # type: ignore[override]  # noqa: N802 - gRPC method name
         self, request_iterator: Any, context: Any
     ) -> None:
         received: list[pb.AgentMessage] = []
         self.streams.append(received)
-        self.callers.append(dict(context.invocation_metadata()).get(INSECURE_IDENTITY_HEADER, ""))
+        caller = str(dict(context.invocation_metadata()).get(INSECURE_IDENTITY_HEADER, ""))
+        self.callers.append(caller)
         try:
             received.append(await context.read())
             allowed = pb.Directive(
                 epoch=1,
                 mode=pb.MODE_ALLOWED,
                 heartbeat_interval_seconds=0.1,
-                lease_ttl_seconds=LEASE_TTL,
+                lease_ttl_seconds=self.lease_ttl,
             )
             await context.write(pb.ServerMessage(directive=allowed))
             while isinstance(message := await context.read(), pb.AgentMessage):
                 received.append(message)
                 if message.WhichOneof("body") == "lease_request":
+                    self.lease_requested_at.setdefault(caller, []).append(time.monotonic())
                     answer = pb.LeaseGrant(
                         request_id=message.lease_request.request_id,
                         granted=True,
-                        ttl_seconds=LEASE_TTL,
+                        ttl_seconds=self.lease_ttl,
                     )
                     await context.write(pb.ServerMessage(lease_grant=answer))
         finally:
@@ -64,6 +68,53 @@ class ScriptedControl(pb_grpc.AgentControlServicer):
 
 def kinds(messages: list[pb.AgentMessage]) -> list[str]:
     return [str(m.WhichOneof("body")) for m in messages]
+
+
+def test_a_fleet_that_connects_together_spreads_its_lease_renewals() -> None:
+    """Renewals timed from the connect would keep a fleet that (re)connected at once
+    renewing in lockstep forever; each agent's first renewal falls at a random point of
+    the interval instead, never later than the interval."""
+    interval = 1.0  # a third of the lease TTL
+
+    async def scenario() -> dict[str, list[float]]:
+        control = ScriptedControl(lease_ttl=3 * interval)
+        server = grpc.aio.server()
+        pb_grpc.add_AgentControlServicer_to_server(control, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = open_channel(f"127.0.0.1:{port}")
+        agents = [
+            Agent(
+                AgentConfig(f"laptop-{i}", tuning=Tuning(capture_tick=0.5, upload_every=3600)),
+                channel,
+                call_metadata=insecure_metadata(f"laptop-{i}"),
+                rng=random.Random(i),
+            )
+            for i in range(20)
+        ]
+        runners = [asyncio.create_task(agent.run()) for agent in agents]
+        try:
+            await wait_until(
+                lambda: (
+                    len(control.lease_requested_at) == 20
+                    and all(len(times) >= 2 for times in control.lease_requested_at.values())
+                )
+            )
+            return control.lease_requested_at
+        finally:
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+            await channel.close(grace=None)
+            await server.stop(grace=None)
+
+    requested = asyncio.run(scenario())
+    first_renewal = [times[1] - times[0] for times in requested.values()]
+    assert max(first_renewal) <= interval + 0.3, "a renewal came later than its interval"
+    assert max(first_renewal) - min(first_renewal) > 0.4 * interval, (
+        f"first renewals within {max(first_renewal) - min(first_renewal):.3f}s of each"
+        " other: the fleet renews in lockstep"
+    )
 
 
 def test_offline_agent_drops_its_stream_stops_at_expiry_and_comes_back() -> None:

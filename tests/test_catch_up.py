@@ -1,19 +1,20 @@
 """A hold another replica committed a moment ago is not "unknown" here: read, then retry.
 
-In-process: the RPC error boundary (``translate_errors``) and ``Governance.resync``.
+In-process: the RPC error boundary (``ErrorBoundary``) and ``Governance.resync``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import types
-from typing import Any
+from typing import Any, cast
 
+import grpc
 import pytest
 
 from control.errors import StoreError, UnknownItem
 from control.governance import Governance
-from control.rpc.operator_service import translate_errors
+from control.rpc.error_boundary import ErrorBoundary
 
 
 def governance(resync: Any) -> Governance:
@@ -35,10 +36,9 @@ class LaggingReplica:
         async def resync() -> None:
             self.has_read = True
 
-        self._governance = governance(resync)
+        self.governance = governance(resync)
 
-    @translate_errors
-    async def Resume(self, request: str, context: Any) -> str:  # noqa: N802
+    async def resume(self, request: str, context: Any) -> str:
         self.calls += 1
         if not self.has_read:
             raise UnknownItem(UnknownItem.HOLD, request)
@@ -46,9 +46,21 @@ class LaggingReplica:
 
 
 def test_an_unknown_hold_is_looked_for_again_after_a_re_read() -> None:
+    """As the authorisation interceptor's wrapper calls it: first bare, then the boundary."""
     replica = LaggingReplica()
-    answer: str = asyncio.run(replica.Resume("hold-1", None))  # type: ignore[arg-type]
-    assert answer == "resumed hold-1"
+    handler = grpc.unary_unary_rpc_method_handler(replica.resume)
+    failed = ErrorBoundary(replica.governance).for_call(
+        "/killswitch.v1.Operator/Resume", handler, mutates=False
+    )
+
+    async def call() -> str:
+        try:
+            return await replica.resume("hold-1", None)
+        except Exception as error:
+            answer: str = await failed(error, "hold-1", cast(Any, None))
+            return answer
+
+    assert asyncio.run(call()) == "resumed hold-1"
     assert replica.calls == 2
 
 

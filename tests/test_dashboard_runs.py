@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
-from tests.test_dashboard import Http, session_for
+from tests.dashboard_support import Http, session_for
 from tests.test_dashboard_browser import (
     ARTIFACTS,
     CHROMIUM,

@@ -2,17 +2,30 @@
 
 Secure cookies behind an https public URL, login links that need a confirmation from
 the browser that opened them (login CSRF), live-update slots shared out per session
-and per person, and /metrics moved off the dashboard's port.
+and per person, and /metrics moved off the dashboard's port. In process, against the
+same handlers with a clock the test moves: login links expiring, and identities that
+are not people kept out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from control.domain.identity import Principal, Role
+from control.plane import ControlPlane
+from control.store.sqlite import SqliteStore
+from control.web.dashboard import Dashboard
 from control.web.login import SESSION_COOKIE
+from control.web.sessions import LOGIN_TOKEN_SECONDS, DashboardSessions
 from control.web.streams import (
     MAX_EVENT_STREAMS,
     MAX_STREAMS_PER_USER,
@@ -20,7 +33,7 @@ from control.web.streams import (
     StreamSlots,
 )
 from tests.conftest import Cli, ServerProcess, free_port
-from tests.test_dashboard import EventStream, Http, session_for
+from tests.dashboard_support import EventStream, Http, session_for
 
 
 def test_an_https_public_url_makes_the_cookies_secure(
@@ -172,3 +185,81 @@ def test_a_bad_public_url_is_one_clear_line() -> None:
             assert "--public-url" in str(exc)
         else:
             raise AssertionError(f"accepted {bad!r}")
+
+
+# ------------------------------------------------------------------ in process
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def in_process(tmp_path: Path, scenario: Callable[..., Any]) -> None:
+    """The dashboard's handlers on a real aiohttp server and plane, with a clock we move."""
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = await SqliteStore.open(tmp_path)
+        plane = ControlPlane(store, clock=clock, flush_interval=3600)
+        await plane.start()
+        sessions = DashboardSessions(store, clock)
+        dashboard = Dashboard(plane, sessions)
+        app = web.Application()
+        app.add_routes(dashboard.routes())
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            await scenario(client, sessions, clock, plane)
+        finally:
+            await dashboard.close()
+            await client.close()
+            await plane.stop()
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_login_links_expire_and_only_people_get_in(tmp_path: Path) -> None:
+    async def scenario(
+        client: TestClient[Any, Any], sessions: DashboardSessions, clock: FakeClock, plane: Any
+    ) -> None:
+        sre = Principal("sre-1", Role.SRE, serial="01")
+        token, _ = await sessions.issue_login(sre)
+        clock.now += LOGIN_TOKEN_SECONDS + 1
+        late = await client.get(f"/login?token={token}", allow_redirects=False)
+        assert late.status == 401
+        token, _ = await sessions.issue_login(sre)
+        clock.now += LOGIN_TOKEN_SECONDS - 1
+        page = await client.get(f"/login?token={token}", allow_redirects=False)
+        assert page.status == 200
+        form = dict(re.findall(r'name="(\w+)" value="([^"]*)"', await page.text()))
+        clock.now += 0.5
+        ok = await client.post("/login", data=form, allow_redirects=False)
+        assert ok.status == 303
+        client.session.cookie_jar.clear()  # from here on, only the cookies given
+        for role in (Role.AUTOMATION, Role.AGENT):
+            token, _ = await sessions.issue_login(Principal("robot", role, serial="02"))
+            refused = await client.get(f"/login?token={token}", allow_redirects=False)
+            assert refused.status == 403 and SESSION_COOKIE not in refused.cookies
+            # Even a session made some other way gets nowhere.
+            redeemed = await sessions.redeem(
+                (await sessions.issue_login(Principal("robot", role)))[0]
+            )
+            assert redeemed is not None
+            cookie = {"Cookie": f"{SESSION_COOKIE}={redeemed[0]}"}
+            for path in ("/", "/api/agents", "/api/events", "/export/agents.csv"):
+                assert (await client.get(path, headers=cookie)).status == 403, path
+        # An employee with no laptop sees an empty fleet, not an error.
+        employee = await sessions.redeem(
+            (await sessions.issue_login(Principal("employee-9", Role.EMPLOYEE)))[0]
+        )
+        assert employee is not None
+        cookie = {"Cookie": f"{SESSION_COOKIE}={employee[0]}"}
+        data = await (await client.get("/api/summary", headers=cookie)).json()
+        assert data["summary"]["total"] == 0
+
+    in_process(tmp_path, scenario)

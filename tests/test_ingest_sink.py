@@ -153,9 +153,7 @@ def test_concurrent_appends_share_commits_and_each_waits_for_its_own(
         landed: list[Batch] = []
         groups: list[int] = []
         sink = Sink(
-            tmp_path,
-            on_landed=landed.append,
-            on_commit=lambda seconds, size: groups.append(size),
+            tmp_path, on_landed=landed.append, on_commit=lambda seconds, size: groups.append(size)
         )
         sink.start()
         try:
@@ -193,6 +191,25 @@ def test_a_batch_lands_and_is_reported_even_when_its_caller_stops_waiting(
         assert [b.sequence for b in landed] == [1]
         assert sink.next_sequence("laptop") == 2, "a landed batch's number is never reopened"
         assert [raw for _, raw in verified_records(tmp_path, "laptop")] == [b"kept"]
+
+    asyncio.run(scenario())
+
+
+def test_observers_that_raise_stop_neither_the_committer_nor_the_uploads(tmp_path: Path) -> None:
+    def broken(*args: object) -> None:
+        raise ValueError("a bug in the reporting")
+
+    async def scenario() -> None:
+        sink = Sink(tmp_path, on_landed=broken, on_commit=broken)
+        sink.start()
+        try:
+            for sequence in (1, 2, 3):  # one group each: the committer lived on
+                await sink.append(batch("laptop", sequence, b"x%d" % sequence))
+        finally:
+            await sink.close()
+        assert sink.next_sequence("laptop") == 4
+        ((observer, failures),) = sink.observer_failures.counts.items()
+        assert observer.endswith("<locals>.broken") and failures == 6
 
     asyncio.run(scenario())
 

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control.domain import ComplianceState, Mode
 from control.domain.readiness import ReadinessPolicy, ReadinessReport, assess
+from control.events import PlaneObserver
 from control.metrics import Metrics
 from control.plane import ControlPlane
 from control.readiness import Readiness
@@ -181,25 +182,29 @@ def test_openmetrics_on_request(server: ServerProcess) -> None:
 # ---------------------------------------------------------------- in process
 
 
-def idle_plane() -> ControlPlane:
+def idle_plane(observer: PlaneObserver | None = None) -> ControlPlane:
     """A plane that was never started: census() works on its empty memory; the store is
     never called (a sole writer, so its view counts as current)."""
-    return ControlPlane(cast(Store, SimpleNamespace(sole_writer=True)), clock=time.time)
+    return ControlPlane(
+        cast(Store, SimpleNamespace(sole_writer=True)), clock=time.time, observer=observer
+    )
 
 
 def test_observer_never_raises_and_counts() -> None:
     metrics = Metrics()
-    metrics.watch(idle_plane())
-    metrics.acked("a", epoch=1, mode=Mode.PAUSED, latency=0.4, at=0.0)
-    metrics.acked("a", epoch=1, mode=Mode.PAUSED, latency=None, at=0.0)  # a re-ack: no latency
-    metrics.acked("a", epoch=1, mode=Mode.ALLOWED, latency=2.0, at=0.0)  # not a pause
-    metrics.verified("a", epoch=1, latency=-1.0, at=0.0)  # a wall clock stepped back
-    metrics.connected("a", reconnect=False, at=0.0)
-    metrics.connected("a", reconnect=True, at=0.0)
+    plane = idle_plane(metrics)  # the plane calls it through its guard, as the server does
+    metrics.watch(plane)
+    observer = plane.observer
+    observer.acked("a", epoch=1, mode=Mode.PAUSED, latency=0.4, at=0.0)
+    observer.acked("a", epoch=1, mode=Mode.PAUSED, latency=None, at=0.0)  # a re-ack: no latency
+    observer.acked("a", epoch=1, mode=Mode.ALLOWED, latency=2.0, at=0.0)  # not a pause
+    observer.verified("a", epoch=1, latency=-1.0, at=0.0)  # a wall clock stepped back
+    observer.connected("a", reconnect=False, at=0.0)
+    observer.connected("a", reconnect=True, at=0.0)
     # Garbage from a buggy caller is swallowed (and logged once), never raised into the plane.
-    metrics.acked("a", epoch=1, mode=cast(Mode, "BOGUS"), latency=1.0, at=0.0)
-    metrics.directive_sent("a", epoch=1, mode=cast(Mode, None), at=0.0)
-    metrics.hold_changed(cast(Any, object()), epoch=1, at=0.0)
+    observer.acked("a", epoch=1, mode=cast(Mode, "BOGUS"), latency=1.0, at=0.0)
+    observer.directive_sent("a", epoch=1, mode=cast(Mode, None), at=0.0)
+    observer.hold_changed(cast(Any, object()), epoch=1, at=0.0)
 
     found = samples(generate_latest(metrics.registry).decode())
     assert value(found, "killswitch_acks_total", mode="PAUSED") == 2
@@ -213,6 +218,7 @@ def test_observer_never_raises_and_counts() -> None:
     assert value(found, "killswitch_store_writable") == 1
     assert value(found, "killswitch_store_unwritable_cause", cause="disk_full") == 0
     assert len([n for n, _, _ in found if n == "killswitch_agents"]) == len(ComplianceState)
+    assert value(found, "killswitch_observer_failures_total", observer="Metrics") == 3
 
 
 def test_every_handler_kind_is_measured_and_unchanged() -> None:

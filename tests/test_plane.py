@@ -12,6 +12,7 @@ from control.domain import CaptureReport, ComplianceState, Mode, Scope
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal, Role
 from control.errors import Conflict, NotFound, StoreError
+from control.events import Observers, PlaneObserver
 from control.plane import AgentFilter, ControlPlane
 from control.store import DecidedLabels, StoredAgent
 from control.store.sqlite import SqliteStore
@@ -66,8 +67,8 @@ class Session:
         self.closed = reason
 
 
-async def started(store: RecordingStore) -> ControlPlane:
-    plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600)
+async def started(store: RecordingStore, observer: PlaneObserver | None = None) -> ControlPlane:
+    plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600, observer=observer)
     await plane.start()
     return plane
 
@@ -173,6 +174,64 @@ def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then
         assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == now[0]
         (view,) = plane.views()
         assert view.status.last_seen == now[0]
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+class BrokenMethods(PlaneObserver):
+    """An observer with a bug in every event it hears."""
+
+    def _broken(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the observer")
+
+    connected = disconnected = directive_sent = acked = nacked = heartbeat = _broken
+    verified = violation = upload_refused = hold_changed = _broken
+
+
+class Heard(PlaneObserver):
+    def __init__(self) -> None:
+        self.acks: list[int] = []
+
+    def acked(
+        self, agent_id: str, *, epoch: int, mode: Mode, latency: float | None, at: float
+    ) -> None:
+        self.acks.append(epoch)
+
+    def heartbeat(self, agent_id: str, *, at: float) -> None:
+        raise ZeroDivisionError("a bug in one event only")
+
+
+def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) -> None:
+    """Each observer is called through the plane's guard: a bug is logged and counted, and
+    the ack, the heartbeat and the other observers go on as if nothing happened."""
+
+    async def scenario() -> None:
+        heard = Heard()
+        plane = await started(
+            await RecordingStore.open(tmp_path), Observers([BrokenMethods(), heard])
+        )
+        plane.connect("a", {}, Session(plane, "a"))
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
+        plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
+        plane.heartbeat("a", STOPPED, REPORT)
+        assert heard.acks == [hold.created_epoch]
+        view = plane.agent_view("a")
+        assert view is not None and view.status.acked_epoch == hold.created_epoch
+        failures = plane.observer_failures.counts
+        assert failures["Heard"] == 1
+        assert failures["BrokenMethods"] >= 4  # connected, directive_sent, hold_changed, acked...
+        await plane.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_observer_is_guarded_too(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        plane = await started(await RecordingStore.open(tmp_path), BrokenMethods())
+        plane.connect("a", {}, Session(plane, "a"))
+        plane.heartbeat("a", STOPPED, REPORT)
+        assert plane.observer_failures.counts["BrokenMethods"] >= 2
         await plane.stop()
 
     asyncio.run(scenario())

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.conftest import Cli, ServerProcess, Simulator, wait_for
-from tests.test_dashboard import Http, session_for
+from tests.dashboard_support import Http, session_for
 
 CANNOT = {
     "old-00000": ["old-agent"],

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import Cli, ServerProcess, Simulator, connected_streams, replica_of, wait_for
+from tests.dashboard_support import Http
 from tests.faults.harness import check_history, db_holds
-from tests.test_dashboard import Http
 
 AGENTS = 60
 

@@ -48,6 +48,7 @@ from control.rpc.authz import (
     current_principal,
 )
 from control.rpc.convert import seconds, timestamp
+from control.rpc.error_boundary import ErrorBoundary
 
 log = structlog.get_logger("killswitch.ingest")
 
@@ -286,6 +287,7 @@ async def serve_gateway(config: GatewayConfig) -> None:
             is_revoked=lambda serial: False,
         ),
         _LoggedRefusals(),
+        errors=ErrorBoundary(),
         policy=GATEWAY_POLICY,
     )
     server = grpc.aio.server(interceptors=[interceptor], options=_options())

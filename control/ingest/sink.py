@@ -53,6 +53,7 @@ from typing import BinaryIO
 import structlog
 
 from control.errors import InvalidInput, KillswitchError
+from control.events import ObserverFailures, name_of
 
 log = structlog.get_logger("killswitch.ingest")
 
@@ -261,22 +262,27 @@ class Sink:
         data_dir: Path,
         kind: str = SINK_DIR,
         *,
-        on_landed: Callable[[Batch], None] | None = None,
-        on_commit: Callable[[float, int], None] | None = None,
+        on_landed: Callable[[Batch], None] = lambda batch: None,
+        on_commit: Callable[[float, int], None] = lambda seconds, size: None,
+        failures: ObserverFailures | None = None,
     ) -> None:
+        """``on_landed`` hears of each batch made durable (the gateway reports it to the
+        control plane), ``on_commit`` the seconds and size of each group commit (the
+        gateway's metrics): both through the observer guard, so neither can stop the
+        committer that every upload waits on."""
         self.root = data_dir / kind
         _private_dir(self.root)
         self._next: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._dirs: dict[str, str] = {}  # agent -> its directory, known to exist
         self._days: dict[int, str] = {}
-        self._on_landed = on_landed
+        self.observer_failures = failures = failures or ObserverFailures()
+        self._on_landed = failures.guarded("landed", [(name_of(on_landed), on_landed)])
+        self._on_commit = failures.guarded("commit", [(name_of(on_commit), on_commit)])
         self._waiting: list[Waiting] = []
         self._wake = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
-        # Observed by the gateway's metrics: seconds and size of each group commit.
-        self._on_commit = on_commit or (lambda seconds, size: None)
 
     def agent_dir(self, agent_id: str) -> Path:
         return agent_dir(self.root, agent_id)
@@ -443,8 +449,7 @@ class Sink:
             return
         for (batch, future), entry in zip(group, outcome, strict=True):
             self._next[batch.agent_id] = batch.sequence + 1
-            if self._on_landed is not None:
-                self._on_landed(batch)
+            self._on_landed(batch)
             if not future.done():
                 future.set_result(entry)
 

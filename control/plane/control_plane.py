@@ -14,7 +14,7 @@ import structlog
 
 from control.domain import CompliancePolicy
 from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
-from control.events import PlaneObserver
+from control.events import ObserverFailures, Observers, PlaneObserver
 from control.freshness import SharedView
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
@@ -52,8 +52,13 @@ class ControlPlane:
         self.last_seen_save_interval = last_seen_save_interval
         self.replica_id = replica_id = replica_id or new_replica_id()
         # Who hears of acks, proofs of stop, hold changes: every part that reports events
-        # tells the same one, given here once (the server passes its metrics, timeline, ...).
-        self.observer = observer = observer or PlaneObserver()
+        # tells the same one, given here once (the server passes its metrics, timeline, ...),
+        # always through the guard (``Observers``), so no observer can break an ack.
+        self.observer = guarded = (
+            observer
+            if isinstance(observer, Observers)
+            else Observers([observer or PlaneObserver()])
+        )
         agents: dict[str, AgentEntry] = {}
         self.audit = audit = AuditRecorder(store, clock)
         self.writer = writer = AgentWriter(
@@ -72,7 +77,7 @@ class ControlPlane:
             policy=policy,
             lease_ttl=lease_ttl,
             before_fanout=before_fanout,
-            observer=observer,
+            observer=guarded,
         )
         self.membership = membership = Membership(
             store,
@@ -94,10 +99,10 @@ class ControlPlane:
             policy=policy,
             lease_ttl=lease_ttl,
             last_seen_save_interval=last_seen_save_interval,
-            observer=observer,
+            observer=guarded,
         )
         self.holds = holds = HoldCommits(
-            store, cache, membership, audit, clock=clock, observer=observer
+            store, cache, membership, audit, clock=clock, observer=guarded
         )
         self.fleet = fleet = FleetViews(cache, membership, clock=clock, policy=policy)
 
@@ -138,6 +143,11 @@ class ControlPlane:
 
     def now(self) -> float:
         return self._clock()
+
+    @property
+    def observer_failures(self) -> ObserverFailures:
+        """What the observers raised (and the guard swallowed), by observer."""
+        return self.observer.failures
 
     @property
     def epoch(self) -> int:

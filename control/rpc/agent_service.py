@@ -12,7 +12,7 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.readiness import HelloFacts
-from control.errors import KillswitchError, StoreError, one_line
+from control.errors import InvalidInput, StoreError, one_line
 from control.governance import Governance
 from control.plane import ControlPlane, EpochUnknown
 from control.rpc.authz import current_principal
@@ -23,6 +23,7 @@ from control.rpc.convert import (
     mode_from_pb,
     report_from_pb,
 )
+from control.rpc.error_boundary import abort_for
 
 log = structlog.get_logger("killswitch.rpc.agent")
 
@@ -161,15 +162,15 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._plane.sent_elsewhere_because())
         try:
             seen_epoch = bounded(hello.last_applied_epoch, "last_applied_epoch")
-        except KillswitchError as exc:
+        except InvalidInput as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
         try:
             # Serving it without its stored history could later overwrite a VIOLATION,
             # and serving it from a view older than what it has seen would roll it back.
             await self._plane.resync_agent(hello.agent_id)
             await self._plane.catch_up_to(hello.agent_id, seen_epoch)
-        except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, one_line(exc))
+        except StoreError as exc:  # answered here: an agent's retry is not worth an audit entry
+            await abort_for(context, exc)
         except EpochUnknown as exc:
             log.warning("agent_epoch_unknown", agent_id=hello.agent_id, error=one_line(exc))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, one_line(exc))
@@ -178,7 +179,7 @@ class AgentControlService(pb_grpc.AgentControlServicer):
             self._plane.connect(
                 hello.agent_id, dict(hello.labels), session, hello_facts(hello, self._plane.now())
             )
-        except KillswitchError as exc:
+        except InvalidInput as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))
         try:
             await self._read_loop(session, context)
@@ -224,7 +225,8 @@ class AgentControlService(pb_grpc.AgentControlServicer):
                         message.nack.reason[:500] or "no reason given",
                     )
                 else:
-                    raise KillswitchError(f"unexpected {body or 'empty'} message after Hello")
-            except KillswitchError as exc:
+                    raise InvalidInput(f"unexpected {body or 'empty'} message after Hello")
+            # The agent's message was wrong; what the plane raises is the boundary's.
+            except InvalidInput as exc:
                 log.warning("agent_protocol_error", agent_id=agent_id, error=one_line(exc))
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, one_line(exc))

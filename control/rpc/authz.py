@@ -7,7 +7,9 @@ refuses revoked certificates, and checks the role against ``POLICY``. The cap
 comes before any refusal is recorded, so one identity's refusals never queue more
 than its cap of audit writes; refusals before authentication (no identity, a
 revoked certificate) are only counted, for an aggregated audit entry.
-A method missing from ``POLICY`` is denied to everyone: deny by default.
+A method missing from ``POLICY`` is denied to everyone: deny by default. Whatever an
+admitted handler raises is answered by the error boundary
+(``control.rpc.error_boundary``) from the same wrapper.
 Finer checks (own laptop, own agent id, not one's own request) are made by the
 plane, which sees the principal through ``current_principal()``.
 """
@@ -18,7 +20,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import structlog
@@ -27,6 +29,9 @@ from control.domain.identity import Principal, Role, parse_role
 from control.errors import KillswitchError, PermissionDenied, one_line
 from control.rpc.handler_cache import Handler, WrappedHandlers
 from control.wire import INSECURE_IDENTITY_HEADER
+
+if TYPE_CHECKING:  # the boundary reads the caller from here
+    from control.rpc.error_boundary import ErrorBoundary, FailedCall
 
 log = structlog.get_logger("killswitch.rpc.authz")
 
@@ -112,22 +117,11 @@ GATEWAY_POLICY: Mapping[str, Rule] = {
 }
 
 _current_principal: ContextVar[Principal] = ContextVar("killswitch_principal")
-_current_method: ContextVar[str] = ContextVar("killswitch_method")
 
 
 def current_principal() -> Principal:
     """The caller of the RPC being handled; only ever set by the interceptor."""
     return _current_principal.get()
-
-
-def current_action() -> str:
-    """The RPC being handled, as ``Service.Method``: what the audit log calls the action."""
-    return action_name(_current_method.get())
-
-
-def current_call_mutates() -> bool:
-    rule = POLICY.get(_current_method.get())
-    return rule is not None and rule.mutates
 
 
 def action_name(method: str) -> str:
@@ -196,6 +190,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         authenticator: Authenticator,
         refusals: RefusalRecorder,
         *,
+        errors: ErrorBoundary,
         policy: Mapping[str, Rule] = POLICY,
         max_calls_per_identity: int = DEFAULT_MAX_CALLS_PER_IDENTITY,
         unchecked: frozenset[str] = frozenset(),
@@ -206,11 +201,8 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self._max_calls = max_calls_per_identity
         self._unchecked = unchecked
         self._in_flight: dict[str, int] = {}
-        self._guarded_handlers = WrappedHandlers(
-            lambda method, handler: _wrap(
-                handler, lambda behaviour: self._guarded(method, behaviour)
-            )
-        )
+        self._errors = errors
+        self._guarded_handlers = WrappedHandlers(self._guarded_handler)
 
     async def intercept_service(
         self,
@@ -223,7 +215,16 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             return handler
         return self._guarded_handlers.get(method, handler)
 
-    def _guarded(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def _guarded_handler(self, method: str, handler: Handler) -> Handler:
+        rule = self._policy.get(method)
+        failed = self._errors.for_call(method, handler, mutates=rule is not None and rule.mutates)
+        return _wrap(handler, lambda behaviour: self._guarded(method, behaviour, failed))
+
+    def _guarded(
+        self, method: str, behaviour: Callable[..., Any], failed: FailedCall
+    ) -> Callable[..., Any]:
+        """``behaviour`` behind the checks, its exceptions answered by ``failed`` (the
+        error boundary) in the same frame: nothing more per call than a try/except."""
         if inspect.isasyncgenfunction(behaviour):
 
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
@@ -233,6 +234,8 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                     await self._refuse_if_undecodable(method, request, context)
                     async for response in behaviour(request, context):
                         yield response
+                except Exception as error:
+                    await failed(error, request, context)
                 finally:
                     self._release(key)
 
@@ -244,6 +247,8 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 await self._authorise(method, principal, context)
                 await self._refuse_if_undecodable(method, request, context)
                 return await behaviour(request, context)
+            except Exception as error:
+                return await failed(error, request, context)
             finally:
                 self._release(key)
 
@@ -294,7 +299,6 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             await self._refusals.record_denial(principal, action_name(method), why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         _current_principal.set(principal)
-        _current_method.set(method)
 
     def _release(self, key: str) -> None:
         left = self._in_flight[key] - 1

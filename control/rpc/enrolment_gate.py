@@ -40,6 +40,7 @@ from control.rpc.authz import (
     peer_host,
     tolerant,
 )
+from control.rpc.error_boundary import ErrorBoundary
 from control.rpc.handler_cache import Handler
 
 # Per source: a burst of 64 enrolment calls (twice what one simulator runs at once),
@@ -73,6 +74,8 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._in_flight = 0
         self._refusal_delay = refusal_delay
         self._held = 0
+        # Translation only: the enrolment's own refusals are counted where they happen.
+        self._errors = ErrorBoundary()
 
     async def intercept_service(
         self,
@@ -84,6 +87,7 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler  # the port serves one unary method; anything else is unimplemented
         action = action_name(handler_call_details.method)
         behaviour = handler.unary_unary
+        failed = self._errors.for_call(handler_call_details.method, handler, mutates=False)
 
         async def gated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             source = peer_host(context.peer())
@@ -99,6 +103,8 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             try:
                 # grpc-stubs type handlers with the synchronous context; this one is aio.
                 response = await behaviour(request, context)  # type: ignore[arg-type]
+            except Exception as error:
+                await failed(error, request, context)
             finally:
                 self._in_flight -= 1
             self._buckets.give_back(source)

@@ -7,23 +7,16 @@ interceptor from the caller's certificate); no request field names the caller.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, Protocol, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import grpc
-import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.identity import Principal
 from control.errors import (
-    Conflict,
     InvalidInput,
-    KillswitchError,
-    NotFound,
-    PermissionDenied,
-    StoreError,
-    one_line,
 )
 from control.governance import Governance
 from control.ingest_checks import (
@@ -37,8 +30,6 @@ from control.ingest_checks import (
 from control.plane import ControlPlane
 from control.readiness import Readiness
 from control.rpc.authz import (
-    current_action,
-    current_call_mutates,
     current_principal,
     peer_host,
 )
@@ -55,79 +46,8 @@ from control.rpc.convert import (
     seconds,
     timestamp,
 )
-from control.wire import STORE_UNAVAILABLE_METADATA
-
-log = structlog.get_logger("killswitch.rpc")
 
 Context = grpc.aio.ServicerContext[Any, Any]
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-_STATUS_FOR_ERROR: list[tuple[type[KillswitchError], grpc.StatusCode]] = [
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    # The server is up, but cannot write (or reach) its store now: try again later.
-    (StoreError, grpc.StatusCode.UNAVAILABLE),
-    (KillswitchError, grpc.StatusCode.INTERNAL),
-]
-
-
-def status_for(error: KillswitchError) -> grpc.StatusCode:
-    return next(code for kind, code in _STATUS_FOR_ERROR if isinstance(error, kind))
-
-
-async def abort_for(context: Context, error: KillswitchError) -> NoReturn:
-    """The one place a domain error becomes a gRPC status with a one-line message."""
-    trailing = ((STORE_UNAVAILABLE_METADATA, "1"),) if isinstance(error, StoreError) else ()
-    await context.abort(status_for(error), one_line(error), trailing_metadata=trailing)
-    raise AssertionError("unreachable: abort raises") from error
-
-
-class _Audited(Protocol):
-    _governance: Governance
-
-
-S = TypeVar("S", bound=_Audited)
-
-
-def translate_errors(
-    method: Callable[[S, Req, Context], Awaitable[Resp]],
-) -> Callable[[S, Req, Context], Awaitable[Resp]]:
-    """Turn domain errors into gRPC status codes with a one-line message.
-
-    A hold, request or run this replica does not know is looked for again after a
-    re-read of the shared state, then explained if archived (``Governance.found``):
-    unknown means unknown to the store, not only to this replica's view.
-
-    A refused change is audited like an accepted one; so is any permission denial.
-    """
-
-    async def wrapper(self: S, request: Req, context: Context, /) -> Resp:
-        try:
-            return await self._governance.found(lambda: method(self, request, context))
-        except KillswitchError as exc:
-            if isinstance(exc, PermissionDenied) or current_call_mutates():
-                await _record_failure(self._governance, exc)
-            await abort_for(context, exc)
-
-    return wrapper
-
-
-async def _record_failure(governance: Governance, error: KillswitchError) -> None:
-    """Audit a refused call; a store that cannot write cannot take that entry either,
-    and the caller must still hear why its call failed: then the log keeps it."""
-    try:
-        await governance.record_failure(current_principal(), current_action(), error)
-    except StoreError as unwritten:
-        log.error(
-            "failure_unaudited",
-            action=current_action(),
-            by=current_principal().name,
-            error=one_line(error),
-            cause=one_line(unwritten),
-        )
 
 
 def required(value: str, what: str) -> str:
@@ -142,7 +62,6 @@ class OperatorService(pb_grpc.OperatorServicer):
         self._governance = governance
         self._readiness = readiness
 
-    @translate_errors
     async def CreateHold(  # noqa: N802
         self, request: pb.CreateHoldRequest, context: Context
     ) -> pb.CreateHoldResponse:
@@ -157,7 +76,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             hold=hold_to_pb(hold), epoch=hold.created_epoch, covered_agents=covered
         )
 
-    @translate_errors
     async def ListHolds(  # noqa: N802
         self, request: pb.ListHoldsRequest, context: Context
     ) -> pb.ListHoldsResponse:
@@ -165,7 +83,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             holds=[hold_to_pb(h) for h in self._plane.active_holds()], epoch=self._plane.epoch
         )
 
-    @translate_errors
     async def GetStatus(  # noqa: N802
         self, request: pb.GetStatusRequest, context: Context
     ) -> pb.GetStatusResponse:
@@ -183,14 +100,9 @@ class OperatorService(pb_grpc.OperatorServicer):
     async def ListAgents(  # noqa: N802
         self, request: pb.ListAgentsRequest, context: Context
     ) -> AsyncIterator[pb.AgentRecord]:
-        try:
-            views = self._plane.views(filter_from_pb(request.filter))
-        except KillswitchError as exc:
-            await abort_for(context, exc)
-        for view in views:
+        for view in self._plane.views(filter_from_pb(request.filter)):
             yield agent_to_pb(view)
 
-    @translate_errors
     async def ExpectAgents(  # noqa: N802
         self, request: pb.ExpectAgentsRequest, context: Context
     ) -> pb.ExpectAgentsResponse:
@@ -203,7 +115,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             relabelled=tally.relabelled,
         )
 
-    @translate_errors
     async def AcknowledgeViolation(  # noqa: N802
         self, request: pb.AcknowledgeViolationRequest, context: Context
     ) -> pb.AcknowledgeViolationResponse:
@@ -221,7 +132,6 @@ class OperatorService(pb_grpc.OperatorServicer):
     def _now(self) -> float:
         return self._plane.now()
 
-    @translate_errors
     async def RequestResume(  # noqa: N802
         self, request: pb.RequestResumeRequest, context: Context
     ) -> pb.ResumeRequestResponse:
@@ -235,7 +145,6 @@ class OperatorService(pb_grpc.OperatorServicer):
         )
         return self._resume_response(opened)
 
-    @translate_errors
     async def EditResumeRequest(  # noqa: N802
         self, request: pb.EditResumeRequestRequest, context: Context
     ) -> pb.ResumeRequestResponse:
@@ -249,7 +158,6 @@ class OperatorService(pb_grpc.OperatorServicer):
         )
         return self._resume_response(edited)
 
-    @translate_errors
     async def ApproveResume(  # noqa: N802
         self, request: pb.DecideResumeRequest, context: Context
     ) -> pb.DecideResumeResponse:
@@ -263,7 +171,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             request=resume_request_to_pb(approved, self._now()), epoch=approved.lifted_epoch
         )
 
-    @translate_errors
     async def DenyResume(  # noqa: N802
         self, request: pb.DecideResumeRequest, context: Context
     ) -> pb.DecideResumeResponse:
@@ -275,7 +182,6 @@ class OperatorService(pb_grpc.OperatorServicer):
         )
         return pb.DecideResumeResponse(request=resume_request_to_pb(denied, self._now()))
 
-    @translate_errors
     async def ListResumeRequests(  # noqa: N802
         self, request: pb.ListResumeRequestsRequest, context: Context
     ) -> pb.ListResumeRequestsResponse:
@@ -287,7 +193,6 @@ class OperatorService(pb_grpc.OperatorServicer):
 
     # -------------------------------------------------------- audit, enrolment, certs
 
-    @translate_errors
     async def ListAudit(  # noqa: N802
         self, request: pb.ListAuditRequest, context: Context
     ) -> pb.ListAuditResponse:
@@ -296,7 +201,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             entries=[audit_entry_to_pb(e) for e in entries], head_seq=head.seq, head_hash=head.hash
         )
 
-    @translate_errors
     async def CreateEnrollToken(  # noqa: N802
         self, request: pb.CreateEnrollTokenRequest, context: Context
     ) -> pb.CreateEnrollTokenResponse:
@@ -313,7 +217,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             uses=issued.token.uses_left,
         )
 
-    @translate_errors
     async def RevokeCertificates(  # noqa: N802
         self, request: pb.RevokeCertificatesRequest, context: Context
     ) -> pb.RevokeCertificatesResponse:
@@ -326,13 +229,11 @@ class OperatorService(pb_grpc.OperatorServicer):
             revoked=[certificate_to_pb(c) for c in revoked], streams_closed=closed
         )
 
-    @translate_errors
     async def GetReadiness(  # noqa: N802
         self, request: pb.GetReadinessRequest, context: Context
     ) -> pb.GetReadinessResponse:
         return readiness_to_pb(await self._readiness.assess())
 
-    @translate_errors
     async def ListCertificates(  # noqa: N802
         self, request: pb.ListCertificatesRequest, context: Context
     ) -> pb.ListCertificatesResponse:
@@ -347,7 +248,6 @@ class SelfService(pb_grpc.SelfServiceServicer):
         self._plane = plane
         self._governance = governance
 
-    @translate_errors
     async def ListMyLaptops(  # noqa: N802
         self, request: pb.ListMyLaptopsRequest, context: Context
     ) -> pb.ListMyLaptopsResponse:
@@ -356,7 +256,6 @@ class SelfService(pb_grpc.SelfServiceServicer):
             laptops=[laptop_to_pb(v, holds) for v in self._plane.owned_by(current_principal())]
         )
 
-    @translate_errors
     async def OptOut(  # noqa: N802
         self, request: pb.OptOutRequest, context: Context
     ) -> pb.OptOutResponse:
@@ -365,7 +264,6 @@ class SelfService(pb_grpc.SelfServiceServicer):
         )
         return pb.OptOutResponse(hold=hold_to_pb(hold), epoch=hold.created_epoch)
 
-    @translate_errors
     async def OptIn(  # noqa: N802
         self, request: pb.OptInRequest, context: Context
     ) -> pb.OptInResponse:
@@ -406,7 +304,6 @@ class IngestService(pb_grpc.IngestServicer):
         self._plane = plane
         self._governance = governance
 
-    @translate_errors
     async def AuthorizeUpload(  # noqa: N802
         self, request: pb.AuthorizeUploadRequest, context: Context
     ) -> pb.AuthorizeUploadResponse:
@@ -418,7 +315,6 @@ class IngestService(pb_grpc.IngestServicer):
         )
         return pb.AuthorizeUploadResponse(allowed=decision.allowed, reason=decision.reason)
 
-    @translate_errors
     async def AuthorizeBatches(  # noqa: N802
         self, request: pb.AuthorizeBatchesRequest, context: Context
     ) -> pb.AuthorizeBatchesResponse:
@@ -469,7 +365,6 @@ class IngestService(pb_grpc.IngestServicer):
         finally:
             watch.close()
 
-    @translate_errors
     async def RecordAccepted(  # noqa: N802
         self, request: pb.RecordAcceptedRequest, context: Context
     ) -> pb.RecordAcceptedResponse:
@@ -492,10 +387,7 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
     async def Enroll(  # noqa: N802
         self, request: pb.EnrollRequest, context: Context
     ) -> pb.EnrollResponse:
-        try:
-            cert_pem, ca_pem = await self._governance.enroll(
-                request.token, request.agent_id, request.csr_pem, source=peer_host(context.peer())
-            )
-        except KillswitchError as exc:
-            await abort_for(context, exc)
+        cert_pem, ca_pem = await self._governance.enroll(
+            request.token, request.agent_id, request.csr_pem, source=peer_host(context.peer())
+        )
         return pb.EnrollResponse(certificate_pem=cert_pem.decode(), ca_pem=ca_pem.decode())

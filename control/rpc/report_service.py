@@ -20,12 +20,12 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from control.audit_checkpoints import CheckpointWriter
 from control.domain import Hold, opt_out_hold_id
 from control.domain.audit import AuditEntry, ChainHead
-from control.errors import Conflict, KillswitchError, UnknownItem
+from control.errors import Conflict, UnknownItem
 from control.governance import Governance
 from control.plane import AgentFilter, ControlPlane
 from control.report.build import build
 from control.report.signing import sign_report
-from control.rpc.operator_service import abort_for, required
+from control.rpc.operator_service import required
 
 # Well under gRPC's default 4 MiB a client accepts in one message.
 CHUNK_BYTES = 256 * 1024
@@ -54,11 +54,9 @@ class ReportService(pb_grpc.ReportsServicer):
     async def GetReport(  # noqa: N802
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ReportChunk]:
-        try:
-            hold_id = required(request.hold_id, "a hold id")
-            document = await self._governance.found(lambda: self._document(hold_id))
-        except KillswitchError as exc:
-            await abort_for(context, exc)
+        # Made whole before the first chunk, so an unknown hold can be looked for again.
+        hold_id = required(request.hold_id, "a hold id")
+        document = await self._governance.found(lambda: self._document(hold_id))
         for start in range(0, len(document), CHUNK_BYTES):
             yield pb.ReportChunk(data=document[start : start + CHUNK_BYTES])
 

@@ -15,7 +15,7 @@ from control.errors import InvalidInput
 from control.governance import Governance
 from control.rpc.authz import current_principal
 from control.rpc.convert import resume_request_to_pb, timestamp
-from control.rpc.operator_service import Context, required, translate_errors
+from control.rpc.operator_service import Context, required
 from control.runbook_file import parse_runbook
 from control.runbooks import Plan, RunbookRunner, next_step, runbook_sha256
 from control.untrusted import off_loop
@@ -115,7 +115,6 @@ class RunbookService(pb_grpc.RunbooksServicer):
     def _reply(self, run: Run) -> pb.RunbookRunResponse:
         return pb.RunbookRunResponse(run=run_to_pb(run, self._runner.book(run.id)))
 
-    @translate_errors
     async def PlanRunbook(  # noqa: N802
         self, request: pb.PlanRunbookRequest, context: Context
     ) -> pb.PlanRunbookResponse:
@@ -123,7 +122,6 @@ class RunbookService(pb_grpc.RunbooksServicer):
         plan = self._runner.plan(book, hold_id=request.hold_id, approval_id=request.approval_id)
         return plan_to_pb(plan)
 
-    @translate_errors
     async def StartRunbook(  # noqa: N802
         self, request: pb.StartRunbookRequest, context: Context
     ) -> pb.RunbookRunResponse:
@@ -137,7 +135,6 @@ class RunbookService(pb_grpc.RunbooksServicer):
         )
         return self._reply(run)
 
-    @translate_errors
     async def RequestDrill(  # noqa: N802
         self, request: pb.RequestDrillRequest, context: Context
     ) -> pb.ResumeRequestResponse:
@@ -158,13 +155,11 @@ class RunbookService(pb_grpc.RunbooksServicer):
         )
         return pb.ResumeRequestResponse(request=resume_request_to_pb(drill, drill.created_at))
 
-    @translate_errors
     async def GetRunbookRun(  # noqa: N802
         self, request: pb.GetRunbookRunRequest, context: Context
     ) -> pb.RunbookRunResponse:
         return self._reply(self._runner.run(request.run_id.strip()))
 
-    @translate_errors
     async def ListRunbookRuns(  # noqa: N802
         self, request: pb.ListRunbookRunsRequest, context: Context
     ) -> pb.ListRunbookRunsResponse:
@@ -172,7 +167,6 @@ class RunbookService(pb_grpc.RunbooksServicer):
             runs=[run_to_pb(r, self._runner.book(r.id)) for r in self._runner.runs()]
         )
 
-    @translate_errors
     async def AdvanceRunbook(  # noqa: N802
         self, request: pb.AdvanceRunbookRequest, context: Context
     ) -> pb.RunbookRunResponse:
@@ -183,7 +177,6 @@ class RunbookService(pb_grpc.RunbooksServicer):
         )
         return self._reply(run)
 
-    @translate_errors
     async def AbortRunbook(  # noqa: N802
         self, request: pb.AbortRunbookRequest, context: Context
     ) -> pb.RunbookRunResponse:

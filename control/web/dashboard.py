@@ -15,9 +15,9 @@ Routes (all on the server's ``--http`` address):
   ``killswitch runbook status --json`` prints it; the overview shows the newest.
 - ``GET /api/events``: Server-Sent Events, one message a second: the overview and
   which agents changed (by version), so a page re-reads only its own rows. One
-  stream per session; slots are shared out per person (``streams.py``).
+  stream per session; slots are shared out per person (``live.py``, ``streams.py``).
 - ``GET /export/agents.csv?...`` and ``/export/agents.json?...``: every row of the
-  filtered view, streamed.
+  filtered view, streamed (``exports.py``).
 - ``GET /static/{name}``: the page's CSS and scripts (public, no data in them).
 
 Every page and API needs a session. Incident commanders, approvers and SREs see
@@ -30,15 +30,10 @@ automation and agent identities are refused. Changes go through ``/actions`` onl
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import csv
 import functools
-import io
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +42,21 @@ from aiohttp import web
 from control.domain.identity import Principal, Role
 from control.errors import InvalidInput, StoreError
 from control.governance import Governance
-from control.plane import AgentView, ControlPlane
+from control.plane import ControlPlane
 from control.readiness import Readiness
 from control.web import api, pages
 from control.web.actions import Actions
+from control.web.exports import Exports
+from control.web.live import LiveUpdates
 from control.web.login import SESSION_COOKIE, Login
 from control.web.oidc import OidcSettings, OidcSignIn
 from control.web.readiness_panel import READINESS_ROLES, readiness_data, readiness_panel
 from control.web.sessions import DashboardSessions
-from control.web.streams import Stream, StreamSlots
-from control.web.timeline import ALL_AGENTS, Timeline
+from control.web.timeline import Timeline
 
-# Live views: one message a second.
-TICK_SECONDS = 1.0
-# More changed agents than this in one tick: "re-read your page" instead of a list.
-MAX_CHANGED_SENT = 200
 # The overview is computed at most this often per audience, however many viewers.
 SUMMARY_TTL = 0.5
 OPERATORS_ONLY = "runbook runs are for incident commanders, approvers and SREs"
-EXPORT_CHUNK = 500
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {
     ".css": "text/css; charset=utf-8",
@@ -135,7 +126,6 @@ class Dashboard:
         self._readiness = readiness
         self.timeline = Timeline()
         self._static = _load_static()
-        self._streams = StreamSlots()
         self._login = Login(
             sessions,
             secure_cookies=secure_cookies,
@@ -161,7 +151,10 @@ class Dashboard:
         self._sso_help = SSO_HELP if governance is not None and sso is not None else ""
         # audience -> (computed at, monotonic; the overview; the same as JSON)
         self._summaries: dict[str, tuple[float, dict[str, Any], str]] = {}
-        self._closing = asyncio.Event()
+        self._live = LiveUpdates(
+            plane, sessions, self.timeline, summary=self.summary, harden=harden
+        )
+        self._exports = Exports(plane, harden=harden)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -175,16 +168,15 @@ class Dashboard:
             web.get("/api/agents/{agent_id}", self._guard(self._api_agent, as_json=True)),
             web.get("/api/runs", self._guard(self._api_runs, as_json=True, operators=True)),
             web.get("/api/runs/{run_id}", self._guard(self._api_run, as_json=True, operators=True)),
-            web.get("/api/events", self._guard(self._api_events, as_json=True)),
+            web.get("/api/events", self._guard(self._live.events, as_json=True)),
             web.get("/api/readiness", self._guard(self._api_readiness, as_json=True)),
-            web.get("/export/agents.csv", self._guard(self._export_csv, as_json=True)),
-            web.get("/export/agents.json", self._guard(self._export_json, as_json=True)),
+            web.get("/export/agents.csv", self._guard(self._exports.as_csv, as_json=True)),
+            web.get("/export/agents.json", self._guard(self._exports.as_json, as_json=True)),
         ]
 
     async def close(self) -> None:
         """End live streams now (the server is stopping) instead of at the HTTP grace period."""
-        self._closing.set()
-        self._streams.stop_all()
+        self._live.close()
 
     # ------------------------------------------------------------ access
 
@@ -296,20 +288,6 @@ class Dashboard:
         newest = self._runbooks.runs()[::-1][:limit]
         return [api.run_data(run, self._runbooks.book(run.id)) for run in newest]
 
-    def _visible_changes(self, principal: Principal, since: int) -> tuple[int, list[str] | None]:
-        changes = self.timeline.changes_since(since)
-        ids = changes.agent_ids
-        if ids is None or len(ids) > MAX_CHANGED_SENT:
-            return changes.version, None
-        if api.is_employee(principal):
-            # Never name someone else's laptop; a hold change may touch theirs too.
-            ids = frozenset(
-                a
-                for a in ids
-                if a == ALL_AGENTS or api.visible_agent(self._plane, a, principal) is not None
-            )
-        return changes.version, sorted(ids)
-
     # ------------------------------------------------------------ pages
 
     async def _home(self, request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -408,122 +386,6 @@ class Dashboard:
         if not found:
             return web.json_response({"error": "no such run"}, status=404)
         return web.json_response({"now": self._plane.now(), "run": found[0]})
-
-    # ------------------------------------------------------------ live updates
-
-    async def _api_events(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        session_id = request.cookies.get(SESSION_COOKIE, "")
-        stream = None if self._closing.is_set() else self._streams.take(session_id, principal)
-        if stream is None:
-            response = web.json_response(
-                {"error": "too many live views open; this page will poll instead"}, status=503
-            )
-            response.headers["Retry-After"] = "10"
-            return response
-        since = self.timeline.version
-        text = request.headers.get("Last-Event-ID") or request.query.get("since", "")
-        if text.isdigit() and len(text) < 19:
-            since = min(int(text), since)
-        try:
-            return await self._stream_events(request, principal, session_id, stream, since)
-        finally:
-            self._streams.release(session_id, stream)
-
-    async def _stream_events(
-        self,
-        request: web.Request,
-        principal: Principal,
-        session_id: str,
-        stream: Stream,
-        since: int,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
-        )
-        harden(response)
-        await response.prepare(request)
-        try:
-            await response.write(b"retry: 3000\n\n")
-            while not stream.stop.is_set() and not _client_gone(request):
-                if await self._sessions.principal(session_id) is None:
-                    await response.write(b"event: logout\ndata: {}\n\n")
-                    break
-                version, changed = self._visible_changes(principal, since)
-                since = version
-                _, summary = self.summary(principal)
-                message = (
-                    f'{{"version": {version}, "changed": {json.dumps(changed)},'
-                    f' "summary": {summary}}}'
-                )
-                await response.write(f"id: {version}\ndata: {message}\n\n".encode())
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(TICK_SECONDS):  # cancellable, unlike 3.11's wait_for
-                        await stream.stop.wait()
-            if stream.replaced:
-                # The same session opened a newer stream: this page polls instead of
-                # reconnecting (which would in turn replace the newer one).
-                await response.write(b"event: replaced\ndata: {}\n\n")
-        except (ConnectionResetError, ConnectionError):
-            pass  # the browser went away
-        return response
-
-    # ------------------------------------------------------------ exports
-
-    async def _start_export(
-        self, request: web.Request, principal: Principal, extension: str, content_type: str
-    ) -> tuple[list[Any], web.StreamResponse]:
-        """The rows of the filtered view, and a download response ready to stream them."""
-        views = api.select(self._plane, api.parse_query(request.query), principal)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": content_type,
-                "Content-Disposition": f'attachment; filename="agents-{stamp}.{extension}"',
-            }
-        )
-        harden(response)
-        await response.prepare(request)
-        return views, response
-
-    async def _export_csv(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        views, response = await self._start_export(
-            request, principal, "csv", "text/csv; charset=utf-8"
-        )
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(api.CSV_COLUMNS)
-        for start in range(0, len(views), EXPORT_CHUNK):
-            for view in views[start : start + EXPORT_CHUNK]:
-                writer.writerow(api.csv_cells(api.row(AgentView(*view))))
-            await response.write(buffer.getvalue().encode())
-            buffer.seek(0)
-            buffer.truncate()
-        if buffer.getvalue():
-            await response.write(buffer.getvalue().encode())
-        await response.write_eof()
-        return response
-
-    async def _export_json(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        views, response = await self._start_export(request, principal, "json", "application/json")
-        await response.write(b"[")
-        for start in range(0, len(views), EXPORT_CHUNK):
-            chunk = ",\n".join(
-                json.dumps(api.row(AgentView(*v))) for v in views[start : start + EXPORT_CHUNK]
-            )
-            await response.write(((",\n" if start else "\n") + chunk).encode())
-        await response.write(b"\n]\n")
-        await response.write_eof()
-        return response
-
-
-def _client_gone(request: web.Request) -> bool:
-    """The browser left, or the server is shutting down (aiohttp closes every connection,
-    then waits for handlers: a live stream must notice and end)."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return True
-    protocol = request.protocol
-    return bool(protocol._close or protocol._force_close)
 
 
 async def _record_sign_in_refusal(

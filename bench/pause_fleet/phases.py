@@ -1,0 +1,146 @@
+"""The timed phases of one run, once the fleet is connected: idle cost, pushes, restarts.
+
+Every time is the server's own (ack and verification times) or a wall-clock span
+from a moment the harness took just before acting (t0 before CreateHold, the kill
+before a restart); polling GetStatus only says when to stop waiting.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.figures import percentile
+from bench.harness import Operator, poll, wait_answering
+from bench.pause_fleet.conditions import (
+    VERIFIED,
+    all_connected,
+    all_in,
+    all_stopped,
+    all_verified,
+    others,
+    poll_replicas,
+)
+from bench.pause_fleet.results import Push, Reconnect, Run
+from bench.pause_fleet.site import Site
+from bench.procs import Child
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How the harness waits: poll intervals and bounds on every wait, all in seconds.
+
+    ``verify_poll``: the interval while waiting for VERIFIED_STOPPED (seconds away,
+    not milliseconds); ``settle``: quiet time between phases.
+    """
+
+    poll_interval: float
+    verify_poll: float
+    timeout: float
+    enrol_timeout: float
+    settle: float
+
+
+def measure_idle(
+    result: Run, servers: Sequence[Child], fleet: Child, op: Operator, pace: Pace
+) -> None:
+    """Memory once the fleet is settled, then idle CPU and what one GetStatus costs."""
+    time.sleep(pace.settle)
+    result.replica_rss_connected_kib = [server.rss_kib() for server in servers]
+    result.fleet_rss_kib = fleet.rss_kib()
+    cpu, start = [server.cpu_seconds() for server in servers], time.monotonic()
+    time.sleep(pace.settle)
+    elapsed = time.monotonic() - start
+    result.replica_idle_cpu = [
+        (server.cpu_seconds() - before) / elapsed
+        for server, before in zip(servers, cpu, strict=True)
+    ]
+    latencies = []
+    for _ in range(5):
+        t = time.perf_counter()
+        op.status()
+        latencies.append(time.perf_counter() - t)
+    result.status_ms = statistics.median(latencies) * 1000
+
+
+def push(ops: Sequence[Operator], agents: int, pace: Pace, *, verify: bool) -> Push:
+    """Pause everyone and time it; resume first if the fleet is paused from the last round.
+
+    ``verify``: then also wait until the server has verified every agent stopped
+    (a heartbeat at least one interval after its ack) and time the last one.
+    The pause and resume go to replica 0; every replica is polled, each on its own
+    thread, until it shows the whole fleet paused (then verified).
+    """
+    op = ops[0]
+    held = op.status().holds
+    if held:
+        for hold in held:
+            op.resume(hold.id)
+        poll_replicas(ops, "the fleet to resume", all_in("CAPTURING", agents),
+                      since=time.time(), timeout=pace.timeout,
+                      interval=pace.poll_interval)  # fmt: skip
+        time.sleep(pace.settle)
+    t0 = time.time()
+    response = op.create_hold()
+    rpc = time.time() - t0
+    paused = all_stopped(agents)
+    polled = poll_replicas(
+        ops, "100% STOP_REPORTED", lambda s: s.epoch >= response.epoch and paused(s),
+        since=t0, timeout=pace.timeout, interval=pace.poll_interval,
+    )  # fmt: skip
+    acks = op.acks()
+    stale = sum(1 for _, epoch in acks if epoch < response.epoch)
+    if len(acks) != agents or stale:
+        raise RuntimeError(f"{len(acks)} agents listed, {stale} without an ack of the pause")
+    latencies = sorted(at - t0 for at, _ in acks)
+    verified = math.nan
+    verified_polled = [math.nan]
+    if verify:  # seconds, not milliseconds, apart: poll gently
+        verified_polled = poll_replicas(
+            ops, f"100% {VERIFIED}", all_verified(agents), since=t0, timeout=pace.timeout,
+            interval=pace.verify_poll,
+        )  # fmt: skip
+        times = [r.verified_at.ToNanoseconds() / 1e9 for r in op.agents()]
+        if len(times) != agents or min(times) < t0:
+            raise RuntimeError(f"{len(times)} agents listed, not all verified since t0")
+        verified = max(times) - t0
+    return Push(
+        rpc=rpc,
+        polled=polled[0],
+        p50=percentile(latencies, 0.50),
+        p99=percentile(latencies, 0.99),
+        p100=percentile(latencies, 1.0),
+        verified=verified,
+        verified_polled=verified_polled[0],
+        polled_others=others(polled),
+        verified_polled_others=others(verified_polled),
+    )
+
+
+def reconnect(
+    site: Site, server: Child, op: Operator, agents: int, pace: Pace
+) -> tuple[Child, Reconnect]:
+    """kill -9 the paused server, restart it on the same port and data; time the return."""
+    epoch = op.status().epoch
+    time.sleep(pace.settle)  # let the product flush its last acks before the crash
+    t_kill = time.time()
+    server.kill9()
+    server = site.start_server(epoch)
+    wait_answering(op, server, pace.timeout)
+    listening = time.time() - t_kill
+    every = {"since": t_kill, "timeout": pace.timeout, "interval": pace.poll_interval}
+    connected = poll(op, "every agent to reconnect", all_connected(agents), **every)
+    settled = poll(op, "100% STOP_REPORTED", all_stopped(agents), **every)
+    # Every agent's new ack, from the server's own ack times.
+    deadline = time.monotonic() + pace.timeout
+    while True:
+        acks = [at for at, _ in op.acks()]
+        if len(acks) == agents and min(acks) > t_kill:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out waiting for every agent to ack after the restart")
+        time.sleep(0.5)
+    return server, Reconnect(listening, connected, settled, max(acks) - t_kill)
