@@ -27,7 +27,7 @@ from agent_stub.clock import (
     Clock,
     NoSleepClock,
 )
-from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS, AgentConfig
+from agent_stub.config import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_LEASE_TTL_SECONDS, AgentConfig
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.local_state import NoticeBoard
@@ -38,8 +38,6 @@ from agent_stub.wire import capture_report, channel_states, timestamp
 from agent_stub.witness import Witness
 
 log = structlog.get_logger("killswitch.agent")
-
-DEFAULT_HEARTBEAT_SECONDS = 10.0
 
 # Keepalive finds a dead server or a silently dropped connection within ~30 s.
 CHANNEL_OPTIONS = [

@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 
 from agent_stub.batches import MAX_EVENTS_PER_BATCH
 
+# What the agent assumes until the server's first directive says otherwise: the server's
+# own defaults (control/domain/timings.py), which agent_stub may not import;
+# tests/test_settings.py holds the two equal.
 DEFAULT_LEASE_TTL_SECONDS = 60.0
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
 from agent_stub.identity import insecure_metadata
 from bench.procs import Child, free_port
 
@@ -190,11 +191,12 @@ def summary(name: str, seconds: float, result: tuple[int, int, list[float]]) -> 
 async def run(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     grpc_port, http_port, gw_port, bare_port = (free_port() for _ in range(4))
+    lease_ttl = max(DEFAULT_LEASE_TTL_SECONDS, args.seconds * 3)
     server = Child(
         "serve",
         [str(BIN / "killswitch"), "serve", "--insecure", "--data-dir", str(work / "control"),
          "--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
-         "--log-level", "warning", "--lease-ttl", str(max(60.0, args.seconds * 3))],
+         "--log-level", "warning", "--lease-ttl", str(lease_ttl)],
         work / "serve.log", work,
     )  # fmt: skip
     url = f"http://127.0.0.1:{http_port}/readyz"

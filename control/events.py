@@ -108,6 +108,9 @@ class Observers(PlaneObserver):
         self, observers: Sequence[PlaneObserver], failures: ObserverFailures | None = None
     ) -> None:
         self.failures = failures or ObserverFailures()
+        self._bind(observers)
+
+    def _bind(self, observers: Sequence[PlaneObserver]) -> None:
         for event in PLANE_EVENTS:
             hearing = [
                 (type(o).__name__, getattr(o, event))
@@ -116,3 +119,23 @@ class Observers(PlaneObserver):
             ]
             if hearing:
                 setattr(self, event, self.failures.guarded(event, hearing))
+
+
+class DeferredObservers(Observers):
+    """The plane's observers when they need the plane built first.
+
+    The runbook runner drives the plane and hears of its hold changes; the dashboard reads
+    the plane and keeps the timeline of its events. So the plane is given this at
+    construction, and the composition root names its observers once (``fill``), after
+    building them and before anything starts: the plane emits no event before its start.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(())
+        self._filled = False
+
+    def fill(self, observers: Sequence[PlaneObserver]) -> None:
+        if self._filled:
+            raise RuntimeError("the plane's observers are named once")
+        self._bind(observers)
+        self._filled = True

@@ -1,20 +1,30 @@
-"""Composition root: wires store, control plane, governance, gRPC and HTTP adapters together."""
+"""Composition root: wires store, control plane, governance, gRPC and HTTP adapters together.
+
+Everything is built here from one ``ServerSettings`` (``control.settings``), observers
+included: the plane is given its observers when it is built, the ingest sink its metrics.
+Start-up is an ordered list of runnables (``control.lifecycle``), stopped in reverse;
+``_add_runnables`` reads as the start order, and its comments say why each is where it is.
+
+``serve`` runs the server until SIGINT/SIGTERM, as `killswitch serve` does;
+``running_server`` runs it for as long as a block lasts, so tests and tools can run one
+in their own process and event loop::
+
+    async with running_server(settings) as server:
+        ...  # server.grpc_port, server.http_port are bound and serving
+"""
 
 from __future__ import annotations
 
 import asyncio
-import signal
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import structlog
-from grpc_health.v1 import health as grpc_health
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.addresses import (
@@ -24,20 +34,21 @@ from control.addresses import (
     split_host_port,
 )
 from control.audit_checkpoints import DEFAULT_DIR as DEFAULT_CHECKPOINT_DIR
-from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
 from control.audit_checkpoints import CheckpointWriter
 from control.domain import CompliancePolicy
-from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
-from control.domain.readiness import (
-    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
-    DEFAULT_OFFLINE_DAYS,
-    ReadinessPolicy,
-)
-from control.errors import InvalidInput, KillswitchError
-from control.events import Observers
-from control.freshness import DEFAULT_RESYNC_SECONDS, resync_seconds
+from control.domain.readiness import ReadinessPolicy
+from control.errors import InvalidInput
+from control.events import DeferredObservers
+from control.freshness import resync_seconds
 from control.governance import Governance
+from control.grpc_servers import (
+    GRPC_SERVER_OPTIONS,
+    MAX_MESSAGE_BYTES,
+    MAX_METADATA_BYTES,
+    GrpcServers,
+)
 from control.history import HistoryCompactor
+from control.lifecycle import Manager, Runnable, wait_for_shutdown_signal
 from control.metrics import Metrics
 from control.pki import Authority, principal_from_pem
 from control.plane import ControlPlane
@@ -46,12 +57,7 @@ from control.readiness import Readiness
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import Authenticator, AuthorizationInterceptor
-from control.rpc.enrolment_gate import (
-    ENROL_BURST,
-    ENROL_PER_SECOND,
-    MAX_STREAMS_PER_CONNECTION,
-    EnrolmentGate,
-)
+from control.rpc.enrolment_gate import EnrolmentGate
 from control.rpc.error_boundary import ErrorBoundary
 from control.rpc.operator_service import (
     DashboardService,
@@ -63,216 +69,305 @@ from control.rpc.operator_service import (
 from control.rpc.report_service import ReportService, ReportSigner
 from control.rpc.runbook_service import RunbookService
 from control.runbooks import RunbookRunner
-from control.store import describe_database, open_store
+from control.settings import ServerSettings
+from control.store import LoadedState, Store, describe_database, open_store
 from control.web import WebServer
 from control.web.dashboard import Dashboard
-from control.web.oidc import OidcSettings
 from control.web.sessions import DashboardSessions
-from control.webhooks.config import WebhookSpec, load_webhooks
+from control.webhooks.config import Webhook, load_webhooks
 from control.webhooks.sender import WebhookSender
 from control.wire import enrolment_port
 from gc_policy import freeze_before_fanout, run_gc_policy
 
-log = structlog.get_logger("killswitch.server")
-
-# Every legitimate message is a few hundred bytes; a cap keeps floods cheap to refuse.
-MAX_MESSAGE_BYTES = 64 * 1024
-MAX_METADATA_BYTES = 8 * 1024
-
-# Agents ping every 20 s; allow that, and find dead peers within ~40 s.
-GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-    # The soft limit above refuses only some requests over it; this one refuses all.
-    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
-    # Without this a second server on the same port silently shares the fleet.
-    ("grpc.so_reuseport", 0),
+# Where they were defined before the gRPC ports had a module of their own.
+__all__ = [
+    "GRPC_SERVER_OPTIONS",
+    "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_BYTES",
+    "RunningServer",
+    "running_server",
+    "serve",
 ]
 
-
-# What reflection lists: every service on the main port, standard ones included.
-SERVICE_NAMES = (
-    *(service.full_name for service in pb.DESCRIPTOR.services_by_name.values()),
-    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
-)
+log = structlog.get_logger("killswitch.server")
 
 
 @dataclass(frozen=True, slots=True)
-class ServerConfig:
-    data_dir: Path
-    grpc_address: str = "127.0.0.1:50051"
-    http_address: str = "127.0.0.1:8080"
-    # Empty: the gRPC port + 1. Not served with --insecure (there is no CA).
-    enroll_address: str = ""
-    ack_deadline: float = 30.0
-    heartbeat_interval: float = 10.0
-    lease_ttl: float = 60.0
-    insecure: bool = False
-    # Empty: SQLite in data_dir. A postgresql:// URL: PostgreSQL (several replicas).
-    database: str = ""
-    # Replicas re-read shared state this often even without a notification.
-    resync_interval: float = DEFAULT_RESYNC_SECONDS
-    max_calls_per_identity: int = 16
-    # The Prometheus servers runbook gates may query: (name a runbook uses, URL).
-    prometheus: tuple[tuple[str, str], ...] = ()
-    runbook_tick: float = 1.0
-    # Lifted holds, decided requests and ended runs older than this are archived.
-    history_retention: float = DEFAULT_HISTORY_RETENTION_SECONDS
-    # The dashboard as browsers reach it (a TLS proxy); empty: http://HTTP-ADDRESS.
-    public_url: str = ""
-    # Empty: /metrics on the HTTP address. Else /metrics only here.
-    metrics_address: str = ""
-    # Signed audit checkpoints; empty: DATA/audit-checkpoints. Not with --insecure.
-    audit_checkpoints: str = ""
-    audit_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
-    audit_syslog: bool = False
-    # Readiness policy (besides the lease TTL above): see control.domain.readiness.
-    min_agent_version: str = ""
-    readiness_offline_days: float = DEFAULT_OFFLINE_DAYS
-    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
-    # Sign-in with the company's SSO (OpenID Connect); None: login links only.
-    oidc: OidcSettings | None = None
-    # Outbound webhooks (``control.webhooks``) and the secret file they share.
-    webhooks: tuple[WebhookSpec, ...] = ()
-    webhook_secret_file: str = ""
-    # The enrolment port's token bucket per source address (control/rpc/enrolment_gate.py).
-    enrol_rate: float = ENROL_PER_SECOND
-    enrol_burst: int = ENROL_BURST
+class RunningServer:
+    """What a started server is listening on (its ports as bound: asked-for 0 is real)."""
+
+    grpc_port: int
+    http_port: int
+    # None: /metrics is on the HTTP port.
+    metrics_port: int | None
+    # None: --insecure, no enrolment port.
+    enroll_port: int | None
+    replica_id: str
 
 
-def enroll_address_for(grpc_address: str) -> str:
-    host, port = split_host_port(grpc_address, what="gRPC")
-    return f"{host}:{enrolment_port(port)}"
-
-
-async def serve(config: ServerConfig) -> None:
+async def serve(settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM; flush agent state before exiting."""
-    if config.insecure:
-        grpc_host, grpc_port = require_loopback(config.grpc_address, what="gRPC")
-        http_host, http_port = require_loopback(config.http_address, what="HTTP")
-        if config.metrics_address:
-            require_loopback(config.metrics_address, what="metrics")
-        if config.audit_checkpoints or config.audit_syslog:
+    async with running_server(settings, owns_process=True):
+        await wait_for_shutdown_signal()
+        log.info("server_stopping")
+
+
+@asynccontextmanager
+async def running_server(
+    settings: ServerSettings, *, owns_process: bool = False
+) -> AsyncIterator[RunningServer]:
+    """The server, started, for as long as the block lasts; stopped as `serve` stops.
+
+    ``owns_process``: this server is the process's only job, so it may tune the process's
+    garbage collector (``gc_policy``); a server run inside a test process leaves it alone.
+    """
+    server = await _Server.build(settings, owns_process=owns_process)
+    await server.manager.start()
+    try:
+        yield server.running()
+    finally:
+        await server.manager.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class _Listen:
+    """The addresses the settings name, checked before anything is opened."""
+
+    grpc_host: str
+    grpc_port: int
+    http_host: str
+    http_port: int
+    metrics: tuple[str, int] | None
+    enroll: str
+    public_url: str
+
+
+def _check_addresses(settings: ServerSettings) -> tuple[_Listen, Authority | None]:
+    """What to listen on, and the server's keys (None: --insecure, loopback only)."""
+    if settings.insecure:
+        grpc_host, grpc_port = require_loopback(settings.grpc_address, what="gRPC")
+        http_host, http_port = require_loopback(settings.http_address, what="HTTP")
+        if settings.metrics_address:
+            require_loopback(settings.metrics_address, what="metrics")
+        if settings.audit_checkpoints or settings.audit_syslog:
             raise InvalidInput(
                 "audit checkpoints are signed with the server key, which --insecure does"
                 " not have: drop --audit-checkpoints/--audit-syslog"
             )
         authority = None
     else:
-        grpc_host, grpc_port = split_host_port(config.grpc_address, what="gRPC")
-        http_host, http_port = split_host_port(config.http_address, what="HTTP")
-        authority = Authority.load(config.data_dir)
+        grpc_host, grpc_port = split_host_port(settings.grpc_address, what="gRPC")
+        http_host, http_port = split_host_port(settings.http_address, what="HTTP")
+        authority = Authority.load(settings.data_dir)
     ensure_can_listen(grpc_host, grpc_port, what="gRPC")
-    metrics_address = (
-        split_host_port(config.metrics_address, what="metrics") if config.metrics_address else None
-    )
-    public_url = dashboard_public_url(config.public_url) if config.public_url else ""
-    enroll_address = config.enroll_address or enroll_address_for(config.grpc_address)
+    enroll = settings.enroll_address or _enroll_address_for(settings.grpc_address)
     if authority is not None:
-        ensure_can_listen(*split_host_port(enroll_address, what="enrolment"), what="enrolment")
-    prometheus = PrometheusSources(config.prometheus)
-    webhooks = load_webhooks(config.webhooks, config.webhook_secret_file)
-    store = await open_store(config.data_dir, config.database)
-    plane = ControlPlane(
-        store,
-        clock=time.time,
-        policy=CompliancePolicy(config.ack_deadline, config.heartbeat_interval),
-        lease_ttl=config.lease_ttl,
-        before_fanout=freeze_before_fanout,
-    )
-
-    async def resync() -> None:
-        """Late-bound: the replication loop, made below, needs the governance itself."""
-        await replication.resync()
-
-    governance = Governance(plane, store, clock=time.time, authority=authority, resync=resync)
-    readiness = Readiness(
-        plane,
-        governance,
-        ReadinessPolicy(
-            offline_days=config.readiness_offline_days,
-            min_agent_version=config.min_agent_version,
-            max_clock_skew=config.max_clock_skew,
-            lease_ttl=config.lease_ttl,
+        ensure_can_listen(*split_host_port(enroll, what="enrolment"), what="enrolment")
+    listen = _Listen(
+        grpc_host,
+        grpc_port,
+        http_host,
+        http_port,
+        metrics=(
+            split_host_port(settings.metrics_address, what="metrics")
+            if settings.metrics_address
+            else None
         ),
-        clock=time.time,
+        enroll=enroll,
+        public_url=dashboard_public_url(settings.public_url) if settings.public_url else "",
     )
-    sessions = DashboardSessions(store, time.time, governance.is_revoked)
-    metrics = Metrics()
-    runner = RunbookRunner(
-        plane,
-        governance,
-        clock=time.time,
-        tick_seconds=config.runbook_tick,
-        prometheus=prometheus,
-        leads=store.try_lead,
-    )
-    replication = Replication(
-        store,
-        plane,
-        governance,
-        runner,
-        resync_seconds=resync_seconds(config.lease_ttl, config.resync_interval),
-    )
-    compactor = HistoryCompactor(
-        store, [governance, runner], clock=time.time, retention=config.history_retention
-    )
-    dashboard = Dashboard(
-        plane,
-        sessions,
-        runner,
-        secure_cookies=public_url.startswith("https://"),
-        readiness=readiness,
-        governance=governance,
-        sso=config.oidc,
-        base_url=lambda: public_url or dashboard_url(http_host, web_server.port),
-    )
-    checkpoints = (
-        None
-        if authority is None
-        else CheckpointWriter(
+    return listen, authority
+
+
+class _Server:
+    """One server's parts, built and wired; ``manager`` starts and stops them in order."""
+
+    @classmethod
+    async def build(cls, settings: ServerSettings, *, owns_process: bool) -> _Server:
+        """Check what can be checked before opening anything, then open the store and
+        wire the rest to it (constructors do no I/O: nothing else to undo if one fails)."""
+        listen, authority = _check_addresses(settings)
+        prometheus = PrometheusSources(settings.prometheus)
+        webhooks = load_webhooks(settings.webhooks, settings.webhook_secret_file)
+        store = await open_store(settings.data_dir, settings.database)
+        try:
+            return cls(
+                settings,
+                listen,
+                authority,
+                store,
+                prometheus=prometheus,
+                webhooks=webhooks,
+                owns_process=owns_process,
+            )
+        except BaseException:
+            await store.close()
+            raise
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        listen: _Listen,
+        authority: Authority | None,
+        store: Store,
+        *,
+        prometheus: PrometheusSources,
+        webhooks: list[Webhook],
+        owns_process: bool,
+    ) -> None:
+        self.settings, self.listen, self.authority, self.store = settings, listen, authority, store
+        self.owns_process = owns_process
+        self.manager = Manager(leads=store.try_lead)
+        # Set by the last runnable to start, cleared by the first to stop.
+        self.ready = False
+        self.metrics = Metrics()
+        # The runner and the dashboard's timeline need the plane built first (events.py).
+        observers = DeferredObservers()
+        self.plane = plane = ControlPlane(
             store,
-            Path(config.audit_checkpoints or config.data_dir / DEFAULT_CHECKPOINT_DIR),
+            clock=time.time,
+            policy=CompliancePolicy(settings.ack_deadline, settings.heartbeat_interval),
+            lease_ttl=settings.lease_ttl,
+            before_fanout=freeze_before_fanout if owns_process else _keep_gc,
+            observer=observers,
+        )
+        self.governance = governance = Governance(
+            plane, store, clock=time.time, authority=authority, resync=self._resync
+        )
+        self.readiness = Readiness(
+            plane,
+            governance,
+            ReadinessPolicy(
+                offline_days=settings.readiness_offline_days,
+                min_agent_version=settings.min_agent_version,
+                max_clock_skew=settings.max_clock_skew,
+                lease_ttl=settings.lease_ttl,
+            ),
+            clock=time.time,
+        )
+        self.sessions = DashboardSessions(store, time.time, governance.is_revoked)
+        self.runner = runner = RunbookRunner(
+            plane,
+            governance,
+            clock=time.time,
+            tick_seconds=settings.runbook_tick,
+            prometheus=prometheus,
+            leads=self.manager.leads,
+        )
+        self.replication = Replication(
+            store,
+            plane,
+            governance,
+            runner,
+            resync_seconds=resync_seconds(settings.lease_ttl, settings.resync_interval),
+        )
+        self.compactor = HistoryCompactor(
+            store, [governance, runner], clock=time.time, retention=settings.history_retention
+        )
+        self.dashboard = dashboard = Dashboard(
+            plane,
+            self.sessions,
+            runner,
+            secure_cookies=listen.public_url.startswith("https://"),
+            readiness=self.readiness,
+            governance=governance,
+            sso=settings.oidc,
+            base_url=self.dashboard_url,
+        )
+        observers.fill([self.metrics, dashboard.timeline, runner])
+        self.metrics.watch(plane, self.readiness)
+        self.checkpoints = None if authority is None else self._checkpoint_writer(authority)
+        self.sender = WebhookSender(store, plane, webhooks) if webhooks else None
+        self.web = WebServer(
+            listen.http_host,
+            listen.http_port,
+            not_ready=self._not_ready,
+            routes=[*([] if listen.metrics else self.metrics.routes()), *dashboard.routes()],
+        )
+        # Prometheus scrapes this; browsers and the dashboard's users need not reach it.
+        self.metrics_web = (
+            None
+            if listen.metrics is None
+            else WebServer(*listen.metrics, not_ready=self._not_ready, routes=self.metrics.routes())
+        )
+        # Built once the HTTP port is bound: the dashboard service names its URL.
+        self.grpc: GrpcServers | None = None
+        self._loaded: LoadedState | None = None  # by the plane, for those after it
+        self._add_runnables()
+
+    def _add_runnables(self) -> None:
+        """The start order; each stops after everything added after it."""
+        add, plane, governance = self.manager.add, self.plane, self.governance
+        # Opened by ``build``, since everything is wired to it; closed after all else.
+        add(Runnable("store", stop=self.store.close))
+        # Probes answer ("starting") while the state loads, however long that takes.
+        add(Runnable("http", self.web.start, self._stop_web))
+        if self.metrics_web is not None:
+            add(Runnable("metrics http", self.metrics_web.start, self.metrics_web.stop))
+        # Bound before the state loads, so a busy port fails at once; served at the end.
+        add(Runnable("grpc ports", self._bind_grpc))
+        if self.checkpoints is not None:
+            # Stops once nothing writes any more: its last head is signed.
+            add(Runnable("audit checkpoints", self.checkpoints.start, self.checkpoints.stop))
+        if self.sender is not None:
+            # Before anything is audited, so no event goes unqueued.
+            add(Runnable("webhooks", _started(self.sender.start), self.sender.stop))
+        # Only the hot part of the state is loaded: what is due is archived first.
+        add(Runnable("history archive", self.compactor.compact_logged))
+        add(Runnable("plane", self._start_plane, plane.stop))
+        add(Runnable("governance", lambda: governance.start(self._state())))
+        add(
+            Runnable(
+                "runbook runner",
+                lambda: self.runner.start(self._state().shared.runs),
+                self.runner.stop,
+                needs_leader=True,
+            )
+        )
+        add(Runnable("replication", self.replication.start, self.replication.stop))
+        add(Runnable("history compaction", _started(self.compactor.start), self.compactor.stop))
+        # Stops after the ports: every refusal is counted.
+        refusals = governance.refusals
+        add(Runnable("refusal counts", _started(refusals.start), refusals.stop))
+        add(Runnable("grpc", lambda: self._grpc().start(), lambda: self._grpc().stop()))
+        add(_background("loop lag", self.metrics.loop_lag.run))
+        if self.owns_process:
+            add(_background("gc policy", run_gc_policy))
+        add(Runnable("readiness", self._serving, self._not_serving))
+
+    def running(self) -> RunningServer:
+        grpc = self._grpc()
+        return RunningServer(
+            grpc_port=grpc.port,
+            http_port=self.web.port,
+            metrics_port=None if self.metrics_web is None else self.metrics_web.port,
+            enroll_port=grpc.enrol_port,
+            replica_id=self.plane.replica_id,
+        )
+
+    def dashboard_url(self) -> str:
+        return self.listen.public_url or _local_dashboard_url(self.listen.http_host, self.web.port)
+
+    # ------------------------------------------------------------ wiring
+
+    async def _resync(self) -> None:
+        """Late-bound: the replication loop needs the governance, which needs this."""
+        await self.replication.resync()
+
+    def _checkpoint_writer(self, authority: Authority) -> CheckpointWriter:
+        settings = self.settings
+        return CheckpointWriter(
+            self.store,
+            Path(settings.audit_checkpoints or settings.data_dir / DEFAULT_CHECKPOINT_DIR),
             key_pem=authority.server_key_pem,
             cert_pem=authority.server_cert_pem,
             clock=time.time,
-            interval=config.audit_checkpoint_interval,
-            to_syslog=config.audit_syslog,
+            interval=settings.audit_checkpoint_interval,
+            to_syslog=settings.audit_syslog,
         )
-    )
-    sender = WebhookSender(store, plane, webhooks) if webhooks else None
-    plane.observer = Observers([metrics, dashboard.timeline, runner])
-    metrics.watch(plane, readiness)
-    servers: list[grpc.aio.Server] = []
-    ready = False
 
-    def not_ready() -> str:
-        return plane.why_not_leasing() if ready else "starting or stopping"
-
-    web_server = WebServer(
-        http_host,
-        http_port,
-        not_ready=not_ready,
-        routes=[*([] if metrics_address else metrics.routes()), *dashboard.routes()],
-    )
-    # Prometheus scrapes this; browsers and the dashboard's users need not reach it.
-    metrics_server = (
-        None
-        if metrics_address is None
-        else WebServer(*metrics_address, not_ready=not_ready, routes=metrics.routes())
-    )
-    # The asyncio servicer; `health.aio` is set at import time, which the stubs miss.
-    health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
-    try:
-        await web_server.start()
-        if metrics_server is not None:
-            await metrics_server.start()
+    def _grpc_servers(self) -> GrpcServers:
+        plane, governance, authority = self.plane, self.governance, self.authority
         interceptor = AuthorizationInterceptor(
             Authenticator(
                 insecure=authority is None,
@@ -284,139 +379,132 @@ async def serve(config: ServerConfig) -> None:
             ),
             governance,
             errors=ErrorBoundary(governance),
-            max_calls_per_identity=config.max_calls_per_identity,
+            max_calls_per_identity=self.settings.max_calls_per_identity,
         )
-        server = grpc.aio.server(
-            interceptors=[metrics.interceptor(), interceptor], options=GRPC_SERVER_OPTIONS
-        )
-        servers.append(server)
-        pb_grpc.add_AgentControlServicer_to_server(AgentControlService(plane, governance), server)
-        operator = OperatorService(plane, governance, readiness)
-        pb_grpc.add_OperatorServicer_to_server(operator, server)
-        pb_grpc.add_SelfServiceServicer_to_server(SelfService(plane, governance), server)
-        pb_grpc.add_IngestServicer_to_server(IngestService(plane, governance), server)
-        pb_grpc.add_DashboardServicer_to_server(
-            DashboardService(sessions, public_url or dashboard_url(http_host, web_server.port)),
-            server,
-        )
-        pb_grpc.add_RunbooksServicer_to_server(RunbookService(runner, governance), server)
         signer = (
             None
             if authority is None
-            else ReportSigner(authority.server_key_pem, authority.server_cert_pem, checkpoints)
+            else ReportSigner(authority.server_key_pem, authority.server_cert_pem, self.checkpoints)
         )
-        pb_grpc.add_ReportsServicer_to_server(ReportService(plane, governance, signer), server)
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(SERVICE_NAMES, server)
-        address = f"{grpc_host}:{grpc_port}"
-        if authority is None:
-            bound = _bind(lambda: server.add_insecure_port(address), config.grpc_address)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(authority.server_key_pem, authority.server_cert_pem)],
-                root_certificates=authority.ca_pem,
-                require_client_auth=True,
-            )
-            bound = _bind(lambda: server.add_secure_port(address, credentials), address)
-            enroll = grpc.aio.server(
-                interceptors=[
-                    EnrolmentGate(
-                        governance,
-                        clock=time.monotonic,
-                        burst=config.enrol_burst,
-                        per_second=config.enrol_rate,
-                    )
-                ],
-                options=[
-                    *GRPC_SERVER_OPTIONS,
-                    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-                ],
-            )
-            servers.append(enroll)
-            pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(governance), enroll)
-            server_only = grpc.ssl_server_credentials(
-                [(authority.server_key_pem, authority.server_cert_pem)]
-            )
-            _bind(lambda: enroll.add_secure_port(enroll_address, server_only), enroll_address)
-        # Ports are bound but nothing is served until the state is loaded: only its
-        # hot part, once what is due is archived.
-        await compactor.compact_logged()
-        if sender is not None:
-            sender.start()  # before anything is audited, so no event goes unqueued
-        state = await plane.start()
-        await governance.start(state)
-        await runner.start(state.shared.runs)
-        await replication.start()
-        compactor.start()
-        if checkpoints is not None:
-            await checkpoints.start()
-        governance.refusals.start()
-        for each in servers:
-            await each.start()
-        await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        ready = True
+        services: list[tuple[Any, Any]] = [
+            (pb_grpc.add_AgentControlServicer_to_server, AgentControlService(plane, governance)),
+            (
+                pb_grpc.add_OperatorServicer_to_server,
+                OperatorService(plane, governance, self.readiness),
+            ),
+            (pb_grpc.add_SelfServiceServicer_to_server, SelfService(plane, governance)),
+            (pb_grpc.add_IngestServicer_to_server, IngestService(plane, governance)),
+            (
+                pb_grpc.add_DashboardServicer_to_server,
+                DashboardService(self.sessions, self.dashboard_url()),
+            ),
+            (pb_grpc.add_RunbooksServicer_to_server, RunbookService(self.runner, governance)),
+            (pb_grpc.add_ReportsServicer_to_server, ReportService(plane, governance, signer)),
+        ]
+        gate = EnrolmentGate(
+            governance,
+            clock=time.monotonic,
+            burst=self.settings.enrol_burst,
+            per_second=self.settings.enrol_rate,
+        )
+        return GrpcServers(
+            interceptors=[self.metrics.interceptor(), interceptor],
+            services=services,
+            authority=authority,
+            enrolment=(EnrollmentService(governance), gate) if authority else None,
+        )
+
+    # ------------------------------------------------------------ runnables' steps
+
+    async def _bind_grpc(self) -> None:
+        self.grpc = self._grpc_servers()
+        listen = self.listen
+        self.grpc.bind(
+            f"{listen.grpc_host}:{listen.grpc_port}", self.settings.grpc_address, listen.enroll
+        )
+
+    def _grpc(self) -> GrpcServers:
+        assert self.grpc is not None, "the gRPC servers are built when their ports are bound"
+        return self.grpc
+
+    async def _start_plane(self) -> None:
+        self._loaded = await self.plane.start()
+
+    def _state(self) -> LoadedState:
+        assert self._loaded is not None, "the state is loaded when the plane starts"
+        return self._loaded
+
+    async def _stop_web(self) -> None:
+        await self.dashboard.close()  # live update streams end now, not at their next tick
+        await self.web.stop()
+
+    def _not_ready(self) -> str:
+        return self.plane.why_not_leasing() if self.ready else "starting or stopping"
+
+    async def _serving(self) -> None:
+        await self._grpc().serving()
+        self.ready = True
+        self._log_listening()
+
+    async def _not_serving(self) -> None:
+        self.ready = False
+        await self._grpc().not_serving()
+
+    def _log_listening(self) -> None:
+        settings, listen, running = self.settings, self.listen, self.running()
         log.info(
             "server_listening",
-            grpc=f"{grpc_host}:{bound}",
-            http=f"{http_host}:{web_server.port}",
-            metrics=f"{http_host}:{web_server.port}"
-            if metrics_server is None
-            else f"{config.metrics_address.rpartition(':')[0]}:{metrics_server.port}",
-            audit_checkpoints=None if checkpoints is None else str(checkpoints.directory),
-            enroll=None if authority is None else enroll_address,
-            mtls=authority is not None,
-            data_dir=str(config.data_dir),
-            database=describe_database(config.database, config.data_dir),
-            replica=plane.replica_id,
-            epoch=plane.epoch,
+            grpc=f"{listen.grpc_host}:{running.grpc_port}",
+            http=f"{listen.http_host}:{running.http_port}",
+            metrics=f"{listen.http_host}:{running.http_port}"
+            if running.metrics_port is None
+            else f"{settings.metrics_address.rpartition(':')[0]}:{running.metrics_port}",
+            audit_checkpoints=None if self.checkpoints is None else str(self.checkpoints.directory),
+            enroll=None if self.authority is None else listen.enroll,
+            mtls=self.authority is not None,
+            data_dir=str(settings.data_dir),
+            database=describe_database(settings.database, settings.data_dir),
+            replica=self.plane.replica_id,
+            epoch=self.plane.epoch,
         )
-        if authority is None:
+        if self.authority is None:
             log.warning("insecure_mode", detail="no mTLS: identities are claimed, not proven")
-        gc_policy = asyncio.create_task(run_gc_policy(), name="gc-policy")
-        loop_lag = asyncio.create_task(metrics.loop_lag.run(), name="loop-lag")
-        await _wait_for_shutdown_signal()
-        gc_policy.cancel()
-        loop_lag.cancel()
-        log.info("server_stopping")
-    finally:
-        ready = False
-        await compactor.stop()
-        await replication.stop()
-        await runner.stop()
-        await health.enter_graceful_shutdown()
-        await dashboard.close()  # live update streams end now, not at their next tick
-        await web_server.stop()
-        if metrics_server is not None:
-            await metrics_server.stop()
-        for each in servers:
-            await each.stop(grace=2)
-        await governance.refusals.stop()  # after the ports: every refusal is counted
-        await plane.stop()
-        if sender is not None:
-            await sender.stop()
-        if checkpoints is not None:
-            await checkpoints.stop()  # the last head, signed, once nothing writes any more
-        await store.close()
 
 
-def dashboard_url(host: str, port: int) -> str:
+def _keep_gc() -> None:
+    """A server inside another program's process leaves its garbage collector alone."""
+
+
+def _started(start: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    """A synchronous ``start`` (it spawns its task and returns) as a runnable's."""
+
+    async def started() -> None:
+        start()
+
+    return started
+
+
+def _background(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> Runnable:
+    """A loop that runs until cancelled, as a runnable: started as a task, cancelled at stop."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        tasks.append(asyncio.create_task(run(), name=name))
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return Runnable(name, start, stop)
+
+
+def _enroll_address_for(grpc_address: str) -> str:
+    host, port = split_host_port(grpc_address, what="gRPC")
+    return f"{host}:{enrolment_port(port)}"
+
+
+def _local_dashboard_url(host: str, port: int) -> str:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return f"http://[{shown_host}]:{port}" if ":" in shown_host else f"http://{shown_host}:{port}"
-
-
-def _bind(add_port: Any, address: str) -> int:
-    try:
-        bound = int(add_port())
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise KillswitchError(f"cannot listen on {address} (address in use?)")
-    return bound
-
-
-async def _wait_for_shutdown_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

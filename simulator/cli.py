@@ -35,6 +35,8 @@ from simulator.fleet import Fleet, fault_counts, fleet_configs
 
 MAX_SIMULATED_AGENTS = 50_000
 DEFAULT_CONNECTIONS = 8
+# The agents' own pacing, which the flags below default to.
+TUNING = Tuning()
 FAULT_KINDS = ", ".join(f.value for f in Fault if f is not Fault.NONE)
 
 
@@ -171,8 +173,12 @@ def add_simulate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="SECONDS",
         help="slow agents apply each directive after up to this long (default 20)",
     )
-    sim.add_argument("--capture-tick", type=positive_seconds, default=1.0, metavar="SECONDS")
-    sim.add_argument("--upload-every", type=positive_seconds, default=30.0, metavar="SECONDS")
+    sim.add_argument(
+        "--capture-tick", type=positive_seconds, default=TUNING.capture_tick, metavar="SECONDS"
+    )
+    sim.add_argument(
+        "--upload-every", type=positive_seconds, default=TUNING.upload_every, metavar="SECONDS"
+    )
     sim.add_argument(
         "--batch-events",
         type=batch_events,

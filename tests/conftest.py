@@ -1,4 +1,7 @@
-"""Fixtures that run the real thing: server and simulator subprocesses, CLI as a user runs it."""
+"""Fixtures that run the real thing: server and simulator subprocesses, CLI as a user runs it.
+
+A test that needs no process of its own for the server runs it in the test process
+instead (``start_in_process_server``), from the same `serve` arguments."""
 
 from __future__ import annotations
 
@@ -199,27 +202,29 @@ class ServerProcess:
         shutil.copy(self.root_dir / "pki" / "ca.pem", directory / "ca.pem")
         return directory
 
+    def serve_args(self) -> list[str]:
+        """What follows `killswitch serve`: this server's ports, data dir and timings."""
+        return [
+            "--data-dir",
+            str(self.data_dir),
+            "--grpc",
+            self.address,
+            "--http",
+            f"127.0.0.1:{self.http_port}",
+            "--enroll",
+            self.enroll_address,
+            "--log-format",
+            "json",
+            *FAST_TIMINGS,
+            *self.extra_args,
+        ]
+
     def start(self) -> None:
         if self.secure and not self.ca_path.exists():
             self.initialise()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    str(BIN / "killswitch"),
-                    "serve",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--grpc",
-                    self.address,
-                    "--http",
-                    f"127.0.0.1:{self.http_port}",
-                    "--enroll",
-                    self.enroll_address,
-                    "--log-format",
-                    "json",
-                    *FAST_TIMINGS,
-                    *self.extra_args,
-                ],
+                [str(BIN / "killswitch"), "serve", *self.serve_args()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -241,6 +246,10 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"server exited with {self.proc.returncode}: {self.log()}")
+        return self.answers_ready()
+
+    def answers_ready(self) -> bool:
+        """Whether /readyz says 200, as a load balancer would ask."""
         try:
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.http_port}/readyz", timeout=1
@@ -380,12 +389,14 @@ class Simulator:
         terminate(self.proc)
 
 
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+def _servers(
+    kind: Callable[[Path, list[str]], ServerProcess], tmp_path: Path
+) -> Iterator[Callable[..., ServerProcess]]:
+    """A fixture's ``start(*extra_args)``: one more server of ``kind``; all stop after."""
     servers: list[ServerProcess] = []
 
     def start(*extra_args: str) -> ServerProcess:
-        server = ServerProcess(tmp_path / f"data-{len(servers)}", list(extra_args))
+        server = kind(tmp_path / f"data-{len(servers)}", list(extra_args))
         servers.append(server)
         server.start()
         return server
@@ -393,6 +404,19 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    yield from _servers(ServerProcess, tmp_path)
+
+
+@pytest.fixture
+def start_in_process_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """As ``start_server``, but each server runs in this process (``tests.inprocess_server``)."""
+    from tests.inprocess_server import InProcessServer
+
+    yield from _servers(InProcessServer, tmp_path)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ What the CLI changes for the whole process, the environment and the umask, is pu
 after each call. Those are process-wide, so one call runs in process at a time: a call
 made while another is running (two operators racing) runs as a real subprocess instead,
 still at the same time as the other. tests/test_cli_errors.py runs the installed
-`killswitch` script itself, and every server is `killswitch serve` in a subprocess.
+`killswitch` script itself, and servers are `killswitch serve` in a subprocess unless a
+test runs one in process (tests/inprocess_server.py).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control.domain import ComplianceState, Mode
 from control.domain.readiness import ReadinessPolicy, ReadinessReport, assess
+from control.events import PlaneObserver
 from control.metrics import Metrics
 from control.plane import ControlPlane
 from control.readiness import Readiness
@@ -181,16 +182,17 @@ def test_openmetrics_on_request(server: ServerProcess) -> None:
 # ---------------------------------------------------------------- in process
 
 
-def idle_plane() -> ControlPlane:
+def idle_plane(observer: PlaneObserver | None = None) -> ControlPlane:
     """A plane that was never started: census() works on its empty memory; the store is
     never called (a sole writer, so its view counts as current)."""
-    return ControlPlane(cast(Store, SimpleNamespace(sole_writer=True)), clock=time.time)
+    return ControlPlane(
+        cast(Store, SimpleNamespace(sole_writer=True)), clock=time.time, observer=observer
+    )
 
 
 def test_observer_never_raises_and_counts() -> None:
     metrics = Metrics()
-    plane = idle_plane()
-    plane.observer = metrics  # the plane calls it through its guard, as the server does
+    plane = idle_plane(metrics)  # the plane calls it through its guard, as the server does
     metrics.watch(plane)
     observer = plane.observer
     observer.acked("a", epoch=1, mode=Mode.PAUSED, latency=0.4, at=0.0)

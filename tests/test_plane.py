@@ -67,8 +67,8 @@ class Session:
         self.closed = reason
 
 
-async def started(store: RecordingStore) -> ControlPlane:
-    plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600)
+async def started(store: RecordingStore, observer: PlaneObserver | None = None) -> ControlPlane:
+    plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600, observer=observer)
     await plane.start()
     return plane
 
@@ -207,9 +207,10 @@ def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) 
     the ack, the heartbeat and the other observers go on as if nothing happened."""
 
     async def scenario() -> None:
-        plane = await started(await RecordingStore.open(tmp_path))
         heard = Heard()
-        plane.observer = Observers([BrokenMethods(), heard])
+        plane = await started(
+            await RecordingStore.open(tmp_path), Observers([BrokenMethods(), heard])
+        )
         plane.connect("a", {}, Session(plane, "a"))
         hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
         plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
@@ -227,8 +228,7 @@ def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) 
 
 def test_a_lone_observer_is_guarded_too(tmp_path: Path) -> None:
     async def scenario() -> None:
-        plane = await started(await RecordingStore.open(tmp_path))
-        plane.observer = BrokenMethods()
+        plane = await started(await RecordingStore.open(tmp_path), BrokenMethods())
         plane.connect("a", {}, Session(plane, "a"))
         plane.heartbeat("a", STOPPED, REPORT)
         assert plane.observer_failures.counts["BrokenMethods"] >= 2

@@ -1,8 +1,15 @@
-"""Standard gRPC services, as grpc-health-probe and grpcurl use them, over real mTLS."""
+"""Standard gRPC services, as grpc-health-probe and grpcurl use them, over real mTLS.
+
+The server runs in the test process (``start_in_process_server``): these tests ask
+its gRPC ports only.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -10,6 +17,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from control.pki import load_identity
 from tests.conftest import ServerProcess
+
+
+@pytest.fixture
+def server(start_in_process_server: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_in_process_server()
 
 
 def secure_channel(server: ServerProcess, name: str) -> grpc.Channel:

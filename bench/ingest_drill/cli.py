@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent_stub.config import Tuning
 from bench import ingest_drill
 from bench.console import log
 from bench.ingest_drill.metrics import load_average
@@ -24,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--agents", type=int, default=10_000)
-    parser.add_argument("--upload-every", type=float, default=30.0, help="seconds (default 30)")
+    upload_every = Tuning().upload_every
+    parser.add_argument(
+        "--upload-every",
+        type=float,
+        default=upload_every,
+        help=f"seconds (default {upload_every:g})",
+    )
     parser.add_argument(
         "--connections",
         type=int,

@@ -16,8 +16,10 @@ from typing import Any
 from control.client import Credentials, OperatorClient
 from control.errors import InvalidInput, KillswitchError
 from control.pki import load_identity
+from control.settings import DEFAULT_GRPC_ADDRESS
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+# Where `killswitch serve` listens unless told otherwise.
+DEFAULT_SERVER = DEFAULT_GRPC_ADDRESS
 
 # The handler of a command that talks to the server.
 Handler = Callable[[argparse.Namespace, OperatorClient], int]

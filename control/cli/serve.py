@@ -13,32 +13,33 @@ import os
 from pathlib import Path
 from typing import Any
 
-from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
 from control.cli.options import (
     add_database_option,
     positive_int,
     positive_seconds,
 )
-from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS, check_history_retention
-from control.domain.readiness import (
-    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
-    DEFAULT_OFFLINE_DAYS,
-    parse_version,
-)
+from control.domain.history import check_history_retention
+from control.domain.readiness import parse_version
 from control.errors import InvalidInput, one_line
-from control.rpc.enrolment_gate import ENROL_BURST, ENROL_PER_SECOND
+from control.settings import DEFAULTS, ServerSettings
 from control.web.oidc import OidcSettings, load_settings
 from control.webhooks.config import EVENTS, WebhookSpec
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from control.logs import configure_logging
-    from control.server import ServerConfig, serve
+    from control.server import serve
 
     # Everything the server writes (database, WAL, logs it creates) is owner-only.
     os.umask(0o077)
     configure_logging(args.log_format, args.log_level)
-    config = ServerConfig(
+    asyncio.run(serve(settings_from_args(args)))
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The one place `serve`'s flags become settings (tests build in-process servers here)."""
+    return ServerSettings(
         data_dir=Path(args.data_dir),
         grpc_address=args.grpc,
         http_address=args.http,
@@ -63,8 +64,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enrol_rate=args.enrol_rate,
         enrol_burst=args.enrol_burst,
     )
-    asyncio.run(serve(config))
-    return 0
 
 
 def prometheus_source(text: str) -> tuple[str, str]:
@@ -91,8 +90,8 @@ def add_command(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the control server")
     serve.add_argument("--data-dir", required=True, help="directory for the SQLite state and CA")
     add_database_option(serve, "the state; every replica of one fleet names the same one")
-    serve.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC listen address (mTLS)")
-    serve.add_argument("--http", default="127.0.0.1:8080", help="HTTP listen address (probes)")
+    serve.add_argument("--grpc", default=DEFAULTS.grpc_address, help="gRPC listen address (mTLS)")
+    serve.add_argument("--http", default=DEFAULTS.http_address, help="HTTP listen address (probes)")
     serve.add_argument(
         "--enroll", help="agent enrolment listen address (TLS; default: the gRPC port + 1)"
     )
@@ -104,20 +103,23 @@ def add_command(sub: Any) -> None:
     serve.add_argument(
         "--ack-deadline",
         type=positive_seconds,
-        default=30.0,
-        help="seconds before an unacknowledged agent is OVERDUE (default 30)",
+        default=DEFAULTS.ack_deadline,
+        help="seconds before an unacknowledged agent is OVERDUE"
+        f" (default {DEFAULTS.ack_deadline:g})",
     )
     serve.add_argument(
         "--heartbeat",
         type=positive_seconds,
-        default=10.0,
-        help="heartbeat interval the server asks agents for (default 10)",
+        default=DEFAULTS.heartbeat_interval,
+        help="heartbeat interval the server asks agents for"
+        f" (default {DEFAULTS.heartbeat_interval:g})",
     )
     serve.add_argument(
         "--lease-ttl",
         type=positive_seconds,
-        default=60.0,
-        help="capture lease length; agents renew at a third of it (default 60)",
+        default=DEFAULTS.lease_ttl,
+        help="capture lease length; agents renew at a third of it"
+        f" (default {DEFAULTS.lease_ttl:g})",
     )
     serve.add_argument(
         "--prometheus",
@@ -130,17 +132,18 @@ def add_command(sub: Any) -> None:
     serve.add_argument(
         "--runbook-tick",
         type=positive_seconds,
-        default=1.0,
-        help="how often active runbook runs evaluate their gates (default 1)",
+        default=DEFAULTS.runbook_tick,
+        help="how often active runbook runs evaluate their gates"
+        f" (default {DEFAULTS.runbook_tick:g})",
     )
     serve.add_argument(
         "--history-retention",
         type=history_retention,
-        default=DEFAULT_HISTORY_RETENTION_SECONDS,
+        default=DEFAULTS.history_retention,
         metavar="SECONDS",
         help="archive lifted holds, decided resume requests and ended runbook runs this"
         " long after they finished; the audit log keeps everything"
-        f" (default {DEFAULT_HISTORY_RETENTION_SECONDS:.0f}: 7 days)",
+        f" (default {DEFAULTS.history_retention:.0f}: 7 days)",
     )
     _add_web_and_audit_options(serve)
     _add_enrolment_limit_options(serve)
@@ -198,10 +201,10 @@ def _add_web_and_audit_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--audit-checkpoint-interval",
         type=positive_seconds,
-        default=DEFAULT_CHECKPOINT_INTERVAL,
+        default=DEFAULTS.audit_checkpoint_interval,
         metavar="SECONDS",
         help="checkpoint the audit head this often if it moved"
-        f" (default {DEFAULT_CHECKPOINT_INTERVAL:.0f})",
+        f" (default {DEFAULTS.audit_checkpoint_interval:.0f})",
     )
     serve.add_argument(
         "--audit-syslog",
@@ -218,17 +221,18 @@ def _add_enrolment_limit_options(serve: argparse.ArgumentParser) -> None:
     door.add_argument(
         "--enrol-rate",
         type=positive_seconds,
-        default=ENROL_PER_SECOND,
+        default=DEFAULTS.enrol_rate,
         metavar="CALLS_PER_SECOND",
         help="failed enrolment calls one source address may make per second, after its burst"
-        f" (default {ENROL_PER_SECOND:g})",
+        f" (default {DEFAULTS.enrol_rate:g})",
     )
     door.add_argument(
         "--enrol-burst",
         type=positive_int,
-        default=ENROL_BURST,
+        default=DEFAULTS.enrol_burst,
         metavar="CALLS",
-        help=f"enrolment calls one source address may make at once (default {ENROL_BURST})",
+        help="enrolment calls one source address may make at once"
+        f" (default {DEFAULTS.enrol_burst})",
     )
 
 
@@ -284,23 +288,23 @@ def _add_readiness_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--readiness-offline-days",
         type=positive_seconds,
-        default=DEFAULT_OFFLINE_DAYS,
+        default=DEFAULTS.readiness_offline_days,
         metavar="DAYS",
         help="readiness: agents offline longer than this cannot honour a pause"
-        f" (default {DEFAULT_OFFLINE_DAYS:g})",
+        f" (default {DEFAULTS.readiness_offline_days:g})",
     )
     serve.add_argument(
         "--max-clock-skew",
         type=positive_seconds,
-        default=DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+        default=DEFAULTS.max_clock_skew,
         metavar="SECONDS",
         help="readiness: warn of agent clocks further off than this"
-        f" (default {DEFAULT_MAX_CLOCK_SKEW_SECONDS:g})",
+        f" (default {DEFAULTS.max_clock_skew:g})",
     )
 
 
 def _readiness_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``ServerConfig`` fields the options above set."""
+    """The ``ServerSettings`` fields the options above set."""
     return {
         "min_agent_version": args.min_agent_version or "",
         "readiness_offline_days": args.readiness_offline_days,

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from control.domain.desired import Desired, Mode
 from control.domain.readiness import UNSAID, HelloFacts
+from control.domain.timings import DEFAULT_ACK_DEADLINE_SECONDS, DEFAULT_HEARTBEAT_SECONDS
 
 # Agent and server wall clocks disagree a little; an upload dated this much after
 # the stop is still given the benefit of the doubt.
@@ -68,8 +69,8 @@ class Compliance:
 
 @dataclass(frozen=True, slots=True)
 class CompliancePolicy:
-    ack_deadline: float = 30.0
-    heartbeat_interval: float = 10.0
+    ack_deadline: float = DEFAULT_ACK_DEADLINE_SECONDS
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS
 
     @property
     def silence_timeout(self) -> float:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
 from control.errors import InvalidInput
 
 DAY = 86_400.0
@@ -80,7 +81,7 @@ class ReadinessPolicy:
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
     certificate_warning_days: float = DEFAULT_CERTIFICATE_WARNING_DAYS
     # The longest lease a laptop may hold: the server's lease TTL.
-    lease_ttl: float = 60.0
+    lease_ttl: float = DEFAULT_LEASE_TTL_SECONDS
 
     def __post_init__(self) -> None:
         if self.min_agent_version:

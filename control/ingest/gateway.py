@@ -13,8 +13,6 @@ control plane as violation evidence). Only then is the batch written and made du
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from control.addresses import require_loopback, split_host_port
 from control.domain.identity import Principal
 from control.errors import InvalidInput, KillswitchError, one_line
+from control.grpc_servers import STOP_GRACE_SECONDS
 from control.ingest.checks import (
     MAX_BATCH_BYTES,
     BatchShape,
@@ -40,6 +39,7 @@ from control.ingest.checks import (
 from control.ingest.control_client import ControlClient, ControlUnreachable
 from control.ingest.metrics import GatewayMetrics
 from control.ingest.sink import QUARANTINE_DIR, Batch, Sink, check_agent_id
+from control.lifecycle import wait_for_shutdown_signal
 from control.pki import load_identity, principal_from_pem
 from control.rpc.authz import (
     GATEWAY_POLICY,
@@ -320,13 +320,9 @@ async def serve_gateway(config: GatewayConfig) -> None:
         metrics_port=metrics_port,
     )
     try:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_shutdown_signal()
     finally:
-        await server.stop(grace=2)
+        await server.stop(grace=STOP_GRACE_SECONDS)
         await sink.close()
         await quarantine.close()
         await control.close()

@@ -62,6 +62,7 @@ class DesiredStateCache:
         policy: CompliancePolicy,
         lease_ttl: float,
         before_fanout: Callable[[], None],
+        observer: PlaneObserver,
     ) -> None:
         self.agents = agents
         self.epoch = 0
@@ -78,7 +79,7 @@ class DesiredStateCache:
         self._before_fanout = before_fanout
         # One set per ingest gateway's watch: see ``watch_upload_allowances``.
         self._upload_watchers: list[set[str]] = []
-        self.observer = PlaneObserver()
+        self.observer = observer
 
     def active_holds(self) -> list[Hold]:
         return self.holds.active()

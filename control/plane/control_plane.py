@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from control.domain import CompliancePolicy
+from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
 from control.events import ObserverFailures, Observers, PlaneObserver
 from control.freshness import SharedView
 from control.plane.audit import AuditRecorder
@@ -36,7 +37,7 @@ class ControlPlane:
         *,
         clock: Callable[[], float],
         policy: CompliancePolicy | None = None,
-        lease_ttl: float = 60.0,
+        lease_ttl: float = DEFAULT_LEASE_TTL_SECONDS,
         flush_interval: float = 0.25,
         last_seen_save_interval: float = 60.0,
         before_fanout: Callable[[], None] = lambda: None,
@@ -50,6 +51,14 @@ class ControlPlane:
         self.lease_ttl = lease_ttl
         self.last_seen_save_interval = last_seen_save_interval
         self.replica_id = replica_id = replica_id or new_replica_id()
+        # Who hears of acks, proofs of stop, hold changes: every part that reports events
+        # tells the same one, given here once (the server passes its metrics, timeline, ...),
+        # always through the guard (``Observers``), so no observer can break an ack.
+        self.observer = guarded = (
+            observer
+            if isinstance(observer, Observers)
+            else Observers([observer or PlaneObserver()])
+        )
         agents: dict[str, AgentEntry] = {}
         self.audit = audit = AuditRecorder(store, clock)
         self.writer = writer = AgentWriter(
@@ -68,6 +77,7 @@ class ControlPlane:
             policy=policy,
             lease_ttl=lease_ttl,
             before_fanout=before_fanout,
+            observer=guarded,
         )
         self.membership = membership = Membership(
             store,
@@ -89,10 +99,12 @@ class ControlPlane:
             policy=policy,
             lease_ttl=lease_ttl,
             last_seen_save_interval=last_seen_save_interval,
+            observer=guarded,
         )
-        self.holds = holds = HoldCommits(store, cache, membership, audit, clock=clock)
+        self.holds = holds = HoldCommits(
+            store, cache, membership, audit, clock=clock, observer=guarded
+        )
         self.fleet = fleet = FleetViews(cache, membership, clock=clock, policy=policy)
-        self.observer = observer or PlaneObserver()
 
         self.flush = writer.flush
         # The desired-state cache and its subscribers.
@@ -133,22 +145,9 @@ class ControlPlane:
         return self._clock()
 
     @property
-    def observer(self) -> PlaneObserver:
-        """Who hears of acks, proofs of stop, hold changes (set once the server has built
-        them, after the plane): every part that reports events tells the same one,
-        always through the guard (``Observers``), so no observer can break an ack."""
-        return self._observer
-
-    @observer.setter
-    def observer(self, observer: PlaneObserver) -> None:
-        guarded = observer if isinstance(observer, Observers) else Observers([observer])
-        self._observer = self.cache.observer = self.reports.observer = guarded
-        self.holds.observer = guarded
-
-    @property
     def observer_failures(self) -> ObserverFailures:
         """What the observers raised (and the guard swallowed), by observer."""
-        return self._observer.failures
+        return self.observer.failures
 
     @property
     def epoch(self) -> int:

@@ -48,6 +48,7 @@ class HoldCommits:
         audit: AuditRecorder,
         *,
         clock: Callable[[], float],
+        observer: PlaneObserver,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -57,7 +58,7 @@ class HoldCommits:
         self._lock = asyncio.Lock()
         # One catch-up read at a time, however many agents ask for one.
         self._catching_up: asyncio.Task[None] | None = None
-        self.observer = PlaneObserver()
+        self.observer = observer
 
     # ------------------------------------------------------------ this replica's commits
 

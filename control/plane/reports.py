@@ -56,6 +56,7 @@ class AgentReports(AgentStatePart):
         policy: CompliancePolicy,
         lease_ttl: float,
         last_seen_save_interval: float,
+        observer: PlaneObserver,
     ) -> None:
         super().__init__(store, cache, writer, clock=clock, policy=policy)
         self._figures_unsaved = writer.figures_unsaved
@@ -66,7 +67,7 @@ class AgentReports(AgentStatePart):
         # 10,000 agents heartbeating every 10 s would otherwise rewrite 1,000 rows a second
         # only to move last_seen; memory stays exact, the stored copy may lag this much.
         self._last_seen_save_interval = last_seen_save_interval
-        self.observer = PlaneObserver()
+        self.observer = observer
 
     def ack(
         self,
