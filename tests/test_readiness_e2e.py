@@ -1,5 +1,4 @@
-"""Readiness end to end: a real server (in the test process), simulated agents that differ
-as laptops do.
+"""Readiness end to end: a real server, simulated agents that differ as laptops do.
 
 Agents say their version, their lease clock and (through their Hello's send time)
 their clock skew; the server judges them against `serve --min-agent-version` and the
@@ -41,9 +40,9 @@ def start_fleet(server: ServerProcess, simulate: Callable[..., Simulator]) -> No
 
 
 def test_readiness_lists_exactly_the_laptops_that_cannot_honour_and_exits_1(
-    start_in_process_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
+    start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
 ) -> None:
-    server = start_in_process_server("--min-agent-version", "0.2.0")
+    server = start_server("--min-agent-version", "0.2.0")
     cli = Cli(server)
     start_fleet(server, simulate)
     simulate(server, 2, "--id-prefix", "old", "--agent-version", "agent-stub/0.1.0")
@@ -84,9 +83,9 @@ def test_readiness_lists_exactly_the_laptops_that_cannot_honour_and_exits_1(
 
 
 def test_a_ready_fleet_exits_0_even_with_warnings(
-    start_in_process_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
+    start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
 ) -> None:
-    server = start_in_process_server("--min-agent-version", "0.2.0")
+    server = start_server("--min-agent-version", "0.2.0")
     cli = Cli(server)
     start_fleet(server, simulate)
     wait_for(lambda: readiness(cli)[1]["agents"] == 4, 60, "every laptop connected")
