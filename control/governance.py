@@ -24,6 +24,7 @@ from control.domain.approvals import (
     executed,
     open_drill_request,
     open_request,
+    supersedes,
 )
 from control.domain.audit import AuditEntry, AuditRecord, ChainHead
 from control.domain.history import request_archivable
@@ -90,7 +91,9 @@ class Governance:
         """What other replicas decided: requests opened or approved there, revocations
         (``revoked``: serial -> subject), whose agents' live streams here end now."""
         for request in requests:
-            self._requests[request.id] = request
+            known = self._requests.get(request.id)
+            if known is None or supersedes(request, known):
+                self._requests[request.id] = request
         for serial, subject in revoked.items():
             if serial in self._revoked:
                 continue

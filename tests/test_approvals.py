@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -18,6 +19,7 @@ from control.domain.approvals import (
     executed,
     open_drill_request,
     open_request,
+    supersedes,
 )
 from control.domain.holds import Hold
 from control.domain.identity import (
@@ -96,6 +98,21 @@ def test_an_edit_drops_approvals_and_a_stale_review_is_refused() -> None:
     with pytest.raises(Conflict, match="changed since you reviewed it"):
         approve(edited, APPROVER, revision=1, note="", now=3.0)
     assert deny(edited, APPROVER, revision=2, note="no", now=3.0).state is ResumeState.DENIED
+
+
+def test_a_request_only_moves_forward() -> None:
+    """A snapshot read before a decision never takes the decision back (``adopt``)."""
+    pending = open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0)
+    approved = approve(pending, APPROVER, revision=1, note="", now=1.0)
+    done = executed(approved, 7)
+    edited = edit_request(approved, IC, reason="wider", ticket="", now=2.0)
+    history = [pending, approved, done]
+    for older, newer in itertools.pairwise(history):
+        assert supersedes(newer, older) and not supersedes(older, newer)
+    assert supersedes(edited, approved) and not supersedes(approved, edited)
+    assert supersedes(approved, approved)  # the same read again is adopted
+    denied = deny(pending, APPROVER, revision=1, note="", now=1.0)
+    assert not supersedes(pending, denied)
 
 
 def test_closed_or_expired_requests_cannot_be_decided_or_edited() -> None:

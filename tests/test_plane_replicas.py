@@ -12,12 +12,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from control.domain import AgentStatus, ComplianceState, Desired, Mode, Scope
+from control.domain.approvals import ResumeState
+from control.domain.identity import Principal, Role
 from control.errors import StoreError
 from control.governance import Governance
 from control.plane import REPLICA_SILENT_BEATS, ControlPlane
 from control.store import AgentChanges, StoredAgent
 from control.store.postgres import PostgresStore
 from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
+
+APPROVER = Principal("approver-1", Role.APPROVER, serial="02")
 
 PROBE = 2.0
 SILENCE = 31.0  # CompliancePolicy's default: 3 heartbeats of 10 s, plus 1 s
@@ -320,6 +324,27 @@ def test_a_revocation_made_on_another_replica_closes_the_stream_here(tmp_path: P
         laptop.closed = ""
         governance.adopt([], {"0a": "laptop-1"})  # level-triggered: read again, no effect
         assert laptop.closed == ""
+
+    run(tmp_path, body)
+
+
+def test_a_shared_read_taken_before_an_approval_here_does_not_undo_it(tmp_path: Path) -> None:
+    """The race behind a runbook told "pending" right after its request was approved: a
+    re-read of the shared state began before the approval and was adopted after it."""
+
+    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+        governance = Governance(plane, store, clock=clock, authority=None)
+        await governance.start(await store.load())
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
+        request = await governance.request_resume(IC, hold.id, "fixed", "INC-1", for_runbook=True)
+        stale = await store.load()  # the re-read starts: the request is pending in it
+        await governance.approve(APPROVER, request.id, request.revision, "ok")
+        governance.adopt(stale.shared.resume_requests, stale.shared.revoked)
+        approved = governance.runbook_approval(request.id, hold_id=hold.id)
+        assert approved.state is ResumeState.APPROVED
+        fresh = await store.load()
+        governance.adopt(fresh.shared.resume_requests, fresh.shared.revoked)
+        assert governance.requests(request.id)[0].state is ResumeState.APPROVED
 
     run(tmp_path, body)
 

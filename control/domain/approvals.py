@@ -75,6 +75,29 @@ class ResumeRequest:
         return self.state
 
 
+# How far a request has got within one revision: a decision follows the ask, and a
+# direct approval (or a run consuming the request) follows the decision.
+_STAGE = {
+    ResumeState.PENDING: 0,
+    ResumeState.EXPIRED: 0,
+    ResumeState.APPROVED: 1,
+    ResumeState.DENIED: 1,
+    ResumeState.EXECUTED: 2,
+}
+
+
+def supersedes(incoming: ResumeRequest, known: ResumeRequest) -> bool:
+    """Whether ``incoming`` may replace ``known``: not older than it.
+
+    A request only moves forward: an edit raises its revision, a decision or an
+    execution moves it on within one. A replica re-reading the shared state may read a
+    snapshot taken before a decision made here a moment ago; adopting that snapshot
+    would take the decision back in memory (a runbook would be told the request it was
+    just approved for is pending).
+    """
+    return (incoming.revision, _STAGE[incoming.state]) >= (known.revision, _STAGE[known.state])
+
+
 def new_request_id() -> str:
     return f"resume-{secrets.token_hex(5)}"
 
