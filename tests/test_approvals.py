@@ -149,6 +149,20 @@ def test_a_drill_approval_is_for_one_text_and_never_a_re_enable() -> None:
         check_drill_approval(resume, runbook="drill", sha256="ab" * 32, now=2.0)
 
 
+def test_a_runbook_needs_a_runbook_approval_in_force_for_its_hold() -> None:
+    asked = open_request(
+        hold=HOLD, requester=IC, reason="r", ticket="", now=0.0, expires_in=60.0, for_runbook=True
+    )
+    with pytest.raises(Conflict, match=f"resume request {asked.id} is pending; a runbook needs"):
+        check_runbook_approval(asked, hold_id="hold-1", now=1.0)
+    approved = approve(asked, APPROVER, revision=1, note="", now=1.0)
+    check_runbook_approval(approved, hold_id="hold-1", now=2.0)
+    with pytest.raises(Conflict, match="approves hold hold-1, not hold-2"):
+        check_runbook_approval(approved, hold_id="hold-2", now=2.0)
+    with pytest.raises(Conflict, match="is expired; a runbook needs"):
+        check_runbook_approval(approved, hold_id="hold-1", now=60.0)
+
+
 def test_join_tokens_are_checked_by_hash_expiry_and_uses() -> None:
     issued = issue_enroll_token(uses=2, ttl=60.0, created_by="ic-1", now=100.0)
     token_id, secret = split_enroll_token(issued.text)

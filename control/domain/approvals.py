@@ -237,6 +237,13 @@ def executed(request: ResumeRequest, lifted_epoch: int) -> ResumeRequest:
     return dataclasses.replace(request, state=ResumeState.EXECUTED, lifted_epoch=lifted_epoch)
 
 
+def _require_approved(request: ResumeRequest, now: float, *, asked: str, by: str) -> None:
+    """Only an approval in force counts: pending, denied, expired or executed is refused."""
+    state = request.current_state(now)
+    if state is not ResumeState.APPROVED:
+        raise Conflict(f"{asked} {request.id} is {state.value}; {by} needs an approved one")
+
+
 def check_runbook_approval(request: ResumeRequest, *, hold_id: str, now: float) -> None:
     """A runbook re-enables only with an approval given *for a runbook*, on that hold."""
     if request.for_drill:
@@ -249,11 +256,7 @@ def check_runbook_approval(request: ResumeRequest, *, hold_id: str, now: float) 
             f"resume request {request.id} is a direct resume, not one for a runbook;"
             " open one with `killswitch resume --for-runbook`"
         )
-    state = request.current_state(now)
-    if state is not ResumeState.APPROVED:
-        raise Conflict(
-            f"resume request {request.id} is {state.value}; a runbook needs an approved one"
-        )
+    _require_approved(request, now, asked="resume request", by="a runbook")
     if hold_id and request.hold_id != hold_id:
         raise Conflict(
             f"resume request {request.id} approves hold {request.hold_id}, not {hold_id}"
@@ -267,11 +270,7 @@ def check_drill_approval(request: ResumeRequest, *, runbook: str, sha256: str, n
             f"resume request {request.id} approves a re-enable of hold {request.hold_id},"
             " not a drill; ask with `killswitch runbook request FILE`"
         )
-    state = request.current_state(now)
-    if state is not ResumeState.APPROVED:
-        raise Conflict(
-            f"drill request {request.id} is {state.value}; a drill needs an approved one"
-        )
+    _require_approved(request, now, asked="drill request", by="a drill")
     if request.drill_sha256 != sha256:
         raise PermissionDenied(
             f"drill request {request.id} approves another text of {request.drill_runbook!r}"
