@@ -98,3 +98,13 @@ async def wait_for_shutdown_signal() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def cancel_and_wait(loop: asyncio.Task[None] | None) -> None:
+    """End a background loop (None: never started) and wait until it has ended, so that
+    what a stop does next (a last flush) never races the loop's last iteration. How the
+    loop ended is not raised: the loops stopped this way log their own failures, and the
+    stop must still do what comes next."""
+    if loop is not None:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)

@@ -20,6 +20,7 @@ import structlog
 
 from control.domain import AgentStatus, CompliancePolicy
 from control.freshness import SharedView
+from control.lifecycle import cancel_and_wait
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
 from control.plane.part import AgentStatePart
@@ -76,10 +77,8 @@ class Membership(AgentStatePart):
         self._prober = asyncio.create_task(self._probe_loop(), name="store-probe")
 
     async def stop(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
-            self._prober = None
+        await cancel_and_wait(self._prober)
+        self._prober = None
 
     # ------------------------------------------------------------ beats and health
 

@@ -18,6 +18,7 @@ from control.domain import CompliancePolicy
 from control.domain.audit import AuditRecord
 from control.errors import StoreError
 from control.evidence import EvidenceLedger
+from control.lifecycle import cancel_and_wait
 from control.plane.entries import AgentEntry
 from control.store import DecidedLabels, Store, StoredAgent
 
@@ -65,10 +66,8 @@ class AgentWriter:
 
     async def stop(self) -> None:
         """End the flush loop and write what is left, for a bounded time."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        await cancel_and_wait(self._flusher)
+        self._flusher = None
         self.dirty |= self.figures_unsaved
         try:
             async with asyncio.timeout(STOP_FLUSH_SECONDS):

@@ -26,6 +26,7 @@ import structlog
 
 from control.domain import HoldKind
 from control.errors import KillswitchError
+from control.lifecycle import cancel_and_wait
 from control.plane import ControlPlane
 from control.store import Store
 from control.store.outbox import ClaimedMessage
@@ -87,9 +88,7 @@ class WebhookSender:
         self._task = asyncio.create_task(self._run(), name="webhooks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
