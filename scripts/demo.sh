@@ -48,20 +48,33 @@ issue sre-1 sre
 issue ingest-1 ingest
 issue employee-1 employee   # owns the first simulated laptop (label owner=employee-1)
 
+# Tries CHECK every 0.2 s, 100 times at most; if process PID ends first, shows the end of
+# its LOG and stops the demo.
+wait_started() {  # WHAT PID LOG CHECK...
+  local what=$1 pid=$2 log=$3
+  shift 3
+  for _ in $(seq 100); do
+    if "$@" >/dev/null 2>&1; then
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "the $what did not start; see $log:" >&2
+      tail -n 5 "$log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+listening() {  # HOST:PORT: whether something there accepts a connection
+  (exec 3<>"/dev/tcp/${1%:*}/${1##*:}")
+}
+
 "$BIN/killswitch" serve --data-dir "$DATA" --grpc "$GRPC" --http "$HTTP" --log-format json \
   2>>"$DATA/server.log" &
 server=$!
-for _ in $(seq 100); do
-  if "$BIN/killswitch" status --server "$GRPC" --identity "$IDS/sre-1" >/dev/null 2>&1; then
-    break
-  fi
-  if ! kill -0 "$server" 2>/dev/null; then
-    echo "the control server did not start; see $DATA/server.log:" >&2
-    tail -n 5 "$DATA/server.log" >&2
-    exit 1
-  fi
-  sleep 0.2
-done
+wait_started "control server" "$server" "$DATA/server.log" \
+  "$BIN/killswitch" status --server "$GRPC" --identity "$IDS/sre-1"
 
 # The ingest gateway, when this build has one (`killswitch ingest`; before it, the agents
 # only ask the control server and upload nowhere). It checks every batch with the control
@@ -72,17 +85,7 @@ if "$BIN/killswitch" ingest --help >/dev/null 2>&1; then
   "$BIN/killswitch" ingest --data-dir "$DATA/ingest" --listen "$INGEST" --control "$GRPC" \
     --identity "$IDS/ingest-1" 2>>"$DATA/ingest.log" &
   ingest=$!
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/${INGEST%:*}/${INGEST##*:}") 2>/dev/null; then
-      break
-    fi
-    if ! kill -0 "$ingest" 2>/dev/null; then
-      echo "the ingest gateway did not start; see $DATA/ingest.log:" >&2
-      tail -n 5 "$DATA/ingest.log" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
+  wait_started "ingest gateway" "$ingest" "$DATA/ingest.log" listening "$INGEST"
   upload=(--ingest "$INGEST")
   gateway="ingest gateway on $INGEST (sink in $DATA/ingest/, log in $DATA/ingest.log)"
 fi
