@@ -16,7 +16,7 @@ from pathlib import Path
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.durable import StateFileError, write_durably
+from agent_stub.durable import StateFileError, read_state, write_durably
 
 STATE_FILE = "applied-epoch.json"
 
@@ -46,19 +46,16 @@ class AppliedStore:
         A file that exists but is unreadable stops the agent rather than forgetting
         the epoch: forgetting it is exactly the rollback this file prevents.
         """
-        try:
-            raw = json.loads(self.path.read_text())
-            epoch, mode = raw["epoch"], pb.Mode.Value(raw["mode"])
-        except FileNotFoundError:
-            return Applied()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AppliedStateError(
-                f"cannot read {self.path} ({exc!r}): remove it only if this laptop"
-                " should forget the last pause it obeyed"
-            ) from None
-        if not isinstance(epoch, int) or epoch < 0:
-            raise AppliedStateError(f"{self.path}: epoch {epoch!r} is not a whole number")
-        return Applied(epoch, mode)
+        applied = read_state(
+            self.path,
+            lambda raw: Applied(raw["epoch"], pb.Mode.Value(raw["mode"])),
+            missing=Applied(),
+            remedy="remove it only if this laptop should forget the last pause it obeyed",
+            error=AppliedStateError,
+        )
+        if not isinstance(applied.epoch, int) or applied.epoch < 0:
+            raise AppliedStateError(f"{self.path}: epoch {applied.epoch!r} is not a whole number")
+        return applied
 
     def save(self, applied: Applied) -> None:
         """Replace the file atomically and durably."""

@@ -20,7 +20,7 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.capture import EVENTS_PER_TICK, Batch
-from agent_stub.durable import StateFileError, write_durably
+from agent_stub.durable import StateFileError, read_state, write_durably
 from agent_stub.wire import timestamp
 
 # Events per uploaded batch; a larger spool goes up over the next rounds, oldest first.
@@ -60,15 +60,12 @@ class SequenceStore:
         An unreadable file stops the agent: starting again at 1 would replay numbers
         the gateway already holds data under.
         """
-        try:
-            number = json.loads(self.path.read_text())["next"]
-        except FileNotFoundError:
-            return 1
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StateFileError(
-                f"cannot read {self.path} ({exc!r}): remove it only if the ingest gateway"
-                " forgot this laptop's batches too"
-            ) from None
+        number = read_state(
+            self.path,
+            lambda raw: raw["next"],
+            missing=1,
+            remedy="remove it only if the ingest gateway forgot this laptop's batches too",
+        )
         if not isinstance(number, int) or number < 1:
             raise StateFileError(f"{self.path}: next {number!r} is not a positive whole number")
         return number

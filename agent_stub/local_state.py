@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.durable import StateFileError, write_durably
+from agent_stub.durable import read_state, write_durably
 from agent_stub.lease import Lease
 from agent_stub.notices import CaptureState, Notice, Notifier, show_safely
 
@@ -91,13 +91,11 @@ class LocalStateFile:
         self.path = directory / STATE_FILE
 
     def load(self) -> LocalState | None:
-        try:
-            raw = json.loads(self.path.read_text())
-            return LocalState(**{**raw, "state": CaptureState(raw["state"])})
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StateFileError(f"cannot read {self.path} ({exc!r})") from None
+        return read_state(
+            self.path,
+            lambda raw: LocalState(**{**raw, "state": CaptureState(raw["state"])}),
+            missing=None,
+        )
 
     def save(self, state: LocalState) -> None:
         write_durably(self.path, json.dumps(asdict(state)))
