@@ -94,7 +94,7 @@ async def _probe_one(
         await asyncio.sleep(every * rng.uniform(0.8, 1.2))
 
 
-async def _probe(
+async def probe(
     target: str, agent_ids: Sequence[str], duration: float, every: float, upload_every: float
 ) -> ProbeResult:
     channel = open_channel(target)
@@ -122,12 +122,6 @@ async def _probe(
     return result
 
 
-def probe(
-    target: str, agent_ids: Sequence[str], duration: float, every: float, upload_every: float
-) -> ProbeResult:
-    return asyncio.run(_probe(target, agent_ids, duration, every, upload_every))
-
-
 # ------------------------------------------------------------------ one round, at once
 
 
@@ -143,7 +137,7 @@ class BurstResult:
     retried: int
 
 
-async def _burst(
+async def burst(
     target: str,
     agent_ids: Sequence[str],
     sequences_of: Callable[[Sequence[str]], Mapping[str, int]],
@@ -152,6 +146,7 @@ async def _burst(
     connections: int,
     concurrency: int,
 ) -> BurstResult:
+    """One batch per agent, numbered by ``sequences_of`` once every batch is built."""
     # Built without their numbers (0 is not serialized), which are read just before
     # sending and put in front: a field before the others parses the same.
     bodies = [fleet_sized_request(agent_id, 0, upload_every) for agent_id in agent_ids]
@@ -202,28 +197,6 @@ async def _burst(
         errors=counts["errors"],
         seconds=elapsed,
         retried=counts["retried"],
-    )
-
-
-def burst(
-    target: str,
-    agent_ids: Sequence[str],
-    sequences_of: Callable[[Sequence[str]], Mapping[str, int]],
-    upload_every: float,
-    *,
-    connections: int,
-    concurrency: int,
-) -> BurstResult:
-    """One batch per agent, numbered by ``sequences_of`` once every batch is built."""
-    return asyncio.run(
-        _burst(
-            target,
-            agent_ids,
-            sequences_of,
-            upload_every,
-            connections=connections,
-            concurrency=concurrency,
-        )
     )
 
 

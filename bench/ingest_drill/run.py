@@ -9,6 +9,7 @@ runs the drill.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
@@ -127,8 +128,8 @@ class Bench:
         gateway0 = gateway_histograms(metrics_port) if product else {}
         count0, t0 = landed(), time.monotonic()
         log(f"{side.name}: steady window of {args.window:g}s with {args.probes} probes")
-        side.probes = probe(
-            ingest, self.probe_ids(), args.window, args.probe_every, args.upload_every
+        side.probes = asyncio.run(
+            probe(ingest, self.probe_ids(), args.window, args.probe_every, args.upload_every)
         )
         count1, t1 = landed(), time.monotonic()
         side.window = t1 - t0
@@ -188,13 +189,15 @@ class Bench:
             return dict.fromkeys(agents, 1)
 
         def one_round() -> BurstResult:
-            return burst(
-                ingest,
-                ids,
-                sequences_of,
-                args.upload_every,
-                connections=args.connections,
-                concurrency=args.concurrency,
+            return asyncio.run(
+                burst(
+                    ingest,
+                    ids,
+                    sequences_of,
+                    args.upload_every,
+                    connections=args.connections,
+                    concurrency=args.concurrency,
+                )
             )
 
         log(f"{side.name}: a warm-up round of {len(ids)} uploads")
