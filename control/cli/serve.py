@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,26 @@ def history_retention(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
 
 
+def _add_defaulted(
+    parser: Any,
+    flag: str,
+    default: float,
+    help_text: str,
+    *,
+    parse: Callable[[str], float] = positive_seconds,
+    metavar: str | None = None,
+) -> None:
+    """A flag of ``parser`` (or of its argument group) whose help ends with its default:
+    the server's own (``DEFAULTS``), so the two cannot drift apart."""
+    parser.add_argument(
+        flag,
+        type=parse,
+        default=default,
+        metavar=metavar,
+        help=f"{help_text} (default {default:g})",
+    )
+
+
 def add_command(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the control server")
     serve.add_argument("--data-dir", required=True, help="directory for the SQLite state and CA")
@@ -100,26 +121,23 @@ def add_command(sub: Any) -> None:
         action="store_true",
         help="no TLS and claimed identities: development only, loopback only",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--ack-deadline",
-        type=positive_seconds,
-        default=DEFAULTS.ack_deadline,
-        help="seconds before an unacknowledged agent is OVERDUE"
-        f" (default {DEFAULTS.ack_deadline:g})",
+        DEFAULTS.ack_deadline,
+        "seconds before an unacknowledged agent is OVERDUE",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--heartbeat",
-        type=positive_seconds,
-        default=DEFAULTS.heartbeat_interval,
-        help="heartbeat interval the server asks agents for"
-        f" (default {DEFAULTS.heartbeat_interval:g})",
+        DEFAULTS.heartbeat_interval,
+        "heartbeat interval the server asks agents for",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--lease-ttl",
-        type=positive_seconds,
-        default=DEFAULTS.lease_ttl,
-        help="capture lease length; agents renew at a third of it"
-        f" (default {DEFAULTS.lease_ttl:g})",
+        DEFAULTS.lease_ttl,
+        "capture lease length; agents renew at a third of it",
     )
     serve.add_argument(
         "--prometheus",
@@ -129,12 +147,11 @@ def add_command(sub: Any) -> None:
         metavar="NAME=URL",
         help="a Prometheus runbook gates may query, by NAME (repeatable); runbooks name no URL",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--runbook-tick",
-        type=positive_seconds,
-        default=DEFAULTS.runbook_tick,
-        help="how often active runbook runs evaluate their gates"
-        f" (default {DEFAULTS.runbook_tick:g})",
+        DEFAULTS.runbook_tick,
+        "how often active runbook runs evaluate their gates",
     )
     serve.add_argument(
         "--history-retention",
@@ -198,13 +215,12 @@ def _add_web_and_audit_options(serve: argparse.ArgumentParser) -> None:
         help="where signed audit checkpoints go, outside the database"
         " (default: DATA_DIR/audit-checkpoints; not with --insecure)",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--audit-checkpoint-interval",
-        type=positive_seconds,
-        default=DEFAULTS.audit_checkpoint_interval,
+        DEFAULTS.audit_checkpoint_interval,
+        "checkpoint the audit head this often if it moved",
         metavar="SECONDS",
-        help="checkpoint the audit head this often if it moved"
-        f" (default {DEFAULTS.audit_checkpoint_interval:.0f})",
     )
     serve.add_argument(
         "--audit-syslog",
@@ -218,21 +234,20 @@ def _add_enrolment_limit_options(serve: argparse.ArgumentParser) -> None:
     enrolling from behind one NAT is bounded by the concurrency cap, not by this: a call
     that enrols gives its token back. Raise it for a fuzz campaign or a lab."""
     door = serve.add_argument_group("the enrolment port's limit per source address")
-    door.add_argument(
+    _add_defaulted(
+        door,
         "--enrol-rate",
-        type=positive_seconds,
-        default=DEFAULTS.enrol_rate,
+        DEFAULTS.enrol_rate,
+        "failed enrolment calls one source address may make per second, after its burst",
         metavar="CALLS_PER_SECOND",
-        help="failed enrolment calls one source address may make per second, after its burst"
-        f" (default {DEFAULTS.enrol_rate:g})",
     )
-    door.add_argument(
+    _add_defaulted(
+        door,
         "--enrol-burst",
-        type=positive_int,
-        default=DEFAULTS.enrol_burst,
+        DEFAULTS.enrol_burst,
+        "enrolment calls one source address may make at once",
+        parse=positive_int,
         metavar="CALLS",
-        help="enrolment calls one source address may make at once"
-        f" (default {DEFAULTS.enrol_burst})",
     )
 
 
@@ -285,21 +300,19 @@ def _add_readiness_options(serve: argparse.ArgumentParser) -> None:
         metavar="VERSION",
         help="readiness: agents reporting an older version cannot honour a pause (e.g. 0.2.0)",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--readiness-offline-days",
-        type=positive_seconds,
-        default=DEFAULTS.readiness_offline_days,
+        DEFAULTS.readiness_offline_days,
+        "readiness: agents offline longer than this cannot honour a pause",
         metavar="DAYS",
-        help="readiness: agents offline longer than this cannot honour a pause"
-        f" (default {DEFAULTS.readiness_offline_days:g})",
     )
-    serve.add_argument(
+    _add_defaulted(
+        serve,
         "--max-clock-skew",
-        type=positive_seconds,
-        default=DEFAULTS.max_clock_skew,
+        DEFAULTS.max_clock_skew,
+        "readiness: warn of agent clocks further off than this",
         metavar="SECONDS",
-        help="readiness: warn of agent clocks further off than this"
-        f" (default {DEFAULTS.max_clock_skew:g})",
     )
 
 
