@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-from typing import Literal
+from typing import Literal, get_args
 
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of a process that runs until stopped (``serve``, ``ingest``), for
+    ``configure_logging``."""
+    parser.add_argument("--log-format", choices=get_args(LogFormat), default="auto")
+    parser.add_argument("--log-level", choices=LEVELS, default="info")
 
 
 def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:

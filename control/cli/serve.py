@@ -22,13 +22,13 @@ from control.cli.options import (
 from control.domain.history import check_history_retention
 from control.domain.readiness import parse_version
 from control.errors import InvalidInput, one_line
+from control.logs import add_log_options, configure_logging
 from control.settings import DEFAULTS, ServerSettings
 from control.web.oidc import OidcSettings, load_settings
 from control.webhooks.config import EVENTS, WebhookSpec
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from control.logs import configure_logging
     from control.server import serve
 
     # Everything the server writes (database, WAL, logs it creates) is owner-only.
@@ -166,8 +166,7 @@ def add_command(sub: Any) -> None:
     _add_enrolment_limit_options(serve)
     _add_readiness_options(serve)
     _add_webhook_options(serve)
-    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_log_options(serve)
     serve.set_defaults(handler=cmd_serve, local=True)
 
 

@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.errors import InvalidInput
+from control.logs import add_log_options, configure_logging
 
 EXPORT_LOG = "export.log"
 
@@ -43,10 +44,7 @@ def add_ingest_parser(sub: Any) -> None:
         metavar="HOST:PORT",
         help="serve the gateway's Prometheus /metrics here (default: none)",
     )
-    ingest.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    ingest.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="info"
-    )
+    add_log_options(ingest)
     ingest.set_defaults(handler=cmd_ingest, local=True)
     export = ingest.add_subparsers(dest="ingest_command", metavar="COMMAND").add_parser(
         "export",
@@ -69,7 +67,6 @@ def add_ingest_parser(sub: Any) -> None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from control.ingest.gateway import GatewayConfig, serve_gateway
-    from control.logs import configure_logging
 
     if not args.data_dir:
         raise InvalidInput("--data-dir DIR is needed: the gateway's private directory")
