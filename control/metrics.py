@@ -46,7 +46,7 @@ from control.events import ObserverFailures, PlaneObserver
 from control.loop_lag import LoopLag
 from control.plane import Census, ControlPlane
 from control.readiness import Readiness
-from control.rpc.handler_cache import Handler, WrappedHandlers
+from control.rpc.handler_cache import Handler, WrappingInterceptor
 from control.store import causes
 from control.store_health import StoreHealth
 
@@ -421,7 +421,7 @@ class _Call:
             log.exception("grpc_metrics_failed", method=self._labels[2])
 
 
-class GrpcServerMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class GrpcServerMetrics(WrappingInterceptor):
     """Counts and times every RPC the server handles, refused ones included.
 
     Each handler is rewrapped as the same kind of callable (coroutine, async generator,
@@ -436,6 +436,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
         self.started = Counter(
             "killswitch_grpc_server_started",
             "RPCs started on the server.",
@@ -455,19 +456,8 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             buckets=GRPC_HANDLING_BUCKETS,
             registry=registry,
         )
-        self._measured_handlers = WrappedHandlers(self._measured_handler)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
-            return handler
-        return self._measured_handlers.get(handler_call_details.method, handler)
-
-    def _measured_handler(self, full_method: str, handler: Handler) -> Handler:
+    def _wrap(self, full_method: str, handler: Handler) -> Handler:
         service, method = _split_method(full_method)
         kind = _GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
         return _rewrap(handler, self._measured((kind, service, method), handler))

@@ -17,7 +17,7 @@ plane, which sees the principal through ``current_principal()``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,7 +27,7 @@ import structlog
 
 from control.domain.identity import Principal, Role, parse_role
 from control.errors import KillswitchError, PermissionDenied, one_line
-from control.rpc.handler_cache import Handler, WrappedHandlers
+from control.rpc.handler_cache import Handler, WrappingInterceptor
 from control.wire import INSECURE_IDENTITY_HEADER
 
 if TYPE_CHECKING:  # the boundary reads the caller from here
@@ -184,7 +184,7 @@ def peer_host(peer: str) -> str:
     return peer  # unix sockets and the like: the whole name is the source
 
 
-class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class AuthorizationInterceptor(WrappingInterceptor):
     def __init__(
         self,
         authenticator: Authenticator,
@@ -195,6 +195,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         max_calls_per_identity: int = DEFAULT_MAX_CALLS_PER_IDENTITY,
         unchecked: frozenset[str] = frozenset(),
     ) -> None:
+        super().__init__()
         self._authenticator = authenticator
         self._refusals = refusals
         self._policy = policy
@@ -202,20 +203,11 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self._unchecked = unchecked
         self._in_flight: dict[str, int] = {}
         self._errors = errors
-        self._guarded_handlers = WrappedHandlers(self._guarded_handler)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method in self._unchecked:
-            return handler
-        return self._guarded_handlers.get(method, handler)
+    def _covers(self, method: str, handler: Handler) -> bool:
+        return method not in self._unchecked
 
-    def _guarded_handler(self, method: str, handler: Handler) -> Handler:
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         rule = self._policy.get(method)
         failed = self._errors.for_call(method, handler, mutates=rule is not None and rule.mutates)
         return _wrap(handler, lambda behaviour: self._guarded(method, behaviour, failed))

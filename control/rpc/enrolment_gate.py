@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -41,7 +41,7 @@ from control.rpc.authz import (
     tolerant,
 )
 from control.rpc.error_boundary import ErrorBoundary
-from control.rpc.handler_cache import Handler
+from control.rpc.handler_cache import Handler, WrappingInterceptor
 
 # Per source: a burst of 64 enrolment calls (twice what one simulator runs at once),
 # refilled at one a second; calls that enrol give theirs back.
@@ -57,7 +57,7 @@ MAX_HELD = 2048
 MAX_STREAMS_PER_CONNECTION = 16
 
 
-class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class EnrolmentGate(WrappingInterceptor):
     def __init__(
         self,
         refusals: RefusalRecorder,
@@ -68,6 +68,7 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         max_in_flight: int = MAX_ENROLMENTS_IN_FLIGHT,
         refusal_delay: float = REFUSAL_DELAY_SECONDS,
     ) -> None:
+        super().__init__()
         self._refusals = refusals
         self._buckets = TokenBuckets(rate=per_second, burst=burst, clock=clock)
         self._max_in_flight = max_in_flight
@@ -77,17 +78,15 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # Translation only: the enrolment's own refusals are counted where they happen.
         self._errors = ErrorBoundary()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # the port serves one unary method; anything else is unimplemented
-        action = action_name(handler_call_details.method)
-        behaviour = handler.unary_unary
-        failed = self._errors.for_call(handler_call_details.method, handler, mutates=False)
+    def _covers(self, method: str, handler: Handler) -> bool:
+        # The port serves one unary method; anything else is unimplemented.
+        return handler.unary_unary is not None
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        action = action_name(method)
+        # grpc-stubs type handlers with the synchronous context; this one is aio.
+        behaviour: Any = handler.unary_unary
+        failed = self._errors.for_call(method, handler, mutates=False)
 
         async def gated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             source = peer_host(context.peer())
@@ -101,8 +100,7 @@ class EnrolmentGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
             self._in_flight += 1
             try:
-                # grpc-stubs type handlers with the synchronous context; this one is aio.
-                response = await behaviour(request, context)  # type: ignore[arg-type]
+                response = await behaviour(request, context)
             except Exception as error:
                 await failed(error, request, context)
             finally:

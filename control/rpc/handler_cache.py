@@ -10,7 +10,8 @@ methods the server serves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -31,3 +32,31 @@ class WrappedHandlers:
         wrapped = self._wrap(method, handler)
         self._by_method[method] = (handler, wrapped)
         return wrapped
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """An interceptor that puts the handler of each method it covers behind a wrapper of
+    its own (``_wrap``), made once per handler by ``WrappedHandlers``."""
+
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers(self._wrap)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not self._covers(method, handler):
+            return handler  # None: an unknown method, which gRPC answers UNIMPLEMENTED itself
+        return self._wrapped.get(method, handler)
+
+    def _covers(self, method: str, handler: Handler) -> bool:
+        """Whether ``method``'s calls go through the wrapper: every method's, unless a
+        subclass says otherwise."""
+        return True
+
+    @abstractmethod
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        """``handler`` (``method``'s) with this interceptor's work around each call."""
