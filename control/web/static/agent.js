@@ -11,7 +11,7 @@
   let lastRead = Date.now();
   let fetching = false;
 
-  const { node, badge } = window.Killswitch;
+  const { node, badge, setLive } = window.Killswitch;
   function clock(seconds) {
     return new Date(seconds * 1000).toISOString().slice(11, 23);
   }
@@ -94,12 +94,6 @@
     } finally {
       fetching = false;
     }
-  }
-
-  function setLive(on, text) {
-    const live = $("live-status");
-    live.className = "live " + (on ? "on" : "off");
-    live.textContent = text;
   }
 
   function onMessage(msg) {

@@ -12,5 +12,11 @@ window.Killswitch = (() => {
   function badge(state) {
     return node("span", state, "badge st-" + state);
   }
-  return { node, badge };
+  // The live-update indicator in the header: on (a live stream) or off, and why.
+  function setLive(on, text) {
+    const live = document.getElementById("live-status");
+    live.className = "live " + (on ? "on" : "off");
+    live.textContent = text;
+  }
+  return { node, badge, setLive };
 })();

@@ -36,7 +36,7 @@
   const nowS = () => Date.now() / 1000 + serverSkew;
   const ago = (iso) => (iso ? duration(nowS() - Date.parse(iso) / 1000) + " ago" : "-");
 
-  const { node, badge } = window.Killswitch;
+  const { node, badge, setLive } = window.Killswitch;
   function ttcFigure(f) {
     if (!f) return "-";
     return f.verified ? duration(f.seconds) : "\u2265 " + duration(f.seconds) + " not yet";
@@ -353,12 +353,6 @@
   }
 
   // ---------------------------------------------------------------- live updates
-
-  function setLive(on, text) {
-    const live = $("live-status");
-    live.className = "live " + (on ? "on" : "off");
-    live.textContent = text;
-  }
 
   function onMessage(msg) {
     version = msg.version;
