@@ -122,6 +122,28 @@ def nack(epoch: int, reason: str) -> pb.AgentMessage:
     return pb.AgentMessage(nack=pb.Nack(epoch=epoch, reason=reason))
 
 
+def _lease_clock(clock: Clock | NoSleepClock) -> tuple[Clock, str, str]:
+    """The clock leases are timed by, its name for the server, and why the agent may
+    never capture on it ("" when it may).
+
+    Without a clock that counts sleep no lease is ever taken: the monotonic clock then
+    only dates lease requests, and ALLOWED is refused with that reason."""
+    if isinstance(clock, NoSleepClock):
+        return time.monotonic, NO_SLEEP_CLOCK, f"cannot capture here: {clock}"
+    return clock, PLATFORM_CLOCK_NAME if clock is PLATFORM_CLOCK else "given", ""
+
+
+def _jittered(
+    rng: random.Random,
+    awake: asyncio.Event,
+    period: float,
+    action: Callable[[], Awaitable[None]],
+) -> asyncio.Task[None]:
+    """``action`` every ``period`` from a random start, so a fleet spreads the load."""
+    first_delay = rng.uniform(0, period)
+    return asyncio.create_task(every(lambda: period, action, first_delay=first_delay, awake=awake))
+
+
 class Agent:
     """Captures only under an unexpired lease, and answers every directive it acts on.
 
@@ -177,20 +199,14 @@ class Agent:
         self._call_metadata = call_metadata
         self._rng = rng or random.Random()
         self._backoff = backoff or Backoff(rng=self._rng)
-        # Why this agent may never capture (no sleep-counting clock); empty if it may.
-        self.cannot_capture = ""
-        self.lease_clock = PLATFORM_CLOCK_NAME if clock is PLATFORM_CLOCK else "given"
-        if isinstance(clock, NoSleepClock):
-            self.lease_clock = NO_SLEEP_CLOCK
-            self.cannot_capture = f"cannot capture here: {clock}"
-            clock = time.monotonic  # dates lease requests only: no grant is ever taken
-        self.lease = Lease(clock)
+        # ``cannot_capture``: why this agent may never capture; empty if it may.
+        lease_clock, self.lease_clock, self.cannot_capture = _lease_clock(clock)
+        self.lease = Lease(lease_clock)
         self.witness = witness or Witness()
         self.engine = self.capture_engine(self.lease, self.witness)
-        self.uploader = (
-            None
-            if ingest is None
-            else GatewayUploader(
+        self.uploader = None
+        if ingest is not None:
+            self.uploader = GatewayUploader(
                 config.agent_id,
                 self.engine,
                 ingest,
@@ -199,7 +215,6 @@ class Agent:
                 sequence=upload_sequence,
                 max_events=config.tuning.batch_events,
             )
-        )
         # Every loop of the agent waits on it: a simulator clears it to suspend one agent
         # of a fleet in one process, as a closed lid suspends a laptop.
         self.awake = asyncio.Event()
@@ -265,8 +280,8 @@ class Agent:
         """Capture, upload and keep a control stream open, until cancelled."""
         tuning = self.config.tuning
         background = [
-            self._jittered(tuning.capture_tick, self._capture_round),
-            self._jittered(tuning.upload_every, self._upload_round),
+            _jittered(self._rng, self.awake, tuning.capture_tick, self._capture_round),
+            _jittered(self._rng, self.awake, tuning.upload_every, self._upload_round),
         ]
         first_channel = self._channel
         try:
@@ -277,13 +292,6 @@ class Agent:
             await asyncio.gather(*background, return_exceptions=True)
             if self._channel is not first_channel:  # one of ours; the caller closes its own
                 await self._channel.close(grace=None)
-
-    def _jittered(self, period: float, action: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-        """``action`` every ``period`` from a random start, so a fleet spreads the load."""
-        first_delay = self._rng.uniform(0, period)
-        return asyncio.create_task(
-            every(lambda: period, action, first_delay=first_delay, awake=self.awake)
-        )
 
     async def _capture_round(self) -> None:
         self.engine.tick()
