@@ -16,6 +16,7 @@ from bench.ingest_drill.metrics import load_average
 from bench.ingest_drill.report import MODULE, report
 from bench.ingest_drill.run import Bench
 from bench.procs import install_cleanup, stop_all
+from control.cli.options import positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--concurrency", type=int, default=256, help="uploads in flight in the burst (default 256)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="timed rounds per side; the median stands for it (default 3)",
     )
     parser.add_argument(
         "--fleet-processes",

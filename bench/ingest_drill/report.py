@@ -79,16 +79,21 @@ def round_rows(t: Table) -> None:
     bursts = [s.burst for s in columns]
     if not all(b is not None for b in bursts):
         return
+    sent = next((s.burst.sent for s in columns if s.burst), 0)
     t.row(
-        f"**one round of uploads at once ({base.burst.sent if base and base.burst else ''}"
-        " agents, one batch each): time to absorb**, s",
+        f"**one round of uploads at once ({sent} agents, one batch each, {t.args.concurrency}"
+        f" in flight): time to absorb**, median of {t.args.rounds} rounds, s",
         [f"{s.burst.seconds:.2f}" for s in columns if s.burst],
         against_target(prod.burst.seconds / base.burst.seconds)
         if base and prod and base.burst and prod.burst
         else "",
     )
     t.row(
-        "... batches per second in that round",
+        "... every round, s",
+        [" / ".join(f"{seconds:.2f}" for seconds in s.rounds) for s in columns],
+    )
+    t.row(
+        "... batches per second in the median round",
         [f"{s.burst.accepted / s.burst.seconds:.0f}" for s in columns if s.burst],
     )
     t.row(
@@ -173,11 +178,11 @@ def cost_rows(t: Table) -> None:
         t.row(f"{who} CPU in the steady window, % of a core", cells)
     for who in ("server", "sink", "lease holders"):
         cells = [f"{s.burst_cpu.get(who, math.nan):.2f}" for s in columns]
-        t.row(f"{who} CPU over the round, s", cells)
+        t.row(f"{who} CPU per timed round, s", cells)
     if prod and prod.authorize_burst.get("calls") and prod.burst:
         calls = prod.authorize_burst["calls"]
         t.row(
-            "control server's AuthorizeBatches calls over the round (the round's uploads per call)",
+            "control server's AuthorizeBatches calls over the timed rounds (uploads per call)",
             [*t.no_baseline_figure, f"{calls:.0f} ({prod.burst.sent / calls:.1f})"],
         )
     t.row("sink RSS, MiB", [f"{s.rss_mib.get('sink', math.nan):.0f}" for s in columns])

@@ -17,9 +17,10 @@ class Side:
     expected_rate: float = math.nan
     window: float = 0.0
     probes: ProbeResult | None = None
-    burst: BurstResult | None = None
+    burst: BurstResult | None = None  # the median of the timed rounds
+    rounds: list[float] = field(default_factory=list)  # every timed round, s
     cpu: dict[str, float] = field(default_factory=dict)  # % of a core over the window
-    burst_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds over the round
+    burst_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per round
     rss_mib: dict[str, float] = field(default_factory=dict)
     authorize: dict[str, float] = field(default_factory=dict)
     authorize_burst: dict[str, float] = field(default_factory=dict)
