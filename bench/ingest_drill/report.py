@@ -183,7 +183,10 @@ def cost_rows(t: Table) -> None:
         calls = prod.authorize_burst["calls"]
         t.row(
             "control server's AuthorizeBatches calls over the timed rounds (uploads per call)",
-            [*t.no_baseline_figure, f"{calls:.0f} ({prod.burst.sent / calls:.1f})"],
+            [
+                *t.no_baseline_figure,
+                f"{calls:.0f} ({prod.burst.sent * len(prod.rounds) / calls:.1f})",
+            ],
         )
     t.row("sink RSS, MiB", [f"{s.rss_mib.get('sink', math.nan):.0f}" for s in columns])
 
