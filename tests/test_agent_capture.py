@@ -13,7 +13,7 @@ from agent_stub import CaptureEngine, Lease
 from agent_stub.capture import EVENTS_PER_TICK
 from simulator.faulty import FaultyCaptureEngine
 from simulator.truth import GroundTruth
-from tests.test_agent_lease import FakeClock
+from tests.fake_clock import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
 

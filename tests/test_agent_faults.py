@@ -16,7 +16,7 @@ from agent_stub.capture import EVENTS_PER_TICK
 from simulator.faults import Fault, FaultTuning, SimulatedConfig
 from simulator.faulty import SimulatedAgent
 from simulator.fleet import fault_counts, fleet_configs
-from tests.test_agent_lease import FakeClock
+from tests.fake_clock import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
 STOPPED = {"keyboard": False, "mouse": False, "screen": False}

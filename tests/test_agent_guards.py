@@ -22,6 +22,7 @@ from agent_stub.applied import STATE_FILE, Applied, AppliedStateError, AppliedSt
 from agent_stub.identity import insecure_metadata
 from simulator.faults import SimulatedConfig
 from simulator.faulty import SimulatedAgent
+from tests.fake_clock import FakeClock
 from tests.test_agent_faults import (
     PER_TICK,
     Outbox,
@@ -31,7 +32,6 @@ from tests.test_agent_faults import (
     settle,
     wait_until,
 )
-from tests.test_agent_lease import FakeClock
 from tests.test_agent_session import ScriptedControl, kinds
 
 Scenario = Callable[[SimulatedAgent, Outbox, FakeClock], Awaitable[None]]

@@ -6,19 +6,7 @@ import pytest
 
 from agent_stub import Lease
 from simulator.truth import GroundTruth
-
-
-class FakeClock:
-    """A boottime clock the test moves by hand (sleep is just a big step)."""
-
-    def __init__(self, start: float = 1_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fake_clock import FakeClock
 
 
 def test_no_lease_until_the_first_grant() -> None:

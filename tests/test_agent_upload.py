@@ -28,6 +28,7 @@ from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault, SimulatedConfig
 from simulator.faulty import SimulatedAgent
 from tests.conftest import BIN, free_port
+from tests.fake_clock import FakeClock
 from tests.test_agent_capture import Rig
 from tests.test_agent_faults import (
     PER_TICK,
@@ -38,7 +39,6 @@ from tests.test_agent_faults import (
     directive,
     grant,
 )
-from tests.test_agent_lease import FakeClock
 
 Context = grpc.aio.ServicerContext[pb.UploadBatchRequest, pb.UploadBatchResponse]
 

@@ -34,6 +34,7 @@ from control.web.streams import (
 )
 from tests.conftest import Cli, ServerProcess, free_port
 from tests.dashboard_support import EventStream, Http, session_for
+from tests.fake_clock import FakeClock
 
 
 def test_an_https_public_url_makes_the_cookies_secure(
@@ -190,19 +191,11 @@ def test_a_bad_public_url_is_one_clear_line() -> None:
 # ------------------------------------------------------------------ in process
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def in_process(tmp_path: Path, scenario: Callable[..., Any]) -> None:
     """The dashboard's handlers on a real aiohttp server and plane, with a clock we move."""
 
     async def run() -> None:
-        clock = FakeClock()
+        clock = FakeClock(1_000_000.0)
         store = await SqliteStore.open(tmp_path)
         plane = ControlPlane(store, clock=clock, flush_interval=3600)
         await plane.start()

@@ -13,8 +13,8 @@ import pytest
 from control.domain.identity import Principal, Role
 from control.store import Store
 from control.web.sessions import LOGIN_TOKEN_SECONDS, SESSION_SECONDS, DashboardSessions
+from tests.fake_clock import FakeClock
 from tests.store_contract import Backend, each_backend, run_with_store
-from tests.test_plane_replicas import Clock
 
 SRE = Principal("sre-1", Role.SRE, serial="5e")
 
@@ -26,17 +26,17 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 def with_sessions(
     backend: Backend,
-    body: Callable[[DashboardSessions, Clock, set[str]], Awaitable[None]],
+    body: Callable[[DashboardSessions, FakeClock, set[str]], Awaitable[None]],
 ) -> None:
     async def main(store: Store) -> None:
-        clock, revoked = Clock(), set[str]()
+        clock, revoked = FakeClock(), set[str]()
         await body(DashboardSessions(store, clock, revoked.__contains__), clock, revoked)
 
     run_with_store(backend, main)
 
 
 def test_a_login_link_works_once_and_a_session_ends_on_time(backend: Backend) -> None:
-    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+    async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
         token, expires_at = await sessions.issue_login(SRE)
         assert expires_at == 1000.0 + LOGIN_TOKEN_SECONDS
         redeemed = await sessions.redeem(token)
@@ -51,7 +51,7 @@ def test_a_login_link_works_once_and_a_session_ends_on_time(backend: Backend) ->
 
 
 def test_a_stale_link_is_refused(backend: Backend) -> None:
-    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+    async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
         token, _ = await sessions.issue_login(SRE)
         clock.now += LOGIN_TOKEN_SECONDS
         assert await sessions.redeem(token) is None
@@ -60,7 +60,7 @@ def test_a_stale_link_is_refused(backend: Backend) -> None:
 
 
 def test_revoking_the_certificate_ends_its_browser_sessions(backend: Backend) -> None:
-    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+    async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
         pending, _ = await sessions.issue_login(SRE)
         token, _ = await sessions.issue_login(SRE)
         redeemed = await sessions.redeem(token)
@@ -73,7 +73,7 @@ def test_revoking_the_certificate_ends_its_browser_sessions(backend: Backend) ->
 
 
 def test_logout_ends_the_session_and_the_store_keeps_only_hashes(backend: Backend) -> None:
-    async def body(sessions: DashboardSessions, clock: Clock, revoked: set[str]) -> None:
+    async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
         token, _ = await sessions.issue_login(SRE)
         redeemed = await sessions.redeem(token)
         assert redeemed is not None
@@ -98,7 +98,7 @@ def with_two_replicas(
     async def main(first: Store) -> None:
         second = await backend.open()
         try:
-            clock = Clock()
+            clock = FakeClock()
             await body(DashboardSessions(first, clock), DashboardSessions(second, clock))
         finally:
             await second.close()

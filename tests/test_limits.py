@@ -19,18 +19,11 @@ from control.domain.limits import (
 from control.errors import StoreUnavailable
 from control.refusals import REFUSAL_BUDGET_BURST, RefusalLog
 from control.rpc.authz import peer_host
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import FakeClock
 
 
 def test_a_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
-    clock = Clock()
+    clock = FakeClock()
     buckets = TokenBuckets(rate=2.0, burst=3, clock=clock)
     assert [buckets.take("a") for _ in range(4)] == [True, True, True, False]
     assert buckets.take("b"), "each key has its own bucket"
@@ -41,7 +34,7 @@ def test_a_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
 
 
 def test_a_token_given_back_is_spent_again_but_never_above_the_burst() -> None:
-    buckets = TokenBuckets(rate=1.0, burst=2, clock=Clock())
+    buckets = TokenBuckets(rate=1.0, burst=2, clock=FakeClock())
     assert buckets.take("a") and buckets.take("a") and not buckets.take("a")
     buckets.give_back("a")
     assert buckets.take("a") and not buckets.take("a")
@@ -51,7 +44,7 @@ def test_a_token_given_back_is_spent_again_but_never_above_the_burst() -> None:
 
 
 def test_many_sources_do_not_grow_the_buckets_without_bound() -> None:
-    clock = Clock()
+    clock = FakeClock()
     buckets = TokenBuckets(rate=1.0, burst=1, clock=clock, max_keys=3)
     for n in range(3):
         assert buckets.take(f"k{n}")
@@ -65,9 +58,9 @@ def test_many_sources_do_not_grow_the_buckets_without_bound() -> None:
 
 def test_a_bucket_needs_a_rate_and_a_burst() -> None:
     with pytest.raises(ValueError):
-        TokenBuckets(rate=0, burst=1, clock=Clock())
+        TokenBuckets(rate=0, burst=1, clock=FakeClock())
     with pytest.raises(ValueError):
-        TokenBuckets(rate=1, burst=0, clock=Clock())
+        TokenBuckets(rate=1, burst=0, clock=FakeClock())
 
 
 def test_the_tally_makes_one_record_per_source_whose_counts_add_up() -> None:
@@ -97,7 +90,7 @@ def test_the_tally_makes_one_record_per_source_whose_counts_add_up() -> None:
 
 
 def test_the_refusal_log_audits_within_the_budget_and_aggregates_the_rest() -> None:
-    clock = Clock()
+    clock = FakeClock()
     written: list[list[AuditRecord]] = []
 
     async def write(records: Sequence[AuditRecord]) -> None:
@@ -120,7 +113,7 @@ def test_the_refusal_log_audits_within_the_budget_and_aggregates_the_rest() -> N
 
 
 def test_counts_the_store_refused_are_written_with_the_next_flush() -> None:
-    clock = Clock()
+    clock = FakeClock()
     written: list[AuditRecord] = []
     failing = [True]
 

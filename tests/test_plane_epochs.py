@@ -17,25 +17,17 @@ from control.errors import StoreError
 from control.freshness import MAX_VIEW_AGE_SHARE, SharedView, resync_seconds
 from control.plane import ControlPlane, EpochUnknown
 from control.store.postgres import PostgresStore
+from tests.fake_clock import FakeClock
 from tests.test_plane import IC, REPORT, STOPPED, Session
-from tests.test_plane_replicas import Clock
 
 TTL = 60.0
-
-
-class Monotonic:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ---------------------------------------------------------------- the view's age
 
 
 def test_a_lease_ends_one_ttl_after_the_view_it_was_granted_on() -> None:
-    tick = Monotonic()
+    tick = FakeClock()
     view = SharedView(TTL, sole_writer=False, monotonic=tick)
     assert view.stale, "never read: no lease"
     view.adopted(view.read_starting())
@@ -49,7 +41,7 @@ def test_a_lease_ends_one_ttl_after_the_view_it_was_granted_on() -> None:
 
 
 def test_an_older_read_never_makes_the_view_look_newer() -> None:
-    tick = Monotonic()
+    tick = FakeClock()
     view = SharedView(TTL, sole_writer=False, monotonic=tick)
     early = view.read_starting()
     tick.now += 5
@@ -59,7 +51,7 @@ def test_an_older_read_never_makes_the_view_look_newer() -> None:
 
 
 def test_a_sole_writer_is_always_current_and_resyncs_scale_with_the_ttl() -> None:
-    assert SharedView(TTL, sole_writer=True, monotonic=Monotonic()).lease_seconds() == TTL
+    assert SharedView(TTL, sole_writer=True, monotonic=FakeClock()).lease_seconds() == TTL
     assert resync_seconds(60.0) == 5.0
     assert resync_seconds(6.0) == 0.5, "a short TTL re-reads often enough to keep leasing"
 
@@ -73,10 +65,10 @@ def two_replicas(
     async def main() -> None:
         store_a, store_b = await PostgresStore.open(pg_dsn), await PostgresStore.open(pg_dsn)
         plane_a = ControlPlane(
-            store_a, clock=Clock(), flush_interval=3600, lease_ttl=TTL, replica_id="a"
+            store_a, clock=FakeClock(), flush_interval=3600, lease_ttl=TTL, replica_id="a"
         )
         plane_b = ControlPlane(
-            store_b, clock=Clock(), flush_interval=3600, lease_ttl=TTL, replica_id="b"
+            store_b, clock=FakeClock(), flush_interval=3600, lease_ttl=TTL, replica_id="b"
         )
         try:
             await plane_a.start()
@@ -191,7 +183,7 @@ def test_a_stale_view_grants_no_lease_and_sends_agents_elsewhere(pg_dsn: str) ->
     """Break 7: resyncs that keep failing while beats succeed stop the leases."""
 
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
-        tick = Monotonic()
+        tick = FakeClock()
         plane_b.membership.view = SharedView(TTL, sole_writer=False, monotonic=tick)
         plane_b.view.adopted(plane_b.view.read_starting())
         plane_b.connect("laptop", {}, Session(plane_b, "laptop"))

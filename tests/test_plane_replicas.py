@@ -19,20 +19,13 @@ from control.governance import Governance
 from control.plane import REPLICA_SILENT_BEATS, ControlPlane
 from control.store import AgentChanges, StoredAgent
 from control.store.postgres import PostgresStore
+from tests.fake_clock import FakeClock
 from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
 
 APPROVER = Principal("approver-1", Role.APPROVER, serial="02")
 
 PROBE = 2.0
 SILENCE = 31.0  # CompliancePolicy's default: 3 heartbeats of 10 s, plus 1 s
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def remote_row(
@@ -68,11 +61,11 @@ def remote_row(
 
 
 def run(
-    tmp_path: Path, body: Callable[[ControlPlane, RecordingStore, Clock], Awaitable[None]]
+    tmp_path: Path, body: Callable[[ControlPlane, RecordingStore, FakeClock], Awaitable[None]]
 ) -> None:
     async def main() -> None:
         store = await RecordingStore.open(tmp_path)
-        clock = Clock()
+        clock = FakeClock()
         plane = ControlPlane(
             store,
             clock=clock,
@@ -96,7 +89,7 @@ def state_of(plane: ControlPlane, agent_id: str) -> ComplianceState:
 
 
 def test_an_agent_served_elsewhere_is_live_while_its_replica_beats(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         # A minute on, its row unchanged (liveness is written rarely): r2's beat vouches.
@@ -118,7 +111,7 @@ def test_an_agent_served_elsewhere_is_live_while_its_replica_beats(tmp_path: Pat
 
 
 def test_a_row_that_shows_a_silent_stream_stays_silent(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         row = remote_row("a", "r2", clock.now, last_seen=clock.now - SILENCE - 5)
         plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
         view = plane.agent_view("a")
@@ -131,7 +124,7 @@ def test_a_row_that_shows_a_silent_stream_stays_silent(tmp_path: Path) -> None:
 def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
     tmp_path: Path,
 ) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("local", {}, Session(plane, "local"))
         plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
@@ -154,7 +147,7 @@ def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
 
 
 def test_rows_never_override_a_stream_served_here_or_a_newer_one(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         session = Session()
         plane.connect("a", {}, session)
         plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now + 5)], {"r2": 0.5}, "1"))
@@ -176,7 +169,7 @@ def test_rows_never_override_a_stream_served_here_or_a_newer_one(tmp_path: Path)
 
 
 def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         row = remote_row("a", "r2", clock.now, violation="screen active after pause")
         await store.save_agents([row])
         plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
@@ -192,7 +185,7 @@ def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) ->
 
 
 def test_acknowledging_a_remote_violation_clears_it_everywhere(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         row = remote_row("a", "r2", clock.now, violation="screen active after pause")
         plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
         assert state_of(plane, "a") is ComplianceState.VIOLATION
@@ -211,7 +204,7 @@ def test_acknowledging_a_remote_violation_clears_it_everywhere(tmp_path: Path) -
 
 
 def test_the_serving_replica_clears_a_violation_acknowledged_elsewhere(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
@@ -233,7 +226,7 @@ def test_a_stream_that_goes_silent_is_written_once_and_its_next_word_at_once(
 ) -> None:
     async def main() -> None:
         store = await RecordingStore.open(tmp_path)
-        clock = Clock()
+        clock = FakeClock()
         plane = ControlPlane(
             store, clock=clock, flush_interval=3600, store_probe_interval=0.02, replica_id="me"
         )
@@ -262,8 +255,8 @@ def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str)
 
     async def main() -> None:
         store_a, store_b = await PostgresStore.open(pg_dsn), await PostgresStore.open(pg_dsn)
-        plane_a = ControlPlane(store_a, clock=Clock(), flush_interval=3600, replica_id="a")
-        plane_b = ControlPlane(store_b, clock=Clock(), flush_interval=3600, replica_id="b")
+        plane_a = ControlPlane(store_a, clock=FakeClock(), flush_interval=3600, replica_id="a")
+        plane_b = ControlPlane(store_b, clock=FakeClock(), flush_interval=3600, replica_id="b")
         try:
             await plane_a.start()
             await plane_b.start()
@@ -295,7 +288,7 @@ def test_a_snapshot_read_before_a_commit_here_is_not_adopted_after_it(pg_dsn: st
 
     async def main() -> None:
         store = await PostgresStore.open(pg_dsn)
-        plane = ControlPlane(store, clock=Clock(), flush_interval=3600, replica_id="a")
+        plane = ControlPlane(store, clock=FakeClock(), flush_interval=3600, replica_id="a")
         try:
             await plane.start()
             hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
@@ -312,7 +305,7 @@ def test_a_snapshot_read_before_a_commit_here_is_not_adopted_after_it(pg_dsn: st
 
 
 def test_a_revocation_made_on_another_replica_closes_the_stream_here(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         governance = Governance(plane, store, clock=clock, authority=None)
         await governance.start(await store.load())
         laptop, bystander = Session(), Session()
@@ -332,7 +325,7 @@ def test_a_shared_read_taken_before_an_approval_here_does_not_undo_it(tmp_path: 
     """The race behind a runbook told "pending" right after its request was approved: a
     re-read of the shared state began before the approval and was adopted after it."""
 
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         governance = Governance(plane, store, clock=clock, authority=None)
         await governance.start(await store.load())
         hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
@@ -376,7 +369,11 @@ def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_wit
         store = await FlakyBeats.open(tmp_path)
         probe = 0.1
         plane = ControlPlane(
-            store, clock=Clock(), flush_interval=3600, store_probe_interval=probe, replica_id="me"
+            store,
+            clock=FakeClock(),
+            flush_interval=3600,
+            store_probe_interval=probe,
+            replica_id="me",
         )
         await plane.start()
         alone, elsewhere = Session(), Session()
@@ -409,7 +406,7 @@ def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_wit
 def test_a_stream_here_is_newer_than_the_stored_one_even_with_a_slow_clock(
     tmp_path: Path,
 ) -> None:
-    async def body(plane: ControlPlane, store: RecordingStore, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         # The agent's last stream, on a replica whose clock runs 5 s ahead of this one.
         ahead = remote_row("a", "r2", clock.now + 105)
         await store.save_agents([ahead])

@@ -20,8 +20,8 @@ from control.errors import StoreError
 from control.plane import ControlPlane
 from control.store import Store, ViolationEvidence
 from control.store.postgres import PostgresStore
+from tests.fake_clock import FakeClock
 from tests.test_plane import IC, STOPPED, RecordingStore, Session
-from tests.test_plane_replicas import Clock
 
 FROZEN = CaptureReport(events_total=10)
 MOVED = CaptureReport(events_total=20)
@@ -53,7 +53,7 @@ async def resync(plane: ControlPlane, store: Store) -> None:
 
 @asynccontextmanager
 async def two_replicas(
-    dsn: str, clock: Clock
+    dsn: str, clock: FakeClock
 ) -> AsyncIterator[tuple[ControlPlane, PostgresStore, ControlPlane, PostgresStore]]:
     store_a, store_b = await PostgresStore.open(dsn), await PostgresStore.open(dsn)
     plane_a = ControlPlane(store_a, clock=clock, flush_interval=3600, replica_id="a")
@@ -69,7 +69,7 @@ async def two_replicas(
 
 
 async def paused_on_a(
-    plane_a: ControlPlane, store_a: Store, plane_b: ControlPlane, store_b: Store, clock: Clock
+    plane_a: ControlPlane, store_a: Store, plane_b: ControlPlane, store_b: Store, clock: FakeClock
 ) -> float:
     """The laptop streams to A, acks a fleet pause there; B adopts its row. Returns
     when the stop took effect."""
@@ -88,7 +88,7 @@ async def paused_on_a(
 def test_an_upload_check_on_a_replica_not_serving_the_agent_flags_it_everywhere(
     pg_dsn: str,
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
 
     async def main() -> None:
         async with two_replicas(pg_dsn, clock) as (plane_a, store_a, plane_b, store_b):
@@ -136,11 +136,11 @@ class FailingWrites(RecordingStore):
 
 
 def run_sqlite(
-    tmp_path: Path, body: Callable[[ControlPlane, FailingWrites, Clock], Awaitable[None]]
+    tmp_path: Path, body: Callable[[ControlPlane, FailingWrites, FakeClock], Awaitable[None]]
 ) -> None:
     async def main() -> None:
         store = await FailingWrites.open(tmp_path)
-        clock = Clock()
+        clock = FakeClock()
         plane = ControlPlane(store, clock=clock, flush_interval=3600, replica_id="me")
         await plane.start()
         try:
@@ -153,7 +153,7 @@ def run_sqlite(
     asyncio.run(main())
 
 
-async def restarted(tmp_path: Path, clock: Clock) -> ComplianceState:
+async def restarted(tmp_path: Path, clock: FakeClock) -> ComplianceState:
     store = await RecordingStore.open(tmp_path)
     plane = ControlPlane(store, clock=clock, flush_interval=3600, replica_id="again")
     await plane.start()
@@ -165,7 +165,7 @@ async def restarted(tmp_path: Path, clock: Clock) -> ComplianceState:
 
 
 def test_a_violation_flagged_while_writes_fail_is_written_once_they_work(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: FailingWrites, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: FailingWrites, clock: FakeClock) -> None:
         plane.connect("laptop", {}, Session(plane, "laptop"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("laptop", plane.epoch, Mode.PAUSED, STOPPED, FROZEN)
@@ -192,7 +192,7 @@ def test_a_violation_flagged_while_writes_fail_is_written_once_they_work(tmp_pat
 
 
 def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn: str) -> None:
-    clock = Clock()
+    clock = FakeClock()
 
     class Flaky(PostgresStore):
         fail = False
@@ -236,7 +236,7 @@ def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn:
 
 
 def test_a_second_covering_holds_ack_is_compared_with_the_first_stop(tmp_path: Path) -> None:
-    async def body(plane: ControlPlane, store: FailingWrites, clock: Clock) -> None:
+    async def body(plane: ControlPlane, store: FailingWrites, clock: FakeClock) -> None:
         plane.connect("laptop", {}, Session(plane, "laptop"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("laptop", plane.epoch, Mode.PAUSED, STOPPED, FROZEN)
@@ -264,7 +264,7 @@ def test_a_second_covering_holds_ack_is_compared_with_the_first_stop(tmp_path: P
 
 
 def test_only_an_acknowledgement_clears_it_and_later_evidence_flags_again(pg_dsn: str) -> None:
-    clock = Clock()
+    clock = FakeClock()
 
     async def main() -> None:
         async with two_replicas(pg_dsn, clock) as (plane_a, store_a, plane_b, store_b):
