@@ -21,17 +21,24 @@ from typing import Any
 import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
-from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import PLATFORM_CLOCK, Agent, AgentConfig, NoSleepClock, platform_clock
 from agent_stub import cli as agent_cli
 from agent_stub.clock import Clock, LibraryLoader
 from simulator.faults import SimulatedConfig
-from simulator.faulty import SimulatedAgent
-from tests.test_agent_faults import PER_TICK, Outbox, directive, grant, settle, wait_until
-from tests.test_agent_session import ScriptedControl, kinds
-
-STOPPED = {"keyboard": False, "mouse": False, "screen": False}
+from tests.agent_support import (
+    PER_TICK,
+    STOPPED,
+    Outbox,
+    directive,
+    grant,
+    kinds,
+    running,
+    scripted_control,
+    settle,
+    simulated_agent,
+    wait_until,
+)
 
 # Stand-ins for the clock ids of the time module, to see which one is read.
 BOOTTIME_ID, MONOTONIC_ID = 7, 1
@@ -265,10 +272,7 @@ def test_a_laptop_asleep_past_its_lease_captures_nothing_until_a_fresh_one(
     clock = PLATFORMS[name](monkeypatch, machine)
 
     async def scenario() -> None:
-        channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        agent = SimulatedAgent(SimulatedConfig("mac-1"), channel, rng=random.Random(1), clock=clock)
-        outbox = Outbox()
-        try:
+        async with simulated_agent(SimulatedConfig("mac-1"), clock) as (agent, outbox):
             await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=30), outbox)
             await settle()
             before_sleep = outbox.lease_requests()[-1]
@@ -294,9 +298,6 @@ def test_a_laptop_asleep_past_its_lease_captures_nothing_until_a_fresh_one(
             agent.engine.tick()
             assert agent.engine.events_captured_total == 2 * PER_TICK
             assert agent.truth.events_without_lease == 0
-        finally:
-            await outbox.close()
-            await channel.close(grace=None)
 
     asyncio.run(scenario())
 
@@ -337,23 +338,14 @@ def test_run_says_so_in_one_line_and_the_server_sees_the_nack(
     monkeypatch.setattr(agent_cli, "PLATFORM_CLOCK", NoSleepClock(reason))
 
     async def scenario() -> None:
-        control = ScriptedControl()
-        server = grpc.aio.server()
-        pb_grpc.add_AgentControlServicer_to_server(control, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        args = agent_cli.build_parser().parse_args(
-            ["run", "--server", f"127.0.0.1:{port}", "--agent-id", "sun-1", "--insecure"]
-        )
-        runner = asyncio.create_task(agent_cli.run_one(args))
-        try:
-            await wait_until(lambda: control.streams and "nack" in kinds(control.streams[0]))
-            await asyncio.sleep(0.2)
-            assert "lease_request" not in kinds(control.streams[0])
-        finally:
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
-            await server.stop(grace=None)
+        async with scripted_control() as (control, _):
+            args = agent_cli.build_parser().parse_args(
+                ["run", "--server", control.address, "--agent-id", "sun-1", "--insecure"]
+            )
+            async with running(agent_cli.run_one(args)):
+                await wait_until(lambda: control.streams and "nack" in kinds(control.streams[0]))
+                await asyncio.sleep(0.2)
+                assert "lease_request" not in kinds(control.streams[0])
 
     asyncio.run(scenario())
     # The first line is the tool's own; the test's cancellation of the running agent may

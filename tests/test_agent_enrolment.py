@@ -30,8 +30,8 @@ from agent_stub.identity import (
 from control.domain.identity import Principal, Role
 from control.errors import InvalidInput
 from control.pki import Authority, initialise, principal_from_pem
+from tests.agent_support import wait_until
 from tests.conftest import BIN, free_port
-from tests.test_agent_faults import wait_until
 
 TOKEN = "kst_test.s3cret"
 DAY = 86_400.0

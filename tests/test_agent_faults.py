@@ -3,139 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
 
-import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub import Agent, Tuning
-from agent_stub.capture import EVENTS_PER_TICK
-from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from agent_stub import Tuning
+from simulator.faults import Fault, FaultTuning
 from simulator.faulty import SimulatedAgent
 from simulator.fleet import fault_counts, fleet_configs
+from tests.agent_support import (
+    PER_TICK,
+    STOPPED,
+    Outbox,
+    capture_under_lease,
+    channels,
+    directive,
+    grant,
+    run_agent,
+    settle,
+    wait_until,
+)
 from tests.fake_clock import FakeClock
-
-PER_TICK = sum(EVENTS_PER_TICK.values())
-STOPPED = {"keyboard": False, "mouse": False, "screen": False}
-
-
-class Outbox:
-    """Records what the agent sends instead of writing to a stream."""
-
-    def __init__(self) -> None:
-        self.sent: list[pb.AgentMessage] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def send(self, message: pb.AgentMessage) -> None:
-        self.sent.append(message)
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(work)
-        self.tasks.add(task)
-        return task
-
-    def bodies(self, kind: str) -> list[Any]:
-        return [getattr(m, kind) for m in self.sent if m.WhichOneof("body") == kind]
-
-    def lease_requests(self) -> list[int]:
-        return [r.request_id for r in self.bodies("lease_request")]
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def directive(
-    mode: pb.Mode.ValueType,
-    epoch: int = 4,
-    *,
-    purge: bool = False,
-    ttl: float = 30.0,
-    heartbeat: float = 3600.0,
-) -> pb.ServerMessage:
-    return pb.ServerMessage(
-        directive=pb.Directive(
-            epoch=epoch,
-            mode=mode,
-            reason="r",
-            heartbeat_interval_seconds=heartbeat,
-            lease_ttl_seconds=ttl,
-            purge_spool=purge,
-        )
-    )
-
-
-def grant(request_id: int, granted: bool = True, ttl: float = 30.0) -> pb.ServerMessage:
-    return pb.ServerMessage(
-        lease_grant=pb.LeaseGrant(request_id=request_id, granted=granted, ttl_seconds=ttl)
-    )
-
-
-def channels(message: pb.Ack | pb.Heartbeat | pb.Hello) -> dict[str, bool]:
-    return {c.name: c.state == pb.CHANNEL_STATE_ACTIVE for c in message.channels}
-
-
-async def wait_until(predicate: Callable[[], object]) -> None:
-    """Poll for up to 5 s: the agent is watched from outside, as the server would."""
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
-
-
-async def settle() -> None:
-    """Let spawned tasks (lease requests) run."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
-Scenario = Callable[[SimulatedAgent, Outbox, FakeClock], Awaitable[None]]
-
-
-def run_agent(
-    scenario: Scenario,
-    fault: Fault = Fault.NONE,
-    tuning: Tuning | None = None,
-    fault_tuning: FaultTuning | None = None,
-) -> None:
-    async def main() -> None:
-        clock = FakeClock()
-        channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        agent = SimulatedAgent(
-            SimulatedConfig(
-                "a",
-                fault=fault,
-                tuning=tuning or Tuning(),
-                fault_tuning=fault_tuning or FaultTuning(),
-            ),
-            channel,
-            rng=random.Random(1),
-            clock=clock,
-        )
-        outbox = Outbox()
-        try:
-            await scenario(agent, outbox, clock)
-        finally:
-            await outbox.close()
-            await channel.close(grace=None)
-
-    asyncio.run(main())
-
-
-async def capture_under_lease(
-    agent: Agent, outbox: Outbox, *, ttl: float = 30.0, heartbeat: float = 3600.0
-) -> None:
-    """ALLOWED, the lease request it sends, the grant, one capture tick."""
-    await agent.handle(directive(pb.MODE_ALLOWED, 3, ttl=ttl, heartbeat=heartbeat), outbox)
-    await settle()
-    await agent.handle(grant(outbox.lease_requests()[-1], ttl=ttl), outbox)
-    agent.engine.tick()
-
 
 # ---------------------------------------------------------------- honest agent
 

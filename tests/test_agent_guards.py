@@ -7,53 +7,31 @@ import asyncio
 import json
 import math
 import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
-from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
 from agent_stub import Agent, AgentConfig, limits
-from agent_stub.agent import open_channel
 from agent_stub.applied import STATE_FILE, Applied, AppliedStateError, AppliedStore
 from agent_stub.identity import insecure_metadata
-from simulator.faults import SimulatedConfig
 from simulator.faulty import SimulatedAgent
-from tests.fake_clock import FakeClock
-from tests.test_agent_faults import (
+from tests.agent_support import (
     PER_TICK,
     Outbox,
     capture_under_lease,
     directive,
     grant,
+    kinds,
+    run_agent,
+    running,
+    scripted_control,
     settle,
     wait_until,
 )
-from tests.test_agent_session import ScriptedControl, kinds
-
-Scenario = Callable[[SimulatedAgent, Outbox, FakeClock], Awaitable[None]]
-
-
-def run(scenario: Scenario, store: AppliedStore | None = None) -> None:
-    async def main() -> None:
-        clock = FakeClock()
-        channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        # Simulated with no fault: the reference agent, and its ground truth.
-        agent = SimulatedAgent(
-            SimulatedConfig("a"), channel, rng=random.Random(1), clock=clock, applied_store=store
-        )
-        outbox = Outbox()
-        try:
-            await scenario(agent, outbox, clock)
-        finally:
-            await outbox.close()
-            await channel.close(grace=None)
-
-    asyncio.run(main())
-
+from tests.fake_clock import FakeClock
 
 # ---------------------------------------------------------------- epochs
 
@@ -84,7 +62,7 @@ def test_an_older_allowed_after_a_pause_is_refused_nacked_and_changes_nothing() 
         assert agent.engine.events_captured_total == PER_TICK
         assert agent.truth.events_without_lease == 0
 
-    run(scenario)
+    run_agent(scenario)
 
 
 def test_the_same_epoch_again_is_applied_again_and_a_newer_one_wins() -> None:
@@ -96,7 +74,7 @@ def test_the_same_epoch_again_is_applied_again_and_a_newer_one_wins() -> None:
         await settle()
         assert outbox.bodies("ack")[-1].epoch == 10 and outbox.lease_requests()
 
-    run(scenario)
+    run_agent(scenario)
 
 
 def test_an_older_directive_than_a_nacked_pause_is_refused_too() -> None:
@@ -109,7 +87,7 @@ def test_an_older_directive_than_a_nacked_pause_is_refused_too() -> None:
         assert "older than applied epoch 9 (UNSPECIFIED)" in outbox.sent[-1].nack.reason
         assert not outbox.lease_requests()
 
-    run(scenario)
+    run_agent(scenario)
 
 
 # ---------------------------------------------------------------- the epoch on disk
@@ -150,36 +128,25 @@ def test_a_restarted_agent_refuses_an_older_allowed_from_a_lagging_replica(
     AppliedStore(tmp_path).save(Applied(9, pb.MODE_PAUSED))  # before the restart
 
     async def scenario() -> None:
-        control = ScriptedControl()
-        server = grpc.aio.server()
-        pb_grpc.add_AgentControlServicer_to_server(control, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = open_channel(f"127.0.0.1:{port}")
-        agent = Agent(
-            AgentConfig("laptop-1"),
-            channel,
-            call_metadata=insecure_metadata("laptop-1"),
-            rng=random.Random(1),
-            applied_store=AppliedStore(tmp_path),
-        )
-        assert (agent.applied_epoch, agent.applied_mode) == (9, pb.MODE_PAUSED)
-        runner = asyncio.create_task(agent.run())
-        try:
-            await wait_until(lambda: control.streams and "nack" in kinds(control.streams[0]))
-            await asyncio.sleep(0.3)  # a lease TTL's worth of chances to go wrong
-            stream = control.streams[0]
-            assert stream[0].hello.last_applied_epoch == 9
-            assert "lease_request" not in kinds(stream)
-            nack = next(m.nack for m in stream if m.WhichOneof("body") == "nack")
-            assert nack.epoch == 1 and "older than applied epoch 9 (PAUSED)" in nack.reason
-            assert agent.engine.events_captured_total == 0 and not agent.engine.capturing
-            assert AppliedStore(tmp_path).load() == Applied(9, pb.MODE_PAUSED)
-        finally:
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
-            await channel.close(grace=None)
-            await server.stop(grace=None)
+        async with scripted_control() as (control, channel):
+            agent = Agent(
+                AgentConfig("laptop-1"),
+                channel,
+                call_metadata=insecure_metadata("laptop-1"),
+                rng=random.Random(1),
+                applied_store=AppliedStore(tmp_path),
+            )
+            assert (agent.applied_epoch, agent.applied_mode) == (9, pb.MODE_PAUSED)
+            async with running(agent.run()):
+                await wait_until(lambda: control.streams and "nack" in kinds(control.streams[0]))
+                await asyncio.sleep(0.3)  # a lease TTL's worth of chances to go wrong
+                stream = control.streams[0]
+                assert stream[0].hello.last_applied_epoch == 9
+                assert "lease_request" not in kinds(stream)
+                nack = next(m.nack for m in stream if m.WhichOneof("body") == "nack")
+                assert nack.epoch == 1 and "older than applied epoch 9 (PAUSED)" in nack.reason
+                assert agent.engine.events_captured_total == 0 and not agent.engine.capturing
+                assert AppliedStore(tmp_path).load() == Applied(9, pb.MODE_PAUSED)
 
     asyncio.run(scenario())
 
@@ -201,7 +168,7 @@ def test_a_failed_write_keeps_the_old_file_and_still_acks(
         assert "applied_epoch_not_saved" in [e["event"] for e in logs]
         assert agent.applied_epoch == 10
 
-    run(scenario, store)
+    run_agent(scenario, applied_store=store)
     assert store.load() == Applied(9, pb.MODE_PAUSED), "never half a file"
 
 
@@ -231,7 +198,7 @@ def test_a_grant_of_1e12_seconds_holds_at_most_an_hour() -> None:
         agent.engine.tick()
         assert not agent.engine.capturing and agent.engine.events_captured_total == PER_TICK
 
-    run(scenario)
+    run_agent(scenario)
 
 
 @pytest.mark.parametrize("ttl", [math.nan, -5.0, 0.0, math.inf, -math.inf])
@@ -246,7 +213,7 @@ def test_a_nonsense_ttl_grant_holds_no_lease_and_says_so(ttl: float) -> None:
         assert agent.engine.events_captured_total == 0
         assert [e["event"] for e in logs] == ["lease_grant_refused"]
 
-    run(scenario)
+    run_agent(scenario)
 
 
 def test_a_lease_held_is_ended_by_a_nonsense_renewal() -> None:
@@ -256,7 +223,7 @@ def test_a_lease_held_is_ended_by_a_nonsense_renewal() -> None:
         await agent.handle(grant(request_id, ttl=math.nan), outbox)
         assert not agent.engine.capturing and agent.lease.expires_at is None
 
-    run(scenario)
+    run_agent(scenario)
 
 
 def test_bounds_and_clamps() -> None:
@@ -284,7 +251,7 @@ def test_a_server_cannot_make_an_agent_flood_its_stream() -> None:
         assert 0 < len(outbox.bodies("heartbeat")) <= most
         assert 0 < len(outbox.lease_requests()) <= most
 
-    run(scenario)
+    run_agent(scenario)
 
 
 def test_a_server_cannot_silence_an_agent_with_a_huge_heartbeat_interval() -> None:
@@ -292,4 +259,4 @@ def test_a_server_cannot_silence_an_agent_with_a_huge_heartbeat_interval() -> No
         await agent.handle(directive(pb.MODE_PAUSED, 3, heartbeat=math.inf), outbox)
         assert agent._heartbeat_interval == limits.MAX_INTERVAL_SECONDS
 
-    run(scenario)
+    run_agent(scenario)

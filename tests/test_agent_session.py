@@ -14,60 +14,12 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
 from agent_stub import Agent, AgentConfig, Backoff, Tuning
-from agent_stub.agent import open_channel
 from agent_stub.identity import insecure_metadata
 from agent_stub.stream import ControlStream
-from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault, FaultTuning, SimulatedConfig
 from simulator.faulty import SimulatedAgent
 from simulator.fleet import Fleet, fleet_configs
-from tests.test_agent_faults import settle, wait_until
-
-LEASE_TTL = 0.6
-
-
-class ScriptedControl(pb_grpc.AgentControlServicer):
-    """Allows capture and grants every lease; records what each stream carried."""
-
-    def __init__(self, lease_ttl: float = LEASE_TTL) -> None:
-        self.lease_ttl = lease_ttl
-        self.streams: list[list[pb.AgentMessage]] = []
-        self.callers: list[str] = []
-        self.ended_at: list[float] = []
-        self.lease_requested_at: dict[str, list[float]] = {}  # caller -> when (monotonic)
-
-    async def Connect(  # type: ignore[override]  # noqa: N802 - gRPC method name
-        self, request_iterator: Any, context: Any
-    ) -> None:
-        received: list[pb.AgentMessage] = []
-        self.streams.append(received)
-        caller = str(dict(context.invocation_metadata()).get(INSECURE_IDENTITY_HEADER, ""))
-        self.callers.append(caller)
-        try:
-            received.append(await context.read())
-            allowed = pb.Directive(
-                epoch=1,
-                mode=pb.MODE_ALLOWED,
-                heartbeat_interval_seconds=0.1,
-                lease_ttl_seconds=self.lease_ttl,
-            )
-            await context.write(pb.ServerMessage(directive=allowed))
-            while isinstance(message := await context.read(), pb.AgentMessage):
-                received.append(message)
-                if message.WhichOneof("body") == "lease_request":
-                    self.lease_requested_at.setdefault(caller, []).append(time.monotonic())
-                    answer = pb.LeaseGrant(
-                        request_id=message.lease_request.request_id,
-                        granted=True,
-                        ttl_seconds=self.lease_ttl,
-                    )
-                    await context.write(pb.ServerMessage(lease_grant=answer))
-        finally:
-            self.ended_at.append(time.monotonic())
-
-
-def kinds(messages: list[pb.AgentMessage]) -> list[str]:
-    return [str(m.WhichOneof("body")) for m in messages]
+from tests.agent_support import LEASE_TTL, kinds, running, scripted_control, settle, wait_until
 
 
 def test_a_fleet_that_connects_together_spreads_its_lease_renewals() -> None:
@@ -77,36 +29,29 @@ def test_a_fleet_that_connects_together_spreads_its_lease_renewals() -> None:
     interval = 1.0  # a third of the lease TTL
 
     async def scenario() -> dict[str, list[float]]:
-        control = ScriptedControl(lease_ttl=3 * interval)
-        server = grpc.aio.server()
-        pb_grpc.add_AgentControlServicer_to_server(control, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = open_channel(f"127.0.0.1:{port}")
-        agents = [
-            Agent(
-                AgentConfig(f"laptop-{i}", tuning=Tuning(capture_tick=0.5, upload_every=3600)),
-                channel,
-                call_metadata=insecure_metadata(f"laptop-{i}"),
-                rng=random.Random(i),
-            )
-            for i in range(20)
-        ]
-        runners = [asyncio.create_task(agent.run()) for agent in agents]
-        try:
-            await wait_until(
-                lambda: (
-                    len(control.lease_requested_at) == 20
-                    and all(len(times) >= 2 for times in control.lease_requested_at.values())
+        async with scripted_control(lease_ttl=3 * interval) as (control, channel):
+            agents = [
+                Agent(
+                    AgentConfig(f"laptop-{i}", tuning=Tuning(capture_tick=0.5, upload_every=3600)),
+                    channel,
+                    call_metadata=insecure_metadata(f"laptop-{i}"),
+                    rng=random.Random(i),
                 )
-            )
-            return control.lease_requested_at
-        finally:
-            for runner in runners:
-                runner.cancel()
-            await asyncio.gather(*runners, return_exceptions=True)
-            await channel.close(grace=None)
-            await server.stop(grace=None)
+                for i in range(20)
+            ]
+            runners = [asyncio.create_task(agent.run()) for agent in agents]
+            try:
+                await wait_until(
+                    lambda: (
+                        len(control.lease_requested_at) == 20
+                        and all(len(times) >= 2 for times in control.lease_requested_at.values())
+                    )
+                )
+                return control.lease_requested_at
+            finally:
+                for runner in runners:
+                    runner.cancel()
+                await asyncio.gather(*runners, return_exceptions=True)
 
     requested = asyncio.run(scenario())
     first_renewal = [times[1] - times[0] for times in requested.values()]
@@ -119,64 +64,44 @@ def test_a_fleet_that_connects_together_spreads_its_lease_renewals() -> None:
 
 def test_offline_agent_drops_its_stream_stops_at_expiry_and_comes_back() -> None:
     async def scenario() -> None:
-        control = ScriptedControl()
-        server = grpc.aio.server()
-        pb_grpc.add_AgentControlServicer_to_server(control, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = open_channel(f"127.0.0.1:{port}")
-        agent = SimulatedAgent(
-            SimulatedConfig(
-                "laptop-1",
-                fault=Fault.OFFLINE,
-                tuning=Tuning(capture_tick=0.02, upload_every=3600),
-                fault_tuning=FaultTuning(offline_for=1.0),
-            ),
-            channel,
-            call_metadata=insecure_metadata("laptop-1"),
-            backoff=Backoff(initial=0.05, maximum=0.1, rng=random.Random(1)),
-            rng=random.Random(1),
-        )
-        runner = asyncio.create_task(agent.run())
-        try:
-            await wait_until(lambda: agent.engine.events_captured_total > 0)
-            first = control.streams[0]
-            assert kinds(first)[:3] == ["hello", "ack", "lease_request"]
-            assert first[0].hello.report.events_captured_total == 0
+        async with scripted_control() as (control, channel):
+            agent = SimulatedAgent(
+                SimulatedConfig(
+                    "laptop-1",
+                    fault=Fault.OFFLINE,
+                    tuning=Tuning(capture_tick=0.02, upload_every=3600),
+                    fault_tuning=FaultTuning(offline_for=1.0),
+                ),
+                channel,
+                call_metadata=insecure_metadata("laptop-1"),
+                backoff=Backoff(initial=0.05, maximum=0.1, rng=random.Random(1)),
+                rng=random.Random(1),
+            )
+            async with running(agent.run()):
+                await wait_until(lambda: agent.engine.events_captured_total > 0)
+                first = control.streams[0]
+                assert kinds(first)[:3] == ["hello", "ack", "lease_request"]
+                assert first[0].hello.report.events_captured_total == 0
 
-            agent.trigger_fault()
-            dropped_at = time.monotonic()
-            await wait_until(lambda: control.ended_at)
-            assert control.ended_at[0] - dropped_at < 0.5, "the stream is cut at once"
-            await asyncio.sleep(LEASE_TTL + 0.1)
-            assert not agent.engine.capturing, "the lease ran out while offline"
-            captured = agent.engine.events_captured_total
+                agent.trigger_fault()
+                dropped_at = time.monotonic()
+                await wait_until(lambda: control.ended_at)
+                assert control.ended_at[0] - dropped_at < 0.5, "the stream is cut at once"
+                await asyncio.sleep(LEASE_TTL + 0.1)
+                assert not agent.engine.capturing, "the lease ran out while offline"
+                captured = agent.engine.events_captured_total
 
-            await wait_until(lambda: len(control.streams) == 2)
-            assert time.monotonic() - dropped_at >= 1.0, "stayed away for offline_for"
-            await wait_until(lambda: agent.engine.capturing)
-            again = control.streams[1]
-            assert again[0].hello.report.events_captured_total == captured
-            assert kinds(again)[:2] == ["hello", "ack"]
-            await wait_until(lambda: "heartbeat" in kinds(again))
-            assert agent.truth.events_without_lease == 0
-            assert control.callers == ["laptop-1:agent"] * 2, "every stream says who it is"
-        finally:
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
-            await channel.close(grace=None)
-            await server.stop(grace=None)
+                await wait_until(lambda: len(control.streams) == 2)
+                assert time.monotonic() - dropped_at >= 1.0, "stayed away for offline_for"
+                await wait_until(lambda: agent.engine.capturing)
+                again = control.streams[1]
+                assert again[0].hello.report.events_captured_total == captured
+                assert kinds(again)[:2] == ["hello", "ack"]
+                await wait_until(lambda: "heartbeat" in kinds(again))
+                assert agent.truth.events_without_lease == 0
+                assert control.callers == ["laptop-1:agent"] * 2, "every stream says who it is"
 
     asyncio.run(scenario())
-
-
-async def scripted_server() -> tuple[ScriptedControl, grpc.aio.Server, int]:
-    control = ScriptedControl()
-    server = grpc.aio.server()
-    pb_grpc.add_AgentControlServicer_to_server(control, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return control, server, port
 
 
 def test_a_sender_cancelled_mid_write_leaves_the_stream_alive() -> None:
@@ -184,26 +109,23 @@ def test_a_sender_cancelled_mid_write_leaves_the_stream_alive() -> None:
     that a pause ends must not cut the stream the ack is about to go out on."""
 
     async def scenario() -> None:
-        control, server, port = await scripted_server()
-        channel = open_channel(f"127.0.0.1:{port}")
-        stream = ControlStream(pb_grpc.AgentControlStub(channel).Connect())  # type: ignore[call-arg]
-        try:
-            await stream.send(pb.AgentMessage(hello=pb.Hello(agent_id="laptop-1")))
-            assert await stream.read() is not None, "the server's directive"
-            renewal = pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
-            sender = asyncio.create_task(stream.send(renewal))
-            await asyncio.sleep(0)  # the write has started
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-            await stream.send(pb.AgentMessage(ack=pb.Ack(epoch=1, mode=pb.MODE_PAUSED)))
-            answer = await stream.read()
-            assert answer is not None and answer.WhichOneof("body") == "lease_grant"
-            await wait_until(lambda: "ack" in kinds(control.streams[0]))
-            assert kinds(control.streams[0]) == ["hello", "lease_request", "ack"]
-        finally:
-            await stream.close()
-            await channel.close(grace=None)
-            await server.stop(grace=None)
+        async with scripted_control() as (control, channel):
+            stream = ControlStream(pb_grpc.AgentControlStub(channel).Connect())  # type: ignore[call-arg]
+            try:
+                await stream.send(pb.AgentMessage(hello=pb.Hello(agent_id="laptop-1")))
+                assert await stream.read() is not None, "the server's directive"
+                renewal = pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
+                sender = asyncio.create_task(stream.send(renewal))
+                await asyncio.sleep(0)  # the write has started
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+                await stream.send(pb.AgentMessage(ack=pb.Ack(epoch=1, mode=pb.MODE_PAUSED)))
+                answer = await stream.read()
+                assert answer is not None and answer.WhichOneof("body") == "lease_grant"
+                await wait_until(lambda: "ack" in kinds(control.streams[0]))
+                assert kinds(control.streams[0]) == ["hello", "lease_request", "ack"]
+            finally:
+                await stream.close()
 
     asyncio.run(scenario())
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,10 +26,7 @@ from agent_stub.upload import GatewayUploader
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault, SimulatedConfig
 from simulator.faulty import SimulatedAgent
-from tests.conftest import BIN, free_port
-from tests.fake_clock import FakeClock
-from tests.test_agent_capture import Rig
-from tests.test_agent_faults import (
+from tests.agent_support import (
     PER_TICK,
     STOPPED,
     Outbox,
@@ -38,7 +34,11 @@ from tests.test_agent_faults import (
     channels,
     directive,
     grant,
+    simulated_agent,
 )
+from tests.conftest import BIN, free_port
+from tests.fake_clock import FakeClock
+from tests.test_agent_capture import Rig
 
 Context = grpc.aio.ServicerContext[pb.UploadBatchRequest, pb.UploadBatchResponse]
 
@@ -191,24 +191,19 @@ def run_uploading_agent(
     tuning: Tuning | None = None,
 ) -> None:
     async def main() -> None:
-        async with fake_gateway() as (gateway, ingest):
-            clock = FakeClock()
-            control = grpc.aio.insecure_channel("127.0.0.1:1")
-            agent = SimulatedAgent(
-                SimulatedConfig("a", fault=fault, tuning=tuning or Tuning()),
-                control,
+        clock = FakeClock()
+        config = SimulatedConfig("a", fault=fault, tuning=tuning or Tuning())
+        async with (
+            fake_gateway() as (gateway, ingest),
+            simulated_agent(
+                config,
+                clock,
                 call_metadata=insecure_metadata("a"),
-                rng=random.Random(1),
-                clock=clock,
                 ingest=ingest,
                 upload_sequence=sequence,
-            )
-            outbox = Outbox()
-            try:
-                await scenario(agent, outbox, clock, gateway)
-            finally:
-                await outbox.close()
-                await control.close(grace=None)
+            ) as (agent, outbox),
+        ):
+            await scenario(agent, outbox, clock, gateway)
 
     asyncio.run(main())
 

@@ -19,6 +19,7 @@ from control.governance import Governance
 from control.plane import REPLICA_SILENT_BEATS, ControlPlane
 from control.store import AgentChanges, StoredAgent
 from control.store.postgres import PostgresStore
+from tests.agent_support import wait_until
 from tests.fake_clock import FakeClock
 from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
 
@@ -358,13 +359,6 @@ class FlakyBeats(RecordingStore):
 def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_with_somewhere_to_go(
     tmp_path: Path,
 ) -> None:
-    async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(500):
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition never met")
-
     async def main() -> None:
         store = await FlakyBeats.open(tmp_path)
         probe = 0.1
@@ -380,21 +374,21 @@ def test_a_lost_database_is_beats_failing_for_a_while_and_sheds_streams_only_wit
         plane.connect("alone", {}, alone)
         try:
             store.down = True
-            await until(lambda: store.failed == 1)
+            await wait_until(lambda: store.failed == 1)
             assert plane.store_healthy, "one failed beat is not a lost database"
-            await until(lambda: not plane.store_healthy)
+            await wait_until(lambda: not plane.store_healthy)
             assert not plane.grant_lease("alone").granted
-            await until(lambda: store.failed >= REPLICA_SILENT_BEATS + 2)
+            await wait_until(lambda: store.failed >= REPLICA_SILENT_BEATS + 2)
             assert alone.closed == "" and not plane.hands_off_agents(), "nowhere to go"
 
             store.down = False
-            await until(lambda: plane.store_healthy)
+            await wait_until(lambda: plane.store_healthy)
             plane.adopt_agents(AgentChanges([], {"other": 0.01}, "1"))  # another replica beats
             plane.connect("elsewhere", {}, elsewhere)
             store.down = True
-            await until(lambda: not plane.store_healthy)
+            await wait_until(lambda: not plane.store_healthy)
             assert plane.hands_off_agents() and elsewhere.closed == ""
-            await until(lambda: elsewhere.closed != "")  # once the others take it for dead
+            await wait_until(lambda: elsewhere.closed != "")  # once the others take it for dead
             assert elsewhere.closed.endswith("; connect to another replica"), elsewhere.closed
         finally:
             store.down = False
