@@ -140,6 +140,15 @@ def test_heartbeats_carry_channels_and_counters_also_while_paused() -> None:
 # ---------------------------------------------------------------- faults
 
 
+async def pause_once_faulty(
+    agent: SimulatedAgent, outbox: Outbox, *, heartbeat: float = 3600.0
+) -> None:
+    """Capturing under a lease, the agent turns to its fault; then the pause (epoch 4)."""
+    await capture_under_lease(agent, outbox, heartbeat=heartbeat)
+    agent.trigger_fault()
+    await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+
+
 def test_faults_wait_for_the_trigger() -> None:
     async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
         await capture_under_lease(agent, outbox)
@@ -171,9 +180,7 @@ def test_ignore_never_acts_on_directives_but_keeps_its_lease_machinery() -> None
 
 def test_lie_acks_every_channel_stopped_and_captures_on_without_a_lease() -> None:
     async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
-        await capture_under_lease(agent, outbox, heartbeat=0.02)
-        agent.trigger_fault()
-        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await pause_once_faulty(agent, outbox, heartbeat=0.02)
         ack = outbox.sent[-1].ack
         assert ack.mode == pb.MODE_PAUSED and channels(ack) == STOPPED
         clock.advance(60)
@@ -191,9 +198,7 @@ def test_lie_acks_every_channel_stopped_and_captures_on_without_a_lease() -> Non
 
 def test_stubborn_nacks_naming_the_screen_but_captures_nothing_without_a_lease() -> None:
     async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
-        await capture_under_lease(agent, outbox)
-        agent.trigger_fault()
-        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await pause_once_faulty(agent, outbox)
         nack = outbox.sent[-1].nack
         assert nack.epoch == 4 and "screen" in nack.reason and "did not stop" in nack.reason
         assert agent.engine.active == {"keyboard": False, "mouse": False, "screen": True}
@@ -206,9 +211,7 @@ def test_stubborn_nacks_naming_the_screen_but_captures_nothing_without_a_lease()
 
 def test_slow_applies_and_acks_each_directive_late_newest_wins() -> None:
     async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
-        await capture_under_lease(agent, outbox)
-        agent.trigger_fault()
-        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        await pause_once_faulty(agent, outbox)
         await agent.handle(directive(pb.MODE_ALLOWED, 5), outbox)
         assert len(outbox.bodies("ack")) == 1 and agent.engine.capturing, "not yet"
         await asyncio.sleep(0.3)
