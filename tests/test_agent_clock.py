@@ -181,21 +181,32 @@ READS = {
 }
 
 
+@dataclass
+class Laptop:
+    """A machine on one of ``PLATFORMS``, and the lease clock chosen there."""
+
+    platform: str
+    machine: Machine
+    clock: Clock
+
+
+@pytest.fixture(params=PLATFORMS)
+def laptop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Laptop:
+    machine = Machine()
+    return Laptop(request.param, machine, PLATFORMS[request.param](monkeypatch, machine))
+
+
 # ---------------------------------------------------------------- the choice per platform
 
 
-@pytest.mark.parametrize("name", PLATFORMS)
-def test_each_platform_reads_its_sleep_counting_clock(
-    monkeypatch: pytest.MonkeyPatch, name: str
-) -> None:
-    machine = Machine()
-    clock = PLATFORMS[name](monkeypatch, machine)
+def test_each_platform_reads_its_sleep_counting_clock(laptop: Laptop) -> None:
+    machine, clock = laptop.machine, laptop.clock
     machine.reads.clear()
     before = clock()
     machine.sleep(3_600)
     machine.run(2.5)
     assert clock() - before == pytest.approx(3_602.5), "sleep counts"
-    assert set(machine.reads) == {READS[name]}
+    assert set(machine.reads) == {READS[laptop.platform]}
 
 
 def test_windows_never_uses_the_unbiased_interrupt_time(
@@ -264,12 +275,10 @@ def test_the_windows_readers_pass_a_real_ctypes_pointer(monkeypatch: pytest.Monk
 # ---------------------------------------------------------------- a laptop asleep on each
 
 
-@pytest.mark.parametrize("name", PLATFORMS)
 def test_a_laptop_asleep_past_its_lease_captures_nothing_until_a_fresh_one(
-    monkeypatch: pytest.MonkeyPatch, name: str
+    laptop: Laptop,
 ) -> None:
-    machine = Machine()
-    clock = PLATFORMS[name](monkeypatch, machine)
+    machine, clock = laptop.machine, laptop.clock
 
     async def scenario() -> None:
         async with simulated_agent(SimulatedConfig("mac-1"), clock) as (agent, outbox):
