@@ -1,14 +1,16 @@
 """What the agent tests drive an agent with: the messages a server sends, an outbox that
 stands in for the stream, polling from outside, a simulated agent on a channel to
-nowhere, and a scripted control server for a real stream."""
+nowhere, a scripted control server for a real stream, and the agent's command line."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +23,7 @@ from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault, FaultTuning, SimulatedConfig
 from simulator.faulty import SimulatedAgent
+from tests.conftest import BIN, Cli, ServerProcess
 from tests.fake_clock import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())
@@ -224,3 +227,38 @@ async def scripted_control(
     finally:
         await channel.close(grace=None)
         await server.stop(grace=None)
+
+
+def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``killswitch-agent`` run to its end (30 s at most), its output as text."""
+    return subprocess.run(
+        [str(BIN / "killswitch-agent"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def enrolling_agent(
+    server: ServerProcess, cli: Cli, agent_id: str, state_dir: Path, *extra: str
+) -> list[str]:
+    """The command of the reference agent as shipped: it enrols with a fresh join token,
+    keeps its identity in ``state_dir``, then connects over mTLS."""
+    return [
+        str(BIN / "killswitch-agent"),
+        "run",
+        "--server",
+        server.address,
+        "--agent-id",
+        agent_id,
+        "--state-dir",
+        str(state_dir),
+        "--enroll-token",
+        cli.enroll_token(1),
+        "--enroll-server",
+        server.enroll_address,
+        "--ca",
+        str(server.ca_path),
+        *extra,
+    ]

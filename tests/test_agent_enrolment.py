@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +29,7 @@ from agent_stub.identity import (
 from control.domain.identity import Principal, Role
 from control.errors import InvalidInput
 from control.pki import Authority, initialise, principal_from_pem
-from tests.agent_support import wait_until
+from tests.agent_support import agent_cli, wait_until
 from tests.conftest import BIN, free_port
 
 TOKEN = "kst_test.s3cret"
@@ -290,16 +289,6 @@ def test_the_enrolment_port_defaults_to_the_next_port() -> None:
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "killswitch-agent"), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 async def agent_cli_async(*args: str) -> tuple[int, str, str]:

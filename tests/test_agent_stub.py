@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from agent_stub import Backoff
+from tests.agent_support import agent_cli, enrolling_agent
 from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
 
 
@@ -32,27 +33,9 @@ def test_backoff_grows_with_jitter_caps_and_resets() -> None:
 @pytest.fixture
 def one_agent(server: ServerProcess, cli: Cli, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The reference agent as shipped: it enrols with a join token, then connects over mTLS."""
+    labels = ["--label", "owner=alice", "--label", "region=eu-west"]
     proc = subprocess.Popen(
-        [
-            str(BIN / "killswitch-agent"),
-            "run",
-            "--server",
-            server.address,
-            "--agent-id",
-            "alice-mbp",
-            "--label",
-            "owner=alice",
-            "--label",
-            "region=eu-west",
-            "--state-dir",
-            str(tmp_path / "alice-mbp"),
-            "--enroll-token",
-            cli.enroll_token(1),
-            "--enroll-server",
-            server.enroll_address,
-            "--ca",
-            str(server.ca_path),
-        ],
+        enrolling_agent(server, cli, "alice-mbp", tmp_path / "alice-mbp", *labels),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -128,16 +111,6 @@ def test_run_stops_with_one_line_on_an_unreadable_upload_sequence(tmp_path: Path
     assert result.returncode == 1, result
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("killswitch-agent: error: cannot read ") and "upload-sequence" in line
-
-
-def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "killswitch-agent"), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def read_truth(path: Path) -> Any:

@@ -19,6 +19,7 @@ from agent_stub.notices import (
     desktop_command,
     notifier_from,
 )
+from tests.agent_support import enrolling_agent
 from tests.conftest import BIN, Cli, ServerProcess, Simulator, terminate, wait_for
 
 NOTICE = Notice(
@@ -48,25 +49,9 @@ def reference_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[b
     ) -> subprocess.Popen[bytes]:
         log = (tmp_path / "agent.log").open("ab")
         proc = subprocess.Popen(
-            [
-                str(BIN / "killswitch-agent"),
-                "run",
-                "--server",
-                server.address,
-                "--agent-id",
-                "laptop-1",
-                "--label",
-                "owner=employee-1",
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--enroll-token",
-                cli.enroll_token(1),
-                "--enroll-server",
-                server.enroll_address,
-                "--ca",
-                str(server.ca_path),
-                *extra,
-            ],
+            enrolling_agent(
+                server, cli, "laptop-1", tmp_path / "state", "--label", "owner=employee-1", *extra
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
