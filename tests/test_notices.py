@@ -69,20 +69,33 @@ def state_of(cli: Cli) -> str:
     return "" if agent is None else str(agent["state"])
 
 
-def test_every_capture_state_change_is_noticed_with_reason_ticket_and_decider(
+@pytest.fixture
+def notice_file(
     server: ServerProcess,
     cli: Cli,
     reference_agent: Callable[..., subprocess.Popen[bytes]],
     tmp_path: Path,
-) -> None:
+) -> Path:
+    """Where the reference agent, capturing by now, writes its notices (one JSON a line)."""
     out = tmp_path / "notices.jsonl"
     reference_agent(server, cli, "--notify", f"file:{out}")
     wait_for(lambda: state_of(cli) == "CAPTURING", 30, "the agent capturing")
-    assert notices(out) == [], "a fresh agent's first ALLOWED is no change to announce"
+    return out
+
+
+def nth_notice(out: Path, number: int, what: str) -> dict[str, Any]:
+    """The ``number``th notice (from 1), once exactly that many are written."""
+    wait_for(lambda: len(notices(out)) == number, 20, what)
+    return notices(out)[number - 1]
+
+
+def test_every_capture_state_change_is_noticed_with_reason_ticket_and_decider(
+    cli: Cli, notice_file: Path
+) -> None:
+    assert notices(notice_file) == [], "a fresh agent's first ALLOWED is no change to announce"
 
     hold_id = cli.pause("--all", "--reason", "breach at vendor", "--ticket", "INC-42")
-    wait_for(lambda: len(notices(out)) == 1, 20, "the pause notice")
-    paused = notices(out)[0]
+    paused = nth_notice(notice_file, 1, "the pause notice")
     assert paused["state"] == "paused"
     assert paused["agent_id"] == "laptop-1"
     assert "breach at vendor" in paused["reason"]
@@ -92,33 +105,24 @@ def test_every_capture_state_change_is_noticed_with_reason_ticket_and_decider(
     )
 
     cli.resume(hold_id, "--ticket", "INC-42")
-    wait_for(lambda: len(notices(out)) == 2, 20, "the resume notice")
-    resumed = notices(out)[1]
+    resumed = nth_notice(notice_file, 2, "the resume notice")
     assert resumed["state"] == "resumed"
     assert resumed["ticket"] == "INC-42"
     assert resumed["decided_by"] == "approver-1"
     assert resumed["reason"] == "the pause (breach at vendor) was lifted"
 
     cli.as_("employee-1").ok("opt-out", "laptop-1", "--reason", "private call")
-    wait_for(lambda: len(notices(out)) == 3, 20, "the opt-out notice")
-    opted_out = notices(out)[2]
+    opted_out = nth_notice(notice_file, 3, "the opt-out notice")
     assert opted_out["state"] == "opted out"
     assert "private call" in opted_out["reason"]
     assert opted_out["decided_by"] == "employee-1"
 
 
 def test_lease_lost_is_noticed_when_the_server_goes_away(
-    server: ServerProcess,
-    cli: Cli,
-    reference_agent: Callable[..., subprocess.Popen[bytes]],
-    tmp_path: Path,
+    server: ServerProcess, notice_file: Path
 ) -> None:
-    out = tmp_path / "notices.jsonl"
-    reference_agent(server, cli, "--notify", f"file:{out}")
-    wait_for(lambda: state_of(cli) == "CAPTURING", 30, "the agent capturing")
     server.kill9()  # nobody renews the 5 s lease now
-    wait_for(lambda: len(notices(out)) == 1, 20, "the lease-lost notice")
-    lost = notices(out)[0]
+    lost = nth_notice(notice_file, 1, "the lease-lost notice")
     assert lost["state"] == "lease lost"
     assert "lease ran out" in lost["reason"]
     assert lost["decided_by"] == "this laptop (fail closed)"
