@@ -17,7 +17,7 @@ from control.plane import ControlPlane
 from control.runbooks import RunbookRunner
 from control.store import ArchivedCounts, RunChange, Store
 from control.store.sqlite import SqliteStore
-from tests.test_plane import Session
+from tests.plane_support import Session
 from tests.test_store_history import ended
 
 IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")

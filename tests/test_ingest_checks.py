@@ -47,7 +47,8 @@ from control.ingest_checks import (
 from control.ingest_checks import record_accepted as plane_record_accepted
 from control.plane import ControlPlane
 from tests.conftest import free_port
-from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
+from tests.fake_clock import FakeClock
+from tests.plane_support import IC, REPORT, STOPPED, RecordingStore, Session, run_plane, started
 
 NOW = 1_000_000.0
 
@@ -141,12 +142,10 @@ def test_the_standing_copy_lets_in_only_fresh_allowed_leased_and_not_later_than_
 
 
 async def paused_and_acked(
-    tmp_path: Path, now: list[float], store: RecordingStore | None = None
+    tmp_path: Path, clock: FakeClock, store: RecordingStore | None = None
 ) -> tuple[ControlPlane, int]:
     """Agents a and b, leased; a fleet pause that a acked and b did not."""
-    store = store or await RecordingStore.open(tmp_path)
-    plane = ControlPlane(store, clock=lambda: now[0], flush_interval=3600)
-    await plane.start()
+    plane = await started(store or await RecordingStore.open(tmp_path), clock)
     plane.connect("a", {}, Session(plane, "a"))
     plane.connect("b", {}, Session(plane, "b"))
     assert plane.grant_lease("a").granted and plane.grant_lease("b").granted
@@ -156,12 +155,7 @@ async def paused_and_acked(
 
 
 def test_the_plane_sends_every_allowed_agent_then_only_changes(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        now = [1000.0]
-        plane = ControlPlane(
-            await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
-        )
-        await plane.start()
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         for agent in ("a", "b", "c"):
             plane.connect(agent, {}, Session(plane, agent))
         assert plane.grant_lease("a").granted and plane.grant_lease("b").granted
@@ -170,7 +164,7 @@ def test_the_plane_sends_every_allowed_agent_then_only_changes(tmp_path: Path) -
         lease_a = plane.upload_allowances()["a"]
         assert (as_of, full, sorted(first)) == (1000.0, True, ["a", "b"]), "c holds no lease"
         assert watch.next_message() == (1000.0, False, {}), "nothing changed: a heartbeat"
-        now[0] += 5
+        clock.now += 5
         assert plane.grant_lease("c").granted
         _, full, changes = watch.next_message()
         assert (full, list(changes)) == (False, ["c"])
@@ -178,9 +172,8 @@ def test_the_plane_sends_every_allowed_agent_then_only_changes(tmp_path: Path) -
         _, _, changes = watch.next_message()
         assert changes == {"a": None, "b": None, "c": None}, "paused: allowed no more"
         assert lease_a > 1000.0
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_the_watch_resyncs_the_whole_fleet_and_names_a_change_the_edges_missed(
@@ -189,12 +182,7 @@ def test_the_watch_resyncs_the_whole_fleet_and_names_a_change_the_edges_missed(
     """A change no edge announced (here: a status replaced behind the plane's back) is
     sent at the next resync and logged; a lease that just ran out is no miss."""
 
-    async def scenario() -> None:
-        now = [1000.0]
-        plane = ControlPlane(
-            await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
-        )
-        await plane.start()
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         for agent in ("a", "b"):
             plane.connect(agent, {}, Session(plane, agent))
             assert plane.grant_lease(agent).granted
@@ -206,38 +194,32 @@ def test_the_watch_resyncs_the_whole_fleet_and_names_a_change_the_edges_missed(
         view.status.lease_expires_at = None  # no edge: the plane was not told
         with capture_logs() as logs:
             assert watch.next_message() == (1000.0, False, {}), "the edges saw nothing"
-            now[0] += RESYNC_SECONDS
+            clock.now += RESYNC_SECONDS
             _, _, changes = watch.next_message()
         assert changes == {"a": None}
         assert [e["event"] for e in logs] == ["upload_watch_missed_change"]
-        now[0] += plane.lease_ttl  # b's lease runs out: the gateway knows its end
+        clock.now += plane.lease_ttl  # b's lease runs out: the gateway knows its end
         with capture_logs() as logs:
-            assert watch.next_message() == (now[0], False, {})
+            assert watch.next_message() == (clock.now, False, {})
         assert not logs
         watch.close()
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        now = [1000.0]
-        plane = ControlPlane(
-            await RecordingStore.open(tmp_path), clock=lambda: now[0], flush_interval=3600
-        )
-        await plane.start()
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         plane.grant_lease("a")
         (allowed, ghost) = authorize_batches(
             plane, [Check("a", 1, 990.0, 999.0, 5), Check("ghost", 1, 990.0, 999.0, 5)]
         )
         assert allowed.allowed and allowed.stopped_at is None
-        assert allowed.lease_expires_at is not None and allowed.lease_expires_at > now[0]
+        assert allowed.lease_expires_at is not None and allowed.lease_expires_at > clock.now
         assert not ghost.allowed and "unknown agent" in ghost.reason
         hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
-        now[0] += 1
+        clock.now += 1
         (paused,) = authorize_batches(plane, [Check("a", 2, 995.0, 999.5, 3)])
         assert not paused.allowed and "paused" in paused.reason
         assert (paused.stopped_at, paused.epoch) == (1000.0, hold.created_epoch)
@@ -246,9 +228,8 @@ def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: 
         assert view is not None and view.status.uploads_refused == 1
         with pytest.raises(InvalidInput, match="at most"):
             authorize_batches(plane, [Check("a", 3, 1.0, 2.0, 1)] * (MAX_CHECKS_PER_CALL + 1))
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_an_honest_upload_in_flight_at_the_pause_ends_within_the_plane_s_grace() -> None:
@@ -260,9 +241,9 @@ def test_an_honest_upload_in_flight_at_the_pause_ends_within_the_plane_s_grace()
 
 def test_a_gateway_refusal_is_durable_violation_evidence(tmp_path: Path) -> None:
     async def scenario() -> None:
-        now = [1000.0]
-        plane, _ = await paused_and_acked(tmp_path, now)
-        now[0] += 30
+        clock = FakeClock()
+        plane, _ = await paused_and_acked(tmp_path, clock)
+        clock.now += 30
         # Within the plane's own 2 s allowance, only the gateway (with the agent's
         # measured skew) can tell: its report is the evidence.
         (verdict,) = authorize_batches(
@@ -288,8 +269,8 @@ def test_a_report_sent_again_is_not_counted_twice(tmp_path: Path) -> None:
     (numbers from 1 again, newer capture times) still counts."""
 
     async def scenario() -> None:
-        now = [1000.0]
-        plane, _ = await paused_and_acked(tmp_path, now)
+        clock = FakeClock()
+        plane, _ = await paused_and_acked(tmp_path, clock)
         first = [Accepted("a", 5, 4, 1010.0), Accepted("a", 6, 3, 1020.0)]
         plane_record_accepted(plane, first)
         plane_record_accepted(plane, first)  # the same call again, after a timeout
@@ -307,9 +288,9 @@ def test_accepted_batches_give_per_laptop_figures_and_flag_data_landed_after_the
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        now = [1000.0]
-        plane, _ = await paused_and_acked(tmp_path, now)
-        now[0] += 30
+        clock = FakeClock()
+        plane, _ = await paused_and_acked(tmp_path, clock)
+        clock.now += 30
         plane_record_accepted(
             plane,
             [Accepted("b", 1, 10, 999.0), Accepted("a", 1, 6, 990.0), Accepted("a", 2, 4, 1020.0)],
@@ -349,23 +330,23 @@ def test_a_batch_that_only_moves_a_figure_writes_no_row_of_its_own(tmp_path: Pat
     liveness cadence, and at stop; events after the stop are written at once."""
 
     async def scenario() -> None:
-        now = [1000.0]
+        clock = FakeClock()
         store = await RecordingStore.open(tmp_path)
-        plane, _ = await paused_and_acked(tmp_path, now, store)
+        plane, _ = await paused_and_acked(tmp_path, clock, store)
         await plane.flush()
         writes = len(store.batches)
 
-        now[0] += 1
+        clock.now += 1
         plane_record_accepted(plane, [Accepted("b", 1, 10, 999.0)])
         await plane.flush()
         assert len(store.batches) == writes, "a figure alone waits for the cadence"
 
-        now[0] += plane.last_seen_save_interval
+        clock.now += plane.last_seen_save_interval
         plane_record_accepted(plane, [Accepted("b", 2, 10, 1050.0)])
         await plane.flush()
         assert store.agents["b"].status.last_accepted_event_at == 1050.0
 
-        now[0] += 1
+        clock.now += 1
         plane_record_accepted(plane, [Accepted("a", 1, 3, 1070.0), Accepted("b", 3, 1, 1060.0)])
         await plane.flush()  # a's events after its stop: at once; b's figure: later
         assert store.agents["a"].status.events_accepted_after_pause == 3

@@ -26,7 +26,7 @@ from control.runbooks import RunbookRunner
 from control.store import Store
 from control.store.postgres import PostgresStore
 from control.store.sqlite import SqliteStore
-from tests.test_plane import STOPPED, Session
+from tests.plane_support import STOPPED, Session
 from tests.test_plane_epochs import two_replicas
 
 IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")

@@ -3,80 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from control.domain import CaptureReport, ComplianceState, Mode, Scope
-from control.domain.audit import AuditRecord
-from control.domain.identity import Principal, Role
 from control.errors import Conflict, NotFound, StoreError
 from control.events import Observers, PlaneObserver
 from control.plane import AgentFilter, ControlPlane
-from control.store import DecidedLabels, StoredAgent
-from control.store.sqlite import SqliteStore
-
-IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")
-SRE = Principal("sre-1", Role.SRE, serial="02")
-
-STOPPED = {"keyboard": False, "mouse": False, "screen": False}
-REPORT = CaptureReport(events_total=10)
-
-
-class RecordingStore(SqliteStore):
-    """The real SQLite store, counting batch writes and able to fail them."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.agents: dict[str, StoredAgent] = {}
-        self.batches: list[int] = []
-        self.fail_writes = False
-
-    async def save_agents(
-        self,
-        agents: Sequence[StoredAgent],
-        audit: Sequence[AuditRecord] = (),
-        labels: Sequence[DecidedLabels] = (),
-    ) -> None:
-        if self.fail_writes:
-            raise StoreError("disk full")
-        await super().save_agents(agents, audit, labels)
-        if agents:
-            self.batches.append(len(agents))
-        self.agents.update({a.agent_id: a for a in agents})
-
-
-class Session:
-    """A stream as the plane sees it. Bound to a plane, it sends (records) each directive
-    it is told about, as ``AgentSession`` does: acks count only for what was sent."""
-
-    def __init__(self, plane: ControlPlane | None = None, agent_id: str = "") -> None:
-        self.notified = 0
-        self.closed = ""
-        self._plane, self._agent_id = plane, agent_id
-
-    def notify(self) -> None:
-        self.notified += 1
-        if self._plane is not None:
-            self._plane.directive_sent(
-                self._agent_id, self._plane.directive_for(self._agent_id).epoch
-            )
-
-    def close(self, reason: str) -> None:
-        self.closed = reason
-
-
-async def started(store: RecordingStore, observer: PlaneObserver | None = None) -> ControlPlane:
-    plane = ControlPlane(store, clock=lambda: 1000.0, flush_interval=3600, observer=observer)
-    await plane.start()
-    return plane
+from tests.fake_clock import FakeClock
+from tests.plane_support import (
+    IC,
+    REPORT,
+    SRE,
+    STOPPED,
+    RecordingStore,
+    Session,
+    run_plane,
+)
 
 
 def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        store = await RecordingStore.open(tmp_path)
-        plane = await started(store)
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         for i in range(1000):
             plane.connect(f"a{i}", {"region": "eu"}, Session(plane, f"a{i}"))
         await plane.flush()
@@ -87,15 +35,12 @@ def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:
         await plane.flush()
         assert store.batches == [1000, 1000]
         assert all(a.status.acked_epoch == hold.created_epoch for a in store.agents.values())
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_a_failed_write_keeps_the_observations_for_the_next_flush(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        store = await RecordingStore.open(tmp_path)
-        plane = await started(store)
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         store.fail_writes = True
         with pytest.raises(StoreError):
@@ -103,14 +48,12 @@ def test_a_failed_write_keeps_the_observations_for_the_next_flush(tmp_path: Path
         store.fail_writes = False
         await plane.flush()
         assert store.agents["a"].status.first_seen == 1000.0
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        plane = await started(await RecordingStore.open(tmp_path))
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         eu, us = Session(plane, "eu-1"), Session(plane, "us-1")
         plane.connect("eu-1", {"region": "eu"}, eu)
         plane.connect("us-1", {"region": "us"}, us)
@@ -127,14 +70,12 @@ def test_only_affected_sessions_are_notified_and_stale_acks_do_not_count(tmp_pat
         plane.ack("eu-1", 99, Mode.PAUSED, STOPPED, REPORT)
         (view,) = plane.views(AgentFilter(match_labels={"region": "eu"}))
         assert view.compliance.state is ComplianceState.PENDING
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_a_second_stream_for_the_same_agent_replaces_the_first(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        plane = await started(await RecordingStore.open(tmp_path))
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         old, new = Session(), Session()
         plane.connect("a", {}, old)
         plane.connect("a", {}, new)
@@ -142,41 +83,33 @@ def test_a_second_stream_for_the_same_agent_replaces_the_first(tmp_path: Path) -
         plane.disconnect("a", old)  # the old stream's late goodbye changes nothing
         (view,) = plane.views()
         assert view.status.connected
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario)
 
 
 def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then(
     tmp_path: Path,
 ) -> None:
-    async def scenario() -> None:
-        store = await RecordingStore.open(tmp_path)
-        now = [1000.0]
-        plane = ControlPlane(
-            store, clock=lambda: now[0], flush_interval=3600, last_seen_save_interval=60
-        )
-        await plane.start()
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1]
-        now[0] += 10
+        clock.now += 10
         plane.heartbeat("a", STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1], "an unchanged heartbeat within a minute writes nothing"
         plane.heartbeat("a", {**STOPPED, "screen": True}, REPORT)
         await plane.flush()
         assert store.batches == [1, 1] and store.agents["a"].status.channels["screen"] is True
-        now[0] += 61
+        clock.now += 61
         plane.heartbeat("a", {**STOPPED, "screen": True}, REPORT)
         await plane.flush()
-        assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == now[0]
+        assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == clock.now
         (view,) = plane.views()
-        assert view.status.last_seen == now[0]
-        await plane.stop()
+        assert view.status.last_seen == clock.now
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario, last_seen_save_interval=60)
 
 
 class BrokenMethods(PlaneObserver):
@@ -206,11 +139,9 @@ def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) 
     """Each observer is called through the plane's guard: a bug is logged and counted, and
     the ack, the heartbeat and the other observers go on as if nothing happened."""
 
-    async def scenario() -> None:
-        heard = Heard()
-        plane = await started(
-            await RecordingStore.open(tmp_path), Observers([BrokenMethods(), heard])
-        )
+    heard = Heard()
+
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
         plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
@@ -221,20 +152,17 @@ def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) 
         failures = plane.observer_failures.counts
         assert failures["Heard"] == 1
         assert failures["BrokenMethods"] >= 4  # connected, directive_sent, hold_changed, acked...
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario, observer=Observers([BrokenMethods(), heard]))
 
 
 def test_a_lone_observer_is_guarded_too(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        plane = await started(await RecordingStore.open(tmp_path), BrokenMethods())
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         plane.heartbeat("a", STOPPED, REPORT)
         assert plane.observer_failures.counts["BrokenMethods"] >= 2
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario, observer=BrokenMethods())
 
 
 def test_the_fanout_hook_runs_before_every_hold_change(tmp_path: Path) -> None:
@@ -256,15 +184,7 @@ def test_the_fanout_hook_runs_before_every_hold_change(tmp_path: Path) -> None:
 
 
 def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        now = [1000.0]
-        plane = ControlPlane(
-            await RecordingStore.open(tmp_path),
-            clock=lambda: now[0],
-            flush_interval=3600,
-            lease_ttl=30,
-        )
-        await plane.start()
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         decision = plane.grant_lease("a")
         assert decision.granted and decision.ttl == 30
@@ -273,7 +193,7 @@ def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Pat
         denied = plane.grant_lease("a")
         assert not denied.granted and "leak" in denied.reason
         plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
-        now[0] += 5
+        clock.now += 5
         plane.heartbeat("a", STOPPED, CaptureReport(events_total=11))
         (view,) = plane.views()
         assert view.compliance.state is ComplianceState.VIOLATION
@@ -284,23 +204,12 @@ def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Pat
         with pytest.raises(Conflict):
             await plane.acknowledge_violation("a", SRE, "again")
         assert plane.authorize_upload("ghost", 1.0, 2.0, 1).reason == "unknown agent 'ghost'"
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario, lease_ttl=30)
 
 
 def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        store = await RecordingStore.open(tmp_path)
-        now = [1000.0]
-        plane = ControlPlane(
-            store,
-            clock=lambda: now[0],
-            flush_interval=3600,
-            lease_ttl=30,
-            last_seen_save_interval=3600,
-        )
-        await plane.start()
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         plane.heartbeat("a", STOPPED, REPORT)
         await plane.flush()
@@ -312,12 +221,11 @@ def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> No
             stored = store.agents["a"].status.lease_expires_at
             real = plane.views()[0].status.lease_expires_at
             assert stored is not None and real is not None and stored >= real
-            now[0] += 10
+            clock.now += 10
         assert len(store.batches) - writes == 2, "one write per TTL, not per renewal"
         # While allowed, moving counters alone wait for the periodic save.
         plane.heartbeat("a", STOPPED, CaptureReport(events_total=99))
         await plane.flush()
         assert len(store.batches) - writes == 2
-        await plane.stop()
 
-    asyncio.run(scenario())
+    run_plane(tmp_path, scenario, lease_ttl=30, last_seen_save_interval=3600)

@@ -18,7 +18,7 @@ from control.freshness import MAX_VIEW_AGE_SHARE, SharedView, resync_seconds
 from control.plane import ControlPlane, EpochUnknown
 from control.store.postgres import PostgresStore
 from tests.fake_clock import FakeClock
-from tests.test_plane import IC, REPORT, STOPPED, Session
+from tests.plane_support import IC, REPORT, STOPPED, Session, two_planes
 
 TTL = 60.0
 
@@ -64,20 +64,8 @@ def two_replicas(
 ) -> None:
     async def main() -> None:
         store_a, store_b = await PostgresStore.open(pg_dsn), await PostgresStore.open(pg_dsn)
-        plane_a = ControlPlane(
-            store_a, clock=FakeClock(), flush_interval=3600, lease_ttl=TTL, replica_id="a"
-        )
-        plane_b = ControlPlane(
-            store_b, clock=FakeClock(), flush_interval=3600, lease_ttl=TTL, replica_id="b"
-        )
-        try:
-            await plane_a.start()
-            await plane_b.start()
+        async with two_planes(store_a, store_b, lease_ttl=TTL) as (plane_a, plane_b):
             await body(plane_a, plane_b)
-        finally:
-            for plane, store in ((plane_a, store_a), (plane_b, store_b)):
-                await plane.stop()
-                await store.close()
 
     asyncio.run(main())
 

@@ -21,7 +21,7 @@ from control.store import AgentChanges, StoredAgent
 from control.store.postgres import PostgresStore
 from tests.agent_support import wait_until
 from tests.fake_clock import FakeClock
-from tests.test_plane import IC, REPORT, STOPPED, RecordingStore, Session
+from tests.plane_support import IC, REPORT, STOPPED, RecordingStore, Session, run_plane, two_planes
 
 APPROVER = Principal("approver-1", Role.APPROVER, serial="02")
 
@@ -64,23 +64,7 @@ def remote_row(
 def run(
     tmp_path: Path, body: Callable[[ControlPlane, RecordingStore, FakeClock], Awaitable[None]]
 ) -> None:
-    async def main() -> None:
-        store = await RecordingStore.open(tmp_path)
-        clock = FakeClock()
-        plane = ControlPlane(
-            store,
-            clock=clock,
-            flush_interval=3600,
-            store_probe_interval=PROBE,
-            replica_id="me",
-        )
-        await plane.start()
-        try:
-            await body(plane, store, clock)
-        finally:
-            await plane.stop()
-
-    asyncio.run(main())
+    run_plane(tmp_path, body, store_probe_interval=PROBE, replica_id="me")
 
 
 def state_of(plane: ControlPlane, agent_id: str) -> ComplianceState:
@@ -225,13 +209,7 @@ def test_the_serving_replica_clears_a_violation_acknowledged_elsewhere(tmp_path:
 def test_a_stream_that_goes_silent_is_written_once_and_its_next_word_at_once(
     tmp_path: Path,
 ) -> None:
-    async def main() -> None:
-        store = await RecordingStore.open(tmp_path)
-        clock = FakeClock()
-        plane = ControlPlane(
-            store, clock=clock, flush_interval=3600, store_probe_interval=0.02, replica_id="me"
-        )
-        await plane.start()
+    async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         plane.connect("a", {}, Session(plane, "a"))
         await plane.flush()
         clock.now += SILENCE + 1
@@ -245,9 +223,8 @@ def test_a_stream_that_goes_silent_is_written_once_and_its_next_word_at_once(
         plane.heartbeat("a", STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1, 1, 1] and store.agents["a"].status.last_seen == clock.now
-        await plane.stop()
 
-    asyncio.run(main())
+    run_plane(tmp_path, body, store_probe_interval=0.02, replica_id="me")
 
 
 def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str) -> None:
@@ -256,11 +233,7 @@ def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str)
 
     async def main() -> None:
         store_a, store_b = await PostgresStore.open(pg_dsn), await PostgresStore.open(pg_dsn)
-        plane_a = ControlPlane(store_a, clock=FakeClock(), flush_interval=3600, replica_id="a")
-        plane_b = ControlPlane(store_b, clock=FakeClock(), flush_interval=3600, replica_id="b")
-        try:
-            await plane_a.start()
-            await plane_b.start()
+        async with two_planes(store_a, store_b) as (plane_a, plane_b):
             session = Session()
             plane_b.connect("laptop", {}, session)
             old, _ = await plane_b.create_hold(Scope.fleet(), "old", "", IC)
@@ -275,10 +248,6 @@ def test_a_replica_never_tells_an_epoch_without_the_holds_before_it(pg_dsn: str)
             assert (directive.epoch, directive.desired.mode) == (3, Mode.PAUSED)
             assert directive.desired.hold_ids == (newer.id,)
             assert [h.id for h in plane_b.active_holds()] == [newer.id]
-        finally:
-            for plane, store in ((plane_a, store_a), (plane_b, store_b)):
-                await plane.stop()
-                await store.close()
 
     asyncio.run(main())
 

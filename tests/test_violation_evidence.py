@@ -21,7 +21,7 @@ from control.plane import ControlPlane
 from control.store import Store, ViolationEvidence
 from control.store.postgres import PostgresStore
 from tests.fake_clock import FakeClock
-from tests.test_plane import IC, STOPPED, RecordingStore, Session
+from tests.plane_support import IC, STOPPED, RecordingStore, Session, two_planes
 
 FROZEN = CaptureReport(events_total=10)
 MOVED = CaptureReport(events_total=20)
@@ -55,17 +55,10 @@ async def resync(plane: ControlPlane, store: Store) -> None:
 async def two_replicas(
     dsn: str, clock: FakeClock
 ) -> AsyncIterator[tuple[ControlPlane, PostgresStore, ControlPlane, PostgresStore]]:
+    """Replicas a and b on one clock, with their stores (to sync by hand)."""
     store_a, store_b = await PostgresStore.open(dsn), await PostgresStore.open(dsn)
-    plane_a = ControlPlane(store_a, clock=clock, flush_interval=3600, replica_id="a")
-    plane_b = ControlPlane(store_b, clock=clock, flush_interval=3600, replica_id="b")
-    try:
-        await plane_a.start()
-        await plane_b.start()
+    async with two_planes(store_a, store_b, clock) as (plane_a, plane_b):
         yield plane_a, store_a, plane_b, store_b
-    finally:
-        for plane, store in ((plane_a, store_a), (plane_b, store_b)):
-            await plane.stop()
-            await store.close()
 
 
 async def paused_on_a(
@@ -206,11 +199,7 @@ def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn:
 
     async def main() -> None:
         store_a, store_b = await PostgresStore.open(pg_dsn), await Flaky.open(pg_dsn)
-        plane_a = ControlPlane(store_a, clock=clock, flush_interval=3600, replica_id="a")
-        plane_b = ControlPlane(store_b, clock=clock, flush_interval=3600, replica_id="b")
-        await plane_a.start()
-        await plane_b.start()
-        try:
+        async with two_planes(store_a, store_b, clock) as (plane_a, plane_b):
             stopped = await paused_on_a(plane_a, store_a, plane_b, store_b, clock)
             store_b.fail = True
             clock.now += 20
@@ -227,10 +216,6 @@ def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn:
             await plane_b.flush()
             await resync(plane_a, store_a)
             assert state_of(plane_a) is ComplianceState.VIOLATION
-        finally:
-            for plane, store in ((plane_a, store_a), (plane_b, store_b)):
-                await plane.stop()
-                await store.close()
 
     asyncio.run(main())
 
