@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,59 +26,20 @@ from control.store.postgres import PostgresStore
 from control.store.reserve import RESERVE_BYTES, RESERVE_FILENAME
 from control.store.sqlite import SqliteStore
 from tests.conftest import ADMIN_DSN
-
-ROOT = os.geteuid() == 0
-
-
-from tests.store_contract import agent, draft, record  # noqa: E402
+from tests.disks import fill, mount_ext4, mount_tmpfs, mounted, turn_read_only
+from tests.store_contract import agent, draft, record
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs, unmounted afterwards."""
-    if not ROOT:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def fill(disk: Path) -> None:
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={disk / 'fill'}", "bs=64k"], capture_output=True, check=False
-    )
-
-
-def remount_read_only_under_open_files(disk: Path) -> None:
-    """What ext4 does on a disk error with errors=remount-ro: `mount -o remount,ro`
-    refuses while the database is open for writing, the kernel does not."""
-    device = Path(
-        subprocess.run(
-            ["findmnt", "-n", "-o", "SOURCE", str(disk)], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    (Path("/sys/fs/ext4") / device.name / "trigger_fs_error").write_text("test\n")
+    yield from mounted(mount_tmpfs, tmp_path / "disk")
 
 
 @pytest.fixture
 def ext4_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB ext4 image mounted with errors=remount-ro, unmounted afterwards."""
-    if not ROOT:
-        pytest.skip("mounting a loop device needs root")
-    image, disk = tmp_path / "ext4.img", tmp_path / "disk"
-    disk.mkdir()
-    with image.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    yield from mounted(mount_ext4, tmp_path / "disk")
 
 
 # ------------------------------------------------------------------ causes
@@ -161,7 +121,7 @@ def test_sqlite_on_a_file_system_turned_read_only_names_it(ext4_disk: Path) -> N
         store = await SqliteStore.open(ext4_disk)
         try:
             await store.beat("r1")
-            remount_read_only_under_open_files(ext4_disk)
+            turn_read_only(ext4_disk)
             with pytest.raises(StoreUnavailable) as refused:
                 await store.beat("r1")
             assert str(refused.value) == causes.READ_ONLY_FS

@@ -8,9 +8,7 @@ failing disk (``mount -o remount,ro`` refuses while the database is open for wri
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +21,7 @@ import pytest
 from control.plane import STORE_PROBE_SECONDS
 from control.store import causes
 from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.disks import fill, mount_ext4, mount_tmpfs, need_root, turn_read_only, unmount
 from tests.faults.checker import Pause, check, read_truth
 
 AGENTS = 8
@@ -32,11 +31,6 @@ DETECTED_WITHIN = STORE_PROBE_SECONDS + 0.5
 EXIT_STORE_UNAVAILABLE = 5
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a file system for the data dir needs root")
-
-
 @pytest.fixture
 def mounts() -> Iterator[list[Path]]:
     """Mount points to unmount at the end (after the server is stopped, which the
@@ -44,26 +38,7 @@ def mounts() -> Iterator[list[Path]]:
     points: list[Path] = []
     yield points
     for point in points:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-def mount_tmpfs(tmp_path: Path, mounts: list[Path]) -> Path:
-    data_dir = tmp_path / "data-store"
-    data_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(data_dir)], check=True)
-    mounts.append(data_dir)
-    return data_dir
-
-
-def mount_ext4(tmp_path: Path, mounts: list[Path]) -> Path:
-    image, data_dir = tmp_path / "ext4.img", tmp_path / "data-store"
-    data_dir.mkdir()
-    with image.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(data_dir)], check=True)
-    mounts.append(data_dir)
-    return data_dir
+        unmount(point)
 
 
 def start(data_dir: Path, started: list[ServerProcess]) -> ServerProcess:
@@ -111,39 +86,40 @@ def judge(fault: str, truth_path: Path, pauses: list[Pause], cli: Cli) -> None:
     check(fault, truth, pauses, lease_ttl=LEASE_TTL, server_states=[cli.agents()]).assert_holds()
 
 
+FleetOn = Callable[[Callable[[Path], Path]], tuple[ServerProcess, Cli, Path]]
+
+
+@pytest.fixture
 def capturing_fleet(
-    data_dir: Path,
-    servers: list[ServerProcess],
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
-) -> tuple[ServerProcess, Cli, Path]:
-    """A server on ``data_dir`` and a simulated fleet capturing, with its truth file."""
-    server = start(data_dir, servers)
-    cli = Cli(server)
-    truth_path = tmp_path / "truth.json"
-    simulate(server, AGENTS, "--truth", str(truth_path))
-    wait_capturing(cli, AGENTS)
-    assert readyz(server) == (200, "ready")
-    return server, cli, truth_path
-
-
-def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
     tmp_path: Path,
     mounts: list[Path],
     servers: list[ServerProcess],
     simulate: Callable[..., Simulator],
-) -> None:
+) -> FleetOn:
+    """Given how to mount the data dir: a server on it and a simulated fleet capturing,
+    with its truth file."""
     need_root()
-    server, cli, truth_path = capturing_fleet(
-        mount_tmpfs(tmp_path, mounts), servers, simulate, tmp_path
-    )
+
+    def on(mount: Callable[[Path], Path]) -> tuple[ServerProcess, Cli, Path]:
+        mounts.append(data_dir := mount(tmp_path / "data-store"))
+        server = start(data_dir, servers)
+        cli = Cli(server)
+        truth_path = tmp_path / "truth.json"
+        simulate(server, AGENTS, "--truth", str(truth_path))
+        wait_capturing(cli, AGENTS)
+        assert readyz(server) == (200, "ready")
+        return server, cli, truth_path
+
+    return on
+
+
+def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
+    capturing_fleet: FleetOn,
+) -> None:
+    server, cli, truth_path = capturing_fleet(mount_tmpfs)
 
     # (a) The disk fills while agents capture: no lease is granted or renewed.
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={server.data_dir / 'fill'}", "bs=64k"],
-        capture_output=True,
-        check=False,
-    )
+    fill(server.data_dir)
     filled_at = time.time()
     wait_unready(server, causes.DISK_FULL)
     assert time.time() - filled_at < DETECTED_WITHIN + 1
@@ -191,24 +167,10 @@ def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
     wait_for(all_capture, 20, "every agent capturing again, by the truth")
 
 
-def test_a_file_system_turned_read_only_fails_closed(
-    tmp_path: Path,
-    mounts: list[Path],
-    servers: list[ServerProcess],
-    simulate: Callable[..., Simulator],
-) -> None:
-    need_root()
-    server, cli, truth_path = capturing_fleet(
-        mount_ext4(tmp_path, mounts), servers, simulate, tmp_path
-    )
+def test_a_file_system_turned_read_only_fails_closed(capturing_fleet: FleetOn) -> None:
+    server, cli, truth_path = capturing_fleet(mount_ext4)
 
-    device = subprocess.run(
-        ["findmnt", "-n", "-o", "SOURCE", str(server.data_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error").write_text("drill\n")
+    turn_read_only(server.data_dir)
     broken_at = time.time()
     wait_unready(server, causes.READ_ONLY_FS)
     assert (
