@@ -12,6 +12,7 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 from tests.conftest import free_port
 
@@ -64,44 +65,49 @@ class TcpProxy:
                 self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(
-                target=self._pump_from_server, args=(upstream, client), daemon=True
+                target=self._pump, args=(upstream, client, self._server_messages()), daemon=True
             ).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        source: socket.socket,
+        sink: socket.socket,
+        passed: Callable[[bytes], bytes] = lambda data: data,
+    ) -> None:
+        """What ``source`` sends, as far as ``passed`` lets it through, to ``sink``, until
+        either end goes."""
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                close_quietly(s, shutdown_only=True)
-
-    def _pump_from_server(self, source: socket.socket, sink: socket.socket) -> None:
-        """Server to client, message by message: every backend message is a type byte
-        and a length (startup included, with ``sslmode=disable``)."""
-        buffer = b""
-        try:
-            while data := source.recv(65536):
-                buffer += data
-                out = bytearray()
-                while len(buffer) >= 5:
-                    (length,) = struct.unpack("!I", buffer[1:5])
-                    if len(buffer) < 1 + length:
-                        break
-                    message, buffer = buffer[: 1 + length], buffer[1 + length :]
-                    if self.drop_notifications and message[:1] == NOTIFICATION_RESPONSE:
-                        self.notifications_dropped += 1
-                        continue
-                    out += message
-                if out:
+                if out := passed(data):
                     sink.sendall(out)
         except OSError:
             pass
         finally:
             for s in (source, sink):
                 close_quietly(s, shutdown_only=True)
+
+    def _server_messages(self) -> Callable[[bytes], bytes]:
+        """Server to client, message by message (every backend message is a type byte
+        and a length, startup included with ``sslmode=disable``), without the NOTIFYs
+        while ``drop_notifications`` is set."""
+        buffer = b""
+
+        def passed(data: bytes) -> bytes:
+            nonlocal buffer
+            buffer += data
+            out = bytearray()
+            while len(buffer) >= 5:
+                (length,) = struct.unpack("!I", buffer[1:5])
+                if len(buffer) < 1 + length:
+                    break
+                message, buffer = buffer[: 1 + length], buffer[1 + length :]
+                if self.drop_notifications and message[:1] == NOTIFICATION_RESPONSE:
+                    self.notifications_dropped += 1
+                    continue
+                out += message
+            return bytes(out)
+
+        return passed
 
     def cut(self) -> None:
         """The database is gone: no new connections, and every open one dies."""
