@@ -7,6 +7,7 @@ export, checksums verified) and what the control plane shows (`killswitch agents
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import socket
@@ -126,17 +127,14 @@ class StreamAgent:
             yield message
 
     def _read(self) -> None:
-        try:
+        with contextlib.suppress(grpc.RpcError):  # the call ends with the test
             for reply in self._call:
-                if reply.WhichOneof("body") != "directive":
-                    continue
-                directive = reply.directive
-                self._applied = (directive.epoch, directive.mode)
-                self._outbox.put(
-                    pb.AgentMessage(ack=pb.Ack(epoch=directive.epoch, mode=directive.mode))
-                )
-        except grpc.RpcError:
-            pass
+                if reply.WhichOneof("body") == "directive":
+                    self._obey(reply.directive)
+
+    def _obey(self, directive: pb.Directive) -> None:
+        self._applied = (directive.epoch, directive.mode)
+        self._outbox.put(pb.AgentMessage(ack=pb.Ack(epoch=directive.epoch, mode=directive.mode)))
 
     def close(self) -> None:
         self._outbox.put(None)
