@@ -21,6 +21,7 @@ from agent_stub import Agent, AgentConfig
 from agent_stub.agent import open_channel
 from agent_stub.identity import (
     EXIT_BAD_INPUT,
+    AgentIdentity,
     EnrolmentError,
     default_enroll_target,
     enrol,
@@ -117,6 +118,14 @@ class Servers:
     enrollment: FakeEnrollment
     control: CertifiedControl = field(default_factory=CertifiedControl)
 
+    async def enrol(
+        self, state_dir: Path, token: str = TOKEN, agent_id: str = "laptop-1"
+    ) -> AgentIdentity:
+        """``agent_id`` enrols here with ``token`` (or reuses what ``state_dir`` holds),
+        trusting this enrolment server's CA."""
+        ca_pem = self.enrollment.authority.ca_pem
+        return await enrol(self.enroll_address, token, agent_id, state_dir, ca_pem)
+
 
 @asynccontextmanager
 async def servers(authority: Authority, *, now: float | None = None) -> AsyncIterator[Servers]:
@@ -142,7 +151,7 @@ async def servers(authority: Authority, *, now: float | None = None) -> AsyncIte
 
 
 def with_servers(
-    authority: Authority, scenario: Callable[[Servers], Awaitable[None]], **kwargs: Any
+    authority: Authority, scenario: Callable[[Servers], Awaitable[object]], **kwargs: Any
 ) -> None:
     async def main() -> None:
         async with servers(authority, **kwargs) as running:
@@ -164,8 +173,7 @@ def test_enrolment_stores_an_owner_only_identity_and_the_next_start_reuses_it(
     state = tmp_path / "state"
 
     async def scenario(running: Servers) -> None:
-        target, ca = running.enroll_address, authority.ca_pem
-        identity = await enrol(target, TOKEN, "laptop-1", state, ca)
+        identity = await running.enrol(state)
         principal = principal_from_pem(identity.cert_pem)
         assert (principal.name, principal.role) == ("laptop-1", Role.AGENT)
         assert {p.name: mode(p) for p in state.iterdir()} == {
@@ -177,7 +185,7 @@ def test_enrolment_stores_an_owner_only_identity_and_the_next_start_reuses_it(
         assert (state / "cert.pem").read_bytes() == identity.cert_pem
         assert (state / "ca.pem").read_bytes() == authority.ca_pem
 
-        again = await enrol(target, "", "laptop-1", state, ca)
+        again = await running.enrol(state, token="")
         assert again == identity and running.enrollment.calls == 1, "no second enrolment"
 
     with_servers(authority, scenario)
@@ -187,9 +195,7 @@ def test_an_enrolled_agent_connects_over_mtls_as_itself(
     authority: Authority, tmp_path: Path
 ) -> None:
     async def scenario(running: Servers) -> None:
-        identity = await enrol(
-            running.enroll_address, TOKEN, "laptop-1", tmp_path, authority.ca_pem
-        )
+        identity = await running.enrol(tmp_path)
         channel = open_channel(running.control_address, credentials=identity.credentials())
         agent = Agent(AgentConfig("laptop-1"), channel)
         runner = asyncio.create_task(agent.run())
@@ -209,17 +215,14 @@ def test_an_enrolled_agent_connects_over_mtls_as_itself(
 def test_an_expired_certificate_is_replaced_by_enrolling_again(
     authority: Authority, tmp_path: Path
 ) -> None:
-    async def enrol_in_the_past(running: Servers) -> None:
-        await enrol(running.enroll_address, TOKEN, "laptop-1", tmp_path, authority.ca_pem)
-
-    with_servers(authority, enrol_in_the_past, now=time.time() - 91 * DAY)
+    with_servers(authority, lambda running: running.enrol(tmp_path), now=time.time() - 91 * DAY)
     assert load_enrolled(tmp_path, "laptop-1", authority.ca_pem) is None, "expired"
     expired = (tmp_path / "cert.pem").read_bytes()
 
     async def start_again(running: Servers) -> None:
         with pytest.raises(EnrolmentError, match=r"not enrolled .*pass --enroll-token"):
-            await enrol(running.enroll_address, "", "laptop-1", tmp_path, authority.ca_pem)
-        fresh = await enrol(running.enroll_address, TOKEN, "laptop-1", tmp_path, authority.ca_pem)
+            await running.enrol(tmp_path, token="")
+        fresh = await running.enrol(tmp_path)
         assert fresh.cert_pem != expired and running.enrollment.calls == 1
 
     with_servers(authority, start_again)
@@ -242,9 +245,7 @@ def test_a_refused_token_is_one_clear_error_and_stores_nothing(
 ) -> None:
     async def scenario(running: Servers) -> None:
         with pytest.raises(EnrolmentError) as caught:
-            await enrol(
-                running.enroll_address, "kst_x.wrong", "laptop-1", tmp_path, authority.ca_pem
-            )
+            await running.enrol(tmp_path, token="kst_x.wrong")
         assert str(caught.value) == (
             f"enrolment refused by {running.enroll_address}: unknown enrolment token"
         )
@@ -259,9 +260,7 @@ def test_a_busy_enrolment_port_is_tried_again_with_backoff(
 ) -> None:
     async def scenario(running: Servers) -> None:
         running.enrollment.busy_for = 2
-        identity = await enrol(
-            running.enroll_address, TOKEN, "laptop-1", tmp_path, authority.ca_pem
-        )
+        identity = await running.enrol(tmp_path)
         assert identity.cert_pem
         assert running.enrollment.calls == 3
 
@@ -272,11 +271,11 @@ def test_a_state_dir_holding_another_agent_is_not_reused(
     authority: Authority, tmp_path: Path
 ) -> None:
     async def scenario(running: Servers) -> None:
-        await enrol(running.enroll_address, TOKEN, "laptop-1", tmp_path, authority.ca_pem)
+        await running.enrol(tmp_path)
         with pytest.raises(
             EnrolmentError, match=r"holds the identity of .*laptop-1.*, not laptop-2"
         ):
-            await enrol(running.enroll_address, TOKEN, "laptop-2", tmp_path, authority.ca_pem)
+            await running.enrol(tmp_path, agent_id="laptop-2")
 
     with_servers(authority, scenario)
 
