@@ -56,10 +56,15 @@ def result_of(page: Any) -> str:
     return str(page.text_content("#action-result"))
 
 
+def actions_row(page: Any, base: str, selector: str) -> Any:
+    """The row ``selector`` picks on the actions page, loaded afresh."""
+    page.goto(f"{base}/actions")
+    return page.locator(selector)
+
+
 def ask_to_resume(ic: Any, base: str, hold_id: str) -> str:
     """The incident commander asks, from the hold's row; the new request's id."""
-    ic.goto(f"{base}/actions")
-    row = ic.locator(f'#resume-holds tr[data-hold-id="{hold_id}"]')
+    row = actions_row(ic, base, f'#resume-holds tr[data-hold-id="{hold_id}"]')
     row.locator("input[name=reason]").fill("keys rotated")
     row.locator("input[name=ticket]").fill("INC-7")
     row.locator("button").click()
@@ -139,8 +144,7 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
 
             # ... acknowledges the liar's violation ...
             wait_for(lambda: cli.agents()[liar]["state"] == "VIOLATION", 60, "the liar caught")
-            ic.goto(f"{base}/actions")
-            row = ic.locator(f'#violations tr[data-agent-id="{liar}"]')
+            row = actions_row(ic, base, f'#violations tr[data-agent-id="{liar}"]')
             row.locator("input[name=note]").fill("wiped and re-imaged")
             row.locator("button").click()
             assert result_of(ic) == f"The violation on {liar} is acknowledged."
@@ -161,8 +165,7 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
 
             # The approver sees the request and its revision, may not pause, approves.
             approver = person("ari-approver")
-            approver.goto(f"{base}/actions")
-            row = approver.locator(f'#requests tr[data-request-id="{request_id}"]')
+            row = actions_row(approver, base, f'#requests tr[data-request-id="{request_id}"]')
             assert row.locator(".revision").text_content() == "1"
             assert hold_id in (row.text_content() or "")
             assert "dana-ic" in (row.text_content() or "")
@@ -171,14 +174,12 @@ def test_every_role_signs_in_with_sso_and_does_only_what_its_role_allows(
                 {"csrf": csrf_of(approver), "scope": "all", "reason": "mine"},
             )  # fmt: skip
             assert status == 403 and "may not call Operator.CreateHold" in text, text
-            approver.goto(f"{base}/actions")
-            row = approver.locator(f'#requests tr[data-request-id="{request_id}"]')
+            row = actions_row(approver, base, f'#requests tr[data-request-id="{request_id}"]')
             row.locator('form[action="/actions/deny"] input[name=note]').fill("not yet")
             row.locator("text=Deny").click()
             assert result_of(approver) == f"Request {request_id} is denied."
             request_id = ask_to_resume(ic, base, hold_id)
-            approver.goto(f"{base}/actions")
-            row = approver.locator(f'#requests tr[data-request-id="{request_id}"]')
+            row = actions_row(approver, base, f'#requests tr[data-request-id="{request_id}"]')
             row.locator("text=Approve revision 1").click()
             assert f"Request {request_id} approved: hold lifted at epoch" in result_of(approver)
             assert cli.json("status")["holds"] == []
