@@ -21,13 +21,12 @@ from psycopg import errors as pg_errors
 
 from control.errors import StoreError, StoreUnavailable
 from control.plane import ControlPlane
-from control.store import causes
+from control.store import Store, causes
 from control.store.postgres import PostgresStore
 from control.store.reserve import RESERVE_BYTES, RESERVE_FILENAME
-from control.store.sqlite import SqliteStore
 from tests.conftest import ADMIN_DSN
 from tests.disks import fill, mount_ext4, mount_tmpfs, mounted, turn_read_only
-from tests.store_contract import agent, draft, record
+from tests.store_contract import SqliteBackend, agent, draft, record, run_with_store
 
 
 @pytest.fixture
@@ -77,67 +76,57 @@ def test_only_causes_that_do_not_pass_by_themselves_are_cannot_write() -> None:
 
 
 def test_sqlite_beat_is_a_write_and_a_pause_commits_from_the_reserve(small_disk: Path) -> None:
-    async def main() -> None:
-        store = await SqliteStore.open(small_disk)
+    async def body(store: Store) -> None:
         reported: list[StoreUnavailable] = []
         store.report_failures_to(reported.append)
         reserve = small_disk / RESERVE_FILENAME
-        try:
-            assert reserve.stat().st_blocks * 512 >= RESERVE_BYTES, "preallocated, not sparse"
+        assert reserve.stat().st_blocks * 512 >= RESERVE_BYTES, "preallocated, not sparse"
+        await store.beat("r1")
+        fill(small_disk)
+        # A SELECT 1 would still pass here: the beat must write.
+        with pytest.raises(StoreUnavailable) as full:
             await store.beat("r1")
-            fill(small_disk)
-            # A SELECT 1 would still pass here: the beat must write.
-            with pytest.raises(StoreUnavailable) as full:
-                await store.beat("r1")
-            assert str(full.value) == causes.DISK_FULL and full.value.cannot_write
-            assert [e.cause for e in reported] == [causes.DISK_FULL], "reported as it happened"
-            with pytest.raises(StoreUnavailable, match=causes.DISK_FULL):
-                await store.append_audit([record("not a pause: no reserve for it")])
-            assert reserve.exists()
+        assert str(full.value) == causes.DISK_FULL and full.value.cannot_write
+        assert [e.cause for e in reported] == [causes.DISK_FULL], "reported as it happened"
+        with pytest.raises(StoreUnavailable, match=causes.DISK_FULL):
+            await store.append_audit([record("not a pause: no reserve for it")])
+        assert reserve.exists()
 
-            hold = await store.create_hold(draft("h1"), record("pause"))
-            assert hold.created_epoch == 1 and not reserve.exists()
-            # The pause is durable: a new connection reads it back.
-            assert [h.id for h in (await store.load_shared()).holds] == ["h1"]
-            with pytest.raises(StoreUnavailable, match=causes.ON_RESERVE):
-                await store.beat("r1")
-
-            (small_disk / "fill").unlink()
+        hold = await store.create_hold(draft("h1"), record("pause"))
+        assert hold.created_epoch == 1 and not reserve.exists()
+        # The pause is durable: a new connection reads it back.
+        assert [h.id for h in (await store.load_shared()).holds] == ["h1"]
+        with pytest.raises(StoreUnavailable, match=causes.ON_RESERVE):
             await store.beat("r1")
-            assert reserve.exists(), "the probe put the reserve back"
-        finally:
-            await store.close()
-        reopened = await SqliteStore.open(small_disk)
-        try:
-            assert [h.id for h in (await reopened.load_shared()).holds] == ["h1"]
-        finally:
-            await reopened.close()
 
-    asyncio.run(main())
+        (small_disk / "fill").unlink()
+        await store.beat("r1")
+        assert reserve.exists(), "the probe put the reserve back"
+
+    async def reopened(store: Store) -> None:
+        assert [h.id for h in (await store.load_shared()).holds] == ["h1"]
+
+    run_with_store(SqliteBackend(small_disk), body)
+    run_with_store(SqliteBackend(small_disk), reopened)
 
 
 def test_sqlite_on_a_file_system_turned_read_only_names_it(ext4_disk: Path) -> None:
-    async def main() -> None:
-        store = await SqliteStore.open(ext4_disk)
-        try:
+    async def body(store: Store) -> None:
+        await store.beat("r1")
+        turn_read_only(ext4_disk)
+        with pytest.raises(StoreUnavailable) as refused:
             await store.beat("r1")
-            turn_read_only(ext4_disk)
-            with pytest.raises(StoreUnavailable) as refused:
-                await store.beat("r1")
-            assert str(refused.value) == causes.READ_ONLY_FS
-            with pytest.raises(StoreUnavailable, match=causes.READ_ONLY_FS):
-                await store.create_hold(draft("h1"), record("pause"))
-        finally:
-            await store.close()
+        assert str(refused.value) == causes.READ_ONLY_FS
+        with pytest.raises(StoreUnavailable, match=causes.READ_ONLY_FS):
+            await store.create_hold(draft("h1"), record("pause"))
 
-    asyncio.run(main())
+    run_with_store(SqliteBackend(ext4_disk), body)
 
 
 def test_a_failed_write_makes_the_plane_unhealthy_at_once(small_disk: Path) -> None:
     """No waiting for the next beat: leases stop with the first write that fails."""
 
-    async def main() -> None:
-        store = await SqliteStore.open(small_disk)
+    async def body(store: Store) -> None:
         plane = ControlPlane(store, clock=time.time, store_probe_interval=3600)
         await plane.start()
         try:
@@ -150,9 +139,8 @@ def test_a_failed_write_makes_the_plane_unhealthy_at_once(small_disk: Path) -> N
         finally:
             (small_disk / "fill").unlink(missing_ok=True)
             await plane.stop()
-            await store.close()
 
-    asyncio.run(main())
+    run_with_store(SqliteBackend(small_disk), body)
 
 
 # ------------------------------------------------------------------ PostgreSQL

@@ -73,6 +73,15 @@ def store_metrics(server: ServerProcess) -> dict[str, float]:
     return {name: float(value) for name, value in found}
 
 
+def assert_store_unwritable(server: ServerProcess, label: str) -> None:
+    """The server's metrics say its store cannot write, and why (the cause's label)."""
+    unwritable = {
+        "killswitch_store_writable": 0.0,
+        f'killswitch_store_unwritable_cause{{cause="{label}"}}': 1.0,
+    }
+    assert store_metrics(server).items() >= unwritable.items()
+
+
 def wait_unready(server: ServerProcess, cause: str) -> float:
     wait_for(lambda: readyz(server) == (503, f"not ready: {cause}"), 10, f"readyz: {cause}")
     return time.time()
@@ -123,13 +132,7 @@ def test_disk_full_fails_closed_and_a_pause_commits_from_the_reserve(
     filled_at = time.time()
     wait_unready(server, causes.DISK_FULL)
     assert time.time() - filled_at < DETECTED_WITHIN + 1
-    assert (
-        store_metrics(server).items()
-        >= {
-            "killswitch_store_writable": 0.0,
-            'killswitch_store_unwritable_cause{cause="disk_full"}': 1.0,
-        }.items()
-    )
+    assert_store_unwritable(server, "disk_full")
     assert f'"cause": "{causes.DISK_FULL}"' in server.log() and '"event": "store_lost"' in (
         server.log()
     )
@@ -173,13 +176,7 @@ def test_a_file_system_turned_read_only_fails_closed(capturing_fleet: FleetOn) -
     turn_read_only(server.data_dir)
     broken_at = time.time()
     wait_unready(server, causes.READ_ONLY_FS)
-    assert (
-        store_metrics(server).items()
-        >= {
-            "killswitch_store_writable": 0.0,
-            'killswitch_store_unwritable_cause{cause="read_only_fs"}': 1.0,
-        }.items()
-    )
+    assert_store_unwritable(server, "read_only_fs")
     # No reserve helps on a read-only disk: the pause is refused, saying why, and the
     # fleet stops anyway, because no lease is granted.
     refused = cli.run("pause", "--all", "--reason", "read-only drill")
