@@ -329,6 +329,11 @@ def shorten(node: Any) -> Any:
     return node
 
 
+def wait_whole_fleet(cli: Cli, state: str, fleet: int, timeout: float, what: str) -> None:
+    """Until all ``fleet`` agents, and no other, are in ``state``."""
+    wait_for(lambda: cli.json("status")["agents"]["by_state"] == {state: fleet}, timeout, what)
+
+
 @pytest.fixture
 def runner(tmp_path: Path) -> Iterator[Runner]:
     run = Runner(tmp_path)
@@ -375,10 +380,8 @@ def test_fleet_pause_runbook(
     approvals = [e for e in entries if e["action"] == "resume.approve"]
     assert [(e["actor"], e["result"]) for e in approvals] == [("approver-1", "ok")]
     assert cli.json("holds")["holds"] == []
-    wait_for(
-        lambda: cli.json("status")["agents"]["by_state"] == {"CAPTURING": fleet},
-        30,
-        "the fleet capturing again after the two-person resume",
+    wait_whole_fleet(
+        cli, "CAPTURING", fleet, 30, "the fleet capturing again after the two-person resume"
     )
 
 
@@ -462,8 +465,10 @@ def test_control_plane_down_runbook(
     assert "audit log intact" in transcript.of_block("killswitch audit verify\n")
     status = cli.json("status")
     assert [h["id"] for h in status["holds"]] == [hold_id] and status["epoch"] == epoch
-    wait_for(
-        lambda: cli.json("status")["agents"]["by_state"] == {"VERIFIED_STOPPED": fleet},
+    wait_whole_fleet(
+        cli,
+        "VERIFIED_STOPPED",
+        fleet,
         60,
         "every laptop reconnected to the restarted server and proven stopped again",
     )
@@ -515,11 +520,7 @@ def test_staged_reenable_runbook(
     assert run["hold_id"] != hold_id and cli.json("holds")["holds"] == []
     lifted = [e["target"].split()[0] for e in audit(cli) if e["action"] == "hold.lift"]
     assert lifted == [hold_id, run["hold_id"]], lifted
-    wait_for(
-        lambda: cli.json("status")["agents"]["by_state"] == {"CAPTURING": fleet},
-        60,
-        "the whole fleet capturing after the last wave",
-    )
+    wait_whole_fleet(cli, "CAPTURING", fleet, 60, "the whole fleet capturing after the last wave")
     approvals = [e for e in audit(cli) if e["action"] == "resume.approve"]
     assert [e["actor"] for e in approvals] == ["approver-1"]
 
@@ -549,8 +550,4 @@ def test_quarterly_drill_runbook(
     assert sum(w["agents"] for w in report["waves"]) == len(canaries), report
     assert all(w["time_to_compliance_seconds"] is not None for w in report["waves"]), report
     assert cli.json("holds")["holds"] == []
-    wait_for(
-        lambda: cli.json("status")["agents"]["by_state"] == {"CAPTURING": fleet},
-        60,
-        "the canaries capturing again",
-    )
+    wait_whole_fleet(cli, "CAPTURING", fleet, 60, "the canaries capturing again")
