@@ -94,12 +94,17 @@ def test_truth_exposes_a_missing_lease_check_at_the_capture_point(
     assert broken.truth.events_without_lease == 2 * PER_TICK
 
 
-def test_a_stuck_channel_stays_on_but_captures_nothing_without_a_lease() -> None:
-    clock = FakeClock()
+def faulty_capturing(clock: FakeClock) -> tuple[Rig, FaultyCaptureEngine]:
+    """The simulator's engine, every channel started under a 10 s lease."""
     rig = Rig(clock)
     rig.grant(ttl=10)
     engine = rig.faulty_engine()
     engine.start_all()
+    return rig, engine
+
+
+def test_a_stuck_channel_stays_on_but_captures_nothing_without_a_lease() -> None:
+    rig, engine = faulty_capturing(FakeClock())
     engine.stuck_channels = frozenset({"screen"})
     rig.lease.revoke()
     assert engine.stop_all() == ["screen"]
@@ -110,10 +115,7 @@ def test_a_stuck_channel_stays_on_but_captures_nothing_without_a_lease() -> None
 
 def test_ignoring_the_lease_keeps_capturing() -> None:
     clock = FakeClock()
-    rig = Rig(clock)
-    rig.grant(ttl=10)
-    engine = rig.faulty_engine()
-    engine.start_all()
+    rig, engine = faulty_capturing(clock)
     engine.ignore_lease = True
     clock.advance(20)
     engine.enforce_lease()
