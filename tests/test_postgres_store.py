@@ -11,7 +11,8 @@ import dataclasses
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import psycopg
 import pytest
@@ -241,6 +242,22 @@ class Changes:
         self._event.clear()
 
 
+@asynccontextmanager
+async def watching(
+    watcher: PostgresStore, writer: Store
+) -> AsyncIterator[tuple[Changes, asyncio.Task[None]]]:
+    """``watcher`` watching what is committed (by ``writer``), and the watch; the watch
+    cancelled and both stores closed afterwards."""
+    changes = Changes()
+    watch = asyncio.create_task(watcher.watch(changes))
+    try:
+        yield changes, watch
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await asyncio.gather(writer.close(), watcher.close())
+
+
 def named(pg: PostgresBackend, app: str) -> str:
     """The test DSN with an application_name, to find the store's sessions by."""
     return make_conninfo(pg.dsn, application_name=app)
@@ -267,9 +284,7 @@ def test_watch_sees_what_other_replicas_commit(pg: PostgresBackend) -> None:
 
     async def main() -> None:
         writer, watcher = await asyncio.gather(pg.open(), pg.open())
-        changes = Changes()
-        watching = asyncio.create_task(watcher.watch(changes))
-        try:
+        async with watching(watcher, writer) as (changes, _):
             # Once when it starts listening: whatever came before may have been missed.
             await changes.wait("listening started")
             writes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
@@ -305,10 +320,6 @@ def test_watch_sees_what_other_replicas_commit(pg: PostgresBackend) -> None:
             await writer.append_audit([record("denied")])
             await asyncio.sleep(0.2)
             assert not changes.happened()
-        finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
-            await asyncio.gather(writer.close(), watcher.close())
 
     asyncio.run(main())
 
@@ -321,9 +332,7 @@ def test_watch_reconnects_and_says_so(pg: PostgresBackend, monkeypatch: pytest.M
     async def main() -> None:
         writer = await pg.open()
         watcher = await PostgresStore.open(named(pg, app), schema=pg.schema, pool_size=1)
-        changes = Changes()
-        watching = asyncio.create_task(watcher.watch(changes))
-        try:
+        async with watching(watcher, writer) as (changes, watch):
             await changes.wait("listening started")
             for attempt in range(2):
                 changes.clear()
@@ -333,11 +342,7 @@ def test_watch_reconnects_and_says_so(pg: PostgresBackend, monkeypatch: pytest.M
                 changes.clear()
                 await writer.create_hold(draft(f"h{attempt}"), record("pause"))
                 await changes.wait(f"a hold created after reconnect {attempt + 1}")
-            assert not watching.done()
-        finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
-            await asyncio.gather(writer.close(), watcher.close())
+            assert not watch.done()
 
     asyncio.run(main())
 
