@@ -389,6 +389,11 @@ class Simulator:
         terminate(self.proc)
 
 
+# What the start_server and simulate fixtures hand a test, named for its signature.
+StartServer = Callable[..., ServerProcess]
+Simulate = Callable[..., Simulator]
+
+
 def _servers(
     kind: Callable[[Path, list[str]], ServerProcess], tmp_path: Path
 ) -> Iterator[Callable[..., ServerProcess]]:

@@ -6,13 +6,12 @@ given all three addresses, and `kill -9` of one server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent_stub.agent import ServerAddressError, server_target
-from tests.conftest import Cli, ServerProcess, Simulator, replica_of, wait_for
+from tests.conftest import Cli, ServerProcess, Simulate, StartServer, replica_of, wait_for
 
 AGENTS = 60
 
@@ -27,9 +26,7 @@ def sharing_ca(first: ServerProcess, tmp_path: Path, name: str) -> ServerProcess
 
 
 def test_agents_spread_over_replicas_and_the_dead_ones_agents_spread_over_the_rest(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, tmp_path: Path
 ) -> None:
     first = start_server()
     others = [sharing_ca(first, tmp_path, name) for name in ("replica-b", "replica-c")]

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulator, missing_tool, person_role, wait_for
+from tests.conftest import Cli, Simulate, StartServer, missing_tool, person_role, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -91,9 +90,7 @@ def rows_shown(page: Any) -> list[str]:
 
 
 def test_dashboard_in_headless_chromium(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, tmp_path: Path
 ) -> None:
     sync_api = require_browser()
     server = start_server("--ack-deadline", "3")

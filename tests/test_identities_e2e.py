@@ -10,7 +10,6 @@ import datetime
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,8 @@ from tests.conftest import (
     BIN,
     Cli,
     ServerProcess,
-    Simulator,
+    Simulate,
+    StartServer,
     replica_of,
     wait_capturing,
 )
@@ -146,10 +146,7 @@ def test_the_admin_issues_and_revokes_but_cannot_pause_or_approve(
 
 
 def test_a_replica_without_the_root_key_serves_and_enrols_agents(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    pg_dsn: str,
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, pg_dsn: str, tmp_path: Path
 ) -> None:
     first = start_server("--database", pg_dsn)
     replica = replica_of(first, tmp_path / "replica", ["--database", pg_dsn])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,7 +20,7 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import Cli, ServerProcess, Simulate, StartServer, wait_capturing, wait_for
 from tests.test_security_e2e import channel_for
 
 AGENTS = 10
@@ -76,9 +76,7 @@ def modes(cli: Cli) -> set[str]:
 
 
 def test_only_an_incident_commander_or_an_approval_starts_a_drill(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, tmp_path: Path
 ) -> None:
     server = start_server()
     cli = Cli(server)
@@ -184,9 +182,7 @@ def gated(source: str, *, url: str = "") -> str:
 
 
 def test_prometheus_gates_name_configured_sources_and_never_show_their_answers(
-    start_server: Callable[..., ServerProcess],
-    fake_prometheus: FakePrometheus,
-    tmp_path: Path,
+    start_server: StartServer, fake_prometheus: FakePrometheus, tmp_path: Path
 ) -> None:
     base = fake_prometheus.base
     server = start_server(

@@ -10,7 +10,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ import pytest
 from tests.conftest import (
     Cli,
     ServerProcess,
-    Simulator,
+    Simulate,
+    StartServer,
     connected_streams,
     replica_of,
     wait_capturing,
@@ -44,9 +44,7 @@ def capturing(truth_path: Path) -> int:
 
 
 def test_a_server_on_postgresql_pauses_survives_kill_9_and_verifies_its_audit(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    pg_dsn: str,
+    start_server: StartServer, simulate: Simulate, pg_dsn: str
 ) -> None:
     server = start_server("--database", pg_dsn)
     cli = Cli(server)
@@ -69,10 +67,7 @@ def test_a_server_on_postgresql_pauses_survives_kill_9_and_verifies_its_audit(
 
 
 def test_losing_the_database_makes_the_replica_unready_and_agents_fail_closed(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    pg_dsn: str,
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, pg_dsn: str, tmp_path: Path
 ) -> None:
     proxy = TcpProxy(PG_ADDRESS)
     proxy.start()
@@ -99,9 +94,7 @@ def test_losing_the_database_makes_the_replica_unready_and_agents_fail_closed(
 
 
 def test_a_replica_told_to_stop_while_its_database_is_away_stops_promptly(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    pg_dsn: str,
+    start_server: StartServer, simulate: Simulate, pg_dsn: str
 ) -> None:
     """Restarting a replica is what an operator does during a database outage: neither
     its final flush (agents' rows it holds) nor its last audit checkpoint may wait out
@@ -133,10 +126,7 @@ def test_a_replica_told_to_stop_while_its_database_is_away_stops_promptly(
 # Agents find A through reconnect backoff: 35-45 s alone, over 90 s beside 3 workers.
 @pytest.mark.serial
 def test_a_replica_that_alone_loses_the_database_hands_its_agents_to_another(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    pg_dsn: str,
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, pg_dsn: str, tmp_path: Path
 ) -> None:
     """B's database link is cut, A's is not: B's agents must end up on A, capturing
     under A's leases, instead of sitting on B stopped until B's link comes back."""

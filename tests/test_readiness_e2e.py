@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import Cli, ServerProcess, Simulate, StartServer, wait_for
 from tests.dashboard_support import Http, session_for
 
 CANNOT = {
@@ -34,17 +33,19 @@ def classes_by_agent(report: dict[str, Any]) -> dict[str, list[str]]:
     return {f["agent_id"]: f["classes"] for f in report["findings"]}
 
 
-def start_fleet(server: ServerProcess, simulate: Callable[..., Simulator]) -> None:
+def started_fleet(start_server: StartServer, simulate: Simulate) -> tuple[ServerProcess, Cli]:
+    """A server that wants agents of 0.2.0 or later, and what both tests' fleets have:
+    three current laptops and one whose clock is 600 s off."""
+    server = start_server("--min-agent-version", "0.2.0")
     simulate(server, 3)
     simulate(server, 1, "--id-prefix", "skew", "--clock-skew", "600")
+    return server, Cli(server)
 
 
 def test_readiness_lists_exactly_the_laptops_that_cannot_honour_and_exits_1(
-    start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
+    start_server: StartServer, simulate: Simulate
 ) -> None:
-    server = start_server("--min-agent-version", "0.2.0")
-    cli = Cli(server)
-    start_fleet(server, simulate)
+    server, cli = started_fleet(start_server, simulate)
     simulate(server, 2, "--id-prefix", "old", "--agent-version", "agent-stub/0.1.0")
     simulate(server, 1, "--id-prefix", "noclock", "--no-sleep-clock")
     inventory = server.data_dir.parent / "inventory.csv"
@@ -83,11 +84,9 @@ def test_readiness_lists_exactly_the_laptops_that_cannot_honour_and_exits_1(
 
 
 def test_a_ready_fleet_exits_0_even_with_warnings(
-    start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]
+    start_server: StartServer, simulate: Simulate
 ) -> None:
-    server = start_server("--min-agent-version", "0.2.0")
-    cli = Cli(server)
-    start_fleet(server, simulate)
+    _, cli = started_fleet(start_server, simulate)
     wait_for(lambda: readiness(cli)[1]["agents"] == 4, 60, "every laptop connected")
     wait_for(lambda: classes_by_agent(readiness(cli)[1]) == WARNED, 30, "the skew measured")
     code, report = readiness(cli)

@@ -21,7 +21,15 @@ import yaml
 
 from control.domain.rollout import Runbook
 from control.runbook_file import parse_runbook
-from tests.conftest import Cli, ServerProcess, Simulator, free_port, missing_tool, wait_for
+from tests.conftest import (
+    Cli,
+    ServerProcess,
+    Simulate,
+    StartServer,
+    free_port,
+    missing_tool,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 STAGED = REPO / "runbooks" / "staged-reenable.yaml"
@@ -90,7 +98,7 @@ def audit_actions(cli: Cli) -> list[str]:
 class Fleet:
     """A paused fleet with one opted-out laptop and an approved for-runbook resume."""
 
-    def __init__(self, server: ServerProcess, cli: Cli, simulate: Callable[..., Simulator]):
+    def __init__(self, server: ServerProcess, cli: Cli, simulate: Simulate):
         self.server, self.cli = server, cli
         self.sim = simulate(server, AGENTS)
         wait_for(lambda: len(cli.agents()) == AGENTS, 60, "every agent connected")
@@ -125,7 +133,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator]) -> Fleet:
+def fleet(start_server: StartServer, simulate: Simulate) -> Fleet:
     server = start_server(*TICK)
     return Fleet(server, Cli(server), simulate)
 
@@ -173,7 +181,7 @@ def test_staged_reenable_runs_every_wave_in_order_and_skips_the_opted_out(
 
 
 def test_a_lie_during_wave_2_halts_the_run_and_repauses_waves_1_and_2(
-    fleet: Fleet, simulate: Callable[..., Simulator], tmp_path: Path
+    fleet: Fleet, simulate: Simulate, tmp_path: Path
 ) -> None:
     runbook = fast_copy(STAGED, tmp_path, soak="4s")
     book = parse_runbook(runbook.read_text(), str(runbook))
@@ -303,7 +311,7 @@ def test_who_may_run_what_and_clear_errors(fleet: Fleet, tmp_path: Path) -> None
 
 
 def test_the_canary_drill_pauses_measures_and_reenables(
-    start_server: Callable[..., ServerProcess], simulate: Callable[..., Simulator], tmp_path: Path
+    start_server: StartServer, simulate: Simulate, tmp_path: Path
 ) -> None:
     server = start_server(*TICK)
     cli = Cli(server)
@@ -330,9 +338,7 @@ def test_the_canary_drill_pauses_measures_and_reenables(
 
 
 def test_a_prometheus_gate_queries_a_real_prometheus(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, tmp_path: Path
 ) -> None:
     binary = shutil.which("prometheus")
     if binary is None:
@@ -397,9 +403,7 @@ def test_a_prometheus_gate_queries_a_real_prometheus(
 
 
 def test_plan_counts_exact_never_empty_waves_on_a_small_fleet(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
+    start_server: StartServer, simulate: Simulate, tmp_path: Path
 ) -> None:
     """A 1% canary of 50 laptops re-enables one laptop (it used to be none, by chance)."""
     server = start_server()

@@ -8,7 +8,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import pytest
 from control.domain.audit import AuditEntry, AuditRecord
 from control.webhooks.config import parse_webhook
 from control.webhooks.events import event_of
-from tests.conftest import BIN, Cli, ServerProcess, Simulator, free_port, wait_for
+from tests.conftest import BIN, Cli, Simulate, StartServer, free_port, wait_for
 from tests.test_runbook_e2e import STAGED, fast_copy
 
 SECRET = b"s3cret-for-the-webhook-tests-0123456789"
@@ -87,10 +87,7 @@ def webhook_args(url: str, secret_file: Path, events: str = "") -> list[str]:
 
 
 def test_pause_resume_approve_and_violation_arrive_signed(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    receiver: Receiver,
-    secret_file: Path,
+    start_server: StartServer, simulate: Simulate, receiver: Receiver, secret_file: Path
 ) -> None:
     server = start_server(*webhook_args(receiver.url, secret_file))
     cli = Cli(server)
@@ -119,7 +116,7 @@ def test_pause_resume_approve_and_violation_arrive_signed(
 
 
 def test_events_filter_and_a_tampered_body_fails_verification(
-    start_server: Callable[..., ServerProcess], receiver: Receiver, secret_file: Path
+    start_server: StartServer, receiver: Receiver, secret_file: Path
 ) -> None:
     server = start_server(*webhook_args(receiver.url, secret_file, "resume_requested"))
     cli = Cli(server)
@@ -132,10 +129,7 @@ def test_events_filter_and_a_tampered_body_fails_verification(
 
 
 def test_the_fleet_turning_compliant_under_a_pause_is_announced_once(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
-    receiver: Receiver,
-    secret_file: Path,
+    start_server: StartServer, simulate: Simulate, receiver: Receiver, secret_file: Path
 ) -> None:
     server = start_server(*webhook_args(receiver.url, secret_file, "fleet_compliant"))
     cli = Cli(server)
@@ -153,7 +147,7 @@ def test_the_fleet_turning_compliant_under_a_pause_is_announced_once(
 
 
 def test_undelivered_events_survive_a_restart_and_arrive_once_the_receiver_is_up(
-    start_server: Callable[..., ServerProcess], secret_file: Path
+    start_server: StartServer, secret_file: Path
 ) -> None:
     port = free_port()  # nobody listens here yet
     server = start_server(*webhook_args(f"http://127.0.0.1:{port}/hook", secret_file))
@@ -173,7 +167,7 @@ def test_undelivered_events_survive_a_restart_and_arrive_once_the_receiver_is_up
 
 
 def test_webhooks_on_postgresql(
-    start_server: Callable[..., ServerProcess], receiver: Receiver, secret_file: Path, pg_dsn: str
+    start_server: StartServer, receiver: Receiver, secret_file: Path, pg_dsn: str
 ) -> None:
     server = start_server("--database", pg_dsn, *webhook_args(receiver.url, secret_file))
     Cli(server).pause("--all", "--reason", "drill", "--ticket", "PG-1")
@@ -246,8 +240,8 @@ def test_which_audited_actions_are_webhook_events(
 
 
 def test_runbook_waves_and_an_abort_are_announced(
-    start_server: Callable[..., ServerProcess],
-    simulate: Callable[..., Simulator],
+    start_server: StartServer,
+    simulate: Simulate,
     receiver: Receiver,
     secret_file: Path,
     tmp_path: Path,
