@@ -68,6 +68,13 @@ class Session:
         self.closed = reason
 
 
+def connect_agent(plane: ControlPlane, agent_id: str) -> Session:
+    """``agent_id`` connects to ``plane`` (no labels) over a Session bound to it."""
+    session = Session(plane, agent_id)
+    plane.connect(agent_id, {}, session)
+    return session
+
+
 async def started(
     store: Store, clock: Callable[[], float] | None = None, **options: Any
 ) -> ControlPlane:

@@ -48,7 +48,15 @@ from control.ingest_checks import record_accepted as plane_record_accepted
 from control.plane import ControlPlane
 from tests.conftest import free_port
 from tests.fake_clock import FakeClock
-from tests.plane_support import IC, REPORT, STOPPED, RecordingStore, Session, run_plane, started
+from tests.plane_support import (
+    IC,
+    REPORT,
+    STOPPED,
+    RecordingStore,
+    connect_agent,
+    run_plane,
+    started,
+)
 
 NOW = 1_000_000.0
 
@@ -146,8 +154,8 @@ async def paused_and_acked(
 ) -> tuple[ControlPlane, int]:
     """Agents a and b, leased; a fleet pause that a acked and b did not."""
     plane = await started(store or await RecordingStore.open(tmp_path), clock)
-    plane.connect("a", {}, Session(plane, "a"))
-    plane.connect("b", {}, Session(plane, "b"))
+    connect_agent(plane, "a")
+    connect_agent(plane, "b")
     assert plane.grant_lease("a").granted and plane.grant_lease("b").granted
     hold, _ = await plane.create_hold(Scope.fleet(), "leak", "", IC)
     plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
@@ -157,7 +165,7 @@ async def paused_and_acked(
 def test_the_plane_sends_every_allowed_agent_then_only_changes(tmp_path: Path) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         for agent in ("a", "b", "c"):
-            plane.connect(agent, {}, Session(plane, agent))
+            connect_agent(plane, agent)
         assert plane.grant_lease("a").granted and plane.grant_lease("b").granted
         watch = UploadWatch(plane)
         as_of, full, first = watch.next_message()
@@ -184,7 +192,7 @@ def test_the_watch_resyncs_the_whole_fleet_and_names_a_change_the_edges_missed(
 
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
         for agent in ("a", "b"):
-            plane.connect(agent, {}, Session(plane, agent))
+            connect_agent(plane, agent)
             assert plane.grant_lease(agent).granted
         watch = UploadWatch(plane)
         _, full, first = watch.next_message()
@@ -209,7 +217,7 @@ def test_the_watch_resyncs_the_whole_fleet_and_names_a_change_the_edges_missed(
 
 def test_batched_verdicts_give_the_stop_time_and_refuse_paused_agents(tmp_path: Path) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         plane.grant_lease("a")
         (allowed, ghost) = authorize_batches(
             plane, [Check("a", 1, 990.0, 999.0, 5), Check("ghost", 1, 990.0, 999.0, 5)]

@@ -19,6 +19,7 @@ from tests.plane_support import (
     STOPPED,
     RecordingStore,
     Session,
+    connect_agent,
     run_plane,
 )
 
@@ -41,7 +42,7 @@ def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:
 
 def test_a_failed_write_keeps_the_observations_for_the_next_flush(tmp_path: Path) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         store.fail_writes = True
         with pytest.raises(StoreError):
             await plane.flush()
@@ -91,7 +92,7 @@ def test_heartbeats_write_channel_changes_at_once_and_liveness_only_now_and_then
     tmp_path: Path,
 ) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.flush()
         assert store.batches == [1]
@@ -142,7 +143,7 @@ def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) 
     heard = Heard()
 
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
         plane.ack("a", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
         plane.heartbeat("a", STOPPED, REPORT)
@@ -158,7 +159,7 @@ def test_an_observer_that_raises_breaks_no_ack_and_no_heartbeat(tmp_path: Path) 
 
 def test_a_lone_observer_is_guarded_too(tmp_path: Path) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         plane.heartbeat("a", STOPPED, REPORT)
         assert plane.observer_failures.counts["BrokenMethods"] >= 2
 
@@ -185,7 +186,7 @@ def test_the_fanout_hook_runs_before_every_hold_change(tmp_path: Path) -> None:
 
 def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Path) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         decision = plane.grant_lease("a")
         assert decision.granted and decision.ttl == 30
         assert plane.authorize_upload("a", 990.0, 999.0, 5).allowed
@@ -210,7 +211,7 @@ def test_leases_only_while_allowed_and_violations_need_an_operator(tmp_path: Pat
 
 def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> None:
     async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         plane.heartbeat("a", STOPPED, REPORT)
         await plane.flush()
         writes = len(store.batches)

@@ -18,7 +18,7 @@ from control.freshness import MAX_VIEW_AGE_SHARE, SharedView, resync_seconds
 from control.plane import ControlPlane, EpochUnknown
 from control.store.postgres import PostgresStore
 from tests.fake_clock import FakeClock
-from tests.plane_support import IC, REPORT, STOPPED, Session, two_planes
+from tests.plane_support import IC, REPORT, STOPPED, Session, connect_agent, two_planes
 
 TTL = 60.0
 
@@ -77,7 +77,7 @@ def test_a_lagging_replica_catches_up_before_serving_an_agent_that_saw_a_pause(
     it ALLOWED at an older epoch."""
 
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
-        plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
+        connect_agent(plane_a, "laptop")
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "INC-1", IC)
         plane_a.ack("laptop", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
         await plane_a.flush()
@@ -99,7 +99,7 @@ def test_the_stored_row_alone_makes_a_replica_catch_up(pg_dsn: str) -> None:
     """A restarted agent reports epoch 0; the row its old replica wrote still knows."""
 
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
-        plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
+        connect_agent(plane_a, "laptop")
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
         await plane_a.flush()
         await plane_b.resync_agent("laptop")
@@ -113,7 +113,7 @@ def test_a_replica_that_cannot_catch_up_refuses_the_agent(pg_dsn: str) -> None:
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
         with pytest.raises(EpochUnknown, match="agent has seen epoch 7"):
             await plane_b.catch_up_to("laptop", 7)  # no epoch 7 anywhere: a liar or a restore
-        plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
+        connect_agent(plane_a, "laptop")
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
 
         async def unreachable() -> None:
@@ -132,7 +132,7 @@ def test_after_a_failover_an_honest_agent_acking_here_is_not_overdue(pg_dsn: str
     sent, and an ack for an epoch B never sent on this stream counts for nothing."""
 
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
-        plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
+        connect_agent(plane_a, "laptop")
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
         plane_a.ack("laptop", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
         await plane_a.flush()
@@ -156,7 +156,7 @@ def test_a_replica_never_recomputes_an_agent_from_holds_older_than_its_row(
     pg_dsn: str,
 ) -> None:
     async def body(plane_a: ControlPlane, plane_b: ControlPlane) -> None:
-        plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
+        connect_agent(plane_a, "laptop")
         hold, _ = await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
         await plane_a.flush()
         await plane_b.resync_agent("laptop")  # the row, without the holds behind it
@@ -174,7 +174,7 @@ def test_a_stale_view_grants_no_lease_and_sends_agents_elsewhere(pg_dsn: str) ->
         tick = FakeClock()
         plane_b.membership.view = SharedView(TTL, sole_writer=False, monotonic=tick)
         plane_b.view.adopted(plane_b.view.read_starting())
-        plane_b.connect("laptop", {}, Session(plane_b, "laptop"))
+        connect_agent(plane_b, "laptop")
         tick.now += 10
         lease = plane_b.grant_lease("laptop")
         assert lease.granted and lease.ttl == TTL - 10

@@ -21,7 +21,16 @@ from control.store import AgentChanges, StoredAgent
 from control.store.postgres import PostgresStore
 from tests.agent_support import wait_until
 from tests.fake_clock import FakeClock
-from tests.plane_support import IC, REPORT, STOPPED, RecordingStore, Session, run_plane, two_planes
+from tests.plane_support import (
+    IC,
+    REPORT,
+    STOPPED,
+    RecordingStore,
+    Session,
+    connect_agent,
+    run_plane,
+    two_planes,
+)
 
 APPROVER = Principal("approver-1", Role.APPROVER, serial="02")
 
@@ -110,7 +119,7 @@ def test_a_pause_is_reconciled_for_remote_agents_but_written_by_their_replica(
     tmp_path: Path,
 ) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("local", {}, Session(plane, "local"))
+        connect_agent(plane, "local")
         plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "1"))
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         await plane.flush()
@@ -144,7 +153,7 @@ def test_rows_never_override_a_stream_served_here_or_a_newer_one(tmp_path: Path)
         plane.adopt_agents(AgentChanges([remote_row("a", "r2", clock.now)], {"r2": 0.5}, "2"))
         assert state_of(plane, "a") is ComplianceState.CAPTURING
         # ...and an older row of a stream that has since moved here again is not.
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         stale = remote_row("a", "r3", clock.now - 50)
         plane.adopt_agents(AgentChanges([stale], {"r2": 0.5, "r3": 0.5}, "3"))
         view = plane.agent_view("a")
@@ -159,7 +168,7 @@ def test_an_agent_failing_over_here_brings_its_stored_history(tmp_path: Path) ->
         await store.save_agents([row])
         plane.adopt_agents(AgentChanges([row], {"r2": 0.5}, "1"))
         await plane.resync_agent("a")
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         view = plane.agent_view("a")
         assert view is not None and view.compliance.state is ComplianceState.VIOLATION
         assert view.status.connected_at == clock.now
@@ -190,7 +199,7 @@ def test_acknowledging_a_remote_violation_clears_it_everywhere(tmp_path: Path) -
 
 def test_the_serving_replica_clears_a_violation_acknowledged_elsewhere(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         plane.ack("a", 0, Mode.ALLOWED, STOPPED, REPORT)
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("a", plane.epoch, Mode.PAUSED, {"screen": True}, REPORT)
@@ -210,7 +219,7 @@ def test_a_stream_that_goes_silent_is_written_once_and_its_next_word_at_once(
     tmp_path: Path,
 ) -> None:
     async def body(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         await plane.flush()
         clock.now += SILENCE + 1
         await asyncio.sleep(0.1)  # a few probe rounds
@@ -374,7 +383,7 @@ def test_a_stream_here_is_newer_than_the_stored_one_even_with_a_slow_clock(
         ahead = remote_row("a", "r2", clock.now + 105)
         await store.save_agents([ahead])
         await plane.resync_agent("a")
-        plane.connect("a", {}, Session(plane, "a"))
+        connect_agent(plane, "a")
         view = plane.agent_view("a")
         assert ahead.status.connected_at is not None and view is not None
         assert view.status.connected_at is not None

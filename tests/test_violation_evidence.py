@@ -21,7 +21,7 @@ from control.plane import ControlPlane
 from control.store import Store, ViolationEvidence
 from control.store.postgres import PostgresStore
 from tests.fake_clock import FakeClock
-from tests.plane_support import IC, STOPPED, RecordingStore, Session, two_planes
+from tests.plane_support import IC, STOPPED, RecordingStore, connect_agent, two_planes
 
 FROZEN = CaptureReport(events_total=10)
 MOVED = CaptureReport(events_total=20)
@@ -66,7 +66,7 @@ async def paused_on_a(
 ) -> float:
     """The laptop streams to A, acks a fleet pause there; B adopts its row. Returns
     when the stop took effect."""
-    plane_a.connect("laptop", {}, Session(plane_a, "laptop"))
+    connect_agent(plane_a, "laptop")
     await plane_a.create_hold(Scope.fleet(), "leak", "", IC)
     clock.now += 1
     plane_a.ack("laptop", plane_a.epoch, Mode.PAUSED, STOPPED, FROZEN)
@@ -159,7 +159,7 @@ async def restarted(tmp_path: Path, clock: FakeClock) -> ComplianceState:
 
 def test_a_violation_flagged_while_writes_fail_is_written_once_they_work(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: FailingWrites, clock: FakeClock) -> None:
-        plane.connect("laptop", {}, Session(plane, "laptop"))
+        connect_agent(plane, "laptop")
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("laptop", plane.epoch, Mode.PAUSED, STOPPED, FROZEN)
         await plane.flush()
@@ -222,7 +222,7 @@ def test_evidence_seen_by_a_replica_whose_writes_fail_outlives_its_syncs(pg_dsn:
 
 def test_a_second_covering_holds_ack_is_compared_with_the_first_stop(tmp_path: Path) -> None:
     async def body(plane: ControlPlane, store: FailingWrites, clock: FakeClock) -> None:
-        plane.connect("laptop", {}, Session(plane, "laptop"))
+        connect_agent(plane, "laptop")
         await plane.create_hold(Scope.fleet(), "leak", "", IC)
         plane.ack("laptop", plane.epoch, Mode.PAUSED, STOPPED, FROZEN)
         clock.now += 11
@@ -234,7 +234,7 @@ def test_a_second_covering_holds_ack_is_compared_with_the_first_stop(tmp_path: P
         plane = ControlPlane(store, clock=clock, flush_interval=3600, replica_id="next")
         await plane.start()
         try:
-            plane.connect("laptop", {}, Session(plane, "laptop"))
+            connect_agent(plane, "laptop")
             clock.now += 5
             await plane.create_hold(Scope.selector({"org": "finance"}), "wider", "", IC)
             await plane.create_hold(Scope.agents(["laptop"]), "second", "", IC)
