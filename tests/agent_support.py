@@ -148,7 +148,7 @@ async def simulated_agent(
 Scenario = Callable[[SimulatedAgent, Outbox, FakeClock], Awaitable[None]]
 
 
-def run_agent(
+async def drive_agent(
     scenario: Scenario,
     fault: Fault = Fault.NONE,
     tuning: Tuning | None = None,
@@ -157,16 +157,17 @@ def run_agent(
 ) -> None:
     """``scenario`` against a simulated agent (with no fault: the reference agent, and its
     ground truth) on a clock the scenario moves."""
+    clock = FakeClock()
+    config = SimulatedConfig(
+        "a", fault=fault, tuning=tuning or Tuning(), fault_tuning=fault_tuning or FaultTuning()
+    )
+    async with simulated_agent(config, clock, **options) as (agent, outbox):
+        await scenario(agent, outbox, clock)
 
-    async def main() -> None:
-        clock = FakeClock()
-        config = SimulatedConfig(
-            "a", fault=fault, tuning=tuning or Tuning(), fault_tuning=fault_tuning or FaultTuning()
-        )
-        async with simulated_agent(config, clock, **options) as (agent, outbox):
-            await scenario(agent, outbox, clock)
 
-    asyncio.run(main())
+def run_agent(scenario: Scenario, fault: Fault = Fault.NONE, **options: Any) -> None:
+    """``drive_agent`` in an event loop of its own."""
+    asyncio.run(drive_agent(scenario, fault, **options))
 
 
 class ScriptedControl(pb_grpc.AgentControlServicer):

@@ -262,7 +262,12 @@ def test_sleep_suspends_every_task_and_needs_a_fresh_lease_after() -> None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
-    run_agent(scenario, Fault.SLEEP, Tuning(capture_tick=0.01), FaultTuning(sleep_for=0.5))
+    run_agent(
+        scenario,
+        Fault.SLEEP,
+        tuning=Tuning(capture_tick=0.01),
+        fault_tuning=FaultTuning(sleep_for=0.5),
+    )
 
 
 # ---------------------------------------------------------------- fleet

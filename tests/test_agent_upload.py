@@ -24,7 +24,7 @@ from agent_stub.durable import StateFileError
 from agent_stub.identity import insecure_metadata
 from agent_stub.upload import GatewayUploader
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
-from simulator.faults import Fault, SimulatedConfig
+from simulator.faults import Fault
 from simulator.faulty import SimulatedAgent
 from tests.agent_support import (
     PER_TICK,
@@ -33,8 +33,8 @@ from tests.agent_support import (
     capture_under_lease,
     channels,
     directive,
+    drive_agent,
     grant,
-    simulated_agent,
 )
 from tests.conftest import BIN, free_port
 from tests.fake_clock import FakeClock
@@ -184,26 +184,19 @@ def test_an_unreadable_sequence_file_is_one_line_and_a_missing_one_starts_at_one
 Scenario = Callable[[SimulatedAgent, Outbox, FakeClock, FakeGateway], Awaitable[None]]
 
 
-def run_uploading_agent(
-    scenario: Scenario,
-    fault: Fault = Fault.NONE,
-    sequence: UploadSequence | None = None,
-    tuning: Tuning | None = None,
-) -> None:
+def run_uploading_agent(scenario: Scenario, fault: Fault = Fault.NONE, **options: Any) -> None:
+    """``drive_agent`` with the agent uploading to a fake gateway, which the scenario gets
+    too."""
+
     async def main() -> None:
-        clock = FakeClock()
-        config = SimulatedConfig("a", fault=fault, tuning=tuning or Tuning())
-        async with (
-            fake_gateway() as (gateway, ingest),
-            simulated_agent(
-                config,
-                clock,
+        async with fake_gateway() as (gateway, ingest):
+            await drive_agent(
+                lambda agent, outbox, clock: scenario(agent, outbox, clock, gateway),
+                fault,
                 call_metadata=insecure_metadata("a"),
                 ingest=ingest,
-                upload_sequence=sequence,
-            ) as (agent, outbox),
-        ):
-            await scenario(agent, outbox, clock, gateway)
+                **options,
+            )
 
     asyncio.run(main())
 
@@ -260,7 +253,7 @@ def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
         await agent._upload_round()
         assert gateway.sequences() == [1, 2]
 
-    run_uploading_agent(upload_twice, sequence=UploadSequence(SequenceStore(tmp_path)))
+    run_uploading_agent(upload_twice, upload_sequence=UploadSequence(SequenceStore(tmp_path)))
     assert json.loads((tmp_path / SEQUENCE_FILE).read_text()) == {"next": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == [SEQUENCE_FILE], "no temp file left"
 
@@ -272,7 +265,7 @@ def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
         await agent._upload_round()
         assert gateway.sequences() == [3] and agent.truth.batches_accepted == 1
 
-    run_uploading_agent(after_restart, sequence=UploadSequence(SequenceStore(tmp_path)))
+    run_uploading_agent(after_restart, upload_sequence=UploadSequence(SequenceStore(tmp_path)))
 
 
 def lies_about_the_pause(*, uploads: bool) -> Scenario:
