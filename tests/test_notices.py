@@ -20,7 +20,7 @@ from agent_stub.notices import (
     notifier_from,
 )
 from tests.agent_support import enrolling_agent
-from tests.conftest import BIN, Cli, ServerProcess, Simulator, terminate, wait_for
+from tests.conftest import BIN, Cli, ServerProcess, Simulate, terminate, wait_for
 
 NOTICE = Notice(
     agent_id="laptop-1",
@@ -39,8 +39,12 @@ def notices(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# What the reference_agent fixture hands a test: start(server, cli, *extra, env=None).
+StartAgent = Callable[..., subprocess.Popen[bytes]]
+
+
 @pytest.fixture
-def reference_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+def reference_agent(tmp_path: Path) -> Iterator[StartAgent]:
     """`killswitch-agent run`, enrolled with a join token, its state in tmp_path/state."""
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -71,10 +75,7 @@ def state_of(cli: Cli) -> str:
 
 @pytest.fixture
 def notice_file(
-    server: ServerProcess,
-    cli: Cli,
-    reference_agent: Callable[..., subprocess.Popen[bytes]],
-    tmp_path: Path,
+    server: ServerProcess, cli: Cli, reference_agent: StartAgent, tmp_path: Path
 ) -> Path:
     """Where the reference agent, capturing by now, writes its notices (one JSON a line)."""
     out = tmp_path / "notices.jsonl"
@@ -129,10 +130,7 @@ def test_lease_lost_is_noticed_when_the_server_goes_away(
 
 
 def test_a_failing_notifier_never_stops_the_pause_and_status_shows_the_state(
-    server: ServerProcess,
-    cli: Cli,
-    reference_agent: Callable[..., subprocess.Popen[bytes]],
-    tmp_path: Path,
+    server: ServerProcess, cli: Cli, reference_agent: StartAgent, tmp_path: Path
 ) -> None:
     # A directory that does not exist: every notice fails to be written.
     reference_agent(server, cli, "--notify", f"file:{tmp_path / 'missing' / 'notices'}")
@@ -163,10 +161,7 @@ def test_a_failing_notifier_never_stops_the_pause_and_status_shows_the_state(
 
 
 def test_the_desktop_backend_runs_the_platform_notifier(
-    server: ServerProcess,
-    cli: Cli,
-    reference_agent: Callable[..., subprocess.Popen[bytes]],
-    tmp_path: Path,
+    server: ServerProcess, cli: Cli, reference_agent: StartAgent, tmp_path: Path
 ) -> None:
     """On Linux, `notify-send` (a stand-in on PATH that records its arguments)."""
     shown = tmp_path / "shown.txt"
@@ -198,10 +193,7 @@ def test_status_without_state_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_the_simulator_writes_one_line_per_agent_notice(
-    server: ServerProcess,
-    cli: Cli,
-    simulate: Callable[..., Simulator],
-    tmp_path: Path,
+    server: ServerProcess, cli: Cli, simulate: Simulate, tmp_path: Path
 ) -> None:
     out = tmp_path / "fleet-notices.jsonl"
     simulate(server, 3, "--notify", f"file:{out}")
