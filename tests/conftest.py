@@ -29,6 +29,9 @@ from hypothesis import settings
 from control.pki_files import make_private_dir
 from tests.inprocess import run_killswitch
 
+# The backend fixture (SQLite and PostgreSQL) for every module that takes a store.
+pytest_plugins = ["tests.store_contract"]
+
 BIN = Path(sys.executable).parent
 
 # The role each of the fixtures' people asks for, by the name's stem (`ic-1` -> `ic`).

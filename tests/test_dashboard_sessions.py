@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-
-import pytest
+from collections.abc import Awaitable, Callable
 
 from control.domain.identity import Principal, Role
 from control.store import Store
 from control.web.sessions import LOGIN_TOKEN_SECONDS, SESSION_SECONDS, DashboardSessions
 from tests.fake_clock import FakeClock
-from tests.store_contract import Backend, each_backend, run_with_store
+from tests.store_contract import Backend, run_with_store
 
 SRE = Principal("sre-1", Role.SRE, serial="5e")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from each_backend(request, tmp_path)
 
 
 def with_sessions(

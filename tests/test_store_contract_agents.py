@@ -18,7 +18,6 @@ from tests.store_contract import (
     SqlRefused,
     agent,
     audit_actions,
-    backend,
     decision,
     evidence,
     nothing,
@@ -26,8 +25,6 @@ from tests.store_contract import (
     run_with_store,
     sighting,
 )
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
 
 
 def test_agent_batches_upsert_and_the_last_row_of_an_agent_wins(backend: Backend) -> None:

@@ -21,7 +21,6 @@ from tests.store_contract import (
     LAST_CUT,
     Backend,
     audit_actions,
-    backend,
     decided,
     draft,
     pending_request,
@@ -31,8 +30,6 @@ from tests.store_contract import (
     staged_run,
     version,
 )
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
 
 
 def test_execute_resume_lifts_and_records_the_request_in_one_step(backend: Backend) -> None:

@@ -18,15 +18,12 @@ from tests.store_contract import (
     SqlRefused,
     agent_cert,
     audit_actions,
-    backend,
     certificate,
     draft,
     record,
     resume_request,
     run_with_store,
 )
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
 
 
 def test_every_write_chains_its_audit_entries_and_moves_the_head(backend: Backend) -> None:

@@ -23,7 +23,6 @@ from tests.store_contract import (
     PostgresBackend,
     agent,
     audit_actions,
-    backend,
     certificate,
     draft,
     nothing,
@@ -33,8 +32,6 @@ from tests.store_contract import (
     staged_run,
     version,
 )
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
 
 
 def test_holds_epochs_and_agents_survive_reopen(backend: Backend) -> None:

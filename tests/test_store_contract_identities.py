@@ -19,15 +19,12 @@ from tests.store_contract import (
     PostgresBackend,
     agent_cert,
     audit_actions,
-    backend,
     certificate,
     draft,
     record,
     resume_request,
     run_with_store,
 )
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
 
 
 def test_requests_and_revocations_survive_reopen(backend: Backend) -> None:

@@ -23,7 +23,6 @@ from tests.store_contract import (
     Backend,
     SqliteBackend,
     audit_actions,
-    backend,
     decided,
     draft,
     pending_request,
@@ -32,8 +31,6 @@ from tests.store_contract import (
     staged_run,
     version,
 )
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
 
 BEFORE = 10_000.0
 NOW = 30_000.0

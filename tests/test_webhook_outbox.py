@@ -7,9 +7,7 @@ from control.store import Store
 from control.store.outbox import OutboxMessage
 from control.webhooks.config import EVENTS, Webhook
 from control.webhooks.events import WebhookFeed
-from tests.store_contract import Backend, backend, draft, record, run_with_store
-
-__all__ = ["backend"]  # the fixture, parametrised over both stores
+from tests.store_contract import Backend, draft, record, run_with_store
 
 FEED = WebhookFeed([Webhook("chat", "http://127.0.0.1:9/x", frozenset(EVENTS), b"k" * 16)])
 
