@@ -10,12 +10,10 @@ from collections.abc import Callable
 import pytest
 
 from agent_stub import CaptureEngine, Lease
-from agent_stub.capture import EVENTS_PER_TICK
 from simulator.faulty import FaultyCaptureEngine
 from simulator.truth import GroundTruth
+from tests.agent_support import PER_TICK
 from tests.fake_clock import FakeClock
-
-PER_TICK = sum(EVENTS_PER_TICK.values())
 
 
 class Rig:
