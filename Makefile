@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 
 # pytest-xdist workers: most tests wait on servers and agents more than they compute.
 TEST_WORKERS ?= 4
+# A worker is handed one more test each time it finishes one. xdist's default hands out
+# runs of consecutive tests (up to an eighth of those left): one worker got every
+# human-runbook test at once, and ran them alone for the last quarter of the run.
+TEST_DISTRIBUTION := --maxschedchunk 1
 
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -33,7 +37,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
+	$(BIN)/pytest -n $(TEST_WORKERS) $(TEST_DISTRIBUTION) -m "not serial"
 	$(BIN)/pytest -m serial
 
 ## protos: regenerate the committed Python code from protos/*.proto
