@@ -31,6 +31,11 @@ demo: $(VENV)/.installed-run
 	bash scripts/demo.sh
 
 ## test: lint, type-check and the whole test suite
+# The suite starts hundreds of Python processes (servers, agents, CLI calls, pytest and its
+# workers). Where the environment says not to write bytecode, as many CI images do, each
+# compiled the project again and each pytest process rewrote every test's asserts again
+# (5 s of CPU each). The caches go to __pycache__/, which git ignores.
+test: export PYTHONDONTWRITEBYTECODE =
 test: $(VENV)/.installed-dev
 	bash scripts/test-tools.sh
 	$(BIN)/ruff check .
