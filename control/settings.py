@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
 from control.domain.readiness import DEFAULT_MAX_CLOCK_SKEW_SECONDS, DEFAULT_OFFLINE_DAYS
+from control.domain.rollout import DEFAULT_TICK_SECONDS
 from control.domain.timings import (
     DEFAULT_ACK_DEADLINE_SECONDS,
     DEFAULT_HEARTBEAT_SECONDS,
@@ -23,9 +25,11 @@ from control.domain.timings import (
 from control.freshness import DEFAULT_RESYNC_SECONDS
 from control.rpc.authz import DEFAULT_MAX_CALLS_PER_IDENTITY
 from control.rpc.enrolment_gate import ENROL_BURST, ENROL_PER_SECOND
-from control.runbooks import DEFAULT_TICK_SECONDS
-from control.web.oidc import OidcSettings
 from control.webhooks.config import WebhookSpec
+
+if TYPE_CHECKING:
+    # The dashboard's SSO (aiohttp, authlib): every CLI command imports these settings.
+    from control.web.oidc import OidcSettings
 
 # Where the server listens by default, and so where clients look for it (``--server``).
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"

@@ -12,7 +12,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control.cli.options import (
     add_database_option,
@@ -24,8 +24,10 @@ from control.domain.readiness import parse_version
 from control.errors import InvalidInput, one_line
 from control.logs import add_log_options, configure_logging
 from control.settings import DEFAULTS, ServerSettings
-from control.web.oidc import OidcSettings, load_settings
 from control.webhooks.config import EVENTS, WebhookSpec
+
+if TYPE_CHECKING:
+    from control.web.oidc import OidcSettings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -251,6 +253,8 @@ def _add_enrolment_limit_options(serve: argparse.ArgumentParser) -> None:
 
 
 def _oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
+    from control.web.oidc import load_settings  # the dashboard (aiohttp): only `serve` needs it
+
     return load_settings(
         args.oidc_issuer, args.oidc_client_id, args.oidc_client_secret_file, args.oidc_role
     )

@@ -11,11 +11,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control.domain import Hold, Mode
 from control.domain.audit import AuditEntry, ChainHead
-from control.plane import AgentView
+
+if TYPE_CHECKING:
+    # The plane (and its store drivers) for a type only: `killswitch report` renders
+    # with this module, and every CLI command imports that one.
+    from control.plane import AgentView
 
 KIND = "killswitch-proof-report/1"
 # Audit actions about one laptop that belong in its hold's excerpt once the hold began.

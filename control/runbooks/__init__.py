@@ -15,12 +15,6 @@ Its parts, each a module here:
 - ``ledger``: the runs known here, their parsed runbooks, and storing a step.
 """
 
-from control.runbooks.runner import (
-    DEFAULT_TICK_SECONDS,
-    Plan,
-    RunbookRunner,
-    next_step,
-    runbook_sha256,
-)
+from control.runbooks.runner import Plan, RunbookRunner, next_step, runbook_sha256
 
-__all__ = ["DEFAULT_TICK_SECONDS", "Plan", "RunbookRunner", "next_step", "runbook_sha256"]
+__all__ = ["Plan", "RunbookRunner", "next_step", "runbook_sha256"]

@@ -21,6 +21,7 @@ from control.domain import Hold, HoldKind, draft_hold
 from control.domain.approvals import ResumeRequest
 from control.domain.identity import Principal, Role
 from control.domain.rollout import (
+    DEFAULT_TICK_SECONDS,
     FROM_APPROVAL,
     Run,
     Runbook,
@@ -46,8 +47,6 @@ from control.runbooks.steps import RunSteps
 from control.store import RunChange
 
 log = structlog.get_logger("killswitch.runbooks")
-
-DEFAULT_TICK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,14 @@ Its parts, each a module here:
 - ``plan``: a dry run over the fleet now.
 """
 
-from control.domain.rollout.decide import Action, Decision, decide_pause, decide_wave, halting_hold
+from control.domain.rollout.decide import (
+    DEFAULT_TICK_SECONDS,
+    Action,
+    Decision,
+    decide_pause,
+    decide_wave,
+    halting_hold,
+)
 from control.domain.rollout.gates import (
     breached,
     capturing_share,
@@ -64,6 +71,7 @@ __all__ = [
     "ACTIVE_RUN_STATES",
     "DEFAULT_PAUSE_TIMEOUT_SECONDS",
     "DEFAULT_SOAK_SECONDS",
+    "DEFAULT_TICK_SECONDS",
     "DEFAULT_WAVE_TIMEOUT_SECONDS",
     "FROM_APPROVAL",
     "Action",

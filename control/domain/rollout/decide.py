@@ -13,6 +13,10 @@ from control.domain.rollout.observe import Observation, PauseObservation
 from control.domain.rollout.run import Run, RunState, WaveState
 from control.domain.rollout.runbook import Runbook
 
+# How often the runner ticks each active run unless `serve --runbook-tick` says otherwise:
+# a gate's change or a soak's end is acted on within this long.
+DEFAULT_TICK_SECONDS = 1.0
+
 
 class Action(StrEnum):
     WAIT = "wait"
