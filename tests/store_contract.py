@@ -15,7 +15,8 @@ import functools
 import os
 import sqlite3
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -299,3 +300,51 @@ def sighting(found: ViolationEvidence) -> tuple[ViolationEvidence, AuditRecord]:
 
 def decision(agent_id: str, by: str = "ic-1", at: float = 1000.0, **labels: str) -> DecidedLabels:
     return DecidedLabels(agent_id, labels, by, at)
+
+
+# ------------------------------------------------------------------ watching PostgreSQL
+
+WATCH_WAIT_SECONDS = 5.0
+
+
+class Changes:
+    """A ``watch`` callback that a test can wait on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def happened(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self, what: str) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), WATCH_WAIT_SECONDS)
+        except TimeoutError:
+            raise AssertionError(
+                f"changed() not called within {WATCH_WAIT_SECONDS}s after {what}"
+            ) from None
+        self._event.clear()
+
+
+@asynccontextmanager
+async def watching(
+    watcher: PostgresStore, writer: Store
+) -> AsyncIterator[tuple[Changes, asyncio.Task[None]]]:
+    """``watcher`` watching what is committed (by ``writer``), and the watch; the watch
+    cancelled and both stores closed afterwards."""
+    changes = Changes()
+    watch = asyncio.create_task(watcher.watch(changes))
+    try:
+        yield changes, watch
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await asyncio.gather(writer.close(), watcher.close())

@@ -11,8 +11,7 @@ import dataclasses
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 
 import psycopg
 import pytest
@@ -24,6 +23,7 @@ from control.errors import Conflict, StoreError
 from control.store import DecidedLabels, RunChange, Store, StoredAgent, postgres
 from control.store.postgres import MIGRATIONS, PostgresStore
 from tests.store_contract import (
+    Changes,
     PostgresBackend,
     SqlRefused,
     agent,
@@ -36,6 +36,7 @@ from tests.store_contract import (
     resume_request,
     run_with_store,
     staged_run,
+    watching,
 )
 
 
@@ -212,52 +213,6 @@ def test_an_agent_sending_nul_does_not_block_the_batch(pg: PostgresBackend) -> N
     ]
 
 
-WATCH_WAIT_SECONDS = 5.0
-
-
-class Changes:
-    """A ``watch`` callback that a test can wait on."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._event = asyncio.Event()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        self._event.set()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-    def happened(self) -> bool:
-        return self._event.is_set()
-
-    async def wait(self, what: str) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), WATCH_WAIT_SECONDS)
-        except TimeoutError:
-            raise AssertionError(
-                f"changed() not called within {WATCH_WAIT_SECONDS}s after {what}"
-            ) from None
-        self._event.clear()
-
-
-@asynccontextmanager
-async def watching(
-    watcher: PostgresStore, writer: Store
-) -> AsyncIterator[tuple[Changes, asyncio.Task[None]]]:
-    """``watcher`` watching what is committed (by ``writer``), and the watch; the watch
-    cancelled and both stores closed afterwards."""
-    changes = Changes()
-    watch = asyncio.create_task(watcher.watch(changes))
-    try:
-        yield changes, watch
-    finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
-        await asyncio.gather(writer.close(), watcher.close())
-
-
 def named(pg: PostgresBackend, app: str) -> str:
     """The test DSN with an application_name, to find the store's sessions by."""
     return make_conninfo(pg.dsn, application_name=app)
@@ -322,6 +277,36 @@ def test_watch_sees_what_other_replicas_commit(pg: PostgresBackend) -> None:
             assert not changes.happened()
 
     asyncio.run(main())
+
+
+def test_a_watch_hears_only_its_own_schema() -> None:
+    """Deployments sharing a database in different schemas (and parallel test runs) do
+    not wake each other: the channel is the schema's, like the lead lock. Until
+    2026-12-05 it was one channel for the database, and a watch test failed in CI when
+    another worker's test committed a hold in its own schema."""
+    mine, other = postgres_backend(), postgres_backend()
+    here, elsewhere = next(mine), next(other)
+
+    async def main() -> None:
+        writer, watcher = await asyncio.gather(elsewhere.open(), here.open())
+        async with watching(watcher, writer) as (changes, _):
+            await changes.wait("listening started")
+            changes.clear()
+            await writer.create_hold(draft("h1"), record("pause"))
+            await asyncio.sleep(0.3)
+            assert not changes.happened(), "heard a hold committed in another schema"
+            ours = await here.open()
+            try:
+                await ours.create_hold(draft("h1"), record("pause"))
+                await changes.wait("a hold created in its own schema")
+            finally:
+                await ours.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for backend in (mine, other):
+            next(backend, None)  # drops the schema
 
 
 def test_watch_reconnects_and_says_so(pg: PostgresBackend, monkeypatch: pytest.MonkeyPatch) -> None:

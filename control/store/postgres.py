@@ -80,8 +80,10 @@ LEAD_LOCK_CLASS = 0x6C656164  # "lead"
 LEAD_CHECK_SECONDS = 1.0
 # A check that takes longer than this (a partition) gives up the lead.
 LEAD_CHECK_TIMEOUT_SECONDS = 5.0
-# Every transaction that changes shared state notifies this channel on commit.
-SHARED_CHANNEL = "killswitch_shared"
+# Every transaction that changes shared state notifies its schema's channel on commit:
+# one channel per schema, like the lead lock, so deployments (and test runs) sharing a
+# database hear only their own. Computed by the server from the connection's schema.
+_SHARED_CHANNEL = "'killswitch_' || md5(current_schema())"
 # watch reconnects after a jittered delay that doubles from the first to the last,
 # and starts again from the first once a connection has lasted WATCH_STABLE_SECONDS.
 WATCH_RETRY_FIRST_SECONDS = 0.25
@@ -286,7 +288,7 @@ class PostgresTransaction:
         """Tell every watching replica, once this transaction commits, that shared state
         changed (the payload: the epoch it allocated, if any)."""
         payload = str(epoch) if epoch else ""
-        await self._conn.execute("SELECT pg_notify(%s, %s)", (SHARED_CHANNEL, payload))
+        await self._conn.execute(f"SELECT pg_notify({_SHARED_CHANNEL}, %s)", (payload,))
 
 
 class PostgresStore(ScriptedStore):
@@ -479,7 +481,9 @@ class PostgresStore(ScriptedStore):
                 self._listeners.add(conn)
                 if self._closed:
                     break
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(SHARED_CHANNEL)))
+                (named,) = await _fetch_all(conn, f"SELECT {_SHARED_CHANNEL} AS channel")
+                channel = sql.Identifier(named["channel"])
+                await conn.execute(sql.SQL("LISTEN {}").format(channel))
                 listening_since = loop.time()
                 if delay > WATCH_RETRY_FIRST_SECONDS:
                     log.info("store_watch_listening", database=self._where)
