@@ -8,6 +8,7 @@ tests skip, except under ``CI=true``, where that is a failure.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -41,16 +42,21 @@ def oidc_provider_modules() -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not (node and npm):
         missing_tool("the OpenID provider needs node and npm (apt-get install nodejs npm)")
-    if not (MODULES / "node_modules" / "oidc-provider" / "package.json").exists():
-        result = subprocess.run(
-            [npm, "install", "--prefix", str(MODULES), "--no-audit", "--no-fund", PACKAGE],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if result.returncode != 0:
-            missing_tool(f"npm could not install {PACKAGE}: {result.stderr.strip()[-500:]}")
+    MODULES.mkdir(parents=True, exist_ok=True)
+    # One install at a time: every xdist worker asks for the package in its own session,
+    # and two npm installs into one prefix fail with ENOTEMPTY (seen in CI).
+    with (MODULES / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (MODULES / "node_modules" / "oidc-provider" / "package.json").exists():
+            result = subprocess.run(
+                [npm, "install", "--prefix", str(MODULES), "--no-audit", "--no-fund", PACKAGE],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            if result.returncode != 0:
+                missing_tool(f"npm could not install {PACKAGE}: {result.stderr.strip()[-500:]}")
     return MODULES
 
 
