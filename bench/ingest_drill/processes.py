@@ -149,18 +149,18 @@ def start_bare_sink(here: Path, sink_dir: Path, sink_port: int) -> Child:
     return Child("bare sink", argv, here / "bare-sink.stdout", REPO)
 
 
-def start_lease_holders(here: Path, grpc_port: int, agents: int) -> Child:
+def start_lease_holders(here: Path, grpc_port: int, agents: int, id_prefix: str) -> Child:
     """A small simulator that only holds leases for the agents the harness uploads as.
 
     Their capture is never uploaded (the harness uploads as them): they tick every 10 s
     instead of 1 s. Through the round 10,000 of them then took about half a core instead
     of 0.8 (runs of 23:40 and 23:50 UTC on 2026-12-04), on both sides alike."""
     argv = simulator(
-        grpc_port, agents, "probe",
+        grpc_port, agents, id_prefix,
         "--insecure", "--connections", "1", "--upload-every", "3600", "--report-every", "3600",
         "--capture-tick", "10",
     )  # fmt: skip
-    return Child("probe agents", argv, here / "probes.log", REPO)
+    return Child(f"{id_prefix} agents", argv, here / f"{id_prefix}-holders.log", REPO)
 
 
 def simulator(grpc_port: int, agents: int, id_prefix: str, *flags: str) -> list[str]:

@@ -75,7 +75,7 @@ class Bench:
         (Until 18:10 UTC on 2026-12-03 the round took the numbers of the fleet's own
         agents while they uploaded, and a sixth of its batches were sent twice.)
         """
-        return [f"probe-{i:05d}" for i in range(self.args.probes, self.args.probes + self.burst_n)]
+        return [f"burst-{i:05d}" for i in range(self.burst_n)]
 
     def run(self, product: bool) -> Side:
         args = self.args
@@ -96,9 +96,10 @@ class Bench:
             sink = start_bare_sink(here, sink_dir, sink_port)
         wait_listening(sink, sink_port)
         ingest = f"127.0.0.1:{sink_port}"
-        probes = start_lease_holders(here, grpc_port, args.probes + self.burst_n)
-        self.wait_capturing(op, side, args.probes + self.burst_n)
+        probes = start_lease_holders(here, grpc_port, args.probes, "probe")
         if not args.skip_burst:
+            holders = start_lease_holders(here, grpc_port, self.burst_n, "burst")
+            self.wait_capturing(op, side, args.probes + self.burst_n)
             # Their first heartbeats and lease renewals fall over the first interval
             # after the connect: the round is measured once they are behind them.
             log(f"{side.name}: {SETTLE_SECONDS:g}s for the lease holders to settle")
@@ -107,13 +108,17 @@ class Bench:
                 side,
                 product=product,
                 ingest=ingest,
-                children={"server": server, "sink": sink, "lease holders": probes},
+                children={"server": server, "sink": sink, "lease holders": holders},
                 http_port=http_port,
                 metrics_port=metrics_port,
                 here=here,
             )
+            # Gone before the fleet starts: until 21:30 UTC on 2026-12-05 they held their
+            # leases through the steady window and the drill, 10,000 agents more on the box.
+            holders.stop(grace=10)
         fleet = Fleet.start(self.args, here, grpc_port, ingest)
-        self.wait_capturing(op, side, self.n + args.probes + self.burst_n)
+        everyone = self.n + args.probes + self.burst_n
+        self.wait_capturing(op, side, self.n + args.probes, total=everyone)
         log(f"{side.name}: one upload interval to steady")
         time.sleep(args.upload_every + 5)
 
@@ -154,14 +159,18 @@ class Bench:
         op.close()
         return side
 
-    def wait_capturing(self, op: Operator, side: Side, agents: int) -> None:
-        """Until the server counts exactly ``agents``, every one of them capturing."""
+    def wait_capturing(
+        self, op: Operator, side: Side, agents: int, total: int | None = None
+    ) -> None:
+        """Until exactly ``agents`` capture, of ``total`` the server counts (``agents`` by
+        default; the round's agents stay counted once their holders stop)."""
         side.load.append(load_average())
         log(f"{side.name}: waiting for {agents} agents to capture")
+        counted = agents if total is None else total
         took = poll(
             op,
             "every agent capturing",
-            lambda s: s.total == agents and by_state(s).get("CAPTURING", 0) == agents,
+            lambda s: s.total == counted and by_state(s).get("CAPTURING", 0) == agents,
             since=time.time(),
             timeout=max(120.0, agents / 50),
             interval=1.0,
