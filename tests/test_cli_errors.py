@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "killswitch"), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the tests that only ask it questions and read its refusals: a
+    server costs a second or more of start-up, and this module used to start 17."""
+    server = ServerProcess(tmp_path_factory.mktemp("cli-errors") / "data", [])
+    server.start()
+    yield server
+    server.stop()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
@@ -62,19 +73,21 @@ def test_unreachable_server(tmp_path: Path) -> None:
         (["inventory", "import", "/nonexistent.csv"], 2, "cannot read /nonexistent.csv"),
     ],
 )
-def test_bad_input_against_a_live_server(cli: Cli, args: list[str], code: int, text: str) -> None:
-    assert_one_line_error(cli.run(*args), code, text)
+def test_bad_input_against_a_live_server(
+    live: ServerProcess, args: list[str], code: int, text: str
+) -> None:
+    assert_one_line_error(Cli(live).run(*args), code, text)
 
 
-def test_server_rejects_what_the_cli_would_have_caught(server: ServerProcess) -> None:
+def test_server_rejects_what_the_cli_would_have_caught(live: ServerProcess) -> None:
     """The server validates too: other clients are not trusted to have checked."""
     import grpc
     from killswitch.v1 import killswitch_pb2 as pb
     from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-    identity = load_identity(server.identity("ic-1"))
+    identity = load_identity(live.identity("ic-1"))
     credentials = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
-    with grpc.secure_channel(server.address, credentials) as channel:
+    with grpc.secure_channel(live.address, credentials) as channel:
         stub = pb_grpc.OperatorStub(channel)
         for request, text in [
             (pb.CreateHoldRequest(scope=pb.Scope(all=True), reason=""), "reason is required"),
@@ -90,7 +103,8 @@ def test_server_rejects_what_the_cli_would_have_caught(server: ServerProcess) ->
             assert text in (info.value.details() or "")
 
 
-def test_lifting_a_hold_twice_is_refused(cli: Cli) -> None:
+def test_lifting_a_hold_twice_is_refused(live: ServerProcess) -> None:
+    cli = Cli(live)
     hold_id = cli.pause("--all", "--reason", "x")
     cli.resume(hold_id)
     assert_one_line_error(
@@ -127,18 +141,19 @@ def test_serve_refuses_a_bad_history_retention(tmp_path: Path, value: str) -> No
     assert not (tmp_path / "killswitch.db").exists()
 
 
-def test_no_identity_is_a_one_line_error(server: ServerProcess) -> None:
-    result = run("status", "--server", server.address, "--identity", "")
+def test_no_identity_is_a_one_line_error(live: ServerProcess) -> None:
+    result = run("status", "--server", live.address, "--identity", "")
     assert_one_line_error(result, 2, "no identity")
-    result = run("status", "--server", server.address, "--identity", "/nonexistent")
+    result = run("status", "--server", live.address, "--identity", "/nonexistent")
     assert_one_line_error(result, 2, "/nonexistent")
 
 
-def test_bad_inventory_line_names_file_and_line(cli: Cli, tmp_path: Path) -> None:
+def test_bad_inventory_line_names_file_and_line(live: ServerProcess, tmp_path: Path) -> None:
+    cli = Cli(live)
     bad = tmp_path / "inv.csv"
     bad.write_text("agent_id,region\nok-1,eu\nbad id,eu\n")
     assert_one_line_error(cli.run("inventory", "import", str(bad)), 2, f"{bad}:3: invalid agent id")
-    assert cli.json("status")["agents"]["total"] == 0
+    assert cli.json("status")["agents"]["total"] == 0  # not even the good line
 
 
 def test_serve_refuses_non_loopback_without_mtls(tmp_path: Path) -> None:
@@ -151,15 +166,15 @@ def test_serve_without_a_ca_says_to_run_init(tmp_path: Path) -> None:
     assert_one_line_error(result, 1, "killswitch init")
 
 
-def test_serve_reports_a_port_in_use(server: ServerProcess, tmp_path: Path) -> None:
+def test_serve_reports_a_port_in_use(live: ServerProcess, tmp_path: Path) -> None:
     result = run(
         "serve",
         "--insecure",
         "--data-dir",
         str(tmp_path / "other"),
         "--grpc",
-        server.address,
+        live.address,
         "--http",
         f"127.0.0.1:{free_port()}",
     )
-    assert_one_line_error(result, 1, f"cannot listen on {server.address} for gRPC")
+    assert_one_line_error(result, 1, f"cannot listen on {live.address} for gRPC")
