@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 
 # pytest-xdist workers: most tests wait on servers and agents more than they compute.
 TEST_WORKERS ?= 4
-# A worker is handed one more test each time it finishes one. xdist's default hands out
-# runs of consecutive tests (up to an eighth of those left): one worker got every
-# human-runbook test at once, and ran them alone for the last quarter of the run.
-TEST_DISTRIBUTION := --maxschedchunk 1
+# A worker is handed one more test each time it finishes one (xdist's default handed out
+# runs of consecutive tests: one worker got every human-runbook test at once, and ran
+# them alone for the last quarter of the run), except that a module marked
+# xdist_group goes to one worker whole, largest first: its module-scoped server or
+# fleet is then built once instead of once on every worker that ran one of its tests.
+TEST_DISTRIBUTION := --dist loadgroup
 
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'

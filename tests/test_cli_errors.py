@@ -20,6 +20,11 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# One worker runs this module (`make test` distributes by --dist loadgroup): its
+# module-scoped server is then started once, not once on every worker it reaches.
+pytestmark = pytest.mark.xdist_group("cli-errors")
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for the tests that only ask it questions and read its refusals: a

@@ -51,6 +51,11 @@ class Fleet:
     never_seen: list[str]
 
 
+# One worker runs this module (`make test` distributes by --dist loadgroup): its
+# module-scoped server is then started once, not once on every worker it reaches.
+pytestmark = pytest.mark.xdist_group("dashboard")
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """40 agents that connected, a region paused with an evil reason, then every agent gone,

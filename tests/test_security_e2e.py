@@ -60,6 +60,11 @@ def channel_for(server: ServerProcess, identity_dir: Path) -> grpc.Channel:
     )
 
 
+# One worker runs this module (`make test` distributes by --dist loadgroup): its
+# module-scoped server is then started once, not once on every worker it reaches.
+pytestmark = pytest.mark.xdist_group("security-e2e")
+
+
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = ServerProcess(tmp_path_factory.mktemp("security") / "data", [])
