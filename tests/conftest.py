@@ -6,6 +6,7 @@ instead (``start_in_process_server``), from the same `serve` arguments."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -272,6 +273,20 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@contextlib.contextmanager
+def module_server(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *extra_args: str
+) -> Iterator[ServerProcess]:
+    """A server for every test of one module (a module-scoped fixture's body), stopped after
+    them. Mark the module ``xdist_group`` too, or each worker builds one of its own."""
+    server = ServerProcess(tmp_path_factory.mktemp(name) / "data", list(extra_args))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def replica_of(first: ServerProcess, data_dir: Path, extra_args: list[str]) -> ServerProcess:

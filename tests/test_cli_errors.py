@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from control.pki import load_identity
-from tests.conftest import BIN, Cli, ServerProcess, free_port
+from tests.conftest import BIN, Cli, ServerProcess, free_port, module_server
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,8 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# One worker runs this module (`make test` distributes by --dist loadgroup): its
-# module-scoped server is then started once, not once on every worker it reaches.
+# Its module-scoped server is built once: the module runs on one worker (Makefile).
 pytestmark = pytest.mark.xdist_group("cli-errors")
 
 
@@ -29,10 +28,8 @@ pytestmark = pytest.mark.xdist_group("cli-errors")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for the tests that only ask it questions and read its refusals: a
     server costs a second or more of start-up, and this module used to start 17."""
-    server = ServerProcess(tmp_path_factory.mktemp("cli-errors") / "data", [])
-    server.start()
-    yield server
-    server.stop()
+    with module_server(tmp_path_factory, "cli-errors") as server:
+        yield server
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:

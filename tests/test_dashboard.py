@@ -23,7 +23,7 @@ import pytest
 from control.domain import ComplianceState
 from control.plane import SEVERITY
 from control.web import api
-from tests.conftest import Cli, ServerProcess, Simulator, terminate, wait_for
+from tests.conftest import Cli, ServerProcess, Simulator, module_server, terminate, wait_for
 from tests.dashboard_support import Http, assert_hardened, session_for
 
 EVIL = '<script>alert("pwned")</script> & leak'
@@ -51,8 +51,7 @@ class Fleet:
     never_seen: list[str]
 
 
-# One worker runs this module (`make test` distributes by --dist loadgroup): its
-# module-scoped server is then started once, not once on every worker it reaches.
+# Its module-scoped server is built once: the module runs on one worker (Makefile).
 pytestmark = pytest.mark.xdist_group("dashboard")
 
 
@@ -61,48 +60,46 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """40 agents that connected, a region paused with an evil reason, then every agent gone,
     and 5 expected laptops never seen: states that no longer move, so the dashboard and the
     CLI can be compared field for field."""
-    server = ServerProcess(tmp_path_factory.mktemp("dash") / "data", [])
-    server.start()
-    sim: Simulator | None = None
-    try:
-        cli = Cli(server)
-        sim = Simulator(server, AGENTS, ["--fault-after", "3600", "--seed", "3"])
-        wait_for(
-            lambda: cli.json("status")["agents"]["by_state"].get("CAPTURING") == AGENTS,
-            60,
-            "the fleet capturing",
-        )
-        regions = sorted({a["labels"]["region"] for a in cli.agents().values()})
-        region = regions[0]
-        cli.pause("--selector", f"region={region}", "--reason", EVIL, "--ticket", EVIL_TICKET)
-        paused = cli.agents("--selector", f"region={region}")
-        wait_for(
-            lambda: (
-                {a["state"] for a in cli.agents("--selector", f"region={region}").values()}
-                == {"VERIFIED_STOPPED"}
-            ),
-            30,
-            "the region verified stopped",
-        )
-        terminate(sim.proc)
-        inventory = server.data_dir.parent / "inventory.csv"
-        never = [f"spare-{i}" for i in range(5)]
-        inventory.write_text(
-            "agent_id,region,owner\n" + "".join(f"{a},{region},nobody\n" for a in never)
-        )
-        cli.ok("inventory", "import", str(inventory))
+    with module_server(tmp_path_factory, "dash") as server:
+        sim: Simulator | None = None
+        try:
+            cli = Cli(server)
+            sim = Simulator(server, AGENTS, ["--fault-after", "3600", "--seed", "3"])
+            wait_for(
+                lambda: cli.json("status")["agents"]["by_state"].get("CAPTURING") == AGENTS,
+                60,
+                "the fleet capturing",
+            )
+            regions = sorted({a["labels"]["region"] for a in cli.agents().values()})
+            region = regions[0]
+            cli.pause("--selector", f"region={region}", "--reason", EVIL, "--ticket", EVIL_TICKET)
+            paused = cli.agents("--selector", f"region={region}")
+            wait_for(
+                lambda: (
+                    {a["state"] for a in cli.agents("--selector", f"region={region}").values()}
+                    == {"VERIFIED_STOPPED"}
+                ),
+                30,
+                "the region verified stopped",
+            )
+            terminate(sim.proc)
+            inventory = server.data_dir.parent / "inventory.csv"
+            never = [f"spare-{i}" for i in range(5)]
+            inventory.write_text(
+                "agent_id,region,owner\n" + "".join(f"{a},{region},nobody\n" for a in never)
+            )
+            cli.ok("inventory", "import", str(inventory))
 
-        def settled() -> bool:
-            states = {a["state"] for a in cli.agents().values()}
-            return states <= {"OFFLINE", "OFFLINE_LEASE_EXPIRED", "NEVER_SEEN"}
+            def settled() -> bool:
+                states = {a["state"] for a in cli.agents().values()}
+                return states <= {"OFFLINE", "OFFLINE_LEASE_EXPIRED", "NEVER_SEEN"}
 
-        wait_for(settled, 30, "every agent offline, leases expired")
-        assert len(paused) >= 2
-        yield Fleet(server, cli, region, never)
-    finally:
-        if sim is not None:
-            sim.stop()
-        server.stop()
+            wait_for(settled, 30, "every agent offline, leases expired")
+            assert len(paused) >= 2
+            yield Fleet(server, cli, region, never)
+        finally:
+            if sim is not None:
+                sim.stop()
 
 
 def test_every_page_and_api_needs_a_session(fleet: Fleet) -> None:

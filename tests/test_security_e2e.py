@@ -22,7 +22,15 @@ from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
 from control.pki import load_identity
 from control.rpc.authz import GATEWAY_POLICY, POLICY, action_name
-from tests.conftest import Cli, ServerProcess, Simulator, agent_identity, wait_capturing, wait_for
+from tests.conftest import (
+    Cli,
+    ServerProcess,
+    Simulator,
+    agent_identity,
+    module_server,
+    wait_capturing,
+    wait_for,
+)
 
 ROLE_IDENTITIES = {
     Role.INCIDENT_COMMANDER: "ic-1",
@@ -60,17 +68,14 @@ def channel_for(server: ServerProcess, identity_dir: Path) -> grpc.Channel:
     )
 
 
-# One worker runs this module (`make test` distributes by --dist loadgroup): its
-# module-scoped server is then started once, not once on every worker it reaches.
+# Its module-scoped server is built once: the module runs on one worker (Makefile).
 pytestmark = pytest.mark.xdist_group("security-e2e")
 
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path_factory.mktemp("security") / "data", [])
-    server.start()
-    yield server
-    server.stop()
+    with module_server(tmp_path_factory, "security") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
