@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -169,11 +170,16 @@ def refused_with(call: object, code: grpc.StatusCode, words: str) -> None:
     assert call.code() is code and words in (call.details() or ""), (call.code(), call.details())
 
 
-def upload(stub: pb_grpc.IngestGatewayStub, request: pb.UploadBatchRequest) -> object:
+def attempt(method: Any, request: object, metadata: tuple[tuple[str, str], ...] = ()) -> object:
+    """The answer, or the error the call ended with."""
     try:
-        return stub.UploadBatch(request, timeout=10)
+        return method(request, timeout=10, metadata=metadata)
     except grpc.RpcError as exc:
         return exc
+
+
+def upload(stub: pb_grpc.IngestGatewayStub, request: pb.UploadBatchRequest) -> object:
+    return attempt(stub.UploadBatch, request)
 
 
 @pytest.fixture
@@ -318,12 +324,7 @@ def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
         stub = pb_grpc.IngestGatewayStub(grpc.insecure_channel(gateway.address))
 
         def as_(claim: str, request: pb.UploadBatchRequest) -> object:
-            try:
-                return stub.UploadBatch(
-                    request, timeout=10, metadata=((INSECURE_IDENTITY_HEADER, claim),)
-                )
-            except grpc.RpcError as exc:
-                return exc
+            return attempt(stub.UploadBatch, request, ((INSECURE_IDENTITY_HEADER, claim),))
 
         now = time.time()
         # The gateway asked the control plane as ingest-1 (else: UNAVAILABLE), which
@@ -340,6 +341,23 @@ def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
             as_("ic-1:incident-commander", batch(1, now - 1, agent_id="ic-1")),
             grpc.StatusCode.PERMISSION_DENIED,
             "may not call",
+        )
+        # The handler is registered behind the authorization wrapper, with no interceptor
+        # in front (control/rpc/handler_cache.py add_wrapped): these prove it is there.
+        refused_with(
+            attempt(stub.UploadBatch, batch(1, now - 1, agent_id="laptop-dev")),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "send metadata",
+        )
+        raw = grpc.insecure_channel(gateway.address).unary_unary(
+            "/killswitch.v1.IngestGateway/UploadBatch",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        refused_with(
+            attempt(raw, b"\xff\xff\xff", ((INSECURE_IDENTITY_HEADER, "laptop-dev:agent"),)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed request: the message does not parse",
         )
         assert gateway.records() == 0
     finally:

@@ -7,14 +7,24 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from control.errors import InvalidInput, KillswitchError
 from control.ingest import sink as sink_module
-from control.ingest.sink import Batch, Sink, read_manifest, verified_records
+from control.ingest.sink import (
+    Batch,
+    ManifestEntry,
+    Sink,
+    manifest_line,
+    read_manifest,
+    verified_records,
+)
 
 NOW = 1_000_000.0
 
@@ -244,3 +254,20 @@ def test_a_failed_commit_answers_every_waiter_and_rereads_sequences_from_disk(
         assert [raw for _, raw in verified_records(tmp_path, "laptop")] == [b"first", b"second"]
 
     asyncio.run(scenario())
+
+
+_times = st.one_of(st.floats(), st.integers(min_value=0, max_value=2**62))
+_counts = st.integers(min_value=0, max_value=2**62)
+
+
+@given(st.tuples(_counts, _counts, _counts, _counts), st.tuples(_times, _times, _times))
+def test_a_manifest_line_is_what_json_dumps_writes(
+    counts: tuple[int, int, int, int], times: tuple[float, float, float]
+) -> None:
+    """The line is formatted by hand for speed; readers and tools parse it as JSON, with
+    keys sorted: any difference from ``json.dumps`` (a float's digits, NaN) would show."""
+    sequence, offset, length, events = counts
+    digest = hashlib.sha256(str(sequence).encode()).hexdigest()
+    entry = ManifestEntry(sequence, offset, length, digest, events, *times)
+    fields = {name: getattr(entry, name) for name in sorted(ManifestEntry.__dataclass_fields__)}
+    assert manifest_line(entry) == (json.dumps(fields) + "\n").encode()

@@ -26,9 +26,10 @@ class Refusal(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchShape:
-    """What the checks need of a batch (the request, decoded)."""
+    """What the checks need of a batch (the request, decoded). Not frozen: one is made
+    per upload, and a frozen dataclass's ``__init__`` costs five times as much."""
 
     agent_id: str
     sequence: int

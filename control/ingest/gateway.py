@@ -1,14 +1,14 @@
 """The gateway's one RPC, ``IngestGateway.UploadBatch``, and the process that serves it.
 
-Order of checks, each refusing with one clear line and changing nothing:
-the caller's certificate names the agent (PERMISSION_DENIED otherwise); the batch's
-shape, size and dates (INVALID_ARGUMENT / RESOURCE_EXHAUSTED); its sequence is exactly
-the next one (refused in the answer, with ``next_sequence``); the control plane's
-verdict: from its standing copy when that allows the batch (control/ingest/watch.py),
-else asked (paused, lease-less: refused; no answer: UNAVAILABLE); no event after the
-agent's stop beyond its measured clock allowance (refused, and reported to the
-control plane as violation evidence). Only then is the batch written and made durable
-(control/ingest/sink.py, group commit).
+Order of checks, each refusing with one clear line and changing nothing: the bytes
+parse as a batch (INVALID_ARGUMENT otherwise); the caller's certificate names the agent
+(PERMISSION_DENIED otherwise); the batch's shape, size and dates (INVALID_ARGUMENT /
+RESOURCE_EXHAUSTED); its sequence is exactly the next one (refused in the answer, with
+``next_sequence``); the control plane's verdict: from its standing copy when that
+allows the batch (control/ingest/watch.py), else asked (paused, lease-less: refused; no
+answer: UNAVAILABLE); no event after the agent's stop beyond its measured clock
+allowance (refused, and reported to the control plane as violation evidence). Only
+then is the batch written and made durable (control/ingest/sink.py, group commit).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from killswitch.v1 import killswitch_pb2 as pb
-from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.addresses import require_loopback, split_host_port
 from control.domain.identity import Principal
@@ -45,14 +45,17 @@ from control.rpc.authz import (
     GATEWAY_POLICY,
     Authenticator,
     AuthorizationInterceptor,
+    Undecodable,
     current_principal,
 )
 from control.rpc.convert import seconds, timestamp
 from control.rpc.error_boundary import ErrorBoundary
+from control.rpc.handler_cache import add_wrapped
 
 log = structlog.get_logger("killswitch.ingest")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+UPLOAD_SERVICE = pb.DESCRIPTOR.services_by_name["IngestGateway"].full_name
 # Room for the payload cap and the events' framing; a larger message is refused by gRPC.
 MAX_MESSAGE_BYTES = MAX_BATCH_BYTES + 512 * 1024
 
@@ -68,7 +71,10 @@ class GatewayConfig:
     metrics: str | None = None
 
 
-class IngestGatewayService(pb_grpc.IngestGatewayServicer):
+class IngestGatewayService:
+    """``IngestGateway``'s one method; registered by ``add_upload_service``, not by the
+    generated servicer (which would parse each request for it)."""
+
     def __init__(
         self,
         sink: Sink,
@@ -84,10 +90,15 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
         self._clock = clock
 
     async def UploadBatch(  # noqa: N802
-        self, request: pb.UploadBatchRequest, context: Context
+        self, raw: bytes, context: Context
     ) -> pb.UploadBatchResponse:
+        """``raw``: the request's bytes as they arrived (see ``add_upload_service``)."""
         in_hand = time.perf_counter()
         caller = current_principal()
+        try:
+            request = pb.UploadBatchRequest.FromString(raw)
+        except DecodeError as exc:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, Undecodable(exc).error)
         agent_id = request.agent_id
         if agent_id != caller.name:
             await self._abort(
@@ -96,8 +107,7 @@ class IngestGatewayService(pb_grpc.IngestGatewayServicer):
                 f"agent {caller.name} cannot upload as {agent_id[:100]!r}",
             )
         received_at = self._clock()
-        # Serialized once: its size is checked, and it is what the sink stores.
-        record = request.SerializeToString(deterministic=True)
+        record = raw  # what the sink stores: the batch exactly as the agent sent it
         try:
             check_agent_id(agent_id)
             count, first, last = measure(request)
@@ -251,6 +261,26 @@ class _LoggedRefusals:
         log.warning("upload_denied", caller=who, source=source, action=action, reason=why)
 
 
+def add_upload_service(
+    server: grpc.aio.Server, service: IngestGatewayService, interceptor: AuthorizationInterceptor
+) -> None:
+    """``UploadBatch`` behind the authorization wrapper, taking the request's bytes: the
+    sink keeps exactly those, so a batch is parsed once (by the handler, which answers
+    INVALID_ARGUMENT for bytes that do not parse) and never serialized again."""
+    add_wrapped(
+        server,
+        UPLOAD_SERVICE,
+        {
+            "UploadBatch": grpc.unary_unary_rpc_method_handler(
+                service.UploadBatch,
+                request_deserializer=None,
+                response_serializer=pb.UploadBatchResponse.SerializeToString,
+            )
+        },
+        interceptor,
+    )
+
+
 def _options() -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -290,9 +320,9 @@ async def serve_gateway(config: GatewayConfig) -> None:
         errors=ErrorBoundary(),
         policy=GATEWAY_POLICY,
     )
-    server = grpc.aio.server(interceptors=[interceptor], options=_options())
-    pb_grpc.add_IngestGatewayServicer_to_server(
-        IngestGatewayService(sink, quarantine, control, metrics), server
+    server = grpc.aio.server(options=_options())
+    add_upload_service(
+        server, IngestGatewayService(sink, quarantine, control, metrics), interceptor
     )
     address = f"{host}:{port}"
     if identity is None:

@@ -1,7 +1,7 @@
 """The gateway's sink: append-only files per agent and day, each with a manifest.
 
 ``DIR/sink/<agent>/<YYYY-MM-DD>.log`` holds length-prefixed records (4-byte big-endian
-length, then the batch as the agent sent it, serialized). Beside it,
+length, then the batch's bytes exactly as the agent sent them). Beside it,
 ``<YYYY-MM-DD>.manifest`` holds one JSON line per record: sequence, offset, length,
 SHA-256, event count and capture times. The manifest is the index; a record is
 exported only through its line, and only if its checksum holds.
@@ -73,7 +73,9 @@ MAX_GROUP = 2048
 MIN_COMMIT_INTERVAL_SECONDS = 0.010
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like Batch: one of each is made per upload, and a frozen dataclass's
+# ``__init__`` (``object.__setattr__`` per field) costs five times a plain one's.
+@dataclass(slots=True)
 class ManifestEntry:
     sequence: int
     offset: int
@@ -85,7 +87,7 @@ class ManifestEntry:
     received_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batch:
     """One upload the gateway decided to keep, as it goes to disk."""
 
@@ -455,9 +457,19 @@ class Sink:
 
 
 def manifest_line(entry: ManifestEntry) -> bytes:
-    """One JSON line, keys sorted (built by hand: ``asdict`` deep-copies, per batch)."""
-    fields = {name: getattr(entry, name) for name in _MANIFEST_KEYS}
-    return (json.dumps(fields) + "\n").encode()
+    """One JSON line, keys sorted: what ``json.dumps`` writes for the entry, formatted
+    directly (a third of the cost, per batch; the test holds the two equal). A float
+    ``repr`` would not write as ``json.dumps`` does (NaN, infinity) takes the slow way."""
+    times = (entry.first_event_at, entry.last_event_at, entry.received_at)
+    if not all(map(math.isfinite, times)):
+        fields = {name: getattr(entry, name) for name in _MANIFEST_KEYS}
+        return (json.dumps(fields) + "\n").encode()
+    return (
+        f'{{"events": {entry.events:d}, "first_event_at": {entry.first_event_at!r},'
+        f' "last_event_at": {entry.last_event_at!r}, "length": {entry.length:d},'
+        f' "offset": {entry.offset:d}, "received_at": {entry.received_at!r},'
+        f' "sequence": {entry.sequence:d}, "sha256": "{entry.sha256}"}}\n'
+    ).encode()
 
 
 def verified_records(

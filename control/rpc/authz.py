@@ -128,9 +128,9 @@ def action_name(method: str) -> str:
     return method.removeprefix("/").removeprefix("killswitch.v1.").replace("/", ".")
 
 
-def principal_from_metadata(metadata: Mapping[str, str]) -> Principal:
-    """Development only: an insecure server takes the caller's word for who it is."""
-    claim = metadata.get(INSECURE_IDENTITY_HEADER, "")
+def principal_from_claim(claim: str) -> Principal:
+    """Development only: an insecure server takes the caller's word for who it is
+    (``claim``: the value of its ``INSECURE_IDENTITY_HEADER``)."""
     name, colon, role = claim.partition(":")
     if not (colon and name.strip()):
         raise PermissionDenied(
@@ -156,8 +156,11 @@ class Authenticator:
     def principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         """Who the caller's certificate (or claim) names; revocation is checked apart."""
         if self._insecure:
-            metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
-            return principal_from_metadata(metadata)
+            claim = ""  # the last one sent, if sent twice; no dict of every header per call
+            for key, value in context.invocation_metadata() or ():
+                if key == INSECURE_IDENTITY_HEADER:
+                    claim = str(value)
+            return principal_from_claim(claim)
         certs = list(context.auth_context().get("x509_pem_cert") or [])
         if not certs:  # TLS already demanded one; this is defence in depth
             raise PermissionDenied("no client certificate")
