@@ -20,7 +20,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.identity import Principal
 from control.errors import KillswitchError, StoreError
-from control.ingest.gateway import IngestGatewayService
+from control.ingest.gateway import IngestGatewayService, add_upload_service
 from control.rpc.agent_service import AgentControlService
 from control.rpc.authz import GATEWAY_POLICY, Authenticator, AuthorizationInterceptor
 from control.rpc.enrolment_gate import EnrolmentGate
@@ -114,13 +114,17 @@ RPCS = {
 }
 
 
-def _authorised(audit: Audit, errors: ErrorBoundary, **policy: Any) -> grpc.aio.Server:
-    """A server behind the authorisation interceptor, which runs the boundary."""
+def _interceptor(audit: Audit, errors: ErrorBoundary, **policy: Any) -> AuthorizationInterceptor:
+    """The authorisation interceptor, which runs the boundary."""
     authenticator = Authenticator(
         insecure=True, principal_from_pem=_no_pem, is_revoked=lambda serial: False
     )
-    interceptor = AuthorizationInterceptor(authenticator, audit, errors=errors, **policy)
-    return grpc.aio.server(interceptors=[interceptor])
+    return AuthorizationInterceptor(authenticator, audit, errors=errors, **policy)
+
+
+def _authorised(audit: Audit, errors: ErrorBoundary) -> grpc.aio.Server:
+    """A server behind the authorisation interceptor."""
+    return grpc.aio.server(interceptors=[_interceptor(audit, errors)])
 
 
 def _control_server(state: Failing, audit: Audit) -> grpc.aio.Server:
@@ -144,10 +148,11 @@ def _enrolment_server(state: Failing, audit: Audit) -> grpc.aio.Server:
 
 
 def _gateway_server(state: Failing, audit: Audit) -> grpc.aio.Server:
-    server = _authorised(audit, ErrorBoundary(), policy=GATEWAY_POLICY)
+    """Wired as ``serve_gateway`` wires it: the handler behind the wrapper, no interceptor."""
+    server = grpc.aio.server()
     s: Any = state
     service = IngestGatewayService(s, s, s, s, clock=state.clock)
-    pb_grpc.add_IngestGatewayServicer_to_server(service, server)
+    add_upload_service(server, service, _interceptor(audit, ErrorBoundary(), policy=GATEWAY_POLICY))
     return server
 
 
