@@ -99,23 +99,71 @@ def open_channel(
     *,
     own_connection: bool = True,
     credentials: grpc.ChannelCredentials | None = None,
+    in_order: bool = False,
+    named_as: str = "",
 ) -> grpc.aio.Channel:
     """A channel to the control server: mTLS with ``credentials``, else plaintext.
 
     ``target`` is what ``server_target`` returns. ``own_connection`` stops gRPC sharing
-    one TCP link between channels.
+    one TCP link between channels. Several addresses are tried in a random order, or in
+    the order given with ``in_order``; ``named_as`` (an address of the list) names the
+    host TLS checks, the first address's by default.
     """
-    options = [*CHANNEL_OPTIONS, ("grpc.service_config", SHUFFLED_PICK_FIRST)]
+    options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
+    if not in_order:
+        options.append(("grpc.service_config", SHUFFLED_PICK_FIRST))
     if target.startswith(("ipv4:", "ipv6:")):
         # TLS checks every replica's certificate against one name: the first address's
         # host (replicas share a certificate whose SANs include it).
-        first = target.partition(":")[2].split(",")[0]
+        first = named_as or target.partition(":")[2].split(",")[0]
         options.append(("grpc.default_authority", first.rpartition(":")[0]))
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+class ReplicaRotation:
+    """An agent's ``reopen``: a fresh control channel, its replicas in an order of its own.
+
+    Each agent shuffles the addresses once (so a fleet spreads over the replicas, and
+    the agents of a replica that dies spread over the rest), and every fresh channel
+    starts one further down its list: an agent that a replica sent away (it lost its
+    database) tries another replica next. Reshuffling on every
+    channel sent it back to the same replica half the time with two replicas, as
+    often as its growing backoff allowed (tests/test_postgres_e2e.py, 2026-12-06: one
+    agent of 12 still turned away after 90 s, twice). When a replica does not answer
+    at all, gRPC's pick_first moves down the list by itself."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._target = target
+        self._credentials = credentials
+        scheme, _, listed = target.partition(":")
+        several = target.startswith(("ipv4:", "ipv6:")) and "," in listed
+        self._scheme = scheme
+        self._addresses = listed.split(",") if several else []
+        self._named_as = self._addresses[0] if several else ""
+        (rng or random.Random()).shuffle(self._addresses)
+        self._next = 0
+
+    def __call__(self) -> grpc.aio.Channel:
+        if not self._addresses:
+            return open_channel(self._target, credentials=self._credentials)
+        first, self._next = self._next, (self._next + 1) % len(self._addresses)
+        order = self._addresses[first:] + self._addresses[:first]
+        return open_channel(
+            f"{self._scheme}:{','.join(order)}",
+            credentials=self._credentials,
+            in_order=True,
+            named_as=self._named_as,
+        )
 
 
 def nack(epoch: int, reason: str) -> pb.AgentMessage:
@@ -153,7 +201,7 @@ class Agent:
     ``reopen`` opens a fresh channel of the agent's own. Given, the agent reopens its
     channel after every stream that ended: a replica that is up but cannot serve (it
     lost its database) keeps the TCP connection, which pick_first would reuse forever;
-    a fresh channel shuffles the addresses again and moves the agent on.
+    a fresh channel (``ReplicaRotation``) starts at another replica and moves the agent on.
 
     ``clock`` counts sleep (``agent_stub.clock``); given ``NoSleepClock`` instead, the
     agent never holds a lease and refuses ALLOWED with that reason. ``applied_store``

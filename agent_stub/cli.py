@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import sys
@@ -24,7 +23,13 @@ from typing import NoReturn
 
 import structlog
 
-from agent_stub.agent import Agent, ServerAddressError, open_channel, server_target
+from agent_stub.agent import (
+    Agent,
+    ReplicaRotation,
+    ServerAddressError,
+    open_channel,
+    server_target,
+)
 from agent_stub.applied import AppliedStore
 from agent_stub.batches import SequenceStore, UploadSequence
 from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock
@@ -124,7 +129,7 @@ async def run_one(args: argparse.Namespace) -> None:
         )
         credentials = identity.credentials()
         metadata = ()
-    reopen = functools.partial(open_channel, target, credentials=credentials)
+    reopen = ReplicaRotation(target, credentials=credentials)
     channel = reopen()
     # The gateway trusts the same CA: the agent's own certificate says who uploads.
     ingest = None if args.ingest is None else open_channel(args.ingest, credentials=credentials)

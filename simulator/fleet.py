@@ -10,7 +10,6 @@ every agent captured can be written to a JSON file for the drills to check.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import Reopen, open_channel
+from agent_stub.agent import Reopen, ReplicaRotation, open_channel
 from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
 from agent_stub.config import Tuning
 from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
@@ -215,7 +214,7 @@ class Fleet:
             transports: list[Transport] = []
             for cfg in self.configs:
                 credentials = self.identities[cfg.agent_id].credentials()
-                reopen = functools.partial(open_channel, self.target, credentials=credentials)
+                reopen = ReplicaRotation(self.target, credentials=credentials)
                 uploads = None if ingest is None else open_channel(ingest, credentials=credentials)
                 transports.append((cfg, reopen(), (), reopen, uploads))
             self._channels = [channel for _, channel, _, _, _ in transports]

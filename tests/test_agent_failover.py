@@ -6,11 +6,13 @@ given all three addresses, and `kill -9` of one server.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
-from agent_stub.agent import ServerAddressError, server_target
+from agent_stub import agent as agent_module
+from agent_stub.agent import ReplicaRotation, ServerAddressError, server_target
 from tests.conftest import Cli, ServerProcess, Simulate, StartServer, replica_of, wait_for
 
 AGENTS = 60
@@ -87,3 +89,25 @@ def test_server_lists_become_one_grpc_target(servers: str, target: str) -> None:
 def test_bad_server_lists_are_refused(servers: str, problem: str) -> None:
     with pytest.raises(ServerAddressError, match=problem):
         server_target(servers)
+
+
+def test_each_fresh_channel_starts_at_the_next_replica_and_tls_checks_one_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent a replica sent away must try another one next, not reshuffle and land on
+    the same one again; every channel still checks the first address's name (the one in
+    the replicas' certificate)."""
+    opened: list[tuple[str, bool, str]] = []
+
+    def recording(target: str, *, in_order: bool = False, named_as: str = "", **_: object) -> str:
+        opened.append((target, in_order, named_as))
+        return target
+
+    monkeypatch.setattr(agent_module, "open_channel", recording)
+    replicas = ["10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"]
+    rotation = ReplicaRotation("ipv4:" + ",".join(replicas), rng=random.Random(4))
+    orders = [str(rotation()).partition(":")[2].split(",") for _ in range(4)]
+    assert len({order[0] for order in orders[:3]}) == 3 and orders[3] == orders[0]
+    assert all(sorted(order) == replicas for order in orders)
+    assert {(in_order, named_as) for _, in_order, named_as in opened} == {(True, replicas[0])}
+    assert str(ReplicaRotation("replicas.example:443")()) == "replicas.example:443"
