@@ -21,7 +21,6 @@ from typing import Any, NoReturn
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.addresses import require_loopback, split_host_port
@@ -45,7 +44,6 @@ from control.rpc.authz import (
     GATEWAY_POLICY,
     Authenticator,
     AuthorizationInterceptor,
-    Undecodable,
     current_principal,
 )
 from control.rpc.convert import seconds, timestamp
@@ -90,15 +88,12 @@ class IngestGatewayService:
         self._clock = clock
 
     async def UploadBatch(  # noqa: N802
-        self, raw: bytes, context: Context
+        self, upload: tuple[bytes, pb.UploadBatchRequest], context: Context
     ) -> pb.UploadBatchResponse:
-        """``raw``: the request's bytes as they arrived (see ``add_upload_service``)."""
+        """``upload``: the request's bytes as they arrived, and parsed (``with_bytes``)."""
         in_hand = time.perf_counter()
         caller = current_principal()
-        try:
-            request = pb.UploadBatchRequest.FromString(raw)
-        except DecodeError as exc:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, Undecodable(exc).error)
+        record, request = upload  # the record: what the sink stores, as the agent sent it
         agent_id = request.agent_id
         if agent_id != caller.name:
             await self._abort(
@@ -107,7 +102,6 @@ class IngestGatewayService:
                 f"agent {caller.name} cannot upload as {agent_id[:100]!r}",
             )
         received_at = self._clock()
-        record = raw  # what the sink stores: the batch exactly as the agent sent it
         try:
             check_agent_id(agent_id)
             count, first, last = measure(request)
@@ -261,19 +255,25 @@ class _LoggedRefusals:
         log.warning("upload_denied", caller=who, source=source, action=action, reason=why)
 
 
+def with_bytes(raw: bytes) -> tuple[bytes, pb.UploadBatchRequest]:
+    """The upload's deserializer: its bytes, kept, and the request they parse as."""
+    return raw, pb.UploadBatchRequest.FromString(raw)
+
+
 def add_upload_service(
     server: grpc.aio.Server, service: IngestGatewayService, interceptor: AuthorizationInterceptor
 ) -> None:
-    """``UploadBatch`` behind the authorization wrapper, taking the request's bytes: the
-    sink keeps exactly those, so a batch is parsed once (by the handler, which answers
-    INVALID_ARGUMENT for bytes that do not parse) and never serialized again."""
+    """``UploadBatch`` behind the authorization wrapper, given the request's bytes with
+    the parsed request: the sink keeps exactly those bytes, so a batch is parsed once
+    and never serialized again. Bytes that do not parse are refused by the wrapper, as
+    for every other RPC (INVALID_ARGUMENT, and logged as a denial)."""
     add_wrapped(
         server,
         UPLOAD_SERVICE,
         {
             "UploadBatch": grpc.unary_unary_rpc_method_handler(
                 service.UploadBatch,
-                request_deserializer=None,
+                request_deserializer=with_bytes,
                 response_serializer=pb.UploadBatchResponse.SerializeToString,
             )
         },
