@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
@@ -409,20 +411,55 @@ def test_concurrent_checks_share_one_call_and_no_answer_refuses_them_all() -> No
     asyncio.run(scenario())
 
 
-def test_a_batch_is_measured_by_its_time_column_and_needs_one_time_per_event() -> None:
-    def batch(times: list[int], events: int) -> pb.UploadBatchRequest:
-        return pb.UploadBatchRequest(
-            events=[pb.CaptureEvent(payload=b"ab") for _ in range(events)],
-            captured_at_unix_nano=times,
-        )
-
-    assert measure(batch([100_500_000_000, 99_000_000_000, 101_250_000_000], 3)) == (
-        3,
-        99.0,
-        101.25,
+def _batch(times: list[int], events: int) -> pb.UploadBatchRequest:
+    return pb.UploadBatchRequest(
+        events=[pb.CaptureEvent(payload=b"ab") for _ in range(events)],
+        captured_at_unix_nano=times,
     )
-    assert measure(batch([], 0)) == (0, 0.0, 0.0)
+
+
+def _measured(raw: bytes) -> tuple[int, float, float]:
+    """``measure`` as the gateway calls it: the bytes, and what they parse as."""
+    return measure(raw, pb.UploadBatchRequest.FromString(raw))
+
+
+def test_a_batch_is_measured_by_its_time_column_and_needs_one_time_per_event() -> None:
+    def measured(times: list[int], events: int) -> tuple[int, float, float]:
+        return _measured(_batch(times, events).SerializeToString())
+
+    assert measured([100_500_000_000, 99_000_000_000, 101_250_000_000], 3) == (3, 99.0, 101.25)
+    assert measured([], 0) == (0, 0.0, 0.0)
     with pytest.raises(InvalidInput, match="2 capture times for 3 events: one per event"):
-        measure(batch([1, 2], 3))
+        measured([1, 2], 3)
     with pytest.raises(InvalidInput, match="4 capture times for 3 events"):
-        measure(batch([1, 2, 3, 4], 3))
+        measured([1, 2, 3, 4], 3)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=1, max_size=600))
+def test_the_column_read_finds_the_same_first_and_last_time_as_python(times: list[int]) -> None:
+    """Every u64, up to the top bit (numpy's unsigned words, not signed ones)."""
+    raw = _batch(times, len(times)).SerializeToString()
+    assert _measured(raw) == (len(times), min(times) / 1e9, max(times) / 1e9)
+
+
+def test_times_split_into_runs_or_unpacked_are_refused_so_none_goes_unchecked() -> None:
+    """A modified agent hides a late time in an earlier run of field 5: the column read
+    sees only the last run, so the batch is refused rather than measured on part of it."""
+    late, early = 2_000_000_000_000_000_000, 1_000_000_000_000_000_000
+    split = (
+        _batch([late], 3).SerializeToString()
+        + pb.UploadBatchRequest(captured_at_unix_nano=[early, early]).SerializeToString()
+    )
+    assert list(pb.UploadBatchRequest.FromString(split).captured_at_unix_nano) == [
+        late,
+        early,
+        early,
+    ]
+    with pytest.raises(InvalidInput, match="one packed column"):
+        _measured(split)
+    # Field 5 with wire type 1 (one fixed64 each, unpacked): legal, and refused alike.
+    unpacked_late = bytes([5 << 3 | 1]) + late.to_bytes(8, "little")
+    mixed = _batch([early, early], 3).SerializeToString() + unpacked_late
+    assert len(pb.UploadBatchRequest.FromString(mixed).captured_at_unix_nano) == 3
+    with pytest.raises(InvalidInput, match="one packed column"):
+        _measured(mixed)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+import numpy
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
@@ -104,7 +105,7 @@ class IngestGatewayService:
         received_at = self._clock()
         try:
             check_agent_id(agent_id)
-            count, first, last = measure(request)
+            count, first, last = measure(record, request)
             shape = BatchShape(
                 agent_id,
                 request.sequence,
@@ -215,19 +216,27 @@ class IngestGatewayService:
             log.error("violation_report_failed", agent_id=check.agent_id, reason=why)
 
 
-def measure(request: pb.UploadBatchRequest) -> tuple[int, float, float]:
+def measure(record: bytes, request: pb.UploadBatchRequest) -> tuple[int, float, float]:
     """A batch's event count and first and last capture time (s; 0 when empty).
 
-    The capture times are one packed column, copied out in one C call (``[:]``) before
-    ``min`` and ``max`` walk a plain list: walking the repeated field itself costs about
-    four times as much (66 against 18 us for a fleet agent's 390 events).
+    ``record``: the bytes ``request`` was parsed from. The capture times are read as the
+    packed column's raw words (``UploadBatchTimeColumn``), min and max taken by numpy in
+    one pass: 5 us for a fleet agent's 390 events, against 22 us for a Python int per
+    time and ``min``/``max`` over them. That reading holds only the last packed run of
+    field 5; a request that split its times into several runs, or sent some unpacked
+    (both legal protobuf, which ``request`` counts whole), has fewer words there than
+    times, and is refused: the dates checked are always every date the sink stores.
     """
-    count, times = len(request.events), request.captured_at_unix_nano[:]
-    if len(times) != count:
-        raise InvalidInput(f"{len(times)} capture times for {count} events: one per event")
+    count, times = len(request.events), len(request.captured_at_unix_nano)
+    if times != count:
+        raise InvalidInput(f"{times} capture times for {count} events: one per event")
     if not count:
         return 0, 0.0, 0.0
-    return count, min(times) / 1e9, max(times) / 1e9
+    column = pb.UploadBatchTimeColumn.FromString(record).captured_at_unix_nano
+    if len(column) != 8 * count:
+        raise InvalidInput("capture times must come as one packed column (one run of field 5)")
+    words = numpy.frombuffer(column, "<u8")
+    return count, float(words.min()) / 1e9, float(words.max()) / 1e9
 
 
 def _report_landed(control: ControlClient, batch: Batch) -> None:

@@ -2538,6 +2538,33 @@ class UploadBatchRequest(_message.Message):
 Global___UploadBatchRequest: _TypeAlias = UploadBatchRequest  # noqa: Y015
 
 @_typing.final
+class UploadBatchTimeColumn(_message.Message):
+    """How the gateway reads an `UploadBatchRequest`'s capture times: the same bytes, parsed
+    with field 5 as the raw little-endian words of its packed encoding (a packed repeated
+    fixed64 and a bytes field share one wire format). The gateway takes the batch's first
+    and last capture time from those bytes in one array pass instead of making a Python
+    int of every event's time (about 16 us of its one thread per batch). Every other
+    field of the request is unknown here, and skipped. Never sent by anyone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    captured_at_unix_nano: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        captured_at_unix_nano: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at_unix_nano", b"captured_at_unix_nano"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBatchTimeColumn: _TypeAlias = UploadBatchTimeColumn  # noqa: Y015
+
+@_typing.final
 class UploadBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
