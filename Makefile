@@ -44,8 +44,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n $(TEST_WORKERS) $(TEST_DISTRIBUTION) -m "not serial"
-	$(BIN)/pytest -m serial
+	$(BIN)/pytest -n $(TEST_WORKERS) $(TEST_DISTRIBUTION)
 
 ## protos: regenerate the committed Python code from protos/*.proto
 protos: $(VENV)/.installed-dev

@@ -1,5 +1,6 @@
 """The fault suite's fixtures."""
 
 from tests.faults.harness import fleet_of
+from tests.faults.private_postgres import private_postgresql
 
-__all__ = ["fleet_of"]
+__all__ = ["fleet_of", "private_postgresql"]

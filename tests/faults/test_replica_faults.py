@@ -8,15 +8,13 @@ its row of the fault table.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import connected_streams, missing_tool, wait_for
+from tests.conftest import connected_streams, wait_for
 from tests.faults.harness import LEASE_TTL, Fleet, check_history, db_holds
+from tests.faults.private_postgres import PrivatePostgres
 from tests.faults.relay import TcpProxy
 
 AGENTS = 20
@@ -81,25 +79,16 @@ def test_a_failover_after_a_pause_neither_rolls_back_nor_strands_an_honest_agent
         relay.cut()
 
 
-def restart_postgresql() -> None:
-    if os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None:
-        missing_tool("restarting PostgreSQL needs root and pg_ctlcluster")
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
-@pytest.mark.serial  # every other test on PostgreSQL would lose its connections
-def test_postgresql_restarted_mid_pause(fleet_of: Callable[..., Fleet], pg_dsn: str) -> None:
+def test_postgresql_restarted_mid_pause(
+    fleet_of: Callable[..., Fleet], private_postgresql: PrivatePostgres
+) -> None:
     """The database restarts right after the pause commits: every connection of every
-    replica dies at once. The pause holds, and the fleet converges once it is back."""
+    replica dies at once. The pause holds, and the fleet converges once it is back.
+    (A cluster of the test's own: restarting the shared one cut every other test's.)"""
+    pg_dsn = private_postgresql.dsn
     fleet = fleet_of(AGENTS, dsns=[pg_dsn, pg_dsn])
     fleet.pause(fleet.replicas[0], "--all", "--reason", "leak", "--ticket", "INC-13")
-    restart_postgresql()
+    private_postgresql.restart()
     wait_for(lambda: fleet.all_in(AGENTS, *STOPPED), 120, "every agent verified after")
     verdict = fleet.verdict("PostgreSQL restarted mid-pause")
     verdict.assert_holds()
