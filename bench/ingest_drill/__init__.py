@@ -16,7 +16,7 @@ simulator's agents):
    the fleet by default) that only the round uploads as (the probe simulator holds
    their leases), sent as fast as the harness can; the time until the last is
    answered, after an untimed warm-up round that makes their files; ``--rounds``
-   timed rounds (3 by default), the median standing for the side (one round's figure
+   timed rounds (5 by default), the median standing for the side (one round's figure
    moved by 1.40-1.71x from run to run on 2026-12-05). The round is a
    throughput measure, so it runs where the load generator does not starve what it
    measures: until 22:50 UTC on 2026-12-04 it ran beside the 10,000-agent fleet, whose
