@@ -10,9 +10,10 @@ from typing import Any
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.cli.options import add_command, add_group, positive_int, positive_seconds
-from control.cli.output import iso, print_json, print_table
+from control.cli.output import print_json, print_table
 from control.client import OperatorClient
 from control.domain import parse_label_pairs
+from control.wire import iso
 
 
 def cmd_enroll_token_create(args: argparse.Namespace, client: OperatorClient) -> int:

@@ -9,21 +9,13 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.labels import label_mismatch, mismatch_json
-
-
-def iso(ts: Timestamp) -> str | None:
-    if not ts.seconds and not ts.nanos:
-        return None
-    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).isoformat(
-        timespec="milliseconds"
-    )
+from control.wire import iso
 
 
 def ago(ts: Timestamp) -> str:

@@ -22,9 +22,10 @@ from control.cli.options import (
     add_wait_options,
     positive_seconds,
 )
-from control.cli.output import agent_rows, iso, print_json, print_table, scope_text
+from control.cli.output import agent_rows, print_json, print_table, scope_text
 from control.client import OperatorClient
 from control.domain import parse_selector, validate_agent_id, validate_reason
+from control.wire import iso
 
 # Agents not yet settled that a timed-out ``--wait`` lists (``agents --hold`` shows all).
 UNSETTLED_SHOWN = 50

@@ -16,10 +16,12 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control.cli.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_TIMEOUT
 from control.cli.options import add_command, add_group, add_quiet_option, positive_seconds
-from control.cli.output import iso, print_json, print_table
+from control.cli.output import print_json, print_table
 from control.client import OperatorClient
 from control.domain import validate_reason
 from control.runbook_file import RunbookFileError, load_runbook
+from control.runbook_json import run_json
+from control.wire import iso
 
 POLL_SECONDS = 0.5
 # States in which a run waits on nothing but time and its gates.
@@ -42,46 +44,6 @@ def waves_text(count: int) -> str:
 def _source(path: str) -> pb.RunbookSource:
     _, text = load_runbook(Path(path))
     return pb.RunbookSource(file_name=path, text=text)
-
-
-def wave_json(wave: pb.WaveProgress) -> dict[str, Any]:
-    return {
-        "index": wave.index,
-        "name": wave.name,
-        "target": wave.target,
-        "state": wave.state,
-        "agents": wave.agents,
-        "capturing": wave.capturing,
-        "started_at": iso(wave.started_at),
-        "passed_at": iso(wave.passed_at),
-        "time_to_compliance_seconds": wave.time_to_compliance_seconds or None,
-        "soak_seconds": wave.soak_seconds,
-        "confirm": wave.confirm,
-        "gates": [
-            {"name": g.name, "passed": g.passed, "observed": g.observed, "limit": g.limit}
-            for g in wave.gates
-        ],
-    }
-
-
-def run_json(run: pb.RunbookRun) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "runbook": run.runbook,
-        "file_name": run.file_name,
-        "state": run.state,
-        "hold_id": run.hold_id,
-        "lifted_hold_id": run.lifted_hold_id,
-        "approval_id": run.approval_id,
-        "started_by": run.started_by,
-        "started_at": iso(run.started_at),
-        "ended_at": iso(run.ended_at),
-        "current_wave": run.current_wave,
-        "pause_time_to_compliance_seconds": run.pause_time_to_compliance_seconds or None,
-        "halt_reason": run.halt_reason,
-        "next_step": run.next_step,
-        "waves": [wave_json(w) for w in run.waves],
-    }
 
 
 def print_run(run: pb.RunbookRun) -> None:

@@ -32,7 +32,8 @@ from control.domain.labels import mismatch_json
 from control.domain.rollout import Run, Runbook
 from control.errors import InvalidInput, NotFound, shown
 from control.plane import SEVERITY, AgentFilter, AgentView, ControlPlane
-from control.runbooks import next_step
+from control.rpc.runbook_service import run_to_pb
+from control.runbook_json import run_json
 
 VIEWER_ROLES = frozenset({Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE})
 PER_PAGE_DEFAULT = 50
@@ -469,46 +470,7 @@ class RunSource(Protocol):
     def book(self, run_id: str) -> Runbook: ...
 
 
-def _elapsed(start: float | None, end: float | None) -> float | None:
-    return end - start if start is not None and end is not None else None
-
-
 def run_data(run: Run, book: Runbook) -> dict[str, Any]:
-    """One run, field for field as ``killswitch runbook status --json`` prints it."""
-    waves = [
-        {
-            "index": index,
-            "name": wave.name,
-            "target": wave.describe(),
-            "state": progress.state.value,
-            "agents": progress.agents,
-            "capturing": progress.capturing,
-            "started_at": iso(progress.started_at),
-            "passed_at": iso(progress.passed_at),
-            "time_to_compliance_seconds": _elapsed(progress.started_at, progress.converged_at),
-            "soak_seconds": wave.soak,
-            "confirm": wave.confirm,
-            "gates": [
-                {"name": g.name, "passed": g.passed, "observed": g.observed, "limit": g.limit}
-                for g in progress.gates
-            ],
-        }
-        for index, (wave, progress) in enumerate(zip(book.waves, run.waves, strict=True))
-    ]
-    return {
-        "id": run.id,
-        "runbook": run.runbook,
-        "file_name": run.file_name,
-        "state": run.state.value,
-        "hold_id": run.hold_id,
-        "lifted_hold_id": run.lifted_hold_id,
-        "approval_id": run.approval_id,
-        "started_by": run.started_by,
-        "started_at": iso(run.started_at),
-        "ended_at": iso(run.ended_at),
-        "current_wave": run.current_wave,
-        "pause_time_to_compliance_seconds": _elapsed(run.pause_started_at, run.pause_verified_at),
-        "halt_reason": run.halt_reason,
-        "next_step": next_step(run),
-        "waves": waves,
-    }
+    """One run, field for field as ``killswitch runbook status --json`` prints it: the
+    same function, over the same wire form."""
+    return run_json(run_to_pb(run, book))
