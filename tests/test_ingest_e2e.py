@@ -359,6 +359,20 @@ def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
             grpc.StatusCode.INVALID_ARGUMENT,
             "malformed request: the message does not parse",
         )
+        # A second gateway on the same directory would keep its own sequence numbers and
+        # append to the same files: it refuses to start, in one line.
+        argv = [str(BIN / "killswitch"), "ingest", "--insecure", "--data-dir"]
+        argv += [str(gateway.data_dir), "--listen", f"127.0.0.1:{free_port()}"]
+        second = subprocess.run(
+            [*argv, "--control", server.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode != 0
+        assert "is in use by another gateway" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
         assert gateway.records() == 0
     finally:
         gateway.stop()

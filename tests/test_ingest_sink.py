@@ -8,6 +8,7 @@ import asyncio
 import errno
 import hashlib
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from control.ingest.sink import (
     Batch,
     ManifestEntry,
     Sink,
+    claim_data_dir,
     manifest_line,
     read_manifest,
     verified_records,
@@ -271,3 +273,13 @@ def test_a_manifest_line_is_what_json_dumps_writes(
     entry = ManifestEntry(sequence, offset, length, digest, events, *times)
     fields = {name: getattr(entry, name) for name in sorted(ManifestEntry.__dataclass_fields__)}
     assert manifest_line(entry) == (json.dumps(fields) + "\n").encode()
+
+
+def test_one_gateway_per_data_directory_and_the_claim_ends_with_its_holder(
+    tmp_path: Path,
+) -> None:
+    first = claim_data_dir(tmp_path / "ingest")
+    with pytest.raises(KillswitchError, match="is in use by another gateway"):
+        claim_data_dir(tmp_path / "ingest")
+    os.close(first)  # what the kernel does when the holding process ends, however
+    os.close(claim_data_dir(tmp_path / "ingest"))

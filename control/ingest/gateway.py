@@ -13,6 +13,7 @@ then is the batch written and made durable (control/ingest/sink.py, group commit
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from control.ingest.checks import (
 )
 from control.ingest.control_client import ControlClient, ControlUnreachable
 from control.ingest.metrics import GatewayMetrics
-from control.ingest.sink import QUARANTINE_DIR, Batch, Sink, check_agent_id
+from control.ingest.sink import QUARANTINE_DIR, Batch, Sink, check_agent_id, claim_data_dir
 from control.lifecycle import wait_for_shutdown_signal
 from control.pki import load_identity, principal_from_pem
 from control.rpc.authz import (
@@ -311,6 +312,7 @@ async def serve_gateway(config: GatewayConfig) -> None:
         identity = load_identity(config.identity_dir)
     if not config.control:
         raise InvalidInput("--control HOST:PORT[,...] is needed")
+    data_dir_lock = claim_data_dir(config.data_dir)
     control = ControlClient(config.control, identity)
     metrics = GatewayMetrics()
     sink = Sink(
@@ -365,3 +367,4 @@ async def serve_gateway(config: GatewayConfig) -> None:
         await sink.close()
         await quarantine.close()
         await control.close()
+        os.close(data_dir_lock)

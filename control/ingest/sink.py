@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import hashlib
 import json
 import math
@@ -165,6 +166,30 @@ def _append(path: str, data: bytes) -> int:
         return offset
     finally:
         os.close(fd)
+
+
+# Beside the sink in the gateway's data directory: held by the gateway for its life.
+LOCK_FILE = "gateway.lock"
+
+
+def claim_data_dir(data_dir: Path) -> int:
+    """Hold ``DIR/gateway.lock`` (``flock``) for as long as the returned descriptor stays
+    open, or raise. Two gateways on one directory would each keep their own idea of every
+    agent's next sequence number and append to the same files: a replay accepted twice,
+    manifests pointing at the other's records. The kernel lets go when the process ends,
+    however it ends, so a crash never leaves a stale lock."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise KillswitchError(
+            f"{data_dir} is in use by another gateway (it holds {path}):"
+            " one gateway per data directory"
+        ) from None
+    return fd
 
 
 def check_agent_id(agent_id: str) -> None:
