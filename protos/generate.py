@@ -10,6 +10,7 @@ Usage: ``python protos/generate.py [OUT_DIR]`` (default: ``protos/``).
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,8 +45,14 @@ def generate(out_dir: Path) -> list[Path]:
         f"--mypy_grpc_out={out_dir}",
         *sources,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    # In a process of its own: protoc starts its plugins with fork(), which is unsafe in a
+    # process where gRPC threads run (a test worker that served or called gRPC before:
+    # the forked mypy plugin died of SIGSEGV in one CI run).
+    done = subprocess.run(
+        [sys.executable, "-m", *args], check=False, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"protoc failed: {done.stderr.strip()}")
     for source in sources:
         package_dir = out_dir / Path(source).parent
         for directory in [package_dir, *package_dir.relative_to(out_dir).parents]:
