@@ -29,8 +29,19 @@ def enrolment_port(control_port: int) -> int:
 def iso(ts: Timestamp) -> str | None:
     """ISO 8601 to the millisecond, or None for an unset timestamp: how the CLI's and the
     dashboard's JSON show a time that came over the wire."""
-    if not ts.seconds and not ts.nanos:
+    return _iso(ts.seconds, ts.nanos)
+
+
+def iso_of_seconds(seconds: float | None) -> str | None:
+    """A time the server holds (seconds, or None), shown as ``iso`` shows it once it has
+    travelled: through whole nanoseconds, so the dashboard and the CLI agree to the ms."""
+    if seconds is None:
         return None
-    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).isoformat(
-        timespec="milliseconds"
-    )
+    whole, nanos = divmod(int(seconds * 1e9), 1_000_000_000)
+    return _iso(whole, nanos)
+
+
+def _iso(whole: int, nanos: int) -> str | None:
+    if not whole and not nanos:
+        return None
+    return datetime.fromtimestamp(whole + nanos / 1e9, UTC).isoformat(timespec="milliseconds")

@@ -7,9 +7,12 @@ must agree on (``agent_stub/wire_rules.py``); this is what keeps the copy honest
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import agent_stub.wire_rules
 import control.wire
+from control.rpc.convert import timestamp
 
 
 def test_the_insecure_identity_header_is_the_same_on_both_sides() -> None:
@@ -19,3 +22,13 @@ def test_the_insecure_identity_header_is_the_same_on_both_sides() -> None:
 @pytest.mark.parametrize("port", [1, 50051, 65534])
 def test_agents_look_for_enrolment_where_the_server_listens(port: int) -> None:
     assert agent_stub.wire_rules.enrolment_port(port) == control.wire.enrolment_port(port)
+
+
+@given(st.one_of(st.none(), st.floats(min_value=-1e10, max_value=1e11, allow_nan=False)))
+def test_a_server_time_reads_in_json_as_it_does_once_it_has_travelled(
+    seconds: float | None,
+) -> None:
+    """The dashboard shows the plane's times; the CLI shows them off the wire: the same."""
+    travelled = timestamp(seconds)
+    expected = None if travelled is None else control.wire.iso(travelled)
+    assert control.wire.iso_of_seconds(seconds) == expected

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from control.domain import (
@@ -34,6 +33,7 @@ from control.errors import InvalidInput, NotFound, shown
 from control.plane import SEVERITY, AgentFilter, AgentView, ControlPlane
 from control.rpc.runbook_service import run_to_pb
 from control.runbook_json import run_json
+from control.wire import iso_of_seconds as iso
 
 VIEWER_ROLES = frozenset({Role.INCIDENT_COMMANDER, Role.APPROVER, Role.SRE})
 PER_PAGE_DEFAULT = 50
@@ -54,16 +54,6 @@ PROBLEM_STATES = frozenset(
 
 def is_employee(principal: Principal) -> bool:
     return principal.role is Role.EMPLOYEE
-
-
-def iso(seconds: float | None) -> str | None:
-    """As the CLI prints it: through a protobuf Timestamp (whole nanoseconds), to the ms."""
-    if seconds is None:
-        return None
-    whole, nanos = divmod(int(seconds * 1e9), 1_000_000_000)
-    if not whole and not nanos:
-        return None
-    return datetime.fromtimestamp(whole + nanos / 1e9, UTC).isoformat(timespec="milliseconds")
 
 
 # ------------------------------------------------------------------ rows
