@@ -135,6 +135,16 @@ class BurstResult:
     # Batches sent a second time under the number the gateway named (a fleet agent's
     # own upload took the number meanwhile).
     retried: int
+    # The box's CPU time left idle (idle and I/O wait, every core) while the round ran:
+    # near 0 when the round is bound by CPU, as a throughput figure should be; well above
+    # it when uploads sat waiting (on a commit, say) and more in flight would go faster.
+    idle_share: float
+
+
+def cpu_times() -> tuple[int, int]:
+    """(idle, total) clock ticks of every core since boot, from ``/proc/stat``."""
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
 
 
 async def burst(
@@ -186,9 +196,11 @@ async def burst(
                 return
             counts["accepted" if answer.accepted else "refused"] += 1
 
+    idle0, total0 = cpu_times()
     started = time.perf_counter()
     await asyncio.gather(*(send(i, a, r) for i, (a, r) in enumerate(requests)))
     elapsed = time.perf_counter() - started
+    idle1, total1 = cpu_times()
     await asyncio.gather(*(c.close(grace=None) for c in channels))
     return BurstResult(
         sent=len(requests),
@@ -197,6 +209,7 @@ async def burst(
         errors=counts["errors"],
         seconds=elapsed,
         retried=counts["retried"],
+        idle_share=(idle1 - idle0) / max(1, total1 - total0),
     )
 
 

@@ -93,6 +93,10 @@ def round_rows(t: Table) -> None:
         [" / ".join(f"{seconds:.2f}" for seconds in s.rounds) for s in columns],
     )
     t.row(
+        "... the box's CPU idle while the median round ran (idle and I/O wait), %",
+        [f"{100 * s.burst.idle_share:.0f}" for s in columns if s.burst],
+    )
+    t.row(
         "... batches per second in the median round",
         [f"{s.burst.accepted / s.burst.seconds:.0f}" for s in columns if s.burst],
     )
