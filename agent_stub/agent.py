@@ -451,6 +451,8 @@ class Agent:
         self._keep_renewing(stream)
         self._tell_capture_state()
         await stream.send(reply)
+        if reply.HasField("ack") and reply.ack.mode == pb.MODE_PAUSED:
+            stream.spawn(_report_after_pause(self, stream, reply.ack.epoch))
 
     def apply(self, directive: pb.Directive) -> pb.AgentMessage:
         """Act on a directive; returns the ack or nack to send.
@@ -586,3 +588,12 @@ class Agent:
             report=self._report(),
         )
         await stream.send(pb.AgentMessage(heartbeat=beat))
+
+
+async def _report_after_pause(agent: Agent, stream: Outbox, epoch: int) -> None:
+    """The capture report a few ticks after acking pause ``epoch``: frozen counters across
+    them verify the stop now, not a heartbeat later (which checks them again)."""
+    await asyncio.sleep(agent.config.tuning.proof_report_delay)
+    await agent.awake.wait()
+    if (agent.applied_epoch, agent.applied_mode) == (epoch, pb.MODE_PAUSED):
+        await agent._heartbeat(stream)

@@ -11,6 +11,11 @@ from agent_stub.batches import MAX_EVENTS_PER_BATCH
 # tests/test_settings.py holds the two equal.
 DEFAULT_LEASE_TTL_SECONDS = 60.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+# After acking a pause, the agent sends its capture report (a heartbeat) this long
+# later, or two and a half capture ticks if longer: past the server's proof window
+# (DEFAULT_PROOF_WINDOW_SECONDS, 2 s), so frozen counters verify the stop in seconds
+# rather than at the next heartbeat.
+PROOF_REPORT_DELAY_SECONDS = 2.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +29,11 @@ class Tuning:
     capture_tick: float = 1.0
     upload_every: float = 30.0
     batch_events: int = MAX_EVENTS_PER_BATCH
+
+    @property
+    def proof_report_delay(self) -> float:
+        """How long after a pause ack the agent sends its capture report."""
+        return max(PROOF_REPORT_DELAY_SECONDS, 2.5 * self.capture_tick)
 
 
 # What this agent reports as its version in Hello.

@@ -137,6 +137,30 @@ def test_heartbeats_carry_channels_and_counters_also_while_paused() -> None:
     run_agent(scenario)
 
 
+def test_a_pause_ack_is_followed_by_one_capture_report_a_few_ticks_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proof report comes after PROOF_REPORT_DELAY_SECONDS (here 0.05 s), not at the
+    next heartbeat (here an hour away), and only while that pause is still applied."""
+    monkeypatch.setattr("agent_stub.config.PROOF_REPORT_DELAY_SECONDS", 0.05)
+
+    async def scenario(agent: SimulatedAgent, outbox: Outbox, clock: FakeClock) -> None:
+        await capture_under_lease(agent, outbox)
+        await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
+        assert not outbox.bodies("heartbeat")
+        await asyncio.sleep(0.2)
+        (proof,) = outbox.bodies("heartbeat")
+        assert proof.applied_epoch == 4 and channels(proof) == STOPPED
+        assert proof.report.events_captured_total == PER_TICK
+        # Resumed before its report was due: no proof of a pause no longer applied.
+        await agent.handle(directive(pb.MODE_PAUSED, 5), outbox)
+        await agent.handle(directive(pb.MODE_ALLOWED, 6), outbox)
+        await asyncio.sleep(0.2)
+        assert len(outbox.bodies("heartbeat")) == 1
+
+    run_agent(scenario, tuning=Tuning(capture_tick=0.01))
+
+
 # ---------------------------------------------------------------- faults
 
 

@@ -132,7 +132,7 @@ def beat(
     status: AgentStatus, desired: Desired, at: float, events: int = 40, **channels: bool
 ) -> None:
     status.record_heartbeat(
-        {**STOPPED, **channels}, report(events), at, desired=desired, heartbeat_interval=10.0
+        {**STOPPED, **channels}, report(events), at, desired=desired, proof_window=10.0
     )
 
 
@@ -168,6 +168,34 @@ def test_stop_is_reported_then_verified_by_a_frozen_heartbeat_an_interval_later(
     assert state(paused(epoch=6), status, now=116.0) is ComplianceState.PENDING
 
 
+def test_a_frozen_report_one_proof_window_after_the_ack_verifies_and_checking_goes_on() -> None:
+    """Verification in seconds: the default window is a few capture ticks, not a
+    heartbeat interval. A report inside it proves nothing; one at its end verifies; a
+    later report whose counters rose is a violation all the same."""
+    window = CompliancePolicy().proof_window
+    assert window < CompliancePolicy().heartbeat_interval
+    desired, status = paused(), connected()
+    ack_pause(status, desired, at=105.0)
+
+    def report_at(at: float, events: int = 40) -> None:
+        status.record_heartbeat(STOPPED, report(events), at, desired=desired, proof_window=window)
+
+    report_at(105.0 + window - 0.1)
+    assert state(desired, status, now=109.0) is ComplianceState.STOP_REPORTED
+    report_at(105.0 + window)
+    assert state(desired, status, now=109.0) is ComplianceState.VERIFIED_STOPPED
+    report_at(125.0, events=41)
+    assert state(desired, status, now=126.0) is ComplianceState.VIOLATION
+
+
+def test_a_server_that_asks_for_faster_beats_verifies_no_later_than_one_of_them() -> None:
+    """The proof window never slows verification down: with beats every second, one beat
+    interval after the ack is proof enough, as it was before the window existed."""
+    assert CompliancePolicy(heartbeat_interval=1.0).verify_after == 1.0
+    default = CompliancePolicy()
+    assert default.verify_after == default.proof_window < default.heartbeat_interval
+
+
 def test_evidence_after_a_stop_ack_is_a_sticky_violation() -> None:
     for events, screen in [(41, False), (40, True)]:
         desired, status = paused(), connected()
@@ -185,9 +213,7 @@ def test_evidence_after_a_stop_ack_is_a_sticky_violation() -> None:
 def test_spool_growth_and_allowed_ack_while_paused_are_violations() -> None:
     desired, status = paused(), connected()
     ack_pause(status, desired)
-    status.record_heartbeat(
-        STOPPED, report(40, spool=3), 116.0, desired=desired, heartbeat_interval=10.0
-    )
+    status.record_heartbeat(STOPPED, report(40, spool=3), 116.0, desired=desired, proof_window=10.0)
     assert "spool grew" in verdict(desired, status)[1]
 
     liar = connected()

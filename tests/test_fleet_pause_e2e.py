@@ -177,8 +177,9 @@ def test_faulty_agents_are_failed_and_overdue_and_wait_times_out_listing_them(
     server = start_server("--ack-deadline", "1")
     cli = Cli(server)
     simulate(server, 30, "--fault", "stubborn=0.07,ignore=0.04", "--fault-after", "0.5")
+    # A precondition: over 30 s once on a box running 6 workers and another pytest.
     wait_for(
-        lambda: cli.json("status")["agents"]["by_state"].get("CAPTURING") == 30, 30, "30 agents"
+        lambda: cli.json("status")["agents"]["by_state"].get("CAPTURING") == 30, 90, "30 agents"
     )
     time.sleep(1)  # past --fault-after: the faults have struck
 

@@ -24,6 +24,10 @@ from simulator.cli import add_simulate_command
 def test_the_agent_assumes_the_servers_default_timings_until_told() -> None:
     assert agent_stub.config.DEFAULT_LEASE_TTL_SECONDS == server_timings.DEFAULT_LEASE_TTL_SECONDS
     assert agent_stub.config.DEFAULT_HEARTBEAT_SECONDS == server_timings.DEFAULT_HEARTBEAT_SECONDS
+    # The agent's proof report must land past the server's proof window, or it proves nothing.
+    assert (
+        agent_stub.config.PROOF_REPORT_DELAY_SECONDS > server_timings.DEFAULT_PROOF_WINDOW_SECONDS
+    )
 
 
 def test_the_domain_policies_default_to_the_same_timings_as_the_server() -> None:

@@ -15,7 +15,11 @@ from enum import StrEnum
 
 from control.domain.desired import Desired, Mode
 from control.domain.readiness import UNSAID, HelloFacts
-from control.domain.timings import DEFAULT_ACK_DEADLINE_SECONDS, DEFAULT_HEARTBEAT_SECONDS
+from control.domain.timings import (
+    DEFAULT_ACK_DEADLINE_SECONDS,
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_PROOF_WINDOW_SECONDS,
+)
 
 # Agent and server wall clocks disagree a little; an upload dated this much after
 # the stop is still given the benefit of the doubt.
@@ -71,6 +75,13 @@ class Compliance:
 class CompliancePolicy:
     ack_deadline: float = DEFAULT_ACK_DEADLINE_SECONDS
     heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS
+    proof_window: float = DEFAULT_PROOF_WINDOW_SECONDS
+
+    @property
+    def verify_after(self) -> float:
+        """How long after its ack a frozen report proves a stop: the proof window, or one
+        heartbeat interval where the server asks for beats more often than that."""
+        return min(self.proof_window, self.heartbeat_interval)
 
     @property
     def silence_timeout(self) -> float:
@@ -244,7 +255,7 @@ class AgentStatus:
         at: float,
         *,
         desired: Desired,
-        heartbeat_interval: float,
+        proof_window: float,
     ) -> bool:
         """Record liveness and figures; return whether anything worth storing at once changed.
 
@@ -257,7 +268,7 @@ class AgentStatus:
         if self.claims_stopped(desired):
             was = (self.verified_at, self.violation)
             self._check_stopped(desired, at)
-            if self.acked_at is not None and at - self.acked_at >= heartbeat_interval:
+            if self.acked_at is not None and at - self.acked_at >= proof_window:
                 self._verify(at)
             changed = changed or was != (self.verified_at, self.violation)
         return changed
@@ -444,8 +455,8 @@ def evaluate(
             )
         return Compliance(
             ComplianceState.STOP_REPORTED,
-            f"acked epoch {status.acked_epoch}, every channel stopped; awaiting a later"
-            f" heartbeat to verify{purge}",
+            f"acked epoch {status.acked_epoch}, every channel stopped; awaiting its capture"
+            f" report to verify{purge}",
             status.acked_at,
         )
     if in_sync:

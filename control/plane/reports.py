@@ -139,7 +139,7 @@ class AgentReports(AgentStatePart):
                 report,
                 now,
                 desired=entry.desired,
-                heartbeat_interval=self._policy.heartbeat_interval,
+                proof_window=self._policy.verify_after,
             )
         if (
             changed
