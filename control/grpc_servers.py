@@ -90,20 +90,20 @@ class GrpcServers:
         """``given``: the address as configured, for the error when it is taken."""
         authority = self._authority
         if authority is None:
-            self.port = _bind(lambda: self.main.add_insecure_port(address), given)
+            self.port = bind_port(lambda: self.main.add_insecure_port(address), given)
             return
         credentials = grpc.ssl_server_credentials(
             [(authority.server_key_pem, authority.server_cert_pem)],
             root_certificates=authority.ca_pem,
             require_client_auth=True,
         )
-        self.port = _bind(lambda: self.main.add_secure_port(address, credentials), address)
+        self.port = bind_port(lambda: self.main.add_secure_port(address, credentials), address)
         server_only = grpc.ssl_server_credentials(
             [(authority.server_key_pem, authority.server_cert_pem)]
         )
         enrol = self.enrol
         assert enrol is not None
-        self.enrol_port = _bind(
+        self.enrol_port = bind_port(
             lambda: enrol.add_secure_port(enroll_address, server_only), enroll_address
         )
 
@@ -125,7 +125,9 @@ class GrpcServers:
         return [self.main] if self.enrol is None else [self.main, self.enrol]
 
 
-def _bind(add_port: Any, address: str) -> int:
+def bind_port(add_port: Any, address: str) -> int:
+    """The port ``add_port()`` bound, or one clear line: gRPC either answers 0 or raises
+    ``RuntimeError`` when the address is taken, depending on the call."""
     try:
         bound = int(add_port())
     except RuntimeError:

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from control.errors import InvalidInput, KillswitchError
 from control.ingest import sink as sink_module
+from control.ingest.gateway import GatewayConfig, serve_gateway
 from control.ingest.sink import (
     Batch,
     ManifestEntry,
@@ -283,3 +285,16 @@ def test_one_gateway_per_data_directory_and_the_claim_ends_with_its_holder(
         claim_data_dir(tmp_path / "ingest")
     os.close(first)  # what the kernel does when the holding process ends, however
     os.close(claim_data_dir(tmp_path / "ingest"))
+
+
+def test_a_gateway_that_fails_to_start_lets_go_of_its_data_directory(tmp_path: Path) -> None:
+    """Its port is taken: the gateway stops with one line, and the directory is free for
+    the next one started in the same process (the claim ends on every exit)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = GatewayConfig(tmp_path, f"127.0.0.1:{port}", ["127.0.0.1:1"], None, insecure=True)
+        with pytest.raises(KillswitchError, match="cannot listen"):
+            asyncio.run(serve_gateway(config))
+    os.close(claim_data_dir(tmp_path))

@@ -27,8 +27,8 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control.addresses import require_loopback, split_host_port
 from control.domain.identity import Principal
-from control.errors import InvalidInput, KillswitchError, one_line
-from control.grpc_servers import STOP_GRACE_SECONDS
+from control.errors import InvalidInput, one_line
+from control.grpc_servers import STOP_GRACE_SECONDS, bind_port
 from control.ingest.checks import (
     MAX_BATCH_BYTES,
     BatchShape,
@@ -41,7 +41,7 @@ from control.ingest.control_client import ControlClient, ControlUnreachable
 from control.ingest.metrics import GatewayMetrics
 from control.ingest.sink import QUARANTINE_DIR, Batch, Sink, check_agent_id, claim_data_dir
 from control.lifecycle import wait_for_shutdown_signal
-from control.pki import load_identity, principal_from_pem
+from control.pki import Identity, load_identity, principal_from_pem
 from control.rpc.authz import (
     GATEWAY_POLICY,
     Authenticator,
@@ -313,6 +313,16 @@ async def serve_gateway(config: GatewayConfig) -> None:
     if not config.control:
         raise InvalidInput("--control HOST:PORT[,...] is needed")
     data_dir_lock = claim_data_dir(config.data_dir)
+    try:
+        await _serve_claimed(config, host, port, identity)
+    finally:  # however it ends: a failed start too (a port in use), not only a stop
+        os.close(data_dir_lock)
+
+
+async def _serve_claimed(
+    config: GatewayConfig, host: str, port: int, identity: Identity | None
+) -> None:
+    """The gateway, once its data directory is its own."""
     control = ControlClient(config.control, identity)
     metrics = GatewayMetrics()
     sink = Sink(
@@ -337,16 +347,14 @@ async def serve_gateway(config: GatewayConfig) -> None:
     )
     address = f"{host}:{port}"
     if identity is None:
-        bound = server.add_insecure_port(address)
+        bound = bind_port(lambda: server.add_insecure_port(address), address)
     else:
         credentials = grpc.ssl_server_credentials(
             [(identity.key_pem, identity.cert_pem)],
             root_certificates=identity.ca_pem,
             require_client_auth=True,
         )
-        bound = server.add_secure_port(address, credentials)
-    if not bound:
-        raise KillswitchError(f"cannot listen on {address} (address in use?)")
+        bound = bind_port(lambda: server.add_secure_port(address, credentials), address)
     metrics_port = metrics.serve(config.metrics) if config.metrics else None
     control.start()
     sink.start()
@@ -367,4 +375,3 @@ async def serve_gateway(config: GatewayConfig) -> None:
         await sink.close()
         await quarantine.close()
         await control.close()
-        os.close(data_dir_lock)
