@@ -434,7 +434,7 @@ class Agent:
             self._heartbeats = stream.spawn(
                 every(
                     lambda: self._heartbeat_interval,
-                    functools.partial(self._heartbeat, stream),
+                    functools.partial(self.send_heartbeat, stream),
                     # Spreads a fleet's heartbeats evenly over the interval.
                     first_delay=self._rng.uniform(0, self._heartbeat_interval),
                     awake=self.awake,
@@ -581,7 +581,7 @@ class Agent:
         if self.notices is not None:
             self.notices.observe(self.directive, self.lease)
 
-    async def _heartbeat(self, stream: Outbox) -> None:
+    async def send_heartbeat(self, stream: Outbox) -> None:
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
             channels=self._channels(),
@@ -596,4 +596,4 @@ async def _report_after_pause(agent: Agent, stream: Outbox, epoch: int) -> None:
     await asyncio.sleep(agent.config.tuning.proof_report_delay)
     await agent.awake.wait()
     if (agent.applied_epoch, agent.applied_mode) == (epoch, pb.MODE_PAUSED):
-        await agent._heartbeat(stream)
+        await agent.send_heartbeat(stream)

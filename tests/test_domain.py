@@ -132,7 +132,7 @@ def beat(
     status: AgentStatus, desired: Desired, at: float, events: int = 40, **channels: bool
 ) -> None:
     status.record_heartbeat(
-        {**STOPPED, **channels}, report(events), at, desired=desired, proof_window=10.0
+        {**STOPPED, **channels}, report(events), at, desired=desired, verify_after=10.0
     )
 
 
@@ -172,13 +172,13 @@ def test_a_frozen_report_one_proof_window_after_the_ack_verifies_and_checking_go
     """Verification in seconds: the default window is a few capture ticks, not a
     heartbeat interval. A report inside it proves nothing; one at its end verifies; a
     later report whose counters rose is a violation all the same."""
-    window = CompliancePolicy().proof_window
+    window = CompliancePolicy().verify_after
     assert window < CompliancePolicy().heartbeat_interval
     desired, status = paused(), connected()
     ack_pause(status, desired, at=105.0)
 
     def report_at(at: float, events: int = 40) -> None:
-        status.record_heartbeat(STOPPED, report(events), at, desired=desired, proof_window=window)
+        status.record_heartbeat(STOPPED, report(events), at, desired=desired, verify_after=window)
 
     report_at(105.0 + window - 0.1)
     assert state(desired, status, now=109.0) is ComplianceState.STOP_REPORTED
@@ -213,7 +213,7 @@ def test_evidence_after_a_stop_ack_is_a_sticky_violation() -> None:
 def test_spool_growth_and_allowed_ack_while_paused_are_violations() -> None:
     desired, status = paused(), connected()
     ack_pause(status, desired)
-    status.record_heartbeat(STOPPED, report(40, spool=3), 116.0, desired=desired, proof_window=10.0)
+    status.record_heartbeat(STOPPED, report(40, spool=3), 116.0, desired=desired, verify_after=10.0)
     assert "spool grew" in verdict(desired, status)[1]
 
     liar = connected()

@@ -255,7 +255,7 @@ class AgentStatus:
         at: float,
         *,
         desired: Desired,
-        proof_window: float,
+        verify_after: float,
     ) -> bool:
         """Record liveness and figures; return whether anything worth storing at once changed.
 
@@ -268,7 +268,7 @@ class AgentStatus:
         if self.claims_stopped(desired):
             was = (self.verified_at, self.violation)
             self._check_stopped(desired, at)
-            if self.acked_at is not None and at - self.acked_at >= proof_window:
+            if self.acked_at is not None and at - self.acked_at >= verify_after:
                 self._verify(at)
             changed = changed or was != (self.verified_at, self.violation)
         return changed

@@ -139,7 +139,7 @@ class AgentReports(AgentStatePart):
                 report,
                 now,
                 desired=entry.desired,
-                proof_window=self._policy.verify_after,
+                verify_after=self._policy.verify_after,
             )
         if (
             changed
