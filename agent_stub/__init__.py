@@ -9,9 +9,13 @@ the first lease grant. It knows nothing of faults: the fleet simulator
 
 from agent_stub.agent import Agent
 from agent_stub.backoff import Backoff
-from agent_stub.capture import CHANNELS, CaptureEngine
-from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock, platform_clock
-from agent_stub.config import AgentConfig, Tuning
+from agent_stub.capture import CHANNELS
+from agent_stub.capture import CaptureEngine
+from agent_stub.clock import PLATFORM_CLOCK
+from agent_stub.clock import NoSleepClock
+from agent_stub.clock import platform_clock
+from agent_stub.config import AgentConfig
+from agent_stub.config import Tuning
 from agent_stub.lease import Lease
 from agent_stub.witness import Witness
 

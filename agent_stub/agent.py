@@ -8,7 +8,8 @@ import ipaddress
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -16,25 +17,30 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import limits
-from agent_stub.applied import Applied, AppliedStore
+from agent_stub.applied import Applied
+from agent_stub.applied import AppliedStore
 from agent_stub.backoff import Backoff
 from agent_stub.batches import UploadSequence
 from agent_stub.capture import CaptureEngine
-from agent_stub.clock import (
-    NO_SLEEP_CLOCK,
-    PLATFORM_CLOCK,
-    PLATFORM_CLOCK_NAME,
-    Clock,
-    NoSleepClock,
-)
-from agent_stub.config import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_LEASE_TTL_SECONDS, AgentConfig
+from agent_stub.clock import NO_SLEEP_CLOCK
+from agent_stub.clock import PLATFORM_CLOCK
+from agent_stub.clock import PLATFORM_CLOCK_NAME
+from agent_stub.clock import Clock
+from agent_stub.clock import NoSleepClock
+from agent_stub.config import DEFAULT_HEARTBEAT_SECONDS
+from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
+from agent_stub.config import AgentConfig
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.local_state import NoticeBoard
 from agent_stub.periodic import every
-from agent_stub.stream import ControlStream, Outbox, StreamEnded
+from agent_stub.stream import ControlStream
+from agent_stub.stream import Outbox
+from agent_stub.stream import StreamEnded
 from agent_stub.upload import GatewayUploader
-from agent_stub.wire import capture_report, channel_states, timestamp
+from agent_stub.wire import capture_report
+from agent_stub.wire import channel_states
+from agent_stub.wire import timestamp
 from agent_stub.witness import Witness
 
 log = structlog.get_logger("killswitch.agent")

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.durable import StateFileError, read_state, write_durably
+from agent_stub.durable import StateFileError
+from agent_stub.durable import read_state
+from agent_stub.durable import write_durably
 
 STATE_FILE = "applied-epoch.json"
 

@@ -7,7 +7,8 @@ see a ramp rather than a stampede.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 
 @dataclass(slots=True)

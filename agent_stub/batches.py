@@ -19,8 +19,11 @@ from pathlib import Path
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.capture import EVENTS_PER_TICK, Batch
-from agent_stub.durable import StateFileError, read_state, write_durably
+from agent_stub.capture import EVENTS_PER_TICK
+from agent_stub.capture import Batch
+from agent_stub.durable import StateFileError
+from agent_stub.durable import read_state
+from agent_stub.durable import write_durably
 from agent_stub.wire import timestamp
 
 # Events per uploaded batch; a larger spool goes up over the next rounds, oldest first.

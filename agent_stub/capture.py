@@ -12,7 +12,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from agent_stub.lease import Clock, Lease
+from agent_stub.lease import Clock
+from agent_stub.lease import Lease
 from agent_stub.witness import Witness
 
 CHANNELS = ("keyboard", "mouse", "screen")

@@ -16,37 +16,40 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
 import structlog
 
-from agent_stub.agent import (
-    Agent,
-    ReplicaRotation,
-    ServerAddressError,
-    open_channel,
-    server_target,
-)
+from agent_stub.agent import Agent
+from agent_stub.agent import ReplicaRotation
+from agent_stub.agent import ServerAddressError
+from agent_stub.agent import open_channel
+from agent_stub.agent import server_target
 from agent_stub.applied import AppliedStore
-from agent_stub.batches import SequenceStore, UploadSequence
-from agent_stub.clock import PLATFORM_CLOCK, NoSleepClock
+from agent_stub.batches import SequenceStore
+from agent_stub.batches import UploadSequence
+from agent_stub.clock import PLATFORM_CLOCK
+from agent_stub.clock import NoSleepClock
 from agent_stub.config import AgentConfig
 from agent_stub.durable import StateFileError
-from agent_stub.identity import (
-    CA_FILE,
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EnrolmentError,
-    default_enroll_target,
-    enrol,
-    insecure_metadata,
-    read_ca,
-)
-from agent_stub.local_state import LocalStateFile, NoticeBoard
-from agent_stub.notices import NOTIFY_CHOICES, Notifier, NotifierSpecError, notifier_from
+from agent_stub.identity import CA_FILE
+from agent_stub.identity import EXIT_BAD_INPUT
+from agent_stub.identity import EXIT_FAILED
+from agent_stub.identity import EnrolmentError
+from agent_stub.identity import default_enroll_target
+from agent_stub.identity import enrol
+from agent_stub.identity import insecure_metadata
+from agent_stub.identity import read_ca
+from agent_stub.local_state import LocalStateFile
+from agent_stub.local_state import NoticeBoard
+from agent_stub.notices import NOTIFY_CHOICES
+from agent_stub.notices import Notifier
+from agent_stub.notices import NotifierSpecError
+from agent_stub.notices import notifier_from
 
 # Adds more subcommands to the program's parser (the simulator's ``simulate``).
 AddCommands = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]

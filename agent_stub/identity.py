@@ -21,13 +21,15 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER, enrolment_port
+from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
+from agent_stub.wire_rules import enrolment_port
 
 CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "key.pem", "ca.pem"
 AGENT_ROLE = "agent"

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.durable import read_state, write_durably
+from agent_stub.durable import read_state
+from agent_stub.durable import write_durably
 from agent_stub.lease import Lease
-from agent_stub.notices import CaptureState, Notice, Notifier, show_safely
+from agent_stub.notices import CaptureState
+from agent_stub.notices import Notice
+from agent_stub.notices import Notifier
+from agent_stub.notices import show_safely
 
 log = structlog.get_logger("killswitch.agent.local_state")
 

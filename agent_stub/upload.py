@@ -12,7 +12,9 @@ import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub.batches import MAX_EVENTS_PER_BATCH, UploadSequence, upload_request
+from agent_stub.batches import MAX_EVENTS_PER_BATCH
+from agent_stub.batches import UploadSequence
+from agent_stub.batches import upload_request
 from agent_stub.capture import CaptureEngine
 from agent_stub.clock import Clock
 from agent_stub.identity import Metadata

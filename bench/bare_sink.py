@@ -16,7 +16,8 @@ import asyncio
 import signal
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+from typing import BinaryIO
 
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb

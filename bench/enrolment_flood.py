@@ -38,8 +38,11 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from bench.people import issue_person
-from bench.procs import Child, free_port, install_cleanup
-from control.client import Credentials, OperatorClient
+from bench.procs import Child
+from bench.procs import free_port
+from bench.procs import install_cleanup
+from control.client import Credentials
+from control.client import OperatorClient
 from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
 from control.pki import load_identity

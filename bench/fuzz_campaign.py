@@ -37,27 +37,36 @@ import tempfile
 import threading
 import time
 from argparse import ArgumentParser
-from collections import Counter, deque
+from collections import Counter
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from bench.hostile_documents import channel, start_server
-from bench.procs import Child, install_cleanup, stop_all
+from bench.hostile_documents import channel
+from bench.hostile_documents import start_server
+from bench.procs import Child
+from bench.procs import install_cleanup
+from bench.procs import stop_all
 from control.domain.identity import Role
-from control.pki import Authority, request_identity
+from control.pki import Authority
+from control.pki import request_identity
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOKS = sorted((REPO / "runbooks").glob("*.yaml"))

@@ -16,7 +16,8 @@ from pathlib import Path
 from killswitch.v1 import killswitch_pb2 as pb
 
 from bench.procs import Child
-from control.client import Credentials, OperatorClient
+from control.client import Credentials
+from control.client import OperatorClient
 from control.errors import KillswitchError
 from control.pki import load_identity
 

@@ -37,17 +37,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from control.domain import Hold, HoldKind, Scope, draft_hold
-from control.domain.approvals import ResumeRequest, ResumeState
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Scope
+from control.domain import draft_hold
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import ResumeState
 from control.domain.audit import AuditRecord
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
-from control.domain.rollout import Runbook, RunState, Wave, end_run, new_run
+from control.domain.rollout import Runbook
+from control.domain.rollout import RunState
+from control.domain.rollout import Wave
+from control.domain.rollout import end_run
+from control.domain.rollout import new_run
 from control.history import HistoryCompactor
 from control.logs import configure_logging
 from control.plane import ControlPlane
 from control.plane.cache import DesiredStateCache
 from control.store import codec
-from control.store.sqlite import DB_FILENAME, SqliteStore
+from control.store.sqlite import DB_FILENAME
+from control.store.sqlite import SqliteStore
 
 ACTIVE_HOLDS = 3
 HOLDS_PER_RUN = 100

@@ -21,7 +21,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from argparse import ArgumentParser, Namespace
+from argparse import ArgumentParser
+from argparse import Namespace
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +32,10 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from bench.people import issue_operators
-from bench.procs import Child, free_port, install_cleanup, stop_all
+from bench.procs import Child
+from bench.procs import free_port
+from bench.procs import install_cleanup
+from bench.procs import stop_all
 from control.pki import load_identity
 from tests.hostile_documents import HOSTILE
 

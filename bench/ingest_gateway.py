@@ -34,7 +34,8 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
 from agent_stub.identity import insecure_metadata
-from bench.procs import Child, free_port
+from bench.procs import Child
+from bench.procs import free_port
 
 BIN = Path(sys.executable).parent
 EVENTS_PER_BATCH = 10

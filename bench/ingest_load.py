@@ -21,8 +21,11 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import grpc
@@ -30,10 +33,13 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.agent import open_channel
 from agent_stub.batches import upload_request
-from agent_stub.capture import EVENTS_PER_TICK, Batch
+from agent_stub.capture import EVENTS_PER_TICK
+from agent_stub.capture import Batch
 from agent_stub.identity import insecure_metadata
 from control.ingest.checks import MAX_SKEW_ALLOWANCE
-from control.ingest.sink import LENGTH, SINK_DIR, read_manifest
+from control.ingest.sink import LENGTH
+from control.ingest.sink import SINK_DIR
+from control.ingest.sink import read_manifest
 
 UPLOAD_METHOD = "/killswitch.v1.IngestGateway/UploadBatch"
 CALL_TIMEOUT_SECONDS = 30.0

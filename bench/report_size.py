@@ -16,18 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from control.domain import (
-    AgentStatus,
-    Compliance,
-    ComplianceState,
-    Desired,
-    Hold,
-    HoldKind,
-    Mode,
-    Scope,
-)
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead, chain
-from control.pki import Authority, initialise
+from control.domain import AgentStatus
+from control.domain import Compliance
+from control.domain import ComplianceState
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.audit import chain
+from control.pki import Authority
+from control.pki import initialise
 from control.plane import AgentView
 from control.report.build import build
 from control.report.render_html import render

@@ -4,7 +4,11 @@ Public face: the exception hierarchy, and the server configuration used by the
 ``killswitch serve`` command. Everything else lives in small private modules.
 """
 
-from control.errors import Conflict, InvalidInput, KillswitchError, NotFound, StoreError
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import StoreError
 
 __version__ = "0.1.0"
 

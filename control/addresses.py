@@ -6,7 +6,8 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from control.errors import InvalidInput, KillswitchError
+from control.errors import InvalidInput
+from control.errors import KillswitchError
 
 
 def split_host_port(address: str, *, what: str) -> tuple[str, int]:

@@ -12,7 +12,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
 from control.domain.identity import CertificateRecord
 from control.errors import InvalidInput
 

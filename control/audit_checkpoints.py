@@ -24,15 +24,21 @@ import syslog
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from typing import Any
 
 import structlog
 from cryptography import x509
 
 from control import server_signature
-from control.domain.audit import AuditEntry, ChainHead, Checkpoint, verify_checkpoints
-from control.errors import InvalidInput, KillswitchError
-from control.pki import CA_CERT_FILE, PKI_DIR
+from control.domain.audit import AuditEntry
+from control.domain.audit import ChainHead
+from control.domain.audit import Checkpoint
+from control.domain.audit import verify_checkpoints
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.pki import CA_CERT_FILE
+from control.pki import PKI_DIR
 
 if TYPE_CHECKING:
     from control.store import Store

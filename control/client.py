@@ -13,26 +13,27 @@ messages, so a caller is type-checked against ``killswitch.proto``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.errors import (
-    Conflict,
-    InvalidInput,
-    KillswitchError,
-    NotFound,
-    PermissionDenied,
-    ServerStoreUnavailable,
-    ServerTimedOut,
-    ServerUnreachable,
-)
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import ServerStoreUnavailable
+from control.errors import ServerTimedOut
+from control.errors import ServerUnreachable
 from control.pki import Identity
-from control.wire import INSECURE_IDENTITY_HEADER, STORE_UNAVAILABLE_METADATA
+from control.wire import INSECURE_IDENTITY_HEADER
+from control.wire import STORE_UNAVAILABLE_METADATA
 
 RPC_TIMEOUT_SECONDS = 15.0
 # A stream (agents, a report) runs longer than one answer.

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from control.domain import Desired, Hold, HoldKind, Mode
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
 from control.errors import UnknownItem
 from control.known_holds import KnownHolds
 

@@ -12,12 +12,15 @@ and event, and counts it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import ParamSpec
 
 import structlog
 
-from control.domain import Hold, Mode
+from control.domain import Hold
+from control.domain import Mode
 
 log = structlog.get_logger("killswitch.events")
 

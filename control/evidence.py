@@ -13,13 +13,16 @@ clears it.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import structlog
 
 from control.domain import AgentStatus
 from control.domain.audit import AuditRecord
-from control.store import Store, ViolationEvidence
+from control.store import Store
+from control.store import ViolationEvidence
 
 log = structlog.get_logger("killswitch.evidence")
 

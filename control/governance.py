@@ -7,52 +7,53 @@ store together with its audit entry.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import TypeVar
 
 import structlog
 
-from control.domain import format_labels, validate_agent_id
-from control.domain.approvals import (
-    OPEN_STATES,
-    ResumeRequest,
-    approve,
-    check_drill_approval,
-    check_runbook_approval,
-    deny,
-    edit_request,
-    executed,
-    open_drill_request,
-    open_request,
-    supersedes,
-)
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead
+from control.domain import format_labels
+from control.domain import validate_agent_id
+from control.domain.approvals import OPEN_STATES
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import approve
+from control.domain.approvals import check_drill_approval
+from control.domain.approvals import check_runbook_approval
+from control.domain.approvals import deny
+from control.domain.approvals import edit_request
+from control.domain.approvals import executed
+from control.domain.approvals import open_drill_request
+from control.domain.approvals import open_request
+from control.domain.approvals import supersedes
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
 from control.domain.history import request_archivable
-from control.domain.identity import (
-    CertificateRecord,
-    EnrollToken,
-    IssuedToken,
-    Principal,
-    Role,
-    issue_enroll_token,
-    split_enroll_token,
-)
+from control.domain.identity import CertificateRecord
+from control.domain.identity import EnrollToken
+from control.domain.identity import IssuedToken
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.domain.identity import issue_enroll_token
+from control.domain.identity import split_enroll_token
 from control.domain.limits import RefusalSource
-from control.errors import (
-    Conflict,
-    InvalidInput,
-    KillswitchError,
-    NotFound,
-    PermissionDenied,
-    StoreError,
-    UnknownItem,
-    one_line,
-)
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import StoreError
+from control.errors import UnknownItem
+from control.errors import one_line
 from control.history import explain_unknown
 from control.pki import Authority
 from control.plane import ControlPlane
 from control.refusals import RefusalLog
-from control.store import LoadedState, Store
+from control.store import LoadedState
+from control.store import Store
 
 log = structlog.get_logger("killswitch.governance")
 

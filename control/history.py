@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable
+from collections.abc import Sequence
+from datetime import UTC
+from datetime import datetime
 from typing import Protocol
 
 import structlog
 
-from control.domain.approvals import OPEN_STATES, ResumeState
+from control.domain.approvals import OPEN_STATES
+from control.domain.approvals import ResumeState
 from control.domain.history import request_closed_at
-from control.errors import NotFound, StoreError, UnknownItem
-from control.store import ArchivedCounts, Store
+from control.errors import NotFound
+from control.errors import StoreError
+from control.errors import UnknownItem
+from control.store import ArchivedCounts
+from control.store import Store
 
 log = structlog.get_logger("killswitch.history")
 

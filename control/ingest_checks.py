@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from control.domain import AgentStatus, Mode
+from control.domain import AgentStatus
+from control.domain import Mode
 from control.errors import InvalidInput
 from control.plane import ControlPlane
 

@@ -8,7 +8,8 @@ sorted list is rebuilt only after a hold changes.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
+from collections.abc import Iterable
 
 from control.domain import Hold
 from control.errors import UnknownItem

@@ -16,15 +16,21 @@ pause by selector could miss it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
+from typing import TypeVar
 
 import structlog
 
 from control.domain import AgentStatus
 from control.domain.audit import AuditRecord
-from control.domain.labels import describe_change, describe_mismatch, judge_report, label_mismatch
+from control.domain.labels import describe_change
+from control.domain.labels import describe_mismatch
+from control.domain.labels import judge_report
+from control.domain.labels import label_mismatch
 from control.store import DecidedLabels
 
 log = structlog.get_logger("killswitch.labels")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Literal, get_args
+from typing import Literal
+from typing import get_args
 
 import structlog
 

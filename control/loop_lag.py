@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client import Histogram
 
 log = structlog.get_logger("killswitch.loop")
 

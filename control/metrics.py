@@ -21,32 +21,46 @@ import asyncio
 import inspect
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
 from contextlib import aclosing
-from typing import Any, ParamSpec
+from typing import Any
+from typing import ParamSpec
 
 import grpc
 import structlog
 from aiohttp import web
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    gc_collector,
-    platform_collector,
-    process_collector,
-)
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import gc_collector
+from prometheus_client import platform_collector
+from prometheus_client import process_collector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
-from control.domain import ComplianceState, Hold, HoldKind, Mode
-from control.domain.readiness import ReadinessClass, ReadinessReport
-from control.errors import StoreError, one_line
-from control.events import ObserverFailures, PlaneObserver
+from control.domain import ComplianceState
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain.readiness import ReadinessClass
+from control.domain.readiness import ReadinessReport
+from control.errors import StoreError
+from control.errors import one_line
+from control.events import ObserverFailures
+from control.events import PlaneObserver
 from control.loop_lag import LoopLag
-from control.plane import Census, ControlPlane
+from control.plane import Census
+from control.plane import ControlPlane
 from control.readiness import Readiness
-from control.rpc.handler_cache import Handler, WrappingInterceptor
+from control.rpc.handler_cache import Handler
+from control.rpc.handler_cache import WrappingInterceptor
 from control.store import causes
 from control.store_health import StoreHealth
 

@@ -27,21 +27,29 @@ from pathlib import Path
 from typing import TypeGuard
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import NameOID
 
 from control.domain import validate_agent_id
-from control.domain.identity import CertificateRecord, Principal, Role
-from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied, shown
-from control.pki_files import (
-    load_certificate,
-    load_key,
-    make_private_dir,
-    read_file,
-    write_private,
-)
+from control.domain.identity import CertificateRecord
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import PermissionDenied
+from control.errors import shown
+from control.pki_files import load_certificate
+from control.pki_files import load_key
+from control.pki_files import make_private_dir
+from control.pki_files import read_file
+from control.pki_files import write_private
 
 PKI_DIR = "pki"
 IDENTITIES_DIR = "identities"

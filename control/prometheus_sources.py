@@ -17,9 +17,14 @@ from typing import Any
 
 import aiohttp
 
-from control.domain.rollout import PrometheusGate, PrometheusReading, Runbook
+from control.domain.rollout import PrometheusGate
+from control.domain.rollout import PrometheusReading
+from control.domain.rollout import Runbook
 from control.errors import InvalidInput
-from control.untrusted import MAX_DOCUMENT_BYTES, DocumentRefused, load_json, off_loop
+from control.untrusted import MAX_DOCUMENT_BYTES
+from control.untrusted import DocumentRefused
+from control.untrusted import load_json
+from control.untrusted import off_loop
 
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 QUERY_TIMEOUT_SECONDS = 5.0

@@ -10,11 +10,17 @@ are judged once it connects here again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 
-from control.domain.identity import CertificateRecord, Role
+from control.domain.identity import CertificateRecord
+from control.domain.identity import Role
 from control.domain.labels import label_mismatch
-from control.domain.readiness import AgentFacts, ReadinessPolicy, ReadinessReport, assess
+from control.domain.readiness import AgentFacts
+from control.domain.readiness import ReadinessPolicy
+from control.domain.readiness import ReadinessReport
+from control.domain.readiness import assess
 from control.governance import Governance
 from control.plane import ControlPlane
 

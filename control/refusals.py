@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import structlog
 
 from control.domain.audit import AuditRecord
-from control.domain.limits import RefusalSource, RefusalTally, TokenBuckets
-from control.errors import KillswitchError, one_line
+from control.domain.limits import RefusalSource
+from control.domain.limits import RefusalTally
+from control.domain.limits import TokenBuckets
+from control.errors import KillswitchError
+from control.errors import one_line
 
 log = structlog.get_logger("killswitch.refusals")
 

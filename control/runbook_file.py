@@ -14,35 +14,44 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from decimal import Decimal
 from functools import cache
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
 import yaml
-from jsonschema import Draft202012Validator, ValidationError
-from jsonschema.exceptions import best_match, by_relevance
+from jsonschema import Draft202012Validator
+from jsonschema import ValidationError
+from jsonschema.exceptions import best_match
+from jsonschema.exceptions import by_relevance
 
-from control.domain.holds import validate_reason, validate_ticket
-from control.domain.release import FULL_SHARE, format_share
-from control.domain.rollout import (
-    DEFAULT_PAUSE_TIMEOUT_SECONDS,
-    DEFAULT_SOAK_SECONDS,
-    DEFAULT_WAVE_TIMEOUT_SECONDS,
-    FROM_APPROVAL,
-    Gates,
-    OnFailure,
-    PauseStep,
-    PrometheusGate,
-    Runbook,
-    Wave,
-)
-from control.domain.scope import Scope, validate_agent_id, validate_labels
-from control.errors import InvalidInput, shown
-from control.untrusted import MAX_DOCUMENT_BYTES, DocumentRefused, GuardedYamlLoader
+from control.domain.holds import validate_reason
+from control.domain.holds import validate_ticket
+from control.domain.release import FULL_SHARE
+from control.domain.release import format_share
+from control.domain.rollout import DEFAULT_PAUSE_TIMEOUT_SECONDS
+from control.domain.rollout import DEFAULT_SOAK_SECONDS
+from control.domain.rollout import DEFAULT_WAVE_TIMEOUT_SECONDS
+from control.domain.rollout import FROM_APPROVAL
+from control.domain.rollout import Gates
+from control.domain.rollout import OnFailure
+from control.domain.rollout import PauseStep
+from control.domain.rollout import PrometheusGate
+from control.domain.rollout import Runbook
+from control.domain.rollout import Wave
+from control.domain.scope import Scope
+from control.domain.scope import validate_agent_id
+from control.domain.scope import validate_labels
+from control.errors import InvalidInput
+from control.errors import shown
+from control.untrusted import MAX_DOCUMENT_BYTES
+from control.untrusted import DocumentRefused
+from control.untrusted import GuardedYamlLoader
 
 _TOO_LARGE = f"the file is over {MAX_DOCUMENT_BYTES // 1024} KiB; a runbook is a short text file"
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,10 @@ from typing import Any
 import structlog
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.addresses import (
-    dashboard_public_url,
-    ensure_can_listen,
-    require_loopback,
-    split_host_port,
-)
+from control.addresses import dashboard_public_url
+from control.addresses import ensure_can_listen
+from control.addresses import require_loopback
+from control.addresses import split_host_port
 from control.audit_checkpoints import DEFAULT_DIR as DEFAULT_CHECKPOINT_DIR
 from control.audit_checkpoints import CheckpointWriter
 from control.domain import CompliancePolicy
@@ -41,43 +42,49 @@ from control.errors import InvalidInput
 from control.events import DeferredObservers
 from control.freshness import resync_seconds
 from control.governance import Governance
-from control.grpc_servers import (
-    GRPC_SERVER_OPTIONS,
-    MAX_MESSAGE_BYTES,
-    MAX_METADATA_BYTES,
-    GrpcServers,
-)
+from control.grpc_servers import GRPC_SERVER_OPTIONS
+from control.grpc_servers import MAX_MESSAGE_BYTES
+from control.grpc_servers import MAX_METADATA_BYTES
+from control.grpc_servers import GrpcServers
 from control.history import HistoryCompactor
-from control.lifecycle import Manager, Runnable, wait_for_shutdown_signal
+from control.lifecycle import Manager
+from control.lifecycle import Runnable
+from control.lifecycle import wait_for_shutdown_signal
 from control.metrics import Metrics
-from control.pki import Authority, principal_from_pem
+from control.pki import Authority
+from control.pki import principal_from_pem
 from control.plane import ControlPlane
 from control.prometheus_sources import PrometheusSources
 from control.readiness import Readiness
 from control.replication import Replication
 from control.rpc.agent_service import AgentControlService
-from control.rpc.authz import Authenticator, AuthorizationInterceptor
+from control.rpc.authz import Authenticator
+from control.rpc.authz import AuthorizationInterceptor
 from control.rpc.enrolment_gate import EnrolmentGate
 from control.rpc.error_boundary import ErrorBoundary
-from control.rpc.operator_service import (
-    DashboardService,
-    EnrollmentService,
-    IngestService,
-    OperatorService,
-    SelfService,
-)
-from control.rpc.report_service import ReportService, ReportSigner
+from control.rpc.operator_service import DashboardService
+from control.rpc.operator_service import EnrollmentService
+from control.rpc.operator_service import IngestService
+from control.rpc.operator_service import OperatorService
+from control.rpc.operator_service import SelfService
+from control.rpc.report_service import ReportService
+from control.rpc.report_service import ReportSigner
 from control.rpc.runbook_service import RunbookService
 from control.runbooks import RunbookRunner
 from control.settings import ServerSettings
-from control.store import LoadedState, Store, describe_database, open_store
+from control.store import LoadedState
+from control.store import Store
+from control.store import describe_database
+from control.store import open_store
 from control.web import WebServer
 from control.web.dashboard import Dashboard
 from control.web.sessions import DashboardSessions
-from control.webhooks.config import Webhook, load_webhooks
+from control.webhooks.config import Webhook
+from control.webhooks.config import load_webhooks
 from control.webhooks.sender import WebhookSender
 from control.wire import enrolment_port
-from gc_policy import freeze_before_fanout, run_gc_policy
+from gc_policy import freeze_before_fanout
+from gc_policy import run_gc_policy
 
 # Where they were defined before the gRPC ports had a module of their own.
 __all__ = [

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 
 from control.audit_checkpoints import DEFAULT_INTERVAL as DEFAULT_CHECKPOINT_INTERVAL
 from control.domain.history import DEFAULT_HISTORY_RETENTION_SECONDS
-from control.domain.readiness import DEFAULT_MAX_CLOCK_SKEW_SECONDS, DEFAULT_OFFLINE_DAYS
+from control.domain.readiness import DEFAULT_MAX_CLOCK_SKEW_SECONDS
+from control.domain.readiness import DEFAULT_OFFLINE_DAYS
 from control.domain.rollout import DEFAULT_TICK_SECONDS
-from control.domain.timings import (
-    DEFAULT_ACK_DEADLINE_SECONDS,
-    DEFAULT_HEARTBEAT_SECONDS,
-    DEFAULT_LEASE_TTL_SECONDS,
-)
+from control.domain.timings import DEFAULT_ACK_DEADLINE_SECONDS
+from control.domain.timings import DEFAULT_HEARTBEAT_SECONDS
+from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
 from control.freshness import DEFAULT_RESYNC_SECONDS
 from control.rpc.authz import DEFAULT_MAX_CALLS_PER_IDENTITY
-from control.rpc.enrolment_gate import ENROL_BURST, ENROL_PER_SECOND
+from control.rpc.enrolment_gate import ENROL_BURST
+from control.rpc.enrolment_gate import ENROL_PER_SECOND
 from control.webhooks.config import WebhookSpec
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ import time
 
 import structlog
 
-from control.errors import StoreUnavailable, one_line
+from control.errors import StoreUnavailable
+from control.errors import one_line
 from control.store import causes
 
 log = structlog.get_logger("killswitch.plane")

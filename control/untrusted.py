@@ -24,11 +24,13 @@ import asyncio
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
 import yaml
 
-from control.errors import InvalidInput, shown
+from control.errors import InvalidInput
+from control.errors import shown
 
 # A shipped runbook is 1-3 KiB, a Prometheus instant answer of one series under 1 KiB;
 # 32 KiB also fits in one gRPC message (64 KiB) with room for the rest of the request.

@@ -8,7 +8,8 @@ and ``tests/test_wire.py`` holds the two copies equal.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 

@@ -17,21 +17,23 @@ from pathlib import Path
 
 from agent_stub.agent import server_target
 from agent_stub.batches import MAX_EVENTS_PER_BATCH
-from agent_stub.cli import (
-    UsageError,
-    add_identity_options,
-    add_ingest_option,
-    add_notify_option,
-    add_server_option,
-    check_identity_options,
-    enroll_target,
-    trusted_ca,
-)
+from agent_stub.cli import UsageError
+from agent_stub.cli import add_identity_options
+from agent_stub.cli import add_ingest_option
+from agent_stub.cli import add_notify_option
+from agent_stub.cli import add_server_option
+from agent_stub.cli import check_identity_options
+from agent_stub.cli import enroll_target
 from agent_stub.cli import main as agent_main
-from agent_stub.config import AGENT_VERSION, Tuning
+from agent_stub.cli import trusted_ca
+from agent_stub.config import AGENT_VERSION
+from agent_stub.config import Tuning
 from agent_stub.identity import enrol_fleet
-from simulator.faults import Fault, FaultTuning
-from simulator.fleet import Fleet, fault_counts, fleet_configs
+from simulator.faults import Fault
+from simulator.faults import FaultTuning
+from simulator.fleet import Fleet
+from simulator.fleet import fault_counts
+from simulator.fleet import fleet_configs
 
 MAX_SIMULATED_AGENTS = 50_000
 DEFAULT_CONNECTIONS = 8

@@ -6,7 +6,8 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.capture import CaptureEngine
 from agent_stub.wire import capture_report
-from simulator.faults import FROZEN_REPORTS, Fault
+from simulator.faults import FROZEN_REPORTS
+from simulator.faults import Fault
 
 
 class CoverStory:

@@ -16,11 +16,15 @@ import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.agent import Agent
-from agent_stub.capture import CHANNELS, CaptureEngine
+from agent_stub.capture import CHANNELS
+from agent_stub.capture import CaptureEngine
 from agent_stub.stream import Outbox
 from agent_stub.wire import channel_states
 from simulator.cover import CoverStory
-from simulator.faults import CAPTURE_REGARDLESS, RELABEL_TO, Fault, SimulatedConfig
+from simulator.faults import CAPTURE_REGARDLESS
+from simulator.faults import RELABEL_TO
+from simulator.faults import Fault
+from simulator.faults import SimulatedConfig
 from simulator.truth import GroundTruth
 
 ALL_STOPPED = dict.fromkeys(CHANNELS, False)

@@ -18,7 +18,8 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,22 @@ import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import Reopen, ReplicaRotation, open_channel
-from agent_stub.clock import PLATFORM_CLOCK, Clock, NoSleepClock
+from agent_stub.agent import Reopen
+from agent_stub.agent import ReplicaRotation
+from agent_stub.agent import open_channel
+from agent_stub.clock import PLATFORM_CLOCK
+from agent_stub.clock import Clock
+from agent_stub.clock import NoSleepClock
 from agent_stub.config import Tuning
-from agent_stub.identity import AgentIdentity, Metadata, insecure_metadata
+from agent_stub.identity import AgentIdentity
+from agent_stub.identity import Metadata
+from agent_stub.identity import insecure_metadata
 from agent_stub.local_state import NoticeBoard
 from agent_stub.notices import Notifier
 from gc_policy import run_gc_policy
-from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from simulator.faults import Fault
+from simulator.faults import FaultTuning
+from simulator.faults import SimulatedConfig
 from simulator.faulty import SimulatedAgent
 
 log = structlog.get_logger("killswitch.agent.simulate")

@@ -8,7 +8,10 @@ import asyncio
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,13 +20,18 @@ import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub import Agent, Tuning
+from agent_stub import Agent
+from agent_stub import Tuning
 from agent_stub.agent import open_channel
 from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
-from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from simulator.faults import Fault
+from simulator.faults import FaultTuning
+from simulator.faults import SimulatedConfig
 from simulator.faulty import SimulatedAgent
-from tests.conftest import BIN, Cli, ServerProcess
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
 from tests.fake_clock import FakeClock
 
 PER_TICK = sum(EVENTS_PER_TICK.values())

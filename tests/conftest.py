@@ -19,9 +19,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+from typing import NoReturn
 
 import psycopg
 import pytest
@@ -302,7 +304,8 @@ def replica_of(first: ServerProcess, data_dir: Path, extra_args: list[str]) -> S
 def agent_identity(server: ServerProcess, agent_id: str, where: Path) -> Path:
     """An agent certificate straight from the agent CA, as enrolment would give it."""
     from control.domain.identity import Role
-    from control.pki import Authority, request_identity
+    from control.pki import Authority
+    from control.pki import request_identity
 
     directory = where / agent_id
     csr = request_identity(directory, agent_id, Role.AGENT)

@@ -9,12 +9,16 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
-from control.web.login import LOGIN_COOKIE, SESSION_COOKIE
-from tests.conftest import Cli, ServerProcess
+from control.web.login import LOGIN_COOKIE
+from control.web.login import SESSION_COOKIE
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
 
 
 @dataclass

@@ -24,8 +24,11 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
-from typing import Any, TextIO, cast
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+from typing import TextIO
+from typing import cast
 
 _ONE_AT_A_TIME = threading.Lock()
 # The worker thread's (stdout, stderr) buffers while it runs the CLI.

@@ -18,8 +18,11 @@ from concurrent.futures import Future
 
 from control.cli.app import build_parser
 from control.cli.serve import settings_from_args
-from control.server import RunningServer, running_server
-from tests.conftest import STARTUP_TIMEOUT, ServerProcess, wait_for
+from control.server import RunningServer
+from control.server import running_server
+from tests.conftest import STARTUP_TIMEOUT
+from tests.conftest import ServerProcess
+from tests.conftest import wait_for
 
 # How long a stop may take: the gRPC grace, the plane's last flush, the store's close.
 STOP_TIMEOUT = 30.0

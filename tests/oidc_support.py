@@ -11,7 +11,8 @@ from __future__ import annotations
 import fcntl
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ import pytest
 
 from control.web.actions import csrf_token
 from control.web.login import SESSION_COOKIE
-from tests.conftest import ServerProcess, free_port, missing_tool, terminate, wait_for
+from tests.conftest import ServerProcess
+from tests.conftest import free_port
+from tests.conftest import missing_tool
+from tests.conftest import terminate
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDER_SCRIPT = Path(__file__).resolve().parent / "oidc" / "provider.js"

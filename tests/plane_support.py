@@ -4,17 +4,23 @@ stands in for an agent's stream, the people and reports they use, and the starte
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from control.domain import CaptureReport
 from control.domain.audit import AuditRecord
-from control.domain.identity import Principal, Role
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.errors import StoreError
 from control.plane import ControlPlane
-from control.store import DecidedLabels, Store, StoredAgent
+from control.store import DecidedLabels
+from control.store import Store
+from control.store import StoredAgent
 from control.store.sqlite import SqliteStore
 from tests.fake_clock import FakeClock
 

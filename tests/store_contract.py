@@ -15,33 +15,47 @@ import functools
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from control.domain import (
-    AgentStatus,
-    CaptureReport,
-    Desired,
-    HoldDraft,
-    HoldKind,
-    Mode,
-    Scope,
-    draft_hold,
-)
-from control.domain.approvals import Approval, ResumeRequest, ResumeState
-from control.domain.audit import AuditRecord, verify_chain
-from control.domain.identity import CertificateRecord, Role
-from control.domain.release import FULL_SHARE, rank_key
-from control.domain.rollout import Run, Runbook, Wave, new_run
-from control.store import DecidedLabels, Store, StoredAgent, ViolationEvidence
+from control.domain import AgentStatus
+from control.domain import CaptureReport
+from control.domain import Desired
+from control.domain import HoldDraft
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain import draft_hold
+from control.domain.approvals import Approval
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import ResumeState
+from control.domain.audit import AuditRecord
+from control.domain.audit import verify_chain
+from control.domain.identity import CertificateRecord
+from control.domain.identity import Role
+from control.domain.release import FULL_SHARE
+from control.domain.release import rank_key
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
+from control.domain.rollout import Wave
+from control.domain.rollout import new_run
+from control.store import DecidedLabels
+from control.store import Store
+from control.store import StoredAgent
+from control.store import ViolationEvidence
 from control.store.postgres import PostgresStore
-from control.store.sqlite import DB_FILENAME, SqliteStore
+from control.store.sqlite import DB_FILENAME
+from control.store.sqlite import SqliteStore
 from tests.conftest import missing_tool
 
 # Rank keys of the last laptop released through waves 1 and 2 of a staged run.

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from agent_stub import CaptureEngine, Lease
+from agent_stub import CaptureEngine
+from agent_stub import Lease
 from simulator.faulty import FaultyCaptureEngine
 from simulator.truth import GroundTruth
 from tests.agent_support import PER_TICK

@@ -13,32 +13,37 @@ import ctypes
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub import PLATFORM_CLOCK, Agent, AgentConfig, NoSleepClock, platform_clock
+from agent_stub import PLATFORM_CLOCK
+from agent_stub import Agent
+from agent_stub import AgentConfig
+from agent_stub import NoSleepClock
 from agent_stub import cli as agent_cli
-from agent_stub.clock import Clock, LibraryLoader
+from agent_stub import platform_clock
+from agent_stub.clock import Clock
+from agent_stub.clock import LibraryLoader
 from simulator.faults import SimulatedConfig
-from tests.agent_support import (
-    PER_TICK,
-    STOPPED,
-    Outbox,
-    directive,
-    grant,
-    kinds,
-    running,
-    scripted_control,
-    settle,
-    simulated_agent,
-    wait_until,
-)
+from tests.agent_support import PER_TICK
+from tests.agent_support import STOPPED
+from tests.agent_support import Outbox
+from tests.agent_support import directive
+from tests.agent_support import grant
+from tests.agent_support import kinds
+from tests.agent_support import running
+from tests.agent_support import scripted_control
+from tests.agent_support import settle
+from tests.agent_support import simulated_agent
+from tests.agent_support import wait_until
 
 # Stand-ins for the clock ids of the time module, to see which one is read.
 BOOTTIME_ID, MONOTONIC_ID = 7, 1

@@ -6,9 +6,12 @@ import asyncio
 import signal
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +20,25 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub import Agent, AgentConfig
+from agent_stub import Agent
+from agent_stub import AgentConfig
 from agent_stub.agent import open_channel
-from agent_stub.identity import (
-    EXIT_BAD_INPUT,
-    AgentIdentity,
-    EnrolmentError,
-    default_enroll_target,
-    enrol,
-    load_enrolled,
-)
-from control.domain.identity import Principal, Role
+from agent_stub.identity import EXIT_BAD_INPUT
+from agent_stub.identity import AgentIdentity
+from agent_stub.identity import EnrolmentError
+from agent_stub.identity import default_enroll_target
+from agent_stub.identity import enrol
+from agent_stub.identity import load_enrolled
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.errors import InvalidInput
-from control.pki import Authority, initialise, principal_from_pem
-from tests.agent_support import agent_cli, wait_until
-from tests.conftest import BIN, free_port
+from control.pki import Authority
+from control.pki import initialise
+from control.pki import principal_from_pem
+from tests.agent_support import agent_cli
+from tests.agent_support import wait_until
+from tests.conftest import BIN
+from tests.conftest import free_port
 
 TOKEN = "kst_test.s3cret"
 DAY = 86_400.0

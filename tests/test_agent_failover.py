@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from agent_stub import agent as agent_module
-from agent_stub.agent import ReplicaRotation, ServerAddressError, server_target
-from tests.conftest import Cli, ServerProcess, Simulate, StartServer, replica_of, wait_for
+from agent_stub.agent import ReplicaRotation
+from agent_stub.agent import ServerAddressError
+from agent_stub.agent import server_target
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import replica_of
+from tests.conftest import wait_for
 
 AGENTS = 60
 

@@ -8,21 +8,21 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub import Tuning
-from simulator.faults import Fault, FaultTuning
+from simulator.faults import Fault
+from simulator.faults import FaultTuning
 from simulator.faulty import SimulatedAgent
-from simulator.fleet import fault_counts, fleet_configs
-from tests.agent_support import (
-    PER_TICK,
-    STOPPED,
-    Outbox,
-    capture_under_lease,
-    channels,
-    directive,
-    grant,
-    run_agent,
-    settle,
-    wait_until,
-)
+from simulator.fleet import fault_counts
+from simulator.fleet import fleet_configs
+from tests.agent_support import PER_TICK
+from tests.agent_support import STOPPED
+from tests.agent_support import Outbox
+from tests.agent_support import capture_under_lease
+from tests.agent_support import channels
+from tests.agent_support import directive
+from tests.agent_support import grant
+from tests.agent_support import run_agent
+from tests.agent_support import settle
+from tests.agent_support import wait_until
 from tests.fake_clock import FakeClock
 
 # ---------------------------------------------------------------- honest agent

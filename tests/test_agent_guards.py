@@ -14,23 +14,26 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from structlog.testing import capture_logs
 
-from agent_stub import Agent, AgentConfig, limits
-from agent_stub.applied import STATE_FILE, Applied, AppliedStateError, AppliedStore
+from agent_stub import Agent
+from agent_stub import AgentConfig
+from agent_stub import limits
+from agent_stub.applied import STATE_FILE
+from agent_stub.applied import Applied
+from agent_stub.applied import AppliedStateError
+from agent_stub.applied import AppliedStore
 from agent_stub.identity import insecure_metadata
 from simulator.faulty import SimulatedAgent
-from tests.agent_support import (
-    PER_TICK,
-    Outbox,
-    capture_under_lease,
-    directive,
-    grant,
-    kinds,
-    run_agent,
-    running,
-    scripted_control,
-    settle,
-    wait_until,
-)
+from tests.agent_support import PER_TICK
+from tests.agent_support import Outbox
+from tests.agent_support import capture_under_lease
+from tests.agent_support import directive
+from tests.agent_support import grant
+from tests.agent_support import kinds
+from tests.agent_support import run_agent
+from tests.agent_support import running
+from tests.agent_support import scripted_control
+from tests.agent_support import settle
+from tests.agent_support import wait_until
 from tests.fake_clock import FakeClock
 
 # ---------------------------------------------------------------- epochs

@@ -13,13 +13,24 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
-from agent_stub import Agent, AgentConfig, Backoff, Tuning
+from agent_stub import Agent
+from agent_stub import AgentConfig
+from agent_stub import Backoff
+from agent_stub import Tuning
 from agent_stub.identity import insecure_metadata
 from agent_stub.stream import ControlStream
-from simulator.faults import Fault, FaultTuning, SimulatedConfig
+from simulator.faults import Fault
+from simulator.faults import FaultTuning
+from simulator.faults import SimulatedConfig
 from simulator.faulty import SimulatedAgent
-from simulator.fleet import Fleet, fleet_configs
-from tests.agent_support import LEASE_TTL, kinds, running, scripted_control, settle, wait_until
+from simulator.fleet import Fleet
+from simulator.fleet import fleet_configs
+from tests.agent_support import LEASE_TTL
+from tests.agent_support import kinds
+from tests.agent_support import running
+from tests.agent_support import scripted_control
+from tests.agent_support import settle
+from tests.agent_support import wait_until
 
 
 def test_a_fleet_that_connects_together_spreads_its_lease_renewals() -> None:

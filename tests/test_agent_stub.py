@@ -13,8 +13,14 @@ from typing import Any
 import pytest
 
 from agent_stub import Backoff
-from tests.agent_support import agent_cli, enrolling_agent
-from tests.conftest import BIN, Cli, ServerProcess, free_port, terminate, wait_for
+from tests.agent_support import agent_cli
+from tests.agent_support import enrolling_agent
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import free_port
+from tests.conftest import terminate
+from tests.conftest import wait_for
 
 
 def test_backoff_grows_with_jitter_caps_and_resets() -> None:
@@ -183,7 +189,8 @@ def test_an_agent_keeps_retrying_whatever_broke_its_stream() -> None:
 
     import grpc
 
-    from agent_stub import Agent, AgentConfig
+    from agent_stub import Agent
+    from agent_stub import AgentConfig
 
     async def scenario() -> int:
         channel = grpc.aio.insecure_channel("127.0.0.1:1")

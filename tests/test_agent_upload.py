@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,24 +21,25 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
 from agent_stub import Tuning
-from agent_stub.batches import SEQUENCE_FILE, SequenceStore, UploadSequence
+from agent_stub.batches import SEQUENCE_FILE
+from agent_stub.batches import SequenceStore
+from agent_stub.batches import UploadSequence
 from agent_stub.durable import StateFileError
 from agent_stub.identity import insecure_metadata
 from agent_stub.upload import GatewayUploader
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault
 from simulator.faulty import SimulatedAgent
-from tests.agent_support import (
-    PER_TICK,
-    STOPPED,
-    Outbox,
-    capture_under_lease,
-    channels,
-    directive,
-    drive_agent,
-    grant,
-)
-from tests.conftest import BIN, free_port
+from tests.agent_support import PER_TICK
+from tests.agent_support import STOPPED
+from tests.agent_support import Outbox
+from tests.agent_support import capture_under_lease
+from tests.agent_support import channels
+from tests.agent_support import directive
+from tests.agent_support import drive_agent
+from tests.agent_support import grant
+from tests.conftest import BIN
+from tests.conftest import free_port
 from tests.fake_clock import FakeClock
 from tests.test_agent_capture import Rig
 

@@ -7,29 +7,28 @@ import itertools
 
 import pytest
 
-from control.domain import HoldKind, Scope
-from control.domain.approvals import (
-    DEFAULT_REQUEST_TTL_SECONDS,
-    ResumeState,
-    approve,
-    check_drill_approval,
-    check_runbook_approval,
-    deny,
-    edit_request,
-    executed,
-    open_drill_request,
-    open_request,
-    supersedes,
-)
+from control.domain import HoldKind
+from control.domain import Scope
+from control.domain.approvals import DEFAULT_REQUEST_TTL_SECONDS
+from control.domain.approvals import ResumeState
+from control.domain.approvals import approve
+from control.domain.approvals import check_drill_approval
+from control.domain.approvals import check_runbook_approval
+from control.domain.approvals import deny
+from control.domain.approvals import edit_request
+from control.domain.approvals import executed
+from control.domain.approvals import open_drill_request
+from control.domain.approvals import open_request
+from control.domain.approvals import supersedes
 from control.domain.holds import Hold
-from control.domain.identity import (
-    Principal,
-    Role,
-    check_enroll_token,
-    issue_enroll_token,
-    split_enroll_token,
-)
-from control.errors import Conflict, InvalidInput, PermissionDenied
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.domain.identity import check_enroll_token
+from control.domain.identity import issue_enroll_token
+from control.domain.identity import split_enroll_token
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import PermissionDenied
 
 IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="a1")
 APPROVER = Principal("approver-1", Role.APPROVER, serial="b1")

@@ -7,18 +7,16 @@ import itertools
 
 import pytest
 
-from control.domain.audit import (
-    GENESIS_HASH,
-    MAX_FIELD_CHARS,
-    AuditEntry,
-    AuditRecord,
-    ChainHead,
-    ChainProblem,
-    chain,
-    entry_hash,
-    verify_anchor,
-    verify_chain,
-)
+from control.domain.audit import GENESIS_HASH
+from control.domain.audit import MAX_FIELD_CHARS
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.audit import ChainProblem
+from control.domain.audit import chain
+from control.domain.audit import entry_hash
+from control.domain.audit import verify_anchor
+from control.domain.audit import verify_chain
 
 
 def build(count: int) -> list[AuditEntry]:

@@ -18,9 +18,13 @@ from pathlib import Path
 import pytest
 
 from control.audit_checkpoints import sign
-from control.domain.audit import AuditEntry, ChainHead, chain
+from control.domain.audit import AuditEntry
+from control.domain.audit import ChainHead
+from control.domain.audit import chain
 from control.store.sqlite import SqliteStore
-from tests.conftest import Cli, ServerProcess, wait_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import wait_for
 from tests.test_audit_tamper import tamper
 
 

@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 import structlog
 
-from control.domain.audit import (
-    AuditEntry,
-    ChainHead,
-    ChainProblem,
-    verify_anchor,
-    verify_chain,
-)
-from control.domain.identity import CertificateRecord, EnrollToken, Role, hash_secret
+from control.domain.audit import AuditEntry
+from control.domain.audit import ChainHead
+from control.domain.audit import ChainProblem
+from control.domain.audit import verify_anchor
+from control.domain.audit import verify_chain
+from control.domain.identity import CertificateRecord
+from control.domain.identity import EnrollToken
+from control.domain.identity import Role
+from control.domain.identity import hash_secret
 from control.store.sqlite import SqliteStore
-from tests.test_sqlite_store import draft, record
+from tests.test_sqlite_store import draft
+from tests.test_sqlite_store import record
 
 ENTRIES_WRITTEN = 6
 # Small pages, so verification also crosses page boundaries.

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import types
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
 import grpc
 import pytest
 
-from control.errors import StoreError, UnknownItem
+from control.errors import StoreError
+from control.errors import UnknownItem
 from control.governance import Governance
 from control.rpc.error_boundary import ErrorBoundary
 

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from control.pki import load_identity
-from tests.conftest import BIN, Cli, ServerProcess, free_port, module_server
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import free_port
+from tests.conftest import module_server
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

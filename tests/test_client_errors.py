@@ -12,23 +12,19 @@ import grpc
 import pytest
 
 from control.cli import app
-from control.cli.exit_codes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_STORE_UNAVAILABLE,
-    EXIT_UNREACHABLE,
-)
+from control.cli.exit_codes import EXIT_BAD_INPUT
+from control.cli.exit_codes import EXIT_FAILED
+from control.cli.exit_codes import EXIT_STORE_UNAVAILABLE
+from control.cli.exit_codes import EXIT_UNREACHABLE
 from control.client import error_from_rpc
-from control.errors import (
-    Conflict,
-    InvalidInput,
-    KillswitchError,
-    NotFound,
-    PermissionDenied,
-    ServerStoreUnavailable,
-    ServerTimedOut,
-    ServerUnreachable,
-)
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import ServerStoreUnavailable
+from control.errors import ServerTimedOut
+from control.errors import ServerUnreachable
 from control.wire import STORE_UNAVAILABLE_METADATA
 
 ADDRESS = "control.example:50051"

@@ -23,8 +23,15 @@ import pytest
 from control.domain import ComplianceState
 from control.plane import SEVERITY
 from control.web import api
-from tests.conftest import Cli, ServerProcess, Simulator, module_server, terminate, wait_for
-from tests.dashboard_support import Http, assert_hardened, session_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import module_server
+from tests.conftest import terminate
+from tests.conftest import wait_for
+from tests.dashboard_support import Http
+from tests.dashboard_support import assert_hardened
+from tests.dashboard_support import session_for
 
 EVIL = '<script>alert("pwned")</script> & leak'
 EVIL_TICKET = "<b>INC-7</b>"

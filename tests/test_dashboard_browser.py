@@ -13,7 +13,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cli, Simulate, StartServer, missing_tool, person_role, wait_for
+from tests.conftest import Cli
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import missing_tool
+from tests.conftest import person_role
+from tests.conftest import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 

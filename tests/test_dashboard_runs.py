@@ -16,15 +16,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
-from tests.dashboard_support import Http, session_for
-from tests.test_dashboard_browser import (
-    ARTIFACTS,
-    CHROMIUM,
-    collect_problems,
-    require_browser,
-    sign_in,
-)
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
+from tests.dashboard_support import Http
+from tests.dashboard_support import session_for
+from tests.test_dashboard_browser import ARTIFACTS
+from tests.test_dashboard_browser import CHROMIUM
+from tests.test_dashboard_browser import collect_problems
+from tests.test_dashboard_browser import require_browser
+from tests.test_dashboard_browser import sign_in
 
 AGENTS = 12
 WAVE_1 = "<i>first</i> & half"

@@ -18,22 +18,27 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestServer
 
-from control.domain.identity import Principal, Role
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.plane import ControlPlane
 from control.store.sqlite import SqliteStore
 from control.web.dashboard import Dashboard
 from control.web.login import SESSION_COOKIE
-from control.web.sessions import LOGIN_TOKEN_SECONDS, DashboardSessions
-from control.web.streams import (
-    MAX_EVENT_STREAMS,
-    MAX_STREAMS_PER_USER,
-    OPERATOR_RESERVED_STREAMS,
-    StreamSlots,
-)
-from tests.conftest import Cli, ServerProcess, free_port
-from tests.dashboard_support import EventStream, Http, session_for
+from control.web.sessions import LOGIN_TOKEN_SECONDS
+from control.web.sessions import DashboardSessions
+from control.web.streams import MAX_EVENT_STREAMS
+from control.web.streams import MAX_STREAMS_PER_USER
+from control.web.streams import OPERATOR_RESERVED_STREAMS
+from control.web.streams import StreamSlots
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import free_port
+from tests.dashboard_support import EventStream
+from tests.dashboard_support import Http
+from tests.dashboard_support import session_for
 from tests.fake_clock import FakeClock
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 
-from control.domain.identity import Principal, Role
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.store import Store
-from control.web.sessions import LOGIN_TOKEN_SECONDS, SESSION_SECONDS, DashboardSessions
+from control.web.sessions import LOGIN_TOKEN_SECONDS
+from control.web.sessions import SESSION_SECONDS
+from control.web.sessions import DashboardSessions
 from tests.fake_clock import FakeClock
-from tests.store_contract import Backend, run_with_store
+from tests.store_contract import Backend
+from tests.store_contract import run_with_store
 
 SRE = Principal("sre-1", Role.SRE, serial="5e")
 

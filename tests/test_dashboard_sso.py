@@ -33,19 +33,23 @@ from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
 from control.errors import PermissionDenied
 from control.refusals import AGGREGATION_SECONDS
-from control.web.oidc import OidcSettings, OpenIdProvider
-from tests.conftest import BIN, Cli, Simulator, wait_for
-from tests.oidc_support import (  # noqa: F401 (fixtures)
-    CLIENT_ID,
-    SsoServer,
-    csrf_of,
-    oidc_provider_modules,
-    post_form,
-    signed_in_home,
-    sso_server,
-    sso_sign_in,
-)
-from tests.test_dashboard_browser import CHROMIUM, collect_problems, require_browser
+from control.web.oidc import OidcSettings
+from control.web.oidc import OpenIdProvider
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import Simulator
+from tests.conftest import wait_for
+from tests.oidc_support import CLIENT_ID
+from tests.oidc_support import SsoServer
+from tests.oidc_support import csrf_of
+from tests.oidc_support import oidc_provider_modules  # noqa: F401 (fixtures)
+from tests.oidc_support import post_form
+from tests.oidc_support import signed_in_home
+from tests.oidc_support import sso_server  # noqa: F401 (fixtures)
+from tests.oidc_support import sso_sign_in
+from tests.test_dashboard_browser import CHROMIUM
+from tests.test_dashboard_browser import collect_problems
+from tests.test_dashboard_browser import require_browser
 
 AGENTS = 8
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -6,9 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from control.domain import Mode
-from control.web.timeline import MAX_EVENTS_PER_AGENT, MAX_EVENTS_TOTAL, Timeline
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
-from tests.dashboard_support import EventStream, session_for
+from control.web.timeline import MAX_EVENTS_PER_AGENT
+from control.web.timeline import MAX_EVENTS_TOTAL
+from control.web.timeline import Timeline
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_for
+from tests.dashboard_support import EventStream
+from tests.dashboard_support import session_for
 
 
 def test_timeline_and_live_updates_after_a_pause(

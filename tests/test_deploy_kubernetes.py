@@ -15,7 +15,8 @@ import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import aiohttp
@@ -25,17 +26,15 @@ import yaml
 from control import pki
 from control.metrics import Metrics
 from control.web import WebServer
-from tests.deploy_support import (
-    DEPLOY,
-    DOCKERFILE,
-    KUBERNETES,
-    MANIFEST,
-    ROOT,
-    parse_as,
-    port_of,
-    quantity,
-    selects,
-)
+from tests.deploy_support import DEPLOY
+from tests.deploy_support import DOCKERFILE
+from tests.deploy_support import KUBERNETES
+from tests.deploy_support import MANIFEST
+from tests.deploy_support import ROOT
+from tests.deploy_support import parse_as
+from tests.deploy_support import port_of
+from tests.deploy_support import quantity
+from tests.deploy_support import selects
 
 # What a replica needs, and never the root key.
 PKI_FILES = set(pki.REPLICA_FILES)

@@ -13,12 +13,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
 
-from tests.deploy_support import DEPLOY, SYSTEMD, parse_as
+from tests.deploy_support import DEPLOY
+from tests.deploy_support import SYSTEMD
+from tests.deploy_support import parse_as
 
 # Each unit's EnvironmentFile, as the example shipped next to it.
 ENV_EXAMPLES = {

@@ -6,23 +6,21 @@ import dataclasses
 
 import pytest
 
-from control.domain import (
-    AgentStatus,
-    CaptureReport,
-    Compliance,
-    CompliancePolicy,
-    ComplianceState,
-    Desired,
-    Hold,
-    HoldKind,
-    Mode,
-    Scope,
-    evaluate,
-    fleet_compliant,
-    parse_selector,
-    reconcile_desired,
-    validate_reason,
-)
+from control.domain import AgentStatus
+from control.domain import CaptureReport
+from control.domain import Compliance
+from control.domain import CompliancePolicy
+from control.domain import ComplianceState
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain import evaluate
+from control.domain import fleet_compliant
+from control.domain import parse_selector
+from control.domain import reconcile_desired
+from control.domain import validate_reason
 from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
 from control.errors import InvalidInput
 

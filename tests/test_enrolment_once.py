@@ -8,7 +8,8 @@ certificate for an enrolled laptop, and two enrolments at once must not both win
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,8 +17,11 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub.identity import enrollment_channel, new_key_and_csr
-from tests.conftest import Cli, ServerProcess, replica_of
+from agent_stub.identity import enrollment_channel
+from agent_stub.identity import new_key_and_csr
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import replica_of
 
 ROUNDS = 5
 

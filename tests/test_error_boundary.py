@@ -9,7 +9,8 @@ trailer, a bug as INTERNAL with one line and no traceback, whatever the RPC's ki
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,22 +20,26 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.identity import Principal
-from control.errors import KillswitchError, StoreError
-from control.ingest.gateway import IngestGatewayService, add_upload_service
+from control.errors import KillswitchError
+from control.errors import StoreError
+from control.ingest.gateway import IngestGatewayService
+from control.ingest.gateway import add_upload_service
 from control.rpc.agent_service import AgentControlService
-from control.rpc.authz import GATEWAY_POLICY, Authenticator, AuthorizationInterceptor
+from control.rpc.authz import GATEWAY_POLICY
+from control.rpc.authz import Authenticator
+from control.rpc.authz import AuthorizationInterceptor
 from control.rpc.enrolment_gate import EnrolmentGate
 from control.rpc.error_boundary import ErrorBoundary
-from control.rpc.operator_service import (
-    DashboardService,
-    EnrollmentService,
-    IngestService,
-    OperatorService,
-    SelfService,
-)
-from control.rpc.report_service import ReportService, ReportSigner
+from control.rpc.operator_service import DashboardService
+from control.rpc.operator_service import EnrollmentService
+from control.rpc.operator_service import IngestService
+from control.rpc.operator_service import OperatorService
+from control.rpc.operator_service import SelfService
+from control.rpc.report_service import ReportService
+from control.rpc.report_service import ReportSigner
 from control.rpc.runbook_service import RunbookService
-from control.wire import INSECURE_IDENTITY_HEADER, STORE_UNAVAILABLE_METADATA
+from control.wire import INSECURE_IDENTITY_HEADER
+from control.wire import STORE_UNAVAILABLE_METADATA
 
 
 class Failing:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 
-from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 
 FLEET = 200
 

@@ -10,9 +10,12 @@ import pytest
 from agent_stub.identity import new_key_and_csr
 from control.domain.audit import AuditRecord
 from control.domain.identity import issue_enroll_token
-from control.errors import Conflict, StoreError
+from control.errors import Conflict
+from control.errors import StoreError
 from control.governance import Governance
-from control.pki import AGENT_DAYS, Authority, initialise
+from control.pki import AGENT_DAYS
+from control.pki import Authority
+from control.pki import initialise
 from control.plane import ControlPlane
 from control.store.sqlite import SqliteStore
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import grpc
 
-from control.rpc.handler_cache import Handler, WrappedHandlers
+from control.rpc.handler_cache import Handler
+from control.rpc.handler_cache import WrappedHandlers
 
 
 def handler(answer: str) -> Handler:

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from control.domain import Mode, Scope
-from control.domain.identity import Principal, Role
+from control.domain import Mode
+from control.domain import Scope
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.errors import UnknownItem
 from control.governance import Governance
 from control.history import HistoryCompactor
 from control.plane import ControlPlane
 from control.runbooks import RunbookRunner
-from control.store import ArchivedCounts, RunChange, Store
+from control.store import ArchivedCounts
+from control.store import RunChange
+from control.store import Store
 from control.store.sqlite import SqliteStore
 from tests.plane_support import Session
 from tests.test_store_history import ended

@@ -8,7 +8,8 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -16,11 +17,13 @@ from aiohttp import web
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from control.domain.rollout import PrometheusGate, PrometheusReading
+from control.domain.rollout import PrometheusGate
+from control.domain.rollout import PrometheusReading
 from control.pki import load_identity
 from control.prometheus_sources import PrometheusSources
 from control.untrusted import MAX_DOCUMENT_BYTES
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess
+from tests.conftest import free_port
 from tests.hostile_documents import HOSTILE
 
 # Generous: before the fix one alias bomb kept GetStatus waiting 12 s.

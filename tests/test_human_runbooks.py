@@ -18,7 +18,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,16 +29,14 @@ import yaml
 
 from control.cli.app import build_parser
 from tests import human_runbooks as hr
-from tests.conftest import (
-    BIN,
-    Cli,
-    ServerProcess,
-    Simulator,
-    free_port,
-    missing_tool,
-    wait_capturing,
-    wait_for,
-)
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import free_port
+from tests.conftest import missing_tool
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 
 ALERTS_FILE = hr.REPO / "deploy" / "prometheus" / "alerts.yml"
 SCRIPT_TIMEOUT = 300.0

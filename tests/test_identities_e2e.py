@@ -15,20 +15,19 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from control.pki import REPLICA_FILES
-from tests.conftest import (
-    BIN,
-    Cli,
-    ServerProcess,
-    Simulate,
-    StartServer,
-    replica_of,
-    wait_capturing,
-)
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import replica_of
+from tests.conftest import wait_capturing
 
 
 def killswitch(*args: str) -> tuple[int, str, str]:

@@ -17,48 +17,44 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
 from agent_stub.upload import UPLOAD_TIMEOUT_SECONDS
-from control.domain import ComplianceState, Mode, Scope
+from control.domain import ComplianceState
+from control.domain import Mode
+from control.domain import Scope
 from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
 from control.errors import InvalidInput
-from control.ingest.checks import (
-    MAX_BATCH_BYTES,
-    MAX_EVENTS_PER_BATCH,
-    MAX_SKEW_ALLOWANCE,
-    BatchShape,
-    Refusal,
-    after_stop_refusal,
-    check_shape,
-    sequence_refusal,
-    skew_allowance,
-)
-from control.ingest.control_client import (
-    CONTROL_DEADLINE_SECONDS,
-    ControlClient,
-    ControlUnreachable,
-)
+from control.ingest.checks import MAX_BATCH_BYTES
+from control.ingest.checks import MAX_EVENTS_PER_BATCH
+from control.ingest.checks import MAX_SKEW_ALLOWANCE
+from control.ingest.checks import BatchShape
+from control.ingest.checks import Refusal
+from control.ingest.checks import after_stop_refusal
+from control.ingest.checks import check_shape
+from control.ingest.checks import sequence_refusal
+from control.ingest.checks import skew_allowance
+from control.ingest.control_client import CONTROL_DEADLINE_SECONDS
+from control.ingest.control_client import ControlClient
+from control.ingest.control_client import ControlUnreachable
 from control.ingest.gateway import measure
-from control.ingest.watch import CAPTURE_SLACK_SECONDS, FRESH_SECONDS, StandingCopy
-from control.ingest_checks import (
-    MAX_CHECKS_PER_CALL,
-    RESYNC_SECONDS,
-    Accepted,
-    Check,
-    UploadWatch,
-    authorize_batches,
-)
+from control.ingest.watch import CAPTURE_SLACK_SECONDS
+from control.ingest.watch import FRESH_SECONDS
+from control.ingest.watch import StandingCopy
+from control.ingest_checks import MAX_CHECKS_PER_CALL
+from control.ingest_checks import RESYNC_SECONDS
+from control.ingest_checks import Accepted
+from control.ingest_checks import Check
+from control.ingest_checks import UploadWatch
+from control.ingest_checks import authorize_batches
 from control.ingest_checks import record_accepted as plane_record_accepted
 from control.plane import ControlPlane
 from tests.conftest import free_port
 from tests.fake_clock import FakeClock
-from tests.plane_support import (
-    IC,
-    REPORT,
-    STOPPED,
-    RecordingStore,
-    connect_agent,
-    run_plane,
-    started,
-)
+from tests.plane_support import IC
+from tests.plane_support import REPORT
+from tests.plane_support import STOPPED
+from tests.plane_support import RecordingStore
+from tests.plane_support import connect_agent
+from tests.plane_support import run_plane
+from tests.plane_support import started
 
 NOW = 1_000_000.0
 

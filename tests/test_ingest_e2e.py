@@ -15,7 +15,8 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,13 @@ from control.ingest.checks import MAX_EVENTS_PER_BATCH
 from control.ingest.watch import FRESH_SECONDS
 from control.pki import load_identity
 from control.wire import INSECURE_IDENTITY_HEADER
-from tests.conftest import BIN, Cli, ServerProcess, agent_identity, free_port, terminate, wait_for
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import agent_identity
+from tests.conftest import free_port
+from tests.conftest import terminate
+from tests.conftest import wait_for
 
 AGENT = "laptop-upload"
 

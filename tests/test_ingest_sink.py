@@ -17,18 +17,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control.errors import InvalidInput, KillswitchError
+from control.errors import InvalidInput
+from control.errors import KillswitchError
 from control.ingest import sink as sink_module
-from control.ingest.gateway import GatewayConfig, serve_gateway
-from control.ingest.sink import (
-    Batch,
-    ManifestEntry,
-    Sink,
-    claim_data_dir,
-    manifest_line,
-    read_manifest,
-    verified_records,
-)
+from control.ingest.gateway import GatewayConfig
+from control.ingest.gateway import serve_gateway
+from control.ingest.sink import Batch
+from control.ingest.sink import ManifestEntry
+from control.ingest.sink import Sink
+from control.ingest.sink import claim_data_dir
+from control.ingest.sink import manifest_line
+from control.ingest.sink import read_manifest
+from control.ingest.sink import verified_records
 
 NOW = 1_000_000.0
 

@@ -15,18 +15,26 @@ from pathlib import Path
 import pytest
 
 from agent_stub.identity import new_key_and_csr
-from control.domain import CaptureReport, Mode, Scope
-from control.domain.identity import Principal, Role
-from control.domain.labels import describe_change, judge_report, label_mismatch, mismatch_json
+from control.domain import CaptureReport
+from control.domain import Mode
+from control.domain import Scope
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.domain.labels import describe_change
+from control.domain.labels import judge_report
+from control.domain.labels import label_mismatch
+from control.domain.labels import mismatch_json
 from control.governance import Governance
-from control.pki import Authority, initialise
+from control.pki import Authority
+from control.pki import initialise
 from control.plane import ControlPlane
 from control.replication import Replication
 from control.runbooks import RunbookRunner
 from control.store import Store
 from control.store.postgres import PostgresStore
 from control.store.sqlite import SqliteStore
-from tests.plane_support import STOPPED, Session
+from tests.plane_support import STOPPED
+from tests.plane_support import Session
 from tests.test_plane_epochs import two_replicas
 
 IC = Principal("ic-1", Role.INCIDENT_COMMANDER, serial="01")

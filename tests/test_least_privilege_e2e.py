@@ -20,7 +20,12 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from tests.conftest import Cli, ServerProcess, Simulate, StartServer, wait_capturing, wait_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 from tests.test_security_e2e import channel_for
 
 AGENTS = 10

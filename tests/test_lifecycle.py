@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import structlog
 
-from control.lifecycle import Manager, Runnable
+from control.lifecycle import Manager
+from control.lifecycle import Runnable
 
 
 async def _always() -> bool:

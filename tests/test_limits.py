@@ -8,16 +8,15 @@ from collections.abc import Sequence
 import pytest
 
 from control.domain.audit import AuditRecord
-from control.domain.limits import (
-    AGGREGATED_ACTION,
-    OTHER_REASONS,
-    OVERFLOW_SOURCE,
-    RefusalSource,
-    RefusalTally,
-    TokenBuckets,
-)
+from control.domain.limits import AGGREGATED_ACTION
+from control.domain.limits import OTHER_REASONS
+from control.domain.limits import OVERFLOW_SOURCE
+from control.domain.limits import RefusalSource
+from control.domain.limits import RefusalTally
+from control.domain.limits import TokenBuckets
 from control.errors import StoreUnavailable
-from control.refusals import REFUSAL_BUDGET_BURST, RefusalLog
+from control.refusals import REFUSAL_BUDGET_BURST
+from control.refusals import RefusalLog
 from control.rpc.authz import peer_host
 from tests.fake_clock import FakeClock
 

@@ -7,7 +7,8 @@ import asyncio
 import re
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,15 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.identity import enrol
 from control.domain.limits import AGGREGATED_ACTION
-from control.pki import load_identity, principal_from_pem
+from control.pki import load_identity
+from control.pki import principal_from_pem
 from control.refusals import REFUSAL_BUDGET_BURST
 from control.rpc.enrolment_gate import ENROL_BURST
-from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
 
 ENROLL = "/killswitch.v1.Enrollment/Enroll"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"

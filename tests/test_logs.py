@@ -7,7 +7,11 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 
 # Events about one agent: each must say which.
 AGENT_EVENTS = {

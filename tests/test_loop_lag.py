@@ -9,7 +9,9 @@ import time
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from control.loop_lag import GC_METRIC, LAG_METRIC, LoopLag
+from control.loop_lag import GC_METRIC
+from control.loop_lag import LAG_METRIC
+from control.loop_lag import LoopLag
 
 
 def stalls_counted(registry: CollectorRegistry) -> float:

@@ -8,10 +8,13 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
 import aiohttp
 import grpc
@@ -20,21 +23,22 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control.domain import ComplianceState, Mode
-from control.domain.readiness import ReadinessPolicy, ReadinessReport, assess
+from control.domain import ComplianceState
+from control.domain import Mode
+from control.domain.readiness import ReadinessPolicy
+from control.domain.readiness import ReadinessReport
+from control.domain.readiness import assess
 from control.events import PlaneObserver
 from control.metrics import Metrics
 from control.plane import ControlPlane
 from control.readiness import Readiness
 from control.store import Store
-from tests.conftest import (
-    Cli,
-    ServerProcess,
-    Simulator,
-    missing_tool,
-    wait_capturing,
-    wait_for,
-)
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import missing_tool
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 
 FLEET = 20
 OPERATOR = "killswitch.v1.Operator"

@@ -6,21 +6,25 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent_stub.notices import (
-    CaptureState,
-    Notice,
-    NotifierSpecError,
-    desktop_command,
-    notifier_from,
-)
+from agent_stub.notices import CaptureState
+from agent_stub.notices import Notice
+from agent_stub.notices import NotifierSpecError
+from agent_stub.notices import desktop_command
+from agent_stub.notices import notifier_from
 from tests.agent_support import enrolling_agent
-from tests.conftest import BIN, Cli, ServerProcess, Simulate, terminate, wait_for
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import terminate
+from tests.conftest import wait_for
 
 NOTICE = Notice(
     agent_id="laptop-1",

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.client import Credentials, OperatorClient
+from control.client import Credentials
+from control.client import OperatorClient
 from control.pki import load_identity
 from control.store.sqlite import DB_FILENAME
-from tests.conftest import Cli, ServerProcess
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
 
 CYCLES = 100
 LAPTOP = "laptop-emp1"

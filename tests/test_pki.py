@@ -15,23 +15,28 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import NameOID
 
-from control.domain.identity import Principal, Role
-from control.errors import Conflict, InvalidInput, KillswitchError, PermissionDenied
-from control.pki import (
-    MAX_CSR_BYTES,
-    REPLICA_FILES,
-    Authority,
-    Identity,
-    RootAuthority,
-    initialise,
-    load_identity,
-    principal_from_pem,
-    request_identity,
-)
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import PermissionDenied
+from control.pki import MAX_CSR_BYTES
+from control.pki import REPLICA_FILES
+from control.pki import Authority
+from control.pki import Identity
+from control.pki import RootAuthority
+from control.pki import initialise
+from control.pki import load_identity
+from control.pki import principal_from_pem
+from control.pki import request_identity
 
 NOW = time.time()
 DAY = 86_400.0

@@ -7,21 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from control.domain import CaptureReport, ComplianceState, Mode, Scope
-from control.errors import Conflict, NotFound, StoreError
-from control.events import Observers, PlaneObserver
-from control.plane import AgentFilter, ControlPlane
+from control.domain import CaptureReport
+from control.domain import ComplianceState
+from control.domain import Mode
+from control.domain import Scope
+from control.errors import Conflict
+from control.errors import NotFound
+from control.errors import StoreError
+from control.events import Observers
+from control.events import PlaneObserver
+from control.plane import AgentFilter
+from control.plane import ControlPlane
 from tests.fake_clock import FakeClock
-from tests.plane_support import (
-    IC,
-    REPORT,
-    SRE,
-    STOPPED,
-    RecordingStore,
-    Session,
-    connect_agent,
-    run_plane,
-)
+from tests.plane_support import IC
+from tests.plane_support import REPORT
+from tests.plane_support import SRE
+from tests.plane_support import STOPPED
+from tests.plane_support import RecordingStore
+from tests.plane_support import Session
+from tests.plane_support import connect_agent
+from tests.plane_support import run_plane
 
 
 def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:

@@ -8,17 +8,28 @@ heard yet (no resync runs in these tests), exactly the window of issue 13's brea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 
 import pytest
 
-from control.domain import ComplianceState, Mode, Scope
+from control.domain import ComplianceState
+from control.domain import Mode
+from control.domain import Scope
 from control.errors import StoreError
-from control.freshness import MAX_VIEW_AGE_SHARE, SharedView, resync_seconds
-from control.plane import ControlPlane, EpochUnknown
+from control.freshness import MAX_VIEW_AGE_SHARE
+from control.freshness import SharedView
+from control.freshness import resync_seconds
+from control.plane import ControlPlane
+from control.plane import EpochUnknown
 from control.store.postgres import PostgresStore
 from tests.fake_clock import FakeClock
-from tests.plane_support import IC, REPORT, STOPPED, Session, connect_agent, two_planes
+from tests.plane_support import IC
+from tests.plane_support import REPORT
+from tests.plane_support import STOPPED
+from tests.plane_support import Session
+from tests.plane_support import connect_agent
+from tests.plane_support import two_planes
 
 TTL = 60.0
 

@@ -8,29 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 from pathlib import Path
 
-from control.domain import AgentStatus, ComplianceState, Desired, Mode, Scope
+from control.domain import AgentStatus
+from control.domain import ComplianceState
+from control.domain import Desired
+from control.domain import Mode
+from control.domain import Scope
 from control.domain.approvals import ResumeState
-from control.domain.identity import Principal, Role
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.errors import StoreError
 from control.governance import Governance
-from control.plane import REPLICA_SILENT_BEATS, ControlPlane
-from control.store import AgentChanges, StoredAgent
+from control.plane import REPLICA_SILENT_BEATS
+from control.plane import ControlPlane
+from control.store import AgentChanges
+from control.store import StoredAgent
 from control.store.postgres import PostgresStore
 from tests.agent_support import wait_until
 from tests.fake_clock import FakeClock
-from tests.plane_support import (
-    IC,
-    REPORT,
-    STOPPED,
-    RecordingStore,
-    Session,
-    connect_agent,
-    run_plane,
-    two_planes,
-)
+from tests.plane_support import IC
+from tests.plane_support import REPORT
+from tests.plane_support import STOPPED
+from tests.plane_support import RecordingStore
+from tests.plane_support import Session
+from tests.plane_support import connect_agent
+from tests.plane_support import run_plane
+from tests.plane_support import two_planes
 
 APPROVER = Principal("approver-1", Role.APPROVER, serial="02")
 

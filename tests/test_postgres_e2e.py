@@ -13,17 +13,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import (
-    Cli,
-    ServerProcess,
-    Simulate,
-    StartServer,
-    connected_streams,
-    replica_of,
-    wait_capturing,
-    wait_for,
-)
-from tests.faults.relay import PG_ADDRESS, TcpProxy
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import connected_streams
+from tests.conftest import replica_of
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
+from tests.faults.relay import PG_ADDRESS
+from tests.faults.relay import TcpProxy
 
 
 def ready(server: ServerProcess) -> int:

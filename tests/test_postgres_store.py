@@ -11,7 +11,9 @@ import dataclasses
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -19,25 +21,29 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from control.domain.audit import verify_chain
-from control.errors import Conflict, StoreError
-from control.store import DecidedLabels, RunChange, Store, StoredAgent, postgres
-from control.store.postgres import MIGRATIONS, PostgresStore
-from tests.store_contract import (
-    Changes,
-    PostgresBackend,
-    SqlRefused,
-    agent,
-    certificate,
-    decision,
-    draft,
-    nothing,
-    postgres_backend,
-    record,
-    resume_request,
-    run_with_store,
-    staged_run,
-    watching,
-)
+from control.errors import Conflict
+from control.errors import StoreError
+from control.store import DecidedLabels
+from control.store import RunChange
+from control.store import Store
+from control.store import StoredAgent
+from control.store import postgres
+from control.store.postgres import MIGRATIONS
+from control.store.postgres import PostgresStore
+from tests.store_contract import Changes
+from tests.store_contract import PostgresBackend
+from tests.store_contract import SqlRefused
+from tests.store_contract import agent
+from tests.store_contract import certificate
+from tests.store_contract import decision
+from tests.store_contract import draft
+from tests.store_contract import nothing
+from tests.store_contract import postgres_backend
+from tests.store_contract import record
+from tests.store_contract import resume_request
+from tests.store_contract import run_with_store
+from tests.store_contract import staged_run
+from tests.store_contract import watching
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from control.errors import InvalidInput
-from control.prometheus_sources import PrometheusSources, parse_source, prometheus_value
+from control.prometheus_sources import PrometheusSources
+from control.prometheus_sources import parse_source
+from control.prometheus_sources import prometheus_value
 
 
 def test_a_source_is_a_name_and_an_http_url() -> None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulator, wait_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_for
 
 LEASE_TTL = 5.0
 FAULTS = ["ignore", "lie", "stubborn", "offline", "slow", "sleep"]

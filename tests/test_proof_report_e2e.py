@@ -12,7 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BIN, Cli, ServerProcess, Simulator, wait_capturing, wait_for
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 
 FLEET = 5
 HOSTILE = "<script>alert('pwned')</script> & \"leak\" <img src=x onerror=alert(1)>"

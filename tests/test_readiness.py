@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from control.domain.readiness import (
-    DAY,
-    AgentFacts,
-    HelloFacts,
-    ReadinessClass,
-    ReadinessPolicy,
-    assess,
-    classify,
-    parse_version,
-)
+from control.domain.readiness import DAY
+from control.domain.readiness import AgentFacts
+from control.domain.readiness import HelloFacts
+from control.domain.readiness import ReadinessClass
+from control.domain.readiness import ReadinessPolicy
+from control.domain.readiness import assess
+from control.domain.readiness import classify
+from control.domain.readiness import parse_version
 from control.errors import InvalidInput
 
 NOW = 1_000_000_000.0

@@ -11,8 +11,13 @@ import json
 import urllib.request
 from typing import Any
 
-from tests.conftest import Cli, ServerProcess, Simulate, StartServer, wait_for
-from tests.dashboard_support import Http, session_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import wait_for
+from tests.dashboard_support import Http
+from tests.dashboard_support import session_for
 
 CANNOT = {
     "old-00000": ["old-agent"],

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import Cli, ServerProcess, Simulator, connected_streams, replica_of, wait_for
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import connected_streams
+from tests.conftest import replica_of
+from tests.conftest import wait_for
 from tests.dashboard_support import Http
-from tests.faults.harness import check_history, db_holds
+from tests.faults.harness import check_history
+from tests.faults.harness import db_holds
 
 AGENTS = 60
 

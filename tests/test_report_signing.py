@@ -13,8 +13,11 @@ from typing import Any
 import pytest
 
 from control.errors import InvalidInput
-from control.pki import Authority, initialise, load_identity
-from control.report.signing import sign_report, verify
+from control.pki import Authority
+from control.pki import initialise
+from control.pki import load_identity
+from control.report.signing import sign_report
+from control.report.signing import verify
 
 
 @pytest.fixture(scope="module")

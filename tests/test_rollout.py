@@ -6,34 +6,42 @@ import dataclasses
 
 import pytest
 
-from control.domain import ComplianceState, Hold, HoldKind, Mode, Scope, reconcile_desired
-from control.domain.release import FULL_SHARE, Release, rank_key
-from control.domain.rollout import (
-    Action,
-    AgentVerdict,
-    Gates,
-    Observation,
-    PauseStep,
-    PrometheusGate,
-    PrometheusReading,
-    Run,
-    Runbook,
-    RunState,
-    Wave,
-    WaveState,
-    decide_pause,
-    decide_wave,
-    end_run,
-    evaluate_gates,
-    halting_hold,
-    new_run,
-    observe_pause,
-    observe_wave,
-    plan_waves,
-    start_wave,
-)
+from control.domain import ComplianceState
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain import reconcile_desired
+from control.domain.release import FULL_SHARE
+from control.domain.release import Release
+from control.domain.release import rank_key
+from control.domain.rollout import Action
+from control.domain.rollout import AgentVerdict
+from control.domain.rollout import Gates
+from control.domain.rollout import Observation
+from control.domain.rollout import PauseStep
+from control.domain.rollout import PrometheusGate
+from control.domain.rollout import PrometheusReading
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
+from control.domain.rollout import RunState
+from control.domain.rollout import Wave
+from control.domain.rollout import WaveState
+from control.domain.rollout import decide_pause
+from control.domain.rollout import decide_wave
+from control.domain.rollout import end_run
+from control.domain.rollout import evaluate_gates
+from control.domain.rollout import halting_hold
+from control.domain.rollout import new_run
+from control.domain.rollout import observe_pause
+from control.domain.rollout import observe_wave
+from control.domain.rollout import plan_waves
+from control.domain.rollout import start_wave
 from control.errors import InvalidInput
-from control.store.codec import release_from_json, release_to_json, run_from_json, run_to_json
+from control.store.codec import release_from_json
+from control.store.codec import release_to_json
+from control.store.codec import run_from_json
+from control.store.codec import run_to_json
 
 STAGED = Runbook(
     name="staged",

@@ -11,8 +11,12 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control.domain.release import FULL_SHARE, rank_key
-from control.domain.rollout import Runbook, Wave, new_run, start_wave
+from control.domain.release import FULL_SHARE
+from control.domain.release import rank_key
+from control.domain.rollout import Runbook
+from control.domain.rollout import Wave
+from control.domain.rollout import new_run
+from control.domain.rollout import start_wave
 
 NO_LABELS: dict[str, str] = {}
 

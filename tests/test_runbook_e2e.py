@@ -12,7 +12,8 @@ import signal
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,13 @@ import yaml
 
 from control.domain.rollout import Runbook
 from control.runbook_file import parse_runbook
-from tests.conftest import (
-    Cli,
-    ServerProcess,
-    Simulate,
-    StartServer,
-    free_port,
-    missing_tool,
-    wait_for,
-)
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import free_port
+from tests.conftest import missing_tool
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 STAGED = REPO / "runbooks" / "staged-reenable.yaml"

@@ -14,15 +14,16 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from control import runbook_file
-from control.domain.rollout import FROM_APPROVAL, Gates, OnFailure, PrometheusGate
+from control.domain.rollout import FROM_APPROVAL
+from control.domain.rollout import Gates
+from control.domain.rollout import OnFailure
+from control.domain.rollout import PrometheusGate
 from control.domain.scope import ScopeKind
 from control.errors import InvalidInput
-from control.runbook_file import (
-    RunbookFileError,
-    load_runbook,
-    parse_duration,
-    parse_runbook,
-)
+from control.runbook_file import RunbookFileError
+from control.runbook_file import load_runbook
+from control.runbook_file import parse_duration
+from control.runbook_file import parse_runbook
 from control.untrusted import MAX_DOCUMENT_BYTES
 
 RUNBOOKS = Path(__file__).resolve().parents[1] / "runbooks"

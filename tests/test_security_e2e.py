@@ -7,7 +7,8 @@ import re
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,16 @@ from killswitch.v1 import killswitch_pb2 as pb
 from control.domain.identity import Role
 from control.domain.limits import AGGREGATED_ACTION
 from control.pki import load_identity
-from control.rpc.authz import GATEWAY_POLICY, POLICY, action_name
-from tests.conftest import (
-    Cli,
-    ServerProcess,
-    Simulator,
-    agent_identity,
-    module_server,
-    wait_capturing,
-    wait_for,
-)
+from control.rpc.authz import GATEWAY_POLICY
+from control.rpc.authz import POLICY
+from control.rpc.authz import action_name
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import agent_identity
+from tests.conftest import module_server
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
 
 ROLE_IDENTITIES = {
     Role.INCIDENT_COMMANDER: "ic-1",

@@ -17,7 +17,8 @@ from control.cli.serve import settings_from_args
 from control.domain import CompliancePolicy
 from control.domain import timings as server_timings
 from control.domain.readiness import ReadinessPolicy
-from control.settings import DEFAULTS, ServerSettings
+from control.settings import DEFAULTS
+from control.settings import ServerSettings
 from simulator.cli import add_simulate_command
 
 

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 import structlog
 
-from control.domain.audit import GENESIS_HASH, ChainHead
+from control.domain.audit import GENESIS_HASH
+from control.domain.audit import ChainHead
 from control.errors import StoreError
 from control.store import Store
-from control.store.sqlite import DB_FILENAME, MIGRATIONS, SqliteStore
-from tests.store_contract import (
-    SqliteBackend,
-    SqlRefused,
-    draft,
-    nothing,
-    record,
-    run_with_store,
-)
+from control.store.sqlite import DB_FILENAME
+from control.store.sqlite import MIGRATIONS
+from control.store.sqlite import SqliteStore
+from tests.store_contract import SqliteBackend
+from tests.store_contract import SqlRefused
+from tests.store_contract import draft
+from tests.store_contract import nothing
+from tests.store_contract import record
+from tests.store_contract import run_with_store
 
 # test_audit_tamper builds its holds and audit records with these, imported from here.
 __all__ = ["draft", "record"]

@@ -8,23 +8,19 @@ import dataclasses
 
 import pytest
 
-from control.domain import (
-    AgentStatus,
-)
+from control.domain import AgentStatus
 from control.errors import StoreError
 from control.store import Store
-from tests.store_contract import (
-    Backend,
-    SqlRefused,
-    agent,
-    audit_actions,
-    decision,
-    evidence,
-    nothing,
-    record,
-    run_with_store,
-    sighting,
-)
+from tests.store_contract import Backend
+from tests.store_contract import SqlRefused
+from tests.store_contract import agent
+from tests.store_contract import audit_actions
+from tests.store_contract import decision
+from tests.store_contract import evidence
+from tests.store_contract import nothing
+from tests.store_contract import record
+from tests.store_contract import run_with_store
+from tests.store_contract import sighting
 
 
 def test_agent_batches_upsert_and_the_last_row_of_an_agent_wins(backend: Backend) -> None:

@@ -8,28 +8,29 @@ import dataclasses
 
 import pytest
 
-from control.domain import (
-    HoldKind,
-)
+from control.domain import HoldKind
 from control.domain.approvals import ResumeState
 from control.domain.release import FULL_SHARE
-from control.domain.rollout import Runbook, Wave, new_run, start_wave
-from control.errors import Conflict, NotFound
-from control.store import RunChange, Store
-from tests.store_contract import (
-    FIRST_CUT,
-    LAST_CUT,
-    Backend,
-    audit_actions,
-    decided,
-    draft,
-    pending_request,
-    record,
-    resume_request,
-    run_with_store,
-    staged_run,
-    version,
-)
+from control.domain.rollout import Runbook
+from control.domain.rollout import Wave
+from control.domain.rollout import new_run
+from control.domain.rollout import start_wave
+from control.errors import Conflict
+from control.errors import NotFound
+from control.store import RunChange
+from control.store import Store
+from tests.store_contract import FIRST_CUT
+from tests.store_contract import LAST_CUT
+from tests.store_contract import Backend
+from tests.store_contract import audit_actions
+from tests.store_contract import decided
+from tests.store_contract import draft
+from tests.store_contract import pending_request
+from tests.store_contract import record
+from tests.store_contract import resume_request
+from tests.store_contract import run_with_store
+from tests.store_contract import staged_run
+from tests.store_contract import version
 
 
 def test_execute_resume_lifts_and_records_the_request_in_one_step(backend: Backend) -> None:

@@ -9,21 +9,22 @@ import dataclasses
 import pytest
 import structlog
 
-from control.domain.audit import ChainHead, verify_chain
-from control.domain.identity import EnrollToken, hash_secret
-from control.errors import InvalidInput, NotFound
+from control.domain.audit import ChainHead
+from control.domain.audit import verify_chain
+from control.domain.identity import EnrollToken
+from control.domain.identity import hash_secret
+from control.errors import InvalidInput
+from control.errors import NotFound
 from control.store import Store
-from tests.store_contract import (
-    Backend,
-    SqlRefused,
-    agent_cert,
-    audit_actions,
-    certificate,
-    draft,
-    record,
-    resume_request,
-    run_with_store,
-)
+from tests.store_contract import Backend
+from tests.store_contract import SqlRefused
+from tests.store_contract import agent_cert
+from tests.store_contract import audit_actions
+from tests.store_contract import certificate
+from tests.store_contract import draft
+from tests.store_contract import record
+from tests.store_contract import resume_request
+from tests.store_contract import run_with_store
 
 
 def test_every_write_chains_its_audit_entries_and_moves_the_head(backend: Backend) -> None:

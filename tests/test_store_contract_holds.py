@@ -9,29 +9,28 @@ import dataclasses
 
 import pytest
 
-from control.domain import (
-    HoldDraft,
-    HoldKind,
-    Scope,
-)
-from control.errors import Conflict, NotFound, StoreError
-from control.store import RunChange, Store
+from control.domain import HoldDraft
+from control.domain import HoldKind
+from control.domain import Scope
+from control.errors import Conflict
+from control.errors import NotFound
+from control.errors import StoreError
+from control.store import RunChange
+from control.store import Store
 from control.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from control.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from tests.store_contract import (
-    Backend,
-    PostgresBackend,
-    agent,
-    audit_actions,
-    certificate,
-    draft,
-    nothing,
-    record,
-    resume_request,
-    run_with_store,
-    staged_run,
-    version,
-)
+from tests.store_contract import Backend
+from tests.store_contract import PostgresBackend
+from tests.store_contract import agent
+from tests.store_contract import audit_actions
+from tests.store_contract import certificate
+from tests.store_contract import draft
+from tests.store_contract import nothing
+from tests.store_contract import record
+from tests.store_contract import resume_request
+from tests.store_contract import run_with_store
+from tests.store_contract import staged_run
+from tests.store_contract import version
 
 
 def test_holds_epochs_and_agents_survive_reopen(backend: Backend) -> None:

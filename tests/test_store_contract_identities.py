@@ -9,22 +9,24 @@ import dataclasses
 
 import pytest
 
-from control.domain.identity import EnrollToken, hash_secret
-from control.errors import Conflict, NotFound, PermissionDenied
-from control.store import Store, enrolment
+from control.domain.identity import EnrollToken
+from control.domain.identity import hash_secret
+from control.errors import Conflict
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.store import Store
+from control.store import enrolment
 from control.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from control.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from tests.store_contract import (
-    Backend,
-    PostgresBackend,
-    agent_cert,
-    audit_actions,
-    certificate,
-    draft,
-    record,
-    resume_request,
-    run_with_store,
-)
+from tests.store_contract import Backend
+from tests.store_contract import PostgresBackend
+from tests.store_contract import agent_cert
+from tests.store_contract import audit_actions
+from tests.store_contract import certificate
+from tests.store_contract import draft
+from tests.store_contract import record
+from tests.store_contract import resume_request
+from tests.store_contract import run_with_store
 
 
 def test_requests_and_revocations_survive_reopen(backend: Backend) -> None:

@@ -19,14 +19,25 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from control.errors import StoreError, StoreUnavailable
+from control.errors import StoreError
+from control.errors import StoreUnavailable
 from control.plane import ControlPlane
-from control.store import Store, causes
+from control.store import Store
+from control.store import causes
 from control.store.postgres import PostgresStore
-from control.store.reserve import RESERVE_BYTES, RESERVE_FILENAME
+from control.store.reserve import RESERVE_BYTES
+from control.store.reserve import RESERVE_FILENAME
 from tests.conftest import ADMIN_DSN
-from tests.disks import fill, mount_ext4, mount_tmpfs, mounted, turn_read_only
-from tests.store_contract import SqliteBackend, agent, draft, record, run_with_store
+from tests.disks import fill
+from tests.disks import mount_ext4
+from tests.disks import mount_tmpfs
+from tests.disks import mounted
+from tests.disks import turn_read_only
+from tests.store_contract import SqliteBackend
+from tests.store_contract import agent
+from tests.store_contract import draft
+from tests.store_contract import record
+from tests.store_contract import run_with_store
 
 
 @pytest.fixture

@@ -15,22 +15,27 @@ from pathlib import Path
 import pytest
 
 from control.domain.approvals import ResumeState
-from control.domain.rollout import Run, RunState, end_run
+from control.domain.rollout import Run
+from control.domain.rollout import RunState
+from control.domain.rollout import end_run
 from control.errors import Conflict
-from control.store import ArchivedCounts, RunChange, SharedState, Store, codec
-from control.store.sqlite import DB_FILENAME, MIGRATIONS
-from tests.store_contract import (
-    Backend,
-    SqliteBackend,
-    audit_actions,
-    decided,
-    draft,
-    pending_request,
-    record,
-    run_with_store,
-    staged_run,
-    version,
-)
+from control.store import ArchivedCounts
+from control.store import RunChange
+from control.store import SharedState
+from control.store import Store
+from control.store import codec
+from control.store.sqlite import DB_FILENAME
+from control.store.sqlite import MIGRATIONS
+from tests.store_contract import Backend
+from tests.store_contract import SqliteBackend
+from tests.store_contract import audit_actions
+from tests.store_contract import decided
+from tests.store_contract import draft
+from tests.store_contract import pending_request
+from tests.store_contract import record
+from tests.store_contract import run_with_store
+from tests.store_contract import staged_run
+from tests.store_contract import version
 
 BEFORE = 10_000.0
 NOW = 30_000.0

@@ -10,17 +10,17 @@ import pytest
 import yaml
 
 from control import untrusted
-from control.errors import MAX_SHOWN_CHARS, shown
-from control.untrusted import (
-    MAX_DOCUMENT_BYTES,
-    MAX_DOCUMENT_DEPTH,
-    MAX_DOCUMENT_NODES,
-    DocumentRefused,
-    GuardedYamlLoader,
-    load_json,
-    off_loop,
-)
-from tests.hostile_documents import HOSTILE, alias_bomb
+from control.errors import MAX_SHOWN_CHARS
+from control.errors import shown
+from control.untrusted import MAX_DOCUMENT_BYTES
+from control.untrusted import MAX_DOCUMENT_DEPTH
+from control.untrusted import MAX_DOCUMENT_NODES
+from control.untrusted import DocumentRefused
+from control.untrusted import GuardedYamlLoader
+from control.untrusted import load_json
+from control.untrusted import off_loop
+from tests.hostile_documents import HOSTILE
+from tests.hostile_documents import alias_bomb
 
 # The longest message a refusal here may have: a fixed sentence and one excerpt.
 SHORT = 160

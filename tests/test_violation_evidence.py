@@ -8,20 +8,31 @@ shared state) is called by hand, so each step of a sync is visible.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from control.domain import CaptureReport, ComplianceState, Mode, Scope
+from control.domain import CaptureReport
+from control.domain import ComplianceState
+from control.domain import Mode
+from control.domain import Scope
 from control.domain.audit import AuditRecord
 from control.errors import StoreError
 from control.plane import ControlPlane
-from control.store import Store, ViolationEvidence
+from control.store import Store
+from control.store import ViolationEvidence
 from control.store.postgres import PostgresStore
 from tests.fake_clock import FakeClock
-from tests.plane_support import IC, STOPPED, RecordingStore, connect_agent, two_planes
+from tests.plane_support import IC
+from tests.plane_support import STOPPED
+from tests.plane_support import RecordingStore
+from tests.plane_support import connect_agent
+from tests.plane_support import two_planes
 
 FROZEN = CaptureReport(events_total=10)
 MOVED = CaptureReport(events_total=20)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from control.store import Store
 from control.store.outbox import OutboxMessage
-from control.webhooks.config import EVENTS, Webhook
+from control.webhooks.config import EVENTS
+from control.webhooks.config import Webhook
 from control.webhooks.events import WebhookFeed
-from tests.store_contract import Backend, draft, record, run_with_store
+from tests.store_contract import Backend
+from tests.store_contract import draft
+from tests.store_contract import record
+from tests.store_contract import run_with_store
 
 FEED = WebhookFeed([Webhook("chat", "http://127.0.0.1:9/x", frozenset(EVENTS), b"k" * 16)])
 

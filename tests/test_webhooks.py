@@ -9,17 +9,25 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from control.domain.audit import AuditEntry, AuditRecord
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
 from control.webhooks.config import parse_webhook
 from control.webhooks.events import event_of
-from tests.conftest import BIN, Cli, Simulate, StartServer, free_port, wait_for
-from tests.test_runbook_e2e import STAGED, fast_copy
+from tests.conftest import BIN
+from tests.conftest import Cli
+from tests.conftest import Simulate
+from tests.conftest import StartServer
+from tests.conftest import free_port
+from tests.conftest import wait_for
+from tests.test_runbook_e2e import STAGED
+from tests.test_runbook_e2e import fast_copy
 
 SECRET = b"s3cret-for-the-webhook-tests-0123456789"
 

@@ -13,9 +13,11 @@ from agent_stub.config import Tuning
 from bench import ingest_drill
 from bench.console import log
 from bench.ingest_drill.metrics import load_average
-from bench.ingest_drill.report import MODULE, report
+from bench.ingest_drill.report import MODULE
+from bench.ingest_drill.report import report
 from bench.ingest_drill.run import Bench
-from bench.procs import install_cleanup, stop_all
+from bench.procs import install_cleanup
+from bench.procs import stop_all
 from control.cli.options import positive_int
 
 

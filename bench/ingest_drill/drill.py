@@ -11,17 +11,22 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
 from bench.console import log
-from bench.harness import INCIDENT_COMMANDER, Operator, person
+from bench.harness import INCIDENT_COMMANDER
+from bench.harness import Operator
+from bench.harness import person
 from bench.ingest_drill.processes import Fleet
 from bench.ingest_load import late_in_sink
-from tests.faults.checker import GRACE_SECONDS, Pause, check
+from tests.faults.checker import GRACE_SECONDS
+from tests.faults.checker import Pause
+from tests.faults.checker import check
 
 LIARS = frozenset({"silent-liar", "lie", "exfiltrator"})
 HONEST = frozenset({"none", "slow", "offline", "sleep"})

@@ -15,9 +15,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
-from bench.procs import BIN, REPO, Child
+from bench.procs import BIN
+from bench.procs import REPO
+from bench.procs import Child
 from tests.faults.checker import read_truth
 
 # The drill's faults (tests/faults/test_ingest_drill.py), as shares of the fleet.

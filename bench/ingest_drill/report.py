@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 from bench.console import this_command
-from bench.figures import against_target, percentile
+from bench.figures import against_target
+from bench.figures import percentile
 from bench.ingest_drill.drill import drill_wait
 from bench.ingest_drill.side import Side
 

@@ -13,32 +13,37 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 from bench.bare_sink import count_records
 from bench.console import log
-from bench.harness import Operator, by_state, poll, wait_answering
+from bench.harness import Operator
+from bench.harness import by_state
+from bench.harness import poll
+from bench.harness import wait_answering
 from bench.ingest_drill.drill import drill
-from bench.ingest_drill.metrics import (
-    authorize_histogram,
-    gateway_figures,
-    gateway_histograms,
-    histogram_figures,
-    load_average,
-)
-from bench.ingest_drill.processes import (
-    Fleet,
-    Measured,
-    start_bare_sink,
-    start_gateway,
-    start_lease_holders,
-    start_server,
-    wait_listening,
-)
+from bench.ingest_drill.metrics import authorize_histogram
+from bench.ingest_drill.metrics import gateway_figures
+from bench.ingest_drill.metrics import gateway_histograms
+from bench.ingest_drill.metrics import histogram_figures
+from bench.ingest_drill.metrics import load_average
+from bench.ingest_drill.processes import Fleet
+from bench.ingest_drill.processes import Measured
+from bench.ingest_drill.processes import start_bare_sink
+from bench.ingest_drill.processes import start_gateway
+from bench.ingest_drill.processes import start_lease_holders
+from bench.ingest_drill.processes import start_server
+from bench.ingest_drill.processes import wait_listening
 from bench.ingest_drill.side import Side
-from bench.ingest_load import BurstResult, burst, next_sequences, probe, sink_batches
-from bench.procs import free_port, log_summary
+from bench.ingest_load import BurstResult
+from bench.ingest_load import burst
+from bench.ingest_load import next_sequences
+from bench.ingest_load import probe
+from bench.ingest_load import sink_batches
+from bench.procs import free_port
+from bench.procs import log_summary
 from bench.volume import own_volume
 
 # The lease holders' start-up work (first heartbeats, first renewals) spreads over one

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
-from bench.ingest_load import BurstResult, ProbeResult
+from bench.ingest_load import BurstResult
+from bench.ingest_load import ProbeResult
 
 
 @dataclass(slots=True)

@@ -11,30 +11,31 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 
 import grpc
 
 from bench import pause_fleet
-from bench.console import log, this_command
+from bench.console import log
+from bench.console import this_command
 from bench.pause_fleet.phases import Pace
 from bench.pause_fleet.postgres import check_admin_url
 from bench.pause_fleet.report import report
 from bench.pause_fleet.results import Run
 from bench.pause_fleet.run import Bench
-from bench.pause_fleet.systems import (
-    BASELINE,
-    PRODUCT,
-    PRODUCT_MTLS,
-    TUNED_BASELINE,
-    Comparison,
-    RunKey,
-    Storage,
-    Topology,
-    run_key,
-)
-from bench.procs import install_cleanup, stop_all
+from bench.pause_fleet.systems import BASELINE
+from bench.pause_fleet.systems import PRODUCT
+from bench.pause_fleet.systems import PRODUCT_MTLS
+from bench.pause_fleet.systems import TUNED_BASELINE
+from bench.pause_fleet.systems import Comparison
+from bench.pause_fleet.systems import RunKey
+from bench.pause_fleet.systems import Storage
+from bench.pause_fleet.systems import Topology
+from bench.pause_fleet.systems import run_key
+from bench.procs import install_cleanup
+from bench.procs import stop_all
 
 MODULE = "bench.pause_fleet"
 

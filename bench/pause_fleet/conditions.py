@@ -7,12 +7,15 @@ counts per state; each condition below is "every one of N agents is in such a st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from bench.harness import Operator, by_state, poll
+from bench.harness import Operator
+from bench.harness import by_state
+from bench.harness import poll
 
 OFFLINE_STATES = frozenset({"OFFLINE_AT_RISK", "OFFLINE_LEASE_EXPIRED", "OFFLINE", "NEVER_SEEN"})
 # An agent that acked its stop; the product then verifies it a heartbeat later.

@@ -14,17 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.figures import percentile
-from bench.harness import Operator, poll, wait_answering
-from bench.pause_fleet.conditions import (
-    VERIFIED,
-    all_connected,
-    all_in,
-    all_stopped,
-    all_verified,
-    others,
-    poll_replicas,
-)
-from bench.pause_fleet.results import Push, Reconnect, Run
+from bench.harness import Operator
+from bench.harness import poll
+from bench.harness import wait_answering
+from bench.pause_fleet.conditions import VERIFIED
+from bench.pause_fleet.conditions import all_connected
+from bench.pause_fleet.conditions import all_in
+from bench.pause_fleet.conditions import all_stopped
+from bench.pause_fleet.conditions import all_verified
+from bench.pause_fleet.conditions import others
+from bench.pause_fleet.conditions import poll_replicas
+from bench.pause_fleet.results import Push
+from bench.pause_fleet.results import Reconnect
+from bench.pause_fleet.results import Run
 from bench.pause_fleet.site import Site
 from bench.procs import Child
 

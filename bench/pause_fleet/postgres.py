@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
 
 import psycopg
 

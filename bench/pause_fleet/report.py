@@ -7,13 +7,19 @@ nobody measured is left out. The report is printed as BENCHMARKS.md quotes it.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Literal
 
 from bench.figures import against_target
 from bench.pause_fleet.postgres import masked
-from bench.pause_fleet.results import Enrolment, Run
-from bench.pause_fleet.systems import Comparison, RunKey, Storage, run_key
+from bench.pause_fleet.results import Enrolment
+from bench.pause_fleet.results import Run
+from bench.pause_fleet.systems import Comparison
+from bench.pause_fleet.systems import RunKey
+from bench.pause_fleet.systems import Storage
+from bench.pause_fleet.systems import run_key
 
 # How a table row compares product with baseline: not at all, a ratio, a ratio with a target.
 Compare = Literal["", "ratio", "target"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
-from bench.pause_fleet.systems import System, Topology
+from bench.pause_fleet.systems import System
+from bench.pause_fleet.systems import Topology
 
 
 @dataclass(frozen=True, slots=True)

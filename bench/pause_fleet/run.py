@@ -11,19 +11,36 @@ import shlex
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 from bench.console import log
-from bench.harness import APPROVER, INCIDENT_COMMANDER, Operator, wait_answering
+from bench.harness import APPROVER
+from bench.harness import INCIDENT_COMMANDER
+from bench.harness import Operator
+from bench.harness import wait_answering
 from bench.pause_fleet import phases
-from bench.pause_fleet.conditions import all_in, poll_replicas
+from bench.pause_fleet.conditions import all_in
+from bench.pause_fleet.conditions import poll_replicas
 from bench.pause_fleet.phases import Pace
-from bench.pause_fleet.postgres import masked, scratch_database
-from bench.pause_fleet.results import Enrolment, Run
-from bench.pause_fleet.site import Site, issue_identity, run_cli
-from bench.pause_fleet.systems import Enrolling, Ports, Storage, System, Topology
-from bench.procs import BIN, REPO, Child, free_port, log_summary
+from bench.pause_fleet.postgres import masked
+from bench.pause_fleet.postgres import scratch_database
+from bench.pause_fleet.results import Enrolment
+from bench.pause_fleet.results import Run
+from bench.pause_fleet.site import Site
+from bench.pause_fleet.site import issue_identity
+from bench.pause_fleet.site import run_cli
+from bench.pause_fleet.systems import Enrolling
+from bench.pause_fleet.systems import Ports
+from bench.pause_fleet.systems import Storage
+from bench.pause_fleet.systems import System
+from bench.pause_fleet.systems import Topology
+from bench.procs import BIN
+from bench.procs import REPO
+from bench.procs import Child
+from bench.procs import free_port
+from bench.procs import log_summary
 from control.pki import REPLICA_FILES
 
 TOKEN_TTL_SECONDS = 3600

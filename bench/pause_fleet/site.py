@@ -12,9 +12,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.pause_fleet.systems import Ports, System
+from bench.pause_fleet.systems import Ports
+from bench.pause_fleet.systems import System
 from bench.people import issue_person
-from bench.procs import BIN, REPO, Child
+from bench.procs import BIN
+from bench.procs import REPO
+from bench.procs import Child
 from control.domain.identity import Role
 
 

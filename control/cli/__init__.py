@@ -9,6 +9,7 @@ flags and the client they set up (``control.client``); ``output`` the tables and
 
 from __future__ import annotations
 
-from control.cli.app import build_parser, main
+from control.cli.app import build_parser
+from control.cli.app import main
 
 __all__ = ["build_parser", "main"]

@@ -13,32 +13,26 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from control.cli import (
-    audit,
-    certs,
-    fleet,
-    identity,
-    pause_resume,
-    report,
-    runbook,
-    self_service,
-    serve,
-)
-from control.cli.exit_codes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_STORE_UNAVAILABLE,
-    EXIT_UNREACHABLE,
-)
+from control.cli import audit
+from control.cli import certs
+from control.cli import fleet
+from control.cli import identity
+from control.cli import pause_resume
+from control.cli import report
+from control.cli import runbook
+from control.cli import self_service
+from control.cli import serve
+from control.cli.exit_codes import EXIT_BAD_INPUT
+from control.cli.exit_codes import EXIT_FAILED
+from control.cli.exit_codes import EXIT_INTERRUPTED
+from control.cli.exit_codes import EXIT_STORE_UNAVAILABLE
+from control.cli.exit_codes import EXIT_UNREACHABLE
 from control.cli.options import connect
-from control.errors import (
-    InvalidInput,
-    KillswitchError,
-    ServerStoreUnavailable,
-    ServerTimedOut,
-    ServerUnreachable,
-)
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import ServerStoreUnavailable
+from control.errors import ServerTimedOut
+from control.errors import ServerUnreachable
 from control.ingest.cli import add_ingest_parser
 
 # What a person can do about a server that cannot be reached, after the reason.

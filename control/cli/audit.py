@@ -7,7 +7,8 @@ itself (``control.admin``), so that a dishonest server cannot vouch for its own 
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +16,19 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control import admin
 from control.cli.exit_codes import EXIT_FAILED
-from control.cli.options import (
-    add_client_options,
-    add_command,
-    add_database_option,
-    connect,
-)
-from control.cli.output import print_json, print_table
+from control.cli.options import add_client_options
+from control.cli.options import add_command
+from control.cli.options import add_database_option
+from control.cli.options import connect
+from control.cli.output import print_json
+from control.cli.output import print_table
 from control.client import OperatorClient
-from control.domain.audit import (
-    GENESIS_HASH,
-    AuditEntry,
-    AuditRecord,
-    ChainHead,
-    verify_anchor,
-    verify_chain,
-)
+from control.domain.audit import GENESIS_HASH
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.audit import verify_anchor
+from control.domain.audit import verify_chain
 from control.errors import InvalidInput
 
 

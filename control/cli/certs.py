@@ -9,8 +9,12 @@ from typing import Any
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.cli.options import add_command, add_group, positive_int, positive_seconds
-from control.cli.output import print_json, print_table
+from control.cli.options import add_command
+from control.cli.options import add_group
+from control.cli.options import positive_int
+from control.cli.options import positive_seconds
+from control.cli.output import print_json
+from control.cli.output import print_table
 from control.client import OperatorClient
 from control.domain import parse_label_pairs
 from control.wire import iso

@@ -11,18 +11,21 @@ from typing import Any
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.cli.exit_codes import EXIT_FAILED
-from control.cli.options import add_command, add_group, add_quiet_option
-from control.cli.output import (
-    agent_json,
-    agent_rows,
-    ago,
-    hold_json,
-    print_json,
-    print_table,
-    scope_text,
-)
+from control.cli.options import add_command
+from control.cli.options import add_group
+from control.cli.options import add_quiet_option
+from control.cli.output import agent_json
+from control.cli.output import agent_rows
+from control.cli.output import ago
+from control.cli.output import hold_json
+from control.cli.output import print_json
+from control.cli.output import print_table
+from control.cli.output import scope_text
 from control.client import OperatorClient
-from control.domain import ComplianceState, parse_label_pairs, parse_selector, validate_agent_id
+from control.domain import ComplianceState
+from control.domain import parse_label_pairs
+from control.domain import parse_selector
+from control.domain import validate_agent_id
 from control.errors import InvalidInput
 
 # Agents per ExpectAgents call: keeps every message well under the server's size cap.

@@ -18,18 +18,17 @@ from typing import Any
 from control import admin
 from control.cli.options import add_database_option
 from control.domain.identity import parse_role
-from control.errors import InvalidInput, KillswitchError
-from control.pki import (
-    BOOTSTRAP_ADMIN,
-    CSR_FILE,
-    IDENTITIES_DIR,
-    MAX_CSR_BYTES,
-    PKI_DIR,
-    REPLICA_FILES,
-    RootAuthority,
-    initialise,
-    request_identity,
-)
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.pki import BOOTSTRAP_ADMIN
+from control.pki import CSR_FILE
+from control.pki import IDENTITIES_DIR
+from control.pki import MAX_CSR_BYTES
+from control.pki import PKI_DIR
+from control.pki import REPLICA_FILES
+from control.pki import RootAuthority
+from control.pki import initialise
+from control.pki import request_identity
 
 # Who the audit log names for what is signed offline: no server call, no principal.
 OFFLINE_ACTOR = "root CA (offline)"

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from control.client import Credentials, OperatorClient
-from control.errors import InvalidInput, KillswitchError
+from control.client import Credentials
+from control.client import OperatorClient
+from control.errors import InvalidInput
+from control.errors import KillswitchError
 from control.pki import load_identity
 from control.settings import DEFAULT_GRPC_ADDRESS
 

@@ -14,7 +14,8 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.domain.labels import label_mismatch, mismatch_json
+from control.domain.labels import label_mismatch
+from control.domain.labels import mismatch_json
 from control.wire import iso
 
 

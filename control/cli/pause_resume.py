@@ -14,17 +14,21 @@ from typing import Any
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.cli.exit_codes import EXIT_FAILED, EXIT_TIMEOUT
-from control.cli.options import (
-    add_command,
-    add_group,
-    add_quiet_option,
-    add_wait_options,
-    positive_seconds,
-)
-from control.cli.output import agent_rows, print_json, print_table, scope_text
+from control.cli.exit_codes import EXIT_FAILED
+from control.cli.exit_codes import EXIT_TIMEOUT
+from control.cli.options import add_command
+from control.cli.options import add_group
+from control.cli.options import add_quiet_option
+from control.cli.options import add_wait_options
+from control.cli.options import positive_seconds
+from control.cli.output import agent_rows
+from control.cli.output import print_json
+from control.cli.output import print_table
+from control.cli.output import scope_text
 from control.client import OperatorClient
-from control.domain import parse_selector, validate_agent_id, validate_reason
+from control.domain import parse_selector
+from control.domain import validate_agent_id
+from control.domain import validate_reason
 from control.wire import iso
 
 # Agents not yet settled that a timed-out ``--wait`` lists (``agents --hold`` shows all).

@@ -16,7 +16,8 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control.audit_checkpoints import ca_for_verify
 from control.cli.exit_codes import EXIT_FAILED
-from control.cli.options import add_client_options, add_command
+from control.cli.options import add_client_options
+from control.cli.options import add_command
 from control.client import OperatorClient
 from control.errors import InvalidInput
 from control.report.render_html import render

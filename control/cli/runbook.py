@@ -14,12 +14,19 @@ from typing import Any
 
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.cli.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_TIMEOUT
-from control.cli.options import add_command, add_group, add_quiet_option, positive_seconds
-from control.cli.output import print_json, print_table
+from control.cli.exit_codes import EXIT_BAD_INPUT
+from control.cli.exit_codes import EXIT_FAILED
+from control.cli.exit_codes import EXIT_TIMEOUT
+from control.cli.options import add_command
+from control.cli.options import add_group
+from control.cli.options import add_quiet_option
+from control.cli.options import positive_seconds
+from control.cli.output import print_json
+from control.cli.output import print_table
 from control.client import OperatorClient
 from control.domain import validate_reason
-from control.runbook_file import RunbookFileError, load_runbook
+from control.runbook_file import RunbookFileError
+from control.runbook_file import load_runbook
 from control.runbook_json import run_json
 from control.wire import iso
 

@@ -13,7 +13,9 @@ from typing import Any
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.cli.options import add_command
-from control.cli.output import hold_kind_name, mode_name, print_json
+from control.cli.output import hold_kind_name
+from control.cli.output import mode_name
+from control.cli.output import print_json
 from control.client import OperatorClient
 from control.wire import iso
 

@@ -12,19 +12,22 @@ import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from typing import Any
 
-from control.cli.options import (
-    add_database_option,
-    positive_int,
-    positive_seconds,
-)
+from control.cli.options import add_database_option
+from control.cli.options import positive_int
+from control.cli.options import positive_seconds
 from control.domain.history import check_history_retention
 from control.domain.readiness import parse_version
-from control.errors import InvalidInput, one_line
-from control.logs import add_log_options, configure_logging
-from control.settings import DEFAULTS, ServerSettings
-from control.webhooks.config import EVENTS, WebhookSpec
+from control.errors import InvalidInput
+from control.errors import one_line
+from control.logs import add_log_options
+from control.logs import configure_logging
+from control.settings import DEFAULTS
+from control.settings import ServerSettings
+from control.webhooks.config import EVENTS
+from control.webhooks.config import WebhookSpec
 
 if TYPE_CHECKING:
     from control.web.oidc import OidcSettings

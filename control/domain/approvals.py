@@ -16,9 +16,15 @@ import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 
-from control.domain.holds import Hold, HoldKind, validate_reason, validate_ticket
-from control.domain.identity import Principal, Role
-from control.errors import Conflict, InvalidInput, PermissionDenied
+from control.domain.holds import Hold
+from control.domain.holds import HoldKind
+from control.domain.holds import validate_reason
+from control.domain.holds import validate_ticket
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import PermissionDenied
 
 DEFAULT_REQUEST_TTL_SECONDS = 3600.0
 MAX_REQUEST_TTL_SECONDS = 7 * 24 * 3600.0

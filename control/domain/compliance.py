@@ -8,18 +8,21 @@ reaches the same verdict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import UTC
+from datetime import datetime
 from enum import StrEnum
 
-from control.domain.desired import Desired, Mode
-from control.domain.readiness import UNSAID, HelloFacts
-from control.domain.timings import (
-    DEFAULT_ACK_DEADLINE_SECONDS,
-    DEFAULT_HEARTBEAT_SECONDS,
-    DEFAULT_PROOF_WINDOW_SECONDS,
-)
+from control.domain.desired import Desired
+from control.domain.desired import Mode
+from control.domain.readiness import UNSAID
+from control.domain.readiness import HelloFacts
+from control.domain.timings import DEFAULT_ACK_DEADLINE_SECONDS
+from control.domain.timings import DEFAULT_HEARTBEAT_SECONDS
+from control.domain.timings import DEFAULT_PROOF_WINDOW_SECONDS
 
 # Agent and server wall clocks disagree a little; an upload dated this much after
 # the stop is still given the benefit of the doubt.

@@ -7,7 +7,8 @@ changes, and an agent is in sync once it acks an epoch at least that new.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 

@@ -8,9 +8,13 @@ predicates say which, and the stores' SQL says the same thing (``control.store.h
 
 from __future__ import annotations
 
-from control.domain.approvals import OPEN_STATES, ResumeRequest, ResumeState
+from control.domain.approvals import OPEN_STATES
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import ResumeState
 from control.domain.holds import Hold
-from control.domain.rollout import ACTIVE_RUN_STATES, Run, RunState
+from control.domain.rollout import ACTIVE_RUN_STATES
+from control.domain.rollout import Run
+from control.domain.rollout import RunState
 
 # A week: longer than the longest a resume request may stay open (its maximum TTL), and
 # an incident's review usually falls within it; `requests list --all` and `runbook list`

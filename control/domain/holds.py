@@ -9,7 +9,8 @@ from enum import StrEnum
 
 from control.domain.release import Release
 from control.domain.scope import Scope
-from control.errors import InvalidInput, shown
+from control.errors import InvalidInput
+from control.errors import shown
 
 MAX_REASON_CHARS = 500
 MAX_TICKET_CHARS = 100

@@ -10,12 +10,14 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from enum import StrEnum
 from types import MappingProxyType
 
 from control.domain.scope import validate_labels
-from control.errors import InvalidInput, shown
+from control.errors import InvalidInput
+from control.errors import shown
 
 TOKEN_PREFIX = "kst"
 MAX_TOKEN_USES = 100_000

@@ -20,8 +20,10 @@ Two severities:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
 from enum import StrEnum
 
 from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
 from enum import StrEnum
 
-from control.errors import InvalidInput, shown
+from control.errors import InvalidInput
+from control.errors import shown
 
 # Kubernetes-style label syntax: short, printable, no separators that would make
 # `k=v,k=v` ambiguous.

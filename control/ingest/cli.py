@@ -18,7 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.errors import InvalidInput
-from control.logs import add_log_options, configure_logging
+from control.logs import add_log_options
+from control.logs import configure_logging
 
 EXPORT_LOG = "export.log"
 
@@ -83,7 +84,8 @@ def tune_garbage_collector() -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from control.ingest.gateway import GatewayConfig, serve_gateway
+    from control.ingest.gateway import GatewayConfig
+    from control.ingest.gateway import serve_gateway
 
     if not args.data_dir:
         raise InvalidInput("--data-dir DIR is needed: the gateway's private directory")
@@ -109,7 +111,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Verified records to a new owner-only file, and an entry in the export log first."""
-    from control.ingest.sink import QUARANTINE_DIR, SINK_DIR, verified_records
+    from control.ingest.sink import QUARANTINE_DIR
+    from control.ingest.sink import SINK_DIR
+    from control.ingest.sink import verified_records
 
     os.umask(0o077)
     data_dir, out = Path(args.data_dir), Path(args.out)

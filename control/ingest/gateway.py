@@ -18,37 +18,45 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+from typing import NoReturn
 
 import grpc
 import numpy
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.addresses import require_loopback, split_host_port
+from control.addresses import require_loopback
+from control.addresses import split_host_port
 from control.domain.identity import Principal
-from control.errors import InvalidInput, one_line
-from control.grpc_servers import STOP_GRACE_SECONDS, bind_port
-from control.ingest.checks import (
-    MAX_BATCH_BYTES,
-    BatchShape,
-    Refusal,
-    after_stop_refusal,
-    check_shape,
-    sequence_refusal,
-)
-from control.ingest.control_client import ControlClient, ControlUnreachable
+from control.errors import InvalidInput
+from control.errors import one_line
+from control.grpc_servers import STOP_GRACE_SECONDS
+from control.grpc_servers import bind_port
+from control.ingest.checks import MAX_BATCH_BYTES
+from control.ingest.checks import BatchShape
+from control.ingest.checks import Refusal
+from control.ingest.checks import after_stop_refusal
+from control.ingest.checks import check_shape
+from control.ingest.checks import sequence_refusal
+from control.ingest.control_client import ControlClient
+from control.ingest.control_client import ControlUnreachable
 from control.ingest.metrics import GatewayMetrics
-from control.ingest.sink import QUARANTINE_DIR, Batch, Sink, check_agent_id, claim_data_dir
+from control.ingest.sink import QUARANTINE_DIR
+from control.ingest.sink import Batch
+from control.ingest.sink import Sink
+from control.ingest.sink import check_agent_id
+from control.ingest.sink import claim_data_dir
 from control.lifecycle import wait_for_shutdown_signal
-from control.pki import Identity, load_identity, principal_from_pem
-from control.rpc.authz import (
-    GATEWAY_POLICY,
-    Authenticator,
-    AuthorizationInterceptor,
-    current_principal,
-)
-from control.rpc.convert import seconds, timestamp
+from control.pki import Identity
+from control.pki import load_identity
+from control.pki import principal_from_pem
+from control.rpc.authz import GATEWAY_POLICY
+from control.rpc.authz import Authenticator
+from control.rpc.authz import AuthorizationInterceptor
+from control.rpc.authz import current_principal
+from control.rpc.convert import seconds
+from control.rpc.convert import timestamp
 from control.rpc.error_boundary import ErrorBoundary
 from control.rpc.handler_cache import add_wrapped
 

@@ -8,9 +8,13 @@ apart, per group commit, so a slow disk and a slow control plane are told apart.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import start_http_server
 
-from control.addresses import ensure_can_listen, split_host_port
+from control.addresses import ensure_can_listen
+from control.addresses import split_host_port
 
 # Milliseconds matter here: the target is a p99 of 50 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -45,16 +45,22 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 
-from control.errors import InvalidInput, KillswitchError
-from control.events import ObserverFailures, name_of
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.events import ObserverFailures
+from control.events import name_of
 
 log = structlog.get_logger("killswitch.ingest")
 

@@ -27,10 +27,16 @@ already read (``adopt_holds``, ``adopt_agents``, ``adopt_violations``, ``adopt_l
 from control.plane.cache import DirectiveSpec
 from control.plane.control_plane import ControlPlane
 from control.plane.entries import Subscriber
-from control.plane.holds import EpochUnknown, new_hold_id
-from control.plane.membership import REPLICA_SILENT_BEATS, STORE_PROBE_SECONDS
+from control.plane.holds import EpochUnknown
+from control.plane.holds import new_hold_id
+from control.plane.membership import REPLICA_SILENT_BEATS
+from control.plane.membership import STORE_PROBE_SECONDS
 from control.plane.reports import LeaseDecision
-from control.plane.views import SEVERITY, AgentFilter, AgentView, Census, StatusSummary
+from control.plane.views import SEVERITY
+from control.plane.views import AgentFilter
+from control.plane.views import AgentView
+from control.plane.views import Census
+from control.plane.views import StatusSummary
 
 __all__ = [
     "REPLICA_SILENT_BEATS",

@@ -14,28 +14,36 @@ state, so importing and adopting them lives here as well.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from control.decisions import NO_DECISION, Decision, decision_for
-from control.domain import (
-    AgentStatus,
-    CompliancePolicy,
-    Desired,
-    Hold,
-    reconcile_desired,
-    validate_agent_id,
-    validate_labels,
-)
+from control.decisions import NO_DECISION
+from control.decisions import Decision
+from control.decisions import decision_for
+from control.domain import AgentStatus
+from control.domain import CompliancePolicy
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import reconcile_desired
+from control.domain import validate_agent_id
+from control.domain import validate_labels
 from control.domain.identity import Principal
-from control.domain.readiness import UNSAID, HelloFacts
+from control.domain.readiness import UNSAID
+from control.domain.readiness import HelloFacts
 from control.events import PlaneObserver
 from control.known_holds import KnownHolds
-from control.labelling import LabelImport, adopt_decided, note_report, relabel_records
+from control.labelling import LabelImport
+from control.labelling import adopt_decided
+from control.labelling import note_report
+from control.labelling import relabel_records
 from control.plane.audit import AuditRecorder
-from control.plane.entries import AgentEntry, Subscriber
+from control.plane.entries import AgentEntry
+from control.plane.entries import Subscriber
 from control.plane.writer import AgentWriter
 from control.store import DecidedLabels
 

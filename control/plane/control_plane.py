@@ -14,17 +14,22 @@ import structlog
 
 from control.domain import CompliancePolicy
 from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
-from control.events import ObserverFailures, Observers, PlaneObserver
+from control.events import ObserverFailures
+from control.events import Observers
+from control.events import PlaneObserver
 from control.freshness import SharedView
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
 from control.plane.holds import HoldCommits
-from control.plane.membership import STORE_PROBE_SECONDS, Membership, new_replica_id
+from control.plane.membership import STORE_PROBE_SECONDS
+from control.plane.membership import Membership
+from control.plane.membership import new_replica_id
 from control.plane.reports import AgentReports
 from control.plane.views import FleetViews
 from control.plane.writer import AgentWriter
-from control.store import LoadedState, Store
+from control.store import LoadedState
+from control.store import Store
 from control.store_health import StoreHealth
 
 log = structlog.get_logger("killswitch.plane")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from control.domain import AgentStatus, Desired
+from control.domain import AgentStatus
+from control.domain import Desired
 from control.store import StoredAgent
 
 

@@ -10,20 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import structlog
 
-from control.domain import Hold, HoldKind, Mode, Scope, draft_hold, opt_out_hold_id
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain import draft_hold
+from control.domain import opt_out_hold_id
 from control.domain.audit import AuditRecord
 from control.domain.identity import Principal
-from control.errors import Conflict, KillswitchError, NotFound, PermissionDenied, StoreError, shown
+from control.errors import Conflict
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import StoreError
+from control.errors import shown
 from control.events import PlaneObserver
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
-from control.store import RunChange, RunCommit, Store
+from control.store import RunChange
+from control.store import RunCommit
+from control.store import Store
 
 log = structlog.get_logger("killswitch.plane")
 

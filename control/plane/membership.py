@@ -14,18 +14,22 @@ import dataclasses
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 
 import structlog
 
-from control.domain import AgentStatus, CompliancePolicy
+from control.domain import AgentStatus
+from control.domain import CompliancePolicy
 from control.freshness import SharedView
 from control.lifecycle import cancel_and_wait
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
 from control.plane.part import AgentStatePart
 from control.plane.writer import AgentWriter
-from control.store import AgentChanges, Store, StoredAgent
+from control.store import AgentChanges
+from control.store import Store
+from control.store import StoredAgent
 from control.store_health import StoreHealth
 
 log = structlog.get_logger("killswitch.plane")

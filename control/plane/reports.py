@@ -8,22 +8,25 @@ batched writer; nothing here waits for the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
 
-from control.domain import (
-    AgentStatus,
-    CaptureReport,
-    CompliancePolicy,
-    Mode,
-    UploadDecision,
-    validate_agent_id,
-)
+from control.domain import AgentStatus
+from control.domain import CaptureReport
+from control.domain import CompliancePolicy
+from control.domain import Mode
+from control.domain import UploadDecision
+from control.domain import validate_agent_id
 from control.domain.identity import Principal
-from control.errors import Conflict, NotFound, shown
+from control.errors import Conflict
+from control.errors import NotFound
+from control.errors import shown
 from control.events import PlaneObserver
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
@@ -31,7 +34,8 @@ from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
 from control.plane.part import AgentStatePart
 from control.plane.writer import AgentWriter
-from control.store import Store, ViolationEvidence
+from control.store import Store
+from control.store import ViolationEvidence
 
 log = structlog.get_logger("killswitch.plane")
 

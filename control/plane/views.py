@@ -9,21 +9,23 @@ these run on every scrape and dashboard refresh, so each is one pass over the ag
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
 
-from control.domain import (
-    AgentStatus,
-    Compliance,
-    CompliancePolicy,
-    ComplianceState,
-    Desired,
-    Hold,
-    Mode,
-    evaluate,
-    fleet_compliant,
-    is_settled,
-)
+from control.domain import AgentStatus
+from control.domain import Compliance
+from control.domain import CompliancePolicy
+from control.domain import ComplianceState
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import Mode
+from control.domain import evaluate
+from control.domain import fleet_compliant
+from control.domain import is_settled
 from control.domain.identity import Principal
 from control.domain.labels import label_mismatch
 from control.plane.cache import DesiredStateCache

@@ -20,7 +20,9 @@ from control.errors import StoreError
 from control.evidence import EvidenceLedger
 from control.lifecycle import cancel_and_wait
 from control.plane.entries import AgentEntry
-from control.store import DecidedLabels, Store, StoredAgent
+from control.store import DecidedLabels
+from control.store import Store
+from control.store import StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
 

@@ -8,13 +8,19 @@ evidence is replaced by their new state; the audit excerpt keeps what happened.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import UTC
+from datetime import datetime
+from typing import TYPE_CHECKING
+from typing import Any
 
-from control.domain import Hold, Mode
-from control.domain.audit import AuditEntry, ChainHead
+from control.domain import Hold
+from control.domain import Mode
+from control.domain.audit import AuditEntry
+from control.domain.audit import ChainHead
 
 if TYPE_CHECKING:
     # The plane (and its store drivers) for a type only: `killswitch report` renders

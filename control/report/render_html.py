@@ -7,7 +7,9 @@ no external style or font: the page must open the same, offline, years from now.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from html import escape
 from typing import Any
 

@@ -20,14 +20,18 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from dataclasses import fields
 from typing import Any
 
 from cryptography import x509
 
-from control import audit_checkpoints, server_signature
-from control.domain.audit import AuditRecord, entry_hash
-from control.errors import InvalidInput, shown
+from control import audit_checkpoints
+from control import server_signature
+from control.domain.audit import AuditRecord
+from control.domain.audit import entry_hash
+from control.errors import InvalidInput
+from control.errors import shown
 from control.report.build import KIND
 
 DOCUMENT_KIND = "killswitch-signed-proof-report/1"

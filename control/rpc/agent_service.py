@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC
-from typing import Any, ClassVar
+from typing import Any
+from typing import ClassVar
 
 import grpc
 import structlog
@@ -12,17 +13,18 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.readiness import HelloFacts
-from control.errors import InvalidInput, StoreError, one_line
+from control.errors import InvalidInput
+from control.errors import StoreError
+from control.errors import one_line
 from control.governance import Governance
-from control.plane import ControlPlane, EpochUnknown
+from control.plane import ControlPlane
+from control.plane import EpochUnknown
 from control.rpc.authz import current_principal
-from control.rpc.convert import (
-    bounded,
-    channels_from_pb,
-    directive_to_pb,
-    mode_from_pb,
-    report_from_pb,
-)
+from control.rpc.convert import bounded
+from control.rpc.convert import channels_from_pb
+from control.rpc.convert import directive_to_pb
+from control.rpc.convert import mode_from_pb
+from control.rpc.convert import report_from_pb
 from control.rpc.error_boundary import abort_for
 
 log = structlog.get_logger("killswitch.rpc.agent")

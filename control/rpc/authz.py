@@ -17,21 +17,31 @@ plane, which sees the principal through ``current_principal()``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
+from collections.abc import Callable
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Protocol
 
 import grpc
 import structlog
 
-from control.domain.identity import Principal, Role, parse_role
-from control.errors import KillswitchError, PermissionDenied, one_line
-from control.rpc.handler_cache import Handler, WrappingInterceptor
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.domain.identity import parse_role
+from control.errors import KillswitchError
+from control.errors import PermissionDenied
+from control.errors import one_line
+from control.rpc.handler_cache import Handler
+from control.rpc.handler_cache import WrappingInterceptor
 from control.wire import INSECURE_IDENTITY_HEADER
 
 if TYPE_CHECKING:  # the boundary reads the caller from here
-    from control.rpc.error_boundary import ErrorBoundary, FailedCall
+    from control.rpc.error_boundary import ErrorBoundary
+    from control.rpc.error_boundary import FailedCall
 
 log = structlog.get_logger("killswitch.rpc.authz")
 

@@ -7,22 +7,24 @@ from collections.abc import Iterable
 from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
-from control.domain import (
-    CaptureReport,
-    ComplianceState,
-    Hold,
-    HoldKind,
-    Mode,
-    Scope,
-    ScopeKind,
-    validate_labels,
-)
-from control.domain.approvals import ResumeRequest, ResumeState
+from control.domain import CaptureReport
+from control.domain import ComplianceState
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain import ScopeKind
+from control.domain import validate_labels
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import ResumeState
 from control.domain.audit import AuditEntry
 from control.domain.identity import CertificateRecord
 from control.domain.readiness import ReadinessReport
-from control.errors import InvalidInput, shown
-from control.plane import AgentFilter, AgentView, DirectiveSpec
+from control.errors import InvalidInput
+from control.errors import shown
+from control.plane import AgentFilter
+from control.plane import AgentView
+from control.plane import DirectiveSpec
 
 MODE_TO_PB = {Mode.PAUSED: pb.MODE_PAUSED, Mode.ALLOWED: pb.MODE_ALLOWED}
 MODE_FROM_PB = {v: k for k, v in MODE_TO_PB.items()}

@@ -33,15 +33,14 @@ from typing import Any
 import grpc
 
 from control.domain.limits import TokenBuckets
-from control.rpc.authz import (
-    RefusalRecorder,
-    Undecodable,
-    action_name,
-    peer_host,
-    tolerant,
-)
+from control.rpc.authz import RefusalRecorder
+from control.rpc.authz import Undecodable
+from control.rpc.authz import action_name
+from control.rpc.authz import peer_host
+from control.rpc.authz import tolerant
 from control.rpc.error_boundary import ErrorBoundary
-from control.rpc.handler_cache import Handler, WrappingInterceptor
+from control.rpc.handler_cache import Handler
+from control.rpc.handler_cache import WrappingInterceptor
 
 # Per source: a burst of 64 enrolment calls (twice what one simulator runs at once),
 # refilled at one a second; calls that enrol give theirs back.

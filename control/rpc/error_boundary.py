@@ -18,23 +18,25 @@ permission denial, is audited like an accepted one.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Awaitable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import NoReturn
 
 import grpc
 import structlog
 
-from control.errors import (
-    Conflict,
-    InvalidInput,
-    KillswitchError,
-    NotFound,
-    PermissionDenied,
-    StoreError,
-    UnknownItem,
-    one_line,
-)
-from control.rpc.authz import action_name, current_principal
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import StoreError
+from control.errors import UnknownItem
+from control.errors import one_line
+from control.rpc.authz import action_name
+from control.rpc.authz import current_principal
 from control.rpc.handler_cache import Handler
 from control.wire import STORE_UNAVAILABLE_METADATA
 

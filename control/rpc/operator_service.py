@@ -8,44 +8,37 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.identity import Principal
-from control.errors import (
-    InvalidInput,
-)
+from control.errors import InvalidInput
 from control.governance import Governance
-from control.ingest_checks import (
-    WATCH_TICK_SECONDS,
-    Accepted,
-    Check,
-    UploadWatch,
-    authorize_batches,
-    record_accepted,
-)
+from control.ingest_checks import WATCH_TICK_SECONDS
+from control.ingest_checks import Accepted
+from control.ingest_checks import Check
+from control.ingest_checks import UploadWatch
+from control.ingest_checks import authorize_batches
+from control.ingest_checks import record_accepted
 from control.plane import ControlPlane
 from control.readiness import Readiness
-from control.rpc.authz import (
-    current_principal,
-    peer_host,
-)
-from control.rpc.convert import (
-    agent_to_pb,
-    audit_entry_to_pb,
-    certificate_to_pb,
-    filter_from_pb,
-    hold_to_pb,
-    laptop_to_pb,
-    readiness_to_pb,
-    resume_request_to_pb,
-    scope_from_pb,
-    seconds,
-    timestamp,
-)
+from control.rpc.authz import current_principal
+from control.rpc.authz import peer_host
+from control.rpc.convert import agent_to_pb
+from control.rpc.convert import audit_entry_to_pb
+from control.rpc.convert import certificate_to_pb
+from control.rpc.convert import filter_from_pb
+from control.rpc.convert import hold_to_pb
+from control.rpc.convert import laptop_to_pb
+from control.rpc.convert import readiness_to_pb
+from control.rpc.convert import resume_request_to_pb
+from control.rpc.convert import scope_from_pb
+from control.rpc.convert import seconds
+from control.rpc.convert import timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -18,11 +18,15 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.audit_checkpoints import CheckpointWriter
-from control.domain import Hold, opt_out_hold_id
-from control.domain.audit import AuditEntry, ChainHead
-from control.errors import Conflict, UnknownItem
+from control.domain import Hold
+from control.domain import opt_out_hold_id
+from control.domain.audit import AuditEntry
+from control.domain.audit import ChainHead
+from control.errors import Conflict
+from control.errors import UnknownItem
 from control.governance import Governance
-from control.plane import AgentFilter, ControlPlane
+from control.plane import AgentFilter
+from control.plane import ControlPlane
 from control.report.build import build
 from control.report.signing import sign_report
 from control.rpc.operator_service import required

@@ -10,14 +10,20 @@ from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from control.domain.holds import validate_reason
-from control.domain.rollout import Run, Runbook
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
 from control.errors import InvalidInput
 from control.governance import Governance
 from control.rpc.authz import current_principal
-from control.rpc.convert import resume_request_to_pb, timestamp
-from control.rpc.operator_service import Context, required
+from control.rpc.convert import resume_request_to_pb
+from control.rpc.convert import timestamp
+from control.rpc.operator_service import Context
+from control.rpc.operator_service import required
 from control.runbook_file import parse_runbook
-from control.runbooks import Plan, RunbookRunner, next_step, runbook_sha256
+from control.runbooks import Plan
+from control.runbooks import RunbookRunner
+from control.runbooks import next_step
+from control.runbooks import runbook_sha256
 from control.untrusted import off_loop
 
 SAMPLE_AGENTS = 20

@@ -15,6 +15,9 @@ Its parts, each a module here:
 - ``ledger``: the runs known here, their parsed runbooks, and storing a step.
 """
 
-from control.runbooks.runner import Plan, RunbookRunner, next_step, runbook_sha256
+from control.runbooks.runner import Plan
+from control.runbooks.runner import RunbookRunner
+from control.runbooks.runner import next_step
+from control.runbooks.runner import runbook_sha256
 
 __all__ = ["Plan", "RunbookRunner", "next_step", "runbook_sha256"]

@@ -14,7 +14,8 @@ import structlog
 
 from control.domain.audit import AuditRecord
 from control.domain.history import run_archivable
-from control.domain.rollout import Run, Runbook
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
 from control.plane import ControlPlane
 from control.runbook_file import parse_runbook
 from control.store import RunChange

@@ -10,37 +10,40 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from control.domain import Hold, HoldKind, draft_hold
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import draft_hold
 from control.domain.approvals import ResumeRequest
-from control.domain.identity import Principal, Role
-from control.domain.rollout import (
-    DEFAULT_TICK_SECONDS,
-    FROM_APPROVAL,
-    Run,
-    Runbook,
-    RunState,
-    WavePlan,
-    new_run,
-    plan_waves,
-)
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.domain.rollout import DEFAULT_TICK_SECONDS
+from control.domain.rollout import FROM_APPROVAL
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
+from control.domain.rollout import RunState
+from control.domain.rollout import WavePlan
+from control.domain.rollout import new_run
+from control.domain.rollout import plan_waves
 from control.domain.scope import Scope
-from control.errors import (
-    Conflict,
-    InvalidInput,
-    NotFound,
-    PermissionDenied,
-    UnknownItem,
-)
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import UnknownItem
 from control.events import PlaneObserver
 from control.governance import Governance
-from control.plane import ControlPlane, new_hold_id
+from control.plane import ControlPlane
+from control.plane import new_hold_id
 from control.prometheus_sources import PrometheusSources
 from control.runbooks.ledger import RunLedger
 from control.runbooks.steps import RunSteps

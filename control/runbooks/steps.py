@@ -12,38 +12,39 @@ from collections.abc import Callable
 
 import structlog
 
-from control.domain import Hold, HoldKind, draft_hold
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import draft_hold
 from control.domain.approvals import ResumeRequest
 from control.domain.audit import AuditRecord
 from control.domain.holds import MAX_REASON_CHARS
 from control.domain.identity import Principal
 from control.domain.release import Release
-from control.domain.rollout import (
-    Action,
-    AgentVerdict,
-    OnFailure,
-    PrometheusGate,
-    PrometheusReading,
-    Run,
-    Runbook,
-    RunState,
-    WaveState,
-    breached,
-    decide_pause,
-    decide_wave,
-    describe_failures,
-    end_run,
-    evaluate_gates,
-    halting_hold,
-    observe_pause,
-    observe_wave,
-    start_wave,
-)
+from control.domain.rollout import Action
+from control.domain.rollout import AgentVerdict
+from control.domain.rollout import OnFailure
+from control.domain.rollout import PrometheusGate
+from control.domain.rollout import PrometheusReading
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
+from control.domain.rollout import RunState
+from control.domain.rollout import WaveState
+from control.domain.rollout import breached
+from control.domain.rollout import decide_pause
+from control.domain.rollout import decide_wave
+from control.domain.rollout import describe_failures
+from control.domain.rollout import end_run
+from control.domain.rollout import evaluate_gates
+from control.domain.rollout import halting_hold
+from control.domain.rollout import observe_pause
+from control.domain.rollout import observe_wave
+from control.domain.rollout import start_wave
 from control.domain.scope import Scope
 from control.errors import Conflict
 from control.evidence import SYSTEM_ACTOR
 from control.governance import Governance
-from control.plane import ControlPlane, new_hold_id
+from control.plane import ControlPlane
+from control.plane import new_hold_id
 from control.prometheus_sources import PrometheusSources
 from control.runbooks.ledger import RunLedger
 from control.store import RunChange

@@ -15,19 +15,30 @@ contract:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Protocol
 
-from control.domain import AgentStatus, Desired, Hold, HoldDraft
+from control.domain import AgentStatus
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import HoldDraft
 from control.domain.approvals import ResumeRequest
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead
-from control.domain.identity import CertificateRecord, EnrollToken, Principal
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.identity import CertificateRecord
+from control.domain.identity import EnrollToken
+from control.domain.identity import Principal
 from control.domain.release import Release
 from control.domain.rollout import Run
-from control.errors import InvalidInput, StoreUnavailable
-from control.store.outbox import ClaimedMessage, OutboxMessage
+from control.errors import InvalidInput
+from control.errors import StoreUnavailable
+from control.store.outbox import ClaimedMessage
+from control.store.outbox import OutboxMessage
 
 # Turns newly chained audit entries into webhook deliveries, in their transaction.
 OutboxFeed = Callable[[Sequence[AuditEntry]], list[OutboxMessage]]

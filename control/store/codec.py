@@ -14,28 +14,47 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, overload
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Protocol
+from typing import overload
 
 import structlog
 
-from control.domain import (
-    AgentStatus,
-    CaptureReport,
-    Desired,
-    Hold,
-    HoldKind,
-    Mode,
-    Scope,
-    ScopeKind,
-)
-from control.domain.approvals import OPEN_STATES, Approval, ResumeRequest, ResumeState
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead, chain
-from control.domain.identity import CertificateRecord, EnrollToken, Principal, Role
+from control.domain import AgentStatus
+from control.domain import CaptureReport
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import Scope
+from control.domain import ScopeKind
+from control.domain.approvals import OPEN_STATES
+from control.domain.approvals import Approval
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import ResumeState
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.audit import chain
+from control.domain.identity import CertificateRecord
+from control.domain.identity import EnrollToken
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.domain.release import Release
-from control.domain.rollout import GateResult, Run, RunState, WaveProgress, WaveState
-from control.errors import Conflict, NotFound, shown
-from control.store import DashboardSession, DecidedLabels, StoredAgent, ViolationEvidence
+from control.domain.rollout import GateResult
+from control.domain.rollout import Run
+from control.domain.rollout import RunState
+from control.domain.rollout import WaveProgress
+from control.domain.rollout import WaveState
+from control.errors import Conflict
+from control.errors import NotFound
+from control.errors import shown
+from control.store import DashboardSession
+from control.store import DecidedLabels
+from control.store import StoredAgent
+from control.store import ViolationEvidence
 
 log = structlog.get_logger("killswitch.store")
 

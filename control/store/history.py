@@ -12,10 +12,12 @@ What may be archived is ``control.domain.history``'s rule, said again in SQL her
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 
 from control.domain.approvals import OPEN_STATES
-from control.domain.history import DECIDED_REQUEST_STATES, FINISHED_RUN_STATES
+from control.domain.history import DECIDED_REQUEST_STATES
+from control.domain.history import FINISHED_RUN_STATES
 from control.store import codec
 
 # Placeholder for a named parameter: ":name" (SQLite) or "%(name)s" (psycopg).

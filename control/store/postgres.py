@@ -27,26 +27,43 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
+from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Self, TypeVar
+from typing import Any
+from typing import Self
+from typing import TypeVar
 
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
+from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import PoolTimeout
 from structlog import get_logger
 
-from control.errors import InvalidInput, StoreError, StoreUnavailable, one_line
-from control.store import AgentChanges, ViolationEvidence, causes, codec, outbox
+from control.errors import InvalidInput
+from control.errors import StoreError
+from control.errors import StoreUnavailable
+from control.errors import one_line
+from control.store import AgentChanges
+from control.store import ViolationEvidence
+from control.store import causes
+from control.store import codec
+from control.store import outbox
 from control.store.codec import Row
 from control.store.postgres_schema import MIGRATIONS
 from control.store.scripted import ScriptedStore
 from control.store.scripts import Script
-from control.store.transaction import Dialect, Params, Statements, insert_sql
+from control.store.transaction import Dialect
+from control.store.transaction import Params
+from control.store.transaction import Statements
+from control.store.transaction import insert_sql
 
 # MIGRATIONS lives in the schema module beside this one; tests read it from here.
 __all__ = ["MIGRATIONS", "PostgresStore", "PostgresTransaction"]

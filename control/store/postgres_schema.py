@@ -6,7 +6,8 @@ The ``schema_version`` table records what was applied (``control.store.postgres`
 from __future__ import annotations
 
 from control.domain.audit import GENESIS_HASH
-from control.store import enrolment, outbox
+from control.store import enrolment
+from control.store import outbox
 
 # Each entry upgrades the schema by one version; never edit a released entry.
 # Version 1 holds what SQLite reached in three: keep the two schemas' content alike.

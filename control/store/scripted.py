@@ -8,34 +8,41 @@ only it does it (beats, watching, the lead, agent rows of other replicas).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
+from abc import abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, TypeVar
+from typing import ClassVar
+from typing import TypeVar
 
-from control.domain import Hold, HoldDraft
+from control.domain import Hold
+from control.domain import HoldDraft
 from control.domain.approvals import ResumeRequest
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead
-from control.domain.identity import CertificateRecord, EnrollToken
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.identity import CertificateRecord
+from control.domain.identity import EnrollToken
 from control.domain.rollout import Run
 from control.errors import InvalidInput
-from control.store import (
-    ArchivedCounts,
-    DashboardSession,
-    DecidedLabels,
-    LoadedState,
-    OutboxFeed,
-    RunChange,
-    RunCommit,
-    SharedState,
-    StoredAgent,
-    ViolationEvidence,
-    codec,
-    scripts,
-)
+from control.store import ArchivedCounts
+from control.store import DashboardSession
+from control.store import DecidedLabels
+from control.store import LoadedState
+from control.store import OutboxFeed
+from control.store import RunChange
+from control.store import RunCommit
+from control.store import SharedState
+from control.store import StoredAgent
+from control.store import ViolationEvidence
+from control.store import codec
+from control.store import scripts
 from control.store.codec import Row
-from control.store.outbox import ClaimedMessage, OutboxMessage
+from control.store.outbox import ClaimedMessage
+from control.store.outbox import OutboxMessage
 from control.store.scripts import Script
-from control.store.transaction import Params, Statements, Transaction
+from control.store.transaction import Params
+from control.store.transaction import Statements
+from control.store.transaction import Transaction
 
 T = TypeVar("T")
 

@@ -20,27 +20,35 @@ it nothing and the same scripts run there unchanged.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from collections.abc import Coroutine
+from collections.abc import Sequence
+from typing import Any
+from typing import TypeVar
 
-from control.domain import Hold, HoldDraft
-from control.domain.approvals import ResumeRequest, executed
-from control.domain.audit import AuditEntry, AuditRecord, ChainHead
-from control.domain.identity import CertificateRecord, EnrollToken, check_enroll_token
+from control.domain import Hold
+from control.domain import HoldDraft
+from control.domain.approvals import ResumeRequest
+from control.domain.approvals import executed
+from control.domain.audit import AuditEntry
+from control.domain.audit import AuditRecord
+from control.domain.audit import ChainHead
+from control.domain.identity import CertificateRecord
+from control.domain.identity import EnrollToken
+from control.domain.identity import check_enroll_token
 from control.errors import PermissionDenied
-from control.store import (
-    ArchivedCounts,
-    DecidedLabels,
-    LoadedState,
-    OutboxFeed,
-    RunChange,
-    RunCommit,
-    SharedState,
-    ViolationEvidence,
-    codec,
-    enrolment,
-)
-from control.store.outbox import ClaimedMessage, OutboxMessage
+from control.store import ArchivedCounts
+from control.store import DecidedLabels
+from control.store import LoadedState
+from control.store import OutboxFeed
+from control.store import RunChange
+from control.store import RunCommit
+from control.store import SharedState
+from control.store import ViolationEvidence
+from control.store import codec
+from control.store import enrolment
+from control.store.outbox import ClaimedMessage
+from control.store.outbox import OutboxMessage
 from control.store.transaction import Transaction
 
 T = TypeVar("T")

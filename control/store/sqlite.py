@@ -12,21 +12,32 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable
+from collections.abc import Coroutine
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any
+from typing import Self
+from typing import TypeVar
 
 import structlog
 
-from control.errors import StoreError, StoreUnavailable
-from control.store import AgentChanges, ViolationEvidence, causes, codec
+from control.errors import StoreError
+from control.errors import StoreUnavailable
+from control.store import AgentChanges
+from control.store import ViolationEvidence
+from control.store import causes
+from control.store import codec
 from control.store.codec import Row
 from control.store.reserve import Reserve
 from control.store.scripted import ScriptedStore
 from control.store.scripts import Script
 from control.store.sqlite_schema import MIGRATIONS
-from control.store.transaction import Dialect, Params, Statements, insert_sql
+from control.store.transaction import Dialect
+from control.store.transaction import Params
+from control.store.transaction import Statements
+from control.store.transaction import insert_sql
 
 # MIGRATIONS lives in the schema module beside this one; tests read it from here.
 __all__ = ["DB_FILENAME", "MIGRATIONS", "SqliteStore", "SqliteTransaction"]

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from control.domain.audit import GENESIS_HASH
-from control.store import enrolment, outbox
+from control.store import enrolment
+from control.store import outbox
 
 # Each entry upgrades the schema by one version; never edit a released entry.
 MIGRATIONS: list[str] = [

@@ -14,11 +14,18 @@ stored is appended, and how other replicas are told of a change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
-from control.store import ViolationEvidence, codec, enrolment, history, outbox
+from control.store import ViolationEvidence
+from control.store import codec
+from control.store import enrolment
+from control.store import history
+from control.store import outbox
 from control.store.codec import Row
 
 # Positional (a tuple, in the order of a codec column list) or named parameters.

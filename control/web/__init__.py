@@ -6,7 +6,8 @@ state directly, with no locking and no copies between threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 
 from aiohttp import web
 

@@ -12,7 +12,10 @@ from control.domain.holds import Hold
 from control.domain.identity import Principal
 from control.domain.scope import Scope
 from control.plane import AgentView
-from control.web.pages import agent_href, e, layout, message_page
+from control.web.pages import agent_href
+from control.web.pages import e
+from control.web.pages import layout
+from control.web.pages import message_page
 
 BACK = '<p><a href="/actions">Back to actions</a> \u00b7 <a href="/">the fleet</a></p>'
 NO_ACTIONS = (

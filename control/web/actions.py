@@ -17,28 +17,30 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from control.domain.holds import HoldKind
 from control.domain.identity import Principal
-from control.domain.scope import Scope, parse_selector
-from control.errors import (
-    Conflict,
-    InvalidInput,
-    KillswitchError,
-    NotFound,
-    PermissionDenied,
-    StoreError,
-    one_line,
-)
+from control.domain.scope import Scope
+from control.domain.scope import parse_selector
+from control.errors import Conflict
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import NotFound
+from control.errors import PermissionDenied
+from control.errors import StoreError
+from control.errors import one_line
 from control.governance import Governance
 from control.plane import ControlPlane
-from control.rpc.authz import POLICY, action_name
+from control.rpc.authz import POLICY
+from control.rpc.authz import action_name
 from control.web import action_pages
-from control.web.login import SESSION_COOKIE, Respond
+from control.web.login import SESSION_COOKIE
+from control.web.login import Respond
 
 CREATE_HOLD = "/killswitch.v1.Operator/CreateHold"
 REQUEST_RESUME = "/killswitch.v1.Operator/RequestResume"

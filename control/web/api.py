@@ -8,29 +8,39 @@ and these dicts into JSON, CSV or HTML. Rows have exactly the shape of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import Protocol
 
-from control.domain import (
-    AgentStatus,
-    Compliance,
-    ComplianceState,
-    Desired,
-    Hold,
-    HoldKind,
-    Mode,
-    ScopeKind,
-    fleet_compliant,
-    format_labels,
-    is_settled,
-    parse_selector,
-)
-from control.domain.identity import Principal, Role
+from control.domain import AgentStatus
+from control.domain import Compliance
+from control.domain import ComplianceState
+from control.domain import Desired
+from control.domain import Hold
+from control.domain import HoldKind
+from control.domain import Mode
+from control.domain import ScopeKind
+from control.domain import fleet_compliant
+from control.domain import format_labels
+from control.domain import is_settled
+from control.domain import parse_selector
+from control.domain.identity import Principal
+from control.domain.identity import Role
 from control.domain.labels import mismatch_json
-from control.domain.rollout import Run, Runbook
-from control.errors import InvalidInput, NotFound, shown
-from control.plane import SEVERITY, AgentFilter, AgentView, ControlPlane
+from control.domain.rollout import Run
+from control.domain.rollout import Runbook
+from control.errors import InvalidInput
+from control.errors import NotFound
+from control.errors import shown
+from control.plane import SEVERITY
+from control.plane import AgentFilter
+from control.plane import AgentView
+from control.plane import ControlPlane
 from control.rpc.runbook_service import run_to_pb
 from control.runbook_json import run_json
 from control.wire import iso_of_seconds as iso

@@ -33,24 +33,32 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from control.domain.identity import Principal, Role
-from control.errors import InvalidInput, StoreError
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.errors import InvalidInput
+from control.errors import StoreError
 from control.governance import Governance
 from control.plane import ControlPlane
 from control.readiness import Readiness
-from control.web import api, pages
+from control.web import api
+from control.web import pages
 from control.web.actions import Actions
 from control.web.exports import Exports
 from control.web.live import LiveUpdates
-from control.web.login import SESSION_COOKIE, Login
-from control.web.oidc import OidcSettings, OidcSignIn
-from control.web.readiness_panel import READINESS_ROLES, readiness_data, readiness_panel
+from control.web.login import SESSION_COOKIE
+from control.web.login import Login
+from control.web.oidc import OidcSettings
+from control.web.oidc import OidcSignIn
+from control.web.readiness_panel import READINESS_ROLES
+from control.web.readiness_panel import readiness_data
+from control.web.readiness_panel import readiness_panel
 from control.web.sessions import DashboardSessions
 from control.web.timeline import Timeline
 

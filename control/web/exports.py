@@ -9,13 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from control.domain.identity import Principal
-from control.plane import AgentView, ControlPlane
+from control.plane import AgentView
+from control.plane import ControlPlane
 from control.web import api
 from control.web.login import Respond
 

@@ -18,10 +18,13 @@ from aiohttp import web
 from control.domain.identity import Principal
 from control.plane import ControlPlane
 from control.web import api
-from control.web.login import SESSION_COOKIE, Respond
+from control.web.login import SESSION_COOKIE
+from control.web.login import Respond
 from control.web.sessions import DashboardSessions
-from control.web.streams import Stream, StreamSlots
-from control.web.timeline import ALL_AGENTS, Timeline
+from control.web.streams import Stream
+from control.web.streams import StreamSlots
+from control.web.timeline import ALL_AGENTS
+from control.web.timeline import Timeline
 
 # Live views: one message a second.
 TICK_SECONDS = 1.0

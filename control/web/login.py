@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 
 from aiohttp import web
 
 from control.domain.identity import Principal
 from control.errors import StoreError
 from control.web import pages
-from control.web.sessions import LOGIN_TOKEN_SECONDS, SESSION_SECONDS, DashboardSessions
+from control.web.sessions import LOGIN_TOKEN_SECONDS
+from control.web.sessions import SESSION_SECONDS
+from control.web.sessions import DashboardSessions
 
 SESSION_COOKIE = "killswitch_session"
 # The pre-session: which browser was shown a confirmation page (only sent to /login).

@@ -24,7 +24,8 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,19 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from control.domain.identity import Principal, Role, parse_role
-from control.errors import InvalidInput, KillswitchError, PermissionDenied, StoreError, one_line
+from control.domain.identity import Principal
+from control.domain.identity import Role
+from control.domain.identity import parse_role
+from control.errors import InvalidInput
+from control.errors import KillswitchError
+from control.errors import PermissionDenied
+from control.errors import StoreError
+from control.errors import one_line
 from control.web import pages
-from control.web.login import SESSION_COOKIE, Respond
-from control.web.sessions import SESSION_SECONDS, DashboardSessions
+from control.web.login import SESSION_COOKIE
+from control.web.login import Respond
+from control.web.sessions import SESSION_SECONDS
+from control.web.sessions import DashboardSessions
 
 log = structlog.get_logger("killswitch.web.oidc")
 

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from datetime import UTC
+from datetime import datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
+from urllib.parse import urlencode
 
 from control.plane import SEVERITY
-from control.web.api import PROBLEM_STATES, SORT_KEYS, Page, Query
-from control.web.timeline import HoldEvent, TimelineEvent
+from control.web.api import PROBLEM_STATES
+from control.web.api import SORT_KEYS
+from control.web.api import Page
+from control.web.api import Query
+from control.web.timeline import HoldEvent
+from control.web.timeline import TimelineEvent
 
 TITLE = "killswitch"
 # Table columns: (sort key, header, what it shows).

@@ -14,7 +14,8 @@ import secrets
 from collections.abc import Callable
 
 from control.domain.identity import Principal
-from control.store import DashboardSession, Store
+from control.store import DashboardSession
+from control.store import Store
 
 LOGIN_TOKEN_SECONDS = 120.0
 SESSION_SECONDS = 12 * 3600.0

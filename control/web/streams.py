@@ -11,9 +11,11 @@ slots kept for the people running the incident.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
-from control.domain.identity import Principal, Role
+from control.domain.identity import Principal
+from control.domain.identity import Role
 
 MAX_EVENT_STREAMS = 32
 MAX_STREAMS_PER_USER = 4

@@ -19,11 +19,14 @@ views can ask "which agents changed since version N?" without keeping state per 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from control.domain import ComplianceState, Hold, Mode
+from control.domain import ComplianceState
+from control.domain import Hold
+from control.domain import Mode
 from control.events import PlaneObserver
 
 MAX_EVENTS_PER_AGENT = 100

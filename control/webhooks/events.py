@@ -11,7 +11,8 @@ import json
 import time
 from collections.abc import Sequence
 
-from control.domain.audit import RESULT_OK, AuditEntry
+from control.domain.audit import RESULT_OK
+from control.domain.audit import AuditEntry
 from control.store.outbox import OutboxMessage
 from control.webhooks.config import Webhook
 

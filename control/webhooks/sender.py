@@ -19,7 +19,8 @@ import hashlib
 import hmac
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import aiohttp
 import structlog

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import FAST_TIMINGS, Cli, ServerProcess, Simulator, replica_of, wait_for
-from tests.faults.checker import Pause, Verdict, check, read_truth
+from tests.conftest import FAST_TIMINGS
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import replica_of
+from tests.conftest import wait_for
+from tests.faults.checker import Pause
+from tests.faults.checker import Verdict
+from tests.faults.checker import check
+from tests.faults.checker import read_truth
 
 # The fast timings every test server runs with: the lease TTL the checker allows.
 LEASE_TTL = float(FAST_TIMINGS[FAST_TIMINGS.index("--lease-ttl") + 1])

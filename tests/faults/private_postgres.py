@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, missing_tool
+from tests.conftest import free_port
+from tests.conftest import missing_tool
 
 POSTGRES_LIBS = Path("/usr/lib/postgresql")
 # PostgreSQL refuses to run as root; as root the cluster belongs to this system user.

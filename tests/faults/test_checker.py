@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.faults.checker import Pause, check
+from tests.faults.checker import Pause
+from tests.faults.checker import check
 
 TTL = 5.0
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections import defaultdict
+from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -20,9 +22,17 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
-from control.ingest.sink import SINK_DIR, verified_records
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
-from tests.faults.checker import GRACE_SECONDS, Pause, check, read_truth
+from control.ingest.sink import SINK_DIR
+from control.ingest.sink import verified_records
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
+from tests.faults.checker import GRACE_SECONDS
+from tests.faults.checker import Pause
+from tests.faults.checker import check
+from tests.faults.checker import read_truth
 from tests.faults.harness import LEASE_TTL
 from tests.test_ingest_e2e import GatewayProcess
 

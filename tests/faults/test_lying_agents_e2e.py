@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import Cli, ServerProcess, Simulator, replica_of, wait_for
-from tests.faults.checker import Pause, check, read_truth
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import replica_of
+from tests.conftest import wait_for
+from tests.faults.checker import Pause
+from tests.faults.checker import check
+from tests.faults.checker import read_truth
 
 AGENTS = 12
 LEASE_TTL = 5.0  # conftest's FAST_TIMINGS

@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from simulator.faults import Fault
-from simulator.fleet import fault_counts, fleet_configs
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
-from tests.faults.checker import Pause, check, read_truth
+from simulator.fleet import fault_counts
+from simulator.fleet import fleet_configs
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
+from tests.faults.checker import Pause
+from tests.faults.checker import check
+from tests.faults.checker import read_truth
 from tests.faults.harness import Fleet
 
 AGENTS = 24

@@ -12,8 +12,12 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import connected_streams, wait_for
-from tests.faults.harness import LEASE_TTL, Fleet, check_history, db_holds
+from tests.conftest import connected_streams
+from tests.conftest import wait_for
+from tests.faults.harness import LEASE_TTL
+from tests.faults.harness import Fleet
+from tests.faults.harness import check_history
+from tests.faults.harness import db_holds
 from tests.faults.private_postgres import PrivatePostgres
 from tests.faults.relay import TcpProxy
 

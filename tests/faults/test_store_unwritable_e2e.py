@@ -12,7 +12,8 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -20,9 +21,20 @@ import pytest
 
 from control.plane import STORE_PROBE_SECONDS
 from control.store import causes
-from tests.conftest import Cli, ServerProcess, Simulator, wait_capturing, wait_for
-from tests.disks import fill, mount_ext4, mount_tmpfs, need_root, turn_read_only, unmount
-from tests.faults.checker import Pause, check, read_truth
+from tests.conftest import Cli
+from tests.conftest import ServerProcess
+from tests.conftest import Simulator
+from tests.conftest import wait_capturing
+from tests.conftest import wait_for
+from tests.disks import fill
+from tests.disks import mount_ext4
+from tests.disks import mount_tmpfs
+from tests.disks import need_root
+from tests.disks import turn_read_only
+from tests.disks import unmount
+from tests.faults.checker import Pause
+from tests.faults.checker import check
+from tests.faults.checker import read_truth
 
 AGENTS = 8
 LEASE_TTL = 5.0  # conftest.FAST_TIMINGS

@@ -14,24 +14,24 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from tests.conftest import ServerProcess, agent_identity, wait_for
-from tests.malformed.calls import (
-    AGENT_CHANNEL_OPTIONS,
-    APPROVER,
-    CALL_TIMEOUT,
-    CROWD,
-    EMPLOYEE,
-    FUZZ_AGENT,
-    GOOD,
-    IC,
-    INGEST,
-    KA_AGENT,
-    KA_CONTROL,
-    LAPTOP,
-    NOBODY,
-    StreamingAgent,
-    secure_channel,
-)
+from tests.conftest import ServerProcess
+from tests.conftest import agent_identity
+from tests.conftest import wait_for
+from tests.malformed.calls import AGENT_CHANNEL_OPTIONS
+from tests.malformed.calls import APPROVER
+from tests.malformed.calls import CALL_TIMEOUT
+from tests.malformed.calls import CROWD
+from tests.malformed.calls import EMPLOYEE
+from tests.malformed.calls import FUZZ_AGENT
+from tests.malformed.calls import GOOD
+from tests.malformed.calls import IC
+from tests.malformed.calls import INGEST
+from tests.malformed.calls import KA_AGENT
+from tests.malformed.calls import KA_CONTROL
+from tests.malformed.calls import LAPTOP
+from tests.malformed.calls import NOBODY
+from tests.malformed.calls import StreamingAgent
+from tests.malformed.calls import secure_channel
 from tests.malformed.fleet import Fleet
 
 

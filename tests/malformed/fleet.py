@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from tests.conftest import ServerProcess, wait_for
-from tests.malformed.calls import CALL_TIMEOUT, GOOD, IC, StreamingAgent, readyz
+from tests.conftest import ServerProcess
+from tests.conftest import wait_for
+from tests.malformed.calls import CALL_TIMEOUT
+from tests.malformed.calls import GOOD
+from tests.malformed.calls import IC
+from tests.malformed.calls import StreamingAgent
+from tests.malformed.calls import readyz
 
 
 @dataclass(frozen=True)

@@ -7,25 +7,24 @@ from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck
+from hypothesis import settings
 from hypothesis import strategies as st
 from killswitch.v1 import killswitch_pb2 as pb
 
-from tests.malformed.calls import (
-    APPROVER,
-    AUTHORIZE_UPLOAD,
-    CONNECT,
-    EMPLOYEE,
-    FUZZ_AGENT,
-    GOOD,
-    IC,
-    INGEST,
-    KNOWN_SUBJECTS,
-    LAPTOP,
-    NOBODY,
-    OPERATOR,
-    SELF_SERVICE,
-)
+from tests.malformed.calls import APPROVER
+from tests.malformed.calls import AUTHORIZE_UPLOAD
+from tests.malformed.calls import CONNECT
+from tests.malformed.calls import EMPLOYEE
+from tests.malformed.calls import FUZZ_AGENT
+from tests.malformed.calls import GOOD
+from tests.malformed.calls import IC
+from tests.malformed.calls import INGEST
+from tests.malformed.calls import KNOWN_SUBJECTS
+from tests.malformed.calls import LAPTOP
+from tests.malformed.calls import NOBODY
+from tests.malformed.calls import OPERATOR
+from tests.malformed.calls import SELF_SERVICE
 from tests.malformed.fleet import Fleet
 
 FUZZ = settings(

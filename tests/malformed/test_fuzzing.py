@@ -6,37 +6,34 @@ import re
 from collections import Counter
 
 import grpc
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.limits import AGGREGATED_ACTION
 from control.refusals import AGGREGATION_SECONDS
 from tests.conftest import wait_for
-from tests.malformed.calls import (
-    AUTHORIZE_UPLOAD,
-    CONNECT,
-    FUZZ_AGENT,
-    IC,
-    INGEST,
-    OPERATOR,
-    bidi,
-    call,
-    check,
-    unary,
-)
+from tests.malformed.calls import AUTHORIZE_UPLOAD
+from tests.malformed.calls import CONNECT
+from tests.malformed.calls import FUZZ_AGENT
+from tests.malformed.calls import IC
+from tests.malformed.calls import INGEST
+from tests.malformed.calls import OPERATOR
+from tests.malformed.calls import bidi
+from tests.malformed.calls import call
+from tests.malformed.calls import check
+from tests.malformed.calls import unary
 from tests.malformed.fleet import Fleet
-from tests.malformed.strategies import (
-    FUZZ,
-    RAW_TARGETS,
-    OperatorCall,
-    agent_streams,
-    operator_mutations,
-    operator_reads,
-    self_service_calls,
-    upload_requests,
-    wire_messages,
-)
+from tests.malformed.strategies import FUZZ
+from tests.malformed.strategies import RAW_TARGETS
+from tests.malformed.strategies import OperatorCall
+from tests.malformed.strategies import agent_streams
+from tests.malformed.strategies import operator_mutations
+from tests.malformed.strategies import operator_reads
+from tests.malformed.strategies import self_service_calls
+from tests.malformed.strategies import upload_requests
+from tests.malformed.strategies import wire_messages
 
 
 def examples(weight: float) -> int:

@@ -22,33 +22,32 @@ from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.identity import Role
 from tests.conftest import agent_identity
-from tests.malformed.calls import (
-    ALL,
-    APPROVER,
-    AUTHORIZE_UPLOAD,
-    CONFLICT,
-    CONNECT,
-    DENIED,
-    EMPLOYEE,
-    FUZZ_AGENT,
-    GOOD,
-    IC,
-    INGEST,
-    INVALID,
-    LAPTOP,
-    NOT_FOUND,
-    OK,
-    OPERATOR,
-    SELF_SERVICE,
-    TOO_BIG,
-    bidi,
-    call,
-    check,
-    secure_channel,
-    unary,
-)
+from tests.malformed.calls import ALL
+from tests.malformed.calls import APPROVER
+from tests.malformed.calls import AUTHORIZE_UPLOAD
+from tests.malformed.calls import CONFLICT
+from tests.malformed.calls import CONNECT
+from tests.malformed.calls import DENIED
+from tests.malformed.calls import EMPLOYEE
+from tests.malformed.calls import FUZZ_AGENT
+from tests.malformed.calls import GOOD
+from tests.malformed.calls import IC
+from tests.malformed.calls import INGEST
+from tests.malformed.calls import INVALID
+from tests.malformed.calls import LAPTOP
+from tests.malformed.calls import NOT_FOUND
+from tests.malformed.calls import OK
+from tests.malformed.calls import OPERATOR
+from tests.malformed.calls import SELF_SERVICE
+from tests.malformed.calls import TOO_BIG
+from tests.malformed.calls import bidi
+from tests.malformed.calls import call
+from tests.malformed.calls import check
+from tests.malformed.calls import secure_channel
+from tests.malformed.calls import unary
 from tests.malformed.fleet import Fleet
-from tests.malformed.strategies import INT64_MAX, ts
+from tests.malformed.strategies import INT64_MAX
+from tests.malformed.strategies import ts
 
 
 def request_class(path: str) -> Callable[..., Message]:

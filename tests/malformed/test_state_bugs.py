@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
-from tests.conftest import ServerProcess, agent_identity
-from tests.malformed.calls import (
-    ALL,
-    IC,
-    INVALID,
-    OPERATOR,
-    Outcome,
-    StreamingAgent,
-    check,
-    secure_channel,
-    unary,
-)
+from tests.conftest import ServerProcess
+from tests.conftest import agent_identity
+from tests.malformed.calls import ALL
+from tests.malformed.calls import IC
+from tests.malformed.calls import INVALID
+from tests.malformed.calls import OPERATOR
+from tests.malformed.calls import Outcome
+from tests.malformed.calls import StreamingAgent
+from tests.malformed.calls import check
+from tests.malformed.calls import secure_channel
+from tests.malformed.calls import unary
 
 
 def _poison_with(

@@ -11,30 +11,30 @@ import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.rpc.authz import DEFAULT_MAX_CALLS_PER_IDENTITY
-from control.server import GRPC_SERVER_OPTIONS, MAX_MESSAGE_BYTES, MAX_METADATA_BYTES
+from control.server import GRPC_SERVER_OPTIONS
+from control.server import MAX_MESSAGE_BYTES
+from control.server import MAX_METADATA_BYTES
 from tests.conftest import wait_for
-from tests.malformed.calls import (
-    AGENT_CHANNEL_OPTIONS,
-    ALL,
-    AUTHORIZE_UPLOAD,
-    CONNECT,
-    CROWD,
-    FUZZ_AGENT,
-    HEALTH_CHECK,
-    IC,
-    INGEST,
-    KA_AGENT,
-    KA_CONTROL,
-    OK,
-    OPERATOR,
-    TOO_BIG,
-    StreamingAgent,
-    bidi,
-    call,
-    check,
-    failed,
-    unary,
-)
+from tests.malformed.calls import AGENT_CHANNEL_OPTIONS
+from tests.malformed.calls import ALL
+from tests.malformed.calls import AUTHORIZE_UPLOAD
+from tests.malformed.calls import CONNECT
+from tests.malformed.calls import CROWD
+from tests.malformed.calls import FUZZ_AGENT
+from tests.malformed.calls import HEALTH_CHECK
+from tests.malformed.calls import IC
+from tests.malformed.calls import INGEST
+from tests.malformed.calls import KA_AGENT
+from tests.malformed.calls import KA_CONTROL
+from tests.malformed.calls import OK
+from tests.malformed.calls import OPERATOR
+from tests.malformed.calls import TOO_BIG
+from tests.malformed.calls import StreamingAgent
+from tests.malformed.calls import bidi
+from tests.malformed.calls import call
+from tests.malformed.calls import check
+from tests.malformed.calls import failed
+from tests.malformed.calls import unary
 from tests.malformed.fleet import Fleet
 from tests.malformed.strategies import varint
 

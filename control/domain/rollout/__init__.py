@@ -18,54 +18,45 @@ Its parts, each a module here:
 - ``plan``: a dry run over the fleet now.
 """
 
-from control.domain.rollout.decide import (
-    DEFAULT_TICK_SECONDS,
-    Action,
-    Decision,
-    decide_pause,
-    decide_wave,
-    halting_hold,
-)
-from control.domain.rollout.gates import (
-    breached,
-    capturing_share,
-    describe_failures,
-    evaluate_gates,
-)
-from control.domain.rollout.observe import (
-    AgentVerdict,
-    Observation,
-    PauseObservation,
-    PrometheusReading,
-    observe_pause,
-    observe_wave,
-)
-from control.domain.rollout.plan import WavePlan, plan_waves
-from control.domain.rollout.run import (
-    ACTIVE_RUN_STATES,
-    GateResult,
-    Run,
-    RunState,
-    WaveProgress,
-    WaveState,
-    end_run,
-    new_run,
-    new_run_id,
-    start_wave,
-)
-from control.domain.rollout.runbook import (
-    DEFAULT_PAUSE_TIMEOUT_SECONDS,
-    DEFAULT_SOAK_SECONDS,
-    DEFAULT_WAVE_TIMEOUT_SECONDS,
-    FROM_APPROVAL,
-    Gates,
-    OnFailure,
-    PauseStep,
-    PrometheusGate,
-    Runbook,
-    Wave,
-    check_waves,
-)
+from control.domain.rollout.decide import DEFAULT_TICK_SECONDS
+from control.domain.rollout.decide import Action
+from control.domain.rollout.decide import Decision
+from control.domain.rollout.decide import decide_pause
+from control.domain.rollout.decide import decide_wave
+from control.domain.rollout.decide import halting_hold
+from control.domain.rollout.gates import breached
+from control.domain.rollout.gates import capturing_share
+from control.domain.rollout.gates import describe_failures
+from control.domain.rollout.gates import evaluate_gates
+from control.domain.rollout.observe import AgentVerdict
+from control.domain.rollout.observe import Observation
+from control.domain.rollout.observe import PauseObservation
+from control.domain.rollout.observe import PrometheusReading
+from control.domain.rollout.observe import observe_pause
+from control.domain.rollout.observe import observe_wave
+from control.domain.rollout.plan import WavePlan
+from control.domain.rollout.plan import plan_waves
+from control.domain.rollout.run import ACTIVE_RUN_STATES
+from control.domain.rollout.run import GateResult
+from control.domain.rollout.run import Run
+from control.domain.rollout.run import RunState
+from control.domain.rollout.run import WaveProgress
+from control.domain.rollout.run import WaveState
+from control.domain.rollout.run import end_run
+from control.domain.rollout.run import new_run
+from control.domain.rollout.run import new_run_id
+from control.domain.rollout.run import start_wave
+from control.domain.rollout.runbook import DEFAULT_PAUSE_TIMEOUT_SECONDS
+from control.domain.rollout.runbook import DEFAULT_SOAK_SECONDS
+from control.domain.rollout.runbook import DEFAULT_WAVE_TIMEOUT_SECONDS
+from control.domain.rollout.runbook import FROM_APPROVAL
+from control.domain.rollout.runbook import Gates
+from control.domain.rollout.runbook import OnFailure
+from control.domain.rollout.runbook import PauseStep
+from control.domain.rollout.runbook import PrometheusGate
+from control.domain.rollout.runbook import Runbook
+from control.domain.rollout.runbook import Wave
+from control.domain.rollout.runbook import check_waves
 
 __all__ = [
     "ACTIVE_RUN_STATES",

@@ -7,10 +7,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from control.domain.holds import Hold, HoldKind
-from control.domain.rollout.gates import breached, describe_failures, evaluate_gates
-from control.domain.rollout.observe import Observation, PauseObservation
-from control.domain.rollout.run import Run, RunState, WaveState
+from control.domain.holds import Hold
+from control.domain.holds import HoldKind
+from control.domain.rollout.gates import breached
+from control.domain.rollout.gates import describe_failures
+from control.domain.rollout.gates import evaluate_gates
+from control.domain.rollout.observe import Observation
+from control.domain.rollout.observe import PauseObservation
+from control.domain.rollout.run import Run
+from control.domain.rollout.run import RunState
+from control.domain.rollout.run import WaveState
 from control.domain.rollout.runbook import Runbook
 
 # How often the runner ticks each active run unless `serve --runbook-tick` says otherwise:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from control.domain.rollout.observe import Observation, PrometheusReading
+from control.domain.rollout.observe import Observation
+from control.domain.rollout.observe import PrometheusReading
 from control.domain.rollout.run import GateResult
-from control.domain.rollout.runbook import Gates, PrometheusGate
+from control.domain.rollout.runbook import Gates
+from control.domain.rollout.runbook import PrometheusGate
 
 
 def capturing_share(obs: Observation) -> float:

@@ -6,12 +6,18 @@ property of the runbook and the fleet, so it lives here beside the waves it rank
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from control.domain.release import FULL_SHARE, Release, format_share, rank_key
-from control.domain.scope import Scope, format_labels
+from control.domain.release import FULL_SHARE
+from control.domain.release import Release
+from control.domain.release import format_share
+from control.domain.release import rank_key
+from control.domain.scope import Scope
+from control.domain.scope import format_labels
 from control.errors import InvalidInput
 
 DEFAULT_SOAK_SECONDS = 300.0
