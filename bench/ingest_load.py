@@ -16,8 +16,6 @@ Every batch has the size a fleet agent's has (``agent_stub.batches.upload_reques
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import random
 import time
 from collections import Counter
@@ -37,9 +35,10 @@ from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.capture import Batch
 from agent_stub.identity import insecure_metadata
 from control.ingest.checks import MAX_SKEW_ALLOWANCE
-from control.ingest.sink import LENGTH
-from control.ingest.sink import SINK_DIR
-from control.ingest.sink import read_manifest
+from control.ingest.sink_format import SINK_DIR
+from control.ingest.sink_format import day_manifests
+from control.ingest.sink_format import manifest_entries
+from control.ingest.sink_format import read_record
 
 UPLOAD_METHOD = "/killswitch.v1.IngestGateway/UploadBatch"
 CALL_TIMEOUT_SECONDS = 30.0
@@ -223,28 +222,20 @@ async def burst(
 
 
 def sink_batches(data_dir: Path) -> int:
-    """Batches the sink's manifests hold (one line each), every agent, every day."""
+    """Batches the sink's manifests hold (one whole line each), every agent, every day."""
     total = 0
-    with os.scandir(data_dir / SINK_DIR) as agents:
-        for agent in agents:
-            with os.scandir(agent.path) as files:
-                for entry in files:
-                    if entry.name.endswith(".manifest"):
-                        with open(entry.path, "rb") as manifest:
-                            total += manifest.read().count(b"\n")
+    for manifest in day_manifests(data_dir / SINK_DIR):
+        total += manifest.read_bytes().count(b"\n")
     return total
 
 
 def next_sequences(data_dir: Path, agent_ids: Sequence[str]) -> dict[str, int]:
     """The sequence the gateway expects next from each agent, from its manifests."""
-    found = {}
-    for agent_id in agent_ids:
-        entries = [
-            e
-            for m in sorted((data_dir / SINK_DIR / agent_id).glob("*.manifest"))
-            for e in read_manifest(m)
-        ]
-        found[agent_id] = max((e.sequence for e in entries), default=0) + 1
+    found = dict.fromkeys(agent_ids, 1)
+    for manifest in day_manifests(data_dir / SINK_DIR):
+        for entry, _ in manifest_entries(manifest):
+            if entry.agent in found:
+                found[entry.agent] = max(found[entry.agent], entry.sequence + 1)
     return found
 
 
@@ -268,27 +259,22 @@ def late_in_sink(data_dir: Path, committed: float, allowance: Mapping[str, float
     """
     audit = SinkAudit()
     since = committed - MAX_SKEW_ALLOWANCE
-    for agent_dir in sorted((data_dir / SINK_DIR).iterdir()):
-        agent_id = agent_dir.name
-        bound = committed + allowance.get(agent_id, 0.0)
-        for manifest in sorted(agent_dir.glob("*.manifest")):
-            entries = read_manifest(manifest)
-            audit.batches += len(entries)
-            audit.events += sum(e.events for e in entries)
-            suspect = [e for e in entries if e.received_at >= since or e.last_event_at > bound]
-            if not suspect:
-                continue
-            with manifest.with_suffix(".log").open("rb") as log:
-                for entry in suspect:
-                    log.seek(entry.offset)
-                    record = log.read(entry.length)[LENGTH.size :]
-                    if hashlib.sha256(record).hexdigest() != entry.sha256:
-                        audit.bad_checksums += 1
-                        continue
-                    audit.checked_batches += 1
-                    batch = pb.UploadBatchRequest.FromString(record)
-                    for nanos in batch.captured_at_unix_nano:
-                        at = nanos / 1e9
-                        if at > bound:
-                            audit.late.append((agent_id, at))
+    for manifest in day_manifests(data_dir / SINK_DIR):
+        with manifest.with_suffix(".log").open("rb") as log:
+            for entry, _ in manifest_entries(manifest):
+                audit.batches += 1
+                audit.events += entry.events
+                bound = committed + allowance.get(entry.agent, 0.0)
+                if entry.received_at < since and entry.last_event_at <= bound:
+                    continue
+                record = read_record(log, entry)
+                if record is None:
+                    audit.bad_checksums += 1
+                    continue
+                audit.checked_batches += 1
+                batch = pb.UploadBatchRequest.FromString(record)
+                for nanos in batch.captured_at_unix_nano:
+                    at = nanos / 1e9
+                    if at > bound:
+                        audit.late.append((entry.agent, at))
     return audit

@@ -28,6 +28,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.ingest.checks import MAX_EVENTS_PER_BATCH
+from control.ingest.sink_format import day_manifests
 from control.ingest.watch import FRESH_SECONDS
 from control.pki import load_identity
 from control.wire import INSECURE_IDENTITY_HEADER
@@ -83,9 +84,9 @@ class GatewayProcess:
             return s.connect_ex((host, int(port))) == 0
 
     def records(self, kind: str = "sink") -> int:
-        """Batches the manifests hold, whatever the day."""
-        manifests = (self.data_dir / kind).glob("*/*.manifest")
-        return sum(len(m.read_text().splitlines()) for m in manifests)
+        """Batches the manifests hold (whole lines), whatever the day."""
+        manifests = day_manifests(self.data_dir / kind)
+        return sum(m.read_bytes().count(b"\n") for m in manifests)
 
     def metric(self, name: str) -> float:
         """One sample of the gateway's own /metrics, by its full name and labels."""

@@ -1,6 +1,7 @@
-"""The gateway's sink (``control/ingest/sink.py``): private, checksummed, append-only
-files, landed by group commit. Each test breaks one promise: a record lost or
-acknowledged before it is durable, a sequence number reopened, a path outside the sink."""
+"""The gateway's sink (``control/ingest/sink.py``, ``sink_format.py``): private,
+checksummed, append-only day files, landed by group commit. Each test breaks one
+promise: a record lost or acknowledged before it is durable, a manifest line pointing at
+nothing, a sequence number reopened, a failed group left half on disk."""
 
 from __future__ import annotations
 
@@ -22,15 +23,21 @@ from control.errors import KillswitchError
 from control.ingest import sink as sink_module
 from control.ingest.gateway import GatewayConfig
 from control.ingest.gateway import serve_gateway
-from control.ingest.sink import Batch
-from control.ingest.sink import ManifestEntry
+from control.ingest.sink import SEQUENCES_FILE
 from control.ingest.sink import Sink
-from control.ingest.sink import claim_data_dir
-from control.ingest.sink import manifest_line
-from control.ingest.sink import read_manifest
-from control.ingest.sink import verified_records
+from control.ingest.sink import load_sequences
+from control.ingest.sink_format import QUARANTINE_DIR
+from control.ingest.sink_format import Batch
+from control.ingest.sink_format import ManifestEntry
+from control.ingest.sink_format import check_agent_id
+from control.ingest.sink_format import claim_data_dir
+from control.ingest.sink_format import day_manifests
+from control.ingest.sink_format import manifest_entries
+from control.ingest.sink_format import manifest_line
+from control.ingest.sink_format import verified_records
 
-NOW = 1_000_000.0
+NOW = 1_000_000.0  # 1970-01-12
+DAY = "1970-01-12"
 
 
 def batch(agent: str, sequence: int, record: bytes, at: float = NOW) -> Batch:
@@ -41,29 +48,23 @@ def write(sink: Sink, agent: str, sequence: int, record: bytes, at: float = NOW)
     sink.write_group([batch(agent, sequence, record, at)])
 
 
-@pytest.fixture(params=["syncfs", "fsync"])
-def sync_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of making a group durable: Linux's syncfs, and fsync per file elsewhere."""
-    if request.param == "fsync":
-        monkeypatch.setattr(sink_module, "SYNCFS", None)
-    elif sink_module.SYNCFS is None:
-        pytest.skip("no syncfs on this platform")
-    return str(request.param)
+def exported(data_dir: Path, agent: str | None) -> list[tuple[str, int, bytes]]:
+    return [(e.agent, e.sequence, raw) for e, raw in verified_records(data_dir, agent)]
 
 
-def test_the_sink_is_private_checksummed_and_remembers_sequences(
-    tmp_path: Path, sync_path: str
-) -> None:
+def test_the_sink_is_private_checksummed_and_remembers_sequences(tmp_path: Path) -> None:
     sink = Sink(tmp_path)
     assert sink.next_sequence("laptop") == 1
     write(sink, "laptop", 1, b"first")
-    write(sink, "laptop", 2, b"second", at=NOW + 86_400)  # the next day: a new file
+    write(sink, "laptop", 2, b"second", at=NOW + 86_400)  # the next day: new files
     # A restarted gateway reads where it was from the manifests: no replay reopens.
     assert Sink(tmp_path).next_sequence("laptop") == 3
-    got = [(e.sequence, raw) for e, raw in verified_records(tmp_path, "laptop")]
-    assert got == [(1, b"first"), (2, b"second")]
-    first_manifest = sorted((tmp_path / "sink" / "laptop").glob("*.manifest"))[0]
-    (entry,) = read_manifest(first_manifest)
+    assert exported(tmp_path, "laptop") == [("laptop", 1, b"first"), ("laptop", 2, b"second")]
+    assert [m.name for m in day_manifests(tmp_path / "sink")] == [
+        f"{DAY}.manifest",
+        "1970-01-13.manifest",
+    ]
+    ((entry, _),) = manifest_entries(tmp_path / "sink" / f"{DAY}.manifest")
     assert entry.sha256 == hashlib.sha256(b"first").hexdigest()
     for path in (tmp_path / "sink").rglob("*"):
         expected = 0o700 if path.is_dir() else 0o600
@@ -71,98 +72,210 @@ def test_the_sink_is_private_checksummed_and_remembers_sequences(
     assert stat.S_IMODE((tmp_path / "sink").stat().st_mode) == 0o700
 
 
-def test_a_group_lands_every_agents_batches_with_their_own_offsets(
-    tmp_path: Path, sync_path: str
+def test_a_group_lands_every_agents_batches_in_one_log_with_their_own_offsets(
+    tmp_path: Path,
 ) -> None:
     sink = Sink(tmp_path)
     group = [batch(f"laptop-{i % 3}", i // 3 + 1, f"record {i}".encode()) for i in range(9)]
     entries = sink.write_group(group)
-    assert [e.sequence for e in entries] == [b.sequence for b in group]
+    assert [(e.agent, e.sequence) for e in entries] == [(b.agent_id, b.sequence) for b in group]
+    assert len({e.offset for e in entries}) == 9
     for agent in ("laptop-0", "laptop-1", "laptop-2"):
-        got = [(e.sequence, raw) for e, raw in verified_records(tmp_path, agent)]
-        assert got == [(b.sequence, b.record) for b in group if b.agent_id == agent]
+        expected = [(b.agent_id, b.sequence, b.record) for b in group if b.agent_id == agent]
+        assert exported(tmp_path, agent) == expected
+    assert len(exported(tmp_path, None)) == 9
+    assert sorted(f.name for f in (tmp_path / "sink").iterdir()) == [
+        f"{DAY}.log",
+        f"{DAY}.manifest",
+    ]
 
 
-def test_a_sync_that_fails_fails_the_whole_group(
+def test_a_group_spanning_midnight_lands_in_both_days(tmp_path: Path) -> None:
+    sink = Sink(tmp_path)
+    sink.write_group([batch("a", 1, b"late", NOW), batch("b", 1, b"early", NOW + 86_400)])
+    assert [e.agent for e, _ in verified_records(tmp_path, None, day=DAY)] == ["a"]
+    assert [e.agent for e, _ in verified_records(tmp_path, None, day="1970-01-13")] == ["b"]
+
+
+def test_the_log_is_durable_before_any_line_points_into_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_gone(root: Path, files: object, new_dirs: object) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
+    """The order that makes every manifest line trustworthy after a crash: records
+    written, log synced, lines written, manifest synced."""
     sink = Sink(tmp_path)
-    monkeypatch.setattr(sink_module, "make_durable", disk_gone)
-    with pytest.raises(OSError, match="I/O error"):
-        sink.write_group([batch("laptop", 1, b"lost?")])
+    write(sink, "laptop", 1, b"opens the day's files")
+    files = sink._open[DAY]
+    names = {files.log_fd: "log", files.manifest_fd: "manifest"}
+    calls: list[str] = []
+    real_write, real_sync = sink_module._write_all, sink_module._sync_data
+
+    def traced_write(fd: int, data: bytes) -> None:
+        calls.append(f"write {names[fd]}")
+        real_write(fd, data)
+
+    def traced_sync(fd: int) -> None:
+        calls.append(f"sync {names[fd]}")
+        real_sync(fd)
+
+    monkeypatch.setattr(sink_module, "_write_all", traced_write)
+    monkeypatch.setattr(sink_module, "_sync_data", traced_sync)
+    sink.write_group([batch("laptop", 2, b"x"), batch("other", 1, b"y")])
+    assert calls == ["write log", "sync log", "write manifest", "sync manifest"]
 
 
-def test_the_syncfs_path_reports_a_failing_sync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failing", ["sync log", "write manifest", "sync manifest"])
+def test_a_failed_group_is_cut_from_both_files_and_its_numbers_stay_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    def failing_syncfs(fd: int) -> int:
-        return -1
-
-    monkeypatch.setattr(sink_module, "SYNCFS", failing_syncfs)
-    with pytest.raises(OSError, match="syncfs"):
-        Sink(tmp_path).write_group([batch("laptop", 1, b"x")])
-
-
-def test_a_damaged_confirmed_record_fails_its_checksum(tmp_path: Path) -> None:
-    sink = Sink(tmp_path)
-    write(sink, "laptop", 1, b"original")
-    write(sink, "laptop", 2, b"newest")
-    (log,) = (tmp_path / "sink" / "laptop").glob("*.log")
-    log.write_bytes(log.read_bytes().replace(b"original", b"modified"))
-    with pytest.raises(KillswitchError, match=r"sequence 1 .* does not match its checksum"):
-        list(verified_records(tmp_path, "laptop"))
-
-
-def test_a_crash_mid_commit_leaves_nothing_unconfirmed_behind(tmp_path: Path) -> None:
-    """The group's manifest line reached the disk, its record did not (one sync a
-    group: either may land first): batch 2 was never acknowledged. It is not exported,
-    its number is open again, and the retry lands after a clean cut."""
     sink = Sink(tmp_path)
     write(sink, "laptop", 1, b"first")
-    write(sink, "laptop", 2, b"second")
-    agent = tmp_path / "sink" / "laptop"
-    (log,) = agent.glob("*.log")
-    (manifest,) = agent.glob("*.manifest")
-    first_record_end = read_manifest(manifest)[0].offset + read_manifest(manifest)[0].length
-    with log.open("r+b") as torn:  # the record's pages never written back
-        torn.truncate(first_record_end)
-        torn.truncate(first_record_end + 4 + len(b"second"))
-    assert [e.sequence for e, _ in verified_records(tmp_path, "laptop")] == [1]
-    restarted = Sink(tmp_path)
-    assert restarted.next_sequence("laptop") == 2
-    write(restarted, "laptop", 2, b"second, again")
-    got = [(e.sequence, raw) for e, raw in verified_records(tmp_path, "laptop")]
-    assert got == [(1, b"first"), (2, b"second, again")]
+    files = sink._open[DAY]
+    sizes = (files.log_size, files.manifest_size)
+    names = {files.log_fd: "log", files.manifest_fd: "manifest"}
+    real_write, real_sync = sink_module._write_all, sink_module._sync_data
 
+    def fail_at(step: str, real: object, fd: int, *data: bytes) -> None:
+        if step == failing:
+            if data:  # half the lines reached the file before the disk filled
+                real_write(fd, data[0][: len(data[0]) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, *data)  # type: ignore[operator]
 
-def test_a_torn_manifest_line_is_cut_before_the_next_line(tmp_path: Path) -> None:
-    sink = Sink(tmp_path)
-    write(sink, "laptop", 1, b"first")
-    (manifest,) = (tmp_path / "sink" / "laptop").glob("*.manifest")
-    with manifest.open("a") as torn:
-        torn.write('{"sequence": 2, "off')  # a crash mid-line: never acknowledged
-    restarted = Sink(tmp_path)
-    assert restarted.next_sequence("laptop") == 2
-    write(restarted, "laptop", 2, b"second")  # its line must not be glued to the torn one
-    assert [e.sequence for e, _ in verified_records(tmp_path, "laptop")] == [1, 2]
+    monkeypatch.setattr(
+        sink_module, "_write_all", lambda fd, d: fail_at(f"write {names[fd]}", real_write, fd, d)
+    )
+    monkeypatch.setattr(
+        sink_module, "_sync_data", lambda fd: fail_at(f"sync {names[fd]}", real_sync, fd)
+    )
+    with pytest.raises(OSError, match="No space left"):
+        sink.write_group([batch("laptop", 2, b"second"), batch("other", 1, b"x")])
+    assert (os.fstat(files.log_fd).st_size, os.fstat(files.manifest_fd).st_size) == sizes
+    assert (sink.next_sequence("laptop"), sink.next_sequence("other")) == (2, 1)
+    monkeypatch.undo()
+    write(sink, "laptop", 2, b"second, again")  # the retry lands under its own number
+    assert exported(tmp_path, None) == [("laptop", 1, b"first"), ("laptop", 2, b"second, again")]
     assert Sink(tmp_path).next_sequence("laptop") == 3
 
 
-@pytest.mark.parametrize("agent", ["../escape", ".hidden", "a/b", ""])
-def test_an_agent_id_never_names_a_path_outside_the_sink(tmp_path: Path, agent: str) -> None:
-    with pytest.raises(InvalidInput, match="cannot name a sink directory"):
-        Sink(tmp_path).agent_dir(agent)
+def test_a_group_that_cannot_be_cut_stops_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: with the files in a state it cannot account for, the sink takes
+    nothing more until a restart reads them afresh."""
+    sink = Sink(tmp_path)
+    write(sink, "laptop", 1, b"first")
+
+    def io_error(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sink_module, "_sync_data", io_error)
+    monkeypatch.setattr(os, "ftruncate", io_error)
+    with pytest.raises(OSError, match="Input/output"):
+        write(sink, "laptop", 2, b"second")
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="the sink stopped"):
+        write(sink, "laptop", 2, b"second")
+    assert Sink(tmp_path).next_sequence("laptop") in (2, 3)  # what the disk holds
+
+
+def test_a_crash_leaves_only_what_nobody_was_told_was_kept(tmp_path: Path) -> None:
+    """After a crash: record bytes no line points at (the log was written, the lines
+    were not) and a torn last line. Neither was acknowledged: the export never shows
+    them, the torn line is cut before the next one, and the agents' retries land."""
+    write(Sink(tmp_path), "laptop", 1, b"first")
+    log, manifest = tmp_path / "sink" / f"{DAY}.log", tmp_path / "sink" / f"{DAY}.manifest"
+    with log.open("ab") as orphan:
+        orphan.write(b"\x00\x00\x00\x06second")
+    with manifest.open("ab") as torn:
+        torn.write(b'{"agent": "laptop", "sequence": 2, "off')
+    assert exported(tmp_path, "laptop") == [("laptop", 1, b"first")]
+    restarted = Sink(tmp_path)
+    assert restarted.next_sequence("laptop") == 2
+    write(restarted, "laptop", 2, b"second, again")
+    assert exported(tmp_path, "laptop") == [
+        ("laptop", 1, b"first"),
+        ("laptop", 2, b"second, again"),
+    ]
+    assert Sink(tmp_path).next_sequence("laptop") == 3
+
+
+def test_a_damaged_record_fails_its_checksum(tmp_path: Path) -> None:
+    sink = Sink(tmp_path)
+    write(sink, "laptop", 1, b"original")
+    write(sink, "laptop", 2, b"newest")
+    log = tmp_path / "sink" / f"{DAY}.log"
+    log.write_bytes(log.read_bytes().replace(b"original", b"modified"))
+    with pytest.raises(KillswitchError, match=r"laptop sequence 1 .* does not match its checksum"):
+        exported(tmp_path, "laptop")
+
+
+def test_an_export_names_one_agent_and_an_agent_without_data_is_an_error(tmp_path: Path) -> None:
+    Sink(tmp_path).write_group([batch("laptop-1", 1, b"one"), batch("laptop-10", 1, b"ten")])
+    assert exported(tmp_path, "laptop-1") == [("laptop-1", 1, b"one")]
+    with pytest.raises(KillswitchError, match="no data for agent 'laptop-2'"):
+        exported(tmp_path, "laptop-2")
+    with pytest.raises(InvalidInput, match="expected YYYY-MM-DD"):
+        list(verified_records(tmp_path, "laptop-1", day="yesterday"))
+
+
+@pytest.mark.parametrize("agent", ["../escape", ".hidden", 'a"b', "a\nb", ""])
+def test_an_agent_id_that_cannot_be_stored_is_refused(agent: str) -> None:
+    with pytest.raises(InvalidInput, match="cannot be stored in the sink"):
+        check_agent_id(agent)
+
+
+def test_quarantine_is_a_sink_of_its_own(tmp_path: Path) -> None:
+    Sink(tmp_path, QUARANTINE_DIR).write_group([batch("laptop", 5, b"refused")])
+    assert Sink(tmp_path).next_sequence("laptop") == 1
+    ((entry, raw),) = verified_records(tmp_path, "laptop", kind=QUARANTINE_DIR)
+    assert (entry.sequence, raw) == (5, b"refused")
+
+
+# ---------------------------------------------------------------- sequences on restart
+
+
+def test_a_restart_reads_the_snapshot_and_only_the_lines_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run_and_close() -> None:
+        sink = Sink(tmp_path)
+        sink.start()
+        await asyncio.gather(*(sink.append(batch(f"a{i}", 1, b"x")) for i in range(50)))
+        await sink.close()  # leaves sequences.json
+
+    asyncio.run(run_and_close())
+    covered = (tmp_path / "sink" / f"{DAY}.manifest").stat().st_size
+    write(Sink(tmp_path), "a7", 2, b"after the snapshot")  # no snapshot written here
+    starts: list[int] = []
+    real = manifest_entries
+
+    def traced(manifest: Path, start: int = 0, agent: str | None = None) -> object:
+        starts.append(start)
+        return real(manifest, start, agent)
+
+    monkeypatch.setattr(sink_module, "manifest_entries", traced)
+    restarted = Sink(tmp_path)
+    assert starts == [covered], "read the day again from its start"
+    assert restarted.next_sequence("a7") == 3
+    assert restarted.next_sequence("a8") == 2
+    assert restarted.next_sequence("never-seen") == 1
+
+
+@pytest.mark.parametrize(
+    "damage", ["not json", '{"next": {}}', '{"next": {}, "manifests": {"1970-01-12": 999999}}']
+)
+def test_a_snapshot_that_does_not_fit_the_files_is_ignored(tmp_path: Path, damage: str) -> None:
+    Sink(tmp_path).write_group([batch("laptop", 1, b"x"), batch("laptop", 2, b"y")])
+    (tmp_path / "sink" / SEQUENCES_FILE).write_text(damage)
+    following, covered = load_sequences(tmp_path / "sink")
+    assert following == {"laptop": 3}
+    assert covered == {DAY: (tmp_path / "sink" / f"{DAY}.manifest").stat().st_size}
 
 
 # ---------------------------------------------------------------- the committer
 
 
-def test_concurrent_appends_share_commits_and_each_waits_for_its_own(
-    tmp_path: Path,
-) -> None:
+def test_concurrent_appends_share_commits_and_each_waits_for_its_own(tmp_path: Path) -> None:
     async def scenario() -> None:
         landed: list[Batch] = []
         groups: list[int] = []
@@ -175,14 +288,13 @@ def test_concurrent_appends_share_commits_and_each_waits_for_its_own(
             entries = await asyncio.gather(*(sink.append(b) for b in batches))
         finally:
             await sink.close()
-        assert [e.sequence for e in entries] == [1] * 300
+        assert [e.agent for e in entries] == [b.agent_id for b in batches]
         assert sorted(b.agent_id for b in landed) == sorted(b.agent_id for b in batches)
         assert sum(groups) == 300
         assert len(groups) < 300, "every batch paid its own commit: no grouping"
         assert all(sink.next_sequence(b.agent_id) == 2 for b in batches)
         for b in batches:
-            ((_, raw),) = verified_records(tmp_path, b.agent_id)
-            assert raw == b.record
+            assert exported(tmp_path, b.agent_id) == [(b.agent_id, 1, b.record)]
 
     asyncio.run(scenario())
 
@@ -201,10 +313,9 @@ def test_a_batch_lands_and_is_reported_even_when_its_caller_stops_waiting(
             await sink.close()  # drains the queue
         finally:
             await sink.close()
-        await asyncio.sleep(0)  # the settle callback runs on the loop
         assert [b.sequence for b in landed] == [1]
         assert sink.next_sequence("laptop") == 2, "a landed batch's number is never reopened"
-        assert [raw for _, raw in verified_records(tmp_path, "laptop")] == [b"kept"]
+        assert exported(tmp_path, "laptop") == [("laptop", 1, b"kept")]
 
     asyncio.run(scenario())
 
@@ -228,19 +339,17 @@ def test_observers_that_raise_stop_neither_the_committer_nor_the_uploads(tmp_pat
     asyncio.run(scenario())
 
 
-def test_a_failed_commit_answers_every_waiter_and_rereads_sequences_from_disk(
+def test_a_failed_commit_answers_every_waiter_and_the_retries_land(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
         sink = Sink(tmp_path)
         write(sink, "laptop", 1, b"first")
-        assert sink.next_sequence("laptop") == 2
 
-        def sync_fails(root: Path, files: object, new_dirs: object) -> None:
-            """Records and lines written, the group's sync fails: unconfirmed."""
+        def disk_full(fd: int) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(sink_module, "make_durable", sync_fails)
+        monkeypatch.setattr(sink_module, "_sync_data", disk_full)
         sink.start()
         try:
             results = await asyncio.gather(
@@ -248,14 +357,13 @@ def test_a_failed_commit_answers_every_waiter_and_rereads_sequences_from_disk(
                 sink.append(batch("other", 1, b"x")),
                 return_exceptions=True,
             )
+            assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in results)
+            assert sink.next_sequence("laptop") == 2
+            monkeypatch.undo()
+            await sink.append(batch("laptop", 2, b"second"))
         finally:
             await sink.close()
-        assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in results), results
-        # Unconfirmed, its manifest line is on disk all the same: the number is read from
-        # there again, so a retry of batch 2 is a replay, never a second copy under 2.
-        monkeypatch.undo()
-        assert sink.next_sequence("laptop") == 3
-        assert [raw for _, raw in verified_records(tmp_path, "laptop")] == [b"first", b"second"]
+        assert exported(tmp_path, "laptop") == [("laptop", 1, b"first"), ("laptop", 2, b"second")]
 
     asyncio.run(scenario())
 
@@ -264,15 +372,20 @@ _times = st.one_of(st.floats(), st.integers(min_value=0, max_value=2**62))
 _counts = st.integers(min_value=0, max_value=2**62)
 
 
-@given(st.tuples(_counts, _counts, _counts, _counts), st.tuples(_times, _times, _times))
+@given(
+    st.one_of(st.text(max_size=20), st.from_regex(r"\A[a-z0-9][a-z0-9.@-]{0,20}\Z")),
+    st.tuples(_counts, _counts, _counts, _counts),
+    st.tuples(_times, _times, _times),
+)
 def test_a_manifest_line_is_what_json_dumps_writes(
-    counts: tuple[int, int, int, int], times: tuple[float, float, float]
+    agent: str, counts: tuple[int, int, int, int], times: tuple[float, float, float]
 ) -> None:
     """The line is formatted by hand for speed; readers and tools parse it as JSON, with
-    keys sorted: any difference from ``json.dumps`` (a float's digits, NaN) would show."""
+    keys sorted: any difference from ``json.dumps`` (a float's digits, NaN, an id that
+    needs escaping) would show."""
     sequence, offset, length, events = counts
     digest = hashlib.sha256(str(sequence).encode()).hexdigest()
-    entry = ManifestEntry(sequence, offset, length, digest, events, *times)
+    entry = ManifestEntry(agent, sequence, offset, length, digest, events, *times)
     fields = {name: getattr(entry, name) for name in sorted(ManifestEntry.__dataclass_fields__)}
     assert manifest_line(entry) == (json.dumps(fields) + "\n").encode()
 

@@ -111,9 +111,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Verified records to a new owner-only file, and an entry in the export log first."""
-    from control.ingest.sink import QUARANTINE_DIR
-    from control.ingest.sink import SINK_DIR
-    from control.ingest.sink import verified_records
+    from control.ingest.sink_format import QUARANTINE_DIR
+    from control.ingest.sink_format import SINK_DIR
+    from control.ingest.sink_format import verified_records
 
     os.umask(0o077)
     data_dir, out = Path(args.data_dir), Path(args.out)

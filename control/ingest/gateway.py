@@ -42,11 +42,11 @@ from control.ingest.checks import sequence_refusal
 from control.ingest.control_client import ControlClient
 from control.ingest.control_client import ControlUnreachable
 from control.ingest.metrics import GatewayMetrics
-from control.ingest.sink import QUARANTINE_DIR
-from control.ingest.sink import Batch
 from control.ingest.sink import Sink
-from control.ingest.sink import check_agent_id
-from control.ingest.sink import claim_data_dir
+from control.ingest.sink_format import QUARANTINE_DIR
+from control.ingest.sink_format import Batch
+from control.ingest.sink_format import check_agent_id
+from control.ingest.sink_format import claim_data_dir
 from control.lifecycle import wait_for_shutdown_signal
 from control.pki import Identity
 from control.pki import load_identity

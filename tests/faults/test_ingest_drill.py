@@ -22,8 +22,7 @@ import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.domain.compliance import UPLOAD_IN_FLIGHT_GRACE_SECONDS
-from control.ingest.sink import SINK_DIR
-from control.ingest.sink import verified_records
+from control.ingest.sink_format import verified_records
 from tests.conftest import Cli
 from tests.conftest import ServerProcess
 from tests.conftest import Simulator
@@ -68,10 +67,10 @@ def gateway(
 def sink_events(data_dir: Path) -> dict[str, list[float]]:
     """Capture time of every event in the sink, per agent, checksums verified."""
     found: dict[str, list[float]] = defaultdict(list)
-    for agent_dir in sorted((data_dir / SINK_DIR).iterdir()):
-        for _, record in verified_records(data_dir, agent_dir.name):
-            batch = pb.UploadBatchRequest.FromString(record)
-            found[batch.agent_id] += [nanos / 1e9 for nanos in batch.captured_at_unix_nano]
+    for entry, record in verified_records(data_dir, None):
+        batch = pb.UploadBatchRequest.FromString(record)
+        assert batch.agent_id == entry.agent, "a batch filed under another agent"
+        found[batch.agent_id] += [nanos / 1e9 for nanos in batch.captured_at_unix_nano]
     return found
 
 
