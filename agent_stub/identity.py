@@ -69,6 +69,10 @@ class EnrolmentError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class AgentIdentity:
+    """What an enrolled agent proves itself with and trusts the server by: one value,
+    whether it was read back from the state directory or just issued, so the channel is
+    built the same way after a restart as after enrolment."""
+
     cert_pem: bytes
     key_pem: bytes
     ca_pem: bytes

@@ -39,6 +39,9 @@ FAIL_CLOSED = "this laptop (fail closed)"
 
 @dataclass(frozen=True, slots=True)
 class LocalState:
+    """The last capture state this laptop announced, as it is kept on disk: what
+    ``status`` answers from, and what a restarted agent compares new directives with."""
+
     agent_id: str
     state: CaptureState
     mode: str

@@ -37,6 +37,10 @@ class NotifierSpecError(ValueError):
 
 
 class CaptureState(StrEnum):
+    """What the person at the laptop is told capture is doing: the states a notice
+    announces, worded for them rather than as the wire's modes (an opt-out and an incident
+    pause are one mode there, and a lapsed lease is none)."""
+
     PAUSED = "paused"
     RESUMED = "resumed"
     OPTED_OUT = "opted out"
@@ -45,6 +49,9 @@ class CaptureState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Notice:
+    """One change of the capture state, with everything its owner needs to trust it:
+    why, under which ticket and who decided, so no notice leaves them guessing."""
+
     agent_id: str
     state: CaptureState
     reason: str

@@ -20,10 +20,12 @@ import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
@@ -186,6 +188,17 @@ class BareService:
             )
 
 
+def _unary(
+    behaviour: Callable[..., Any], request: type[Message], response: type[Message]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary call (de)serialized as the product's generated stubs do it."""
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour,
+        request_deserializer=request.FromString,
+        response_serializer=response.SerializeToString,
+    )
+
+
 def handlers(service: BareService) -> list[grpc.GenericRpcHandler[Any, Any]]:
     """Generic handlers on the product's method names, so the product's stubs work."""
     agent = grpc.method_handlers_generic_handler(
@@ -201,26 +214,14 @@ def handlers(service: BareService) -> list[grpc.GenericRpcHandler[Any, Any]]:
     operator = grpc.method_handlers_generic_handler(
         "killswitch.v1.Operator",
         {
-            "CreateHold": grpc.unary_unary_rpc_method_handler(
-                service.create_hold,
-                request_deserializer=pb.CreateHoldRequest.FromString,
-                response_serializer=pb.CreateHoldResponse.SerializeToString,
+            "CreateHold": _unary(service.create_hold, pb.CreateHoldRequest, pb.CreateHoldResponse),
+            "RequestResume": _unary(
+                service.request_resume, pb.RequestResumeRequest, pb.ResumeRequestResponse
             ),
-            "RequestResume": grpc.unary_unary_rpc_method_handler(
-                service.request_resume,
-                request_deserializer=pb.RequestResumeRequest.FromString,
-                response_serializer=pb.ResumeRequestResponse.SerializeToString,
+            "ApproveResume": _unary(
+                service.approve_resume, pb.DecideResumeRequest, pb.DecideResumeResponse
             ),
-            "ApproveResume": grpc.unary_unary_rpc_method_handler(
-                service.approve_resume,
-                request_deserializer=pb.DecideResumeRequest.FromString,
-                response_serializer=pb.DecideResumeResponse.SerializeToString,
-            ),
-            "GetStatus": grpc.unary_unary_rpc_method_handler(
-                service.get_status,
-                request_deserializer=pb.GetStatusRequest.FromString,
-                response_serializer=pb.GetStatusResponse.SerializeToString,
-            ),
+            "GetStatus": _unary(service.get_status, pb.GetStatusRequest, pb.GetStatusResponse),
             "ListAgents": grpc.unary_stream_rpc_method_handler(
                 service.list_agents,
                 request_deserializer=pb.ListAgentsRequest.FromString,

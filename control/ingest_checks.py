@@ -38,6 +38,9 @@ RESYNC_SECONDS = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Check:
+    """One batch the gateway asks about, told by what the verdict depends on (whose, when
+    its events were captured, how many): the events themselves never reach this plane."""
+
     agent_id: str
     sequence: int
     first_event_at: float
@@ -48,6 +51,9 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """The answer for one batch, with what the gateway applies itself: the stop time its
+    own after-the-stop check measures events against, and whether refused data is kept."""
+
     allowed: bool
     reason: str
     epoch: int
@@ -60,6 +66,9 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
+    """One batch that landed in the gateway's sink: the agent's upload figures count
+    what arrived, not only what was allowed."""
+
     agent_id: str
     sequence: int
     event_count: int

@@ -31,6 +31,9 @@ MAX_REQUEST_TTL_SECONDS = 7 * 24 * 3600.0
 
 
 class ResumeState(StrEnum):
+    """Where a resume request stands; only ``OPEN_STATES`` can still be decided, and an
+    open request past its expiry reads as EXPIRED (``current_state``)."""
+
     PENDING = "pending"
     APPROVED = "approved"
     DENIED = "denied"
@@ -43,6 +46,9 @@ OPEN_STATES = frozenset({ResumeState.PENDING, ResumeState.APPROVED})
 
 @dataclass(frozen=True, slots=True)
 class Approval:
+    """One approver's yes, tied to the revision they read: an edit raises the revision,
+    so an approval never covers words its approver did not see."""
+
     approver: str
     at: float
     revision: int
@@ -51,6 +57,9 @@ class Approval:
 
 @dataclass(frozen=True, slots=True)
 class ResumeRequest:
+    """A request to lift a hold (or to start a drill): a record of its own, so who asked,
+    who decided and on which revision stays on file after the hold is gone."""
+
     id: str
     hold_id: str
     requested_by: str

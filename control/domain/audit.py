@@ -86,6 +86,9 @@ class ChainProblem:
 
 @dataclass(frozen=True, slots=True)
 class ChainHead:
+    """The newest entry the writer committed, kept apart from the log: a cut tail leaves
+    a valid chain, but not one that ends at the head."""
+
     seq: int
     hash: str
 

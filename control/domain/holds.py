@@ -17,6 +17,9 @@ MAX_TICKET_CHARS = 100
 
 
 class HoldKind(StrEnum):
+    """Why a hold exists, which decides who may lift it (an opt-out only its laptop's
+    owner) and what a runbook run makes of it (a new incident hold halts the run)."""
+
     INCIDENT = "incident"
     OPT_OUT = "opt_out"
     ROLLOUT = "rollout"

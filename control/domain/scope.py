@@ -69,6 +69,9 @@ def format_labels(labels: Mapping[str, str]) -> str:
 
 
 class ScopeKind(StrEnum):
+    """How a scope names its laptops, stored with the hold so a laptop that joins later
+    is covered by a fleet or selector hold but never by a list of ids."""
+
     ALL = "all"
     SELECTOR = "selector"
     AGENTS = "agents"

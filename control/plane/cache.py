@@ -52,6 +52,9 @@ log = structlog.get_logger("killswitch.plane")
 
 @dataclass(frozen=True, slots=True)
 class DirectiveSpec:
+    """What one agent's directive says, read from the cache in one step so the epoch,
+    the mode and the decision behind it all come from the same moment."""
+
     epoch: int
     desired: Desired
     heartbeat_interval: float

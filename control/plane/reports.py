@@ -42,6 +42,9 @@ log = structlog.get_logger("killswitch.plane")
 
 @dataclass(frozen=True, slots=True)
 class LeaseDecision:
+    """The answer to one lease request: a refusal is an answer with its reason, not an
+    error, because the agent simply keeps capture off until a later request is granted."""
+
     granted: bool
     ttl: float
     reason: str

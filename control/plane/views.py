@@ -53,6 +53,9 @@ _SEVERITY_RANK = {state: rank for rank, state in enumerate(SEVERITY)}
 
 @dataclass(frozen=True, slots=True)
 class AgentView:
+    """One agent as a reader sees it: its compliance judged as of the read, carried with
+    the desired state and status it was judged from so the two never disagree."""
+
     agent_id: str
     labels: Mapping[str, str]
     desired: Desired

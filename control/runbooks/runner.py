@@ -54,6 +54,9 @@ log = structlog.get_logger("killswitch.runbooks")
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """What a run of ``book`` would do to today's fleet, wave by wave, without starting
+    it: ``runbook plan`` shows it so a human checks the waves before anything changes."""
+
     book: Runbook
     hold_id: str
     scope: Scope

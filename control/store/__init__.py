@@ -46,6 +46,9 @@ OutboxFeed = Callable[[Sequence[AuditEntry]], list[OutboxMessage]]
 
 @dataclass(frozen=True, slots=True)
 class StoredAgent:
+    """An agent's row: what a restarted server, or another replica, rebuilds the agent's
+    entry from; its live stream and the record of what was saved when are not stored."""
+
     agent_id: str
     labels: dict[str, str]
     desired: Desired

@@ -71,6 +71,9 @@ SIGN_IN_ACTION = "Dashboard.SignIn"
 
 @dataclass(frozen=True, slots=True)
 class OidcSettings:
+    """The ``serve --oidc-*`` options once checked (``load_settings``): SSO is either
+    wholly configured or off, never half."""
+
     issuer: str
     client_id: str
     client_secret: str

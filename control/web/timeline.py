@@ -82,6 +82,9 @@ class TimelineEvent:
 
 @dataclass(frozen=True, slots=True)
 class HoldEvent:
+    """A hold created or lifted, kept once for the whole fleet rather than in every
+    covered agent's ring, and shown on every agent's timeline it concerns."""
+
     at: float
     hold: Hold
     epoch: int

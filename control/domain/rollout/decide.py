@@ -25,6 +25,9 @@ DEFAULT_TICK_SECONDS = 1.0
 
 
 class Action(StrEnum):
+    """What a tick asks the runner to do; deciding is pure, and the runner alone commits
+    the change and audits it."""
+
     WAIT = "wait"
     NEXT_WAVE = "next-wave"
     AWAIT_CONFIRMATION = "await-confirmation"
@@ -35,6 +38,9 @@ class Action(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """A tick's verdict with the run it applies to, so the runner stores exactly the run
+    the verdict was reached on."""
+
     action: Action
     # The run with this tick's observations recorded (gate results, convergence).
     run: Run

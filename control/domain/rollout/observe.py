@@ -24,12 +24,18 @@ class AgentVerdict:
 
 @dataclass(frozen=True, slots=True)
 class PrometheusReading:
+    """One query's answer, or why there is none: an unreachable Prometheus is a reading
+    the gate judges (the wave waits for it to come back), never an error in the tick."""
+
     value: float | None = None
     error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Observation:
+    """The counts a wave's gates are judged on, taken in one pass over the verdicts so
+    every gate of a tick sees the same moment."""
+
     # The current wave: agents it re-enabled, how many are connected, how many capture.
     wave_agents: int = 0
     wave_online: int = 0

@@ -15,6 +15,9 @@ from control.domain.rollout.runbook import Runbook
 
 
 class RunState(StrEnum):
+    """Where a run stands. The first four are active (``ACTIVE_RUN_STATES``): a restarted
+    server resumes ticking those runs, and the others are finished records."""
+
     PAUSING = "pausing"
     AWAITING_APPROVAL = "awaiting-approval"
     RUNNING = "running"
@@ -35,6 +38,9 @@ ACTIVE_RUN_STATES = frozenset(
 
 
 class WaveState(StrEnum):
+    """One wave's outcome, kept per wave so a run's record says how far re-enabling got
+    and which waves a halt paused again."""
+
     PENDING = "pending"
     SOAKING = "soaking"
     PASSED = "passed"
@@ -44,6 +50,9 @@ class WaveState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class GateResult:
+    """One gate as judged at the last tick, stored with the wave so ``status`` shows why a
+    wave is waiting or failed without judging the gates again."""
+
     name: str
     passed: bool
     observed: str
@@ -52,6 +61,9 @@ class GateResult:
 
 @dataclass(frozen=True, slots=True)
 class WaveProgress:
+    """What a wave has done so far, stored with the run: a restarted server resumes its
+    soak and keeps its cutoff rather than starting the wave again."""
+
     state: WaveState = WaveState.PENDING
     started_at: float | None = None
     # Agents the wave re-enabled (not held by another hold) and how many confirmed it.

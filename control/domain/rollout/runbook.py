@@ -56,6 +56,9 @@ class PrometheusGate:
 
 @dataclass(frozen=True, slots=True)
 class Gates:
+    """What a wave must show before the next one starts; the defaults are the strict
+    ones, so a runbook that names no gates still stops at the first sign of trouble."""
+
     # Share of the wave's connected agents confirmed CAPTURING before the wave passes.
     min_capturing: float = 1.0
     # Fleet-wide: any violation anywhere fails the wave at once.
