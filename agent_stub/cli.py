@@ -25,13 +25,13 @@ from typing import NoReturn
 import structlog
 
 from agent_stub.agent import Agent
-from agent_stub.agent import ReplicaRotation
-from agent_stub.agent import ServerAddressError
-from agent_stub.agent import open_channel
-from agent_stub.agent import server_target
 from agent_stub.applied import AppliedStore
 from agent_stub.batches import SequenceStore
 from agent_stub.batches import UploadSequence
+from agent_stub.channels import ReplicaRotation
+from agent_stub.channels import ServerAddressError
+from agent_stub.channels import open_channel
+from agent_stub.channels import server_target
 from agent_stub.clock import PLATFORM_CLOCK
 from agent_stub.clock import NoSleepClock
 from agent_stub.config import AgentConfig

@@ -18,8 +18,8 @@ import random
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
-from agent_stub.agent import open_channel
 from agent_stub.backoff import Backoff
+from agent_stub.channels import open_channel
 
 STOPPED = [
     pb.Channel(name=name, state=pb.CHANNEL_STATE_STOPPED)

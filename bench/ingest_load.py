@@ -29,10 +29,10 @@ from pathlib import Path
 import grpc
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import open_channel
 from agent_stub.batches import upload_request
 from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.capture import Batch
+from agent_stub.channels import open_channel
 from agent_stub.identity import insecure_metadata
 from control.ingest.checks import MAX_SKEW_ALLOWANCE
 from control.ingest.sink_format import SINK_DIR

@@ -15,8 +15,8 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent_stub.agent import server_target
 from agent_stub.batches import MAX_EVENTS_PER_BATCH
+from agent_stub.channels import server_target
 from agent_stub.cli import UsageError
 from agent_stub.cli import add_identity_options
 from agent_stub.cli import add_ingest_option

@@ -27,9 +27,9 @@ import grpc
 import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
-from agent_stub.agent import Reopen
-from agent_stub.agent import ReplicaRotation
-from agent_stub.agent import open_channel
+from agent_stub.channels import Reopen
+from agent_stub.channels import ReplicaRotation
+from agent_stub.channels import open_channel
 from agent_stub.clock import PLATFORM_CLOCK
 from agent_stub.clock import Clock
 from agent_stub.clock import NoSleepClock

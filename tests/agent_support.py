@@ -22,8 +22,8 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import Agent
 from agent_stub import Tuning
-from agent_stub.agent import open_channel
 from agent_stub.capture import EVENTS_PER_TICK
+from agent_stub.channels import open_channel
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault
 from simulator.faults import FaultTuning

@@ -22,7 +22,7 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 
 from agent_stub import Agent
 from agent_stub import AgentConfig
-from agent_stub.agent import open_channel
+from agent_stub.channels import open_channel
 from agent_stub.identity import EXIT_BAD_INPUT
 from agent_stub.identity import AgentIdentity
 from agent_stub.identity import EnrolmentError

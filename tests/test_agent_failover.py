@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_stub import agent as agent_module
-from agent_stub.agent import ReplicaRotation
-from agent_stub.agent import ServerAddressError
-from agent_stub.agent import server_target
+from agent_stub import channels as channels_module
+from agent_stub.channels import ReplicaRotation
+from agent_stub.channels import ServerAddressError
+from agent_stub.channels import server_target
 from tests.conftest import Cli
 from tests.conftest import ServerProcess
 from tests.conftest import Simulate
@@ -110,7 +110,7 @@ def test_each_fresh_channel_starts_at_the_next_replica_and_tls_checks_one_name(
         opened.append((target, in_order, named_as))
         return target
 
-    monkeypatch.setattr(agent_module, "open_channel", recording)
+    monkeypatch.setattr(channels_module, "open_channel", recording)
     replicas = ["10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"]
     rotation = ReplicaRotation("ipv4:" + ",".join(replicas), rng=random.Random(4))
     orders = [str(rotation()).partition(":")[2].split(",") for _ in range(4)]

@@ -36,6 +36,7 @@ from control.store import StoredAgent
 from control.store import ViolationEvidence
 from control.store import codec
 from control.store import scripts
+from control.store import write_checks
 from control.store.codec import Row
 from control.store.outbox import ClaimedMessage
 from control.store.outbox import OutboxMessage
@@ -81,7 +82,7 @@ class ScriptedStore(ABC):
             return await scripts.commit(tx, records, change, self.outbox_feed)
 
         result, entries = await self._transaction(script, may_spend_reserve=may_spend_reserve)
-        codec.log_appended(entries)
+        write_checks.log_appended(entries)
         return result
 
     async def _read_one(self, query: str, params: Params) -> Row | None:
@@ -117,7 +118,7 @@ class ScriptedStore(ABC):
 
     async def save_resume_request(self, request: ResumeRequest, audit: AuditRecord) -> None:
         """Refused with ``Conflict`` unless it is a new request, an edit of an open one, or
-        a decision on a pending one: see ``codec.check_request_write``."""
+        a decision on a pending one: see ``write_checks.check_request_write``."""
         await self._write([audit], lambda tx: scripts.save_resume_request(tx, request))
 
     async def execute_resume(

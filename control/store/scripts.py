@@ -47,6 +47,7 @@ from control.store import SharedState
 from control.store import ViolationEvidence
 from control.store import codec
 from control.store import enrolment
+from control.store import write_checks
 from control.store.outbox import ClaimedMessage
 from control.store.outbox import OutboxMessage
 from control.store.transaction import Transaction
@@ -81,7 +82,7 @@ async def append_audit(tx: Transaction, records: Sequence[AuditRecord]) -> list[
         return []
     head = await tx.one(tx.sql.locked_audit_head)
     assert head is not None, "the first migration inserts the audit_head row"
-    entries = codec.chain_after(ChainHead(head["seq"], head["hash"]), records)
+    entries = write_checks.chain_after(ChainHead(head["seq"], head["hash"]), records)
     await tx.execute_many(tx.sql.insert_audit, [codec.audit_to_row(e) for e in entries])
     await tx.execute(tx.sql.move_audit_head, (entries[-1].seq, entries[-1].hash))
     return entries
@@ -96,14 +97,14 @@ async def next_epoch(tx: Transaction) -> int:
 async def insert_new(tx: Transaction, query: str, row: tuple[Any, ...], what: str) -> None:
     """Insert a row whose key must be new: a reused key is the caller's ``Conflict``."""
     if await tx.one(f"{query} ON CONFLICT DO NOTHING RETURNING 1", row) is None:
-        raise codec.already_exists(what)
+        raise write_checks.already_exists(what)
 
 
 # ---------------------------------------------------------------- holds
 
 
 async def active_hold(tx: Transaction, hold_id: str) -> Hold:
-    return codec.active_hold(await tx.one(tx.sql.locked_hold, (hold_id,)), hold_id)
+    return write_checks.active_hold(await tx.one(tx.sql.locked_hold, (hold_id,)), hold_id)
 
 
 async def insert_hold(tx: Transaction, draft: HoldDraft, epoch: int) -> Hold:
@@ -116,7 +117,7 @@ async def lift(tx: Transaction, hold_id: str, lifted_by: str, at: float, epoch: 
     """The caller allocated ``epoch`` first: the epoch row is always the first lock taken."""
     hold = await active_hold(tx, hold_id)
     await tx.execute(tx.sql.lift_hold, (at, lifted_by, epoch, hold_id))
-    return codec.lifted(hold, lifted_by, at, epoch)
+    return write_checks.lifted(hold, lifted_by, at, epoch)
 
 
 async def create_hold(tx: Transaction, draft: HoldDraft) -> Hold:
@@ -129,7 +130,7 @@ async def create_hold(tx: Transaction, draft: HoldDraft) -> Hold:
 async def reactivate_hold(tx: Transaction, draft: HoldDraft) -> Hold:
     hold = Hold.committed(draft, await next_epoch(tx))
     if await tx.one(tx.sql.reactivate_hold, codec.hold_to_row(hold)) is None:
-        raise codec.still_active(hold.id)
+        raise write_checks.still_active(hold.id)
     await tx.announce(hold.created_epoch)
     return hold
 
@@ -146,12 +147,14 @@ async def lift_hold(tx: Transaction, hold_id: str, lifted_by: str, lifted_at: fl
 
 async def record_executed(tx: Transaction, request: ResumeRequest, epoch: int) -> None:
     """Store ``request`` EXECUTED at ``epoch``, if it is still as it was approved."""
-    codec.check_request_executable(await tx.one(tx.sql.locked_request, (request.id,)), request)
+    write_checks.check_request_executable(
+        await tx.one(tx.sql.locked_request, (request.id,)), request
+    )
     await tx.execute(tx.sql.replace_request, codec.resume_to_row(executed(request, epoch)))
 
 
 async def save_resume_request(tx: Transaction, request: ResumeRequest) -> None:
-    codec.check_request_write(await tx.one(tx.sql.locked_request, (request.id,)), request)
+    write_checks.check_request_write(await tx.one(tx.sql.locked_request, (request.id,)), request)
     await tx.execute(tx.sql.replace_request, codec.resume_to_row(request))
     await tx.announce()
 
@@ -172,7 +175,7 @@ async def commit_run(tx: Transaction, change: RunChange) -> RunCommit:
     # After the epoch row, as every lock: two steps of one run take turns here, and the
     # second finds the version the first stored.
     stored = await tx.one(tx.sql.locked_run, (change.run.id,))
-    codec.check_run_version(None if stored is None else stored["run"], change.run)
+    write_checks.check_run_version(None if stored is None else stored["run"], change.run)
     holds: list[Hold] = []
     if change.lift_hold_id:
         holds.append(await lift(tx, change.lift_hold_id, change.by, change.at, epoch))
@@ -262,7 +265,7 @@ async def enrol_agent(
         # for it to commit, and this read (a new statement) sees its certificate.
         if valid := await tx.one(tx.sql.valid_certificate, (agent_id, now)):
             raise enrolment.already_enrolled(agent_id, valid["serial"])
-        raise codec.already_exists(f"certificate with serial {certificate.serial}")
+        raise write_checks.already_exists(f"certificate with serial {certificate.serial}")
     await tx.execute(tx.sql.take_token_use, (token_id,))
     await tx.announce()
     return token
@@ -281,7 +284,7 @@ async def revoke_certificates(
     rows = await tx.all(tx.sql.locked_certificate, (subject_or_serial,)) or await tx.all(
         tx.sql.locked_certificates_of, (subject_or_serial,)
     )
-    unrevoked = codec.to_revoke(subject_or_serial, rows)
+    unrevoked = write_checks.to_revoke(subject_or_serial, rows)
     await tx.execute_many(tx.sql.revoke_certificate, [(revoked_at, c.serial) for c in unrevoked])
     await tx.announce()
     return [dataclasses.replace(c, revoked_at=revoked_at) for c in unrevoked]
