@@ -90,11 +90,20 @@ def test_a_group_lands_every_agents_batches_in_one_log_with_their_own_offsets(
     ]
 
 
-def test_a_group_spanning_midnight_lands_in_both_days(tmp_path: Path) -> None:
+def test_a_group_spanning_days_lands_in_each_and_only_two_days_stay_open(
+    tmp_path: Path,
+) -> None:
+    """Four days in one group (a clock that jumped): no day's files are closed while the
+    group still writes to them; after it, only the newest two stay open."""
     sink = Sink(tmp_path)
-    sink.write_group([batch("a", 1, b"late", NOW), batch("b", 1, b"early", NOW + 86_400)])
-    assert [e.agent for e, _ in verified_records(tmp_path, None, day=DAY)] == ["a"]
-    assert [e.agent for e, _ in verified_records(tmp_path, None, day="1970-01-13")] == ["b"]
+    days = [NOW + 86_400 * n for n in range(4)]
+    sink.write_group([batch(f"agent-{n}", 1, b"day %d" % n, at) for n, at in enumerate(days)])
+    for n in range(4):
+        day = f"1970-01-{12 + n}"
+        assert [e.agent for e, _ in verified_records(tmp_path, None, day=day)] == [f"agent-{n}"]
+    assert sorted(sink._open) == ["1970-01-14", "1970-01-15"]
+    write(sink, "agent-0", 2, b"back on the first day", at=NOW)  # reopened, appended
+    assert [e.sequence for e, _ in verified_records(tmp_path, "agent-0")] == [1, 2]
 
 
 def test_the_log_is_durable_before_any_line_points_into_it(

@@ -99,12 +99,12 @@ class DayFiles:
     __slots__ = ("day", "log_fd", "log_size", "manifest_fd", "manifest_size", "unsynced_entry")
 
     def __init__(self, root: Path, day: str) -> None:
-        manifest = root / f"{day}.manifest"
+        log_path, manifest = root / f"{day}.log", root / f"{day}.manifest"
         self.day = day
         # A new file's name must be durable too: the root directory is synced once.
-        self.unsynced_entry = not manifest.exists()
+        self.unsynced_entry = not (log_path.exists() and manifest.exists())
         flags = os.O_CREAT | os.O_APPEND
-        self.log_fd = os.open(root / f"{day}.log", os.O_WRONLY | flags, 0o600)
+        self.log_fd = os.open(log_path, os.O_WRONLY | flags, 0o600)
         self.manifest_fd = os.open(manifest, os.O_RDWR | flags, 0o600)
         self.log_size = os.fstat(self.log_fd).st_size
         self.manifest_size = _whole_lines_length(self.manifest_fd)
@@ -308,17 +308,20 @@ class Sink:
                 log.error("sink_stopped", day=files.day, error=str(exc))
 
     def _advance(self, batches: Sequence[Batch]) -> None:
+        """After a group landed: the numbers move on, and days past go shut."""
         for batch in batches:
             self._next[batch.agent_id] = batch.sequence + 1
         for day, files in self._open.items():
             self._covered[day] = files.manifest_size
+        # Yesterday's files stay open past midnight; older ones close here, between
+        # groups, never while a group still holds their descriptors.
+        for older in sorted(self._open)[:-2]:
+            self._open.pop(older).close()
 
     def _files(self, day: str) -> DayFiles:
         files = self._open.get(day)
         if files is None:
             files = self._open[day] = DayFiles(self.root, day)
-            for older in sorted(self._open)[:-2]:  # yesterday's stays open past midnight
-                self._open.pop(older).close()
         return files
 
     def _day(self, at: float) -> str:
