@@ -8,6 +8,8 @@ reaches the same verdict.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +74,10 @@ class Compliance:
     state: ComplianceState
     reason: str
     since: float | None
+    # Absent new facts, ``state`` holds at every moment before this one (the reason's
+    # wording may age: "silent for 40s"). A census re-evaluates an agent only when its
+    # facts change or this time comes, not every agent on every read.
+    until: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,9 @@ class UploadDecision:
 
 def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+_REVISIONS = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -168,6 +177,15 @@ class AgentStatus:
     # The labels the agent claimed on its newest connect (None: it never connected).
     # Shown beside the server's labels; never used to decide which holds cover it.
     reported_labels: dict[str, str] | None = None
+    # A number no other state of any AgentStatus has had: it moves with every
+    # assignment to a field (fields are replaced, never mutated in place), so a reader
+    # that kept an agent's verdict knows at a glance whether its facts changed since,
+    # even if the status object itself was replaced by another.
+    revision: int = field(default=0, compare=False, repr=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "revision", next(_REVISIONS))
 
     # ------------------------------------------------------------ connection
 
@@ -408,6 +426,7 @@ def _offline(
             ComplianceState.OFFLINE_AT_RISK,
             f"{why}; its lease lets it capture until {iso(lease)}",
             since,
+            until=lease,
         )
     expired = f"lease expired at {iso(lease)}" if lease is not None else "never held a lease"
     return Compliance(
@@ -432,8 +451,10 @@ def evaluate(
         )
     if not status.connected:
         return _offline(desired, status, now, "disconnected", status.disconnected_at)
-    silent_for = now - (status.last_seen or now)
-    if silent_for > policy.silence_timeout:
+    # Every verdict below holds only until the stream has been silent too long.
+    heard = status.last_seen + policy.silence_timeout if status.last_seen else math.inf
+    if now > heard:
+        silent_for = now - (status.last_seen or now)
         return _offline(
             desired, status, now, f"connected but silent for {silent_for:.0f}s", status.last_seen
         )
@@ -455,12 +476,14 @@ def evaluate(
                 f"acked epoch {status.acked_epoch}; counters and spool frozen since"
                 f" (events_captured_total {status.ack_report.events_total}){purge}",
                 status.verified_at,
+                until=heard,
             )
         return Compliance(
             ComplianceState.STOP_REPORTED,
             f"acked epoch {status.acked_epoch}, every channel stopped; awaiting its capture"
             f" report to verify{purge}",
             status.acked_at,
+            until=heard,
         )
     if in_sync:
         lease = status.lease_expires_at
@@ -472,26 +495,38 @@ def evaluate(
                 ComplianceState.RESUME_PENDING,
                 f"acked epoch {status.acked_epoch} but {held}: not capturing until one is granted",
                 lease or status.acked_at,
+                until=heard,
             )
         return Compliance(
-            ComplianceState.CAPTURING, f"acked epoch {status.acked_epoch}", status.acked_at
+            ComplianceState.CAPTURING,
+            f"acked epoch {status.acked_epoch}",
+            status.acked_at,
+            until=min(lease, heard),
         )
     if status.nacked_since_connect and status.nack_epoch >= desired.epoch:
         return Compliance(
             ComplianceState.FAILED,
             f"nacked epoch {status.nack_epoch}: {status.nack_reason}",
             status.nack_at,
+            until=heard,
         )
     waiting_since = max(desired.since, status.connected_at or desired.since)
     refused = f"; {status.uploads_refused} uploads refused" if status.uploads_refused else ""
-    if now - waiting_since > policy.ack_deadline:
+    overdue_after = waiting_since + policy.ack_deadline
+    if now > overdue_after:
         return Compliance(
             ComplianceState.OVERDUE,
             f"no ack for epoch {desired.epoch} within {policy.ack_deadline:g}s{refused}",
-            waiting_since + policy.ack_deadline,
+            overdue_after,
+            until=heard,
         )
     waiting = ComplianceState.PENDING if paused else ComplianceState.RESUME_PENDING
-    return Compliance(waiting, f"awaiting ack for epoch {desired.epoch}{refused}", waiting_since)
+    return Compliance(
+        waiting,
+        f"awaiting ack for epoch {desired.epoch}{refused}",
+        waiting_since,
+        until=min(overdue_after, heard),
+    )
 
 
 def is_settled(mode: Mode, state: ComplianceState) -> bool:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from typing import Protocol
 
 from control.domain import AgentStatus
 from control.domain import Desired
 from control.store import StoredAgent
+
+if TYPE_CHECKING:  # the tally imports this module
+    from control.plane.tally import Counted
 
 
 class Subscriber(Protocol):
@@ -40,3 +44,6 @@ class AgentEntry:
     # Set while another replica's row is the truth about this agent: ``status`` is
     # derived from it. This replica never writes such an entry.
     remote: StoredAgent | None = None
+    # The verdict the fleet's tally counts for this agent, and the facts it came from
+    # (``control.plane.tally``).
+    counted: Counted | None = None

@@ -31,6 +31,7 @@ from control.domain.labels import label_mismatch
 from control.plane.cache import DesiredStateCache
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
+from control.plane.tally import VerdictTally
 
 # Most urgent first: what an SRE must look at during an incident.
 SEVERITY = [
@@ -112,6 +113,7 @@ class FleetViews:
         self._membership = membership
         self._clock = clock
         self._policy = policy
+        self._tally = VerdictTally(cache.agents, policy)
 
     def _matching(self, agent_filter: AgentFilter) -> Iterator[tuple[AgentEntry, Compliance]]:
         now = self._clock()
@@ -166,12 +168,12 @@ class FleetViews:
 
     def census(self) -> Census:
         """Fleet-wide counts in one pass: what a Prometheus scrape reads."""
-        by_state: dict[ComplianceState, int] = dict.fromkeys(ComplianceState, 0)
+        self._tally.refresh(self._clock())
+        by_state = dict(self._tally.by_state)
         by_mode: dict[Mode, int] = dict.fromkeys(Mode, 0)
         connected = mismatched = after_pause = 0
-        for entry, verdict in self._matching(AgentFilter()):
+        for entry in self._agents.values():
             after_pause += entry.status.events_accepted_after_pause
-            by_state[verdict.state] += 1
             by_mode[entry.desired.mode] += 1
             connected += entry.subscriber is not None
             mismatched += bool(label_mismatch(entry.labels, entry.status.reported_labels))
@@ -184,17 +186,29 @@ class FleetViews:
     ) -> StatusSummary:
         """Counts for every matching agent; full rows only for the most urgent unsettled ones.
 
-        Operators poll this during an incident, so it must stay cheap at fleet scale.
+        Operators poll this during an incident, so it must stay cheap at fleet scale: the
+        fleet-wide read (no filter), the one dashboards and the CLI poll, comes from the
+        tally, which evaluates only the agents whose verdict may have changed since.
         """
-        by_state: dict[ComplianceState, int] = {}
-        unsettled: list[tuple[AgentEntry, Compliance]] = []
-        total = 0
-        for entry, verdict in self._matching(agent_filter):
-            total += 1
-            by_state[verdict.state] = by_state.get(verdict.state, 0) + 1
-            if not is_settled(entry.desired.mode, verdict.state):
-                unsettled.append((entry, verdict))
-        shown = heapq.nsmallest(unsettled_limit, unsettled, key=_urgency)
+        if agent_filter == AgentFilter():
+            now = self._clock()
+            self._tally.refresh(now)
+            total = len(self._agents)
+            by_state = {state: n for state, n in self._tally.by_state.items() if n}
+            unsettled = list(self._tally.unsettled.values())
+            # Rows as of now: a counted verdict's state holds, its wording may have aged.
+            shown = [
+                (e, evaluate(e.desired, e.status, now=now, policy=self._policy))
+                for e, _ in heapq.nsmallest(unsettled_limit, unsettled, key=_urgency)
+            ]
+        else:
+            by_state, unsettled, total = {}, [], 0
+            for entry, verdict in self._matching(agent_filter):
+                total += 1
+                by_state[verdict.state] = by_state.get(verdict.state, 0) + 1
+                if not is_settled(entry.desired.mode, verdict.state):
+                    unsettled.append((entry, verdict))
+            shown = heapq.nsmallest(unsettled_limit, unsettled, key=_urgency)
         return StatusSummary(
             epoch=self._cache.epoch,
             holds=self._cache.active_holds(),
