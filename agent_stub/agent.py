@@ -157,6 +157,9 @@ class Agent:
         self._stream: ControlStream | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._renewals: asyncio.Task[None] | None = None
+        # When (time.monotonic) this stream carried the agent's newest ack: heartbeats
+        # say how long ago, so a stop the server was slow to record verifies in time.
+        self._ack_sent_at: float | None = None
 
     @property
     def agent_id(self) -> str:
@@ -289,6 +292,7 @@ class Agent:
             return "the stream was cancelled on the agent's side"
         finally:
             self._stream = self._heartbeats = self._renewals = None
+            self._ack_sent_at = None  # an ack counts on the stream that carried it
             await stream.close()
 
     # ------------------------------------------------------------ server messages
@@ -330,6 +334,8 @@ class Agent:
         self._keep_renewing(stream)
         self._tell_capture_state()
         await stream.send(reply)
+        if reply.HasField("ack"):
+            self._ack_sent_at = time.monotonic()
         if reply.HasField("ack") and reply.ack.mode == pb.MODE_PAUSED:
             stream.spawn(_report_after_pause(self, stream, reply.ack.epoch))
 
@@ -461,10 +467,12 @@ class Agent:
             self.notices.observe(self.directive, self.lease)
 
     async def send_heartbeat(self, stream: Outbox) -> None:
+        acked = self._ack_sent_at
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
             channels=self._channels(),
             report=self._report(),
+            seconds_since_ack=0.0 if acked is None else time.monotonic() - acked,
         )
         await stream.send(pb.AgentMessage(heartbeat=beat))
 

@@ -13,13 +13,15 @@ from agent_stub.batches import MAX_EVENTS_PER_BATCH
 DEFAULT_LEASE_TTL_SECONDS = 60.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 # After acking a pause, the agent sends its capture report (a heartbeat) this long
-# later, or four capture ticks if longer: past the server's proof window
-# (DEFAULT_PROOF_WINDOW_SECONDS, 2 s), so frozen counters verify the stop in seconds
-# rather than at the next heartbeat. The server measures the window between receiving
-# the ack and the report, so the margin absorbs acks that queued on a busy server: at
-# 2.5 s, 10,000 agents on one server (bench.pause_fleet, mux) were verified only by
-# their next heartbeat, about 10 s after the last ack; at 2,000, 2.5 s after it.
-PROOF_REPORT_DELAY_SECONDS = 4.0
+# later, or two capture ticks if longer: past the server's
+# proof window (DEFAULT_PROOF_WINDOW_SECONDS, 2 s), so frozen counters verify the stop
+# in seconds rather than at the next heartbeat. The report says how long ago the ack
+# went (``seconds_since_ack``, on this agent's monotonic clock), which the server takes
+# within what its own clock allows; so an ack that queued on a busy server needs no
+# extra margin here. (4 s until 2026-12-06, when the server measured the window only
+# between processing the ack and the report: at 2.5 s, 10,000 agents on one server were
+# verified only by their next heartbeat.)
+PROOF_REPORT_DELAY_SECONDS = 2.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +39,7 @@ class Tuning:
     @property
     def proof_report_delay(self) -> float:
         """How long after a pause ack the agent sends its capture report."""
-        return max(PROOF_REPORT_DELAY_SECONDS, 4 * self.capture_tick)
+        return max(PROOF_REPORT_DELAY_SECONDS, 2 * self.capture_tick)
 
 
 # What this agent reports as its version in Hello.

@@ -152,6 +152,8 @@ def test_a_pause_ack_is_followed_by_one_capture_report_a_few_ticks_later(
         (proof,) = outbox.bodies("heartbeat")
         assert proof.applied_epoch == 4 and channels(proof) == STOPPED
         assert proof.report.events_captured_total == PER_TICK
+        # How long ago the ack went, by the agent's clock: the report's delay, at least.
+        assert 0.05 <= proof.seconds_since_ack < 0.5
         # Resumed before its report was due: no proof of a pause no longer applied.
         await agent.handle(directive(pb.MODE_PAUSED, 5), outbox)
         await agent.handle(directive(pb.MODE_ALLOWED, 6), outbox)

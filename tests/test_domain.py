@@ -186,6 +186,37 @@ def test_a_frozen_report_one_proof_window_after_the_ack_verifies_and_checking_go
     assert state(desired, status, now=126.0) is ComplianceState.VIOLATION
 
 
+@pytest.mark.parametrize(
+    ("since_ack", "verified"),
+    [
+        (2.2, True),  # the agent counted the window; the server has seen 6 s since sending
+        (1.5, False),  # not a window on either clock
+        (6.5, False),  # more than the server could have seen since it sent the directive
+    ],
+)
+def test_a_stop_acked_on_a_busy_server_is_verified_on_the_agents_count_within_the_servers(
+    since_ack: float, verified: bool
+) -> None:
+    """A fleet-wide pause: the server sent the directive at 100 and processed the ack
+    only at 105 (behind thousands of others); the report, 2.2 s after the ack by the
+    agent's clock, arrives at 106, 1 s after the server's record of the ack. It verifies
+    on the agent's count, but never on a count longer than the 6 s the server has seen
+    since it sent the directive: so even a lying agent waits a window of real time."""
+    window = CompliancePolicy().verify_after
+    desired, status = paused(), connected()
+    status.directive_sent_at, status.directive_sent_epoch = 100.0, desired.epoch
+    ack_pause(status, desired, at=105.0)
+    status.record_heartbeat(
+        STOPPED, report(40), 106.0, desired=desired, verify_after=window, since_ack=since_ack
+    )
+    expected = ComplianceState.VERIFIED_STOPPED if verified else ComplianceState.STOP_REPORTED
+    assert state(desired, status, now=106.0) is expected
+    status.record_heartbeat(
+        STOPPED, report(41), 107.0, desired=desired, verify_after=window, since_ack=3.2
+    )
+    assert state(desired, status, now=107.0) is ComplianceState.VIOLATION, "checking goes on"
+
+
 def test_a_server_that_asks_for_faster_beats_verifies_no_later_than_one_of_them() -> None:
     """The proof window never slows verification down: with beats every second, one beat
     interval after the ack is proof enough, as it was before the window existed."""

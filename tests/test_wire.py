@@ -6,12 +6,16 @@ must agree on (``agent_stub/wire_rules.py``); this is what keeps the copy honest
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import agent_stub.wire_rules
 import control.wire
+from control.errors import InvalidInput
+from control.rpc.convert import since_ack_from_pb
 from control.rpc.convert import timestamp
 
 
@@ -32,3 +36,16 @@ def test_a_server_time_reads_in_json_as_it_does_once_it_has_travelled(
     travelled = timestamp(seconds)
     expected = None if travelled is None else control.wire.iso(travelled)
     assert control.wire.iso_of_seconds(seconds) == expected
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_a_count_of_seconds_since_an_ack_that_no_clock_could_show_is_refused(
+    value: float,
+) -> None:
+    with pytest.raises(InvalidInput, match="seconds_since_ack out of range"):
+        since_ack_from_pb(value)
+
+
+def test_a_heartbeat_without_a_count_since_its_ack_claims_nothing() -> None:
+    assert since_ack_from_pb(0.0) is None
+    assert since_ack_from_pb(2.25) == 2.25

@@ -277,11 +277,13 @@ class AgentStatus:
         *,
         desired: Desired,
         verify_after: float,
+        since_ack: float | None = None,
     ) -> bool:
         """Record liveness and figures; return whether anything worth storing at once changed.
 
         Counters of an agent that is allowed to capture move with every heartbeat; they
         are evidence only after a stop is claimed, so alone they need no prompt write.
+        ``since_ack``: the agent's own count of seconds since it sent its ack.
         """
         self.last_seen = at
         changed = channels != self.channels
@@ -289,10 +291,25 @@ class AgentStatus:
         if self.claims_stopped(desired):
             was = (self.verified_at, self.violation)
             self._check_stopped(desired, at)
-            if self.acked_at is not None and at - self.acked_at >= verify_after:
+            if self._proof_window_passed(at, since_ack, verify_after):
                 self._verify(at)
             changed = changed or was != (self.verified_at, self.violation)
         return changed
+
+    def _proof_window_passed(self, at: float, since_ack: float | None, window: float) -> bool:
+        """Has ``window`` passed between the ack and this report, with counters frozen?
+
+        On the server's clock, between processing the two; or on the agent's, if the
+        server's clock allows it: the agent acked after the server sent the directive, so
+        an honest count is never more than the server has seen since then. The second
+        way verifies an agent whose ack a busy server processed late (a fleet-wide
+        pause) without another window's wait; a longer count than the server could have
+        seen proves nothing, so even a lying agent waits a window of real time.
+        """
+        if self.acked_at is not None and at - self.acked_at >= window:
+            return True
+        sent = self.directive_sent_at
+        return since_ack is not None and sent is not None and window <= since_ack <= at - sent
 
     def _check_stopped(self, desired: Desired, at: float) -> None:
         """After a pause ack, any activity is evidence that capture continued."""

@@ -135,8 +135,15 @@ class AgentReports(AgentStatePart):
         sent_epoch = entry.status.directive_sent_epoch
         log.warning(event, agent_id=entry.agent_id, epoch=epoch, sent_epoch=sent_epoch)
 
-    def heartbeat(self, agent_id: str, channels: Mapping[str, bool], report: CaptureReport) -> None:
-        """Changes are written at the next flush; bare liveness only now and then."""
+    def heartbeat(
+        self,
+        agent_id: str,
+        channels: Mapping[str, bool],
+        report: CaptureReport,
+        since_ack: float | None = None,
+    ) -> None:
+        """Changes are written at the next flush; bare liveness only now and then.
+        ``since_ack``: the agent's own count of seconds since its ack (proof reports)."""
         entry = self._agents[agent_id]
         now = self._clock()
         was_verified = entry.status.verified_at is not None
@@ -147,6 +154,7 @@ class AgentReports(AgentStatePart):
                 now,
                 desired=entry.desired,
                 verify_after=self._policy.verify_after,
+                since_ack=since_ack,
             )
         if (
             changed

@@ -25,6 +25,7 @@ from control.rpc.convert import channels_from_pb
 from control.rpc.convert import directive_to_pb
 from control.rpc.convert import mode_from_pb
 from control.rpc.convert import report_from_pb
+from control.rpc.convert import since_ack_from_pb
 from control.rpc.error_boundary import abort_for
 
 log = structlog.get_logger("killswitch.rpc.agent")
@@ -216,7 +217,10 @@ class AgentControlService(pb_grpc.AgentControlServicer):
                 elif body == "heartbeat":
                     beat = message.heartbeat
                     plane.heartbeat(
-                        agent_id, channels_from_pb(beat.channels), report_from_pb(beat.report)
+                        agent_id,
+                        channels_from_pb(beat.channels),
+                        report_from_pb(beat.report),
+                        since_ack=since_ack_from_pb(beat.seconds_since_ack),
                     )
                 elif body == "lease_request":
                     session.request_lease(message.lease_request.request_id)

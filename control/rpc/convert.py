@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -59,6 +60,16 @@ def bounded(value: int, what: str) -> int:
     """uint64 on the wire, int64 in the store: a larger value is a confused or hostile sender."""
     if value > MAX_INT64:
         raise InvalidInput(f"{what} out of range: {value}")
+    return value
+
+
+def since_ack_from_pb(value: float) -> float | None:
+    """A heartbeat's ``seconds_since_ack``: 0 (unset) is None; what no clock could count
+    (negative, NaN, infinite) is a confused or hostile sender."""
+    if value == 0.0:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"seconds_since_ack out of range: {value}")
     return value
 
 

@@ -321,7 +321,13 @@ class Heartbeat(_message.Message):
     APPLIED_EPOCH_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
+    SECONDS_SINCE_ACK_FIELD_NUMBER: _builtins.int
     applied_epoch: _builtins.int
+    seconds_since_ack: _builtins.float
+    """Seconds, on the agent's monotonic clock, since it sent its ack of `applied_epoch`
+    on this stream; 0 if it has sent none. With frozen counters, lets the server verify
+    a stop whose ack it was slow to process, within what its own clock allows.
+    """
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Channel]: ...
     @_builtins.property
@@ -332,10 +338,11 @@ class Heartbeat(_message.Message):
         applied_epoch: _builtins.int = ...,
         channels: _abc.Iterable[Global___Channel] | None = ...,
         report: Global___CaptureReport | None = ...,
+        seconds_since_ack: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_epoch", b"applied_epoch", "channels", b"channels", "report", b"report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_epoch", b"applied_epoch", "channels", b"channels", "report", b"report", "seconds_since_ack", b"seconds_since_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
