@@ -457,3 +457,17 @@ def test_spool_is_purged_unless_every_covering_hold_keeps_it() -> None:
     purge = hold("p", Scope.selector({"org": "infra"}), 2)
     assert not reconcile_desired(None, "a", LABELS, [keep], epoch=1, now=0).purge_spool
     assert reconcile_desired(None, "a", LABELS, [keep, purge], epoch=2, now=0).purge_spool
+
+
+def test_a_copied_status_is_a_replace_under_a_revision_of_its_own() -> None:
+    """The writer's and the replicas' copy: every field as ``dataclasses.replace`` would
+    set it, a revision no other state has had, and no tie to the original."""
+    status = connected(at=99.0)
+    ack_pause(status, paused())
+    twin = status.copied(lease_expires_at=500.0)
+    assert twin == dataclasses.replace(status, lease_expires_at=500.0)
+    assert twin.revision != status.revision
+    twin.record_disconnect(600.0)
+    assert status.connected and not twin.connected
+    with pytest.raises(TypeError, match="no field 'epoch'"):
+        status.copied(epoch=3)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import fields
 from datetime import UTC
 from datetime import datetime
 from enum import StrEnum
@@ -186,6 +187,18 @@ class AgentStatus:
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
         object.__setattr__(self, "revision", next(_REVISIONS))
+
+    def copied(self, **changes: object) -> AgentStatus:
+        """A shallow copy with ``changes``, under a revision of its own. Field by field
+        without ``__setattr__``'s bookkeeping (a third of the cost): the writer copies
+        every changed agent on every flush, ten thousand at once after a pause."""
+        twin: AgentStatus = object.__new__(AgentStatus)
+        for name in _COPIED_FIELDS:
+            object.__setattr__(twin, name, changes.pop(name, getattr(self, name)))
+        if changes:
+            raise TypeError(f"AgentStatus has no field {next(iter(changes))!r}")
+        object.__setattr__(twin, "revision", next(_REVISIONS))
+        return twin
 
     # ------------------------------------------------------------ connection
 
@@ -430,6 +443,10 @@ class AgentStatus:
             f" {iso(captured[0])} to {iso(captured[1])}: {reason}",
             at,
         )
+
+
+# Every field but the revision, which a copy takes afresh.
+_COPIED_FIELDS = tuple(f.name for f in fields(AgentStatus) if f.name != "revision")
 
 
 def _offline(

@@ -10,7 +10,6 @@ same per-laptop answer (``adopt_agents``; ``control.replication`` reads them).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import secrets
 import socket
@@ -190,7 +189,7 @@ class Membership(AgentStatePart):
     def adopt_as_served(self, stored: StoredAgent) -> AgentEntry:
         """A stored row as an agent this replica serves: not connected, to a process that
         has just started or has just been chosen by the agent."""
-        status = dataclasses.replace(stored.status, connected=False)
+        status = stored.status.copied(connected=False)
         if status.first_seen is not None and (
             stored.status.connected or status.disconnected_at is None
         ):
@@ -243,7 +242,7 @@ class Membership(AgentStatePart):
                 newer = (row.status.connected_at or 0.0) >= (entry.status.connected_at or 0.0)
                 if entry.subscriber is not None or not newer:
                     continue
-            status = dataclasses.replace(row.status)
+            status = row.status.copied()
             self._writer.evidence.apply(row.agent_id, status)  # a row cannot wipe evidence
             if entry is None:
                 entry = self._agents[row.agent_id] = AgentEntry(

@@ -9,7 +9,6 @@ flush keeps all of it for the next one.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
 
 import structlog
@@ -119,8 +118,7 @@ class AgentWriter:
             # A copy: the store may read it on another thread while the loop moves on.
             # Shallow is enough: record_* replace `channels`, never mutate it.
             lease = entry.status.lease_expires_at
-            status = dataclasses.replace(
-                entry.status,
+            status = entry.status.copied(
                 lease_expires_at=None if lease is None else max(lease, entry.lease_bound_saved),
             )
             rows.append(
