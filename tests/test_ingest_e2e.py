@@ -28,7 +28,9 @@ from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.ingest.checks import MAX_EVENTS_PER_BATCH
+from control.ingest.sink import SEQUENCES_FILE
 from control.ingest.sink_format import day_manifests
+from control.ingest.sink_format import verified_records
 from control.ingest.watch import FRESH_SECONDS
 from control.pki import load_identity
 from control.wire import INSECURE_IDENTITY_HEADER
@@ -384,3 +386,44 @@ def test_a_development_gateway_takes_claimed_identities_on_loopback_only(
         assert gateway.records() == 0
     finally:
         gateway.stop()
+
+
+def test_a_gateway_killed_or_stopped_reopens_no_sequence(
+    server: ServerProcess, cli: Cli, tmp_path: Path
+) -> None:
+    """Each agent's next sequence number lives in the gateway's memory, its manifests
+    and (after a clean stop) a snapshot. Killed with SIGKILL, then stopped, the gateway
+    comes back expecting the next number each time: a replay of an accepted batch is
+    refused, the next lands, and the sink holds every batch exactly once."""
+    identity = agent_identity(server, AGENT, tmp_path)
+    load = load_identity(identity)
+    control = grpc.secure_channel(
+        server.address, grpc.ssl_channel_credentials(load.ca_pem, load.key_pem, load.cert_pem)
+    )
+    StreamAgent(control, AGENT)
+    wait_for(lambda: cli.agents().get(AGENT, {}).get("state") == "CAPTURING", 20, "a leased agent")
+    data_dir, sequence = tmp_path / "ingest", 0
+    for ending in ("SIGKILL", "stop"):
+        gateway = GatewayProcess(server, data_dir)
+        stub = gateway_stub(gateway, identity)
+        if sequence:  # back after a kill: the last accepted batch again is a replay
+            replay = upload(stub, batch(sequence, time.time() - 1))
+            assert isinstance(replay, pb.UploadBatchResponse) and not replay.accepted, replay
+            assert replay.next_sequence == sequence + 1, replay
+        for _ in range(2):
+            sequence += 1
+            landed = upload(stub, batch(sequence, time.time() - 1))
+            assert isinstance(landed, pb.UploadBatchResponse) and landed.accepted, landed
+        if ending == "SIGKILL":
+            gateway.proc.kill()
+            gateway.proc.wait()
+        else:
+            gateway.stop()
+    restarted = GatewayProcess(server, data_dir)
+    replay = upload(gateway_stub(restarted, identity), batch(sequence, time.time() - 1))
+    restarted.stop()
+    assert isinstance(replay, pb.UploadBatchResponse) and not replay.accepted, replay
+    assert "replay" in replay.reason and replay.next_sequence == sequence + 1
+    assert (data_dir / "sink" / SEQUENCES_FILE).exists(), "a clean stop leaves its snapshot"
+    stored = [entry.sequence for entry, _ in verified_records(data_dir, AGENT)]
+    assert stored == list(range(1, sequence + 1))
