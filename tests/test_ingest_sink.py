@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ from control.ingest.sink_format import day_manifests
 from control.ingest.sink_format import manifest_entries
 from control.ingest.sink_format import manifest_line
 from control.ingest.sink_format import verified_records
+from tests.disks import fill
+from tests.disks import mount_tmpfs
+from tests.disks import mounted
 
 NOW = 1_000_000.0  # 1970-01-12
 DAY = "1970-01-12"
@@ -420,3 +424,32 @@ def test_a_gateway_that_fails_to_start_lets_go_of_its_data_directory(tmp_path: P
         with pytest.raises(KillswitchError, match="cannot listen"):
             asyncio.run(serve_gateway(config))
     os.close(claim_data_dir(tmp_path))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB tmpfs, which a test fills (needs root)."""
+    yield from mounted(mount_tmpfs, tmp_path / "disk")
+
+
+def test_a_full_disk_fails_the_group_cleanly_and_the_retry_lands_once_space_returns(
+    small_disk: Path,
+) -> None:
+    """A disk that fills under the sink: the group that cannot be written fails whole,
+    what was already there is intact, and once space returns the retries land under the
+    same numbers, each batch stored once, across a restart too."""
+    sink = Sink(small_disk)
+    write(sink, "laptop", 1, b"before the disk filled")
+    fill(small_disk)
+    big = os.urandom(256 * 1024)  # more than the few bytes dd may have left
+    with pytest.raises(OSError) as failed:
+        sink.write_group([batch("laptop", 2, big), batch("other", 1, big)])
+    assert failed.value.errno == errno.ENOSPC
+    assert (sink.next_sequence("laptop"), sink.next_sequence("other")) == (2, 1)
+    assert exported(small_disk, None) == [("laptop", 1, b"before the disk filled")]
+    (small_disk / "fill").unlink()
+    sink.write_group([batch("laptop", 2, big), batch("other", 1, big)])
+    restarted = Sink(small_disk)
+    assert (restarted.next_sequence("laptop"), restarted.next_sequence("other")) == (3, 2)
+    stored = [(agent, sequence) for agent, sequence, _ in exported(small_disk, None)]
+    assert stored == [("laptop", 1), ("laptop", 2), ("other", 1)]
