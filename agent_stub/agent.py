@@ -124,8 +124,9 @@ class Agent:
         self._reopen = reopen
         self._control = pb_grpc.AgentControlStub(channel)
         self._call_metadata = call_metadata
-        self._rng = rng or random.Random()
-        self._backoff = backoff or Backoff(rng=self._rng)
+        # Every random choice of the agent's (jitter, first renewal), seeded in tests.
+        self.rng = rng or random.Random()
+        self._backoff = backoff or Backoff(rng=self.rng)
         # ``cannot_capture``: why this agent may never capture; empty if it may.
         lease_clock, self.lease_clock, self.cannot_capture = _lease_clock(clock)
         self.lease = Lease(lease_clock)
@@ -153,7 +154,8 @@ class Agent:
         self.applied_epoch, self.applied_mode = applied.epoch, applied.mode
         self.connected = False
         self._heartbeat_interval = DEFAULT_HEARTBEAT_SECONDS
-        self._lease_ttl = DEFAULT_LEASE_TTL_SECONDS
+        # The lease TTL the server's newest directive set: renewals come at a third.
+        self.lease_ttl = DEFAULT_LEASE_TTL_SECONDS
         self._stream: ControlStream | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._renewals: asyncio.Task[None] | None = None
@@ -210,8 +212,8 @@ class Agent:
         """Capture, upload and keep a control stream open, until cancelled."""
         tuning = self.config.tuning
         background = [
-            _jittered(self._rng, self.awake, tuning.capture_tick, self._capture_round),
-            _jittered(self._rng, self.awake, tuning.upload_every, self._upload_round),
+            _jittered(self.rng, self.awake, tuning.capture_tick, self._capture_round),
+            _jittered(self.rng, self.awake, tuning.upload_every, self._upload_round),
         ]
         first_channel = self._channel
         try:
@@ -312,14 +314,14 @@ class Agent:
             self._heartbeat_interval = limits.heartbeat_interval(
                 directive.heartbeat_interval_seconds, self._heartbeat_interval
             )
-            self._lease_ttl = limits.directive_ttl(directive.lease_ttl_seconds, self._lease_ttl)
+            self.lease_ttl = limits.directive_ttl(directive.lease_ttl_seconds, self.lease_ttl)
         if self._heartbeats is None:
             self._heartbeats = stream.spawn(
                 every(
                     lambda: self._heartbeat_interval,
                     functools.partial(self.send_heartbeat, stream),
                     # Spreads a fleet's heartbeats evenly over the interval.
-                    first_delay=self._rng.uniform(0, self._heartbeat_interval),
+                    first_delay=self.rng.uniform(0, self._heartbeat_interval),
                     awake=self.awake,
                 )
             )
@@ -420,29 +422,12 @@ class Agent:
     def _keep_renewing(self, stream: Outbox) -> None:
         """Request a lease now and every third of its TTL while allowed; stop otherwise."""
         if self._allowed() and self._renewals is None:
-            self._renewals = stream.spawn(self._renew_leases(stream))
+            self._renewals = stream.spawn(_renew_leases(self, stream))
         elif not self._allowed() and self._renewals is not None:
             self._renewals.cancel()
             self._renewals = None
 
-    async def _renew_leases(self, stream: Outbox) -> None:
-        """The first lease at once, then renewals from a random point of the first
-        interval: timed from the connect, a fleet that connected together (a server
-        restart) would renew in lockstep forever. Earlier than the interval is safe."""
-        await self.awake.wait()
-        await self._request_lease(stream)
-
-        def interval() -> float:
-            return limits.renewal_interval(self._lease_ttl)
-
-        await every(
-            interval,
-            functools.partial(self._request_lease, stream),
-            first_delay=self._rng.uniform(0, interval()),
-            awake=self.awake,
-        )
-
-    async def _request_lease(self, stream: Outbox) -> None:
+    async def request_lease(self, stream: Outbox) -> None:
         request_id, sent_at = self.lease.request()
         self.witness.lease_requested(request_id, sent_at)
         await stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=request_id)))
@@ -484,3 +469,21 @@ async def _report_after_pause(agent: Agent, stream: Outbox, epoch: int) -> None:
     await agent.awake.wait()
     if (agent.applied_epoch, agent.applied_mode) == (epoch, pb.MODE_PAUSED):
         await agent.send_heartbeat(stream)
+
+
+async def _renew_leases(agent: Agent, stream: Outbox) -> None:
+    """The first lease at once, then renewals from a random point of the first
+    interval: timed from the connect, a fleet that connected together (a server
+    restart) would renew in lockstep forever. Earlier than the interval is safe."""
+    await agent.awake.wait()
+    await agent.request_lease(stream)
+
+    def interval() -> float:
+        return limits.renewal_interval(agent.lease_ttl)
+
+    await every(
+        interval,
+        functools.partial(agent.request_lease, stream),
+        first_delay=agent.rng.uniform(0, interval()),
+        awake=agent.awake,
+    )

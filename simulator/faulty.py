@@ -89,9 +89,9 @@ class SimulatedAgent(Agent):
             self.engine.ignore_lease = True
             self.engine.start_all()
         elif fault is Fault.OFFLINE:
-            self._go_offline(tuning.offline_seconds(self._lease_ttl))
+            self._go_offline(tuning.offline_seconds(self.lease_ttl))
         elif fault is Fault.SLEEP:
-            self._suspend(tuning.sleep_seconds(self._lease_ttl))
+            self._suspend(tuning.sleep_seconds(self.lease_ttl))
         elif fault is Fault.RELABEL:
             self.config.labels = {**self.config.labels, **RELABEL_TO}
             self._go_offline(0.0)  # the next Hello carries the new labels
@@ -140,7 +140,7 @@ class SimulatedAgent(Agent):
             await super()._act_on(directive, stream)
             return
         self._received += 1
-        delay = self._rng.uniform(0, self.config.fault_tuning.slow_max)
+        delay = self.rng.uniform(0, self.config.fault_tuning.slow_max)
         stream.spawn(self._apply_late(directive, stream, self._received, delay))
 
     async def _apply_late(
