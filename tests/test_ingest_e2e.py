@@ -403,25 +403,32 @@ def test_a_gateway_killed_or_stopped_reopens_no_sequence(
     StreamAgent(control, AGENT)
     wait_for(lambda: cli.agents().get(AGENT, {}).get("state") == "CAPTURING", 20, "a leased agent")
     data_dir, sequence = tmp_path / "ingest", 0
-    for ending in ("SIGKILL", "stop"):
-        gateway = GatewayProcess(server, data_dir)
-        stub = gateway_stub(gateway, identity)
-        if sequence:  # back after a kill: the last accepted batch again is a replay
-            replay = upload(stub, batch(sequence, time.time() - 1))
-            assert isinstance(replay, pb.UploadBatchResponse) and not replay.accepted, replay
-            assert replay.next_sequence == sequence + 1, replay
-        for _ in range(2):
-            sequence += 1
-            landed = upload(stub, batch(sequence, time.time() - 1))
-            assert isinstance(landed, pb.UploadBatchResponse) and landed.accepted, landed
-        if ending == "SIGKILL":
-            gateway.proc.kill()
-            gateway.proc.wait()
-        else:
+    started: list[GatewayProcess] = []
+    try:
+        for ending in ("SIGKILL", "stop"):
+            gateway = GatewayProcess(server, data_dir)
+            started.append(gateway)
+            stub = gateway_stub(gateway, identity)
+            if sequence:  # back after a kill: the last accepted batch again is a replay
+                replay = upload(stub, batch(sequence, time.time() - 1))
+                assert isinstance(replay, pb.UploadBatchResponse) and not replay.accepted, replay
+                assert replay.next_sequence == sequence + 1, replay
+            for _ in range(2):
+                sequence += 1
+                landed = upload(stub, batch(sequence, time.time() - 1))
+                assert isinstance(landed, pb.UploadBatchResponse) and landed.accepted, landed
+            if ending == "SIGKILL":
+                gateway.proc.kill()
+                gateway.proc.wait()
+            else:
+                gateway.stop()
+        restarted = GatewayProcess(server, data_dir)
+        started.append(restarted)
+        replay = upload(gateway_stub(restarted, identity), batch(sequence, time.time() - 1))
+        restarted.stop()
+    finally:  # a failed check leaves no gateway running
+        for gateway in started:
             gateway.stop()
-    restarted = GatewayProcess(server, data_dir)
-    replay = upload(gateway_stub(restarted, identity), batch(sequence, time.time() - 1))
-    restarted.stop()
     assert isinstance(replay, pb.UploadBatchResponse) and not replay.accepted, replay
     assert "replay" in replay.reason and replay.next_sequence == sequence + 1
     assert (data_dir / "sink" / SEQUENCES_FILE).exists(), "a clean stop leaves its snapshot"
