@@ -3,9 +3,15 @@
 The transport is the product agent's own (``open_channel``: same keepalive
 options, one TCP connection per channel) and so is the reconnect backoff, so
 the only thing missing compared with ``killswitch-agent simulate`` is product
-logic: no capture engine, no heartbeats.
+logic: no capture engine, no leases kept, no reports.
 
-Run: ``python -m bench.bare_fleet --server HOST:PORT --agents N --connections K``.
+With ``--heartbeat-every S --lease-every S`` each stream also sends a heartbeat and a
+lease request at that pace (each from a random point of its interval): the idle message
+rate of the product's agents, for the pause benchmark's idle baseline, which runs such a
+fleet apart from the one whose pushes it times.
+
+Run: ``python -m bench.bare_fleet --server HOST:PORT --agents N --connections K
+[--heartbeat-every 10 --lease-every 20]``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import argparse
 import asyncio
 import contextlib
 import random
+from collections.abc import Awaitable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
@@ -27,40 +36,89 @@ STOPPED = [
 ]
 
 
-async def _session(stub: pb_grpc.AgentControlAsyncStub, agent_id: str, backoff: Backoff) -> None:
+@dataclass(frozen=True, slots=True)
+class Chatter:
+    """The idle messages each stream sends, every so many seconds (0: never)."""
+
+    heartbeat_every: float = 0.0
+    lease_every: float = 0.0
+
+    def messages(self) -> list[tuple[float, pb.AgentMessage]]:
+        heartbeat = pb.AgentMessage(heartbeat=pb.Heartbeat(channels=STOPPED))
+        lease = pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
+        paced = [(self.heartbeat_every, heartbeat), (self.lease_every, lease)]
+        return [(period, message) for period, message in paced if period > 0]
+
+
+async def _every(
+    period: float,
+    message: pb.AgentMessage,
+    send: Callable[[pb.AgentMessage], Awaitable[None]],
+    rng: random.Random,
+) -> None:
+    """``message`` every ``period``, from a random point of the first."""
+    await asyncio.sleep(rng.uniform(0, period))
+    while True:
+        await send(message)
+        await asyncio.sleep(period)
+
+
+async def _session(
+    stub: pb_grpc.AgentControlAsyncStub, agent_id: str, backoff: Backoff, chatter: Chatter
+) -> None:
     call = stub.Connect()  # type: ignore[call-arg]  # aio streams are written explicitly
+    paced = chatter.messages()
+    writing = asyncio.Lock()  # with chatter, one write at a time, as the agent's outbox does
+
+    async def send(message: pb.AgentMessage) -> None:
+        async with writing:
+            await call.write(message)
+
+    write = send if paced else call.write
+    idle: list[asyncio.Task[None]] = []
     try:
-        await call.write(pb.AgentMessage(hello=pb.Hello(agent_id=agent_id)))
+        await write(pb.AgentMessage(hello=pb.Hello(agent_id=agent_id)))
+        rng = random.Random(agent_id)
+        idle += [asyncio.create_task(_every(p, m, send, rng)) for p, m in paced]
         while True:
             message = await call.read()
             if not isinstance(message, pb.ServerMessage):
                 return
             backoff.reset()
+            if message.WhichOneof("body") != "directive":
+                continue  # a lease grant: nothing to answer
             directive = message.directive
             ack = pb.Ack(epoch=directive.epoch, mode=directive.mode, channels=STOPPED)
-            await call.write(pb.AgentMessage(ack=ack))
+            await write(pb.AgentMessage(ack=ack))
     finally:
+        for task in idle:
+            task.cancel()
         call.cancel()
 
 
-async def run_client(stub: pb_grpc.AgentControlAsyncStub, agent_id: str, seed: float) -> None:
+async def run_client(
+    stub: pb_grpc.AgentControlAsyncStub, agent_id: str, seed: float, chatter: Chatter
+) -> None:
     """Keep one stream open forever; like the agent, retry on any failure after a backoff."""
     backoff = Backoff(rng=random.Random(seed))
     while True:
         # Any failure (UNAVAILABLE, INTERNAL, CANCELLED, a write on a dead call) means retry.
         with contextlib.suppress(Exception):
-            await _session(stub, agent_id, backoff)
+            await _session(stub, agent_id, backoff, chatter)
         await asyncio.sleep(backoff.next_delay())
 
 
-async def run_fleet(target: str, agents: int, connections: int) -> None:
+async def run_fleet(target: str, agents: int, connections: int, chatter: Chatter) -> None:
     k = max(1, min(connections, agents))
     channels = [open_channel(target, own_connection=True) for _ in range(k)]
     stubs = [pb_grpc.AgentControlStub(channel) for channel in channels]
     rng = random.Random(1)
     try:
         await asyncio.gather(
-            *(run_client(stubs[i % k], f"laptop-{i:05d}", rng.random()) for i in range(agents))
+            *(
+                run_client(stubs[i % k], f"laptop-{i:05d}", rng.random(), chatter)
+                for i in range(agents)
+            )
         )
     finally:
         await asyncio.gather(*(channel.close(grace=None) for channel in channels))
@@ -71,9 +129,12 @@ def main() -> None:
     parser.add_argument("--server", required=True, help="HOST:PORT")
     parser.add_argument("--agents", type=int, required=True)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--heartbeat-every", type=float, default=0.0, help="seconds; 0: never")
+    parser.add_argument("--lease-every", type=float, default=0.0, help="seconds; 0: never")
     args = parser.parse_args()
     print(f"bare fleet: {args.agents} streams over {args.connections} connections", flush=True)
-    asyncio.run(run_fleet(args.server, args.agents, args.connections))
+    chatter = Chatter(args.heartbeat_every, args.lease_every)
+    asyncio.run(run_fleet(args.server, args.agents, args.connections, chatter))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
 StreamContext = grpc.aio.ServicerContext[pb.AgentMessage, pb.ServerMessage]
+LEASE_TTL_SECONDS = 60.0  # the product's default
 UnaryContext = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -38,12 +40,22 @@ class Stream:
     agent_id: str
     context: StreamContext
     acked_epoch: int = -1
+    # The newest write: a lease grant and a directive must not overlap on one stream.
+    last_write: asyncio.Task[None] | None = None
 
 
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+async def _write_after(
+    previous: asyncio.Task[None], context: StreamContext, message: pb.ServerMessage
+) -> None:
+    with contextlib.suppress(Exception):  # a failed write is its own task's to report
+        await asyncio.shield(previous)
+    await context.write(message)
 
 
 class BareFleet:
@@ -63,7 +75,13 @@ class BareFleet:
         return pb.ServerMessage(directive=pb.Directive(epoch=self.epoch, mode=mode))
 
     def _send(self, stream: Stream, message: pb.ServerMessage) -> None:
-        task = asyncio.get_running_loop().create_task(stream.context.write(message))
+        previous = stream.last_write
+        if previous is None or previous.done():  # a push: one write per stream, as ever
+            write = stream.context.write(message)
+        else:
+            write = _write_after(previous, stream.context, message)
+        task = asyncio.get_running_loop().create_task(write)
+        stream.last_write = task
         self._writes.add(task)
         task.add_done_callback(self._written)
 
@@ -91,6 +109,11 @@ class BareFleet:
             self.settled += 1
         stream.acked_epoch = max(stream.acked_epoch, epoch)
         self.acked_at[stream.agent_id] = time.time()
+
+    def grant(self, stream: Stream, request_id: int) -> None:
+        """Every lease request granted: what the product answers an allowed agent."""
+        grant = pb.LeaseGrant(request_id=request_id, granted=True, ttl_seconds=LEASE_TTL_SECONDS)
+        self._send(stream, pb.ServerMessage(lease_grant=grant))
 
     def push(self, paused: bool) -> int:
         """Move to a new epoch and write it to every stream; returns the epoch."""
@@ -122,8 +145,11 @@ class BareService:
                 message = await context.read()
                 if not isinstance(message, pb.AgentMessage):
                     return
-                if message.WhichOneof("body") == "ack":
+                body = message.WhichOneof("body")
+                if body == "ack":
                     self._fleet.ack(stream, message.ack.epoch)
+                elif body == "lease_request":
+                    self._fleet.grant(stream, message.lease_request.request_id)
         finally:
             self._fleet.detach(stream)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.figures import percentile
 from bench.harness import Operator
@@ -28,7 +30,11 @@ from bench.pause_fleet.results import Push
 from bench.pause_fleet.results import Reconnect
 from bench.pause_fleet.results import Run
 from bench.pause_fleet.site import Site
+from bench.procs import REPO
 from bench.procs import Child
+from bench.procs import free_port
+from control.domain.timings import DEFAULT_HEARTBEAT_SECONDS
+from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,51 @@ def measure_idle(
         op.status()
         latencies.append(time.perf_counter() - t)
     result.status_ms = statistics.median(latencies) * 1000
+
+
+def measure_answering_idle(
+    workdir: Path, slug: str, agents: int, connections: int, pace: Pace
+) -> float:
+    """Idle CPU of a bare server whose fleet sends the product agent's heartbeats and
+    lease requests at the server's default pace, each request answered with a grant: the
+    baseline issue 17 compares the product's idle CPU with. A server and fleet of their
+    own, started after the timed baseline, so its pushes and memory stay a bare fleet's
+    that only acks. Measured once every agent has sent its first lease request."""
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    server = Child(
+        f"{slug} answering server",
+        [sys.executable, "-m", "bench.bare_server", "--port", str(port)],
+        workdir / f"{slug}-answering-server.log",
+        REPO,
+    )
+    op, fleet = Operator(target, None), None
+    try:
+        wait_answering(op, server, pace.timeout)
+        lease_every = DEFAULT_LEASE_TTL_SECONDS / 3
+        fleet = Child(
+            f"{slug} answering fleet",
+            [
+                sys.executable, "-m", "bench.bare_fleet", "--server", target,
+                "--agents", str(agents), "--connections", str(connections),
+                "--heartbeat-every", str(DEFAULT_HEARTBEAT_SECONDS),
+                "--lease-every", str(lease_every),
+            ],
+            workdir / f"{slug}-answering-fleet.log",
+            REPO,
+        )  # fmt: skip
+        poll_replicas([op], "the answering fleet to connect", all_in("CAPTURING", agents),
+                      since=time.time(), timeout=pace.timeout,
+                      interval=max(0.5, pace.poll_interval))  # fmt: skip
+        time.sleep(lease_every)  # every stream's chatter under way
+        cpu, start = server.cpu_seconds(), time.monotonic()
+        time.sleep(pace.settle)
+        return (server.cpu_seconds() - cpu) / (time.monotonic() - start)
+    finally:
+        op.close()
+        if fleet is not None:
+            fleet.stop()
+        server.stop()
 
 
 def push(ops: Sequence[Operator], agents: int, pace: Pace, *, verify: bool) -> Push:

@@ -130,6 +130,14 @@ def comparison_table(comparison: Comparison, here: Sequence[Run], storage: Stora
         lambda r: [r.connect - r.enrolment.wall] if r.enrolment is not None else [],
         ".1f", "")  # fmt: skip
     row("idle server CPU (all replicas), % of a core", lambda r: [r.idle_cpu * 100], ".0f", "")
+    row(
+        "**idle server CPU answering the agents' heartbeats and lease requests** (the"
+        " baseline: a bare server and fleet of their own at the same pace), % of a core"
+        " (target also <= 15)",
+        lambda r: [cpu * 100 for cpu in r.idle_cpu_answering()],
+        ".0f",
+        "target",
+    )
     row("GetStatus latency (idle, replica 0), ms", lambda r: [r.status_ms], ".1f", "")
     row("restart: listening again, s", rounds("listening"), ".2f", "")
     row("restart: all connected, s", rounds("connected"), ".2f", "ratio")

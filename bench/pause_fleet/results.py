@@ -81,6 +81,9 @@ class Run:
     replica_rss_fresh_kib: list[int] = field(default_factory=list)
     replica_rss_connected_kib: list[int] = field(default_factory=list)
     replica_idle_cpu: list[float] = field(default_factory=list)
+    # A bare server's idle CPU answering the product agents' heartbeats and lease
+    # requests (baseline only; the product's own idle CPU already answers them).
+    answering_idle_cpu: float | None = None
     # Agent streams each replica serves, from its /metrics (product only).
     replica_streams: list[int] = field(default_factory=list)
 
@@ -99,6 +102,12 @@ class Run:
     @property
     def idle_cpu(self) -> float:
         return sum(self.replica_idle_cpu)
+
+    def idle_cpu_answering(self) -> list[float]:
+        """Idle CPU with the product agents' idle messages answered (empty: unmeasured)."""
+        if self.system.product:
+            return [self.idle_cpu]
+        return [] if self.answering_idle_cpu is None else [self.answering_idle_cpu]
 
     def kib_per_agent(self) -> float:
         return (self.rss_connected_kib - self.rss_fresh_kib) / self.agents

@@ -129,6 +129,15 @@ class Bench:
             self._pushes(result, ops, slug, verify=system.product and self.verify)
             if self.restart and replicas == 1:
                 self._restarts(result, site, servers, ops[0], slug)
+            if not system.product and not system.mtls:
+                fleet.stop()  # the timed pair's part is done
+                for server in servers:
+                    server.stop()
+                result.answering_idle_cpu = phases.measure_answering_idle(
+                    self.workdir, slug, agents, topology.connections, self.pace
+                )
+                log(f"{slug}: idle CPU answering heartbeats and leases"
+                    f" {result.answering_idle_cpu:.0%}")  # fmt: skip
             return result
         except BaseException:
             for child in (*servers, fleet):
