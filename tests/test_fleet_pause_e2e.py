@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -182,12 +183,16 @@ def test_faulty_agents_are_failed_and_overdue_and_wait_times_out_listing_them(
 ) -> None:
     server = start_server("--ack-deadline", "1")
     cli = Cli(server)
-    simulate(server, 30, "--fault", "stubborn=0.07,ignore=0.04", "--fault-after", "0.5")
+    # The faults strike on SIGUSR1, once the whole fleet is capturing: struck at a fixed
+    # time after start, an `ignore` agent that had not yet acked on a slow box never
+    # would, and the fleet never reached 30 capturing (twice on 2026-12-06).
+    sim = simulate(server, 30, "--fault", "stubborn=0.07,ignore=0.04", "--fault-after", "3600")
     # A precondition: over 30 s once on a box running 6 workers and another pytest.
     wait_for(
         lambda: cli.json("status")["agents"]["by_state"].get("CAPTURING") == 30, 90, "30 agents"
     )
-    time.sleep(1)  # past --fault-after: the faults have struck
+    sim.proc.send_signal(signal.SIGUSR1)
+    time.sleep(1)  # the faults have struck
 
     result = cli.run("pause", "--all", "--reason", "incident", "--wait", "--timeout", "3")
     assert result.returncode == 3, result.stdout + result.stderr
