@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from bench.pause_fleet.results import Push
 from bench.pause_fleet.results import Reconnect
 from bench.pause_fleet.results import Run
 from bench.pause_fleet.site import Site
+from bench.pause_fleet.systems import Ports
+from bench.pause_fleet.systems import System
 from bench.procs import REPO
 from bench.procs import Child
 from bench.procs import free_port
@@ -59,13 +60,7 @@ def measure_idle(
     time.sleep(pace.settle)
     result.replica_rss_connected_kib = [server.rss_kib() for server in servers]
     result.fleet_rss_kib = fleet.rss_kib()
-    cpu, start = [server.cpu_seconds() for server in servers], time.monotonic()
-    time.sleep(pace.settle)
-    elapsed = time.monotonic() - start
-    result.replica_idle_cpu = [
-        (server.cpu_seconds() - before) / elapsed
-        for server, before in zip(servers, cpu, strict=True)
-    ]
+    result.replica_idle_cpu = _cpu_shares(servers, pace.settle)
     latencies = []
     for _ in range(5):
         t = time.perf_counter()
@@ -74,19 +69,30 @@ def measure_idle(
     result.status_ms = statistics.median(latencies) * 1000
 
 
+def _cpu_shares(children: Sequence[Child], seconds: float) -> list[float]:
+    """Each child's CPU over the next ``seconds``, as a share of one core."""
+    cpu, start = [child.cpu_seconds() for child in children], time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    return [
+        (child.cpu_seconds() - before) / elapsed
+        for child, before in zip(children, cpu, strict=True)
+    ]
+
+
 def measure_answering_idle(
-    workdir: Path, slug: str, agents: int, connections: int, pace: Pace
+    system: System, workdir: Path, slug: str, *, agents: int, connections: int, pace: Pace
 ) -> float:
     """Idle CPU of a bare server whose fleet sends the product agent's heartbeats and
     lease requests at the server's default pace, each request answered with a grant: the
     baseline issue 17 compares the product's idle CPU with. A server and fleet of their
     own, started after the timed baseline, so its pushes and memory stay a bare fleet's
     that only acks. Measured once every agent has sent its first lease request."""
-    port = free_port()
-    target = f"127.0.0.1:{port}"
+    ports = Ports(grpc=free_port(), enroll=0, http=0)
+    target = f"127.0.0.1:{ports.grpc}"
     server = Child(
         f"{slug} answering server",
-        [sys.executable, "-m", "bench.bare_server", "--port", str(port)],
+        system.server_argv(ports, workdir, paused_epoch=None),
         workdir / f"{slug}-answering-server.log",
         REPO,
     )
@@ -94,24 +100,20 @@ def measure_answering_idle(
     try:
         wait_answering(op, server, pace.timeout)
         lease_every = DEFAULT_LEASE_TTL_SECONDS / 3
+        chatter = ["--heartbeat-every", str(DEFAULT_HEARTBEAT_SECONDS)]
+        chatter += ["--lease-every", str(lease_every)]
         fleet = Child(
             f"{slug} answering fleet",
-            [
-                sys.executable, "-m", "bench.bare_fleet", "--server", target,
-                "--agents", str(agents), "--connections", str(connections),
-                "--heartbeat-every", str(DEFAULT_HEARTBEAT_SECONDS),
-                "--lease-every", str(lease_every),
-            ],
+            [*system.fleet_argv(target, agents, connections, None), *chatter],
             workdir / f"{slug}-answering-fleet.log",
             REPO,
-        )  # fmt: skip
+        )
         poll_replicas([op], "the answering fleet to connect", all_in("CAPTURING", agents),
                       since=time.time(), timeout=pace.timeout,
                       interval=max(0.5, pace.poll_interval))  # fmt: skip
         time.sleep(lease_every)  # every stream's chatter under way
-        cpu, start = server.cpu_seconds(), time.monotonic()
-        time.sleep(pace.settle)
-        return (server.cpu_seconds() - cpu) / (time.monotonic() - start)
+        (share,) = _cpu_shares([server], pace.settle)
+        return share
     finally:
         op.close()
         if fleet is not None:

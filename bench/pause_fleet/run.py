@@ -134,7 +134,12 @@ class Bench:
                 for server in servers:
                     server.stop()
                 result.answering_idle_cpu = phases.measure_answering_idle(
-                    self.workdir, slug, agents, topology.connections, self.pace
+                    system,
+                    self.workdir,
+                    slug,
+                    agents=agents,
+                    connections=topology.connections,
+                    pace=self.pace,
                 )
                 log(f"{slug}: idle CPU answering heartbeats and leases"
                     f" {result.answering_idle_cpu:.0%}")  # fmt: skip
