@@ -338,8 +338,8 @@ class Agent:
         await stream.send(reply)
         if reply.HasField("ack"):
             self._ack_sent_at = time.monotonic()
-        if reply.HasField("ack") and reply.ack.mode == pb.MODE_PAUSED:
-            stream.spawn(_report_after_pause(self, stream, reply.ack.epoch))
+            if reply.ack.mode == pb.MODE_PAUSED:
+                stream.spawn(_report_after_pause(self, stream, reply.ack.epoch))
 
     def apply(self, directive: pb.Directive) -> pb.AgentMessage:
         """Act on a directive; returns the ack or nack to send.

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import structlog
 
+from control.errors import KillswitchError
 from control.events import ObserverFailures
 from control.events import name_of
 from control.ingest.sink_format import LENGTH
@@ -46,6 +47,7 @@ from control.ingest.sink_format import day_of
 from control.ingest.sink_format import manifest_entries
 from control.ingest.sink_format import manifest_line
 from control.ingest.sink_format import private_dir
+from control.pki_files import write_private
 
 log = structlog.get_logger("killswitch.ingest")
 
@@ -132,16 +134,16 @@ def load_sequences(root: Path) -> Snapshot:
     """The snapshot, brought up to date with the manifest lines written after it."""
     snapshot = _read_snapshot(root / SEQUENCES_FILE)
     following, covered = snapshot if snapshot else ({}, {})
-    for manifest in day_manifests(root):
-        day = manifest.stem
-        if covered.get(day, 0) > manifest.stat().st_size:
+    manifests = day_manifests(root)
+    for manifest in manifests:
+        if covered.get(manifest.stem, 0) > manifest.stat().st_size:
             log.warning("sequences_snapshot_ignored", reason=f"{manifest.name} is shorter")
-            return _scan(root, {}, {})
-    return _scan(root, following, covered)
+            return _scan(manifests, {}, {})
+    return _scan(manifests, following, covered)
 
 
-def _scan(root: Path, following: dict[str, int], covered: dict[str, int]) -> Snapshot:
-    for manifest in day_manifests(root):
+def _scan(manifests: list[Path], following: dict[str, int], covered: dict[str, int]) -> Snapshot:
+    for manifest in manifests:
         day = manifest.stem
         for entry, end in manifest_entries(manifest, covered.get(day, 0)):
             following[entry.agent] = max(following.get(entry.agent, 1), entry.sequence + 1)
@@ -163,17 +165,13 @@ def _read_snapshot(path: Path) -> Snapshot | None:
 
 
 def write_snapshot(root: Path, snapshot: Snapshot) -> None:
-    """Replace ``sequences.json`` atomically: the old one or the new one, never half."""
+    """Replace ``sequences.json`` whole, owner-only: the old one or the new one, never
+    half. A rename lost to a crash leaves the older snapshot, which covers less: the
+    restart reads more manifest lines, nothing else."""
     following, covered = snapshot
-    path, staged = root / SEQUENCES_FILE, root / f"{SEQUENCES_FILE}.new"
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, json.dumps({"manifests": covered, "next": following}).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(staged, path)
-    _fsync_path(root)
+    write_private(
+        root / SEQUENCES_FILE, json.dumps({"manifests": covered, "next": following}).encode()
+    )
 
 
 Waiting = tuple[Batch, "asyncio.Future[ManifestEntry]"]
@@ -353,7 +351,7 @@ class Sink:
             await self._committer
             self._committer = None
             if self._broken is None:
-                await asyncio.to_thread(write_snapshot, self.root, self._snapshot())
+                await self._write_snapshot()
         for files in self._open.values():
             files.close()
         self._open.clear()
@@ -406,7 +404,7 @@ class Sink:
     async def _write_snapshot(self) -> None:
         try:
             await asyncio.to_thread(write_snapshot, self.root, self._snapshot())
-        except OSError as exc:  # the files stay the truth; a restart reads more of them
+        except KillswitchError as exc:  # the files stay the truth; a restart reads more
             log.warning("sequences_snapshot_failed", error=str(exc))
 
 
