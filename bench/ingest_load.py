@@ -35,6 +35,7 @@ from agent_stub.capture import Batch
 from agent_stub.channels import open_channel
 from agent_stub.identity import insecure_metadata
 from control.ingest.checks import MAX_SKEW_ALLOWANCE
+from control.ingest.sink import load_sequences
 from control.ingest.sink_format import SINK_DIR
 from control.ingest.sink_format import day_manifests
 from control.ingest.sink_format import manifest_entries
@@ -230,13 +231,9 @@ def sink_batches(data_dir: Path) -> int:
 
 
 def next_sequences(data_dir: Path, agent_ids: Sequence[str]) -> dict[str, int]:
-    """The sequence the gateway expects next from each agent, from its manifests."""
-    found = dict.fromkeys(agent_ids, 1)
-    for manifest in day_manifests(data_dir / SINK_DIR):
-        for entry, _ in manifest_entries(manifest):
-            if entry.agent in found:
-                found[entry.agent] = max(found[entry.agent], entry.sequence + 1)
-    return found
+    """The sequence the gateway expects next from each agent: what it reads at start."""
+    following, _ = load_sequences(data_dir / SINK_DIR)
+    return {agent_id: following.get(agent_id, 1) for agent_id in agent_ids}
 
 
 @dataclass(slots=True)
