@@ -46,3 +46,29 @@ def test_the_cli_starts_without_what_only_the_server_needs() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert sorted(set(SERVER_ONLY) & set(done.stdout.split())) == []
+
+
+def test_a_server_on_sqlite_starts_without_the_postgresql_driver() -> None:
+    """psycopg takes 80 ms to import: only a server given ``--database`` loads it."""
+    probe = "import sys, control.cli.app, control.server; print(*sorted(sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "psycopg" not in done.stdout.split()
+
+
+def test_the_parser_is_reused_only_while_the_environment_it_read_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Options default to ``KILLSWITCH_*`` variables: a parser built under other values
+    would hand a command the wrong server or identity."""
+    from control.cli.app import build_parser
+
+    monkeypatch.setenv("KILLSWITCH_SERVER", "first.example:50051")
+    first = build_parser()
+    assert build_parser() is first
+    assert first.parse_args(["status"]).server == "first.example:50051"
+    monkeypatch.setenv("KILLSWITCH_SERVER", "second.example:50051")
+    assert build_parser().parse_args(["status"]).server == "second.example:50051"
+    monkeypatch.setenv("KILLSWITCH_IDENTITY", "/somewhere/else")
+    assert build_parser().parse_args(["status"]).identity == "/somewhere/else"
