@@ -18,6 +18,7 @@ import structlog
 from control.domain import format_labels
 from control.domain import validate_agent_id
 from control.domain.approvals import OPEN_STATES
+from control.domain.approvals import Ask
 from control.domain.approvals import ResumeRequest
 from control.domain.approvals import approve
 from control.domain.approvals import check_drill_approval
@@ -235,15 +236,8 @@ class Governance:
                     f"resume request {other.id} for hold {hold_id} is already open;"
                     " edit it or let it expire"
                 )
-        request = open_request(
-            hold=hold,
-            requester=by,
-            reason=reason,
-            ticket=ticket,
-            now=now,
-            expires_in=expires_in,
-            for_runbook=for_runbook,
-        )
+        ask = Ask(by, reason, ticket, now, expires_in)
+        request = open_request(hold, ask, for_runbook=for_runbook)
         await self._save(request, by, "resume.request", "runbook" if for_runbook else "direct")
         return request
 
@@ -257,15 +251,8 @@ class Governance:
         ticket: str,
         expires_in: float = 0.0,
     ) -> ResumeRequest:
-        request = open_drill_request(
-            runbook=runbook,
-            sha256=sha256,
-            requester=by,
-            reason=reason,
-            ticket=ticket,
-            now=self._clock(),
-            expires_in=expires_in,
-        )
+        ask = Ask(by, reason, ticket, self._clock(), expires_in)
+        request = open_drill_request(ask, runbook=runbook, sha256=sha256)
         await self._save(request, by, "drill.request", f"start drill {runbook!r}")
         return request
 

@@ -40,11 +40,11 @@ from control.domain import validate_agent_id
 from control.domain.identity import CertificateRecord
 from control.domain.identity import Principal
 from control.domain.identity import Role
+from control.domain.scope import validate_name
 from control.errors import Conflict
 from control.errors import InvalidInput
 from control.errors import KillswitchError
 from control.errors import PermissionDenied
-from control.errors import shown
 from control.pki_files import load_certificate
 from control.pki_files import load_key
 from control.pki_files import make_private_dir
@@ -239,12 +239,9 @@ def request_identity(directory: Path, name: str, role: Role) -> bytes:
 
 
 def validate_identity_name(name: str) -> str:
-    if not _IDENTITY_NAME.match(name):
-        raise InvalidInput(
-            f"invalid identity name {shown(name)}: use 1-64 letters, digits or . _ @ -"
-            " starting with a letter or digit"
-        )
-    return name
+    return validate_name(
+        name, _IDENTITY_NAME, what="identity name", allowed="1-64 letters, digits or . _ @ -"
+    )
 
 
 # ------------------------------------------------------------------ the root, offline

@@ -10,6 +10,7 @@ import pytest
 from control.domain import HoldKind
 from control.domain import Scope
 from control.domain.approvals import DEFAULT_REQUEST_TTL_SECONDS
+from control.domain.approvals import Ask
 from control.domain.approvals import ResumeState
 from control.domain.approvals import approve
 from control.domain.approvals import check_drill_approval
@@ -47,7 +48,7 @@ HOLD = Hold(
 
 
 def test_a_request_names_its_hold_and_expires_after_an_hour_by_default() -> None:
-    made = open_request(hold=HOLD, requester=IC, reason=" contained ", ticket="INC-1", now=100.0)
+    made = open_request(HOLD, Ask(IC, " contained ", "INC-1", now=100.0))
     assert (made.hold_id, made.requested_by, made.reason) == ("hold-1", "ic-1", "contained")
     assert made.expires_at == 100.0 + DEFAULT_REQUEST_TTL_SECONDS
     assert made.current_state(made.expires_at - 1) is ResumeState.PENDING
@@ -67,11 +68,11 @@ def test_requests_that_cannot_be_opened(
     hold: Hold, expires_in: float, error: type[Exception], text: str
 ) -> None:
     with pytest.raises(error, match=text):
-        open_request(hold=hold, requester=IC, reason="r", ticket="", now=0.0, expires_in=expires_in)
+        open_request(hold, Ask(IC, "r", "", now=0.0, expires_in=expires_in))
 
 
 def test_only_a_different_approver_decides() -> None:
-    pending = open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0)
+    pending = open_request(HOLD, Ask(IC, "r", "", now=0.0))
     with pytest.raises(PermissionDenied, match="only an approver"):
         approve(pending, SRE, revision=1, note="", now=1.0)
     with pytest.raises(PermissionDenied, match="a different person must"):
@@ -87,7 +88,7 @@ def test_only_a_different_approver_decides() -> None:
 
 
 def test_an_edit_drops_approvals_and_a_stale_review_is_refused() -> None:
-    pending = open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0)
+    pending = open_request(HOLD, Ask(IC, "r", "", now=0.0))
     approved = approve(pending, APPROVER, revision=1, note="", now=1.0)
     with pytest.raises(PermissionDenied, match="only ic-1"):
         edit_request(approved, APPROVER, reason="mine now", ticket="", now=2.0)
@@ -101,7 +102,7 @@ def test_an_edit_drops_approvals_and_a_stale_review_is_refused() -> None:
 
 def test_a_request_only_moves_forward() -> None:
     """A snapshot read before a decision never takes the decision back (``adopt``)."""
-    pending = open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0)
+    pending = open_request(HOLD, Ask(IC, "r", "", now=0.0))
     approved = approve(pending, APPROVER, revision=1, note="", now=1.0)
     done = executed(approved, 7)
     edited = edit_request(approved, IC, reason="wider", ticket="", now=2.0)
@@ -115,7 +116,7 @@ def test_a_request_only_moves_forward() -> None:
 
 
 def test_closed_or_expired_requests_cannot_be_decided_or_edited() -> None:
-    pending = open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0, expires_in=10.0)
+    pending = open_request(HOLD, Ask(IC, "r", "", now=0.0, expires_in=10.0))
     with pytest.raises(Conflict, match="expired"):
         approve(pending, APPROVER, revision=1, note="", now=10.0)
     denied = deny(pending, APPROVER, revision=1, note="no", now=1.0)
@@ -126,7 +127,7 @@ def test_closed_or_expired_requests_cannot_be_decided_or_edited() -> None:
 def test_a_drill_approval_is_for_one_text_and_never_a_re_enable() -> None:
     automation = Principal("automation-1", Role.AUTOMATION, serial="e1")
     asked = open_drill_request(
-        runbook="drill", sha256="ab" * 32, requester=automation, reason="q4", ticket="", now=0.0
+        Ask(automation, "q4", "", now=0.0), runbook="drill", sha256="ab" * 32
     )
     assert (asked.hold_id, asked.for_drill, asked.for_runbook) == ("", True, True)
     with pytest.raises(Conflict, match="pending"):
@@ -138,7 +139,7 @@ def test_a_drill_approval_is_for_one_text_and_never_a_re_enable() -> None:
     with pytest.raises(PermissionDenied, match="not a re-enable"):
         check_runbook_approval(approved, hold_id="", now=2.0)
     resume = approve(
-        open_request(hold=HOLD, requester=IC, reason="r", ticket="", now=0.0, for_runbook=True),
+        open_request(HOLD, Ask(IC, "r", "", now=0.0), for_runbook=True),
         APPROVER,
         revision=1,
         note="",
@@ -149,9 +150,7 @@ def test_a_drill_approval_is_for_one_text_and_never_a_re_enable() -> None:
 
 
 def test_a_runbook_needs_a_runbook_approval_in_force_for_its_hold() -> None:
-    asked = open_request(
-        hold=HOLD, requester=IC, reason="r", ticket="", now=0.0, expires_in=60.0, for_runbook=True
-    )
+    asked = open_request(HOLD, Ask(IC, "r", "", now=0.0, expires_in=60.0), for_runbook=True)
     with pytest.raises(Conflict, match=f"resume request {asked.id} is pending; a runbook needs"):
         check_runbook_approval(asked, hold_id="hold-1", now=1.0)
     approved = approve(asked, APPROVER, revision=1, note="", now=1.0)

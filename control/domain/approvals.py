@@ -117,56 +117,56 @@ def new_request_id() -> str:
     return f"resume-{secrets.token_hex(5)}"
 
 
-def open_request(
-    *,
-    hold: Hold,
-    requester: Principal,
-    reason: str,
-    ticket: str,
-    now: float,
-    expires_in: float = 0.0,
-    for_runbook: bool = False,
-) -> ResumeRequest:
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What every request states, whatever it is for: who asks, why, under which ticket,
+    when, and how long it may wait for a decision (0: the default). One value, so a
+    resume request and a drill request are opened from the same words, checked the
+    same way (``_opened``)."""
+
+    requester: Principal
+    reason: str
+    ticket: str
+    now: float
+    expires_in: float = 0.0
+
+
+def open_request(hold: Hold, ask: Ask, *, for_runbook: bool = False) -> ResumeRequest:
     if not hold.active:
         raise Conflict(f"hold {hold.id!r} was already lifted at epoch {hold.lifted_epoch}")
     if hold.kind is HoldKind.OPT_OUT:
         raise PermissionDenied(
             f"hold {hold.id!r} is an employee opt-out: only the laptop's owner can lift it"
         )
-    return ResumeRequest(
-        id=new_request_id(),
-        hold_id=hold.id,
-        requested_by=requester.name,
-        reason=validate_reason(reason),
-        ticket=validate_ticket(ticket),
-        created_at=now,
-        expires_at=now + _ttl(expires_in),
-        for_runbook=for_runbook,
-    )
+    return _opened(ask, hold_id=hold.id, for_runbook=for_runbook)
 
 
-def open_drill_request(
-    *,
-    runbook: str,
-    sha256: str,
-    requester: Principal,
-    reason: str,
-    ticket: str,
-    now: float,
-    expires_in: float = 0.0,
-) -> ResumeRequest:
+def open_drill_request(ask: Ask, *, runbook: str, sha256: str) -> ResumeRequest:
     """Asks to start a drill runbook; whoever asks may not decide (``_check_decider``)."""
+    return _opened(ask, for_runbook=True, drill_runbook=runbook, drill_sha256=sha256)
+
+
+def _opened(
+    ask: Ask,
+    *,
+    for_runbook: bool,
+    hold_id: str = "",
+    drill_runbook: str = "",
+    drill_sha256: str = "",
+) -> ResumeRequest:
+    """A new pending request: the asker's words validated and its expiry set here alone,
+    so a drill request cannot be opened on looser terms than a resume request."""
     return ResumeRequest(
         id=new_request_id(),
-        hold_id="",
-        requested_by=requester.name,
-        reason=validate_reason(reason),
-        ticket=validate_ticket(ticket),
-        created_at=now,
-        expires_at=now + _ttl(expires_in),
-        for_runbook=True,
-        drill_runbook=runbook,
-        drill_sha256=sha256,
+        hold_id=hold_id,
+        requested_by=ask.requester.name,
+        reason=validate_reason(ask.reason),
+        ticket=validate_ticket(ask.ticket),
+        created_at=ask.now,
+        expires_at=ask.now + _ttl(ask.expires_in),
+        for_runbook=for_runbook,
+        drill_runbook=drill_runbook,
+        drill_sha256=drill_sha256,
     )
 
 

@@ -20,13 +20,20 @@ _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 MAX_LABELS = 32
 
 
-def validate_agent_id(agent_id: str) -> str:
-    if not _AGENT_ID.match(agent_id):
+def validate_name(name: str, pattern: re.Pattern[str], *, what: str, allowed: str) -> str:
+    """The one check for a name that becomes an id (an agent's, a certificate's), so every
+    refusal tells the caller the rule in the same words: ``allowed`` is what may appear."""
+    if not pattern.match(name):
         raise InvalidInput(
-            f"invalid agent id {shown(agent_id)}: use 1-128 letters, digits or . _ : @ -"
-            " starting with a letter or digit"
+            f"invalid {what} {shown(name)}: use {allowed} starting with a letter or digit"
         )
-    return agent_id
+    return name
+
+
+def validate_agent_id(agent_id: str) -> str:
+    return validate_name(
+        agent_id, _AGENT_ID, what="agent id", allowed="1-128 letters, digits or . _ : @ -"
+    )
 
 
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
