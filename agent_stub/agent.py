@@ -29,6 +29,7 @@ from agent_stub.clock import NoSleepClock
 from agent_stub.config import DEFAULT_HEARTBEAT_SECONDS
 from agent_stub.config import DEFAULT_LEASE_TTL_SECONDS
 from agent_stub.config import AgentConfig
+from agent_stub.durable import save_or_warn
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.local_state import NoticeBoard
@@ -404,18 +405,14 @@ class Agent:
 
     def _remember(self, applied: Applied) -> None:
         """On disk before the ack leaves; a failed write still acks what was done."""
-        if self._applied_store is None:
-            return
-        try:
-            self._applied_store.save(applied)
-        except OSError as exc:
-            log.warning(
-                "applied_epoch_not_saved",
-                agent_id=self.agent_id,
-                epoch=applied.epoch,
-                path=str(self._applied_store.path),
-                error=str(exc),
-            )
+        save_or_warn(
+            self._applied_store,
+            applied,
+            log.warning,
+            "applied_epoch_not_saved",
+            agent_id=self.agent_id,
+            epoch=applied.epoch,
+        )
 
     # ------------------------------------------------------------ leases
 

@@ -23,6 +23,7 @@ from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.capture import Batch
 from agent_stub.durable import StateFileError
 from agent_stub.durable import read_state
+from agent_stub.durable import save_or_warn
 from agent_stub.durable import write_durably
 from agent_stub.wire import timestamp
 
@@ -95,9 +96,5 @@ class UploadSequence:
         if number <= self.next:
             return
         self.next = number
-        if self._store is None:
-            return
-        try:
-            self._store.save(number)
-        except OSError as exc:  # after a restart, a refusal names the number again
-            log.warning("upload_sequence_not_saved", path=str(self._store.path), error=str(exc))
+        # A lost write is harmless: after a restart, a refusal names the number again.
+        save_or_warn(self._store, number, log.warning, "upload_sequence_not_saved")

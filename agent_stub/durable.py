@@ -8,9 +8,20 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from typing import Protocol
 from typing import TypeVar
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class StateStore(Protocol[T_contra]):
+    """A state file's owner: where it lives, and how a value is written to it."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def save(self, value: T_contra, /) -> None: ...
 
 
 class StateFileError(Exception):
@@ -55,3 +66,22 @@ def write_durably(path: Path, text: str) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def save_or_warn(
+    store: StateStore[T] | None,
+    value: T,
+    warn: Callable[..., object],
+    event: str,
+    **context: object,
+) -> None:
+    """Save ``value`` to ``store`` (if the agent keeps state at all), for state whose write
+    may fail without harm to what the agent just did: a full or read-only disk is logged as
+    ``event`` through ``warn`` (the caller's logger, so the line names its module) and the
+    agent goes on, never half a file behind (``write_durably``)."""
+    if store is None:
+        return
+    try:
+        store.save(value)
+    except OSError as exc:
+        warn(event, **context, path=str(store.path), error=str(exc))

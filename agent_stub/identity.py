@@ -232,37 +232,47 @@ def enrollment_channel(target: str, ca_pem: bytes) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_pem))
 
 
-async def request_certificate(
-    channel: grpc.aio.Channel,
-    target: str,
-    *,
-    token: str,
-    agent_id: str,
-    state_dir: Path,
-    ca_pem: bytes,
-) -> AgentIdentity:
-    """Enrol ``agent_id`` over ``channel`` (to ``target``) and store the new identity."""
-    key, csr_pem = new_key_and_csr()
-    request = pb.EnrollRequest(token=token, agent_id=agent_id, csr_pem=csr_pem.decode())
-    response = await _enroll_call(channel, target, request)
-    try:
-        cert = x509.load_pem_x509_certificate(response.certificate_pem.encode())
-    except ValueError:
-        raise EnrolmentError(f"{target} returned no valid certificate", EXIT_FAILED) from None
-    if cert.public_key() != key.public_key():
-        raise EnrolmentError(f"{target} returned a certificate for another key", EXIT_FAILED)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    identity = AgentIdentity(
-        cert_pem=response.certificate_pem.encode(),
-        key_pem=key_pem,
-        ca_pem=response.ca_pem.encode() or ca_pem,
-    )
-    _store(state_dir, identity)
-    return identity
+@dataclass(frozen=True, slots=True)
+class _Enrolment:
+    """What every certificate request of one enrolment shares: the enrolment port, the
+    join token, and the CA that port must prove itself with."""
+
+    target: str
+    token: str
+    ca_pem: bytes
+
+    def channel(self) -> grpc.aio.Channel:
+        return enrollment_channel(self.target, self.ca_pem)
+
+    async def request_certificate(
+        self, channel: grpc.aio.Channel, agent_id: str, state_dir: Path
+    ) -> AgentIdentity:
+        """Enrol ``agent_id`` over ``channel`` and store the new identity in ``state_dir``."""
+        key, csr_pem = new_key_and_csr()
+        request = pb.EnrollRequest(token=self.token, agent_id=agent_id, csr_pem=csr_pem.decode())
+        response = await _enroll_call(channel, self.target, request)
+        try:
+            cert = x509.load_pem_x509_certificate(response.certificate_pem.encode())
+        except ValueError:
+            raise EnrolmentError(
+                f"{self.target} returned no valid certificate", EXIT_FAILED
+            ) from None
+        if cert.public_key() != key.public_key():
+            raise EnrolmentError(
+                f"{self.target} returned a certificate for another key", EXIT_FAILED
+            )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        identity = AgentIdentity(
+            cert_pem=response.certificate_pem.encode(),
+            key_pem=key_pem,
+            ca_pem=response.ca_pem.encode() or self.ca_pem,
+        )
+        _store(state_dir, identity)
+        return identity
 
 
 async def _enroll_call(
@@ -310,15 +320,9 @@ async def enrol(
     if stored is not None:
         return stored
     _require_token(token, 1)
-    async with enrollment_channel(enroll_target, ca_pem) as channel:
-        return await request_certificate(
-            channel,
-            enroll_target,
-            token=token,
-            agent_id=agent_id,
-            state_dir=state_dir,
-            ca_pem=ca_pem,
-        )
+    enrolment = _Enrolment(enroll_target, token, ca_pem)
+    async with enrolment.channel() as channel:
+        return await enrolment.request_certificate(channel, agent_id, state_dir)
 
 
 async def enrol_fleet(
@@ -345,6 +349,7 @@ async def enrol_fleet(
     if not missing:
         return identities, 0
     _require_token(token, len(missing))
+    enrolment = _Enrolment(enroll_target, token, ca_pem)
     in_flight = asyncio.Semaphore(concurrency)
     failures: list[EnrolmentError] = []
 
@@ -352,18 +357,13 @@ async def enrol_fleet(
         state_dir = agent_state_dir(state_root, agent_id)
         async with in_flight:
             try:
-                identities[agent_id] = await request_certificate(
-                    channel,
-                    enroll_target,
-                    token=token,
-                    agent_id=agent_id,
-                    state_dir=state_dir,
-                    ca_pem=ca_pem,
+                identities[agent_id] = await enrolment.request_certificate(
+                    channel, agent_id, state_dir
                 )
             except EnrolmentError as exc:
                 failures.append(exc)
 
-    async with enrollment_channel(enroll_target, ca_pem) as channel:
+    async with enrolment.channel() as channel:
         await asyncio.gather(*(enrol_one(channel, agent_id) for agent_id in missing))
     if failures:
         reasons = Counter(str(f) for f in failures).most_common()

@@ -20,6 +20,7 @@ import structlog
 from killswitch.v1 import killswitch_pb2 as pb
 
 from agent_stub.durable import read_state
+from agent_stub.durable import save_or_warn
 from agent_stub.durable import write_durably
 from agent_stub.lease import Lease
 from agent_stub.notices import CaptureState
@@ -171,7 +172,7 @@ class NoticeBoard:
         if previous is not None and replace(previous, updated_at=seen.updated_at) == seen:
             return
         self.current = seen
-        self._save(seen)
+        save_or_warn(self._file, seen, log.warning, "capture_state_not_saved")
         if previous is None:
             changed = seen.state is not CaptureState.RESUMED
         else:
@@ -187,11 +188,3 @@ class NoticeBoard:
                 seen.updated_at,
             )
             show_safely(self._notifier, notice)
-
-    def _save(self, state: LocalState) -> None:
-        if self._file is None:
-            return
-        try:
-            self._file.save(state)
-        except OSError as exc:
-            log.warning("capture_state_not_saved", path=str(self._file.path), error=str(exc))

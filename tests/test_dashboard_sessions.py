@@ -32,6 +32,15 @@ def with_sessions(
     run_with_store(backend, main)
 
 
+async def log_in(sessions: DashboardSessions, on: DashboardSessions | None = None) -> str:
+    """A login link issued by ``sessions`` and redeemed (``on`` another replica, if
+    given): the id of the session it opened."""
+    token, _ = await sessions.issue_login(SRE)
+    redeemed = await (on or sessions).redeem(token)
+    assert redeemed is not None
+    return redeemed[0]
+
+
 def test_a_login_link_works_once_and_a_session_ends_on_time(backend: Backend) -> None:
     async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
         token, expires_at = await sessions.issue_login(SRE)
@@ -59,11 +68,9 @@ def test_a_stale_link_is_refused(backend: Backend) -> None:
 def test_revoking_the_certificate_ends_its_browser_sessions(backend: Backend) -> None:
     async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
         pending, _ = await sessions.issue_login(SRE)
-        token, _ = await sessions.issue_login(SRE)
-        redeemed = await sessions.redeem(token)
-        assert redeemed is not None
+        session_id = await log_in(sessions)
         revoked.add(SRE.serial)
-        assert await sessions.principal(redeemed[0]) is None
+        assert await sessions.principal(session_id) is None
         assert await sessions.redeem(pending) is None
 
     with_sessions(backend, body)
@@ -71,10 +78,7 @@ def test_revoking_the_certificate_ends_its_browser_sessions(backend: Backend) ->
 
 def test_logout_ends_the_session_and_the_store_keeps_only_hashes(backend: Backend) -> None:
     async def body(sessions: DashboardSessions, clock: FakeClock, revoked: set[str]) -> None:
-        token, _ = await sessions.issue_login(SRE)
-        redeemed = await sessions.redeem(token)
-        assert redeemed is not None
-        session_id = redeemed[0]
+        session_id = await log_in(sessions)
         await sessions.end(session_id)
         assert await sessions.principal(session_id) is None
 

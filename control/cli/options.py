@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from typing import TypeVar
 
 from control.client import Credentials
 from control.client import OperatorClient
@@ -25,6 +26,8 @@ DEFAULT_SERVER = DEFAULT_GRPC_ADDRESS
 
 # The handler of a command that talks to the server.
 Handler = Callable[[argparse.Namespace, OperatorClient], int]
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ argument types
@@ -44,6 +47,21 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
     return int(text)
+
+
+def parse_argument(
+    parse: Callable[[str], T],
+    text: str,
+    error: type[Exception],
+    describe: Callable[[Exception], str] = str,
+) -> T:
+    """``parse(text)`` inside an argument type: the parser's own ``error`` becomes a usage
+    error (exit 2, its message after the option's name), not argparse's bare "invalid
+    value" nor a traceback."""
+    try:
+        return parse(text)
+    except error as exc:
+        raise argparse.ArgumentTypeError(describe(exc)) from None
 
 
 # ------------------------------------------------------------------ shared flags

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from control.cli.options import add_database_option
+from control.cli.options import parse_argument
 from control.cli.options import positive_int
 from control.cli.options import positive_seconds
 from control.domain.history import check_history_retention
@@ -75,10 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def prometheus_source(text: str) -> tuple[str, str]:
     from control.prometheus_sources import parse_source  # aiohttp: only `serve` needs it
 
-    try:
-        return parse_source(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_argument(parse_source, text, ValueError)
 
 
 def history_retention(text: str) -> float:
@@ -266,10 +264,7 @@ def _oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
 def webhook(text: str) -> WebhookSpec:
     from control.webhooks.config import parse_webhook
 
-    try:
-        return parse_webhook(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_argument(parse_webhook, text, ValueError)
 
 
 def _add_webhook_options(serve: argparse.ArgumentParser) -> None:
@@ -292,10 +287,8 @@ def _add_webhook_options(serve: argparse.ArgumentParser) -> None:
 
 
 def agent_version(text: str) -> str:
-    try:
-        parse_version(text)
-    except InvalidInput as exc:
-        raise argparse.ArgumentTypeError(one_line(exc)) from None
+    """Checked as the readiness policy reads it, kept as typed."""
+    parse_argument(parse_version, text, InvalidInput, one_line)
     return text
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from hypothesis import given
@@ -42,23 +44,39 @@ def examples(weight: float) -> int:
     return max(20, round(settings().max_examples * weight / 4))
 
 
+def fuzz(
+    fleet: Fleet,
+    weight: float,
+    example: Callable[..., None],
+    *strategies: st.SearchStrategy[Any],
+) -> None:
+    """``example`` on what ``strategies`` draw, ``examples(weight)`` times against the real
+    server, the fleet's clock ticked after each; then nothing may have changed: what every
+    property here holds, so that no property forgets to check it."""
+
+    @settings(FUZZ, max_examples=examples(weight))
+    @given(st.tuples(*strategies))
+    def run(drawn: tuple[Any, ...]) -> None:
+        example(*drawn)
+        fleet.tick()
+
+    run()
+    fleet.assert_state_unchanged()
+
+
 def test_fuzz_operator_mutations_are_refused_and_audited(fleet: Fleet) -> None:
     start = fleet.snapshot().audit_head
     refused: Counter[str] = Counter()
 
-    @settings(FUZZ, max_examples=examples(1))
-    @given(st.data())
-    def run(data: st.DataObject) -> None:
+    def mutate(data: st.DataObject) -> None:
         identity, path, message = data.draw(operator_mutations(fleet))
         outcome = unary(fleet.channels[identity], path, message)
         check(outcome, (identity, path, message))
         assert outcome.code is not grpc.StatusCode.OK, f"accepted: {path} {message!r:.300}"
         if outcome.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:  # not refused by gRPC itself
             refused[f"{identity} {path.rsplit('/', 1)[1]}"] += 1
-        fleet.tick()
 
-    run()
-    fleet.assert_state_unchanged()
+    fuzz(fleet, 1, mutate, st.data())
     # Refused changes are audited (how many is not asserted: the fuzzing decides), one by
     # one within each identity's refusal budget, past it in an aggregated entry.
     wanted = {(key.split()[0], f"Operator.{key.split()[1]}") for key in refused}
@@ -77,83 +95,66 @@ def test_fuzz_operator_mutations_are_refused_and_audited(fleet: Fleet) -> None:
 
 
 def test_fuzz_operator_reads(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=examples(0.75))
-    @given(st.data())
-    def run(data: st.DataObject) -> None:
+    def read(data: st.DataObject) -> None:
         identity, path, message = data.draw(operator_reads(fleet))
         check(call(fleet.channels[identity], path, message), (path, message))
-        fleet.tick()
 
-    run()
-    fleet.assert_state_unchanged()
+    fuzz(fleet, 0.75, read, st.data())
 
 
 def test_fuzz_self_service(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=examples(0.5))
-    @given(self_service_calls())
-    def run(request: OperatorCall) -> None:
+    def ask(request: OperatorCall) -> None:
         identity, path, message = request
         outcome = unary(fleet.channels[identity], path, message)
         check(outcome, request)
         if not path.endswith("/ListMyLaptops"):
             assert outcome.code is not grpc.StatusCode.OK, f"accepted: {request!r:.300}"
-        fleet.tick()
 
-    run()
-    fleet.assert_state_unchanged()
+    fuzz(fleet, 0.5, ask, self_service_calls())
 
 
 def test_fuzz_agent_streams(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=examples(1))
-    @given(agent_streams())
-    def run(messages: list[pb.AgentMessage]) -> None:
-        outcome = bidi(fleet.channels[FUZZ_AGENT], CONNECT, messages)
-        check(outcome, messages)
-        fleet.tick()
+    def stream(messages: list[pb.AgentMessage]) -> None:
+        check(bidi(fleet.channels[FUZZ_AGENT], CONNECT, messages), messages)
 
-    run()
-    fleet.assert_state_unchanged()
+    fuzz(fleet, 1, stream, agent_streams())
 
 
 def test_fuzz_authorize_upload(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=examples(0.5))
-    @given(upload_requests)
-    def run(request: pb.AuthorizeUploadRequest) -> None:
-        outcome = unary(fleet.channels[INGEST], AUTHORIZE_UPLOAD, request)
+    def authorize(request: pb.AuthorizeUploadRequest) -> None:
         # Allowed or not depends on the leases the stream fuzzing obtained: not checked.
-        check(outcome, request)
-        fleet.tick()
+        check(unary(fleet.channels[INGEST], AUTHORIZE_UPLOAD, request), request)
 
-    run()
-    fleet.assert_state_unchanged()
+    fuzz(fleet, 0.5, authorize, upload_requests)
 
 
 def test_fuzz_random_bytes(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=examples(1))
-    @given(
+    def send(target: tuple[str, str], body: bytes) -> None:
+        identity, path = target
+        check(call(fleet.channels[identity], path, body), (path, body))
+
+    fuzz(
+        fleet,
+        1,
+        send,
         st.sampled_from([*RAW_TARGETS, (IC, OPERATOR + "CreateHold")]),
         st.one_of(st.binary(max_size=64), st.binary(min_size=100, max_size=2048)),
     )
-    def run(target: tuple[str, str], body: bytes) -> None:
-        identity, path = target
-        check(call(fleet.channels[identity], path, body), (path, body))
-        fleet.tick()
-
-    run()
-    fleet.assert_state_unchanged()
 
 
 def test_fuzz_protobuf_shaped_bytes(fleet: Fleet) -> None:
-    @settings(FUZZ, max_examples=examples(1))
-    @given(st.sampled_from(RAW_TARGETS), st.lists(wire_messages(), min_size=1, max_size=3))
-    def run(target: tuple[str, str], bodies: list[bytes]) -> None:
+    def send(target: tuple[str, str], bodies: list[bytes]) -> None:
         identity, path = target
         channel = fleet.channels[identity]
         # Connect gets a whole stream of them.
         many = path == CONNECT
         outcome = bidi(channel, path, bodies) if many else call(channel, path, bodies[0])
         check(outcome, (path, bodies))
-        fleet.tick()
 
-    run()
-    fleet.assert_state_unchanged()
+    fuzz(
+        fleet,
+        1,
+        send,
+        st.sampled_from(RAW_TARGETS),
+        st.lists(wire_messages(), min_size=1, max_size=3),
+    )
