@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -36,6 +37,10 @@ from tests.malformed.strategies import operator_reads
 from tests.malformed.strategies import self_service_calls
 from tests.malformed.strategies import upload_requests
 from tests.malformed.strategies import wire_messages
+
+# One worker runs every malformed-input module: they share the session's fleet
+# (tests/malformed/conftest.py), which each worker would otherwise build for itself.
+pytestmark = pytest.mark.xdist_group("malformed")
 
 
 def examples(weight: float) -> int:

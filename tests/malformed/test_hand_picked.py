@@ -49,6 +49,10 @@ from tests.malformed.fleet import Fleet
 from tests.malformed.strategies import INT64_MAX
 from tests.malformed.strategies import ts
 
+# One worker runs every malformed-input module: they share the session's fleet
+# (tests/malformed/conftest.py), which each worker would otherwise build for itself.
+pytestmark = pytest.mark.xdist_group("malformed")
+
 
 def request_class(path: str) -> Callable[..., Message]:
     service, method = path.removeprefix("/killswitch.v1.").split("/")

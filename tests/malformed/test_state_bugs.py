@@ -22,6 +22,10 @@ from tests.malformed.calls import check
 from tests.malformed.calls import secure_channel
 from tests.malformed.calls import unary
 
+# One worker runs every malformed-input module: they share the session's fleet
+# (tests/malformed/conftest.py), which each worker would otherwise build for itself.
+pytestmark = pytest.mark.xdist_group("malformed")
+
 
 def _poison_with(
     server: ServerProcess, tmp_path: Path, message: Callable[[int], pb.AgentMessage]

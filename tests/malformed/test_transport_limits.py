@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import grpc
+import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 
 from control.rpc.authz import DEFAULT_MAX_CALLS_PER_IDENTITY
@@ -37,6 +38,10 @@ from tests.malformed.calls import failed
 from tests.malformed.calls import unary
 from tests.malformed.fleet import Fleet
 from tests.malformed.strategies import varint
+
+# One worker runs every malformed-input module: they share the session's fleet
+# (tests/malformed/conftest.py), which each worker would otherwise build for itself.
+pytestmark = pytest.mark.xdist_group("malformed")
 
 
 def test_messages_over_64_kib_are_refused(fleet: Fleet) -> None:
