@@ -26,7 +26,6 @@ from control.decisions import NO_DECISION
 from control.decisions import Decision
 from control.decisions import decision_for
 from control.domain import AgentStatus
-from control.domain import CompliancePolicy
 from control.domain import Desired
 from control.domain import Hold
 from control.domain import reconcile_desired
@@ -35,13 +34,14 @@ from control.domain import validate_labels
 from control.domain.identity import Principal
 from control.domain.readiness import UNSAID
 from control.domain.readiness import HelloFacts
-from control.events import PlaneObserver
 from control.known_holds import KnownHolds
 from control.labelling import LabelImport
 from control.labelling import adopt_decided
 from control.labelling import note_report
 from control.labelling import relabel_records
 from control.plane.audit import AuditRecorder
+from control.plane.context import PlaneContext
+from control.plane.context import PlanePart
 from control.plane.entries import AgentEntry
 from control.plane.entries import Subscriber
 from control.plane.writer import AgentWriter
@@ -62,19 +62,17 @@ class DirectiveSpec:
     decision: Decision = NO_DECISION
 
 
-class DesiredStateCache:
+class DesiredStateCache(PlanePart):
     def __init__(
         self,
+        context: PlaneContext,
         agents: dict[str, AgentEntry],
         writer: AgentWriter,
         audit: AuditRecorder,
         *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
-        lease_ttl: float,
         before_fanout: Callable[[], None],
-        observer: PlaneObserver,
     ) -> None:
+        super().__init__(context)
         self.agents = agents
         self.epoch = 0
         self.holds = KnownHolds()
@@ -83,14 +81,10 @@ class DesiredStateCache:
         self._writer = writer
         self._dirty = writer.dirty
         self._audit = audit
-        self._clock = clock
-        self._policy = policy
-        self._lease_ttl = lease_ttl
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
         # One set per ingest gateway's watch: see ``watch_upload_allowances``.
         self._upload_watchers: list[set[str]] = []
-        self.observer = observer
 
     def active_holds(self) -> list[Hold]:
         return self.holds.active()

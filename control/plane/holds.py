@@ -30,14 +30,14 @@ from control.errors import NotFound
 from control.errors import PermissionDenied
 from control.errors import StoreError
 from control.errors import shown
-from control.events import PlaneObserver
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
+from control.plane.part import CachePart
 from control.store import RunChange
 from control.store import RunCommit
-from control.store import Store
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -53,26 +53,20 @@ class EpochUnknown(KillswitchError):
     agent, or a database restored from an older backup. No replica can serve it."""
 
 
-class HoldCommits:
+class HoldCommits(CachePart):
     def __init__(
         self,
-        store: Store,
+        context: PlaneContext,
         cache: DesiredStateCache,
         membership: Membership,
         audit: AuditRecorder,
-        *,
-        clock: Callable[[], float],
-        observer: PlaneObserver,
     ) -> None:
-        self._store = store
-        self._cache = cache
+        super().__init__(context, cache)
         self._membership = membership
         self._audit = audit
-        self._clock = clock
         self._lock = asyncio.Lock()
         # One catch-up read at a time, however many agents ask for one.
         self._catching_up: asyncio.Task[None] | None = None
-        self.observer = observer
 
     # ------------------------------------------------------------ this replica's commits
 
@@ -107,7 +101,7 @@ class HoldCommits:
             adopted = await self._apply_commit([hold], hold.created_epoch)
         self._announce_adopted(*adopted)
         self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
-        covered = sum(1 for e in self._cache.agents.values() if hold.id in e.desired.hold_ids)
+        covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
         log.info(
             "hold_created",
             hold_id=hold.id,
@@ -139,7 +133,7 @@ class HoldCommits:
         self.observer.hold_changed(hold, epoch=hold.lifted_epoch, at=self._clock())
         still_paused = sum(
             1
-            for e in self._cache.agents.values()
+            for e in self._agents.values()
             if e.desired.mode is Mode.PAUSED and hold.covers(e.agent_id, e.labels)
         )
         log.info(
@@ -249,7 +243,7 @@ class HoldCommits:
         replica), and raises ``EpochUnknown`` if the store itself has not reached it.
         """
         cache = self._cache
-        entry = cache.agents.get(agent_id)
+        entry = self._agents.get(agent_id)
         if entry is not None:
             status = entry.status
             seen_epoch = max(
@@ -275,7 +269,7 @@ class HoldCommits:
     # ------------------------------------------------------------ self service
 
     def _owned_entry(self, agent_id: str, owner: Principal) -> AgentEntry:
-        entry = self._cache.agents.get(agent_id)
+        entry = self._agents.get(agent_id)
         if entry is None or entry.labels.get("owner") != owner.name:
             # The same answer for "no such laptop": employees learn nothing about others.
             raise PermissionDenied(f"{owner.name} does not own a laptop {shown(agent_id)}")

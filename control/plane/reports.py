@@ -19,7 +19,6 @@ import structlog
 
 from control.domain import AgentStatus
 from control.domain import CaptureReport
-from control.domain import CompliancePolicy
 from control.domain import Mode
 from control.domain import UploadDecision
 from control.domain import validate_agent_id
@@ -27,14 +26,13 @@ from control.domain.identity import Principal
 from control.errors import Conflict
 from control.errors import NotFound
 from control.errors import shown
-from control.events import PlaneObserver
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
 from control.plane.part import AgentStatePart
 from control.plane.writer import AgentWriter
-from control.store import Store
 from control.store import ViolationEvidence
 
 log = structlog.get_logger("killswitch.plane")
@@ -53,28 +51,22 @@ class LeaseDecision:
 class AgentReports(AgentStatePart):
     def __init__(
         self,
-        store: Store,
+        context: PlaneContext,
         cache: DesiredStateCache,
         writer: AgentWriter,
         membership: Membership,
         audit: AuditRecorder,
         *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
-        lease_ttl: float,
         last_seen_save_interval: float,
-        observer: PlaneObserver,
     ) -> None:
-        super().__init__(store, cache, writer, clock=clock, policy=policy)
+        super().__init__(context, cache, writer)
         self._figures_unsaved = writer.figures_unsaved
         self._evidence = writer.evidence
         self._membership = membership
         self._audit = audit
-        self._lease_ttl = lease_ttl
         # 10,000 agents heartbeating every 10 s would otherwise rewrite 1,000 rows a second
         # only to move last_seen; memory stays exact, the stored copy may lag this much.
         self._last_seen_save_interval = last_seen_save_interval
-        self.observer = observer
 
     def ack(
         self,
