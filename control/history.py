@@ -18,6 +18,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from collections.abc import Sequence
+from dataclasses import KW_ONLY
+from dataclasses import dataclass
+from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from typing import Protocol
@@ -50,40 +53,36 @@ class Forgetful(Protocol):
         (the one the store archives by); returns how many."""
 
 
+@dataclass(eq=False)
 class HistoryCompactor:
-    def __init__(
-        self,
-        store: Store,
-        holders: Sequence[Forgetful],
-        *,
-        clock: Callable[[], float],
-        retention: float,
-        every: float = COMPACT_EVERY_SECONDS,
-        batch: int = BATCH_ROWS,
-    ) -> None:
-        self._store = store
-        self._holders = holders
-        self._clock = clock
-        self._retention = retention
-        self._every = every
-        self._batch = batch
-        self._task: asyncio.Task[None] | None = None
+    """Archives what finished more than ``retention`` seconds ago, ``batch`` rows of each
+    kind per transaction, and has ``holders`` forget it from memory: when asked
+    (``compact``), and every ``every`` seconds between ``start`` and ``stop``."""
+
+    store: Store
+    holders: Sequence[Forgetful]
+    _: KW_ONLY
+    clock: Callable[[], float]
+    retention: float
+    every: float = COMPACT_EVERY_SECONDS
+    batch: int = BATCH_ROWS
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def compact(self) -> ArchivedCounts:
         """Archive everything due, a batch per transaction, then forget it from memory."""
-        now = self._clock()
-        before = now - self._retention
+        now = self.clock()
+        before = now - self.retention
         holds = requests = runs = 0
         while True:
-            counts = await self._store.archive_history(before, now, self._batch)
+            counts = await self.store.archive_history(before, now, self.batch)
             holds, requests, runs = (
                 holds + counts.holds,
                 requests + counts.requests,
                 runs + counts.runs,
             )
-            if max(counts.holds, counts.requests, counts.runs) < self._batch:
+            if max(counts.holds, counts.requests, counts.runs) < self.batch:
                 break
-        forgotten = sum(holder.forget_history(before) for holder in self._holders)
+        forgotten = sum(holder.forget_history(before) for holder in self.holders)
         total = ArchivedCounts(holds, requests, runs)
         if total.total or forgotten:
             log.info(
@@ -115,7 +114,7 @@ class HistoryCompactor:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._every)
+            await asyncio.sleep(self.every)
             await self.compact_logged()
 
 
