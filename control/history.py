@@ -126,38 +126,32 @@ async def explain_unknown(store: Store, error: UnknownItem) -> NotFound:
     """What to tell someone who named a hold, request or run this server does not hold:
     when it finished and that it was archived, or else ``error`` as it is."""
     try:
-        message = await _archived_message(store, error)
+        ended = await _how_it_ended(store, error)
     except StoreError as exc:
         log.warning("archive_lookup_failed", kind=error.kind, error=str(exc))
         return error
-    return error if message is None else NotFound(message)
+    return error if ended is None else NotFound(f"{ended} and archived; {ARCHIVED_HINT}")
 
 
-async def _archived_message(store: Store, error: UnknownItem) -> str | None:
+async def _how_it_ended(store: Store, error: UnknownItem) -> str | None:
+    """When and how the archived item ``error`` names finished; None if it is not archived."""
     item_id = error.item_id
     if error.kind == UnknownItem.HOLD:
         hold = await store.archived_hold(item_id)
         if hold is None or hold.lifted_at is None:
             return None
-        return (
-            f"hold {item_id} was lifted on {_when(hold.lifted_at)} by {hold.lifted_by}"
-            f" (epoch {hold.lifted_epoch}) and archived; {ARCHIVED_HINT}"
-        )
+        lifted = f"lifted on {_when(hold.lifted_at)} by {hold.lifted_by}"
+        return f"hold {item_id} was {lifted} (epoch {hold.lifted_epoch})"
     if error.kind == UnknownItem.REQUEST:
         request = await store.archived_request(item_id)
         if request is None:
             return None
         state = ResumeState.EXPIRED if request.state in OPEN_STATES else request.state
-        return (
-            f"resume request {item_id} for hold {request.hold_id} was {state.value} on"
-            f" {_when(request_closed_at(request))} and archived; {ARCHIVED_HINT}"
-        )
+        closed = f"{state.value} on {_when(request_closed_at(request))}"
+        return f"resume request {item_id} for hold {request.hold_id} was {closed}"
     if error.kind == UnknownItem.RUN:
         run = await store.archived_run(item_id)
         if run is None or run.ended_at is None:
             return None
-        return (
-            f"run {item_id} ({run.runbook}) ended {run.state.value} on {_when(run.ended_at)}"
-            f" and archived; {ARCHIVED_HINT}"
-        )
+        return f"run {item_id} ({run.runbook}) ended {run.state.value} on {_when(run.ended_at)}"
     return None
