@@ -63,9 +63,11 @@ class ControlPlane:
             if isinstance(observer, Observers)
             else Observers([observer or PlaneObserver()])
         )
+        self.audit = audit = AuditRecorder(store, clock)
         context = PlaneContext(
             store=store,
             clock=clock,
+            audit=audit,
             policy=policy or CompliancePolicy(),
             observer=guarded,
             lease_ttl=lease_ttl,
@@ -73,23 +75,18 @@ class ControlPlane:
         )
         self.policy, self.replica_id = context.policy, context.replica_id
         agents: dict[str, AgentEntry] = {}
-        self.audit = audit = AuditRecorder(store, clock)
         self.writer = writer = AgentWriter(context, agents, flush_interval=flush_interval)
-        self.cache = cache = DesiredStateCache(
-            context, agents, writer, audit, before_fanout=before_fanout
-        )
+        self.cache = cache = DesiredStateCache(context, agents, writer, before_fanout=before_fanout)
         self.membership = membership = Membership(
-            context, cache, writer, store_probe_interval=store_probe_interval
+            context, cache, store_probe_interval=store_probe_interval
         )
         self.reports = reports = AgentReports(
             context,
             cache,
-            writer,
             membership,
-            audit,
             last_seen_save_interval=last_seen_save_interval,
         )
-        self.holds = holds = HoldCommits(context, cache, membership, audit)
+        self.holds = holds = HoldCommits(context, cache, membership)
         self.fleet = fleet = FleetViews(context, cache, membership)
 
         self.flush = writer.flush

@@ -30,7 +30,6 @@ from control.errors import NotFound
 from control.errors import PermissionDenied
 from control.errors import StoreError
 from control.errors import shown
-from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
 from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
@@ -59,11 +58,9 @@ class HoldCommits(CachePart):
         context: PlaneContext,
         cache: DesiredStateCache,
         membership: Membership,
-        audit: AuditRecorder,
     ) -> None:
         super().__init__(context, cache)
         self._membership = membership
-        self._audit = audit
         self._lock = asyncio.Lock()
         # One catch-up read at a time, however many agents ask for one.
         self._catching_up: asyncio.Task[None] | None = None
@@ -94,9 +91,12 @@ class HoldCommits(CachePart):
             created_at=self._clock(),
             keep_spool=keep_spool,
         )
-        record = self._audit.hold_created(by, draft, detail="keep_spool" if keep_spool else "")
+        record = self._context.audit.hold_created(
+            by, draft, detail="keep_spool" if keep_spool else ""
+        )
+        store = self._context.store
         async with self._lock:
-            commit = self._store.reactivate_hold if reactivate else self._store.create_hold
+            commit = store.reactivate_hold if reactivate else store.create_hold
             hold = await commit(draft, record)
             adopted = await self._apply_commit([hold], hold.created_epoch)
         self._announce_adopted(*adopted)
@@ -117,11 +117,11 @@ class HoldCommits(CachePart):
     async def lift_hold(self, hold_id: str, by: Principal, *, detail: str = "") -> Hold:
         """Callers check who may lift what (an approved request, the laptop's owner)."""
         hold = self._cache.hold(hold_id)
-        record = self._audit.record(
+        record = self._context.audit.record(
             by, "hold.lift", target=f"{hold_id} {hold.kind.value}", detail=detail
         )
         return await self.commit_lift(
-            lambda at: self._store.lift_hold(hold_id, by.name, at, record), by.name
+            lambda at: self._context.store.lift_hold(hold_id, by.name, at, record), by.name
         )
 
     async def commit_lift(self, commit: Callable[[float], Awaitable[Hold]], lifted_by: str) -> Hold:
@@ -148,7 +148,7 @@ class HoldCommits(CachePart):
     async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
         """A runbook step and its hold changes in one transaction, then the fan-out."""
         async with self._lock:
-            commit = await self._store.commit_run(change, audit)
+            commit = await self._context.store.commit_run(change, audit)
             adopted = await self._apply_commit(commit.holds, commit.epoch)
         self._announce_adopted(*adopted)
         for hold in commit.holds:
@@ -184,7 +184,7 @@ class HoldCommits(CachePart):
         view = self._membership.view
         read_started = view.read_starting()
         try:
-            shared = await self._store.load_shared()
+            shared = await self._context.store.load_shared()
         except StoreError as exc:
             log.warning("catch_up_failed", epoch=epoch, known_epoch=cache.epoch, error=str(exc))
             return [], epoch
@@ -227,7 +227,7 @@ class HoldCommits(CachePart):
     async def resync_holds(self) -> None:
         """Read the holds and the epoch from the store now, and adopt them."""
         read_started = self._membership.view.read_starting()
-        shared = await self._store.load_shared()
+        shared = await self._context.store.load_shared()
         changed = await self.adopt_holds(shared.epoch, shared.holds, read_started)
         log.info("view_caught_up", epoch=self._cache.epoch, adopted=len(changed))
 

@@ -24,7 +24,6 @@ from control.plane.cache import DesiredStateCache
 from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.part import AgentStatePart
-from control.plane.writer import AgentWriter
 from control.store import AgentChanges
 from control.store import StoredAgent
 from control.store_health import StoreHealth
@@ -52,11 +51,10 @@ class Membership(AgentStatePart):
         self,
         context: PlaneContext,
         cache: DesiredStateCache,
-        writer: AgentWriter,
         *,
         store_probe_interval: float,
     ) -> None:
-        super().__init__(context, cache, writer)
+        super().__init__(context, cache)
         # How this process signs its agent rows and its beats.
         self.replica_id = context.replica_id
         self._store_probe_interval = store_probe_interval
@@ -89,7 +87,7 @@ class Membership(AgentStatePart):
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
                 # cancellation that stop() sends, and stop() would then wait for ever.
                 async with asyncio.timeout(self._store_probe_interval):
-                    await self._store.beat(self.replica_id)
+                    await self._context.store.beat(self.replica_id)
             except Exception as exc:
                 self.store_health.failed(exc)
             else:
@@ -207,7 +205,7 @@ class Membership(AgentStatePart):
         entry = self._agents.get(agent_id)
         if entry is not None and entry.remote is None:
             return
-        stored = await self._store.load_agent(agent_id)
+        stored = await self._context.store.load_agent(agent_id)
         entry = self._agents.get(agent_id)
         if stored is not None and (entry is None or entry.remote is not None):
             cache = self._cache

@@ -5,7 +5,6 @@ from __future__ import annotations
 from control.plane.cache import DesiredStateCache
 from control.plane.context import PlaneContext
 from control.plane.context import PlanePart
-from control.plane.writer import AgentWriter
 
 
 class CachePart(PlanePart):
@@ -20,12 +19,11 @@ class CachePart(PlanePart):
 
 
 class AgentStatePart(CachePart):
-    """A part that also changes agents' entries: the writer's dirty set is kept as an
-    attribute of its own, for the same reason."""
+    """A part that also changes agents' entries. It writes them through the cache's own
+    writer, so that one dirty set holds every change; that set is kept as an attribute
+    of its own, for the same reason as the entries."""
 
-    def __init__(
-        self, context: PlaneContext, cache: DesiredStateCache, writer: AgentWriter
-    ) -> None:
+    def __init__(self, context: PlaneContext, cache: DesiredStateCache) -> None:
         super().__init__(context, cache)
-        self._writer = writer
-        self._dirty = writer.dirty
+        self._writer = cache.writer
+        self._dirty = cache.writer.dirty

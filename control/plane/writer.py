@@ -88,7 +88,7 @@ class AgentWriter(PlanePart):
     async def flush(self) -> None:
         """Write pending violation evidence, then changed agents and pending audit in one
         transaction; on failure keep all of it."""
-        await self.evidence.flush(self._store)
+        await self.evidence.flush(self._context.store)
         if not self.dirty and not self.pending_audit and not self.pending_labels:
             return
         batch = self.dirty.copy()
@@ -115,7 +115,7 @@ class AgentWriter(PlanePart):
                 StoredAgent(agent_id, entry.labels, entry.desired, status, self._replica_id, now)
             )
         try:
-            await self._store.save_agents(rows, audit, labels)
+            await self._context.store.save_agents(rows, audit, labels)
         except BaseException:
             self.dirty |= batch
             self.pending_audit[:0] = audit
