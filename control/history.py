@@ -18,6 +18,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from collections.abc import Sequence
+from dataclasses import KW_ONLY
+from dataclasses import dataclass
+from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from typing import Protocol
@@ -50,40 +53,36 @@ class Forgetful(Protocol):
         (the one the store archives by); returns how many."""
 
 
+@dataclass(eq=False)
 class HistoryCompactor:
-    def __init__(
-        self,
-        store: Store,
-        holders: Sequence[Forgetful],
-        *,
-        clock: Callable[[], float],
-        retention: float,
-        every: float = COMPACT_EVERY_SECONDS,
-        batch: int = BATCH_ROWS,
-    ) -> None:
-        self._store = store
-        self._holders = holders
-        self._clock = clock
-        self._retention = retention
-        self._every = every
-        self._batch = batch
-        self._task: asyncio.Task[None] | None = None
+    """Archives what finished more than ``retention`` seconds ago, ``batch`` rows of each
+    kind per transaction, and has ``holders`` forget it from memory: when asked
+    (``compact``), and every ``every`` seconds between ``start`` and ``stop``."""
+
+    store: Store
+    holders: Sequence[Forgetful]
+    _: KW_ONLY
+    clock: Callable[[], float]
+    retention: float
+    every: float = COMPACT_EVERY_SECONDS
+    batch: int = BATCH_ROWS
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def compact(self) -> ArchivedCounts:
         """Archive everything due, a batch per transaction, then forget it from memory."""
-        now = self._clock()
-        before = now - self._retention
+        now = self.clock()
+        before = now - self.retention
         holds = requests = runs = 0
         while True:
-            counts = await self._store.archive_history(before, now, self._batch)
+            counts = await self.store.archive_history(before, now, self.batch)
             holds, requests, runs = (
                 holds + counts.holds,
                 requests + counts.requests,
                 runs + counts.runs,
             )
-            if max(counts.holds, counts.requests, counts.runs) < self._batch:
+            if max(counts.holds, counts.requests, counts.runs) < self.batch:
                 break
-        forgotten = sum(holder.forget_history(before) for holder in self._holders)
+        forgotten = sum(holder.forget_history(before) for holder in self.holders)
         total = ArchivedCounts(holds, requests, runs)
         if total.total or forgotten:
             log.info(
@@ -115,7 +114,7 @@ class HistoryCompactor:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._every)
+            await asyncio.sleep(self.every)
             await self.compact_logged()
 
 
@@ -127,38 +126,32 @@ async def explain_unknown(store: Store, error: UnknownItem) -> NotFound:
     """What to tell someone who named a hold, request or run this server does not hold:
     when it finished and that it was archived, or else ``error`` as it is."""
     try:
-        message = await _archived_message(store, error)
+        ended = await _how_it_ended(store, error)
     except StoreError as exc:
         log.warning("archive_lookup_failed", kind=error.kind, error=str(exc))
         return error
-    return error if message is None else NotFound(message)
+    return error if ended is None else NotFound(f"{ended} and archived; {ARCHIVED_HINT}")
 
 
-async def _archived_message(store: Store, error: UnknownItem) -> str | None:
+async def _how_it_ended(store: Store, error: UnknownItem) -> str | None:
+    """When and how the archived item ``error`` names finished; None if it is not archived."""
     item_id = error.item_id
     if error.kind == UnknownItem.HOLD:
         hold = await store.archived_hold(item_id)
         if hold is None or hold.lifted_at is None:
             return None
-        return (
-            f"hold {item_id} was lifted on {_when(hold.lifted_at)} by {hold.lifted_by}"
-            f" (epoch {hold.lifted_epoch}) and archived; {ARCHIVED_HINT}"
-        )
+        lifted = f"lifted on {_when(hold.lifted_at)} by {hold.lifted_by}"
+        return f"hold {item_id} was {lifted} (epoch {hold.lifted_epoch})"
     if error.kind == UnknownItem.REQUEST:
         request = await store.archived_request(item_id)
         if request is None:
             return None
         state = ResumeState.EXPIRED if request.state in OPEN_STATES else request.state
-        return (
-            f"resume request {item_id} for hold {request.hold_id} was {state.value} on"
-            f" {_when(request_closed_at(request))} and archived; {ARCHIVED_HINT}"
-        )
+        closed = f"{state.value} on {_when(request_closed_at(request))}"
+        return f"resume request {item_id} for hold {request.hold_id} was {closed}"
     if error.kind == UnknownItem.RUN:
         run = await store.archived_run(item_id)
         if run is None or run.ended_at is None:
             return None
-        return (
-            f"run {item_id} ({run.runbook}) ended {run.state.value} on {_when(run.ended_at)}"
-            f" and archived; {ARCHIVED_HINT}"
-        )
+        return f"run {item_id} ({run.runbook}) ended {run.state.value} on {_when(run.ended_at)}"
     return None

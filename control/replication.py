@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import KW_ONLY
+from dataclasses import dataclass
+from dataclasses import field
 
 import structlog
 
@@ -35,32 +38,29 @@ log = structlog.get_logger("killswitch.replication")
 DEFAULT_AGENTS_RESYNC_SECONDS = 1.0
 
 
+@dataclass(eq=False)
 class Replication:
-    def __init__(
-        self,
-        store: Store,
-        plane: ControlPlane,
-        governance: Governance,
-        runner: RunbookRunner,
-        *,
-        resync_seconds: float = DEFAULT_RESYNC_SECONDS,
-        agents_resync_seconds: float = DEFAULT_AGENTS_RESYNC_SECONDS,
-    ) -> None:
-        self._store = store
-        self._plane = plane
-        self._governance = governance
-        self._runner = runner
-        self._resync_seconds = resync_seconds
-        self._agents_resync_seconds = agents_resync_seconds
-        self._cursor = ""
-        # The newest label version adopted: the first read takes every decided label.
-        self._labels_version = 0
-        self._poked = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+    """Keeps ``plane``, ``governance`` and ``runner`` in step with what other replicas
+    commit to ``store``: the shared state every ``resync_seconds`` and on each
+    notification, the agents other replicas serve every ``agents_resync_seconds``."""
+
+    store: Store
+    plane: ControlPlane
+    governance: Governance
+    runner: RunbookRunner
+    _: KW_ONLY
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    agents_resync_seconds: float = DEFAULT_AGENTS_RESYNC_SECONDS
+    # Where the last read of other replicas' agent rows ended.
+    _cursor: str = field(default="", init=False, repr=False)
+    # The newest label version adopted: the first read takes every decided label.
+    _labels_version: int = field(default=0, init=False, repr=False)
+    _poked: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False, repr=False)
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._store.watch(self._poked.set), name="store-watch"),
+            asyncio.create_task(self.store.watch(self._poked.set), name="store-watch"),
             asyncio.create_task(self._resync_loop(), name="replica-resync"),
             asyncio.create_task(self._resync_agents_loop(), name="replica-agents-resync"),
         ]
@@ -75,7 +75,7 @@ class Replication:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(
-                    self._resync_seconds
+                    self.resync_seconds
                 ):  # cancellable, unlike 3.11's wait_for
                     await self._poked.wait()
             self._poked.clear()
@@ -88,19 +88,19 @@ class Replication:
     async def resync(self) -> None:
         """Read what every replica shares (holds and epoch, requests, revocations, runs,
         violations, decided labels) and adopt it."""
-        plane = self._plane
+        plane = self.plane
         read_started = plane.view.read_starting()
-        shared = await self._store.load_shared()
+        shared = await self.store.load_shared()
         # Read after the holds, so it has every relabel committed before them: a pause
         # by selector is never judged against labels older than the pause. A failed
         # read leaves the view unadopted, so a replica stuck on old labels stops leasing.
-        decided = await self._store.labels_decided_since(self._labels_version)
+        decided = await self.store.labels_decided_since(self._labels_version)
         plane.cache.adopt_labels(decided)
         self._labels_version = decided[-1].version if decided else self._labels_version
         await plane.holds.adopt_holds(shared.epoch, shared.holds, read_started)
-        self._governance.adopt(shared.resume_requests, shared.revoked)
+        self.governance.adopt(shared.resume_requests, shared.revoked)
         plane.reports.adopt_violations(shared.violation_acks, shared.violations)
-        self._runner.adopt(shared.runs)
+        self.runner.adopt(shared.runs)
 
     async def _resync_agents_loop(self) -> None:
         while True:
@@ -108,11 +108,11 @@ class Replication:
                 await self.resync_agents()
             except Exception as exc:
                 log.warning("mirror_failed", error=repr(exc))
-            await asyncio.sleep(self._agents_resync_seconds)
+            await asyncio.sleep(self.agents_resync_seconds)
 
     async def resync_agents(self) -> None:
         """Read what other replicas wrote about their agents since the last read, and
         adopt it."""
-        changes = await self._store.agents_written_since(self._cursor, self._plane.replica_id)
-        self._plane.membership.adopt_agents(changes)
+        changes = await self.store.agents_written_since(self._cursor, self.plane.replica_id)
+        self.plane.membership.adopt_agents(changes)
         self._cursor = changes.cursor

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import structlog
 
+from control.durable import sync_directory
 from control.errors import KillswitchError
 from control.events import ObserverFailures
 from control.events import name_of
@@ -61,14 +62,6 @@ SEQUENCES_FILE = "sequences.json"
 SNAPSHOT_INTERVAL_SECONDS = 60.0
 # fdatasync where there is one: the data and the file's length, not its times.
 _sync_data = getattr(os, "fdatasync", os.fsync)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -283,7 +276,7 @@ class Sink:
                 files = append.files
                 _sync_data(files.log_fd)
                 if files.unsynced_entry:
-                    _fsync_path(self.root)
+                    sync_directory(self.root)
                     files.unsynced_entry = False
                 _write_all(files.manifest_fd, append.lines)
                 files.manifest_size = append.manifest_before + len(append.lines)

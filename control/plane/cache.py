@@ -26,7 +26,6 @@ from control.decisions import NO_DECISION
 from control.decisions import Decision
 from control.decisions import decision_for
 from control.domain import AgentStatus
-from control.domain import CompliancePolicy
 from control.domain import Desired
 from control.domain import Hold
 from control.domain import reconcile_desired
@@ -35,13 +34,13 @@ from control.domain import validate_labels
 from control.domain.identity import Principal
 from control.domain.readiness import UNSAID
 from control.domain.readiness import HelloFacts
-from control.events import PlaneObserver
 from control.known_holds import KnownHolds
 from control.labelling import LabelImport
 from control.labelling import adopt_decided
 from control.labelling import note_report
 from control.labelling import relabel_records
-from control.plane.audit import AuditRecorder
+from control.plane.context import PlaneContext
+from control.plane.context import PlanePart
 from control.plane.entries import AgentEntry
 from control.plane.entries import Subscriber
 from control.plane.writer import AgentWriter
@@ -62,35 +61,29 @@ class DirectiveSpec:
     decision: Decision = NO_DECISION
 
 
-class DesiredStateCache:
+class DesiredStateCache(PlanePart):
     def __init__(
         self,
+        context: PlaneContext,
         agents: dict[str, AgentEntry],
         writer: AgentWriter,
-        audit: AuditRecorder,
         *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
-        lease_ttl: float,
         before_fanout: Callable[[], None],
-        observer: PlaneObserver,
     ) -> None:
+        super().__init__(context)
         self.agents = agents
         self.epoch = 0
         self.holds = KnownHolds()
         # Agents another replica serves (their entries have ``remote`` set).
         self.remote: set[str] = set()
-        self._writer = writer
+        # Where changed entries are written: the parts that change agents' entries write
+        # through this same writer (``AgentStatePart``), so the dirty set is one.
+        self.writer = writer
         self._dirty = writer.dirty
-        self._audit = audit
-        self._clock = clock
-        self._policy = policy
-        self._lease_ttl = lease_ttl
         # Runs before a change is pushed to the whole fleet (the server tunes the GC).
         self._before_fanout = before_fanout
         # One set per ingest gateway's watch: see ``watch_upload_allowances``.
         self._upload_watchers: list[set[str]] = []
-        self.observer = observer
 
     def active_holds(self) -> list[Hold]:
         return self.holds.active()
@@ -173,9 +166,7 @@ class DesiredStateCache:
             if entry.subscriber is not None:
                 entry.subscriber.close("replaced by a newer stream from the same agent")
             self.reconcile(entry, self.active_holds(), now)
-        self._writer.pending_audit += note_report(
-            agent_id, entry.labels, entry.status, checked, now
-        )
+        self.writer.pending_audit += note_report(agent_id, entry.labels, entry.status, checked, now)
         # A stream newer than any stored one even if this replica's clock is behind the
         # last replica's: the store refuses rows of an older stream.
         entry.status.record_connect(max(now, (entry.status.connected_at or 0.0) + 0.001))
@@ -211,7 +202,7 @@ class DesiredStateCache:
             self.epoch,
             entry.desired,
             self._policy.heartbeat_interval,
-            self._lease_ttl,
+            self._context.lease_ttl,
             decision_for(entry.desired, agent_id, entry.labels, self.holds),
         )
 
@@ -235,7 +226,7 @@ class DesiredStateCache:
         served: every replica adopts them (``control.labelling``)."""
         checked = [(validate_agent_id(a), validate_labels(labels)) for a, labels in agents]
         tally, now = LabelImport(), self._clock()
-        writer = self._writer
+        writer = self.writer
         for agent_id, labels in checked:
             writer.pending_labels.append(DecidedLabels(agent_id, labels, by.name, now))
             entry = self.agents.get(agent_id)
@@ -247,12 +238,12 @@ class DesiredStateCache:
             elif entry.labels == labels:
                 tally.unchanged += 1
             else:
-                record = functools.partial(self._audit.record, by)
+                record = functools.partial(self._context.audit.record, by)
                 old, entry.labels = entry.labels, labels
                 writer.pending_audit += relabel_records(record, agent_id, old, labels, entry.status)
                 self.reconcile(entry, self.active_holds(), now)
                 tally.relabelled += 1
-        writer.pending_audit.append(self._audit.record(by, action, detail=tally.describe()))
+        writer.pending_audit.append(self._context.audit.record(by, action, detail=tally.describe()))
         await writer.flush()
         log.info("agents_expected", operator=by.name, result=tally.describe())
         return tally

@@ -20,6 +20,7 @@ from control.events import PlaneObserver
 from control.freshness import SharedView
 from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.holds import HoldCommits
 from control.plane.membership import STORE_PROBE_SECONDS
@@ -52,10 +53,8 @@ class ControlPlane:
     ) -> None:
         self._store = store
         self._clock = clock
-        self.policy = policy = policy or CompliancePolicy()
         self.lease_ttl = lease_ttl
         self.last_seen_save_interval = last_seen_save_interval
-        self.replica_id = replica_id = replica_id or new_replica_id()
         # Who hears of acks, proofs of stop, hold changes: every part that reports events
         # tells the same one, given here once (the server passes its metrics, timeline, ...),
         # always through the guard (``Observers``), so no observer can break an ack.
@@ -64,52 +63,31 @@ class ControlPlane:
             if isinstance(observer, Observers)
             else Observers([observer or PlaneObserver()])
         )
-        agents: dict[str, AgentEntry] = {}
         self.audit = audit = AuditRecorder(store, clock)
-        self.writer = writer = AgentWriter(
-            store,
-            agents,
+        context = PlaneContext(
+            store=store,
             clock=clock,
-            policy=policy,
-            replica_id=replica_id,
-            flush_interval=flush_interval,
-        )
-        self.cache = cache = DesiredStateCache(
-            agents,
-            writer,
-            audit,
-            clock=clock,
-            policy=policy,
-            lease_ttl=lease_ttl,
-            before_fanout=before_fanout,
+            audit=audit,
+            policy=policy or CompliancePolicy(),
             observer=guarded,
-        )
-        self.membership = membership = Membership(
-            store,
-            cache,
-            writer,
-            clock=clock,
-            policy=policy,
             lease_ttl=lease_ttl,
-            replica_id=replica_id,
-            store_probe_interval=store_probe_interval,
+            replica_id=replica_id or new_replica_id(),
+        )
+        self.policy, self.replica_id = context.policy, context.replica_id
+        agents: dict[str, AgentEntry] = {}
+        self.writer = writer = AgentWriter(context, agents, flush_interval=flush_interval)
+        self.cache = cache = DesiredStateCache(context, agents, writer, before_fanout=before_fanout)
+        self.membership = membership = Membership(
+            context, cache, store_probe_interval=store_probe_interval
         )
         self.reports = reports = AgentReports(
-            store,
+            context,
             cache,
-            writer,
             membership,
-            audit,
-            clock=clock,
-            policy=policy,
-            lease_ttl=lease_ttl,
             last_seen_save_interval=last_seen_save_interval,
-            observer=guarded,
         )
-        self.holds = holds = HoldCommits(
-            store, cache, membership, audit, clock=clock, observer=guarded
-        )
-        self.fleet = fleet = FleetViews(cache, membership, clock=clock, policy=policy)
+        self.holds = holds = HoldCommits(context, cache, membership)
+        self.fleet = fleet = FleetViews(context, cache, membership)
 
         self.flush = writer.flush
         # The desired-state cache and its subscribers.

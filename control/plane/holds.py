@@ -30,14 +30,13 @@ from control.errors import NotFound
 from control.errors import PermissionDenied
 from control.errors import StoreError
 from control.errors import shown
-from control.events import PlaneObserver
-from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
+from control.plane.part import CachePart
 from control.store import RunChange
 from control.store import RunCommit
-from control.store import Store
 
 log = structlog.get_logger("killswitch.plane")
 
@@ -53,26 +52,18 @@ class EpochUnknown(KillswitchError):
     agent, or a database restored from an older backup. No replica can serve it."""
 
 
-class HoldCommits:
+class HoldCommits(CachePart):
     def __init__(
         self,
-        store: Store,
+        context: PlaneContext,
         cache: DesiredStateCache,
         membership: Membership,
-        audit: AuditRecorder,
-        *,
-        clock: Callable[[], float],
-        observer: PlaneObserver,
     ) -> None:
-        self._store = store
-        self._cache = cache
+        super().__init__(context, cache)
         self._membership = membership
-        self._audit = audit
-        self._clock = clock
         self._lock = asyncio.Lock()
         # One catch-up read at a time, however many agents ask for one.
         self._catching_up: asyncio.Task[None] | None = None
-        self.observer = observer
 
     # ------------------------------------------------------------ this replica's commits
 
@@ -100,14 +91,17 @@ class HoldCommits:
             created_at=self._clock(),
             keep_spool=keep_spool,
         )
-        record = self._audit.hold_created(by, draft, detail="keep_spool" if keep_spool else "")
+        record = self._context.audit.hold_created(
+            by, draft, detail="keep_spool" if keep_spool else ""
+        )
+        store = self._context.store
         async with self._lock:
-            commit = self._store.reactivate_hold if reactivate else self._store.create_hold
+            commit = store.reactivate_hold if reactivate else store.create_hold
             hold = await commit(draft, record)
             adopted = await self._apply_commit([hold], hold.created_epoch)
         self._announce_adopted(*adopted)
         self.observer.hold_changed(hold, epoch=hold.created_epoch, at=self._clock())
-        covered = sum(1 for e in self._cache.agents.values() if hold.id in e.desired.hold_ids)
+        covered = sum(1 for e in self._agents.values() if hold.id in e.desired.hold_ids)
         log.info(
             "hold_created",
             hold_id=hold.id,
@@ -123,11 +117,11 @@ class HoldCommits:
     async def lift_hold(self, hold_id: str, by: Principal, *, detail: str = "") -> Hold:
         """Callers check who may lift what (an approved request, the laptop's owner)."""
         hold = self._cache.hold(hold_id)
-        record = self._audit.record(
+        record = self._context.audit.record(
             by, "hold.lift", target=f"{hold_id} {hold.kind.value}", detail=detail
         )
         return await self.commit_lift(
-            lambda at: self._store.lift_hold(hold_id, by.name, at, record), by.name
+            lambda at: self._context.store.lift_hold(hold_id, by.name, at, record), by.name
         )
 
     async def commit_lift(self, commit: Callable[[float], Awaitable[Hold]], lifted_by: str) -> Hold:
@@ -139,7 +133,7 @@ class HoldCommits:
         self.observer.hold_changed(hold, epoch=hold.lifted_epoch, at=self._clock())
         still_paused = sum(
             1
-            for e in self._cache.agents.values()
+            for e in self._agents.values()
             if e.desired.mode is Mode.PAUSED and hold.covers(e.agent_id, e.labels)
         )
         log.info(
@@ -154,7 +148,7 @@ class HoldCommits:
     async def commit_run(self, change: RunChange, audit: Sequence[AuditRecord]) -> RunCommit:
         """A runbook step and its hold changes in one transaction, then the fan-out."""
         async with self._lock:
-            commit = await self._store.commit_run(change, audit)
+            commit = await self._context.store.commit_run(change, audit)
             adopted = await self._apply_commit(commit.holds, commit.epoch)
         self._announce_adopted(*adopted)
         for hold in commit.holds:
@@ -190,7 +184,7 @@ class HoldCommits:
         view = self._membership.view
         read_started = view.read_starting()
         try:
-            shared = await self._store.load_shared()
+            shared = await self._context.store.load_shared()
         except StoreError as exc:
             log.warning("catch_up_failed", epoch=epoch, known_epoch=cache.epoch, error=str(exc))
             return [], epoch
@@ -233,7 +227,7 @@ class HoldCommits:
     async def resync_holds(self) -> None:
         """Read the holds and the epoch from the store now, and adopt them."""
         read_started = self._membership.view.read_starting()
-        shared = await self._store.load_shared()
+        shared = await self._context.store.load_shared()
         changed = await self.adopt_holds(shared.epoch, shared.holds, read_started)
         log.info("view_caught_up", epoch=self._cache.epoch, adopted=len(changed))
 
@@ -249,7 +243,7 @@ class HoldCommits:
         replica), and raises ``EpochUnknown`` if the store itself has not reached it.
         """
         cache = self._cache
-        entry = cache.agents.get(agent_id)
+        entry = self._agents.get(agent_id)
         if entry is not None:
             status = entry.status
             seen_epoch = max(
@@ -275,7 +269,7 @@ class HoldCommits:
     # ------------------------------------------------------------ self service
 
     def _owned_entry(self, agent_id: str, owner: Principal) -> AgentEntry:
-        entry = self._cache.agents.get(agent_id)
+        entry = self._agents.get(agent_id)
         if entry is None or entry.labels.get("owner") != owner.name:
             # The same answer for "no such laptop": employees learn nothing about others.
             raise PermissionDenied(f"{owner.name} does not own a laptop {shown(agent_id)}")

@@ -13,21 +13,18 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Callable
 from collections.abc import Mapping
 
 import structlog
 
 from control.domain import AgentStatus
-from control.domain import CompliancePolicy
 from control.freshness import SharedView
 from control.lifecycle import cancel_and_wait
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.part import AgentStatePart
-from control.plane.writer import AgentWriter
 from control.store import AgentChanges
-from control.store import Store
 from control.store import StoredAgent
 from control.store_health import StoreHealth
 
@@ -52,22 +49,17 @@ def new_replica_id() -> str:
 class Membership(AgentStatePart):
     def __init__(
         self,
-        store: Store,
+        context: PlaneContext,
         cache: DesiredStateCache,
-        writer: AgentWriter,
         *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
-        lease_ttl: float,
-        replica_id: str,
         store_probe_interval: float,
     ) -> None:
-        super().__init__(store, cache, writer, clock=clock, policy=policy)
+        super().__init__(context, cache)
         # How this process signs its agent rows and its beats.
-        self.replica_id = replica_id
+        self.replica_id = context.replica_id
         self._store_probe_interval = store_probe_interval
         self.store_health = StoreHealth(STORE_ANSWER_WINDOW_BEATS * store_probe_interval)
-        self.view = SharedView(lease_ttl, sole_writer=store.sole_writer)
+        self.view = SharedView(context.lease_ttl, sole_writer=context.store.sole_writer)
         self._reported_stale = False
         self._streams_shed = False
         # Whether another replica was beating at the last read: somewhere to send
@@ -95,7 +87,7 @@ class Membership(AgentStatePart):
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
                 # cancellation that stop() sends, and stop() would then wait for ever.
                 async with asyncio.timeout(self._store_probe_interval):
-                    await self._store.beat(self.replica_id)
+                    await self._context.store.beat(self.replica_id)
             except Exception as exc:
                 self.store_health.failed(exc)
             else:
@@ -213,7 +205,7 @@ class Membership(AgentStatePart):
         entry = self._agents.get(agent_id)
         if entry is not None and entry.remote is None:
             return
-        stored = await self._store.load_agent(agent_id)
+        stored = await self._context.store.load_agent(agent_id)
         entry = self._agents.get(agent_id)
         if stored is not None and (entry is None or entry.remote is not None):
             cache = self._cache

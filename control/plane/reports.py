@@ -19,7 +19,6 @@ import structlog
 
 from control.domain import AgentStatus
 from control.domain import CaptureReport
-from control.domain import CompliancePolicy
 from control.domain import Mode
 from control.domain import UploadDecision
 from control.domain import validate_agent_id
@@ -27,14 +26,11 @@ from control.domain.identity import Principal
 from control.errors import Conflict
 from control.errors import NotFound
 from control.errors import shown
-from control.events import PlaneObserver
-from control.plane.audit import AuditRecorder
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
 from control.plane.part import AgentStatePart
-from control.plane.writer import AgentWriter
-from control.store import Store
 from control.store import ViolationEvidence
 
 log = structlog.get_logger("killswitch.plane")
@@ -53,28 +49,19 @@ class LeaseDecision:
 class AgentReports(AgentStatePart):
     def __init__(
         self,
-        store: Store,
+        context: PlaneContext,
         cache: DesiredStateCache,
-        writer: AgentWriter,
         membership: Membership,
-        audit: AuditRecorder,
         *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
-        lease_ttl: float,
         last_seen_save_interval: float,
-        observer: PlaneObserver,
     ) -> None:
-        super().__init__(store, cache, writer, clock=clock, policy=policy)
-        self._figures_unsaved = writer.figures_unsaved
-        self._evidence = writer.evidence
+        super().__init__(context, cache)
+        self._figures_unsaved = cache.writer.figures_unsaved
+        self._evidence = cache.writer.evidence
         self._membership = membership
-        self._audit = audit
-        self._lease_ttl = lease_ttl
         # 10,000 agents heartbeating every 10 s would otherwise rewrite 1,000 rows a second
         # only to move last_seen; memory stays exact, the stored copy may lag this much.
         self._last_seen_save_interval = last_seen_save_interval
-        self.observer = observer
 
     def ack(
         self,
@@ -193,7 +180,7 @@ class AgentReports(AgentStatePart):
             self._dirty.add(agent_id)  # its stop ended: a later pause takes a new baseline
         self._cache.upload_allowance_may_change(agent_id)
         if expires_at > entry.lease_bound_saved:
-            entry.lease_bound_saved = expires_at + self._lease_ttl
+            entry.lease_bound_saved = expires_at + self._context.lease_ttl
             self._dirty.add(agent_id)
         log.debug("lease_granted", agent_id=agent_id, epoch=self._cache.epoch, ttl=ttl)
         return LeaseDecision(True, ttl, "ok")
@@ -265,10 +252,10 @@ class AgentReports(AgentStatePart):
         if not evidence or flagged_at is None:
             raise Conflict(f"agent {agent_id!r} has no violation to acknowledge")
         # Stored for every replica: the one serving the agent clears it there too.
-        await self._store.acknowledge_violation(
+        await self._context.store.acknowledge_violation(
             agent_id,
             flagged_at,
-            self._audit.record(
+            self._context.audit.record(
                 by, "agent.acknowledge_violation", target=agent_id, reason=note, detail=evidence
             ),
         )

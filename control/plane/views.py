@@ -9,7 +9,6 @@ these run on every scrape and dashboard refresh, so each is one pass over the ag
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -18,7 +17,6 @@ from dataclasses import field
 
 from control.domain import AgentStatus
 from control.domain import Compliance
-from control.domain import CompliancePolicy
 from control.domain import ComplianceState
 from control.domain import Desired
 from control.domain import Hold
@@ -29,8 +27,10 @@ from control.domain import is_settled
 from control.domain.identity import Principal
 from control.domain.labels import label_mismatch
 from control.plane.cache import DesiredStateCache
+from control.plane.context import PlaneContext
 from control.plane.entries import AgentEntry
 from control.plane.membership import Membership
+from control.plane.part import CachePart
 from control.plane.tally import VerdictTally
 
 # Most urgent first: what an SRE must look at during an incident.
@@ -99,21 +99,13 @@ def _urgency(match: tuple[AgentEntry, Compliance]) -> tuple[int, str]:
     return _SEVERITY_RANK[match[1].state], match[0].agent_id
 
 
-class FleetViews:
+class FleetViews(CachePart):
     def __init__(
-        self,
-        cache: DesiredStateCache,
-        membership: Membership,
-        *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
+        self, context: PlaneContext, cache: DesiredStateCache, membership: Membership
     ) -> None:
-        self._cache = cache
-        self._agents = cache.agents
+        super().__init__(context, cache)
         self._membership = membership
-        self._clock = clock
-        self._policy = policy
-        self._tally = VerdictTally(cache.agents, policy)
+        self._tally = VerdictTally(cache.agents, context.policy)
 
     def _matching(self, agent_filter: AgentFilter) -> Iterator[tuple[AgentEntry, Compliance]]:
         now = self._clock()

@@ -9,18 +9,17 @@ flush keeps all of it for the next one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import structlog
 
-from control.domain import CompliancePolicy
 from control.domain.audit import AuditRecord
 from control.errors import StoreError
 from control.evidence import EvidenceLedger
 from control.lifecycle import cancel_and_wait
+from control.plane.context import PlaneContext
+from control.plane.context import PlanePart
 from control.plane.entries import AgentEntry
 from control.store import DecidedLabels
-from control.store import Store
 from control.store import StoredAgent
 
 log = structlog.get_logger("killswitch.plane")
@@ -31,22 +30,13 @@ log = structlog.get_logger("killswitch.plane")
 STOP_FLUSH_SECONDS = 3.0
 
 
-class AgentWriter:
+class AgentWriter(PlanePart):
     def __init__(
-        self,
-        store: Store,
-        agents: dict[str, AgentEntry],
-        *,
-        clock: Callable[[], float],
-        policy: CompliancePolicy,
-        replica_id: str,
-        flush_interval: float,
+        self, context: PlaneContext, agents: dict[str, AgentEntry], *, flush_interval: float
     ) -> None:
-        self._store = store
+        super().__init__(context)
         self._agents = agents
-        self._clock = clock
-        self._policy = policy
-        self._replica_id = replica_id
+        self._replica_id = context.replica_id
         self._flush_interval = flush_interval
         # Agents whose row must be written at the next flush. The other parts keep a
         # reference and add to it on every message: it is emptied, never replaced.
@@ -59,7 +49,7 @@ class AgentWriter:
         self.pending_audit: list[AuditRecord] = []
         self.pending_labels: list[DecidedLabels] = []
         # Violation evidence and acknowledgements, from every replica.
-        self.evidence = EvidenceLedger(replica_id)
+        self.evidence = EvidenceLedger(context.replica_id)
         self._flusher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -98,7 +88,7 @@ class AgentWriter:
     async def flush(self) -> None:
         """Write pending violation evidence, then changed agents and pending audit in one
         transaction; on failure keep all of it."""
-        await self.evidence.flush(self._store)
+        await self.evidence.flush(self._context.store)
         if not self.dirty and not self.pending_audit and not self.pending_labels:
             return
         batch = self.dirty.copy()
@@ -125,7 +115,7 @@ class AgentWriter:
                 StoredAgent(agent_id, entry.labels, entry.desired, status, self._replica_id, now)
             )
         try:
-            await self._store.save_agents(rows, audit, labels)
+            await self._context.store.save_agents(rows, audit, labels)
         except BaseException:
             self.dirty |= batch
             self.pending_audit[:0] = audit

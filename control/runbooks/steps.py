@@ -52,29 +52,23 @@ from control.store import RunChange
 log = structlog.get_logger("killswitch.runbooks")
 
 
+@dataclasses.dataclass(eq=False)
 class RunSteps:
-    def __init__(
-        self,
-        plane: ControlPlane,
-        governance: Governance,
-        ledger: RunLedger,
-        *,
-        clock: Callable[[], float],
-        sources: PrometheusSources,
-        unschedule: Callable[[str], None],
-    ) -> None:
-        """``unschedule``: an ended run ticks no more."""
-        self._plane = plane
-        self._governance = governance
-        self._ledger = ledger
-        self._clock = clock
-        self._sources = sources
-        self._unschedule = unschedule
+    """The steps of every run, built once by ``RunbookRunner`` with what they act on."""
+
+    plane: ControlPlane
+    governance: Governance
+    ledger: RunLedger
+    _: dataclasses.KW_ONLY
+    clock: Callable[[], float]
+    sources: PrometheusSources
+    # An ended run ticks no more.
+    unschedule: Callable[[str], None]
 
     # ------------------------------------------------------------ ticks
 
     async def step(self, run: Run, book: Runbook) -> None:
-        halting = halting_hold(run, self._plane.active_holds())
+        halting = halting_hold(run, self.plane.active_holds())
         if halting is not None:
             await self._halt(
                 run,
@@ -86,7 +80,7 @@ class RunSteps:
         if run.state is RunState.PAUSING:
             await self._step_pause(run, book)
         elif run.state in (RunState.RUNNING, RunState.AWAITING_CONFIRMATION):
-            hold = self._plane.hold(run.hold_id)
+            hold = self.plane.hold(run.hold_id)
             if not hold.active:
                 await self._halt(
                     run, f"rollout hold {hold.id} was lifted outside the run", repause=False
@@ -98,19 +92,19 @@ class RunSteps:
         """Each wave's cutoff over the laptops the scope covers now (``Runbook.cutoffs``)."""
         return book.cutoffs(
             (agent_id, labels)
-            for agent_id, labels, *_ in self._plane.snapshot()
+            for agent_id, labels, *_ in self.plane.snapshot()
             if scope.covers(agent_id, labels)
         )
 
     def _verdicts(self) -> list[AgentVerdict]:
         return [
             AgentVerdict(agent_id, labels, desired.mode, desired.hold_ids, compliance.state)
-            for agent_id, labels, desired, _, compliance in self._plane.snapshot()
+            for agent_id, labels, desired, _, compliance in self.plane.snapshot()
         ]
 
     async def _step_pause(self, run: Run, book: Runbook) -> None:
         decision = decide_pause(
-            book, run, observe_pause(run.hold_id, self._verdicts()), now=self._clock()
+            book, run, observe_pause(run.hold_id, self._verdicts()), now=self.clock()
         )
         if decision.action is Action.FAIL:
             await self._halt(run, decision.reason, repause=False)
@@ -119,16 +113,14 @@ class RunSteps:
             record = self._system_record(
                 decision.run, "runbook.pause_verified", detail=f"verified stopped in {took:.1f}s"
             )
-            await self._ledger.commit(
-                RunChange(decision.run, SYSTEM_ACTOR, self._clock()), [record]
-            )
+            await self.ledger.commit(RunChange(decision.run, SYSTEM_ACTOR, self.clock()), [record])
 
     async def _step_wave(self, run: Run, book: Runbook, hold: Hold) -> None:
         index = run.current_wave
         gates = book.waves[index].gates
         reading = await self._prometheus(gates.prometheus)
         obs = observe_wave(book, run, hold, index, self._verdicts(), prometheus=reading)
-        now = self._clock()
+        now = self.clock()
         if run.state is RunState.AWAITING_CONFIRMATION:
             trouble = breached(evaluate_gates(gates, obs))
             if trouble:
@@ -150,7 +142,7 @@ class RunSteps:
                 "runbook.wave_passed",
                 detail=f"{_wave_summary(decision.run, index)}; awaiting confirmation",
             )
-            await self._ledger.commit(RunChange(decision.run, SYSTEM_ACTOR, now), [record])
+            await self.ledger.commit(RunChange(decision.run, SYSTEM_ACTOR, now), [record])
         elif decision.action is Action.COMPLETE:
             record = self._system_record(
                 decision.run, "runbook.complete", detail=_wave_summary(decision.run, index)
@@ -162,18 +154,18 @@ class RunSteps:
                 ),
                 target=f"{hold.id} {hold.kind.value}",
             )
-            await self._ledger.commit(
+            await self.ledger.commit(
                 RunChange(done, SYSTEM_ACTOR, now, lift_hold_id=hold.id), [record, lift]
             )
         elif _gates_changed(run, decision.run, index):
-            await self._ledger.commit(RunChange(decision.run, SYSTEM_ACTOR, now), [])
+            await self.ledger.commit(RunChange(decision.run, SYSTEM_ACTOR, now), [])
         else:
-            self._ledger.keep(decision.run)
+            self.ledger.keep(decision.run)
 
     async def _prometheus(self, gate: PrometheusGate | None) -> PrometheusReading | None:
         if gate is None:
             return None
-        return await self._sources.query(gate)
+        return await self.sources.query(gate)
 
     # ------------------------------------------------------------ transitions
 
@@ -186,10 +178,10 @@ class RunSteps:
         audit: list[AuditRecord],
     ) -> None:
         """Swap the approved hold for a rollout hold that already releases wave 1."""
-        source = self._plane.hold(request.hold_id)
+        source = self.plane.hold(request.hold_id)
         if not source.active:
             raise Conflict(f"hold {source.id} was already lifted at epoch {source.lifted_epoch}")
-        now = self._clock()
+        now = self.clock()
         rollout = draft_hold(
             hold_id=new_hold_id(),
             kind=HoldKind.ROLLOUT,
@@ -211,7 +203,7 @@ class RunSteps:
         rollout = dataclasses.replace(rollout, release=book.release_through(0, run.wave(0).cutoff))
         records = [
             *audit,
-            self._plane.audit.record(
+            self.plane.audit.record(
                 by,
                 "hold.lift",
                 target=f"{source.id} {source.kind.value}",
@@ -219,7 +211,7 @@ class RunSteps:
                 ticket=request.ticket,
                 detail=f"by run {run.id} with approved {request.id}; rollout hold {rollout.id}",
             ),
-            self._plane.audit.hold_created(by, rollout),
+            self.plane.audit.hold_created(by, rollout),
             self._wave_record(run, book, 0, by=by),
         ]
         change = RunChange(
@@ -230,15 +222,15 @@ class RunSteps:
             lift_hold_id=source.id,
             executed_request=request,
         )
-        epoch = await self._ledger.commit(change, records)
-        self._governance.consumed(request, epoch)
+        epoch = await self.ledger.commit(change, records)
+        self.governance.consumed(request, epoch)
 
     async def next_wave(
         self, run: Run, book: Runbook, *, by: Principal | None, audit: list[AuditRecord]
     ) -> None:
         index = run.current_wave + 1
-        now = self._clock()
-        scope = self._plane.hold(run.hold_id).scope
+        now = self.clock()
+        scope = self.plane.hold(run.hold_id).scope
         started = start_wave(run, index, now=now, cutoff=self._cutoffs(book, scope)[index])
         records = [*audit, self._wave_record(started, book, index, by=by)]
         change = RunChange(
@@ -247,7 +239,7 @@ class RunSteps:
             now,
             release=(run.hold_id, book.release_through(index, started.wave(index).cutoff)),
         )
-        await self._ledger.commit(change, records)
+        await self.ledger.commit(change, records)
 
     async def _fail(self, run: Run, book: Runbook, reason: str) -> None:
         index = run.current_wave
@@ -275,15 +267,15 @@ class RunSteps:
         repause: bool = True,
     ) -> None:
         """End the run; re-pausing sets the rollout hold back to covering its whole scope."""
-        now = self._clock()
-        hold = self._plane.hold(run.hold_id) if run.hold_id else None
+        now = self.clock()
+        hold = self.plane.hold(run.hold_id) if run.hold_id else None
         rollout = hold is not None and hold.active and hold.kind is HoldKind.ROLLOUT
         repause = repause and rollout
         ended = end_run(run, state, now=now, reason=reason, repaused=repause)
-        book = self._ledger.book(run)
+        book = self.ledger.book(run)
         release = (run.hold_id, Release(book.seed)) if repause else None
-        await self._ledger.commit(RunChange(ended, by, now, release=release), [record])
-        self._unschedule(run.id)
+        await self.ledger.commit(RunChange(ended, by, now, release=release), [record])
+        self.unschedule(run.id)
 
     # ------------------------------------------------------------ records
 
@@ -291,7 +283,7 @@ class RunSteps:
         self, run: Run, action: str, *, result: str = "ok", detail: str = ""
     ) -> AuditRecord:
         return AuditRecord(
-            self._clock(),
+            self.clock(),
             SYSTEM_ACTOR,
             "system",
             action,
@@ -307,7 +299,7 @@ class RunSteps:
         detail = f"wave {index + 1}/{len(book.waves)} ({wave.name}): re-enables {wave.describe()}"
         if by is None:
             return self._system_record(run, "runbook.wave_start", detail=detail)
-        return self._plane.audit.record(by, "runbook.wave_start", target=run.id, detail=detail)
+        return self.plane.audit.record(by, "runbook.wave_start", target=run.id, detail=detail)
 
 
 def _wave_summary(run: Run, index: int) -> str:

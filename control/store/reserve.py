@@ -14,6 +14,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from control.durable import sync_directory
+
 RESERVE_FILENAME = "killswitch.reserve"
 # A pause writes a few pages (the hold, the epoch, its audit entry); this is room for
 # hundreds of them, and for the agent rows written meanwhile.
@@ -45,7 +47,7 @@ class Reserve:
             finally:
                 os.close(fd)
             partial.replace(self.path)
-            _sync_directory(self.path.parent)
+            sync_directory(self.path.parent)
         except OSError:
             with contextlib.suppress(OSError):
                 partial.unlink()
@@ -61,13 +63,5 @@ class Reserve:
         except OSError:
             return False
         with contextlib.suppress(OSError):
-            _sync_directory(self.path.parent)
+            sync_directory(self.path.parent)
         return True
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

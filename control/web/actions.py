@@ -39,8 +39,8 @@ from control.plane import ControlPlane
 from control.rpc.authz import POLICY
 from control.rpc.authz import action_name
 from control.web import action_pages
+from control.web.headers import harden
 from control.web.login import SESSION_COOKIE
-from control.web.login import Respond
 
 CREATE_HOLD = "/killswitch.v1.Operator/CreateHold"
 REQUEST_RESUME = "/killswitch.v1.Operator/RequestResume"
@@ -92,12 +92,10 @@ class Actions:
         governance: Governance,
         *,
         principal_of: Callable[[str], Awaitable[Principal | None]],
-        harden: Respond,
     ) -> None:
         self._plane = plane
         self._governance = governance
         self._principal_of = principal_of
-        self._harden = harden
 
     def routes(self) -> list[web.RouteDef]:
         post = self._post
@@ -126,24 +124,22 @@ class Actions:
         try:
             session_id, principal = await self._session(request)
             if principal is None:
-                return self._harden(action_pages.not_signed_in())
+                return harden(action_pages.not_signed_in())
             text = action_pages.actions_page(
                 principal, csrf_token(session_id), self._choices(principal)
             )
         except StoreError:
-            return self._harden(action_pages.outcome(None, 503, "the database is not answering"))
-        return self._harden(web.Response(text=text, content_type="text/html"))
+            return harden(action_pages.outcome(None, 503, "the database is not answering"))
+        return harden(web.Response(text=text, content_type="text/html"))
 
     def _post(
         self, method: str, action: Action, *, mutates: bool = True
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                return self._harden(await self._guarded(request, method, action, mutates))
+                return harden(await self._guarded(request, method, action, mutates))
             except StoreError:
-                return self._harden(
-                    action_pages.outcome(None, 503, "the database is not answering")
-                )
+                return harden(action_pages.outcome(None, 503, "the database is not answering"))
 
         return handle
 

@@ -66,6 +66,12 @@ def is_employee(principal: Principal) -> bool:
     return principal.role is Role.EMPLOYEE
 
 
+def may_view(principal: Principal) -> bool:
+    """Who the dashboard is for: operators see the whole fleet, employees their own
+    laptops; automation and agent identities are refused."""
+    return principal.role in VIEWER_ROLES or is_employee(principal)
+
+
 # ------------------------------------------------------------------ rows
 
 

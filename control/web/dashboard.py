@@ -41,7 +41,6 @@ from typing import Any
 from aiohttp import web
 
 from control.domain.identity import Principal
-from control.domain.identity import Role
 from control.errors import InvalidInput
 from control.errors import StoreError
 from control.governance import Governance
@@ -51,6 +50,7 @@ from control.web import api
 from control.web import pages
 from control.web.actions import Actions
 from control.web.exports import Exports
+from control.web.headers import harden
 from control.web.live import LiveUpdates
 from control.web.login import SESSION_COOKIE
 from control.web.login import Login
@@ -72,32 +72,12 @@ STATIC_TYPES = {
     ".png": "image/png",
     ".svg": "image/svg+xml",
 }
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self';"
-        " object-src 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
-}
-
 SSO_HELP = (
     '<p><a id="sso-sign-in" class="button" href="/oidc/login">Sign in with your company'
     " account</a></p><p>Or:</p>"
 )
 
 Handler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
-
-
-def harden(response: web.StreamResponse, *, cache: bool = False) -> web.StreamResponse:
-    """Security headers on every response of the dashboard (before it is sent)."""
-    if not response.prepared:
-        response.headers.update(SECURITY_HEADERS)
-        if not cache:
-            response.headers["Cache-Control"] = "no-store"
-    return response
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -137,14 +117,12 @@ class Dashboard:
         self._login = Login(
             sessions,
             secure_cookies=secure_cookies,
-            may_view=self._may_view,
-            harden=harden,
             unavailable=lambda: self._unavailable(as_json=False),
             refusal=lambda: self._refusal(403, as_json=False),
         )
         self._more_routes: list[web.RouteDef] = []
         if governance is not None:
-            actions = Actions(plane, governance, principal_of=sessions.principal, harden=harden)
+            actions = Actions(plane, governance, principal_of=sessions.principal)
             self._more_routes += actions.routes()
             if sso is not None:
                 sign_in = OidcSignIn(
@@ -152,17 +130,14 @@ class Dashboard:
                     sessions,
                     base_url=base_url,
                     secure_cookies=secure_cookies,
-                    harden=harden,
                     record_denial=functools.partial(_record_sign_in_refusal, governance),
                 )
                 self._more_routes += sign_in.routes()
         self._sso_help = SSO_HELP if governance is not None and sso is not None else ""
         # audience -> (computed at, monotonic; the overview; the same as JSON)
         self._summaries: dict[str, tuple[float, dict[str, Any], str]] = {}
-        self._live = LiveUpdates(
-            plane, sessions, self.timeline, summary=self.summary, harden=harden
-        )
-        self._exports = Exports(plane, harden=harden)
+        self._live = LiveUpdates(plane, sessions, self.timeline, summary=self.summary)
+        self._exports = Exports(plane)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -194,10 +169,6 @@ class Dashboard:
             return None
         return await self._sessions.principal(session_id)
 
-    @staticmethod
-    def _may_view(principal: Principal) -> bool:
-        return principal.role in api.VIEWER_ROLES or principal.role is Role.EMPLOYEE
-
     def _guard(
         self, handler: Handler, *, as_json: bool = False, operators: bool = False
     ) -> Callable[..., Any]:
@@ -209,7 +180,7 @@ class Dashboard:
                 return harden(self._unavailable(as_json))
             if principal is None:
                 response = self._refusal(401, as_json)
-            elif not self._may_view(principal):
+            elif not api.may_view(principal):
                 response = self._refusal(403, as_json)
             elif operators and api.is_employee(principal):
                 response = self._error(403, OPERATORS_ONLY, as_json, principal)

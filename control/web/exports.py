@@ -19,20 +19,14 @@ from control.domain.identity import Principal
 from control.plane import AgentView
 from control.plane import ControlPlane
 from control.web import api
-from control.web.login import Respond
+from control.web.headers import harden
 
 EXPORT_CHUNK = 500
 
 
 class Exports:
-    def __init__(
-        self,
-        plane: ControlPlane,
-        *,
-        harden: Respond,
-    ) -> None:
+    def __init__(self, plane: ControlPlane) -> None:
         self._plane = plane
-        self._harden = harden
 
     async def _start_export(
         self, request: web.Request, principal: Principal, extension: str, content_type: str
@@ -46,7 +40,7 @@ class Exports:
                 "Content-Disposition": f'attachment; filename="agents-{stamp}.{extension}"',
             }
         )
-        self._harden(response)
+        harden(response)
         await response.prepare(request)
         return views, response
 

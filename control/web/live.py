@@ -18,8 +18,8 @@ from aiohttp import web
 from control.domain.identity import Principal
 from control.plane import ControlPlane
 from control.web import api
+from control.web.headers import harden
 from control.web.login import SESSION_COOKIE
-from control.web.login import Respond
 from control.web.sessions import DashboardSessions
 from control.web.streams import Stream
 from control.web.streams import StreamSlots
@@ -40,14 +40,12 @@ class LiveUpdates:
         timeline: Timeline,
         *,
         summary: Callable[[Principal], tuple[dict[str, Any], str]],
-        harden: Respond,
     ) -> None:
         """``summary``: the overview for a person's audience, and the same as JSON."""
         self._plane = plane
         self._sessions = sessions
         self._timeline = timeline
         self._summary = summary
-        self._harden = harden
         self._streams = StreamSlots()
         self._closing = asyncio.Event()
 
@@ -99,7 +97,7 @@ class LiveUpdates:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
         )
-        self._harden(response)
+        harden(response)
         await response.prepare(request)
         try:
             await response.write(b"retry: 3000\n\n")

@@ -20,6 +20,8 @@ from aiohttp import web
 from control.domain.identity import Principal
 from control.errors import StoreError
 from control.web import pages
+from control.web.api import may_view
+from control.web.headers import harden
 from control.web.sessions import LOGIN_TOKEN_SECONDS
 from control.web.sessions import SESSION_SECONDS
 from control.web.sessions import DashboardSessions
@@ -28,8 +30,6 @@ SESSION_COOKIE = "killswitch_session"
 # The pre-session: which browser was shown a confirmation page (only sent to /login).
 LOGIN_COOKIE = "killswitch_login"
 MAX_SECRET_CHARS = 100
-
-Respond = Callable[[web.StreamResponse], web.StreamResponse]
 
 
 def _secret(text: str | None) -> str:
@@ -43,8 +43,6 @@ class Login:
         sessions: DashboardSessions,
         *,
         secure_cookies: bool,
-        may_view: Callable[[Principal], bool],
-        harden: Respond,
         unavailable: Callable[[], web.Response],
         refusal: Callable[[], web.Response],
     ) -> None:
@@ -52,8 +50,6 @@ class Login:
         # True when browsers reach the dashboard over https (``serve --public-url``):
         # TLS ends at a proxy, so the request itself looks like plain http.
         self._secure_cookies = secure_cookies
-        self._may_view = may_view
-        self._harden = harden
         self._unavailable = unavailable
         self._refusal = refusal
 
@@ -70,9 +66,9 @@ class Login:
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
             try:
-                return self._harden(await handler(request))
+                return harden(await handler(request))
             except StoreError:
-                return self._harden(self._unavailable())
+                return harden(self._unavailable())
 
         return guarded
 
@@ -103,7 +99,7 @@ class Login:
         login = await self._sessions.pending_login(token) if token else None
         if login is None:
             return self._link_not_valid()
-        if not self._may_view(login.principal):
+        if not may_view(login.principal):
             return self._refusal()
         browser = _secret(request.cookies.get(LOGIN_COOKIE)) or secrets.token_urlsafe(24)
         csrf = await self._sessions.offer_confirmation(login, browser, token)
@@ -133,7 +129,7 @@ class Login:
         if old := _secret(request.cookies.get(SESSION_COOKIE)):
             await self._sessions.end(old)  # a new sign-in replaces this browser's session
         session_id, session = redeemed
-        if not self._may_view(session.principal):  # changed role between page and POST
+        if not may_view(session.principal):  # changed role between page and POST
             with contextlib.suppress(StoreError):  # it expires by itself anyway
                 await self._sessions.end(session_id)
             return self._refusal()

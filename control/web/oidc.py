@@ -48,8 +48,8 @@ from control.errors import PermissionDenied
 from control.errors import StoreError
 from control.errors import one_line
 from control.web import pages
+from control.web.headers import harden
 from control.web.login import SESSION_COOKIE
-from control.web.login import Respond
 from control.web.sessions import SESSION_SECONDS
 from control.web.sessions import DashboardSessions
 
@@ -264,7 +264,6 @@ class OidcSignIn:
         *,
         base_url: Callable[[], str],
         secure_cookies: bool,
-        harden: Respond,
         record_denial: Callable[[Principal | None, str, str], Awaitable[None]],
     ) -> None:
         self._settings = settings
@@ -273,7 +272,6 @@ class OidcSignIn:
         # The dashboard as browsers reach it: the redirect URI registered at the provider.
         self._base_url = base_url
         self._secure_cookies = secure_cookies
-        self._harden = harden
         self._record_denial = record_denial
 
     def routes(self) -> list[web.RouteDef]:
@@ -290,7 +288,7 @@ class OidcSignIn:
                 self._redirect_uri(), state, nonce, verifier
             )
         except ProviderError as exc:
-            return self._harden(self._provider_down(exc))
+            return harden(self._provider_down(exc))
         response = web.Response(status=303, headers={"Location": url})
         response.set_cookie(
             FLOW_COOKIE,
@@ -301,7 +299,7 @@ class OidcSignIn:
             samesite="Lax",
             secure=self._secure_cookies,
         )
-        return self._harden(response)
+        return harden(response)
 
     async def _callback(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -311,7 +309,7 @@ class OidcSignIn:
                 503, "Try again", "<p>The control plane's database is not answering.</p>"
             )
         response.del_cookie(FLOW_COOKIE, path=CALLBACK_PATH)  # one use, whatever happened
-        return self._harden(response)
+        return harden(response)
 
     async def _finish(self, request: web.Request) -> web.StreamResponse:
         """GET /oidc/callback?code&state: check everything, then open a session."""

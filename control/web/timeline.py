@@ -170,6 +170,20 @@ class Timeline(PlaneObserver):
         if change:
             self._changed(agent_id)
 
+    def _entered(
+        self,
+        agent_id: str,
+        state: ComplianceState,
+        at: float,
+        kind: Kind,
+        text: str,
+        *,
+        epoch: int = 0,
+    ) -> None:
+        """Record an event that alone puts the agent in ``state`` (a nack, a verified stop,
+        a violation), whatever the agent was before."""
+        self._add(agent_id, TimelineEvent(at, kind, epoch=epoch, text=text, state=state.value))
+
     def _trim(self, cap: int) -> None:
         """Shorten rings longer than the current cap (kept when the fleet was smaller)."""
         for _ in range(len(self._trim_order)):
@@ -217,16 +231,8 @@ class Timeline(PlaneObserver):
         self._add(agent_id, TimelineEvent(at, Kind.ACK, epoch=epoch, text=text, state=state))
 
     def nacked(self, agent_id: str, *, epoch: int, reason: str, at: float) -> None:
-        self._add(
-            agent_id,
-            TimelineEvent(
-                at,
-                Kind.NACK,
-                epoch=epoch,
-                text=f"could not apply: {reason}",
-                state=ComplianceState.FAILED.value,
-            ),
-        )
+        text = f"could not apply: {reason}"
+        self._entered(agent_id, ComplianceState.FAILED, at, Kind.NACK, text, epoch=epoch)
 
     def heartbeat(self, agent_id: str, *, at: float) -> None:
         ring = self._rings.get(agent_id)
@@ -239,22 +245,13 @@ class Timeline(PlaneObserver):
         self._add(agent_id, TimelineEvent(at, Kind.HEARTBEAT), change=False)
 
     def verified(self, agent_id: str, *, epoch: int, latency: float, at: float) -> None:
-        self._add(
-            agent_id,
-            TimelineEvent(
-                at,
-                Kind.VERIFIED,
-                epoch=epoch,
-                text=f"counters and spool frozen: stop verified {latency:.2f}s after the pause",
-                state=ComplianceState.VERIFIED_STOPPED.value,
-            ),
+        text = f"counters and spool frozen: stop verified {latency:.2f}s after the pause"
+        self._entered(
+            agent_id, ComplianceState.VERIFIED_STOPPED, at, Kind.VERIFIED, text, epoch=epoch
         )
 
     def violation(self, agent_id: str, *, evidence: str, at: float) -> None:
-        self._add(
-            agent_id,
-            TimelineEvent(at, Kind.VIOLATION, text=evidence, state=ComplianceState.VIOLATION.value),
-        )
+        self._entered(agent_id, ComplianceState.VIOLATION, at, Kind.VIOLATION, evidence)
 
     def upload_refused(self, agent_id: str, *, reason: str, at: float) -> None:
         self._add(agent_id, TimelineEvent(at, Kind.UPLOAD_REFUSED, text=reason))
