@@ -104,16 +104,12 @@ async def _session(
         call.cancel()
 
 
-# Replaces an agent's own channel and returns the stub on the new one.
-Reopen = Callable[[], Awaitable["pb_grpc.AgentControlAsyncStub"]]  # a stub-only type
-
-
 async def run_client(
     stub: pb_grpc.AgentControlAsyncStub,
     agent_id: str,
     seed: float,
     chatter: Chatter,
-    reopen: Reopen | None = None,
+    reopen: Callable[[], Awaitable[pb_grpc.AgentControlAsyncStub]] | None = None,
 ) -> None:
     """Keep one stream open forever; like the agent, retry on any failure after a backoff.
 
