@@ -10,7 +10,10 @@ connect and on every change, with one write task per stream. A resume is
 RequestResume then ApproveResume, as in the product, but nobody is checked:
 the approval lifts the pause at once.
 
-Run: ``python -m bench.bare_server --port P [--epoch E --paused] [--gc-freeze]``.
+With ``--tls DIR`` it serves TLS and requires a client certificate signed by the CA of
+``DIR`` (``bench.bare_tls``), as the product over mTLS does; it reads no name from it.
+
+Run: ``python -m bench.bare_server --port P [--epoch E --paused] [--gc-freeze] [--tls DIR]``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -258,10 +262,20 @@ def handlers(service: BareService) -> list[grpc.GenericRpcHandler[Any, Any]]:
     return [agent, operator]
 
 
-async def serve(port: int, fleet: BareFleet) -> None:
+async def serve(port: int, fleet: BareFleet, tls_dir: Path | None) -> None:
+    """Plaintext, or TLS with client certificates from ``tls_dir``."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(handlers(BareService(fleet)))
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+    address = f"127.0.0.1:{port}"
+    if tls_dir is None:
+        bound = server.add_insecure_port(address)
+    else:
+        # Imported here: the plaintext baseline starts as fast and as small as it did,
+        # without the ~19 MiB of the PKI code (cryptography), which the product loads too.
+        from bench.bare_tls import server_credentials
+
+        bound = server.add_secure_port(address, server_credentials(tls_dir))
+    if bound == 0:
         raise SystemExit(f"bare_server: cannot listen on 127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -273,8 +287,11 @@ def main() -> None:
     parser.add_argument("--epoch", type=int, default=0, help="start at this epoch (a restart)")
     parser.add_argument("--paused", action="store_true", help="start paused (a restart)")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before each push")
+    parser.add_argument(
+        "--tls", type=Path, metavar="DIR", help="TLS, client certificates required (bench.bare_tls)"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, BareFleet(args.epoch, args.paused, args.gc_freeze)))
+    asyncio.run(serve(args.port, BareFleet(args.epoch, args.paused, args.gc_freeze), args.tls))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ in metadata), as plaintext as the baseline.
 
 The third comparison (``mtls``) runs the product as shipped: ``killswitch init``,
 mTLS, every agent enrolled with a join token (before anything is timed; the
-enrolment is timed on its own) and on its own TLS connection, against the
-product ``--insecure`` with one connection per agent: the ratio is what mTLS costs.
+enrolment is timed on its own) and on its own TLS connection. Its baseline is the
+same bare push over TLS with client certificates (``bench.bare_tls``: the product's
+CA, key type and certificate chain, one certificate and connection per agent, issued
+before the fleet starts, as it does not enrol); it is also set against the product
+``--insecure`` with one connection per agent: that ratio is what mTLS costs the product.
 
 Resuming takes two people, as in the product: ``ic-1`` requests, ``approver-1`` approves.
 

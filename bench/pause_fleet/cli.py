@@ -25,6 +25,7 @@ from bench.pause_fleet.postgres import check_admin_url
 from bench.pause_fleet.report import report
 from bench.pause_fleet.results import Run
 from bench.pause_fleet.run import Bench
+from bench.pause_fleet.systems import BARE_TLS
 from bench.pause_fleet.systems import BASELINE
 from bench.pause_fleet.systems import PRODUCT
 from bench.pause_fleet.systems import PRODUCT_MTLS
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "per-agent: one plaintext connection per agent; mux: the simulator's 8 shared"
             " connections (both against the bare baseline); mtls: the product over mTLS"
-            " against the product --insecure per-agent; both: per-agent and mux; all: the three"
+            " against the bare baseline over TLS with client certificates and the product"
+            " --insecure, per-agent; both: per-agent and mux; all: the three"
         ),
     )
     parser.add_argument("--connections", type=int, default=8, help="K for mux (default 8)")
@@ -120,16 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 def comparisons_for(args: argparse.Namespace) -> list[Comparison]:
     n, repeat = args.agents, args.repeat
     baselines = (BASELINE, *((TUNED_BASELINE,) if args.tuned_baseline else ()))
-    per_agent = Comparison(
-        "per-agent", Topology("per-agent", n), n, repeat, PRODUCT, baselines, target=True
-    )
-    mux = Comparison(
-        "mux", Topology("mux", args.connections), n, repeat, PRODUCT, baselines, target=True
-    )
+    per_agent = Comparison("per-agent", Topology("per-agent", n), n, repeat, PRODUCT, baselines)
+    mux = Comparison("mux", Topology("mux", args.connections), n, repeat, PRODUCT, baselines)
     m = args.mtls_agents or n
     mtls = Comparison(
         "mtls", Topology("per-agent", m), m, args.mtls_repeat or repeat, PRODUCT_MTLS,
-        (PRODUCT,), target=False,
+        (BARE_TLS, PRODUCT),
     )  # fmt: skip
     return {
         "per-agent": [per_agent],

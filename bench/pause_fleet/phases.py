@@ -102,9 +102,10 @@ def measure_answering_idle(
         lease_every = DEFAULT_LEASE_TTL_SECONDS / 3
         chatter = ["--heartbeat-every", str(DEFAULT_HEARTBEAT_SECONDS)]
         chatter += ["--lease-every", str(lease_every)]
+        argv = system.fleet_argv(target, agents, connections, enrolling=None, data_dir=workdir)
         fleet = Child(
             f"{slug} answering fleet",
-            [*system.fleet_argv(target, agents, connections, None), *chatter],
+            [*argv, *chatter],
             workdir / f"{slug}-answering-fleet.log",
             REPO,
         )

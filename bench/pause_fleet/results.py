@@ -76,6 +76,8 @@ class Run:
     fleet_rss_kib: int = 0
     status_ms: float = 0.0
     enrolment: Enrolment | None = None
+    # Seconds the bare TLS baseline's certificates took to make, before its server started.
+    certificates_made: float | None = None
     pushes: list[Push] = field(default_factory=list)
     reconnects: list[Reconnect] = field(default_factory=list)
     replica_rss_fresh_kib: list[int] = field(default_factory=list)

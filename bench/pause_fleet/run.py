@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 
+from bench.bare_fleet import agent_name
+from bench.bare_tls import make_certificates
 from bench.console import log
 from bench.harness import APPROVER
 from bench.harness import INCIDENT_COMMANDER
@@ -41,6 +43,7 @@ from bench.procs import REPO
 from bench.procs import Child
 from bench.procs import free_port
 from bench.procs import log_summary
+from control.domain.identity import Role
 from control.pki import REPLICA_FILES
 
 TOKEN_TTL_SECONDS = 3600
@@ -78,8 +81,10 @@ class Bench:
         )  # fmt: skip
         result = Run(system, topology, agents, repeat)
         commands: list[str] = []
-        if system.mtls:  # as shipped: a CA and the operators' identities first
+        if system.mtls and system.product:  # as shipped: a CA and the operators' identities
             self._install_pki(site, database, commands)
+        elif system.mtls:
+            self._make_bare_certificates(site, result, commands)
         servers: list[Child] = []
         fleet: Child | None = None
         ops: list[Operator] = []
@@ -93,7 +98,10 @@ class Bench:
             time.sleep(1.0)
             result.replica_rss_fresh_kib = [server.rss_kib() for server in servers]
             enrolling = self._enrolling(site, agents, commands)
-            argv = system.fleet_argv(site.targets, agents, topology.connections, enrolling)
+            argv = system.fleet_argv(
+                site.targets, agents, topology.connections,
+                enrolling=enrolling, data_dir=site.data_dir(),
+            )  # fmt: skip
             shown = shlex.join(argv)
             if enrolling is not None:
                 shown = shown.replace(enrolling.token, '"$TOKEN"')
@@ -176,10 +184,28 @@ class Bench:
                 f"cp {site.data_dir()}/pki/{{{','.join(REPLICA_FILES)}}} {replica_pki}/"
             )
 
+    @staticmethod
+    def _make_bare_certificates(site: Site, result: Run, commands: list[str]) -> None:
+        """The bare TLS baseline's CA, server certificate, people's and agents' certificates,
+        in its data dir before its server starts: it has no enrolment."""
+        assert site.identities is not None
+        people = {name: Role(role) for name, role in (INCIDENT_COMMANDER, APPROVER)}
+        started = time.perf_counter()
+        agent_ids = [agent_name(i) for i in range(result.agents)]
+        make_certificates(site.data_dir(), agent_ids, people, site.identities)
+        result.certificates_made = time.perf_counter() - started
+        commands.append(
+            f"# in the harness: bench.bare_tls.make_certificates({site.data_dir()},"
+            f" {result.agents} agents, people in {site.identities})"
+        )
+        log(f"{site.slug}: {result.agents} agent certificates made in"
+            f" {result.certificates_made:.1f}s")  # fmt: skip
+
     def _enrolling(self, site: Site, agents: int, commands: list[str]) -> Enrolling | None:
-        """mTLS: a join token for the whole fleet, made as an operator makes one."""
+        """The product over mTLS: a join token for the whole fleet, made as an operator
+        makes one. Nothing for plaintext, nor for the bare TLS fleet (certificates made)."""
         identities = site.identities
-        if identities is None:
+        if identities is None or not site.system.product:
             return None
         create = [
             str(BIN / "killswitch"), "enroll-token", "create", "--uses", str(agents),

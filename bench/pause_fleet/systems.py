@@ -62,7 +62,9 @@ class Enrolling:
 class System:
     """One side of the comparison: how to start its server and its fleet.
 
-    A product system is plaintext (``--insecure``) unless ``mtls``.
+    Plaintext (the product ``--insecure``) unless ``mtls``: then the product as shipped
+    (``killswitch init``, agents enrol), or the bare baseline over TLS with client
+    certificates made beforehand in its data dir (``bench.bare_tls``).
     """
 
     name: str
@@ -82,11 +84,21 @@ class System:
         argv = [sys.executable, "-m", "bench.bare_server", "--port", str(ports.grpc)]
         if paused_epoch is not None:  # the bare server has no store: say where it was
             argv += ["--epoch", str(paused_epoch), "--paused"]
+        if self.mtls:
+            argv += ["--tls", str(data_dir)]
         return [*argv, "--gc-freeze"] if self.gc_freeze else argv
 
     def fleet_argv(
-        self, target: str, agents: int, connections: int, enrolling: Enrolling | None
+        self,
+        target: str,
+        agents: int,
+        connections: int,
+        *,
+        enrolling: Enrolling | None,
+        data_dir: Path,
     ) -> list[str]:
+        """``enrolling``: the product's over mTLS; ``data_dir``: the server's, where a bare
+        TLS fleet finds its certificates."""
         if self.product:
             if enrolling is not None:  # mTLS: each agent its own certificate and connection
                 security = [
@@ -99,21 +111,26 @@ class System:
                 str(BIN / "killswitch-agent"), "simulate", "--server", target,
                 "--agents", str(agents), *security, "--report-every", "3600",
             ]  # fmt: skip
+        transport = ["--tls", str(data_dir)] if self.mtls else ["--connections", str(connections)]
         return [
             sys.executable, "-m", "bench.bare_fleet", "--server", target,
-            "--agents", str(agents), "--connections", str(connections),
+            "--agents", str(agents), *transport,
         ]  # fmt: skip
 
 
 BASELINE = System("baseline", product=False)
 TUNED_BASELINE = System("baseline+gc.freeze", product=False, gc_freeze=True)
+BARE_TLS = System("baseline TLS", product=False, mtls=True)
 PRODUCT = System("product", product=True)
 PRODUCT_MTLS = System("product mTLS", product=True, mtls=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Comparison:
-    """One table: ``subject`` against each of ``references``, same topology, same N."""
+    """One table: ``subject`` against each of ``references``, same topology, same N.
+
+    The 1.5x target applies to the subject against each bare baseline among them.
+    """
 
     name: str
     topology: Topology
@@ -121,8 +138,6 @@ class Comparison:
     repeat: int
     subject: System
     references: tuple[System, ...]
-    # The 1.5x target of the product over the bare baseline applies.
-    target: bool
 
     @property
     def systems(self) -> tuple[System, ...]:
