@@ -9,6 +9,7 @@ these run on every scrape and dashboard refresh, so each is one pass over the ag
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -182,24 +183,27 @@ class FleetViews(CachePart):
         fleet-wide read (no filter), the one dashboards and the CLI poll, comes from the
         tally, which evaluates only the agents whose verdict may have changed since.
         """
+        unsettled: Collection[tuple[AgentEntry, Compliance]]
         if agent_filter == AgentFilter():
             now = self._clock()
             self._tally.refresh(now)
             total = len(self._agents)
             by_state = {state: n for state, n in self._tally.by_state.items() if n}
-            unsettled = list(self._tally.unsettled.values())
+            # Read in place, not copied: during a fleet-wide pause every agent is unsettled.
+            unsettled = self._tally.unsettled.values()
             # Rows as of now: a counted verdict's state holds, its wording may have aged.
             shown = [
                 (e, evaluate(e.desired, e.status, now=now, policy=self._policy))
                 for e, _ in heapq.nsmallest(unsettled_limit, unsettled, key=_urgency)
             ]
         else:
-            by_state, unsettled, total = {}, [], 0
+            by_state, matching, total = {}, [], 0
             for entry, verdict in self._matching(agent_filter):
                 total += 1
                 by_state[verdict.state] = by_state.get(verdict.state, 0) + 1
                 if not is_settled(entry.desired.mode, verdict.state):
-                    unsettled.append((entry, verdict))
+                    matching.append((entry, verdict))
+            unsettled = matching
             shown = heapq.nsmallest(unsettled_limit, unsettled, key=_urgency)
         return StatusSummary(
             epoch=self._cache.epoch,
