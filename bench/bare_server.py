@@ -34,8 +34,9 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from killswitch.v1 import killswitch_pb2 as pb
 
+from control.domain.timings import DEFAULT_LEASE_TTL_SECONDS
+
 StreamContext = grpc.aio.ServicerContext[pb.AgentMessage, pb.ServerMessage]
-LEASE_TTL_SECONDS = 60.0  # the product's default
 UnaryContext = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -116,7 +117,9 @@ class BareFleet:
 
     def grant(self, stream: Stream, request_id: int) -> None:
         """Every lease request granted: what the product answers an allowed agent."""
-        grant = pb.LeaseGrant(request_id=request_id, granted=True, ttl_seconds=LEASE_TTL_SECONDS)
+        grant = pb.LeaseGrant(
+            request_id=request_id, granted=True, ttl_seconds=DEFAULT_LEASE_TTL_SECONDS
+        )
         self._send(stream, pb.ServerMessage(lease_grant=grant))
 
     def push(self, paused: bool) -> int:
