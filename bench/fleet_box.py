@@ -45,6 +45,7 @@ from bench.pause_fleet.conditions import poll_replicas
 from bench.pause_fleet.postgres import admin_dsn
 from bench.pause_fleet.postgres import check_admin_url
 from bench.pause_fleet.postgres import scratch_database
+from bench.pause_fleet.postgres import with_database
 from bench.pause_fleet.systems import PRODUCT
 from bench.pause_fleet.systems import Ports
 from bench.procs import REPO
@@ -62,15 +63,38 @@ SPARE_REPLICAS = 2
 
 
 @dataclass(frozen=True, slots=True)
-class Window:
-    """What the box did over one measured stretch of time."""
+class Counters:
+    """Every counter the box keeps, read at one moment."""
 
-    seconds: float
+    at: float  # time.monotonic()
     replica_cpu: list[float]  # core-seconds per replica
     fleet_cpu: float  # core-seconds, all fleet processes
     transactions: int
     row_writes: int
     fleet_bytes: int  # sent and received on the agents' connections
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """What the box did between two readings of its counters."""
+
+    seconds: float
+    replica_cpu: list[float]
+    fleet_cpu: float
+    transactions: int
+    row_writes: int
+    fleet_bytes: int
+
+    @classmethod
+    def between(cls, start: Counters, end: Counters) -> Window:
+        return cls(
+            seconds=end.at - start.at,
+            replica_cpu=[b - a for a, b in zip(start.replica_cpu, end.replica_cpu, strict=True)],
+            fleet_cpu=end.fleet_cpu - start.fleet_cpu,
+            transactions=end.transactions - start.transactions,
+            row_writes=end.row_writes - start.row_writes,
+            fleet_bytes=end.fleet_bytes - start.fleet_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +119,7 @@ class Box:
         self.servers = servers
         self.fleet = fleet
         self._grpc_ports = grpc_ports
-        self._admin = admin_dsn(database.rsplit("/", 1)[0] + "/postgres")
+        self._admin = admin_dsn(with_database(database, "postgres"))
         self._name = urlsplit(database).path.strip("/")
 
     def _database_counters(self) -> tuple[int, int]:
@@ -119,26 +143,17 @@ class Box:
         ).stdout  # fmt: skip
         return sum(int(n) for n in re.findall(r"\bbytes_(?:sent|received):(\d+)", listing))
 
-    def snapshot(self) -> tuple[float, list[float], float, tuple[int, int], int]:
-        """Now, on every counter. PostgreSQL publishes a busy backend's counts within a
+    def read(self) -> Counters:
+        """Every counter now. PostgreSQL publishes a busy backend's counts within a
         second, an idle one's within ten: over a minute's window the lag is small."""
-        return (
-            time.monotonic(),
-            [s.cpu_seconds() for s in self.servers],
-            sum(f.cpu_seconds() for f in self.fleet),
-            self._database_counters(),
-            self._fleet_bytes(),
-        )
-
-    def since(self, start: tuple[float, list[float], float, tuple[int, int], int]) -> Window:
-        end = self.snapshot()
-        return Window(
-            seconds=end[0] - start[0],
-            replica_cpu=[b - a for a, b in zip(start[1], end[1], strict=True)],
-            fleet_cpu=end[2] - start[2],
-            transactions=end[3][0] - start[3][0],
-            row_writes=end[3][1] - start[3][1],
-            fleet_bytes=end[4] - start[4],
+        transactions, row_writes = self._database_counters()
+        return Counters(
+            at=time.monotonic(),
+            replica_cpu=[s.cpu_seconds() for s in self.servers],
+            fleet_cpu=sum(f.cpu_seconds() for f in self.fleet),
+            transactions=transactions,
+            row_writes=row_writes,
+            fleet_bytes=self._fleet_bytes(),
         )
 
 
@@ -177,54 +192,64 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def measure(args: argparse.Namespace, database: str, workdir: Path) -> None:
+    """Start, measure, report; the processes stop before the scratch database is dropped."""
     ports = [Ports(free_port(), free_port(), free_port(), database) for _ in range(args.replicas)]
-    servers = []
-    for i, port in enumerate(ports):
-        argv = PRODUCT.server_argv(port, workdir / f"replica-{i}", None)
-        servers.append(Child(f"replica {i}", argv, workdir / f"replica-{i}.log", REPO))
+    servers: list[Child] = []
+    fleet: list[Child] = []
     ops = [Operator(f"127.0.0.1:{p.grpc}", None) for p in ports]
-    for op, server in zip(ops, servers, strict=True):
-        wait_answering(op, server, args.timeout)
-    time.sleep(1.0)
-    fresh_kib = [s.rss_kib() for s in servers]
-    targets = ",".join(f"127.0.0.1:{p.grpc}" for p in ports)
-    fleet = []
-    started = time.time()
-    for k in range(args.fleet_processes):
-        share = args.agents // args.fleet_processes + (k < args.agents % args.fleet_processes)
-        argv = PRODUCT.fleet_argv(targets, share, share, enrolling=None, data_dir=workdir)
-        argv += ["--id-prefix", f"box{k}", "--seed", str(k + 1)]
-        fleet.append(Child(f"fleet {k}", argv, workdir / f"fleet-{k}.log", REPO))
-    connected = poll_replicas(
-        ops, "the fleet to connect and ack", all_in("CAPTURING", args.agents),
-        since=started, timeout=args.timeout, interval=1.0,
-    )  # fmt: skip
-    log(f"{args.agents} agents connected in {max(connected):.1f}s; settling {args.settle:g}s")
-    box = Box(servers, fleet, [p.grpc for p in ports], database)
-    time.sleep(args.settle)
-    rss_kib = [s.rss_kib() for s in servers]
-    start = box.snapshot()
-    time.sleep(args.idle)
-    idle = box.since(start)
-    log("idle window measured; pausing the fleet on replica 0")
-    before = box.snapshot()
-    t0 = time.time()
-    ops[0].create_hold()
-    stopped = poll_replicas(
-        ops, "every agent acked", all_stopped(args.agents), since=t0,
-        timeout=args.timeout, interval=0.2,
-    )  # fmt: skip
-    verified = poll_replicas(
-        ops, "every agent verified", all_verified(args.agents), since=t0,
-        timeout=args.timeout, interval=0.2,
-    )  # fmt: skip
-    pause = box.since(before)
-    report(args, Measured(fresh_kib, rss_kib, connected, idle, stopped, verified, pause))
+    try:
+        for i, port in enumerate(ports):
+            argv = PRODUCT.server_argv(port, workdir / f"replica-{i}", None)
+            servers.append(Child(f"replica {i}", argv, workdir / f"replica-{i}.log", REPO))
+        for op, server in zip(ops, servers, strict=True):
+            wait_answering(op, server, args.timeout)
+        time.sleep(1.0)
+        fresh_kib = [s.rss_kib() for s in servers]
+        targets = ",".join(f"127.0.0.1:{p.grpc}" for p in ports)
+        started = time.time()
+        for k in range(args.fleet_processes):
+            share = args.agents // args.fleet_processes + (k < args.agents % args.fleet_processes)
+            argv = PRODUCT.fleet_argv(targets, share, share, enrolling=None, data_dir=workdir)
+            argv += ["--id-prefix", f"box{k}", "--seed", str(k + 1)]
+            fleet.append(Child(f"fleet {k}", argv, workdir / f"fleet-{k}.log", REPO))
+        connected = poll_replicas(
+            ops, "the fleet to connect and ack", all_in("CAPTURING", args.agents),
+            since=started, timeout=args.timeout, interval=1.0,
+        )  # fmt: skip
+        log(f"{args.agents} agents connected in {max(connected):.1f}s; settling {args.settle:g}s")
+        box = Box(servers, fleet, [p.grpc for p in ports], database)
+        time.sleep(args.settle)
+        rss_kib = [s.rss_kib() for s in servers]
+        start = box.read()
+        time.sleep(args.idle)
+        idle = Window.between(start, box.read())
+        log("idle window measured; pausing the fleet on replica 0")
+        before = box.read()
+        t0 = time.time()
+        ops[0].create_hold()
+        stopped = poll_replicas(
+            ops, "every agent acked", all_stopped(args.agents), since=t0,
+            timeout=args.timeout, interval=0.2,
+        )  # fmt: skip
+        verified = poll_replicas(
+            ops, "every agent verified", all_verified(args.agents), since=t0,
+            timeout=args.timeout, interval=0.2,
+        )  # fmt: skip
+        pause = Window.between(before, box.read())
+        report(args, Measured(fresh_kib, rss_kib, connected, idle, stopped, verified, pause))
+    except BaseException:  # their logs go with the work dir: show why, as pause_fleet does
+        for child in (*servers, *fleet):
+            log(f"--- last lines of {child.name} ({child.log_path}):\n{child.log_tail()}")
+        raise
+    finally:
+        for op in ops:
+            op.close()
+        for child in (*fleet, *servers):
+            child.stop()
 
 
 def report(args: argparse.Namespace, m: Measured) -> None:
-    fresh_kib, rss_kib, connected, idle = m.fresh_kib, m.rss_kib, m.connected, m.idle
-    stopped, verified, pause = m.stopped, m.verified, m.pause
+    idle, pause = m.idle, m.pause
     n, r = args.agents, args.replicas
     served = n / r
     idle_cores = [c / idle.seconds for c in idle.replica_cpu]
@@ -232,14 +257,14 @@ def report(args: argparse.Namespace, m: Measured) -> None:
     tps = idle.transactions / idle.seconds
     writes = idle.row_writes / idle.seconds
     bandwidth = idle.fleet_bytes / idle.seconds / n
-    rss_per_served = [(b - a) / served for a, b in zip(fresh_kib, rss_kib, strict=True)]
+    rss_per_served = [(b - a) / served for a, b in zip(m.fresh_kib, m.rss_kib, strict=True)]
     print(f"command: {this_command('bench.fleet_box')}\n")
     print(f"### {n} agents, one connection each, over {args.fleet_processes} fleet processes;")
     print(f"{r} replicas on one PostgreSQL database; all on this box\n")
     print("| figure | value |\n|---|---|")
     rows = [
-        ("fleet connect + first ack, s (last replica)", f"{max(connected):.1f}"),
-        ("replica RSS fresh / connected, MiB", _each(fresh_kib, rss_kib)),
+        ("fleet connect + first ack, s (last replica)", f"{max(m.connected):.1f}"),
+        ("replica RSS fresh / connected, MiB", _each(m.fresh_kib, m.rss_kib)),
         ("replica RSS per agent it serves (its connections and the fleet's rows), KiB",
          " / ".join(f"{k:.1f}" for k in rss_per_served)),
         ("idle CPU per replica, % of a core", " / ".join(f"{c:.0%}" for c in idle_cores)),
@@ -247,9 +272,9 @@ def report(args: argparse.Namespace, m: Measured) -> None:
         ("fleet processes' idle CPU, % of a core", f"{idle.fleet_cpu / idle.seconds:.0%}"),
         ("database, idle: transactions/s, row writes/s", f"{tps:.1f}, {writes:.0f}"),
         ("fleet bytes sent + received per agent, idle, B/s", f"{bandwidth:.0f}"),
-        ("pause: every agent acked, s (each replica)", " / ".join(f"{s:.1f}" for s in stopped)),
+        ("pause: every agent acked, s (each replica)", " / ".join(f"{s:.1f}" for s in m.stopped)),
         ("pause: every agent verified, s (each replica)",
-         " / ".join(f"{s:.1f}" for s in verified)),
+         " / ".join(f"{s:.1f}" for s in m.verified)),
         ("pause until verified: transactions, row writes",
          f"{pause.transactions}, {pause.row_writes}"),
     ]  # fmt: skip
