@@ -13,12 +13,12 @@ from agent_stub.batches import MAX_EVENTS_PER_BATCH
 DEFAULT_LEASE_TTL_SECONDS = 60.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 # After acking a pause, the agent sends its capture report (a heartbeat) this long
-# later, or two capture ticks if longer: past the server's
-# proof window (DEFAULT_PROOF_WINDOW_SECONDS, 2 s), so frozen counters verify the stop
-# in seconds rather than at the next heartbeat. The report says how long ago the ack
-# went (``seconds_since_ack``, on this agent's monotonic clock), which the server takes
-# within what its own clock allows; so an ack that queued on a busy server needs no
-# extra margin here. (4 s until 2026-12-06, when the server measured the window only
+# later, or two capture ticks if longer: past the server's proof window
+# (DEFAULT_PROOF_WINDOW_SECONDS, 2 s), so frozen counters verify the stop in seconds
+# rather than at the next heartbeat. The report says how long ago the ack went
+# (``seconds_since_ack``, on this agent's monotonic clock), which the server takes within
+# what its own clock allows; so an ack that queued on a busy server needs no extra
+# margin here. (4 s until 2026-12-06, when the server measured the window only
 # between processing the ack and the report: at 2.5 s, 10,000 agents on one server were
 # verified only by their next heartbeat.)
 PROOF_REPORT_DELAY_SECONDS = 2.2
