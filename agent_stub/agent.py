@@ -6,7 +6,6 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Awaitable
 from collections.abc import Callable
 
 import grpc
@@ -33,10 +32,11 @@ from agent_stub.durable import save_or_warn
 from agent_stub.identity import Metadata
 from agent_stub.lease import Lease
 from agent_stub.local_state import NoticeBoard
-from agent_stub.periodic import every
+from agent_stub.periodic import Cancellable
+from agent_stub.periodic import Scheduled
+from agent_stub.periodic import SharedRounds
 from agent_stub.stream import ControlStream
 from agent_stub.stream import Outbox
-from agent_stub.stream import StreamEnded
 from agent_stub.upload import GatewayUploader
 from agent_stub.wire import capture_report
 from agent_stub.wire import channel_states
@@ -62,14 +62,11 @@ def _lease_clock(clock: Clock | NoSleepClock) -> tuple[Clock, str, str]:
 
 
 def _jittered(
-    rng: random.Random,
-    awake: asyncio.Event,
-    period: float,
-    action: Callable[[], Awaitable[None]],
-) -> asyncio.Task[None]:
+    rng: random.Random, awake: asyncio.Event, period: float, action: Callable[[], None]
+) -> Scheduled:
     """``action`` every ``period`` from a random start, so a fleet spreads the load."""
     first_delay = rng.uniform(0, period)
-    return asyncio.create_task(every(lambda: period, action, first_delay=first_delay, awake=awake))
+    return Scheduled(action, first_delay=first_delay, awake=awake, period=lambda: period)
 
 
 class Agent:
@@ -98,6 +95,9 @@ class Agent:
     their own ``capture_engine``, clear ``awake`` to suspend the agent, and override
     ``_channels``, ``_report``, ``_may_upload``, ``_before_connecting``, ``_act_on``,
     ``_allow`` and ``_pause``, each of which does here what an honest agent does.
+
+    ``capture_rounds``: given, the capture ticks run on that shared timer (a simulator's
+    10,000 agents in one process), else on a timer of the agent's own.
     """
 
     # The simulator's faulty agents swap in an engine whose workers can misbehave.
@@ -118,6 +118,7 @@ class Agent:
         upload_sequence: UploadSequence | None = None,
         notices: NoticeBoard | None = None,
         witness: Witness | None = None,
+        capture_rounds: SharedRounds | None = None,
     ) -> None:
         self.config = config
         self.notices = notices
@@ -151,6 +152,8 @@ class Agent:
         # The directive the agent last acted on (acked or nacked).
         self.directive: pb.Directive | None = None
         self._applied_store = applied_store
+        # A simulator's fleet ticks every agent's capture on one timer (``SharedRounds``).
+        self._capture_rounds = capture_rounds
         applied = applied_store.load() if applied_store is not None else Applied()
         self.applied_epoch, self.applied_mode = applied.epoch, applied.mode
         self.connected = False
@@ -158,8 +161,9 @@ class Agent:
         # The lease TTL the server's newest directive set: renewals come at a third.
         self.lease_ttl = DEFAULT_LEASE_TTL_SECONDS
         self._stream: ControlStream | None = None
-        self._heartbeats: asyncio.Task[None] | None = None
-        self._renewals: asyncio.Task[None] | None = None
+        self._heartbeats: Scheduled | None = None
+        self._renewals: Scheduled | None = None
+        self._uploading: asyncio.Task[None] | None = None
         # When (time.monotonic) this stream carried the agent's newest ack: heartbeats
         # say how long ago, so a stop the server was slow to record verifies in time.
         self._ack_sent_at: float | None = None
@@ -212,25 +216,44 @@ class Agent:
     async def run(self) -> None:
         """Capture, upload and keep a control stream open, until cancelled."""
         tuning = self.config.tuning
-        background = [
-            _jittered(self.rng, self.awake, tuning.capture_tick, self._capture_round),
-            _jittered(self.rng, self.awake, tuning.upload_every, self._upload_round),
+        background: list[Cancellable] = [
+            _jittered(self.rng, self.awake, tuning.upload_every, self._upload_round)
         ]
+        if self._capture_rounds is None:
+            background.append(
+                _jittered(self.rng, self.awake, tuning.capture_tick, self._capture_round)
+            )
+        else:
+            first_delay = self.rng.uniform(0, tuning.capture_tick)
+            background.append(
+                self._capture_rounds.schedule(
+                    self._capture_round, first_delay=first_delay, awake=self.awake
+                )
+            )
         first_channel = self._channel
         try:
             await self._stay_connected()
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            for scheduled in background:
+                scheduled.cancel()
+            if self._uploading is not None:
+                self._uploading.cancel()
+                await asyncio.gather(self._uploading, return_exceptions=True)
             if self._channel is not first_channel:  # one of ours; the caller closes its own
                 await self._channel.close(grace=None)
 
-    async def _capture_round(self) -> None:
+    def _capture_round(self) -> None:
         self.engine.tick()
         self._tell_capture_state()  # a lease that ran out between messages
 
-    async def _upload_round(self) -> None:
+    def _upload_round(self) -> None:
+        """One batch at a time: a round due while the last upload still waits is skipped."""
+        if self.uploader is None or (self._uploading is not None and not self._uploading.done()):
+            return
+        self._uploading = asyncio.get_running_loop().create_task(self.upload_once())
+
+    async def upload_once(self) -> None:
+        """One upload round: the oldest batch, only while allowed and under a lease."""
         if self.uploader is not None and self._may_upload():
             await self.uploader.upload()
 
@@ -277,13 +300,11 @@ class Agent:
         stream = ControlStream(call)
         self._stream = stream
         try:
-            await stream.send(pb.AgentMessage(hello=self._hello()))
+            stream.send(pb.AgentMessage(hello=self._hello()))
             while (message := await stream.read()) is not None:
                 await self.awake.wait()
                 await self.handle(message, stream)
-            return "server closed the stream"
-        except StreamEnded as ended:
-            return str(ended)
+            return stream.ended_because or "server closed the stream"
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -292,7 +313,7 @@ class Agent:
             # agent dropped it, a write cut off halfway): a stream end, not a stop.
             if stream.dropped:
                 return "dropped the stream (went offline)"
-            return "the stream was cancelled on the agent's side"
+            return stream.ended_because or "the stream was cancelled on the agent's side"
         finally:
             self._stream = self._heartbeats = self._renewals = None
             self._ack_sent_at = None  # an ack counts on the stream that carried it
@@ -317,14 +338,12 @@ class Agent:
             )
             self.lease_ttl = limits.directive_ttl(directive.lease_ttl_seconds, self.lease_ttl)
         if self._heartbeats is None:
-            self._heartbeats = stream.spawn(
-                every(
-                    lambda: self._heartbeat_interval,
-                    functools.partial(self.send_heartbeat, stream),
-                    # Spreads a fleet's heartbeats evenly over the interval.
-                    first_delay=self.rng.uniform(0, self._heartbeat_interval),
-                    awake=self.awake,
-                )
+            self._heartbeats = stream.schedule(
+                functools.partial(self.send_heartbeat, stream),
+                # Spreads a fleet's heartbeats evenly over the interval.
+                first_delay=self.rng.uniform(0, self._heartbeat_interval),
+                awake=self.awake,
+                period=lambda: self._heartbeat_interval,
             )
         await self._act_on(directive, stream)
 
@@ -336,11 +355,15 @@ class Agent:
         reply = self.apply(directive)
         self._keep_renewing(stream)
         self._tell_capture_state()
-        await stream.send(reply)
+        stream.send(reply)
         if reply.HasField("ack"):
             self._ack_sent_at = time.monotonic()
             if reply.ack.mode == pb.MODE_PAUSED:
-                stream.spawn(_report_after_pause(self, stream, reply.ack.epoch))
+                stream.schedule(
+                    functools.partial(self._report_pause, stream, reply.ack.epoch),
+                    first_delay=self.config.tuning.proof_report_delay,
+                    awake=self.awake,
+                )
 
     def apply(self, directive: pb.Directive) -> pb.AgentMessage:
         """Act on a directive; returns the ack or nack to send.
@@ -419,15 +442,20 @@ class Agent:
     def _keep_renewing(self, stream: Outbox) -> None:
         """Request a lease now and every third of its TTL while allowed; stop otherwise."""
         if self._allowed() and self._renewals is None:
-            self._renewals = stream.spawn(_renew_leases(self, stream))
+            self._renewals = stream.schedule(
+                functools.partial(self.request_lease, stream),
+                first_delay=0.0,
+                awake=self.awake,
+                period=_renewal_pacing(self),
+            )
         elif not self._allowed() and self._renewals is not None:
             self._renewals.cancel()
             self._renewals = None
 
-    async def request_lease(self, stream: Outbox) -> None:
+    def request_lease(self, stream: Outbox) -> None:
         request_id, sent_at = self.lease.request()
         self.witness.lease_requested(request_id, sent_at)
-        await stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=request_id)))
+        stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=request_id)))
 
     def _on_lease_answer(self, grant: pb.LeaseGrant) -> None:
         ttl = limits.granted_ttl(grant.ttl_seconds) if grant.granted else None
@@ -448,7 +476,7 @@ class Agent:
         if self.notices is not None:
             self.notices.observe(self.directive, self.lease)
 
-    async def send_heartbeat(self, stream: Outbox) -> None:
+    def send_heartbeat(self, stream: Outbox) -> None:
         acked = self._ack_sent_at
         beat = pb.Heartbeat(
             applied_epoch=self.applied_epoch,
@@ -456,31 +484,27 @@ class Agent:
             report=self._report(),
             seconds_since_ack=0.0 if acked is None else time.monotonic() - acked,
         )
-        await stream.send(pb.AgentMessage(heartbeat=beat))
+        stream.send(pb.AgentMessage(heartbeat=beat))
+
+    def _report_pause(self, stream: Outbox, epoch: int) -> None:
+        """The capture report a few ticks after acking pause ``epoch``: frozen counters
+        across them verify the stop now, not a heartbeat later (which checks them again)."""
+        if (self.applied_epoch, self.applied_mode) == (epoch, pb.MODE_PAUSED):
+            self.send_heartbeat(stream)
 
 
-async def _report_after_pause(agent: Agent, stream: Outbox, epoch: int) -> None:
-    """The capture report a few ticks after acking pause ``epoch``: frozen counters across
-    them verify the stop now, not a heartbeat later (which checks them again)."""
-    await asyncio.sleep(agent.config.tuning.proof_report_delay)
-    await agent.awake.wait()
-    if (agent.applied_epoch, agent.applied_mode) == (epoch, pb.MODE_PAUSED):
-        await agent.send_heartbeat(stream)
-
-
-async def _renew_leases(agent: Agent, stream: Outbox) -> None:
+def _renewal_pacing(agent: Agent) -> Callable[[], float]:
     """The first lease at once, then renewals from a random point of the first
     interval: timed from the connect, a fleet that connected together (a server
     restart) would renew in lockstep forever. Earlier than the interval is safe."""
-    await agent.awake.wait()
-    await agent.request_lease(stream)
+    first = True
 
     def interval() -> float:
-        return limits.renewal_interval(agent.lease_ttl)
+        nonlocal first
+        every = limits.renewal_interval(agent.lease_ttl)
+        if first:
+            first = False
+            return agent.rng.uniform(0, every)
+        return every
 
-    await every(
-        interval,
-        functools.partial(agent.request_lease, stream),
-        first_delay=agent.rng.uniform(0, interval()),
-        awake=agent.awake,
-    )
+    return interval

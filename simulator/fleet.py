@@ -39,6 +39,7 @@ from agent_stub.identity import Metadata
 from agent_stub.identity import insecure_metadata
 from agent_stub.local_state import NoticeBoard
 from agent_stub.notices import Notifier
+from agent_stub.periodic import SharedRounds
 from gc_policy import run_gc_policy
 from simulator.faults import Fault
 from simulator.faults import FaultTuning
@@ -160,6 +161,8 @@ class Fleet:
 
     async def run(self) -> None:
         rng = random.Random(self.seed)
+        # One timer per capture period for the whole fleet's capture ticks.
+        capture_rounds: dict[float, SharedRounds] = {}
         self.agents = [
             SimulatedAgent(
                 cfg,
@@ -172,6 +175,9 @@ class Fleet:
                 notices=None
                 if self.notifier is None
                 else NoticeBoard(cfg.agent_id, self.notifier, None),
+                capture_rounds=capture_rounds.setdefault(
+                    cfg.tuning.capture_tick, SharedRounds(cfg.tuning.capture_tick)
+                ),
             )
             for cfg, channel, metadata, reopen, ingest in self._transports()
         ]
@@ -192,6 +198,8 @@ class Fleet:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for rounds in capture_rounds.values():
+                rounds.close()
             if self.truth_path is not None:
                 write_json_atomically(self.truth_path, self.truth())
             await asyncio.gather(*(c.close(grace=None) for c in self._channels))

@@ -24,6 +24,7 @@ from agent_stub import Agent
 from agent_stub import Tuning
 from agent_stub.capture import EVENTS_PER_TICK
 from agent_stub.channels import open_channel
+from agent_stub.periodic import Scheduled
 from agent_stub.wire_rules import INSECURE_IDENTITY_HEADER
 from simulator.faults import Fault
 from simulator.faults import FaultTuning
@@ -45,14 +46,27 @@ class Outbox:
     def __init__(self) -> None:
         self.sent: list[pb.AgentMessage] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.scheduled: list[Scheduled] = []
 
-    async def send(self, message: pb.AgentMessage) -> None:
+    def send(self, message: pb.AgentMessage) -> None:
         self.sent.append(message)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         return task
+
+    def schedule(
+        self,
+        action: Callable[[], None],
+        *,
+        first_delay: float,
+        awake: asyncio.Event,
+        period: Callable[[], float] | None = None,
+    ) -> Scheduled:
+        scheduled = Scheduled(action, first_delay=first_delay, awake=awake, period=period)
+        self.scheduled.append(scheduled)
+        return scheduled
 
     def bodies(self, kind: str) -> list[Any]:
         return [getattr(m, kind) for m in self.sent if m.WhichOneof("body") == kind]
@@ -61,6 +75,8 @@ class Outbox:
         return [r.request_id for r in self.bodies("lease_request")]
 
     async def close(self) -> None:
+        for scheduled in self.scheduled:
+            scheduled.cancel()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -306,7 +306,7 @@ def test_a_laptop_asleep_past_its_lease_captures_nothing_until_a_fresh_one(
             assert agent.truth.events_without_lease == 0
             # A fresh lease, asked for after waking (as the renewal loop does), starts
             # capture again.
-            await agent.request_lease(outbox)
+            agent.request_lease(outbox)
             fresh = outbox.lease_requests()[-1]
             await agent.handle(grant(fresh, ttl=30), outbox)
             agent.engine.tick()

@@ -101,10 +101,10 @@ def test_the_applied_epoch_is_on_disk_before_the_ack_leaves(tmp_path: Path) -> N
     on_disk_at_send: list[Applied] = []
 
     class Recording(Outbox):
-        async def send(self, message: pb.AgentMessage) -> None:
+        def send(self, message: pb.AgentMessage) -> None:
             if message.WhichOneof("body") == "ack":
                 on_disk_at_send.append(store.load())
-            await super().send(message)
+            super().send(message)
 
     async def main() -> None:
         channel = grpc.aio.insecure_channel("127.0.0.1:1")

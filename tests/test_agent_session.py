@@ -123,14 +123,18 @@ def test_a_sender_cancelled_mid_write_leaves_the_stream_alive() -> None:
         async with scripted_control() as (control, channel):
             stream = ControlStream(pb_grpc.AgentControlStub(channel).Connect())  # type: ignore[call-arg]
             try:
-                await stream.send(pb.AgentMessage(hello=pb.Hello(agent_id="laptop-1")))
+                stream.send(pb.AgentMessage(hello=pb.Hello(agent_id="laptop-1")))
                 assert await stream.read() is not None, "the server's directive"
-                renewal = pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1))
-                sender = asyncio.create_task(stream.send(renewal))
-                await asyncio.sleep(0)  # the write has started
+
+                async def renew_then_wait() -> None:  # as the renewals a pause cancels
+                    stream.send(pb.AgentMessage(lease_request=pb.LeaseRequest(request_id=1)))
+                    await asyncio.Event().wait()
+
+                sender = asyncio.create_task(renew_then_wait())
+                await asyncio.sleep(0)  # the renewal is queued, its write under way
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
-                await stream.send(pb.AgentMessage(ack=pb.Ack(epoch=1, mode=pb.MODE_PAUSED)))
+                stream.send(pb.AgentMessage(ack=pb.Ack(epoch=1, mode=pb.MODE_PAUSED)))
                 answer = await stream.read()
                 assert answer is not None and answer.WhichOneof("body") == "lease_grant"
                 await wait_until(lambda: "ack" in kinds(control.streams[0]))
@@ -149,22 +153,27 @@ class ScriptedCall:
     def __init__(self, failure: str = "") -> None:
         self.failure = failure
         self.written: list[pb.AgentMessage] = []
+        self._cancelled = asyncio.Event()
 
     async def write(self, message: pb.AgentMessage) -> None:
         if self.failure == "write":
             raise asyncio.InvalidStateError("RPC already finished.")
+        if self.failure == "write-error":
+            raise RuntimeError("unforeseen")
         self.written.append(message)
 
     async def read(self) -> pb.ServerMessage:
         if self.failure == "read":
+            await asyncio.sleep(0)  # noticed while waiting, as grpc aio notices it
             raise asyncio.CancelledError()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+        await self._cancelled.wait()  # as grpc aio: a call cancelled here ends its reads
+        raise asyncio.CancelledError()
 
     async def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.CANCELLED
 
     def cancel(self) -> bool:
+        self._cancelled.set()
         return True
 
 
@@ -187,7 +196,14 @@ def test_a_stream_cancelled_under_the_agent_is_reconnected_and_only_a_real_cance
     None
 ):
     async def scenario() -> None:
-        channel = ScriptedChannel([ScriptedCall("read"), ScriptedCall("write"), ScriptedCall()])
+        channel = ScriptedChannel(
+            [
+                ScriptedCall("read"),
+                ScriptedCall("write"),
+                ScriptedCall("write-error"),
+                ScriptedCall(),
+            ]
+        )
         agent = Agent(
             AgentConfig("laptop-1", tuning=Tuning(capture_tick=3600, upload_every=3600)),
             channel,  # type: ignore[arg-type]
@@ -196,15 +212,17 @@ def test_a_stream_cancelled_under_the_agent_is_reconnected_and_only_a_real_cance
         )
         with capture_logs() as logs:
             runner = asyncio.create_task(agent.run())
-            await wait_until(lambda: channel.connects == 3)
+            await wait_until(lambda: channel.connects == 4)
             assert not runner.done(), "a stream's end is no reason to stop"
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         assert runner.cancelled(), "a real cancel stops the agent"
-        assert [kinds(call.written) for call in channel.calls] == [["hello"], [], ["hello"]]
+        assert [kinds(call.written) for call in channel.calls] == [["hello"], [], [], ["hello"]]
         assert [e["reason"] for e in logs if e["event"] == "agent_reconnecting"] == [
             "the stream was cancelled on the agent's side",
             "the stream had already ended (CANCELLED) at a write",
+            # Its writer gone, the stream is ended, never read on with nothing going out.
+            "a write failed: RuntimeError('unforeseen')",
         ]
         assert not [e for e in logs if e["log_level"] in ("warning", "error")]
 

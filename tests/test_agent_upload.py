@@ -209,11 +209,11 @@ def test_an_honest_agent_uploads_under_its_lease_and_never_paused_or_lease_less(
         agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox, ttl=30)
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1] and agent.engine.spool_events == 0
         agent.engine.tick()
         clock.advance(30)  # the lease ran out with events spooled
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1], "no upload without a lease"
         assert agent.engine.spool_events == PER_TICK, "kept for when a lease comes back"
 
@@ -221,12 +221,12 @@ def test_an_honest_agent_uploads_under_its_lease_and_never_paused_or_lease_less(
         renewal, _ = agent.lease.request()
         await agent.handle(grant(renewal, ttl=30), outbox)
         agent.engine.tick()
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1, 2] and agent.engine.spool_events == 2 * PER_TICK
         await agent.handle(directive(pb.MODE_PAUSED, 4), outbox)
         agent.engine.start_all()  # a channel started by mistake captures nothing
         agent.engine.tick()
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1, 2], "a paused agent stops trying"
         assert agent.engine.quarantined_events == 2 * PER_TICK
         assert agent.truth.events_accepted == PER_TICK
@@ -239,7 +239,7 @@ def test_the_agent_uploads_batches_of_its_tuned_size() -> None:
         agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox)
-        await agent._upload_round()
+        await agent.upload_once()
         assert [len(r.events) for r in gateway.requests] == [5]
         assert agent.engine.spool_events == PER_TICK - 5, "the rest waits for the next round"
 
@@ -251,9 +251,9 @@ def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
         agent: SimulatedAgent, outbox: Outbox, clock: FakeClock, gateway: FakeGateway
     ) -> None:
         await capture_under_lease(agent, outbox)
-        await agent._upload_round()
+        await agent.upload_once()
         agent.engine.tick()
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1, 2]
 
     run_uploading_agent(upload_twice, upload_sequence=UploadSequence(SequenceStore(tmp_path)))
@@ -265,7 +265,7 @@ def test_the_sequence_survives_an_agent_restart(tmp_path: Path) -> None:
     ) -> None:
         gateway.expected["a"] = 3  # the gateway remembers; so must the laptop
         await capture_under_lease(agent, outbox)
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [3] and agent.truth.batches_accepted == 1
 
     run_uploading_agent(after_restart, upload_sequence=UploadSequence(SequenceStore(tmp_path)))
@@ -290,7 +290,7 @@ def lies_about_the_pause(*, uploads: bool) -> Scenario:
         await asyncio.sleep(0.01)
         agent.engine.tick()
         agent.engine.tick()
-        await agent._upload_round()
+        await agent.upload_once()
         await asyncio.sleep(0.1)
         beats = [m.heartbeat for m in outbox.sent[since_ack:] if m.HasField("heartbeat")]
         assert beats and all(b.report == frozen and channels(b) == STOPPED for b in beats)
@@ -302,7 +302,7 @@ def lies_about_the_pause(*, uploads: bool) -> Scenario:
             assert gateway.requests == [], "an exfiltrator never calls UploadBatch"
             assert truth["batches_sent"] == 0
             return
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1, 1], "it keeps trying, spool and all"
         landed = capture_times(gateway.requests[-1])
         assert len(landed) == 3 * PER_TICK and landed[-1] > paused_at
@@ -330,7 +330,7 @@ def test_a_silent_liar_triggered_while_paused_freezes_its_paused_report() -> Non
         agent.engine.tick()
         assert agent.engine.events_captured_total == 2 * PER_TICK, "it secretly started again"
         assert agent._hello().report == honest and channels(agent._hello()) == STOPPED
-        await agent._upload_round()
+        await agent.upload_once()
         assert gateway.sequences() == [1]
 
     run_uploading_agent(scenario, Fault.SILENT_LIAR)
