@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -68,6 +70,10 @@ _DESIRED_COLUMNS = (
     "desired_purge_spool",
 )
 # Named as the AgentStatus fields they store.
+# ``json.dumps`` with options builds an encoder per call; the rows' hot path reuses these.
+_encode = json.JSONEncoder().encode
+_encode_sorted = json.JSONEncoder(sort_keys=True).encode
+
 _STATUS_COLUMNS = (
     "expected_since",
     "first_seen",
@@ -233,7 +239,7 @@ def labels_to_json(labels: Mapping[str, str]) -> str: ...
 @overload
 def labels_to_json(labels: None) -> None: ...
 def labels_to_json(labels: Mapping[str, str] | None) -> str | None:
-    return None if labels is None else json.dumps(dict(labels), sort_keys=True)
+    return None if labels is None else _encode_sorted(dict(labels))
 
 
 def labels_from_json(text: str | None) -> dict[str, str] | None:
@@ -242,7 +248,7 @@ def labels_from_json(text: str | None) -> dict[str, str] | None:
 
 
 def report_to_json(report: CaptureReport) -> str:
-    return json.dumps([report.events_total, report.last_event_at, report.spool_events])
+    return _encode([report.events_total, report.last_event_at, report.spool_events])
 
 
 def report_from_json(text: str) -> CaptureReport:
@@ -365,18 +371,28 @@ def hold_from_row(row: Row) -> Hold:
     )
 
 
+# Every status column read in one C call, then the encoded ones put in place: the
+# writer encodes every changed agent a few times a second (30,000 rows in a
+# 10,000-agent pause), where the generic ``fields_of`` took half as long again.
+_STATUS_VALUES = operator.attrgetter(*_STATUS_COLUMNS)
+_STATUS_ENCODERS: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(
+    (_STATUS_COLUMNS.index(name), encode)
+    for name, encode in (
+        ("acked_mode", lambda mode: mode.value if mode else None),
+        ("channels", _encode_sorted),
+        ("report", report_to_json),
+        ("ack_report", report_to_json),
+        ("reported_labels", labels_to_json),
+    )
+)
+
+
 def agent_to_row(agent: StoredAgent) -> tuple[Any, ...]:
     d, s = agent.desired, agent.status
-    status = fields_of(
-        s,
-        _STATUS_COLUMNS,
-        acked_mode=s.acked_mode.value if s.acked_mode else None,
-        channels=json.dumps(s.channels, sort_keys=True),
-        report=report_to_json(s.report),
-        ack_report=report_to_json(s.ack_report),
-        reported_labels=labels_to_json(s.reported_labels),
-    )
-    hold_ids = json.dumps(list(d.hold_ids))
+    status = list(_STATUS_VALUES(s))
+    for index, encode in _STATUS_ENCODERS:
+        status[index] = encode(status[index])
+    hold_ids = _encode(list(d.hold_ids))
     desired = (d.mode.value, hold_ids, d.reason, d.epoch, d.since, d.purge_spool)
     labels = labels_to_json(agent.labels)
     return (agent.agent_id, labels, *desired, *status, agent.written_by, agent.written_at)
