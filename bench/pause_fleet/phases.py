@@ -53,14 +53,22 @@ class Pace:
     settle: float
 
 
+# Idle CPU is measured once every stream's chatter is under way (a lease renewal period
+# after the fleet connected: renewals start at a random point of the first), over a
+# window long enough for a few heartbeats per agent, the same for every system: measured
+# 3 s after connecting, over 3 s, the product's figure still held its connect's flushes.
+CHATTER_UNDER_WAY_SECONDS = DEFAULT_LEASE_TTL_SECONDS / 3
+IDLE_WINDOW_SECONDS = 10.0
+
+
 def measure_idle(
     result: Run, servers: Sequence[Child], fleet: Child, op: Operator, pace: Pace
 ) -> None:
     """Memory once the fleet is settled, then idle CPU and what one GetStatus costs."""
-    time.sleep(pace.settle)
+    time.sleep(max(pace.settle, CHATTER_UNDER_WAY_SECONDS))
     result.replica_rss_connected_kib = [server.rss_kib() for server in servers]
     result.fleet_rss_kib = fleet.rss_kib()
-    result.replica_idle_cpu = _cpu_shares(servers, pace.settle)
+    result.replica_idle_cpu = _cpu_shares(servers, IDLE_WINDOW_SECONDS)
     latencies = []
     for _ in range(5):
         t = time.perf_counter()
@@ -99,9 +107,8 @@ def measure_answering_idle(
     op, fleet = Operator(target, None), None
     try:
         wait_answering(op, server, pace.timeout)
-        lease_every = DEFAULT_LEASE_TTL_SECONDS / 3
         chatter = ["--heartbeat-every", str(DEFAULT_HEARTBEAT_SECONDS)]
-        chatter += ["--lease-every", str(lease_every)]
+        chatter += ["--lease-every", str(CHATTER_UNDER_WAY_SECONDS)]
         argv = system.fleet_argv(target, agents, connections, enrolling=None, data_dir=workdir)
         fleet = Child(
             f"{slug} answering fleet",
@@ -112,8 +119,8 @@ def measure_answering_idle(
         poll_replicas([op], "the answering fleet to connect", all_in("CAPTURING", agents),
                       since=time.time(), timeout=pace.timeout,
                       interval=max(0.5, pace.poll_interval))  # fmt: skip
-        time.sleep(lease_every)  # every stream's chatter under way
-        (share,) = _cpu_shares([server], pace.settle)
+        time.sleep(CHATTER_UNDER_WAY_SECONDS)
+        (share,) = _cpu_shares([server], IDLE_WINDOW_SECONDS)
         return share
     finally:
         op.close()
