@@ -62,10 +62,17 @@ def _lease_clock(clock: Clock | NoSleepClock) -> tuple[Clock, str, str]:
 
 
 def _jittered(
-    rng: random.Random, awake: asyncio.Event, period: float, action: Callable[[], None]
-) -> Scheduled:
-    """``action`` every ``period`` from a random start, so a fleet spreads the load."""
+    rng: random.Random,
+    awake: asyncio.Event,
+    period: float,
+    action: Callable[[], None],
+    shared: SharedRounds | None = None,
+) -> Cancellable:
+    """``action`` every ``period`` from a random start, so a fleet spreads the load: on
+    a timer of its own, or in the slot of ``shared`` (of the same period) it falls in."""
     first_delay = rng.uniform(0, period)
+    if shared is not None:
+        return shared.schedule(action, first_delay=first_delay, awake=awake)
     return Scheduled(action, first_delay=first_delay, awake=awake, period=lambda: period)
 
 
@@ -152,7 +159,6 @@ class Agent:
         # The directive the agent last acted on (acked or nacked).
         self.directive: pb.Directive | None = None
         self._applied_store = applied_store
-        # A simulator's fleet ticks every agent's capture on one timer (``SharedRounds``).
         self._capture_rounds = capture_rounds
         applied = applied_store.load() if applied_store is not None else Applied()
         self.applied_epoch, self.applied_mode = applied.epoch, applied.mode
@@ -216,20 +222,12 @@ class Agent:
     async def run(self) -> None:
         """Capture, upload and keep a control stream open, until cancelled."""
         tuning = self.config.tuning
-        background: list[Cancellable] = [
-            _jittered(self.rng, self.awake, tuning.upload_every, self._upload_round)
+        background = [
+            _jittered(
+                self.rng, self.awake, tuning.capture_tick, self._capture_round, self._capture_rounds
+            ),
+            _jittered(self.rng, self.awake, tuning.upload_every, self._upload_round),
         ]
-        if self._capture_rounds is None:
-            background.append(
-                _jittered(self.rng, self.awake, tuning.capture_tick, self._capture_round)
-            )
-        else:
-            first_delay = self.rng.uniform(0, tuning.capture_tick)
-            background.append(
-                self._capture_rounds.schedule(
-                    self._capture_round, first_delay=first_delay, awake=self.awake
-                )
-            )
         first_channel = self._channel
         try:
             await self._stay_connected()
@@ -248,9 +246,8 @@ class Agent:
 
     def _upload_round(self) -> None:
         """One batch at a time: a round due while the last upload still waits is skipped."""
-        if self.uploader is None or (self._uploading is not None and not self._uploading.done()):
-            return
-        self._uploading = asyncio.get_running_loop().create_task(self.upload_once())
+        if self.uploader is not None and (self._uploading is None or self._uploading.done()):
+            self._uploading = asyncio.get_running_loop().create_task(self.upload_once())
 
     async def upload_once(self) -> None:
         """One upload round: the oldest batch, only while allowed and under a lease."""
@@ -337,10 +334,9 @@ class Agent:
                 directive.heartbeat_interval_seconds, self._heartbeat_interval
             )
             self.lease_ttl = limits.directive_ttl(directive.lease_ttl_seconds, self.lease_ttl)
-        if self._heartbeats is None:
+        if self._heartbeats is None:  # from a random point, to spread a fleet's heartbeats
             self._heartbeats = stream.schedule(
                 functools.partial(self.send_heartbeat, stream),
-                # Spreads a fleet's heartbeats evenly over the interval.
                 first_delay=self.rng.uniform(0, self._heartbeat_interval),
                 awake=self.awake,
                 period=lambda: self._heartbeat_interval,
@@ -360,7 +356,7 @@ class Agent:
             self._ack_sent_at = time.monotonic()
             if reply.ack.mode == pb.MODE_PAUSED:
                 stream.schedule(
-                    functools.partial(self._report_pause, stream, reply.ack.epoch),
+                    functools.partial(_report_pause, self, stream, reply.ack.epoch),
                     first_delay=self.config.tuning.proof_report_delay,
                     awake=self.awake,
                 )
@@ -442,12 +438,7 @@ class Agent:
     def _keep_renewing(self, stream: Outbox) -> None:
         """Request a lease now and every third of its TTL while allowed; stop otherwise."""
         if self._allowed() and self._renewals is None:
-            self._renewals = stream.schedule(
-                functools.partial(self.request_lease, stream),
-                first_delay=0.0,
-                awake=self.awake,
-                period=_renewal_pacing(self),
-            )
+            self._renewals = _renewals(self, stream)
         elif not self._allowed() and self._renewals is not None:
             self._renewals.cancel()
             self._renewals = None
@@ -486,14 +477,8 @@ class Agent:
         )
         stream.send(pb.AgentMessage(heartbeat=beat))
 
-    def _report_pause(self, stream: Outbox, epoch: int) -> None:
-        """The capture report a few ticks after acking pause ``epoch``: frozen counters
-        across them verify the stop now, not a heartbeat later (which checks them again)."""
-        if (self.applied_epoch, self.applied_mode) == (epoch, pb.MODE_PAUSED):
-            self.send_heartbeat(stream)
 
-
-def _renewal_pacing(agent: Agent) -> Callable[[], float]:
+def _renewals(agent: Agent, stream: Outbox) -> Scheduled:
     """The first lease at once, then renewals from a random point of the first
     interval: timed from the connect, a fleet that connected together (a server
     restart) would renew in lockstep forever. Earlier than the interval is safe."""
@@ -507,4 +492,12 @@ def _renewal_pacing(agent: Agent) -> Callable[[], float]:
             return agent.rng.uniform(0, every)
         return every
 
-    return interval
+    request = functools.partial(agent.request_lease, stream)
+    return stream.schedule(request, first_delay=0.0, awake=agent.awake, period=interval)
+
+
+def _report_pause(agent: Agent, stream: Outbox, epoch: int) -> None:
+    """The capture report a few ticks after acking pause ``epoch``: frozen counters across
+    them verify the stop now, not a heartbeat later (which checks them again)."""
+    if (agent.applied_epoch, agent.applied_mode) == (epoch, pb.MODE_PAUSED):
+        agent.send_heartbeat(stream)
