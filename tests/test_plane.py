@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -18,6 +19,7 @@ from control.events import Observers
 from control.events import PlaneObserver
 from control.plane import AgentFilter
 from control.plane import ControlPlane
+from control.store import StoredAgent
 from tests.fake_clock import FakeClock
 from tests.plane_support import IC
 from tests.plane_support import REPORT
@@ -27,6 +29,7 @@ from tests.plane_support import RecordingStore
 from tests.plane_support import Session
 from tests.plane_support import connect_agent
 from tests.plane_support import run_plane
+from tests.plane_support import started
 
 
 def test_a_thousand_acks_are_written_in_one_batch(tmp_path: Path) -> None:
@@ -235,3 +238,31 @@ def test_lease_renewals_are_written_a_ttl_ahead_and_rarely(tmp_path: Path) -> No
         assert len(store.batches) - writes == 2
 
     run_plane(tmp_path, scenario, lease_ttl=30, last_seen_save_interval=3600)
+
+
+def test_a_first_connect_reads_the_store_only_where_another_replica_may_have_written(
+    tmp_path: Path,
+) -> None:
+    """A sole writer's memory is its whole store: a new agent's connect needs no read
+    (10,000 of them when a new fleet connects). With replicas, the row may be another's."""
+
+    class CountingReads(RecordingStore):
+        reads: ClassVar[list[str]] = []
+
+        async def load_agent(self, agent_id: str) -> StoredAgent | None:
+            self.reads.append(agent_id)
+            return await super().load_agent(agent_id)
+
+    async def main() -> None:
+        store = await CountingReads.open(tmp_path)
+        plane = await started(store)
+        try:
+            await plane.resync_agent("laptop-new")
+            assert store.reads == [], "sole writer: nothing stored that memory does not hold"
+            store.sole_writer = False  # as on PostgreSQL, with replicas
+            await plane.resync_agent("laptop-other")
+            assert store.reads == ["laptop-other"]
+        finally:
+            await plane.stop()
+
+    asyncio.run(main())
