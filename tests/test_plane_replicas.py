@@ -388,6 +388,7 @@ def test_a_stream_here_is_newer_than_the_stored_one_even_with_a_slow_clock(
         # The agent's last stream, on a replica whose clock runs 5 s ahead of this one.
         ahead = remote_row("a", "r2", clock.now + 105)
         await store.save_agents([ahead])
+        store.sole_writer = False  # another replica's row: a shared database, as PostgreSQL
         await plane.resync_agent("a")
         connect_agent(plane, "a")
         view = plane.agent_view("a")
