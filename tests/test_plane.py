@@ -19,6 +19,7 @@ from control.events import Observers
 from control.events import PlaneObserver
 from control.plane import AgentFilter
 from control.plane import ControlPlane
+from control.plane.writer import ACK_ROW_WAIT_SECONDS
 from control.store import StoredAgent
 from tests.fake_clock import FakeClock
 from tests.plane_support import IC
@@ -264,5 +265,53 @@ def test_a_first_connect_reads_the_store_only_where_another_replica_may_have_wri
             assert store.reads == ["laptop-other"]
         finally:
             await plane.stop()
+
+    asyncio.run(main())
+
+
+def test_a_directive_sent_is_written_with_its_ack_or_alone_a_little_later(
+    tmp_path: Path,
+) -> None:
+    """A fleet-wide pause writes one row per agent for the new desired state, its
+    directive and the ack, not one more for the change; an agent that does not ack still
+    gets its row, for the replicas timing its deadline."""
+
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
+        for agent_id in ("quick", "silent"):
+            plane.connect(agent_id, {}, Session(plane, agent_id))
+        await plane.flush()
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
+        await plane.flush()
+        assert store.batches == [2], "the change and the sends wait for the acks"
+        clock.advance(0.5)
+        plane.ack("quick", hold.created_epoch, Mode.PAUSED, STOPPED, REPORT)
+        await plane.flush()
+        assert store.batches == [2, 1]
+        quick = store.agents["quick"].status
+        assert (quick.directive_sent_epoch, quick.acked_epoch) == (hold.created_epoch,) * 2
+        clock.advance(ACK_ROW_WAIT_SECONDS)
+        await plane.flush()
+        assert store.batches == [2, 1, 1], "the silent one's send, written alone"
+        silent = store.agents["silent"]
+        assert silent.desired.epoch == hold.created_epoch
+        assert (silent.status.directive_sent_epoch, silent.status.acked_epoch) == (
+            hold.created_epoch,
+            0,
+        )
+        await plane.flush()
+        assert store.batches == [2, 1, 1], "and only once"
+
+    run_plane(tmp_path, scenario)
+
+
+def test_a_stopping_replica_writes_the_sends_still_waiting(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await RecordingStore.open(tmp_path)
+        plane = await started(store)
+        plane.connect("a", {}, Session(plane, "a"))
+        await plane.flush()
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
+        await plane.stop()
+        assert store.agents["a"].status.directive_sent_epoch == hold.created_epoch
 
     asyncio.run(main())

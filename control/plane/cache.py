@@ -115,7 +115,7 @@ class DesiredStateCache(PlanePart):
             entry.desired = desired
             self.upload_allowance_may_change(entry.agent_id)
             if entry.remote is None:
-                self._dirty.add(entry.agent_id)
+                self.writer.awaits_ack(entry.agent_id, now)
             if entry.subscriber is not None:
                 entry.subscriber.notify()
 
@@ -210,7 +210,7 @@ class DesiredStateCache(PlanePart):
         entry = self.agents[agent_id]
         now = self._clock()
         entry.status.directive_sent_at, entry.status.directive_sent_epoch = now, epoch
-        self._dirty.add(agent_id)
+        self.writer.awaits_ack(agent_id, now)
         self.observer.directive_sent(agent_id, epoch=epoch, mode=entry.desired.mode, at=now)
 
     # ------------------------------------------------------------ decided labels

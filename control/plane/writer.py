@@ -28,6 +28,14 @@ log = structlog.get_logger("killswitch.plane")
 # 10,000-agent flush in well under a second; one that is away would take the pool's
 # 10 s connection timeout, or for ever).
 STOP_FLUSH_SECONDS = 3.0
+# How long a new desired state, and the directive that tells it, wait for the agent's
+# ack before the row is written without it. The ack's row, nearly always sooner, carries
+# them: a fleet-wide pause writes one row per agent for the change and its ack, not two.
+# Nothing is lost by waiting: the desired state follows from the committed holds, which
+# every replica and every restart reconciles again, and what a stream was sent starts
+# again at each connect. Other replicas, which time the ack deadline (30 s) from the
+# send, see it this much later at most.
+ACK_ROW_WAIT_SECONDS = 2.0
 
 
 class AgentWriter(PlanePart):
@@ -44,6 +52,9 @@ class AgentWriter(PlanePart):
         # Changed figures only (see ``AgentReports.observe_upload``): written with the
         # agent's next row, or at the liveness cadence, and at stop. Never replaced.
         self.figures_unsaved: set[str] = set()
+        # Agents whose row waits for their ack, since when, oldest first
+        # (``ACK_ROW_WAIT_SECONDS``); ``awaits_ack`` adds them.
+        self.awaiting_ack: dict[str, float] = {}
         # Audit entries about agent rows (violations, relabels) and the labels operators
         # decided ride in the next flush's transaction.
         self.pending_audit: list[AuditRecord] = []
@@ -60,6 +71,7 @@ class AgentWriter(PlanePart):
         await cancel_and_wait(self._flusher)
         self._flusher = None
         self.dirty |= self.figures_unsaved
+        self.dirty |= self.awaiting_ack.keys()
         try:
             async with asyncio.timeout(STOP_FLUSH_SECONDS):
                 await self.flush()
@@ -85,15 +97,33 @@ class AgentWriter(PlanePart):
                 # Kept for the next flush; whether the database is lost is the probe's call.
                 log.exception("agent_flush_failed", pending=len(self.dirty))
 
+    def awaits_ack(self, agent_id: str, at: float) -> None:
+        """The agent's desired state changed, or a directive went out: its row waits a
+        little for the ack (``ACK_ROW_WAIT_SECONDS``)."""
+        if agent_id not in self.awaiting_ack:  # the oldest change sets the wait
+            self.awaiting_ack[agent_id] = at
+
+    def _waits_over(self, now: float) -> None:
+        waiting = self.awaiting_ack
+        while waiting:
+            agent_id, since = next(iter(waiting.items()))
+            if now - since < ACK_ROW_WAIT_SECONDS:
+                return
+            del waiting[agent_id]
+            self.dirty.add(agent_id)
+
     async def flush(self) -> None:
         """Write pending violation evidence, then changed agents and pending audit in one
         transaction; on failure keep all of it."""
         await self.evidence.flush(self._context.store)
+        self._waits_over(self._clock())
         if not self.dirty and not self.pending_audit and not self.pending_labels:
             return
         batch = self.dirty.copy()
         self.dirty.clear()
         self.figures_unsaved -= batch
+        for agent_id in batch:
+            self.awaiting_ack.pop(agent_id, None)
         audit, self.pending_audit = self.pending_audit, []
         labels, self.pending_labels = self.pending_labels, []
         rows = []
