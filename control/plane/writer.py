@@ -3,7 +3,9 @@
 Agent messages only mark an agent dirty (a set insertion on the hot path); the flush
 loop writes every dirty agent's row, the audit entries about them and the labels
 operators decided, in one transaction, and violation evidence before them. A failed
-flush keeps all of it for the next one.
+flush keeps all of it for the next one. A change an ack follows within moments (a new
+desired state, the directive that tells it) waits for that ack's row, a little while
+at most (``ACK_ROW_WAIT_SECONDS``).
 """
 
 from __future__ import annotations
