@@ -336,10 +336,12 @@ class Agent:
             self.lease_ttl = limits.directive_ttl(directive.lease_ttl_seconds, self.lease_ttl)
         if self._heartbeats is None:  # from a random point, to spread a fleet's heartbeats
             self._heartbeats = stream.schedule(
-                functools.partial(self.send_heartbeat, stream),
-                first_delay=self.rng.uniform(0, self._heartbeat_interval),
-                awake=self.awake,
-                period=lambda: self._heartbeat_interval,
+                Scheduled(
+                    functools.partial(self.send_heartbeat, stream),
+                    first_delay=self.rng.uniform(0, self._heartbeat_interval),
+                    awake=self.awake,
+                    period=lambda: self._heartbeat_interval,
+                )
             )
         await self._act_on(directive, stream)
 
@@ -355,11 +357,9 @@ class Agent:
         if reply.HasField("ack"):
             self._ack_sent_at = time.monotonic()
             if reply.ack.mode == pb.MODE_PAUSED:
-                stream.schedule(
-                    functools.partial(_report_pause, self, stream, reply.ack.epoch),
-                    first_delay=self.config.tuning.proof_report_delay,
-                    awake=self.awake,
-                )
+                report = functools.partial(_report_pause, self, stream, reply.ack.epoch)
+                delay = self.config.tuning.proof_report_delay
+                stream.schedule(Scheduled(report, first_delay=delay, awake=self.awake))
 
     def apply(self, directive: pb.Directive) -> pb.AgentMessage:
         """Act on a directive; returns the ack or nack to send.
@@ -493,7 +493,7 @@ def _renewals(agent: Agent, stream: Outbox) -> Scheduled:
         return every
 
     request = functools.partial(agent.request_lease, stream)
-    return stream.schedule(request, first_delay=0.0, awake=agent.awake, period=interval)
+    return stream.schedule(Scheduled(request, first_delay=0.0, awake=agent.awake, period=interval))
 
 
 def _report_pause(agent: Agent, stream: Outbox, epoch: int) -> None:

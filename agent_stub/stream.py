@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 from collections.abc import Coroutine
 from typing import Any
 from typing import Protocol
@@ -38,14 +37,7 @@ class Outbox(Protocol):
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
 
-    def schedule(
-        self,
-        action: Callable[[], None],
-        *,
-        first_delay: float,
-        awake: asyncio.Event,
-        period: Callable[[], float] | None = None,
-    ) -> Scheduled: ...
+    def schedule(self, scheduled: Scheduled) -> Scheduled: ...
 
 
 class ControlStream:
@@ -104,16 +96,9 @@ class ControlStream:
         task.add_done_callback(self._finished)
         return task
 
-    def schedule(
-        self,
-        action: Callable[[], None],
-        *,
-        first_delay: float,
-        awake: asyncio.Event,
-        period: Callable[[], float] | None = None,
-    ) -> Scheduled:
-        """``action`` on the timer for as long as this stream lives (``Scheduled``)."""
-        scheduled = Scheduled(action, first_delay=first_delay, awake=awake, period=period)
+    def schedule(self, scheduled: Scheduled) -> Scheduled:
+        """``scheduled`` (timed work: ``agent_stub.periodic``) for as long as this stream
+        lives: cancelled when it closes."""
         self._scheduled = [s for s in self._scheduled if s.pending]
         self._scheduled.append(scheduled)
         return scheduled

@@ -56,15 +56,7 @@ class Outbox:
         self.tasks.add(task)
         return task
 
-    def schedule(
-        self,
-        action: Callable[[], None],
-        *,
-        first_delay: float,
-        awake: asyncio.Event,
-        period: Callable[[], float] | None = None,
-    ) -> Scheduled:
-        scheduled = Scheduled(action, first_delay=first_delay, awake=awake, period=period)
+    def schedule(self, scheduled: Scheduled) -> Scheduled:
         self.scheduled.append(scheduled)
         return scheduled
 
