@@ -43,12 +43,14 @@ class Scheduled:
         self._period = period
         self._waking: asyncio.Task[None] | None = None
         self._cancelled = False
+        # While the action runs (it may schedule more work on the stream that holds this).
+        self._running = False
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(first_delay, self._due)
 
     @property
     def pending(self) -> bool:
-        """Whether a round is still to come."""
-        return self._timer is not None or self._waking is not None
+        """Whether a round is running or still to come."""
+        return self._timer is not None or self._waking is not None or self._running
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -72,7 +74,11 @@ class Scheduled:
         self._run()
 
     def _run(self) -> None:
-        _run_guarded(self._action)
+        self._running = True
+        try:
+            _run_guarded(self._action)
+        finally:
+            self._running = False
         if self._period is not None and not self._cancelled:
             self._timer = self._loop.call_later(self._period(), self._due)
 

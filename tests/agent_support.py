@@ -279,3 +279,35 @@ def enrolling_agent(
         str(server.ca_path),
         *extra,
     ]
+
+
+class ScriptedCall:
+    """A Connect call that ends as grpc aio ends one cancelled on the agent's side:
+    ``read`` raises ``CancelledError``, or ``write`` says the RPC already finished.
+    Without a failure it carries nothing until cancelled."""
+
+    def __init__(self, failure: str = "") -> None:
+        self.failure = failure
+        self.written: list[pb.AgentMessage] = []
+        self._cancelled = asyncio.Event()
+
+    async def write(self, message: pb.AgentMessage) -> None:
+        if self.failure == "write":
+            raise asyncio.InvalidStateError("RPC already finished.")
+        if self.failure == "write-error":
+            raise RuntimeError("unforeseen")
+        self.written.append(message)
+
+    async def read(self) -> pb.ServerMessage:
+        if self.failure == "read":
+            await asyncio.sleep(0)  # noticed while waiting, as grpc aio notices it
+            raise asyncio.CancelledError()
+        await self._cancelled.wait()  # as grpc aio: a call cancelled here ends its reads
+        raise asyncio.CancelledError()
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def cancel(self) -> bool:
+        self._cancelled.set()
+        return True

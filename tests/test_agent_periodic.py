@@ -10,6 +10,8 @@ from structlog.testing import capture_logs
 
 from agent_stub.periodic import Scheduled
 from agent_stub.periodic import SharedRounds
+from agent_stub.stream import ControlStream
+from tests.agent_support import ScriptedCall
 from tests.agent_support import wait_until
 
 
@@ -130,5 +132,30 @@ def test_shared_rounds_run_each_agent_once_a_period_in_its_slot_and_skip_sleeper
         # Each in its own slot: the late one a few slots after the early one.
         offset = (ran["late"][0] - ran["early"][0]) % 0.1
         assert 0.04 <= offset <= 0.09
+
+    asyncio.run(scenario())
+
+
+def test_work_scheduled_from_a_running_round_leaves_that_round_tied_to_the_stream() -> None:
+    """A stream keeps what it must cancel at close; a round counts as pending while its
+    action runs, so work the action schedules does not drop it from the stream's list."""
+
+    async def scenario() -> None:
+        awake = asyncio.Event()
+        awake.set()
+        stream = ControlStream(ScriptedCall())  # type: ignore[arg-type]
+        rounds: list[str] = []
+
+        def beat() -> None:
+            rounds.append("beat")
+            if len(rounds) == 1:
+                stream.schedule(Scheduled(lambda: None, first_delay=0.0, awake=awake))
+
+        stream.schedule(Scheduled(beat, first_delay=0.0, awake=awake, period=lambda: 0.01))
+        await wait_until(lambda: len(rounds) >= 2)
+        await stream.close()
+        after_close = len(rounds)
+        await asyncio.sleep(0.05)
+        assert len(rounds) == after_close, "closing the stream cancelled the running round"
 
     asyncio.run(scenario())

@@ -7,7 +7,6 @@ import random
 import time
 from typing import Any
 
-import grpc
 import pytest
 from killswitch.v1 import killswitch_pb2 as pb
 from killswitch.v1 import killswitch_pb2_grpc as pb_grpc
@@ -26,6 +25,7 @@ from simulator.faulty import SimulatedAgent
 from simulator.fleet import Fleet
 from simulator.fleet import fleet_configs
 from tests.agent_support import LEASE_TTL
+from tests.agent_support import ScriptedCall
 from tests.agent_support import kinds
 from tests.agent_support import running
 from tests.agent_support import scripted_control
@@ -143,38 +143,6 @@ def test_a_sender_cancelled_mid_write_leaves_the_stream_alive() -> None:
                 await stream.close()
 
     asyncio.run(scenario())
-
-
-class ScriptedCall:
-    """A Connect call that ends as grpc aio ends one cancelled on the agent's side:
-    ``read`` raises ``CancelledError``, or ``write`` says the RPC already finished.
-    Without a failure it carries nothing until cancelled."""
-
-    def __init__(self, failure: str = "") -> None:
-        self.failure = failure
-        self.written: list[pb.AgentMessage] = []
-        self._cancelled = asyncio.Event()
-
-    async def write(self, message: pb.AgentMessage) -> None:
-        if self.failure == "write":
-            raise asyncio.InvalidStateError("RPC already finished.")
-        if self.failure == "write-error":
-            raise RuntimeError("unforeseen")
-        self.written.append(message)
-
-    async def read(self) -> pb.ServerMessage:
-        if self.failure == "read":
-            await asyncio.sleep(0)  # noticed while waiting, as grpc aio notices it
-            raise asyncio.CancelledError()
-        await self._cancelled.wait()  # as grpc aio: a call cancelled here ends its reads
-        raise asyncio.CancelledError()
-
-    async def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def cancel(self) -> bool:
-        self._cancelled.set()
-        return True
 
 
 class ScriptedChannel:

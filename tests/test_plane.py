@@ -315,3 +315,18 @@ def test_a_stopping_replica_writes_the_sends_still_waiting(tmp_path: Path) -> No
         assert store.agents["a"].status.directive_sent_epoch == hold.created_epoch
 
     asyncio.run(main())
+
+
+def test_a_clock_stepped_back_does_not_hold_up_the_rows_waiting_for_acks(
+    tmp_path: Path,
+) -> None:
+    async def scenario(plane: ControlPlane, store: RecordingStore, clock: FakeClock) -> None:
+        plane.connect("silent", {}, Session(plane, "silent"))
+        await plane.flush()
+        hold, _ = await plane.create_hold(Scope.fleet(), "leak", "INC-1", IC)
+        clock.advance(-600)  # NTP steps the server's clock back ten minutes
+        await plane.flush()
+        assert store.batches == [1, 1], "written at once, not ten minutes on"
+        assert store.agents["silent"].status.directive_sent_epoch == hold.created_epoch
+
+    run_plane(tmp_path, scenario)

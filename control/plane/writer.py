@@ -109,7 +109,9 @@ class AgentWriter(PlanePart):
         waiting = self.awaiting_ack
         while waiting:
             agent_id, since = next(iter(waiting.items()))
-            if now - since < ACK_ROW_WAIT_SECONDS:
+            # A wait that began "after now" is over: a clock stepped back must not hold up
+            # every row queued behind it for as long as the step.
+            if 0 <= now - since < ACK_ROW_WAIT_SECONDS:
                 return
             del waiting[agent_id]
             self.dirty.add(agent_id)
