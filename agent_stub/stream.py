@@ -106,7 +106,8 @@ class ControlStream:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # A write on a dead stream: the reader sees the same failure and reconnects.
+            # The writer catches its own failures; what lands here is other work on the
+            # stream (a slow agent's late apply) that failed: logged, the stream goes on.
             log.debug("stream_task_failed", error=repr(task.exception()))
 
     def drop(self) -> None:

@@ -162,7 +162,9 @@ class Fleet:
     async def run(self) -> None:
         rng = random.Random(self.seed)
         # One timer per capture period for the whole fleet's capture ticks.
-        capture_rounds: dict[float, SharedRounds] = {}
+        capture_rounds = {
+            tick: SharedRounds(tick) for tick in {cfg.tuning.capture_tick for cfg in self.configs}
+        }
         self.agents = [
             SimulatedAgent(
                 cfg,
@@ -175,9 +177,7 @@ class Fleet:
                 notices=None
                 if self.notifier is None
                 else NoticeBoard(cfg.agent_id, self.notifier, None),
-                capture_rounds=capture_rounds.setdefault(
-                    cfg.tuning.capture_tick, SharedRounds(cfg.tuning.capture_tick)
-                ),
+                capture_rounds=capture_rounds[cfg.tuning.capture_tick],
             )
             for cfg, channel, metadata, reopen, ingest in self._transports()
         ]

@@ -69,11 +69,11 @@ _DESIRED_COLUMNS = (
     "desired_since",
     "desired_purge_spool",
 )
-# Named as the AgentStatus fields they store.
 # ``json.dumps`` with options builds an encoder per call; the rows' hot path reuses these.
 _encode = json.JSONEncoder().encode
 _encode_sorted = json.JSONEncoder(sort_keys=True).encode
 
+# Named as the AgentStatus fields they store.
 _STATUS_COLUMNS = (
     "expected_since",
     "first_seen",
@@ -372,7 +372,7 @@ def hold_from_row(row: Row) -> Hold:
 
 
 # Every status column read in one C call, then the encoded ones put in place: the
-# writer encodes every changed agent a few times a second (30,000 rows in a
+# writer encodes every changed agent a few times a second (20,000 rows in a
 # 10,000-agent pause), where the generic ``fields_of`` took half as long again.
 _STATUS_VALUES = operator.attrgetter(*_STATUS_COLUMNS)
 _STATUS_ENCODERS: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(
